@@ -1,0 +1,252 @@
+//! The snapshot contract between operator and data plane.
+//!
+//! One `GatewaySnapshot` describes everything the data plane enforces. It is versioned three ways:
+//! `schema_version` (the format; unknown versions are refused), `generation` (only ever grows, so
+//! replicas can report what they have applied) and `content_digest` (SHA-256 over the canonical
+//! JSON of `content`, so an unchanged configuration produces an identical snapshot and no write).
+//! It holds key digests and sealed credentials only, never a plaintext secret.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::digest::KeyDigest;
+use crate::sealing::{SealBinding, SealedCredential};
+use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind};
+
+/// Format version written by this crate.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Largest serialized snapshot a reader accepts.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is {0} bytes, more than the {MAX_SNAPSHOT_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("snapshot is not valid JSON for schema version {SCHEMA_VERSION}: {0}")]
+    Malformed(String),
+    #[error("snapshot schema version {0} is not supported (this build reads {SCHEMA_VERSION})")]
+    UnsupportedSchema(u32),
+    #[error("snapshot content digest does not match its content")]
+    DigestMismatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySnapshot {
+    pub schema_version: u32,
+    pub generation: u64,
+    pub content_digest: String,
+    pub content: SnapshotContent,
+}
+
+impl GatewaySnapshot {
+    /// Wraps `content`, keeping `previous`'s generation when nothing changed and bumping it
+    /// otherwise.
+    pub fn new(content: SnapshotContent, previous: Option<&GatewaySnapshot>) -> Self {
+        let content_digest = content.digest();
+        let generation = match previous {
+            Some(p) if p.content_digest == content_digest => p.generation,
+            Some(p) => p.generation.saturating_add(1),
+            None => 1,
+        };
+        Self { schema_version: SCHEMA_VERSION, generation, content_digest, content }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and verifies a snapshot: size, schema version and content digest.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        if bytes.len() > MAX_SNAPSHOT_BYTES {
+            return Err(SnapshotError::TooLarge(bytes.len()));
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Header {
+            schema_version: u32,
+        }
+        let header: Header =
+            serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        if header.schema_version != SCHEMA_VERSION {
+            return Err(SnapshotError::UnsupportedSchema(header.schema_version));
+        }
+        let snapshot: GatewaySnapshot =
+            serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        if snapshot.content.digest() != snapshot.content_digest {
+            return Err(SnapshotError::DigestMismatch);
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Everything enforced, sorted by object identity so equal inputs serialize identically.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotContent {
+    pub api_keys: Vec<ApiKeyEntry>,
+    pub credentials: Vec<CredentialEntry>,
+    pub kill_switches: Vec<KillSwitchEntry>,
+}
+
+impl SnapshotContent {
+    /// Hex SHA-256 over the canonical JSON encoding.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(&bytes))
+    }
+}
+
+/// An ApiKey as the data plane enforces it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyEntry {
+    pub key: ObjectRef,
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// Digests that authenticate as this key; during a rotation the old one carries a deadline.
+    pub digests: Vec<IssuedDigest>,
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    #[serde(default)]
+    pub allowed_providers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub limits: ApiKeyLimits,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedDigest {
+    pub digest: KeyDigest,
+    /// End of a rotation grace period; `None` for the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+/// A ProviderCredential as the data plane uses it, key sealed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialEntry {
+    pub credential: ObjectRef,
+    #[serde(default)]
+    pub uid: String,
+    pub kind: ProviderKind,
+    /// Resolved base URL, without a trailing slash; empty for `mock`.
+    pub base_url: String,
+    pub models: Vec<ModelMapping>,
+    pub priority: i32,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_api_version: Option<String>,
+    pub key_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedCredential>,
+}
+
+impl CredentialEntry {
+    pub fn binding(&self) -> SealBinding<'_> {
+        SealBinding {
+            namespace: &self.credential.namespace,
+            name: &self.credential.name,
+            uid: &self.uid,
+            key_version: self.key_version,
+        }
+    }
+}
+
+/// A KillSwitch with its scope resolved to object identities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KillSwitchEntry {
+    pub switch: ObjectRef,
+    pub scope: SwitchScope,
+    pub active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl KillSwitchEntry {
+    /// Active and not past its expiry at `now`.
+    pub fn is_engaged(&self, now: DateTime<Utc>) -> bool {
+        self.active && self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "target", rename_all = "camelCase")]
+pub enum SwitchScope {
+    Global,
+    Provider(ObjectRef),
+    /// A model name or glob pattern.
+    Model(String),
+    ApiKey(ObjectRef),
+    Namespace(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content() -> SnapshotContent {
+        SnapshotContent {
+            kill_switches: vec![KillSwitchEntry {
+                switch: ObjectRef::new("ops", "stop"),
+                scope: SwitchScope::Global,
+                active: false,
+                reason: None,
+                expires_at: None,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn generation_only_grows_when_content_changes() {
+        let first = GatewaySnapshot::new(content(), None);
+        assert_eq!(first.generation, 1);
+        let same = GatewaySnapshot::new(content(), Some(&first));
+        assert_eq!(same, first);
+        let mut changed = content();
+        changed.kill_switches[0].active = true;
+        let next = GatewaySnapshot::new(changed, Some(&same));
+        assert_eq!(next.generation, 2);
+        assert_ne!(next.content_digest, first.content_digest);
+    }
+
+    #[test]
+    fn parse_verifies_schema_and_digest() {
+        let snap = GatewaySnapshot::new(content(), None);
+        let json = snap.to_json();
+        assert_eq!(GatewaySnapshot::from_json(&json).expect("parse"), snap);
+
+        let tampered = String::from_utf8(json.clone()).expect("utf8").replace("\"active\":false", "\"active\":true");
+        assert!(matches!(GatewaySnapshot::from_json(tampered.as_bytes()), Err(SnapshotError::DigestMismatch)));
+
+        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":1", "\"schemaVersion\":9");
+        assert!(matches!(GatewaySnapshot::from_json(future.as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
+        assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
+    }
+
+    #[test]
+    fn engaged_respects_expiry() {
+        let now = Utc::now();
+        let mut ks = content().kill_switches.remove(0);
+        assert!(!ks.is_engaged(now));
+        ks.active = true;
+        assert!(ks.is_engaged(now));
+        ks.expires_at = Some(now - chrono::Duration::seconds(1));
+        assert!(!ks.is_engaged(now));
+    }
+}
