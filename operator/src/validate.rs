@@ -1,0 +1,97 @@
+//! Field checks shared by `compile` (and, later, the admission webhook). Each returns a message a
+//! person can act on; the caller attaches the object and field.
+
+use portcullis_crds::pattern;
+
+/// Longest free-text field (owner, team, reason) accepted.
+pub const MAX_TEXT_LEN: usize = 1024;
+/// Longest model or upstream model name.
+pub const MAX_MODEL_NAME_LEN: usize = 256;
+
+pub fn pattern_list(patterns: &[String]) -> Result<(), (usize, &'static str)> {
+    for (i, p) in patterns.iter().enumerate() {
+        pattern::validate(p).map_err(|why| (i, why))?;
+    }
+    Ok(())
+}
+
+pub fn text(value: &str) -> Result<(), String> {
+    if value.len() > MAX_TEXT_LEN {
+        return Err(format!("must be at most {MAX_TEXT_LEN} characters"));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("must not contain control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// Model names travel in URLs (Azure deployments) and metric labels: keep them plain.
+pub fn model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_LEN {
+        return Err(format!("must be 1-{MAX_MODEL_NAME_LEN} characters"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/@*?".contains(&b)) {
+        return Err("may contain only letters, digits and - _ . : / @ (and * ? as globs)".to_owned());
+    }
+    Ok(())
+}
+
+/// An absolute http(s) URL without query or fragment; returns it without a trailing slash.
+pub fn base_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| "must start with https:// or http://".to_owned())?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err("must name a host".to_owned());
+    }
+    if url.len() > 2048 {
+        return Err("must be at most 2048 characters".to_owned());
+    }
+    if url.bytes().any(|b| !b.is_ascii_graphic()) || url.contains(['?', '#', '@']) {
+        return Err("must not contain spaces, a query, a fragment or user info".to_owned());
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A provider key goes into an HTTP header: visible ASCII only.
+pub fn header_secret(value: &[u8]) -> Result<(), &'static str> {
+    if value.is_empty() {
+        return Err("is empty");
+    }
+    if value.len() > portcullis_crds::sealing::MAX_PLAINTEXT_LEN {
+        return Err("is longer than 16 KiB");
+    }
+    if !value.iter().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces (it is sent as an HTTP header)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(base_url("https://api.openai.com/v1/").as_deref(), Ok("https://api.openai.com/v1"));
+        assert_eq!(base_url("http://127.0.0.1:8000").as_deref(), Ok("http://127.0.0.1:8000"));
+        for bad in ["ftp://x", "https://", "https://x/v1?x=1", "https://u:p@x", "https://x y", "api.openai.com"] {
+            assert!(base_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn model_names_and_secrets() {
+        assert!(model_name("gpt-4o-2024-08-06").is_ok());
+        assert!(model_name("meta-llama/Llama-3.1-8B-Instruct").is_ok());
+        assert!(model_name("bad name").is_err());
+        assert!(model_name("").is_err());
+        assert!(header_secret(b"sk-abc").is_ok());
+        assert!(header_secret(b"sk abc").is_err());
+        assert!(header_secret(b"sk\r\nx: y").is_err());
+        assert!(text("ok").is_ok());
+        assert!(text("bad\u{7}").is_err());
+    }
+}

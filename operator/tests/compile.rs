@@ -1,0 +1,245 @@
+//! Table tests for `compile` over YAML manifests, as a platform engineer would write them.
+
+use portcullis_crds::digest::Pepper;
+use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring, SealingError};
+use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::snapshot::{GatewaySnapshot, SwitchScope};
+use portcullis_operator::manifests::{add_yaml, ReadSummary};
+use portcullis_operator::{compile, CompileInputs};
+
+const PROVIDER_KEY: &str = "sk-provider-CANARY-7f3e9a";
+const CLIENT_KEY: &str = "pcl_client-CANARY-0123456789abcdefghijklmnop";
+
+fn base() -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: openai-key, namespace: team-a}}
+stringData: {{apiKey: "{PROVIDER_KEY}\n"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: alice-key, namespace: team-a}}
+data: {{key: "{client_b64}"}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ProviderCredential
+metadata: {{name: openai, namespace: team-a}}
+spec:
+  kind: openai
+  secretRef: {{name: openai-key, key: apiKey}}
+  models: [{{name: gpt-4o}}, {{name: fast, upstreamName: gpt-4o-mini}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ProviderCredential
+metadata: {{name: mock, namespace: team-a}}
+spec:
+  kind: mock
+  models: [{{name: "mock-*"}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ApiKey
+metadata: {{name: alice, namespace: team-a}}
+spec:
+  owner: alice@example.com
+  allowedModels: ["gpt-*"]
+  secretRef: {{name: alice-key, key: key}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: KillSwitch
+metadata: {{name: stop-openai, namespace: team-a}}
+spec:
+  scope: {{provider: openai}}
+  active: true
+  reason: incident 42
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: ignored}}
+"#,
+        client_b64 = base64_encode(CLIENT_KEY.as_bytes())
+    )
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn inputs(yaml: &str) -> CompileInputs {
+    let mut inputs = CompileInputs::default();
+    let mut summary = ReadSummary::default();
+    add_yaml(&mut inputs, yaml, "test.yaml", &mut summary).expect("parse manifests");
+    inputs
+}
+
+fn keyring(id: &str) -> MasterKeyring {
+    MasterKeyring::generate(KeyId::new(id).expect("id")).expect("keyring")
+}
+
+fn pepper() -> Pepper {
+    Pepper::new(SecretBytes::from_slice(&[42u8; 32])).expect("pepper")
+}
+
+#[test]
+fn valid_manifests_compile_into_sorted_entries() {
+    let compiled = compile(&inputs(&base()), &keyring("k1"), &pepper(), None).expect("compiles");
+    let content = &compiled.snapshot.content;
+    assert_eq!(compiled.snapshot.generation, 1);
+    assert_eq!(content.api_keys.len(), 1);
+    assert_eq!(content.api_keys[0].digests[0].digest, pepper().digest(CLIENT_KEY.as_bytes()));
+    let names: Vec<_> = content.credentials.iter().map(|c| c.credential.to_string()).collect();
+    assert_eq!(names, ["team-a/mock", "team-a/openai"]);
+    let openai = &content.credentials[1];
+    assert_eq!(openai.base_url, "https://api.openai.com/v1");
+    assert!(openai.sealed_key.is_some());
+    assert!(content.credentials[0].sealed_key.is_none(), "mock needs no key");
+    assert_eq!(
+        content.kill_switches[0].scope,
+        SwitchScope::Provider(portcullis_crds::v1alpha1::ObjectRef::new("team-a", "openai"))
+    );
+    assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
+}
+
+#[test]
+fn sealed_key_opens_to_the_trimmed_provider_key_and_nothing_leaks() {
+    let ring = keyring("k1");
+    let compiled = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles");
+    let openai = &compiled.snapshot.content.credentials[1];
+    let opened = ring.open(&openai.binding(), openai.sealed_key.as_ref().expect("sealed")).expect("opens");
+    assert_eq!(opened.expose(), PROVIDER_KEY.as_bytes());
+
+    let json = String::from_utf8(compiled.snapshot.to_json()).expect("utf8");
+    for plaintext in [PROVIDER_KEY, CLIENT_KEY, "CANARY", &base64_encode(CLIENT_KEY.as_bytes())] {
+        assert!(!json.contains(plaintext), "snapshot contains {plaintext}");
+    }
+    let debug = format!("{:?}", compiled.snapshot);
+    assert!(!debug.contains("CANARY"));
+    assert_eq!(GatewaySnapshot::from_json(json.as_bytes()).expect("parses"), compiled.snapshot);
+}
+
+#[test]
+fn wrong_master_key_and_moved_ciphertext_are_rejected() {
+    let ring = keyring("k1");
+    let compiled = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles");
+    let openai = &compiled.snapshot.content.credentials[1];
+    let sealed = openai.sealed_key.as_ref().expect("sealed");
+    assert_eq!(keyring("k1").open(&openai.binding(), sealed), Err(SealingError::Authentication));
+    let mut moved = openai.clone();
+    moved.credential.name = "other".into();
+    assert_eq!(ring.open(&moved.binding(), sealed), Err(SealingError::Authentication));
+}
+
+#[test]
+fn recompiling_unchanged_input_is_identical() {
+    let ring = keyring("k1");
+    let first = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles").snapshot;
+    let again = compile(&inputs(&base()), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
+    assert_eq!(again, first, "no new nonce, no new generation when nothing changed");
+
+    let changed = base().replace(PROVIDER_KEY, "sk-rotated-provider-key");
+    let next = compile(&inputs(&changed), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
+    assert_eq!(next.generation, 2);
+    assert_eq!(next.content.credentials[1].key_version, 2, "key change bumps the version");
+    let opened = ring
+        .open(&next.content.credentials[1].binding(), next.content.credentials[1].sealed_key.as_ref().expect("sealed"))
+        .expect("opens");
+    assert_eq!(opened.expose(), b"sk-rotated-provider-key");
+}
+
+#[test]
+fn master_key_rotation_reseals_under_the_new_key() {
+    let mut ring = keyring("k1");
+    let first = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles").snapshot;
+    ring.rotate_to(KeyId::new("k2").expect("id"), MasterKey::generate().expect("key"));
+    let next = compile(&inputs(&base()), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
+    let cred = &next.content.credentials[1];
+    assert_eq!(cred.sealed_key.as_ref().expect("sealed").key_id.as_str(), "k2");
+    assert_eq!(cred.key_version, 1, "same provider key, same version");
+    assert_eq!(next.generation, 2);
+}
+
+#[test]
+fn invalid_manifests_name_object_and_field() {
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("missing provider secret", base().replace("name: openai-key, key: apiKey", "name: nope, key: apiKey"),
+         "ProviderCredential team-a/openai: spec.secretRef: Secret team-a/nope not found"),
+        ("missing secret key", base().replace("key: apiKey}", "key: other}"),
+         "ProviderCredential team-a/openai: spec.secretRef: Secret team-a/openai-key has no key \"other\""),
+        ("missing client secret", base().replace("name: alice-key, key: key", "name: gone, key: key"),
+         "ApiKey team-a/alice: spec.secretRef: Secret team-a/gone not found"),
+        ("short client key", base().replace(&base64_encode(CLIENT_KEY.as_bytes()), &base64_encode(b"short")),
+         "ApiKey team-a/alice: spec.secretRef"),
+        ("generated key without operator", base().replace("  secretRef: {name: alice-key, key: key}\n", ""),
+         "ApiKey team-a/alice: spec.secretRef: no key has been issued"),
+        ("bad glob", base().replace(r#"allowedModels: ["gpt-*"]"#, r#"allowedModels: ["gpt-*", ""]"#),
+         "ApiKey team-a/alice: spec.allowedModels[1]: must not be empty"),
+        ("compatible without url", base().replace("kind: openai\n", "kind: openai-compatible\n"),
+         "ProviderCredential team-a/openai: spec.baseUrl: is required for kind openai-compatible"),
+        ("bad url", base().replace("kind: openai\n", "kind: openai\n  baseUrl: ftp://x\n"),
+         "ProviderCredential team-a/openai: spec.baseUrl: must start with https://"),
+        ("azure without version", base().replace("kind: openai\n", "kind: azure-openai\n  baseUrl: https://x.openai.azure.com/openai\n"),
+         "ProviderCredential team-a/openai: spec.azure.apiVersion: is required"),
+        ("no models", base().replace("models: [{name: \"mock-*\"}]", "models: []"),
+         "ProviderCredential team-a/mock: spec.models: must list at least one model"),
+        ("renamed glob", base().replace("models: [{name: \"mock-*\"}]", "models: [{name: \"mock-*\", upstreamName: x}]"),
+         "ProviderCredential team-a/mock: spec.models[0].upstreamName: cannot rename a glob pattern"),
+        ("scope with two targets", base().replace("scope: {provider: openai}", "scope: {provider: openai, global: true}"),
+         "KillSwitch team-a/stop-openai: spec.scope: must name exactly one target"),
+        ("empty scope", base().replace("scope: {provider: openai}", "scope: {}"),
+         "KillSwitch team-a/stop-openai: spec.scope: must name one target"),
+        ("duplicate", format!("{}---\n{}", base(), "apiVersion: portcullis.dev/v1alpha1\nkind: KillSwitch\nmetadata: {name: stop-openai, namespace: team-a}\nspec: {scope: {global: true}}\n"),
+         "KillSwitch team-a/stop-openai: metadata.name: is declared more than once"),
+    ];
+    for (name, yaml, expected) in cases {
+        let errors = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: expected a compile error"));
+        let text = errors.to_string();
+        assert!(text.contains(expected), "{name}: got {text}");
+        assert!(!text.contains("CANARY"), "{name}: error leaks a secret: {text}");
+    }
+}
+
+#[test]
+fn two_api_keys_with_one_key_are_rejected() {
+    let yaml = format!(
+        "{}---\napiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: bob, namespace: team-a}}\nspec: {{secretRef: {{name: alice-key, key: key}}}}\n",
+        base()
+    );
+    let errors = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None).expect_err("shared key");
+    assert!(errors.to_string().contains("holds the same key as ApiKey"), "{errors}");
+}
+
+#[test]
+fn kill_switch_naming_a_missing_object_warns_without_blocking() {
+    let yaml = base().replace("scope: {provider: openai}", "scope: {apiKey: nobody}");
+    let compiled = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None).expect("compiles");
+    assert_eq!(compiled.warnings.len(), 1);
+    assert!(compiled.warnings[0].to_string().contains("ApiKey team-a/nobody does not exist"));
+}
+
+#[test]
+fn malformed_yaml_names_the_document() {
+    let mut inputs = CompileInputs::default();
+    let mut summary = ReadSummary::default();
+    let err = add_yaml(&mut inputs, "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\n---\nkind: [", "f.yaml", &mut summary)
+        .expect_err("malformed");
+    assert_eq!(err.source, "f.yaml");
+    assert_eq!(err.document, 2);
+    let err = add_yaml(&mut inputs, "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: a}\nspec: {revoked: maybe}\n", "g.yaml", &mut summary)
+        .expect_err("bad field type");
+    assert!(err.to_string().contains("ApiKey is invalid"), "{err}");
+}
+
+#[test]
+fn quickstart_example_compiles() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let (inputs, summary) = portcullis_operator::manifests::read_dir(&dir).expect("reads");
+    assert_eq!(summary.files, 4);
+    let compiled = compile(&inputs, &keyring("k1"), &pepper(), None).expect("compiles");
+    assert_eq!(compiled.snapshot.content.api_keys.len(), 1);
+    assert_eq!(compiled.snapshot.content.credentials.len(), 1);
+    assert_eq!(compiled.snapshot.content.kill_switches.len(), 1);
+}
