@@ -219,7 +219,10 @@ mod tests {
         // 40 random bytes in unpadded base64url.
         assert_eq!(a.expose().len(), 4 + 54);
         assert!(is_well_formed_key(a.expose()));
-        assert_eq!(a.display_prefix(), format!("{}…", std::str::from_utf8(&a.expose()[..10]).unwrap_or("?")));
+        assert_eq!(
+            a.display_prefix(),
+            format!("{}…", std::str::from_utf8(&a.expose()[..10]).unwrap_or("?"))
+        );
     }
 
     #[test]
@@ -228,7 +231,10 @@ mod tests {
         let other = Pepper::new(SecretBytes::from_slice(&[8u8; 32])).expect("valid pepper");
         assert_eq!(pepper().digest(key), pepper().digest(key));
         assert_ne!(pepper().digest(key), other.digest(key));
-        assert_ne!(pepper().digest(key), pepper().digest(b"pcl_0123456789abcdefghijklmnopqrstuvwxyZ"));
+        assert_ne!(
+            pepper().digest(key),
+            pepper().digest(b"pcl_0123456789abcdefghijklmnopqrstuvwxyZ")
+        );
     }
 
     #[test]
@@ -248,7 +254,11 @@ mod tests {
             Pepper::new(SecretBytes::from_slice(&[1u8; 16])).err(),
             Some(KeyMaterialError::PepperTooShort(16))
         );
-        for bad in [&b"short"[..], b"has a space in the middle of the key....", &[0xffu8; 40]] {
+        for bad in [
+            &b"short"[..],
+            b"has a space in the middle of the key....",
+            &[0xffu8; 40],
+        ] {
             assert!(ClientKey::from_brought(&SecretBytes::from_slice(bad)).is_err());
         }
         let brought = ClientKey::from_brought(&SecretBytes::from_slice(
@@ -266,7 +276,9 @@ mod tests {
         assert_eq!(d, back);
         assert!(KeyDigest::from_hex("zz").is_err());
         let key = ClientKey::generate().expect("rng");
-        let text = std::str::from_utf8(key.expose()).unwrap_or_default().to_owned();
+        let text = std::str::from_utf8(key.expose())
+            .unwrap_or_default()
+            .to_owned();
         assert!(!format!("{key:?} {:?}", pepper()).contains(&text));
     }
 }

@@ -50,7 +50,12 @@ impl GatewaySnapshot {
             Some(p) => p.generation.saturating_add(1),
             None => 1,
         };
-        Self { schema_version: SCHEMA_VERSION, generation, content_digest, content }
+        Self {
+            schema_version: SCHEMA_VERSION,
+            generation,
+            content_digest,
+            content,
+        }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -231,12 +236,25 @@ mod tests {
         let json = snap.to_json();
         assert_eq!(GatewaySnapshot::from_json(&json).expect("parse"), snap);
 
-        let tampered = String::from_utf8(json.clone()).expect("utf8").replace("\"active\":false", "\"active\":true");
-        assert!(matches!(GatewaySnapshot::from_json(tampered.as_bytes()), Err(SnapshotError::DigestMismatch)));
+        let tampered = String::from_utf8(json.clone())
+            .expect("utf8")
+            .replace("\"active\":false", "\"active\":true");
+        assert!(matches!(
+            GatewaySnapshot::from_json(tampered.as_bytes()),
+            Err(SnapshotError::DigestMismatch)
+        ));
 
-        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":1", "\"schemaVersion\":9");
-        assert!(matches!(GatewaySnapshot::from_json(future.as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
-        assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
+        let future = String::from_utf8(json)
+            .expect("utf8")
+            .replace("\"schemaVersion\":1", "\"schemaVersion\":9");
+        assert!(matches!(
+            GatewaySnapshot::from_json(future.as_bytes()),
+            Err(SnapshotError::UnsupportedSchema(9))
+        ));
+        assert!(matches!(
+            GatewaySnapshot::from_json(b"{"),
+            Err(SnapshotError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -1,1 +1,29 @@
-//! placeholder
+//! # portcullis-dataplane — the request path
+//!
+//! ```text
+//!  client ──TLS──▶ server ──▶ pipeline::Gateway ──────────────────────────────▶ upstream / mock
+//!                              authenticate → kill switch → route → forward
+//!                              ◀── meter (usage from JSON / SSE, one log line, metrics) ◀──
+//!
+//!  reload (local manifests) ──compile──▶ SnapshotApplier ──swap──▶ SnapshotHandle (Arc, lock-free)
+//!  admin: /metrics /healthz /readyz
+//! ```
+//!
+//! Content passes through and is never logged, labelled or kept: the pipeline reads only the
+//! `model`, `stream` and `stream_options` fields of a request, and only the usage counts of a
+//! response.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mock;
+pub mod pipeline;
+pub mod reload;
+pub mod server;
+pub mod snapshot;
+pub mod tls;
+pub mod upstream;

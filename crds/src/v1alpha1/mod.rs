@@ -9,6 +9,6 @@ pub use api_key::{ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus};
 pub use common::{ObjectRef, SecretKeyRef};
 pub use kill_switch::{KillSwitch, KillSwitchScope, KillSwitchSpec, KillSwitchStatus, ScopeTarget};
 pub use provider_credential::{
-    AzureSettings, ModelMapping, ProviderCredential, ProviderCredentialSpec, ProviderCredentialStatus,
-    ProviderKind,
+    AzureSettings, ModelMapping, ProviderCredential, ProviderCredentialSpec,
+    ProviderCredentialStatus, ProviderKind,
 };

@@ -1,0 +1,251 @@
+//! The client-facing API surface: which routes exist, which format each speaks, and what the
+//! gateway reads from a request body (only routing metadata, never content).
+
+use std::borrow::Cow;
+
+use http::{HeaderMap, HeaderValue, Method};
+use serde::Deserialize;
+
+use crate::error::GatewayError;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The error and authentication conventions of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiFlavor {
+    OpenAi,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiRoute {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Models,
+    Messages,
+}
+
+impl ApiRoute {
+    /// Classifies a request. Unknown paths and wrong methods are errors in the flavor the path
+    /// suggests.
+    pub fn classify(method: &Method, path: &str) -> Result<ApiRoute, (ApiFlavor, GatewayError)> {
+        let path = path.strip_suffix('/').unwrap_or(path);
+        let route = match path {
+            "/v1/chat/completions" => ApiRoute::ChatCompletions,
+            "/v1/completions" => ApiRoute::Completions,
+            "/v1/embeddings" => ApiRoute::Embeddings,
+            "/v1/responses" => ApiRoute::Responses,
+            "/v1/models" => ApiRoute::Models,
+            "/v1/messages" => ApiRoute::Messages,
+            _ => return Err((ApiFlavor::OpenAi, GatewayError::RouteNotFound)),
+        };
+        let expected = if route == ApiRoute::Models {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        if method != expected {
+            return Err((route.flavor(), GatewayError::MethodNotAllowed));
+        }
+        Ok(route)
+    }
+
+    pub fn flavor(self) -> ApiFlavor {
+        match self {
+            ApiRoute::Messages => ApiFlavor::Anthropic,
+            ApiRoute::ChatCompletions
+            | ApiRoute::Completions
+            | ApiRoute::Embeddings
+            | ApiRoute::Responses
+            | ApiRoute::Models => ApiFlavor::OpenAi,
+        }
+    }
+
+    /// Path below the provider's base URL (which carries the `/v1` prefix).
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            ApiRoute::ChatCompletions => "/chat/completions",
+            ApiRoute::Completions => "/completions",
+            ApiRoute::Embeddings => "/embeddings",
+            ApiRoute::Responses => "/responses",
+            ApiRoute::Models => "/models",
+            ApiRoute::Messages => "/messages",
+        }
+    }
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ApiRoute::ChatCompletions => "chat_completions",
+            ApiRoute::Completions => "completions",
+            ApiRoute::Embeddings => "embeddings",
+            ApiRoute::Responses => "responses",
+            ApiRoute::Models => "models",
+            ApiRoute::Messages => "messages",
+        }
+    }
+
+    /// OpenTelemetry `gen_ai.operation.name`.
+    pub fn operation_name(self) -> &'static str {
+        match self {
+            ApiRoute::ChatCompletions | ApiRoute::Messages => "chat",
+            ApiRoute::Completions => "text_completion",
+            ApiRoute::Embeddings => "embeddings",
+            ApiRoute::Responses => "generate_content",
+            ApiRoute::Models => "list_models",
+        }
+    }
+}
+
+/// The routing metadata of a request body. Everything else in the body is skipped unread.
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestHead<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Present only so it can be told apart from a body without it; the value is not used here.
+    #[serde(default)]
+    pub max_tokens: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+impl<'a> RequestHead<'a> {
+    pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
+        if body.is_empty() {
+            return Err(GatewayError::InvalidRequest(
+                "The request body is empty; a JSON object is required.".to_owned(),
+            ));
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            // serde_json's messages name positions and expected types, never the input text.
+            GatewayError::InvalidRequest(format!(
+                "The request body is not a valid JSON object: {}",
+                classify_json_error(&e)
+            ))
+        })
+    }
+
+    pub fn model(&self) -> Result<&str, GatewayError> {
+        match self.model.as_deref() {
+            Some(m) if !m.is_empty() => Ok(m),
+            _ => Err(GatewayError::InvalidRequest(
+                "The `model` field is required.".to_owned(),
+            )),
+        }
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn client_wants_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+fn classify_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "unexpected type for `model`, `stream` or `stream_options`",
+        Category::Eof => "unexpected end of input",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+/// The client's key from `Authorization: Bearer` or `x-api-key`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+        let bytes = value.as_bytes();
+        let prefix = b"Bearer ";
+        if bytes.len() > prefix.len() && bytes[..prefix.len()].eq_ignore_ascii_case(prefix) {
+            return Some(bytes[prefix.len()..].trim_ascii());
+        }
+    }
+    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+}
+
+/// The client's request id if it is a sane token, otherwise a fresh one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(REQUEST_ID_HEADER) {
+        let bytes = value.as_bytes();
+        let sane = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        if sane {
+            return value.clone();
+        }
+    }
+    let id = format!("req_{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(
+            ApiRoute::classify(&Method::POST, "/v1/chat/completions"),
+            Ok(ApiRoute::ChatCompletions)
+        );
+        assert_eq!(
+            ApiRoute::classify(&Method::GET, "/v1/models/"),
+            Ok(ApiRoute::Models)
+        );
+        assert_eq!(
+            ApiRoute::classify(&Method::GET, "/v1/messages"),
+            Err((ApiFlavor::Anthropic, GatewayError::MethodNotAllowed))
+        );
+        assert!(ApiRoute::classify(&Method::POST, "/v2/x").is_err());
+    }
+
+    #[test]
+    fn head_reads_only_routing_fields() {
+        let body = br#"{"messages":[{"role":"user","content":"secret"}],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#;
+        let head = RequestHead::parse(body).expect("parse");
+        assert_eq!(head.model().expect("model"), "gpt-4o");
+        assert!(head.streaming());
+        assert!(head.client_wants_usage());
+        let err =
+            RequestHead::parse(br#"{"model": 5, "messages": "CANARY"}"#).expect_err("bad type");
+        assert!(!err.message().contains("CANARY"));
+        let err = RequestHead::parse(br#"{"messages": "CANARY-unterminated"#).expect_err("eof");
+        assert!(!err.message().contains("CANARY"), "{}", err.message());
+        assert!(RequestHead::parse(b"{}").expect("parse").model().is_err());
+    }
+
+    #[test]
+    fn keys_and_request_ids() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer abc "));
+        assert_eq!(presented_key(&headers), Some(&b"abc"[..]));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("xyz"));
+        assert_eq!(presented_key(&headers), Some(&b"xyz"[..]));
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has spaces"));
+        assert!(request_id(&headers)
+            .to_str()
+            .expect("ascii")
+            .starts_with("req_"));
+    }
+}

@@ -1,0 +1,177 @@
+//! Wiring: key material, the snapshot source, listeners and signals.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use portcullis_crds::digest::Pepper;
+use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
+use portcullis_crds::secret::SecretBytes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::config::{DataplaneArgs, LogFormat};
+use crate::metrics::Metrics;
+use crate::pipeline::{Gateway, PipelineSettings};
+use crate::reload::{self, SnapshotApplier};
+use crate::server::{self, ServerSettings};
+use crate::snapshot::SnapshotHandle;
+
+/// Installs the log subscriber. Logs carry metadata only; see `pipeline::meter`.
+pub fn init_logging(args: &DataplaneArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
+}
+
+/// Reads key material given as raw bytes, hex, or base64.
+fn read_key_file(path: &Path) -> anyhow::Result<SecretBytes> {
+    let raw = SecretBytes::new(
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    let text = raw.trimmed();
+    let decoded = hex::decode(text.expose()).ok().or_else(|| {
+        base64::engine::general_purpose::STANDARD
+            .decode(text.expose())
+            .ok()
+    });
+    Ok(match decoded {
+        Some(bytes) if bytes.len() >= 32 => SecretBytes::new(bytes),
+        _ => raw,
+    })
+}
+
+fn key_material(args: &DataplaneArgs) -> anyhow::Result<(MasterKeyring, Pepper)> {
+    let keyring = match &args.master_key_file {
+        Some(path) => {
+            let key = MasterKey::from_bytes(read_key_file(path)?.expose())?;
+            let mut keys = std::collections::BTreeMap::new();
+            keys.insert(KeyId::new("file")?, key);
+            MasterKeyring::new(KeyId::new("file")?, keys)?
+        }
+        None => MasterKeyring::generate(KeyId::new("ephemeral")?)?,
+    };
+    let pepper = match &args.pepper_file {
+        Some(path) => Pepper::new(read_key_file(path)?)?,
+        None => Pepper::generate()?,
+    };
+    Ok((keyring, pepper))
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
+pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
+    let Some(manifests) = args.manifests.clone() else {
+        bail!("--manifests DIR is required: this build serves local manifests (watching a snapshot Secret in a cluster arrives with the operator)");
+    };
+    if !manifests.is_dir() {
+        bail!("--manifests {} is not a folder", manifests.display());
+    }
+    let (keyring, pepper) = key_material(&args)?;
+    let metrics = Arc::new(Metrics::new()?);
+    let handle = Arc::new(SnapshotHandle::default());
+    let client =
+        crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(cert, key)?,
+        )),
+        _ => None,
+    };
+    let gateway = Arc::new(Gateway::new(
+        handle.clone(),
+        metrics.clone(),
+        client,
+        PipelineSettings {
+            max_request_body_bytes: args.max_request_body_bytes,
+            request_body_timeout: args.request_body_timeout,
+            upstream_response_timeout: args.upstream_response_timeout,
+            upstream_idle_timeout: args.upstream_idle_timeout,
+        },
+    ));
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // Load the first snapshot before accepting traffic, so the first request is served.
+    let mut applier = SnapshotApplier::new(handle.clone(), (*metrics).clone(), keyring, pepper);
+    match tokio::task::block_in_place(|| reload::compile_dir(&manifests, &applier)) {
+        Ok(snapshot) => {
+            applier.apply(snapshot);
+        }
+        Err(reason) => applier.reject(&reason),
+    }
+    let reload_task = tokio::spawn(reload::run_local(
+        manifests.clone(),
+        Duration::from_millis(args.reload_interval_ms.max(10)),
+        applier,
+        shutdown_rx.clone(),
+    ));
+
+    let admin_state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        snapshot: handle.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    tracing::info!(
+        listen = %args.listen,
+        admin = %args.admin_listen,
+        tls = tls.is_some(),
+        manifests = %manifests.display(),
+        "portcullis data plane started"
+    );
+
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        tls,
+        gateway,
+        metrics,
+        ServerSettings {
+            header_read_timeout: args.header_read_timeout,
+            tls_handshake_timeout: Duration::from_secs(10),
+            drain_timeout: args.drain_timeout,
+        },
+        shutdown_rx,
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    admin_state.draining.store(true, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    let _ = server_task.await;
+    let _ = reload_task.await;
+    admin_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

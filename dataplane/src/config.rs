@@ -1,0 +1,111 @@
+//! Command-line flags (each also readable from a `PORTCULLIS_*` environment variable).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "portcullis-dataplane",
+    version,
+    about = "Portcullis data plane: authenticates, limits, routes and meters LLM API traffic"
+)]
+pub struct DataplaneArgs {
+    /// Local mode: serve the Kubernetes manifests (ApiKey, ProviderCredential, KillSwitch,
+    /// Secret) in this folder and reload when they change.
+    #[arg(long, env = "PORTCULLIS_MANIFESTS", value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// Address for API traffic.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "PORTCULLIS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain: serve HTTPS on --listen.
+    #[arg(long, env = "PORTCULLIS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "PORTCULLIS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM bundle of extra CAs trusted for upstream HTTPS (in addition to the Mozilla roots).
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Master keyring file (32 bytes as raw, hex or base64). Local mode makes an ephemeral one
+    /// when absent.
+    #[arg(long, env = "PORTCULLIS_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// Pepper for client key digests (at least 32 bytes as raw, hex or base64). Local mode makes
+    /// an ephemeral one when absent.
+    #[arg(long, env = "PORTCULLIS_PEPPER_FILE")]
+    pub pepper_file: Option<PathBuf>,
+
+    /// trace, debug, info, warn or error; or a full filter such as `info,portcullis=debug`.
+    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Largest request body accepted (413 above).
+    #[arg(long, env = "PORTCULLIS_MAX_REQUEST_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+
+    /// Seconds a client has to send its request headers.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    pub header_read_timeout: Duration,
+
+    /// Seconds a client has to send its request body.
+    #[arg(long, value_parser = seconds, default_value = "30")]
+    pub request_body_timeout: Duration,
+
+    /// Seconds to connect to an upstream.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    pub upstream_connect_timeout: Duration,
+
+    /// Seconds to wait for an upstream's response headers (long: reasoning models think first).
+    #[arg(long, value_parser = seconds, default_value = "600")]
+    pub upstream_response_timeout: Duration,
+
+    /// Seconds an upstream response body may go without sending anything.
+    #[arg(long, value_parser = seconds, default_value = "300")]
+    pub upstream_idle_timeout: Duration,
+
+    /// Seconds in-flight requests and streams get to finish after SIGTERM.
+    #[arg(long, value_parser = seconds, default_value = "30")]
+    pub drain_timeout: Duration,
+
+    /// How often local mode looks for changed manifests, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub reload_interval_ms: u64,
+}

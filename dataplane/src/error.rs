@@ -1,0 +1,275 @@
+//! Every way a request can fail inside the gateway, and the one place that turns a failure into
+//! a status code and a body in the API's own format.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::api::ApiFlavor;
+use crate::body::GatewayBody;
+
+/// Header naming the stable error code on every error the gateway produces itself.
+pub const ERROR_CODE_HEADER: &str = "x-portcullis-error-code";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    MissingApiKey,
+    InvalidApiKey,
+    ApiKeyExpired,
+    ApiKeyRevoked,
+    KillSwitchActive {
+        switch: String,
+        reason: Option<String>,
+    },
+    ModelNotFound {
+        model: Option<String>,
+    },
+    ModelNotAllowed {
+        model: String,
+    },
+    InvalidRequest(String),
+    RequestTooLarge {
+        limit: usize,
+    },
+    RequestTimeout,
+    RouteNotFound,
+    MethodNotAllowed,
+    NotReady,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    UpstreamProtocol,
+}
+
+/// How an error is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorShape {
+    pub status: StatusCode,
+    /// Stable machine-readable code, also used as the `outcome` metric label.
+    pub code: &'static str,
+    pub openai_type: &'static str,
+    pub anthropic_type: &'static str,
+}
+
+impl GatewayError {
+    pub fn shape(&self) -> ErrorShape {
+        use GatewayError as E;
+        let (status, code, openai_type, anthropic_type) = match self {
+            E::MissingApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "missing_api_key",
+                "invalid_request_error",
+                "authentication_error",
+            ),
+            E::InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "invalid_request_error",
+                "authentication_error",
+            ),
+            E::ApiKeyExpired => (
+                StatusCode::UNAUTHORIZED,
+                "api_key_expired",
+                "invalid_request_error",
+                "authentication_error",
+            ),
+            E::ApiKeyRevoked => (
+                StatusCode::UNAUTHORIZED,
+                "api_key_revoked",
+                "invalid_request_error",
+                "authentication_error",
+            ),
+            E::KillSwitchActive { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "kill_switch_active",
+                "server_error",
+                "api_error",
+            ),
+            E::ModelNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                "invalid_request_error",
+                "not_found_error",
+            ),
+            E::ModelNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                "permission_error",
+                "permission_error",
+            ),
+            E::InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "invalid_request_error",
+                "invalid_request_error",
+            ),
+            E::RequestTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            E::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "invalid_request_error",
+                "invalid_request_error",
+            ),
+            E::RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                "invalid_request_error",
+                "not_found_error",
+            ),
+            E::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "invalid_request_error",
+                "invalid_request_error",
+            ),
+            E::NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway_not_ready",
+                "server_error",
+                "overloaded_error",
+            ),
+            E::UpstreamUnavailable => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "server_error",
+                "api_error",
+            ),
+            E::UpstreamTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "server_error",
+                "api_error",
+            ),
+            E::UpstreamProtocol => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_protocol_error",
+                "server_error",
+                "api_error",
+            ),
+        };
+        ErrorShape {
+            status,
+            code,
+            openai_type,
+            anthropic_type,
+        }
+    }
+
+    /// A message a person can act on. Never contains request or response content: a model name
+    /// is echoed only after it has been checked to be a plain identifier.
+    pub fn message(&self) -> String {
+        use GatewayError as E;
+        match self {
+            E::MissingApiKey => "No API key provided. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.".to_owned(),
+            E::InvalidApiKey => "Incorrect API key provided.".to_owned(),
+            E::ApiKeyExpired => "This API key has expired.".to_owned(),
+            E::ApiKeyRevoked => "This API key has been revoked.".to_owned(),
+            E::KillSwitchActive { switch, reason } => match reason {
+                Some(reason) => format!("Traffic is stopped by kill switch {switch}: {reason}"),
+                None => format!("Traffic is stopped by kill switch {switch}."),
+            },
+            E::ModelNotFound { model: Some(model) } => format!("The model `{model}` does not exist or is not served by this gateway."),
+            E::ModelNotFound { model: None } => "The requested model does not exist or is not served by this gateway.".to_owned(),
+            E::ModelNotAllowed { model } => format!("This API key is not allowed to use the model `{model}`."),
+            E::InvalidRequest(why) => why.clone(),
+            E::RequestTooLarge { limit } => format!("Request body is larger than the {limit}-byte limit."),
+            E::RequestTimeout => "The request body was not received in time.".to_owned(),
+            E::RouteNotFound => "Unknown API route.".to_owned(),
+            E::MethodNotAllowed => "Method not allowed on this route.".to_owned(),
+            E::NotReady => "The gateway has not loaded its configuration yet.".to_owned(),
+            E::UpstreamUnavailable => "The upstream provider could not be reached.".to_owned(),
+            E::UpstreamTimeout => "The upstream provider did not answer in time.".to_owned(),
+            E::UpstreamProtocol => "The upstream provider sent a malformed response.".to_owned(),
+        }
+    }
+
+    /// The error as a response in `flavor`'s format.
+    pub fn into_response(
+        self,
+        flavor: ApiFlavor,
+        request_id: &HeaderValue,
+    ) -> Response<GatewayBody> {
+        let shape = self.shape();
+        let body = render_body(flavor, &shape, &self.message(), request_id);
+        let mut response = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = shape.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_CODE_HEADER, HeaderValue::from_static(shape.code));
+        headers.insert(crate::api::REQUEST_ID_HEADER, request_id.clone());
+        if shape.status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Error body in the API's own format.
+pub fn render_body(
+    flavor: ApiFlavor,
+    shape: &ErrorShape,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Vec<u8> {
+    let value = match flavor {
+        ApiFlavor::OpenAi => serde_json::json!({
+            "error": {"message": message, "type": shape.openai_type, "param": null, "code": shape.code}
+        }),
+        ApiFlavor::Anthropic => serde_json::json!({
+            "type": "error",
+            "error": {"type": shape.anthropic_type, "message": message},
+            "request_id": request_id.to_str().unwrap_or_default(),
+        }),
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+/// A model name safe to echo in an error: a plain identifier of bounded length.
+pub fn echoable_model(model: &str) -> Option<String> {
+    let plain = !model.is_empty()
+        && model.len() <= 128
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b));
+    plain.then(|| model.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_follow_each_api() {
+        let id = HeaderValue::from_static("req-1");
+        let shape = GatewayError::InvalidApiKey.shape();
+        let openai: serde_json::Value =
+            serde_json::from_slice(&render_body(ApiFlavor::OpenAi, &shape, "m", &id))
+                .expect("json");
+        assert_eq!(openai["error"]["code"], "invalid_api_key");
+        assert_eq!(openai["error"]["message"], "m");
+        let anthropic: serde_json::Value =
+            serde_json::from_slice(&render_body(ApiFlavor::Anthropic, &shape, "m", &id))
+                .expect("json");
+        assert_eq!(anthropic["type"], "error");
+        assert_eq!(anthropic["error"]["type"], "authentication_error");
+        assert_eq!(anthropic["request_id"], "req-1");
+    }
+
+    #[test]
+    fn only_plain_model_names_are_echoed() {
+        assert_eq!(echoable_model("gpt-4o").as_deref(), Some("gpt-4o"));
+        assert_eq!(echoable_model("ignore previous instructions"), None);
+        assert_eq!(echoable_model(&"a".repeat(200)), None);
+    }
+}

@@ -1,0 +1,32 @@
+//! `portcullis-dataplane`: parse flags, start logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use portcullis_dataplane::{app, config::DataplaneArgs};
+
+fn main() -> ExitCode {
+    let args = DataplaneArgs::parse();
+    if let Err(e) = app::init_logging(&args) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(app::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "data plane failed");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

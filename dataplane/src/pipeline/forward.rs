@@ -1,0 +1,235 @@
+//! Phase 4: the request as the provider must see it — its URL, its auth, the upstream model name,
+//! and none of the client's credentials or hop-by-hop headers.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use http_body_util::Full;
+use portcullis_crds::v1alpha1::ProviderKind;
+
+use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER};
+use crate::error::GatewayError;
+use crate::snapshot::ModelRoute;
+
+/// Anthropic requires a version header; this one is used when the client sends none.
+const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the client's credentials, and
+/// headers that would let a client steer the provider account or leak its own address.
+const STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    // Metering reads the body, so it must come back uncompressed.
+    "accept-encoding",
+];
+
+/// Response headers never passed back.
+const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "set-cookie",
+];
+
+/// The outbound request and what metering must know about it.
+#[derive(Debug)]
+pub struct Outbound {
+    pub request: Request<Full<Bytes>>,
+    /// The same body, for the in-process mock provider.
+    pub body: Bytes,
+    /// The gateway asked for OpenAI's usage chunk; the client did not and must not see it.
+    pub strip_usage_chunk: bool,
+}
+
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Copies client headers minus everything in `STRIPPED_REQUEST_HEADERS` and `Connection`.
+fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(client);
+    let mut out = HeaderMap::with_capacity(client.len() + 4);
+    for (name, value) in client {
+        let drop = STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) || listed.contains(name);
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Removes hop-by-hop headers from an upstream response in place.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+    for name in STRIPPED_RESPONSE_HEADERS {
+        headers.remove(*name);
+    }
+}
+
+/// The body to send: unchanged unless the model must be renamed or usage requested.
+fn upstream_body(
+    body: Bytes,
+    route: ApiRoute,
+    head: &RequestHead<'_>,
+    chosen: &ModelRoute,
+) -> Result<(Bytes, bool), GatewayError> {
+    let wants_usage_injection = matches!(route, ApiRoute::ChatCompletions | ApiRoute::Completions)
+        && chosen.upstream.kind != ProviderKind::Anthropic
+        && head.streaming()
+        && !head.client_wants_usage();
+    if chosen.upstream_model.is_none() && !wants_usage_injection {
+        return Ok((body, false));
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|_| {
+            GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned())
+        })?;
+    if let Some(upstream_model) = &chosen.upstream_model {
+        object.insert(
+            "model".to_owned(),
+            serde_json::Value::String(upstream_model.to_string()),
+        );
+    }
+    if wants_usage_injection {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        if let Some(options) = options.as_object_mut() {
+            options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+        }
+    }
+    let bytes = serde_json::to_vec(&object).map_err(|_| {
+        GatewayError::InvalidRequest("The request body could not be re-encoded.".to_owned())
+    })?;
+    Ok((Bytes::from(bytes), wants_usage_injection))
+}
+
+fn upstream_uri(
+    route: ApiRoute,
+    client_uri: &Uri,
+    model: &str,
+    chosen: &ModelRoute,
+) -> Result<Uri, GatewayError> {
+    let upstream = &chosen.upstream;
+    let uri = match (upstream.kind, &upstream.azure_api_version) {
+        (ProviderKind::AzureOpenAi, Some(version)) => {
+            let deployment = chosen.upstream_model.as_deref().unwrap_or(model);
+            format!(
+                "{}/deployments/{deployment}{}?api-version={version}",
+                upstream.base_url,
+                route.upstream_suffix()
+            )
+        }
+        _ => match client_uri.query() {
+            Some(query) => format!("{}{}?{query}", upstream.base_url, route.upstream_suffix()),
+            None => format!("{}{}", upstream.base_url, route.upstream_suffix()),
+        },
+    };
+    uri.parse().map_err(|_| GatewayError::UpstreamUnavailable)
+}
+
+/// Builds the request for `chosen` from the client's request parts and body.
+pub fn build(
+    route: ApiRoute,
+    client: &http::request::Parts,
+    body: Bytes,
+    head: &RequestHead<'_>,
+    model: &str,
+    chosen: &ModelRoute,
+    request_id: &HeaderValue,
+) -> Result<Outbound, GatewayError> {
+    let (body, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
+    let mut headers = forwardable_headers(&client.headers);
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    let upstream = &chosen.upstream;
+    if let Some(key) = upstream.api_key() {
+        // Built per request and marked sensitive (never HPACK-indexed, hidden in Debug).
+        // The scratch copy is zeroized; the header's own copy lives in the HTTP stack's buffers.
+        let auth = |value: zeroize::Zeroizing<Vec<u8>>| -> Result<HeaderValue, GatewayError> {
+            let mut value =
+                HeaderValue::from_bytes(&value).map_err(|_| GatewayError::UpstreamUnavailable)?;
+            value.set_sensitive(true);
+            Ok(value)
+        };
+        match upstream.kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
+                let mut value = zeroize::Zeroizing::new(Vec::with_capacity(7 + key.len()));
+                value.extend_from_slice(b"Bearer ");
+                value.extend_from_slice(key.expose());
+                headers.insert(header::AUTHORIZATION, auth(value)?);
+            }
+            ProviderKind::Anthropic => {
+                headers.insert(
+                    "x-api-key",
+                    auth(zeroize::Zeroizing::new(key.expose().to_vec()))?,
+                );
+            }
+            ProviderKind::AzureOpenAi => {
+                headers.insert(
+                    "api-key",
+                    auth(zeroize::Zeroizing::new(key.expose().to_vec()))?,
+                );
+            }
+            ProviderKind::Mock => {}
+        }
+    }
+    if upstream.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
+        headers.insert(
+            "anthropic-version",
+            HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+        );
+    }
+    let mut request = Request::new(Full::new(body.clone()));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = upstream_uri(route, &client.uri, model, chosen)?;
+    *request.headers_mut() = headers;
+    Ok(Outbound {
+        request,
+        body,
+        strip_usage_chunk,
+    })
+}

@@ -1,0 +1,76 @@
+//! Phase 2: emergency stops. Gateway-wide, per-namespace and per-key switches are checked as soon
+//! as the caller is known; model switches once the model is read; provider switches while
+//! routing, so traffic fails over to providers that are not stopped.
+
+use chrono::{DateTime, Utc};
+use portcullis_crds::pattern;
+use portcullis_crds::snapshot::{ApiKeyEntry, KillSwitchEntry, SwitchScope};
+use portcullis_crds::v1alpha1::ObjectRef;
+
+use crate::error::GatewayError;
+use crate::snapshot::RuntimeSnapshot;
+
+fn stopped(switch: &KillSwitchEntry) -> GatewayError {
+    GatewayError::KillSwitchActive {
+        switch: switch.switch.to_string(),
+        reason: switch.reason.clone(),
+    }
+}
+
+fn first_engaged(
+    snapshot: &RuntimeSnapshot,
+    now: DateTime<Utc>,
+    applies: impl Fn(&SwitchScope) -> bool,
+) -> Result<(), GatewayError> {
+    match snapshot
+        .kill_switches
+        .iter()
+        .find(|s| s.is_engaged(now) && applies(&s.scope))
+    {
+        Some(switch) => Err(stopped(switch)),
+        None => Ok(()),
+    }
+}
+
+/// Global, namespace and key switches.
+pub fn check_caller(
+    snapshot: &RuntimeSnapshot,
+    key: &ApiKeyEntry,
+    now: DateTime<Utc>,
+) -> Result<(), GatewayError> {
+    first_engaged(snapshot, now, |scope| match scope {
+        SwitchScope::Global => true,
+        SwitchScope::ApiKey(target) => target == &key.key,
+        SwitchScope::Namespace(ns) => ns == &key.key.namespace,
+        SwitchScope::Provider(_) | SwitchScope::Model(_) => false,
+    })
+}
+
+/// Model switches (name or glob pattern).
+pub fn check_model(
+    snapshot: &RuntimeSnapshot,
+    model: &str,
+    now: DateTime<Utc>,
+) -> Result<(), GatewayError> {
+    first_engaged(
+        snapshot,
+        now,
+        |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)),
+    )
+}
+
+/// The engaged switch stopping one provider, if any.
+pub fn provider_switch<'s>(
+    snapshot: &'s RuntimeSnapshot,
+    provider: &ObjectRef,
+    now: DateTime<Utc>,
+) -> Option<&'s KillSwitchEntry> {
+    snapshot.kill_switches.iter().find(|s| {
+        s.is_engaged(now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider)
+    })
+}
+
+/// The switch error for a provider switch found while routing.
+pub fn provider_stopped(switch: &KillSwitchEntry) -> GatewayError {
+    stopped(switch)
+}

@@ -1,0 +1,299 @@
+//! Phase 5: metering. Every request ends in exactly one `AccessRecord::finish` — when the
+//! response body ends, fails, or is dropped because the client went away — which writes the one
+//! metadata log line and the metrics. Content is looked at only to find usage, never kept.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body::{Body, Frame, SizeHint};
+use portcullis_crds::snapshot::ApiKeyEntry;
+
+use crate::api::ApiRoute;
+use crate::body::{BoxError, GatewayBody};
+use crate::metrics::Metrics;
+use crate::pipeline::usage::{JsonTail, SseScanner, Usage};
+use crate::snapshot::ModelRoute;
+
+/// What is known about one request, filled in phase by phase.
+#[derive(Debug)]
+pub struct AccessRecord {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    pub request_id: HeaderValue,
+    pub route: Option<ApiRoute>,
+    pub key: Option<Arc<ApiKeyEntry>>,
+    pub chosen: Option<ModelRoute>,
+    pub streaming: bool,
+    pub status: u16,
+    first_byte: Option<Duration>,
+    usage: Usage,
+}
+
+impl AccessRecord {
+    pub fn new(metrics: Arc<Metrics>, started: Instant, request_id: HeaderValue) -> Self {
+        Self {
+            metrics,
+            started,
+            request_id,
+            route: None,
+            key: None,
+            chosen: None,
+            streaming: false,
+            status: 0,
+            first_byte: None,
+            usage: Usage::default(),
+        }
+    }
+
+    fn mark_first_byte(&mut self) {
+        if self.first_byte.is_none() {
+            self.first_byte = Some(self.started.elapsed());
+        }
+    }
+
+    /// Writes the log line and the metrics. `outcome` is `ok`, `upstream_error`, or a code.
+    pub fn finish(self, outcome: &str) {
+        let elapsed = self.started.elapsed();
+        let route = self.route.map_or("unknown", ApiRoute::label);
+        self.metrics
+            .requests
+            .with_label_values(&[route, outcome])
+            .inc();
+        let provider = self.chosen.as_ref().map(|c| c.upstream.label.as_str());
+        let model = self.chosen.as_ref().map(|c| &*c.declared);
+        if let (Some(provider), Some(model), Some(api)) = (provider, model, self.route) {
+            let op = api.operation_name();
+            let error_type = if outcome == "ok" { "" } else { outcome };
+            self.metrics
+                .request_duration
+                .with_label_values(&[op, provider, model, error_type])
+                .observe(elapsed.as_secs_f64());
+            if let Some(ttfb) = self.first_byte {
+                self.metrics
+                    .time_to_first_token
+                    .with_label_values(&[op, provider, model])
+                    .observe(ttfb.as_secs_f64());
+            }
+            for (kind, tokens) in [("input", self.usage.input), ("output", self.usage.output)] {
+                if let Some(tokens) = tokens {
+                    self.metrics
+                        .token_usage
+                        .with_label_values(&[op, provider, model, kind])
+                        .observe(tokens as f64);
+                }
+            }
+        }
+        let key = self.key.as_ref().map(|k| k.key.to_string());
+        tracing::info!(
+            target: "portcullis::access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            route,
+            key = key.as_deref().unwrap_or("-"),
+            provider = provider.unwrap_or("-"),
+            model = model.unwrap_or("-"),
+            status = self.status,
+            outcome,
+            stream = self.streaming,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            input_tokens = self.usage.input,
+            output_tokens = self.usage.output,
+            "request"
+        );
+    }
+}
+
+/// How a response body is read for usage.
+#[derive(Debug)]
+pub enum UsageReader {
+    Json(JsonTail),
+    Sse(SseScanner),
+}
+
+impl UsageReader {
+    fn push(&mut self, data: Bytes) -> Option<Bytes> {
+        match self {
+            UsageReader::Json(tail) => {
+                tail.push(&data);
+                Some(data)
+            }
+            UsageReader::Sse(scanner) => scanner.push(data),
+        }
+    }
+
+    fn finish(&mut self) -> (Option<Bytes>, Usage) {
+        match self {
+            UsageReader::Json(tail) => (None, tail.usage().unwrap_or_default()),
+            UsageReader::Sse(scanner) => {
+                let rest = scanner.finish();
+                (rest, scanner.usage)
+            }
+        }
+    }
+
+    fn usage_so_far(&self) -> Usage {
+        match self {
+            UsageReader::Json(tail) => tail.usage().unwrap_or_default(),
+            UsageReader::Sse(scanner) => scanner.usage,
+        }
+    }
+
+    /// Whether the body's length changes in passing.
+    fn rewrites(&self) -> bool {
+        matches!(self, UsageReader::Sse(_))
+    }
+}
+
+/// A response body that meters as it streams and finishes its `AccessRecord` exactly once.
+pub struct MeteredBody {
+    inner: GatewayBody,
+    reader: UsageReader,
+    record: Option<AccessRecord>,
+    outcome: &'static str,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for MeteredBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredBody")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeteredBody {
+    pub fn new(
+        inner: GatewayBody,
+        reader: UsageReader,
+        record: AccessRecord,
+        outcome: &'static str,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner,
+            reader,
+            record: Some(record),
+            outcome,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            ended: false,
+        }
+    }
+
+    /// The body ended normally: flush what the reader held back, record, and return the last
+    /// bytes to send (`last` followed by anything held back).
+    fn end_with(&mut self, last: Option<Bytes>) -> Option<Bytes> {
+        let (rest, usage) = self.reader.finish();
+        if let Some(mut record) = self.record.take() {
+            record.usage = usage;
+            record.finish(self.outcome);
+        }
+        self.ended = true;
+        match (last, rest) {
+            (Some(a), Some(b)) => {
+                let mut joined = bytes::BytesMut::with_capacity(a.len() + b.len());
+                joined.extend_from_slice(&a);
+                joined.extend_from_slice(&b);
+                Some(joined.freeze())
+            }
+            (a, b) => a.or(b).filter(|b| !b.is_empty()),
+        }
+    }
+
+    fn finish(&mut self, outcome: &str) {
+        self.ended = true;
+        if let Some(mut record) = self.record.take() {
+            record.usage = self.reader.usage_so_far();
+            record.finish(outcome);
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(record) = this.record.as_mut() {
+                                record.mark_first_byte();
+                            }
+                            let out = this.reader.push(data);
+                            // hyper stops polling a body of known length after its last byte,
+                            // so the end is recognised here rather than by a final `None`.
+                            if this.inner.is_end_stream() {
+                                let out = this.end_with(out);
+                                return Poll::Ready(out.map(|b| Ok(Frame::data(b))));
+                            }
+                            match out {
+                                Some(out) if !out.is_empty() => {
+                                    return Poll::Ready(Some(Ok(Frame::data(out))))
+                                }
+                                _ => continue,
+                            }
+                        }
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream response body failed");
+                    this.finish("upstream_broken");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.end_with(None);
+                    return Poll::Ready(rest.map(|b| Ok(Frame::data(b))));
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.finish("upstream_idle_timeout");
+                        return Poll::Ready(Some(Err(
+                            "upstream sent nothing within the idle timeout".into(),
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.reader.rewrites() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if self.record.is_some() {
+            self.finish("client_closed");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The request pipeline. Each phase is one module and returns `Result<_, GatewayError>`:
+//!
+//! ```text
+//!  classify route ─▶ authenticate ─▶ kill switch ─▶ read body ─▶ route ─▶ forward ─▶ meter
+//!        (api)        (authenticate)  (kill_switch)   (api)       (route)  (forward)  (meter, usage)
+//! ```
+//!
+//! The snapshot is loaded once at the start and held to the end of the response, streams
+//! included. Errors become responses in exactly one place, `GatewayError::into_response`.
+
+pub mod authenticate;
+pub mod forward;
+pub mod kill_switch;
+pub mod meter;
+pub mod models;
+pub mod route;
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use portcullis_crds::v1alpha1::ProviderKind;
+
+use crate::api::{self, ApiFlavor, ApiRoute, RequestHead, REQUEST_ID_HEADER};
+use crate::body::GatewayBody;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::snapshot::{ModelRoute, SnapshotHandle};
+use crate::upstream::UpstreamClient;
+use meter::{AccessRecord, MeteredBody, UsageReader};
+use usage::{JsonTail, SseScanner};
+
+/// Limits and timeouts applied to every request.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub max_request_body_bytes: usize,
+    pub request_body_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    snapshot: Arc<SnapshotHandle>,
+    metrics: Arc<Metrics>,
+    client: UpstreamClient,
+    settings: PipelineSettings,
+}
+
+type Failure = (ApiFlavor, GatewayError);
+
+impl Gateway {
+    pub fn new(
+        snapshot: Arc<SnapshotHandle>,
+        metrics: Arc<Metrics>,
+        client: UpstreamClient,
+        settings: PipelineSettings,
+    ) -> Self {
+        Self {
+            snapshot,
+            metrics,
+            client,
+            settings,
+        }
+    }
+
+    /// Serves one request. Never fails: every error is a response in the route's format.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<GatewayBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let request_id = api::request_id(request.headers());
+        let mut record = AccessRecord::new(self.metrics.clone(), started, request_id.clone());
+        match self.serve(request, &mut record).await {
+            Ok(response) => response,
+            Err((flavor, error)) => {
+                let response = error.clone().into_response(flavor, &request_id);
+                record.status = response.status().as_u16();
+                record.finish(error.shape().code);
+                response
+            }
+        }
+    }
+
+    async fn serve<B>(
+        &self,
+        request: Request<B>,
+        record: &mut AccessRecord,
+    ) -> Result<Response<GatewayBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let route = ApiRoute::classify(request.method(), request.uri().path())?;
+        record.route = Some(route);
+        let flavor = route.flavor();
+        let fail = |error: GatewayError| (flavor, error);
+        let snapshot = self.snapshot.load().ok_or(fail(GatewayError::NotReady))?;
+        let now = chrono::Utc::now();
+
+        let grant = authenticate::authenticate(&snapshot, request.headers(), now).map_err(fail)?;
+        record.key = Some(grant.policy.clone());
+        kill_switch::check_caller(&snapshot, &grant.policy, now).map_err(fail)?;
+
+        if route == ApiRoute::Models {
+            let mut response = models::list(&snapshot, &grant.policy, request.headers());
+            response
+                .headers_mut()
+                .insert(REQUEST_ID_HEADER, record.request_id.clone());
+            record.status = 200;
+            return Ok(response);
+        }
+
+        let (parts, body) = request.into_parts();
+        let body = self.read_body(body).await.map_err(fail)?;
+        let head = RequestHead::parse(&body).map_err(fail)?;
+        let model = head.model().map_err(fail)?;
+        record.streaming = head.streaming();
+        kill_switch::check_model(&snapshot, model, now).map_err(fail)?;
+
+        let chosen = route::choose(&snapshot, &grant.policy, route, model, now).map_err(fail)?;
+        record.chosen = Some(chosen.clone());
+
+        let outbound = forward::build(
+            route,
+            &parts,
+            body.clone(),
+            &head,
+            model,
+            &chosen,
+            &record.request_id,
+        )
+        .map_err(fail)?;
+        let strip_usage_chunk = outbound.strip_usage_chunk;
+        let response = self
+            .send(route, model, &chosen, outbound)
+            .await
+            .map_err(fail)?;
+
+        Ok(self.metered(response, strip_usage_chunk, record))
+    }
+
+    async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let limit = self.settings.max_request_body_bytes;
+        let collect = Limited::new(body, limit).collect();
+        match tokio::time::timeout(self.settings.request_body_timeout, collect).await {
+            Err(_) => Err(GatewayError::RequestTimeout),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(GatewayError::RequestTooLarge { limit })
+            }
+            Ok(Err(_)) => Err(GatewayError::InvalidRequest(
+                "The request body could not be read.".to_owned(),
+            )),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    async fn send(
+        &self,
+        route: ApiRoute,
+        model: &str,
+        chosen: &ModelRoute,
+        outbound: forward::Outbound,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
+        if chosen.upstream.kind == ProviderKind::Mock {
+            let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
+            return Ok(crate::mock::respond(route, &outbound.body, upstream_model));
+        }
+        let pending = self.client.request(outbound.request);
+        match tokio::time::timeout(self.settings.upstream_response_timeout, pending).await {
+            Err(_) => Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
+                Err(GatewayError::UpstreamUnavailable)
+            }
+            Ok(Ok(response)) => Ok(response.map(|b| {
+                b.map_err(|e| Box::new(e) as crate::body::BoxError)
+                    .boxed_unsync()
+            })),
+        }
+    }
+
+    fn metered(
+        &self,
+        response: Response<GatewayBody>,
+        strip_usage_chunk: bool,
+        record: &mut AccessRecord,
+    ) -> Response<GatewayBody> {
+        let (mut parts, body) = response.into_parts();
+        forward::clean_response_headers(&mut parts.headers);
+        let is_sse = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let reader = if is_sse {
+            // Dropping an event changes the length: let the server frame the body itself.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            UsageReader::Sse(SseScanner::new(strip_usage_chunk))
+        } else {
+            UsageReader::Json(JsonTail::default())
+        };
+        if let Some(upstream_id) = parts.headers.remove(REQUEST_ID_HEADER) {
+            parts.headers.insert("x-upstream-request-id", upstream_id);
+        }
+        parts
+            .headers
+            .insert(REQUEST_ID_HEADER, record.request_id.clone());
+        record.status = parts.status.as_u16();
+        let outcome = if parts.status.is_success() {
+            "ok"
+        } else {
+            "upstream_error"
+        };
+        let handed_off = std::mem::replace(
+            record,
+            AccessRecord::new(
+                self.metrics.clone(),
+                Instant::now(),
+                HeaderValue::from_static("-"),
+            ),
+        );
+        let body = MeteredBody::new(
+            body,
+            reader,
+            handed_off,
+            outcome,
+            self.settings.upstream_idle_timeout,
+        );
+        Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+    }
+}

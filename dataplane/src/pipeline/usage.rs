@@ -1,0 +1,346 @@
+//! Finding token usage in responses without keeping them.
+//!
+//! JSON responses put `usage` at the end, so only a bounded tail is kept. SSE responses are cut
+//! into events as they pass; only an event that mentions `"usage"` is parsed, and the rest are
+//! forwarded untouched (the original buffer, when a chunk holds whole events and none is dropped).
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use serde::Deserialize;
+
+/// Bytes of a JSON body kept to find its `usage`.
+const JSON_TAIL_BYTES: usize = 32 * 1024;
+/// Largest partial SSE event held while waiting for its end; a longer one is passed through
+/// unparsed rather than buffered without bound.
+const MAX_PENDING_EVENT: usize = 1024 * 1024;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+}
+
+impl Usage {
+    /// Streams report usage more than once (Anthropic's counts are cumulative): keep the largest.
+    fn merge(&mut self, other: Usage) {
+        self.input = self.input.max(other.input);
+        self.output = self.output.max(other.output);
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+impl From<UsageFields> for Usage {
+    fn from(f: UsageFields) -> Self {
+        Usage {
+            input: f.prompt_tokens.or(f.input_tokens),
+            output: f.completion_tokens.or(f.output_tokens),
+        }
+    }
+}
+
+/// The usage object following the last `"usage":` key in `json` that holds an object.
+pub fn find_usage(json: &[u8]) -> Option<Usage> {
+    let finder = memmem::Finder::new(b"\"usage\"");
+    let positions: Vec<usize> = finder.find_iter(json).collect();
+    for &pos in positions.iter().rev() {
+        let rest = &json[pos + 7..];
+        let rest = rest.trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let rest = rest.trim_ascii_start();
+        if !rest.starts_with(b"{") {
+            continue;
+        }
+        let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<UsageFields>();
+        if let Some(Ok(fields)) = stream.next() {
+            return Some(fields.into());
+        }
+    }
+    None
+}
+
+/// Keeps the last bytes of a JSON body.
+#[derive(Debug, Default)]
+pub struct JsonTail {
+    tail: Vec<u8>,
+}
+
+impl JsonTail {
+    pub fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= JSON_TAIL_BYTES {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
+        } else {
+            let overflow = (self.tail.len() + chunk.len()).saturating_sub(JSON_TAIL_BYTES);
+            self.tail.drain(..overflow);
+            self.tail.extend_from_slice(chunk);
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        find_usage(&self.tail)
+    }
+}
+
+/// Splits an SSE stream into events, meters usage, and optionally drops OpenAI's usage-only chunk
+/// (the one the gateway asked for on the client's behalf).
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    pending: BytesMut,
+    strip_usage_only_chunk: bool,
+    pub usage: Usage,
+    pub events: u64,
+}
+
+/// Length of the event at the start of `buf` including its blank-line terminator.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(buf, b"\n\r\n").map(|i| i + 3);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl SseScanner {
+    pub fn new(strip_usage_only_chunk: bool) -> Self {
+        Self {
+            strip_usage_only_chunk,
+            ..Default::default()
+        }
+    }
+
+    /// Inspects one event; true when it must be dropped.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        self.events += 1;
+        if memmem::find(event, b"\"usage\"").is_none() {
+            return false;
+        }
+        let mut drop_event = false;
+        for line in event.split(|&b| b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            let data = data.trim_ascii();
+            #[derive(Deserialize)]
+            struct Chunk {
+                #[serde(default)]
+                choices: Option<Vec<serde::de::IgnoredAny>>,
+                #[serde(default)]
+                usage: Option<UsageFields>,
+            }
+            match serde_json::from_slice::<Chunk>(data) {
+                Ok(Chunk {
+                    usage: Some(usage),
+                    choices,
+                }) => {
+                    self.usage.merge(usage.into());
+                    let usage_only = choices.as_ref().is_some_and(|c| c.is_empty());
+                    drop_event |= usage_only && self.strip_usage_only_chunk;
+                }
+                // Anthropic's message_start and the Responses API nest usage deeper.
+                _ => {
+                    if let Some(usage) = find_usage(data) {
+                        self.usage.merge(usage);
+                    }
+                }
+            }
+        }
+        drop_event
+    }
+
+    /// Takes the next chunk from upstream; returns what to forward now.
+    pub fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            // Fast path: whole events, nothing dropped → forward the buffer as it came.
+            let events_before = self.events;
+            let mut offset = 0;
+            let mut dropped = false;
+            while let Some(len) = event_end(&chunk[offset..]) {
+                if self.inspect(&chunk[offset..offset + len]) {
+                    dropped = true;
+                    break;
+                }
+                offset += len;
+            }
+            if dropped {
+                // Rare (the one usage-only chunk): rebuild the chunk without it. Usage merging
+                // is idempotent; the event count is reset so nothing counts twice.
+                self.events = events_before;
+                return self.rebuild(&chunk);
+            }
+            if offset == chunk.len() {
+                return Some(chunk);
+            }
+            // Forward the whole events now, hold the partial one.
+            self.pending.extend_from_slice(&chunk[offset..]);
+            return (offset > 0).then(|| chunk.slice(..offset));
+        }
+        self.pending.extend_from_slice(&chunk);
+        let pending = std::mem::take(&mut self.pending).freeze();
+        self.rebuild(&pending)
+    }
+
+    fn rebuild(&mut self, buf: &Bytes) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        let mut offset = 0;
+        while let Some(len) = event_end(&buf[offset..]) {
+            let event = &buf[offset..offset + len];
+            if !self.inspect(event) {
+                out.extend_from_slice(event);
+            }
+            offset += len;
+        }
+        let rest = &buf[offset..];
+        if rest.len() > MAX_PENDING_EVENT {
+            // Not SSE as we know it: stop holding bytes back.
+            out.extend_from_slice(rest);
+        } else {
+            self.pending.extend_from_slice(rest);
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// Whatever is left when the stream ends (an unterminated last event) is forwarded as is.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut self.pending).freeze();
+        self.inspect(&rest);
+        Some(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPENAI_STREAM: &str = concat!(
+        "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn run(scanner: &mut SseScanner, input: &str, split: usize) -> String {
+        let bytes = Bytes::from(input.to_owned());
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let end = (i + split).min(bytes.len());
+            if let Some(b) = scanner.push(bytes.slice(i..end)) {
+                out.extend_from_slice(&b);
+            }
+            i = end;
+        }
+        if let Some(b) = scanner.finish() {
+            out.extend_from_slice(&b);
+        }
+        String::from_utf8(out).expect("utf8")
+    }
+
+    #[test]
+    fn openai_usage_chunk_is_metered_and_stripped_at_any_split() {
+        for split in [1, 2, 3, 7, 50, 10_000] {
+            let mut keep = SseScanner::new(false);
+            assert_eq!(
+                run(&mut keep, OPENAI_STREAM, split),
+                OPENAI_STREAM,
+                "split {split}"
+            );
+            assert_eq!(
+                keep.usage,
+                Usage {
+                    input: Some(11),
+                    output: Some(7)
+                }
+            );
+
+            let mut strip = SseScanner::new(true);
+            let out = run(&mut strip, OPENAI_STREAM, split);
+            assert!(!out.contains("prompt_tokens"), "split {split}: {out}");
+            assert!(
+                out.contains("finish_reason") && out.ends_with("data: [DONE]\n\n"),
+                "split {split}"
+            );
+            assert_eq!(
+                strip.usage,
+                Usage {
+                    input: Some(11),
+                    output: Some(7)
+                },
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn whole_events_pass_through_without_copying() {
+        let mut scanner = SseScanner::new(false);
+        let chunk = Bytes::from_static(b"data: {\"a\":1}\n\n");
+        let out = scanner.push(chunk.clone()).expect("forwarded");
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn anthropic_usage_is_cumulative() {
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"usage\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut scanner = SseScanner::new(false);
+        assert_eq!(run(&mut scanner, stream, 9), stream);
+        assert_eq!(
+            scanner.usage,
+            Usage {
+                input: Some(25),
+                output: Some(15)
+            }
+        );
+        assert_eq!(scanner.events, 4);
+    }
+
+    #[test]
+    fn crlf_events_and_unterminated_tail() {
+        let stream = "data: {\"x\":1}\r\n\r\ndata: partial";
+        let mut scanner = SseScanner::new(false);
+        assert_eq!(run(&mut scanner, stream, 4), stream);
+    }
+
+    #[test]
+    fn json_tail_finds_usage_at_the_end_of_large_bodies() {
+        let mut tail = JsonTail::default();
+        let filler = format!("{{\"data\":[\"{}\"],", "x".repeat(100_000));
+        tail.push(filler.as_bytes());
+        tail.push(br#""usage":{"prompt_tokens":3,"total_tokens":3}}"#);
+        assert_eq!(
+            tail.usage(),
+            Some(Usage {
+                input: Some(3),
+                output: None
+            })
+        );
+        // A quoted "usage" inside content is escaped and never matches.
+        assert_eq!(
+            find_usage(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}"}"#),
+            None
+        );
+        assert_eq!(find_usage(br#"{"usage": null}"#), None);
+    }
+}

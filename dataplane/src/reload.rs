@@ -1,0 +1,185 @@
+//! Applying snapshots: the single writer behind `SnapshotHandle`, and local mode, which compiles
+//! a folder of manifests with the operator's `compile` and re-applies it when files change.
+//!
+//! Local mode polls file names, sizes and modification times every `interval`. A folder is small,
+//! polling needs no platform watcher, and it sees editors' atomic renames and ConfigMap-style
+//! symlink swaps alike.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use portcullis_crds::digest::Pepper;
+use portcullis_crds::sealing::MasterKeyring;
+use portcullis_crds::snapshot::GatewaySnapshot;
+use portcullis_operator::manifests;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{RuntimeSnapshot, SnapshotHandle};
+
+/// Validates, opens and swaps in snapshots; keeps the last good one on any failure.
+#[derive(Debug)]
+pub struct SnapshotApplier {
+    handle: Arc<SnapshotHandle>,
+    metrics: Metrics,
+    keyring: MasterKeyring,
+    pepper: Pepper,
+    last_applied: Option<GatewaySnapshot>,
+}
+
+impl SnapshotApplier {
+    pub fn new(
+        handle: Arc<SnapshotHandle>,
+        metrics: Metrics,
+        keyring: MasterKeyring,
+        pepper: Pepper,
+    ) -> Self {
+        Self {
+            handle,
+            metrics,
+            keyring,
+            pepper,
+            last_applied: None,
+        }
+    }
+
+    pub fn keyring(&self) -> &MasterKeyring {
+        &self.keyring
+    }
+
+    pub fn pepper(&self) -> &Pepper {
+        &self.pepper
+    }
+
+    pub fn last_applied(&self) -> Option<&GatewaySnapshot> {
+        self.last_applied.as_ref()
+    }
+
+    /// Opens `snapshot` completely, then swaps it in. Returns false (and counts a failure) when
+    /// it cannot be opened; the previous snapshot keeps serving.
+    pub fn apply(&mut self, snapshot: GatewaySnapshot) -> bool {
+        if self
+            .last_applied
+            .as_ref()
+            .is_some_and(|last| last.content_digest == snapshot.content_digest)
+        {
+            self.metrics.snapshot_valid.set(1);
+            return true;
+        }
+        if let Some(last) = &self.last_applied {
+            if snapshot.generation < last.generation {
+                self.reject(&format!(
+                    "snapshot generation {} is older than the applied generation {}",
+                    snapshot.generation, last.generation
+                ));
+                return false;
+            }
+        }
+        match RuntimeSnapshot::open(&snapshot, &self.keyring, &self.pepper) {
+            Ok(runtime) => {
+                tracing::info!(
+                    generation = runtime.generation,
+                    api_keys = runtime.api_key_count,
+                    providers = runtime.upstream_count,
+                    kill_switches = runtime.kill_switches.len(),
+                    "snapshot applied"
+                );
+                self.metrics
+                    .snapshot_generation
+                    .set(i64::try_from(runtime.generation).unwrap_or(i64::MAX));
+                self.metrics.snapshot_valid.set(1);
+                self.metrics.snapshot_reloads.inc();
+                self.handle.store(Arc::new(runtime));
+                self.last_applied = Some(snapshot);
+                true
+            }
+            Err(e) => {
+                self.reject(&e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Records a configuration that was refused before it became a snapshot.
+    pub fn reject(&self, reason: &str) {
+        self.metrics.snapshot_valid.set(0);
+        self.metrics.snapshot_reload_failures.inc();
+        tracing::error!(
+            reason,
+            serving_generation = self.last_applied.as_ref().map(|s| s.generation),
+            "configuration rejected; the last good snapshot keeps serving"
+        );
+    }
+}
+
+/// Compiles the folder once. Errors name the file or the object and field.
+pub fn compile_dir(dir: &Path, applier: &SnapshotApplier) -> Result<GatewaySnapshot, String> {
+    let (inputs, _) = manifests::read_dir(dir).map_err(|e| e.to_string())?;
+    let compiled = portcullis_operator::compile(
+        &inputs,
+        applier.keyring(),
+        applier.pepper(),
+        applier.last_applied(),
+    )
+    .map_err(|e| e.to_string())?;
+    for warning in &compiled.warnings {
+        tracing::warn!(%warning, "manifest warning");
+    }
+    Ok(compiled.snapshot)
+}
+
+/// Identity of the folder's current contents, to notice changes cheaply.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut seen = Vec::new();
+    if let Ok(files) = manifests::manifest_files(dir) {
+        for path in files {
+            let meta = std::fs::metadata(&path).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            seen.push((path, len, modified));
+        }
+    }
+    seen
+}
+
+async fn scan(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || fingerprint(&dir))
+        .await
+        .unwrap_or_default()
+}
+
+/// Loads the folder, then follows its changes until `shutdown` fires.
+pub async fn run_local(
+    dir: PathBuf,
+    interval: Duration,
+    mut applier: SnapshotApplier,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last_seen = None;
+    loop {
+        let mut seen = scan(&dir).await;
+        if last_seen.as_ref() != Some(&seen) {
+            if last_seen.is_some() {
+                // A writer may still be mid-way through a file: wait a beat and look again.
+                tokio::time::sleep(interval.min(Duration::from_millis(50))).await;
+                seen = scan(&dir).await;
+            }
+            // Compiling a large folder takes a while; keep it off the async workers' queue.
+            let result = tokio::task::block_in_place(|| compile_dir(&dir, &applier));
+            match result {
+                Ok(snapshot) => {
+                    applier.apply(snapshot);
+                }
+                Err(reason) => applier.reject(&reason),
+            }
+            // Changes made while compiling show up as a new fingerprint on the next turn.
+            last_seen = Some(seen);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The snapshot as the data plane serves it: provider keys opened into memory, key digests and
+//! models indexed, all behind one `SnapshotHandle` that swaps atomically.
+//!
+//! A request loads the current `Arc<RuntimeSnapshot>` once and keeps it to the end, streams
+//! included, so a reload never changes the rules under a request in flight.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use chrono::{DateTime, Utc};
+use portcullis_crds::digest::{is_well_formed_key, KeyDigest, Pepper};
+use portcullis_crds::pattern;
+use portcullis_crds::sealing::{MasterKeyring, SealingError};
+use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::snapshot::{ApiKeyEntry, GatewaySnapshot, KillSwitchEntry};
+use portcullis_crds::v1alpha1::{ObjectRef, ProviderKind};
+
+/// A provider endpoint with its key in memory (zeroized when the last snapshot using it drops).
+pub struct Upstream {
+    pub id: ObjectRef,
+    /// `namespace/name`, the provider's identity in logs and metrics.
+    pub label: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub azure_api_version: Option<String>,
+    pub priority: i32,
+    pub weight: u32,
+    api_key: Option<SecretBytes>,
+}
+
+impl Upstream {
+    pub fn api_key(&self) -> Option<&SecretBytes> {
+        self.api_key.as_ref()
+    }
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("id", &self.label)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key)
+            .finish()
+    }
+}
+
+/// One way to serve a model.
+#[derive(Clone, Debug)]
+pub struct ModelRoute {
+    pub upstream: Arc<Upstream>,
+    /// The model name or pattern as declared; the metric label for this route.
+    pub declared: Arc<str>,
+    /// Name to send upstream instead of the requested one.
+    pub upstream_model: Option<Arc<str>>,
+}
+
+/// What a presented key grants.
+#[derive(Clone, Debug)]
+pub struct KeyGrant {
+    pub policy: Arc<ApiKeyEntry>,
+    /// Set while this digest is the old half of a rotation.
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("ProviderCredential {credential}: sealed key cannot be opened: {source}")]
+    Unseal {
+        credential: ObjectRef,
+        source: SealingError,
+    },
+    #[error("ProviderCredential {credential}: kind {kind} needs a key and the snapshot has none")]
+    MissingKey {
+        credential: ObjectRef,
+        kind: ProviderKind,
+    },
+}
+
+pub struct RuntimeSnapshot {
+    pub generation: u64,
+    pub content_digest: String,
+    pepper: Pepper,
+    keys: HashMap<KeyDigest, KeyGrant>,
+    exact_models: HashMap<String, Vec<ModelRoute>>,
+    glob_models: Vec<ModelRoute>,
+    pub kill_switches: Vec<KillSwitchEntry>,
+    pub api_key_count: usize,
+    pub upstream_count: usize,
+}
+
+impl fmt::Debug for RuntimeSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeSnapshot")
+            .field("generation", &self.generation)
+            .field("api_keys", &self.api_key_count)
+            .field("upstreams", &self.upstream_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeSnapshot {
+    /// Opens every sealed key. Any failure rejects the whole snapshot.
+    pub fn open(
+        snapshot: &GatewaySnapshot,
+        keyring: &MasterKeyring,
+        pepper: &Pepper,
+    ) -> Result<Self, OpenError> {
+        let content = &snapshot.content;
+        let mut keys =
+            HashMap::with_capacity(content.api_keys.iter().map(|k| k.digests.len()).sum());
+        for entry in &content.api_keys {
+            let policy = Arc::new(entry.clone());
+            for issued in &entry.digests {
+                keys.insert(
+                    issued.digest,
+                    KeyGrant {
+                        policy: policy.clone(),
+                        valid_until: issued.valid_until,
+                    },
+                );
+            }
+        }
+
+        let mut exact_models: HashMap<String, Vec<ModelRoute>> = HashMap::new();
+        let mut glob_models = Vec::new();
+        for entry in &content.credentials {
+            let api_key = match (&entry.sealed_key, entry.kind.needs_secret()) {
+                (Some(sealed), _) => {
+                    Some(keyring.open(&entry.binding(), sealed).map_err(|source| {
+                        OpenError::Unseal {
+                            credential: entry.credential.clone(),
+                            source,
+                        }
+                    })?)
+                }
+                (None, true) => {
+                    return Err(OpenError::MissingKey {
+                        credential: entry.credential.clone(),
+                        kind: entry.kind,
+                    })
+                }
+                (None, false) => None,
+            };
+            let upstream = Arc::new(Upstream {
+                id: entry.credential.clone(),
+                label: entry.credential.to_string(),
+                kind: entry.kind,
+                base_url: entry.base_url.clone(),
+                azure_api_version: entry.azure_api_version.clone(),
+                priority: entry.priority,
+                weight: entry.weight,
+                api_key,
+            });
+            for model in &entry.models {
+                let route = ModelRoute {
+                    upstream: upstream.clone(),
+                    declared: Arc::from(model.name.as_str()),
+                    upstream_model: model.upstream_name.as_deref().map(Arc::from),
+                };
+                if pattern::is_glob(&model.name) {
+                    glob_models.push(route);
+                } else {
+                    exact_models
+                        .entry(model.name.clone())
+                        .or_default()
+                        .push(route);
+                }
+            }
+        }
+
+        Ok(Self {
+            generation: snapshot.generation,
+            content_digest: snapshot.content_digest.clone(),
+            pepper: pepper.clone(),
+            keys,
+            exact_models,
+            glob_models,
+            kill_switches: content.kill_switches.clone(),
+            api_key_count: content.api_keys.len(),
+            upstream_count: content.credentials.len(),
+        })
+    }
+
+    /// The grant for a presented key, if any. Malformed keys are refused before hashing.
+    pub fn lookup_key(&self, presented: &[u8]) -> Option<&KeyGrant> {
+        if !is_well_formed_key(presented) {
+            return None;
+        }
+        self.keys.get(&self.pepper.digest(presented))
+    }
+
+    /// Every route that serves `model`: exact declarations first, then matching patterns.
+    pub fn routes_for(&self, model: &str) -> Vec<ModelRoute> {
+        let mut routes = self.exact_models.get(model).cloned().unwrap_or_default();
+        routes.extend(
+            self.glob_models
+                .iter()
+                .filter(|r| pattern::matches(&r.declared, model))
+                .cloned(),
+        );
+        routes
+    }
+
+    /// Concrete model names (patterns excluded) with the routes that serve them.
+    pub fn listed_models(&self) -> impl Iterator<Item = (&str, &[ModelRoute])> {
+        self.exact_models
+            .iter()
+            .map(|(name, routes)| (name.as_str(), routes.as_slice()))
+    }
+}
+
+/// The one cheap handle every request reads the current snapshot through.
+#[derive(Debug, Default)]
+pub struct SnapshotHandle {
+    current: ArcSwapOption<RuntimeSnapshot>,
+}
+
+impl SnapshotHandle {
+    pub fn load(&self) -> Option<Arc<RuntimeSnapshot>> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, snapshot: Arc<RuntimeSnapshot>) {
+        self.current.store(Some(snapshot));
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
