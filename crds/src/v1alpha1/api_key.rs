@@ -50,6 +50,10 @@ pub struct ApiKeySpec {
     /// Request and token limits for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ApiKeyLimits>,
+    /// Limits shared by every key of `team`. When keys of one team declare different values,
+    /// the strictest applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_limits: Option<TeamLimits>,
     /// Use the key held in this Secret instead of having the operator generate one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
@@ -71,6 +75,34 @@ pub struct ApiKeyLimits {
     /// Token budget per UTC calendar month.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_month: Option<u64>,
+    /// What to do when the shared limit store (Redis) is unreachable; the gateway's setting
+    /// applies when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_policy: Option<FailurePolicy>,
+}
+
+/// Behaviour of limits while the shared store is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Each replica enforces the limits alone, divided by the configured replica count.
+    Local,
+    /// Admit requests without limiting.
+    Open,
+    /// Refuse requests with 503 until the store is back.
+    Closed,
+}
+
+/// Limits shared across all keys of one team.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamLimits {
+    /// Requests admitted for the whole team in any sliding 60-second window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens admitted for the whole team in any sliding 60-second window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Observed state of an ApiKey. Never holds the key itself.

@@ -5,7 +5,7 @@ mod common;
 mod kill_switch;
 mod provider_credential;
 
-pub use api_key::{ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus};
+pub use api_key::{ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus, FailurePolicy, TeamLimits};
 pub use common::{ObjectRef, SecretKeyRef};
 pub use kill_switch::{KillSwitch, KillSwitchScope, KillSwitchSpec, KillSwitchStatus, ScopeTarget};
 pub use provider_credential::{
