@@ -12,6 +12,7 @@
 //! * [`metrics`] — a small Prometheus text-format parser.
 //! * [`fixture`] — the standard setup most tests start from.
 
+pub mod assert;
 pub mod client;
 pub mod fixture;
 pub mod gateway;
@@ -26,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use client::{Response, SseEvent, StreamingResponse, TestClient};
+pub use client::{HttpVersions, Response, SseEvent, StreamingResponse, TestClient};
 pub use fixture::{Fixture, FixtureOptions};
 pub use gateway::{Gateway, GatewayOptions};
 pub use manifests::Manifests;

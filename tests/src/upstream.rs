@@ -442,11 +442,12 @@ fn start_stream(
                     });
                     timing_index = Some(timings.len() - 1);
                 }
-                Some(idx) => {
+                Some(idx) if i + 1 == total => {
                     if let Some(t) = timings.get_mut(idx) {
                         t.last_event_sent = Some(now);
                     }
                 }
+                Some(_) => {}
             }
         }
     });

@@ -1,0 +1,305 @@
+//! Bad input and upstream failures get clear errors in the style of the API they came in on,
+//! each with `x-portcullis-error-code` and `x-request-id`; request ids are propagated.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use portcullis_e2e::fixture::*;
+use portcullis_e2e::manifests as m;
+use portcullis_e2e::{assert, eventually, free_port, Fixture, FixtureOptions, GatewayOptions};
+use serde_json::json;
+
+#[tokio::test]
+async fn bad_json_and_missing_model_are_400_in_both_formats() {
+    let fx = Fixture::start().await.expect("fixture");
+    let auth = format!("Bearer {ALICE_KEY}");
+    let chat_url = fx.url("/v1/chat/completions");
+    let msg_url = fx.url("/v1/messages");
+    let oa = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let an = [
+        ("x-api-key", ALICE_KEY),
+        ("anthropic-version", "2023-06-01"),
+        ("content-type", "application/json"),
+    ];
+
+    let r = fx
+        .client
+        .post_raw(
+            &chat_url,
+            &oa,
+            "{\"model\": \"gpt-4o-mini\", \"messages\": [",
+        )
+        .await
+        .unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+    let r = fx.client.post_raw(&chat_url, &oa, "").await.unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+    let r = fx
+        .client
+        .post_json(
+            &chat_url,
+            &oa[..1],
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await
+        .unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+    let r = fx
+        .client
+        .post_json(&chat_url, &oa[..1], &json!({"model": 42, "messages": []}))
+        .await
+        .unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+    let r = fx
+        .client
+        .post_raw(&chat_url, &oa, "[1, 2, 3]")
+        .await
+        .unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+    let r = fx
+        .client
+        .post_raw(&fx.url("/v1/embeddings"), &oa, "not json at all")
+        .await
+        .unwrap();
+    assert::openai_error(&r, 400, "invalid_request");
+
+    let r = fx
+        .client
+        .post_raw(&msg_url, &an, "{\"model\": ")
+        .await
+        .unwrap();
+    assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
+    let r = fx
+        .client
+        .post_json(
+            &msg_url,
+            &an[..2],
+            &json!({"max_tokens": 5, "messages": []}),
+        )
+        .await
+        .unwrap();
+    assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
+    let r = fx
+        .client
+        .post_raw(&msg_url, &an, vec![0xff_u8, 0xfe, 0x00, 0x01])
+        .await
+        .unwrap();
+    assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
+
+    assert_eq!(
+        fx.openai.request_count() + fx.anthropic.request_count(),
+        0,
+        "bad requests must not reach upstream"
+    );
+    // The gateway is still healthy afterwards.
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_in_both_formats() {
+    let opts = FixtureOptions {
+        gateway: GatewayOptions {
+            max_request_body_bytes: Some(2048),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let big = "x".repeat(8 * 1024);
+
+    let r = fx
+        .chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &big, false), &[])
+        .await
+        .unwrap();
+    assert::openai_error(&r, 413, "request_too_large");
+    let r = fx
+        .messages(
+            ALICE_KEY,
+            &messages_body("claude-3-5-haiku-latest", &big, false),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert::anthropic_error(&r, 413, "request_too_large", Some("request_too_large"));
+
+    // Much larger than the limit: still a clean 413, not a reset or a hang.
+    let huge = "y".repeat(2 * 1024 * 1024);
+    let r = fx
+        .chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &huge, false), &[])
+        .await
+        .unwrap();
+    assert::openai_error(&r, 413, "request_too_large");
+
+    let small = fx
+        .chat_with(
+            ALICE_KEY,
+            &chat_body("gpt-4o-mini", &"z".repeat(512), false),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert::ok(&small);
+    assert_eq!(fx.openai.request_count(), 1);
+    assert_eq!(fx.anthropic.request_count(), 0);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_in_both_formats() {
+    let dead = free_port().unwrap();
+    let fx = Fixture::start_with(Default::default(), |ms| {
+        let url = format!("https://127.0.0.1:{dead}/v1");
+        ms.add(
+            PROVIDERS_FILE,
+            m::provider(
+                "dead-openai",
+                "openai",
+                Some(&url),
+                Some(("openai-upstream-key", "key")),
+                &[("gpt-dead", None)],
+            ),
+        );
+        ms.add(
+            PROVIDERS_FILE,
+            m::provider(
+                "dead-anthropic",
+                "anthropic",
+                Some(&url),
+                Some(("anthropic-upstream-key", "key")),
+                &[("claude-dead", None)],
+            ),
+        );
+    })
+    .await
+    .expect("fixture");
+
+    let r = fx.chat(ALICE_KEY, "gpt-dead").await.unwrap();
+    assert::openai_error(&r, 502, "upstream_unavailable");
+    assert!(!r.text().contains(OPENAI_PROVIDER_KEY));
+    let r = fx
+        .messages(ALICE_KEY, &messages_body("claude-dead", "hi", false), &[])
+        .await
+        .unwrap();
+    assert::anthropic_error(&r, 502, "upstream_unavailable", None);
+
+    let auth = format!("Bearer {ALICE_KEY}");
+    let mut body = chat_body("gpt-dead", "hi", true);
+    body["stream"] = json!(true);
+    let r = fx
+        .client
+        .post_json(
+            &fx.url("/v1/chat/completions"),
+            &[("authorization", &auth)],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert::openai_error(&r, 502, "upstream_unavailable");
+
+    // Healthy providers are unaffected.
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
+}
+
+#[tokio::test]
+async fn request_ids_are_propagated_or_generated() {
+    let fx = Fixture::start().await.expect("fixture");
+    let given = "e2e-req-7d41c2a9b3e8";
+
+    let ok = fx
+        .chat_with(
+            ALICE_KEY,
+            &chat_body("gpt-4o-mini", "hi", false),
+            &[("x-request-id", given)],
+        )
+        .await
+        .unwrap();
+    assert::ok(&ok);
+    assert_eq!(ok.request_id(), Some(given));
+
+    let err = fx
+        .chat_with(
+            UNKNOWN_KEY,
+            &chat_body("gpt-4o-mini", "hi", false),
+            &[("x-request-id", given)],
+        )
+        .await
+        .unwrap();
+    assert::openai_error(&err, 401, "invalid_api_key");
+    assert_eq!(err.request_id(), Some(given));
+
+    let an = fx
+        .messages(
+            UNKNOWN_KEY,
+            &messages_body("claude-3-5-haiku-latest", "hi", false),
+            &[("x-request-id", given)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(an.request_id(), Some(given));
+
+    let a = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+    let b = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+    let (a, b) = (
+        a.request_id().unwrap().to_string(),
+        b.request_id().unwrap().to_string(),
+    );
+    assert!(
+        !a.is_empty() && a != b,
+        "generated ids must be unique: {a} {b}"
+    );
+
+    let malformed = format!("<script>\"{}\"</script>", "z".repeat(300));
+    let r = fx
+        .chat_with(
+            ALICE_KEY,
+            &chat_body("gpt-4o-mini", "hi", false),
+            &[("x-request-id", &malformed)],
+        )
+        .await
+        .unwrap();
+    assert::ok(&r);
+    let id = r.request_id().unwrap();
+    assert_ne!(id, malformed, "a malformed x-request-id must be replaced");
+    assert!(!id.contains('<') && !id.contains('"'));
+
+    // The access log names the request id (metadata only).
+    eventually(
+        Duration::from_secs(5),
+        "access log line with the request id",
+        || async {
+            let logs = fx.gateway.logs();
+            logs.lines()
+                .any(|l| l.contains("portcullis::access") && l.contains(given))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", fx.gateway.logs()));
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer() {
+    let fx = Fixture::start().await.expect("fixture");
+    let healthz = fx
+        .client
+        .get(&fx.gateway.admin_url("/healthz"), &[])
+        .await
+        .unwrap();
+    assert_eq!(healthz.status, 200);
+    let readyz = fx
+        .client
+        .get(&fx.gateway.admin_url("/readyz"), &[])
+        .await
+        .unwrap();
+    assert_eq!(readyz.status, 200);
+    let metrics = fx.gateway.metrics().await.unwrap();
+    assert!(metrics
+        .get("portcullis_snapshot_generation", &[])
+        .is_some_and(|g| g >= 1.0));
+    assert_eq!(metrics.get("portcullis_snapshot_valid", &[]), Some(1.0));
+    assert!(metrics
+        .text
+        .contains("portcullis_snapshot_reload_failures_total"));
+}
