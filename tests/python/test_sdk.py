@@ -1,0 +1,274 @@
+"""The official OpenAI and Anthropic Python SDKs against the Portcullis data plane.
+
+The gateway runs the quickstart (examples/quickstart): the built-in mock provider serving
+gpt-4o-mini, text-embedding-3-small and claude-3-5-haiku-latest, and the demo client key.
+
+Binary: $PORTCULLIS_DATAPLANE_BIN, else <repo>/target/debug/portcullis-dataplane.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart"
+DEMO_KEY = "pcl_demo_NOT_A_SECRET_quickstart_only_0123456789"
+BAD_KEY = "pcl_not_a_real_key_0000000000000000000000000000"
+
+
+def _binary() -> Path:
+    env = os.environ.get("PORTCULLIS_DATAPLANE_BIN")
+    if env:
+        return Path(env)
+    for profile in ("debug", "release"):
+        candidate = REPO / "target" / profile / "portcullis-dataplane"
+        if candidate.is_file():
+            return candidate
+    pytest.fail("portcullis-dataplane not built; run `cargo build -p portcullis-dataplane` or set PORTCULLIS_DATAPLANE_BIN")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="portcullis-sdk-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.admin = 0
+
+    def start(self) -> None:
+        binary = _binary()
+        for _attempt in range(4):
+            self.port, self.admin = _free_port(), _free_port()
+            self.proc = subprocess.Popen(
+                [
+                    str(binary),
+                    "--manifests", str(QUICKSTART),
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-listen", f"127.0.0.1:{self.admin}",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    if httpx.get(f"http://127.0.0.1:{self.admin}/readyz", timeout=1).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                self.stop()
+                pytest.fail(f"gateway not ready within 30s:\n{self.output()}")
+            if "address already in use" not in self.output().lower():
+                pytest.fail(f"gateway exited ({self.proc.returncode}):\n{self.output()}")
+        pytest.fail(f"gateway could not bind free ports:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    @property
+    def openai_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def anthropic_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    gw = Gateway()
+    gw.start()
+    yield gw
+    code = gw.stop()
+    try:
+        assert code == 0, f"gateway exit code {code}:\n{gw.output()}"
+    finally:
+        os.unlink(gw.log.name)
+
+
+@pytest.fixture()
+def oai(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(api_key=DEMO_KEY, base_url=gateway.openai_base, max_retries=0, timeout=30)
+
+
+@pytest.fixture()
+def ant(gateway: Gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=DEMO_KEY, base_url=gateway.anthropic_base, max_retries=0, timeout=30)
+
+
+def test_chat_completion(oai: openai.OpenAI) -> None:
+    resp = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello"}],
+    )
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+
+
+def test_chat_completion_request_id_header(oai: openai.OpenAI) -> None:
+    raw = oai.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-request-id": "sdk-req-1234abcd"},
+    )
+    assert raw.headers.get("x-request-id") == "sdk-req-1234abcd"
+    assert raw.parse().choices[0].message.content
+
+
+def test_chat_completion_streaming(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count to three"}],
+        stream=True,
+    )
+    chunks = list(stream)
+    assert chunks, "no chunks"
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    # The client did not ask for usage: no usage-only chunk reaches it.
+    assert all(chunk.choices for chunk in chunks), "usage-only chunk leaked to a client that did not ask"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text
+    assert chunks[-1].choices[0].finish_reason == "stop" or any(c.choices[0].finish_reason == "stop" for c in chunks)
+
+
+def test_chat_completion_streaming_with_usage(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count to three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    usage_chunks = [c for c in chunks if not c.choices]
+    assert len(usage_chunks) == 1, chunks
+    usage = usage_chunks[0].usage
+    assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+
+
+def test_embeddings(oai: openai.OpenAI) -> None:
+    resp = oai.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
+    assert len(resp.data) >= 1
+    assert all(isinstance(x, float) for x in resp.data[0].embedding)
+    assert len(resp.data[0].embedding) > 0
+
+
+def test_models_list(oai: openai.OpenAI) -> None:
+    ids = {m.id for m in oai.models.list()}
+    assert {"gpt-4o-mini", "text-embedding-3-small", "claude-3-5-haiku-latest"} <= ids, ids
+
+
+def test_anthropic_messages(ant: anthropic.Anthropic) -> None:
+    msg = ant.messages.create(
+        model="claude-3-5-haiku-latest",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Say hello"}],
+    )
+    assert msg.type == "message"
+    assert msg.role == "assistant"
+    assert msg.content[0].type == "text" and msg.content[0].text
+    assert msg.usage.input_tokens > 0 and msg.usage.output_tokens > 0
+
+
+def test_anthropic_messages_streaming(ant: anthropic.Anthropic) -> None:
+    with ant.messages.stream(
+        model="claude-3-5-haiku-latest",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Count to three"}],
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text
+    assert final.content[0].text == text
+    assert final.stop_reason is not None
+    assert final.usage.output_tokens > 0
+
+
+def test_anthropic_raw_stream_events(ant: anthropic.Anthropic) -> None:
+    events = list(
+        ant.messages.create(
+            model="claude-3-5-haiku-latest",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+        )
+    )
+    types = [e.type for e in events]
+    assert types[0] == "message_start" and types[-1] == "message_stop", types
+    assert "content_block_delta" in types and "message_delta" in types
+
+
+def test_openai_bad_key_raises_authentication_error(gateway: Gateway) -> None:
+    client = openai.OpenAI(api_key=BAD_KEY, base_url=gateway.openai_base, max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 401
+    assert err.value.code == "invalid_api_key"
+    assert err.value.response.headers.get("x-portcullis-error-code") == "invalid_api_key"
+
+
+def test_anthropic_bad_key_raises_authentication_error(gateway: Gateway) -> None:
+    client = anthropic.Anthropic(api_key=BAD_KEY, base_url=gateway.anthropic_base, max_retries=0, timeout=30)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client.messages.create(
+            model="claude-3-5-haiku-latest", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert err.value.status_code == 401
+    assert err.value.body["error"]["type"] == "authentication_error"
+
+
+def test_unknown_model_raises_not_found(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError):
+        ant.messages.create(model="claude-no-such", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_no_content_in_gateway_output(gateway: Gateway, oai: openai.OpenAI) -> None:
+    marker = f"SDKCANARY{os.getpid()}x{time.monotonic_ns()}"
+    oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"say {marker}"}])
+    list(
+        oai.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"say {marker}"}], stream=True
+        )
+    )
+    time.sleep(0.2)
+    output = gateway.output()
+    assert marker not in output
+    assert DEMO_KEY not in output
+    metrics = httpx.get(f"http://127.0.0.1:{gateway.admin}/metrics", timeout=5).text
+    assert marker not in metrics
