@@ -12,14 +12,64 @@
 //! on (re)load — read + parse the YAML, compile (validate, HMAC every key, seal provider keys),
 //! open (unseal, index) — and prints the median and best of ROUNDS in milliseconds.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::{KeyId, MasterKeyring};
 use portcullis_dataplane::snapshot::RuntimeSnapshot;
+
+/// Counts live heap bytes and their high-water mark, to tell what a snapshot keeps from what
+/// loading it only passes through.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+#[allow(unsafe_code)]
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let live =
+                    LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
+                        - layout.size();
+                PEAK.fetch_max(live, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
 
 fn client_key(i: usize) -> String {
     // ≥ 32 printable characters, as the gateway requires.
@@ -101,37 +151,72 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
     let keyring = MasterKeyring::generate(KeyId::new("bench")?)?;
     let pepper = Pepper::generate()?;
     let (mut read, mut compile, mut open, mut total) = (vec![], vec![], vec![], vec![]);
+    let (mut decode, mut cluster) = (vec![], vec![]);
     let mut summary = String::new();
-    for _ in 0..rounds.max(1) {
+    let mut memory = String::new();
+    for round in 0..rounds.max(1) {
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
         let t0 = Instant::now();
         let (inputs, _) =
             portcullis_operator::manifests::read_dir(dir).context("reading manifests")?;
         let t1 = Instant::now();
+        let inputs_live = LIVE.load(Ordering::Relaxed) - base;
         let compiled = portcullis_operator::compile(&inputs, &keyring, &pepper, None)
             .map_err(|e| anyhow::anyhow!("compile failed: {e}"))?;
         let t2 = Instant::now();
+        drop(inputs);
+        let snapshot_live = LIVE.load(Ordering::Relaxed) - base;
+        let before_open = LIVE.load(Ordering::Relaxed);
         let runtime = RuntimeSnapshot::open(&compiled.snapshot, &keyring, &pepper)?;
         let t3 = Instant::now();
+        let runtime_live = LIVE.load(Ordering::Relaxed) - before_open;
+        let peak = PEAK.load(Ordering::Relaxed) - base;
+        // The cluster path: the snapshot arrives as JSON in a Secret, is verified, then opened.
+        let json = compiled.snapshot.to_json();
+        let t4 = Instant::now();
+        let decoded = portcullis_crds::snapshot::GatewaySnapshot::from_json(&json)?;
+        let t5 = Instant::now();
+        let reopened = RuntimeSnapshot::open(&decoded, &keyring, &pepper)?;
+        let t6 = Instant::now();
         summary = format!(
             "api_keys={} providers={}",
             runtime.api_key_count, runtime.upstream_count
         );
+        if round == 0 {
+            memory = format!(
+                "heap: inputs after YAML parse {:.1} MiB; compiled GatewaySnapshot {:.1} MiB; \
+                 RuntimeSnapshot (what serving keeps) {:.1} MiB; peak while loading {:.1} MiB; \
+                 snapshot JSON {:.1} MiB",
+                mib(inputs_live),
+                mib(snapshot_live),
+                mib(runtime_live),
+                mib(peak),
+                mib(json.len())
+            );
+        }
         read.push(ms(t1 - t0));
         compile.push(ms(t2 - t1));
         open.push(ms(t3 - t2));
         total.push(ms(t3 - t0));
-        drop(runtime);
+        decode.push(ms(t5 - t4));
+        cluster.push(ms(t6 - t4));
+        drop((runtime, reopened, decoded, compiled));
     }
-    let (r, rb) = stats(read);
-    let (c, cb) = stats(compile);
-    let (o, ob) = stats(open);
-    let (t, tb) = stats(total);
     println!("{summary}");
+    println!("{memory}");
     println!("phase\tmedian_ms\tbest_ms");
-    println!("read+parse_yaml\t{r:.1}\t{rb:.1}");
-    println!("compile\t{c:.1}\t{cb:.1}");
-    println!("open+index\t{o:.1}\t{ob:.1}");
-    println!("total\t{t:.1}\t{tb:.1}");
+    for (name, v) in [
+        ("local: read+parse YAML", read),
+        ("local: compile (validate, HMAC keys, seal)", compile),
+        ("local: open+index (unseal, hash maps)", open),
+        ("local: total", total),
+        ("cluster: snapshot JSON from_json (parse+verify digest)", decode),
+        ("cluster: total (from_json + open)", cluster),
+    ] {
+        let (m, b) = stats(v);
+        println!("{name}\t{m:.1}\t{b:.1}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Scale figures for Portcullis (started by bench/scale.sh after a release build).
+
+1. Snapshot apply time with SCALE_KEYS ApiKeys (10k) and SCALE_PROVIDERS ProviderCredentials
+   (100): in process, per phase (bench-compile time), and end to end: process start → /readyz,
+   and a reload (a manifest changes → `portcullis_snapshot_generation` moves on /metrics).
+2. RSS idle with it loaded (and with 1 key, for comparison).
+3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway vs the 1-key gateway.
+4. Memory per idle keep-alive connection and per open SSE stream (upstream holds streams open):
+   RSS delta / N on a fresh gateway.
+
+Pinning as in the proxy bench: gateway on CPU 1 with one worker; upstream, wrk and the
+connection holder on CPU 0.
+"""
+
+import http.client
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+KEYS = int(os.environ.get("SCALE_KEYS", "10000"))
+PROVIDERS = int(os.environ.get("SCALE_PROVIDERS", "100"))
+IDLE_CONNS = int(os.environ.get("SCALE_IDLE_CONNS", "2000"))
+STREAMS = int(os.environ.get("SCALE_STREAMS", "1000"))
+AUTH_SECONDS = int(os.environ.get("SCALE_AUTH_SECONDS", "5"))
+RELOADS = int(os.environ.get("SCALE_RELOADS", "3"))
+COMPILE = os.path.join(h.BIN, "bench-compile")
+CONNS = os.path.join(h.BIN, "bench-conns")
+WORK = os.path.join(h.OUT, "scale-" + h.STAMP)
+h.WORK = WORK
+
+
+def gen(d, keys, providers):
+    out = subprocess.run([COMPILE, "gen", d, str(keys), str(providers),
+                          f"http://127.0.0.1:{h.PORT['upstream']}/v1"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def start_gateway(d, name):
+    argv = [os.path.join(h.BIN, "portcullis-dataplane"), "--manifests", d,
+            "--listen", f"127.0.0.1:{h.PORT['portcullis']}",
+            "--admin-listen", f"127.0.0.1:{h.PORT['portcullis_admin']}", "--log-level", "warn"]
+    t0 = time.perf_counter()
+    p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=1)
+            c.request("GET", "/readyz")
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                break
+        except OSError:
+            pass
+        if p.poll() is not None or time.perf_counter() - t0 > 120:
+            raise SystemExit(f"gateway {name} did not become ready; see {WORK}/{name}.log")
+        time.sleep(0.002)
+    return p, (time.perf_counter() - t0) * 1000
+
+
+def generation():
+    c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=2)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    m = re.search(r"^portcullis_snapshot_generation (\d+)", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def rss_mb(pid, field="VmRSS"):
+    return h.status_kb([pid], field) / 1024
+
+
+def settle(pid, seconds=1.0):
+    time.sleep(seconds)
+    return rss_mb(pid)
+
+
+def key_request(key, mode="plain"):
+    c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis"], timeout=5)
+    c.request("POST", "/v1/chat/completions", body=h.BODY[mode],
+              headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    return r.status
+
+
+def wrk_key(key, conns, seconds):
+    script = os.path.join(WORK, f"wrk-{key[:16]}.lua")
+    with open(script, "w") as f:
+        f.write(h.LUA.replace("%(key)s", key).replace("%(body)s", h.BODY["plain"])
+                .replace("%%", "%"))
+    argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
+            "-s", script, f"http://127.0.0.1:{h.PORT['portcullis']}/v1/chat/completions"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = h.wrk_result(p)
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def hold(mode, n, key, pid):
+    """Opens n connections (or streams), returns (RSS delta MB, ok, failed)."""
+    before = settle(pid, 0.5)
+    p = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
+                          str(n), mode, key, "8"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline().split()
+    time.sleep(1.0)
+    after = rss_mb(pid)
+    p.wait()
+    err = p.stderr.read().strip()
+    ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
+    return after - before, before, after, ok, failed, err
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    h.wait_quiet()
+    load0 = h.loadavg()
+    busy0 = h.foreign_processes()
+    lines = [f"# Scale figures {h.STAMP}", "",
+             f"{KEYS} ApiKeys (each with its own Secret) and {PROVIDERS} ProviderCredentials; "
+             "gateway pinned to CPU 1 with one worker (TOKIO_WORKER_THREADS=1).", ""]
+    up = h.start("upstream", [os.path.join(h.BIN, "bench-upstream"),
+                              f"127.0.0.1:{h.PORT['upstream']}"], cpu=0)
+    if not h.wait_ready(h.PORT["upstream"]):
+        raise SystemExit("upstream did not start")
+    big, small = os.path.join(WORK, "m-big"), os.path.join(WORK, "m-one")
+    key_big = gen(big, KEYS, PROVIDERS)
+    key_one = gen(small, 1, 1)
+    files = sum(os.path.getsize(os.path.join(big, f)) for f in os.listdir(big))
+    lines.append(f"Manifests: {files / 1e6:.1f} MB of YAML in {len(os.listdir(big))} files.")
+    lines.append("")
+
+    # 1. in-process phases
+    h.log("timing compile phases in process")
+    t = subprocess.run(["taskset", "-c", "1", COMPILE, "time", big, "5"],
+                       capture_output=True, text=True, check=True).stdout
+    t1 = subprocess.run(["taskset", "-c", "1", COMPILE, "time", small, "5"],
+                        capture_output=True, text=True, check=True).stdout
+    lines += ["## Snapshot apply, in process (median and best of 5, one core)", "",
+              f"`bench-compile time`: {t.splitlines()[0]}; {t.splitlines()[1]}", "",
+              "| phase | median ms | best ms | 1-key median ms |", "|---|---|---|---|"]
+    small_rows = {r.split("\t")[0]: r.split("\t") for r in t1.splitlines()[3:]}
+    for row in t.splitlines()[3:]:
+        name, med, best = row.split("\t")
+        lines.append(f"| {name} | {med} | {best} | {small_rows.get(name, ['', '?'])[1]} |")
+    lines.append("")
+
+    # 1b/2. end to end and RSS
+    h.log("starting gateway with 1 key")
+    p1, ready1 = start_gateway(small, "gw-one")
+    assert key_request(key_one) == 200
+    rss1 = settle(p1.pid)
+    h.stop(p1)
+    h.log(f"starting gateway with {KEYS} keys")
+    p, ready = start_gateway(big, "gw-big")
+    assert key_request(key_big) == 200, "10k-key gateway refused key 0"
+    rss_idle = settle(p.pid)
+    hwm_start = rss_mb(p.pid, "VmHWM")
+    gen0 = generation()
+    reload_ms = []
+    for i in range(RELOADS):
+        g = generation()
+        t0 = time.perf_counter()
+        subprocess.run([COMPILE, "reload", big, str(i)], check=True)
+        while generation() == g:
+            if time.perf_counter() - t0 > 60:
+                raise SystemExit("reload not seen within 60 s")
+            time.sleep(0.002)
+        reload_ms.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.6)
+    rss_after_reload = settle(p.pid)
+    hwm = rss_mb(p.pid, "VmHWM")
+    lines += ["## Snapshot apply, end to end (data plane process)", "",
+              "| measure | value |", "|---|---|",
+              f"| start → /readyz, {KEYS} keys / {PROVIDERS} providers | {ready:.0f} ms |",
+              f"| start → /readyz, 1 key / 1 provider | {ready1:.0f} ms |",
+              f"| reload (write a manifest → generation moves), {RELOADS} runs | "
+              + ", ".join(f"{x:.0f}" for x in reload_ms) + " ms "
+              "(includes the 250 ms poll interval and the 50 ms settle delay of local mode) |",
+              f"| generation before → after | {gen0} → {generation()} |",
+              "", "## Memory", "", "| measure | value |", "|---|---|",
+              f"| RSS idle, {KEYS} keys loaded | {rss_idle:.1f} MB |",
+              f"| RSS idle, 1 key | {rss1:.1f} MB |",
+              f"| peak RSS (VmHWM) during start-up | {hwm_start:.1f} MB |",
+              f"| RSS after {RELOADS} reloads / peak (VmHWM) | {rss_after_reload:.1f} MB / "
+              f"{hwm:.1f} MB |"]
+
+    # 3. auth cost
+    h.log("auth cost: wrk against the 10k-key gateway")
+    big32 = wrk_key(key_big, 32, AUTH_SECONDS)
+    big1 = wrk_key(key_big, 1, AUTH_SECONDS)
+    h.stop(p)
+    p1, _ = start_gateway(small, "gw-one-auth")
+    h.log("auth cost: wrk against the 1-key gateway")
+    one32 = wrk_key(key_one, 32, AUTH_SECONDS)
+    one1 = wrk_key(key_one, 1, AUTH_SECONDS)
+    h.stop(p1)
+    lines += ["", f"## Auth cost ({AUTH_SECONDS} s wrk runs, plain)", "",
+              "| snapshot | c=32 req/s | c=1 req/s | c=1 p50 µs | c=1 p99 µs |",
+              "|---|---|---|---|---|",
+              f"| {KEYS} keys, {PROVIDERS} providers | {big32['rps']:,.0f} | {big1['rps']:,.0f} | "
+              f"{big1['p50']} | {big1['p99']} |",
+              f"| 1 key, 1 provider | {one32['rps']:,.0f} | {one1['rps']:,.0f} | {one1['p50']} | "
+              f"{one1['p99']} |",
+              f"| ratio 10k / 1 | {big32['rps'] / one32['rps']:.2f} | "
+              f"{big1['rps'] / one1['rps']:.2f} | | |"]
+
+    # 4. per connection / per stream, each on a fresh gateway
+    lines += ["", "## Per connection and per stream (fresh 1-key gateway each, so freed "
+              "snapshot-loading memory is not reused and hidden)", "",
+              "| what | N | RSS before MB | RSS with N open MB | per item KB | failed |",
+              "|---|---|---|---|---|---|"]
+    for mode, n in (("idle", IDLE_CONNS), ("stream", STREAMS)):
+        p, _ = start_gateway(small, f"gw-{mode}")
+        for _ in range(20):
+            key_request(key_one, "plain")
+            key_request(key_one, "sse")
+        delta, before, after, ok, failed, err = hold(mode, n, key_one, p.pid)
+        what = ("idle keep-alive connection (after one request)" if mode == "idle"
+                else "open SSE stream (client conn + upstream conn, one event sent)")
+        lines.append(f"| {what} | {ok} | {before:.1f} | {after:.1f} | "
+                     f"{delta * 1024 / max(ok, 1):.1f} | {failed} |")
+        if err:
+            lines.append(f"\n(bench-conns: {err})\n")
+        h.stop(p)
+    h.stop(up)
+    lines += ["", "## Host", "",
+              f"load average {load0} at start, {h.loadavg()} at end; other busy processes at "
+              f"start: {', '.join(busy0) or 'none'}, at end: "
+              f"{', '.join(h.foreign_processes()) or 'none'}", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(h.OUT, f"scale-{h.STAMP}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(h.OUT, "scale-latest.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for proc in list(h.procs):
+            h.stop(proc)
