@@ -7,50 +7,18 @@ use crate::client::Response;
 /// `{"error":{"message":…,"type":…,"param":null,"code":code}}`.
 #[track_caller]
 pub fn openai_error(resp: &Response, status: u16, code: &str) {
-    assert_eq!(
-        resp.status.as_u16(),
-        status,
-        "status; response: {}",
-        resp.describe()
-    );
-    assert_eq!(
-        resp.error_code(),
-        Some(code),
-        "x-portcullis-error-code; response: {}",
-        resp.describe()
-    );
+    assert_eq!(resp.status.as_u16(), status, "status; response: {}", resp.describe());
+    assert_eq!(resp.error_code(), Some(code), "x-portcullis-error-code; response: {}", resp.describe());
     has_request_id(resp);
     let body = resp.json();
     let err = &body["error"];
+    assert!(err.is_object(), "OpenAI error body must have an `error` object: {}", resp.describe());
+    assert_eq!(err["code"], code, "error.code; response: {}", resp.describe());
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "error.message; response: {}", resp.describe());
+    assert!(err["type"].as_str().is_some_and(|t| !t.is_empty()), "error.type; response: {}", resp.describe());
+    assert!(err.get("param").is_some(), "error.param must be present (null); response: {}", resp.describe());
     assert!(
-        err.is_object(),
-        "OpenAI error body must have an `error` object: {}",
-        resp.describe()
-    );
-    assert_eq!(
-        err["code"],
-        code,
-        "error.code; response: {}",
-        resp.describe()
-    );
-    assert!(
-        err["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error.message; response: {}",
-        resp.describe()
-    );
-    assert!(
-        err["type"].as_str().is_some_and(|t| !t.is_empty()),
-        "error.type; response: {}",
-        resp.describe()
-    );
-    assert!(
-        err.get("param").is_some(),
-        "error.param must be present (null); response: {}",
-        resp.describe()
-    );
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
+        resp.header("content-type").is_some_and(|c| c.starts_with("application/json")),
         "content-type of error; response: {}",
         resp.describe()
     );
@@ -60,35 +28,18 @@ pub fn openai_error(resp: &Response, status: u16, code: &str) {
 /// `{"type":"error","error":{"type":error_type,"message":…}}`. `error_type` `None` accepts any.
 #[track_caller]
 pub fn anthropic_error(resp: &Response, status: u16, code: &str, error_type: Option<&str>) {
-    assert_eq!(
-        resp.status.as_u16(),
-        status,
-        "status; response: {}",
-        resp.describe()
-    );
-    assert_eq!(
-        resp.error_code(),
-        Some(code),
-        "x-portcullis-error-code; response: {}",
-        resp.describe()
-    );
+    assert_eq!(resp.status.as_u16(), status, "status; response: {}", resp.describe());
+    assert_eq!(resp.error_code(), Some(code), "x-portcullis-error-code; response: {}", resp.describe());
     has_request_id(resp);
     let body = resp.json();
-    assert_eq!(
-        body["type"],
-        "error",
-        "Anthropic error body type; response: {}",
-        resp.describe()
-    );
+    assert_eq!(body["type"], "error", "Anthropic error body type; response: {}", resp.describe());
     let ty = body["error"]["type"].as_str().unwrap_or_default();
     assert!(!ty.is_empty(), "error.type; response: {}", resp.describe());
     if let Some(expected) = error_type {
         assert_eq!(ty, expected, "error.type; response: {}", resp.describe());
     }
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
         "error.message; response: {}",
         resp.describe()
     );
@@ -107,11 +58,6 @@ pub fn has_request_id(resp: &Response) {
 /// Asserts a 200 with a request id.
 #[track_caller]
 pub fn ok(resp: &Response) {
-    assert_eq!(
-        resp.status.as_u16(),
-        200,
-        "expected 200; response: {}",
-        resp.describe()
-    );
+    assert_eq!(resp.status.as_u16(), 200, "expected 200; response: {}", resp.describe());
     has_request_id(resp);
 }

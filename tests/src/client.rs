@@ -39,8 +39,7 @@ impl TestClient {
     /// A client for plain HTTP (HTTPS attempts fail: it trusts no roots).
     pub fn plain() -> Self {
         let roots = rustls::RootCertStore::empty();
-        Self::from_roots(roots, HttpVersions::Auto)
-            .unwrap_or_else(|e| panic!("building plain client: {e}"))
+        Self::from_roots(roots, HttpVersions::Auto).unwrap_or_else(|e| panic!("building plain client: {e}"))
     }
 
     /// A client trusting the test CA, offering h2 and http/1.1.
@@ -58,16 +57,12 @@ impl TestClient {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_or_http();
         let connector = match versions {
             HttpVersions::Auto => builder.enable_all_versions().build(),
             HttpVersions::Http1Only => builder.enable_http1().build(),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(5)).build(connector);
         Ok(Self { client })
     }
 
@@ -75,17 +70,9 @@ impl TestClient {
     pub async fn send(&self, req: Request<Full<Bytes>>) -> anyhow::Result<Response> {
         let what = format!("{} {}", req.method(), req.uri());
         let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .with_context(|| format!("sending {what}"))?;
+            let resp = self.client.request(req).await.with_context(|| format!("sending {what}"))?;
             let (parts, body) = resp.into_parts();
-            let body = body
-                .collect()
-                .await
-                .with_context(|| format!("reading body of {what}"))?
-                .to_bytes();
+            let body = body.collect().await.with_context(|| format!("reading body of {what}"))?.to_bytes();
             Ok::<_, anyhow::Error>(Response {
                 status: parts.status,
                 version: parts.version,
@@ -99,10 +86,7 @@ impl TestClient {
     }
 
     /// Sends a request and returns as soon as the response head arrives.
-    pub async fn send_streaming(
-        &self,
-        req: Request<Full<Bytes>>,
-    ) -> anyhow::Result<StreamingResponse> {
+    pub async fn send_streaming(&self, req: Request<Full<Bytes>>) -> anyhow::Result<StreamingResponse> {
         let what = format!("{} {}", req.method(), req.uri());
         let started = Instant::now();
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
@@ -125,16 +109,10 @@ impl TestClient {
     }
 
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Response> {
-        self.send(request(Method::GET, url, headers, Bytes::new())?)
-            .await
+        self.send(request(Method::GET, url, headers, Bytes::new())?).await
     }
 
-    pub async fn post_json(
-        &self,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: &Value,
-    ) -> anyhow::Result<Response> {
+    pub async fn post_json(&self, url: &str, headers: &[(&str, &str)], body: &Value) -> anyhow::Result<Response> {
         self.send(json_request(url, headers, body)?).await
     }
 
@@ -144,8 +122,7 @@ impl TestClient {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Response> {
-        self.send(request(Method::POST, url, headers, body.into())?)
-            .await
+        self.send(request(Method::POST, url, headers, body.into())?).await
     }
 
     pub async fn post_json_streaming(
@@ -173,11 +150,7 @@ pub fn request(
 }
 
 /// A POST with a JSON body and `content-type: application/json`.
-pub fn json_request(
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> anyhow::Result<Request<Full<Bytes>>> {
+pub fn json_request(url: &str, headers: &[(&str, &str)], body: &Value) -> anyhow::Result<Request<Full<Bytes>>> {
     let mut all: Vec<(&str, &str)> = vec![("content-type", "application/json")];
     all.extend_from_slice(headers);
     request(Method::POST, url, &all, Bytes::from(body.to_string()))
@@ -296,10 +269,7 @@ impl StreamingResponse {
                             continue;
                         }
                         self.raw.extend_from_slice(&data);
-                        return Ok(Some(Chunk {
-                            at: Instant::now(),
-                            data,
-                        }));
+                        return Ok(Some(Chunk { at: Instant::now(), data }));
                     }
                 }
             }
@@ -320,8 +290,7 @@ impl StreamingResponse {
                     return Ok(parse_event(&rest, Instant::now()));
                 }
                 Some(chunk) => {
-                    self.buf
-                        .push_str(&String::from_utf8_lossy(&chunk.data).replace("\r\n", "\n"));
+                    self.buf.push_str(&String::from_utf8_lossy(&chunk.data).replace("\r\n", "\n"));
                     while let Some(end) = self.buf.find("\n\n") {
                         let block: String = self.buf.drain(..end + 2).collect();
                         if let Some(ev) = parse_event(&block, chunk.at) {
@@ -372,11 +341,7 @@ fn parse_event(block: &str, at: Instant) -> Option<SseEvent> {
     if event.is_none() && data.is_empty() {
         return None;
     }
-    Some(SseEvent {
-        at,
-        event,
-        data: data.join("\n"),
-    })
+    Some(SseEvent { at, event, data: data.join("\n") })
 }
 
 #[cfg(test)]
@@ -391,8 +356,6 @@ mod tests {
         assert_eq!(ev.event.as_deref(), Some("message_start"));
         assert_eq!(ev.json()["a"], 1);
         assert!(parse_event(": keep-alive\n\n", now).is_none());
-        assert!(parse_event("data: [DONE]\n\n", now)
-            .expect("done")
-            .is_done());
+        assert!(parse_event("data: [DONE]\n\n", now).expect("done").is_done());
     }
 }

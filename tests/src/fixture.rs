@@ -66,25 +66,13 @@ pub struct Fixture {
 /// The standard manifest set for the given upstreams.
 pub fn standard_manifests(openai: &Upstream, anthropic: &Upstream, azure: &Upstream) -> Manifests {
     let mut ms = Manifests::new();
-    ms.add(
-        SECRETS_FILE,
-        m::secret("openai-upstream-key", "key", OPENAI_PROVIDER_KEY),
-    )
-    .add(
-        SECRETS_FILE,
-        m::secret_data("anthropic-upstream-key", "key", ANTHROPIC_PROVIDER_KEY),
-    )
-    .add(
-        SECRETS_FILE,
-        m::secret("azure-upstream-key", "key", AZURE_PROVIDER_KEY),
-    )
-    .add(SECRETS_FILE, m::secret("alice-key", "key", ALICE_KEY))
-    .add(SECRETS_FILE, m::secret_data("bob-key", "key", BOB_KEY))
-    .add(
-        SECRETS_FILE,
-        m::secret("carol-key", "key", CAROL_REVOKED_KEY),
-    )
-    .add(SECRETS_FILE, m::secret("dave-key", "key", DAVE_EXPIRED_KEY));
+    ms.add(SECRETS_FILE, m::secret("openai-upstream-key", "key", OPENAI_PROVIDER_KEY))
+        .add(SECRETS_FILE, m::secret_data("anthropic-upstream-key", "key", ANTHROPIC_PROVIDER_KEY))
+        .add(SECRETS_FILE, m::secret("azure-upstream-key", "key", AZURE_PROVIDER_KEY))
+        .add(SECRETS_FILE, m::secret("alice-key", "key", ALICE_KEY))
+        .add(SECRETS_FILE, m::secret_data("bob-key", "key", BOB_KEY))
+        .add(SECRETS_FILE, m::secret("carol-key", "key", CAROL_REVOKED_KEY))
+        .add(SECRETS_FILE, m::secret("dave-key", "key", DAVE_EXPIRED_KEY));
     ms.add(
         PROVIDERS_FILE,
         m::provider(
@@ -109,10 +97,7 @@ pub fn standard_manifests(openai: &Upstream, anthropic: &Upstream, azure: &Upstr
             "anthropic",
             Some(&anthropic.base_url_v1()),
             Some(("anthropic-upstream-key", "key")),
-            &[
-                ("claude-3-5-haiku-latest", None),
-                ("claude-sonnet-4-0", None),
-            ],
+            &[("claude-3-5-haiku-latest", None), ("claude-sonnet-4-0", None)],
         ),
     )
     .add(PROVIDERS_FILE, {
@@ -126,34 +111,19 @@ pub fn standard_manifests(openai: &Upstream, anthropic: &Upstream, azure: &Upstr
         p["spec"]["azure"] = json!({"apiVersion": AZURE_API_VERSION});
         p
     });
-    ms.add(
-        KEYS_FILE,
-        m::api_key(
-            "alice",
-            "alice-key",
-            &["gpt-*", "claude-*", "text-embedding-*"],
-        ),
-    )
-    .add(KEYS_FILE, m::api_key("bob", "bob-key", &["gpt-4o-mini"]))
-    .add(KEYS_FILE, {
-        let mut k = m::api_key("carol", "carol-key", &[]);
-        k["spec"]["revoked"] = json!(true);
-        k
-    })
-    .add(KEYS_FILE, {
-        let mut k = m::api_key("dave", "dave-key", &[]);
-        k["spec"]["expiresAt"] = json!("2020-01-01T00:00:00Z");
-        k
-    });
-    ms.add(
-        SWITCHES_FILE,
-        m::kill_switch(
-            "emergency-stop",
-            json!({"global": true}),
-            false,
-            "e2e standby",
-        ),
-    );
+    ms.add(KEYS_FILE, m::api_key("alice", "alice-key", &["gpt-*", "claude-*", "text-embedding-*"]))
+        .add(KEYS_FILE, m::api_key("bob", "bob-key", &["gpt-4o-mini"]))
+        .add(KEYS_FILE, {
+            let mut k = m::api_key("carol", "carol-key", &[]);
+            k["spec"]["revoked"] = json!(true);
+            k
+        })
+        .add(KEYS_FILE, {
+            let mut k = m::api_key("dave", "dave-key", &[]);
+            k["spec"]["expiresAt"] = json!("2020-01-01T00:00:00Z");
+            k
+        });
+    ms.add(SWITCHES_FILE, m::kill_switch("emergency-stop", json!({"global": true}), false, "e2e standby"));
     ms
 }
 
@@ -164,10 +134,7 @@ impl Fixture {
     }
 
     /// Standard setup; `customize` may edit the manifests before the gateway starts.
-    pub async fn start_with(
-        options: FixtureOptions,
-        customize: impl FnOnce(&mut Manifests),
-    ) -> anyhow::Result<Self> {
+    pub async fn start_with(options: FixtureOptions, customize: impl FnOnce(&mut Manifests)) -> anyhow::Result<Self> {
         let pki = TestPki::new()?;
         let tls = pki.server_config(&[b"h2", b"http/1.1"])?;
         let openai = Upstream::start_tls(options.upstream.clone(), tls.clone()).await?;
@@ -184,15 +151,7 @@ impl Fixture {
         }
         let gateway = Gateway::start(&manifests, gw_options).await?;
         let client = TestClient::with_ca(&pki)?;
-        Ok(Self {
-            pki,
-            openai,
-            anthropic,
-            azure,
-            manifests,
-            gateway,
-            client,
-        })
+        Ok(Self { pki, openai, anthropic, azure, manifests, gateway, client })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -207,37 +166,22 @@ impl Fixture {
 
     /// `POST /v1/chat/completions` with `Authorization: Bearer key`.
     pub async fn chat(&self, key: &str, model: &str) -> anyhow::Result<Response> {
-        self.chat_with(key, &chat_body(model, "Say hello.", false), &[])
-            .await
+        self.chat_with(key, &chat_body(model, "Say hello.", false), &[]).await
     }
 
     /// `POST /v1/chat/completions` with a given body and extra headers.
-    pub async fn chat_with(
-        &self,
-        key: &str,
-        body: &Value,
-        extra: &[(&str, &str)],
-    ) -> anyhow::Result<Response> {
+    pub async fn chat_with(&self, key: &str, body: &Value, extra: &[(&str, &str)]) -> anyhow::Result<Response> {
         let auth = format!("Bearer {key}");
         let mut headers = vec![("authorization", auth.as_str())];
         headers.extend_from_slice(extra);
-        self.client
-            .post_json(&self.url("/v1/chat/completions"), &headers, body)
-            .await
+        self.client.post_json(&self.url("/v1/chat/completions"), &headers, body).await
     }
 
     /// `POST /v1/messages` with `x-api-key: key` and `anthropic-version`.
-    pub async fn messages(
-        &self,
-        key: &str,
-        body: &Value,
-        extra: &[(&str, &str)],
-    ) -> anyhow::Result<Response> {
+    pub async fn messages(&self, key: &str, body: &Value, extra: &[(&str, &str)]) -> anyhow::Result<Response> {
         let mut headers = vec![("x-api-key", key), ("anthropic-version", "2023-06-01")];
         headers.extend_from_slice(extra);
-        self.client
-            .post_json(&self.url("/v1/messages"), &headers, body)
-            .await
+        self.client.post_json(&self.url("/v1/messages"), &headers, body).await
     }
 }
 

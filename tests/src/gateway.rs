@@ -34,19 +34,9 @@ pub fn dataplane_bin() -> anyhow::Result<PathBuf> {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                crate::workspace_root().join(p)
-            }
-        })
+        .map(|p| if p.is_absolute() { p } else { crate::workspace_root().join(p) })
         .unwrap_or_else(|| crate::workspace_root().join("target"));
-    let profiles: [&str; 2] = if cfg!(debug_assertions) {
-        ["debug", "release"]
-    } else {
-        ["release", "debug"]
-    };
+    let profiles: [&str; 2] = if cfg!(debug_assertions) { ["debug", "release"] } else { ["release", "debug"] };
     for profile in profiles {
         let candidate = target.join(profile).join("portcullis-dataplane");
         if candidate.is_file() {
@@ -109,9 +99,7 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `manifests` into a fresh temp dir and starts a gateway on it.
     pub async fn start(manifests: &Manifests, options: GatewayOptions) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-manifests-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("portcullis-manifests-").tempdir()?;
         manifests.write_to(dir.path())?;
         let path = dir.path().to_path_buf();
         Self::spawn(path, Some(dir), options).await
@@ -122,11 +110,7 @@ impl Gateway {
         Self::spawn(dir.to_path_buf(), None, options).await
     }
 
-    async fn spawn(
-        manifests_dir: PathBuf,
-        dir: Option<TempDir>,
-        options: GatewayOptions,
-    ) -> anyhow::Result<Self> {
+    async fn spawn(manifests_dir: PathBuf, dir: Option<TempDir>, options: GatewayOptions) -> anyhow::Result<Self> {
         let bin = dataplane_bin()?;
         let mut dir = dir;
         let mut last_err = None;
@@ -163,9 +147,7 @@ impl Gateway {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true);
-            let mut child = cmd
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
+            let mut child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
             let pid = child.id().context("child has no pid")?;
             let logs = Arc::new(Mutex::new(Vec::new()));
             let mut readers = Vec::new();
@@ -264,18 +246,20 @@ impl Gateway {
         format!("http://{}{path}", self.admin)
     }
 
-    /// Everything the process wrote to stdout and stderr so far.
+    /// Everything the process wrote to stdout and stderr so far, ANSI colour codes removed.
     pub fn logs(&self) -> String {
+        strip_ansi(&self.raw_logs())
+    }
+
+    /// Everything the process wrote to stdout and stderr so far, byte for byte.
+    pub fn raw_logs(&self) -> String {
         let buf = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// The raw `/metrics` text.
     pub async fn metrics_text(&self) -> anyhow::Result<String> {
-        let resp = self
-            .admin_client
-            .get(&self.admin_url("/metrics"), &[])
-            .await?;
+        let resp = self.admin_client.get(&self.admin_url("/metrics"), &[]).await?;
         if resp.status != 200 {
             bail!("/metrics returned {}", resp.status);
         }
@@ -309,11 +293,7 @@ impl Gateway {
     }
 
     /// Waits until `portcullis_snapshot_generation` > `generation`.
-    pub async fn wait_generation_above(
-        &self,
-        generation: f64,
-        timeout: Duration,
-    ) -> anyhow::Result<f64> {
+    pub async fn wait_generation_above(&self, generation: f64, timeout: Duration) -> anyhow::Result<f64> {
         crate::eventually(timeout, "a new snapshot generation", || async {
             self.generation().await.ok().filter(|g| *g > generation)
         })
@@ -338,10 +318,7 @@ impl Gateway {
         if self.exit.is_some() {
             return self.exit;
         }
-        let status = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
+        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
         if status.is_some() {
             self.exit = status;
         }
@@ -376,16 +353,31 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "----- portcullis-dataplane output (pid {}) -----\n{}",
-                self.pid,
-                tail(&self.logs(), 20_000)
-            );
+            eprintln!("----- portcullis-dataplane output (pid {}) -----\n{}", self.pid, tail(&self.logs(), 20_000));
         }
         if let Some(child) = self.child.as_mut() {
             let _ = child.start_kill();
         }
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ … final-byte`) such as colour codes.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The last `max` bytes of `s` (on a char boundary).
@@ -410,10 +402,19 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(mut reader: R, sink: Arc<Mutex<Ve
                 if echo {
                     eprint!("{}", String::from_utf8_lossy(&buf[..n]));
                 }
-                sink.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&buf[..n]);
+                sink.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn strips_colour_codes() {
+        assert_eq!(strip_ansi("\u{1b}[2mstatus\u{1b}[0m\u{1b}[2m=\u{1b}[0m200"), "status=200");
+        assert_eq!(strip_ansi("plain"), "plain");
     }
 }

@@ -57,13 +57,8 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let mixed = (nanos as u64)
-        ^ (u64::from(std::process::id()) << 40)
-        ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    let mixed = (nanos as u64) ^ (u64::from(std::process::id()) << 40) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     format!("{prefix}{mixed:016x}{n:04x}")
 }
 

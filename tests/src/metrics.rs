@@ -25,10 +25,7 @@ impl Metrics {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .filter_map(parse_line)
             .collect();
-        Self {
-            text: text.to_string(),
-            samples,
-        }
+        Self { text: text.to_string(), samples }
     }
 
     /// Samples named `name` whose labels include every `(label, value)` in `labels`.
@@ -38,10 +35,7 @@ impl Metrics {
         labels: &'a [(&'a str, &'a str)],
     ) -> impl Iterator<Item = &'a Sample> + 'a {
         self.samples.iter().filter(move |s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
     }
 
@@ -59,9 +53,7 @@ impl Metrics {
     pub fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|s| {
             s.name == name
-                || s.name
-                    .strip_prefix(name)
-                    .is_some_and(|rest| matches!(rest, "_bucket" | "_sum" | "_count"))
+                || s.name.strip_prefix(name).is_some_and(|rest| matches!(rest, "_bucket" | "_sum" | "_count"))
         })
     }
 }
@@ -84,11 +76,7 @@ fn parse_line(line: &str) -> Option<Sample> {
         "-Inf" => f64::NEG_INFINITY,
         v => v.parse().ok()?,
     };
-    Some(Sample {
-        name: name.trim().to_string(),
-        labels,
-        value,
-    })
+    Some(Sample { name: name.trim().to_string(), labels, value })
 }
 
 /// Parses `a="x",b="y"}`; returns the labels and the bytes consumed including `}`.
@@ -154,17 +142,8 @@ mod tests {
                     odd{a=\"q\\\"uote,}\"} 3 1700000000\n";
         let m = Metrics::parse(text);
         assert_eq!(m.get("portcullis_snapshot_valid", &[]), Some(1.0));
-        assert_eq!(
-            m.sum(
-                "gen_ai_client_token_usage_sum",
-                &[("gen_ai_token_type", "input")]
-            ),
-            17.0
-        );
-        assert_eq!(
-            m.get("gen_ai_client_token_usage_bucket", &[("le", "+Inf")]),
-            Some(2.0)
-        );
+        assert_eq!(m.sum("gen_ai_client_token_usage_sum", &[("gen_ai_token_type", "input")]), 17.0);
+        assert_eq!(m.get("gen_ai_client_token_usage_bucket", &[("le", "+Inf")]), Some(2.0));
         assert_eq!(m.get("odd", &[("a", "q\"uote,}")]), Some(3.0));
         assert!(m.has("gen_ai_client_token_usage"));
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
@@ -38,34 +38,25 @@ impl TestPki {
         dn.push(DnType::OrganizationName, "Portcullis tests");
         ca_params.distinguished_name = dn;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
 
         let mut leaf = CertificateParams::new(vec!["localhost".to_string()])?;
-        leaf.subject_alt_names
-            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        leaf.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "localhost");
         leaf.distinguished_name = dn;
         leaf.use_authority_key_identifier_extension = true;
-        leaf.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let leaf_key = KeyPair::generate()?;
         let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
 
         let pki = Self {
-            dir: tempfile::Builder::new()
-                .prefix("portcullis-pki-")
-                .tempdir()?,
+            dir: tempfile::Builder::new().prefix("portcullis-pki-").tempdir()?,
             ca_pem: ca_cert.pem(),
             server_cert_pem: leaf_cert.pem(),
             server_key_pem: leaf_key.serialize_pem(),
@@ -104,11 +95,9 @@ impl TestPki {
     /// A rustls server config presenting the server certificate, offering `alpn`.
     pub fn server_config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let certs: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut self.server_cert_pem.as_bytes())
-                .collect::<Result<_, _>>()?;
+            rustls_pemfile::certs(&mut self.server_cert_pem.as_bytes()).collect::<Result<_, _>>()?;
         let key: PrivateKeyDer<'static> =
-            rustls_pemfile::private_key(&mut self.server_key_pem.as_bytes())?
-                .context("no private key in PEM")?;
+            rustls_pemfile::private_key(&mut self.server_key_pem.as_bytes())?.context("no private key in PEM")?;
         let mut config = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()

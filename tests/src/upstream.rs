@@ -91,12 +91,9 @@ impl RecordedRequest {
     /// True if `needle` occurs in any header name or value, or in the body.
     pub fn contains_anywhere(&self, needle: &str) -> bool {
         let in_headers = self.headers.iter().any(|(name, value)| {
-            name.as_str().contains(needle)
-                || String::from_utf8_lossy(value.as_bytes()).contains(needle)
+            name.as_str().contains(needle) || String::from_utf8_lossy(value.as_bytes()).contains(needle)
         });
-        in_headers
-            || String::from_utf8_lossy(&self.body).contains(needle)
-            || self.path_and_query.contains(needle)
+        in_headers || String::from_utf8_lossy(&self.body).contains(needle) || self.path_and_query.contains(needle)
     }
 }
 
@@ -139,17 +136,11 @@ impl Upstream {
     }
 
     /// Starts an HTTPS upstream presenting the given server config (ALPN as configured there).
-    pub async fn start_tls(
-        options: UpstreamOptions,
-        tls: Arc<rustls::ServerConfig>,
-    ) -> anyhow::Result<Self> {
+    pub async fn start_tls(options: UpstreamOptions, tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Self> {
         Self::start_inner(options, Some(tls)).await
     }
 
-    async fn start_inner(
-        options: UpstreamOptions,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> anyhow::Result<Self> {
+    async fn start_inner(options: UpstreamOptions, tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -172,8 +163,7 @@ impl Upstream {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match acceptor {
                         Some(acceptor) => {
                             if let Ok(tls) = acceptor.accept(tcp).await {
@@ -187,12 +177,7 @@ impl Upstream {
                 });
             }
         });
-        Ok(Self {
-            addr,
-            tls: is_tls,
-            state,
-            accept_task,
-        })
+        Ok(Self { addr, tls: is_tls, state, accept_task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -282,21 +267,12 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
     }
 }
 
-fn full(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> http::Response<RespBody> {
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> http::Response<RespBody> {
     let mut resp = http::Response::new(Full::new(body.into()).boxed());
     *resp.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(content_type) {
@@ -309,23 +285,12 @@ fn json_response(status: StatusCode, value: &Value) -> http::Response<RespBody> 
     full(status, "application/json", value.to_string())
 }
 
-async fn handle(
-    state: Arc<State>,
-    req: Request<Incoming>,
-) -> Result<http::Response<RespBody>, Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Response<RespBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let recorded = RecordedRequest {
         method: parts.method.to_string(),
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "/".into()),
+        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
         version: parts.version,
         headers: parts.headers,
         body,
@@ -342,19 +307,9 @@ async fn handle(
     }
     let req_json = recorded.json();
     let path = recorded.path().to_string();
-    let model = req_json
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown-model")
-        .to_string();
-    let stream = req_json
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let include_usage = req_json
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let model = req_json.get("model").and_then(Value::as_str).unwrap_or("unknown-model").to_string();
+    let stream = req_json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req_json.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
 
     let resp = if recorded.method == "GET" && path.ends_with("/models") {
         json_response(
@@ -378,21 +333,12 @@ async fn handle(
             let events = sse::openai_completion_events(&model, &options, include_usage);
             start_stream(state, events, options.event_delay)
         } else {
-            json_response(
-                StatusCode::OK,
-                &sse::openai_completion_json(&model, &options),
-            )
+            json_response(StatusCode::OK, &sse::openai_completion_json(&model, &options))
         }
     } else if path.ends_with("/embeddings") {
-        json_response(
-            StatusCode::OK,
-            &sse::openai_embeddings_json(&model, &options),
-        )
+        json_response(StatusCode::OK, &sse::openai_embeddings_json(&model, &options))
     } else if path.ends_with("/responses") {
-        json_response(
-            StatusCode::OK,
-            &sse::openai_responses_json(&model, &options),
-        )
+        json_response(StatusCode::OK, &sse::openai_responses_json(&model, &options))
     } else if path.ends_with("/messages") {
         if stream {
             let events = sse::anthropic_events(&model, &options);
@@ -411,11 +357,7 @@ async fn handle(
 
 /// Streams `events` (already SSE-framed) with `delay` between them, honouring the hold gate
 /// before the last one.
-fn start_stream(
-    state: Arc<State>,
-    events: Vec<String>,
-    delay: Duration,
-) -> http::Response<RespBody> {
+fn start_stream(state: Arc<State>, events: Vec<String>, delay: Duration) -> http::Response<RespBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let total = events.len();
@@ -436,10 +378,7 @@ fn start_stream(
             let mut timings = lock(&state.timings);
             match timing_index {
                 None => {
-                    timings.push(StreamTiming {
-                        first_event_sent: now,
-                        last_event_sent: None,
-                    });
+                    timings.push(StreamTiming { first_event_sent: now, last_event_sent: None });
                     timing_index = Some(timings.len() - 1);
                 }
                 Some(idx) if i + 1 == total => {
@@ -452,13 +391,7 @@ fn start_stream(
         }
     });
     let mut resp = http::Response::new(ChannelBody(rx).boxed());
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/event-stream"),
-    );
-    resp.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-cache"),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
     resp
 }

@@ -58,10 +58,7 @@ pub fn openai_chat_events(model: &str, o: &UpstreamOptions, include_usage: bool)
         }
         data(&c)
     };
-    let mut events = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
     for piece in split_text(&o.response_text, o.chunks) {
         events.push(chunk(json!({"content": piece}), Value::Null));
     }
@@ -92,21 +89,15 @@ pub fn openai_completion_json(model: &str, o: &UpstreamOptions) -> Value {
     })
 }
 
-pub fn openai_completion_events(
-    model: &str,
-    o: &UpstreamOptions,
-    include_usage: bool,
-) -> Vec<String> {
+pub fn openai_completion_events(model: &str, o: &UpstreamOptions, include_usage: bool) -> Vec<String> {
     let chunk = |text: &str, finish: Value| {
         data(&json!({
             "id": "cmpl-loopback", "object": "text_completion", "created": CREATED, "model": model,
             "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]
         }))
     };
-    let mut events: Vec<String> = split_text(&o.response_text, o.chunks)
-        .iter()
-        .map(|p| chunk(p, Value::Null))
-        .collect();
+    let mut events: Vec<String> =
+        split_text(&o.response_text, o.chunks).iter().map(|p| chunk(p, Value::Null)).collect();
     events.push(chunk("", json!("stop")));
     if include_usage {
         events.push(data(&json!({
@@ -176,12 +167,12 @@ pub fn anthropic_events(model: &str, o: &UpstreamOptions) -> Vec<String> {
         event("ping", &json!({"type": "ping"})),
     ];
     for piece in split_text(&o.response_text, o.chunks) {
-        events.push(event("content_block_delta", &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})));
+        events.push(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+        ));
     }
-    events.push(event(
-        "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
-    ));
+    events.push(event("content_block_stop", &json!({"type": "content_block_stop", "index": 0})));
     events.push(event(
         "message_delta",
         &json!({

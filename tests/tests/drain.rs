@@ -6,22 +6,13 @@ use std::time::Duration;
 
 use portcullis_e2e::client::SseEvent;
 use portcullis_e2e::fixture::*;
-use portcullis_e2e::{
-    assert, eventually, Fixture, FixtureOptions, GatewayOptions, UpstreamOptions,
-};
+use portcullis_e2e::{assert, eventually, Fixture, FixtureOptions, GatewayOptions, UpstreamOptions};
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_stream_finish_refuses_new_connections_and_exits_zero() {
     let opts = FixtureOptions {
-        gateway: GatewayOptions {
-            drain_timeout_secs: Some(20),
-            ..Default::default()
-        },
-        upstream: UpstreamOptions {
-            chunks: 12,
-            event_delay: Duration::from_millis(300),
-            ..Default::default()
-        },
+        gateway: GatewayOptions { drain_timeout_secs: Some(20), ..Default::default() },
+        upstream: UpstreamOptions { chunks: 12, event_delay: Duration::from_millis(300), ..Default::default() },
         ..Default::default()
     };
     let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
@@ -37,51 +28,25 @@ async fn sigterm_lets_a_slow_stream_finish_refuses_new_connections_and_exits_zer
         .await
         .unwrap();
     assert_eq!(stream.status, 200);
-    let first = stream
-        .next_event(Duration::from_secs(10))
-        .await
-        .unwrap()
-        .expect("first event");
+    let first = stream.next_event(Duration::from_secs(10)).await.unwrap().expect("first event");
 
     fx.gateway.sigterm().unwrap();
     let sent_at = tokio::time::Instant::now();
 
     // New connections are refused while the stream is still being served.
-    eventually(
-        Duration::from_secs(3),
-        "listener to stop accepting",
-        || async {
-            tokio::net::TcpStream::connect(listen)
-                .await
-                .is_err()
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(3), "listener to stop accepting", || async {
+        tokio::net::TcpStream::connect(listen).await.is_err().then_some(())
+    })
     .await
     .unwrap();
-    assert!(
-        fx.openai.stream_timings()[0].last_event_sent.is_none(),
-        "the test stream should still be running"
-    );
+    assert!(fx.openai.stream_timings()[0].last_event_sent.is_none(), "the test stream should still be running");
 
-    let rest = stream
-        .collect_events(Duration::from_secs(20))
-        .await
-        .expect("stream must keep flowing during drain");
+    let rest = stream.collect_events(Duration::from_secs(20)).await.expect("stream must keep flowing during drain");
     let mut events = vec![first];
     events.extend(rest);
-    assert!(
-        events.last().is_some_and(SseEvent::is_done),
-        "stream must finish completely: {events:?}"
-    );
-    let text: String = events
-        .iter()
-        .filter_map(|e| {
-            e.json()["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    assert!(events.last().is_some_and(SseEvent::is_done), "stream must finish completely: {events:?}");
+    let text: String =
+        events.iter().filter_map(|e| e.json()["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
     assert_eq!(text, "Hello from the loopback upstream.");
 
     let status = fx.gateway.wait_exit(Duration::from_secs(10)).await.unwrap();
@@ -97,20 +62,13 @@ async fn sigterm_on_an_idle_gateway_exits_promptly() {
     let started = tokio::time::Instant::now();
     let status = fx.gateway.shutdown(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "exit status: {status}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "idle shutdown took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "idle shutdown took {:?}", started.elapsed());
 }
 
 #[tokio::test]
 async fn drain_deadline_bounds_shutdown() {
     let opts = FixtureOptions {
-        gateway: GatewayOptions {
-            drain_timeout_secs: Some(1),
-            ..Default::default()
-        },
+        gateway: GatewayOptions { drain_timeout_secs: Some(1), ..Default::default() },
         ..Default::default()
     };
     let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
@@ -125,29 +83,16 @@ async fn drain_deadline_bounds_shutdown() {
         )
         .await
         .unwrap();
-    stream
-        .next_event(Duration::from_secs(10))
-        .await
-        .unwrap()
-        .expect("first event");
-    fx.openai
-        .wait_held(1, Duration::from_secs(10))
-        .await
-        .unwrap();
+    stream.next_event(Duration::from_secs(10)).await.unwrap().expect("first event");
+    fx.openai.wait_held(1, Duration::from_secs(10)).await.unwrap();
 
     let started = tokio::time::Instant::now();
     fx.gateway.sigterm().unwrap();
-    let status = fx
-        .gateway
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("gateway must exit after the drain deadline");
+    let status =
+        fx.gateway.wait_exit(Duration::from_secs(10)).await.expect("gateway must exit after the drain deadline");
     let took = started.elapsed();
     eprintln!("exited {status} after {took:?} with a 1 s drain deadline");
-    assert!(
-        took < Duration::from_secs(5),
-        "shutdown took {took:?} with --drain-timeout 1"
-    );
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?} with --drain-timeout 1");
     assert!(status.success(), "exit status: {status}");
     fx.openai.release();
 }

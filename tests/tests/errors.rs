@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use portcullis_e2e::fixture::*;
 use portcullis_e2e::manifests as m;
-use portcullis_e2e::{
-    assert, eventually, free_port, Fixture, FixtureOptions, GatewayOptions, UpstreamOptions,
-};
+use portcullis_e2e::{assert, eventually, free_port, Fixture, FixtureOptions, GatewayOptions, UpstreamOptions};
 use serde_json::json;
 
 #[tokio::test]
@@ -17,85 +15,34 @@ async fn bad_json_and_missing_model_are_400_in_both_formats() {
     let auth = format!("Bearer {ALICE_KEY}");
     let chat_url = fx.url("/v1/chat/completions");
     let msg_url = fx.url("/v1/messages");
-    let oa = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let an = [
-        ("x-api-key", ALICE_KEY),
-        ("anthropic-version", "2023-06-01"),
-        ("content-type", "application/json"),
-    ];
+    let oa = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let an = [("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01"), ("content-type", "application/json")];
 
-    let r = fx
-        .client
-        .post_raw(
-            &chat_url,
-            &oa,
-            "{\"model\": \"gpt-4o-mini\", \"messages\": [",
-        )
-        .await
-        .unwrap();
+    let r = fx.client.post_raw(&chat_url, &oa, "{\"model\": \"gpt-4o-mini\", \"messages\": [").await.unwrap();
     assert::openai_error(&r, 400, "invalid_request");
     let r = fx.client.post_raw(&chat_url, &oa, "").await.unwrap();
     assert::openai_error(&r, 400, "invalid_request");
     let r = fx
         .client
-        .post_json(
-            &chat_url,
-            &oa[..1],
-            &json!({"messages": [{"role": "user", "content": "hi"}]}),
-        )
+        .post_json(&chat_url, &oa[..1], &json!({"messages": [{"role": "user", "content": "hi"}]}))
         .await
         .unwrap();
     assert::openai_error(&r, 400, "invalid_request");
-    let r = fx
-        .client
-        .post_json(&chat_url, &oa[..1], &json!({"model": 42, "messages": []}))
-        .await
-        .unwrap();
+    let r = fx.client.post_json(&chat_url, &oa[..1], &json!({"model": 42, "messages": []})).await.unwrap();
     assert::openai_error(&r, 400, "invalid_request");
-    let r = fx
-        .client
-        .post_raw(&chat_url, &oa, "[1, 2, 3]")
-        .await
-        .unwrap();
+    let r = fx.client.post_raw(&chat_url, &oa, "[1, 2, 3]").await.unwrap();
     assert::openai_error(&r, 400, "invalid_request");
-    let r = fx
-        .client
-        .post_raw(&fx.url("/v1/embeddings"), &oa, "not json at all")
-        .await
-        .unwrap();
+    let r = fx.client.post_raw(&fx.url("/v1/embeddings"), &oa, "not json at all").await.unwrap();
     assert::openai_error(&r, 400, "invalid_request");
 
-    let r = fx
-        .client
-        .post_raw(&msg_url, &an, "{\"model\": ")
-        .await
-        .unwrap();
+    let r = fx.client.post_raw(&msg_url, &an, "{\"model\": ").await.unwrap();
     assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
-    let r = fx
-        .client
-        .post_json(
-            &msg_url,
-            &an[..2],
-            &json!({"max_tokens": 5, "messages": []}),
-        )
-        .await
-        .unwrap();
+    let r = fx.client.post_json(&msg_url, &an[..2], &json!({"max_tokens": 5, "messages": []})).await.unwrap();
     assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
-    let r = fx
-        .client
-        .post_raw(&msg_url, &an, vec![0xff_u8, 0xfe, 0x00, 0x01])
-        .await
-        .unwrap();
+    let r = fx.client.post_raw(&msg_url, &an, vec![0xff_u8, 0xfe, 0x00, 0x01]).await.unwrap();
     assert::anthropic_error(&r, 400, "invalid_request", Some("invalid_request_error"));
 
-    assert_eq!(
-        fx.openai.request_count() + fx.anthropic.request_count(),
-        0,
-        "bad requests must not reach upstream"
-    );
+    assert_eq!(fx.openai.request_count() + fx.anthropic.request_count(), 0, "bad requests must not reach upstream");
     // The gateway is still healthy afterwards.
     assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
 }
@@ -103,38 +50,18 @@ async fn bad_json_and_missing_model_are_400_in_both_formats() {
 #[tokio::test]
 async fn oversize_body_is_413_in_both_formats() {
     let opts = FixtureOptions {
-        gateway: GatewayOptions {
-            max_request_body_bytes: Some(2048),
-            ..Default::default()
-        },
+        gateway: GatewayOptions { max_request_body_bytes: Some(2048), ..Default::default() },
         ..Default::default()
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
     let big = "x".repeat(8 * 1024);
 
-    let r = fx
-        .chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &big, false), &[])
-        .await
-        .unwrap();
+    let r = fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &big, false), &[]).await.unwrap();
     assert::openai_error(&r, 413, "request_too_large");
-    let r = fx
-        .messages(
-            ALICE_KEY,
-            &messages_body("claude-3-5-haiku-latest", &big, false),
-            &[],
-        )
-        .await
-        .unwrap();
+    let r = fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", &big, false), &[]).await.unwrap();
     assert::anthropic_error(&r, 413, "request_too_large", Some("request_too_large"));
 
-    let small = fx
-        .chat_with(
-            ALICE_KEY,
-            &chat_body("gpt-4o-mini", &"z".repeat(512), false),
-            &[],
-        )
-        .await
-        .unwrap();
+    let small = fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &"z".repeat(512), false), &[]).await.unwrap();
     assert::ok(&small);
     assert_eq!(fx.openai.request_count(), 1);
     assert_eq!(fx.anthropic.request_count(), 0);
@@ -146,10 +73,7 @@ async fn oversize_body_is_413_in_both_formats() {
 #[tokio::test]
 async fn far_oversize_body_gets_a_clean_413_not_a_reset() {
     let opts = FixtureOptions {
-        gateway: GatewayOptions {
-            max_request_body_bytes: Some(2048),
-            ..Default::default()
-        },
+        gateway: GatewayOptions { max_request_body_bytes: Some(2048), ..Default::default() },
         ..Default::default()
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
@@ -158,22 +82,13 @@ async fn far_oversize_body_gets_a_clean_413_not_a_reset() {
     for _ in 0..8 {
         let client = portcullis_e2e::TestClient::with_ca(&fx.pki).unwrap();
         let auth = format!("Bearer {ALICE_KEY}");
-        match client
-            .post_json(
-                &fx.url("/v1/chat/completions"),
-                &[("authorization", &auth)],
-                &huge,
-            )
-            .await
-        {
+        match client.post_json(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &huge).await {
             Ok(r) => outcomes.push(format!("{} {}", r.status, r.error_code().unwrap_or("-"))),
             Err(e) => outcomes.push(format!("transport error: {:#}", e)),
         }
     }
     assert!(
-        outcomes
-            .iter()
-            .all(|o| o == "413 Payload Too Large request_too_large"),
+        outcomes.iter().all(|o| o == "413 Payload Too Large request_too_large"),
         "1 MiB bodies over a 2 KiB limit: {outcomes:#?}"
     );
 }
@@ -210,24 +125,13 @@ async fn unreachable_upstream_is_502_in_both_formats() {
     let r = fx.chat(ALICE_KEY, "gpt-dead").await.unwrap();
     assert::openai_error(&r, 502, "upstream_unavailable");
     assert!(!r.text().contains(OPENAI_PROVIDER_KEY));
-    let r = fx
-        .messages(ALICE_KEY, &messages_body("claude-dead", "hi", false), &[])
-        .await
-        .unwrap();
+    let r = fx.messages(ALICE_KEY, &messages_body("claude-dead", "hi", false), &[]).await.unwrap();
     assert::anthropic_error(&r, 502, "upstream_unavailable", None);
 
     let auth = format!("Bearer {ALICE_KEY}");
     let mut body = chat_body("gpt-dead", "hi", true);
     body["stream"] = json!(true);
-    let r = fx
-        .client
-        .post_json(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &body,
-        )
-        .await
-        .unwrap();
+    let r = fx.client.post_json(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &body).await.unwrap();
     assert::openai_error(&r, 502, "upstream_unavailable");
 
     // Healthy providers are unaffected.
@@ -241,30 +145,16 @@ async fn slow_upstream_is_504_in_both_formats() {
             extra_args: vec!["--upstream-response-timeout".into(), "1".into()],
             ..Default::default()
         },
-        upstream: UpstreamOptions {
-            response_delay: Duration::from_secs(4),
-            ..Default::default()
-        },
+        upstream: UpstreamOptions { response_delay: Duration::from_secs(4), ..Default::default() },
         ..Default::default()
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
     let started = tokio::time::Instant::now();
     let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     assert::openai_error(&r, 504, "upstream_timeout");
-    let r = fx
-        .messages(
-            ALICE_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[],
-        )
-        .await
-        .unwrap();
+    let r = fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[]).await.unwrap();
     assert::anthropic_error(&r, 504, "upstream_timeout", None);
-    assert!(
-        started.elapsed() < Duration::from_secs(7),
-        "timeouts took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(7), "timeouts took {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -272,99 +162,95 @@ async fn request_ids_are_propagated_or_generated() {
     let fx = Fixture::start().await.expect("fixture");
     let given = "e2e-req-7d41c2a9b3e8";
 
-    let ok = fx
-        .chat_with(
-            ALICE_KEY,
-            &chat_body("gpt-4o-mini", "hi", false),
-            &[("x-request-id", given)],
-        )
-        .await
-        .unwrap();
+    let ok = fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", "hi", false), &[("x-request-id", given)]).await.unwrap();
     assert::ok(&ok);
     assert_eq!(ok.request_id(), Some(given));
 
-    let err = fx
-        .chat_with(
-            UNKNOWN_KEY,
-            &chat_body("gpt-4o-mini", "hi", false),
-            &[("x-request-id", given)],
-        )
-        .await
-        .unwrap();
+    let err =
+        fx.chat_with(UNKNOWN_KEY, &chat_body("gpt-4o-mini", "hi", false), &[("x-request-id", given)]).await.unwrap();
     assert::openai_error(&err, 401, "invalid_api_key");
     assert_eq!(err.request_id(), Some(given));
 
     let an = fx
-        .messages(
-            UNKNOWN_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[("x-request-id", given)],
-        )
+        .messages(UNKNOWN_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[("x-request-id", given)])
         .await
         .unwrap();
     assert_eq!(an.request_id(), Some(given));
 
     let a = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     let b = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
-    let (a, b) = (
-        a.request_id().unwrap().to_string(),
-        b.request_id().unwrap().to_string(),
-    );
-    assert!(
-        !a.is_empty() && a != b,
-        "generated ids must be unique: {a} {b}"
-    );
+    let (a, b) = (a.request_id().unwrap().to_string(), b.request_id().unwrap().to_string());
+    assert!(!a.is_empty() && a != b, "generated ids must be unique: {a} {b}");
 
     let malformed = format!("<script>\"{}\"</script>", "z".repeat(300));
-    let r = fx
-        .chat_with(
-            ALICE_KEY,
-            &chat_body("gpt-4o-mini", "hi", false),
-            &[("x-request-id", &malformed)],
-        )
-        .await
-        .unwrap();
+    let r =
+        fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", "hi", false), &[("x-request-id", &malformed)]).await.unwrap();
     assert::ok(&r);
     let id = r.request_id().unwrap();
     assert_ne!(id, malformed, "a malformed x-request-id must be replaced");
     assert!(!id.contains('<') && !id.contains('"'));
 
     // The access log names the request id (metadata only).
-    eventually(
-        Duration::from_secs(5),
-        "access log line with the request id",
-        || async {
-            let logs = fx.gateway.logs();
-            logs.lines()
-                .any(|l| l.contains("portcullis::access") && l.contains(given))
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(5), "access log line with the request id", || async {
+        let logs = fx.gateway.logs();
+        logs.lines()
+            .find(|l| {
+                l.contains("portcullis::access")
+                    && l.contains(given)
+                    && (l.contains("status=200") || l.contains("\"status\":200"))
+            })
+            .map(str::to_string)
+    })
     .await
+    .map(|line| {
+        // Metadata only: key id, provider, model, status, latency, tokens.
+        for needle in ["default/alice", "openai-main", "gpt-4o-mini", "latency", "tokens"] {
+            assert!(line.contains(needle), "access log line lacks {needle}: {line}");
+        }
+    })
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", fx.gateway.logs()));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_still_carry_error_code_and_request_id() {
+    let fx = Fixture::start().await.expect("fixture");
+    let auth = format!("Bearer {ALICE_KEY}");
+    let r = fx.client.post_json(&fx.url("/v1/not-a-route"), &[("authorization", &auth)], &json!({})).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.describe());
+    assert!(r.error_code().is_some_and(|c| !c.is_empty()), "{}", r.describe());
+    assert::has_request_id(&r);
+    let r = fx.client.get(&fx.url("/v1/chat/completions"), &[("authorization", &auth)]).await.unwrap();
+    assert!(r.status == 405 || r.status == 404, "{}", r.describe());
+    assert!(r.error_code().is_some_and(|c| !c.is_empty()), "{}", r.describe());
+    assert::has_request_id(&r);
+    assert_eq!(fx.openai.request_count(), 0);
+}
+
+#[tokio::test]
+async fn upstream_error_status_reaches_the_client_with_a_request_id() {
+    let fx = Fixture::start().await.expect("fixture");
+    fx.openai.set(|o| o.fail_status = Some(500));
+    let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+    assert!(r.status.is_server_error(), "{}", r.describe());
+    assert::has_request_id(&r);
+    assert!(!r.text().contains(OPENAI_PROVIDER_KEY));
+    fx.openai.set(|o| o.fail_status = Some(429));
+    let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+    assert_eq!(r.status, 429, "an upstream rate limit is relayed: {}", r.describe());
+    assert::has_request_id(&r);
+    fx.openai.set(|o| o.fail_status = None);
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
 }
 
 #[tokio::test]
 async fn admin_endpoints_answer() {
     let fx = Fixture::start().await.expect("fixture");
-    let healthz = fx
-        .client
-        .get(&fx.gateway.admin_url("/healthz"), &[])
-        .await
-        .unwrap();
+    let healthz = fx.client.get(&fx.gateway.admin_url("/healthz"), &[]).await.unwrap();
     assert_eq!(healthz.status, 200);
-    let readyz = fx
-        .client
-        .get(&fx.gateway.admin_url("/readyz"), &[])
-        .await
-        .unwrap();
+    let readyz = fx.client.get(&fx.gateway.admin_url("/readyz"), &[]).await.unwrap();
     assert_eq!(readyz.status, 200);
     let metrics = fx.gateway.metrics().await.unwrap();
-    assert!(metrics
-        .get("portcullis_snapshot_generation", &[])
-        .is_some_and(|g| g >= 1.0));
+    assert!(metrics.get("portcullis_snapshot_generation", &[]).is_some_and(|g| g >= 1.0));
     assert_eq!(metrics.get("portcullis_snapshot_valid", &[]), Some(1.0));
-    assert!(metrics
-        .text
-        .contains("portcullis_snapshot_reload_failures_total"));
+    assert!(metrics.text.contains("portcullis_snapshot_reload_failures_total"));
 }

@@ -11,8 +11,7 @@ use portcullis_e2e::client::SseEvent;
 use portcullis_e2e::fixture::*;
 use portcullis_e2e::manifests as m;
 use portcullis_e2e::{
-    assert, eventually, Fixture, FixtureOptions, Gateway, GatewayOptions, TestClient,
-    UpstreamOptions,
+    assert, eventually, Fixture, FixtureOptions, Gateway, GatewayOptions, TestClient, UpstreamOptions,
 };
 use serde_json::json;
 
@@ -21,12 +20,7 @@ const T: Duration = Duration::from_secs(10);
 fn toggle_model(ms: &mut m::Manifests, round: usize) {
     ms.update("ProviderCredential", "openai-main", |d| {
         let models = d["spec"]["models"].as_array_mut().unwrap();
-        models.retain(|m| {
-            !m["name"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("gpt-toggle-")
-        });
+        models.retain(|m| !m["name"].as_str().unwrap_or_default().starts_with("gpt-toggle-"));
         if round % 2 == 1 {
             models.push(json!({"name": format!("gpt-toggle-{round}")}));
         }
@@ -36,10 +30,7 @@ fn toggle_model(ms: &mut m::Manifests, round: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
     let opts = FixtureOptions {
-        upstream: UpstreamOptions {
-            event_delay: Duration::from_millis(40),
-            ..Default::default()
-        },
+        upstream: UpstreamOptions { event_delay: Duration::from_millis(40), ..Default::default() },
         ..Default::default()
     };
     let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
@@ -52,8 +43,7 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
 
     let mut workers = Vec::new();
     for worker in 0..8 {
-        let (client, stop, ok, failures) =
-            (client.clone(), stop.clone(), ok.clone(), failures.clone());
+        let (client, stop, ok, failures) = (client.clone(), stop.clone(), ok.clone(), failures.clone());
         let (chat_url, msg_url) = (chat_url.clone(), msg_url.clone());
         workers.push(tokio::spawn(async move {
             let auth = format!("Bearer {ALICE_KEY}");
@@ -88,30 +78,20 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
                             let mut s = client
                                 .post_json_streaming(
                                     &msg_url,
-                                    &[
-                                        ("x-api-key", ALICE_KEY),
-                                        ("anthropic-version", "2023-06-01"),
-                                    ],
+                                    &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
                                     &messages_body("claude-3-5-haiku-latest", "hi", true),
                                 )
                                 .await
                                 .map_err(|e| e.to_string())?;
                             let events = s.collect_events(T).await.map_err(|e| e.to_string())?;
-                            (events.last().and_then(|e: &SseEvent| e.event.as_deref())
-                                == Some("message_stop"))
-                            .then_some(())
-                            .ok_or_else(|| {
-                                format!("anthropic stream cut short ({}): {events:?}", s.status)
-                            })
+                            (events.last().and_then(|e: &SseEvent| e.event.as_deref()) == Some("message_stop"))
+                                .then_some(())
+                                .ok_or_else(|| format!("anthropic stream cut short ({}): {events:?}", s.status))
                         }
                         .await
                     }
                     _ => match client
-                        .post_json(
-                            &chat_url,
-                            &[("authorization", &auth)],
-                            &chat_body("gpt-4o", "hi", false),
-                        )
+                        .post_json(&chat_url, &[("authorization", &auth)], &chat_body("gpt-4o", "hi", false))
                         .await
                     {
                         Ok(r) if r.status == 200 => Ok(()),
@@ -134,29 +114,18 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
     let mut reloads = 0;
     while load_started.elapsed() < Duration::from_secs(3) {
         reloads += 1;
-        fx.reload(|ms| toggle_model(ms, reloads))
-            .await
-            .expect("reload under load");
+        fx.reload(|ms| toggle_model(ms, reloads)).await.expect("reload under load");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
-        tokio::time::timeout(Duration::from_secs(20), w)
-            .await
-            .expect("worker finished")
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), w).await.expect("worker finished").unwrap();
     }
     let g1 = fx.gateway.generation().await.unwrap();
     let failures = failures.lock().unwrap().clone();
     let ok = ok.load(Ordering::Relaxed);
-    eprintln!(
-        "{ok} requests ok, {} failed, {reloads} reloads, generation {g0} -> {g1}",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "requests failed during hot reload: {failures:#?}"
-    );
+    eprintln!("{ok} requests ok, {} failed, {reloads} reloads, generation {g0} -> {g1}", failures.len());
+    assert!(failures.is_empty(), "requests failed during hot reload: {failures:#?}");
     assert!(ok >= 40, "too little load to prove anything: {ok}");
     assert!(
         reloads >= 4 && g1 >= g0 + reloads as f64,
@@ -165,15 +134,11 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
 
     // The toggled model really changed with the reloads.
     let last_toggle_present = reloads % 2 == 1;
-    let r = fx
-        .chat(ALICE_KEY, &format!("gpt-toggle-{reloads}"))
-        .await
-        .unwrap();
+    let r = fx.chat(ALICE_KEY, &format!("gpt-toggle-{reloads}")).await.unwrap();
     assert_eq!(r.status == 200, last_toggle_present, "{}", r.describe());
 
     // Revocation through a manifest edit takes effect within about a second.
-    fx.manifests
-        .update("ApiKey", "alice", |d| d["spec"]["revoked"] = json!(true));
+    fx.manifests.update("ApiKey", "alice", |d| d["spec"]["revoked"] = json!(true));
     let started = tokio::time::Instant::now();
     fx.gateway.write_manifests(&fx.manifests).unwrap();
     let revoked = eventually(Duration::from_secs(5), "revocation", || async {
@@ -185,10 +150,7 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
     let took = started.elapsed();
     eprintln!("revocation effective after {took:?}");
     assert::openai_error(&revoked, 401, "api_key_revoked");
-    assert!(
-        took <= Duration::from_millis(1500),
-        "revocation took {took:?}"
-    );
+    assert!(took <= Duration::from_millis(1500), "revocation took {took:?}");
     assert::ok(&fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap());
 }
 
@@ -215,18 +177,11 @@ async fn inflight_stream_finishes_on_its_snapshot_after_revocation() {
     })
     .await
     .unwrap();
-    assert::openai_error(
-        &fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(),
-        401,
-        "api_key_revoked",
-    );
+    assert::openai_error(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(), 401, "api_key_revoked");
 
     fx.openai.release();
     let rest = stream.collect_events(T).await.unwrap();
-    assert!(
-        rest.last().is_some_and(SseEvent::is_done),
-        "the in-flight stream must complete: {rest:?}"
-    );
+    assert!(rest.last().is_some_and(SseEvent::is_done), "the in-flight stream must complete: {rest:?}");
 }
 
 #[tokio::test]
@@ -234,19 +189,13 @@ async fn invalid_manifests_are_rejected_whole_and_last_good_keeps_serving() {
     let mut fx = Fixture::start().await.expect("fixture");
     let before = fx.gateway.metrics().await.unwrap();
     let g0 = before.get("portcullis_snapshot_generation", &[]).unwrap();
-    let f0 = before
-        .get("portcullis_snapshot_reload_failures_total", &[])
-        .unwrap_or(0.0);
+    let f0 = before.get("portcullis_snapshot_reload_failures_total", &[]).unwrap_or(0.0);
     assert_eq!(before.get("portcullis_snapshot_valid", &[]), Some(1.0));
 
     // A valid change (new model) bundled with an invalid object (missing Secret).
-    fx.manifests
-        .update("ProviderCredential", "openai-main", |d| {
-            d["spec"]["models"]
-                .as_array_mut()
-                .unwrap()
-                .push(json!({"name": "gpt-brand-new"}));
-        });
+    fx.manifests.update("ProviderCredential", "openai-main", |d| {
+        d["spec"]["models"].as_array_mut().unwrap().push(json!({"name": "gpt-brand-new"}));
+    });
     fx.manifests.add(
         PROVIDERS_FILE,
         m::provider(
@@ -259,73 +208,34 @@ async fn invalid_manifests_are_rejected_whole_and_last_good_keeps_serving() {
     );
     fx.gateway.write_manifests(&fx.manifests).unwrap();
 
-    let after = eventually(
-        Duration::from_secs(5),
-        "reload failure to be counted",
-        || async {
-            let m = fx.gateway.metrics().await.ok()?;
-            (m.get("portcullis_snapshot_reload_failures_total", &[])
-                .unwrap_or(0.0)
-                > f0)
-                .then_some(m)
-        },
-    )
+    let after = eventually(Duration::from_secs(5), "reload failure to be counted", || async {
+        let m = fx.gateway.metrics().await.ok()?;
+        (m.get("portcullis_snapshot_reload_failures_total", &[]).unwrap_or(0.0) > f0).then_some(m)
+    })
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", fx.gateway.logs()));
-    assert_eq!(
-        after.get("portcullis_snapshot_valid", &[]),
-        Some(0.0),
-        "snapshot_valid must drop to 0"
-    );
-    assert_eq!(
-        after.get("portcullis_snapshot_generation", &[]),
-        Some(g0),
-        "generation must not move"
-    );
+    assert_eq!(after.get("portcullis_snapshot_valid", &[]), Some(0.0), "snapshot_valid must drop to 0");
+    assert_eq!(after.get("portcullis_snapshot_generation", &[]), Some(g0), "generation must not move");
 
     assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
-    assert::openai_error(
-        &fx.chat(ALICE_KEY, "gpt-brand-new").await.unwrap(),
-        404,
-        "model_not_found",
-    );
-    assert::openai_error(
-        &fx.chat(ALICE_KEY, "gpt-broken").await.unwrap(),
-        404,
-        "model_not_found",
-    );
-    let ready = fx
-        .client
-        .get(&fx.gateway.admin_url("/readyz"), &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        ready.status, 200,
-        "a gateway serving its last good snapshot stays ready"
-    );
+    assert::openai_error(&fx.chat(ALICE_KEY, "gpt-brand-new").await.unwrap(), 404, "model_not_found");
+    assert::openai_error(&fx.chat(ALICE_KEY, "gpt-broken").await.unwrap(), 404, "model_not_found");
+    let ready = fx.client.get(&fx.gateway.admin_url("/readyz"), &[]).await.unwrap();
+    assert_eq!(ready.status, 200, "a gateway serving its last good snapshot stays ready");
 
     let logs = fx.gateway.logs();
     assert!(
-        logs.lines()
-            .any(|l| l.contains("broken-provider") && l.contains("secretRef")),
+        logs.lines().any(|l| l.contains("broken-provider") && l.contains("secretRef")),
         "a log line must name the object and field; logs:\n{logs}"
     );
 
     // Malformed YAML is rejected too.
-    let f1 = after
-        .get("portcullis_snapshot_reload_failures_total", &[])
-        .unwrap();
-    fx.manifests.set_raw(
-        "99-garbage.yaml",
-        "apiVersion: v1\nkind: [unterminated\n  : :\n",
-    );
+    let f1 = after.get("portcullis_snapshot_reload_failures_total", &[]).unwrap();
+    fx.manifests.set_raw("99-garbage.yaml", "apiVersion: v1\nkind: [unterminated\n  : :\n");
     fx.gateway.write_manifests(&fx.manifests).unwrap();
     eventually(Duration::from_secs(5), "second reload failure", || async {
         let m = fx.gateway.metrics().await.ok()?;
-        (m.get("portcullis_snapshot_reload_failures_total", &[])
-            .unwrap_or(0.0)
-            > f1)
-            .then_some(())
+        (m.get("portcullis_snapshot_reload_failures_total", &[]).unwrap_or(0.0) > f1).then_some(())
     })
     .await
     .unwrap();
@@ -333,13 +243,9 @@ async fn invalid_manifests_are_rejected_whole_and_last_good_keeps_serving() {
 
     // Fixing everything brings the new model and a valid snapshot.
     fx.manifests.remove_file("99-garbage.yaml");
-    fx.manifests
-        .remove_object("ProviderCredential", "broken-provider");
+    fx.manifests.remove_object("ProviderCredential", "broken-provider");
     fx.gateway.write_manifests(&fx.manifests).unwrap();
-    fx.gateway
-        .wait_generation_above(g0, Duration::from_secs(5))
-        .await
-        .unwrap();
+    fx.gateway.wait_generation_above(g0, Duration::from_secs(5)).await.unwrap();
     let fixed = fx.gateway.metrics().await.unwrap();
     assert_eq!(fixed.get("portcullis_snapshot_valid", &[]), Some(1.0));
     assert::ok(&fx.chat(ALICE_KEY, "gpt-brand-new").await.unwrap());
@@ -350,28 +256,14 @@ async fn not_ready_until_a_valid_snapshot_loads() {
     let mut ms = m::Manifests::new();
     ms.add("00-secrets.yaml", m::secret("alice-key", "key", ALICE_KEY));
     ms.add("10-keys.yaml", m::api_key("alice", "alice-key", &[]));
-    ms.add(
-        "20-providers.yaml",
-        m::provider("mock", "mock", None, None, &[("gpt-4o-mini", None)]),
-    );
+    ms.add("20-providers.yaml", m::provider("mock", "mock", None, None, &[("gpt-4o-mini", None)]));
     // The referenced Secret is missing: the first snapshot cannot compile.
     ms.add("10-keys.yaml", m::api_key("ghost", "ghost-key", &[]));
-    let mut gw = Gateway::start(
-        &ms,
-        GatewayOptions {
-            wait_ready: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut gw = Gateway::start(&ms, GatewayOptions { wait_ready: false, ..Default::default() }).await.unwrap();
     let client = TestClient::plain();
 
-    let health = eventually(T, "healthz", || async {
-        client.get(&gw.admin_url("/healthz"), &[]).await.ok()
-    })
-    .await
-    .unwrap();
+    let health =
+        eventually(T, "healthz", || async { client.get(&gw.admin_url("/healthz"), &[]).await.ok() }).await.unwrap();
     assert_eq!(health.status, 200);
     tokio::time::sleep(Duration::from_millis(600)).await;
     let ready = client.get(&gw.admin_url("/readyz"), &[]).await.unwrap();
@@ -382,11 +274,7 @@ async fn not_ready_until_a_valid_snapshot_loads() {
     gw.wait_ready(Duration::from_secs(5)).await.unwrap();
     let auth = format!("Bearer {ALICE_KEY}");
     let r = client
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", false),
-        )
+        .post_json(&gw.url("/v1/chat/completions"), &[("authorization", &auth)], &chat_body("gpt-4o-mini", "hi", false))
         .await
         .unwrap();
     assert::ok(&r);

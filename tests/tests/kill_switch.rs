@@ -13,36 +13,21 @@ use serde_json::{json, Value};
 #[track_caller]
 fn assert_killed(resp: &Response, switch: &str) {
     assert::openai_error(resp, 503, "kill_switch_active");
-    let msg = resp.json()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        msg.contains(switch),
-        "message should name the switch {switch}: {msg}"
-    );
+    let msg = resp.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains(switch), "message should name the switch {switch}: {msg}");
 }
 
 #[track_caller]
 fn assert_killed_anthropic(resp: &Response, switch: &str) {
     assert::anthropic_error(resp, 503, "kill_switch_active", None);
-    let msg = resp.json()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        msg.contains(switch),
-        "message should name the switch {switch}: {msg}"
-    );
+    let msg = resp.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains(switch), "message should name the switch {switch}: {msg}");
 }
 
 async fn with_switch(name: &str, scope: Value) -> Fixture {
     let name = name.to_string();
     Fixture::start_with(Default::default(), move |ms| {
-        ms.add(
-            SWITCHES_FILE,
-            m::kill_switch(&name, scope, true, "e2e incident 42"),
-        );
+        ms.add(SWITCHES_FILE, m::kill_switch(&name, scope, true, "e2e incident 42"));
     })
     .await
     .expect("fixture")
@@ -51,30 +36,16 @@ async fn with_switch(name: &str, scope: Value) -> Fixture {
 #[tokio::test]
 async fn active_global_switch_refuses_everything_and_names_itself() {
     let fx = Fixture::start_with(Default::default(), |ms| {
-        ms.update("KillSwitch", "emergency-stop", |d| {
-            d["spec"]["active"] = json!(true)
-        });
+        ms.update("KillSwitch", "emergency-stop", |d| d["spec"]["active"] = json!(true));
     })
     .await
     .expect("fixture");
 
-    assert_killed(
-        &fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(),
-        "emergency-stop",
-    );
-    assert_killed(
-        &fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap(),
-        "emergency-stop",
-    );
-    assert_killed(
-        &fx.chat(ALICE_KEY, "gpt-azure").await.unwrap(),
-        "emergency-stop",
-    );
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(), "emergency-stop");
+    assert_killed(&fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap(), "emergency-stop");
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-azure").await.unwrap(), "emergency-stop");
     let msg = messages_body("claude-3-5-haiku-latest", "hi", false);
-    assert_killed_anthropic(
-        &fx.messages(ALICE_KEY, &msg, &[]).await.unwrap(),
-        "emergency-stop",
-    );
+    assert_killed_anthropic(&fx.messages(ALICE_KEY, &msg, &[]).await.unwrap(), "emergency-stop");
     let auth = format!("Bearer {ALICE_KEY}");
     let emb = fx
         .client
@@ -88,73 +59,37 @@ async fn active_global_switch_refuses_everything_and_names_itself() {
     assert_killed(&emb, "emergency-stop");
     let mut stream = chat_body("gpt-4o-mini", "hi", true);
     stream["stream"] = json!(true);
-    assert_killed(
-        &fx.chat_with(ALICE_KEY, &stream, &[]).await.unwrap(),
-        "emergency-stop",
-    );
+    assert_killed(&fx.chat_with(ALICE_KEY, &stream, &[]).await.unwrap(), "emergency-stop");
 
     // Authentication still comes first.
-    assert::openai_error(
-        &fx.chat(UNKNOWN_KEY, "gpt-4o-mini").await.unwrap(),
-        401,
-        "invalid_api_key",
-    );
+    assert::openai_error(&fx.chat(UNKNOWN_KEY, "gpt-4o-mini").await.unwrap(), 401, "invalid_api_key");
 
-    assert_eq!(
-        fx.openai.request_count() + fx.anthropic.request_count() + fx.azure.request_count(),
-        0
-    );
+    assert_eq!(fx.openai.request_count() + fx.anthropic.request_count() + fx.azure.request_count(), 0);
 }
 
 #[tokio::test]
 async fn provider_scoped_switch_stops_only_that_provider() {
     let fx = with_switch("stop-openai", json!({"provider": "openai-main"})).await;
-    assert_killed(
-        &fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(),
-        "stop-openai",
-    );
-    assert_killed(
-        &fx.chat(ALICE_KEY, "gpt-alias").await.unwrap(),
-        "stop-openai",
-    );
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(), "stop-openai");
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-alias").await.unwrap(), "stop-openai");
     assert::ok(&fx.chat(ALICE_KEY, "gpt-azure").await.unwrap());
-    assert::ok(
-        &fx.messages(
-            ALICE_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[],
-        )
-        .await
-        .unwrap(),
-    );
+    assert::ok(&fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[]).await.unwrap());
     assert_eq!(fx.openai.request_count(), 0);
 }
 
 #[tokio::test]
 async fn model_scoped_switch_stops_matching_models() {
     let fx = Fixture::start_with(Default::default(), |ms| {
-        ms.add(
-            SWITCHES_FILE,
-            m::kill_switch("stop-mini", json!({"model": "gpt-4o-mini"}), true, "e2e"),
-        );
-        ms.add(
-            SWITCHES_FILE,
-            m::kill_switch("stop-claude", json!({"model": "claude-*"}), true, "e2e"),
-        );
+        ms.add(SWITCHES_FILE, m::kill_switch("stop-mini", json!({"model": "gpt-4o-mini"}), true, "e2e"));
+        ms.add(SWITCHES_FILE, m::kill_switch("stop-claude", json!({"model": "claude-*"}), true, "e2e"));
     })
     .await
     .expect("fixture");
-    assert_killed(
-        &fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(),
-        "stop-mini",
-    );
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(), "stop-mini");
     assert_killed(&fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap(), "stop-mini");
     assert::ok(&fx.chat(ALICE_KEY, "gpt-4o").await.unwrap());
     let msg = messages_body("claude-sonnet-4-0", "hi", false);
-    assert_killed_anthropic(
-        &fx.messages(ALICE_KEY, &msg, &[]).await.unwrap(),
-        "stop-claude",
-    );
+    assert_killed_anthropic(&fx.messages(ALICE_KEY, &msg, &[]).await.unwrap(), "stop-claude");
     assert_eq!(fx.anthropic.request_count(), 0);
     assert_eq!(fx.openai.request_count(), 1);
 }
@@ -167,51 +102,41 @@ async fn key_scoped_switch_stops_only_that_key() {
 }
 
 #[tokio::test]
+async fn namespace_scoped_switch_stops_every_key_in_it() {
+    let fx = with_switch("stop-default-ns", json!({"namespace": "default"})).await;
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap(), "stop-default-ns");
+    assert_killed(&fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap(), "stop-default-ns");
+    assert_eq!(fx.openai.request_count(), 0);
+}
+
+#[tokio::test]
 async fn flipping_a_switch_takes_effect_within_a_second_both_ways() {
     let mut fx = Fixture::start().await.expect("fixture");
     assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
 
-    fx.manifests.update("KillSwitch", "emergency-stop", |d| {
-        d["spec"]["active"] = json!(true)
-    });
+    fx.manifests.update("KillSwitch", "emergency-stop", |d| d["spec"]["active"] = json!(true));
     let started = tokio::time::Instant::now();
     fx.gateway.write_manifests(&fx.manifests).unwrap();
-    let killed = eventually(
-        Duration::from_secs(5),
-        "kill switch to take effect",
-        || async {
-            let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.ok()?;
-            (r.status == 503).then_some(r)
-        },
-    )
+    let killed = eventually(Duration::from_secs(5), "kill switch to take effect", || async {
+        let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.ok()?;
+        (r.status == 503).then_some(r)
+    })
     .await
     .unwrap();
     let on = started.elapsed();
     assert_killed(&killed, "emergency-stop");
 
-    fx.manifests.update("KillSwitch", "emergency-stop", |d| {
-        d["spec"]["active"] = json!(false)
-    });
+    fx.manifests.update("KillSwitch", "emergency-stop", |d| d["spec"]["active"] = json!(false));
     let started = tokio::time::Instant::now();
     fx.gateway.write_manifests(&fx.manifests).unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "kill switch to be lifted",
-        || async {
-            let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(5), "kill switch to be lifted", || async {
+        let r = fx.chat(ALICE_KEY, "gpt-4o-mini").await.ok()?;
+        (r.status == 200).then_some(())
+    })
     .await
     .unwrap();
     let off = started.elapsed();
     eprintln!("kill switch on after {on:?}, off after {off:?}");
-    assert!(
-        on <= Duration::from_millis(1500),
-        "switching on took {on:?}"
-    );
-    assert!(
-        off <= Duration::from_millis(1500),
-        "switching off took {off:?}"
-    );
+    assert!(on <= Duration::from_millis(1500), "switching on took {on:?}");
+    assert!(off <= Duration::from_millis(1500), "switching off took {off:?}");
 }

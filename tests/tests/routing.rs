@@ -11,10 +11,7 @@ use serde_json::{json, Value};
 
 fn assert_no_client_key(req: &RecordedRequest) {
     for key in [ALICE_KEY, BOB_KEY] {
-        assert!(
-            !req.contains_anywhere(key),
-            "client key leaked upstream: {req:?}"
-        );
+        assert!(!req.contains_anywhere(key), "client key leaked upstream: {req:?}");
     }
 }
 
@@ -24,18 +21,11 @@ async fn openai_upstream_gets_provider_key_and_never_the_client_key() {
     let body = chat_body("gpt-4o-mini", "hi", false);
     let resp = fx.chat_with(ALICE_KEY, &body, &[]).await.unwrap();
     assert::ok(&resp);
-    assert_eq!(
-        resp.json()["choices"][0]["message"]["content"],
-        "Hello from the loopback upstream."
-    );
+    assert_eq!(resp.json()["choices"][0]["message"]["content"], "Hello from the loopback upstream.");
     assert_eq!(resp.json()["usage"]["prompt_tokens"], 17);
 
     let url = fx.url("/v1/chat/completions");
-    let resp = fx
-        .client
-        .post_json(&url, &[("x-api-key", ALICE_KEY)], &body)
-        .await
-        .unwrap();
+    let resp = fx.client.post_json(&url, &[("x-api-key", ALICE_KEY)], &body).await.unwrap();
     assert::ok(&resp);
 
     let reqs = fx.openai.requests();
@@ -43,21 +33,11 @@ async fn openai_upstream_gets_provider_key_and_never_the_client_key() {
     for req in &reqs {
         assert_eq!(req.method, "POST");
         assert_eq!(req.path_and_query, "/v1/chat/completions");
-        assert_eq!(
-            req.header("authorization"),
-            Some(format!("Bearer {OPENAI_PROVIDER_KEY}").as_str())
-        );
-        assert!(
-            req.header("x-api-key").is_none(),
-            "x-api-key must not reach an OpenAI upstream: {req:?}"
-        );
+        assert_eq!(req.header("authorization"), Some(format!("Bearer {OPENAI_PROVIDER_KEY}").as_str()));
+        assert!(req.header("x-api-key").is_none(), "x-api-key must not reach an OpenAI upstream: {req:?}");
         assert_no_client_key(req);
         assert_eq!(req.json()["model"], "gpt-4o-mini");
-        assert_eq!(
-            req.json()["messages"][0]["content"],
-            "hi",
-            "content passes through unchanged"
-        );
+        assert_eq!(req.json()["messages"][0]["content"], "hi", "content passes through unchanged");
     }
     assert_eq!(fx.anthropic.request_count() + fx.azure.request_count(), 0);
 }
@@ -69,10 +49,7 @@ async fn upstream_name_rewrites_the_model_sent_upstream() {
     assert::ok(&resp);
     let req = fx.openai.last_request().expect("upstream request");
     assert_eq!(req.json()["model"], ALIAS_UPSTREAM_NAME);
-    assert!(
-        !req.contains_anywhere("gpt-alias"),
-        "the alias must not reach upstream: {req:?}"
-    );
+    assert!(!req.contains_anywhere("gpt-alias"), "the alias must not reach upstream: {req:?}");
 
     let plain = fx.chat(ALICE_KEY, "gpt-4o").await.unwrap();
     assert::ok(&plain);
@@ -95,32 +72,13 @@ async fn unknown_model_is_404_and_disallowed_model_is_403() {
     let allowed = fx.chat(BOB_KEY, "gpt-4o-mini").await.unwrap();
     assert::ok(&allowed);
 
-    let unknown = fx
-        .messages(ALICE_KEY, &messages_body("claude-nope-9", "hi", false), &[])
-        .await
-        .unwrap();
+    let unknown = fx.messages(ALICE_KEY, &messages_body("claude-nope-9", "hi", false), &[]).await.unwrap();
     assert::anthropic_error(&unknown, 404, "model_not_found", Some("not_found_error"));
 
-    let not_allowed = fx
-        .messages(
-            BOB_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[],
-        )
-        .await
-        .unwrap();
-    assert::anthropic_error(
-        &not_allowed,
-        403,
-        "model_not_allowed",
-        Some("permission_error"),
-    );
+    let not_allowed = fx.messages(BOB_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[]).await.unwrap();
+    assert::anthropic_error(&not_allowed, 403, "model_not_allowed", Some("permission_error"));
 
-    assert_eq!(
-        fx.openai.request_count(),
-        1,
-        "only the allowed request reaches upstream"
-    );
+    assert_eq!(fx.openai.request_count(), 1, "only the allowed request reaches upstream");
     assert_eq!(fx.anthropic.request_count(), 0);
 }
 
@@ -140,11 +98,7 @@ async fn models_list_shows_only_the_models_the_key_may_use() {
     let fx = Fixture::start().await.expect("fixture");
     let url = fx.url("/v1/models");
 
-    let bob = fx
-        .client
-        .get(&url, &[("authorization", &format!("Bearer {BOB_KEY}"))])
-        .await
-        .unwrap();
+    let bob = fx.client.get(&url, &[("authorization", &format!("Bearer {BOB_KEY}"))]).await.unwrap();
     assert::ok(&bob);
     let body = bob.json();
     assert_eq!(body["object"], "list", "{body}");
@@ -153,38 +107,17 @@ async fn models_list_shows_only_the_models_the_key_may_use() {
         assert_eq!(entry["object"], "model", "{entry}");
     }
 
-    let alice = fx
-        .client
-        .get(&url, &[("x-api-key", ALICE_KEY)])
-        .await
-        .unwrap();
+    let alice = fx.client.get(&url, &[("x-api-key", ALICE_KEY)]).await.unwrap();
     assert::ok(&alice);
     let ids = model_ids(&alice.json());
-    for expected in [
-        "gpt-4o",
-        "gpt-4o-mini",
-        "gpt-alias",
-        "gpt-azure",
-        "claude-3-5-haiku-latest",
-        "text-embedding-3-small",
-    ] {
-        assert!(
-            ids.iter().any(|id| id == expected),
-            "alice should see {expected}: {ids:?}"
-        );
+    for expected in
+        ["gpt-4o", "gpt-4o-mini", "gpt-alias", "gpt-azure", "claude-3-5-haiku-latest", "text-embedding-3-small"]
+    {
+        assert!(ids.iter().any(|id| id == expected), "alice should see {expected}: {ids:?}");
     }
-    assert!(
-        !ids.iter().any(|id| id == "internal-only-model"),
-        "alice must not see internal-only-model: {ids:?}"
-    );
-    assert!(
-        !ids.iter().any(|id| id == ALIAS_UPSTREAM_NAME),
-        "upstream names stay hidden: {ids:?}"
-    );
-    assert!(
-        !ids.iter().any(|id| id == AZURE_DEPLOYMENT),
-        "upstream names stay hidden: {ids:?}"
-    );
+    assert!(!ids.iter().any(|id| id == "internal-only-model"), "alice must not see internal-only-model: {ids:?}");
+    assert!(!ids.iter().any(|id| id == ALIAS_UPSTREAM_NAME), "upstream names stay hidden: {ids:?}");
+    assert!(!ids.iter().any(|id| id == AZURE_DEPLOYMENT), "upstream names stay hidden: {ids:?}");
 }
 
 #[tokio::test]
@@ -192,34 +125,21 @@ async fn anthropic_upstream_gets_x_api_key_and_version_headers() {
     let fx = Fixture::start().await.expect("fixture");
     let beta = "prompt-caching-2024-07-31";
     let resp = fx
-        .messages(
-            ALICE_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[("anthropic-beta", beta)],
-        )
+        .messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[("anthropic-beta", beta)])
         .await
         .unwrap();
     assert::ok(&resp);
     let body = resp.json();
     assert_eq!(body["type"], "message");
-    assert_eq!(
-        body["content"][0]["text"],
-        "Hello from the loopback upstream."
-    );
+    assert_eq!(body["content"][0]["text"], "Hello from the loopback upstream.");
     assert_eq!(body["usage"]["input_tokens"], 17);
 
-    let req = fx
-        .anthropic
-        .last_request()
-        .expect("anthropic upstream request");
+    let req = fx.anthropic.last_request().expect("anthropic upstream request");
     assert_eq!(req.path_and_query, "/v1/messages");
     assert_eq!(req.header("x-api-key"), Some(ANTHROPIC_PROVIDER_KEY));
     assert_eq!(req.header("anthropic-version"), Some("2023-06-01"));
     assert_eq!(req.header("anthropic-beta"), Some(beta));
-    assert!(
-        req.header("authorization").is_none(),
-        "no Authorization to Anthropic: {req:?}"
-    );
+    assert!(req.header("authorization").is_none(), "no Authorization to Anthropic: {req:?}");
     assert_no_client_key(&req);
     assert_eq!(req.json()["model"], "claude-3-5-haiku-latest");
     assert_eq!(req.json()["max_tokens"], 64);
@@ -237,10 +157,7 @@ async fn azure_uses_deployment_url_api_version_and_api_key_header() {
         format!("/openai/deployments/{AZURE_DEPLOYMENT}/chat/completions?api-version={AZURE_API_VERSION}")
     );
     assert_eq!(req.header("api-key"), Some(AZURE_PROVIDER_KEY));
-    assert!(
-        req.header("authorization").is_none(),
-        "Azure auth is the api-key header only: {req:?}"
-    );
+    assert!(req.header("authorization").is_none(), "Azure auth is the api-key header only: {req:?}");
     assert_no_client_key(&req);
     assert_eq!(fx.openai.request_count() + fx.anthropic.request_count(), 0);
 }
@@ -253,60 +170,33 @@ async fn embeddings_completions_and_responses_are_forwarded() {
 
     let emb = fx
         .client
-        .post_json(
-            &fx.url("/v1/embeddings"),
-            &h,
-            &json!({"model": "text-embedding-3-small", "input": "hello"}),
-        )
+        .post_json(&fx.url("/v1/embeddings"), &h, &json!({"model": "text-embedding-3-small", "input": "hello"}))
         .await
         .unwrap();
     assert::ok(&emb);
     assert_eq!(emb.json()["data"][0]["object"], "embedding");
-    assert_eq!(
-        fx.openai.last_request().unwrap().path_and_query,
-        "/v1/embeddings"
-    );
+    assert_eq!(fx.openai.last_request().unwrap().path_and_query, "/v1/embeddings");
 
     let cmpl = fx
         .client
-        .post_json(
-            &fx.url("/v1/completions"),
-            &h,
-            &json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi"}),
-        )
+        .post_json(&fx.url("/v1/completions"), &h, &json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi"}))
         .await
         .unwrap();
     assert::ok(&cmpl);
-    assert_eq!(
-        cmpl.json()["choices"][0]["text"],
-        "Hello from the loopback upstream."
-    );
-    assert_eq!(
-        fx.openai.last_request().unwrap().path_and_query,
-        "/v1/completions"
-    );
+    assert_eq!(cmpl.json()["choices"][0]["text"], "Hello from the loopback upstream.");
+    assert_eq!(fx.openai.last_request().unwrap().path_and_query, "/v1/completions");
 
     let resp = fx
         .client
-        .post_json(
-            &fx.url("/v1/responses"),
-            &h,
-            &json!({"model": "gpt-4o", "input": "Say hi"}),
-        )
+        .post_json(&fx.url("/v1/responses"), &h, &json!({"model": "gpt-4o", "input": "Say hi"}))
         .await
         .unwrap();
     assert::ok(&resp);
     assert_eq!(resp.json()["object"], "response");
-    assert_eq!(
-        fx.openai.last_request().unwrap().path_and_query,
-        "/v1/responses"
-    );
+    assert_eq!(fx.openai.last_request().unwrap().path_and_query, "/v1/responses");
 
     for req in fx.openai.requests() {
-        assert_eq!(
-            req.header("authorization"),
-            Some(format!("Bearer {OPENAI_PROVIDER_KEY}").as_str())
-        );
+        assert_eq!(req.header("authorization"), Some(format!("Bearer {OPENAI_PROVIDER_KEY}").as_str()));
         assert_no_client_key(&req);
     }
 }
@@ -325,11 +215,7 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     assert::ok(&resp);
     let req = fx.openai.last_request().expect("upstream request");
     for name in ["keep-alive", "proxy-authorization", "x-e2e-hop"] {
-        assert!(
-            req.header(name).is_none(),
-            "hop-by-hop header {name} was forwarded: {:?}",
-            req.headers
-        );
+        assert!(req.header(name).is_none(), "hop-by-hop header {name} was forwarded: {:?}", req.headers);
     }
     assert!(!req.contains_anywhere("cHJveHk6c2VjcmV0"));
     // Response side: no hop-by-hop headers from the gateway either.

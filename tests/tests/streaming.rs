@@ -12,14 +12,7 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(10);
 
 fn chat_text(events: &[SseEvent]) -> String {
-    events
-        .iter()
-        .filter_map(|e| {
-            e.json()["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
+    events.iter().filter_map(|e| e.json()["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect()
 }
 
 fn is_usage_only(e: &SseEvent) -> bool {
@@ -30,27 +23,15 @@ fn is_usage_only(e: &SseEvent) -> bool {
 async fn wait_token_usage(fx: &Fixture, input: f64, output: f64) {
     let result = eventually(Duration::from_secs(5), "token usage metrics", || async {
         let m = fx.gateway.metrics().await.ok()?;
-        let i = m.sum(
-            "gen_ai_client_token_usage_sum",
-            &[("gen_ai_token_type", "input")],
-        );
-        let o = m.sum(
-            "gen_ai_client_token_usage_sum",
-            &[("gen_ai_token_type", "output")],
-        );
+        let i = m.sum("gen_ai_client_token_usage_sum", &[("gen_ai_token_type", "input")]);
+        let o = m.sum("gen_ai_client_token_usage_sum", &[("gen_ai_token_type", "output")]);
         (i == input && o == output).then_some(())
     })
     .await;
     if result.is_err() {
         let text = fx.gateway.metrics_text().await.unwrap_or_default();
-        let usage: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("gen_ai_client_token_usage"))
-            .collect();
-        panic!(
-            "expected input={input} output={output} tokens metered; metrics:\n{}",
-            usage.join("\n")
-        );
+        let usage: Vec<&str> = text.lines().filter(|l| l.contains("gen_ai_client_token_usage")).collect();
+        panic!("expected input={input} output={output} tokens metered; metrics:\n{}", usage.join("\n"));
     }
 }
 
@@ -73,34 +54,17 @@ async fn first_event_reaches_client_before_upstream_sends_its_last() {
         .await
         .unwrap();
     assert_eq!(stream.status, 200);
-    assert!(stream
-        .header("content-type")
-        .is_some_and(|c| c.starts_with("text/event-stream")));
+    assert!(stream.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")));
     assert!(stream.header("x-request-id").is_some());
-    let first = stream
-        .next_event(T)
-        .await
-        .unwrap()
-        .expect("a first event while upstream holds its last");
+    let first = stream.next_event(T).await.unwrap().expect("a first event while upstream holds its last");
     assert_eq!(first.json()["object"], "chat.completion.chunk");
     fx.openai.wait_held(1, T).await.unwrap();
-    assert!(
-        fx.openai.stream_timings()[0].last_event_sent.is_none(),
-        "upstream is still holding its last event"
-    );
+    assert!(fx.openai.stream_timings()[0].last_event_sent.is_none(), "upstream is still holding its last event");
     fx.openai.release();
     let rest = stream.collect_events(T).await.unwrap();
-    assert!(
-        rest.last().is_some_and(SseEvent::is_done),
-        "stream must end with [DONE]: {rest:?}"
-    );
-    let last_sent = fx.openai.stream_timings()[0]
-        .last_event_sent
-        .expect("upstream sent its last event");
-    assert!(
-        first.at < last_sent,
-        "client got its first event only after upstream sent the last one"
-    );
+    assert!(rest.last().is_some_and(SseEvent::is_done), "stream must end with [DONE]: {rest:?}");
+    let last_sent = fx.openai.stream_timings()[0].last_event_sent.expect("upstream sent its last event");
+    assert!(first.at < last_sent, "client got its first event only after upstream sent the last one");
     let mut all = vec![first];
     all.extend(rest);
     assert_eq!(chat_text(&all), "Hello from the loopback upstream.");
@@ -110,42 +74,26 @@ async fn first_event_reaches_client_before_upstream_sends_its_last() {
         .client
         .post_json_streaming(
             &fx.url("/v1/messages"),
-            &[
-                ("x-api-key", ALICE_KEY),
-                ("anthropic-version", "2023-06-01"),
-            ],
+            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
             &messages_body("claude-3-5-haiku-latest", "hi", true),
         )
         .await
         .unwrap();
     assert_eq!(stream.status, 200);
-    let first = stream
-        .next_event(T)
-        .await
-        .unwrap()
-        .expect("message_start while upstream holds message_stop");
+    let first = stream.next_event(T).await.unwrap().expect("message_start while upstream holds message_stop");
     assert_eq!(first.event.as_deref(), Some("message_start"));
     fx.anthropic.wait_held(1, T).await.unwrap();
     fx.anthropic.release();
     let rest = stream.collect_events(T).await.unwrap();
-    assert_eq!(
-        rest.last().and_then(|e| e.event.as_deref()),
-        Some("message_stop")
-    );
-    let last_sent = fx.anthropic.stream_timings()[0]
-        .last_event_sent
-        .expect("upstream sent message_stop");
+    assert_eq!(rest.last().and_then(|e| e.event.as_deref()), Some("message_stop"));
+    let last_sent = fx.anthropic.stream_timings()[0].last_event_sent.expect("upstream sent message_stop");
     assert!(first.at < last_sent);
 }
 
 #[tokio::test]
 async fn events_are_forwarded_one_by_one_not_batched() {
     let opts = FixtureOptions {
-        upstream: UpstreamOptions {
-            chunks: 6,
-            event_delay: Duration::from_millis(150),
-            ..Default::default()
-        },
+        upstream: UpstreamOptions { chunks: 6, event_delay: Duration::from_millis(150), ..Default::default() },
         ..Default::default()
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
@@ -163,18 +111,9 @@ async fn events_are_forwarded_one_by_one_not_batched() {
     // role + 6 deltas + finish + [DONE] = 9 events, 150 ms apart upstream.
     assert_eq!(events.len(), 9, "{events:?}");
     let spread = events.last().unwrap().at - events.first().unwrap().at;
-    assert!(
-        spread >= Duration::from_millis(900),
-        "events arrived within {spread:?}: buffered?"
-    );
-    let gaps = events
-        .windows(2)
-        .filter(|w| w[1].at - w[0].at >= Duration::from_millis(60))
-        .count();
-    assert!(
-        gaps >= 6,
-        "expected events to arrive spaced out, only {gaps} gaps >= 60ms"
-    );
+    assert!(spread >= Duration::from_millis(900), "events arrived within {spread:?}: buffered?");
+    let gaps = events.windows(2).filter(|w| w[1].at - w[0].at >= Duration::from_millis(60)).count();
+    assert!(gaps >= 6, "expected events to arrive spaced out, only {gaps} gaps >= 60ms");
 }
 
 #[tokio::test]
@@ -195,27 +134,16 @@ async fn usage_chunk_is_requested_and_stripped_when_client_did_not_ask() {
 
     let sent = fx.openai.last_request().unwrap().json();
     assert_eq!(sent["stream"], true);
-    assert_eq!(
-        sent["stream_options"]["include_usage"], true,
-        "gateway must ask upstream for usage: {sent}"
-    );
+    assert_eq!(sent["stream_options"]["include_usage"], true, "gateway must ask upstream for usage: {sent}");
 
-    assert!(
-        !events.iter().any(is_usage_only),
-        "usage-only chunk must be stripped: {events:?}"
-    );
+    assert!(!events.iter().any(is_usage_only), "usage-only chunk must be stripped: {events:?}");
     assert!(events.last().is_some_and(SseEvent::is_done), "{events:?}");
     assert_eq!(events.iter().filter(|e| e.is_done()).count(), 1);
     assert_eq!(chat_text(&events), "Hello from the loopback upstream.");
-    assert!(events
-        .iter()
-        .any(|e| e.json()["choices"][0]["finish_reason"] == "stop"));
+    assert!(events.iter().any(|e| e.json()["choices"][0]["finish_reason"] == "stop"));
     wait_token_usage(&fx, 17.0, 9.0).await;
     let m = fx.gateway.metrics().await.unwrap();
-    assert!(
-        m.has("gen_ai_server_time_to_first_token"),
-        "gen_ai_server_time_to_first_token missing after a stream"
-    );
+    assert!(m.has("gen_ai_server_time_to_first_token"), "gen_ai_server_time_to_first_token missing after a stream");
 }
 
 #[tokio::test]
@@ -226,11 +154,7 @@ async fn usage_chunk_is_kept_when_client_asked() {
     body["stream_options"] = json!({"include_usage": true});
     let mut stream = fx
         .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &body,
-        )
+        .post_json_streaming(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &body)
         .await
         .unwrap();
     let events = stream.collect_events(T).await.unwrap();
@@ -240,10 +164,7 @@ async fn usage_chunk_is_kept_when_client_asked() {
     assert_eq!(u["prompt_tokens"], 17);
     assert_eq!(u["completion_tokens"], 9);
     assert!(events.last().is_some_and(SseEvent::is_done));
-    assert_eq!(
-        fx.openai.last_request().unwrap().json()["stream_options"]["include_usage"],
-        true
-    );
+    assert_eq!(fx.openai.last_request().unwrap().json()["stream_options"]["include_usage"], true);
     wait_token_usage(&fx, 17.0, 9.0).await;
 }
 
@@ -254,10 +175,7 @@ async fn anthropic_stream_is_forwarded_in_order_and_metered() {
         .client
         .post_json_streaming(
             &fx.url("/v1/messages"),
-            &[
-                ("x-api-key", ALICE_KEY),
-                ("anthropic-version", "2023-06-01"),
-            ],
+            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
             &messages_body("claude-3-5-haiku-latest", "hi", true),
         )
         .await
@@ -270,39 +188,20 @@ async fn anthropic_stream_is_forwarded_in_order_and_metered() {
     expected.extend(["content_block_stop", "message_delta", "message_stop"]);
     assert_eq!(names, expected);
     for e in &events {
-        assert_eq!(
-            e.json()["type"].as_str(),
-            e.event.as_deref(),
-            "event name matches data.type"
-        );
+        assert_eq!(e.json()["type"].as_str(), e.event.as_deref(), "event name matches data.type");
     }
-    let text: String = events
-        .iter()
-        .filter_map(|e| e.json()["delta"]["text"].as_str().map(str::to_string))
-        .collect();
+    let text: String = events.iter().filter_map(|e| e.json()["delta"]["text"].as_str().map(str::to_string)).collect();
     assert_eq!(text, "Hello from the loopback upstream.");
     wait_token_usage(&fx, 17.0, 9.0).await;
 
     let m = fx.gateway.metrics().await.unwrap();
     let sample = m
-        .matching(
-            "gen_ai_client_token_usage_count",
-            &[("gen_ai_token_type", "input")],
-        )
+        .matching("gen_ai_client_token_usage_count", &[("gen_ai_token_type", "input")])
         .next()
         .expect("token usage series");
-    assert_eq!(
-        sample
-            .labels
-            .get("gen_ai_request_model")
-            .map(String::as_str),
-        Some("claude-3-5-haiku-latest")
-    );
+    assert_eq!(sample.labels.get("gen_ai_request_model").map(String::as_str), Some("claude-3-5-haiku-latest"));
     for label in ["gen_ai_provider_name", "gen_ai_operation_name"] {
-        assert!(
-            sample.labels.contains_key(label),
-            "missing label {label}: {sample:?}"
-        );
+        assert!(sample.labels.contains_key(label), "missing label {label}: {sample:?}");
     }
 }
 
@@ -310,15 +209,7 @@ async fn anthropic_stream_is_forwarded_in_order_and_metered() {
 async fn non_streaming_usage_and_request_metrics() {
     let fx = Fixture::start().await.expect("fixture");
     assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
-    assert::ok(
-        &fx.messages(
-            ALICE_KEY,
-            &messages_body("claude-3-5-haiku-latest", "hi", false),
-            &[],
-        )
-        .await
-        .unwrap(),
-    );
+    assert::ok(&fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", "hi", false), &[]).await.unwrap());
     let auth = format!("Bearer {ALICE_KEY}");
     let emb = fx
         .client
@@ -337,19 +228,10 @@ async fn non_streaming_usage_and_request_metrics() {
     let _ = fx.chat(UNKNOWN_KEY, "gpt-4o-mini").await.unwrap();
     let m2 = fx.gateway.metrics().await.unwrap();
     let total: f64 = m2.sum("portcullis_requests_total", &[]);
-    assert!(
-        total >= 4.0,
-        "portcullis_requests_total should count every request: {total}"
-    );
+    assert!(total >= 4.0, "portcullis_requests_total should count every request: {total}");
     assert!(m2.sum("portcullis_requests_total", &[]) > m.sum("portcullis_requests_total", &[]));
     for s in m2.matching("portcullis_requests_total", &[]) {
-        assert!(
-            s.labels.contains_key("route") && s.labels.contains_key("outcome"),
-            "{s:?}"
-        );
+        assert!(s.labels.contains_key("route") && s.labels.contains_key("outcome"), "{s:?}");
     }
-    assert!(
-        m2.has("gen_ai_server_request_duration"),
-        "gen_ai_server_request_duration missing"
-    );
+    assert!(m2.has("gen_ai_server_request_duration"), "gen_ai_server_request_duration missing");
 }
