@@ -108,11 +108,7 @@ impl ClientKey {
     /// A short non-secret identifier, e.g. `pcl_AbC123…`, for status and logs.
     pub fn display_prefix(&self) -> String {
         let bytes = self.0.expose();
-        let start = if bytes.starts_with(GENERATED_KEY_PREFIX.as_bytes()) {
-            GENERATED_KEY_PREFIX.len()
-        } else {
-            0
-        };
+        let start = if bytes.starts_with(GENERATED_KEY_PREFIX.as_bytes()) { GENERATED_KEY_PREFIX.len() } else { 0 };
         let end = (start + DISPLAY_PREFIX_CHARS).min(bytes.len());
         format!("{}…", String::from_utf8_lossy(&bytes[..end]))
     }
@@ -130,8 +126,7 @@ impl fmt::Debug for ClientKey {
 
 /// True for a plausible client key: bounded length, visible ASCII only.
 pub fn is_well_formed_key(bytes: &[u8]) -> bool {
-    (MIN_CLIENT_KEY_LEN..=MAX_CLIENT_KEY_LEN).contains(&bytes.len())
-        && bytes.iter().all(|b| b.is_ascii_graphic())
+    (MIN_CLIENT_KEY_LEN..=MAX_CLIENT_KEY_LEN).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// HMAC-SHA256 of a client key under the pepper. Equality is constant-time.
@@ -219,10 +214,7 @@ mod tests {
         // 40 random bytes in unpadded base64url.
         assert_eq!(a.expose().len(), 4 + 54);
         assert!(is_well_formed_key(a.expose()));
-        assert_eq!(
-            a.display_prefix(),
-            format!("{}…", std::str::from_utf8(&a.expose()[..10]).unwrap_or("?"))
-        );
+        assert_eq!(a.display_prefix(), format!("{}…", std::str::from_utf8(&a.expose()[..10]).unwrap_or("?")));
     }
 
     #[test]
@@ -231,10 +223,7 @@ mod tests {
         let other = Pepper::new(SecretBytes::from_slice(&[8u8; 32])).expect("valid pepper");
         assert_eq!(pepper().digest(key), pepper().digest(key));
         assert_ne!(pepper().digest(key), other.digest(key));
-        assert_ne!(
-            pepper().digest(key),
-            pepper().digest(b"pcl_0123456789abcdefghijklmnopqrstuvwxyZ")
-        );
+        assert_ne!(pepper().digest(key), pepper().digest(b"pcl_0123456789abcdefghijklmnopqrstuvwxyZ"));
     }
 
     #[test]
@@ -250,21 +239,12 @@ mod tests {
 
     #[test]
     fn short_pepper_and_malformed_keys_are_refused() {
-        assert_eq!(
-            Pepper::new(SecretBytes::from_slice(&[1u8; 16])).err(),
-            Some(KeyMaterialError::PepperTooShort(16))
-        );
-        for bad in [
-            &b"short"[..],
-            b"has a space in the middle of the key....",
-            &[0xffu8; 40],
-        ] {
+        assert_eq!(Pepper::new(SecretBytes::from_slice(&[1u8; 16])).err(), Some(KeyMaterialError::PepperTooShort(16)));
+        for bad in [&b"short"[..], b"has a space in the middle of the key....", &[0xffu8; 40]] {
             assert!(ClientKey::from_brought(&SecretBytes::from_slice(bad)).is_err());
         }
-        let brought = ClientKey::from_brought(&SecretBytes::from_slice(
-            b"demo-key-0123456789-0123456789-0123456789\n",
-        ))
-        .expect("well formed");
+        let brought = ClientKey::from_brought(&SecretBytes::from_slice(b"demo-key-0123456789-0123456789-0123456789\n"))
+            .expect("well formed");
         assert!(!brought.expose().ends_with(b"\n"));
     }
 
@@ -276,9 +256,7 @@ mod tests {
         assert_eq!(d, back);
         assert!(KeyDigest::from_hex("zz").is_err());
         let key = ClientKey::generate().expect("rng");
-        let text = std::str::from_utf8(key.expose())
-            .unwrap_or_default()
-            .to_owned();
+        let text = std::str::from_utf8(key.expose()).unwrap_or_default().to_owned();
         assert!(!format!("{key:?} {:?}", pepper()).contains(&text));
     }
 }

@@ -51,15 +51,11 @@ impl KeyId {
         let id = id.into();
         let ok = !id.is_empty()
             && id.len() <= 32
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Self(id))
         } else {
-            Err(SealingError::InvalidKeyring(format!(
-                "key id {id:?} must be 1-32 characters of [a-z0-9-]"
-            )))
+            Err(SealingError::InvalidKeyring(format!("key id {id:?} must be 1-32 characters of [a-z0-9-]")))
         }
     }
 
@@ -93,19 +89,14 @@ pub struct MasterKey(Zeroizing<[u8; 32]>);
 
 impl MasterKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SealingError> {
-        let array: [u8; 32] = bytes.try_into().map_err(|_| {
-            SealingError::InvalidKeyring(format!(
-                "a master key must be 32 bytes, got {}",
-                bytes.len()
-            ))
-        })?;
+        let array: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| SealingError::InvalidKeyring(format!("a master key must be 32 bytes, got {}", bytes.len())))?;
         Ok(Self(Zeroizing::new(array)))
     }
 
     pub fn generate() -> Result<Self, SealingError> {
-        Ok(Self(Zeroizing::new(
-            random_bytes::<32>().map_err(|_| SealingError::Rng)?,
-        )))
+        Ok(Self(Zeroizing::new(random_bytes::<32>().map_err(|_| SealingError::Rng)?)))
     }
 
     fn cipher(&self) -> Aes256Gcm {
@@ -130,9 +121,7 @@ pub struct MasterKeyring {
 impl MasterKeyring {
     pub fn new(active: KeyId, keys: BTreeMap<KeyId, MasterKey>) -> Result<Self, SealingError> {
         if !keys.contains_key(&active) {
-            return Err(SealingError::InvalidKeyring(format!(
-                "active key id {active} has no key"
-            )));
+            return Err(SealingError::InvalidKeyring(format!("active key id {active} has no key")));
         }
         Ok(Self { active, keys })
     }
@@ -159,66 +148,43 @@ impl MasterKeyring {
     }
 
     /// Reads a keyring from Secret data: `active: <id>` and `key.<id>: <32 raw bytes>`.
-    pub fn from_secret_data<'a>(
-        data: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<Self, SealingError> {
+    pub fn from_secret_data<'a>(data: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<Self, SealingError> {
         let mut active = None;
         let mut keys = BTreeMap::new();
         for (field, value) in data {
             if field == ACTIVE_KEY_FIELD {
-                let text = std::str::from_utf8(value).map_err(|_| {
-                    SealingError::InvalidKeyring("`active` is not UTF-8".to_owned())
-                })?;
+                let text = std::str::from_utf8(value)
+                    .map_err(|_| SealingError::InvalidKeyring("`active` is not UTF-8".to_owned()))?;
                 active = Some(KeyId::new(text.trim())?);
             } else if let Some(id) = field.strip_prefix(KEY_FIELD_PREFIX) {
                 keys.insert(KeyId::new(id)?, MasterKey::from_bytes(value)?);
             }
         }
-        let active =
-            active.ok_or_else(|| SealingError::InvalidKeyring("missing `active`".to_owned()))?;
+        let active = active.ok_or_else(|| SealingError::InvalidKeyring("missing `active`".to_owned()))?;
         Self::new(active, keys)
     }
 
     /// The inverse of [`MasterKeyring::from_secret_data`]; values are secret.
     pub fn to_secret_data(&self) -> BTreeMap<String, SecretBytes> {
         let mut out = BTreeMap::new();
-        out.insert(
-            ACTIVE_KEY_FIELD.to_owned(),
-            SecretBytes::from_slice(self.active.as_str().as_bytes()),
-        );
+        out.insert(ACTIVE_KEY_FIELD.to_owned(), SecretBytes::from_slice(self.active.as_str().as_bytes()));
         for (id, key) in &self.keys {
-            out.insert(
-                format!("{KEY_FIELD_PREFIX}{id}"),
-                SecretBytes::from_slice(key.0.as_ref()),
-            );
+            out.insert(format!("{KEY_FIELD_PREFIX}{id}"), SecretBytes::from_slice(key.0.as_ref()));
         }
         out
     }
 
     /// Seals `plaintext` under the active key with a fresh nonce.
-    pub fn seal(
-        &self,
-        binding: &SealBinding<'_>,
-        plaintext: &SecretBytes,
-    ) -> Result<SealedCredential, SealingError> {
+    pub fn seal(&self, binding: &SealBinding<'_>, plaintext: &SecretBytes) -> Result<SealedCredential, SealingError> {
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_LEN {
             return Err(SealingError::PlaintextSize);
         }
-        let key = self
-            .keys
-            .get(&self.active)
-            .ok_or_else(|| SealingError::UnknownKeyId(self.active.to_string()))?;
+        let key = self.keys.get(&self.active).ok_or_else(|| SealingError::UnknownKeyId(self.active.to_string()))?;
         let nonce = random_bytes::<NONCE_LEN>().map_err(|_| SealingError::Rng)?;
         let aad = binding.aad(&self.active);
         let ciphertext = key
             .cipher()
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext.expose(),
-                    aad: &aad,
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext.expose(), aad: &aad })
             .map_err(|_| SealingError::Authentication)?;
         let b64 = base64::engine::general_purpose::STANDARD;
         Ok(SealedCredential {
@@ -229,35 +195,19 @@ impl MasterKeyring {
     }
 
     /// Opens a sealed credential; fails unless key id, binding and ciphertext all match.
-    pub fn open(
-        &self,
-        binding: &SealBinding<'_>,
-        sealed: &SealedCredential,
-    ) -> Result<SecretBytes, SealingError> {
-        let key = self
-            .keys
-            .get(&sealed.key_id)
-            .ok_or_else(|| SealingError::UnknownKeyId(sealed.key_id.to_string()))?;
+    pub fn open(&self, binding: &SealBinding<'_>, sealed: &SealedCredential) -> Result<SecretBytes, SealingError> {
+        let key = self.keys.get(&sealed.key_id).ok_or_else(|| SealingError::UnknownKeyId(sealed.key_id.to_string()))?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let nonce = b64
-            .decode(&sealed.nonce)
-            .map_err(|_| SealingError::Malformed("nonce is not base64"))?;
+        let nonce = b64.decode(&sealed.nonce).map_err(|_| SealingError::Malformed("nonce is not base64"))?;
         if nonce.len() != NONCE_LEN {
             return Err(SealingError::Malformed("nonce is not 96 bits"));
         }
-        let ciphertext = b64
-            .decode(&sealed.ciphertext)
-            .map_err(|_| SealingError::Malformed("ciphertext is not base64"))?;
+        let ciphertext =
+            b64.decode(&sealed.ciphertext).map_err(|_| SealingError::Malformed("ciphertext is not base64"))?;
         let aad = binding.aad(&sealed.key_id);
         let plaintext = key
             .cipher()
-            .decrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &ciphertext,
-                    aad: &aad,
-                },
-            )
+            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &aad })
             .map_err(|_| SealingError::Authentication)?;
         Ok(SecretBytes::new(plaintext))
     }
@@ -279,12 +229,8 @@ impl SealBinding<'_> {
         // Length-prefixed fields: no two different bindings encode to the same bytes.
         let mut aad = Vec::with_capacity(128);
         aad.extend_from_slice(AAD_DOMAIN);
-        for field in [
-            self.namespace.as_bytes(),
-            self.name.as_bytes(),
-            self.uid.as_bytes(),
-            key_id.as_str().as_bytes(),
-        ] {
+        for field in [self.namespace.as_bytes(), self.name.as_bytes(), self.uid.as_bytes(), key_id.as_str().as_bytes()]
+        {
             aad.extend_from_slice(&(field.len() as u32).to_be_bytes());
             aad.extend_from_slice(field);
         }
@@ -308,12 +254,7 @@ mod tests {
     use super::*;
 
     fn binding() -> SealBinding<'static> {
-        SealBinding {
-            namespace: "team-a",
-            name: "openai",
-            uid: "u-1",
-            key_version: 1,
-        }
+        SealBinding { namespace: "team-a", name: "openai", uid: "u-1", key_version: 1 }
     }
 
     fn keyring(id: &str) -> MasterKeyring {
@@ -336,130 +277,59 @@ mod tests {
     #[test]
     fn wrong_key_tampering_and_wrong_binding_are_rejected() {
         let ring = keyring("k1");
-        let sealed = ring
-            .seal(&binding(), &SecretBytes::from_slice(b"sk-x"))
-            .expect("seal");
+        let sealed = ring.seal(&binding(), &SecretBytes::from_slice(b"sk-x")).expect("seal");
 
         // Same id, different key material.
-        assert_eq!(
-            keyring("k1").open(&binding(), &sealed),
-            Err(SealingError::Authentication)
-        );
+        assert_eq!(keyring("k1").open(&binding(), &sealed), Err(SealingError::Authentication));
         // Unknown key id.
-        assert!(matches!(
-            keyring("k2").open(&binding(), &sealed),
-            Err(SealingError::UnknownKeyId(_))
-        ));
+        assert!(matches!(keyring("k2").open(&binding(), &sealed), Err(SealingError::UnknownKeyId(_))));
 
         // One flipped ciphertext bit.
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut raw = b64.decode(&sealed.ciphertext).expect("b64");
         raw[0] ^= 1;
-        let tampered = SealedCredential {
-            ciphertext: b64.encode(&raw),
-            ..sealed.clone()
-        };
-        assert_eq!(
-            ring.open(&binding(), &tampered),
-            Err(SealingError::Authentication)
-        );
+        let tampered = SealedCredential { ciphertext: b64.encode(&raw), ..sealed.clone() };
+        assert_eq!(ring.open(&binding(), &tampered), Err(SealingError::Authentication));
 
         // Each binding field matters.
         for other in [
-            SealBinding {
-                namespace: "team-b",
-                ..binding()
-            },
-            SealBinding {
-                name: "openai2",
-                ..binding()
-            },
-            SealBinding {
-                uid: "u-2",
-                ..binding()
-            },
-            SealBinding {
-                key_version: 2,
-                ..binding()
-            },
+            SealBinding { namespace: "team-b", ..binding() },
+            SealBinding { name: "openai2", ..binding() },
+            SealBinding { uid: "u-2", ..binding() },
+            SealBinding { key_version: 2, ..binding() },
         ] {
-            assert_eq!(
-                ring.open(&other, &sealed),
-                Err(SealingError::Authentication),
-                "{other:?}"
-            );
+            assert_eq!(ring.open(&other, &sealed), Err(SealingError::Authentication), "{other:?}");
         }
         // Relabelling the key id is caught by the AAD even if the key exists.
         let mut two = ring.clone();
-        two.rotate_to(
-            KeyId::new("k2").expect("id"),
-            MasterKey::from_bytes(&[1u8; 32]).expect("key"),
-        );
-        let relabelled = SealedCredential {
-            key_id: KeyId::new("k2").expect("id"),
-            ..sealed.clone()
-        };
-        assert_eq!(
-            two.open(&binding(), &relabelled),
-            Err(SealingError::Authentication)
-        );
+        two.rotate_to(KeyId::new("k2").expect("id"), MasterKey::from_bytes(&[1u8; 32]).expect("key"));
+        let relabelled = SealedCredential { key_id: KeyId::new("k2").expect("id"), ..sealed.clone() };
+        assert_eq!(two.open(&binding(), &relabelled), Err(SealingError::Authentication));
         // Bad nonce.
-        let short = SealedCredential {
-            nonce: b64.encode([0u8; 8]),
-            ..sealed
-        };
-        assert!(matches!(
-            ring.open(&binding(), &short),
-            Err(SealingError::Malformed(_))
-        ));
+        let short = SealedCredential { nonce: b64.encode([0u8; 8]), ..sealed };
+        assert!(matches!(ring.open(&binding(), &short), Err(SealingError::Malformed(_))));
     }
 
     #[test]
     fn rotation_keeps_old_ciphertexts_readable() {
         let mut ring = keyring("k1");
-        let old = ring
-            .seal(&binding(), &SecretBytes::from_slice(b"sk-old"))
-            .expect("seal");
-        ring.rotate_to(
-            KeyId::new("k2").expect("id"),
-            MasterKey::generate().expect("key"),
-        );
-        let new = ring
-            .seal(&binding(), &SecretBytes::from_slice(b"sk-new"))
-            .expect("seal");
+        let old = ring.seal(&binding(), &SecretBytes::from_slice(b"sk-old")).expect("seal");
+        ring.rotate_to(KeyId::new("k2").expect("id"), MasterKey::generate().expect("key"));
+        let new = ring.seal(&binding(), &SecretBytes::from_slice(b"sk-new")).expect("seal");
         assert_eq!(new.key_id.as_str(), "k2");
-        assert_eq!(
-            ring.open(&binding(), &old).expect("open").expose(),
-            b"sk-old"
-        );
-        assert_eq!(
-            ring.open(&binding(), &new).expect("open").expose(),
-            b"sk-new"
-        );
+        assert_eq!(ring.open(&binding(), &old).expect("open").expose(), b"sk-old");
+        assert_eq!(ring.open(&binding(), &new).expect("open").expose(), b"sk-new");
     }
 
     #[test]
     fn secret_data_round_trip() {
         let ring = keyring("k1");
         let data = ring.to_secret_data();
-        let back =
-            MasterKeyring::from_secret_data(data.iter().map(|(k, v)| (k.as_str(), v.expose())))
-                .expect("parse");
-        let sealed = ring
-            .seal(&binding(), &SecretBytes::from_slice(b"sk"))
-            .expect("seal");
-        assert_eq!(
-            back.open(&binding(), &sealed).expect("open").expose(),
-            b"sk"
-        );
+        let back = MasterKeyring::from_secret_data(data.iter().map(|(k, v)| (k.as_str(), v.expose()))).expect("parse");
+        let sealed = ring.seal(&binding(), &SecretBytes::from_slice(b"sk")).expect("seal");
+        assert_eq!(back.open(&binding(), &sealed).expect("open").expose(), b"sk");
         assert!(MasterKeyring::from_secret_data([("active", &b"k1"[..])]).is_err());
-        assert!(MasterKeyring::from_secret_data([
-            ("active", &b"k1"[..]),
-            ("key.k1", &[0u8; 31][..])
-        ])
-        .is_err());
-        assert!(
-            !format!("{ring:?}").contains("key.k1") || format!("{ring:?}").contains("redacted")
-        );
+        assert!(MasterKeyring::from_secret_data([("active", &b"k1"[..]), ("key.k1", &[0u8; 31][..])]).is_err());
+        assert!(!format!("{ring:?}").contains("key.k1") || format!("{ring:?}").contains("redacted"));
     }
 }

@@ -80,18 +80,9 @@ mod tests {
 
     #[test]
     fn equality_compares_content() {
-        assert_eq!(
-            SecretBytes::from_slice(b"abc"),
-            SecretBytes::from_slice(b"abc")
-        );
-        assert_ne!(
-            SecretBytes::from_slice(b"abc"),
-            SecretBytes::from_slice(b"abd")
-        );
-        assert_ne!(
-            SecretBytes::from_slice(b"abc"),
-            SecretBytes::from_slice(b"abcd")
-        );
+        assert_eq!(SecretBytes::from_slice(b"abc"), SecretBytes::from_slice(b"abc"));
+        assert_ne!(SecretBytes::from_slice(b"abc"), SecretBytes::from_slice(b"abd"));
+        assert_ne!(SecretBytes::from_slice(b"abc"), SecretBytes::from_slice(b"abcd"));
     }
 
     #[test]

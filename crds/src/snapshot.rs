@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::digest::KeyDigest;
 use crate::sealing::{SealBinding, SealedCredential};
-use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind};
+use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind, TeamLimits};
 
 /// Format version written by this crate.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -50,12 +50,7 @@ impl GatewaySnapshot {
             Some(p) => p.generation.saturating_add(1),
             None => 1,
         };
-        Self {
-            schema_version: SCHEMA_VERSION,
-            generation,
-            content_digest,
-            content,
-        }
+        Self { schema_version: SCHEMA_VERSION, generation, content_digest, content }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -73,8 +68,7 @@ impl GatewaySnapshot {
         struct Header {
             schema_version: u32,
         }
-        let header: Header =
-            serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        let header: Header = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
         if header.schema_version != SCHEMA_VERSION {
             return Err(SnapshotError::UnsupportedSchema(header.schema_version));
         }
@@ -127,6 +121,9 @@ pub struct ApiKeyEntry {
     pub revoked: bool,
     #[serde(default)]
     pub limits: ApiKeyLimits,
+    /// Limits shared by the key's team, as this key declares them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_limits: Option<TeamLimits>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,25 +233,12 @@ mod tests {
         let json = snap.to_json();
         assert_eq!(GatewaySnapshot::from_json(&json).expect("parse"), snap);
 
-        let tampered = String::from_utf8(json.clone())
-            .expect("utf8")
-            .replace("\"active\":false", "\"active\":true");
-        assert!(matches!(
-            GatewaySnapshot::from_json(tampered.as_bytes()),
-            Err(SnapshotError::DigestMismatch)
-        ));
+        let tampered = String::from_utf8(json.clone()).expect("utf8").replace("\"active\":false", "\"active\":true");
+        assert!(matches!(GatewaySnapshot::from_json(tampered.as_bytes()), Err(SnapshotError::DigestMismatch)));
 
-        let future = String::from_utf8(json)
-            .expect("utf8")
-            .replace("\"schemaVersion\":1", "\"schemaVersion\":9");
-        assert!(matches!(
-            GatewaySnapshot::from_json(future.as_bytes()),
-            Err(SnapshotError::UnsupportedSchema(9))
-        ));
-        assert!(matches!(
-            GatewaySnapshot::from_json(b"{"),
-            Err(SnapshotError::Malformed(_))
-        ));
+        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":1", "\"schemaVersion\":9");
+        assert!(matches!(GatewaySnapshot::from_json(future.as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
+        assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
     }
 
     #[test]

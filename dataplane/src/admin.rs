@@ -18,6 +18,7 @@ use crate::snapshot::SnapshotHandle;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub snapshot: Arc<SnapshotHandle>,
+    pub limiter: Arc<crate::limits::Limiter>,
     pub draining: AtomicBool,
 }
 
@@ -27,7 +28,60 @@ fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {
     response
 }
 
-pub fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<GatewayBody> {
+/// Most keys listed on one `/limits` page.
+const LIMITS_PAGE: usize = 500;
+
+/// `/limits[?key=namespace/name][&offset=N]`: current window counts and budget use per key that
+/// has limits, from the shared store when it is reachable.
+async fn limits(state: &AdminState, query: Option<&str>) -> Response<GatewayBody> {
+    let Some(snapshot) = state.snapshot.load() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot loaded yet\n");
+    };
+    let mut wanted_key = None;
+    let mut offset = 0usize;
+    for pair in query.unwrap_or_default().split('&') {
+        match pair.split_once('=') {
+            Some(("key", v)) => wanted_key = Some(v.replace("%2F", "/").replace("%2f", "/")),
+            Some(("offset", v)) => offset = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let mut keys: Vec<_> = snapshot
+        .policies
+        .iter()
+        .filter(|p| wanted_key.as_deref().is_none_or(|k| p.key.to_string() == k))
+        .filter(|p| p.limits != Default::default())
+        .collect();
+    keys.sort_by(|a, b| a.key.cmp(&b.key));
+    let total = keys.len();
+    let mut entries = Vec::new();
+    for policy in keys.into_iter().skip(offset).take(LIMITS_PAGE) {
+        let (requests, tokens, day, month, source) = state.limiter.usage(&policy.key.to_string()).await;
+        let l = &policy.limits;
+        entries.push(serde_json::json!({
+            "key": policy.key.to_string(),
+            "source": source,
+            "requestsPerMinute": {"used": requests, "limit": l.requests_per_minute},
+            "tokensPerMinute": {"used": tokens, "limit": l.tokens_per_minute},
+            "tokensPerDay": {"used": day, "limit": l.tokens_per_day},
+            "tokensPerMonth": {"used": month, "limit": l.tokens_per_month},
+        }));
+    }
+    let mode = state.limiter.mode_name(state.limiter.settings().default_policy);
+    crate::body::json_response(
+        StatusCode::OK,
+        &serde_json::json!({"mode": mode, "total": total, "offset": offset, "keys": entries}),
+    )
+}
+
+pub async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<GatewayBody> {
+    if request.method() == Method::GET && request.uri().path() == "/limits" {
+        return limits(state, request.uri().query()).await;
+    }
+    respond_sync(state, request)
+}
+
+fn respond_sync<B>(state: &AdminState, request: &Request<B>) -> Response<GatewayBody> {
     if request.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -41,9 +95,7 @@ pub fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<GatewayB
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.draining.load(Ordering::Relaxed) => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        }
+        "/readyz" if state.draining.load(Ordering::Relaxed) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if state.snapshot.is_loaded() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot loaded yet\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -64,7 +116,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                async move { Ok::<_, Infallible>(respond(&state, &request).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

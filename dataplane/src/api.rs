@@ -41,11 +41,7 @@ impl ApiRoute {
             "/v1/messages" => ApiRoute::Messages,
             _ => return Err((ApiFlavor::OpenAi, GatewayError::RouteNotFound)),
         };
-        let expected = if route == ApiRoute::Models {
-            Method::GET
-        } else {
-            Method::POST
-        };
+        let expected = if route == ApiRoute::Models { Method::GET } else { Method::POST };
         if method != expected {
             return Err((route.flavor(), GatewayError::MethodNotAllowed));
         }
@@ -108,9 +104,14 @@ pub struct RequestHead<'a> {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Present only so it can be told apart from a body without it; the value is not used here.
+    /// Output caps, for reserving tokens against limits (OpenAI chat, newer OpenAI, Responses
+    /// API; Anthropic uses `max_tokens`).
     #[serde(default)]
-    pub max_tokens: Option<serde::de::IgnoredAny>,
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,9 +139,7 @@ impl<'a> RequestHead<'a> {
     pub fn model(&self) -> Result<&str, GatewayError> {
         match self.model.as_deref() {
             Some(m) if !m.is_empty() => Ok(m),
-            _ => Err(GatewayError::InvalidRequest(
-                "The `model` field is required.".to_owned(),
-            )),
+            _ => Err(GatewayError::InvalidRequest("The `model` field is required.".to_owned())),
         }
     }
 
@@ -148,11 +147,13 @@ impl<'a> RequestHead<'a> {
         self.stream.unwrap_or(false)
     }
 
+    /// The output cap the client asked for, if any.
+    pub fn output_cap(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_output_tokens).or(self.max_tokens)
+    }
+
     pub fn client_wants_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false)
+        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
     }
 }
 
@@ -161,7 +162,7 @@ fn classify_json_error(e: &serde_json::Error) -> String {
     let what = match e.classify() {
         Category::Io => "read error",
         Category::Syntax => "syntax error",
-        Category::Data => "unexpected type for `model`, `stream` or `stream_options`",
+        Category::Data => "unexpected type for `model`, `stream`, `stream_options` or a `max_*tokens` field",
         Category::Eof => "unexpected end of input",
     };
     format!("{what} at line {} column {}", e.line(), e.column())
@@ -185,9 +186,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         let bytes = value.as_bytes();
         let sane = !bytes.is_empty()
             && bytes.len() <= 128
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
         if sane {
             return value.clone();
         }
@@ -202,14 +201,8 @@ mod tests {
 
     #[test]
     fn routes_and_methods() {
-        assert_eq!(
-            ApiRoute::classify(&Method::POST, "/v1/chat/completions"),
-            Ok(ApiRoute::ChatCompletions)
-        );
-        assert_eq!(
-            ApiRoute::classify(&Method::GET, "/v1/models/"),
-            Ok(ApiRoute::Models)
-        );
+        assert_eq!(ApiRoute::classify(&Method::POST, "/v1/chat/completions"), Ok(ApiRoute::ChatCompletions));
+        assert_eq!(ApiRoute::classify(&Method::GET, "/v1/models/"), Ok(ApiRoute::Models));
         assert_eq!(
             ApiRoute::classify(&Method::GET, "/v1/messages"),
             Err((ApiFlavor::Anthropic, GatewayError::MethodNotAllowed))
@@ -224,8 +217,7 @@ mod tests {
         assert_eq!(head.model().expect("model"), "gpt-4o");
         assert!(head.streaming());
         assert!(head.client_wants_usage());
-        let err =
-            RequestHead::parse(br#"{"model": 5, "messages": "CANARY"}"#).expect_err("bad type");
+        let err = RequestHead::parse(br#"{"model": 5, "messages": "CANARY"}"#).expect_err("bad type");
         assert!(!err.message().contains("CANARY"));
         let err = RequestHead::parse(br#"{"messages": "CANARY-unterminated"#).expect_err("eof");
         assert!(!err.message().contains("CANARY"), "{}", err.message());
@@ -243,9 +235,6 @@ mod tests {
         headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&headers), "abc-123");
         headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has spaces"));
-        assert!(request_id(&headers)
-            .to_str()
-            .expect("ascii")
-            .starts_with("req_"));
+        assert!(request_id(&headers).to_str().expect("ascii").starts_with("req_"));
     }
 }

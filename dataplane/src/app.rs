@@ -25,9 +25,7 @@ use crate::snapshot::SnapshotHandle;
 pub fn init_logging(args: &DataplaneArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -37,15 +35,11 @@ pub fn init_logging(args: &DataplaneArgs) -> anyhow::Result<()> {
 
 /// Reads key material given as raw bytes, hex, or base64.
 fn read_key_file(path: &Path) -> anyhow::Result<SecretBytes> {
-    let raw = SecretBytes::new(
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-    );
+    let raw = SecretBytes::new(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
     let text = raw.trimmed();
-    let decoded = hex::decode(text.expose()).ok().or_else(|| {
-        base64::engine::general_purpose::STANDARD
-            .decode(text.expose())
-            .ok()
-    });
+    let decoded = hex::decode(text.expose())
+        .ok()
+        .or_else(|| base64::engine::general_purpose::STANDARD.decode(text.expose()).ok());
     Ok(match decoded {
         Some(bytes) if bytes.len() >= 32 => SecretBytes::new(bytes),
         _ => raw,
@@ -95,18 +89,32 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let (keyring, pepper) = key_material(&args)?;
     let metrics = Arc::new(Metrics::new()?);
     let handle = Arc::new(SnapshotHandle::default());
-    let client =
-        crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
+    let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::tls::server_config(cert, key)?,
-        )),
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
         _ => None,
     };
+    let limiter = crate::limits::Limiter::new(
+        crate::limits::LimiterSettings {
+            default_policy: args.limiter_failure_policy,
+            replicas: args.limiter_replicas.max(1),
+            redis_url: args.redis_url.clone(),
+            redis_timeout: args.redis_timeout,
+            lockout_threshold: args.lockout_threshold.max(1),
+            lockout_window: args.lockout_window,
+            lockout_backoff: args.lockout_backoff,
+            trusted_proxies: args.trusted_proxies.clone(),
+            default_output_tokens: args.default_output_tokens,
+        },
+        Arc::new(crate::limits::SystemClock),
+        crate::limits::LimiterMetrics::register(metrics.registry())?,
+    )?;
+    limiter.spawn_health_probe();
     let gateway = Arc::new(Gateway::new(
         handle.clone(),
         metrics.clone(),
         client,
+        limiter.clone(),
         PipelineSettings {
             max_request_body_bytes: args.max_request_body_bytes,
             request_body_timeout: args.request_body_timeout,
@@ -115,12 +123,9 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         },
     ));
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let admin_listener = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let admin_listener =
+        TcpListener::bind(args.admin_listen).await.with_context(|| format!("binding {}", args.admin_listen))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Load the first snapshot before accepting traffic, so the first request is served.
@@ -141,6 +146,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
         snapshot: handle.clone(),
+        limiter,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
@@ -148,6 +154,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         listen = %args.listen,
         admin = %args.admin_listen,
         tls = tls.is_some(),
+        redis = args.redis_url.is_some(),
         manifests = %manifests.display(),
         "portcullis data plane started"
     );

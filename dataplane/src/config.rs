@@ -12,10 +12,18 @@ pub enum LogFormat {
     Json,
 }
 
+fn failure_policy(text: &str) -> Result<portcullis_crds::v1alpha1::FailurePolicy, String> {
+    use portcullis_crds::v1alpha1::FailurePolicy;
+    match text {
+        "local" => Ok(FailurePolicy::Local),
+        "open" => Ok(FailurePolicy::Open),
+        "closed" => Ok(FailurePolicy::Closed),
+        other => Err(format!("{other:?} is not one of local, open, closed")),
+    }
+}
+
 fn seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
@@ -36,11 +44,7 @@ pub struct DataplaneArgs {
     pub listen: SocketAddr,
 
     /// Address for /metrics, /healthz and /readyz.
-    #[arg(
-        long,
-        env = "PORTCULLIS_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090"
-    )]
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
     /// PEM certificate chain: serve HTTPS on --listen.
@@ -69,12 +73,7 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
-    #[arg(
-        long,
-        env = "PORTCULLIS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Largest request body accepted (413 above).
@@ -104,6 +103,44 @@ pub struct DataplaneArgs {
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, value_parser = seconds, default_value = "30")]
     pub drain_timeout: Duration,
+
+    /// Redis URL for limits shared by every replica (`redis://host:6379/0`). Without it, limits
+    /// are kept in this process.
+    #[arg(long, env = "PORTCULLIS_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Seconds a Redis call may take before the failure policy applies.
+    #[arg(long, value_parser = seconds, default_value = "0.05")]
+    pub redis_timeout: Duration,
+
+    /// When Redis is unreachable: `local` (each replica enforces limit ÷ --limiter-replicas),
+    /// `open` (no limits), or `closed` (refuse with 503). ApiKeys may override it.
+    #[arg(long, env = "PORTCULLIS_LIMITER_FAILURE_POLICY", value_parser = failure_policy, default_value = "local")]
+    pub limiter_failure_policy: portcullis_crds::v1alpha1::FailurePolicy,
+
+    /// Data-plane replicas sharing the limits (divides limits under the `local` policy).
+    #[arg(long, env = "PORTCULLIS_LIMITER_REPLICAS", default_value_t = 1)]
+    pub limiter_replicas: u64,
+
+    /// Failed authentications from one address that trigger a lockout.
+    #[arg(long, default_value_t = 10)]
+    pub lockout_threshold: u64,
+
+    /// Seconds over which failed authentications are counted.
+    #[arg(long, value_parser = seconds, default_value = "60")]
+    pub lockout_window: Duration,
+
+    /// Seconds a locked-out address is refused.
+    #[arg(long, value_parser = seconds, default_value = "300")]
+    pub lockout_backoff: Duration,
+
+    /// Proxy address ranges (CIDR, comma-separated) whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "PORTCULLIS_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Output tokens reserved against limits when a request sets no `max_tokens`.
+    #[arg(long, default_value_t = 512)]
+    pub default_output_tokens: u64,
 
     /// How often local mode looks for changed manifests, in milliseconds.
     #[arg(long, default_value_t = 250)]

@@ -17,20 +17,11 @@ pub enum GatewayError {
     InvalidApiKey,
     ApiKeyExpired,
     ApiKeyRevoked,
-    KillSwitchActive {
-        switch: String,
-        reason: Option<String>,
-    },
-    ModelNotFound {
-        model: Option<String>,
-    },
-    ModelNotAllowed {
-        model: String,
-    },
+    KillSwitchActive { switch: String, reason: Option<String> },
+    ModelNotFound { model: Option<String> },
+    ModelNotAllowed { model: String },
     InvalidRequest(String),
-    RequestTooLarge {
-        limit: usize,
-    },
+    RequestTooLarge { limit: usize },
     RequestTimeout,
     RouteNotFound,
     MethodNotAllowed,
@@ -38,6 +29,10 @@ pub enum GatewayError {
     UpstreamUnavailable,
     UpstreamTimeout,
     UpstreamProtocol,
+    RateLimited { limit: &'static str, retry_after_ms: u64, limit_value: u64, used: u64, tokens: bool },
+    BudgetExceeded { limit: &'static str, retry_after_ms: u64 },
+    LockedOut { retry_after_ms: u64 },
+    LimiterUnavailable,
 }
 
 /// How an error is presented.
@@ -54,109 +49,61 @@ impl GatewayError {
     pub fn shape(&self) -> ErrorShape {
         use GatewayError as E;
         let (status, code, openai_type, anthropic_type) = match self {
-            E::MissingApiKey => (
-                StatusCode::UNAUTHORIZED,
-                "missing_api_key",
-                "invalid_request_error",
-                "authentication_error",
+            E::MissingApiKey => {
+                (StatusCode::UNAUTHORIZED, "missing_api_key", "invalid_request_error", "authentication_error")
+            }
+            E::InvalidApiKey => {
+                (StatusCode::UNAUTHORIZED, "invalid_api_key", "invalid_request_error", "authentication_error")
+            }
+            E::ApiKeyExpired => {
+                (StatusCode::UNAUTHORIZED, "api_key_expired", "invalid_request_error", "authentication_error")
+            }
+            E::ApiKeyRevoked => {
+                (StatusCode::UNAUTHORIZED, "api_key_revoked", "invalid_request_error", "authentication_error")
+            }
+            E::KillSwitchActive { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "kill_switch_active", "server_error", "api_error")
+            }
+            E::ModelNotFound { .. } => {
+                (StatusCode::NOT_FOUND, "model_not_found", "invalid_request_error", "not_found_error")
+            }
+            E::ModelNotAllowed { .. } => {
+                (StatusCode::FORBIDDEN, "model_not_allowed", "permission_error", "permission_error")
+            }
+            E::InvalidRequest(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "invalid_request_error", "invalid_request_error")
+            }
+            E::RequestTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "invalid_request_error", "request_too_large")
+            }
+            E::RequestTimeout => {
+                (StatusCode::REQUEST_TIMEOUT, "request_timeout", "invalid_request_error", "invalid_request_error")
+            }
+            E::RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found", "invalid_request_error", "not_found_error"),
+            E::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "invalid_request_error", "invalid_request_error")
+            }
+            E::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "gateway_not_ready", "server_error", "overloaded_error"),
+            E::UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable", "server_error", "api_error"),
+            E::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "server_error", "api_error"),
+            E::UpstreamProtocol => (StatusCode::BAD_GATEWAY, "upstream_protocol_error", "server_error", "api_error"),
+            E::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate_limit_error", "rate_limit_error")
+            }
+            E::BudgetExceeded { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "token_budget_exceeded", "insufficient_quota", "rate_limit_error")
+            }
+            E::LockedOut { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failed_authentications",
+                "rate_limit_error",
+                "rate_limit_error",
             ),
-            E::InvalidApiKey => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "invalid_request_error",
-                "authentication_error",
-            ),
-            E::ApiKeyExpired => (
-                StatusCode::UNAUTHORIZED,
-                "api_key_expired",
-                "invalid_request_error",
-                "authentication_error",
-            ),
-            E::ApiKeyRevoked => (
-                StatusCode::UNAUTHORIZED,
-                "api_key_revoked",
-                "invalid_request_error",
-                "authentication_error",
-            ),
-            E::KillSwitchActive { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "kill_switch_active",
-                "server_error",
-                "api_error",
-            ),
-            E::ModelNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                "invalid_request_error",
-                "not_found_error",
-            ),
-            E::ModelNotAllowed { .. } => (
-                StatusCode::FORBIDDEN,
-                "model_not_allowed",
-                "permission_error",
-                "permission_error",
-            ),
-            E::InvalidRequest(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "invalid_request_error",
-                "invalid_request_error",
-            ),
-            E::RequestTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                "invalid_request_error",
-                "request_too_large",
-            ),
-            E::RequestTimeout => (
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "invalid_request_error",
-                "invalid_request_error",
-            ),
-            E::RouteNotFound => (
-                StatusCode::NOT_FOUND,
-                "route_not_found",
-                "invalid_request_error",
-                "not_found_error",
-            ),
-            E::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "invalid_request_error",
-                "invalid_request_error",
-            ),
-            E::NotReady => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "gateway_not_ready",
-                "server_error",
-                "overloaded_error",
-            ),
-            E::UpstreamUnavailable => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                "server_error",
-                "api_error",
-            ),
-            E::UpstreamTimeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                "server_error",
-                "api_error",
-            ),
-            E::UpstreamProtocol => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_protocol_error",
-                "server_error",
-                "api_error",
-            ),
+            E::LimiterUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
+            }
         };
-        ErrorShape {
-            status,
-            code,
-            openai_type,
-            anthropic_type,
-        }
+        ErrorShape { status, code, openai_type, anthropic_type }
     }
 
     /// A message a person can act on. Never contains request or response content: a model name
@@ -164,7 +111,9 @@ impl GatewayError {
     pub fn message(&self) -> String {
         use GatewayError as E;
         match self {
-            E::MissingApiKey => "No API key provided. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.".to_owned(),
+            E::MissingApiKey => {
+                "No API key provided. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.".to_owned()
+            }
             E::InvalidApiKey => "Incorrect API key provided.".to_owned(),
             E::ApiKeyExpired => "This API key has expired.".to_owned(),
             E::ApiKeyRevoked => "This API key has been revoked.".to_owned(),
@@ -172,8 +121,12 @@ impl GatewayError {
                 Some(reason) => format!("Traffic is stopped by kill switch {switch}: {reason}"),
                 None => format!("Traffic is stopped by kill switch {switch}."),
             },
-            E::ModelNotFound { model: Some(model) } => format!("The model `{model}` does not exist or is not served by this gateway."),
-            E::ModelNotFound { model: None } => "The requested model does not exist or is not served by this gateway.".to_owned(),
+            E::ModelNotFound { model: Some(model) } => {
+                format!("The model `{model}` does not exist or is not served by this gateway.")
+            }
+            E::ModelNotFound { model: None } => {
+                "The requested model does not exist or is not served by this gateway.".to_owned()
+            }
             E::ModelNotAllowed { model } => format!("This API key is not allowed to use the model `{model}`."),
             E::InvalidRequest(why) => why.clone(),
             E::RequestTooLarge { limit } => format!("Request body is larger than the {limit}-byte limit."),
@@ -184,44 +137,45 @@ impl GatewayError {
             E::UpstreamUnavailable => "The upstream provider could not be reached.".to_owned(),
             E::UpstreamTimeout => "The upstream provider did not answer in time.".to_owned(),
             E::UpstreamProtocol => "The upstream provider sent a malformed response.".to_owned(),
+            E::RateLimited { limit, retry_after_ms, .. } => {
+                format!("Rate limit reached ({limit}). Retry after {:.1} s.", *retry_after_ms as f64 / 1000.0)
+            }
+            E::BudgetExceeded { limit, .. } => format!("Token budget exhausted ({limit})."),
+            E::LockedOut { retry_after_ms } => format!(
+                "Too many failed authentications from this address. Retry after {} s.",
+                retry_after_ms.div_ceil(1000)
+            ),
+            E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
         }
     }
 
     /// The error as a response in `flavor`'s format.
-    pub fn into_response(
-        self,
-        flavor: ApiFlavor,
-        request_id: &HeaderValue,
-    ) -> Response<GatewayBody> {
+    pub fn into_response(self, flavor: ApiFlavor, request_id: &HeaderValue) -> Response<GatewayBody> {
         let shape = self.shape();
         let body = render_body(flavor, &shape, &self.message(), request_id);
-        let mut response = Response::new(
-            Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+        let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
         *response.status_mut() = shape.status;
         let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_CODE_HEADER, HeaderValue::from_static(shape.code));
         headers.insert(crate::api::REQUEST_ID_HEADER, request_id.clone());
-        if shape.status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let retry_after_ms = match &self {
+            GatewayError::RateLimited { retry_after_ms, .. }
+            | GatewayError::BudgetExceeded { retry_after_ms, .. }
+            | GatewayError::LockedOut { retry_after_ms } => Some(*retry_after_ms),
+            _ if shape.status == StatusCode::SERVICE_UNAVAILABLE => Some(1_000),
+            _ => None,
+        };
+        if let Some(ms) = retry_after_ms {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
         }
+        crate::pipeline::limit::refusal_headers(&self, headers);
         response
     }
 }
 
 /// Error body in the API's own format.
-pub fn render_body(
-    flavor: ApiFlavor,
-    shape: &ErrorShape,
-    message: &str,
-    request_id: &HeaderValue,
-) -> Vec<u8> {
+pub fn render_body(flavor: ApiFlavor, shape: &ErrorShape, message: &str, request_id: &HeaderValue) -> Vec<u8> {
     let value = match flavor {
         ApiFlavor::OpenAi => serde_json::json!({
             "error": {"message": message, "type": shape.openai_type, "param": null, "code": shape.code}
@@ -239,9 +193,7 @@ pub fn render_body(
 pub fn echoable_model(model: &str) -> Option<String> {
     let plain = !model.is_empty()
         && model.len() <= 128
-        && model
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b));
+        && model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b));
     plain.then(|| model.to_owned())
 }
 
@@ -254,13 +206,11 @@ mod tests {
         let id = HeaderValue::from_static("req-1");
         let shape = GatewayError::InvalidApiKey.shape();
         let openai: serde_json::Value =
-            serde_json::from_slice(&render_body(ApiFlavor::OpenAi, &shape, "m", &id))
-                .expect("json");
+            serde_json::from_slice(&render_body(ApiFlavor::OpenAi, &shape, "m", &id)).expect("json");
         assert_eq!(openai["error"]["code"], "invalid_api_key");
         assert_eq!(openai["error"]["message"], "m");
         let anthropic: serde_json::Value =
-            serde_json::from_slice(&render_body(ApiFlavor::Anthropic, &shape, "m", &id))
-                .expect("json");
+            serde_json::from_slice(&render_body(ApiFlavor::Anthropic, &shape, "m", &id)).expect("json");
         assert_eq!(anthropic["type"], "error");
         assert_eq!(anthropic["error"]["type"], "authentication_error");
         assert_eq!(anthropic["request_id"], "req-1");

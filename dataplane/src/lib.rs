@@ -19,6 +19,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod pipeline;

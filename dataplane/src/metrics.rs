@@ -5,8 +5,7 @@
 //! in ProviderCredentials, not whatever string a client sent. There is no per-key label.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone, Debug)]
@@ -27,74 +26,47 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("portcullis_requests_total", "Requests handled, by route and outcome (ok, upstream_error, or a gateway error code)"),
+            Opts::new(
+                "portcullis_requests_total",
+                "Requests handled, by route and outcome (ok, upstream_error, or a gateway error code)",
+            ),
             &["route", "outcome"],
         )?;
         let token_usage = HistogramVec::new(
-            HistogramOpts::new(
-                "gen_ai_client_token_usage",
-                "Tokens used per request, by token type (input or output)",
-            )
-            .buckets(vec![
-                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-                4194304.0,
-            ]),
-            &[
-                "gen_ai_operation_name",
-                "gen_ai_provider_name",
-                "gen_ai_request_model",
-                "gen_ai_token_type",
-            ],
+            HistogramOpts::new("gen_ai_client_token_usage", "Tokens used per request, by token type (input or output)")
+                .buckets(vec![
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+                ]),
+            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
         )?;
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "gen_ai_server_request_duration",
                 "Seconds from request start to the last response byte",
             )
-            .buckets(vec![
-                0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
-                81.92,
-            ]),
-            &[
-                "gen_ai_operation_name",
-                "gen_ai_provider_name",
-                "gen_ai_request_model",
-                "error_type",
-            ],
+            .buckets(vec![0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]),
+            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
         )?;
         let time_to_first_token = HistogramVec::new(
             HistogramOpts::new(
                 "gen_ai_server_time_to_first_token",
                 "Seconds from request start to the first response body byte",
             )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0,
-            ]),
-            &[
-                "gen_ai_operation_name",
-                "gen_ai_provider_name",
-                "gen_ai_request_model",
-            ],
+            .buckets(vec![0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]),
+            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
         )?;
-        let snapshot_generation = IntGauge::new(
-            "portcullis_snapshot_generation",
-            "Generation of the snapshot being served",
-        )?;
+        let snapshot_generation =
+            IntGauge::new("portcullis_snapshot_generation", "Generation of the snapshot being served")?;
         let snapshot_valid = IntGauge::new(
             "portcullis_snapshot_valid",
             "1 when the latest configuration was applied, 0 when it was rejected and an older snapshot keeps serving",
         )?;
-        let snapshot_reloads =
-            IntCounter::new("portcullis_snapshot_reloads_total", "Snapshots applied")?;
+        let snapshot_reloads = IntCounter::new("portcullis_snapshot_reloads_total", "Snapshots applied")?;
         let snapshot_reload_failures = IntCounter::new(
             "portcullis_snapshot_reload_failures_total",
             "Configurations rejected whole (the last good snapshot kept serving)",
         )?;
-        let open_connections = IntGauge::new(
-            "portcullis_open_connections",
-            "Client connections currently open",
-        )?;
+        let open_connections = IntGauge::new("portcullis_open_connections", "Client connections currently open")?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(token_usage.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -116,6 +88,10 @@ impl Metrics {
             snapshot_reload_failures,
             open_connections,
         })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The Prometheus text exposition.

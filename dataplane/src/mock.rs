@@ -43,25 +43,12 @@ struct StreamOptions {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
 fn reply_words() -> Vec<String> {
     let words: Vec<&str> = MOCK_REPLY.split(' ').collect();
-    words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            if i == 0 {
-                (*w).to_owned()
-            } else {
-                format!(" {w}")
-            }
-        })
-        .collect()
+    words.iter().enumerate().map(|(i, w)| if i == 0 { (*w).to_owned() } else { format!(" {w}") }).collect()
 }
 
 /// Answers `route` for `model` from the (already rewritten) upstream request body.
@@ -78,9 +65,7 @@ pub fn respond(route: ApiRoute, body: &[u8], model: &str) -> Response<GatewayBod
             "stop_reason": "end_turn", "stop_sequence": null,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
         })),
-        (ApiRoute::Messages, true) => {
-            sse_response(anthropic_stream(&id, model, input_tokens, output_tokens))
-        }
+        (ApiRoute::Messages, true) => sse_response(anthropic_stream(&id, model, input_tokens, output_tokens)),
         (ApiRoute::ChatCompletions, false) => json_response(json!({
             "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": now_secs(), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": MOCK_REPLY, "refusal": null},
@@ -89,13 +74,7 @@ pub fn respond(route: ApiRoute, body: &[u8], model: &str) -> Response<GatewayBod
         })),
         (ApiRoute::ChatCompletions, true) => {
             let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-            sse_response(chat_stream(
-                &id,
-                model,
-                include_usage,
-                input_tokens,
-                output_tokens,
-            ))
+            sse_response(chat_stream(&id, model, include_usage, input_tokens, output_tokens))
         }
         (ApiRoute::Completions, false) => json_response(json!({
             "id": format!("cmpl-{id}"), "object": "text_completion", "created": now_secs(), "model": model,
@@ -104,47 +83,27 @@ pub fn respond(route: ApiRoute, body: &[u8], model: &str) -> Response<GatewayBod
         })),
         (ApiRoute::Completions, true) => {
             let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-            sse_response(completion_stream(
-                &id,
-                model,
-                include_usage,
-                input_tokens,
-                output_tokens,
-            ))
+            sse_response(completion_stream(&id, model, include_usage, input_tokens, output_tokens))
         }
-        (ApiRoute::Responses, false) => {
-            json_response(response_object(&id, model, input_tokens, output_tokens))
-        }
-        (ApiRoute::Responses, true) => {
-            sse_response(responses_stream(&id, model, input_tokens, output_tokens))
-        }
+        (ApiRoute::Responses, false) => json_response(response_object(&id, model, input_tokens, output_tokens)),
+        (ApiRoute::Responses, true) => sse_response(responses_stream(&id, model, input_tokens, output_tokens)),
         (ApiRoute::Models, _) => json_response(json!({"object": "list", "data": []})),
     }
 }
 
 fn json_response(value: Value) -> Response<GatewayBody> {
     let mut response = crate::body::json_response(StatusCode::OK, &value);
-    response
-        .headers_mut()
-        .insert("x-portcullis-mock", HeaderValue::from_static("true"));
+    response.headers_mut().insert("x-portcullis-mock", HeaderValue::from_static("true"));
     response
 }
 
 fn sse_response(events: Vec<String>) -> Response<GatewayBody> {
-    let frames = events
-        .into_iter()
-        .map(|e| Ok::<_, BoxError>(Frame::data(Bytes::from(e))));
+    let frames = events.into_iter().map(|e| Ok::<_, BoxError>(Frame::data(Bytes::from(e))));
     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
     let mut response = Response::new(body);
     let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-portcullis-mock", HeaderValue::from_static("true"));
     response
 }
@@ -168,15 +127,8 @@ fn chat_stream(id: &str, model: &str, include_usage: bool, input: u64, output: u
         }
         data(&v)
     };
-    let mut events = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
-    events.extend(
-        reply_words()
-            .into_iter()
-            .map(|w| chunk(json!({"content": w}), Value::Null)),
-    );
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    events.extend(reply_words().into_iter().map(|w| chunk(json!({"content": w}), Value::Null)));
     events.push(chunk(json!({}), json!("stop")));
     if include_usage {
         events.push(data(&json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model,
@@ -186,21 +138,19 @@ fn chat_stream(id: &str, model: &str, include_usage: bool, input: u64, output: u
     events
 }
 
-fn completion_stream(
-    id: &str,
-    model: &str,
-    include_usage: bool,
-    input: u64,
-    output: u64,
-) -> Vec<String> {
+fn completion_stream(id: &str, model: &str, include_usage: bool, input: u64, output: u64) -> Vec<String> {
     let created = now_secs();
     let mut events: Vec<String> = reply_words()
         .into_iter()
-        .map(|w| data(&json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
-                              "choices": [{"text": w, "index": 0, "logprobs": null, "finish_reason": null}]})))
+        .map(|w| {
+            data(&json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
+                              "choices": [{"text": w, "index": 0, "logprobs": null, "finish_reason": null}]}))
+        })
         .collect();
-    events.push(data(&json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
-                             "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}]})));
+    events.push(data(
+        &json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
+                             "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}]}),
+    ));
     if include_usage {
         events.push(data(&json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
             "choices": [], "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output}})));
@@ -223,14 +173,17 @@ fn anthropic_stream(id: &str, model: &str, input: u64, output: u64) -> Vec<Strin
         named("ping", &json!({"type": "ping"})),
     ];
     events.extend(reply_words().into_iter().map(|w| {
-        named("content_block_delta", &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}))
+        named(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}),
+        )
     }));
+    events.push(named("content_block_stop", &json!({"type": "content_block_stop", "index": 0})));
     events.push(named(
-        "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                                               "usage": {"output_tokens": output}}),
     ));
-    events.push(named("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-                                               "usage": {"output_tokens": output}})));
     events.push(named("message_stop", &json!({"type": "message_stop"})));
     events
 }
@@ -249,15 +202,18 @@ fn responses_stream(id: &str, model: &str, input: u64, output: u64) -> Vec<Strin
     created["status"] = json!("in_progress");
     created["output"] = json!([]);
     created.as_object_mut().map(|o| o.remove("usage"));
-    let mut events = vec![named(
-        "response.created",
-        &json!({"type": "response.created", "response": created}),
-    )];
+    let mut events = vec![named("response.created", &json!({"type": "response.created", "response": created}))];
     events.extend(reply_words().into_iter().map(|w| {
-        named("response.output_text.delta", &json!({"type": "response.output_text.delta", "item_id": format!("msg_{id}"),
-                                                     "output_index": 0, "content_index": 0, "delta": w}))
+        named(
+            "response.output_text.delta",
+            &json!({"type": "response.output_text.delta", "item_id": format!("msg_{id}"),
+                                                     "output_index": 0, "content_index": 0, "delta": w}),
+        )
     }));
-    events.push(named("response.completed", &json!({"type": "response.completed", "response": response_object(id, model, input, output)})));
+    events.push(named(
+        "response.completed",
+        &json!({"type": "response.completed", "response": response_object(id, model, input, output)}),
+    ));
     events
 }
 
@@ -266,17 +222,10 @@ fn embedding_for(input: &Value, dimensions: usize) -> Vec<f32> {
     let seed = input
         .to_string()
         .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let mut rng = fastrand::Rng::with_seed(seed);
     let raw: Vec<f32> = (0..dimensions).map(|_| rng.f32() * 2.0 - 1.0).collect();
-    let norm = raw
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(f32::EPSILON);
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
     raw.into_iter().map(|x| x / norm).collect()
 }
 
@@ -310,12 +259,7 @@ mod tests {
     use super::*;
 
     async fn body_text(response: Response<GatewayBody>) -> String {
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
         String::from_utf8(bytes.to_vec()).expect("utf8")
     }
 
@@ -328,38 +272,20 @@ mod tests {
         ))
         .await;
         assert!(with.contains("\"choices\":[]") && with.ends_with("data: [DONE]\n\n"));
-        let without = body_text(respond(
-            ApiRoute::ChatCompletions,
-            br#"{"stream":true}"#,
-            "m",
-        ))
-        .await;
+        let without = body_text(respond(ApiRoute::ChatCompletions, br#"{"stream":true}"#, "m")).await;
         assert!(!without.contains("prompt_tokens"));
     }
 
     #[tokio::test]
     async fn embeddings_in_both_encodings() {
         let floats: Value = serde_json::from_str(
-            &body_text(respond(
-                ApiRoute::Embeddings,
-                br#"{"input":["a","b"],"dimensions":4}"#,
-                "e",
-            ))
-            .await,
+            &body_text(respond(ApiRoute::Embeddings, br#"{"input":["a","b"],"dimensions":4}"#, "e")).await,
         )
         .expect("json");
         assert_eq!(floats["data"].as_array().map(Vec::len), Some(2));
-        assert_eq!(
-            floats["data"][0]["embedding"].as_array().map(Vec::len),
-            Some(4)
-        );
+        assert_eq!(floats["data"][0]["embedding"].as_array().map(Vec::len), Some(4));
         let b64: Value = serde_json::from_str(
-            &body_text(respond(
-                ApiRoute::Embeddings,
-                br#"{"input":"a","encoding_format":"base64"}"#,
-                "e",
-            ))
-            .await,
+            &body_text(respond(ApiRoute::Embeddings, br#"{"input":"a","encoding_format":"base64"}"#, "e")).await,
         )
         .expect("json");
         let decoded = base64::engine::general_purpose::STANDARD

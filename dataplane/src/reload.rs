@@ -29,19 +29,8 @@ pub struct SnapshotApplier {
 }
 
 impl SnapshotApplier {
-    pub fn new(
-        handle: Arc<SnapshotHandle>,
-        metrics: Metrics,
-        keyring: MasterKeyring,
-        pepper: Pepper,
-    ) -> Self {
-        Self {
-            handle,
-            metrics,
-            keyring,
-            pepper,
-            last_applied: None,
-        }
+    pub fn new(handle: Arc<SnapshotHandle>, metrics: Metrics, keyring: MasterKeyring, pepper: Pepper) -> Self {
+        Self { handle, metrics, keyring, pepper, last_applied: None }
     }
 
     pub fn keyring(&self) -> &MasterKeyring {
@@ -59,11 +48,7 @@ impl SnapshotApplier {
     /// Opens `snapshot` completely, then swaps it in. Returns false (and counts a failure) when
     /// it cannot be opened; the previous snapshot keeps serving.
     pub fn apply(&mut self, snapshot: GatewaySnapshot) -> bool {
-        if self
-            .last_applied
-            .as_ref()
-            .is_some_and(|last| last.content_digest == snapshot.content_digest)
-        {
+        if self.last_applied.as_ref().is_some_and(|last| last.content_digest == snapshot.content_digest) {
             self.metrics.snapshot_valid.set(1);
             return true;
         }
@@ -85,9 +70,7 @@ impl SnapshotApplier {
                     kill_switches = runtime.kill_switches.len(),
                     "snapshot applied"
                 );
-                self.metrics
-                    .snapshot_generation
-                    .set(i64::try_from(runtime.generation).unwrap_or(i64::MAX));
+                self.metrics.snapshot_generation.set(i64::try_from(runtime.generation).unwrap_or(i64::MAX));
                 self.metrics.snapshot_valid.set(1);
                 self.metrics.snapshot_reloads.inc();
                 self.handle.store(Arc::new(runtime));
@@ -116,13 +99,8 @@ impl SnapshotApplier {
 /// Compiles the folder once. Errors name the file or the object and field.
 pub fn compile_dir(dir: &Path, applier: &SnapshotApplier) -> Result<GatewaySnapshot, String> {
     let (inputs, _) = manifests::read_dir(dir).map_err(|e| e.to_string())?;
-    let compiled = portcullis_operator::compile(
-        &inputs,
-        applier.keyring(),
-        applier.pepper(),
-        applier.last_applied(),
-    )
-    .map_err(|e| e.to_string())?;
+    let compiled = portcullis_operator::compile(&inputs, applier.keyring(), applier.pepper(), applier.last_applied())
+        .map_err(|e| e.to_string())?;
     for warning in &compiled.warnings {
         tracing::warn!(%warning, "manifest warning");
     }
@@ -145,9 +123,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 
 async fn scan(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || fingerprint(&dir))
-        .await
-        .unwrap_or_default()
+    tokio::task::spawn_blocking(move || fingerprint(&dir)).await.unwrap_or_default()
 }
 
 /// Loads the folder, then follows its changes until `shutdown` fires.

@@ -27,16 +27,8 @@ pub struct ServerSettings {
 
 fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .max_concurrent_streams(512);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_read_timeout).keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30)).max_concurrent_streams(512);
     builder
 }
 
@@ -52,7 +44,7 @@ pub async fn serve(
     let builder = connection_builder(&settings);
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -74,25 +66,18 @@ pub async fn serve(
         tokio::spawn(async move {
             metrics.open_connections.inc();
             match tls {
-                None => serve_connection(&builder, stream, gateway, watcher).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            serve_connection(&builder, tls_stream, gateway, watcher).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
-                }
+                None => serve_connection(&builder, stream, peer, gateway, watcher).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => serve_connection(&builder, tls_stream, peer, gateway, watcher).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
             metrics.open_connections.dec();
         });
     }
     drop(listener);
-    tracing::info!(
-        deadline_secs = settings.drain_timeout.as_secs_f64(),
-        "draining connections"
-    );
+    tracing::info!(deadline_secs = settings.drain_timeout.as_secs_f64(), "draining connections");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain deadline passed; closing remaining connections"),
@@ -102,6 +87,7 @@ pub async fn serve(
 async fn serve_connection<IO>(
     builder: &auto::Builder<TokioExecutor>,
     io: IO,
+    peer: std::net::SocketAddr,
     gateway: Arc<Gateway>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
@@ -109,11 +95,9 @@ async fn serve_connection<IO>(
 {
     let service = service_fn(move |request| {
         let gateway = gateway.clone();
-        async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+        async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await) }
     });
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
+    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }

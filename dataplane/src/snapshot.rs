@@ -68,15 +68,9 @@ pub struct KeyGrant {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("ProviderCredential {credential}: sealed key cannot be opened: {source}")]
-    Unseal {
-        credential: ObjectRef,
-        source: SealingError,
-    },
+    Unseal { credential: ObjectRef, source: SealingError },
     #[error("ProviderCredential {credential}: kind {kind} needs a key and the snapshot has none")]
-    MissingKey {
-        credential: ObjectRef,
-        kind: ProviderKind,
-    },
+    MissingKey { credential: ObjectRef, kind: ProviderKind },
 }
 
 pub struct RuntimeSnapshot {
@@ -87,6 +81,10 @@ pub struct RuntimeSnapshot {
     exact_models: HashMap<String, Vec<ModelRoute>>,
     glob_models: Vec<ModelRoute>,
     pub kill_switches: Vec<KillSwitchEntry>,
+    /// Every ApiKey once (a rotating key has two digests in `keys`).
+    pub policies: Vec<Arc<ApiKeyEntry>>,
+    /// Team limits by (namespace, team): the strictest any of the team's keys declares.
+    team_limits: HashMap<(String, String), crate::limits::SubjectLimits>,
     pub api_key_count: usize,
     pub upstream_count: usize,
 }
@@ -103,24 +101,28 @@ impl fmt::Debug for RuntimeSnapshot {
 
 impl RuntimeSnapshot {
     /// Opens every sealed key. Any failure rejects the whole snapshot.
-    pub fn open(
-        snapshot: &GatewaySnapshot,
-        keyring: &MasterKeyring,
-        pepper: &Pepper,
-    ) -> Result<Self, OpenError> {
+    pub fn open(snapshot: &GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
         let content = &snapshot.content;
-        let mut keys =
-            HashMap::with_capacity(content.api_keys.iter().map(|k| k.digests.len()).sum());
+        let mut keys = HashMap::with_capacity(content.api_keys.iter().map(|k| k.digests.len()).sum());
+        let mut policies = Vec::with_capacity(content.api_keys.len());
         for entry in &content.api_keys {
             let policy = Arc::new(entry.clone());
+            policies.push(policy.clone());
             for issued in &entry.digests {
-                keys.insert(
-                    issued.digest,
-                    KeyGrant {
-                        policy: policy.clone(),
-                        valid_until: issued.valid_until,
-                    },
-                );
+                keys.insert(issued.digest, KeyGrant { policy: policy.clone(), valid_until: issued.valid_until });
+            }
+        }
+
+        let mut team_limits: HashMap<(String, String), crate::limits::SubjectLimits> = HashMap::new();
+        for entry in &content.api_keys {
+            if let (Some(team), Some(limits)) = (&entry.team, &entry.team_limits) {
+                let merged = team_limits.entry((entry.key.namespace.clone(), team.clone())).or_default();
+                let strictest = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+                merged.requests_per_minute = strictest(merged.requests_per_minute, limits.requests_per_minute);
+                merged.tokens_per_minute = strictest(merged.tokens_per_minute, limits.tokens_per_minute);
             }
         }
 
@@ -128,19 +130,13 @@ impl RuntimeSnapshot {
         let mut glob_models = Vec::new();
         for entry in &content.credentials {
             let api_key = match (&entry.sealed_key, entry.kind.needs_secret()) {
-                (Some(sealed), _) => {
-                    Some(keyring.open(&entry.binding(), sealed).map_err(|source| {
-                        OpenError::Unseal {
-                            credential: entry.credential.clone(),
-                            source,
-                        }
-                    })?)
-                }
+                (Some(sealed), _) => Some(
+                    keyring
+                        .open(&entry.binding(), sealed)
+                        .map_err(|source| OpenError::Unseal { credential: entry.credential.clone(), source })?,
+                ),
                 (None, true) => {
-                    return Err(OpenError::MissingKey {
-                        credential: entry.credential.clone(),
-                        kind: entry.kind,
-                    })
+                    return Err(OpenError::MissingKey { credential: entry.credential.clone(), kind: entry.kind })
                 }
                 (None, false) => None,
             };
@@ -163,10 +159,7 @@ impl RuntimeSnapshot {
                 if pattern::is_glob(&model.name) {
                     glob_models.push(route);
                 } else {
-                    exact_models
-                        .entry(model.name.clone())
-                        .or_default()
-                        .push(route);
+                    exact_models.entry(model.name.clone()).or_default().push(route);
                 }
             }
         }
@@ -179,6 +172,8 @@ impl RuntimeSnapshot {
             exact_models,
             glob_models,
             kill_switches: content.kill_switches.clone(),
+            team_limits,
+            policies,
             api_key_count: content.api_keys.len(),
             upstream_count: content.credentials.len(),
         })
@@ -192,23 +187,22 @@ impl RuntimeSnapshot {
         self.keys.get(&self.pepper.digest(presented))
     }
 
+    /// The limits shared by `key`'s team, if it names one that has any.
+    pub fn team_limits(&self, key: &ApiKeyEntry) -> Option<crate::limits::SubjectLimits> {
+        let team = key.team.as_ref()?;
+        self.team_limits.get(&(key.key.namespace.clone(), team.clone())).copied()
+    }
+
     /// Every route that serves `model`: exact declarations first, then matching patterns.
     pub fn routes_for(&self, model: &str) -> Vec<ModelRoute> {
         let mut routes = self.exact_models.get(model).cloned().unwrap_or_default();
-        routes.extend(
-            self.glob_models
-                .iter()
-                .filter(|r| pattern::matches(&r.declared, model))
-                .cloned(),
-        );
+        routes.extend(self.glob_models.iter().filter(|r| pattern::matches(&r.declared, model)).cloned());
         routes
     }
 
     /// Concrete model names (patterns excluded) with the routes that serve them.
     pub fn listed_models(&self) -> impl Iterator<Item = (&str, &[ModelRoute])> {
-        self.exact_models
-            .iter()
-            .map(|(name, routes)| (name.as_str(), routes.as_slice()))
+        self.exact_models.iter().map(|(name, routes)| (name.as_str(), routes.as_slice()))
     }
 }
 

@@ -22,24 +22,17 @@ pub fn client_tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::Clie
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
         for cert in crate::tls::read_certs(path)? {
-            roots
-                .add(cert)
-                .with_context(|| format!("adding a CA certificate from {}", path.display()))?;
+            roots.add(cert).with_context(|| format!("adding a CA certificate from {}", path.display()))?;
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(config)
 }
 
-pub fn build_client(
-    extra_ca: Option<&Path>,
-    connect_timeout: Duration,
-) -> anyhow::Result<UpstreamClient> {
+pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyhow::Result<UpstreamClient> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -12,12 +12,9 @@ use portcullis_crds::digest::{ClientKey, KeyDigest, Pepper};
 use portcullis_crds::sealing::MasterKeyring;
 use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::{
-    ApiKeyEntry, CredentialEntry, GatewaySnapshot, IssuedDigest, KillSwitchEntry, SnapshotContent,
-    SwitchScope,
+    ApiKeyEntry, CredentialEntry, GatewaySnapshot, IssuedDigest, KillSwitchEntry, SnapshotContent, SwitchScope,
 };
-use portcullis_crds::v1alpha1::{
-    ApiKey, KillSwitch, ObjectRef, ProviderCredential, ProviderKind, ScopeTarget,
-};
+use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ObjectRef, ProviderCredential, ProviderKind, ScopeTarget};
 use portcullis_crds::{pattern, sealing::SealedCredential};
 
 use crate::inputs::{CompileInputs, SecretLookupError};
@@ -34,11 +31,7 @@ pub struct CompileError {
 
 impl fmt::Display for CompileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}: {}: {}",
-            self.kind, self.object, self.field, self.message
-        )
+        write!(f, "{} {}: {}: {}", self.kind, self.object, self.field, self.message)
     }
 }
 
@@ -88,9 +81,7 @@ impl Report<'_> {
 
 fn identity(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
     ObjectRef::new(
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
+        meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
         meta.name.clone().unwrap_or_default(),
     )
 }
@@ -105,24 +96,14 @@ pub fn compile(
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
 
-    let mut api_keys: Vec<ApiKeyEntry> = inputs
-        .api_keys
-        .iter()
-        .filter_map(|k| compile_api_key(k, inputs, pepper, &mut errors))
-        .collect();
+    let mut api_keys: Vec<ApiKeyEntry> =
+        inputs.api_keys.iter().filter_map(|k| compile_api_key(k, inputs, pepper, &mut errors)).collect();
     api_keys.sort_by(|a, b| a.key.cmp(&b.key));
     reject_duplicates("ApiKey", api_keys.iter().map(|k| &k.key), &mut errors);
     reject_shared_digests(&api_keys, &mut errors);
 
-    let previous_credentials: BTreeMap<&ObjectRef, &CredentialEntry> = previous
-        .map(|p| {
-            p.content
-                .credentials
-                .iter()
-                .map(|c| (&c.credential, c))
-                .collect()
-        })
-        .unwrap_or_default();
+    let previous_credentials: BTreeMap<&ObjectRef, &CredentialEntry> =
+        previous.map(|p| p.content.credentials.iter().map(|c| (&c.credential, c)).collect()).unwrap_or_default();
     let mut credentials: Vec<CredentialEntry> = inputs
         .credentials
         .iter()
@@ -132,11 +113,7 @@ pub fn compile(
         })
         .collect();
     credentials.sort_by(|a, b| a.credential.cmp(&b.credential));
-    reject_duplicates(
-        "ProviderCredential",
-        credentials.iter().map(|c| &c.credential),
-        &mut errors,
-    );
+    reject_duplicates("ProviderCredential", credentials.iter().map(|c| &c.credential), &mut errors);
 
     let mut kill_switches: Vec<KillSwitchEntry> = inputs
         .kill_switches
@@ -144,24 +121,13 @@ pub fn compile(
         .filter_map(|s| compile_kill_switch(s, &api_keys, &credentials, &mut errors, &mut warnings))
         .collect();
     kill_switches.sort_by(|a, b| a.switch.cmp(&b.switch));
-    reject_duplicates(
-        "KillSwitch",
-        kill_switches.iter().map(|s| &s.switch),
-        &mut errors,
-    );
+    reject_duplicates("KillSwitch", kill_switches.iter().map(|s| &s.switch), &mut errors);
 
     if !errors.is_empty() {
         return Err(CompileErrors(errors));
     }
-    let content = SnapshotContent {
-        api_keys,
-        credentials,
-        kill_switches,
-    };
-    Ok(Compiled {
-        snapshot: GatewaySnapshot::new(content, previous),
-        warnings,
-    })
+    let content = SnapshotContent { api_keys, credentials, kill_switches };
+    Ok(Compiled { snapshot: GatewaySnapshot::new(content, previous), warnings })
 }
 
 fn check_name(report: &mut Report<'_>) -> bool {
@@ -180,11 +146,7 @@ fn compile_api_key(
 ) -> Option<ApiKeyEntry> {
     let object = identity(&key.metadata);
     let before = errors.len();
-    let mut report = Report {
-        kind: "ApiKey",
-        object: object.clone(),
-        errors,
-    };
+    let mut report = Report { kind: "ApiKey", object: object.clone(), errors };
     if !check_name(&mut report) {
         return None;
     }
@@ -194,13 +156,16 @@ fn compile_api_key(
             report.error(field, why);
         }
     }
-    for (field, patterns) in [
-        ("spec.allowedModels", &spec.allowed_models),
-        ("spec.allowedProviders", &spec.allowed_providers),
-    ] {
+    for (field, patterns) in
+        [("spec.allowedModels", &spec.allowed_models), ("spec.allowedProviders", &spec.allowed_providers)]
+    {
         if let Err((i, why)) = validate::pattern_list(patterns) {
             report.error(format!("{field}[{i}]"), why);
         }
+    }
+
+    if spec.team_limits.is_some() && spec.team.is_none() {
+        report.error("spec.teamLimits", "needs spec.team: team limits apply to a named team");
     }
 
     let digests = match &spec.secret_ref {
@@ -208,23 +173,14 @@ fn compile_api_key(
             let secret = ObjectRef::new(object.namespace.clone(), secret_ref.name.clone());
             match inputs.secrets.get(&secret, &secret_ref.key) {
                 Ok(value) => match ClientKey::from_brought(value) {
-                    Ok(client_key) => vec![IssuedDigest {
-                        digest: client_key.digest(pepper),
-                        valid_until: None,
-                    }],
+                    Ok(client_key) => vec![IssuedDigest { digest: client_key.digest(pepper), valid_until: None }],
                     Err(why) => {
-                        report.error(
-                            "spec.secretRef",
-                            format!("Secret {secret} key {:?}: {why}", secret_ref.key),
-                        );
+                        report.error("spec.secretRef", format!("Secret {secret} key {:?}: {why}", secret_ref.key));
                         Vec::new()
                     }
                 },
                 Err(missing) => {
-                    report.error(
-                        "spec.secretRef",
-                        secret_lookup_message(&secret, &secret_ref.key, missing),
-                    );
+                    report.error("spec.secretRef", secret_lookup_message(&secret, &secret_ref.key, missing));
                     Vec::new()
                 }
             }
@@ -255,6 +211,7 @@ fn compile_api_key(
         expires_at: spec.expires_at,
         revoked: spec.revoked,
         limits: spec.limits.clone().unwrap_or_default(),
+        team_limits: spec.team_limits.clone(),
     })
 }
 
@@ -274,11 +231,7 @@ fn compile_credential(
 ) -> Option<CredentialEntry> {
     let object = identity(&credential.metadata);
     let before = errors.len();
-    let mut report = Report {
-        kind: "ProviderCredential",
-        object: object.clone(),
-        errors,
-    };
+    let mut report = Report { kind: "ProviderCredential", object: object.clone(), errors };
     if !check_name(&mut report) {
         return None;
     }
@@ -302,10 +255,7 @@ fn compile_credential(
         (ProviderKind::AzureOpenAi, Some(azure)) => {
             let ok = !azure.api_version.is_empty()
                 && azure.api_version.len() <= 64
-                && azure
-                    .api_version
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                && azure.api_version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
             if !ok {
                 report.error("spec.azure.apiVersion", "must look like 2024-10-21");
             }
@@ -327,10 +277,7 @@ fn compile_credential(
         }
         if let Some(upstream) = &model.upstream_name {
             if pattern::is_glob(&model.name) {
-                report.error(
-                    format!("spec.models[{i}].upstreamName"),
-                    "cannot rename a glob pattern",
-                );
+                report.error(format!("spec.models[{i}].upstreamName"), "cannot rename a glob pattern");
             } else if let Err(why) = validate::model_name(upstream).and_then(|()| {
                 if pattern::is_glob(upstream) {
                     Err("must not be a glob pattern".to_owned())
@@ -355,28 +302,19 @@ fn compile_credential(
                     match validate::header_secret(value.expose()) {
                         Ok(()) => Some(value),
                         Err(why) => {
-                            report.error(
-                                "spec.secretRef",
-                                format!("Secret {secret} key {:?} {why}", secret_ref.key),
-                            );
+                            report.error("spec.secretRef", format!("Secret {secret} key {:?} {why}", secret_ref.key));
                             None
                         }
                     }
                 }
                 Err(missing) => {
-                    report.error(
-                        "spec.secretRef",
-                        secret_lookup_message(&secret, &secret_ref.key, missing),
-                    );
+                    report.error("spec.secretRef", secret_lookup_message(&secret, &secret_ref.key, missing));
                     None
                 }
             }
         }
         (None, true) => {
-            report.error(
-                "spec.secretRef",
-                format!("is required for kind {}", spec.kind),
-            );
+            report.error("spec.secretRef", format!("is required for kind {}", spec.kind));
             None
         }
         (None, false) => None,
@@ -392,10 +330,7 @@ fn compile_credential(
         Some(plaintext) => match seal_reusing(&object, &uid, &plaintext, keyring, previous) {
             Ok((version, sealed)) => (version, Some(sealed)),
             Err(why) => {
-                report.error(
-                    "spec.secretRef",
-                    format!("could not seal the provider key: {why}"),
-                );
+                report.error("spec.secretRef", format!("could not seal the provider key: {why}"));
                 return None;
             }
         },
@@ -429,12 +364,7 @@ fn seal_reusing(
         let unchanged = prev
             .sealed_key
             .as_ref()
-            .and_then(|sealed| {
-                keyring
-                    .open(&prev.binding(), sealed)
-                    .ok()
-                    .map(|old| (sealed, old))
-            })
+            .and_then(|sealed| keyring.open(&prev.binding(), sealed).ok().map(|old| (sealed, old)))
             .filter(|(_, old)| old == plaintext);
         match unchanged {
             Some((sealed, _)) if &sealed.key_id == keyring.active_id() => {
@@ -461,11 +391,7 @@ fn compile_kill_switch(
     warnings: &mut Vec<CompileError>,
 ) -> Option<KillSwitchEntry> {
     let object = identity(&switch.metadata);
-    let mut report = Report {
-        kind: "KillSwitch",
-        object: object.clone(),
-        errors,
-    };
+    let mut report = Report { kind: "KillSwitch", object: object.clone(), errors };
     if !check_name(&mut report) {
         return None;
     }
@@ -475,12 +401,7 @@ fn compile_kill_switch(
         return None;
     }
     let mut warn = |field: &str, message: String| {
-        warnings.push(CompileError {
-            kind: "KillSwitch",
-            object: object.clone(),
-            field: field.to_owned(),
-            message,
-        });
+        warnings.push(CompileError { kind: "KillSwitch", object: object.clone(), field: field.to_owned(), message });
     };
     let scope = match spec.scope.target() {
         Err(why) => {
@@ -491,20 +412,14 @@ fn compile_kill_switch(
         Ok(ScopeTarget::Provider(reference)) => {
             let target = ObjectRef::parse_relative(reference, &object.namespace);
             if !credentials.iter().any(|c| c.credential == target) {
-                warn(
-                    "spec.scope.provider",
-                    format!("ProviderCredential {target} does not exist (yet)"),
-                );
+                warn("spec.scope.provider", format!("ProviderCredential {target} does not exist (yet)"));
             }
             SwitchScope::Provider(target)
         }
         Ok(ScopeTarget::ApiKey(reference)) => {
             let target = ObjectRef::parse_relative(reference, &object.namespace);
             if !api_keys.iter().any(|k| k.key == target) {
-                warn(
-                    "spec.scope.apiKey",
-                    format!("ApiKey {target} does not exist (yet)"),
-                );
+                warn("spec.scope.apiKey", format!("ApiKey {target} does not exist (yet)"));
             }
             SwitchScope::ApiKey(target)
         }
@@ -556,9 +471,7 @@ fn reject_shared_digests(api_keys: &[ApiKeyEntry], errors: &mut Vec<CompileError
                         kind: "ApiKey",
                         object: entry.key.clone(),
                         field: "spec.secretRef".to_owned(),
-                        message: format!(
-                            "holds the same key as ApiKey {first}; every ApiKey needs its own key"
-                        ),
+                        message: format!("holds the same key as ApiKey {first}; every ApiKey needs its own key"),
                     });
                 }
             }

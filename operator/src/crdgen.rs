@@ -17,9 +17,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 
 /// All CRDs as one multi-document YAML file.
 pub fn render() -> Result<String, serde_yaml::Error> {
-    let mut out = format!(
-        "# Generated from the Rust types by:\n#   {REGENERATE_COMMAND}\n# Do not edit by hand.\n"
-    );
+    let mut out = format!("# Generated from the Rust types by:\n#   {REGENERATE_COMMAND}\n# Do not edit by hand.\n");
     for crd in crds() {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);

@@ -63,8 +63,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let c = &compiled.snapshot.content;
                     println!(
                         "ok: {} files, {} objects ({} skipped): {} ApiKeys, {} ProviderCredentials, {} KillSwitches",
-                        summary.files, summary.objects, summary.skipped,
-                        c.api_keys.len(), c.credentials.len(), c.kill_switches.len()
+                        summary.files,
+                        summary.objects,
+                        summary.skipped,
+                        c.api_keys.len(),
+                        c.credentials.len(),
+                        c.kill_switches.len()
                     );
                     Ok(ExitCode::SUCCESS)
                 }

@@ -35,11 +35,7 @@ impl fmt::Display for ManifestError {
         if self.document == 0 {
             write!(f, "{}: {}", self.source, self.message)
         } else {
-            write!(
-                f,
-                "{} (document {}): {}",
-                self.source, self.document, self.message
-            )
+            write!(f, "{} (document {}): {}", self.source, self.document, self.message)
         }
     }
 }
@@ -62,43 +58,23 @@ pub fn add_yaml(
     summary: &mut ReadSummary,
 ) -> Result<(), ManifestError> {
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let fail = |message: String| ManifestError {
-            source: source.to_owned(),
-            document: index + 1,
-            message,
-        };
+        let fail = |message: String| ManifestError { source: source.to_owned(), document: index + 1, message };
         let value = serde_yaml::Value::deserialize(document).map_err(|e| fail(e.to_string()))?;
         add_value(inputs, value, summary).map_err(fail)?;
     }
     Ok(())
 }
 
-fn add_value(
-    inputs: &mut CompileInputs,
-    value: serde_yaml::Value,
-    summary: &mut ReadSummary,
-) -> Result<(), String> {
+fn add_value(inputs: &mut CompileInputs, value: serde_yaml::Value, summary: &mut ReadSummary) -> Result<(), String> {
     if value.is_null() {
         return Ok(());
     }
-    let api_version = value
-        .get("apiVersion")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    let kind = value
-        .get("kind")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let described = |e: serde_yaml::Error| format!("{kind} is invalid: {e}");
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            let items = value
-                .get("items")
-                .and_then(|v| v.as_sequence())
-                .cloned()
-                .unwrap_or_default();
+            let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
             for item in items {
                 add_value(inputs, item, summary)?;
             }
@@ -110,27 +86,17 @@ fn add_value(
         }
         (PORTCULLIS_API, "ApiKey") => {
             let mut object: ApiKey = serde_yaml::from_value(value).map_err(described)?;
-            object
-                .metadata
-                .namespace
-                .get_or_insert_with(|| "default".to_owned());
+            object.metadata.namespace.get_or_insert_with(|| "default".to_owned());
             inputs.api_keys.push(object);
         }
         (PORTCULLIS_API, "ProviderCredential") => {
-            let mut object: ProviderCredential =
-                serde_yaml::from_value(value).map_err(described)?;
-            object
-                .metadata
-                .namespace
-                .get_or_insert_with(|| "default".to_owned());
+            let mut object: ProviderCredential = serde_yaml::from_value(value).map_err(described)?;
+            object.metadata.namespace.get_or_insert_with(|| "default".to_owned());
             inputs.credentials.push(object);
         }
         (PORTCULLIS_API, "KillSwitch") => {
             let mut object: KillSwitch = serde_yaml::from_value(value).map_err(described)?;
-            object
-                .metadata
-                .namespace
-                .get_or_insert_with(|| "default".to_owned());
+            object.metadata.namespace.get_or_insert_with(|| "default".to_owned());
             inputs.kill_switches.push(object);
         }
         (api, kind) if api.starts_with("portcullis.dev/") => {
@@ -146,16 +112,8 @@ fn add_value(
 }
 
 fn add_secret(inputs: &mut CompileInputs, secret: Secret) -> Result<(), String> {
-    let name = secret
-        .metadata
-        .name
-        .clone()
-        .ok_or("Secret has no metadata.name")?;
-    let namespace = secret
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
+    let name = secret.metadata.name.clone().ok_or("Secret has no metadata.name")?;
+    let namespace = secret.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
     let mut data: BTreeMap<String, SecretBytes> = BTreeMap::new();
     for (key, value) in secret.data.unwrap_or_default() {
         data.insert(key, SecretBytes::new(value.0));
@@ -170,22 +128,12 @@ fn add_secret(inputs: &mut CompileInputs, secret: Secret) -> Result<(), String> 
 
 /// The `.yaml`/`.yml` files directly in `dir`, sorted, so reads are repeatable.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let fail = |message: String| ManifestError {
-        source: dir.display().to_string(),
-        document: 0,
-        message,
-    };
+    let fail = |message: String| ManifestError { source: dir.display().to_string(), document: 0, message };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
         let path = entry.map_err(|e| fail(e.to_string()))?.path();
-        let is_yaml = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        );
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
+        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
         if is_yaml && !hidden && path.is_file() {
             files.push(path);
         }
@@ -203,14 +151,8 @@ pub fn read_dir(dir: &Path) -> Result<(CompileInputs, ReadSummary), ManifestErro
     let mut summary = ReadSummary::default();
     for path in manifest_files(dir)? {
         let source = path.display().to_string();
-        let fail = |message: String| ManifestError {
-            source: source.clone(),
-            document: 0,
-            message,
-        };
-        let size = std::fs::metadata(&path)
-            .map_err(|e| fail(e.to_string()))?
-            .len();
+        let fail = |message: String| ManifestError { source: source.clone(), document: 0, message };
+        let size = std::fs::metadata(&path).map_err(|e| fail(e.to_string()))?.len();
         if size > MAX_FILE_BYTES {
             return Err(fail(format!("file is larger than {MAX_FILE_BYTES} bytes")));
         }

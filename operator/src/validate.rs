@@ -30,13 +30,8 @@ pub fn model_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_MODEL_NAME_LEN {
         return Err(format!("must be 1-{MAX_MODEL_NAME_LEN} characters"));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@*?".contains(&b))
-    {
-        return Err(
-            "may contain only letters, digits and - _ . : / @ (and * ? as globs)".to_owned(),
-        );
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/@*?".contains(&b)) {
+        return Err("may contain only letters, digits and - _ . : / @ (and * ? as globs)".to_owned());
     }
     Ok(())
 }
@@ -80,22 +75,9 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(
-            base_url("https://api.openai.com/v1/").as_deref(),
-            Ok("https://api.openai.com/v1")
-        );
-        assert_eq!(
-            base_url("http://127.0.0.1:8000").as_deref(),
-            Ok("http://127.0.0.1:8000")
-        );
-        for bad in [
-            "ftp://x",
-            "https://",
-            "https://x/v1?x=1",
-            "https://u:p@x",
-            "https://x y",
-            "api.openai.com",
-        ] {
+        assert_eq!(base_url("https://api.openai.com/v1/").as_deref(), Ok("https://api.openai.com/v1"));
+        assert_eq!(base_url("http://127.0.0.1:8000").as_deref(), Ok("http://127.0.0.1:8000"));
+        for bad in ["ftp://x", "https://", "https://x/v1?x=1", "https://u:p@x", "https://x y", "api.openai.com"] {
             assert!(base_url(bad).is_err(), "{bad}");
         }
     }

@@ -89,28 +89,16 @@ fn valid_manifests_compile_into_sorted_entries() {
     let content = &compiled.snapshot.content;
     assert_eq!(compiled.snapshot.generation, 1);
     assert_eq!(content.api_keys.len(), 1);
-    assert_eq!(
-        content.api_keys[0].digests[0].digest,
-        pepper().digest(CLIENT_KEY.as_bytes())
-    );
-    let names: Vec<_> = content
-        .credentials
-        .iter()
-        .map(|c| c.credential.to_string())
-        .collect();
+    assert_eq!(content.api_keys[0].digests[0].digest, pepper().digest(CLIENT_KEY.as_bytes()));
+    let names: Vec<_> = content.credentials.iter().map(|c| c.credential.to_string()).collect();
     assert_eq!(names, ["team-a/mock", "team-a/openai"]);
     let openai = &content.credentials[1];
     assert_eq!(openai.base_url, "https://api.openai.com/v1");
     assert!(openai.sealed_key.is_some());
-    assert!(
-        content.credentials[0].sealed_key.is_none(),
-        "mock needs no key"
-    );
+    assert!(content.credentials[0].sealed_key.is_none(), "mock needs no key");
     assert_eq!(
         content.kill_switches[0].scope,
-        SwitchScope::Provider(portcullis_crds::v1alpha1::ObjectRef::new(
-            "team-a", "openai"
-        ))
+        SwitchScope::Provider(portcullis_crds::v1alpha1::ObjectRef::new("team-a", "openai"))
     );
     assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
 }
@@ -120,29 +108,16 @@ fn sealed_key_opens_to_the_trimmed_provider_key_and_nothing_leaks() {
     let ring = keyring("k1");
     let compiled = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles");
     let openai = &compiled.snapshot.content.credentials[1];
-    let opened = ring
-        .open(
-            &openai.binding(),
-            openai.sealed_key.as_ref().expect("sealed"),
-        )
-        .expect("opens");
+    let opened = ring.open(&openai.binding(), openai.sealed_key.as_ref().expect("sealed")).expect("opens");
     assert_eq!(opened.expose(), PROVIDER_KEY.as_bytes());
 
     let json = String::from_utf8(compiled.snapshot.to_json()).expect("utf8");
-    for plaintext in [
-        PROVIDER_KEY,
-        CLIENT_KEY,
-        "CANARY",
-        &base64_encode(CLIENT_KEY.as_bytes()),
-    ] {
+    for plaintext in [PROVIDER_KEY, CLIENT_KEY, "CANARY", &base64_encode(CLIENT_KEY.as_bytes())] {
         assert!(!json.contains(plaintext), "snapshot contains {plaintext}");
     }
     let debug = format!("{:?}", compiled.snapshot);
     assert!(!debug.contains("CANARY"));
-    assert_eq!(
-        GatewaySnapshot::from_json(json.as_bytes()).expect("parses"),
-        compiled.snapshot
-    );
+    assert_eq!(GatewaySnapshot::from_json(json.as_bytes()).expect("parses"), compiled.snapshot);
 }
 
 #[test]
@@ -151,49 +126,25 @@ fn wrong_master_key_and_moved_ciphertext_are_rejected() {
     let compiled = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles");
     let openai = &compiled.snapshot.content.credentials[1];
     let sealed = openai.sealed_key.as_ref().expect("sealed");
-    assert_eq!(
-        keyring("k1").open(&openai.binding(), sealed),
-        Err(SealingError::Authentication)
-    );
+    assert_eq!(keyring("k1").open(&openai.binding(), sealed), Err(SealingError::Authentication));
     let mut moved = openai.clone();
     moved.credential.name = "other".into();
-    assert_eq!(
-        ring.open(&moved.binding(), sealed),
-        Err(SealingError::Authentication)
-    );
+    assert_eq!(ring.open(&moved.binding(), sealed), Err(SealingError::Authentication));
 }
 
 #[test]
 fn recompiling_unchanged_input_is_identical() {
     let ring = keyring("k1");
-    let first = compile(&inputs(&base()), &ring, &pepper(), None)
-        .expect("compiles")
-        .snapshot;
-    let again = compile(&inputs(&base()), &ring, &pepper(), Some(&first))
-        .expect("compiles")
-        .snapshot;
-    assert_eq!(
-        again, first,
-        "no new nonce, no new generation when nothing changed"
-    );
+    let first = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles").snapshot;
+    let again = compile(&inputs(&base()), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
+    assert_eq!(again, first, "no new nonce, no new generation when nothing changed");
 
     let changed = base().replace(PROVIDER_KEY, "sk-rotated-provider-key");
-    let next = compile(&inputs(&changed), &ring, &pepper(), Some(&first))
-        .expect("compiles")
-        .snapshot;
+    let next = compile(&inputs(&changed), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
     assert_eq!(next.generation, 2);
-    assert_eq!(
-        next.content.credentials[1].key_version, 2,
-        "key change bumps the version"
-    );
+    assert_eq!(next.content.credentials[1].key_version, 2, "key change bumps the version");
     let opened = ring
-        .open(
-            &next.content.credentials[1].binding(),
-            next.content.credentials[1]
-                .sealed_key
-                .as_ref()
-                .expect("sealed"),
-        )
+        .open(&next.content.credentials[1].binding(), next.content.credentials[1].sealed_key.as_ref().expect("sealed"))
         .expect("opens");
     assert_eq!(opened.expose(), b"sk-rotated-provider-key");
 }
@@ -201,21 +152,11 @@ fn recompiling_unchanged_input_is_identical() {
 #[test]
 fn master_key_rotation_reseals_under_the_new_key() {
     let mut ring = keyring("k1");
-    let first = compile(&inputs(&base()), &ring, &pepper(), None)
-        .expect("compiles")
-        .snapshot;
-    ring.rotate_to(
-        KeyId::new("k2").expect("id"),
-        MasterKey::generate().expect("key"),
-    );
-    let next = compile(&inputs(&base()), &ring, &pepper(), Some(&first))
-        .expect("compiles")
-        .snapshot;
+    let first = compile(&inputs(&base()), &ring, &pepper(), None).expect("compiles").snapshot;
+    ring.rotate_to(KeyId::new("k2").expect("id"), MasterKey::generate().expect("key"));
+    let next = compile(&inputs(&base()), &ring, &pepper(), Some(&first)).expect("compiles").snapshot;
     let cred = &next.content.credentials[1];
-    assert_eq!(
-        cred.sealed_key.as_ref().expect("sealed").key_id.as_str(),
-        "k2"
-    );
+    assert_eq!(cred.sealed_key.as_ref().expect("sealed").key_id.as_str(), "k2");
     assert_eq!(cred.key_version, 1, "same provider key, same version");
     assert_eq!(next.generation, 2);
 }
@@ -258,10 +199,7 @@ fn invalid_manifests_name_object_and_field() {
             .unwrap_or_else(|| panic!("{name}: expected a compile error"));
         let text = errors.to_string();
         assert!(text.contains(expected), "{name}: got {text}");
-        assert!(
-            !text.contains("CANARY"),
-            "{name}: error leaks a secret: {text}"
-        );
+        assert!(!text.contains("CANARY"), "{name}: error leaks a secret: {text}");
     }
 }
 
@@ -272,10 +210,7 @@ fn two_api_keys_with_one_key_are_rejected() {
         base()
     );
     let errors = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None).expect_err("shared key");
-    assert!(
-        errors.to_string().contains("holds the same key as ApiKey"),
-        "{errors}"
-    );
+    assert!(errors.to_string().contains("holds the same key as ApiKey"), "{errors}");
 }
 
 #[test]
@@ -283,9 +218,7 @@ fn kill_switch_naming_a_missing_object_warns_without_blocking() {
     let yaml = base().replace("scope: {provider: openai}", "scope: {apiKey: nobody}");
     let compiled = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None).expect("compiles");
     assert_eq!(compiled.warnings.len(), 1);
-    assert!(compiled.warnings[0]
-        .to_string()
-        .contains("ApiKey team-a/nobody does not exist"));
+    assert!(compiled.warnings[0].to_string().contains("ApiKey team-a/nobody does not exist"));
 }
 
 #[test]
@@ -301,8 +234,13 @@ fn malformed_yaml_names_the_document() {
     .expect_err("malformed");
     assert_eq!(err.source, "f.yaml");
     assert_eq!(err.document, 2);
-    let err = add_yaml(&mut inputs, "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: a}\nspec: {revoked: maybe}\n", "g.yaml", &mut summary)
-        .expect_err("bad field type");
+    let err = add_yaml(
+        &mut inputs,
+        "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: a}\nspec: {revoked: maybe}\n",
+        "g.yaml",
+        &mut summary,
+    )
+    .expect_err("bad field type");
     assert!(err.to_string().contains("ApiKey is invalid"), "{err}");
 }
 

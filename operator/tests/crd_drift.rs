@@ -5,9 +5,7 @@ use portcullis_operator::crdgen::{render, COMMITTED_PATH, REGENERATE_COMMAND};
 
 #[test]
 fn committed_crds_match_the_types() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(COMMITTED_PATH);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(COMMITTED_PATH);
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     let generated = render().expect("render CRDs");
     assert!(
@@ -23,10 +21,7 @@ fn every_schema_field_has_a_description() {
         if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
             for (name, child) in props {
                 let child_path = format!("{path}.{name}");
-                let documented = child
-                    .get("description")
-                    .and_then(|d| d.as_str())
-                    .is_some_and(|d| !d.is_empty());
+                let documented = child.get("description").and_then(|d| d.as_str()).is_some_and(|d| !d.is_empty());
                 if !documented && !["metadata", "apiVersion", "kind"].contains(&name.as_str()) {
                     missing.push(child_path.clone());
                 }
@@ -43,8 +38,5 @@ fn every_schema_field_has_a_description() {
         let schema = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         walk(&crd.spec.names.kind, schema, &mut missing);
     }
-    assert!(
-        missing.is_empty(),
-        "fields without a description: {missing:#?}"
-    );
+    assert!(missing.is_empty(), "fields without a description: {missing:#?}");
 }

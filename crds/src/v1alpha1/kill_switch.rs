@@ -113,27 +113,14 @@ mod tests {
 
     #[test]
     fn scope_names_exactly_one_target() {
-        let global = KillSwitchScope {
-            global: Some(true),
-            ..Default::default()
-        };
+        let global = KillSwitchScope { global: Some(true), ..Default::default() };
         assert_eq!(global.target(), Ok(ScopeTarget::Global));
-        let model = KillSwitchScope {
-            model: Some("gpt-*".into()),
-            ..Default::default()
-        };
+        let model = KillSwitchScope { model: Some("gpt-*".into()), ..Default::default() };
         assert_eq!(model.target(), Ok(ScopeTarget::Model("gpt-*")));
         assert!(KillSwitchScope::default().target().is_err());
-        let two = KillSwitchScope {
-            global: Some(true),
-            model: Some("x".into()),
-            ..Default::default()
-        };
+        let two = KillSwitchScope { global: Some(true), model: Some("x".into()), ..Default::default() };
         assert!(two.target().is_err());
-        let off = KillSwitchScope {
-            global: Some(false),
-            ..Default::default()
-        };
+        let off = KillSwitchScope { global: Some(false), ..Default::default() };
         assert!(off.target().is_err());
     }
 }

@@ -9,6 +9,5 @@ pub use api_key::{ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus, FailurePolicy,
 pub use common::{ObjectRef, SecretKeyRef};
 pub use kill_switch::{KillSwitch, KillSwitchScope, KillSwitchSpec, KillSwitchStatus, ScopeTarget};
 pub use provider_credential::{
-    AzureSettings, ModelMapping, ProviderCredential, ProviderCredentialSpec,
-    ProviderCredentialStatus, ProviderKind,
+    AzureSettings, ModelMapping, ProviderCredential, ProviderCredentialSpec, ProviderCredentialStatus, ProviderKind,
 };

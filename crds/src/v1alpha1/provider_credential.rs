@@ -51,9 +51,7 @@ fn default_weight() -> u32 {
 }
 
 /// The wire protocol and authentication style of a provider.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 pub enum ProviderKind {
     /// OpenAI's API, `Authorization: Bearer`.
     #[serde(rename = "openai")]

@@ -12,12 +12,8 @@ pub fn authenticate<'s>(
     headers: &HeaderMap,
     now: DateTime<Utc>,
 ) -> Result<&'s KeyGrant, GatewayError> {
-    let presented = presented_key(headers)
-        .filter(|k| !k.is_empty())
-        .ok_or(GatewayError::MissingApiKey)?;
-    let grant = snapshot
-        .lookup_key(presented)
-        .ok_or(GatewayError::InvalidApiKey)?;
+    let presented = presented_key(headers).filter(|k| !k.is_empty()).ok_or(GatewayError::MissingApiKey)?;
+    let grant = snapshot.lookup_key(presented).ok_or(GatewayError::InvalidApiKey)?;
     if grant.policy.revoked {
         return Err(GatewayError::ApiKeyRevoked);
     }

@@ -114,44 +114,28 @@ fn upstream_body(
         return Ok((body, false));
     }
     let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
-        .map_err(|_| {
-            GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned())
-        })?;
+        .map_err(|_| GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned()))?;
     if let Some(upstream_model) = &chosen.upstream_model {
-        object.insert(
-            "model".to_owned(),
-            serde_json::Value::String(upstream_model.to_string()),
-        );
+        object.insert("model".to_owned(), serde_json::Value::String(upstream_model.to_string()));
     }
     if wants_usage_injection {
-        let options = object
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        let options =
+            object.entry("stream_options").or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
         if let Some(options) = options.as_object_mut() {
             options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
         }
     }
-    let bytes = serde_json::to_vec(&object).map_err(|_| {
-        GatewayError::InvalidRequest("The request body could not be re-encoded.".to_owned())
-    })?;
+    let bytes = serde_json::to_vec(&object)
+        .map_err(|_| GatewayError::InvalidRequest("The request body could not be re-encoded.".to_owned()))?;
     Ok((Bytes::from(bytes), wants_usage_injection))
 }
 
-fn upstream_uri(
-    route: ApiRoute,
-    client_uri: &Uri,
-    model: &str,
-    chosen: &ModelRoute,
-) -> Result<Uri, GatewayError> {
+fn upstream_uri(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelRoute) -> Result<Uri, GatewayError> {
     let upstream = &chosen.upstream;
     let uri = match (upstream.kind, &upstream.azure_api_version) {
         (ProviderKind::AzureOpenAi, Some(version)) => {
             let deployment = chosen.upstream_model.as_deref().unwrap_or(model);
-            format!(
-                "{}/deployments/{deployment}{}?api-version={version}",
-                upstream.base_url,
-                route.upstream_suffix()
-            )
+            format!("{}/deployments/{deployment}{}?api-version={version}", upstream.base_url, route.upstream_suffix())
         }
         _ => match client_uri.query() {
             Some(query) => format!("{}{}?{query}", upstream.base_url, route.upstream_suffix()),
@@ -174,24 +158,17 @@ pub fn build(
     let (body, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
     let mut headers = forwardable_headers(&client.headers);
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
-    headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if !headers.contains_key(header::CONTENT_TYPE) {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     let upstream = &chosen.upstream;
     if let Some(key) = upstream.api_key() {
         // Built per request and marked sensitive (never HPACK-indexed, hidden in Debug).
         // The scratch copy is zeroized; the header's own copy lives in the HTTP stack's buffers.
         let auth = |value: zeroize::Zeroizing<Vec<u8>>| -> Result<HeaderValue, GatewayError> {
-            let mut value =
-                HeaderValue::from_bytes(&value).map_err(|_| GatewayError::UpstreamUnavailable)?;
+            let mut value = HeaderValue::from_bytes(&value).map_err(|_| GatewayError::UpstreamUnavailable)?;
             value.set_sensitive(true);
             Ok(value)
         };
@@ -203,33 +180,20 @@ pub fn build(
                 headers.insert(header::AUTHORIZATION, auth(value)?);
             }
             ProviderKind::Anthropic => {
-                headers.insert(
-                    "x-api-key",
-                    auth(zeroize::Zeroizing::new(key.expose().to_vec()))?,
-                );
+                headers.insert("x-api-key", auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
             }
             ProviderKind::AzureOpenAi => {
-                headers.insert(
-                    "api-key",
-                    auth(zeroize::Zeroizing::new(key.expose().to_vec()))?,
-                );
+                headers.insert("api-key", auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
             }
             ProviderKind::Mock => {}
         }
     }
     if upstream.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
-        headers.insert(
-            "anthropic-version",
-            HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
-        );
+        headers.insert("anthropic-version", HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
     }
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = upstream_uri(route, &client.uri, model, chosen)?;
     *request.headers_mut() = headers;
-    Ok(Outbound {
-        request,
-        body,
-        strip_usage_chunk,
-    })
+    Ok(Outbound { request, body, strip_usage_chunk })
 }

@@ -11,10 +11,7 @@ use crate::error::GatewayError;
 use crate::snapshot::RuntimeSnapshot;
 
 fn stopped(switch: &KillSwitchEntry) -> GatewayError {
-    GatewayError::KillSwitchActive {
-        switch: switch.switch.to_string(),
-        reason: switch.reason.clone(),
-    }
+    GatewayError::KillSwitchActive { switch: switch.switch.to_string(), reason: switch.reason.clone() }
 }
 
 fn first_engaged(
@@ -22,22 +19,14 @@ fn first_engaged(
     now: DateTime<Utc>,
     applies: impl Fn(&SwitchScope) -> bool,
 ) -> Result<(), GatewayError> {
-    match snapshot
-        .kill_switches
-        .iter()
-        .find(|s| s.is_engaged(now) && applies(&s.scope))
-    {
+    match snapshot.kill_switches.iter().find(|s| s.is_engaged(now) && applies(&s.scope)) {
         Some(switch) => Err(stopped(switch)),
         None => Ok(()),
     }
 }
 
 /// Global, namespace and key switches.
-pub fn check_caller(
-    snapshot: &RuntimeSnapshot,
-    key: &ApiKeyEntry,
-    now: DateTime<Utc>,
-) -> Result<(), GatewayError> {
+pub fn check_caller(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, now: DateTime<Utc>) -> Result<(), GatewayError> {
     first_engaged(snapshot, now, |scope| match scope {
         SwitchScope::Global => true,
         SwitchScope::ApiKey(target) => target == &key.key,
@@ -47,16 +36,8 @@ pub fn check_caller(
 }
 
 /// Model switches (name or glob pattern).
-pub fn check_model(
-    snapshot: &RuntimeSnapshot,
-    model: &str,
-    now: DateTime<Utc>,
-) -> Result<(), GatewayError> {
-    first_engaged(
-        snapshot,
-        now,
-        |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)),
-    )
+pub fn check_model(snapshot: &RuntimeSnapshot, model: &str, now: DateTime<Utc>) -> Result<(), GatewayError> {
+    first_engaged(snapshot, now, |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)))
 }
 
 /// The engaged switch stopping one provider, if any.
@@ -65,9 +46,10 @@ pub fn provider_switch<'s>(
     provider: &ObjectRef,
     now: DateTime<Utc>,
 ) -> Option<&'s KillSwitchEntry> {
-    snapshot.kill_switches.iter().find(|s| {
-        s.is_engaged(now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider)
-    })
+    snapshot
+        .kill_switches
+        .iter()
+        .find(|s| s.is_engaged(now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider))
 }
 
 /// The switch error for a provider switch found while routing.

@@ -13,8 +13,9 @@ use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use portcullis_crds::snapshot::ApiKeyEntry;
 
-use crate::api::ApiRoute;
+use crate::api::{ApiFlavor, ApiRoute};
 use crate::body::{BoxError, GatewayBody};
+use crate::limits::{Limiter, Ticket};
 use crate::metrics::Metrics;
 use crate::pipeline::usage::{JsonTail, SseScanner, Usage};
 use crate::snapshot::ModelRoute;
@@ -32,6 +33,11 @@ pub struct AccessRecord {
     pub status: u16,
     first_byte: Option<Duration>,
     usage: Usage,
+    /// The limiter reservation to settle, and the input size it assumed.
+    pub ticket: Option<(Arc<Limiter>, Ticket)>,
+    pub input_estimate: u64,
+    /// Output tokens seen so far when usage was never reported (a stream cut short).
+    observed_output: u64,
 }
 
 impl AccessRecord {
@@ -47,6 +53,21 @@ impl AccessRecord {
             status: 0,
             first_byte: None,
             usage: Usage::default(),
+            ticket: None,
+            input_estimate: 0,
+            observed_output: 0,
+        }
+    }
+
+    /// Replaces the token reservation with real usage, off the request path.
+    fn settle(&mut self) {
+        let Some((limiter, ticket)) = self.ticket.take() else { return };
+        let actual = match (self.usage.input, self.usage.output) {
+            (None, None) if self.observed_output == 0 => return,
+            (input, output) => input.unwrap_or(self.input_estimate) + output.unwrap_or(self.observed_output),
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { limiter.settle(&ticket, actual).await });
         }
     }
 
@@ -57,13 +78,11 @@ impl AccessRecord {
     }
 
     /// Writes the log line and the metrics. `outcome` is `ok`, `upstream_error`, or a code.
-    pub fn finish(self, outcome: &str) {
+    pub fn finish(mut self, outcome: &str) {
+        self.settle();
         let elapsed = self.started.elapsed();
         let route = self.route.map_or("unknown", ApiRoute::label);
-        self.metrics
-            .requests
-            .with_label_values(&[route, outcome])
-            .inc();
+        self.metrics.requests.with_label_values(&[route, outcome]).inc();
         let provider = self.chosen.as_ref().map(|c| c.upstream.label.as_str());
         let model = self.chosen.as_ref().map(|c| &*c.declared);
         if let (Some(provider), Some(model), Some(api)) = (provider, model, self.route) {
@@ -74,17 +93,11 @@ impl AccessRecord {
                 .with_label_values(&[op, provider, model, error_type])
                 .observe(elapsed.as_secs_f64());
             if let Some(ttfb) = self.first_byte {
-                self.metrics
-                    .time_to_first_token
-                    .with_label_values(&[op, provider, model])
-                    .observe(ttfb.as_secs_f64());
+                self.metrics.time_to_first_token.with_label_values(&[op, provider, model]).observe(ttfb.as_secs_f64());
             }
             for (kind, tokens) in [("input", self.usage.input), ("output", self.usage.output)] {
                 if let Some(tokens) = tokens {
-                    self.metrics
-                        .token_usage
-                        .with_label_values(&[op, provider, model, kind])
-                        .observe(tokens as f64);
+                    self.metrics.token_usage.with_label_values(&[op, provider, model, kind]).observe(tokens as f64);
                 }
             }
         }
@@ -143,6 +156,14 @@ impl UsageReader {
         }
     }
 
+    /// Output tokens seen so far: reported usage, or one per SSE event when none was reported.
+    fn output_so_far(&self) -> u64 {
+        match self {
+            UsageReader::Json(_) => 0,
+            UsageReader::Sse(scanner) => scanner.usage.output.unwrap_or(0).max(scanner.events),
+        }
+    }
+
     /// Whether the body's length changes in passing.
     fn rewrites(&self) -> bool {
         matches!(self, UsageReader::Sse(_))
@@ -150,8 +171,17 @@ impl UsageReader {
 }
 
 /// A response body that meters as it streams and finishes its `AccessRecord` exactly once.
+/// A stream may use at most `allowance` tokens (what was left of its budget when admitted).
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetGuard {
+    pub allowance: u64,
+    pub input_estimate: u64,
+    pub flavor: ApiFlavor,
+}
+
 pub struct MeteredBody {
     inner: GatewayBody,
+    budget: Option<BudgetGuard>,
     reader: UsageReader,
     record: Option<AccessRecord>,
     outcome: &'static str,
@@ -162,9 +192,7 @@ pub struct MeteredBody {
 
 impl std::fmt::Debug for MeteredBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeteredBody")
-            .field("ended", &self.ended)
-            .finish_non_exhaustive()
+        f.debug_struct("MeteredBody").field("ended", &self.ended).finish_non_exhaustive()
     }
 }
 
@@ -175,9 +203,11 @@ impl MeteredBody {
         record: AccessRecord,
         outcome: &'static str,
         idle_timeout: Duration,
+        budget: Option<BudgetGuard>,
     ) -> Self {
         Self {
             inner,
+            budget,
             reader,
             record: Some(record),
             outcome,
@@ -211,8 +241,39 @@ impl MeteredBody {
         self.ended = true;
         if let Some(mut record) = self.record.take() {
             record.usage = self.reader.usage_so_far();
+            record.observed_output = self.reader.output_so_far();
             record.finish(outcome);
         }
+    }
+
+    /// True when the stream has used more than its budget allowed.
+    fn over_budget(&self) -> Option<BudgetGuard> {
+        let guard = self.budget?;
+        let usage = self.reader.usage_so_far();
+        let used = usage.input.unwrap_or(guard.input_estimate) + self.reader.output_so_far();
+        (used > guard.allowance).then_some(guard)
+    }
+
+    /// Ends the stream with a final error event in the API's format.
+    fn cut_for_budget(&mut self, guard: BudgetGuard, forwarded: Option<Bytes>) -> Bytes {
+        self.finish("token_budget_exceeded");
+        let message = "Token budget exhausted during this response; the stream was ended.";
+        let event = match guard.flavor {
+            ApiFlavor::OpenAi => format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {"message": message, "type": "insufficient_quota", "param": null, "code": "token_budget_exceeded"}})
+            ),
+            ApiFlavor::Anthropic => format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+            ),
+        };
+        let mut out = bytes::BytesMut::new();
+        if let Some(forwarded) = forwarded {
+            out.extend_from_slice(&forwarded);
+        }
+        out.extend_from_slice(event.as_bytes());
+        out.freeze()
     }
 }
 
@@ -220,10 +281,7 @@ impl Body for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if this.ended {
             return Poll::Ready(None);
@@ -239,6 +297,10 @@ impl Body for MeteredBody {
                                 record.mark_first_byte();
                             }
                             let out = this.reader.push(data);
+                            if let Some(guard) = this.over_budget() {
+                                let last = this.cut_for_budget(guard, out);
+                                return Poll::Ready(Some(Ok(Frame::data(last))));
+                            }
                             // hyper stops polling a body of known length after its last byte,
                             // so the end is recognised here rather than by a final `None`.
                             if this.inner.is_end_stream() {
@@ -246,9 +308,7 @@ impl Body for MeteredBody {
                                 return Poll::Ready(out.map(|b| Ok(Frame::data(b))));
                             }
                             match out {
-                                Some(out) if !out.is_empty() => {
-                                    return Poll::Ready(Some(Ok(Frame::data(out))))
-                                }
+                                Some(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
                                 _ => continue,
                             }
                         }
@@ -267,9 +327,7 @@ impl Body for MeteredBody {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.finish("upstream_idle_timeout");
-                        return Poll::Ready(Some(Err(
-                            "upstream sent nothing within the idle timeout".into(),
-                        )));
+                        return Poll::Ready(Some(Err("upstream sent nothing within the idle timeout".into())));
                     }
                     return Poll::Pending;
                 }

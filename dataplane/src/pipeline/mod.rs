@@ -1,8 +1,8 @@
 //! The request pipeline. Each phase is one module and returns `Result<_, GatewayError>`:
 //!
 //! ```text
-//!  classify route ─▶ authenticate ─▶ kill switch ─▶ read body ─▶ route ─▶ forward ─▶ meter
-//!        (api)        (authenticate)  (kill_switch)   (api)       (route)  (forward)  (meter, usage)
+//!  classify ─▶ lockout ─▶ authenticate ─▶ kill switch ─▶ read body ─▶ route ─▶ limit ─▶ forward ─▶ meter
+//!   (api)      (limits)   (authenticate)  (kill_switch)    (api)      (route)  (limit)  (forward)  (meter, usage)
 //! ```
 //!
 //! The snapshot is loaded once at the start and held to the end of the response, streams
@@ -11,11 +11,13 @@
 pub mod authenticate;
 pub mod forward;
 pub mod kill_switch;
+pub mod limit;
 pub mod meter;
 pub mod models;
 pub mod route;
 pub mod usage;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +29,11 @@ use portcullis_crds::v1alpha1::ProviderKind;
 use crate::api::{self, ApiFlavor, ApiRoute, RequestHead, REQUEST_ID_HEADER};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
-use meter::{AccessRecord, MeteredBody, UsageReader};
+use meter::{AccessRecord, BudgetGuard, MeteredBody, UsageReader};
 use usage::{JsonTail, SseScanner};
 
 /// Limits and timeouts applied to every request.
@@ -47,6 +50,7 @@ pub struct Gateway {
     snapshot: Arc<SnapshotHandle>,
     metrics: Arc<Metrics>,
     client: UpstreamClient,
+    limiter: Arc<Limiter>,
     settings: PipelineSettings,
 }
 
@@ -57,18 +61,14 @@ impl Gateway {
         snapshot: Arc<SnapshotHandle>,
         metrics: Arc<Metrics>,
         client: UpstreamClient,
+        limiter: Arc<Limiter>,
         settings: PipelineSettings,
     ) -> Self {
-        Self {
-            snapshot,
-            metrics,
-            client,
-            settings,
-        }
+        Self { snapshot, metrics, client, limiter, settings }
     }
 
     /// Serves one request. Never fails: every error is a response in the route's format.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<GatewayBody>
+    pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Response<GatewayBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -76,7 +76,7 @@ impl Gateway {
         let started = Instant::now();
         let request_id = api::request_id(request.headers());
         let mut record = AccessRecord::new(self.metrics.clone(), started, request_id.clone());
-        match self.serve(request, &mut record).await {
+        match self.serve(request, peer, &mut record).await {
             Ok(response) => response,
             Err((flavor, error)) => {
                 let response = error.clone().into_response(flavor, &request_id);
@@ -90,6 +90,7 @@ impl Gateway {
     async fn serve<B>(
         &self,
         request: Request<B>,
+        peer: Option<SocketAddr>,
         record: &mut AccessRecord,
     ) -> Result<Response<GatewayBody>, Failure>
     where
@@ -103,15 +104,27 @@ impl Gateway {
         let snapshot = self.snapshot.load().ok_or(fail(GatewayError::NotReady))?;
         let now = chrono::Utc::now();
 
-        let grant = authenticate::authenticate(&snapshot, request.headers(), now).map_err(fail)?;
+        // A locked-out address is refused before its key is even looked up.
+        let client = self.limiter.client_address(peer.map(|p| p.ip()), request.headers());
+        if let Some(retry_after_ms) = client.and_then(|ip| self.limiter.locked_locally(ip)) {
+            return Err(fail(GatewayError::LockedOut { retry_after_ms }));
+        }
+        let grant = match authenticate::authenticate(&snapshot, request.headers(), now) {
+            Ok(grant) => grant,
+            Err(GatewayError::InvalidApiKey) => {
+                if let Some(ip) = client {
+                    self.limiter.auth_failed(ip).await;
+                }
+                return Err(fail(GatewayError::InvalidApiKey));
+            }
+            Err(other) => return Err(fail(other)),
+        };
         record.key = Some(grant.policy.clone());
         kill_switch::check_caller(&snapshot, &grant.policy, now).map_err(fail)?;
 
         if route == ApiRoute::Models {
             let mut response = models::list(&snapshot, &grant.policy, request.headers());
-            response
-                .headers_mut()
-                .insert(REQUEST_ID_HEADER, record.request_id.clone());
+            response.headers_mut().insert(REQUEST_ID_HEADER, record.request_id.clone());
             record.status = 200;
             return Ok(response);
         }
@@ -126,23 +139,25 @@ impl Gateway {
         let chosen = route::choose(&snapshot, &grant.policy, route, model, now).map_err(fail)?;
         record.chosen = Some(chosen.clone());
 
-        let outbound = forward::build(
-            route,
-            &parts,
-            body.clone(),
-            &head,
-            model,
-            &chosen,
-            &record.request_id,
-        )
-        .map_err(fail)?;
-        let strip_usage_chunk = outbound.strip_usage_chunk;
-        let response = self
-            .send(route, model, &chosen, outbound)
-            .await
-            .map_err(fail)?;
+        let (input_estimate, reserve) =
+            limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
+        let ticket = limit::admit(&self.limiter, &snapshot, &grant.policy, reserve, client).await.map_err(fail)?;
+        record.input_estimate = input_estimate;
+        let budget = ticket.as_ref().and_then(|t| t.granted.budget_remaining).map(|allowance| BudgetGuard {
+            allowance,
+            input_estimate,
+            flavor,
+        });
+        if let Some(ticket) = ticket {
+            record.ticket = Some((self.limiter.clone(), ticket));
+        }
 
-        Ok(self.metered(response, strip_usage_chunk, record))
+        let outbound =
+            forward::build(route, &parts, body.clone(), &head, model, &chosen, &record.request_id).map_err(fail)?;
+        let strip_usage_chunk = outbound.strip_usage_chunk;
+        let response = self.send(route, model, &chosen, outbound).await.map_err(fail)?;
+
+        Ok(self.metered(response, strip_usage_chunk, budget, record))
     }
 
     async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
@@ -154,12 +169,8 @@ impl Gateway {
         let collect = Limited::new(body, limit).collect();
         match tokio::time::timeout(self.settings.request_body_timeout, collect).await {
             Err(_) => Err(GatewayError::RequestTimeout),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(GatewayError::RequestTooLarge { limit })
-            }
-            Ok(Err(_)) => Err(GatewayError::InvalidRequest(
-                "The request body could not be read.".to_owned(),
-            )),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
+            Ok(Err(_)) => Err(GatewayError::InvalidRequest("The request body could not be read.".to_owned())),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     }
@@ -182,10 +193,9 @@ impl Gateway {
                 tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
                 Err(GatewayError::UpstreamUnavailable)
             }
-            Ok(Ok(response)) => Ok(response.map(|b| {
-                b.map_err(|e| Box::new(e) as crate::body::BoxError)
-                    .boxed_unsync()
-            })),
+            Ok(Ok(response)) => {
+                Ok(response.map(|b| b.map_err(|e| Box::new(e) as crate::body::BoxError).boxed_unsync()))
+            }
         }
     }
 
@@ -193,6 +203,7 @@ impl Gateway {
         &self,
         response: Response<GatewayBody>,
         strip_usage_chunk: bool,
+        budget: Option<BudgetGuard>,
         record: &mut AccessRecord,
     ) -> Response<GatewayBody> {
         let (mut parts, body) = response.into_parts();
@@ -212,30 +223,19 @@ impl Gateway {
         if let Some(upstream_id) = parts.headers.remove(REQUEST_ID_HEADER) {
             parts.headers.insert("x-upstream-request-id", upstream_id);
         }
-        parts
-            .headers
-            .insert(REQUEST_ID_HEADER, record.request_id.clone());
+        parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
+        if let Some((_, ticket)) = &record.ticket {
+            limit::rate_headers(ticket, &mut parts.headers);
+        }
+        // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
+        let budget = budget.filter(|_| is_sse);
         record.status = parts.status.as_u16();
-        let outcome = if parts.status.is_success() {
-            "ok"
-        } else {
-            "upstream_error"
-        };
+        let outcome = if parts.status.is_success() { "ok" } else { "upstream_error" };
         let handed_off = std::mem::replace(
             record,
-            AccessRecord::new(
-                self.metrics.clone(),
-                Instant::now(),
-                HeaderValue::from_static("-"),
-            ),
+            AccessRecord::new(self.metrics.clone(), Instant::now(), HeaderValue::from_static("-")),
         );
-        let body = MeteredBody::new(
-            body,
-            reader,
-            handed_off,
-            outcome,
-            self.settings.upstream_idle_timeout,
-        );
+        let body = MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget);
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
     }
 }

@@ -9,11 +9,7 @@ use serde_json::json;
 use crate::body::{json_response, GatewayBody};
 use crate::snapshot::{ModelRoute, RuntimeSnapshot};
 
-pub fn list(
-    snapshot: &RuntimeSnapshot,
-    key: &ApiKeyEntry,
-    headers: &HeaderMap,
-) -> Response<GatewayBody> {
+pub fn list(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, headers: &HeaderMap) -> Response<GatewayBody> {
     let anthropic = headers.contains_key("anthropic-version");
     let usable = |r: &ModelRoute| {
         pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name)
@@ -22,12 +18,7 @@ pub fn list(
     let mut models: Vec<(&str, &str)> = snapshot
         .listed_models()
         .filter(|(name, _)| pattern::any_matches_or_empty(&key.allowed_models, name))
-        .filter_map(|(name, routes)| {
-            routes
-                .iter()
-                .find(|r| usable(r))
-                .map(|r| (name, r.upstream.kind.as_str()))
-        })
+        .filter_map(|(name, routes)| routes.iter().find(|r| usable(r)).map(|r| (name, r.upstream.kind.as_str())))
         .collect();
     models.sort_unstable();
     let body = if anthropic {
@@ -39,9 +30,7 @@ pub fn list(
     } else {
         let data: Vec<_> = models
             .iter()
-            .map(
-                |(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}),
-            )
+            .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
             .collect();
         json!({"object": "list", "data": data})
     };

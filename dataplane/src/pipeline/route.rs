@@ -26,37 +26,27 @@ pub fn choose(
         | ApiRoute::Responses
         | ApiRoute::Models => r.upstream.kind.serves_openai_routes(),
     };
-    let mut candidates: Vec<ModelRoute> = snapshot
-        .routes_for(model)
-        .into_iter()
-        .filter(serves_route)
-        .collect();
+    let mut candidates: Vec<ModelRoute> = snapshot.routes_for(model).into_iter().filter(serves_route).collect();
     if candidates.is_empty() {
-        return Err(GatewayError::ModelNotFound {
-            model: echoable_model(model),
-        });
+        return Err(GatewayError::ModelNotFound { model: echoable_model(model) });
     }
-    let not_allowed = || GatewayError::ModelNotAllowed {
-        model: echoable_model(model).unwrap_or_else(|| "requested".to_owned()),
-    };
+    let not_allowed =
+        || GatewayError::ModelNotAllowed { model: echoable_model(model).unwrap_or_else(|| "requested".to_owned()) };
     if !pattern::any_matches_or_empty(&key.allowed_models, model) {
         return Err(not_allowed());
     }
-    candidates
-        .retain(|r| pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name));
+    candidates.retain(|r| pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name));
     if candidates.is_empty() {
         return Err(not_allowed());
     }
     let mut first_stop = None;
-    candidates.retain(
-        |r| match kill_switch::provider_switch(snapshot, &r.upstream.id, now) {
-            Some(switch) => {
-                first_stop.get_or_insert(switch);
-                false
-            }
-            None => true,
-        },
-    );
+    candidates.retain(|r| match kill_switch::provider_switch(snapshot, &r.upstream.id, now) {
+        Some(switch) => {
+            first_stop.get_or_insert(switch);
+            false
+        }
+        None => true,
+    });
     if let Some(switch) = first_stop.filter(|_| candidates.is_empty()) {
         return Err(kill_switch::provider_stopped(switch));
     }
@@ -65,19 +55,12 @@ pub fn choose(
 
 /// Highest priority first; weighted random among equals (weight 0 only when all are 0).
 fn pick(mut candidates: Vec<ModelRoute>) -> ModelRoute {
-    let top = candidates
-        .iter()
-        .map(|r| r.upstream.priority)
-        .max()
-        .unwrap_or_default();
+    let top = candidates.iter().map(|r| r.upstream.priority).max().unwrap_or_default();
     candidates.retain(|r| r.upstream.priority == top);
     if candidates.len() == 1 {
         return candidates.swap_remove(0);
     }
-    let total: u64 = candidates
-        .iter()
-        .map(|r| u64::from(r.upstream.weight))
-        .sum();
+    let total: u64 = candidates.iter().map(|r| u64::from(r.upstream.weight)).sum();
     if total == 0 {
         let i = fastrand::usize(..candidates.len());
         return candidates.swap_remove(i);

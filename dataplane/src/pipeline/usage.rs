@@ -42,10 +42,7 @@ struct UsageFields {
 
 impl From<UsageFields> for Usage {
     fn from(f: UsageFields) -> Self {
-        Usage {
-            input: f.prompt_tokens.or(f.input_tokens),
-            output: f.completion_tokens.or(f.output_tokens),
-        }
+        Usage { input: f.prompt_tokens.or(f.input_tokens), output: f.completion_tokens.or(f.output_tokens) }
     }
 }
 
@@ -81,8 +78,7 @@ impl JsonTail {
     pub fn push(&mut self, chunk: &[u8]) {
         if chunk.len() >= JSON_TAIL_BYTES {
             self.tail.clear();
-            self.tail
-                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
+            self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
         } else {
             let overflow = (self.tail.len() + chunk.len()).saturating_sub(JSON_TAIL_BYTES);
             self.tail.drain(..overflow);
@@ -117,10 +113,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 impl SseScanner {
     pub fn new(strip_usage_only_chunk: bool) -> Self {
-        Self {
-            strip_usage_only_chunk,
-            ..Default::default()
-        }
+        Self { strip_usage_only_chunk, ..Default::default() }
     }
 
     /// Inspects one event; true when it must be dropped.
@@ -143,10 +136,7 @@ impl SseScanner {
                 usage: Option<UsageFields>,
             }
             match serde_json::from_slice::<Chunk>(data) {
-                Ok(Chunk {
-                    usage: Some(usage),
-                    choices,
-                }) => {
+                Ok(Chunk { usage: Some(usage), choices }) => {
                     self.usage.merge(usage.into());
                     let usage_only = choices.as_ref().is_some_and(|c| c.is_empty());
                     drop_event |= usage_only && self.strip_usage_only_chunk;
@@ -257,34 +247,14 @@ mod tests {
     fn openai_usage_chunk_is_metered_and_stripped_at_any_split() {
         for split in [1, 2, 3, 7, 50, 10_000] {
             let mut keep = SseScanner::new(false);
-            assert_eq!(
-                run(&mut keep, OPENAI_STREAM, split),
-                OPENAI_STREAM,
-                "split {split}"
-            );
-            assert_eq!(
-                keep.usage,
-                Usage {
-                    input: Some(11),
-                    output: Some(7)
-                }
-            );
+            assert_eq!(run(&mut keep, OPENAI_STREAM, split), OPENAI_STREAM, "split {split}");
+            assert_eq!(keep.usage, Usage { input: Some(11), output: Some(7) });
 
             let mut strip = SseScanner::new(true);
             let out = run(&mut strip, OPENAI_STREAM, split);
             assert!(!out.contains("prompt_tokens"), "split {split}: {out}");
-            assert!(
-                out.contains("finish_reason") && out.ends_with("data: [DONE]\n\n"),
-                "split {split}"
-            );
-            assert_eq!(
-                strip.usage,
-                Usage {
-                    input: Some(11),
-                    output: Some(7)
-                },
-                "split {split}"
-            );
+            assert!(out.contains("finish_reason") && out.ends_with("data: [DONE]\n\n"), "split {split}");
+            assert_eq!(strip.usage, Usage { input: Some(11), output: Some(7) }, "split {split}");
         }
     }
 
@@ -306,13 +276,7 @@ mod tests {
         );
         let mut scanner = SseScanner::new(false);
         assert_eq!(run(&mut scanner, stream, 9), stream);
-        assert_eq!(
-            scanner.usage,
-            Usage {
-                input: Some(25),
-                output: Some(15)
-            }
-        );
+        assert_eq!(scanner.usage, Usage { input: Some(25), output: Some(15) });
         assert_eq!(scanner.events, 4);
     }
 
@@ -329,18 +293,9 @@ mod tests {
         let filler = format!("{{\"data\":[\"{}\"],", "x".repeat(100_000));
         tail.push(filler.as_bytes());
         tail.push(br#""usage":{"prompt_tokens":3,"total_tokens":3}}"#);
-        assert_eq!(
-            tail.usage(),
-            Some(Usage {
-                input: Some(3),
-                output: None
-            })
-        );
+        assert_eq!(tail.usage(), Some(Usage { input: Some(3), output: None }));
         // A quoted "usage" inside content is escaped and never matches.
-        assert_eq!(
-            find_usage(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}"}"#),
-            None
-        );
+        assert_eq!(find_usage(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}"}"#), None);
         assert_eq!(find_usage(br#"{"usage": null}"#), None);
     }
 }

@@ -1,0 +1,605 @@
+//! Limits that hold across replicas: per-key and per-team sliding windows (requests and tokens
+//! per minute), per-key token budgets over UTC days and months, and brute-force lockout by
+//! client address.
+//!
+//! ```text
+//!            ┌───────────── Limiter ──────────────┐
+//!  admit ───▶│ shared store healthy? ── Redis ────┼─▶ one atomic script per subject
+//!  settle    │        │ no / slow                 │
+//!  lockout   │        ▼                           │
+//!            │ failure policy: local │ open │ closed
+//!            │   └─▶ MemoryStore (limits ÷ replicas)
+//!            └────────────────────────────────────┘
+//! ```
+//!
+//! One limiter, two stores with the same arithmetic (`window`). Local mode uses the memory store
+//! alone. Metrics carry no per-key labels (10k keys would mean 10k series per metric): rejections
+//! are counted by limit kind, and per-key counts are on the admin listener's `/limits`.
+
+pub mod memory;
+pub mod redis_store;
+pub mod window;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{Datelike, TimeZone, Utc};
+use ipnet::IpNet;
+use portcullis_crds::snapshot::ApiKeyEntry;
+use portcullis_crds::v1alpha1::FailurePolicy;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use memory::MemoryStore;
+use redis_store::RedisStore;
+use window::Exceeded;
+
+/// A source of wall-clock milliseconds, injectable for tests.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now_ms(&self) -> u64;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// Limits of one subject (a key or a team).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubjectLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+}
+
+impl SubjectLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == SubjectLimits::default()
+    }
+}
+
+/// Whose counters: `id` is the stable identity (`namespace/name`, or `team:namespace/name`).
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub id: String,
+    pub limits: SubjectLimits,
+}
+
+/// UTC calendar periods for budgets, and how long until each ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub day: u32,
+    pub month: u32,
+    pub day_reset_ms: u64,
+    pub month_reset_ms: u64,
+}
+
+impl Period {
+    pub fn at(now_ms: u64) -> Period {
+        let now = Utc.timestamp_millis_opt(now_ms as i64).single().unwrap_or_else(Utc::now);
+        let date = now.date_naive();
+        let next_day = date.succ_opt().unwrap_or(date);
+        let (ny, nm) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
+        let next_month = chrono::NaiveDate::from_ymd_opt(ny, nm, 1).unwrap_or(next_day);
+        let ms_until = |d: chrono::NaiveDate| {
+            let at = d.and_hms_opt(0, 0, 0).map_or(now_ms as i64, |t| t.and_utc().timestamp_millis());
+            (at - now_ms as i64).max(1) as u64
+        };
+        Period {
+            day: date.year() as u32 * 10_000 + date.month() * 100 + date.day(),
+            month: date.year() as u32 * 100 + date.month(),
+            day_reset_ms: ms_until(next_day),
+            month_reset_ms: ms_until(next_month),
+        }
+    }
+}
+
+/// One request asking to be let through.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub key: Subject,
+    pub team: Option<Subject>,
+    /// Tokens reserved now and settled against real usage when the response ends.
+    pub tokens: u64,
+    pub period: Period,
+    pub policy: FailurePolicy,
+}
+
+/// Which limit a refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Requests,
+    Tokens,
+    DayBudget,
+    MonthBudget,
+    TeamRequests,
+    TeamTokens,
+}
+
+impl Which {
+    pub fn label(self) -> &'static str {
+        match self {
+            Which::Requests => "requests_per_minute",
+            Which::Tokens => "tokens_per_minute",
+            Which::DayBudget => "tokens_per_day",
+            Which::MonthBudget => "tokens_per_month",
+            Which::TeamRequests => "team_requests_per_minute",
+            Which::TeamTokens => "team_tokens_per_minute",
+        }
+    }
+
+    pub fn is_budget(self) -> bool {
+        matches!(self, Which::DayBudget | Which::MonthBudget)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub which: Which,
+    pub limit: u64,
+    pub used: u64,
+    pub retry_after_ms: u64,
+}
+
+impl Refusal {
+    fn window(which: Which, limit: u64, e: Exceeded) -> Self {
+        Refusal { which, limit, used: e.total, retry_after_ms: e.retry_after_ms }
+    }
+
+    fn budget(which: Which, limit: u64, reset_ms: u64) -> Self {
+        Refusal { which, limit, used: limit, retry_after_ms: reset_ms }
+    }
+}
+
+/// What a store reports for an admitted request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// Granule the token reservation was recorded in (to settle it later).
+    pub granule: u64,
+    pub requests_used: u64,
+    pub tokens_used: u64,
+    pub requests_reset_ms: u64,
+    pub tokens_reset_ms: u64,
+    /// Granule of the team's reservation.
+    pub team_granule: u64,
+    /// Tokens this request may still use before a budget runs out (before its reservation).
+    pub budget_remaining: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Granted(Granted),
+    Refused(Refusal),
+}
+
+pub(crate) fn budget_remaining(limits: &SubjectLimits, day_used: u64, month_used: u64) -> Option<u64> {
+    let day = limits.tokens_per_day.map(|b| b.saturating_sub(day_used));
+    let month = limits.tokens_per_month.map(|b| b.saturating_sub(month_used));
+    match (day, month) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Where an admission was decided, for settling it in the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreUsed {
+    Shared,
+    Local,
+    Unlimited,
+}
+
+/// An admitted request's reservation; settle it when the response ends.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub admission: Admission,
+    pub granted: Granted,
+    pub store: StoreUsed,
+}
+
+/// Limiter configuration.
+#[derive(Debug, Clone)]
+pub struct LimiterSettings {
+    pub default_policy: FailurePolicy,
+    /// Replicas sharing the limits; each enforces `limit / replicas` on its own under `local`.
+    pub replicas: u64,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Duration,
+    pub lockout_threshold: u64,
+    pub lockout_window: Duration,
+    pub lockout_backoff: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Tokens reserved for the output when a request sets no `max_tokens`.
+    pub default_output_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimiterMetrics {
+    pub rejections: IntCounterVec,
+    pub mode: IntGaugeVec,
+    pub store_errors: IntCounterVec,
+}
+
+impl LimiterMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "portcullis_limit_rejections_total",
+                "Requests refused by a limit, by limit kind (no per-key label: see /limits)",
+            ),
+            &["limit"],
+        )?;
+        let mode = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_limiter_mode",
+                "1 for the mode this replica's limiter is in: shared, local, open or closed",
+            ),
+            &["mode"],
+        )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new("portcullis_limiter_store_errors_total", "Shared-store calls that failed or timed out"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(rejections.clone()))?;
+        registry.register(Box::new(mode.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        Ok(Self { rejections, mode, store_errors })
+    }
+}
+
+/// The one limiter. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Limiter {
+    settings: LimiterSettings,
+    memory: MemoryStore,
+    redis: Option<RedisStore>,
+    clock: Arc<dyn Clock>,
+    metrics: LimiterMetrics,
+}
+
+/// Failure to admit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitError {
+    Refused(Refusal),
+    /// The shared store is down and the policy is `closed`.
+    Unavailable,
+}
+
+impl Limiter {
+    pub fn new(settings: LimiterSettings, clock: Arc<dyn Clock>, metrics: LimiterMetrics) -> anyhow::Result<Arc<Self>> {
+        let redis = match &settings.redis_url {
+            Some(url) => Some(RedisStore::connect(url, settings.redis_timeout, metrics.store_errors.clone())?),
+            None => None,
+        };
+        let limiter = Arc::new(Self { settings, memory: MemoryStore::default(), redis, clock, metrics });
+        limiter.publish_mode();
+        Ok(limiter)
+    }
+
+    /// Starts the background health probe of the shared store (no-op without one).
+    pub fn spawn_health_probe(self: &Arc<Self>) {
+        if self.redis.is_some() {
+            let limiter = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(redis) = &limiter.redis {
+                        redis.probe().await;
+                    }
+                    limiter.publish_mode();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+    }
+
+    fn publish_mode(&self) {
+        let current = self.mode_name(self.settings.default_policy);
+        for mode in ["shared", "local", "open", "closed"] {
+            self.metrics.mode.with_label_values(&[mode]).set(i64::from(mode == current));
+        }
+    }
+
+    /// `shared` while the shared store answers (or `local` without one), else the policy's mode.
+    pub fn mode_name(&self, policy: FailurePolicy) -> &'static str {
+        match &self.redis {
+            None => "local",
+            Some(redis) if redis.is_healthy() => "shared",
+            Some(_) => match policy {
+                FailurePolicy::Local => "local",
+                FailurePolicy::Open => "open",
+                FailurePolicy::Closed => "closed",
+            },
+        }
+    }
+
+    pub fn settings(&self) -> &LimiterSettings {
+        &self.settings
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The limits of a key (and its team), or `None` when it has none.
+    pub fn admission_for(
+        &self,
+        key: &ApiKeyEntry,
+        team_limits: Option<SubjectLimits>,
+        tokens: u64,
+    ) -> Option<Admission> {
+        let limits = &key.limits;
+        let key_limits = SubjectLimits {
+            requests_per_minute: limits.requests_per_minute,
+            tokens_per_minute: limits.tokens_per_minute,
+            tokens_per_day: limits.tokens_per_day,
+            tokens_per_month: limits.tokens_per_month,
+        };
+        let team = match (&key.team, team_limits) {
+            (Some(team), Some(limits)) if !limits.is_empty() => {
+                Some(Subject { id: format!("team:{}/{}", key.key.namespace, team), limits })
+            }
+            _ => None,
+        };
+        if key_limits.is_empty() && team.is_none() {
+            return None;
+        }
+        Some(Admission {
+            key: Subject { id: key.key.to_string(), limits: key_limits },
+            team,
+            tokens,
+            period: Period::at(self.now_ms()),
+            policy: limits.failure_policy.unwrap_or(self.settings.default_policy),
+        })
+    }
+
+    /// Admits or refuses; never waits on the shared store longer than its timeout.
+    pub async fn admit(&self, admission: Admission) -> Result<Ticket, AdmitError> {
+        let decided = match &self.redis {
+            Some(redis) if redis.is_healthy() => match redis.admit(&admission).await {
+                Ok(decision) => Some((decision, StoreUsed::Shared)),
+                Err(()) => None,
+            },
+            _ => None,
+        };
+        let (decision, store) = match decided {
+            Some(d) => d,
+            None if self.redis.is_none() => (self.memory.admit(&admission, self.now_ms(), 1), StoreUsed::Local),
+            None => match admission.policy {
+                FailurePolicy::Local => {
+                    (self.memory.admit(&admission, self.now_ms(), self.settings.replicas.max(1)), StoreUsed::Local)
+                }
+                FailurePolicy::Open => {
+                    let granted = Granted {
+                        granule: 0,
+                        requests_used: 0,
+                        tokens_used: 0,
+                        requests_reset_ms: 0,
+                        tokens_reset_ms: 0,
+                        team_granule: 0,
+                        budget_remaining: None,
+                    };
+                    (Decision::Granted(granted), StoreUsed::Unlimited)
+                }
+                FailurePolicy::Closed => {
+                    self.metrics.rejections.with_label_values(&["store_unavailable"]).inc();
+                    return Err(AdmitError::Unavailable);
+                }
+            },
+        };
+        match decision {
+            Decision::Granted(granted) => Ok(Ticket { admission, granted, store }),
+            Decision::Refused(refusal) => {
+                self.metrics.rejections.with_label_values(&[refusal.which.label()]).inc();
+                Err(AdmitError::Refused(refusal))
+            }
+        }
+    }
+
+    /// Replaces the reservation with what the request really used.
+    pub async fn settle(&self, ticket: &Ticket, actual_tokens: u64) {
+        let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
+        if delta == 0 {
+            return;
+        }
+        match ticket.store {
+            StoreUsed::Shared => {
+                if let Some(redis) = &self.redis {
+                    redis.settle(&ticket.admission, &ticket.granted, delta).await;
+                }
+            }
+            StoreUsed::Local => self.memory.settle(&ticket.admission, ticket.granted.granule, delta, self.now_ms()),
+            StoreUsed::Unlimited => {}
+        }
+    }
+
+    /// The client address: the peer, or — when the peer is a trusted proxy — the right-most
+    /// `X-Forwarded-For` entry that is not itself a trusted proxy.
+    pub fn client_address(&self, peer: Option<IpAddr>, headers: &http::HeaderMap) -> Option<IpAddr> {
+        let peer = peer?;
+        let trusted = |ip: &IpAddr| self.settings.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+        for hop in forwarded.iter().flat_map(|v| v.split(',')).rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(&ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Some(client)
+    }
+
+    /// Remaining lockout known to this replica, without asking the shared store.
+    pub fn locked_locally(&self, client: IpAddr) -> Option<u64> {
+        self.memory.locked(&client.to_string(), self.now_ms())
+    }
+
+    /// Remaining lockout according to the shared store (cached locally when found).
+    pub async fn locked_shared(&self, client: IpAddr) -> Option<u64> {
+        let redis = self.redis.as_ref().filter(|r| r.is_healthy())?;
+        let name = client.to_string();
+        let remaining = redis.locked(&name).await?;
+        self.memory.remember_lockout(&name, self.now_ms(), remaining);
+        Some(remaining)
+    }
+
+    /// Records a failed authentication from `client`; returns the lockout if one began.
+    pub async fn auth_failed(&self, client: IpAddr) -> Option<u64> {
+        let name = client.to_string();
+        let s = &self.settings;
+        let (window_ms, backoff_ms) = (s.lockout_window.as_millis() as u64, s.lockout_backoff.as_millis() as u64);
+        let shared = match &self.redis {
+            Some(redis) if redis.is_healthy() => {
+                redis.auth_failed(&name, s.lockout_threshold, window_ms, backoff_ms).await
+            }
+            _ => None,
+        };
+        let lockout = match shared {
+            Some(result) => {
+                if let Some(remaining) = result {
+                    self.memory.remember_lockout(&name, self.now_ms(), remaining);
+                }
+                result
+            }
+            None => self.memory.auth_failed(&name, self.now_ms(), s.lockout_threshold, window_ms, backoff_ms),
+        };
+        if lockout.is_some() {
+            self.metrics.rejections.with_label_values(&["lockout"]).inc();
+        }
+        lockout
+    }
+
+    /// Current counts for one subject, for the admin view.
+    pub async fn usage(&self, subject: &str) -> (u64, u64, u64, u64, &'static str) {
+        let now = self.now_ms();
+        let period = Period::at(now);
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_healthy()) {
+            if let Some(counts) = redis.usage(subject, period).await {
+                return (counts.0, counts.1, counts.2, counts.3, "shared");
+            }
+        }
+        let (r, t, d, m) = self.memory.usage(subject, now, period);
+        (r, t, d, m, "local")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Debug)]
+    struct FixedClock(AtomicU64);
+
+    impl Clock for FixedClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    fn limiter(clock: Arc<FixedClock>) -> Arc<Limiter> {
+        let settings = LimiterSettings {
+            default_policy: FailurePolicy::Local,
+            replicas: 1,
+            redis_url: None,
+            redis_timeout: Duration::from_millis(20),
+            lockout_threshold: 3,
+            lockout_window: Duration::from_secs(60),
+            lockout_backoff: Duration::from_secs(30),
+            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+            default_output_tokens: 100,
+        };
+        let metrics = LimiterMetrics::register(&Registry::new()).expect("metrics");
+        Limiter::new(settings, clock, metrics).expect("limiter")
+    }
+
+    fn admission(l: &Limiter, rpm: Option<u64>, tpm: Option<u64>, day: Option<u64>, tokens: u64) -> Admission {
+        Admission {
+            key: Subject {
+                id: "ns/k".into(),
+                limits: SubjectLimits {
+                    requests_per_minute: rpm,
+                    tokens_per_minute: tpm,
+                    tokens_per_day: day,
+                    tokens_per_month: None,
+                },
+            },
+            team: None,
+            tokens,
+            period: Period::at(l.now_ms()),
+            policy: FailurePolicy::Local,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_tokens_and_budgets_with_settlement() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        for _ in 0..3 {
+            l.admit(admission(&l, Some(3), None, None, 1)).await.expect("admitted");
+        }
+        let refused = l.admit(admission(&l, Some(3), None, None, 1)).await.expect_err("4th");
+        assert!(matches!(refused, AdmitError::Refused(Refusal { which: Which::Requests, .. })));
+
+        // Usage counts even without a budget: the three requests above used 1 token each.
+        // Budget: reserve 80 of the 97 left, settle to 30, then 67 remain.
+        let ticket = l.admit(admission(&l, None, None, Some(100), 80)).await.expect("admitted");
+        assert_eq!(ticket.granted.budget_remaining, Some(97));
+        l.settle(&ticket, 30).await;
+        let next = l.admit(admission(&l, None, None, Some(100), 67)).await.expect("admitted");
+        assert_eq!(next.granted.budget_remaining, Some(67));
+        let over = l.admit(admission(&l, None, None, Some(100), 1)).await.expect_err("spent");
+        assert!(matches!(over, AdmitError::Refused(Refusal { which: Which::DayBudget, .. })));
+        // The next UTC day starts fresh.
+        clock.0.fetch_add(24 * 3600 * 1000, Ordering::Relaxed);
+        l.admit(admission(&l, None, None, Some(100), 1)).await.expect("new day");
+    }
+
+    #[tokio::test]
+    async fn lockout_after_threshold_and_expiry() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        let ip: IpAddr = "192.0.2.7".parse().expect("ip");
+        assert_eq!(l.auth_failed(ip).await, None);
+        assert_eq!(l.auth_failed(ip).await, None);
+        assert_eq!(l.auth_failed(ip).await, Some(30_000));
+        assert!(l.locked_locally(ip).is_some());
+        assert!(l.locked_locally("192.0.2.8".parse().expect("ip")).is_none());
+        clock.0.fetch_add(30_001, Ordering::Relaxed);
+        assert!(l.locked_locally(ip).is_none());
+    }
+
+    #[test]
+    fn forwarded_for_is_trusted_only_from_proxies() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(0)));
+        let l = limiter(clock);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-forwarded-for", http::HeaderValue::from_static("203.0.113.9, 10.1.1.1"));
+        let proxy: IpAddr = "10.2.2.2".parse().expect("ip");
+        let direct: IpAddr = "198.51.100.1".parse().expect("ip");
+        assert_eq!(l.client_address(Some(proxy), &headers), Some("203.0.113.9".parse().expect("ip")));
+        assert_eq!(l.client_address(Some(direct), &headers), Some(direct));
+    }
+
+    #[test]
+    fn periods_roll_over_at_utc_midnight_and_month_end() {
+        // 2026-01-31T23:59:59.000Z
+        let p = Period::at(1_769_903_999_000);
+        assert_eq!(p.day, 20260131);
+        assert_eq!(p.month, 202601);
+        assert_eq!(p.day_reset_ms, 1_000);
+        assert_eq!(p.month_reset_ms, 1_000);
+    }
+}

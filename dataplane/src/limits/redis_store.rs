@@ -1,0 +1,400 @@
+//! The shared store: Redis, reached through one auto-reconnecting multiplexed connection.
+//!
+//! Every admission is one atomic server-side script per subject that checks all of the
+//! subject's limits and records them only if all pass. Keys of one subject share a hash tag
+//! (`{pcl:<digest>}`), so a script only ever touches one slot and works on Redis Cluster; the
+//! digest keeps names and addresses out of Redis. Time comes from Redis (`TIME`), so replicas
+//! with skewed clocks still share one window. Every call has a tight timeout; a failure marks
+//! the store unhealthy until a background probe sees it answer again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::IntCounterVec;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use sha2::{Digest, Sha256};
+
+use super::window::{GRANULES, GRANULE_MS};
+use super::{Admission, Decision, Granted, Period, Refusal, Subject, Which};
+
+const WINDOW_SCRIPT_PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local G = tonumber(ARGV[1])
+local N = tonumber(ARGV[2])
+local cur = math.floor(now / G)
+local function expire(h, l)
+  while true do
+    local head = redis.call('LINDEX', l, 0)
+    if not head then break end
+    if tonumber(head) + N >= cur then break end
+    local c = tonumber(redis.call('HGET', h, head) or '0')
+    redis.call('HDEL', h, head)
+    redis.call('LPOP', l)
+    redis.call('HINCRBY', h, 't', -c)
+  end
+  return tonumber(redis.call('HGET', h, 't') or '0')
+end
+local function reset_after(l)
+  local head = redis.call('LINDEX', l, 0)
+  if not head then return 0 end
+  return (tonumber(head) + N + 1) * G - now
+end
+"#;
+
+/// KEYS: requests hash, requests list, tokens hash, tokens list, day counter, month counter.
+/// ARGV: granule ms, granules, rpm, tpm, cost, day budget, month budget, day ttl, month ttl
+/// (0 = no such limit).
+const ADMIT_BODY: &str = r#"
+local function retry_after(h, l, total, cost, limit)
+  local items = redis.call('LRANGE', l, 0, -1)
+  local freed = 0
+  for _, head in ipairs(items) do
+    freed = freed + tonumber(redis.call('HGET', h, head) or '0')
+    if total - freed + cost <= limit then return (tonumber(head) + N + 1) * G - now end
+  end
+  return N * G
+end
+local function add(h, l, c)
+  if redis.call('HINCRBY', h, cur, c) == c then redis.call('RPUSH', l, cur) end
+  redis.call('HINCRBY', h, 't', c)
+  redis.call('PEXPIRE', h, (N + 2) * G)
+  redis.call('PEXPIRE', l, (N + 2) * G)
+end
+local rpm = tonumber(ARGV[3])
+local tpm = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local dayb = tonumber(ARGV[6])
+local monb = tonumber(ARGV[7])
+local rq, tk, dayu, monu = 0, 0, 0, 0
+if rpm > 0 then
+  rq = expire(KEYS[1], KEYS[2])
+  if rq + 1 > rpm then return {0, 1, retry_after(KEYS[1], KEYS[2], rq, 1, rpm), rq, tk, 0, 0, 0, 0, 0} end
+end
+if tpm > 0 then
+  tk = expire(KEYS[3], KEYS[4])
+  if tk + cost > tpm then return {0, 2, retry_after(KEYS[3], KEYS[4], tk, cost, tpm), rq, tk, 0, 0, 0, 0, 0} end
+end
+if dayb > 0 then
+  dayu = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if dayu >= dayb then return {0, 3, 0, rq, tk, 0, dayu, 0, 0, 0} end
+end
+if monb > 0 then
+  monu = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if monu >= monb then return {0, 4, 0, rq, tk, 0, dayu, monu, 0, 0} end
+end
+if rpm > 0 then add(KEYS[1], KEYS[2], 1); rq = rq + 1 end
+if tpm > 0 then add(KEYS[3], KEYS[4], cost); tk = tk + cost end
+if dayb > 0 then redis.call('INCRBY', KEYS[5], cost); redis.call('PEXPIRE', KEYS[5], ARGV[8]) end
+if monb > 0 then redis.call('INCRBY', KEYS[6], cost); redis.call('PEXPIRE', KEYS[6], ARGV[9]) end
+return {1, 0, 0, rq, tk, cur, dayu, monu, reset_after(KEYS[2]), reset_after(KEYS[4])}
+"#;
+
+/// KEYS as for admit. ARGV: granule ms, granules, granule, request delta, token delta,
+/// budget delta (applied to day and month counters that exist).
+const SETTLE_BODY: &str = r#"
+local g = ARGV[3]
+local function adjust(h, l, delta)
+  expire(h, l)
+  local c = redis.call('HGET', h, g)
+  if not c then return end
+  local new = math.max(0, tonumber(c) + delta)
+  redis.call('HSET', h, g, new)
+  redis.call('HINCRBY', h, 't', new - tonumber(c))
+end
+if tonumber(ARGV[4]) ~= 0 then adjust(KEYS[1], KEYS[2], tonumber(ARGV[4])) end
+if tonumber(ARGV[5]) ~= 0 then adjust(KEYS[3], KEYS[4], tonumber(ARGV[5])) end
+local b = tonumber(ARGV[6])
+if b ~= 0 then
+  for i = 5, 6 do
+    local v = redis.call('GET', KEYS[i])
+    if v then
+      local new = math.max(0, tonumber(v) + b)
+      local ttl = redis.call('PTTL', KEYS[i])
+      redis.call('SET', KEYS[i], new)
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
+  end
+end
+return 1
+"#;
+
+/// KEYS as for admit. ARGV: granule ms, granules. Returns current counts.
+const USAGE_BODY: &str = r#"
+return {expire(KEYS[1], KEYS[2]), expire(KEYS[3], KEYS[4]), tonumber(redis.call('GET', KEYS[5]) or '0'), tonumber(redis.call('GET', KEYS[6]) or '0')}
+"#;
+
+/// KEYS: failures counter, lock. ARGV: threshold, window ms, backoff ms.
+/// Returns the lockout's remaining ms, or -1.
+const AUTH_FAILED: &str = r#"
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 then return ttl end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return tonumber(ARGV[3])
+end
+return -1
+"#;
+
+#[derive(Debug)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    admit: Script,
+    settle: Script,
+    usage: Script,
+    auth_failed: Script,
+    healthy: AtomicBool,
+    timeout: Duration,
+    errors: IntCounterVec,
+}
+
+/// `{pcl:<digest>}` for a subject or client address.
+fn tag(kind: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{kind}\0{name}").as_bytes());
+    format!("{{pcl:{}}}", hex::encode(&digest[..10]))
+}
+
+struct SubjectKeys([String; 6]);
+
+impl SubjectKeys {
+    fn new(subject: &Subject, period: Period) -> Self {
+        let t = tag("subject", &subject.id);
+        SubjectKeys([
+            format!("{t}:rq"),
+            format!("{t}:rql"),
+            format!("{t}:tk"),
+            format!("{t}:tkl"),
+            format!("{t}:d:{}", period.day),
+            format!("{t}:m:{}", period.month),
+        ])
+    }
+}
+
+impl RedisStore {
+    pub fn connect(url: &str, timeout: Duration, errors: IntCounterVec) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?;
+        Ok(Self {
+            connection,
+            admit: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{ADMIT_BODY}")),
+            settle: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{SETTLE_BODY}")),
+            usage: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{USAGE_BODY}")),
+            auth_failed: Script::new(AUTH_FAILED),
+            healthy: AtomicBool::new(false),
+            timeout,
+            errors,
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, kind: &str, error: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(kind, error, "shared limit store unavailable; applying the failure policy");
+        }
+    }
+
+    /// Runs `call` under the timeout; marks the store unhealthy on failure.
+    async fn call<T, F>(&self, kind: &str, call: F) -> Result<T, ()>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.failed(kind, &e.to_string());
+                Err(())
+            }
+            Err(_) => {
+                self.failed(kind, "timed out");
+                Err(())
+            }
+        }
+    }
+
+    /// One PING; flips the store back to healthy when it answers.
+    pub async fn probe(&self) {
+        let mut connection = self.connection.clone();
+        let answered = tokio::time::timeout(
+            self.timeout.max(Duration::from_millis(100)),
+            redis::cmd("PING").query_async::<String>(&mut connection),
+        )
+        .await;
+        let ok = matches!(answered, Ok(Ok(_)));
+        if ok && !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!("shared limit store reachable; limits are shared again");
+        } else if !ok {
+            self.failed("probe", "no answer to PING");
+        }
+    }
+
+    async fn admit_subject(&self, subject: &Subject, admission: &Admission, budgets: bool) -> Result<Vec<i64>, ()> {
+        let keys = SubjectKeys::new(subject, admission.period);
+        let l = &subject.limits;
+        let mut invocation = self.admit.prepare_invoke();
+        for key in &keys.0 {
+            invocation.key(key);
+        }
+        let budget = |b: Option<u64>| if budgets { b.unwrap_or(0) } else { 0 };
+        invocation
+            .arg(GRANULE_MS)
+            .arg(GRANULES)
+            .arg(l.requests_per_minute.unwrap_or(0))
+            .arg(l.tokens_per_minute.unwrap_or(0))
+            .arg(admission.tokens)
+            .arg(budget(l.tokens_per_day))
+            .arg(budget(l.tokens_per_month))
+            .arg(admission.period.day_reset_ms + 86_400_000)
+            .arg(admission.period.month_reset_ms + 86_400_000);
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self.call("admit", invocation.invoke_async(&mut connection)).await?;
+        if reply.len() < 10 {
+            self.failed("admit", "short reply");
+            return Err(());
+        }
+        Ok(reply)
+    }
+
+    fn refusal(reply: &[i64], subject: &Subject, team: bool, period: Period) -> Refusal {
+        let l = &subject.limits;
+        let (which, limit) = match (reply[1], team) {
+            (1, false) => (Which::Requests, l.requests_per_minute),
+            (1, true) => (Which::TeamRequests, l.requests_per_minute),
+            (2, false) => (Which::Tokens, l.tokens_per_minute),
+            (2, true) => (Which::TeamTokens, l.tokens_per_minute),
+            (3, _) => (Which::DayBudget, l.tokens_per_day),
+            _ => (Which::MonthBudget, l.tokens_per_month),
+        };
+        let retry_after_ms = match which {
+            Which::DayBudget => period.day_reset_ms,
+            Which::MonthBudget => period.month_reset_ms,
+            _ => reply[2].max(0) as u64,
+        };
+        let used = match which {
+            Which::Requests | Which::TeamRequests => reply[3],
+            Which::Tokens | Which::TeamTokens => reply[4],
+            Which::DayBudget => reply[6],
+            Which::MonthBudget => reply[7],
+        };
+        Refusal { which, limit: limit.unwrap_or(0), used: used.max(0) as u64, retry_after_ms }
+    }
+
+    pub async fn admit(&self, admission: &Admission) -> Result<Decision, ()> {
+        let mut team_granule = None;
+        if let Some(team) = &admission.team {
+            let reply = self.admit_subject(team, admission, false).await?;
+            if reply[0] != 1 {
+                return Ok(Decision::Refused(Self::refusal(&reply, team, true, admission.period)));
+            }
+            team_granule = Some(reply[5].max(0) as u64);
+        }
+        let reply = match self.admit_subject(&admission.key, admission, true).await {
+            Ok(reply) => reply,
+            Err(()) => {
+                self.refund_team(admission, team_granule).await;
+                return Err(());
+            }
+        };
+        if reply[0] != 1 {
+            self.refund_team(admission, team_granule).await;
+            return Ok(Decision::Refused(Self::refusal(&reply, &admission.key, false, admission.period)));
+        }
+        let as_u64 = |v: i64| v.max(0) as u64;
+        Ok(Decision::Granted(Granted {
+            granule: as_u64(reply[5]),
+            requests_used: as_u64(reply[3]),
+            tokens_used: as_u64(reply[4]),
+            requests_reset_ms: as_u64(reply[8]),
+            tokens_reset_ms: as_u64(reply[9]),
+            team_granule: team_granule.unwrap_or(as_u64(reply[5])),
+            budget_remaining: super::budget_remaining(&admission.key.limits, as_u64(reply[6]), as_u64(reply[7])),
+        }))
+    }
+
+    /// Takes back a team reservation whose key was then refused.
+    async fn refund_team(&self, admission: &Admission, granule: Option<u64>) {
+        if let (Some(team), Some(granule)) = (&admission.team, granule) {
+            let _ = self.settle_subject(team, admission.period, granule, -1, -(admission.tokens as i64), 0).await;
+        }
+    }
+
+    async fn settle_subject(
+        &self,
+        subject: &Subject,
+        period: Period,
+        granule: u64,
+        request_delta: i64,
+        token_delta: i64,
+        budget_delta: i64,
+    ) -> Result<(), ()> {
+        let keys = SubjectKeys::new(subject, period);
+        let mut invocation = self.settle.prepare_invoke();
+        for key in &keys.0 {
+            invocation.key(key);
+        }
+        invocation.arg(GRANULE_MS).arg(GRANULES).arg(granule).arg(request_delta).arg(token_delta).arg(budget_delta);
+        let mut connection = self.connection.clone();
+        self.call::<i64, _>("settle", invocation.invoke_async(&mut connection)).await.map(|_| ())
+    }
+
+    pub async fn settle(&self, admission: &Admission, granted: &Granted, delta: i64) {
+        let key_tpm = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
+        let _ = self.settle_subject(&admission.key, admission.period, granted.granule, 0, key_tpm, delta).await;
+        if let Some(team) = &admission.team {
+            if team.limits.tokens_per_minute.is_some() {
+                let _ = self.settle_subject(team, admission.period, granted.team_granule, 0, delta, 0).await;
+            }
+        }
+    }
+
+    pub async fn usage(&self, subject_id: &str, period: Period) -> Option<(u64, u64, u64, u64)> {
+        let subject = Subject { id: subject_id.to_owned(), limits: Default::default() };
+        let keys = SubjectKeys::new(&subject, period);
+        let mut invocation = self.usage.prepare_invoke();
+        for key in &keys.0 {
+            invocation.key(key);
+        }
+        invocation.arg(GRANULE_MS).arg(GRANULES);
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self.call("usage", invocation.invoke_async(&mut connection)).await.ok()?;
+        let v = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        Some((v(0), v(1), v(2), v(3)))
+    }
+
+    pub async fn locked(&self, client: &str) -> Option<u64> {
+        let lock = format!("{}:lock", tag("client", client));
+        let mut connection = self.connection.clone();
+        let ttl: i64 = self.call("lockout", redis::cmd("PTTL").arg(&lock).query_async(&mut connection)).await.ok()?;
+        (ttl > 0).then_some(ttl as u64)
+    }
+
+    /// `Some(result)` when the shared store answered (result = lockout remaining, if any).
+    pub async fn auth_failed(
+        &self,
+        client: &str,
+        threshold: u64,
+        window_ms: u64,
+        backoff_ms: u64,
+    ) -> Option<Option<u64>> {
+        let t = tag("client", client);
+        let mut invocation = self.auth_failed.prepare_invoke();
+        invocation.key(format!("{t}:fails")).key(format!("{t}:lock")).arg(threshold).arg(window_ms).arg(backoff_ms);
+        let mut connection = self.connection.clone();
+        let remaining: i64 = self.call("lockout", invocation.invoke_async(&mut connection)).await.ok()?;
+        Some((remaining > 0).then_some(remaining as u64))
+    }
+}
