@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod manifests;
 pub mod metrics;
 pub mod pki;
+pub mod redis_server;
 pub mod upstream;
 pub mod wire;
 

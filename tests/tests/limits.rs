@@ -1,0 +1,323 @@
+//! Limits with a real Redis shared by real gateway processes: exactness and the sliding
+//! property, token budgets (stream cut, settlement, restart), brute-force lockout, and the
+//! failure policies when Redis dies under load.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::manifests::{self as m, Manifests};
+use portcullis_e2e::redis_server::RedisServer;
+use portcullis_e2e::{Gateway, GatewayOptions, TestClient, Upstream, UpstreamOptions};
+use serde_json::{json, Value};
+
+const KEY_A: &str = "pcl_limits_key_a_0123456789abcdefghijklmnop";
+const KEY_B: &str = "pcl_limits_key_b_0123456789abcdefghijklmnop";
+const KEY_C: &str = "pcl_limits_key_c_0123456789abcdefghijklmnop";
+
+fn keyed(name: &str, secret: &str, limits: Value) -> Value {
+    let mut key = m::api_key(name, secret, &[]);
+    key["spec"]["limits"] = limits;
+    key
+}
+
+/// A mock provider (or a loopback upstream) and up to three limited keys.
+fn manifests(upstream: Option<&Upstream>, keys: &[(&str, &str, Value)]) -> Manifests {
+    let mut ms = Manifests::new();
+    match upstream {
+        Some(u) => {
+            ms.add("providers.yaml", m::secret("upstream-key", "key", "sk-limits-upstream"));
+            ms.add(
+                "providers.yaml",
+                m::provider(
+                    "up",
+                    "openai-compatible",
+                    Some(&u.base_url_v1()),
+                    Some(("upstream-key", "key")),
+                    &[("m", None)],
+                ),
+            );
+        }
+        None => {
+            ms.add("providers.yaml", m::provider("mock", "mock", None, None, &[("m", None)]));
+        }
+    }
+    for (name, key, limits) in keys {
+        let secret = format!("{name}-key");
+        ms.add("keys.yaml", m::secret(&secret, "key", key));
+        ms.add("keys.yaml", keyed(name, &secret, limits.clone()));
+    }
+    ms
+}
+
+fn redis_options(redis: &RedisServer, extra: &[&str]) -> GatewayOptions {
+    let mut args = vec!["--redis-url".to_string(), redis.url()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    GatewayOptions { extra_args: args, log_level: "warn".into(), ..Default::default() }
+}
+
+async fn chat(client: &TestClient, gw: &Gateway, key: &str, extra: &[(&str, &str)]) -> portcullis_e2e::Response {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend_from_slice(extra);
+    client
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &headers,
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await
+        .expect("request")
+}
+
+async fn metric(gw: &Gateway, line_prefix: &str) -> Option<f64> {
+    let text = gw.metrics_text().await.ok()?;
+    text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// Two gateways, one Redis, one key at 100 requests/minute, 16 clients offering ~1000 req/s for
+/// a minute and a bit. Exactly one limit's worth is admitted per sliding minute, across both
+/// gateways together, and the second batch comes only once the first has left the window — not
+/// at a fixed minute boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_window_is_exact_across_two_gateways_and_slides() {
+    const LIMIT: usize = 100;
+    let redis = RedisServer::start().await.expect("redis");
+    let ms = manifests(None, &[("a", KEY_A, json!({"requestsPerMinute": LIMIT}))]);
+    let a = Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway a");
+    let b = Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway b");
+    let gateways = Arc::new([a, b]);
+    let client = TestClient::plain();
+    let started = Instant::now();
+    let run_for = Duration::from_millis(62_500);
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let gateways = gateways.clone();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let gw = &gateways[worker % 2];
+            let mut admitted = Vec::new();
+            let mut others = Vec::new();
+            while started.elapsed() < run_for {
+                let response = chat(&client, gw, KEY_A, &[]).await;
+                match response.status.as_u16() {
+                    200 => admitted.push((started.elapsed(), worker % 2)),
+                    429 => {}
+                    other => others.push(other),
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (admitted, others)
+        }));
+    }
+    let mut admitted = Vec::new();
+    for task in tasks {
+        let (a, others) = task.await.expect("worker");
+        assert!(others.is_empty(), "unexpected statuses: {others:?}");
+        admitted.extend(a);
+    }
+    admitted.sort();
+    let first = admitted.first().expect("something admitted").0;
+    let within =
+        |from: Duration, to: Duration| admitted.iter().filter(|(t, _)| *t >= first + from && *t < first + to).count();
+    let first_minute = within(Duration::ZERO, Duration::from_millis(59_500));
+    let lull = within(Duration::from_secs(2), Duration::from_millis(59_500));
+    let second = within(Duration::from_millis(59_500), Duration::from_secs(120));
+    let by_gateway = [0, 1].map(|g| admitted.iter().filter(|(_, gw)| *gw == g).count());
+    println!("admitted: first window {first_minute}, lull {lull}, second window {second}, per gateway {by_gateway:?}");
+    assert!(first_minute <= LIMIT && first_minute >= LIMIT * 98 / 100, "first window admitted {first_minute}");
+    assert_eq!(lull, 0, "requests were admitted again before the first batch left the window");
+    assert!(second <= LIMIT && second >= LIMIT * 98 / 100, "second window admitted {second}");
+    assert!(by_gateway.iter().all(|&n| n > 0), "both gateways admitted traffic from the shared window: {by_gateway:?}");
+}
+
+/// A stream that runs past the remaining daily budget is ended with an error event; the budget
+/// stays spent after a gateway restart; reservations are settled to real usage.
+#[tokio::test]
+async fn token_budget_cuts_streams_settles_and_survives_restart() {
+    let redis = RedisServer::start().await.expect("redis");
+    let upstream = Upstream::start(UpstreamOptions { chunks: 200, output_tokens: 200, ..Default::default() })
+        .await
+        .expect("upstream");
+    let ms = manifests(
+        Some(&upstream),
+        &[("a", KEY_A, json!({"tokensPerDay": 60})), ("b", KEY_B, json!({"tokensPerDay": 100000}))],
+    );
+    let mut gw = Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway");
+    let client = TestClient::plain();
+
+    // Settlement: 1,000 output tokens reserved, 17 + 9 used.
+    upstream.set(|o| o.output_tokens = 9);
+    let auth_b = format!("Bearer {KEY_B}");
+    let body = json!({"model": "m", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let ok =
+        client.post_json(&gw.url("/v1/chat/completions"), &[("authorization", &auth_b)], &body).await.expect("request");
+    assert_eq!(ok.status, 200, "{}", ok.describe());
+    let mut day_used = 0;
+    for _ in 0..50 {
+        let limits = client.get(&gw.admin_url("/limits?key=default/b"), &[]).await.expect("limits").json();
+        day_used = limits["keys"][0]["tokensPerDay"]["used"].as_u64().unwrap_or(0);
+        if day_used == 26 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(day_used, 26, "the reservation was settled to the real usage");
+
+    // The cut: 200 content events against 60 tokens.
+    upstream.set(|o| o.output_tokens = 200);
+    let auth_a = format!("Bearer {KEY_A}");
+    let stream_body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let mut stream = client
+        .post_json_streaming(&gw.url("/v1/chat/completions"), &[("authorization", &auth_a)], &stream_body)
+        .await
+        .expect("stream");
+    assert_eq!(stream.status, 200);
+    let mut events = Vec::new();
+    while let Some(event) = stream.next_event(Duration::from_secs(5)).await.expect("event") {
+        events.push(event);
+    }
+    let last = events.last().expect("events").json();
+    assert_eq!(last["error"]["code"], "token_budget_exceeded", "last event: {last}");
+    assert!(events.len() < 100, "the stream was cut early, after {} events", events.len());
+    assert!(!events.iter().any(|e| e.is_done()), "a cut stream does not claim to be done");
+
+    let refused = chat(&client, &gw, KEY_A, &[]).await;
+    assert_eq!(refused.status, 429, "{}", refused.describe());
+    assert_eq!(refused.error_code(), Some("token_budget_exceeded"));
+    assert!(refused.header("retry-after").is_some());
+
+    gw.shutdown(Duration::from_secs(10)).await.expect("stop");
+    let gw = Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway again");
+    let still = chat(&client, &gw, KEY_A, &[]).await;
+    assert_eq!(still.status, 429, "a restart does not reset the budget: {}", still.describe());
+}
+
+/// Failed authentications from one address lock it out on every gateway sharing Redis; other
+/// addresses are unaffected; the lockout expires.
+#[tokio::test]
+async fn lockout_is_shared_by_address_and_expires() {
+    let redis = RedisServer::start().await.expect("redis");
+    let ms = manifests(None, &[("a", KEY_A, json!({"requestsPerMinute": 1000}))]);
+    let opts = redis_options(
+        &redis,
+        &["--trusted-proxies", "127.0.0.1/32", "--lockout-threshold", "3", "--lockout-backoff", "2"],
+    );
+    let a = Gateway::start(&ms, opts.clone()).await.expect("gateway a");
+    let b = Gateway::start(&ms, opts).await.expect("gateway b");
+    let client = TestClient::plain();
+    let attacker = [("x-forwarded-for", "198.51.100.7")];
+    let bystander = [("x-forwarded-for", "198.51.100.8")];
+
+    for _ in 0..3 {
+        let r = chat(&client, &a, "pcl_wrong_key_000000000000000000000000000000", &attacker).await;
+        assert_eq!(r.status, 401, "{}", r.describe());
+    }
+    let locked = chat(&client, &a, KEY_A, &attacker).await;
+    assert_eq!(locked.status, 429, "{}", locked.describe());
+    assert_eq!(locked.error_code(), Some("too_many_failed_authentications"));
+    let elsewhere = chat(&client, &b, KEY_A, &attacker).await;
+    assert_eq!(elsewhere.status, 429, "the lockout is shared: {}", elsewhere.describe());
+    let other = chat(&client, &b, KEY_A, &bystander).await;
+    assert_eq!(other.status, 200, "another address still works: {}", other.describe());
+
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    for gw in [&a, &b] {
+        let r = chat(&client, gw, KEY_A, &attacker).await;
+        assert_eq!(r.status, 200, "the lockout expired: {}", r.describe());
+    }
+}
+
+/// Redis dies under load: `local` keeps limiting per replica (limit ÷ replicas), `open` admits,
+/// `closed` refuses with 503; `local` and `open` never answer 5xx. When Redis returns, limits
+/// are shared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policies_when_redis_stops_and_returns() {
+    let mut redis = RedisServer::start().await.expect("redis");
+    let ms = manifests(
+        None,
+        &[
+            ("local", KEY_A, json!({"requestsPerMinute": 10, "failurePolicy": "local"})),
+            ("open", KEY_B, json!({"requestsPerMinute": 10, "failurePolicy": "open"})),
+            ("closed", KEY_C, json!({"requestsPerMinute": 10, "failurePolicy": "closed"})),
+        ],
+    );
+    let gw = Arc::new(
+        Gateway::start(&ms, redis_options(&redis, &["--limiter-replicas", "2", "--limiter-failure-policy", "local"]))
+            .await
+            .expect("gateway"),
+    );
+    let client = TestClient::plain();
+    let statuses = |v: &[u16]| (v.iter().filter(|&&s| s == 200).count(), v.iter().filter(|&&s| s == 429).count());
+    let run = |key: &'static str, n: usize| {
+        let client = client.clone();
+        let gw = gw.clone();
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(chat(&client, &gw, key, &[]).await.status.as_u16());
+            }
+            out
+        }
+    };
+    assert_eq!(statuses(&run(KEY_A, 12).await), (10, 2), "shared limit while Redis is up");
+    assert_eq!(metric(&gw, "portcullis_limiter_mode{mode=\"shared\"}").await, Some(1.0));
+
+    // Background load on the `open` key across the outage: never a 5xx.
+    let open_5xx = Arc::new(AtomicUsize::new(0));
+    let open_total = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (client, gw, open_5xx, open_total, stop) =
+            (client.clone(), gw.clone(), open_5xx.clone(), open_total.clone(), stop.clone());
+        tokio::spawn(async move {
+            while stop.load(Ordering::Relaxed) == 0 {
+                let s = chat(&client, &gw, KEY_B, &[]).await.status.as_u16();
+                open_total.fetch_add(1, Ordering::Relaxed);
+                if s >= 500 {
+                    open_5xx.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+
+    let local = run(KEY_A, 8).await;
+    assert!(local.iter().all(|&s| s == 200 || s == 429), "local policy answered {local:?}");
+    assert_eq!(statuses(&local), (5, 3), "local policy enforces 10 ÷ 2 replicas on its own");
+    let closed = run(KEY_C, 3).await;
+    assert_eq!(closed, vec![503, 503, 503], "closed policy refuses while the store is down");
+    let mut mode_local = None;
+    for _ in 0..20 {
+        mode_local = metric(&gw, "portcullis_limiter_mode{mode=\"local\"}").await;
+        if mode_local == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mode_local, Some(1.0), "the gauge says the replica runs on local limits");
+
+    redis.start_again().await.expect("redis back");
+    let mut shared = None;
+    for _ in 0..100 {
+        shared = metric(&gw, "portcullis_limiter_mode{mode=\"shared\"}").await;
+        if shared == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shared, Some(1.0), "limits are shared again once Redis answers");
+    stop.store(1, Ordering::Relaxed);
+    load.await.expect("load");
+    assert_eq!(
+        open_5xx.load(Ordering::Relaxed),
+        0,
+        "open policy never answered 5xx ({} requests)",
+        open_total.load(Ordering::Relaxed)
+    );
+    assert!(open_total.load(Ordering::Relaxed) > 20);
+    // The restarted Redis is empty: the shared window starts over and holds at 10 again.
+    assert_eq!(statuses(&run(KEY_A, 12).await), (10, 2), "shared limiting resumed");
+}
