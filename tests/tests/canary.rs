@@ -133,6 +133,9 @@ async fn run_canary(log_format: Option<&str>) {
         ("bob's client key", BOB_KEY),
         ("unknown client key", UNKNOWN_KEY),
     ];
+    // Client-chosen model names that match nothing must not become metric labels either.
+    let r = fx.chat_with(ALICE_KEY, &chat_body(&format!("gpt-{prompt_marker}"), "hi", false), &[]).await.unwrap();
+    assert_eq!(r.status, 404);
     let metrics = fx.gateway.metrics_text().await.unwrap();
     assert_clean("/metrics", &metrics, &needles);
 
