@@ -17,11 +17,20 @@ pub enum GatewayError {
     InvalidApiKey,
     ApiKeyExpired,
     ApiKeyRevoked,
-    KillSwitchActive { switch: String, reason: Option<String> },
-    ModelNotFound { model: Option<String> },
-    ModelNotAllowed { model: String },
+    KillSwitchActive {
+        switch: String,
+        reason: Option<String>,
+    },
+    ModelNotFound {
+        model: Option<String>,
+    },
+    ModelNotAllowed {
+        model: String,
+    },
     InvalidRequest(String),
-    RequestTooLarge { limit: usize },
+    RequestTooLarge {
+        limit: usize,
+    },
     RequestTimeout,
     RouteNotFound,
     MethodNotAllowed,
@@ -29,9 +38,22 @@ pub enum GatewayError {
     UpstreamUnavailable,
     UpstreamTimeout,
     UpstreamProtocol,
-    RateLimited { limit: &'static str, retry_after_ms: u64, limit_value: u64, used: u64, tokens: bool },
-    BudgetExceeded { limit: &'static str, retry_after_ms: u64 },
-    LockedOut { retry_after_ms: u64 },
+    RateLimited {
+        limit: &'static str,
+        retry_after_ms: u64,
+        limit_value: u64,
+        used: u64,
+        tokens: bool,
+    },
+    BudgetExceeded {
+        limit: &'static str,
+        retry_after_ms: u64,
+    },
+    LockedOut {
+        retry_after_ms: u64,
+    },
+    /// A stream used up what was left of its budget (sent as a final event, not a status).
+    BudgetExceededMidStream,
     LimiterUnavailable,
 }
 
@@ -99,6 +121,9 @@ impl GatewayError {
                 "rate_limit_error",
                 "rate_limit_error",
             ),
+            E::BudgetExceededMidStream => {
+                (StatusCode::TOO_MANY_REQUESTS, "token_budget_exceeded", "insufficient_quota", "rate_limit_error")
+            }
             E::LimiterUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
             }
@@ -146,6 +171,9 @@ impl GatewayError {
                 retry_after_ms.div_ceil(1000)
             ),
             E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
+            E::BudgetExceededMidStream => {
+                "Token budget exhausted during this response; the stream was ended.".to_owned()
+            }
         }
     }
 

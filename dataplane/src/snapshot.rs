@@ -81,8 +81,8 @@ pub struct RuntimeSnapshot {
     exact_models: HashMap<String, Vec<ModelRoute>>,
     glob_models: Vec<ModelRoute>,
     pub kill_switches: Vec<KillSwitchEntry>,
-    /// Every ApiKey once (a rotating key has two digests in `keys`).
-    pub policies: Vec<Arc<ApiKeyEntry>>,
+    /// Every ApiKey once by identity (a rotating key has two digests in `keys`).
+    pub policies: HashMap<ObjectRef, Arc<ApiKeyEntry>>,
     /// Team limits by (namespace, team): the strictest any of the team's keys declares.
     team_limits: HashMap<(String, String), crate::limits::SubjectLimits>,
     pub api_key_count: usize,
@@ -104,10 +104,10 @@ impl RuntimeSnapshot {
     pub fn open(snapshot: &GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
         let content = &snapshot.content;
         let mut keys = HashMap::with_capacity(content.api_keys.iter().map(|k| k.digests.len()).sum());
-        let mut policies = Vec::with_capacity(content.api_keys.len());
+        let mut policies = HashMap::with_capacity(content.api_keys.len());
         for entry in &content.api_keys {
             let policy = Arc::new(entry.clone());
-            policies.push(policy.clone());
+            policies.insert(entry.key.clone(), policy.clone());
             for issued in &entry.digests {
                 keys.insert(issued.digest, KeyGrant { policy: policy.clone(), valid_until: issued.valid_until });
             }
@@ -207,9 +207,17 @@ impl RuntimeSnapshot {
 }
 
 /// The one cheap handle every request reads the current snapshot through.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SnapshotHandle {
     current: ArcSwapOption<RuntimeSnapshot>,
+    /// The applied generation, for open streams that must re-check their scope on a change.
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SnapshotHandle {
+    fn default() -> Self {
+        Self { current: ArcSwapOption::empty(), applied: tokio::sync::watch::channel(0).0 }
+    }
 }
 
 impl SnapshotHandle {
@@ -218,7 +226,14 @@ impl SnapshotHandle {
     }
 
     pub fn store(&self, snapshot: Arc<RuntimeSnapshot>) {
+        let generation = snapshot.generation;
         self.current.store(Some(snapshot));
+        self.applied.send_replace(generation);
+    }
+
+    /// Notified after every swap.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     pub fn is_loaded(&self) -> bool {

@@ -56,3 +56,27 @@ pub fn provider_switch<'s>(
 pub fn provider_stopped(switch: &KillSwitchEntry) -> GatewayError {
     stopped(switch)
 }
+
+/// Why an open stream must end after a snapshot change: its key was revoked, expired or
+/// removed, or a kill switch now covers it.
+pub fn stream_must_stop(
+    snapshot: &RuntimeSnapshot,
+    key: &ObjectRef,
+    provider: &ObjectRef,
+    model: &str,
+    now: DateTime<Utc>,
+) -> Option<GatewayError> {
+    let Some(policy) = snapshot.policies.get(key) else {
+        return Some(GatewayError::InvalidApiKey);
+    };
+    if policy.revoked {
+        return Some(GatewayError::ApiKeyRevoked);
+    }
+    if policy.expires_at.is_some_and(|at| now >= at) {
+        return Some(GatewayError::ApiKeyExpired);
+    }
+    if let Err(stop) = check_caller(snapshot, policy, now).and_then(|()| check_model(snapshot, model, now)) {
+        return Some(stop);
+    }
+    provider_switch(snapshot, provider, now).map(provider_stopped)
+}

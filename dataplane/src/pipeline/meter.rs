@@ -15,10 +15,12 @@ use portcullis_crds::snapshot::ApiKeyEntry;
 
 use crate::api::{ApiFlavor, ApiRoute};
 use crate::body::{BoxError, GatewayBody};
+use crate::error::GatewayError;
 use crate::limits::{Limiter, Ticket};
 use crate::metrics::Metrics;
 use crate::pipeline::usage::{JsonTail, SseScanner, Usage};
 use crate::snapshot::ModelRoute;
+use crate::snapshot::SnapshotHandle;
 
 /// What is known about one request, filled in phase by phase.
 #[derive(Debug)]
@@ -176,12 +178,54 @@ impl UsageReader {
 pub struct BudgetGuard {
     pub allowance: u64,
     pub input_estimate: u64,
-    pub flavor: ApiFlavor,
+}
+
+/// Ends an open stream when a new snapshot revokes its key or stops its scope.
+pub struct StreamGuard {
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    handle: Arc<SnapshotHandle>,
+    key: portcullis_crds::v1alpha1::ObjectRef,
+    provider: portcullis_crds::v1alpha1::ObjectRef,
+    model: String,
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamGuard").field("key", &self.key).field("provider", &self.provider).finish_non_exhaustive()
+    }
+}
+
+impl StreamGuard {
+    pub fn new(
+        handle: Arc<SnapshotHandle>,
+        key: portcullis_crds::v1alpha1::ObjectRef,
+        provider: portcullis_crds::v1alpha1::ObjectRef,
+        model: String,
+    ) -> Self {
+        let changes = tokio_stream::wrappers::WatchStream::from_changes(handle.subscribe());
+        Self { changes, handle, key, provider, model }
+    }
+
+    /// Polls for snapshot changes; on one, re-checks the stream's scope.
+    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Option<GatewayError> {
+        use futures_util::Stream;
+        let mut changed = false;
+        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+            changed = true;
+        }
+        if !changed {
+            return None;
+        }
+        let snapshot = self.handle.load()?;
+        super::kill_switch::stream_must_stop(&snapshot, &self.key, &self.provider, &self.model, chrono::Utc::now())
+    }
 }
 
 pub struct MeteredBody {
     inner: GatewayBody,
     budget: Option<BudgetGuard>,
+    guard: Option<StreamGuard>,
+    flavor: ApiFlavor,
     reader: UsageReader,
     record: Option<AccessRecord>,
     outcome: &'static str,
@@ -204,10 +248,14 @@ impl MeteredBody {
         outcome: &'static str,
         idle_timeout: Duration,
         budget: Option<BudgetGuard>,
+        guard: Option<StreamGuard>,
     ) -> Self {
+        let flavor = record.route.map_or(ApiFlavor::OpenAi, ApiRoute::flavor);
         Self {
             inner,
             budget,
+            guard,
+            flavor,
             reader,
             record: Some(record),
             outcome,
@@ -247,25 +295,26 @@ impl MeteredBody {
     }
 
     /// True when the stream has used more than its budget allowed.
-    fn over_budget(&self) -> Option<BudgetGuard> {
+    fn over_budget(&self) -> Option<GatewayError> {
         let guard = self.budget?;
         let usage = self.reader.usage_so_far();
         let used = usage.input.unwrap_or(guard.input_estimate) + self.reader.output_so_far();
-        (used > guard.allowance).then_some(guard)
+        (used > guard.allowance).then_some(GatewayError::BudgetExceededMidStream)
     }
 
     /// Ends the stream with a final error event in the API's format.
-    fn cut_for_budget(&mut self, guard: BudgetGuard, forwarded: Option<Bytes>) -> Bytes {
-        self.finish("token_budget_exceeded");
-        let message = "Token budget exhausted during this response; the stream was ended.";
-        let event = match guard.flavor {
+    fn cut(&mut self, error: &GatewayError, forwarded: Option<Bytes>) -> Bytes {
+        let shape = error.shape();
+        self.finish(shape.code);
+        let message = error.message();
+        let event = match self.flavor {
             ApiFlavor::OpenAi => format!(
                 "data: {}\n\n",
-                serde_json::json!({"error": {"message": message, "type": "insufficient_quota", "param": null, "code": "token_budget_exceeded"}})
+                serde_json::json!({"error": {"message": message, "type": shape.openai_type, "param": null, "code": shape.code}})
             ),
             ApiFlavor::Anthropic => format!(
                 "event: error\ndata: {}\n\n",
-                serde_json::json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+                serde_json::json!({"type": "error", "error": {"type": shape.anthropic_type, "message": message}})
             ),
         };
         let mut out = bytes::BytesMut::new();
@@ -286,6 +335,10 @@ impl Body for MeteredBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some(error) = this.guard.as_mut().and_then(|g| g.poll_stop(cx)) {
+            let last = this.cut(&error, None);
+            return Poll::Ready(Some(Ok(Frame::data(last))));
+        }
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -297,8 +350,8 @@ impl Body for MeteredBody {
                                 record.mark_first_byte();
                             }
                             let out = this.reader.push(data);
-                            if let Some(guard) = this.over_budget() {
-                                let last = this.cut_for_budget(guard, out);
+                            if let Some(error) = this.over_budget() {
+                                let last = this.cut(&error, out);
                                 return Poll::Ready(Some(Ok(Frame::data(last))));
                             }
                             // hyper stops polling a body of known length after its last byte,

@@ -33,7 +33,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
-use meter::{AccessRecord, BudgetGuard, MeteredBody, UsageReader};
+use meter::{AccessRecord, BudgetGuard, MeteredBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
 
 /// Limits and timeouts applied to every request.
@@ -143,10 +143,17 @@ impl Gateway {
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
         let ticket = limit::admit(&self.limiter, &snapshot, &grant.policy, reserve, client).await.map_err(fail)?;
         record.input_estimate = input_estimate;
-        let budget = ticket.as_ref().and_then(|t| t.granted.budget_remaining).map(|allowance| BudgetGuard {
-            allowance,
-            input_estimate,
-            flavor,
+        let budget = ticket
+            .as_ref()
+            .and_then(|t| t.granted.budget_remaining)
+            .map(|allowance| BudgetGuard { allowance, input_estimate });
+        let guard = head.streaming().then(|| {
+            StreamGuard::new(
+                self.snapshot.clone(),
+                grant.policy.key.clone(),
+                chosen.upstream.id.clone(),
+                model.to_owned(),
+            )
         });
         if let Some(ticket) = ticket {
             record.ticket = Some((self.limiter.clone(), ticket));
@@ -157,7 +164,7 @@ impl Gateway {
         let strip_usage_chunk = outbound.strip_usage_chunk;
         let response = self.send(route, model, &chosen, outbound).await.map_err(fail)?;
 
-        Ok(self.metered(response, strip_usage_chunk, budget, record))
+        Ok(self.metered(response, strip_usage_chunk, budget, guard, record))
     }
 
     async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
@@ -204,6 +211,7 @@ impl Gateway {
         response: Response<GatewayBody>,
         strip_usage_chunk: bool,
         budget: Option<BudgetGuard>,
+        guard: Option<StreamGuard>,
         record: &mut AccessRecord,
     ) -> Response<GatewayBody> {
         let (mut parts, body) = response.into_parts();
@@ -229,13 +237,15 @@ impl Gateway {
         }
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
+        let guard = guard.filter(|_| is_sse);
         record.status = parts.status.as_u16();
         let outcome = if parts.status.is_success() { "ok" } else { "upstream_error" };
         let handed_off = std::mem::replace(
             record,
             AccessRecord::new(self.metrics.clone(), Instant::now(), HeaderValue::from_static("-")),
         );
-        let body = MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget);
+        let body =
+            MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget, guard);
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
     }
 }
