@@ -14,6 +14,7 @@
 pub mod compile;
 pub mod crdgen;
 pub mod inputs;
+pub mod ledger;
 pub mod manifests;
 mod validate;
 

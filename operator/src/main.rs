@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::{KeyId, MasterKeyring};
+use portcullis_operator::ledger;
 
 #[derive(Parser, Debug)]
 #[command(name = "portcullis-operator", version, about = "Portcullis operator")]
@@ -22,11 +23,36 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// The audit ledger.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Compile a folder of manifests offline and report every problem, naming object and field
     /// (for CI of a GitOps repository). Exits non-zero when the folder would be rejected.
     Check {
         #[arg(long)]
         manifests: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify the whole chain; names the first edited, deleted, reordered or truncated entry.
+    Verify {
+        /// The ledger file.
+        #[arg(long)]
+        file: PathBuf,
+        /// A published checkpoint the ledger must reach: `SEQUENCE:HASH`.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Print the last entries, one JSON object per line.
+    Tail {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
     },
 }
 
@@ -47,6 +73,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match output {
                 Some(path) => std::fs::write(path, yaml)?,
                 None => print!("{yaml}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command: AuditCommand::Verify { file, checkpoint } } => {
+            let checkpoint = match checkpoint {
+                Some(text) => {
+                    let (sequence, hash) =
+                        text.split_once(':').ok_or_else(|| anyhow::anyhow!("--checkpoint is SEQUENCE:HASH"))?;
+                    Some(ledger::Checkpoint { sequence: sequence.parse()?, hash: hash.to_owned() })
+                }
+                None => None,
+            };
+            let entries = ledger::read_lines(&file)?;
+            match ledger::verify(&entries, checkpoint.as_ref()) {
+                Ok(report) => {
+                    match report.head {
+                        Some(head) => println!("ok: {} entries, head {}:{}", report.entries, head.sequence, head.hash),
+                        None => println!("ok: empty ledger"),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    println!("broken: {broken}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Audit { command: AuditCommand::Tail { file, lines } } => {
+            let entries = ledger::read_lines(&file)?;
+            for entry in entries.iter().skip(entries.len().saturating_sub(lines)) {
+                match entry {
+                    Ok(entry) => println!("{}", serde_json::to_string(entry)?),
+                    Err(line) => println!("{{\"unreadableLine\":{line}}}"),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
