@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use portcullis_crds::v1alpha1::ProviderKind;
 
 use crate::api::{self, ApiFlavor, ApiRoute, RequestHead, REQUEST_ID_HEADER};
@@ -35,6 +35,43 @@ use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
 use meter::{AccessRecord, BudgetGuard, MeteredBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
+
+/// Past the limit, up to this much more is read and thrown away so the client, still sending,
+/// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
+const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Reads a request body of at most `limit` bytes. A longer one is drained (bounded by
+/// `DISCARD_AFTER_LIMIT`) and refused.
+async fn read_bounded<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let too_large = GatewayError::RequestTooLarge { limit };
+    let declared = body.size_hint().exact().unwrap_or(0);
+    if declared > (limit + DISCARD_AFTER_LIMIT) as u64 {
+        return Err(too_large);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut collected = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| GatewayError::InvalidRequest("The request body could not be read.".to_owned()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen > limit + DISCARD_AFTER_LIMIT {
+            break;
+        }
+        if seen <= limit {
+            collected.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(too_large);
+    }
+    Ok(collected.freeze())
+}
 
 /// Limits and timeouts applied to every request.
 #[derive(Debug, Clone)]
@@ -173,12 +210,9 @@ impl Gateway {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let limit = self.settings.max_request_body_bytes;
-        let collect = Limited::new(body, limit).collect();
-        match tokio::time::timeout(self.settings.request_body_timeout, collect).await {
+        match tokio::time::timeout(self.settings.request_body_timeout, read_bounded(body, limit)).await {
             Err(_) => Err(GatewayError::RequestTimeout),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
-            Ok(Err(_)) => Err(GatewayError::InvalidRequest("The request body could not be read.".to_owned())),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(result) => result,
         }
     }
 
