@@ -1,5 +1,6 @@
-//! Streams already open when a kill switch is flipped, or their key revoked, end with a final
-//! error event in the API's format within a second of the new snapshot being applied.
+//! Streams already open when a kill switch over their scope is flipped end with a final error
+//! event in the API's format within a second of the new snapshot being applied. (Revocation is
+//! different: in-flight requests finish on their snapshot; see hot_reload.rs.)
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -61,7 +62,7 @@ async fn open_openai_stream_ends_when_a_global_switch_is_applied() {
 }
 
 #[tokio::test]
-async fn open_anthropic_stream_ends_when_its_key_is_revoked() {
+async fn open_anthropic_stream_ends_when_its_provider_is_stopped() {
     let mut fx = Fixture::start_with(slow_stream(), |_| {}).await.expect("fixture");
     let mut stream = fx
         .client
@@ -76,7 +77,10 @@ async fn open_anthropic_stream_ends_when_its_key_is_revoked() {
     stream.next_event(Duration::from_secs(5)).await.expect("first event").expect("not ended");
 
     fx.reload(|ms| {
-        ms.update("ApiKey", "alice", |d| d["spec"]["revoked"] = json!(true));
+        ms.add(
+            SWITCHES_FILE,
+            portcullis_e2e::manifests::kill_switch("stop-anthropic", json!({"provider": "anthropic-main"}), true, "x"),
+        );
     })
     .await
     .expect("reload");
@@ -84,7 +88,8 @@ async fn open_anthropic_stream_ends_when_its_key_is_revoked() {
     let (events, ended) = drain(&mut stream).await;
     let last = events.last().expect("events");
     assert_eq!(last.event.as_deref(), Some("error"), "last event: {last:?}");
-    assert_eq!(last.json()["error"]["type"], "authentication_error");
+    assert_eq!(last.json()["error"]["type"], "api_error");
+    assert!(last.json()["error"]["message"].as_str().unwrap_or_default().contains("stop-anthropic"));
     assert!(ended.saturating_duration_since(applied) < Duration::from_secs(1));
 }
 

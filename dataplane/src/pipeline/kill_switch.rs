@@ -57,25 +57,18 @@ pub fn provider_stopped(switch: &KillSwitchEntry) -> GatewayError {
     stopped(switch)
 }
 
-/// Why an open stream must end after a snapshot change: its key was revoked, expired or
-/// removed, or a kill switch now covers it.
+/// The kill switch that ends an open stream after a snapshot change, if any. Only kill switches
+/// reach into requests in flight — an emergency stop must stop streams too. Revocation and
+/// expiry, like every other change, apply to new requests: in-flight ones finish on the snapshot
+/// they started with.
 pub fn stream_must_stop(
     snapshot: &RuntimeSnapshot,
-    key: &ObjectRef,
+    key: &ApiKeyEntry,
     provider: &ObjectRef,
     model: &str,
     now: DateTime<Utc>,
 ) -> Option<GatewayError> {
-    let Some(policy) = snapshot.policies.get(key) else {
-        return Some(GatewayError::InvalidApiKey);
-    };
-    if policy.revoked {
-        return Some(GatewayError::ApiKeyRevoked);
-    }
-    if policy.expires_at.is_some_and(|at| now >= at) {
-        return Some(GatewayError::ApiKeyExpired);
-    }
-    if let Err(stop) = check_caller(snapshot, policy, now).and_then(|()| check_model(snapshot, model, now)) {
+    if let Err(stop) = check_caller(snapshot, key, now).and_then(|()| check_model(snapshot, model, now)) {
         return Some(stop);
     }
     provider_switch(snapshot, provider, now).map(provider_stopped)

@@ -180,25 +180,28 @@ pub struct BudgetGuard {
     pub input_estimate: u64,
 }
 
-/// Ends an open stream when a new snapshot revokes its key or stops its scope.
+/// Ends an open stream when a new snapshot engages a kill switch over its scope.
 pub struct StreamGuard {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     handle: Arc<SnapshotHandle>,
-    key: portcullis_crds::v1alpha1::ObjectRef,
+    key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
     provider: portcullis_crds::v1alpha1::ObjectRef,
     model: String,
 }
 
 impl std::fmt::Debug for StreamGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamGuard").field("key", &self.key).field("provider", &self.provider).finish_non_exhaustive()
+        f.debug_struct("StreamGuard")
+            .field("key", &self.key.key)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
     }
 }
 
 impl StreamGuard {
     pub fn new(
         handle: Arc<SnapshotHandle>,
-        key: portcullis_crds::v1alpha1::ObjectRef,
+        key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
         provider: portcullis_crds::v1alpha1::ObjectRef,
         model: String,
     ) -> Self {

@@ -185,12 +185,7 @@ impl Gateway {
             .and_then(|t| t.granted.budget_remaining)
             .map(|allowance| BudgetGuard { allowance, input_estimate });
         let guard = head.streaming().then(|| {
-            StreamGuard::new(
-                self.snapshot.clone(),
-                grant.policy.key.clone(),
-                chosen.upstream.id.clone(),
-                model.to_owned(),
-            )
+            StreamGuard::new(self.snapshot.clone(), grant.policy.clone(), chosen.upstream.id.clone(), model.to_owned())
         });
         if let Some(ticket) = ticket {
             record.ticket = Some((self.limiter.clone(), ticket));
