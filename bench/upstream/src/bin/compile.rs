@@ -52,9 +52,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             if new_size >= layout.size() {
-                let live =
-                    LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
-                        - layout.size();
+                let live = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
                 PEAK.fetch_max(live, Ordering::Relaxed);
             } else {
                 LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -96,11 +94,7 @@ fn gen(dir: &Path, keys: usize, providers: usize, base_url: &str) -> anyhow::Res
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: upstream-key\n  namespace: default\ntype: Opaque\nstringData:\n  key: sk-bench-upstream\n"
     );
     for p in 0..providers.max(1) {
-        let model = if p == 0 {
-            "bench-model".to_owned()
-        } else {
-            format!("bench-model-{p}")
-        };
+        let model = if p == 0 { "bench-model".to_owned() } else { format!("bench-model-{p}") };
         let _ = write!(
             creds,
             "---\napiVersion: portcullis.dev/v1alpha1\nkind: ProviderCredential\nmetadata:\n  name: bench-upstream-{p}\n  namespace: default\nspec:\n  kind: openai-compatible\n  baseUrl: {base_url}\n  secretRef:\n    name: upstream-key\n    key: key\n  models:\n    - name: {model}\n"
@@ -126,11 +120,7 @@ fn gen(dir: &Path, keys: usize, providers: usize, base_url: &str) -> anyhow::Res
 
 fn reload(dir: &Path, n: usize) -> anyhow::Result<()> {
     let mut out = String::new();
-    apikey_doc(
-        &mut out,
-        &format!("bench-reload-{n}"),
-        &client_key(10_000_000 + n),
-    );
+    apikey_doc(&mut out, &format!("bench-reload-{n}"), &client_key(10_000_000 + n));
     // Write then rename, so the watcher never sees half a file.
     let tmp = dir.join(".25-reload.yaml.tmp");
     std::fs::write(&tmp, out)?;
@@ -158,8 +148,7 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
         let base = LIVE.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);
         let t0 = Instant::now();
-        let (inputs, _) =
-            portcullis_operator::manifests::read_dir(dir).context("reading manifests")?;
+        let (inputs, _) = portcullis_operator::manifests::read_dir(dir).context("reading manifests")?;
         let t1 = Instant::now();
         let inputs_live = LIVE.load(Ordering::Relaxed) - base;
         let compiled = portcullis_operator::compile(&inputs, &keyring, &pepper, None)
@@ -179,10 +168,7 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
         let t5 = Instant::now();
         let reopened = RuntimeSnapshot::open(&decoded, &keyring, &pepper)?;
         let t6 = Instant::now();
-        summary = format!(
-            "api_keys={} providers={}",
-            runtime.api_key_count, runtime.upstream_count
-        );
+        summary = format!("api_keys={} providers={}", runtime.api_key_count, runtime.upstream_count);
         if round == 0 {
             memory = format!(
                 "heap: inputs after YAML parse {:.1} MiB; compiled GatewaySnapshot {:.1} MiB; \
@@ -223,22 +209,12 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| -> anyhow::Result<&str> {
-        args.get(i)
-            .map(String::as_str)
-            .context("usage: bench-compile gen|reload|time ...")
+        args.get(i).map(String::as_str).context("usage: bench-compile gen|reload|time ...")
     };
     match arg(1)? {
-        "gen" => gen(
-            Path::new(arg(2)?),
-            arg(3)?.parse()?,
-            arg(4)?.parse()?,
-            arg(5)?,
-        ),
+        "gen" => gen(Path::new(arg(2)?), arg(3)?.parse()?, arg(4)?.parse()?, arg(5)?),
         "reload" => reload(Path::new(arg(2)?), arg(3)?.parse()?),
-        "time" => time(
-            Path::new(arg(2)?),
-            args.get(3).map_or(Ok(5), |s| s.parse())?,
-        ),
+        "time" => time(Path::new(arg(2)?), args.get(3).map_or(Ok(5), |s| s.parse())?),
         other => anyhow::bail!("unknown command {other}"),
     }
 }

@@ -32,21 +32,15 @@ fn done(buf: &[u8], stream: bool) -> bool {
     if stream {
         return find(body, b"\n\n").is_some();
     }
-    if let Some(cl) = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    if let Some(cl) =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok())
     {
         return body.len() >= cl;
     }
     find(body, b"0\r\n\r\n").is_some()
 }
 
-async fn one(
-    addr: String,
-    stream: bool,
-    key: String,
-) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+async fn one(addr: String, stream: bool, key: String) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut socket = TcpStream::connect(&addr).await?;
     socket.set_nodelay(true)?;
     let body = if stream { STREAM } else { PLAIN };
@@ -79,19 +73,14 @@ fn main() -> anyhow::Result<()> {
     let stream = args.get(3).context(usage)? == "stream";
     let key = args.get(4).context(usage)?.clone();
     let hold: u64 = args.get(5).context(usage)?.parse()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut held = Vec::with_capacity(n);
         let mut failed = 0usize;
         let mut first_error = None;
         // Open in batches so the listener's backlog is never the limit.
         for batch in (0..n).collect::<Vec<_>>().chunks(200) {
-            let tasks: Vec<_> = batch
-                .iter()
-                .map(|_| tokio::spawn(one(addr.clone(), stream, key.clone())))
-                .collect();
+            let tasks: Vec<_> = batch.iter().map(|_| tokio::spawn(one(addr.clone(), stream, key.clone()))).collect();
             for task in tasks {
                 match task.await {
                     Ok(Ok(pair)) => held.push(pair),

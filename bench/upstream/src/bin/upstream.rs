@@ -35,8 +35,20 @@ const CHAT_JSON: &str = concat!(
 );
 
 const WORDS: [&str; 14] = [
-    "Hello", "!", " This", " is", " a", " streamed", " reply", " from", " the", " loopback",
-    " benchmark", " upstream", ",", " done.",
+    "Hello",
+    "!",
+    " This",
+    " is",
+    " a",
+    " streamed",
+    " reply",
+    " from",
+    " the",
+    " loopback",
+    " benchmark",
+    " upstream",
+    ",",
+    " done.",
 ];
 
 /// The events of one stream, built once at start-up.
@@ -54,17 +66,9 @@ fn chunk(delta: &str, finish: &str, usage_null: bool) -> String {
 
 fn build_stream(include_usage: bool) -> Vec<Bytes> {
     let mut events = Vec::new();
-    events.push(chunk(
-        r#"{"role":"assistant","content":"","refusal":null}"#,
-        "null",
-        include_usage,
-    ));
+    events.push(chunk(r#"{"role":"assistant","content":"","refusal":null}"#, "null", include_usage));
     for word in WORDS {
-        events.push(chunk(
-            &format!("{{\"content\":\"{word}\"}}"),
-            "null",
-            include_usage,
-        ));
+        events.push(chunk(&format!("{{\"content\":\"{word}\"}}"), "null", include_usage));
     }
     events.push(chunk("{}", "\"stop\"", include_usage));
     if include_usage {
@@ -90,10 +94,7 @@ impl Body for SseBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if this.hold && this.next >= 1 {
             // Held open: never ends, never wakes; dropped when the client disconnects.
@@ -128,10 +129,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(haystack, needle).is_some()
 }
 
-async fn handle(
-    streams: &'static Streams,
-    request: Request<Incoming>,
-) -> Result<Response<OutBody>, Infallible> {
+async fn handle(streams: &'static Streams, request: Request<Incoming>) -> Result<Response<OutBody>, Infallible> {
     let hold = request.headers().contains_key("x-bench-hold");
     let path_ok = request.uri().path() == "/v1/chat/completions";
     let body = match request.into_body().collect().await {
@@ -139,61 +137,30 @@ async fn handle(
         Err(_) => Bytes::new(),
     };
     if !path_ok {
-        let mut r = Response::new(
-            http_body_util::Full::new(Bytes::from_static(b"{\"error\":\"not found\"}"))
-                .boxed_unsync(),
-        );
+        let mut r =
+            Response::new(http_body_util::Full::new(Bytes::from_static(b"{\"error\":\"not found\"}")).boxed_unsync());
         *r.status_mut() = StatusCode::NOT_FOUND;
         return Ok(r);
     }
     let stream = contains(&body, b"\"stream\":true") || contains(&body, b"\"stream\": true");
     if !stream {
-        let mut r = Response::new(
-            http_body_util::Full::new(Bytes::from_static(CHAT_JSON.as_bytes())).boxed_unsync(),
-        );
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut r = Response::new(http_body_util::Full::new(Bytes::from_static(CHAT_JSON.as_bytes())).boxed_unsync());
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(r);
     }
-    let include_usage =
-        contains(&body, b"\"include_usage\":true") || contains(&body, b"\"include_usage\": true");
-    let events = if include_usage {
-        streams.with_usage.clone()
-    } else {
-        streams.without_usage.clone()
-    };
-    let mut r = Response::new(
-        SseBody {
-            events,
-            next: 0,
-            yield_next: false,
-            hold,
-        }
-        .boxed_unsync(),
-    );
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let include_usage = contains(&body, b"\"include_usage\":true") || contains(&body, b"\"include_usage\": true");
+    let events = if include_usage { streams.with_usage.clone() } else { streams.without_usage.clone() };
+    let mut r = Response::new(SseBody { events, next: 0, yield_next: false, hold }.boxed_unsync());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(r)
 }
 
 fn main() -> anyhow::Result<()> {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:28101".to_owned())
-        .parse()?;
-    let streams: &'static Streams = Box::leak(Box::new(Streams {
-        with_usage: build_stream(true),
-        without_usage: build_stream(false),
-    }));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let addr: SocketAddr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:28101".to_owned()).parse()?;
+    let streams: &'static Streams =
+        Box::leak(Box::new(Streams { with_usage: build_stream(true), without_usage: build_stream(false) }));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(addr).await?;
         eprintln!(

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Profiles Portcullis (one worker, CPU 1) under the bench's plain and SSE loads (wrk c=32 and the
+# loopback upstream on CPU 0), two ways:
+#   perf    — cpu-clock sampling with DWARF call graphs, user + kernel (syscall cost shows);
+#   callgrind — exact instruction counts of the user-space code (noise-free on a busy machine).
+# Output: bench/out/profile-<stamp>/{perf,callgrind}-{plain,sse}.txt; summarised in bench/PROFILE.md.
+#
+#   bench/profile.sh                   # both tools, both loads, ~3 minutes
+#   PROFILE_TOOLS=perf PROFILE_SECONDS=5 bench/profile.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT="$ROOT/bench/out/profile-$STAMP"
+mkdir -p "$OUT"
+SECONDS_RUN=${PROFILE_SECONDS:-10}
+TOOLS=${PROFILE_TOOLS:-perf,callgrind}
+BASE=${BENCH_PORT_BASE:-28100}
+UP=$((BASE + 1)); GW=$((BASE + 3)); ADMIN=$((BASE + 4))
+KEY=pcl_bench_client_key_0123456789_abcdefghijklmnop
+BIN="$ROOT/target/release"
+
+if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
+    cargo build --release -q -p portcullis-dataplane -p portcullis-bench
+fi
+need=()
+command -v perf >/dev/null || need+=(linux-perf)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Manifests and wrk scripts: the same as the proxy bench.
+python3 - "$OUT" <<'EOF'
+import os, sys
+sys.path.insert(0, "bench")
+import harness as h
+h.WORK = sys.argv[1]
+h.write_manifests(os.path.join(sys.argv[1], "manifests"))
+for mode in ("plain", "sse"):
+    with open(os.path.join(sys.argv[1], f"wrk-{mode}.lua"), "w") as f:
+        f.write(h.LUA % {"key": h.CLIENT_KEY, "body": h.BODY[mode]})
+EOF
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 0 "$BIN/bench-upstream" "127.0.0.1:$UP" >"$OUT/upstream.log" 2>&1 &
+pids+=($!)
+
+wait_ready() {
+    for _ in $(seq 1 600); do
+        if curl -fs -o /dev/null "http://127.0.0.1:$ADMIN/readyz"; then return 0; fi
+        sleep 0.1
+    done
+    echo "gateway did not become ready" >&2; return 1
+}
+load() { # mode seconds
+    taskset -c 0 wrk -t1 -c32 -d"$2"s --timeout 10s -s "$OUT/wrk-$1.lua" \
+        "http://127.0.0.1:$GW/v1/chat/completions" | grep BENCHRESULT
+}
+gw_args=(--manifests "$OUT/manifests" --listen "127.0.0.1:$GW" --admin-listen "127.0.0.1:$ADMIN" --log-level warn)
+
+if [[ $TOOLS == *perf* ]]; then
+    TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-perf.log" 2>&1 &
+    gw=$!; pids+=($gw)
+    wait_ready
+    for mode in plain sse; do
+        load "$mode" 2 >/dev/null
+        # Flat cpu-clock sampling (no call graphs: cheap, many samples); inclusive costs come
+        # from callgrind below.
+        perf record -e cpu-clock -F 4999 -p "$gw" -o "$OUT/perf-$mode.data" \
+            -- sleep "$SECONDS_RUN" 2>"$OUT/perf-$mode.record.log" &
+        rec=$!
+        sleep 0.3
+        load "$mode" $((SECONDS_RUN - 1)) | tee "$OUT/perf-$mode.wrk"
+        wait $rec || true
+        perf report -i "$OUT/perf-$mode.data" --percent-limit 0.4 --stdio --sort dso,symbol \
+            2>/dev/null | sed 's/  */ /g' >"$OUT/perf-$mode-self.txt" || true
+        perf report -i "$OUT/perf-$mode.data" --sort dso --stdio 2>/dev/null \
+            | sed 's/  */ /g' >"$OUT/perf-$mode-dso.txt" || true
+        echo "perf $mode: $OUT/perf-$mode-self.txt" >&2
+        kill -0 "$gw" 2>/dev/null || { echo "gateway exited; log:" >&2; tail "$OUT/gw-perf.log" >&2; }
+    done
+    kill "$gw"; wait "$gw" 2>/dev/null || true
+fi
+
+if [[ $TOOLS == *callgrind* ]]; then
+    for mode in plain sse; do
+        TOKIO_WORKER_THREADS=1 taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
+            --callgrind-out-file="$OUT/callgrind-$mode.out" \
+            "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-callgrind-$mode.log" 2>&1 &
+        gw=$!; pids+=($gw)
+        wait_ready
+        load "$mode" 2 >/dev/null   # warm: upstream pool, allocator
+        callgrind_control -i on "$gw" >/dev/null
+        load "$mode" "$SECONDS_RUN" | tee "$OUT/callgrind-$mode.wrk"
+        callgrind_control -i off "$gw" >/dev/null
+        kill -INT "$gw"; wait "$gw" 2>/dev/null || true
+        callgrind_annotate --auto=no --inclusive=no --threshold=100 "$OUT/callgrind-$mode.out" \
+            2>/dev/null >"$OUT/callgrind-$mode-self-all.txt" || true
+        callgrind_annotate --auto=no --inclusive=yes "$OUT/callgrind-$mode.out" 2>/dev/null \
+            | head -150 >"$OUT/callgrind-$mode-inclusive.txt" || true
+        python3 "$ROOT/bench/tools/cg_top.py" "$OUT/callgrind-$mode-self-all.txt" \
+            "$(awk '{print $2}' "$OUT/callgrind-$mode.wrk")" 50 >"$OUT/callgrind-$mode-self.txt"
+        echo "callgrind $mode: $OUT/callgrind-$mode-self.txt" >&2
+    done
+fi
+echo "$OUT"
