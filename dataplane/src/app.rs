@@ -130,7 +130,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
 
     // Load the first snapshot before accepting traffic, so the first request is served.
     let mut applier = SnapshotApplier::new(handle.clone(), (*metrics).clone(), keyring, pepper);
-    match tokio::task::block_in_place(|| reload::compile_dir(&manifests, &applier)) {
+    match reload::compile_dir(&manifests, &applier) {
         Ok(snapshot) => {
             applier.apply(snapshot);
         }

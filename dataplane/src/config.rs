@@ -142,6 +142,11 @@ pub struct DataplaneArgs {
     #[arg(long, default_value_t = 512)]
     pub default_output_tokens: u64,
 
+    /// Threads serving traffic. 1 runs everything on one thread (no cross-thread wake-ups, the
+    /// fastest choice for a one-core container or sidecar); default: one per CPU.
+    #[arg(long, env = "PORTCULLIS_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// How often local mode looks for changed manifests, in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub reload_interval_ms: u64,

@@ -143,7 +143,18 @@ pub async fn run_local(
                 seen = scan(&dir).await;
             }
             // Compiling a large folder takes a while; keep it off the async workers' queue.
-            let result = tokio::task::block_in_place(|| compile_dir(&dir, &applier));
+            let dir_for_compile = dir.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let result = compile_dir(&dir_for_compile, &applier);
+                (applier, result)
+            })
+            .await;
+            let result;
+            (applier, result) = match joined {
+                Ok(pair) => pair,
+                // The compile panicked (a bug): the applier went with it; stop reloading.
+                Err(_) => return,
+            };
             match result {
                 Ok(snapshot) => {
                     applier.apply(snapshot);

@@ -46,20 +46,30 @@ impl From<UsageFields> for Usage {
     }
 }
 
+/// Finds `"usage"`, built once: constructing a searcher costs more than most searches.
+fn usage_key() -> &'static memmem::Finder<'static> {
+    static FINDER: std::sync::OnceLock<memmem::Finder<'static>> = std::sync::OnceLock::new();
+    FINDER.get_or_init(|| memmem::Finder::new(b"\"usage\""))
+}
+
+/// The object after a `"usage"` key at `pos`, if the value is an object (not `null`).
+fn usage_object_at(json: &[u8], pos: usize) -> Option<&[u8]> {
+    let rest = json[pos + 7..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    rest.starts_with(b"{").then_some(rest)
+}
+
+/// True when `event` reports a usage object somewhere (most stream chunks say `"usage":null`).
+fn mentions_usage_object(event: &[u8]) -> bool {
+    usage_key().find_iter(event).any(|pos| usage_object_at(event, pos).is_some())
+}
+
 /// The usage object following the last `"usage":` key in `json` that holds an object.
 pub fn find_usage(json: &[u8]) -> Option<Usage> {
-    let finder = memmem::Finder::new(b"\"usage\"");
-    let positions: Vec<usize> = finder.find_iter(json).collect();
+    let positions: Vec<usize> = usage_key().find_iter(json).collect();
     for &pos in positions.iter().rev() {
-        let rest = &json[pos + 7..];
-        let rest = rest.trim_ascii_start();
-        let Some(rest) = rest.strip_prefix(b":") else {
+        let Some(rest) = usage_object_at(json, pos) else {
             continue;
         };
-        let rest = rest.trim_ascii_start();
-        if !rest.starts_with(b"{") {
-            continue;
-        }
         let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<UsageFields>();
         if let Some(Ok(fields)) = stream.next() {
             return Some(fields.into());
@@ -119,7 +129,7 @@ impl SseScanner {
     /// Inspects one event; true when it must be dropped.
     fn inspect(&mut self, event: &[u8]) -> bool {
         self.events += 1;
-        if memmem::find(event, b"\"usage\"").is_none() {
+        if !mentions_usage_object(event) {
             return false;
         }
         let mut drop_event = false;
