@@ -26,6 +26,8 @@ pub const DISPLAY_PREFIX_CHARS: usize = 6;
 pub const MIN_CLIENT_KEY_LEN: usize = 32;
 /// Longest key accepted from a client or a Secret.
 pub const MAX_CLIENT_KEY_LEN: usize = 512;
+/// Data key of the pepper Secret that holds the pepper bytes.
+pub const PEPPER_SECRET_KEY: &str = "pepper";
 /// Minimum pepper length in bytes.
 pub const MIN_PEPPER_LEN: usize = 32;
 

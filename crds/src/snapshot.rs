@@ -16,6 +16,8 @@ use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind, TeamL
 
 /// Format version written by this crate.
 pub const SCHEMA_VERSION: u32 = 1;
+/// Data key of the snapshot Secret that holds the serialized `GatewaySnapshot`.
+pub const SNAPSHOT_SECRET_KEY: &str = "snapshot.json";
 /// Largest serialized snapshot a reader accepts.
 pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 

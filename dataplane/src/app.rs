@@ -80,13 +80,19 @@ async fn shutdown_signal() {
 
 /// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
-    let Some(manifests) = args.manifests.clone() else {
-        bail!("--manifests DIR is required: this build serves local manifests (watching a snapshot Secret in a cluster arrives with the operator)");
+    let cluster = crate::cluster::ClusterSource::from_args(&args).await?;
+    let manifests = match (&cluster, args.manifests.clone()) {
+        (Some(_), _) => None,
+        (None, Some(dir)) if dir.is_dir() => Some(dir),
+        (None, Some(dir)) => bail!("--manifests {} is not a folder", dir.display()),
+        (None, None) => {
+            bail!("either --manifests DIR (local mode) or --snapshot-secret NAMESPACE/NAME (cluster mode) is required")
+        }
     };
-    if !manifests.is_dir() {
-        bail!("--manifests {} is not a folder", manifests.display());
-    }
-    let (keyring, pepper) = key_material(&args)?;
+    let (keyring, pepper) = match &cluster {
+        Some(cluster) => cluster.key_material().await?,
+        None => key_material(&args)?,
+    };
     let metrics = Arc::new(Metrics::new()?);
     let handle = Arc::new(SnapshotHandle::default());
     let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
@@ -130,18 +136,29 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
 
     // Load the first snapshot before accepting traffic, so the first request is served.
     let mut applier = SnapshotApplier::new(handle.clone(), (*metrics).clone(), keyring, pepper);
-    match reload::compile_dir(&manifests, &applier) {
-        Ok(snapshot) => {
-            applier.apply(snapshot);
+    let (source, reload_task) = match (cluster, &manifests) {
+        (Some(cluster), _) => {
+            cluster.load_initial(&mut applier).await?;
+            let source = format!("Secret {}", cluster.snapshot);
+            (source, tokio::spawn(cluster.run(applier, shutdown_rx.clone())))
         }
-        Err(reason) => applier.reject(&reason),
-    }
-    let reload_task = tokio::spawn(reload::run_local(
-        manifests.clone(),
-        Duration::from_millis(args.reload_interval_ms.max(10)),
-        applier,
-        shutdown_rx.clone(),
-    ));
+        (None, Some(manifests)) => {
+            match reload::compile_dir(manifests, &applier) {
+                Ok(snapshot) => {
+                    applier.apply(snapshot);
+                }
+                Err(reason) => applier.reject(&reason),
+            }
+            let task = tokio::spawn(reload::run_local(
+                manifests.clone(),
+                Duration::from_millis(args.reload_interval_ms.max(10)),
+                applier,
+                shutdown_rx.clone(),
+            ));
+            (manifests.display().to_string(), task)
+        }
+        (None, None) => bail!("no snapshot source"),
+    };
 
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
@@ -155,7 +172,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         admin = %args.admin_listen,
         tls = tls.is_some(),
         redis = args.redis_url.is_some(),
-        manifests = %manifests.display(),
+        source = %source,
         "portcullis data plane started"
     );
 

@@ -150,4 +150,18 @@ pub struct DataplaneArgs {
     /// How often local mode looks for changed manifests, in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub reload_interval_ms: u64,
+
+    /// Cluster mode: watch this snapshot Secret (`NAMESPACE/NAME`) through the Kubernetes API
+    /// (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "PORTCULLIS_SNAPSHOT_SECRET", value_name = "NAMESPACE/NAME", conflicts_with = "manifests")]
+    pub snapshot_secret: Option<String>,
+
+    /// Cluster mode: the master keyring Secret (`NAMESPACE/NAME`, or `NAME` in the snapshot's
+    /// namespace).
+    #[arg(long, env = "PORTCULLIS_KEYRING_SECRET", default_value = "portcullis-master-keyring")]
+    pub keyring_secret: String,
+
+    /// Cluster mode: the pepper Secret (`NAMESPACE/NAME`, or `NAME` in the snapshot's namespace).
+    #[arg(long, env = "PORTCULLIS_PEPPER_SECRET", default_value = "portcullis-pepper")]
+    pub pepper_secret: String,
 }

@@ -5,6 +5,7 @@
 //!                              authenticate → kill switch → route → forward
 //!                              ◀── meter (usage from JSON / SSE, one log line, metrics) ◀──
 //!
+//!  cluster::ClusterSource (watches the snapshot Secret) ──┐
 //!  reload (local manifests) ──compile──▶ SnapshotApplier ──swap──▶ SnapshotHandle (Arc, lock-free)
 //!  admin: /metrics /healthz /readyz
 //! ```
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod limits;

@@ -41,6 +41,13 @@ impl SnapshotApplier {
         &self.pepper
     }
 
+    /// New key material (cluster mode follows the keyring and pepper Secrets). Takes effect with
+    /// the next snapshot applied.
+    pub fn set_key_material(&mut self, keyring: MasterKeyring, pepper: Pepper) {
+        self.keyring = keyring;
+        self.pepper = pepper;
+    }
+
     pub fn last_applied(&self) -> Option<&GatewaySnapshot> {
         self.last_applied.as_ref()
     }

@@ -10,13 +10,25 @@
 //! resources → snapshot step; the cluster reconciler and the data plane's local mode both call
 //! it. `manifests` reads the same YAML you would `kubectl apply` into `CompileInputs`;
 //! `crdgen` renders the CRDs from the Rust types.
+//!
+//! In a cluster (`cluster`), the pure steps are `issuance` (when to generate a key, what is kept),
+//! `readiness` + `conditions` (status), `assemble` (set invalid objects aside, then `compile`) and
+//! `secrets` (the Secrets the operator reads and writes); `cluster` only fetches and applies.
 
+pub mod assemble;
+pub mod cluster;
 pub mod compile;
+pub mod conditions;
 pub mod crdgen;
+pub mod error;
 pub mod inputs;
+pub mod issuance;
 pub mod ledger;
 pub mod manifests;
+pub mod readiness;
+pub mod secrets;
 mod validate;
 
 pub use compile::{compile, CompileError, CompileErrors, Compiled};
+pub use error::Error;
 pub use inputs::{CompileInputs, SecretStore};

@@ -34,6 +34,74 @@ enum Command {
         #[arg(long)]
         manifests: PathBuf,
     },
+    /// Run in a cluster: reconcile ApiKeys, ProviderCredentials and KillSwitches into the
+    /// snapshot Secret (in-cluster config or KUBECONFIG).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Namespace of the snapshot, keyring and pepper Secrets and the leader Lease.
+    #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "portcullis-system")]
+    namespace: String,
+    #[arg(long, env = "PORTCULLIS_SNAPSHOT_SECRET", default_value = "portcullis-snapshot")]
+    snapshot_secret: String,
+    #[arg(long, env = "PORTCULLIS_KEYRING_SECRET", default_value = "portcullis-master-keyring")]
+    keyring_secret: String,
+    #[arg(long, env = "PORTCULLIS_PEPPER_SECRET", default_value = "portcullis-pepper")]
+    pepper_secret: String,
+    /// Seconds a reveal Secret lives unless annotated `portcullis.dev/consumed: "true"` first.
+    #[arg(long, env = "PORTCULLIS_REVEAL_TTL_SECONDS", default_value_t = 86_400)]
+    reveal_ttl_seconds: u32,
+    /// Leader election Lease name; empty to run without leader election (one replica only).
+    #[arg(long, env = "PORTCULLIS_LEASE", default_value = "portcullis-operator")]
+    lease: String,
+    /// This replica's identity in the Lease (defaults to the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address for /metrics and /healthz.
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
+    admin_listen: std::net::SocketAddr,
+    /// Seconds between full resyncs of every object.
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
+    /// trace, debug, info, warn or error; or a full filter.
+    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "PORTCULLIS_LOG_JSON")]
+    log_json: bool,
+}
+
+fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = if args.log_json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    installed.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("portcullis-operator-{}", std::process::id()));
+    let settings = portcullis_operator::cluster::RunSettings {
+        settings: portcullis_operator::cluster::context::Settings {
+            namespace: args.namespace,
+            snapshot_secret: args.snapshot_secret,
+            keyring_secret: args.keyring_secret,
+            pepper_secret: args.pepper_secret,
+            reveal_ttl: chrono::Duration::seconds(i64::from(args.reveal_ttl_seconds)),
+            resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        },
+        lease: (!args.lease.is_empty()).then_some(args.lease),
+        identity,
+        admin_listen: args.admin_listen,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default().await?;
+        portcullis_operator::cluster::run(client, settings).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +136,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run_cluster(args),
         Command::Crds { output } => {
             let yaml = portcullis_operator::crdgen::render()?;
             match output {

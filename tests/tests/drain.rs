@@ -96,3 +96,37 @@ async fn drain_deadline_bounds_shutdown() {
     assert!(status.success(), "exit status: {status}");
     fx.openai.release();
 }
+
+#[tokio::test]
+async fn sigterm_drains_inflight_h2_requests_over_tls() {
+    let opts = FixtureOptions {
+        listener_tls: true,
+        gateway: GatewayOptions { drain_timeout_secs: Some(20), ..Default::default() },
+        upstream: UpstreamOptions { response_delay: Duration::from_millis(1500), ..Default::default() },
+        ..Default::default()
+    };
+    let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let client = fx.client.clone();
+    let url = fx.url("/v1/chat/completions");
+    let auth = format!("Bearer {ALICE_KEY}");
+    let mut inflight = Vec::new();
+    for _ in 0..3 {
+        let (client, url, auth) = (client.clone(), url.clone(), auth.clone());
+        inflight.push(tokio::spawn(async move {
+            client.post_json(&url, &[("authorization", &auth)], &chat_body("gpt-4o-mini", "hi", false)).await
+        }));
+    }
+    eventually(Duration::from_secs(5), "requests to reach upstream", || async {
+        (fx.openai.request_count() == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    fx.gateway.sigterm().unwrap();
+    for handle in inflight {
+        let resp = handle.await.unwrap().expect("in-flight request must complete during drain");
+        assert::ok(&resp);
+        assert_eq!(resp.version, http::Version::HTTP_2);
+    }
+    let status = fx.gateway.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status: {status}");
+}

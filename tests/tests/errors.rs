@@ -94,6 +94,18 @@ async fn far_oversize_body_gets_a_clean_413_not_a_reset() {
 }
 
 #[tokio::test]
+async fn default_body_limit_is_four_mebibytes() {
+    let fx = Fixture::start().await.expect("fixture");
+    let under =
+        fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &"a".repeat(3 * 1024 * 1024), false), &[]).await.unwrap();
+    assert::ok(&under);
+    let over =
+        fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", &"b".repeat(4 * 1024 * 1024 + 1), false), &[]).await.unwrap();
+    assert::openai_error(&over, 413, "request_too_large");
+    assert_eq!(fx.openai.request_count(), 1);
+}
+
+#[tokio::test]
 async fn unreachable_upstream_is_502_in_both_formats() {
     let dead = free_port().unwrap();
     let fx = Fixture::start_with(Default::default(), |ms| {

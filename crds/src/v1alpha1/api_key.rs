@@ -1,5 +1,6 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,16 @@ use super::common::SecretKeyRef;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.rotation) || !has(self.secretRef)",
+        "message": "rotation applies to generated keys; rotate a secretRef key by changing its Secret"
+    },
+    {
+        "rule": "!has(self.rotationGracePeriodSeconds) || !has(self.secretRef)",
+        "message": "rotationGracePeriodSeconds applies to generated keys only"
+    }
+]))]
 pub struct ApiKeySpec {
     /// Person or service accountable for this key, e.g. an e-mail address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,6 +68,36 @@ pub struct ApiKeySpec {
     /// Use the key held in this Secret instead of having the operator generate one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
+    /// Any string or number. Changing it makes the operator issue a new generated key; the
+    /// previous key keeps working for `rotationGracePeriodSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<IntOrString>,
+    /// Seconds the previous key stays valid after a rotation. Defaults to 3600; 0 refuses the
+    /// previous key at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 31_536_000))]
+    pub rotation_grace_period_seconds: Option<u32>,
+}
+
+/// Grace period applied when `rotationGracePeriodSeconds` is unset.
+pub const DEFAULT_ROTATION_GRACE_SECONDS: u32 = 3600;
+
+impl ApiKeySpec {
+    /// The rotation token as text (`2` and `"2"` are the same rotation); empty when unset.
+    pub fn rotation_token(&self) -> String {
+        match &self.rotation {
+            Some(IntOrString::Int(n)) => n.to_string(),
+            Some(IntOrString::String(s)) => s.clone(),
+            None => String::new(),
+        }
+    }
+
+    /// The declared grace period for the previous key after a rotation.
+    pub fn rotation_grace(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::from(
+            self.rotation_grace_period_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECONDS),
+        ))
+    }
 }
 
 /// Limits enforced per key (and per team, where the key names one).
@@ -112,16 +153,47 @@ pub struct ApiKeyStatus {
     /// Short non-secret beginning of the key, to tell keys apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<String>,
-    /// Name of the Secret that reveals a generated key once.
+    /// Name of the Secret that reveals a generated key once. It is deleted after a while or
+    /// when annotated `portcullis.dev/consumed: "true"`; the key stays valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reveal_secret: Option<String>,
+    /// When the reveal Secret is deleted if nobody marks it consumed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reveal_expires_at: Option<DateTime<Utc>>,
     /// When the current key was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<DateTime<Utc>>,
+    /// When the key stops being accepted (copied from `spec.expiresAt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The `spec.rotation` value the current generated key was issued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
+    /// HMAC-SHA256 digests (under the gateway's secret pepper) of the generated keys that
+    /// authenticate as this ApiKey: the current one, and the previous one during a rotation's
+    /// grace period. The operator's durable record of what it issued; the key itself is never
+    /// stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issued_digests: Vec<IssuedKeyDigest>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Current conditions; `Ready` says whether the key is accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One issued key, by digest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedKeyDigest {
+    /// Hex HMAC-SHA256 of the key under the pepper.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub digest: String,
+    /// Short non-secret beginning of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+    /// End of the rotation grace period; unset for the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<DateTime<Utc>>,
 }

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key inside the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 

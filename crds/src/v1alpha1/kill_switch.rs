@@ -38,6 +38,16 @@ pub struct KillSwitchSpec {
 /// The target of a kill switch. Set exactly one field.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "[has(self.global), has(self.provider), has(self.model), has(self.apiKey), has(self.__namespace__)].filter(x, x).size() == 1",
+        "message": "scope must name exactly one target: global, provider, model, apiKey or namespace"
+    },
+    {
+        "rule": "!has(self.global) || self.global",
+        "message": "global may only be set to true"
+    }
+]))]
 pub struct KillSwitchScope {
     /// Stop all traffic through the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,7 +5,10 @@ mod common;
 mod kill_switch;
 mod provider_credential;
 
-pub use api_key::{ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus, FailurePolicy, TeamLimits};
+pub use api_key::{
+    ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus, FailurePolicy, IssuedKeyDigest, TeamLimits,
+    DEFAULT_ROTATION_GRACE_SECONDS,
+};
 pub use common::{ObjectRef, SecretKeyRef};
 pub use kill_switch::{KillSwitch, KillSwitchScope, KillSwitchSpec, KillSwitchStatus, ScopeTarget};
 pub use provider_credential::{

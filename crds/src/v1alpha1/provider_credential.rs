@@ -23,6 +23,20 @@ use super::common::SecretKeyRef;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.kind == 'mock' || has(self.secretRef)",
+        "message": "secretRef is required for every kind but mock"
+    },
+    {
+        "rule": "!(self.kind in ['openai-compatible', 'azure-openai']) || has(self.baseUrl)",
+        "message": "baseUrl is required for kinds openai-compatible and azure-openai"
+    },
+    {
+        "rule": "self.kind != 'azure-openai' || has(self.azure)",
+        "message": "azure.apiVersion is required for kind azure-openai"
+    }
+]))]
 pub struct ProviderCredentialSpec {
     /// Which API the provider speaks.
     pub kind: ProviderKind,
@@ -34,6 +48,7 @@ pub struct ProviderCredentialSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
     /// Models served through this credential.
+    #[schemars(length(min = 1))]
     pub models: Vec<ModelMapping>,
     /// Higher priority credentials are used first when several serve a model.
     #[serde(default)]

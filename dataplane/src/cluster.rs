@@ -1,0 +1,243 @@
+//! Cluster mode: follow the snapshot Secret the operator writes, through the Kubernetes API.
+//!
+//! Three single-object watches (field selector `metadata.name=…`): the snapshot, the master
+//! keyring and the pepper. Each new snapshot goes to the one `SnapshotApplier`, which opens it
+//! completely before swapping; anything it cannot open is rejected whole and the last good
+//! snapshot keeps serving. A snapshot sealed under a master key this replica has not seen yet is
+//! retried as soon as the keyring Secret catches up. Only these three Secrets are read, so RBAC
+//! can name them by `resourceNames`.
+
+use std::fmt;
+use std::pin::pin;
+
+use anyhow::{bail, Context as _};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use portcullis_crds::digest::{Pepper, PEPPER_SECRET_KEY};
+use portcullis_crds::sealing::MasterKeyring;
+use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::snapshot::{GatewaySnapshot, SNAPSHOT_SECRET_KEY};
+use portcullis_crds::v1alpha1::ObjectRef;
+use tokio::sync::watch;
+
+use crate::config::DataplaneArgs;
+use crate::reload::SnapshotApplier;
+
+/// The three Secrets cluster mode reads.
+#[derive(Clone)]
+pub struct ClusterSource {
+    client: Client,
+    pub snapshot: ObjectRef,
+    pub keyring: ObjectRef,
+    pub pepper: ObjectRef,
+}
+
+impl fmt::Debug for ClusterSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterSource")
+            .field("snapshot", &self.snapshot.to_string())
+            .field("keyring", &self.keyring.to_string())
+            .field("pepper", &self.pepper.to_string())
+            .finish()
+    }
+}
+
+/// `NAMESPACE/NAME` → object reference.
+pub fn parse_secret_ref(text: &str) -> anyhow::Result<ObjectRef> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(ObjectRef::new(ns, name)),
+        _ => bail!("{text:?} must be NAMESPACE/NAME"),
+    }
+}
+
+fn data<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret.data.as_ref()?.get(key).map(|v| v.0.as_slice())
+}
+
+fn keyring_of(secret: &Secret) -> anyhow::Result<MasterKeyring> {
+    let pairs = secret.data.iter().flatten().map(|(k, v)| (k.as_str(), v.0.as_slice()));
+    Ok(MasterKeyring::from_secret_data(pairs)?)
+}
+
+fn pepper_of(secret: &Secret) -> anyhow::Result<Pepper> {
+    let bytes = data(secret, PEPPER_SECRET_KEY).unwrap_or_default();
+    Ok(Pepper::new(SecretBytes::from_slice(bytes))?)
+}
+
+/// Parses a snapshot Secret; the error says why it cannot be used (never what it holds).
+pub fn snapshot_of(secret: &Secret) -> Result<GatewaySnapshot, String> {
+    let bytes =
+        data(secret, SNAPSHOT_SECRET_KEY).ok_or_else(|| format!("the Secret has no {SNAPSHOT_SECRET_KEY:?} key"))?;
+    GatewaySnapshot::from_json(bytes).map_err(|e| e.to_string())
+}
+
+impl ClusterSource {
+    /// Cluster mode if `--snapshot-secret` is given.
+    pub async fn from_args(args: &DataplaneArgs) -> anyhow::Result<Option<Self>> {
+        let Some(snapshot) = &args.snapshot_secret else {
+            return Ok(None);
+        };
+        let snapshot = parse_secret_ref(snapshot)?;
+        let relative = |text: &str| ObjectRef::parse_relative(text, &snapshot.namespace);
+        let client = Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        Ok(Some(Self {
+            client,
+            keyring: relative(&args.keyring_secret),
+            pepper: relative(&args.pepper_secret),
+            snapshot,
+        }))
+    }
+
+    fn api(&self, secret: &ObjectRef) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &secret.namespace)
+    }
+
+    async fn get(&self, secret: &ObjectRef) -> anyhow::Result<Option<Secret>> {
+        self.api(secret).get_opt(&secret.name).await.with_context(|| format!("reading Secret {secret}"))
+    }
+
+    /// The keyring and pepper, read once before serving.
+    pub async fn key_material(&self) -> anyhow::Result<(MasterKeyring, Pepper)> {
+        let keyring = self
+            .get(&self.keyring)
+            .await?
+            .with_context(|| format!("Secret {} not found (the operator creates it)", self.keyring))?;
+        let pepper = self
+            .get(&self.pepper)
+            .await?
+            .with_context(|| format!("Secret {} not found (the operator creates it)", self.pepper))?;
+        Ok((
+            keyring_of(&keyring).with_context(|| format!("Secret {}", self.keyring))?,
+            pepper_of(&pepper).with_context(|| format!("Secret {}", self.pepper))?,
+        ))
+    }
+
+    /// Applies the current snapshot once, so the first request is served.
+    pub async fn load_initial(&self, applier: &mut SnapshotApplier) -> anyhow::Result<()> {
+        match self.get(&self.snapshot).await? {
+            Some(secret) => offer(applier, &secret),
+            None => applier.reject(&format!("Secret {} not found yet", self.snapshot)),
+        }
+        Ok(())
+    }
+
+    /// Follows the three Secrets until `shutdown` fires.
+    pub async fn run(self, mut applier: SnapshotApplier, mut shutdown: watch::Receiver<bool>) {
+        enum Change {
+            Snapshot(Option<Secret>),
+            Keyring(Option<Secret>),
+            Pepper(Option<Secret>),
+        }
+        let watch = |secret: &ObjectRef| watcher::watch_object(self.api(secret), &secret.name);
+        let snapshots = watch(&self.snapshot).map(|r| r.map(Change::Snapshot));
+        let keyrings = watch(&self.keyring).map(|r| r.map(Change::Keyring));
+        let peppers = watch(&self.pepper).map(|r| r.map(Change::Pepper));
+        let mut changes =
+            pin!(futures_util::stream::select(snapshots, futures_util::stream::select(keyrings, peppers)));
+        // The latest snapshot Secret seen, to retry when the key material catches up.
+        let mut latest: Option<Secret> = None;
+        let mut pepper: Pepper = applier.pepper().clone();
+        let mut keyring: MasterKeyring = applier.keyring().clone();
+        loop {
+            let change = tokio::select! {
+                change = changes.next() => change,
+                _ = shutdown.changed() => return,
+            };
+            match change {
+                None => return,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "watch error; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Some(Ok(Change::Snapshot(Some(secret)))) => {
+                    offer(&mut applier, &secret);
+                    latest = Some(secret);
+                }
+                Some(Ok(Change::Snapshot(None))) => {
+                    applier.reject(&format!("Secret {} was deleted", self.snapshot));
+                }
+                Some(Ok(Change::Keyring(Some(secret)))) => match keyring_of(&secret) {
+                    Ok(next) => {
+                        keyring = next;
+                        applier.set_key_material(keyring.clone(), pepper.clone());
+                        if let Some(secret) = &latest {
+                            offer(&mut applier, secret);
+                        }
+                    }
+                    Err(error) => applier.reject(&format!("Secret {}: {error}", self.keyring)),
+                },
+                Some(Ok(Change::Pepper(Some(secret)))) => match pepper_of(&secret) {
+                    Ok(next) => {
+                        pepper = next;
+                        applier.set_key_material(keyring.clone(), pepper.clone());
+                    }
+                    Err(error) => applier.reject(&format!("Secret {}: {error}", self.pepper)),
+                },
+                Some(Ok(Change::Keyring(None) | Change::Pepper(None))) => {
+                    tracing::warn!("a key material Secret was deleted; keeping the key material in memory");
+                }
+            }
+        }
+    }
+}
+
+/// Hands one snapshot Secret to the applier (which rejects it whole if it cannot be opened).
+fn offer(applier: &mut SnapshotApplier, secret: &Secret) {
+    match snapshot_of(secret) {
+        Ok(snapshot) => {
+            applier.apply(snapshot);
+        }
+        Err(reason) => applier.reject(&reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn secret(key: &str, value: &[u8]) -> Secret {
+        Secret { data: Some(BTreeMap::from([(key.to_owned(), ByteString(value.to_vec()))])), ..Default::default() }
+    }
+
+    #[test]
+    fn refs_parse() {
+        assert_eq!(parse_secret_ref("ns/snap").unwrap(), ObjectRef::new("ns", "snap"));
+        for bad in ["snap", "/snap", "ns/", "a/b/c"] {
+            assert!(parse_secret_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_snapshot_is_rejected_and_the_last_good_keeps_serving() {
+        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let pepper = Pepper::generate().unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
+        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring, pepper);
+        let good = GatewaySnapshot::new(Default::default(), None);
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &good.to_json()));
+        assert_eq!(metrics.snapshot_generation.get(), 1);
+        assert_eq!(metrics.snapshot_valid.get(), 1);
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, b"{not json"));
+        offer(&mut applier, &secret("other", b"{}"));
+        assert_eq!(metrics.snapshot_valid.get(), 0);
+        assert_eq!(metrics.snapshot_reload_failures.get(), 2);
+        assert_eq!(applier.last_applied().map(|s| s.generation), Some(1));
+    }
+
+    #[test]
+    fn key_material_parses_from_the_operator_formats() {
+        let pepper = Pepper::generate().unwrap();
+        let read = pepper_of(&secret(PEPPER_SECRET_KEY, pepper.expose())).unwrap();
+        assert_eq!(read, pepper);
+        assert!(pepper_of(&secret(PEPPER_SECRET_KEY, b"short")).is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Kubernetes Events, all through [`report`], and only for transitions.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+
+/// A transition worth telling a person about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    KeyIssued {
+        prefix: String,
+    },
+    KeyRotated {
+        prefix: String,
+    },
+    KeyRecovered {
+        prefix: String,
+    },
+    RevealDeleted,
+    /// `Ready` changed to `reason`.
+    Ready {
+        ready: bool,
+        reason: &'static str,
+        message: String,
+    },
+    SnapshotWritten {
+        generation: u64,
+    },
+    /// The object could not be read as its kind.
+    Malformed {
+        message: String,
+    },
+}
+
+impl Transition {
+    fn event(&self) -> Event {
+        let (type_, reason, action, note) = match self {
+            Transition::KeyIssued { prefix } => (
+                EventType::Normal,
+                "KeyIssued",
+                "Issue",
+                format!("issued key {prefix}; it is revealed once in the Secret named in status"),
+            ),
+            Transition::KeyRotated { prefix } => (
+                EventType::Normal,
+                "KeyRotated",
+                "Rotate",
+                format!("issued key {prefix}; the previous key stays valid for the grace period"),
+            ),
+            Transition::KeyRecovered { prefix } => (
+                EventType::Normal,
+                "KeyRecovered",
+                "Issue",
+                format!("recorded key {prefix} found in the reveal Secret"),
+            ),
+            Transition::RevealDeleted => (
+                EventType::Normal,
+                "RevealDeleted",
+                "Delete",
+                "deleted the reveal Secret; the key stays valid".to_owned(),
+            ),
+            Transition::Ready { ready, reason, message } => {
+                (if *ready { EventType::Normal } else { EventType::Warning }, *reason, "Reconcile", message.clone())
+            }
+            Transition::SnapshotWritten { generation } => {
+                (EventType::Normal, "SnapshotWritten", "Write", format!("wrote snapshot generation {generation}"))
+            }
+            Transition::Malformed { message } => (EventType::Warning, "InvalidSpec", "Reconcile", message.clone()),
+        };
+        Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1024).collect()),
+            action: action.to_owned(),
+            secondary: None,
+        }
+    }
+}
+
+/// Publishes `transition` about `regarding`. Failing to publish an Event never fails a
+/// reconcile.
+pub async fn report(recorder: Option<&Recorder>, regarding: &ObjectReference, transition: Transition) {
+    tracing::info!(
+        object = regarding.name.as_deref().unwrap_or_default(),
+        namespace = regarding.namespace.as_deref().unwrap_or_default(),
+        kind = regarding.kind.as_deref().unwrap_or_default(),
+        transition = ?transition,
+        "transition"
+    );
+    if let Some(recorder) = recorder {
+        if let Err(error) = recorder.publish(&transition.event(), regarding).await {
+            tracing::warn!(%error, "could not publish an Event");
+        }
+    }
+}

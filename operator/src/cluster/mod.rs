@@ -1,0 +1,256 @@
+//! `portcullis-operator run`: the operator in a cluster.
+//!
+//! ```text
+//!   Lease ──(leading?)──────────────────────────────────────────────┐
+//!   ApiKey ─────────────▶ Controller ─▶ reconcile_api_key ─┐        │ writes only while leading
+//!   ProviderCredential ─▶ Controller ─▶ reconcile_credential ├─notify─▶ sync_snapshot ─▶ snapshot Secret
+//!   KillSwitch ─────────▶ Controller ─▶ reconcile_kill_switch┘            (SSA, only on a new digest)
+//!   Secret (one reflector) ─▶ fan-out to the objects that reference it, keyring changes ─▶ re-seal
+//! ```
+
+pub mod context;
+pub mod events;
+pub mod lease;
+pub mod metrics;
+pub mod reconcile;
+pub mod snapshot;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
+use tokio::sync::{mpsc, Notify};
+
+use self::context::{Backoff, Context, Guarded, Retrigger, Settings, SnapshotState, Stores};
+use crate::issuance::MANAGER;
+
+/// Everything `run` needs besides the client.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub settings: Settings,
+    /// Lease name, or `None` to run without leader election (a single replica).
+    pub lease: Option<String>,
+    pub identity: String,
+    pub admin_listen: SocketAddr,
+}
+
+fn channel_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// The objects that reference `secret` (by secretRef, or as the owner of a reveal Secret).
+fn referencing(ctx: &Context, secret: &Secret) {
+    let namespace = secret.namespace().unwrap_or_default();
+    let name = secret.name_any();
+    let settings = &ctx.settings;
+    if namespace == settings.namespace && name == settings.keyring_secret {
+        ctx.snapshot_trigger.notify_one();
+    }
+    for guarded in ctx.stores.api_keys.state() {
+        let Ok(key) = &guarded.0 else { continue };
+        if key.namespace().as_deref() != Some(namespace.as_str()) {
+            continue;
+        }
+        let by_ref = key.spec.secret_ref.as_ref().is_some_and(|r| r.name == name);
+        let owned = secret.owner_references().iter().any(|o| Some(&o.uid) == key.metadata.uid.as_ref());
+        if by_ref || owned {
+            ctx.retrigger.object(&("ApiKey", portcullis_crds::v1alpha1::ObjectRef::new(&namespace, key.name_any())));
+        }
+    }
+    for guarded in ctx.stores.credentials.state() {
+        let Ok(credential) = &guarded.0 else { continue };
+        if credential.namespace().as_deref() == Some(namespace.as_str())
+            && credential.spec.secret_ref.as_ref().is_some_and(|r| r.name == name)
+        {
+            ctx.retrigger.object(&(
+                "ProviderCredential",
+                portcullis_crds::v1alpha1::ObjectRef::new(&namespace, credential.name_any()),
+            ));
+        }
+    }
+}
+
+fn log_result<T, E: std::fmt::Display>(
+    kind: &'static str,
+) -> impl FnMut(Result<T, E>) -> futures_util::future::Ready<()> {
+    move |result| {
+        if let Err(error) = result {
+            tracing::debug!(kind, %error, "controller event");
+        }
+        futures_util::future::ready(())
+    }
+}
+
+/// Runs until leadership is lost (an error) or the process is told to stop.
+pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let admin = tokio::spawn(metrics::serve(run.admin_listen, metrics.clone()));
+    let settings = run.settings.clone();
+    let leading = Arc::new(AtomicBool::new(false));
+
+    let lease_task = match &run.lease {
+        Some(name) => {
+            let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
+            let lease = lease::LeaseSettings {
+                name: name.clone(),
+                identity: run.identity.clone(),
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(4),
+            };
+            lease::acquire(&api, &lease).await;
+            leading.store(true, Ordering::SeqCst);
+            Some(tokio::spawn(lease::hold(api, lease, leading.clone())))
+        }
+        None => {
+            leading.store(true, Ordering::SeqCst);
+            None
+        }
+    };
+    metrics.leader.set(1);
+
+    let (keyring, pepper, previous) = snapshot::bootstrap(
+        &client,
+        &settings.namespace,
+        &settings.keyring_secret,
+        &settings.pepper_secret,
+        &settings.snapshot_secret,
+    )
+    .await?;
+    if let Some(p) = &previous {
+        metrics.snapshot_generation.set(i64::try_from(p.generation).unwrap_or(i64::MAX));
+    }
+
+    let api_keys =
+        Controller::new(Api::<Guarded<ApiKey>>::all(client.clone()), watcher::Config::default().any_semantic());
+    let credentials = Controller::new(
+        Api::<Guarded<ProviderCredential>>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let kill_switches =
+        Controller::new(Api::<Guarded<KillSwitch>>::all(client.clone()), watcher::Config::default().any_semantic());
+    let (secret_store, secret_writer) = reflector::store::<Secret>();
+    let (ak_tx, ak_rx) = mpsc::unbounded_channel();
+    let (pc_tx, pc_rx) = mpsc::unbounded_channel();
+    let (ks_tx, ks_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: settings.clone(),
+        stores: Stores {
+            api_keys: api_keys.store(),
+            credentials: credentials.store(),
+            kill_switches: kill_switches.store(),
+            secrets: secret_store.clone(),
+        },
+        pepper,
+        keyring: Mutex::new(keyring),
+        metrics: metrics.clone(),
+        recorder: Some(Recorder::new(
+            client.clone(),
+            Reporter { controller: MANAGER.to_owned(), instance: Some(run.identity.clone()) },
+        )),
+        clock: Arc::new(chrono::Utc::now),
+        leading: leading.clone(),
+        snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
+        snapshot_trigger: Notify::new(),
+        retrigger: Retrigger { api_keys: Some(ak_tx), credentials: Some(pc_tx), kill_switches: Some(ks_tx) },
+        backoff: Backoff::default(),
+    });
+
+    // One Secret reflector: values for compile, and triggers for the objects that reference them.
+    let secret_ctx = ctx.clone();
+    let secrets_task = tokio::spawn(
+        watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(secret_writer)
+            .touched_objects()
+            .for_each(move |event| {
+                match event {
+                    Ok(secret) => referencing(&secret_ctx, &secret),
+                    Err(error) => tracing::warn!(%error, "Secret watch error"),
+                }
+                futures_util::future::ready(())
+            }),
+    );
+
+    // The snapshot writer: coalesces notifications; retries with backoff.
+    let writer_ctx = ctx.clone();
+    let writer_task = tokio::spawn(async move {
+        let _ = secret_store.wait_until_ready().await;
+        let mut failures = 0u32;
+        loop {
+            match snapshot::sync_snapshot(&writer_ctx).await {
+                Ok(_) => failures = 0,
+                Err(error) => {
+                    writer_ctx.metrics.error("Snapshot", error.category());
+                    tracing::warn!(%error, "snapshot sync failed");
+                    failures = failures.saturating_add(1);
+                    let delay = Backoff::BASE.saturating_mul(1 << failures.min(7)).min(Backoff::MAX);
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = writer_ctx.snapshot_trigger.notified() => {}
+                _ = tokio::time::sleep(writer_ctx.settings.resync) => {}
+            }
+        }
+    });
+
+    let api_keys = api_keys
+        .reconcile_on(channel_stream::<ObjectRef<Guarded<ApiKey>>>(ak_rx))
+        .run(reconcile::reconcile_api_key, reconcile::error_policy, ctx.clone())
+        .for_each(log_result("ApiKey"));
+    let credentials = credentials
+        .reconcile_on(channel_stream::<ObjectRef<Guarded<ProviderCredential>>>(pc_rx))
+        .run(reconcile::reconcile_credential, reconcile::error_policy, ctx.clone())
+        .for_each(log_result("ProviderCredential"));
+    let kill_switches = kill_switches
+        .reconcile_on(channel_stream::<ObjectRef<Guarded<KillSwitch>>>(ks_rx))
+        .run(reconcile::reconcile_kill_switch, reconcile::error_policy, ctx.clone())
+        .for_each(log_result("KillSwitch"));
+    tracing::info!(namespace = %settings.namespace, snapshot = %settings.snapshot_secret, "operator running");
+
+    let lease_lost = async {
+        match lease_task {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = lease_lost => Err(anyhow::anyhow!("leadership lost; exiting so a fresh process can campaign again")),
+        _ = futures_util::future::join3(api_keys, credentials, kill_switches) => Ok(()),
+        _ = shutdown_signal() => Ok(()),
+    };
+    leading.store(false, Ordering::SeqCst);
+    metrics.leader.set(0);
+    writer_task.abort();
+    secrets_task.abort();
+    admin.abort();
+    result
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,322 @@
+//! The three reconcilers. Each one: fetch what the object references (from the caches) →
+//! decide (pure: `issuance`, `readiness`, `conditions`) → apply (server-side apply, one field
+//! manager) → status (skipped when unchanged) → Events for transitions → ask the snapshot writer
+//! to catch up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::error_boundary::InvalidObject;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use portcullis_crds::digest::ClientKey;
+use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::v1alpha1::{
+    ApiKey, ApiKeyStatus, KillSwitch, KillSwitchStatus, ObjectRef, ProviderCredential, ProviderCredentialStatus,
+};
+use serde::Serialize;
+
+use super::context::{Context, Guarded};
+use super::events::{report, Transition};
+use crate::conditions::{ready_reason, with_ready, Readiness, ReadyReason};
+use crate::error::{status_code, Error};
+use crate::inputs::SecretStore;
+use crate::issuance::{self, IssuanceEvent, RevealAction, MANAGER};
+use crate::readiness;
+use crate::secrets;
+
+/// Server-side apply as the operator's one field manager.
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+fn reference<K: Resource<DynamicType = ()>>(object: &K) -> ObjectReference {
+    object.object_ref(&())
+}
+
+fn requeue_after(ctx: &Context, now: DateTime<Utc>, at: impl IntoIterator<Item = DateTime<Utc>>) -> Action {
+    let next = at.into_iter().filter(|t| *t > now).min().and_then(|t| (t - now).to_std().ok()).map_or(
+        ctx.settings.resync,
+        |d| {
+            // A little after the moment, so the clock has certainly passed it.
+            (d + std::time::Duration::from_millis(200)).min(ctx.settings.resync)
+        },
+    );
+    Action::requeue(next)
+}
+
+/// Applies a status to the status subresource when it differs from `current`.
+async fn apply_status<K, S>(api: &Api<K>, name: &str, current: &S, desired: &S) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Serialize + PartialEq,
+{
+    if current == desired {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": desired,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::write(format!("{} {name} status", K::kind(&()))))?;
+    Ok(true)
+}
+
+/// A malformed object: say so in its status and in an Event, then wait for a change.
+async fn malformed<K>(invalid: &InvalidObject, ctx: &Context) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let readiness = Readiness::new(ReadyReason::InvalidSpec, invalid.error.clone());
+    let conditions = with_ready(&[], &readiness, invalid.metadata.generation, ctx.now());
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": {"observedGeneration": invalid.metadata.generation, "conditions": conditions},
+    });
+    api.patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::write(format!("{} {name} status", K::kind(&()))))?;
+    let regarding = ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: Some(name),
+        namespace: Some(namespace),
+        uid: invalid.metadata.uid.clone(),
+        ..Default::default()
+    };
+    report(ctx.recorder.as_ref(), &regarding, Transition::Malformed { message: invalid.error.clone() }).await;
+    ctx.snapshot_trigger.notify_one();
+    Ok(Action::await_change())
+}
+
+async fn report_ready(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    readiness: &Readiness,
+) {
+    if ready_reason(before) != Some(readiness.reason.as_str()) {
+        report(
+            ctx.recorder.as_ref(),
+            regarding,
+            Transition::Ready {
+                ready: readiness.reason.is_ready(),
+                reason: readiness.reason.as_str(),
+                message: readiness.message.clone(),
+            },
+        )
+        .await;
+    }
+}
+
+/// The one Secret an object references, as compile inputs.
+fn referenced(ctx: &Context, namespace: &str, name: Option<&str>) -> SecretStore {
+    let mut store = SecretStore::default();
+    if let Some(secret) = name.and_then(|n| ctx.cached_secret(namespace, n)) {
+        secrets::add_to_store(&mut store, &secret);
+    }
+    store
+}
+
+async fn excluded_for(
+    ctx: &Context,
+    key: &(&'static str, ObjectRef),
+) -> BTreeMap<(&'static str, ObjectRef), Vec<crate::compile::CompileError>> {
+    let state = ctx.snapshot.lock().await;
+    state.excluded.get(key).map(|errors| BTreeMap::from([(key.clone(), errors.clone())])).unwrap_or_default()
+}
+
+pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.with_label_values(&["ApiKey"]).inc();
+    ctx.ensure_leading()?;
+    let cached = match &object.0 {
+        Ok(key) => key,
+        Err(invalid) => return malformed::<ApiKey>(invalid, &ctx).await,
+    };
+    let namespace = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    let now = ctx.now();
+    let reveal_name = issuance::reveal_secret_name(&name);
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    // Decide from the caches; if that says "generate", decide again from the API server itself,
+    // so a cache that has not yet seen our last write can never cause a second key.
+    let cached_reveal = ctx.cached_secret(&namespace, &reveal_name);
+    let view = cached_reveal.as_deref().and_then(|s| secrets::reveal_view(cached, s));
+    let mut wants_key = false;
+    let preview = issuance::decide(cached, view.as_ref(), &ctx.pepper, now, ctx.settings.reveal_ttl, || {
+        wants_key = true;
+        Err(portcullis_crds::digest::KeyMaterialError::Rng)
+    });
+    let (key, issuance) = if wants_key {
+        let fresh = api.get(&name).await.map_err(Error::read(format!("ApiKey {namespace}/{name}")))?;
+        let reveal = secrets_api
+            .get_opt(&reveal_name)
+            .await
+            .map_err(Error::read(format!("Secret {namespace}/{reveal_name}")))?;
+        let view = reveal.as_ref().and_then(|s| secrets::reveal_view(&fresh, s));
+        let issuance =
+            issuance::decide(&fresh, view.as_ref(), &ctx.pepper, now, ctx.settings.reveal_ttl, ClientKey::generate)
+                .map_err(|e| Error::KeyMaterial(e.to_string()))?;
+        (fresh, issuance)
+    } else {
+        let issuance = preview.map_err(|e| Error::KeyMaterial(e.to_string()))?;
+        (cached.clone(), issuance)
+    };
+    let regarding = reference(&key);
+
+    match &issuance.reveal {
+        RevealAction::Keep => {}
+        RevealAction::Write { key: client_key } => {
+            let secret = secrets::reveal_secret(&key, &reveal_name, client_key);
+            secrets_api
+                .patch(&reveal_name, &apply_params(), &Patch::Apply(&secret))
+                .await
+                .map_err(Error::write(format!("Secret {namespace}/{reveal_name}")))?;
+        }
+        RevealAction::Delete => {
+            match secrets_api.delete(&reveal_name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if status_code(&e) == Some(404) => {}
+                Err(e) => return Err(Error::write(format!("Secret {namespace}/{reveal_name}"))(e)),
+            }
+            report(ctx.recorder.as_ref(), &regarding, Transition::RevealDeleted).await;
+        }
+    }
+
+    let secret_ref = key.spec.secret_ref.as_ref();
+    let store = referenced(&ctx, &namespace, secret_ref.map(|r| r.name.as_str()));
+    let excluded = excluded_for(&ctx, &("ApiKey", ObjectRef::new(&namespace, &name))).await;
+    let readiness = readiness::api_key(&key, !issuance.digests.is_empty(), &store, &excluded, now);
+    let brought_prefix = secret_ref.and_then(|r| {
+        let value = store.get(&ObjectRef::new(&namespace, &r.name), &r.key).ok()?;
+        Some(ClientKey::from_brought(&SecretBytes::from_slice(value.expose())).ok()?.display_prefix())
+    });
+    let current = key.status.clone().unwrap_or_default();
+    let desired = ApiKeyStatus {
+        key_prefix: brought_prefix.or(issuance.key_prefix.clone()),
+        reveal_secret: issuance.reveal_present.then(|| reveal_name.clone()),
+        reveal_expires_at: issuance.reveal_expires_at,
+        issued_at: issuance.issued_at,
+        expires_at: key.spec.expires_at,
+        rotation: issuance.rotation.clone(),
+        issued_digests: issuance.digests.clone(),
+        observed_generation: key.metadata.generation,
+        conditions: with_ready(&current.conditions, &readiness, key.metadata.generation, now),
+    };
+    apply_status(&api, &name, &current, &desired).await?;
+
+    if let Some(event) = issuance.event {
+        let prefix = issuance.key_prefix.clone().unwrap_or_default();
+        let transition = match event {
+            IssuanceEvent::Issued => Transition::KeyIssued { prefix },
+            IssuanceEvent::Rotated => Transition::KeyRotated { prefix },
+            IssuanceEvent::Recovered => Transition::KeyRecovered { prefix },
+        };
+        report(ctx.recorder.as_ref(), &regarding, transition).await;
+    }
+    report_ready(&ctx, &regarding, &current.conditions, &readiness).await;
+    if current.issued_digests != desired.issued_digests || current.conditions != desired.conditions {
+        ctx.snapshot_trigger.notify_one();
+    }
+    ctx.backoff.reset(&format!("ApiKey/{namespace}/{name}"));
+    Ok(requeue_after(&ctx, now, issuance.requeue_at.into_iter().chain(key.spec.expires_at)))
+}
+
+pub async fn reconcile_credential(
+    object: Arc<Guarded<ProviderCredential>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    ctx.metrics.reconciles.with_label_values(&["ProviderCredential"]).inc();
+    ctx.ensure_leading()?;
+    let credential = match &object.0 {
+        Ok(c) => c,
+        Err(invalid) => return malformed::<ProviderCredential>(invalid, &ctx).await,
+    };
+    let namespace = credential.namespace().unwrap_or_default();
+    let name = credential.name_any();
+    let now = ctx.now();
+    let store = referenced(&ctx, &namespace, credential.spec.secret_ref.as_ref().map(|r| r.name.as_str()));
+    let object_key = ("ProviderCredential", ObjectRef::new(&namespace, &name));
+    let excluded = excluded_for(&ctx, &object_key).await;
+    let readiness = readiness::credential(credential, &store, &excluded);
+    let sealed = {
+        let state = ctx.snapshot.lock().await;
+        state.previous.as_ref().and_then(|p| {
+            p.content
+                .credentials
+                .iter()
+                .find(|c| c.credential == object_key.1)
+                .map(|c| (c.sealed_key.as_ref().map(|s| s.key_id.to_string()), c.key_version))
+        })
+    };
+    let current = credential.status.clone().unwrap_or_default();
+    let desired = ProviderCredentialStatus {
+        sealed_with: sealed.as_ref().and_then(|(id, _)| id.clone()),
+        key_version: sealed.as_ref().map(|(_, v)| *v),
+        observed_generation: credential.metadata.generation,
+        conditions: with_ready(&current.conditions, &readiness, credential.metadata.generation, now),
+    };
+    let api: Api<ProviderCredential> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_status(&api, &name, &current, &desired).await?;
+    report_ready(&ctx, &reference(credential), &current.conditions, &readiness).await;
+    ctx.snapshot_trigger.notify_one();
+    ctx.backoff.reset(&format!("ProviderCredential/{namespace}/{name}"));
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.with_label_values(&["KillSwitch"]).inc();
+    ctx.ensure_leading()?;
+    let switch = match &object.0 {
+        Ok(s) => s,
+        Err(invalid) => return malformed::<KillSwitch>(invalid, &ctx).await,
+    };
+    let namespace = switch.namespace().unwrap_or_default();
+    let name = switch.name_any();
+    let now = ctx.now();
+    let excluded = excluded_for(&ctx, &("KillSwitch", ObjectRef::new(&namespace, &name))).await;
+    let readiness = readiness::kill_switch(switch, &excluded, now);
+    let current = switch.status.clone().unwrap_or_default();
+    let desired = KillSwitchStatus {
+        observed_generation: switch.metadata.generation,
+        conditions: with_ready(&current.conditions, &readiness, switch.metadata.generation, now),
+    };
+    let api: Api<KillSwitch> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_status(&api, &name, &current, &desired).await?;
+    report_ready(&ctx, &reference(switch), &current.conditions, &readiness).await;
+    ctx.snapshot_trigger.notify_one();
+    ctx.backoff.reset(&format!("KillSwitch/{namespace}/{name}"));
+    Ok(requeue_after(&ctx, now, switch.spec.expires_at))
+}
+
+/// Transient errors retry with per-object exponential backoff; broken key material waits longer.
+pub fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let kind = K::kind(&());
+    let category = error.category();
+    ctx.metrics.error(&kind, category);
+    let key = format!(
+        "{kind}/{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    );
+    tracing::warn!(%error, category = category.as_str(), object = %key, "reconcile failed");
+    match category {
+        crate::error::Category::KeyMaterial => Action::requeue(std::time::Duration::from_secs(60)),
+        _ => Action::requeue(ctx.backoff.next(&key)),
+    }
+}

@@ -1,0 +1,194 @@
+//! The snapshot writer and the operator's own Secrets (keyring, pepper) on first start.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PostParams};
+use kube::{Api, Client, ResourceExt};
+use portcullis_crds::digest::Pepper;
+use portcullis_crds::sealing::MasterKeyring;
+use portcullis_crds::snapshot::GatewaySnapshot;
+use portcullis_crds::v1alpha1::ObjectRef;
+
+use super::context::Context;
+use super::reconcile::apply_params;
+use crate::assemble::compile_valid;
+use crate::error::{status_code, Error};
+use crate::inputs::CompileInputs;
+use crate::{issuance, secrets};
+
+/// Reads `name`, or creates it from `make` if it does not exist. Creation is a plain create (not
+/// an apply): if another replica created it first, its content wins and is read back.
+async fn get_or_create<T>(
+    api: &Api<Secret>,
+    name: &str,
+    make: impl FnOnce() -> Result<(T, Secret), Error>,
+    read: impl Fn(&Secret) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if let Some(existing) = api.get_opt(name).await.map_err(Error::read(format!("Secret {name}")))? {
+        return read(&existing);
+    }
+    let (value, secret) = make()?;
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = name, "created on first start");
+            Ok(value)
+        }
+        Err(e) if status_code(&e) == Some(409) => {
+            let existing = api.get(name).await.map_err(Error::read(format!("Secret {name}")))?;
+            read(&existing)
+        }
+        Err(e) => Err(Error::write(format!("Secret {name}"))(e)),
+    }
+}
+
+/// The keyring and pepper, created on first start if absent, and the snapshot already stored.
+pub async fn bootstrap(
+    client: &Client,
+    namespace: &str,
+    keyring_secret: &str,
+    pepper_secret: &str,
+    snapshot_secret: &str,
+) -> Result<(MasterKeyring, Pepper, Option<GatewaySnapshot>), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let keyring = get_or_create(
+        &api,
+        keyring_secret,
+        || secrets::new_keyring_secret(namespace, keyring_secret).map_err(|e| Error::KeyMaterial(e.to_string())),
+        |s| secrets::keyring_from_secret(s).map_err(|e| Error::KeyMaterial(e.to_string())),
+    )
+    .await?;
+    let pepper = get_or_create(
+        &api,
+        pepper_secret,
+        || secrets::new_pepper_secret(namespace, pepper_secret).map_err(|e| Error::KeyMaterial(e.to_string())),
+        |s| secrets::pepper_from_secret(s).map_err(|e| Error::KeyMaterial(e.to_string())),
+    )
+    .await?;
+    let previous = api
+        .get_opt(snapshot_secret)
+        .await
+        .map_err(Error::read(format!("Secret {snapshot_secret}")))?
+        .as_ref()
+        .and_then(secrets::previous_snapshot);
+    Ok((keyring, pepper, previous))
+}
+
+/// Follows the keyring Secret: a valid new keyring replaces the last good one.
+fn refresh_keyring(ctx: &Context) -> MasterKeyring {
+    let settings = &ctx.settings;
+    if let Some(secret) = ctx.cached_secret(&settings.namespace, &settings.keyring_secret) {
+        match secrets::keyring_from_secret(&secret) {
+            Ok(keyring) => {
+                *ctx.keyring.lock().unwrap_or_else(|p| p.into_inner()) = keyring;
+            }
+            Err(error) => {
+                ctx.metrics.error("Snapshot", crate::error::Category::KeyMaterial);
+                tracing::error!(%error, "the keyring Secret is invalid; keeping the last good keyring");
+            }
+        }
+    }
+    ctx.current_keyring()
+}
+
+/// Everything in the caches, as compile inputs. Generated keys without a recorded digest (still
+/// being issued) are left out rather than reported.
+pub fn gather_inputs(ctx: &Context) -> CompileInputs {
+    let now = ctx.now();
+    let mut inputs = CompileInputs::default();
+    let mut wanted: BTreeSet<ObjectRef> = BTreeSet::new();
+    for guarded in ctx.stores.api_keys.state() {
+        let Ok(key) = &guarded.0 else { continue };
+        let object = crate::readiness::object_ref(&key.metadata);
+        match &key.spec.secret_ref {
+            Some(r) => {
+                wanted.insert(ObjectRef::new(object.namespace.clone(), r.name.clone()));
+            }
+            None => {
+                let record = key.status.as_ref().map(|s| s.issued_digests.as_slice()).unwrap_or_default();
+                let digests: Vec<_> = issuance::snapshot_digests(record)
+                    .into_iter()
+                    .filter(|d| d.valid_until.is_none_or(|until| until > now))
+                    .collect();
+                if digests.is_empty() {
+                    continue;
+                }
+                inputs.issued_digests.insert(object, digests);
+            }
+        }
+        inputs.api_keys.push(key.clone());
+    }
+    for guarded in ctx.stores.credentials.state() {
+        let Ok(credential) = &guarded.0 else { continue };
+        if let Some(r) = &credential.spec.secret_ref {
+            wanted.insert(ObjectRef::new(credential.namespace().unwrap_or_default(), r.name.clone()));
+        }
+        inputs.credentials.push(credential.clone());
+    }
+    for guarded in ctx.stores.kill_switches.state() {
+        if let Ok(switch) = &guarded.0 {
+            inputs.kill_switches.push(switch.clone());
+        }
+    }
+    for secret in wanted {
+        if let Some(found) = ctx.cached_secret(&secret.namespace, &secret.name) {
+            secrets::add_to_store(&mut inputs.secrets, &found);
+        }
+    }
+    inputs
+}
+
+/// Compiles everything and writes the snapshot Secret if, and only if, its content changed.
+/// Returns the generation written.
+pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
+    ctx.ensure_leading()?;
+    let keyring = refresh_keyring(ctx);
+    let inputs = gather_inputs(ctx);
+    let mut state = ctx.snapshot.lock().await;
+    let assembled = compile_valid(inputs, &keyring, &ctx.pepper, state.previous.as_ref())?;
+    for warning in &assembled.compiled.warnings {
+        tracing::debug!(%warning, "compile warning");
+    }
+    let snapshot = assembled.compiled.snapshot;
+    let changed = state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
+    let mut written = None;
+    if changed {
+        let settings = &ctx.settings;
+        let secret = secrets::snapshot_secret(&settings.namespace, &settings.snapshot_secret, &snapshot);
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
+        api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
+            .await
+            .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))?;
+        ctx.metrics.snapshot_writes.inc();
+        ctx.metrics.snapshot_generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        tracing::info!(
+            generation = snapshot.generation,
+            api_keys = snapshot.content.api_keys.len(),
+            credentials = snapshot.content.credentials.len(),
+            kill_switches = snapshot.content.kill_switches.len(),
+            excluded = assembled.excluded.len(),
+            "snapshot written"
+        );
+        // Credential status shows the key version and master key; they may have moved.
+        let before = state.previous.as_ref().map(|p| &p.content.credentials);
+        for entry in &snapshot.content.credentials {
+            let moved = before.and_then(|b| b.iter().find(|c| c.credential == entry.credential)).is_none_or(|old| {
+                old.key_version != entry.key_version
+                    || old.sealed_key.as_ref().map(|s| &s.key_id) != entry.sealed_key.as_ref().map(|s| &s.key_id)
+            });
+            if moved {
+                ctx.retrigger.object(&("ProviderCredential", entry.credential.clone()));
+            }
+        }
+        written = Some(snapshot.generation);
+        state.previous = Some(snapshot);
+    }
+    // Objects whose exclusion changed need their status redone.
+    let old: BTreeSet<_> = state.excluded.keys().cloned().collect();
+    let new: BTreeSet<_> = assembled.excluded.keys().cloned().collect();
+    for key in old.symmetric_difference(&new) {
+        ctx.retrigger.object(key);
+    }
+    state.excluded = assembled.excluded;
+    Ok(written)
+}

@@ -1,0 +1,455 @@
+//! Reconcile scenarios against a mocked API server (tower-test): each asserts the exact sequence
+//! of API calls the operator makes.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use http::{Request, Response};
+use k8s_openapi::api::core::v1::Secret;
+use kube::client::Body;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use kube::Client;
+use portcullis_crds::digest::Pepper;
+use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
+use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::snapshot::GatewaySnapshot;
+use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
+use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
+use portcullis_operator::cluster::metrics::Metrics;
+use portcullis_operator::cluster::{reconcile, snapshot};
+use portcullis_operator::error::Category;
+use serde_json::{json, Value};
+
+const PROVIDER_KEY: &str = "sk-provider-canary-0123456789";
+
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    body: Value,
+}
+
+impl Call {
+    fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// Answers API calls with `respond` and records them.
+type Responder = Arc<dyn Fn(&Call) -> (u16, Value) + Send + Sync>;
+
+struct World {
+    ctx: Arc<Context>,
+    calls: Arc<Mutex<Vec<Call>>>,
+    api_keys: Writer<DeserializeGuard<ApiKey>>,
+    credentials: Writer<DeserializeGuard<ProviderCredential>>,
+    secrets: Writer<Secret>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+/// Echoes writes back (what the API server returns for an apply) and 404s reads.
+fn echo() -> Responder {
+    Arc::new(|call: &Call| match call.method.as_str() {
+        "GET" => not_found(),
+        _ => (200, call.body.clone()),
+    })
+}
+
+fn now() -> DateTime<Utc> {
+    "2025-03-01T12:00:00Z".parse().unwrap()
+}
+
+fn pepper() -> Pepper {
+    Pepper::new(SecretBytes::from_slice(&[5u8; 32])).unwrap()
+}
+
+fn keyring() -> MasterKeyring {
+    let mut keys = std::collections::BTreeMap::new();
+    keys.insert(KeyId::new("k1").unwrap(), MasterKey::from_bytes(&[1u8; 32]).unwrap());
+    MasterKeyring::new(KeyId::new("k1").unwrap(), keys).unwrap()
+}
+
+fn world(respond: Responder, previous: Option<GatewaySnapshot>) -> World {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let recorded = calls.clone();
+    let server = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let path = request.uri().path().to_owned();
+            let bytes =
+                http_body_util::BodyExt::collect(request.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let call = Call { method, path, body };
+            let (status, mut answer) = respond(&call);
+            // The API server answers with the whole object; an apply body may lack metadata.
+            if answer.get("metadata").is_none() && status == 200 {
+                answer["metadata"] = json!({"name": "echo"});
+            }
+            if answer.get("status").is_some() && answer.get("spec").is_none() {
+                answer["spec"] = json!({"kind": "mock", "models": [], "scope": {}});
+            }
+            recorded.lock().unwrap().push(call);
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap();
+            send.send_response(response);
+        }
+    });
+    let client = Client::new(service, "default");
+    let (api_keys_store, api_keys) = reflector::store();
+    let (credentials_store, credentials) = reflector::store();
+    let (kill_switches_store, _kill_switches) = reflector::store::<DeserializeGuard<KillSwitch>>();
+    let (secrets_store, secrets) = reflector::store();
+    let ctx = Arc::new(Context {
+        client,
+        settings: Settings {
+            namespace: "portcullis".into(),
+            snapshot_secret: "portcullis-snapshot".into(),
+            keyring_secret: "portcullis-master-keyring".into(),
+            pepper_secret: "portcullis-pepper".into(),
+            reveal_ttl: chrono::Duration::hours(1),
+            resync: Duration::from_secs(300),
+        },
+        stores: Stores {
+            api_keys: api_keys_store,
+            credentials: credentials_store,
+            kill_switches: kill_switches_store,
+            secrets: secrets_store,
+        },
+        pepper: pepper(),
+        keyring: Mutex::new(keyring()),
+        metrics: Arc::new(Metrics::new().unwrap()),
+        recorder: None,
+        clock: Arc::new(now),
+        leading: Arc::new(AtomicBool::new(true)),
+        snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
+        snapshot_trigger: tokio::sync::Notify::new(),
+        retrigger: Retrigger::default(),
+        backoff: Backoff::default(),
+    });
+    World { ctx, calls, api_keys, credentials, secrets, _server: server }
+}
+
+impl World {
+    fn take_calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+
+    fn put_api_key(&mut self, key: &ApiKey) {
+        self.api_keys.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(key.clone()))));
+    }
+
+    fn put_secret(&mut self, secret: Secret) {
+        self.secrets.apply_watcher_event(&watcher::Event::Apply(secret));
+    }
+
+    async fn reconcile_key(
+        &self,
+        key: &ApiKey,
+    ) -> Result<kube::runtime::controller::Action, portcullis_operator::Error> {
+        reconcile::reconcile_api_key(Arc::new(DeserializeGuard(Ok(key.clone()))), self.ctx.clone()).await
+    }
+}
+
+fn api_key(spec: Value, status: Option<Value>) -> ApiKey {
+    let mut object = json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "ApiKey",
+        "metadata": {"name": "alice", "namespace": "team-a", "uid": "uid-alice", "generation": 1},
+        "spec": spec,
+    });
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    serde_json::from_value(object).unwrap()
+}
+
+/// Answers a fresh GET of the ApiKey with `key`, 404s the reveal Secret, echoes writes.
+fn serving(key: &ApiKey) -> Responder {
+    let body = serde_json::to_value(key).unwrap();
+    Arc::new(move |call: &Call| match (call.method.as_str(), call.path.as_str()) {
+        ("GET", "/apis/portcullis.dev/v1alpha1/namespaces/team-a/apikeys/alice") => (200, body.clone()),
+        ("GET", _) => not_found(),
+        _ => (200, call.body.clone()),
+    })
+}
+
+const KEY_PATH: &str = "/apis/portcullis.dev/v1alpha1/namespaces/team-a/apikeys/alice";
+const REVEAL_PATH: &str = "/api/v1/namespaces/team-a/secrets/alice-apikey-reveal";
+const SNAPSHOT_PATH: &str = "/api/v1/namespaces/portcullis/secrets/portcullis-snapshot";
+
+fn lines(calls: &[Call]) -> Vec<String> {
+    calls.iter().map(Call::line).collect()
+}
+
+/// Runs a first issuance and returns the key as the API server would then hold it, plus the
+/// plaintext that was revealed.
+async fn issued() -> (ApiKey, String, Vec<Call>) {
+    let key = api_key(json!({"owner": "alice@example.com"}), None);
+    let w = world(serving(&key), None);
+    w.reconcile_key(&key).await.expect("reconcile");
+    let calls = w.take_calls();
+    let reveal = calls.iter().find(|c| c.method == "PATCH" && c.path == REVEAL_PATH).expect("reveal written");
+    let plaintext =
+        base64::engine::general_purpose::STANDARD.decode(reveal.body["data"]["key"].as_str().unwrap()).unwrap();
+    let status =
+        calls.iter().find(|c| c.path == format!("{KEY_PATH}/status")).expect("status written").body["status"].clone();
+    (api_key(json!({"owner": "alice@example.com"}), Some(status)), String::from_utf8(plaintext).unwrap(), calls)
+}
+
+#[tokio::test]
+async fn issue_writes_reveal_first_then_a_digest_only_status() {
+    let (key, plaintext, calls) = issued().await;
+    assert_eq!(
+        lines(&calls),
+        vec![
+            format!("GET {KEY_PATH}"),
+            format!("GET {REVEAL_PATH}"),
+            format!("PATCH {REVEAL_PATH}"),
+            format!("PATCH {KEY_PATH}/status"),
+        ]
+    );
+    assert!(plaintext.starts_with("pcl_") && plaintext.len() >= 58);
+    let status = key.status.expect("status");
+    assert_eq!(status.issued_digests.len(), 1);
+    assert_eq!(status.issued_digests[0].digest, pepper().digest(plaintext.as_bytes()).to_hex());
+    assert_eq!(status.reveal_secret.as_deref(), Some("alice-apikey-reveal"));
+    assert_eq!(status.conditions[0].reason, "Active");
+    // Server-side apply with the operator's one field manager.
+    let reveal = &calls[2];
+    assert_eq!(reveal.body["metadata"]["ownerReferences"][0]["uid"], "uid-alice");
+}
+
+#[tokio::test]
+async fn restart_does_not_reissue_or_write() {
+    let (key, _, calls) = issued().await;
+    let reveal: Secret = serde_json::from_value(calls[2].body.clone()).unwrap();
+    // A new operator process: fresh caches holding what the API server holds.
+    let mut w = world(echo(), None);
+    w.put_api_key(&key);
+    w.put_secret(reveal);
+    w.reconcile_key(&key).await.expect("reconcile");
+    assert!(w.take_calls().is_empty(), "nothing to do after a restart");
+
+    // Someone deletes the reveal Secret: status notes it, no key is issued or revealed again.
+    let w = world(echo(), None);
+    w.reconcile_key(&key).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}/status")]);
+    assert!(calls[0].body["status"].get("revealSecret").is_none());
+    assert_eq!(
+        calls[0].body["status"]["issuedDigests"],
+        serde_json::to_value(&key.status.as_ref().unwrap().issued_digests).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn revoke_and_expire_show_in_status_and_snapshot() {
+    let (key, _, _) = issued().await;
+    let status = serde_json::to_value(&key.status).unwrap();
+    let revoked = api_key(json!({"owner": "alice@example.com", "revoked": true}), Some(status.clone()));
+    let mut w = world(echo(), None);
+    w.put_api_key(&revoked);
+    w.reconcile_key(&revoked).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}/status")]);
+    assert_eq!(calls[0].body["status"]["conditions"][0]["reason"], "Revoked");
+    assert_eq!(calls[0].body["status"]["conditions"][0]["status"], "False");
+    let generation = snapshot::sync_snapshot(&w.ctx).await.expect("sync");
+    assert_eq!(generation, Some(1));
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {SNAPSHOT_PATH}")]);
+    let snap = snapshot_in(&calls[0]);
+    assert!(snap.content.api_keys[0].revoked);
+
+    let expired = api_key(json!({"owner": "alice@example.com", "expiresAt": "2025-03-01T11:00:00Z"}), Some(status));
+    w.reconcile_key(&expired).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(calls[0].body["status"]["conditions"][0]["reason"], "Expired");
+}
+
+fn snapshot_in(call: &Call) -> GatewaySnapshot {
+    let data = call.body["data"]["snapshot.json"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap();
+    GatewaySnapshot::from_json(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn rotation_issues_a_new_key_and_keeps_the_old_for_the_grace_period() {
+    let (key, old_plaintext, _) = issued().await;
+    let status = serde_json::to_value(&key.status).unwrap();
+    let rotated =
+        api_key(json!({"owner": "alice@example.com", "rotation": 2, "rotationGracePeriodSeconds": 600}), Some(status));
+    let w = world(serving(&rotated), None);
+    let action = w.reconcile_key(&rotated).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(
+        lines(&calls),
+        vec![
+            format!("GET {KEY_PATH}"),
+            format!("GET {REVEAL_PATH}"),
+            format!("PATCH {REVEAL_PATH}"),
+            format!("PATCH {KEY_PATH}/status"),
+        ]
+    );
+    let digests = calls[3].body["status"]["issuedDigests"].as_array().unwrap().clone();
+    assert_eq!(digests.len(), 2);
+    assert_eq!(digests[1]["digest"], pepper().digest(old_plaintext.as_bytes()).to_hex());
+    assert_eq!(digests[1]["validUntil"], "2025-03-01T12:10:00Z");
+    assert!(digests[0].get("validUntil").is_none());
+    // Comes back by the time the grace period ends (capped by the resync interval).
+    assert_eq!(action, kube::runtime::controller::Action::requeue(Duration::from_secs(300)));
+}
+
+fn provider_secret(value: &str) -> Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "openai", "namespace": "ai"},
+        "data": {"key": base64::engine::general_purpose::STANDARD.encode(value)},
+    }))
+    .unwrap()
+}
+
+fn credential() -> ProviderCredential {
+    serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ProviderCredential",
+        "metadata": {"name": "openai", "namespace": "ai", "uid": "uid-openai", "generation": 1},
+        "spec": {"kind": "openai", "secretRef": {"name": "openai", "key": "key"}, "models": [{"name": "gpt-4o"}]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotation_reseals() {
+    let mut w = world(echo(), None);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let first = snapshot_in(&w.take_calls()[0]);
+    assert_eq!(first.content.credentials[0].key_version, 1);
+
+    // Nothing changed: no call at all.
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None);
+    assert!(w.take_calls().is_empty());
+
+    // The provider Secret changed: re-sealed, version bumped.
+    w.put_secret(provider_secret("sk-provider-rotated-987654321"));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {SNAPSHOT_PATH}")]);
+    let second = snapshot_in(&calls[0]);
+    assert_eq!(second.content.credentials[0].key_version, 2);
+    assert_ne!(second.content.credentials[0].sealed_key, first.content.credentials[0].sealed_key);
+
+    // Master-key rotation: the keyring Secret gains k2 and makes it active.
+    let mut rotated = keyring();
+    rotated.rotate_to(KeyId::new("k2").unwrap(), MasterKey::from_bytes(&[2u8; 32]).unwrap());
+    let data: serde_json::Map<String, Value> = rotated
+        .to_secret_data()
+        .into_iter()
+        .map(|(k, v)| (k, json!(base64::engine::general_purpose::STANDARD.encode(v.expose()))))
+        .collect();
+    w.put_secret(
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "portcullis-master-keyring", "namespace": "portcullis"},
+            "data": data,
+        }))
+        .unwrap(),
+    );
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(3));
+    let third = snapshot_in(&w.take_calls()[0]);
+    let sealed = third.content.credentials[0].sealed_key.as_ref().unwrap();
+    assert_eq!(sealed.key_id.as_str(), "k2");
+    assert_eq!(third.content.credentials[0].key_version, 2, "same key, new master key");
+}
+
+#[tokio::test]
+async fn conflicts_and_errors_back_off() {
+    let key = api_key(json!({}), None);
+    let fail: Responder = Arc::new(|call: &Call| {
+        if call.path.ends_with("/status") {
+            (
+                409,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+            )
+        } else if call.method == "GET" && call.path == KEY_PATH {
+            (200, serde_json::to_value(api_key(json!({}), None)).unwrap())
+        } else if call.method == "GET" {
+            not_found()
+        } else {
+            (200, call.body.clone())
+        }
+    });
+    let w = world(fail, None);
+    let error = w.reconcile_key(&key).await.expect_err("conflict");
+    assert_eq!(error.category(), Category::Conflict);
+    let object = Arc::new(DeserializeGuard(Ok(key.clone())));
+    let first = reconcile::error_policy(object.clone(), &error, w.ctx.clone());
+    let second = reconcile::error_policy(object.clone(), &error, w.ctx.clone());
+    assert_eq!(first, kube::runtime::controller::Action::requeue(Duration::from_millis(500)));
+    assert_eq!(second, kube::runtime::controller::Action::requeue(Duration::from_secs(1)));
+    let rendered = String::from_utf8(w.ctx.metrics.render()).unwrap();
+    assert!(
+        rendered.contains(r#"portcullis_operator_reconcile_errors_total{category="conflict",kind="ApiKey"} 2"#),
+        "{rendered}"
+    );
+
+    // Not leading: no API call at all.
+    w.take_calls();
+    w.ctx.leading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let error = w.reconcile_key(&key).await.expect_err("not leading");
+    assert_eq!(error.category(), Category::NotLeader);
+    assert!(snapshot::sync_snapshot(&w.ctx).await.is_err());
+    assert!(w.take_calls().is_empty());
+}
+
+/// Promise 1 and 2: no plaintext client or provider key in anything the operator writes, except
+/// the reveal Secret.
+#[tokio::test]
+async fn no_plaintext_key_outside_the_reveal_secret() {
+    let (key, client_plaintext, mut calls) = issued().await;
+    let mut w = world(echo(), None);
+    w.put_api_key(&key);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    snapshot::sync_snapshot(&w.ctx).await.unwrap();
+    reconcile::reconcile_credential(Arc::new(DeserializeGuard(Ok(credential()))), w.ctx.clone()).await.unwrap();
+    calls.extend(w.take_calls());
+    assert!(calls.iter().any(|c| c.path == SNAPSHOT_PATH));
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for call in calls.iter().filter(|c| c.method != "GET") {
+        let text = call.body.to_string();
+        if call.path != REVEAL_PATH {
+            assert!(!text.contains(&client_plaintext), "client key in {}", call.line());
+            assert!(!text.contains(&b64(&client_plaintext)), "client key in {}", call.line());
+        }
+        assert!(!text.contains(PROVIDER_KEY), "provider key in {}", call.line());
+        assert!(!text.contains(&b64(PROVIDER_KEY)), "provider key in {}", call.line());
+        // The snapshot is base64 inside the Secret: look inside it too.
+        if call.path == SNAPSHOT_PATH {
+            let inner = String::from_utf8(snapshot_in(call).to_json()).unwrap();
+            assert!(!inner.contains(&client_plaintext));
+            assert!(!inner.contains(PROVIDER_KEY));
+        }
+    }
+    // A credential's status says which master key seals it, never the key.
+    let status = calls.iter().rev().find(|c| c.path.ends_with("/providercredentials/openai/status")).unwrap();
+    assert_eq!(status.body["status"]["sealedWith"], "k1");
+}
