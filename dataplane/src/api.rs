@@ -28,6 +28,27 @@ pub enum ApiRoute {
 }
 
 impl ApiRoute {
+    pub const ALL: [ApiRoute; 6] = [
+        ApiRoute::ChatCompletions,
+        ApiRoute::Completions,
+        ApiRoute::Embeddings,
+        ApiRoute::Responses,
+        ApiRoute::Models,
+        ApiRoute::Messages,
+    ];
+
+    /// Position in `ALL`, for per-route tables.
+    pub fn index(self) -> usize {
+        match self {
+            ApiRoute::ChatCompletions => 0,
+            ApiRoute::Completions => 1,
+            ApiRoute::Embeddings => 2,
+            ApiRoute::Responses => 3,
+            ApiRoute::Models => 4,
+            ApiRoute::Messages => 5,
+        }
+    }
+
     /// Classifies a request. Unknown paths and wrong methods are errors in the flavor the path
     /// suggests.
     pub fn classify(method: &Method, path: &str) -> Result<ApiRoute, (ApiFlavor, GatewayError)> {

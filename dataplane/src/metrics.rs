@@ -5,8 +5,20 @@
 //! in ProviderCredentials, not whatever string a client sent. There is no per-key label.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+use crate::api::ApiRoute;
+
+/// The series one route of one model writes on success, looked up once and then cached on the
+/// route (a label lookup hashes every label and takes a lock).
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    pub duration_ok: Histogram,
+    pub time_to_first_token: Histogram,
+    pub input_tokens: Histogram,
+    pub output_tokens: Histogram,
+}
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -20,6 +32,8 @@ pub struct Metrics {
     pub snapshot_reloads: IntCounter,
     pub snapshot_reload_failures: IntCounter,
     pub open_connections: IntGauge,
+    /// `portcullis_requests_total{route, outcome="ok"}` by `ApiRoute::index`.
+    requests_ok: Vec<IntCounter>,
 }
 
 impl Metrics {
@@ -76,7 +90,9 @@ impl Metrics {
         registry.register(Box::new(snapshot_reloads.clone()))?;
         registry.register(Box::new(snapshot_reload_failures.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        let requests_ok = ApiRoute::ALL.iter().map(|r| requests.with_label_values(&[r.label(), "ok"])).collect();
         Ok(Self {
+            requests_ok,
             registry,
             requests,
             token_usage,
@@ -88,6 +104,22 @@ impl Metrics {
             snapshot_reload_failures,
             open_connections,
         })
+    }
+
+    /// Counts one successful request on `route`.
+    pub fn count_ok(&self, route: ApiRoute) {
+        if let Some(counter) = self.requests_ok.get(route.index()) {
+            counter.inc();
+        }
+    }
+
+    pub fn route_metrics(&self, op: &str, provider: &str, model: &str) -> RouteMetrics {
+        RouteMetrics {
+            duration_ok: self.request_duration.with_label_values(&[op, provider, model, ""]),
+            time_to_first_token: self.time_to_first_token.with_label_values(&[op, provider, model]),
+            input_tokens: self.token_usage.with_label_values(&[op, provider, model, "input"]),
+            output_tokens: self.token_usage.with_label_values(&[op, provider, model, "output"]),
+        }
     }
 
     pub fn registry(&self) -> &Registry {

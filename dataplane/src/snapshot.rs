@@ -55,6 +55,8 @@ pub struct ModelRoute {
     pub declared: Arc<str>,
     /// Name to send upstream instead of the requested one.
     pub upstream_model: Option<Arc<str>>,
+    /// This route's metric series, per API route, filled on first use.
+    pub metrics: Arc<[std::sync::OnceLock<crate::metrics::RouteMetrics>; 6]>,
 }
 
 /// What a presented key grants.
@@ -155,6 +157,7 @@ impl RuntimeSnapshot {
                     upstream: upstream.clone(),
                     declared: Arc::from(model.name.as_str()),
                     upstream_model: model.upstream_name.as_deref().map(Arc::from),
+                    metrics: Arc::new(Default::default()),
                 };
                 if pattern::is_glob(&model.name) {
                     glob_models.push(route);

@@ -84,24 +84,42 @@ impl AccessRecord {
         self.settle();
         let elapsed = self.started.elapsed();
         let route = self.route.map_or("unknown", ApiRoute::label);
-        self.metrics.requests.with_label_values(&[route, outcome]).inc();
+        let ok = outcome == "ok";
+        match self.route {
+            Some(api) if ok => self.metrics.count_ok(api),
+            _ => self.metrics.requests.with_label_values(&[route, outcome]).inc(),
+        }
         let provider = self.chosen.as_ref().map(|c| c.upstream.label.as_str());
         let model = self.chosen.as_ref().map(|c| &*c.declared);
-        if let (Some(provider), Some(model), Some(api)) = (provider, model, self.route) {
+        if let (Some(chosen), Some(api)) = (&self.chosen, self.route) {
             let op = api.operation_name();
-            let error_type = if outcome == "ok" { "" } else { outcome };
-            self.metrics
-                .request_duration
-                .with_label_values(&[op, provider, model, error_type])
-                .observe(elapsed.as_secs_f64());
+            let (provider, model) = (chosen.upstream.label.as_str(), &*chosen.declared);
+            let cached;
+            let series = if ok {
+                chosen.metrics[api.index()].get_or_init(|| self.metrics.route_metrics(op, provider, model))
+            } else {
+                cached = self.metrics.route_metrics(op, provider, model);
+                self.metrics
+                    .request_duration
+                    .with_label_values(&[op, provider, model, outcome])
+                    .observe(elapsed.as_secs_f64());
+                &cached
+            };
+            if ok {
+                series.duration_ok.observe(elapsed.as_secs_f64());
+            }
             if let Some(ttfb) = self.first_byte {
-                self.metrics.time_to_first_token.with_label_values(&[op, provider, model]).observe(ttfb.as_secs_f64());
+                series.time_to_first_token.observe(ttfb.as_secs_f64());
             }
-            for (kind, tokens) in [("input", self.usage.input), ("output", self.usage.output)] {
-                if let Some(tokens) = tokens {
-                    self.metrics.token_usage.with_label_values(&[op, provider, model, kind]).observe(tokens as f64);
-                }
+            if let Some(tokens) = self.usage.input {
+                series.input_tokens.observe(tokens as f64);
             }
+            if let Some(tokens) = self.usage.output {
+                series.output_tokens.observe(tokens as f64);
+            }
+        }
+        if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+            return;
         }
         let key = self.key.as_ref().map(|k| k.key.to_string());
         tracing::info!(
@@ -233,7 +251,10 @@ pub struct MeteredBody {
     record: Option<AccessRecord>,
     outcome: &'static str,
     idle_timeout: Duration,
+    /// Fires at the earliest moment the body could be idle too long; re-armed lazily from
+    /// `last_frame` (re-arming per frame would touch the timer wheel for every SSE event).
     idle: Pin<Box<tokio::time::Sleep>>,
+    last_frame: tokio::time::Instant,
     ended: bool,
 }
 
@@ -264,6 +285,7 @@ impl MeteredBody {
             outcome,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_frame: tokio::time::Instant::now(),
             ended: false,
         }
     }
@@ -345,8 +367,7 @@ impl Body for MeteredBody {
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
+                    this.last_frame = tokio::time::Instant::now();
                     match frame.into_data() {
                         Ok(data) => {
                             if let Some(record) = this.record.as_mut() {
@@ -381,9 +402,14 @@ impl Body for MeteredBody {
                     return Poll::Ready(rest.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        this.finish("upstream_idle_timeout");
-                        return Poll::Ready(Some(Err("upstream sent nothing within the idle timeout".into())));
+                    while this.idle.as_mut().poll(cx).is_ready() {
+                        let deadline = this.last_frame + this.idle_timeout;
+                        if tokio::time::Instant::now() >= deadline {
+                            this.finish("upstream_idle_timeout");
+                            return Poll::Ready(Some(Err("upstream sent nothing within the idle timeout".into())));
+                        }
+                        // Frames arrived since the timer was armed: wait out the remainder.
+                        this.idle.as_mut().reset(deadline);
                     }
                     return Poll::Pending;
                 }
@@ -409,5 +435,57 @@ impl Drop for MeteredBody {
         if self.record.is_some() {
             self.finish("client_closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn record() -> AccessRecord {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        AccessRecord::new(metrics, Instant::now(), http::HeaderValue::from_static("req-test"))
+    }
+
+    /// Sends `frames` frames `gap` apart, then stalls forever.
+    fn trickle(frames: usize, gap: Duration) -> GatewayBody {
+        let stream = futures_util::stream::unfold(0usize, move |i| async move {
+            if i < frames {
+                tokio::time::sleep(gap).await;
+                Some((Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"data: {}\n\n"))), i + 1))
+            } else {
+                std::future::pending::<()>().await;
+                None
+            }
+        });
+        StreamBody::new(stream).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_counts_from_the_last_frame() {
+        let idle = Duration::from_millis(150);
+        // Eight frames 60 ms apart: 480 ms in all, never idle for 150 ms, so none is cut...
+        let mut body = MeteredBody::new(
+            trickle(8, Duration::from_millis(60)),
+            UsageReader::Sse(SseScanner::new(false)),
+            record(),
+            "ok",
+            idle,
+            None,
+            None,
+        );
+        let started = Instant::now();
+        for _ in 0..8 {
+            let frame = body.frame().await.expect("a frame").expect("not an error");
+            assert!(frame.is_data());
+        }
+        // ...then the stall ends the body with an error about 150 ms after the last frame.
+        let last = Instant::now();
+        let end = body.frame().await.expect("an error frame");
+        assert!(end.is_err());
+        let waited = last.elapsed();
+        assert!(waited >= idle && waited < idle * 4, "waited {waited:?}");
+        assert!(started.elapsed() >= Duration::from_millis(480));
     }
 }
