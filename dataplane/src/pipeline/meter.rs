@@ -393,7 +393,7 @@ impl Body for MeteredBody {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "upstream response body failed");
+                    tracing::warn!(error = %e, "upstream response stream failed");
                     this.finish("upstream_broken");
                     return Poll::Ready(Some(Err(e)));
                 }
