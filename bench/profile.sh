@@ -62,6 +62,10 @@ load() { # mode seconds
         "http://127.0.0.1:$GW/v1/chat/completions" | grep BENCHRESULT
 }
 gw_args=(--manifests "$OUT/manifests" --listen "127.0.0.1:$GW" --admin-listen "127.0.0.1:$ADMIN" --log-level warn)
+# One worker: the single-threaded runtime where the data plane offers it, else TOKIO_WORKER_THREADS.
+if "$BIN/portcullis-dataplane" --help 2>/dev/null | grep -q -- --worker-threads; then
+    gw_args+=(--worker-threads 1)
+fi
 
 if [[ $TOOLS == *perf* ]]; then
     TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-perf.log" 2>&1 &

@@ -46,6 +46,7 @@ def start_gateway(d, name):
     argv = [os.path.join(h.BIN, "portcullis-dataplane"), "--manifests", d,
             "--listen", f"127.0.0.1:{h.PORT['portcullis']}",
             "--admin-listen", f"127.0.0.1:{h.PORT['portcullis_admin']}", "--log-level", "warn"]
+    argv += h.one_worker_args()
     t0 = time.perf_counter()
     p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
     while True:
