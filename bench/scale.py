@@ -129,7 +129,7 @@ def main():
     busy0 = h.foreign_processes()
     lines = [f"# Scale figures {h.STAMP}", "",
              f"{KEYS} ApiKeys (each with its own Secret) and {PROVIDERS} ProviderCredentials; "
-             "gateway pinned to CPU 1 with one worker (TOKIO_WORKER_THREADS=1).", ""]
+             "gateway pinned to CPU 1 with one worker (`--worker-threads 1` where available, else TOKIO_WORKER_THREADS=1).", ""]
     up = h.start("upstream", [os.path.join(h.BIN, "bench-upstream"),
                               f"127.0.0.1:{h.PORT['upstream']}"], cpu=0)
     if not h.wait_ready(h.PORT["upstream"]):
