@@ -16,6 +16,7 @@
 //! `secrets` (the Secrets the operator reads and writes); `cluster` only fetches and applies.
 
 pub mod assemble;
+pub mod audit;
 pub mod cluster;
 pub mod compile;
 pub mod conditions;
