@@ -16,6 +16,8 @@ pub enum Category {
     Compile,
     /// This replica is not the leader and must not write.
     NotLeader,
+    /// Appending to the audit ledger failed (transient; the change is retried, never dropped).
+    Ledger,
 }
 
 impl Category {
@@ -27,6 +29,7 @@ impl Category {
             Category::KeyMaterial => "key_material",
             Category::Compile => "compile",
             Category::NotLeader => "not_leader",
+            Category::Ledger => "ledger",
         }
     }
 }
@@ -51,6 +54,8 @@ pub enum Error {
     Compile(#[from] crate::assemble::AssembleError),
     #[error("this replica is not the leader")]
     NotLeader,
+    #[error("audit ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 impl Error {
@@ -72,6 +77,7 @@ impl Error {
             Error::KeyMaterial(_) => Category::KeyMaterial,
             Error::Compile(_) => Category::Compile,
             Error::NotLeader => Category::NotLeader,
+            Error::Ledger(_) => Category::Ledger,
         }
     }
 }

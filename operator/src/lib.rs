@@ -15,7 +15,9 @@
 //! `readiness` + `conditions` (status), `assemble` (set invalid objects aside, then `compile`) and
 //! `secrets` (the Secrets the operator reads and writes); `cluster` only fetches and applies.
 
+pub mod admission;
 pub mod assemble;
+pub mod audit;
 pub mod cluster;
 pub mod compile;
 pub mod conditions;

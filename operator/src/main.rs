@@ -62,6 +62,13 @@ struct RunArgs {
     /// Address for /metrics and /healthz.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     admin_listen: std::net::SocketAddr,
+    /// The audit ledger: an append-only JSON-lines file, fsynced per entry. Put it on a
+    /// PersistentVolume (ReadWriteOnce is enough: only the leader opens it). Unset: no ledger.
+    #[arg(long, env = "PORTCULLIS_LEDGER_FILE")]
+    ledger_file: Option<PathBuf>,
+    /// Seconds between republishing the ledger head (ConfigMap annotation and Event).
+    #[arg(long, default_value_t = 300)]
+    checkpoint_seconds: u64,
     /// Seconds between full resyncs of every object.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
@@ -95,6 +102,8 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         lease: (!args.lease.is_empty()).then_some(args.lease),
         identity,
         admin_listen: args.admin_listen,
+        ledger_file: args.ledger_file,
+        checkpoint_every: std::time::Duration::from_secs(args.checkpoint_seconds.max(1)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -83,6 +83,14 @@ fn keyring() -> MasterKeyring {
 }
 
 fn world(respond: Responder, previous: Option<GatewaySnapshot>) -> World {
+    world_with(respond, previous, None)
+}
+
+fn world_with(
+    respond: Responder,
+    previous: Option<GatewaySnapshot>,
+    audit: Option<Arc<portcullis_operator::cluster::audit::Audit>>,
+) -> World {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let recorded = calls.clone();
@@ -142,6 +150,8 @@ fn world(respond: Responder, previous: Option<GatewaySnapshot>) -> World {
         snapshot_trigger: tokio::sync::Notify::new(),
         retrigger: Retrigger::default(),
         backoff: Backoff::default(),
+        audit,
+        checkpoint_trigger: tokio::sync::Notify::new(),
     });
     World { ctx, calls, api_keys, credentials, secrets, _server: server }
 }
@@ -452,4 +462,92 @@ async fn no_plaintext_key_outside_the_reveal_secret() {
     // A credential's status says which master key seals it, never the key.
     let status = calls.iter().rev().find(|c| c.path.ends_with("/providercredentials/openai/status")).unwrap();
     assert_eq!(status.body["status"]["sealedWith"], "k1");
+}
+
+/// The ledger in the reconcilers: one entry per admin action with the best actor available, a
+/// finalizer held until the deletion is appended, a checkpoint published, no repeats after a
+/// restart, no secret anywhere in the file.
+#[tokio::test]
+async fn ledger_records_actions_with_actors_and_releases_the_finalizer_after_appending() {
+    use portcullis_operator::audit::{ActorHints, FINALIZER};
+    use portcullis_operator::cluster::audit::{publish_checkpoint, Audit};
+    use portcullis_operator::ledger::{self, Action, Actor, ActorSource};
+
+    let (key, plaintext, calls) = issued().await;
+    let reveal: Secret = serde_json::from_value(calls[2].body.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let hints = Arc::new(ActorHints::default());
+    let audit = Arc::new(Audit::open(&path, hints.clone()).unwrap());
+    let mut w = world_with(echo(), None, Some(audit.clone()));
+    w.put_api_key(&key);
+    w.put_secret(reveal);
+
+    // Created, as the admission webhook saw it: the finalizer is added.
+    let webhook_actor = Actor {
+        username: "alice@example.com".into(),
+        groups: vec!["key-admins".into()],
+        source: ActorSource::AdmissionWebhook,
+    };
+    hints.record(("ApiKey".into(), "team-a".into(), "alice".into()), webhook_actor.clone());
+    w.reconcile_key(&key).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}")]);
+    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([FINALIZER]));
+
+    // Revoked, no webhook: the managedFields manager (not the operator's own writes).
+    let mut revoked = key.clone();
+    revoked.spec.revoked = true;
+    revoked.metadata.generation = Some(2);
+    revoked.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    revoked.metadata.managed_fields = Some(
+        serde_json::from_value(json!([
+            {"manager": "kubectl-edit", "operation": "Update", "time": "2025-03-01T11:00:00Z"},
+            {"manager": "portcullis-operator", "operation": "Apply", "subresource": "status", "time": "2025-03-01T11:30:00Z"},
+        ]))
+        .unwrap(),
+    );
+    w.put_api_key(&revoked);
+    w.reconcile_key(&revoked).await.expect("reconcile");
+    assert_eq!(lines(&w.take_calls()), vec![format!("PATCH {KEY_PATH}/status")]);
+
+    // Deleted: appended first, then only the finalizer is released.
+    let mut deleting = revoked.clone();
+    deleting.metadata.deletion_timestamp = Some(serde_json::from_value(json!("2025-03-01T12:00:00Z")).unwrap());
+    w.reconcile_key(&deleting).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}")]);
+    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([]));
+
+    let entries: Vec<_> = ledger::read_lines(&path).unwrap().into_iter().map(Result::unwrap).collect();
+    let actions: Vec<_> = entries.iter().map(|e| e.action).collect();
+    assert_eq!(actions, [Action::ApiKeyCreated, Action::ApiKeyRevoked, Action::ApiKeyDeleted]);
+    assert_eq!(entries[0].actor, webhook_actor);
+    assert_eq!(entries[1].actor.username, "kubectl-edit");
+    assert_eq!(entries[1].actor.source, ActorSource::ManagedFields);
+    assert_eq!(entries[1].changed_fields, ["spec.revoked"]);
+    assert_eq!(entries[1].object.generation, 2);
+    assert_eq!(entries[0].object.uid, "uid-alice");
+
+    // The head is published once per move, as `SEQ:HASH` on the checkpoint ConfigMap.
+    let head = publish_checkpoint(&w.ctx).await.unwrap().expect("published");
+    assert_eq!(head.sequence, 3);
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec!["PATCH /api/v1/namespaces/portcullis/configmaps/portcullis-ledger-head".to_owned()]);
+    let text = format!("3:{}", entries[2].hash);
+    assert_eq!(calls[0].body["metadata"]["annotations"]["portcullis.dev/ledger-head"], json!(text));
+    assert!(publish_checkpoint(&w.ctx).await.unwrap().is_none());
+
+    // A restarted operator (the finalizer patch had failed): no second entry, finalizer released.
+    let reopened = Arc::new(Audit::open(&path, Arc::new(ActorHints::default())).unwrap());
+    let w = world_with(echo(), None, Some(reopened));
+    w.reconcile_key(&deleting).await.expect("reconcile");
+    assert_eq!(lines(&w.take_calls()), vec![format!("PATCH {KEY_PATH}")]);
+    let entries = ledger::read_lines(&path).unwrap();
+    assert_eq!(entries.len(), 3);
+    let checkpoint = ledger::Checkpoint { sequence: 3, hash: head.hash };
+    assert!(ledger::verify(&entries, Some(&checkpoint)).is_ok());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains(&plaintext));
+    assert!(!text.contains(&plaintext[4..]));
 }

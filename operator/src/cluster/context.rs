@@ -133,6 +133,10 @@ pub struct Context {
     pub snapshot_trigger: Notify,
     pub retrigger: Retrigger,
     pub backoff: Backoff,
+    /// The audit ledger, when `--ledger-file` is given.
+    pub audit: Option<Arc<super::audit::Audit>>,
+    /// Wakes the checkpoint publisher after an append.
+    pub checkpoint_trigger: Notify,
 }
 
 impl fmt::Debug for Context {

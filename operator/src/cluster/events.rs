@@ -25,6 +25,10 @@ pub enum Transition {
     SnapshotWritten {
         generation: u64,
     },
+    /// The audit ledger's head, published as a checkpoint.
+    LedgerCheckpoint {
+        head: String,
+    },
     /// The object could not be read as its kind.
     Malformed {
         message: String,
@@ -64,6 +68,12 @@ impl Transition {
             Transition::SnapshotWritten { generation } => {
                 (EventType::Normal, "SnapshotWritten", "Write", format!("wrote snapshot generation {generation}"))
             }
+            Transition::LedgerCheckpoint { head } => (
+                EventType::Normal,
+                "LedgerCheckpoint",
+                "Checkpoint",
+                format!("audit ledger head {head}; verify with `portcullis-operator audit verify --checkpoint {head}`"),
+            ),
             Transition::Malformed { message } => (EventType::Warning, "InvalidSpec", "Reconcile", message.clone()),
         };
         Event {

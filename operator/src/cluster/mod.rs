@@ -8,6 +8,7 @@
 //!   Secret (one reflector) ─▶ fan-out to the objects that reference it, keyring changes ─▶ re-seal
 //! ```
 
+pub mod audit;
 pub mod context;
 pub mod events;
 pub mod lease;
@@ -41,6 +42,10 @@ pub struct RunSettings {
     pub lease: Option<String>,
     pub identity: String,
     pub admin_listen: SocketAddr,
+    /// The audit ledger file (on a PersistentVolume), or `None` to keep no ledger.
+    pub ledger_file: Option<std::path::PathBuf>,
+    /// How often the ledger head is republished even without appends.
+    pub checkpoint_every: Duration,
 }
 
 fn channel_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send + 'static {
@@ -129,6 +134,17 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         metrics.snapshot_generation.set(i64::try_from(p.generation).unwrap_or(i64::MAX));
     }
 
+    // Opened only once leading: one writer, so the chain never forks.
+    let hints = Arc::new(crate::audit::ActorHints::default());
+    let audit = match &run.ledger_file {
+        Some(path) => {
+            let opened = audit::Audit::open(path, hints.clone())?;
+            tracing::info!(ledger = %path.display(), head = ?opened.head().await.map(|h| h.sequence), "audit ledger open");
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
+
     let api_keys =
         Controller::new(Api::<Guarded<ApiKey>>::all(client.clone()), watcher::Config::default().any_semantic());
     let credentials = Controller::new(
@@ -163,6 +179,27 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         snapshot_trigger: Notify::new(),
         retrigger: Retrigger { api_keys: Some(ak_tx), credentials: Some(pc_tx), kill_switches: Some(ks_tx) },
         backoff: Backoff::default(),
+        audit,
+        checkpoint_trigger: Notify::new(),
+    });
+
+    // Checkpoints: after appends, and periodically so a fresh Event keeps showing the head.
+    let checkpoint_ctx = ctx.clone();
+    let checkpoint_every = run.checkpoint_every;
+    let checkpoint_task = tokio::spawn(async move {
+        loop {
+            if let Err(error) = audit::publish_checkpoint(&checkpoint_ctx).await {
+                tracing::warn!(%error, "publishing the ledger checkpoint failed");
+            }
+            tokio::select! {
+                _ = checkpoint_ctx.checkpoint_trigger.notified() => {}
+                _ = tokio::time::sleep(checkpoint_every) => {
+                    if let Some(audit) = &checkpoint_ctx.audit {
+                        audit.republish();
+                    }
+                }
+            }
+        }
     });
 
     // One Secret reflector: values for compile, and triggers for the objects that reference them.
@@ -188,7 +225,12 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         let mut failures = 0u32;
         loop {
             match snapshot::sync_snapshot(&writer_ctx).await {
-                Ok(_) => failures = 0,
+                Ok(_) => {
+                    failures = 0;
+                    if let Err(error) = audit::audit_keyring(&writer_ctx).await {
+                        tracing::warn!(%error, "recording the master keyring in the ledger failed");
+                    }
+                }
                 Err(error) => {
                     writer_ctx.metrics.error("Snapshot", error.category());
                     tracing::warn!(%error, "snapshot sync failed");
@@ -235,6 +277,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     leading.store(false, Ordering::SeqCst);
     metrics.leader.set(0);
     writer_task.abort();
+    checkpoint_task.abort();
     secrets_task.abort();
     admin.abort();
     result

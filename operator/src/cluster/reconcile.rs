@@ -19,8 +19,10 @@ use portcullis_crds::v1alpha1::{
 };
 use serde::Serialize;
 
+use super::audit::audit_object;
 use super::context::{Context, Guarded};
 use super::events::{report, Transition};
+use crate::audit;
 use crate::conditions::{ready_reason, with_ready, Readiness, ReadyReason};
 use crate::error::{status_code, Error};
 use crate::inputs::SecretStore;
@@ -146,9 +148,12 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         Ok(key) => key,
         Err(invalid) => return malformed::<ApiKey>(invalid, &ctx).await,
     };
+    let now = ctx.now();
+    if let Some(done) = deleted(&ctx, cached, audit::observe_api_key(cached, now)).await? {
+        return Ok(done);
+    }
     let namespace = cached.namespace().unwrap_or_default();
     let name = cached.name_any();
-    let now = ctx.now();
     let reveal_name = issuance::reveal_secret_name(&name);
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -230,6 +235,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         report(ctx.recorder.as_ref(), &regarding, transition).await;
     }
     report_ready(&ctx, &regarding, &current.conditions, &readiness).await;
+    audit_object(&ctx, &key, audit::observe_api_key(&key, now)).await?;
     if current.issued_digests != desired.issued_digests || current.conditions != desired.conditions {
         ctx.snapshot_trigger.notify_one();
     }
@@ -247,6 +253,10 @@ pub async fn reconcile_credential(
         Ok(c) => c,
         Err(invalid) => return malformed::<ProviderCredential>(invalid, &ctx).await,
     };
+    let key_version = credential.status.as_ref().and_then(|s| s.key_version);
+    if let Some(done) = deleted(&ctx, credential, audit::observe_credential(credential, key_version)).await? {
+        return Ok(done);
+    }
     let namespace = credential.namespace().unwrap_or_default();
     let name = credential.name_any();
     let now = ctx.now();
@@ -274,6 +284,7 @@ pub async fn reconcile_credential(
     let api: Api<ProviderCredential> = Api::namespaced(ctx.client.clone(), &namespace);
     apply_status(&api, &name, &current, &desired).await?;
     report_ready(&ctx, &reference(credential), &current.conditions, &readiness).await;
+    audit_object(&ctx, credential, audit::observe_credential(credential, desired.key_version)).await?;
     ctx.snapshot_trigger.notify_one();
     ctx.backoff.reset(&format!("ProviderCredential/{namespace}/{name}"));
     Ok(Action::requeue(ctx.settings.resync))
@@ -286,9 +297,12 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
         Ok(s) => s,
         Err(invalid) => return malformed::<KillSwitch>(invalid, &ctx).await,
     };
+    let now = ctx.now();
+    if let Some(done) = deleted(&ctx, switch, audit::observe_kill_switch(switch, now)).await? {
+        return Ok(done);
+    }
     let namespace = switch.namespace().unwrap_or_default();
     let name = switch.name_any();
-    let now = ctx.now();
     let excluded = excluded_for(&ctx, &("KillSwitch", ObjectRef::new(&namespace, &name))).await;
     let readiness = readiness::kill_switch(switch, &excluded, now);
     let current = switch.status.clone().unwrap_or_default();
@@ -299,9 +313,27 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
     let api: Api<KillSwitch> = Api::namespaced(ctx.client.clone(), &namespace);
     apply_status(&api, &name, &current, &desired).await?;
     report_ready(&ctx, &reference(switch), &current.conditions, &readiness).await;
+    audit_object(&ctx, switch, audit::observe_kill_switch(switch, now)).await?;
     ctx.snapshot_trigger.notify_one();
     ctx.backoff.reset(&format!("KillSwitch/{namespace}/{name}"));
     Ok(requeue_after(&ctx, now, switch.spec.expires_at))
+}
+
+/// A deleted object, when the ledger is on: append its deletion, then release the finalizer.
+/// Without a ledger there is no finalizer and deletion needs nothing from the reconciler here.
+async fn deleted<K>(ctx: &Context, object: &K, observed: audit::Observed) -> Result<Option<Action>, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    if ctx.audit.is_none() || !observed.deleting {
+        return Ok(None);
+    }
+    audit_object(ctx, object, observed).await?;
+    ctx.snapshot_trigger.notify_one();
+    Ok(Some(Action::await_change()))
 }
 
 /// Transient errors retry with per-object exponential backoff; broken key material waits longer.

@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -87,6 +89,11 @@ pub struct LedgerEntry {
     /// Paths of spec fields that changed (`spec.revoked`), never their values.
     #[serde(default)]
     pub changed_fields: Vec<String>,
+    /// Non-secret facts the action was decided from (`revoked`, `active`, `keyVersion`,
+    /// `rotation`, `activeKeyId`), so a restarted operator can continue from the ledger alone.
+    /// Absent when empty, so entries written before this field hash as they did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub facts: BTreeMap<String, String>,
     pub previous_hash: String,
     pub hash: String,
 }
@@ -100,13 +107,23 @@ impl LedgerEntry {
         action: Action,
         object: ObjectReference,
         changed_fields: Vec<String>,
+        facts: BTreeMap<String, String>,
     ) -> Self {
         let (sequence, previous_hash) = match previous {
             Some(p) => (p.sequence + 1, p.hash.clone()),
             None => (1, GENESIS_HASH.to_owned()),
         };
-        let mut entry =
-            LedgerEntry { sequence, time, actor, action, object, changed_fields, previous_hash, hash: String::new() };
+        let mut entry = LedgerEntry {
+            sequence,
+            time,
+            actor,
+            action,
+            object,
+            changed_fields,
+            facts,
+            previous_hash,
+            hash: String::new(),
+        };
         entry.hash = entry.compute_hash();
         entry
     }

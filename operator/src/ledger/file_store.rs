@@ -1,6 +1,7 @@
 //! Ledger storage in an append-only file (one JSON entry per line), fsynced per entry, for a
 //! PersistentVolume. The head is re-read on open, so the chain continues across restarts.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ impl FileLedger {
         Ok(Self { path: path.to_path_buf(), file, head })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn head(&self) -> Option<&LedgerEntry> {
         self.head.as_ref()
     }
@@ -50,7 +55,20 @@ impl FileLedger {
         object: ObjectReference,
         changed_fields: Vec<String>,
     ) -> Result<LedgerEntry, LedgerError> {
-        let entry = LedgerEntry::next(self.head.as_ref(), time, actor, action, object, changed_fields);
+        self.append_with_facts(time, actor, action, object, changed_fields, BTreeMap::new())
+    }
+
+    /// Appends one entry carrying the facts it was decided from.
+    pub fn append_with_facts(
+        &mut self,
+        time: DateTime<Utc>,
+        actor: Actor,
+        action: Action,
+        object: ObjectReference,
+        changed_fields: Vec<String>,
+        facts: BTreeMap<String, String>,
+    ) -> Result<LedgerEntry, LedgerError> {
+        let entry = LedgerEntry::next(self.head.as_ref(), time, actor, action, object, changed_fields, facts);
         let mut line = serde_json::to_vec(&entry).unwrap_or_default();
         line.push(b'\n');
         let io = |source| LedgerError::Io { path: self.path.clone(), source };

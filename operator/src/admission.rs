@@ -1,0 +1,259 @@
+//! The validating admission webhook's decision — pure: AdmissionReview JSON in, AdmissionReview
+//! JSON out, and the requester recorded as an actor hint for the ledger.
+//!
+//! ```text
+//!   API server ──AdmissionReview──▶ review() ─┬─ allowed / denied with a message a person can act on
+//!                                             └─ userInfo ─▶ ActorHints ─▶ (reconcile) ─▶ ledger entry
+//! ```
+//!
+//! Only allowed requests leave a hint. See [`ActorHints`] for what the hints can and cannot
+//! promise.
+
+use portcullis_crds::v1alpha1::{ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::audit::ActorHints;
+use crate::ledger::{Actor, ActorSource};
+use crate::validate;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionReview {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<AdmissionRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<AdmissionResponse>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub operation: String,
+    #[serde(default)]
+    pub user_info: UserInfo,
+    #[serde(default)]
+    pub object: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct GroupVersionKind {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub version: String,
+    pub kind: String,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct UserInfo {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionResponse {
+    pub uid: String,
+    pub allowed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ResponseStatus>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ResponseStatus {
+    pub code: u16,
+    pub message: String,
+}
+
+/// Why a body is not an AdmissionReview at all (the server answers 400).
+#[derive(Debug, thiserror::Error)]
+#[error("not an admission.k8s.io/v1 AdmissionReview: {0}")]
+pub struct NotAReview(String);
+
+/// Problems with a spec, each naming its field and what to do.
+pub fn validate_object(kind: &str, object: &Value) -> Vec<String> {
+    let spec = object.get("spec").cloned().unwrap_or(Value::Null);
+    let mut problems = Vec::new();
+    match kind {
+        "KillSwitch" => match serde_json::from_value::<KillSwitchSpec>(spec) {
+            Ok(spec) => {
+                if let Err(why) = spec.scope.target() {
+                    problems.push(format!("spec.scope {why}; e.g. `scope: {{model: \"gpt-4o*\"}}`"));
+                }
+                if let Some(model) = &spec.scope.model {
+                    if let Err(why) = portcullis_crds::pattern::validate(model) {
+                        problems.push(format!("spec.scope.model {model:?}: {why}"));
+                    }
+                }
+                if let Some(reason) = &spec.reason {
+                    if let Err(why) = validate::text(reason) {
+                        problems.push(format!("spec.reason: {why}"));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("spec: {e}")),
+        },
+        "ApiKey" => match serde_json::from_value::<ApiKeySpec>(spec) {
+            Ok(spec) => {
+                for (field, list) in
+                    [("allowedModels", &spec.allowed_models), ("allowedProviders", &spec.allowed_providers)]
+                {
+                    if let Err((i, why)) = validate::pattern_list(list) {
+                        problems.push(format!("spec.{field}[{i}]: {why}"));
+                    }
+                }
+                if spec.rotation.is_some() && spec.secret_ref.is_some() {
+                    problems.push(
+                        "spec.rotation applies to generated keys; rotate a secretRef key by changing its Secret".into(),
+                    );
+                }
+            }
+            Err(e) => problems.push(format!("spec: {e}")),
+        },
+        "ProviderCredential" => match serde_json::from_value::<ProviderCredentialSpec>(spec) {
+            Ok(spec) => {
+                if let Some(url) = &spec.base_url {
+                    if let Err(why) = validate::base_url(url) {
+                        problems.push(format!("spec.baseUrl: {why}"));
+                    }
+                }
+                if spec.kind.needs_secret() && spec.secret_ref.is_none() {
+                    problems.push(format!(
+                        "spec.secretRef is required for kind {}: name the Secret key holding the provider API key",
+                        spec.kind.as_str()
+                    ));
+                }
+                for (i, model) in spec.models.iter().enumerate() {
+                    if let Err(why) = portcullis_crds::pattern::validate(&model.name) {
+                        problems.push(format!("spec.models[{i}].name {:?}: {why}", model.name));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("spec: {e}")),
+        },
+        _ => {}
+    }
+    problems
+}
+
+/// Answers one AdmissionReview. Allowed changes leave the requester as an actor hint.
+pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotAReview> {
+    let review: AdmissionReview = serde_json::from_slice(body).map_err(|e| NotAReview(e.to_string()))?;
+    let request = review.request.ok_or_else(|| NotAReview("no request".into()))?;
+    let kind = request.kind.kind.as_str();
+    let problems = match (&request.object, request.operation.as_str()) {
+        (Some(object), "CREATE" | "UPDATE") => validate_object(kind, object),
+        _ => Vec::new(),
+    };
+    let allowed = problems.is_empty();
+    if allowed {
+        let name = match request.object.as_ref().and_then(|o| o.pointer("/metadata/name")).and_then(Value::as_str) {
+            Some(n) if request.name.is_empty() => n.to_owned(),
+            _ => request.name.clone(),
+        };
+        hints.record(
+            (kind.to_owned(), request.namespace.clone(), name),
+            Actor {
+                username: request.user_info.username.clone(),
+                groups: request.user_info.groups.clone(),
+                source: ActorSource::AdmissionWebhook,
+            },
+        );
+    }
+    let status = (!allowed).then(|| ResponseStatus {
+        code: 422,
+        message: format!("{kind} {}/{} is invalid: {}", request.namespace, request.name, problems.join("; ")),
+    });
+    Ok(AdmissionReview {
+        api_version: "admission.k8s.io/v1".into(),
+        kind: "AdmissionReview".into(),
+        request: None,
+        response: Some(AdmissionResponse { uid: request.uid, allowed, status }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn request(kind: &str, operation: &str, spec: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "portcullis.dev", "version": "v1alpha1", "kind": kind},
+                "resource": {"group": "portcullis.dev", "version": "v1alpha1", "resource": "killswitches"},
+                "name": "stop-gpt",
+                "namespace": "ops",
+                "operation": operation,
+                "userInfo": {"username": "oncall@example.com", "uid": "42", "groups": ["sre", "system:authenticated"]},
+                "object": {"apiVersion": "portcullis.dev/v1alpha1", "kind": kind,
+                           "metadata": {"name": "stop-gpt", "namespace": "ops"}, "spec": spec},
+                "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn allowed_change_records_the_requester() {
+        let hints = ActorHints::default();
+        let body = request("KillSwitch", "UPDATE", json!({"scope": {"model": "gpt-*"}, "active": true}));
+        let answer = review(&body, &hints).unwrap();
+        let response = answer.response.unwrap();
+        assert!(response.allowed);
+        assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
+        let wire = serde_json::to_value(review(&body, &hints).unwrap()).unwrap();
+        assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(wire["response"]["allowed"], true);
+        let actor = hints.take(&("KillSwitch".into(), "ops".into(), "stop-gpt".into())).unwrap();
+        assert_eq!(actor.username, "oncall@example.com");
+        assert_eq!(actor.groups, ["sre", "system:authenticated"]);
+        assert_eq!(actor.source, ActorSource::AdmissionWebhook);
+    }
+
+    #[test]
+    fn invalid_specs_are_denied_with_actionable_messages_and_leave_no_hint() {
+        let hints = ActorHints::default();
+        let two = json!({"scope": {"global": true, "model": "x"}, "active": true});
+        let response = review(&request("KillSwitch", "CREATE", two), &hints).unwrap().response.unwrap();
+        assert!(!response.allowed);
+        let message = response.status.unwrap().message;
+        assert!(message.contains("spec.scope must name exactly one target"), "{message}");
+        assert!(hints.is_empty());
+
+        let credential = json!({"kind": "openai", "models": [{"name": "gpt-4o"}]});
+        let response = review(&request("ProviderCredential", "CREATE", credential), &hints).unwrap().response.unwrap();
+        assert!(response.status.unwrap().message.contains("spec.secretRef is required for kind openai"));
+
+        let key = json!({"allowedModels": ["gpt 4"], "rotation": 1, "secretRef": {"name": "s", "key": "k"}});
+        let response = review(&request("ApiKey", "CREATE", key), &hints).unwrap().response.unwrap();
+        let message = response.status.unwrap().message;
+        assert!(message.contains("spec.allowedModels[0]"), "{message}");
+        assert!(message.contains("spec.rotation applies to generated keys"), "{message}");
+    }
+
+    #[test]
+    fn deletes_are_allowed_and_attributed_and_garbage_is_rejected() {
+        let hints = ActorHints::default();
+        let response = review(&request("ApiKey", "DELETE", Value::Null), &hints).unwrap().response.unwrap();
+        assert!(response.allowed);
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
+        assert!(review(b"{not json", &hints).is_err());
+        assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints).is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! The ledger in a running operator: append what reconcilers observe (only the leader runs
+//! reconcilers, so replicas never fork the chain), hold deleted objects with a finalizer until
+//! their deletion is appended, and publish the head as a checkpoint.
+//!
+//! ```text
+//!   reconcile ─▶ audit::observe_* ─▶ Audit::record ─▶ decide ─▶ FileLedger (fsync) ─▶ checkpoint
+//!                 (actor: webhook hint ▶ managedFields ▶ operator)        ConfigMap annotation + Event
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference as K8sRef};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+
+use super::context::Context;
+use super::events::{report, Transition};
+use crate::audit::{self, ActorHints, AuditKey, Observed, Recorded};
+use crate::error::Error;
+use crate::ledger::{self, Actor, Checkpoint, FileLedger, LedgerEntry, LedgerError};
+
+/// Annotation (on the checkpoint ConfigMap) holding `SEQUENCE:HASH` of the ledger head.
+pub const HEAD_ANNOTATION: &str = "portcullis.dev/ledger-head";
+/// Name of the ConfigMap in the operator's namespace that carries the checkpoint.
+pub const CHECKPOINT_CONFIGMAP: &str = "portcullis-ledger-head";
+
+struct LedgerState {
+    ledger: FileLedger,
+    recorded: HashMap<AuditKey, Recorded>,
+}
+
+/// The ledger, what it says about each object, and the webhook's actor hints.
+pub struct Audit {
+    state: tokio::sync::Mutex<LedgerState>,
+    pub hints: Arc<ActorHints>,
+    published: Mutex<Option<Checkpoint>>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("hints", &self.hints.len()).finish_non_exhaustive()
+    }
+}
+
+impl Audit {
+    /// Opens (verifying) the ledger and replays it, so a restart continues the chain and knows
+    /// what it already recorded.
+    pub fn open(path: &Path, hints: Arc<ActorHints>) -> Result<Self, LedgerError> {
+        let ledger = FileLedger::open(path)?;
+        let entries =
+            ledger::read_lines(path).map_err(|source| LedgerError::Io { path: path.to_path_buf(), source })?;
+        let recorded = audit::replay(entries.iter().filter_map(|e| e.as_ref().ok()));
+        Ok(Self {
+            state: tokio::sync::Mutex::new(LedgerState { ledger, recorded }),
+            hints,
+            published: Mutex::new(None),
+        })
+    }
+
+    pub async fn head(&self) -> Option<Checkpoint> {
+        let state = self.state.lock().await;
+        state.ledger.head().map(|h| Checkpoint { sequence: h.sequence, hash: h.hash.clone() })
+    }
+
+    /// Appends an entry for each action `observed` represents since the ledger last recorded it.
+    pub async fn record(
+        &self,
+        observed: &Observed,
+        managed: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LedgerEntry>, LedgerError> {
+        let key = audit::key_of(&observed.object);
+        let mut state = self.state.lock().await;
+        let drafts = audit::decide(state.recorded.get(&key), observed);
+        if drafts.is_empty() {
+            // A hint for a change that was not an admin action (e.g. a limits edit) is spent.
+            self.hints.take(&key);
+            return Ok(Vec::new());
+        }
+        let requester = self.hints.take(&key).or_else(|| audit::actor_from_managed_fields(managed));
+        let mut appended = Vec::new();
+        for draft in drafts {
+            let actor =
+                if draft.by_operator { Actor::operator() } else { requester.clone().unwrap_or_else(Actor::operator) };
+            let entry = state.ledger.append_with_facts(
+                now,
+                actor,
+                draft.action,
+                observed.object.clone(),
+                draft.changed_fields,
+                audit::entry_facts(observed),
+            )?;
+            tracing::info!(sequence = entry.sequence, action = ?entry.action, kind = %entry.object.kind,
+                namespace = %entry.object.namespace, name = %entry.object.name, "ledger entry appended");
+            audit::remember(&mut state.recorded, &entry, Some(observed.spec.clone()));
+            appended.push(entry);
+        }
+        Ok(appended)
+    }
+
+    /// The head if it moved since the last successful publish.
+    fn unpublished(&self, head: Option<Checkpoint>) -> Option<Checkpoint> {
+        let published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        head.filter(|h| published.as_ref() != Some(h))
+    }
+
+    /// Forgets the last publish, so the next one repeats the head (the periodic checkpoint).
+    pub fn republish(&self) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn mark_published(&self, head: Checkpoint) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(head);
+    }
+}
+
+/// `SEQUENCE:HASH`, the form `audit verify --checkpoint` takes.
+pub fn checkpoint_text(head: &Checkpoint) -> String {
+    format!("{}:{}", head.sequence, head.hash)
+}
+
+/// Records `observed` and keeps the finalizer right: on a live object it is added, on a
+/// deleted one it is removed only once the deletion is in the ledger.
+pub async fn audit_object<K>(ctx: &Context, object: &K, observed: Observed) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let Some(audit) = &ctx.audit else { return Ok(()) };
+    let meta = object.meta();
+    let appended = audit.record(&observed, meta.managed_fields.as_deref().unwrap_or_default(), ctx.now()).await?;
+    if !appended.is_empty() {
+        ctx.checkpoint_trigger.notify_one();
+    }
+    let has_finalizer = meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER));
+    let wanted = !observed.deleting;
+    if has_finalizer != wanted {
+        set_finalizer::<K>(ctx, &observed.object.namespace, &observed.object.name, wanted).await?;
+    }
+    Ok(())
+}
+
+/// Adds or removes only the operator's finalizer: finalizers are a set under server-side apply,
+/// and this field manager owns nothing else.
+async fn set_finalizer<K>(ctx: &Context, namespace: &str, name: &str, present: bool) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let finalizers: Vec<&str> = if present { vec![audit::FINALIZER] } else { vec![] };
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": name, "finalizers": finalizers},
+    });
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let what = format!("{} {namespace}/{name} finalizer", K::kind(&()));
+    match api.patch_metadata(name, &PatchParams::apply(audit::FINALIZER_MANAGER).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => Ok(()),
+        // Gone already: nothing left to hold.
+        Err(e) if !present && crate::error::status_code(&e) == Some(404) => Ok(()),
+        Err(e) => Err(Error::write(what)(e)),
+    }
+}
+
+/// Publishes the ledger head on the checkpoint ConfigMap (annotation and data) and as an Event,
+/// when it moved since the last publish.
+pub async fn publish_checkpoint(ctx: &Context) -> Result<Option<Checkpoint>, Error> {
+    let Some(audit) = &ctx.audit else { return Ok(None) };
+    ctx.ensure_leading()?;
+    let Some(head) = audit.unpublished(audit.head().await) else { return Ok(None) };
+    let text = checkpoint_text(&head);
+    let namespace = &ctx.settings.namespace;
+    let config_map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CHECKPOINT_CONFIGMAP.to_owned()),
+            namespace: Some(namespace.clone()),
+            annotations: Some([(HEAD_ANNOTATION.to_owned(), text.clone())].into()),
+            ..Default::default()
+        },
+        data: Some([("head".to_owned(), text.clone()), ("publishedAt".to_owned(), ctx.now().to_rfc3339())].into()),
+        ..Default::default()
+    };
+    let mut patch = serde_json::to_value(&config_map).unwrap_or_default();
+    patch["apiVersion"] = "v1".into();
+    patch["kind"] = "ConfigMap".into();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    api.patch(CHECKPOINT_CONFIGMAP, &super::reconcile::apply_params(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::write(format!("ConfigMap {CHECKPOINT_CONFIGMAP}")))?;
+    let regarding = K8sRef {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        name: Some(CHECKPOINT_CONFIGMAP.into()),
+        namespace: Some(namespace.clone()),
+        ..Default::default()
+    };
+    report(ctx.recorder.as_ref(), &regarding, Transition::LedgerCheckpoint { head: text }).await;
+    audit.mark_published(head.clone());
+    Ok(Some(head))
+}
+
+/// Records a change of the active master key (never key material: only its id).
+pub async fn audit_keyring(ctx: &Context) -> Result<(), Error> {
+    let Some(audit) = &ctx.audit else { return Ok(()) };
+    let settings = &ctx.settings;
+    let Some(secret) = ctx.cached_secret(&settings.namespace, &settings.keyring_secret) else { return Ok(()) };
+    let keyring = ctx.current_keyring();
+    let observed = audit::observe_keyring(
+        &settings.namespace,
+        &settings.keyring_secret,
+        secret.metadata.uid.as_deref().unwrap_or_default(),
+        keyring.active_id().as_str(),
+    );
+    let appended =
+        audit.record(&observed, secret.metadata.managed_fields.as_deref().unwrap_or_default(), ctx.now()).await?;
+    if !appended.is_empty() {
+        ctx.checkpoint_trigger.notify_one();
+    }
+    Ok(())
+}
