@@ -114,6 +114,9 @@ setup_python() {
   echo "$want" > "$stamp"
 }
 
+# A fresh CI build gains nothing from incremental state; skipping it saves time and disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # --- run -------------------------------------------------------------------------------------
 step "system packages" install_system_packages || true
 step "rust toolchain" install_rust || exit 1
