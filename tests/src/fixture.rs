@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::client::{Response, TestClient};
+use crate::client::{Response, StreamingResponse, TestClient};
 use crate::gateway::{Gateway, GatewayOptions};
 use crate::manifests::{self as m, Manifests};
 use crate::pki::TestPki;
@@ -182,6 +182,19 @@ impl Fixture {
         let mut headers = vec![("x-api-key", key), ("anthropic-version", "2023-06-01")];
         headers.extend_from_slice(extra);
         self.client.post_json(&self.url("/v1/messages"), &headers, body).await
+    }
+
+    /// Opens a streaming `POST /v1/chat/completions` ("hi" to `model`); the caller checks the status.
+    pub async fn chat_stream(&self, key: &str, model: &str) -> anyhow::Result<StreamingResponse> {
+        let auth = format!("Bearer {key}");
+        let url = self.url("/v1/chat/completions");
+        self.client.post_json_streaming(&url, &[("authorization", &auth)], &chat_body(model, "hi", true)).await
+    }
+
+    /// Opens a streaming `POST /v1/messages` ("hi" to `model`); the caller checks the status.
+    pub async fn messages_stream(&self, key: &str, model: &str) -> anyhow::Result<StreamingResponse> {
+        let headers = [("x-api-key", key), ("anthropic-version", "2023-06-01")];
+        self.client.post_json_streaming(&self.url("/v1/messages"), &headers, &messages_body(model, "hi", true)).await
     }
 }
 

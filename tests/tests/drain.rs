@@ -17,16 +17,7 @@ async fn sigterm_lets_a_slow_stream_finish_refuses_new_connections_and_exits_zer
     };
     let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
     let listen = fx.gateway.listen_addr();
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     assert_eq!(stream.status, 200);
     let first = stream.next_event(Duration::from_secs(10)).await.unwrap().expect("first event");
 
@@ -73,16 +64,7 @@ async fn drain_deadline_bounds_shutdown() {
     };
     let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
     fx.openai.hold_last_event();
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     stream.next_event(Duration::from_secs(10)).await.unwrap().expect("first event");
     fx.openai.wait_held(1, Duration::from_secs(10)).await.unwrap();
 

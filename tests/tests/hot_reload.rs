@@ -158,16 +158,7 @@ async fn reload_under_load_drops_nothing_and_revocation_is_fast() {
 async fn inflight_stream_finishes_on_its_snapshot_after_revocation() {
     let mut fx = Fixture::start().await.expect("fixture");
     fx.openai.hold_last_event();
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     assert_eq!(stream.status, 200);
     stream.next_event(T).await.unwrap().expect("first event");
     fx.openai.wait_held(1, T).await.unwrap();

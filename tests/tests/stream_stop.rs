@@ -32,16 +32,7 @@ async fn drain(stream: &mut portcullis_e2e::StreamingResponse) -> (Vec<portculli
 #[tokio::test]
 async fn open_openai_stream_ends_when_a_global_switch_is_applied() {
     let mut fx = Fixture::start_with(slow_stream(), |_| {}).await.expect("fixture");
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .expect("stream");
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.expect("stream");
     assert_eq!(stream.status, 200);
     stream.next_event(Duration::from_secs(5)).await.expect("first event").expect("not ended");
 
@@ -64,15 +55,7 @@ async fn open_openai_stream_ends_when_a_global_switch_is_applied() {
 #[tokio::test]
 async fn open_anthropic_stream_ends_when_its_provider_is_stopped() {
     let mut fx = Fixture::start_with(slow_stream(), |_| {}).await.expect("fixture");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/messages"),
-            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
-            &messages_body("claude-3-5-haiku-latest", "hi", true),
-        )
-        .await
-        .expect("stream");
+    let mut stream = fx.messages_stream(ALICE_KEY, "claude-3-5-haiku-latest").await.expect("stream");
     assert_eq!(stream.status, 200);
     stream.next_event(Duration::from_secs(5)).await.expect("first event").expect("not ended");
 
@@ -104,16 +87,7 @@ async fn streams_outside_the_switch_scope_continue() {
     )
     .await
     .expect("fixture");
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .expect("stream");
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.expect("stream");
     stream.next_event(Duration::from_secs(5)).await.expect("first event").expect("not ended");
     fx.reload(|ms| {
         ms.add(

@@ -43,16 +43,7 @@ async fn first_event_reaches_client_before_upstream_sends_its_last() {
     }
 
     // OpenAI chat.
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     assert_eq!(stream.status, 200);
     assert!(stream.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")));
     assert!(stream.header("x-request-id").is_some());
@@ -70,15 +61,7 @@ async fn first_event_reaches_client_before_upstream_sends_its_last() {
     assert_eq!(chat_text(&all), "Hello from the loopback upstream.");
 
     // Anthropic messages.
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/messages"),
-            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
-            &messages_body("claude-3-5-haiku-latest", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.messages_stream(ALICE_KEY, "claude-3-5-haiku-latest").await.unwrap();
     assert_eq!(stream.status, 200);
     let first = stream.next_event(T).await.unwrap().expect("message_start while upstream holds message_stop");
     assert_eq!(first.event.as_deref(), Some("message_start"));
@@ -97,16 +80,7 @@ async fn events_are_forwarded_one_by_one_not_batched() {
         ..Default::default()
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o").await.unwrap();
     let events = stream.collect_events(T).await.unwrap();
     // role + 6 deltas + finish + [DONE] = 9 events, 150 ms apart upstream.
     assert_eq!(events.len(), 9, "{events:?}");
@@ -119,16 +93,7 @@ async fn events_are_forwarded_one_by_one_not_batched() {
 #[tokio::test]
 async fn usage_chunk_is_requested_and_stripped_when_client_did_not_ask() {
     let fx = Fixture::start().await.expect("fixture");
-    let auth = format!("Bearer {ALICE_KEY}");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/chat/completions"),
-            &[("authorization", &auth)],
-            &chat_body("gpt-4o-mini", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
     assert_eq!(stream.status, 200);
     let events = stream.collect_events(T).await.unwrap();
 
@@ -171,15 +136,7 @@ async fn usage_chunk_is_kept_when_client_asked() {
 #[tokio::test]
 async fn anthropic_stream_is_forwarded_in_order_and_metered() {
     let fx = Fixture::start().await.expect("fixture");
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/messages"),
-            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
-            &messages_body("claude-3-5-haiku-latest", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.messages_stream(ALICE_KEY, "claude-3-5-haiku-latest").await.unwrap();
     assert_eq!(stream.status, 200);
     let events = stream.collect_events(T).await.unwrap();
     let names: Vec<&str> = events.iter().filter_map(|e| e.event.as_deref()).collect();

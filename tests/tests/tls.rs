@@ -44,15 +44,7 @@ async fn https_listener_serves_h2_and_http1_through_https_upstreams() {
     assert_eq!(h1.version, http::Version::HTTP_11);
 
     // SSE over h2 through TLS on both sides.
-    let mut stream = fx
-        .client
-        .post_json_streaming(
-            &fx.url("/v1/messages"),
-            &[("x-api-key", ALICE_KEY), ("anthropic-version", "2023-06-01")],
-            &messages_body("claude-3-5-haiku-latest", "hi", true),
-        )
-        .await
-        .unwrap();
+    let mut stream = fx.messages_stream(ALICE_KEY, "claude-3-5-haiku-latest").await.unwrap();
     assert_eq!(stream.status, 200);
     assert_eq!(stream.version, http::Version::HTTP_2);
     let events = stream.collect_events(Duration::from_secs(10)).await.unwrap();
