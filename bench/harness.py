@@ -6,7 +6,12 @@ wrk (1 thread) and the loopback upstream on CPU 0, the proxy under test alone on
 worker each. Per scenario: warm-up, then a measured wrk run; proxy CPU from /proc/PID/stat
 (utime+stime) deltas; peak RSS from VmHWM after resetting it (clear_refs 5) before the scenario.
 
-Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_TARGETS (direct,nginx,portcullis,envoy),
+Portcullis runs three ways, side by side: `portcullis` (the key has limits; in-memory limiter),
+`portcullis-nolimit` (a key without limits: the limiter is never consulted) and `portcullis-redis`
+(limits on a shared Redis, a redis-server pinned to CPU 0 with the load generator).
+
+Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
+BENCH_TARGETS (direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,envoy),
 BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN.
 """
@@ -17,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,15 +31,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
-TARGETS = os.environ.get("BENCH_TARGETS", "direct,nginx,portcullis,envoy").split(",")
+TARGETS = os.environ.get("BENCH_TARGETS",
+                         "direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,envoy").split(",")
 MODES = os.environ.get("BENCH_MODES", "plain,sse").split(",")
 CONNS = [int(c) for c in os.environ.get("BENCH_CONNS", "1,32").split(",")]
 BASE = int(os.environ.get("BENCH_PORT_BASE", "28100"))
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "1")))
 PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
-        "portcullis_admin": BASE + 4, "envoy": BASE + 5, "envoy_admin": BASE + 6}
-LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"],
-          "portcullis": PORT["portcullis"], "envoy": PORT["envoy"]}
+        "portcullis_admin": BASE + 4, "envoy": BASE + 5, "envoy_admin": BASE + 6,
+        "portcullis-nolimit": BASE + 7, "portcullis-nolimit_admin": BASE + 8,
+        "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11}
+LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "portcullis": PORT["portcullis"],
+          "portcullis-nolimit": PORT["portcullis-nolimit"], "portcullis-redis": PORT["portcullis-redis"],
+          "envoy": PORT["envoy"]}
+LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
 CLIENT_KEY = "pcl_bench_client_key_0123456789_abcdefghijklmnop"
 BODY = {
     "plain": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}',
@@ -174,7 +185,7 @@ def foreign_processes():
                             capture_output=True, text=True).stdout.splitlines()[1:]
     except OSError:
         return []
-    mine = {"wrk", "bench-upstream", "portcullis-data", "nginx", "envoy", "ps", "python3"}
+    mine = {"wrk", "bench-upstream", "portcullis-data", "nginx", "envoy", "ps", "python3", "redis-server"}
     busy = []
     for line in ps[:15]:
         pcpu, _, comm = line.split(None, 2)
@@ -231,7 +242,7 @@ def wrk_result(p):
 # Targets
 
 
-def write_manifests(d):
+def write_manifests(d, limits=True):
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "bench.yaml"), "w") as f:
         f.write(f"""apiVersion: v1
@@ -256,6 +267,7 @@ spec:
   models: [{{name: bench-model}}]
 ---
 # Limits far above what the bench reaches: checked and metered, never throttling.
+# (portcullis-nolimit: no limits at all, so the limiter is skipped.)
 apiVersion: portcullis.dev/v1alpha1
 kind: ApiKey
 metadata: {{name: bench, namespace: default}}
@@ -263,8 +275,7 @@ spec:
   owner: bench@example.com
   team: bench
   allowedModels: ["*"]
-  limits: {{requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}}
-  secretRef: {{name: bench-client-key, key: key}}
+{LIMITS if limits else ""}  secretRef: {{name: bench-client-key, key: key}}
 """)
 
 
@@ -395,18 +406,25 @@ def start_target(name):
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
-    if name == "portcullis":
-        d = os.path.join(WORK, "manifests")
-        write_manifests(d)
+    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis"):
+        extra = []
+        if name == "portcullis-redis":
+            url, note = start_redis()
+            if note:
+                return None, [], note
+            # closed: a Redis fallback would show as errors instead of flattering the figure.
+            extra = ["--redis-url", url, "--limiter-failure-policy", "closed"]
+        d = os.path.join(WORK, "manifests-" + name)
+        write_manifests(d, limits=name != "portcullis-nolimit")
         argv = [os.path.join(BIN, "portcullis-dataplane"), "--manifests", d,
-                "--listen", f"127.0.0.1:{PORT['portcullis']}",
-                "--admin-listen", f"127.0.0.1:{PORT['portcullis_admin']}", "--log-level", "warn"]
-        argv += one_worker_args()
+                "--listen", f"127.0.0.1:{PORT[name]}",
+                "--admin-listen", f"127.0.0.1:{PORT[name + '_admin']}", "--log-level", "warn"]
+        argv += one_worker_args() + extra
         argv += os.environ.get("BENCH_PORTCULLIS_ARGS", "").split()
-        p = start("portcullis", argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
-        if not (wait_http(PORT["portcullis_admin"], "/readyz") and wait_ready(PORT["portcullis"])):
+        p = start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
+        if not (wait_http(PORT[name + "_admin"], "/readyz") and wait_ready(PORT[name])):
             stop(p)
-            return None, [], "portcullis did not start (see portcullis.log)"
+            return None, [], f"{name} did not start (see {name}.log)"
         return p, [p.pid], None
     if name == "envoy":
         b = envoy_bin()
@@ -420,6 +438,29 @@ def start_target(name):
             return None, [], "Envoy did not start (see envoy.log)"
         return p, [p.pid], None
     raise ValueError(name)
+
+
+def start_redis():
+    """A throwaway redis-server on CPU 0 (with wrk and the upstream): shared infrastructure, not
+    the proxy under test. Returns (url, None) or (None, note)."""
+    server = shutil.which("redis-server") or ("/usr/bin/redis-server"
+                                               if os.path.exists("/usr/bin/redis-server") else None)
+    if not server:
+        return None, "redis-server not installed: portcullis-redis skipped"
+    d = os.path.join(WORK, "redis")
+    os.makedirs(d, exist_ok=True)
+    start("redis", [server, "--port", str(PORT["redis"]), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", d], cpu=0)
+    end = time.time() + 10
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", PORT["redis"]), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{PORT['redis']}/", None
+        except OSError:
+            time.sleep(0.05)
+    return None, "redis-server did not start (see redis.log): portcullis-redis skipped"
 
 
 def verify(name, port):
@@ -540,6 +581,30 @@ def verdict(results):
     return "\n".join(out)
 
 
+def limiter_ratios(results):
+    """Limiter cost: in-memory and Redis throughput against the same gateway with no limiter."""
+    idx = {(r["target"], r["mode"], r["conns"]): r for r in results}
+    out = []
+    for mode in MODES:
+        for conns in CONNS:
+            base = idx.get(("portcullis-nolimit", mode, conns))
+            if not base or not base["rps"]:
+                continue
+            parts = []
+            for name, label in (("portcullis", "in-memory"), ("portcullis-redis", "Redis")):
+                r = idx.get((name, mode, conns))
+                if r:
+                    ratio = r["rps"] / base["rps"]
+                    tail = ""
+                    if name == "portcullis-redis" and conns == 32:
+                        tail = " (target ≥ 0.80: " + ("MET" if ratio >= 0.8 else
+                                                      f"MISSED by {(0.8 - ratio) * 100:.0f} points") + ")"
+                    parts.append(f"{label} {ratio:.2f}×{tail}")
+            if parts:
+                out.append(f"- {mode} c={conns}: " + ", ".join(parts) + " the no-limiter throughput")
+    return "\n".join(out)
+
+
 def wait_quiet():
     """Waits (bounded) for other engineers' compiles to finish: they share both cores."""
     limit = float(os.environ.get("BENCH_WAIT_QUIET", "90"))
@@ -643,6 +708,7 @@ def main():
           "proxy syscalls/req: counted during the warm-up (perf tracepoint), not the measured run; proxy core %: share of CPU 1 the proxy used; CPU0 %: how busy the load generator "
           "+ upstream core was (near 100 % means the proxy was not the limit).", "",
           "## Targets (Portcullis)", "", verdict(results), "",
+          "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

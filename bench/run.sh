@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command: build (release), install what is missing, run the side-by-side proxy benchmark
-# (direct, nginx, Portcullis, Envoy × plain/SSE × concurrency 1/32) and print one table.
+# (direct, nginx, Portcullis — no limiter, in-memory, Redis — and Envoy × plain/SSE × concurrency 1/32) and print one table.
 # Results also go to bench/out/latest.md (and a timestamped copy).
 #
 #   bench/run.sh                      # 10 s per scenario, ~5 minutes in all
@@ -24,6 +24,7 @@ missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing from Debian: ${missing[*]}"
     $SUDO apt-get update -qq

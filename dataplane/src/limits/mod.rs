@@ -16,6 +16,7 @@
 //! alone. Metrics carry no per-key labels (10k keys would mean 10k series per metric): rejections
 //! are counted by limit kind, and per-key counts are on the admin listener's `/limits`.
 
+pub mod batch;
 pub mod memory;
 pub mod redis_store;
 pub mod window;

@@ -1,13 +1,16 @@
 //! The shared store: Redis, reached through one auto-reconnecting multiplexed connection.
 //!
-//! Every admission is one atomic server-side script per subject that checks all of the
-//! subject's limits and records them only if all pass. Keys of one subject share a hash tag
+//! Every admission is decided by an atomic server-side script per subject that checks all of
+//! the subject's limits and records them only if all pass. Concurrent requests of one subject
+//! share a script call ([`super::batch`]): the script still decides each of them on its own, in
+//! order, so this changes the number of round trips and nothing else. Keys of one subject share a hash tag
 //! (`{pcl:<digest>}`), so a script only ever touches one slot and works on Redis Cluster; the
 //! digest keeps names and addresses out of Redis. Time comes from Redis (`TIME`), so replicas
 //! with skewed clocks still share one window. Every call has a tight timeout; a failure marks
 //! the store unhealthy until a background probe sees it answer again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
@@ -15,6 +18,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use sha2::{Digest, Sha256};
 
+use super::batch::{BatchFuture, Batcher};
 use super::window::{GRANULES, GRANULE_MS};
 use super::{Admission, Decision, Granted, Period, Refusal, Subject, Which};
 
@@ -44,8 +48,9 @@ end
 "#;
 
 /// KEYS: requests hash, requests list, tokens hash, tokens list, day counter, month counter.
-/// ARGV: granule ms, granules, rpm, tpm, cost, day budget, month budget, day ttl, month ttl
-/// (0 = no such limit).
+/// ARGV: granule ms, granules, rpm, tpm, day budget, month budget, day ttl, month ttl (0 = no
+/// such limit), then one cost per request of the batch. Each request is decided on its own, in
+/// order, exactly as if it had come alone; the reply is ten numbers per request.
 const ADMIT_BODY: &str = r#"
 local function retry_after(h, l, total, cost, limit)
   local items = redis.call('LRANGE', l, 0, -1)
@@ -59,53 +64,68 @@ end
 local function add(h, l, c)
   if redis.call('HINCRBY', h, cur, c) == c then redis.call('RPUSH', l, cur) end
   redis.call('HINCRBY', h, 't', c)
-  redis.call('PEXPIRE', h, (N + 2) * G)
-  redis.call('PEXPIRE', l, (N + 2) * G)
 end
 local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
-local cost = tonumber(ARGV[5])
-local dayb = tonumber(ARGV[6])
-local monb = tonumber(ARGV[7])
+local dayb = tonumber(ARGV[5])
+local monb = tonumber(ARGV[6])
 local rq, tk, dayu, monu = 0, 0, 0, 0
-if rpm > 0 then
-  rq = expire(KEYS[1], KEYS[2])
-  if rq + 1 > rpm then return {0, 1, retry_after(KEYS[1], KEYS[2], rq, 1, rpm), rq, tk, 0, 0, 0, 0, 0} end
+if rpm > 0 then rq = expire(KEYS[1], KEYS[2]) end
+if tpm > 0 then tk = expire(KEYS[3], KEYS[4]) end
+if dayb > 0 then dayu = tonumber(redis.call('GET', KEYS[5]) or '0') end
+if monb > 0 then monu = tonumber(redis.call('GET', KEYS[6]) or '0') end
+local out = {}
+local function push(a, b, c, d, e, f, g, h, i, j)
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = a, b, c, d, e
+  out[n + 6], out[n + 7], out[n + 8], out[n + 9], out[n + 10] = f, g, h, i, j
 end
-if tpm > 0 then
-  tk = expire(KEYS[3], KEYS[4])
-  if tk + cost > tpm then return {0, 2, retry_after(KEYS[3], KEYS[4], tk, cost, tpm), rq, tk, 0, 0, 0, 0, 0} end
+local added, spent = false, 0
+for i = 9, #ARGV do
+  local cost = tonumber(ARGV[i])
+  if rpm > 0 and rq + 1 > rpm then
+    push(0, 1, retry_after(KEYS[1], KEYS[2], rq, 1, rpm), rq, tk, 0, 0, 0, 0, 0)
+  elseif tpm > 0 and tk + cost > tpm then
+    push(0, 2, retry_after(KEYS[3], KEYS[4], tk, cost, tpm), rq, tk, 0, 0, 0, 0, 0)
+  elseif dayb > 0 and dayu >= dayb then
+    push(0, 3, 0, rq, tk, 0, dayu, 0, 0, 0)
+  elseif monb > 0 and monu >= monb then
+    push(0, 4, 0, rq, tk, 0, dayu, monu, 0, 0)
+  else
+    if rpm > 0 then add(KEYS[1], KEYS[2], 1); rq = rq + 1 end
+    if tpm > 0 then add(KEYS[3], KEYS[4], cost); tk = tk + cost end
+    push(1, 0, 0, rq, tk, cur, dayu, monu, reset_after(KEYS[2]), reset_after(KEYS[4]))
+    added, spent = true, spent + cost
+    dayu, monu = dayu + cost, monu + cost
+  end
 end
-if dayb > 0 then
-  dayu = tonumber(redis.call('GET', KEYS[5]) or '0')
-  if dayu >= dayb then return {0, 3, 0, rq, tk, 0, dayu, 0, 0, 0} end
+if added then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], (N + 2) * G) end
+  if dayb > 0 then redis.call('INCRBY', KEYS[5], spent); redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
+  if monb > 0 then redis.call('INCRBY', KEYS[6], spent); redis.call('PEXPIRE', KEYS[6], ARGV[8]) end
 end
-if monb > 0 then
-  monu = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if monu >= monb then return {0, 4, 0, rq, tk, 0, dayu, monu, 0, 0} end
-end
-if rpm > 0 then add(KEYS[1], KEYS[2], 1); rq = rq + 1 end
-if tpm > 0 then add(KEYS[3], KEYS[4], cost); tk = tk + cost end
-if dayb > 0 then redis.call('INCRBY', KEYS[5], cost); redis.call('PEXPIRE', KEYS[5], ARGV[8]) end
-if monb > 0 then redis.call('INCRBY', KEYS[6], cost); redis.call('PEXPIRE', KEYS[6], ARGV[9]) end
-return {1, 0, 0, rq, tk, cur, dayu, monu, reset_after(KEYS[2]), reset_after(KEYS[4])}
+return out
 "#;
 
-/// KEYS as for admit. ARGV: granule ms, granules, granule, request delta, token delta,
-/// budget delta (applied to day and month counters that exist).
+/// KEYS as for admit. ARGV: granule ms, granules, then four numbers per settlement: granule,
+/// request delta, token delta, budget delta (applied to the day and month counters that exist).
 const SETTLE_BODY: &str = r#"
-local g = ARGV[3]
-local function adjust(h, l, delta)
-  expire(h, l)
+local function adjust(h, g, delta)
   local c = redis.call('HGET', h, g)
   if not c then return end
   local new = math.max(0, tonumber(c) + delta)
   redis.call('HSET', h, g, new)
   redis.call('HINCRBY', h, 't', new - tonumber(c))
 end
-if tonumber(ARGV[4]) ~= 0 then adjust(KEYS[1], KEYS[2], tonumber(ARGV[4])) end
-if tonumber(ARGV[5]) ~= 0 then adjust(KEYS[3], KEYS[4], tonumber(ARGV[5])) end
-local b = tonumber(ARGV[6])
+expire(KEYS[1], KEYS[2])
+expire(KEYS[3], KEYS[4])
+local b = 0
+for i = 3, #ARGV, 4 do
+  local g = ARGV[i]
+  if tonumber(ARGV[i + 1]) ~= 0 then adjust(KEYS[1], g, tonumber(ARGV[i + 1])) end
+  if tonumber(ARGV[i + 2]) ~= 0 then adjust(KEYS[3], g, tonumber(ARGV[i + 2])) end
+  b = b + tonumber(ARGV[i + 3])
+end
 if b ~= 0 then
   for i = 5, 6 do
     local v = redis.call('GET', KEYS[i])
@@ -140,8 +160,12 @@ end
 return -1
 "#;
 
+/// Most requests one script call decides: bounds the time a script holds Redis.
+const MAX_BATCH: usize = 128;
+
+/// The connection, the scripts and the health flag, shared with the batch drainers.
 #[derive(Debug)]
-pub struct RedisStore {
+struct Shared {
     connection: ConnectionManager,
     admit: Script,
     settle: Script,
@@ -152,55 +176,70 @@ pub struct RedisStore {
     errors: IntCounterVec,
 }
 
+/// Requests of one subject that can be decided by one script call: same counters, same limits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AdmitLane {
+    subject: String,
+    /// rpm, tpm, day budget, month budget; 0 = none (budgets are 0 for team subjects).
+    limits: [u64; 4],
+    day: u32,
+    month: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AdmitItem {
+    cost: u64,
+    day_ttl_ms: u64,
+    month_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SettleLane {
+    subject: String,
+    day: u32,
+    month: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SettleItem {
+    granule: u64,
+    requests: i64,
+    tokens: i64,
+    budget: i64,
+}
+
+/// One admission's answer: admitted?, which limit, retry-after ms, requests used, tokens used,
+/// granule, day used, month used, requests reset ms, tokens reset ms.
+type AdmitReply = [i64; 10];
+
+#[derive(Debug)]
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    admits: Arc<Batcher<AdmitLane, AdmitItem, AdmitReply>>,
+    settles: Arc<Batcher<SettleLane, SettleItem, ()>>,
+    /// Lockout lookups, one lane per client address.
+    locks: Arc<Batcher<String, (), i64>>,
+}
+
 /// `{pcl:<digest>}` for a subject or client address.
 fn tag(kind: &str, name: &str) -> String {
     let digest = Sha256::digest(format!("{kind}\0{name}").as_bytes());
     format!("{{pcl:{}}}", hex::encode(&digest[..10]))
 }
 
-struct SubjectKeys([String; 6]);
-
-impl SubjectKeys {
-    fn new(subject: &Subject, period: Period) -> Self {
-        let t = tag("subject", &subject.id);
-        SubjectKeys([
-            format!("{t}:rq"),
-            format!("{t}:rql"),
-            format!("{t}:tk"),
-            format!("{t}:tkl"),
-            format!("{t}:d:{}", period.day),
-            format!("{t}:m:{}", period.month),
-        ])
-    }
+fn subject_keys(subject: &str, day: u32, month: u32) -> [String; 6] {
+    let t = tag("subject", subject);
+    [
+        format!("{t}:rq"),
+        format!("{t}:rql"),
+        format!("{t}:tk"),
+        format!("{t}:tkl"),
+        format!("{t}:d:{day}"),
+        format!("{t}:m:{month}"),
+    ]
 }
 
-impl RedisStore {
-    pub fn connect(url: &str, timeout: Duration, errors: IntCounterVec) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?;
-        Ok(Self {
-            connection,
-            admit: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{ADMIT_BODY}")),
-            settle: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{SETTLE_BODY}")),
-            usage: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{USAGE_BODY}")),
-            auth_failed: Script::new(AUTH_FAILED),
-            healthy: AtomicBool::new(false),
-            timeout,
-            errors,
-        })
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
+impl Shared {
     fn failed(&self, kind: &str, error: &str) {
         self.errors.with_label_values(&[kind]).inc();
         if self.healthy.swap(false, Ordering::Relaxed) {
@@ -226,50 +265,147 @@ impl RedisStore {
         }
     }
 
+    async fn admit_batch(&self, lane: &AdmitLane, items: &[AdmitItem]) -> Option<Vec<AdmitReply>> {
+        let mut invocation = self.admit.prepare_invoke();
+        for key in subject_keys(&lane.subject, lane.day, lane.month) {
+            invocation.key(key);
+        }
+        let ttl = |f: fn(&AdmitItem) -> u64| items.iter().map(f).max().unwrap_or(0) + 86_400_000;
+        invocation
+            .arg(GRANULE_MS)
+            .arg(GRANULES)
+            .arg(lane.limits[0])
+            .arg(lane.limits[1])
+            .arg(lane.limits[2])
+            .arg(lane.limits[3])
+            .arg(ttl(|i| i.day_ttl_ms))
+            .arg(ttl(|i| i.month_ttl_ms));
+        for item in items {
+            invocation.arg(item.cost);
+        }
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self.call("admit", invocation.invoke_async(&mut connection)).await.ok()?;
+        if reply.len() != items.len() * 10 {
+            self.failed("admit", "reply of the wrong length");
+            return None;
+        }
+        Some(reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect())
+    }
+
+    async fn settle_batch(&self, lane: &SettleLane, items: &[SettleItem]) -> Option<Vec<()>> {
+        let mut invocation = self.settle.prepare_invoke();
+        for key in subject_keys(&lane.subject, lane.day, lane.month) {
+            invocation.key(key);
+        }
+        invocation.arg(GRANULE_MS).arg(GRANULES);
+        for item in items {
+            invocation.arg(item.granule).arg(item.requests).arg(item.tokens).arg(item.budget);
+        }
+        let mut connection = self.connection.clone();
+        self.call::<i64, _>("settle", invocation.invoke_async(&mut connection)).await.ok()?;
+        Some(vec![(); items.len()])
+    }
+
+    async fn lock_ttl(&self, client: &str, waiting: usize) -> Option<Vec<i64>> {
+        let lock = format!("{}:lock", tag("client", client));
+        let mut connection = self.connection.clone();
+        let ttl: i64 = self.call("lockout", redis::cmd("PTTL").arg(&lock).query_async(&mut connection)).await.ok()?;
+        Some(vec![ttl; waiting])
+    }
+}
+
+impl RedisStore {
+    pub fn connect(url: &str, timeout: Duration, errors: IntCounterVec) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?;
+        let shared = Arc::new(Shared {
+            connection,
+            admit: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{ADMIT_BODY}")),
+            settle: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{SETTLE_BODY}")),
+            usage: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{USAGE_BODY}")),
+            auth_failed: Script::new(AUTH_FAILED),
+            healthy: AtomicBool::new(false),
+            timeout,
+            errors,
+        });
+        let s = shared.clone();
+        let admits =
+            Batcher::new(MAX_BATCH, move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<AdmitReply> {
+                let s = s.clone();
+                Box::pin(async move { s.admit_batch(&lane, &items).await })
+            });
+        let s = shared.clone();
+        let settles = Batcher::new(MAX_BATCH, move |lane: SettleLane, items: Vec<SettleItem>| -> BatchFuture<()> {
+            let s = s.clone();
+            Box::pin(async move { s.settle_batch(&lane, &items).await })
+        });
+        let s = shared.clone();
+        let locks = Batcher::new(MAX_BATCH, move |client: String, items: Vec<()>| -> BatchFuture<i64> {
+            let s = s.clone();
+            Box::pin(async move { s.lock_ttl(&client, items.len()).await })
+        });
+        Ok(Self { shared, admits, settles, locks })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a batched answer, but never longer than the store's timeout: a request queued
+    /// behind a slow call falls back to the failure policy instead of stalling.
+    async fn answer<O>(&self, answer: impl std::future::Future<Output = Option<O>>) -> Result<O, ()> {
+        match tokio::time::timeout(self.shared.timeout, answer).await {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) | Err(_) => Err(()),
+        }
+    }
+
     /// One PING; flips the store back to healthy when it answers.
     pub async fn probe(&self) {
-        let mut connection = self.connection.clone();
+        let mut connection = self.shared.connection.clone();
         let answered = tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(100)),
+            self.shared.timeout.max(Duration::from_millis(100)),
             redis::cmd("PING").query_async::<String>(&mut connection),
         )
         .await;
         let ok = matches!(answered, Ok(Ok(_)));
-        if ok && !self.healthy.swap(true, Ordering::Relaxed) {
+        if ok && !self.shared.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared limit store reachable; limits are shared again");
         } else if !ok {
-            self.failed("probe", "no answer to PING");
+            self.shared.failed("probe", "no answer to PING");
         }
     }
 
-    async fn admit_subject(&self, subject: &Subject, admission: &Admission, budgets: bool) -> Result<Vec<i64>, ()> {
-        let keys = SubjectKeys::new(subject, admission.period);
+    async fn admit_subject(&self, subject: &Subject, admission: &Admission, budgets: bool) -> Result<AdmitReply, ()> {
         let l = &subject.limits;
-        let mut invocation = self.admit.prepare_invoke();
-        for key in &keys.0 {
-            invocation.key(key);
-        }
         let budget = |b: Option<u64>| if budgets { b.unwrap_or(0) } else { 0 };
-        invocation
-            .arg(GRANULE_MS)
-            .arg(GRANULES)
-            .arg(l.requests_per_minute.unwrap_or(0))
-            .arg(l.tokens_per_minute.unwrap_or(0))
-            .arg(admission.tokens)
-            .arg(budget(l.tokens_per_day))
-            .arg(budget(l.tokens_per_month))
-            .arg(admission.period.day_reset_ms + 86_400_000)
-            .arg(admission.period.month_reset_ms + 86_400_000);
-        let mut connection = self.connection.clone();
-        let reply: Vec<i64> = self.call("admit", invocation.invoke_async(&mut connection)).await?;
-        if reply.len() < 10 {
-            self.failed("admit", "short reply");
-            return Err(());
-        }
-        Ok(reply)
+        let lane = AdmitLane {
+            subject: subject.id.clone(),
+            limits: [
+                l.requests_per_minute.unwrap_or(0),
+                l.tokens_per_minute.unwrap_or(0),
+                budget(l.tokens_per_day),
+                budget(l.tokens_per_month),
+            ],
+            day: admission.period.day,
+            month: admission.period.month,
+        };
+        let item = AdmitItem {
+            cost: admission.tokens,
+            day_ttl_ms: admission.period.day_reset_ms,
+            month_ttl_ms: admission.period.month_reset_ms,
+        };
+        self.answer(self.admits.submit(lane, item)).await
     }
 
-    fn refusal(reply: &[i64], subject: &Subject, team: bool, period: Period) -> Refusal {
+    fn refusal(reply: &AdmitReply, subject: &Subject, team: bool, period: Period) -> Refusal {
         let l = &subject.limits;
         let (which, limit) = match (reply[1], team) {
             (1, false) => (Which::Requests, l.requests_per_minute),
@@ -341,14 +477,9 @@ impl RedisStore {
         token_delta: i64,
         budget_delta: i64,
     ) -> Result<(), ()> {
-        let keys = SubjectKeys::new(subject, period);
-        let mut invocation = self.settle.prepare_invoke();
-        for key in &keys.0 {
-            invocation.key(key);
-        }
-        invocation.arg(GRANULE_MS).arg(GRANULES).arg(granule).arg(request_delta).arg(token_delta).arg(budget_delta);
-        let mut connection = self.connection.clone();
-        self.call::<i64, _>("settle", invocation.invoke_async(&mut connection)).await.map(|_| ())
+        let lane = SettleLane { subject: subject.id.clone(), day: period.day, month: period.month };
+        let item = SettleItem { granule, requests: request_delta, tokens: token_delta, budget: budget_delta };
+        self.answer(self.settles.submit(lane, item)).await
     }
 
     pub async fn settle(&self, admission: &Admission, granted: &Granted, delta: i64) {
@@ -362,23 +493,19 @@ impl RedisStore {
     }
 
     pub async fn usage(&self, subject_id: &str, period: Period) -> Option<(u64, u64, u64, u64)> {
-        let subject = Subject { id: subject_id.to_owned(), limits: Default::default() };
-        let keys = SubjectKeys::new(&subject, period);
-        let mut invocation = self.usage.prepare_invoke();
-        for key in &keys.0 {
+        let mut invocation = self.shared.usage.prepare_invoke();
+        for key in subject_keys(subject_id, period.day, period.month) {
             invocation.key(key);
         }
         invocation.arg(GRANULE_MS).arg(GRANULES);
-        let mut connection = self.connection.clone();
-        let reply: Vec<i64> = self.call("usage", invocation.invoke_async(&mut connection)).await.ok()?;
+        let mut connection = self.shared.connection.clone();
+        let reply: Vec<i64> = self.shared.call("usage", invocation.invoke_async(&mut connection)).await.ok()?;
         let v = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         Some((v(0), v(1), v(2), v(3)))
     }
 
     pub async fn locked(&self, client: &str) -> Option<u64> {
-        let lock = format!("{}:lock", tag("client", client));
-        let mut connection = self.connection.clone();
-        let ttl: i64 = self.call("lockout", redis::cmd("PTTL").arg(&lock).query_async(&mut connection)).await.ok()?;
+        let ttl = self.answer(self.locks.submit(client.to_owned(), ())).await.ok()?;
         (ttl > 0).then_some(ttl as u64)
     }
 
@@ -391,10 +518,10 @@ impl RedisStore {
         backoff_ms: u64,
     ) -> Option<Option<u64>> {
         let t = tag("client", client);
-        let mut invocation = self.auth_failed.prepare_invoke();
+        let mut invocation = self.shared.auth_failed.prepare_invoke();
         invocation.key(format!("{t}:fails")).key(format!("{t}:lock")).arg(threshold).arg(window_ms).arg(backoff_ms);
-        let mut connection = self.connection.clone();
-        let remaining: i64 = self.call("lockout", invocation.invoke_async(&mut connection)).await.ok()?;
+        let mut connection = self.shared.connection.clone();
+        let remaining: i64 = self.shared.call("lockout", invocation.invoke_async(&mut connection)).await.ok()?;
         Some((remaining > 0).then_some(remaining as u64))
     }
 }

@@ -1,0 +1,185 @@
+//! Coalescing calls to the shared store: at most one call in flight per lane, and whatever
+//! arrives for that lane while it is in flight goes out together as the next call.
+//!
+//! ```text
+//!   request ─┐                    ┌─ lane "key A": [in flight: 1 item]  queue: 31 items ─▶ next call
+//!   request ─┼─▶ submit(lane) ────┤
+//!   request ─┘                    └─ lane "key B": idle ─▶ a drainer is spawned for it
+//! ```
+//!
+//! Nothing is delayed to wait for company: an idle lane sends at once, so one client alone
+//! sees one round trip as before. Under concurrency the queue fills by itself while the
+//! previous call is out, and N requests cost one script call instead of N. The store still
+//! decides every item on its own, in arrival order, inside one atomic script, so batching does
+//! not change what is admitted. The drainer is a task of its own: a request that goes away
+//! (client disconnect, timeout) never strands the items queued behind it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+/// A batch call: one output per input item, in order, or `None` when the store failed.
+pub type BatchFuture<O> = Pin<Box<dyn Future<Output = Option<Vec<O>>> + Send>>;
+
+type Runner<K, I, O> = Box<dyn Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync>;
+type Waiting<I, O> = Vec<(I, oneshot::Sender<Option<O>>)>;
+
+pub struct Batcher<K, I, O> {
+    /// A lane present in the map has a drainer running; its vector is what waits for the next call.
+    lanes: Mutex<HashMap<K, Waiting<I, O>>>,
+    run: Runner<K, I, O>,
+    max_batch: usize,
+}
+
+impl<K, I, O> fmt::Debug for Batcher<K, I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher").field("max_batch", &self.max_batch).finish_non_exhaustive()
+    }
+}
+
+impl<K, I, O> Batcher<K, I, O>
+where
+    K: Clone + Eq + Hash + Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    pub fn new(max_batch: usize, run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self { lanes: Mutex::new(HashMap::new()), run: Box::new(run), max_batch: max_batch.max(1) })
+    }
+
+    /// Queues `item` on `lane` and waits for its answer (`None`: the store failed).
+    pub async fn submit(self: &Arc<Self>, lane: K, item: I) -> Option<O> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            match lanes.get_mut(&lane) {
+                Some(waiting) => {
+                    waiting.push((item, tx));
+                    false
+                }
+                None => {
+                    lanes.insert(lane.clone(), vec![(item, tx)]);
+                    true
+                }
+            }
+        };
+        if start {
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.drain(lane).await });
+        }
+        rx.await.ok().flatten()
+    }
+
+    async fn drain(&self, lane: K) {
+        loop {
+            let batch: Waiting<I, O> = {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(waiting) = lanes.get_mut(&lane) else { return };
+                if waiting.is_empty() {
+                    lanes.remove(&lane);
+                    return;
+                }
+                let take = waiting.len().min(self.max_batch);
+                waiting.drain(..take).collect()
+            };
+            let (items, senders): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+            let count = items.len();
+            match (self.run)(lane.clone(), items).await {
+                Some(outputs) if outputs.len() == count => {
+                    for (sender, output) in senders.into_iter().zip(outputs) {
+                        let _ = sender.send(Some(output));
+                    }
+                }
+                _ => {
+                    for sender in senders {
+                        let _ = sender.send(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A runner that records batch sizes and answers each item with `item * 10`.
+    fn recording(sizes: Arc<Mutex<Vec<usize>>>, fail: bool) -> Arc<Batcher<u8, u32, u32>> {
+        Batcher::new(8, move |_lane, items: Vec<u32>| -> BatchFuture<u32> {
+            let sizes = sizes.clone();
+            Box::pin(async move {
+                sizes.lock().expect("sizes").push(items.len());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                (!fail).then(|| items.iter().map(|i| i * 10).collect())
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn an_idle_lane_sends_at_once_and_concurrent_items_share_calls() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batcher = recording(sizes.clone(), false);
+        assert_eq!(batcher.submit(1, 7).await, Some(70));
+        assert_eq!(*sizes.lock().expect("sizes"), vec![1]);
+
+        let mut tasks = Vec::new();
+        for i in 0..20u32 {
+            let b = batcher.clone();
+            tasks.push(tokio::spawn(async move { (i, b.submit(1, i).await) }));
+        }
+        for task in tasks {
+            let (i, out) = task.await.expect("task");
+            assert_eq!(out, Some(i * 10), "each item gets its own answer");
+        }
+        let sizes = sizes.lock().expect("sizes").clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 21);
+        assert!(sizes.len() <= 5, "20 concurrent items took {} calls: {sizes:?}", sizes.len());
+        assert!(sizes.iter().all(|&s| s <= 8), "batches are capped: {sizes:?}");
+        assert!(batcher.lanes.lock().expect("lanes").is_empty(), "an idle lane is removed");
+    }
+
+    #[tokio::test]
+    async fn lanes_are_independent_and_failures_reach_every_item() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let batcher = Batcher::new(8, move |lane: u8, items: Vec<u32>| -> BatchFuture<u32> {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { (lane != 2).then(|| items.iter().map(|i| i + u32::from(lane)).collect()) })
+        });
+        let (a, b) = tokio::join!(batcher.submit(1, 5), batcher.submit(2, 5));
+        assert_eq!((a, b), (Some(6), None));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let failing = recording(Arc::new(Mutex::new(Vec::new())), true);
+        let (x, y) = tokio::join!(failing.submit(0, 1), failing.submit(0, 2));
+        assert_eq!((x, y), (None, None));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_submitter_does_not_strand_the_queue() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batcher = recording(sizes, false);
+        let first = batcher.clone();
+        let abandoned = tokio::spawn(async move { first.submit(3, 1).await });
+        tokio::task::yield_now().await;
+        abandoned.abort();
+        assert_eq!(batcher.submit(3, 2).await, Some(20));
+    }
+
+    #[tokio::test]
+    async fn a_runner_answering_the_wrong_count_fails_the_batch() {
+        let batcher = Batcher::new(8, |_lane: u8, _items: Vec<u32>| -> BatchFuture<u32> {
+            Box::pin(async { Some(vec![1, 2, 3]) })
+        });
+        assert_eq!(batcher.submit(0, 1).await, None);
+    }
+}
