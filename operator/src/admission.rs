@@ -6,8 +6,8 @@
 //!                                             └─ userInfo ─▶ ActorHints ─▶ (reconcile) ─▶ ledger entry
 //! ```
 //!
-//! Only allowed requests leave a hint. See [`ActorHints`] for what the hints can and cannot
-//! promise.
+//! Only allowed requests that are not dry runs leave a hint. See [`ActorHints`] for what the
+//! hints can and cannot promise.
 
 use portcullis_crds::v1alpha1::{ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,9 @@ pub struct AdmissionRequest {
     pub user_info: UserInfo,
     #[serde(default)]
     pub object: Option<Value>,
+    /// A dry run persists nothing, so it leaves no hint.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -157,7 +160,7 @@ pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotARe
         _ => Vec::new(),
     };
     let allowed = problems.is_empty();
-    if allowed {
+    if allowed && !request.dry_run {
         let name = match request.object.as_ref().and_then(|o| o.pointer("/metadata/name")).and_then(Value::as_str) {
             Some(n) if request.name.is_empty() => n.to_owned(),
             _ => request.name.clone(),
@@ -253,6 +256,11 @@ mod tests {
         let response = review(&request("ApiKey", "DELETE", Value::Null), &hints).unwrap().response.unwrap();
         assert!(response.allowed);
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
+        let mut dry: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
+        dry["request"]["dryRun"] = true.into();
+        dry["request"]["name"] = "dry".into();
+        assert!(review(&serde_json::to_vec(&dry).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "dry".into())).is_none());
         assert!(review(b"{not json", &hints).is_err());
         assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints).is_err());
     }
