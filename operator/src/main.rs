@@ -36,7 +36,7 @@ enum Command {
     },
     /// Run in a cluster: reconcile ApiKeys, ProviderCredentials and KillSwitches into the
     /// snapshot Secret (in-cluster config or KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -204,7 +204,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run_cluster(args),
+        Command::Run(args) => run_cluster(*args),
         Command::Crds { output } => {
             let yaml = portcullis_operator::crdgen::render()?;
             match output {

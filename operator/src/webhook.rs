@@ -95,7 +95,13 @@ impl std::fmt::Debug for CertificateReloader {
 }
 
 /// Both files' bytes (the key zeroized on drop) and a digest of them, to notice changes.
-fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>, [u8; 32]), WebhookError> {
+struct PemPair {
+    cert: Vec<u8>,
+    key: zeroize::Zeroizing<Vec<u8>>,
+    fingerprint: [u8; 32],
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, WebhookError> {
     let read = |path: &Path| std::fs::read(path).map_err(|source| WebhookError::Read { path: path.into(), source });
     let cert_pem = read(cert)?;
     let key_pem = zeroize::Zeroizing::new(read(key)?);
@@ -104,7 +110,7 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec
     digest.update(key_pem.as_slice());
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(&digest.finalize());
-    Ok((cert_pem, key_pem, fingerprint))
+    Ok(PemPair { cert: cert_pem, key: key_pem, fingerprint })
 }
 
 fn certified_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<CertifiedKey, WebhookError> {
@@ -122,20 +128,24 @@ fn certified_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Re
 
 impl CertificateReloader {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, WebhookError> {
-        let (cert_pem, key_pem, digest) = read_pair(cert, key)?;
-        let loaded = certified_key(cert, &cert_pem, key, &key_pem)?;
-        Ok(Self { cert_path: cert.into(), key_path: key.into(), current: RwLock::new((Arc::new(loaded), digest)) })
+        let pair = read_pair(cert, key)?;
+        let loaded = certified_key(cert, &pair.cert, key, &pair.key)?;
+        Ok(Self {
+            cert_path: cert.into(),
+            key_path: key.into(),
+            current: RwLock::new((Arc::new(loaded), pair.fingerprint)),
+        })
     }
 
     /// Loads the files again if they changed. `Ok(true)` when a new pair now serves; on an
     /// error the previous pair keeps serving.
     pub fn reload_if_changed(&self) -> Result<bool, WebhookError> {
-        let (cert_pem, key_pem, digest) = read_pair(&self.cert_path, &self.key_path)?;
-        if self.current.read().unwrap_or_else(|p| p.into_inner()).1 == digest {
+        let pair = read_pair(&self.cert_path, &self.key_path)?;
+        if self.current.read().unwrap_or_else(|p| p.into_inner()).1 == pair.fingerprint {
             return Ok(false);
         }
-        let loaded = certified_key(&self.cert_path, &cert_pem, &self.key_path, &key_pem)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(loaded), digest);
+        let loaded = certified_key(&self.cert_path, &pair.cert, &self.key_path, &pair.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(loaded), pair.fingerprint);
         Ok(true)
     }
 

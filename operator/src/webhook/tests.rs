@@ -75,3 +75,36 @@ async fn a_body_that_never_finishes_times_out() {
     let response = handle(request, &hints, Duration::from_millis(100)).await;
     assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
 }
+
+/// Captures log lines for one test thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_name_the_decision_never_the_object() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let canary = "canary-9f8e7d6c5b4a";
+    let hints = ActorHints::default();
+    for spec in [json!({"owner": canary}), json!({"allowedModels": [format!("{canary} bad")]})] {
+        assert_eq!(handle(post(PATH, review_body("ApiKey", spec)), &hints, T).await.status(), StatusCode::OK);
+    }
+    let garbage = format!("{{\"apiVersion\": \"{canary}\"").into_bytes();
+    assert_eq!(handle(post(PATH, garbage), &hints, T).await.status(), StatusCode::BAD_REQUEST);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("admission review answered"), "{logs}");
+    assert!(!logs.contains(canary), "{logs}");
+}
