@@ -154,21 +154,34 @@ struct LedgerSource {
 }
 
 impl LedgerSource {
-    /// Entries (all of them, or the newest `tail`), oldest first.
-    fn read(&self, tail: Option<usize>) -> anyhow::Result<Vec<Result<ledger::LedgerEntry, usize>>> {
+    /// Verifies the whole ledger (for Redis also that no entry was deleted from the stream).
+    fn verify(
+        &self,
+        checkpoint: Option<&ledger::Checkpoint>,
+    ) -> anyhow::Result<Result<ledger::VerifyReport, ledger::VerifyError>> {
+        if let Some(file) = &self.file {
+            return Ok(ledger::verify(&ledger::read_lines(file)?, checkpoint));
+        }
+        let settings = ledger::RedisLedgerSettings::new(self.redis_url.clone().unwrap_or_default(), &self.stream_key);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut connection = ledger::redis_store::connect(&settings).await?;
+            Ok(ledger::redis_store::verify_stream(&mut connection, &settings.stream_key, checkpoint).await?.1)
+        })
+    }
+
+    /// The newest `count` entries, oldest first.
+    fn tail(&self, count: usize) -> anyhow::Result<Vec<Result<ledger::LedgerEntry, usize>>> {
         if let Some(file) = &self.file {
             let entries = ledger::read_lines(file)?;
-            let skip = tail.map_or(0, |n| entries.len().saturating_sub(n));
+            let skip = entries.len().saturating_sub(count);
             return Ok(entries.into_iter().skip(skip).collect());
         }
         let settings = ledger::RedisLedgerSettings::new(self.redis_url.clone().unwrap_or_default(), &self.stream_key);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(async {
             let mut connection = ledger::redis_store::connect(&settings).await?;
-            Ok(match tail {
-                Some(n) => ledger::redis_store::tail_stream(&mut connection, &settings.stream_key, n).await?,
-                None => ledger::redis_store::read_stream(&mut connection, &settings.stream_key).await?,
-            })
+            Ok(ledger::redis_store::tail_stream(&mut connection, &settings.stream_key, count).await?)
         })
     }
 }
@@ -222,8 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            let entries = source.read(None)?;
-            match ledger::verify(&entries, checkpoint.as_ref()) {
+            match source.verify(checkpoint.as_ref())? {
                 Ok(report) => {
                     match report.head {
                         Some(head) => println!("ok: {} entries, head {}:{}", report.entries, head.sequence, head.hash),
@@ -238,7 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { command: AuditCommand::Tail { source, lines } } => {
-            for entry in &source.read(Some(lines))? {
+            for entry in &source.tail(lines)? {
                 match entry {
                     Ok(entry) => println!("{}", serde_json::to_string(entry)?),
                     Err(line) => println!("{{\"unreadableLine\":{line}}}"),

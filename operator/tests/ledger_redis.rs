@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use portcullis_operator::audit::{observe_api_key, ActorHints};
 use portcullis_operator::cluster::audit::Audit;
-use portcullis_operator::ledger::redis_store::{connect, read_stream};
+use portcullis_operator::ledger::redis_store::{connect, read_stream, verify_stream};
 use portcullis_operator::ledger::{
     verify, Action, Actor, ActorSource, LedgerError, LedgerStore, ObjectReference, RedisLedger, RedisLedgerSettings,
     VerifyError,
@@ -154,8 +154,12 @@ async fn append(ledger: &mut RedisLedger, i: u64) -> Result<u64, LedgerError> {
 
 async fn check(settings: &RedisLedgerSettings) -> Result<u64, VerifyError> {
     let mut connection = connect(settings).await.unwrap();
-    let entries = read_stream(&mut connection, &settings.stream_key).await.unwrap();
-    verify(&entries, None).map(|r| r.entries)
+    let (entries, verdict) = verify_stream(&mut connection, &settings.stream_key, None).await.unwrap();
+    // The chain alone agrees unless an entry was deleted from the tail.
+    if let Ok(report) = &verdict {
+        assert_eq!(verify(&entries, None).map(|r| r.entries), Ok(report.entries));
+    }
+    verdict.map(|r| r.entries)
 }
 
 #[tokio::test]
@@ -256,6 +260,26 @@ async fn edited_and_deleted_entries_are_named_and_block_appends() {
     // A writer that opened before the deletion may still append, but the gap stays visible.
     append(&mut ledger, 5).await.unwrap();
     assert_eq!(check(&other).await, Err(VerifyError::Sequence { line: 3, expected: 3, found: 4 }));
+
+    // Deleting the newest entries leaves a valid chain, but Redis remembers how many it took.
+    let tail = RedisLedgerSettings::new(redis.url(), "test:tail");
+    let mut ledger = RedisLedger::open(&tail).await.unwrap();
+    for i in 1..=4 {
+        append(&mut ledger, i).await.unwrap();
+    }
+    redis.cmd(&["XDEL", "test:tail", "4-0"]);
+    assert_eq!(check(&tail).await, Err(VerifyError::StreamDeletions { added: 4, held: 3 }));
+    assert!(matches!(RedisLedger::open(&tail).await, Err(LedgerError::Broken(VerifyError::StreamDeletions { .. }))));
+    let out = Command::new(bin)
+        .args(["audit", "verify", "--redis-url", &redis.url(), "--stream-key", "test:tail"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("entries deleted"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test]

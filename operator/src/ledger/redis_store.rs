@@ -21,7 +21,7 @@ use redis::{Script, Value};
 
 use super::entry::{Action, Actor, LedgerEntry, ObjectReference};
 use super::file_store::LedgerError;
-use super::verify::verify;
+use super::verify::{verify, Checkpoint, VerifyError, VerifyReport};
 
 /// Default stream key.
 pub const DEFAULT_STREAM_KEY: &str = "portcullis:audit-ledger";
@@ -195,6 +195,55 @@ pub async fn tail_stream(
     Ok(page.iter().enumerate().map(|(i, v)| parse(i + 1, v).1).collect())
 }
 
+/// How many entries were ever added to the stream (`XINFO STREAM`, Redis 7+); `None` when the
+/// stream does not exist yet or Redis does not say.
+pub async fn entries_added(connection: &mut ConnectionManager, stream_key: &str) -> Result<Option<u64>, LedgerError> {
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(stream_key)
+        .query_async(connection)
+        .await
+        .map_err(redis_error("reading the ledger stream"))?;
+    if exists == 0 {
+        return Ok(None);
+    }
+    let info: Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream_key)
+        .query_async(connection)
+        .await
+        .map_err(redis_error("reading the ledger stream's info"))?;
+    let pairs: Vec<(Option<String>, &Value)> = match &info {
+        Value::Array(flat) => flat.chunks(2).filter_map(|p| Some((text(p.first()?), p.get(1)?))).collect(),
+        Value::Map(map) => map.iter().map(|(k, v)| (text(k), v)).collect(),
+        _ => Vec::new(),
+    };
+    Ok(pairs.into_iter().find(|(k, _)| k.as_deref() == Some("entries-added")).and_then(|(_, v)| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => text(other).and_then(|t| t.parse().ok()),
+    }))
+}
+
+/// Reads and verifies the whole stream: the chain, the checkpoint if given, and that Redis
+/// never saw more entries added than it holds. The outer error is Redis failing; the inner one
+/// is the ledger not verifying.
+pub async fn verify_stream(
+    connection: &mut ConnectionManager,
+    stream_key: &str,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<(Vec<Result<LedgerEntry, usize>>, Result<VerifyReport, VerifyError>), LedgerError> {
+    // Counted first: appends racing this read can only make the stream hold more, never less.
+    let added = entries_added(connection, stream_key).await?;
+    let entries = read_stream(connection, stream_key).await?;
+    let verdict = verify(&entries, checkpoint).and_then(|report| {
+        let held = entries.len() as u64;
+        match added {
+            Some(added) if added > held => Err(VerifyError::StreamDeletions { added, held }),
+            _ => Ok(report),
+        }
+    });
+    Ok((entries, verdict))
+}
+
 impl RedisLedger {
     /// Connects, reads and verifies the whole stream (appending to a tampered ledger would
     /// bless the tampering), and continues from its head.
@@ -216,8 +265,8 @@ impl RedisLedger {
 
     /// Rereads and verifies the stream, moving the head to its end; returns the entries.
     pub async fn reload(&mut self) -> Result<Vec<Result<LedgerEntry, usize>>, LedgerError> {
-        let entries = read_stream(&mut self.connection, &self.stream_key).await?;
-        verify(&entries, None).map_err(LedgerError::Broken)?;
+        let (entries, verdict) = verify_stream(&mut self.connection, &self.stream_key, None).await?;
+        verdict.map_err(LedgerError::Broken)?;
         self.head = entries.iter().rev().find_map(|e| e.as_ref().ok()).cloned();
         Ok(entries)
     }
