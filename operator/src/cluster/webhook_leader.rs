@@ -67,3 +67,68 @@ pub async fn clear(client: &Client, namespace: &str, pod: &str, within: Duration
         Err(_) => tracing::warn!("clearing the webhook leader label timed out"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+    use std::sync::{Arc, Mutex};
+
+    /// `(method and path, query, body)` of each call.
+    type Calls = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+    /// A mocked API server that fails the first call, then echoes; returns the calls it saw.
+    fn api() -> (Client, Calls) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let line = format!("{} {}", request.method(), request.uri().path());
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                let bytes = http_body_util::BodyExt::collect(request.into_body()).await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap();
+                let first = seen.lock().unwrap().is_empty();
+                seen.lock().unwrap().push((line, query, body.clone()));
+                let (status, answer) = if first {
+                    (
+                        500,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd"}),
+                    )
+                } else {
+                    (200, body)
+                };
+                let response = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap();
+                send.send_response(response);
+            }
+        });
+        (Client::new(service, "default"), calls)
+    }
+
+    #[tokio::test]
+    async fn the_leader_labels_its_pod_until_it_sticks_and_clears_it_on_exit() {
+        let (client, calls) = api();
+        mark_leader(client.clone(), "portcullis".into(), "operator-0".into()).await;
+        clear(&client, "portcullis", "operator-0", Duration::from_secs(5)).await;
+        let calls = calls.lock().unwrap().clone();
+        let labels: Vec<&str> = calls
+            .iter()
+            .map(|(line, query, body)| {
+                assert_eq!(line, "PATCH /api/v1/namespaces/portcullis/pods/operator-0");
+                assert!(query.contains("fieldManager=portcullis-operator-webhook"), "{query}");
+                assert!(query.contains("force=true"), "{query}");
+                assert_eq!(body["metadata"]["labels"].as_object().unwrap().len(), 1, "only our label is applied");
+                body["metadata"]["labels"][LEADER_LABEL].as_str().unwrap()
+            })
+            .collect();
+        // The first attempt failed and was retried.
+        assert_eq!(labels, ["true", "true", "false"]);
+    }
+}
