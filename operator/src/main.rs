@@ -66,7 +66,7 @@ struct RunArgs {
     /// PersistentVolume (ReadWriteOnce is enough: only the leader opens it). Unset: no ledger.
     #[arg(long, env = "PORTCULLIS_LEDGER_FILE", conflicts_with = "ledger_redis_url")]
     ledger_file: Option<PathBuf>,
-    /// The audit ledger in a Redis Stream instead (`redis://` or `rediss://`; may hold a
+    /// The audit ledger in a Redis Stream instead (`redis://`; may hold a
     /// password, so prefer the environment variable from a Secret).
     #[arg(long, env = "PORTCULLIS_LEDGER_REDIS_URL", hide_env_values = true)]
     ledger_redis_url: Option<String>,

@@ -99,7 +99,7 @@ fn redis_error(what: &'static str) -> impl FnOnce(redis::RedisError) -> LedgerEr
 pub async fn connect(settings: &RedisLedgerSettings) -> Result<ConnectionManager, LedgerError> {
     let client = redis::Client::open(settings.url.as_str()).map_err(|_| LedgerError::Redis {
         what: "parsing the Redis URL",
-        detail: "expected redis://[user:password@]host:port[/db] or rediss://…".into(),
+        detail: "expected redis://[user:password@]host:port[/db] (TLS to Redis, rediss://, is not built in)".into(),
     })?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.timeout))
@@ -301,5 +301,20 @@ impl RedisLedger {
         }
         self.head = Some(entry.clone());
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_url_and_its_password_never_reach_debug_output_or_errors() {
+        let settings = RedisLedgerSettings::new("redis://:hunter2-password@127.0.0.1:1/0", "k");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        let bad = RedisLedgerSettings::new("nonsense://:hunter2-password@host", "k");
+        let error = connect(&bad).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("expected redis://"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 }
