@@ -6,8 +6,8 @@
 //!                                             └─ userInfo ─▶ ActorHints ─▶ (reconcile) ─▶ ledger entry
 //! ```
 //!
-//! Only allowed requests leave a hint. See [`ActorHints`] for what the hints can and cannot
-//! promise.
+//! Only allowed requests that are not dry runs and that create, delete or change the spec leave
+//! a hint. See [`ActorHints`] for what the hints can and cannot promise.
 
 use portcullis_crds::v1alpha1::{ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,12 @@ pub struct AdmissionRequest {
     pub user_info: UserInfo,
     #[serde(default)]
     pub object: Option<Value>,
+    /// The object before an UPDATE or DELETE.
+    #[serde(default)]
+    pub old_object: Option<Value>,
+    /// A dry run persists nothing, so it leaves no hint.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -157,7 +163,11 @@ pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotARe
         _ => Vec::new(),
     };
     let allowed = problems.is_empty();
-    if allowed {
+    // Metadata-only updates (the operator's own finalizer, labels, annotations) are no admin
+    // action: a hint from them would outlive the object and misname the next requester.
+    let spec = |o: &Option<Value>| o.as_ref().and_then(|o| o.get("spec")).cloned();
+    let changes_spec = request.operation != "UPDATE" || spec(&request.object) != spec(&request.old_object);
+    if allowed && !request.dry_run && changes_spec {
         let name = match request.object.as_ref().and_then(|o| o.pointer("/metadata/name")).and_then(Value::as_str) {
             Some(n) if request.name.is_empty() => n.to_owned(),
             _ => request.name.clone(),
@@ -253,6 +263,21 @@ mod tests {
         let response = review(&request("ApiKey", "DELETE", Value::Null), &hints).unwrap().response.unwrap();
         assert!(response.allowed);
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
+        let mut dry: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
+        dry["request"]["dryRun"] = true.into();
+        dry["request"]["name"] = "dry".into();
+        assert!(review(&serde_json::to_vec(&dry).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "dry".into())).is_none());
+        // The operator adding its finalizer (spec unchanged) leaves no hint.
+        let mut finalizer: Value = serde_json::from_slice(&request("ApiKey", "UPDATE", json!({"owner": "a"}))).unwrap();
+        finalizer["request"]["name"] = "fin".into();
+        finalizer["request"]["oldObject"] = finalizer["request"]["object"].clone();
+        finalizer["request"]["object"]["metadata"]["finalizers"] = json!(["portcullis.dev/audit-ledger"]);
+        assert!(review(&serde_json::to_vec(&finalizer).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_none());
+        finalizer["request"]["object"]["spec"]["revoked"] = true.into();
+        assert!(review(&serde_json::to_vec(&finalizer).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_some());
         assert!(review(b"{not json", &hints).is_err());
         assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints).is_err());
     }

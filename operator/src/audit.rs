@@ -278,11 +278,12 @@ pub fn actor_from_managed_fields(managed: &[ManagedFieldsEntry]) -> Option<Actor
 /// Actors the admission webhook saw, waiting for the reconciler.
 ///
 /// Keyed by `(kind, namespace, name)`; the newest request wins. Limits, stated plainly: it lives in
-/// memory of the replica that served the webhook call (with several operator replicas, a hint
-/// that reached a non-leader is lost and the entry falls back to `managedFields`); a request
-/// that a later admission stage rejects still leaves its hint; two changes to one object faster
-/// than one reconcile are attributed to the last requester. At most `capacity` hints are kept,
-/// oldest dropped first.
+/// memory of the replica that served the webhook call. The webhook Service routes to the leader
+/// only (`cluster::webhook_leader`), but during a failover a hint can reach a replica that does
+/// not append, or die with a restarting leader; the entry then falls back to `managedFields`. A
+/// request that a later admission stage rejects still leaves its hint; two changes to one object
+/// faster than one reconcile are attributed to the last requester. At most `capacity` hints are
+/// kept, oldest dropped first.
 #[derive(Debug)]
 pub struct ActorHints {
     capacity: usize,

@@ -14,6 +14,7 @@
 //! In a cluster (`cluster`), the pure steps are `issuance` (when to generate a key, what is kept),
 //! `readiness` + `conditions` (status), `assemble` (set invalid objects aside, then `compile`) and
 //! `secrets` (the Secrets the operator reads and writes); `cluster` only fetches and applies.
+//! `admission` decides AdmissionReviews (pure) and `webhook` serves them over HTTPS.
 
 pub mod admission;
 pub mod assemble;
@@ -30,6 +31,7 @@ pub mod manifests;
 pub mod readiness;
 pub mod secrets;
 mod validate;
+pub mod webhook;
 
 pub use compile::{compile, CompileError, CompileErrors, Compiled};
 pub use error::Error;

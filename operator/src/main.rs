@@ -36,7 +36,7 @@ enum Command {
     },
     /// Run in a cluster: reconcile ApiKeys, ProviderCredentials and KillSwitches into the
     /// snapshot Secret (in-cluster config or KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,8 +64,25 @@ struct RunArgs {
     admin_listen: std::net::SocketAddr,
     /// The audit ledger: an append-only JSON-lines file, fsynced per entry. Put it on a
     /// PersistentVolume (ReadWriteOnce is enough: only the leader opens it). Unset: no ledger.
-    #[arg(long, env = "PORTCULLIS_LEDGER_FILE")]
+    #[arg(long, env = "PORTCULLIS_LEDGER_FILE", conflicts_with = "ledger_redis_url")]
     ledger_file: Option<PathBuf>,
+    /// The audit ledger in a Redis Stream instead (`redis://`; may hold a
+    /// password, so prefer the environment variable from a Secret).
+    #[arg(long, env = "PORTCULLIS_LEDGER_REDIS_URL", hide_env_values = true)]
+    ledger_redis_url: Option<String>,
+    /// The Redis Stream key holding the ledger.
+    #[arg(long, env = "PORTCULLIS_LEDGER_REDIS_KEY", default_value = ledger::redis_store::DEFAULT_STREAM_KEY)]
+    ledger_redis_key: String,
+    /// Serve the validating admission webhook (HTTPS) with this PEM certificate chain. Reloaded
+    /// when the file changes.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_CERT", requires = "webhook_key")]
+    webhook_cert: Option<PathBuf>,
+    /// PEM private key for --webhook-cert.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_KEY", requires = "webhook_cert")]
+    webhook_key: Option<PathBuf>,
+    /// Address of the admission webhook (POST /validate).
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    webhook_listen: std::net::SocketAddr,
     /// Seconds between republishing the ledger head (ConfigMap annotation and Event).
     #[arg(long, default_value_t = 300)]
     checkpoint_seconds: u64,
@@ -103,6 +120,13 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         identity,
         admin_listen: args.admin_listen,
         ledger_file: args.ledger_file,
+        ledger_redis: args.ledger_redis_url.map(|url| ledger::RedisLedgerSettings::new(url, args.ledger_redis_key)),
+        webhook: match (args.webhook_cert, args.webhook_key) {
+            (Some(cert), Some(key)) => {
+                Some(portcullis_operator::webhook::WebhookSettings::new(args.webhook_listen, cert, key))
+            }
+            _ => None,
+        },
         checkpoint_every: std::time::Duration::from_secs(args.checkpoint_seconds.max(1)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -113,21 +137,69 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where `audit verify` and `audit tail` read the ledger: a file or a Redis Stream.
+#[derive(clap::Args, Debug)]
+struct LedgerSource {
+    /// The ledger file (takes precedence over --redis-url).
+    #[arg(long, required_unless_present = "redis_url")]
+    file: Option<PathBuf>,
+    /// The ledger's Redis (`redis://…`); positions in messages count stream entries from 1.
+    /// Prefer the environment variable: a URL with a password on the command line is visible
+    /// to other users of the machine.
+    #[arg(long, env = "PORTCULLIS_LEDGER_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// The ledger's stream key (with --redis-url).
+    #[arg(long, default_value = ledger::redis_store::DEFAULT_STREAM_KEY)]
+    stream_key: String,
+}
+
+impl LedgerSource {
+    /// Verifies the whole ledger (for Redis also that no entry was deleted from the stream).
+    fn verify(
+        &self,
+        checkpoint: Option<&ledger::Checkpoint>,
+    ) -> anyhow::Result<Result<ledger::VerifyReport, ledger::VerifyError>> {
+        if let Some(file) = &self.file {
+            return Ok(ledger::verify(&ledger::read_lines(file)?, checkpoint));
+        }
+        let settings = ledger::RedisLedgerSettings::new(self.redis_url.clone().unwrap_or_default(), &self.stream_key);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut connection = ledger::redis_store::connect(&settings).await?;
+            Ok(ledger::redis_store::verify_stream(&mut connection, &settings.stream_key, checkpoint).await?.1)
+        })
+    }
+
+    /// The newest `count` entries, oldest first.
+    fn tail(&self, count: usize) -> anyhow::Result<Vec<Result<ledger::LedgerEntry, usize>>> {
+        if let Some(file) = &self.file {
+            let entries = ledger::read_lines(file)?;
+            let skip = entries.len().saturating_sub(count);
+            return Ok(entries.into_iter().skip(skip).collect());
+        }
+        let settings = ledger::RedisLedgerSettings::new(self.redis_url.clone().unwrap_or_default(), &self.stream_key);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut connection = ledger::redis_store::connect(&settings).await?;
+            Ok(ledger::redis_store::tail_stream(&mut connection, &settings.stream_key, count).await?)
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Verify the whole chain; names the first edited, deleted, reordered or truncated entry.
     Verify {
-        /// The ledger file.
-        #[arg(long)]
-        file: PathBuf,
+        #[command(flatten)]
+        source: LedgerSource,
         /// A published checkpoint the ledger must reach: `SEQUENCE:HASH`.
         #[arg(long)]
         checkpoint: Option<String>,
     },
     /// Print the last entries, one JSON object per line.
     Tail {
-        #[arg(long)]
-        file: PathBuf,
+        #[command(flatten)]
+        source: LedgerSource,
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
     },
@@ -145,7 +217,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run_cluster(args),
+        Command::Run(args) => run_cluster(*args),
         Command::Crds { output } => {
             let yaml = portcullis_operator::crdgen::render()?;
             match output {
@@ -154,7 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { command: AuditCommand::Verify { file, checkpoint } } => {
+        Command::Audit { command: AuditCommand::Verify { source, checkpoint } } => {
             let checkpoint = match checkpoint {
                 Some(text) => {
                     let (sequence, hash) =
@@ -163,8 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            let entries = ledger::read_lines(&file)?;
-            match ledger::verify(&entries, checkpoint.as_ref()) {
+            match source.verify(checkpoint.as_ref())? {
                 Ok(report) => {
                     match report.head {
                         Some(head) => println!("ok: {} entries, head {}:{}", report.entries, head.sequence, head.hash),
@@ -178,9 +249,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Audit { command: AuditCommand::Tail { file, lines } } => {
-            let entries = ledger::read_lines(&file)?;
-            for entry in entries.iter().skip(entries.len().saturating_sub(lines)) {
+        Command::Audit { command: AuditCommand::Tail { source, lines } } => {
+            for entry in &source.tail(lines)? {
                 match entry {
                     Ok(entry) => println!("{}", serde_json::to_string(entry)?),
                     Err(line) => println!("{{\"unreadableLine\":{line}}}"),

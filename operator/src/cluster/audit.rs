@@ -3,9 +3,14 @@
 //! their deletion is appended, and publish the head as a checkpoint.
 //!
 //! ```text
-//!   reconcile ─▶ audit::observe_* ─▶ Audit::record ─▶ decide ─▶ FileLedger (fsync) ─▶ checkpoint
-//!                 (actor: webhook hint ▶ managedFields ▶ operator)        ConfigMap annotation + Event
+//!   reconcile ─▶ audit::observe_* ─▶ Audit::record ─▶ decide ─▶ LedgerStore ─▶ checkpoint
+//!                 (actor: webhook hint ▶ managedFields ▶ operator)   (file, fsync   ConfigMap annotation
+//!                                                                     or Redis)     + Event
 //! ```
+//!
+//! With Redis a deposed leader that has not noticed yet can race the new one; the append script
+//! refuses the loser (`Forked`), which rereads the ledger and decides again on its next
+//! reconcile, so the chain never forks and no action is recorded twice.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +26,7 @@ use super::context::Context;
 use super::events::{report, Transition};
 use crate::audit::{self, ActorHints, AuditKey, Observed, Recorded};
 use crate::error::Error;
-use crate::ledger::{self, Actor, Checkpoint, FileLedger, LedgerEntry, LedgerError};
+use crate::ledger::{Actor, Checkpoint, FileLedger, LedgerEntry, LedgerError, LedgerStore};
 
 /// Annotation (on the checkpoint ConfigMap) holding `SEQUENCE:HASH` of the ledger head.
 pub const HEAD_ANNOTATION: &str = "portcullis.dev/ledger-head";
@@ -29,7 +34,7 @@ pub const HEAD_ANNOTATION: &str = "portcullis.dev/ledger-head";
 pub const CHECKPOINT_CONFIGMAP: &str = "portcullis-ledger-head";
 
 struct LedgerState {
-    ledger: FileLedger,
+    ledger: LedgerStore,
     recorded: HashMap<AuditKey, Recorded>,
 }
 
@@ -52,13 +57,24 @@ impl Audit {
     pub fn open(path: &Path, hints: Arc<ActorHints>) -> Result<Self, LedgerError> {
         let ledger = FileLedger::open(path)?;
         let entries =
-            ledger::read_lines(path).map_err(|source| LedgerError::Io { path: path.to_path_buf(), source })?;
+            crate::ledger::read_lines(path).map_err(|source| LedgerError::Io { path: path.to_path_buf(), source })?;
+        Ok(Self::with_entries(LedgerStore::File(ledger), &entries, hints))
+    }
+
+    /// The same over any (already opened, hence verified) store.
+    pub async fn from_store(mut ledger: LedgerStore, hints: Arc<ActorHints>) -> Result<Self, LedgerError> {
+        let entries = ledger.entries().await?;
+        Ok(Self::with_entries(ledger, &entries, hints))
+    }
+
+    fn with_entries(ledger: LedgerStore, entries: &[Result<LedgerEntry, usize>], hints: Arc<ActorHints>) -> Self {
         let recorded = audit::replay(entries.iter().filter_map(|e| e.as_ref().ok()));
-        Ok(Self {
-            state: tokio::sync::Mutex::new(LedgerState { ledger, recorded }),
-            hints,
-            published: Mutex::new(None),
-        })
+        Self { state: tokio::sync::Mutex::new(LedgerState { ledger, recorded }), hints, published: Mutex::new(None) }
+    }
+
+    /// Where the ledger is (for logs).
+    pub async fn describe(&self) -> String {
+        self.state.lock().await.ledger.describe()
     }
 
     pub async fn head(&self) -> Option<Checkpoint> {
@@ -81,19 +97,39 @@ impl Audit {
             self.hints.take(&key);
             return Ok(Vec::new());
         }
-        let requester = self.hints.take(&key).or_else(|| audit::actor_from_managed_fields(managed));
+        let hint = self.hints.take(&key);
+        let requester = hint.clone().or_else(|| audit::actor_from_managed_fields(managed));
         let mut appended = Vec::new();
         for draft in drafts {
             let actor =
                 if draft.by_operator { Actor::operator() } else { requester.clone().unwrap_or_else(Actor::operator) };
-            let entry = state.ledger.append_with_facts(
-                now,
-                actor,
-                draft.action,
-                observed.object.clone(),
-                draft.changed_fields,
-                audit::entry_facts(observed),
-            )?;
+            let appending = state
+                .ledger
+                .append(
+                    now,
+                    actor,
+                    draft.action,
+                    observed.object.clone(),
+                    draft.changed_fields,
+                    audit::entry_facts(observed),
+                )
+                .await;
+            let entry = match appending {
+                Ok(entry) => entry,
+                Err(error) => {
+                    // The retry needs the requester again.
+                    if let Some(actor) = hint {
+                        self.hints.record(key.clone(), actor);
+                    }
+                    if matches!(error, LedgerError::Forked { .. }) {
+                        // Someone else extended the ledger: learn what it now says, so the
+                        // retry decides from it and repeats nothing the other writer recorded.
+                        let entries = state.ledger.entries().await?;
+                        state.recorded = audit::replay(entries.iter().filter_map(|e| e.as_ref().ok()));
+                    }
+                    return Err(error);
+                }
+            };
             tracing::info!(sequence = entry.sequence, action = ?entry.action, kind = %entry.object.kind,
                 namespace = %entry.object.namespace, name = %entry.object.name, "ledger entry appended");
             audit::remember(&mut state.recorded, &entry, Some(observed.spec.clone()));

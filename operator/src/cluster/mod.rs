@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod reconcile;
 pub mod snapshot;
+pub mod webhook_leader;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,10 @@ pub struct RunSettings {
     pub admin_listen: SocketAddr,
     /// The audit ledger file (on a PersistentVolume), or `None` to keep no ledger.
     pub ledger_file: Option<std::path::PathBuf>,
+    /// The audit ledger in a Redis Stream instead of a file.
+    pub ledger_redis: Option<crate::ledger::RedisLedgerSettings>,
+    /// The validating admission webhook, served on every replica, routed to the leader.
+    pub webhook: Option<crate::webhook::WebhookSettings>,
     /// How often the ledger head is republished even without appends.
     pub checkpoint_every: Duration,
 }
@@ -101,6 +106,15 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     let admin = tokio::spawn(metrics::serve(run.admin_listen, metrics.clone()));
     let settings = run.settings.clone();
     let leading = Arc::new(AtomicBool::new(false));
+    let hints = Arc::new(crate::audit::ActorHints::default());
+    let webhook = match &run.webhook {
+        Some(webhook) => {
+            let server = crate::webhook::WebhookServer::bind(webhook.clone()).await?;
+            webhook_leader::clear(&client, &settings.namespace, &run.identity, Duration::from_secs(10)).await;
+            Some(tokio::spawn(server.serve(hints.clone())))
+        }
+        None => None,
+    };
 
     let lease_task = match &run.lease {
         Some(name) => {
@@ -121,6 +135,9 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         }
     };
     metrics.leader.set(1);
+    let webhook_label = webhook.is_some().then(|| {
+        tokio::spawn(webhook_leader::mark_leader(client.clone(), settings.namespace.clone(), run.identity.clone()))
+    });
 
     let (keyring, pepper, previous) = snapshot::bootstrap(
         &client,
@@ -134,16 +151,19 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         metrics.snapshot_generation.set(i64::try_from(p.generation).unwrap_or(i64::MAX));
     }
 
-    // Opened only once leading: one writer, so the chain never forks.
-    let hints = Arc::new(crate::audit::ActorHints::default());
-    let audit = match &run.ledger_file {
-        Some(path) => {
-            let opened = audit::Audit::open(path, hints.clone())?;
-            tracing::info!(ledger = %path.display(), head = ?opened.head().await.map(|h| h.sequence), "audit ledger open");
-            Some(Arc::new(opened))
+    // Opened only once leading: one writer (and Redis refuses a racing deposed one).
+    let audit = match (&run.ledger_file, &run.ledger_redis) {
+        (Some(path), _) => Some(audit::Audit::open(path, hints.clone())?),
+        (None, Some(redis)) => {
+            let store = crate::ledger::LedgerStore::Redis(crate::ledger::RedisLedger::open(redis).await?);
+            Some(audit::Audit::from_store(store, hints.clone()).await?)
         }
-        None => None,
+        (None, None) => None,
     };
+    if let Some(opened) = &audit {
+        tracing::info!(ledger = %opened.describe().await, head = ?opened.head().await.map(|h| h.sequence), "audit ledger open");
+    }
+    let audit = audit.map(Arc::new);
 
     let api_keys =
         Controller::new(Api::<Guarded<ApiKey>>::all(client.clone()), watcher::Config::default().any_semantic());
@@ -276,6 +296,13 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     };
     leading.store(false, Ordering::SeqCst);
     metrics.leader.set(0);
+    if let Some(task) = webhook {
+        task.abort();
+        if let Some(label) = webhook_label {
+            label.abort();
+        }
+        webhook_leader::clear(&client, &settings.namespace, &run.identity, Duration::from_secs(3)).await;
+    }
     writer_task.abort();
     checkpoint_task.abort();
     secrets_task.abort();

@@ -24,6 +24,11 @@ pub enum LedgerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("the existing ledger does not verify, refusing to append to it: {0}")]
     Broken(VerifyError),
+    #[error("{what}: {detail}")]
+    Redis { what: &'static str, detail: String },
+    /// Another writer extended the ledger first; nothing was written. Reload and decide again.
+    #[error("another writer appended first (expected head {expected}, found {found}); nothing written")]
+    Forked { expected: u64, found: i64 },
 }
 
 impl FileLedger {

@@ -23,6 +23,10 @@ pub enum VerifyError {
     Truncated { head: u64, checkpoint: u64 },
     #[error("entry {sequence} differs from the published checkpoint (history rewritten)")]
     CheckpointMismatch { sequence: u64 },
+    /// Redis counts every entry ever added to a stream: fewer held means some were deleted,
+    /// even from the tail, where the chain alone cannot tell.
+    #[error("the Redis stream had {added} entries added but holds {held} (entries deleted)")]
+    StreamDeletions { added: u64, held: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

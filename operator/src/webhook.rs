@@ -1,0 +1,333 @@
+//! The validating admission webhook server: HTTPS, `POST /validate`, AdmissionReview v1 in and
+//! out, decided by [`crate::admission::review`].
+//!
+//! ```text
+//!   API server ──TLS (rustls, 1.2+)──▶ /validate ─▶ body ≤ 3 MiB, read within 10 s ─▶ admission::review
+//!                                                                                   └─ hint ─▶ ActorHints
+//!   cert/key files (Secret volume) ──polled every 10 s──▶ CertificateReloader (new handshakes only)
+//! ```
+//!
+//! Answers and logs never carry object content: logs name the request uid and the decision.
+//! The certificate is reloaded when the mounted files change, so a cert-manager renewal needs
+//! no restart; files that fail to parse are ignored (the last good pair keeps serving).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admission;
+use crate::audit::ActorHints;
+
+/// The path the ValidatingWebhookConfiguration calls.
+pub const PATH: &str = "/validate";
+/// Largest AdmissionReview accepted. The API server sends the old and the new object; ours are
+/// small, but the cap leaves room for big annotations and managedFields.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How often the certificate files are checked for a change.
+    pub reload_every: Duration,
+    /// Time to finish the TLS handshake, and (separately) to read the headers and the body.
+    pub read_timeout: Duration,
+}
+
+impl WebhookSettings {
+    pub fn new(listen: SocketAddr, cert: PathBuf, key: PathBuf) -> Self {
+        Self { listen, cert, key, reload_every: Duration::from_secs(10), read_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("{path} is not valid PEM")]
+    Pem { path: PathBuf },
+    #[error("the webhook certificate and key are unusable together: {0}")]
+    Mismatch(rustls::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(rustls::Error),
+    #[error("listening on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The serving certificate, swapped in place when its files change.
+pub struct CertificateReloader {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<(Arc<CertifiedKey>, [u8; 32])>,
+}
+
+impl std::fmt::Debug for CertificateReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateReloader")
+            .field("cert", &self.cert_path)
+            .field("key", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both files' bytes (the key zeroized on drop) and a digest of them, to notice changes.
+struct PemPair {
+    cert: Vec<u8>,
+    key: zeroize::Zeroizing<Vec<u8>>,
+    fingerprint: [u8; 32],
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, WebhookError> {
+    let read = |path: &Path| std::fs::read(path).map_err(|source| WebhookError::Read { path: path.into(), source });
+    let cert_pem = read(cert)?;
+    let key_pem = zeroize::Zeroizing::new(read(key)?);
+    let mut digest = Sha256::new();
+    digest.update(&cert_pem);
+    digest.update(key_pem.as_slice());
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(&digest.finalize());
+    Ok(PemPair { cert: cert_pem, key: key_pem, fingerprint })
+}
+
+fn certified_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<CertifiedKey, WebhookError> {
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|_| WebhookError::Pem { path: cert.into() })?;
+    if chain.is_empty() {
+        return Err(WebhookError::NoCertificate { path: cert.into() });
+    }
+    let private: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|_| WebhookError::Pem { path: key.into() })?
+        .ok_or_else(|| WebhookError::NoKey { path: key.into() })?;
+    CertifiedKey::from_der(chain, private, &provider()).map_err(WebhookError::Mismatch)
+}
+
+impl CertificateReloader {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, WebhookError> {
+        let pair = read_pair(cert, key)?;
+        let loaded = certified_key(cert, &pair.cert, key, &pair.key)?;
+        Ok(Self {
+            cert_path: cert.into(),
+            key_path: key.into(),
+            current: RwLock::new((Arc::new(loaded), pair.fingerprint)),
+        })
+    }
+
+    /// Loads the files again if they changed. `Ok(true)` when a new pair now serves; on an
+    /// error the previous pair keeps serving.
+    pub fn reload_if_changed(&self) -> Result<bool, WebhookError> {
+        let pair = read_pair(&self.cert_path, &self.key_path)?;
+        if self.current.read().unwrap_or_else(|p| p.into_inner()).1 == pair.fingerprint {
+            return Ok(false);
+        }
+        let loaded = certified_key(&self.cert_path, &pair.cert, &self.key_path, &pair.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(loaded), pair.fingerprint);
+        Ok(true)
+    }
+
+    /// Checks the files every `every` until the task is dropped.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.reload_if_changed() {
+                Ok(true) => tracing::info!(cert = %self.cert_path.display(), "webhook certificate reloaded"),
+                Ok(false) => {}
+                // Mid-rotation the two files can briefly disagree; the next check settles it.
+                Err(error) => {
+                    tracing::warn!(%error, "webhook certificate not reloaded; the previous one keeps serving")
+                }
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertificateReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone())
+    }
+}
+
+/// rustls with TLS 1.3 preferred and 1.2 minimum, ALPN h2 and http/1.1.
+pub fn tls_config(certificates: Arc<CertificateReloader>) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(WebhookError::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(certificates);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut body = message.into();
+    body.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// One request. Never panics; every refusal says why in a sentence.
+pub async fn handle<B>(request: Request<B>, hints: &ActorHints, read_timeout: Duration) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if request.uri().path() != PATH {
+        return plain(StatusCode::NOT_FOUND, format!("not found: the admission webhook is at POST {PATH}"));
+    }
+    if request.method() != Method::POST {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, format!("{PATH} takes POST with an AdmissionReview"));
+    }
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large =
+        || plain(StatusCode::PAYLOAD_TOO_LARGE, format!("AdmissionReview larger than {MAX_BODY_BYTES} bytes refused"));
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let body =
+        match tokio::time::timeout(read_timeout, Limited::new(request.into_body(), MAX_BODY_BYTES).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+            Ok(Err(_)) => return plain(StatusCode::BAD_REQUEST, "the request body could not be read"),
+            Err(_) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive within {}s", read_timeout.as_secs()),
+                )
+            }
+        };
+    match admission::review(&body, hints) {
+        Ok(answer) => {
+            if let Some(response) = &answer.response {
+                // uid and decision only: no names from the object, no content.
+                tracing::info!(uid = %response.uid, allowed = response.allowed, "admission review answered");
+            }
+            match serde_json::to_vec(&answer) {
+                Ok(json) => {
+                    let mut response = Response::new(Full::new(Bytes::from(json)));
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+                    response
+                }
+                Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "the answer could not be encoded"),
+            }
+        }
+        // The reason goes back to the caller (who sent the body); the log says only that it was malformed.
+        Err(not_a_review) => {
+            tracing::warn!(bytes = body.len(), "admission webhook received something that is not an AdmissionReview");
+            plain(StatusCode::BAD_REQUEST, not_a_review.to_string())
+        }
+    }
+}
+
+/// A bound, TLS-ready webhook server.
+pub struct WebhookServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    certificates: Arc<CertificateReloader>,
+    settings: WebhookSettings,
+}
+
+impl std::fmt::Debug for WebhookServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookServer").field("listener", &self.listener).field("settings", &self.settings).finish()
+    }
+}
+
+impl WebhookServer {
+    /// Loads the certificate and binds, so that a bad certificate or a taken port stops the
+    /// operator at start with a clear error.
+    pub async fn bind(settings: WebhookSettings) -> Result<Self, WebhookError> {
+        let certificates = Arc::new(CertificateReloader::load(&settings.cert, &settings.key)?);
+        let acceptor = TlsAcceptor::from(tls_config(certificates.clone())?);
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| WebhookError::Bind { addr: settings.listen, source })?;
+        Ok(Self { listener, acceptor, certificates, settings })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn serve(self, hints: Arc<ActorHints>) {
+        let Self { listener, acceptor, certificates, settings } = self;
+        let _reloader = AbortOnDrop(tokio::spawn(certificates.watch(settings.reload_every)));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .max_concurrent_streams(64);
+        tracing::info!(addr = %settings.listen, path = PATH, "admission webhook listening");
+        loop {
+            let (stream, _peer) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "webhook accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            let hints = hints.clone();
+            let read_timeout = settings.read_timeout;
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => return tracing::debug!(%error, "webhook TLS handshake failed"),
+                    Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
+                };
+                let service = service_fn(move |request| {
+                    let hints = hints.clone();
+                    async move { Ok::<_, Infallible>(handle(request, &hints, read_timeout).await) }
+                });
+                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                    tracing::debug!(%error, "webhook connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+#[path = "webhook/tests.rs"]
+mod tests;
