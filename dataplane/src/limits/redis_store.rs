@@ -40,11 +40,6 @@ local function expire(h, l)
   end
   return tonumber(redis.call('HGET', h, 't') or '0')
 end
-local function reset_after(l)
-  local head = redis.call('LINDEX', l, 0)
-  if not head then return 0 end
-  return (tonumber(head) + N + 1) * G - now
-end
 "#;
 
 /// KEYS: requests hash, requests list, tokens hash, tokens list, day counter, month counter.
@@ -70,35 +65,56 @@ local tpm = tonumber(ARGV[4])
 local dayb = tonumber(ARGV[5])
 local monb = tonumber(ARGV[6])
 local rq, tk, dayu, monu = 0, 0, 0, 0
-if rpm > 0 then rq = expire(KEYS[1], KEYS[2]) end
-if tpm > 0 then tk = expire(KEYS[3], KEYS[4]) end
+local rq_head, tk_head = false, false
+if rpm > 0 then rq = expire(KEYS[1], KEYS[2]); rq_head = redis.call('LINDEX', KEYS[2], 0) end
+if tpm > 0 then tk = expire(KEYS[3], KEYS[4]); tk_head = redis.call('LINDEX', KEYS[4], 0) end
 if dayb > 0 then dayu = tonumber(redis.call('GET', KEYS[5]) or '0') end
 if monb > 0 then monu = tonumber(redis.call('GET', KEYS[6]) or '0') end
+-- Admitted requests are counted in rq/tk at once and written in one go: at the end, or before
+-- a refusal reads the stored granules to say when to retry.
+local pending_rq, pending_tk, spent, added = 0, 0, 0, false
+local function flush()
+  if pending_rq > 0 then add(KEYS[1], KEYS[2], pending_rq) end
+  if pending_tk > 0 then add(KEYS[3], KEYS[4], pending_tk) end
+  pending_rq, pending_tk = 0, 0
+end
+local function reset_of(head)
+  if head then return (tonumber(head) + N + 1) * G - now end
+  return 0
+end
 local out = {}
 local function push(a, b, c, d, e, f, g, h, i, j)
   local n = #out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = a, b, c, d, e
   out[n + 6], out[n + 7], out[n + 8], out[n + 9], out[n + 10] = f, g, h, i, j
 end
-local added, spent = false, 0
 for i = 9, #ARGV do
   local cost = tonumber(ARGV[i])
   if rpm > 0 and rq + 1 > rpm then
+    flush()
     push(0, 1, retry_after(KEYS[1], KEYS[2], rq, 1, rpm), rq, tk, 0, 0, 0, 0, 0)
   elseif tpm > 0 and tk + cost > tpm then
+    flush()
     push(0, 2, retry_after(KEYS[3], KEYS[4], tk, cost, tpm), rq, tk, 0, 0, 0, 0, 0)
   elseif dayb > 0 and dayu >= dayb then
     push(0, 3, 0, rq, tk, 0, dayu, 0, 0, 0)
   elseif monb > 0 and monu >= monb then
     push(0, 4, 0, rq, tk, 0, dayu, monu, 0, 0)
   else
-    if rpm > 0 then add(KEYS[1], KEYS[2], 1); rq = rq + 1 end
-    if tpm > 0 then add(KEYS[3], KEYS[4], cost); tk = tk + cost end
-    push(1, 0, 0, rq, tk, cur, dayu, monu, reset_after(KEYS[2]), reset_after(KEYS[4]))
+    if rpm > 0 then
+      rq, pending_rq = rq + 1, pending_rq + 1
+      rq_head = rq_head or cur
+    end
+    if tpm > 0 then
+      tk, pending_tk = tk + cost, pending_tk + cost
+      tk_head = tk_head or cur
+    end
+    push(1, 0, 0, rq, tk, cur, dayu, monu, reset_of(rq_head), reset_of(tk_head))
     added, spent = true, spent + cost
     dayu, monu = dayu + cost, monu + cost
   end
 end
+flush()
 if added then
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], (N + 2) * G) end
   if dayb > 0 then redis.call('INCRBY', KEYS[5], spent); redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
@@ -119,12 +135,18 @@ local function adjust(h, g, delta)
 end
 expire(KEYS[1], KEYS[2])
 expire(KEYS[3], KEYS[4])
-local b = 0
+-- Sum per granule first: a batch mostly shares one or two granules.
+local rqd, tkd, order, b = {}, {}, {}, 0
 for i = 3, #ARGV, 4 do
   local g = ARGV[i]
-  if tonumber(ARGV[i + 1]) ~= 0 then adjust(KEYS[1], g, tonumber(ARGV[i + 1])) end
-  if tonumber(ARGV[i + 2]) ~= 0 then adjust(KEYS[3], g, tonumber(ARGV[i + 2])) end
+  if rqd[g] == nil then rqd[g], tkd[g] = 0, 0; order[#order + 1] = g end
+  rqd[g] = rqd[g] + tonumber(ARGV[i + 1])
+  tkd[g] = tkd[g] + tonumber(ARGV[i + 2])
   b = b + tonumber(ARGV[i + 3])
+end
+for _, g in ipairs(order) do
+  if rqd[g] ~= 0 then adjust(KEYS[1], g, rqd[g]) end
+  if tkd[g] ~= 0 then adjust(KEYS[3], g, tkd[g]) end
 end
 if b ~= 0 then
   for i = 5, 6 do
