@@ -3,6 +3,7 @@
 //!
 //! Needs `redis-server` (installed by `scripts/test.sh`); without it each test says so and
 //! returns.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
