@@ -48,10 +48,11 @@ fn start_redis() -> Option<Redis> {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn redis-server");
+    let redis = Redis { child, url: format!("redis://127.0.0.1:{port}/") };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(Redis { child, url: format!("redis://127.0.0.1:{port}/") });
+            return Some(redis);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
