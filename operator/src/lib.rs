@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod compile;
 pub mod conditions;
 pub mod crdgen;
+pub mod enforcement;
 pub mod error;
 pub mod inputs;
 pub mod issuance;
