@@ -75,6 +75,16 @@ pub struct Inclusion {
     pub object_generation: Option<i64>,
 }
 
+/// An object a snapshot is compiled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompiledObject {
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The snapshot generation its status reports for this same spec generation (written by
+    /// an earlier leader). Trusted only while the snapshot still carries the object unchanged.
+    pub reported: Option<u64>,
+}
+
 /// An object as a snapshot carries it, to tell whether it changed between two snapshots.
 #[derive(Debug, PartialEq)]
 enum Entry<'a> {
@@ -89,8 +99,9 @@ fn entries(content: &SnapshotContent) -> BTreeMap<ObjectKey, Entry<'_>> {
 }
 
 /// Per object, the first snapshot generation that holds its current state. Kept by the snapshot
-/// writer, in memory: after a restart every object starts from the current generation, which can
-/// only make the count more cautious, never claim enforcement too early.
+/// writer, in memory. After a restart an object the snapshot still carries unchanged takes the
+/// generation its status reported for the same spec, else the current generation: cautious, never
+/// claiming enforcement too early, and no status rewrite on every failover.
 #[derive(Debug, Default)]
 pub struct InclusionIndex {
     entries: BTreeMap<ObjectKey, Inclusion>,
@@ -105,19 +116,20 @@ impl InclusionIndex {
         &mut self,
         previous: Option<&SnapshotContent>,
         current: &GatewaySnapshot,
-        objects: &BTreeMap<ObjectKey, Option<i64>>,
+        objects: &BTreeMap<ObjectKey, CompiledObject>,
     ) -> Vec<ObjectKey> {
         let before = previous.map(entries);
         let now = entries(&current.content);
         let mut next = BTreeMap::new();
         let mut moved = Vec::new();
-        for (key, object_generation) in objects {
+        for (key, object) in objects {
             let unchanged = before.as_ref().is_some_and(|b| b.get(key) == now.get(key));
             let snapshot_generation = match self.entries.get(key) {
                 Some(old) if unchanged => old.snapshot_generation,
+                None if unchanged => object.reported.filter(|g| *g <= current.generation).unwrap_or(current.generation),
                 _ => current.generation,
             };
-            let inclusion = Inclusion { snapshot_generation, object_generation: *object_generation };
+            let inclusion = Inclusion { snapshot_generation, object_generation: object.generation };
             if self.entries.get(key) != Some(&inclusion) {
                 moved.push(key.clone());
             }
@@ -287,6 +299,10 @@ mod tests {
         }
     }
 
+    fn at(generation: i64) -> CompiledObject {
+        CompiledObject { generation: Some(generation), reported: None }
+    }
+
     fn snapshot(switches: Vec<KillSwitchEntry>, previous: Option<&GatewaySnapshot>) -> GatewaySnapshot {
         GatewaySnapshot::new(SnapshotContent { kill_switches: switches, ..Default::default() }, previous)
     }
@@ -345,7 +361,7 @@ mod tests {
         let key: ObjectKey = ("KillSwitch", ObjectRef::new("ops", "stop"));
         let other: ObjectKey = ("KillSwitch", ObjectRef::new("ops", "other"));
         let mut index = InclusionIndex::default();
-        let objects = BTreeMap::from([(key.clone(), Some(1))]);
+        let objects = BTreeMap::from([(key.clone(), at(1))]);
         let g1 = snapshot(vec![switch(false)], None);
         assert_eq!(index.record(None, &g1, &objects), vec![key.clone()]);
         assert_eq!(index.get(&key), Some(Inclusion { snapshot_generation: 1, object_generation: Some(1) }));
@@ -358,25 +374,40 @@ mod tests {
         other_switch.switch = other.1.clone();
         let g2 = snapshot(vec![other_switch.clone(), switch(false)], Some(&g1));
         assert_eq!(g2.generation, 2);
-        let both = BTreeMap::from([(key.clone(), Some(1)), (other.clone(), Some(1))]);
+        let both = BTreeMap::from([(key.clone(), at(1)), (other.clone(), at(1))]);
         assert_eq!(index.record(Some(&g1.content), &g2, &both), vec![other.clone()]);
         assert_eq!(index.get(&key).map(|i| i.snapshot_generation), Some(1));
         assert_eq!(index.get(&other).map(|i| i.snapshot_generation), Some(2));
 
         // The switch flips (spec generation 2): generation 3 holds it.
         let g3 = snapshot(vec![other_switch, switch(true)], Some(&g2));
-        let flipped = BTreeMap::from([(key.clone(), Some(2)), (other.clone(), Some(1))]);
+        let flipped = BTreeMap::from([(key.clone(), at(2)), (other.clone(), at(1))]);
         assert_eq!(index.record(Some(&g2.content), &g3, &flipped), vec![key.clone()]);
         assert_eq!(index.get(&key), Some(Inclusion { snapshot_generation: 3, object_generation: Some(2) }));
 
         // A spec edit that compiles to the same entry: the spec generation moves, G does not.
-        let edited = BTreeMap::from([(key.clone(), Some(3)), (other.clone(), Some(1))]);
+        let edited = BTreeMap::from([(key.clone(), at(3)), (other.clone(), at(1))]);
         assert_eq!(index.record(Some(&g3.content), &g3, &edited), vec![key.clone()]);
         assert_eq!(index.get(&key), Some(Inclusion { snapshot_generation: 3, object_generation: Some(3) }));
 
-        // A fresh index (operator restart) is cautious: the current generation.
+        // A fresh index (operator restart) is cautious: the current generation, unless status
+        // reported one for the same spec and the snapshot still carries the object unchanged.
         let mut fresh = InclusionIndex::default();
-        fresh.record(Some(&g3.content), &g3, &both);
+        let restarted = BTreeMap::from([
+            (key.clone(), CompiledObject { generation: Some(3), reported: Some(3) }),
+            (other.clone(), at(1)),
+        ]);
+        fresh.record(Some(&g3.content), &g3, &restarted);
+        assert_eq!(fresh.get(&other).map(|i| i.snapshot_generation), Some(3));
+        assert_eq!(fresh.get(&key).map(|i| i.snapshot_generation), Some(3));
+        let mut fresh = InclusionIndex::default();
+        let reported = BTreeMap::from([(other.clone(), CompiledObject { generation: Some(1), reported: Some(2) })]);
+        fresh.record(Some(&g3.content), &g3, &reported);
+        assert_eq!(fresh.get(&other).map(|i| i.snapshot_generation), Some(2));
+        // A report from the future (a snapshot Secret recreated from scratch) is not trusted.
+        let mut fresh = InclusionIndex::default();
+        let future = BTreeMap::from([(other.clone(), CompiledObject { generation: Some(1), reported: Some(9) })]);
+        fresh.record(Some(&g3.content), &g3, &future);
         assert_eq!(fresh.get(&other).map(|i| i.snapshot_generation), Some(3));
     }
 

@@ -18,6 +18,7 @@ use portcullis_crds::acknowledgement::{COMPONENT, COMPONENT_LABEL, GENERATION_AN
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
 use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch};
 use portcullis_operator::cluster::acknowledgement::{self, Acknowledgements};
 use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
@@ -46,6 +47,11 @@ fn now() -> DateTime<Utc> {
 }
 
 fn world() -> World {
+    world_from(None)
+}
+
+/// A world whose snapshot writer starts from `previous` (the Secret a restarted operator reads).
+fn world_from(previous: Option<GatewaySnapshot>) -> World {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let recorded = calls.clone();
@@ -103,7 +109,7 @@ fn world() -> World {
         recorder: None,
         clock: Arc::new(now),
         leading: Arc::new(AtomicBool::new(true)),
-        snapshot: tokio::sync::Mutex::new(SnapshotState { previous: None, excluded: Default::default() }),
+        snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
         snapshot_trigger: tokio::sync::Notify::new(),
         retrigger: Retrigger::default(),
         backoff: Backoff::default(),
@@ -114,7 +120,7 @@ fn world() -> World {
     World { ctx, calls, kill_switches, api_keys, leases, _server: server }
 }
 
-const SWITCH_STATUS: &str = "/apis/portcullis.dev/v1alpha1/namespaces/ops/killswitches/stop/status";
+const SWITCHES: &str = "/apis/portcullis.dev/v1alpha1/namespaces/ops/killswitches";
 const KEY_STATUS: &str = "/apis/portcullis.dev/v1alpha1/namespaces/team-a/apikeys/alice/status";
 const SNAPSHOT: &str = "/api/v1/namespaces/portcullis/secrets/portcullis-snapshot";
 
@@ -167,8 +173,9 @@ impl World {
             .await
             .unwrap();
         let calls = self.take();
-        let written = calls.iter().find(|c| c.path == SWITCH_STATUS).map(|c| c.body["status"].clone());
-        assert!(calls.iter().all(|c| c.method == "PATCH" && c.path == SWITCH_STATUS), "{calls:?}");
+        let path = format!("{SWITCHES}/{}/status", switch.metadata.name.as_deref().unwrap());
+        let written = calls.iter().find(|c| c.path == path).map(|c| c.body["status"].clone());
+        assert!(calls.iter().all(|c| c.method == "PATCH" && c.path == path), "{calls:?}");
         let mut next = switch.clone();
         if let Some(status) = &written {
             next.status = Some(serde_json::from_value(status.clone()).unwrap());
@@ -313,4 +320,40 @@ async fn revoked_keys_report_how_many_replicas_refuse_them() {
     let status = &calls.iter().find(|c| c.path == KEY_STATUS).expect("status").body["status"];
     assert_eq!(enforced(status), ("True".into(), "Applied".into(), "1/1".into()));
     assert_eq!(status["enforcement"]["snapshotGeneration"], 2);
+}
+
+/// A new leader (restart or failover) keeps what status says when nothing moved: no rewrite of
+/// every object's status, no false "Propagating".
+#[tokio::test]
+async fn a_restarted_operator_keeps_the_reported_generation() {
+    let mut w = world();
+    let ks = switch(true, 1, None);
+    let other = |active: bool| -> KillSwitch {
+        let mut s = switch(active, 1, None);
+        s.metadata.name = Some("other".into());
+        s
+    };
+    w.put_switch(&ks);
+    w.put_switch(&other(false));
+    assert_eq!(w.sync().await, Some(1));
+    w.put_switch(&other(true));
+    assert_eq!(w.sync().await, Some(2));
+    w.put_lease(lease("dp-a", Some(2), 0));
+    w.ctx.acknowledgements.mark_synced();
+    let (written, ks) = w.reconcile(&ks).await;
+    let written = written.unwrap();
+    assert_eq!(enforced(&written), ("True".into(), "Applied".into(), "1/1".into()));
+    assert_eq!(written["enforcement"]["snapshotGeneration"], 1, "G is where this switch last changed");
+    let (written, other_now) = w.reconcile(&other(true)).await;
+    assert_eq!(written.unwrap()["enforcement"]["snapshotGeneration"], 2);
+    let stored = w.ctx.snapshot.lock().await.previous.clone();
+
+    let mut w = world_from(stored);
+    w.put_switch(&ks);
+    w.put_switch(&other_now);
+    w.put_lease(lease("dp-a", Some(2), 0));
+    w.ctx.acknowledgements.mark_synced();
+    assert_eq!(w.sync().await, None, "nothing changed: no snapshot write");
+    assert!(stale(&w).is_empty());
+    assert_eq!(w.reconcile(&ks).await.0, None, "no status rewrite after a restart");
 }

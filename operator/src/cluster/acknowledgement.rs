@@ -10,6 +10,7 @@
 //!
 //! Heartbeats change nothing: an object is reconciled again only when its count would change.
 
+use std::collections::BTreeMap;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,9 @@ use portcullis_crds::v1alpha1::{ApiKey, EnforcementStatus, KillSwitch};
 use super::context::Context;
 use crate::assemble::ObjectKey;
 use crate::conditions::{ready_reason, ReadyReason};
-use crate::enforcement::{verdict, with_enforced, Inclusion, InclusionIndex, ReplicaAck, Verdict};
+use crate::enforcement::{
+    verdict, with_enforced, CompiledObject, Inclusion, InclusionIndex, ReplicaAck, Verdict, ENFORCED,
+};
 use crate::inputs::CompileInputs;
 use crate::readiness::object_ref;
 
@@ -80,7 +83,7 @@ impl Acknowledgements {
         &self,
         previous: Option<&SnapshotContent>,
         current: &GatewaySnapshot,
-        objects: &std::collections::BTreeMap<ObjectKey, Option<i64>>,
+        objects: &BTreeMap<ObjectKey, CompiledObject>,
     ) -> Vec<ObjectKey> {
         self.included.lock().unwrap_or_else(|p| p.into_inner()).record(previous, current, objects)
     }
@@ -89,16 +92,40 @@ impl Acknowledgements {
         self.included.lock().unwrap_or_else(|p| p.into_inner()).get(key)
     }
 
-    fn verdict(&self, key: &ObjectKey, object_generation: Option<i64>, now: DateTime<Utc>) -> Verdict {
-        verdict(self.inclusion(key), object_generation, &self.replicas(), now)
+    fn verdict(
+        &self,
+        key: &ObjectKey,
+        object_generation: Option<i64>,
+        acks: &[ReplicaAck],
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        verdict(self.inclusion(key), object_generation, acks, now)
     }
 }
 
-/// The objects a compile starts from, with their spec generations, for [`Acknowledgements::record`].
-pub fn compiled_objects(inputs: &CompileInputs) -> std::collections::BTreeMap<ObjectKey, Option<i64>> {
-    let keys = inputs.api_keys.iter().map(|k| (("ApiKey", object_ref(&k.metadata)), k.metadata.generation));
-    let switches =
-        inputs.kill_switches.iter().map(|s| (("KillSwitch", object_ref(&s.metadata)), s.metadata.generation));
+/// The snapshot generation `status` reports for spec `generation`, if it reports one.
+fn reported(generation: Option<i64>, conditions: &[Condition], enforcement: Option<&EnforcementStatus>) -> Option<u64> {
+    let condition = conditions.iter().find(|c| c.type_ == ENFORCED)?;
+    if condition.observed_generation != generation {
+        return None;
+    }
+    enforcement?.snapshot_generation
+}
+
+/// The objects a compile starts from, for [`Acknowledgements::record`].
+pub fn compiled_objects(inputs: &CompileInputs) -> BTreeMap<ObjectKey, CompiledObject> {
+    let keys = inputs.api_keys.iter().map(|k| {
+        let generation = k.metadata.generation;
+        let status = k.status.as_ref();
+        let reported = status.and_then(|s| reported(generation, &s.conditions, s.enforcement.as_ref()));
+        (("ApiKey", object_ref(&k.metadata)), CompiledObject { generation, reported })
+    });
+    let switches = inputs.kill_switches.iter().map(|k| {
+        let generation = k.metadata.generation;
+        let status = k.status.as_ref();
+        let reported = status.and_then(|s| reported(generation, &s.conditions, s.enforcement.as_ref()));
+        (("KillSwitch", object_ref(&k.metadata)), CompiledObject { generation, reported })
+    });
     keys.chain(switches).collect()
 }
 
@@ -137,14 +164,23 @@ impl Report {
     }
 }
 
-fn report(ctx: &Context, key: &ObjectKey, generation: Option<i64>, wanted: bool) -> Report {
-    if !wanted {
-        Report::Clear
-    } else if !ctx.acknowledgements.is_synced() {
-        Report::Keep
-    } else {
-        Report::Set(ctx.acknowledgements.verdict(key, generation, ctx.now()))
+/// `acks` is `None` until the Lease cache is complete.
+fn report(
+    ctx: &Context,
+    acks: Option<&[ReplicaAck]>,
+    key: &ObjectKey,
+    generation: Option<i64>,
+    wanted: bool,
+) -> Report {
+    match acks {
+        _ if !wanted => Report::Clear,
+        None => Report::Keep,
+        Some(acks) => Report::Set(ctx.acknowledgements.verdict(key, generation, acks, ctx.now())),
     }
+}
+
+fn acks(ctx: &Context) -> Option<Vec<ReplicaAck>> {
+    ctx.acknowledgements.is_synced().then(|| ctx.acknowledgements.replicas())
 }
 
 /// A switch left out of the snapshot (its Ready says why) has nothing enforced to count.
@@ -155,27 +191,31 @@ fn switch_reported(ready: Option<&str>) -> bool {
 /// Every KillSwitch in the snapshot reports how far its current spec has reached.
 pub fn kill_switch(ctx: &Context, switch: &KillSwitch, ready: ReadyReason) -> Report {
     let key = ("KillSwitch", object_ref(&switch.metadata));
-    report(ctx, &key, switch.metadata.generation, switch_reported(Some(ready.as_str())))
+    report(ctx, acks(ctx).as_deref(), &key, switch.metadata.generation, switch_reported(Some(ready.as_str())))
 }
 
 /// An ApiKey reports it only while revoked: how many replicas refuse it.
 pub fn api_key(ctx: &Context, key: &ApiKey) -> Report {
+    api_key_with(ctx, acks(ctx).as_deref(), key)
+}
+
+fn api_key_with(ctx: &Context, acks: Option<&[ReplicaAck]>, key: &ApiKey) -> Report {
     let object = ("ApiKey", object_ref(&key.metadata));
-    report(ctx, &object, key.metadata.generation, key.spec.revoked)
+    report(ctx, acks, &object, key.metadata.generation, key.spec.revoked)
 }
 
 /// Objects whose status no longer says what the replicas report.
 pub fn stale(ctx: &Context) -> Vec<ObjectKey> {
     let mut out = Vec::new();
-    if !ctx.acknowledgements.is_synced() {
+    let Some(acks) = acks(ctx) else {
         return out;
-    }
+    };
     for guarded in ctx.stores.kill_switches.state() {
         let Ok(switch) = &guarded.0 else { continue };
         let status = switch.status.as_ref();
         let ready = status.and_then(|s| ready_reason(&s.conditions));
         let key = ("KillSwitch", object_ref(&switch.metadata));
-        let desired = report(ctx, &key, switch.metadata.generation, switch_reported(ready));
+        let desired = report(ctx, Some(&acks), &key, switch.metadata.generation, switch_reported(ready));
         if desired.enforcement() != Some(status.and_then(|s| s.enforcement.as_ref())) {
             out.push(key);
         }
@@ -183,7 +223,7 @@ pub fn stale(ctx: &Context) -> Vec<ObjectKey> {
     for guarded in ctx.stores.api_keys.state() {
         let Ok(key) = &guarded.0 else { continue };
         let current = key.status.as_ref().and_then(|s| s.enforcement.as_ref());
-        if api_key(ctx, key).enforcement() != Some(current) {
+        if api_key_with(ctx, Some(&acks), key).enforcement() != Some(current) {
             out.push(("ApiKey", object_ref(&key.metadata)));
         }
     }

@@ -203,7 +203,7 @@ fn note_inclusion(
     ctx: &Context,
     previous: Option<&GatewaySnapshot>,
     snapshot: &GatewaySnapshot,
-    objects: &std::collections::BTreeMap<crate::assemble::ObjectKey, Option<i64>>,
+    objects: &std::collections::BTreeMap<crate::assemble::ObjectKey, crate::enforcement::CompiledObject>,
 ) {
     for key in ctx.acknowledgements.record(previous.map(|p| &p.content), snapshot, objects) {
         ctx.retrigger.object(&key);
