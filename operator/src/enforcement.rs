@@ -63,6 +63,28 @@ impl ReplicaAck {
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         self.live_until.is_some_and(|until| until > now)
     }
+
+    /// Whether this replica serves generation `needed` or a later one that the operator wrote. A
+    /// generation past `latest`, or `latest`'s number with another digest, is not one of ours (a
+    /// snapshot Secret recreated from scratch restarts the numbering, and replicas refuse to go
+    /// back): it counts for nothing rather than for everything.
+    pub fn serves(&self, needed: u64, latest: Option<&Latest>) -> bool {
+        let Some(generation) = self.generation else {
+            return false;
+        };
+        let ours = latest.is_none_or(|l| {
+            generation < l.generation
+                || (generation == l.generation && self.digest.as_deref().is_none_or(|d| d == l.digest))
+        });
+        generation >= needed && ours
+    }
+}
+
+/// The snapshot the operator last compiled (written, or found unchanged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    pub generation: u64,
+    pub digest: String,
 }
 
 /// Where an object's current state first appeared in a snapshot.
@@ -105,6 +127,7 @@ fn entries(content: &SnapshotContent) -> BTreeMap<ObjectKey, Entry<'_>> {
 #[derive(Debug, Default)]
 pub struct InclusionIndex {
     entries: BTreeMap<ObjectKey, Inclusion>,
+    latest: Option<Latest>,
 }
 
 impl InclusionIndex {
@@ -136,7 +159,12 @@ impl InclusionIndex {
             next.insert(key.clone(), inclusion);
         }
         self.entries = next;
+        self.latest = Some(Latest { generation: current.generation, digest: current.content_digest.clone() });
         moved
+    }
+
+    pub fn latest(&self) -> Option<&Latest> {
+        self.latest.as_ref()
     }
 
     pub fn get(&self, key: &ObjectKey) -> Option<Inclusion> {
@@ -151,11 +179,16 @@ pub struct Tally {
     pub replicas: u32,
 }
 
-pub fn tally<'a>(acks: impl IntoIterator<Item = &'a ReplicaAck>, needed: u64, now: DateTime<Utc>) -> Tally {
+pub fn tally<'a>(
+    acks: impl IntoIterator<Item = &'a ReplicaAck>,
+    needed: u64,
+    latest: Option<&Latest>,
+    now: DateTime<Utc>,
+) -> Tally {
     let mut tally = Tally::default();
     for ack in acks.into_iter().filter(|a| a.is_live(now)) {
         tally.replicas = tally.replicas.saturating_add(1);
-        if ack.generation.is_some_and(|g| g >= needed) {
+        if ack.serves(needed, latest) {
             tally.enforced = tally.enforced.saturating_add(1);
         }
     }
@@ -208,13 +241,14 @@ pub fn verdict(
     inclusion: Option<Inclusion>,
     object_generation: Option<i64>,
     acks: &[ReplicaAck],
+    latest: Option<&Latest>,
     now: DateTime<Utc>,
 ) -> Verdict {
     let included = inclusion.filter(|i| i.object_generation == object_generation);
     let needed = included.map(|i| i.snapshot_generation);
     let tally = match needed {
-        Some(g) => tally(acks, g, now),
-        None => Tally { enforced: 0, ..tally(acks, u64::MAX, now) },
+        Some(g) => tally(acks, g, latest, now),
+        None => Tally { enforced: 0, ..tally(acks, u64::MAX, latest, now) },
     };
     let summary = format!("{}/{}", tally.enforced, tally.replicas);
     let (reason, message) = match needed {
@@ -319,16 +353,27 @@ mod tests {
             // Expired: gone without deleting its Lease.
             ack("e", Some(50), "2025-03-01T11:59:59Z"),
         ];
-        assert_eq!(tally(&acks, 42, t(NOW)), Tally { enforced: 2, replicas: 4 });
-        assert_eq!(tally(&acks, 44, t(NOW)), Tally { enforced: 0, replicas: 4 });
-        assert_eq!(tally(&acks[..0], 1, t(NOW)), Tally::default());
+        assert_eq!(tally(&acks, 42, None, t(NOW)), Tally { enforced: 2, replicas: 4 });
+        assert_eq!(tally(&acks, 44, None, t(NOW)), Tally { enforced: 0, replicas: 4 });
+        assert_eq!(tally(&acks[..0], 1, None, t(NOW)), Tally::default());
+
+        // Checked against what the operator wrote: past it, or the same number with another
+        // digest, is someone else's snapshot.
+        let latest = Latest { generation: 42, digest: "d42".into() };
+        let with_digest =
+            |g: u64, d: &str| ReplicaAck { digest: Some(d.into()), ..ack("x", Some(g), "2025-03-01T12:00:20Z") };
+        assert!(with_digest(42, "d42").serves(42, Some(&latest)));
+        assert!(with_digest(41, "d41").serves(40, Some(&latest)));
+        assert!(!with_digest(42, "other").serves(42, Some(&latest)));
+        assert!(!with_digest(43, "d43").serves(42, Some(&latest)));
+        assert_eq!(tally(&acks, 42, Some(&latest), t(NOW)), Tally { enforced: 1, replicas: 4 });
     }
 
     #[test]
     fn verdicts_say_how_many_of_how_many() {
         let inclusion = Some(Inclusion { snapshot_generation: 42, object_generation: Some(3) });
         let all = [ack("a", Some(42), "2025-03-01T12:00:20Z"), ack("b", Some(44), "2025-03-01T12:00:20Z")];
-        let v = verdict(inclusion, Some(3), &all, t(NOW));
+        let v = verdict(inclusion, Some(3), &all, None, t(NOW));
         assert_eq!(v.reason, EnforcedReason::Applied);
         assert_eq!(v.message, "2/2 data-plane replicas applied snapshot generation 42");
         assert_eq!(
@@ -342,17 +387,17 @@ mod tests {
         );
 
         let behind = [all[0].clone(), ack("c", Some(41), "2025-03-01T12:00:20Z")];
-        let v = verdict(inclusion, Some(3), &behind, t(NOW));
+        let v = verdict(inclusion, Some(3), &behind, None, t(NOW));
         assert_eq!((v.reason, v.status.summary.as_str()), (EnforcedReason::Propagating, "1/2"));
 
         // The spec moved on (generation 4) and no snapshot holds it yet: nothing is claimed.
-        let v = verdict(inclusion, Some(4), &all, t(NOW));
+        let v = verdict(inclusion, Some(4), &all, None, t(NOW));
         assert_eq!((v.reason, v.status.summary.as_str()), (EnforcedReason::SnapshotPending, "0/2"));
         assert_eq!(v.status.snapshot_generation, None);
-        let v = verdict(None, Some(1), &all, t(NOW));
+        let v = verdict(None, Some(1), &all, None, t(NOW));
         assert_eq!(v.reason, EnforcedReason::SnapshotPending);
 
-        let v = verdict(inclusion, Some(3), &[], t(NOW));
+        let v = verdict(inclusion, Some(3), &[], None, t(NOW));
         assert_eq!((v.reason, v.status.summary.as_str()), (EnforcedReason::NoReplicas, "0/0"));
     }
 
@@ -428,7 +473,7 @@ mod tests {
         assert!(!ReplicaAck::from_lease(&Lease::default()).is_live(t(NOW)));
 
         let inclusion = Some(Inclusion { snapshot_generation: 42, object_generation: Some(1) });
-        let v = verdict(inclusion, Some(1), &[parsed], t(NOW));
+        let v = verdict(inclusion, Some(1), &[parsed], None, t(NOW));
         let first = with_enforced(&[], Some(&v), Some(1), t(NOW));
         let later = with_enforced(&first, Some(&v), Some(1), t("2025-03-01T12:05:00Z"));
         assert_eq!(first, later);

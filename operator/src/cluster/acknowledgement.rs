@@ -99,7 +99,8 @@ impl Acknowledgements {
         acks: &[ReplicaAck],
         now: DateTime<Utc>,
     ) -> Verdict {
-        verdict(self.inclusion(key), object_generation, acks, now)
+        let index = self.included.lock().unwrap_or_else(|p| p.into_inner());
+        verdict(index.get(key), object_generation, acks, index.latest(), now)
     }
 }
 

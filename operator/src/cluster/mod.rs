@@ -186,7 +186,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         checkpoint_trigger: Notify::new(),
         acknowledgements: acknowledgement::Acknowledgements::new(lease_store),
     });
-    let acknowledgement_task = tokio::spawn(acknowledgement::follow(ctx.clone(), lease_writer, Duration::from_secs(2)));
+    let acknowledgement_task = tokio::spawn(acknowledgement::follow(ctx.clone(), lease_writer, Duration::from_secs(5)));
 
     // Checkpoints: after appends, and periodically so a fresh Event keeps showing the head.
     let checkpoint_ctx = ctx.clone();
