@@ -113,9 +113,10 @@ fn reported(generation: Option<i64>, conditions: &[Condition], enforcement: Opti
     enforcement?.snapshot_generation
 }
 
-/// The objects a compile starts from, for [`Acknowledgements::record`].
+/// The objects a compile starts from that report enforcement (every KillSwitch, revoked
+/// ApiKeys), for [`Acknowledgements::record`].
 pub fn compiled_objects(inputs: &CompileInputs) -> BTreeMap<ObjectKey, CompiledObject> {
-    let keys = inputs.api_keys.iter().map(|k| {
+    let keys = inputs.api_keys.iter().filter(|k| k.spec.revoked).map(|k| {
         let generation = k.metadata.generation;
         let status = k.status.as_ref();
         let reported = status.and_then(|s| reported(generation, &s.conditions, s.enforcement.as_ref()));
