@@ -141,7 +141,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         (Some(cluster), _) => {
             cluster.load_initial(&mut applier).await?;
             let source = format!("Secret {}", cluster.snapshot);
-            let (applied_tx, applied_rx) = watch::channel(None);
+            let (applied_tx, applied_rx) =
+                watch::channel(applier.last_applied().map(crate::acknowledge::AppliedSnapshot::of));
             if let Some(lease) = cluster.replica_lease(&args) {
                 ack_task = Some(tokio::spawn(lease.run(applied_rx, shutdown_rx.clone())));
             }
