@@ -219,7 +219,7 @@ spec: {{scope: {{global: true}}, active: false}}
 
     // Two data-plane replicas, each reporting what it applied in its own Lease.
     let gateways = [free_addr(), free_addr()];
-    let _gateways: Vec<Process> = gateways
+    let mut running: Vec<Process> = gateways
         .iter()
         .enumerate()
         .map(|(i, listen)| {
@@ -329,4 +329,28 @@ spec: {{scope: {{global: true}}, active: false}}
     let worst = p99(samples);
     println!("propagation p99: {worst:?}");
     assert!(worst < Duration::from_secs(1), "propagation p99 {worst:?} is over one second");
+
+    // One Lease per replica; a replica that stops cleanly withdraws its Lease and stops counting.
+    let leases = cluster.kubectl(
+        &[
+            "get",
+            "-n",
+            &namespace,
+            "leases",
+            "-l",
+            "app.kubernetes.io/component=dataplane-ack",
+            "-o",
+            "jsonpath={.items[*].spec.holderIdentity}",
+        ],
+        None,
+    );
+    assert_eq!(leases.split_whitespace().count(), gateways.len(), "acknowledgement Leases: {leases}");
+    let mut stopped = running.pop().unwrap();
+    let terminated = Command::new("kill").args(["-TERM", &stopped.0.id().to_string()]).status().unwrap();
+    assert!(terminated.success());
+    stopped.0.wait().unwrap();
+    let one = format!("{0}/{0}", gateways.len() - 1);
+    let (took, message) = until_enforced(&cluster, "killswitch/stop", &one, Instant::now());
+    println!("after one replica stopped, Enforced={one} reported after {took:?}: {message}");
+    drop(running);
 }
