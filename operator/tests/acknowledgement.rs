@@ -357,3 +357,25 @@ async fn a_restarted_operator_keeps_the_reported_generation() {
     assert!(stale(&w).is_empty());
     assert_eq!(w.reconcile(&ks).await.0, None, "no status rewrite after a restart");
 }
+
+/// A switch the snapshot leaves out (invalid) has nothing enforced to count: no `Enforced`, and
+/// Lease changes do not keep reconciling it.
+#[tokio::test]
+async fn a_switch_left_out_of_the_snapshot_reports_no_enforcement() {
+    let mut w = world();
+    let mut broken = switch(true, 1, None);
+    broken.metadata.name = Some("broken".into());
+    broken.spec.scope = Default::default();
+    w.put_switch(&broken);
+    w.put_lease(lease("dp-a", Some(1), 0));
+    w.ctx.acknowledgements.mark_synced();
+    assert_eq!(w.sync().await, Some(1));
+    let (written, broken) = w.reconcile(&broken).await;
+    let written = written.unwrap();
+    let reasons: Vec<_> = written["conditions"].as_array().unwrap().iter().map(|c| c["type"].clone()).collect();
+    assert_eq!(reasons, [json!("Ready")]);
+    assert!(written.get("enforcement").is_none());
+    assert_eq!(broken.status.unwrap().conditions[0].reason, "InvalidSpec");
+    w.put_lease(lease("dp-a", Some(1), 1));
+    assert!(stale(&w).is_empty());
+}
