@@ -20,7 +20,7 @@ use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
 use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch};
-use portcullis_operator::cluster::acknowledgement::{self, Acknowledgements};
+use portcullis_operator::cluster::acknowledgement::{self, AckMetrics, Acknowledgements};
 use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
@@ -87,6 +87,9 @@ fn world_from(previous: Option<GatewaySnapshot>) -> World {
     let (kill_switches_store, kill_switches) = reflector::store();
     let (secrets_store, _secrets) = reflector::store();
     let (lease_store, leases) = reflector::store();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let acknowledgements =
+        Acknowledgements::new(lease_store).with_metrics(AckMetrics::register(metrics.registry()).unwrap());
     let ctx = Arc::new(Context {
         client: Client::new(service, "default"),
         settings: Settings {
@@ -105,7 +108,7 @@ fn world_from(previous: Option<GatewaySnapshot>) -> World {
         },
         pepper: Pepper::new(SecretBytes::from_slice(&[5u8; 32])).unwrap(),
         keyring: Mutex::new(keyring),
-        metrics: Arc::new(Metrics::new().unwrap()),
+        metrics,
         recorder: None,
         clock: Arc::new(now),
         leading: Arc::new(AtomicBool::new(true)),
@@ -115,7 +118,7 @@ fn world_from(previous: Option<GatewaySnapshot>) -> World {
         backoff: Backoff::default(),
         audit: None,
         checkpoint_trigger: tokio::sync::Notify::new(),
-        acknowledgements: Acknowledgements::new(lease_store),
+        acknowledgements,
     });
     World { ctx, calls, kill_switches, api_keys, leases, _server: server }
 }
@@ -262,6 +265,16 @@ async fn leases_become_the_enforced_count_written_only_when_it_changes() {
     let (written, next) = w.reconcile(&flipped).await;
     assert_eq!(enforced(&written.unwrap()), ("True".into(), "Applied".into(), "2/2".into()));
     flipped = next;
+    // Metrics: both replicas live and current; generation 2 reached everyone once.
+    w.ctx.acknowledgements.observe(now());
+    let rendered = String::from_utf8(w.ctx.metrics.render()).unwrap();
+    for line in [
+        "portcullis_operator_dataplane_replicas 2",
+        "portcullis_operator_dataplane_replicas_current 2",
+        "portcullis_operator_snapshot_propagation_seconds_count 1",
+    ] {
+        assert!(rendered.contains(line), "{line} in {rendered}");
+    }
 
     // A replica vanishes without deleting its Lease: it stops counting once the Lease runs out.
     w.put_lease(lease("dp-b", Some(2), 31));

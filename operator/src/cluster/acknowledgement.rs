@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -27,6 +27,7 @@ use kube::Api;
 use portcullis_crds::acknowledgement::LABEL_SELECTOR;
 use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent};
 use portcullis_crds::v1alpha1::{ApiKey, EnforcementStatus, KillSwitch};
+use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
 
 use super::context::Context;
 use crate::assemble::ObjectKey;
@@ -37,12 +38,47 @@ use crate::enforcement::{
 use crate::inputs::CompileInputs;
 use crate::readiness::object_ref;
 
+/// How the data plane keeps up, as metrics.
+#[derive(Clone, Debug)]
+pub struct AckMetrics {
+    replicas: IntGauge,
+    current: IntGauge,
+    propagation: Histogram,
+}
+
+impl AckMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let replicas = IntGauge::new(
+            "portcullis_operator_dataplane_replicas",
+            "Live data-plane replicas (each renews its acknowledgement Lease)",
+        )?;
+        let current = IntGauge::new(
+            "portcullis_operator_dataplane_replicas_current",
+            "Live data-plane replicas serving the latest snapshot the operator wrote",
+        )?;
+        let propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "portcullis_operator_snapshot_propagation_seconds",
+                "From writing a snapshot to every live data-plane replica reporting it applied",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
+        registry.register(Box::new(replicas.clone()))?;
+        registry.register(Box::new(current.clone()))?;
+        registry.register(Box::new(propagation.clone()))?;
+        Ok(Self { replicas, current, propagation })
+    }
+}
+
 /// The replicas' Leases and, per object, where its current state entered a snapshot.
 pub struct Acknowledgements {
     replicas: Store<Lease>,
     /// Set once the Lease cache holds a complete list; until then status keeps what it says.
     synced: AtomicBool,
     included: Mutex<InclusionIndex>,
+    metrics: Option<AckMetrics>,
+    /// The latest generation written and when, until every live replica reports it.
+    propagating: Mutex<Option<(u64, Instant)>>,
 }
 
 impl std::fmt::Debug for Acknowledgements {
@@ -63,7 +99,39 @@ impl Default for Acknowledgements {
 
 impl Acknowledgements {
     pub fn new(replicas: Store<Lease>) -> Self {
-        Self { replicas, synced: AtomicBool::new(false), included: Mutex::new(InclusionIndex::default()) }
+        Self {
+            replicas,
+            synced: AtomicBool::new(false),
+            included: Mutex::new(InclusionIndex::default()),
+            metrics: None,
+            propagating: Mutex::new(None),
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: AckMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Updates the metrics from the Leases at `now`.
+    pub fn observe(&self, now: DateTime<Utc>) {
+        let Some(metrics) = &self.metrics else { return };
+        let acks = self.replicas();
+        let latest = self.included.lock().unwrap_or_else(|p| p.into_inner()).latest().cloned();
+        let live = acks.iter().filter(|a| a.is_live(now)).count();
+        let current = match &latest {
+            Some(l) => acks.iter().filter(|a| a.is_live(now) && a.serves(l.generation, Some(l))).count(),
+            None => 0,
+        };
+        metrics.replicas.set(i64::try_from(live).unwrap_or(i64::MAX));
+        metrics.current.set(i64::try_from(current).unwrap_or(i64::MAX));
+        let mut propagating = self.propagating.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some((generation, since)), Some(l)) = (*propagating, &latest) {
+            if generation == l.generation && live > 0 && current == live {
+                metrics.propagation.observe(since.elapsed().as_secs_f64());
+                *propagating = None;
+            }
+        }
     }
 
     pub fn mark_synced(&self) {
@@ -85,7 +153,11 @@ impl Acknowledgements {
         current: &GatewaySnapshot,
         objects: &BTreeMap<ObjectKey, CompiledObject>,
     ) -> Vec<ObjectKey> {
-        self.included.lock().unwrap_or_else(|p| p.into_inner()).record(previous, current, objects)
+        let mut index = self.included.lock().unwrap_or_else(|p| p.into_inner());
+        if index.latest().is_some_and(|l| l.generation != current.generation) {
+            *self.propagating.lock().unwrap_or_else(|p| p.into_inner()) = Some((current.generation, Instant::now()));
+        }
+        index.record(previous, current, objects)
     }
 
     pub fn inclusion(&self, key: &ObjectKey) -> Option<Inclusion> {
@@ -236,6 +308,7 @@ fn recheck(ctx: &Context) {
     if ctx.ensure_leading().is_err() {
         return;
     }
+    ctx.acknowledgements.observe(ctx.now());
     for key in stale(ctx) {
         ctx.retrigger.object(&key);
     }

@@ -184,7 +184,8 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         backoff: Backoff::default(),
         audit,
         checkpoint_trigger: Notify::new(),
-        acknowledgements: acknowledgement::Acknowledgements::new(lease_store),
+        acknowledgements: acknowledgement::Acknowledgements::new(lease_store)
+            .with_metrics(acknowledgement::AckMetrics::register(metrics.registry())?),
     });
     let acknowledgement_task = tokio::spawn(acknowledgement::follow(ctx.clone(), lease_writer, Duration::from_secs(5)));
 
