@@ -16,6 +16,7 @@
 //! Secret material (`secret::SecretBytes`, `digest::Pepper`, `digest::ClientKey`,
 //! `sealing::MasterKey`) never prints in `Debug` and is zeroized on drop.
 
+pub mod acknowledgement;
 pub mod digest;
 pub mod pattern;
 pub mod sealing;

@@ -136,11 +136,17 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
 
     // Load the first snapshot before accepting traffic, so the first request is served.
     let mut applier = SnapshotApplier::new(handle.clone(), (*metrics).clone(), keyring, pepper);
+    let mut ack_task = None;
     let (source, reload_task) = match (cluster, &manifests) {
         (Some(cluster), _) => {
             cluster.load_initial(&mut applier).await?;
             let source = format!("Secret {}", cluster.snapshot);
-            (source, tokio::spawn(cluster.run(applier, shutdown_rx.clone())))
+            let (applied_tx, applied_rx) =
+                watch::channel(applier.last_applied().map(crate::acknowledge::AppliedSnapshot::of));
+            if let Some(lease) = cluster.replica_lease(&args) {
+                ack_task = Some(tokio::spawn(lease.run(applied_rx, shutdown_rx.clone())));
+            }
+            (source, tokio::spawn(cluster.run(applier, shutdown_rx.clone(), applied_tx)))
         }
         (None, Some(manifests)) => {
             match reload::compile_dir(manifests, &applier) {
@@ -195,6 +201,9 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = server_task.await;
     let _ = reload_task.await;
+    if let Some(task) = ack_task {
+        let _ = task.await;
+    }
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())

@@ -22,6 +22,7 @@ use portcullis_crds::snapshot::{GatewaySnapshot, SNAPSHOT_SECRET_KEY};
 use portcullis_crds::v1alpha1::ObjectRef;
 use tokio::sync::watch;
 
+use crate::acknowledge::{replica_name, AppliedSnapshot, PodOwner, ReplicaLease, ReplicaLeaseSettings};
 use crate::config::DataplaneArgs;
 use crate::reload::SnapshotApplier;
 
@@ -125,8 +126,32 @@ impl ClusterSource {
         Ok(())
     }
 
-    /// Follows the three Secrets until `shutdown` fires.
-    pub async fn run(self, mut applier: SnapshotApplier, mut shutdown: watch::Receiver<bool>) {
+    /// This replica's acknowledgement Lease, in the snapshot's namespace; `None` when turned off.
+    pub fn replica_lease(&self, args: &DataplaneArgs) -> Option<ReplicaLease> {
+        if !args.ack_lease {
+            return None;
+        }
+        let replica = replica_name(args.replica_name.as_deref());
+        // An owner must live in the Lease's namespace; elsewhere the Lease just expires.
+        let owner = match (&args.pod_uid, &args.pod_namespace) {
+            (Some(uid), Some(ns)) if *ns == self.snapshot.namespace && !uid.is_empty() => {
+                Some(PodOwner { name: replica.clone(), uid: uid.clone() })
+            }
+            _ => None,
+        };
+        let settings = ReplicaLeaseSettings::new(self.snapshot.namespace.clone(), replica, owner);
+        tracing::info!(lease = %settings.lease_name(), namespace = %settings.namespace, "reporting applied snapshots");
+        Some(ReplicaLease::new(self.client.clone(), settings))
+    }
+
+    /// Follows the three Secrets until `shutdown` fires, publishing each snapshot applied on
+    /// `applied`.
+    pub async fn run(
+        self,
+        mut applier: SnapshotApplier,
+        mut shutdown: watch::Receiver<bool>,
+        applied: watch::Sender<Option<AppliedSnapshot>>,
+    ) {
         enum Change {
             Snapshot(Option<Secret>),
             Keyring(Option<Secret>),
@@ -143,6 +168,7 @@ impl ClusterSource {
         let mut pepper: Pepper = applier.pepper().clone();
         let mut keyring: MasterKeyring = applier.keyring().clone();
         loop {
+            publish(&applier, &applied);
             let change = tokio::select! {
                 change = changes.next() => change,
                 _ = shutdown.changed() => return,
@@ -183,6 +209,18 @@ impl ClusterSource {
             }
         }
     }
+}
+
+/// Tells the acknowledgement Lease writer what is served now, if that changed.
+fn publish(applier: &SnapshotApplier, applied: &watch::Sender<Option<AppliedSnapshot>>) {
+    let now = applier.last_applied().map(AppliedSnapshot::of);
+    applied.send_if_modified(|current| {
+        if *current == now {
+            return false;
+        }
+        *current = now;
+        true
+    });
 }
 
 /// Hands one snapshot Secret to the applier (which rejects it whole if it cannot be opened).

@@ -164,4 +164,22 @@ pub struct DataplaneArgs {
     /// Cluster mode: the pepper Secret (`NAMESPACE/NAME`, or `NAME` in the snapshot's namespace).
     #[arg(long, env = "PORTCULLIS_PEPPER_SECRET", default_value = "portcullis-pepper")]
     pub pepper_secret: String,
+
+    /// Cluster mode: report the applied snapshot generation in this replica's own Lease
+    /// (`portcullis-dp-<replica>`, in the snapshot's namespace), from which the operator counts
+    /// how many replicas enforce each change.
+    #[arg(long, env = "PORTCULLIS_ACK_LEASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ack_lease: bool,
+
+    /// This replica's name in its acknowledgement Lease; defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
+
+    /// The pod's UID: the acknowledgement Lease is owned by the pod, so it goes with it.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+
+    /// The pod's namespace (an owner must live in the same namespace as the Lease).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 }

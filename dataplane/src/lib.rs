@@ -5,7 +5,7 @@
 //!                              authenticate → kill switch → route → forward
 //!                              ◀── meter (usage from JSON / SSE, one log line, metrics) ◀──
 //!
-//!  cluster::ClusterSource (watches the snapshot Secret) ──┐
+//!  cluster::ClusterSource (watches the snapshot Secret) ──┐      acknowledge: applied generation ─▶ own Lease
 //!  reload (local manifests) ──compile──▶ SnapshotApplier ──swap──▶ SnapshotHandle (Arc, lock-free)
 //!  admin: /metrics /healthz /readyz
 //! ```
@@ -14,6 +14,7 @@
 //! `model`, `stream` and `stream_options` fields of a request, and only the usage counts of a
 //! response.
 
+pub mod acknowledge;
 pub mod admin;
 pub mod api;
 pub mod app;

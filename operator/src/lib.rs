@@ -13,7 +13,8 @@
 //!
 //! In a cluster (`cluster`), the pure steps are `issuance` (when to generate a key, what is kept),
 //! `readiness` + `conditions` (status), `assemble` (set invalid objects aside, then `compile`) and
-//! `secrets` (the Secrets the operator reads and writes); `cluster` only fetches and applies.
+//! `secrets` (the Secrets the operator reads and writes), `enforcement` (how many data-plane
+//! replicas have applied an object's current state); `cluster` only fetches and applies.
 //! `admission` decides AdmissionReviews (pure) and `webhook` serves them over HTTPS.
 
 pub mod admission;
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod compile;
 pub mod conditions;
 pub mod crdgen;
+pub mod enforcement;
 pub mod error;
 pub mod inputs;
 pub mod issuance;

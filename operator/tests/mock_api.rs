@@ -152,6 +152,7 @@ fn world_with(
         backoff: Backoff::default(),
         audit,
         checkpoint_trigger: tokio::sync::Notify::new(),
+        acknowledgements: Default::default(),
     });
     World { ctx, calls, api_keys, credentials, secrets, _server: server }
 }

@@ -88,23 +88,26 @@ fn start_operator(bin: &Path, cluster: &Cluster) -> Process {
     )
 }
 
-/// One OpenAI-style request; the HTTP status.
+/// One OpenAI-style request; the HTTP status (0 when there was no answer).
 fn call(addr: SocketAddr, key: &str) -> u16 {
+    call_body(addr, key).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// One OpenAI-style request; the whole response (status line, headers and body).
+fn call_body(addr: SocketAddr, key: &str) -> String {
     let body = format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]}}"#);
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return 0;
+        return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    if stream.write_all(request.as_bytes()).is_err() {
-        return 0;
-    }
+    let _ = stream.write_all(request.as_bytes());
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    response
 }
 
 /// Milliseconds until `call` answers `want`.
@@ -118,10 +121,39 @@ fn until_status(addr: SocketAddr, key: &str, want: u16, started: Instant) -> Dur
     }
 }
 
-fn p99(mut samples: Vec<Duration>) -> Duration {
+fn percentile(mut samples: Vec<Duration>, p: f64) -> Duration {
     samples.sort();
-    let index = ((samples.len() as f64) * 0.99).ceil() as usize;
+    let index = ((samples.len() as f64) * p).ceil() as usize;
     samples[index.saturating_sub(1).min(samples.len() - 1)]
+}
+
+fn p99(samples: Vec<Duration>) -> Duration {
+    percentile(samples, 0.99)
+}
+
+/// Time until every gateway answers `want`: the change is enforced cluster-wide.
+fn until_everywhere(gateways: &[SocketAddr], key: &str, want: u16, started: Instant) -> Duration {
+    gateways.iter().map(|addr| until_status(*addr, key, want, started)).max().unwrap_or_default()
+}
+
+/// Waits until `what`'s `Enforced` condition is True for its current spec generation with
+/// `summary` replicas; returns the time taken and the condition's message.
+fn until_enforced(cluster: &Cluster, what: &str, summary: &str, started: Instant) -> (Duration, String) {
+    let enforced = r#"{.status.conditions[?(@.type=="Enforced")]"#;
+    let path = format!(
+        "{{.metadata.generation}}|{enforced}.observedGeneration}}|{enforced}.status}}|{{.status.enforcement.summary}}|{enforced}.message}}"
+    );
+    loop {
+        let seen = cluster.get(what, &path);
+        let fields: Vec<&str> = seen.splitn(5, '|').collect();
+        if let [generation, observed, status, count, message] = fields[..] {
+            if generation == observed && status == "True" && count == summary {
+                return (started.elapsed(), message.to_owned());
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what} never reported Enforced=True {summary}: {seen}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -185,17 +217,30 @@ spec: {{scope: {{global: true}}, active: false}}
         std::thread::sleep(Duration::from_millis(100));
     };
 
-    let listen = free_addr();
-    let _gateway = Process(
-        Command::new(&dataplane)
-            .args(["--snapshot-secret", &format!("{namespace}/portcullis-snapshot")])
-            .args(["--listen", &listen.to_string(), "--admin-listen", &free_addr().to_string()])
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start data plane"),
-    );
-    until_status(listen, &key, 200, Instant::now());
+    // Two data-plane replicas, each reporting what it applied in its own Lease.
+    let gateways = [free_addr(), free_addr()];
+    let mut running: Vec<Process> = gateways
+        .iter()
+        .enumerate()
+        .map(|(i, listen)| {
+            Process(
+                Command::new(&dataplane)
+                    .args(["--snapshot-secret", &format!("{namespace}/portcullis-snapshot")])
+                    .args(["--listen", &listen.to_string(), "--admin-listen", &free_addr().to_string()])
+                    .args(["--replica-name", &format!("gw-{i}")])
+                    .env("KUBECONFIG", &cluster.kubeconfig)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("start data plane"),
+            )
+        })
+        .collect();
+    for addr in gateways {
+        until_status(addr, &key, 200, Instant::now());
+    }
+    let listen = gateways[0];
+    let replicas = format!("{}/{}", gateways.len(), gateways.len());
+    until_enforced(&cluster, "killswitch/stop", &replicas, Instant::now());
 
     // Provider Secret rotation under load: no failures.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -221,23 +266,39 @@ spec: {{scope: {{global: true}}, active: false}}
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(load.join().unwrap(), 0, "requests failed during provider key rotation");
 
-    // Kill switch on/off, measured several times.
+    // Kill switch on/off, measured several times on every replica, and the acknowledgement each
+    // time: `Enforced` True with every replica counted.
     let mut samples = Vec::new();
+    let mut acknowledged = Vec::new();
     for _ in 0..5 {
-        let t = Instant::now();
-        cluster.kubectl(
-            &["patch", "-n", &namespace, "killswitch", "stop", "--type=merge", "-p", r#"{"spec":{"active":true}}"#],
-            None,
-        );
-        samples.push(until_status(listen, &key, 503, t));
-        let t = Instant::now();
-        cluster.kubectl(
-            &["patch", "-n", &namespace, "killswitch", "stop", "--type=merge", "-p", r#"{"spec":{"active":false}}"#],
-            None,
-        );
-        samples.push(until_status(listen, &key, 200, t));
+        for (active, want) in [(true, 503), (false, 200)] {
+            let patch = format!(r#"{{"spec":{{"active":{active}}}}}"#);
+            let t = Instant::now();
+            cluster.kubectl(&["patch", "-n", &namespace, "killswitch", "stop", "--type=merge", "-p", &patch], None);
+            samples.push(until_everywhere(&gateways, &key, want, t));
+            if want == 503 {
+                let body = call_body(listen, &key);
+                assert!(body.contains("kill_switch_active"), "503 without kill_switch_active: {body}");
+            }
+            let (took, message) = until_enforced(&cluster, "killswitch/stop", &replicas, t);
+            acknowledged.push(took);
+            assert!(message.starts_with(&format!("{replicas} data-plane replicas applied")), "{message}");
+        }
     }
-    println!("kill switch propagation: p99 {:?} over {} changes", p99(samples.clone()), samples.len());
+    println!(
+        "kill switch time to enforcement (every replica): p50 {:?}, p99 {:?} over {} changes",
+        percentile(samples.clone(), 0.5),
+        p99(samples.clone()),
+        samples.len()
+    );
+    println!(
+        "kill switch Enforced={replicas} reported after: p50 {:?}, p99 {:?}",
+        percentile(acknowledged.clone(), 0.5),
+        p99(acknowledged.clone())
+    );
+    let table = cluster.kubectl(&["get", "-n", &namespace, "killswitches"], None);
+    println!("{table}");
+    assert!(table.contains("ENFORCED") && table.contains(&replicas), "kubectl get killswitches: {table}");
 
     // Restart the operator: nothing re-issued, and re-applying everything writes nothing.
     let digests = cluster.get("apikey/app", "{.status.issuedDigests}");
@@ -260,10 +321,36 @@ spec: {{scope: {{global: true}}, active: false}}
         &["patch", "-n", &namespace, "apikey", "app", "--type=merge", "-p", r#"{"spec":{"revoked":true}}"#],
         None,
     );
-    let revoke = until_status(listen, &key, 401, t);
+    let revoke = until_everywhere(&gateways, &key, 401, t);
     println!("revocation propagation: {revoke:?}");
     samples.push(revoke);
+    let (took, message) = until_enforced(&cluster, "apikey/app", &replicas, t);
+    println!("revocation Enforced={replicas} reported after {took:?}: {message}");
     let worst = p99(samples);
     println!("propagation p99: {worst:?}");
     assert!(worst < Duration::from_secs(1), "propagation p99 {worst:?} is over one second");
+
+    // One Lease per replica; a replica that stops cleanly withdraws its Lease and stops counting.
+    let leases = cluster.kubectl(
+        &[
+            "get",
+            "-n",
+            &namespace,
+            "leases",
+            "-l",
+            "app.kubernetes.io/component=dataplane-ack",
+            "-o",
+            "jsonpath={.items[*].spec.holderIdentity}",
+        ],
+        None,
+    );
+    assert_eq!(leases.split_whitespace().count(), gateways.len(), "acknowledgement Leases: {leases}");
+    let mut stopped = running.pop().unwrap();
+    let terminated = Command::new("kill").args(["-TERM", &stopped.0.id().to_string()]).status().unwrap();
+    assert!(terminated.success());
+    stopped.0.wait().unwrap();
+    let one = format!("{0}/{0}", gateways.len() - 1);
+    let (took, message) = until_enforced(&cluster, "killswitch/stop", &one, Instant::now());
+    println!("after one replica stopped, Enforced={one} reported after {took:?}: {message}");
+    drop(running);
 }

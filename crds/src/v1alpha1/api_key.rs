@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::SecretKeyRef;
+use super::common::{EnforcementStatus, SecretKeyRef};
 
 /// A client API key that applications present to the gateway.
 ///
@@ -26,6 +26,7 @@ use super::common::SecretKeyRef;
     printcolumn = r#"{"name":"Revoked","type":"boolean","jsonPath":".spec.revoked"}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.enforcement.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -178,7 +179,11 @@ pub struct ApiKeyStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Current conditions; `Ready` says whether the key is accepted.
+    /// While revoked: how many data-plane replicas refuse the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<EnforcementStatus>,
+    /// Current conditions; `Ready` says whether the key is accepted, and while revoked
+    /// `Enforced` says whether every live data-plane replica refuses it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -41,3 +41,20 @@ impl fmt::Display for ObjectRef {
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
+
+/// How far an object's current spec has reached the data plane: each replica reports the
+/// snapshot generation it applied (see `acknowledgement`), and the operator counts the live
+/// replicas at or past the first generation that holds this spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnforcementStatus {
+    /// The first snapshot generation that holds the current spec; unset until one is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_generation: Option<u64>,
+    /// Live data-plane replicas that have applied `snapshotGeneration` or a later one.
+    pub enforced_replicas: u32,
+    /// Live data-plane replicas (each renews its own Lease).
+    pub replicas: u32,
+    /// `enforcedReplicas/replicas`, for `kubectl get`.
+    pub summary: String,
+}

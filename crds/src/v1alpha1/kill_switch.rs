@@ -4,6 +4,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::common::EnforcementStatus;
+
 /// An emergency stop: while active, matching requests are refused with 503 before any upstream
 /// call.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Active","type":"boolean","jsonPath":".spec.active"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".spec.reason"}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.enforcement.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -112,7 +115,11 @@ pub struct KillSwitchStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Current conditions.
+    /// How many data-plane replicas enforce the current spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<EnforcementStatus>,
+    /// Current conditions; `Enforced` is True once every live data-plane replica applies the
+    /// current spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

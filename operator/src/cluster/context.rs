@@ -137,6 +137,8 @@ pub struct Context {
     pub audit: Option<Arc<super::audit::Audit>>,
     /// Wakes the checkpoint publisher after an append.
     pub checkpoint_trigger: Notify,
+    /// The data-plane replicas' reports, for the `Enforced` status.
+    pub acknowledgements: super::acknowledgement::Acknowledgements,
 }
 
 impl fmt::Debug for Context {

@@ -64,6 +64,11 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+
+    /// For metrics a module owns (e.g. `acknowledgement`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
 }
 
 /// Serves `/metrics` and `/healthz` until the task is dropped.

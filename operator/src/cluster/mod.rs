@@ -6,8 +6,10 @@
 //!   ProviderCredential ─▶ Controller ─▶ reconcile_credential ├─notify─▶ sync_snapshot ─▶ snapshot Secret
 //!   KillSwitch ─────────▶ Controller ─▶ reconcile_kill_switch┘            (SSA, only on a new digest)
 //!   Secret (one reflector) ─▶ fan-out to the objects that reference it, keyring changes ─▶ re-seal
+//!   data-plane Leases ─▶ acknowledgement ─▶ reconcile objects whose `Enforced` count changed
 //! ```
 
+pub mod acknowledgement;
 pub mod audit;
 pub mod context;
 pub mod events;
@@ -177,6 +179,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     let (ak_tx, ak_rx) = mpsc::unbounded_channel();
     let (pc_tx, pc_rx) = mpsc::unbounded_channel();
     let (ks_tx, ks_rx) = mpsc::unbounded_channel();
+    let (lease_store, lease_writer) = reflector::store::<Lease>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: settings.clone(),
@@ -201,7 +204,10 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         backoff: Backoff::default(),
         audit,
         checkpoint_trigger: Notify::new(),
+        acknowledgements: acknowledgement::Acknowledgements::new(lease_store)
+            .with_metrics(acknowledgement::AckMetrics::register(metrics.registry())?),
     });
+    let acknowledgement_task = tokio::spawn(acknowledgement::follow(ctx.clone(), lease_writer, Duration::from_secs(5)));
 
     // Checkpoints: after appends, and periodically so a fresh Event keeps showing the head.
     let checkpoint_ctx = ctx.clone();
@@ -305,6 +311,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     }
     writer_task.abort();
     checkpoint_task.abort();
+    acknowledgement_task.abort();
     secrets_task.abort();
     admin.abort();
     result

@@ -19,6 +19,7 @@ use portcullis_crds::v1alpha1::{
 };
 use serde::Serialize;
 
+use super::acknowledgement;
 use super::audit::audit_object;
 use super::context::{Context, Guarded};
 use super::events::{report, Transition};
@@ -212,6 +213,13 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         Some(ClientKey::from_brought(&SecretBytes::from_slice(value.expose())).ok()?.display_prefix())
     });
     let current = key.status.clone().unwrap_or_default();
+    let conditions = with_ready(&current.conditions, &readiness, key.metadata.generation, now);
+    let (enforcement, conditions) = acknowledgement::api_key(&ctx, &key).apply(
+        current.enforcement.as_ref(),
+        conditions,
+        key.metadata.generation,
+        now,
+    );
     let desired = ApiKeyStatus {
         key_prefix: brought_prefix.or(issuance.key_prefix.clone()),
         reveal_secret: issuance.reveal_present.then(|| reveal_name.clone()),
@@ -221,7 +229,8 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         rotation: issuance.rotation.clone(),
         issued_digests: issuance.digests.clone(),
         observed_generation: key.metadata.generation,
-        conditions: with_ready(&current.conditions, &readiness, key.metadata.generation, now),
+        enforcement,
+        conditions,
     };
     apply_status(&api, &name, &current, &desired).await?;
 
@@ -306,10 +315,14 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
     let excluded = excluded_for(&ctx, &("KillSwitch", ObjectRef::new(&namespace, &name))).await;
     let readiness = readiness::kill_switch(switch, &excluded, now);
     let current = switch.status.clone().unwrap_or_default();
-    let desired = KillSwitchStatus {
-        observed_generation: switch.metadata.generation,
-        conditions: with_ready(&current.conditions, &readiness, switch.metadata.generation, now),
-    };
+    let conditions = with_ready(&current.conditions, &readiness, switch.metadata.generation, now);
+    let (enforcement, conditions) = acknowledgement::kill_switch(&ctx, switch, readiness.reason).apply(
+        current.enforcement.as_ref(),
+        conditions,
+        switch.metadata.generation,
+        now,
+    );
+    let desired = KillSwitchStatus { observed_generation: switch.metadata.generation, enforcement, conditions };
     let api: Api<KillSwitch> = Api::namespaced(ctx.client.clone(), &namespace);
     apply_status(&api, &name, &current, &desired).await?;
     report_ready(&ctx, &reference(switch), &current.conditions, &readiness).await;

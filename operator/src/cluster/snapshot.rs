@@ -144,6 +144,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     ctx.ensure_leading()?;
     let keyring = refresh_keyring(ctx);
     let inputs = gather_inputs(ctx);
+    let objects = super::acknowledgement::compiled_objects(&inputs);
     let mut state = ctx.snapshot.lock().await;
     let assembled = compile_valid(inputs, &keyring, &ctx.pepper, state.previous.as_ref())?;
     for warning in &assembled.compiled.warnings {
@@ -181,7 +182,10 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
             }
         }
         written = Some(snapshot.generation);
+        note_inclusion(ctx, state.previous.as_ref(), &snapshot, &objects);
         state.previous = Some(snapshot);
+    } else {
+        note_inclusion(ctx, state.previous.as_ref(), &snapshot, &objects);
     }
     // Objects whose exclusion changed need their status redone.
     let old: BTreeSet<_> = state.excluded.keys().cloned().collect();
@@ -191,4 +195,17 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     }
     state.excluded = assembled.excluded;
     Ok(written)
+}
+
+/// Records which generation holds each object's current state (after a successful write, or
+/// when nothing changed) and redoes the status of the objects whose inclusion moved.
+fn note_inclusion(
+    ctx: &Context,
+    previous: Option<&GatewaySnapshot>,
+    snapshot: &GatewaySnapshot,
+    objects: &std::collections::BTreeMap<crate::assemble::ObjectKey, crate::enforcement::CompiledObject>,
+) {
+    for key in ctx.acknowledgements.record(previous.map(|p| &p.content), snapshot, objects) {
+        ctx.retrigger.object(&key);
+    }
 }
