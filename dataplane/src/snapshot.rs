@@ -24,6 +24,9 @@ pub struct Upstream {
     pub label: String,
     pub kind: ProviderKind,
     pub base_url: String,
+    /// `base_url` parsed once: where to connect and the path of each route. `None` for the
+    /// mock provider (and for a URL the operator would have refused).
+    pub endpoint: Option<crate::upstream::Endpoint>,
     pub azure_api_version: Option<String>,
     pub priority: i32,
     pub weight: u32,
@@ -147,6 +150,7 @@ impl RuntimeSnapshot {
                 label: entry.credential.to_string(),
                 kind: entry.kind,
                 base_url: entry.base_url.clone(),
+                endpoint: crate::upstream::Endpoint::parse(&entry.base_url),
                 azure_api_version: entry.azure_api_version.clone(),
                 priority: entry.priority,
                 weight: entry.weight,

@@ -36,6 +36,8 @@ use crate::upstream::UpstreamClient;
 use meter::{AccessRecord, BudgetGuard, MeteredBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
 
+const UPSTREAM_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-upstream-request-id");
+
 /// Past the limit, up to this much more is read and thrown away so the client, still sending,
 /// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
 const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
@@ -222,7 +224,8 @@ impl Gateway {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
             return Ok(crate::mock::respond(route, &outbound.body, upstream_model));
         }
-        let pending = self.client.request(outbound.request);
+        let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
+        let pending = self.client.send(&endpoint.origin, outbound.request);
         match tokio::time::timeout(self.settings.upstream_response_timeout, pending).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {
@@ -258,7 +261,7 @@ impl Gateway {
             UsageReader::Json(JsonTail::default())
         };
         if let Some(upstream_id) = parts.headers.remove(REQUEST_ID_HEADER) {
-            parts.headers.insert("x-upstream-request-id", upstream_id);
+            parts.headers.insert(UPSTREAM_REQUEST_ID, upstream_id);
         }
         parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
         if let Some((_, ticket)) = &record.ticket {
