@@ -270,7 +270,8 @@ pub struct MeteredBody {
     idle_timeout: Duration,
     /// Fires at the earliest moment the body could be idle too long; re-armed lazily from
     /// `last_frame` (re-arming per frame would touch the timer wheel for every SSE event).
-    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Created the first time the body waits: a response already read never needs one.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     last_frame: tokio::time::Instant,
     ended: bool,
 }
@@ -301,7 +302,7 @@ impl MeteredBody {
             record: Some(record),
             outcome,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: None,
             last_frame: tokio::time::Instant::now(),
             ended: false,
         }
@@ -423,16 +424,19 @@ impl Body for MeteredBody {
                         let last = this.cut(&error, None);
                         return Poll::Ready(Some(Ok(Frame::data(last))));
                     }
-                    while this.idle.as_mut().poll(cx).is_ready() {
+                    loop {
                         let deadline = this.last_frame + this.idle_timeout;
+                        let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                         if tokio::time::Instant::now() >= deadline {
                             this.finish("upstream_idle_timeout");
                             return Poll::Ready(Some(Err("upstream sent nothing within the idle timeout".into())));
                         }
                         // Frames arrived since the timer was armed: wait out the remainder.
-                        this.idle.as_mut().reset(deadline);
+                        idle.as_mut().reset(deadline);
                     }
-                    return Poll::Pending;
                 }
             }
         }
