@@ -77,7 +77,7 @@ fn check_in(lease: Lease) {
     let mut expired = Vec::new();
     let refused = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let settings = lease.settings.clone();
+        let settings = lease.0.settings.clone();
         if pool.last_sweep.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
             pool.last_sweep = Some(now);
             for sets in pool.idle.values_mut() {
@@ -88,7 +88,7 @@ fn check_in(lease: Lease) {
                 sets.retain(|_, set| !set.is_empty());
             }
         }
-        let set = pool.idle.entry(settings.client).or_default().entry(lease.origin.clone()).or_default();
+        let set = pool.idle.entry(settings.client).or_default().entry(lease.0.origin.clone()).or_default();
         if set.len() >= settings.max_idle {
             return Some(lease);
         }
@@ -99,8 +99,12 @@ fn check_in(lease: Lease) {
     drop(expired);
 }
 
-/// One HTTP/1.1 connection, held by one request at a time.
-pub(super) struct Lease {
+/// One HTTP/1.1 connection, held by one request at a time. Boxed: the connection state
+/// (buffers, and a rustls session for HTTPS) is kilobytes, and a lease moves between the pool,
+/// the request future and the response body; moving it inline cost a memcpy at every step.
+pub(super) struct Lease(Box<Held>);
+
+struct Held {
     sender: SendRequest<Full<Bytes>>,
     dispatch: Dispatch,
     origin: Origin,
@@ -117,14 +121,15 @@ impl Lease {
         origin: Origin,
         settings: PoolSettings,
     ) -> Self {
-        Self { sender, dispatch, origin, settings }
+        Self(Box::new(Held { sender, dispatch, origin, settings }))
     }
 
     /// Gives a pooled connection one turn to notice that the provider closed it meanwhile.
     pub(super) async fn revalidate(mut self) -> Option<Self> {
-        std::future::poll_fn(|cx| match Pin::new(&mut self.dispatch).poll(cx) {
+        let held = &mut *self.0;
+        std::future::poll_fn(|cx| match Pin::new(&mut held.dispatch).poll(cx) {
             Poll::Ready(_) => Poll::Ready(false),
-            Poll::Pending => Poll::Ready(self.sender.is_ready() && !self.sender.is_closed()),
+            Poll::Pending => Poll::Ready(held.sender.is_ready() && !held.sender.is_closed()),
         })
         .await
         .then_some(self)
@@ -132,26 +137,23 @@ impl Lease {
 
     /// Sends the request, polling the connection alongside until the response head arrives.
     pub(super) async fn send(mut self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendFailure> {
-        let mut response = std::pin::pin!(self.sender.try_send_request(request));
-        let mut dispatch = Some(self.dispatch);
+        let mut response = std::pin::pin!(self.0.sender.try_send_request(request));
+        let mut lease = Some(self);
         let result = std::future::poll_fn(|cx| {
-            if let Some(conn) = dispatch.as_mut() {
-                if Pin::new(conn).poll(cx).is_ready() {
+            if let Some(held) = lease.as_mut() {
+                if Pin::new(&mut held.0.dispatch).poll(cx).is_ready() {
                     // The connection is done; dropping it hands any pending request its error.
-                    dispatch = None;
+                    lease = None;
                 }
             }
             response.as_mut().poll(cx)
         })
         .await;
-        match (result, dispatch) {
-            (Ok(response), Some(dispatch)) => {
-                let lease = Lease { sender: self.sender, dispatch, origin: self.origin, settings: self.settings };
-                Ok(response.map(|incoming| UpstreamBody { incoming, lease: Some(lease) }))
-            }
-            // The response arrived as the connection closed: serve it, reuse nothing.
-            (Ok(response), None) => Ok(response.map(|incoming| UpstreamBody { incoming, lease: None })),
-            (Err(mut error), _) => {
+        match result {
+            // Without a lease the response arrived as the connection closed: serve it, reuse
+            // nothing.
+            Ok(response) => Ok(response.map(|incoming| UpstreamBody { incoming, lease })),
+            Err(mut error) => {
                 let unsent = error.take_message();
                 Err((error.into_error(), unsent))
             }
@@ -176,10 +178,11 @@ impl UpstreamBody {
     /// Returns the connection to the pool if hyper is ready for another request on it.
     fn release(&mut self, cx: &mut Context<'_>) {
         let Some(mut lease) = self.lease.take() else { return };
-        if !lease.sender.is_ready() && Pin::new(&mut lease.dispatch).poll(cx).is_ready() {
+        let held = &mut *lease.0;
+        if !held.sender.is_ready() && Pin::new(&mut held.dispatch).poll(cx).is_ready() {
             return;
         }
-        if lease.sender.is_ready() {
+        if held.sender.is_ready() {
             check_in(lease);
         }
     }
@@ -192,7 +195,7 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if let Some(lease) = this.lease.as_mut() {
-            if Pin::new(&mut lease.dispatch).poll(cx).is_ready() {
+            if Pin::new(&mut lease.0.dispatch).poll(cx).is_ready() {
                 // Closed or failed: the body channel reports how, and the connection is gone.
                 this.lease = None;
             }
