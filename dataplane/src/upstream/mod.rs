@@ -56,11 +56,35 @@ pub fn client_tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::Clie
     Ok(config)
 }
 
-/// Scheme and authority: which connections can serve a request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Scheme and authority: which connections can serve a request. Hashed once when parsed:
+/// the pool looks an origin up twice per request, and `Authority` hashes byte by byte.
+#[derive(Debug, Clone)]
 pub struct Origin {
     https: bool,
     authority: Authority,
+    hash: u64,
+}
+
+impl Origin {
+    fn new(https: bool, authority: Authority) -> Self {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((https, &authority));
+        Self { https, authority, hash }
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.https == other.https && self.authority == other.authority
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl Origin {
@@ -101,7 +125,7 @@ impl Endpoint {
         };
         let paths = ApiRoute::ALL.map(|route| format!("{base_path}{}", route.upstream_suffix()).parse().ok());
         let paths = paths.into_iter().collect::<Option<Vec<PathAndQuery>>>()?.try_into().ok()?;
-        Some(Self { origin: Origin { https, authority }, host, base_path: base_path.into(), paths })
+        Some(Self { origin: Origin::new(https, authority), host, base_path: base_path.into(), paths })
     }
 
     /// The origin-form request target for `route`, with the client's query (if any).
@@ -317,6 +341,11 @@ mod tests {
             "/deployments/d1/chat/completions?api-version=2024-06-01"
         );
         assert_eq!(Endpoint::parse("https://example.com:443/x").expect("endpoint").host, "example.com");
+        let a = Endpoint::parse("https://API.example.com/v1").expect("endpoint").origin;
+        let b = Endpoint::parse("https://api.example.com/v2").expect("endpoint").origin;
+        let http = Endpoint::parse("http://api.example.com/v1").expect("endpoint").origin;
+        assert_eq!(a, b, "one pool for one scheme and host");
+        assert_ne!(a, http);
         assert!(Endpoint::parse("ftp://example.com").is_none());
         assert!(Endpoint::parse("").is_none());
     }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -46,7 +47,7 @@ struct Idle {
 #[derive(Default)]
 struct ThreadPool {
     /// Per client, per origin; newest last.
-    idle: HashMap<u64, HashMap<Origin, Vec<Idle>>>,
+    idle: HashMap<u64, HashMap<Origin, Vec<Idle>, RandomState>, RandomState>,
     last_sweep: Option<Instant>,
 }
 
