@@ -5,12 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use portcullis_dataplane::{app, config::DataplaneArgs};
 
-/// mimalloc instead of glibc malloc: memory freed after a snapshot load (the YAML or JSON
-/// inputs are several times the snapshot) goes back to the OS instead of staying in the
-/// process, and the many small per-request allocations are cheaper.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = DataplaneArgs::parse();
     if let Err(e) = app::init_logging(&args) {
