@@ -3,12 +3,14 @@
 
 use std::borrow::Cow;
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method};
 use serde::Deserialize;
 
 use crate::error::GatewayError;
 
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The error and authentication conventions of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +200,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
             return Some(bytes[prefix.len()..].trim_ascii());
         }
     }
-    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+    headers.get(X_API_KEY).map(|v| v.as_bytes().trim_ascii())
 }
 
 /// The client's request id if it is a sane token, otherwise a fresh one.
@@ -212,8 +214,12 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return value.clone();
         }
     }
-    let id = format!("req_{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+    // `req_` and 32 hex digits, formatted on the stack.
+    let mut id = *b"req_00000000000000000000000000000000";
+    if hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut id[4..]).is_err() {
+        return HeaderValue::from_static("req_unknown");
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
 #[cfg(test)]
@@ -256,6 +262,9 @@ mod tests {
         headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&headers), "abc-123");
         headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has spaces"));
-        assert!(request_id(&headers).to_str().expect("ascii").starts_with("req_"));
+        let fresh = request_id(&headers);
+        let fresh = fresh.to_str().expect("ascii");
+        assert!(fresh.starts_with("req_") && fresh.len() == 36, "{fresh}");
+        assert!(fresh[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{fresh}");
     }
 }

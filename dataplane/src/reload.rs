@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::MasterKeyring;
-use portcullis_crds::snapshot::GatewaySnapshot;
+use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent};
 use portcullis_operator::manifests;
 use tokio::sync::watch;
 
@@ -25,6 +25,9 @@ pub struct SnapshotApplier {
     metrics: Metrics,
     keyring: MasterKeyring,
     pepper: Pepper,
+    /// What the next compile and apply need of the last snapshot: generation, content digest
+    /// and sealed credentials. Keys and kill switches are dropped (with 10k keys they are most
+    /// of the snapshot) since the serving `RuntimeSnapshot` has its own copy.
     last_applied: Option<GatewaySnapshot>,
 }
 
@@ -48,6 +51,7 @@ impl SnapshotApplier {
         self.pepper = pepper;
     }
 
+    /// The last snapshot applied, without its API keys and kill switches (see `last_applied`).
     pub fn last_applied(&self) -> Option<&GatewaySnapshot> {
         self.last_applied.as_ref()
     }
@@ -81,7 +85,9 @@ impl SnapshotApplier {
                 self.metrics.snapshot_valid.set(1);
                 self.metrics.snapshot_reloads.inc();
                 self.handle.store(Arc::new(runtime));
-                self.last_applied = Some(snapshot);
+                let GatewaySnapshot { schema_version, generation, content_digest, content } = snapshot;
+                let content = SnapshotContent { credentials: content.credentials, ..SnapshotContent::default() };
+                self.last_applied = Some(GatewaySnapshot { schema_version, generation, content_digest, content });
                 true
             }
             Err(e) => {

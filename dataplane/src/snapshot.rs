@@ -5,6 +5,10 @@
 //! included, so a reload never changes the rules under a request in flight.
 
 use std::collections::HashMap;
+
+/// Maps built from configuration and read per request: seeded, and much cheaper to hash
+/// than SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::sync::Arc;
 
@@ -24,6 +28,9 @@ pub struct Upstream {
     pub label: String,
     pub kind: ProviderKind,
     pub base_url: String,
+    /// `base_url` parsed once: where to connect and the path of each route. `None` for the
+    /// mock provider (and for a URL the operator would have refused).
+    pub endpoint: Option<crate::upstream::Endpoint>,
     pub azure_api_version: Option<String>,
     pub priority: i32,
     pub weight: u32,
@@ -79,8 +86,8 @@ pub struct RuntimeSnapshot {
     pub generation: u64,
     pub content_digest: String,
     pepper: Pepper,
-    keys: HashMap<KeyDigest, KeyGrant>,
-    exact_models: HashMap<String, Vec<ModelRoute>>,
+    keys: FastMap<KeyDigest, KeyGrant>,
+    exact_models: FastMap<String, Vec<ModelRoute>>,
     glob_models: Vec<ModelRoute>,
     pub kill_switches: Vec<KillSwitchEntry>,
     /// Every ApiKey once by identity (a rotating key has two digests in `keys`).
@@ -105,7 +112,10 @@ impl RuntimeSnapshot {
     /// Opens every sealed key. Any failure rejects the whole snapshot.
     pub fn open(snapshot: &GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
         let content = &snapshot.content;
-        let mut keys = HashMap::with_capacity(content.api_keys.iter().map(|k| k.digests.len()).sum());
+        let mut keys = FastMap::with_capacity_and_hasher(
+            content.api_keys.iter().map(|k| k.digests.len()).sum(),
+            Default::default(),
+        );
         let mut policies = HashMap::with_capacity(content.api_keys.len());
         for entry in &content.api_keys {
             let policy = Arc::new(entry.clone());
@@ -128,7 +138,7 @@ impl RuntimeSnapshot {
             }
         }
 
-        let mut exact_models: HashMap<String, Vec<ModelRoute>> = HashMap::new();
+        let mut exact_models: FastMap<String, Vec<ModelRoute>> = FastMap::default();
         let mut glob_models = Vec::new();
         for entry in &content.credentials {
             let api_key = match (&entry.sealed_key, entry.kind.needs_secret()) {
@@ -147,6 +157,7 @@ impl RuntimeSnapshot {
                 label: entry.credential.to_string(),
                 kind: entry.kind,
                 base_url: entry.base_url.clone(),
+                endpoint: crate::upstream::Endpoint::parse(&entry.base_url),
                 azure_api_version: entry.azure_api_version.clone(),
                 priority: entry.priority,
                 weight: entry.weight,

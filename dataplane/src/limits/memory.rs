@@ -2,7 +2,9 @@
 //! `local` failure policy. Sharded maps, one short critical section per admission.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::Mutex;
 
 use super::window::SlidingWindow;
@@ -44,17 +46,17 @@ struct AuthFailures {
 
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Vec<Mutex<HashMap<String, Counters>>>,
+    shards: Vec<Mutex<HashMap<String, Counters, RandomState>>>,
     hasher: RandomState,
-    lockouts: Mutex<HashMap<String, AuthFailures>>,
+    lockouts: Mutex<HashMap<String, AuthFailures, RandomState>>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-            lockouts: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: RandomState::default(),
+            lockouts: Mutex::new(HashMap::default()),
         }
     }
 }

@@ -401,6 +401,21 @@ impl Limiter {
         }
     }
 
+    /// Settles at once when nothing needs awaiting (the reservation is in process memory, or
+    /// there is nothing to change); false when the shared store must be told through `settle`.
+    pub fn settle_now(&self, ticket: &Ticket, actual_tokens: u64) -> bool {
+        let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
+        match ticket.store {
+            _ if delta == 0 => true,
+            StoreUsed::Shared => false,
+            StoreUsed::Local => {
+                self.memory.settle(&ticket.admission, ticket.granted.granule, delta, self.now_ms());
+                true
+            }
+            StoreUsed::Unlimited => true,
+        }
+    }
+
     /// Replaces the reservation with what the request really used.
     pub async fn settle(&self, ticket: &Ticket, actual_tokens: u64) {
         let delta = actual_tokens as i64 - ticket.admission.tokens as i64;

@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use portcullis_crds::v1alpha1::ProviderKind;
 
-use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER};
+use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER, X_API_KEY};
 use crate::error::GatewayError;
 use crate::snapshot::ModelRoute;
 
@@ -16,45 +16,52 @@ const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the client's credentials, and
 /// headers that would let a client steer the provider account or leak its own address.
-const STRIPPED_REQUEST_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "cookie",
-    "openai-organization",
-    "openai-project",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    // Metering reads the body, so it must come back uncompressed.
-    "accept-encoding",
-];
+/// A `match` on the lowercase name: no table walk, no string compares against every entry.
+fn stripped_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+            | "x-api-key"
+            | "api-key"
+            | "cookie"
+            | "openai-organization"
+            | "openai-project"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+            // Metering reads the body, so it must come back uncompressed.
+            | "accept-encoding"
+    )
+}
 
 /// Response headers never passed back.
-const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "set-cookie",
+const STRIPPED_RESPONSE_HEADERS: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::SET_COOKIE,
 ];
+
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// The outbound request and what metering must know about it.
 #[derive(Debug)]
@@ -81,7 +88,7 @@ fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(client);
     let mut out = HeaderMap::with_capacity(client.len() + 4);
     for (name, value) in client {
-        let drop = STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) || listed.contains(name);
+        let drop = stripped_request_header(name) || listed.contains(name);
         if !drop {
             out.append(name.clone(), value.clone());
         }
@@ -94,8 +101,8 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
     for name in connection_listed(headers) {
         headers.remove(name);
     }
-    for name in STRIPPED_RESPONSE_HEADERS {
-        headers.remove(*name);
+    for name in &STRIPPED_RESPONSE_HEADERS {
+        headers.remove(name);
     }
 }
 
@@ -130,19 +137,22 @@ fn upstream_body(
     Ok((Bytes::from(bytes), wants_usage_injection))
 }
 
-fn upstream_uri(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelRoute) -> Result<Uri, GatewayError> {
+/// The origin-form target (`/v1/chat/completions?…`) from the paths precomputed per snapshot.
+fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelRoute) -> Result<Uri, GatewayError> {
     let upstream = &chosen.upstream;
-    let uri = match (upstream.kind, &upstream.azure_api_version) {
+    if upstream.kind == ProviderKind::Mock {
+        // Answered in process; the target is never used.
+        return Ok(Uri::from_static("/"));
+    }
+    let endpoint = upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
+    let path = match (upstream.kind, &upstream.azure_api_version) {
         (ProviderKind::AzureOpenAi, Some(version)) => {
             let deployment = chosen.upstream_model.as_deref().unwrap_or(model);
-            format!("{}/deployments/{deployment}{}?api-version={version}", upstream.base_url, route.upstream_suffix())
+            endpoint.azure_path(route, deployment, version)
         }
-        _ => match client_uri.query() {
-            Some(query) => format!("{}{}?{query}", upstream.base_url, route.upstream_suffix()),
-            None => format!("{}{}", upstream.base_url, route.upstream_suffix()),
-        },
+        _ => endpoint.path(route, client_uri.query()),
     };
-    uri.parse().map_err(|_| GatewayError::UpstreamUnavailable)
+    path.map(Uri::from).ok_or(GatewayError::UpstreamUnavailable)
 }
 
 /// Builds the request for `chosen` from the client's request parts and body.
@@ -180,20 +190,23 @@ pub fn build(
                 headers.insert(header::AUTHORIZATION, auth(value)?);
             }
             ProviderKind::Anthropic => {
-                headers.insert("x-api-key", auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
+                headers.insert(X_API_KEY, auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
             }
             ProviderKind::AzureOpenAi => {
-                headers.insert("api-key", auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
+                headers.insert(API_KEY, auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
             }
             ProviderKind::Mock => {}
         }
     }
-    if upstream.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
-        headers.insert("anthropic-version", HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
+    if upstream.kind == ProviderKind::Anthropic && !headers.contains_key(&ANTHROPIC_VERSION) {
+        headers.insert(ANTHROPIC_VERSION, HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
+    }
+    if let Some(endpoint) = &upstream.endpoint {
+        headers.insert(header::HOST, endpoint.host.clone());
     }
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = upstream_uri(route, &client.uri, model, chosen)?;
+    *request.uri_mut() = upstream_path(route, &client.uri, model, chosen)?;
     *request.headers_mut() = headers;
     Ok(Outbound { request, body, strip_usage_chunk })
 }

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use portcullis_crds::snapshot::ApiKeyEntry;
 
@@ -68,8 +69,23 @@ fn refused(r: Refusal) -> GatewayError {
     }
 }
 
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// Seconds with three decimals (`12.345s`), formatted without allocating a string.
 fn duration_text(ms: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("{:.3}s", ms as f64 / 1000.0)).unwrap_or_else(|_| HeaderValue::from_static("0s"))
+    use std::io::Write as _;
+    let mut buf = [0u8; 32];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{}.{:03}s", ms / 1000, ms % 1000).is_err() {
+        return HeaderValue::from_static("0s");
+    }
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0s"))
 }
 
 /// OpenAI-style `x-ratelimit-*` headers for an admitted request.
@@ -77,29 +93,40 @@ pub fn rate_headers(ticket: &Ticket, headers: &mut HeaderMap) {
     let limits = &ticket.admission.key.limits;
     let granted = &ticket.granted;
     if let Some(limit) = limits.requests_per_minute {
-        headers.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
-        headers
-            .insert("x-ratelimit-remaining-requests", HeaderValue::from(limit.saturating_sub(granted.requests_used)));
-        headers.insert("x-ratelimit-reset-requests", duration_text(granted.requests_reset_ms));
+        headers.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
+        headers.insert(REMAINING_REQUESTS, HeaderValue::from(limit.saturating_sub(granted.requests_used)));
+        headers.insert(RESET_REQUESTS, duration_text(granted.requests_reset_ms));
     }
     if let Some(limit) = limits.tokens_per_minute {
-        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(limit));
-        headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from(limit.saturating_sub(granted.tokens_used)));
-        headers.insert("x-ratelimit-reset-tokens", duration_text(granted.tokens_reset_ms));
+        headers.insert(LIMIT_TOKENS, HeaderValue::from(limit));
+        headers.insert(REMAINING_TOKENS, HeaderValue::from(limit.saturating_sub(granted.tokens_used)));
+        headers.insert(RESET_TOKENS, duration_text(granted.tokens_reset_ms));
     }
 }
 
 /// The same headers on a 429.
 pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
     if let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, .. } = error {
-        let kind = if *tokens { "tokens" } else { "requests" };
-        let set = |headers: &mut HeaderMap, name: String, value: HeaderValue| {
-            if let Ok(name) = http::header::HeaderName::from_bytes(name.as_bytes()) {
-                headers.insert(name, value);
-            }
+        let (limit, remaining, reset) = if *tokens {
+            (LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS)
+        } else {
+            (LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS)
         };
-        set(headers, format!("x-ratelimit-limit-{kind}"), HeaderValue::from(*limit_value));
-        set(headers, format!("x-ratelimit-remaining-{kind}"), HeaderValue::from(limit_value.saturating_sub(*used)));
-        set(headers, format!("x-ratelimit-reset-{kind}"), duration_text(*retry_after_ms));
+        headers.insert(limit, HeaderValue::from(*limit_value));
+        headers.insert(remaining, HeaderValue::from(limit_value.saturating_sub(*used)));
+        headers.insert(reset, duration_text(*retry_after_ms));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_durations_have_three_decimals() {
+        for (ms, text) in [(0, "0.000s"), (5, "0.005s"), (1005, "1.005s"), (59_999, "59.999s"), (60_000, "60.000s")] {
+            assert_eq!(duration_text(ms), text);
+            assert_eq!(format!("{:.3}s", ms as f64 / 1000.0), text);
+        }
     }
 }

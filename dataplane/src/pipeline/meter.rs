@@ -61,13 +61,17 @@ impl AccessRecord {
         }
     }
 
-    /// Replaces the token reservation with real usage, off the request path.
+    /// Replaces the token reservation with real usage: in place for the in-process store, in a
+    /// task for the shared one (the request never waits on Redis).
     fn settle(&mut self) {
         let Some((limiter, ticket)) = self.ticket.take() else { return };
         let actual = match (self.usage.input, self.usage.output) {
             (None, None) if self.observed_output == 0 => return,
             (input, output) => input.unwrap_or(self.input_estimate) + output.unwrap_or(self.observed_output),
         };
+        if limiter.settle_now(&ticket, actual) {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { limiter.settle(&ticket, actual).await });
         }
@@ -94,19 +98,14 @@ impl AccessRecord {
         if let (Some(chosen), Some(api)) = (&self.chosen, self.route) {
             let op = api.operation_name();
             let (provider, model) = (chosen.upstream.label.as_str(), &*chosen.declared);
-            let cached;
-            let series = if ok {
-                chosen.metrics[api.index()].get_or_init(|| self.metrics.route_metrics(op, provider, model))
+            let series = chosen.metrics[api.index()].get_or_init(|| self.metrics.route_metrics(op, provider, model));
+            if ok {
+                series.duration_ok.observe(elapsed.as_secs_f64());
             } else {
-                cached = self.metrics.route_metrics(op, provider, model);
                 self.metrics
                     .request_duration
                     .with_label_values(&[op, provider, model, outcome])
                     .observe(elapsed.as_secs_f64());
-                &cached
-            };
-            if ok {
-                series.duration_ok.observe(elapsed.as_secs_f64());
             }
             if let Some(ttfb) = self.first_byte {
                 series.time_to_first_token.observe(ttfb.as_secs_f64());
@@ -152,7 +151,7 @@ impl UsageReader {
     fn push(&mut self, data: Bytes) -> Option<Bytes> {
         match self {
             UsageReader::Json(tail) => {
-                tail.push(&data);
+                tail.push(data.clone());
                 Some(data)
             }
             UsageReader::Sse(scanner) => scanner.push(data),
@@ -199,8 +198,14 @@ pub struct BudgetGuard {
 }
 
 /// Ends an open stream when a new snapshot engages a kill switch over its scope.
+///
+/// While frames flow, a change is noticed by an atomic version check (`probe`); the watch
+/// stream, which registers a wake-up, is polled only after a change or before the body waits.
 pub struct StreamGuard {
     changes: tokio_stream::wrappers::WatchStream<u64>,
+    probe: tokio::sync::watch::Receiver<u64>,
+    /// The watch stream holds this task's waker: a change will wake the body.
+    armed: bool,
     handle: Arc<SnapshotHandle>,
     key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
     provider: portcullis_crds::v1alpha1::ObjectRef,
@@ -223,17 +228,29 @@ impl StreamGuard {
         provider: portcullis_crds::v1alpha1::ObjectRef,
         model: String,
     ) -> Self {
-        let changes = tokio_stream::wrappers::WatchStream::from_changes(handle.subscribe());
-        Self { changes, handle, key, provider, model }
+        let probe = handle.subscribe();
+        let changes = tokio_stream::wrappers::WatchStream::from_changes(probe.clone());
+        Self { changes, probe, armed: false, handle, key, provider, model }
     }
 
-    /// Polls for snapshot changes; on one, re-checks the stream's scope.
-    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Option<GatewayError> {
+    /// Checks for snapshot changes; on one, re-checks the stream's scope. `waiting` means the
+    /// body is about to return `Pending` and must be woken by the next change.
+    fn poll_stop(&mut self, cx: &mut Context<'_>, waiting: bool) -> Option<GatewayError> {
         use futures_util::Stream;
+        // A closed channel (the handle is gone) counts as a change, so the stream is polled
+        // once more and ends its interest.
+        let probed = self.probe.has_changed().unwrap_or(true);
+        if !probed && (self.armed || !waiting) {
+            return None;
+        }
+        if probed {
+            self.probe.borrow_and_update();
+        }
         let mut changed = false;
         while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
             changed = true;
         }
+        self.armed = true;
         if !changed {
             return None;
         }
@@ -253,7 +270,8 @@ pub struct MeteredBody {
     idle_timeout: Duration,
     /// Fires at the earliest moment the body could be idle too long; re-armed lazily from
     /// `last_frame` (re-arming per frame would touch the timer wheel for every SSE event).
-    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Created the first time the body waits: a response already read never needs one.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     last_frame: tokio::time::Instant,
     ended: bool,
 }
@@ -284,7 +302,7 @@ impl MeteredBody {
             record: Some(record),
             outcome,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: None,
             last_frame: tokio::time::Instant::now(),
             ended: false,
         }
@@ -360,7 +378,7 @@ impl Body for MeteredBody {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(error) = this.guard.as_mut().and_then(|g| g.poll_stop(cx)) {
+        if let Some(error) = this.guard.as_mut().and_then(|g| g.poll_stop(cx, false)) {
             let last = this.cut(&error, None);
             return Poll::Ready(Some(Ok(Frame::data(last))));
         }
@@ -402,16 +420,23 @@ impl Body for MeteredBody {
                     return Poll::Ready(rest.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {
-                    while this.idle.as_mut().poll(cx).is_ready() {
+                    if let Some(error) = this.guard.as_mut().and_then(|g| g.poll_stop(cx, true)) {
+                        let last = this.cut(&error, None);
+                        return Poll::Ready(Some(Ok(Frame::data(last))));
+                    }
+                    loop {
                         let deadline = this.last_frame + this.idle_timeout;
+                        let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                         if tokio::time::Instant::now() >= deadline {
                             this.finish("upstream_idle_timeout");
                             return Poll::Ready(Some(Err("upstream sent nothing within the idle timeout".into())));
                         }
                         // Frames arrived since the timer was armed: wait out the remainder.
-                        this.idle.as_mut().reset(deadline);
+                        idle.as_mut().reset(deadline);
                     }
-                    return Poll::Pending;
                 }
             }
         }

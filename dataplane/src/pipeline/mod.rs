@@ -36,6 +36,8 @@ use crate::upstream::UpstreamClient;
 use meter::{AccessRecord, BudgetGuard, MeteredBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
 
+const UPSTREAM_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-upstream-request-id");
+
 /// Past the limit, up to this much more is read and thrown away so the client, still sending,
 /// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
 const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
@@ -53,6 +55,8 @@ where
         return Err(too_large);
     }
     let mut body = std::pin::pin!(body);
+    // A body that arrives in one frame (most do) is kept as it came, without a copy.
+    let mut single: Option<Bytes> = None;
     let mut collected = bytes::BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
@@ -64,13 +68,21 @@ where
             break;
         }
         if seen <= limit {
-            collected.extend_from_slice(&data);
+            match single.take() {
+                None if collected.is_empty() => single = Some(data),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        collected.extend_from_slice(&earlier);
+                    }
+                    collected.extend_from_slice(&data);
+                }
+            }
         }
     }
     if seen > limit {
         return Err(too_large);
     }
-    Ok(collected.freeze())
+    Ok(single.unwrap_or_else(|| collected.freeze()))
 }
 
 /// Limits and timeouts applied to every request.
@@ -222,7 +234,8 @@ impl Gateway {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
             return Ok(crate::mock::respond(route, &outbound.body, upstream_model));
         }
-        let pending = self.client.request(outbound.request);
+        let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
+        let pending = self.client.send(&endpoint.origin, outbound.request);
         match tokio::time::timeout(self.settings.upstream_response_timeout, pending).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {
@@ -258,7 +271,7 @@ impl Gateway {
             UsageReader::Json(JsonTail::default())
         };
         if let Some(upstream_id) = parts.headers.remove(REQUEST_ID_HEADER) {
-            parts.headers.insert("x-upstream-request-id", upstream_id);
+            parts.headers.insert(UPSTREAM_REQUEST_ID, upstream_id);
         }
         parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
         if let Some((_, ticket)) = &record.ticket {
@@ -276,5 +289,32 @@ impl Gateway {
         let body =
             MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget, guard);
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+
+    fn frames(
+        parts: &[&'static [u8]],
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>>> {
+        let frames: Vec<_> = parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p)))).collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_and_one_frame_is_not_copied() {
+        let one = Bytes::from_static(b"{\"model\":\"m\"}");
+        let read = read_bounded(http_body_util::Full::new(one.clone()), 64).await.expect("read");
+        assert_eq!(read.as_ptr(), one.as_ptr());
+
+        let read = read_bounded(frames(&[b"{\"mo", b"del\":", b"\"m\"}"]), 64).await.expect("read");
+        assert_eq!(read, "{\"model\":\"m\"}");
+
+        let refused = read_bounded(frames(&[b"0123456789", b"0123456789"]), 15).await;
+        assert_eq!(refused, Err(GatewayError::RequestTooLarge { limit: 15 }));
     }
 }

@@ -46,15 +46,25 @@ impl From<UsageFields> for Usage {
     }
 }
 
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
 /// Finds `"usage"`, built once: constructing a searcher costs more than most searches.
 fn usage_key() -> &'static memmem::Finder<'static> {
-    static FINDER: std::sync::OnceLock<memmem::Finder<'static>> = std::sync::OnceLock::new();
-    FINDER.get_or_init(|| memmem::Finder::new(b"\"usage\""))
+    static FINDER: std::sync::LazyLock<memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
+    &FINDER
+}
+
+/// The same, searching from the end.
+fn usage_key_rev() -> &'static memmem::FinderRev<'static> {
+    static FINDER: std::sync::LazyLock<memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memmem::FinderRev::new(USAGE_KEY));
+    &FINDER
 }
 
 /// The object after a `"usage"` key at `pos`, if the value is an object (not `null`).
 fn usage_object_at(json: &[u8], pos: usize) -> Option<&[u8]> {
-    let rest = json[pos + 7..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    let rest = json[pos + USAGE_KEY.len()..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
     rest.starts_with(b"{").then_some(rest)
 }
 
@@ -65,8 +75,9 @@ fn mentions_usage_object(event: &[u8]) -> bool {
 
 /// The usage object following the last `"usage":` key in `json` that holds an object.
 pub fn find_usage(json: &[u8]) -> Option<Usage> {
-    let positions: Vec<usize> = usage_key().find_iter(json).collect();
-    for &pos in positions.iter().rev() {
+    let mut end = json.len();
+    while let Some(pos) = usage_key_rev().rfind(&json[..end]) {
+        end = pos;
         let Some(rest) = usage_object_at(json, pos) else {
             continue;
         };
@@ -78,14 +89,22 @@ pub fn find_usage(json: &[u8]) -> Option<Usage> {
     None
 }
 
-/// Keeps the last bytes of a JSON body.
+/// Keeps the last bytes of a JSON body. The newest chunk is held by reference and copied only
+/// when another follows it, so a body that arrives in one chunk is never copied.
 #[derive(Debug, Default)]
 pub struct JsonTail {
     tail: Vec<u8>,
+    last: Option<Bytes>,
 }
 
 impl JsonTail {
-    pub fn push(&mut self, chunk: &[u8]) {
+    pub fn push(&mut self, chunk: Bytes) {
+        if let Some(previous) = self.last.replace(chunk) {
+            self.append(&previous);
+        }
+    }
+
+    fn append(&mut self, chunk: &[u8]) {
         if chunk.len() >= JSON_TAIL_BYTES {
             self.tail.clear();
             self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
@@ -97,7 +116,16 @@ impl JsonTail {
     }
 
     pub fn usage(&self) -> Option<Usage> {
-        find_usage(&self.tail)
+        match &self.last {
+            None => find_usage(&self.tail),
+            Some(last) if self.tail.is_empty() || last.len() >= JSON_TAIL_BYTES => find_usage(last),
+            Some(last) => {
+                let mut joined = Vec::with_capacity(self.tail.len() + last.len());
+                joined.extend_from_slice(&self.tail);
+                joined.extend_from_slice(last);
+                find_usage(&joined)
+            }
+        }
     }
 }
 
@@ -111,14 +139,14 @@ pub struct SseScanner {
     pub events: u64,
 }
 
-/// Length of the event at the start of `buf` including its blank-line terminator.
+/// Length of the event at the start of `buf` including its blank-line terminator (`\n\n` or
+/// `\n\r\n`): one pass over the bytes up to the first one, with no searcher to build.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\n\r\n").map(|i| i + 3);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
 }
 
 impl SseScanner {
@@ -291,6 +319,20 @@ mod tests {
     }
 
     #[test]
+    fn event_ends_are_the_first_blank_line_of_either_kind() {
+        assert_eq!(event_end(b"data: a\n\ndata: b\n\n"), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\ndata: b\n\n"), Some(11));
+        assert_eq!(event_end(b"data: a\ndata: b\n\r\n"), Some(18));
+        assert_eq!(event_end(b"data: a\n"), None);
+        assert_eq!(event_end(b"data: a\n\r"), None);
+        assert_eq!(event_end(b""), None);
+        assert_eq!(
+            find_usage(br#"{"usage":{"input_tokens":1},"x":{"usage":null}}"#),
+            Some(Usage { input: Some(1), output: None })
+        );
+    }
+
+    #[test]
     fn crlf_events_and_unterminated_tail() {
         let stream = "data: {\"x\":1}\r\n\r\ndata: partial";
         let mut scanner = SseScanner::new(false);
@@ -301,9 +343,13 @@ mod tests {
     fn json_tail_finds_usage_at_the_end_of_large_bodies() {
         let mut tail = JsonTail::default();
         let filler = format!("{{\"data\":[\"{}\"],", "x".repeat(100_000));
-        tail.push(filler.as_bytes());
-        tail.push(br#""usage":{"prompt_tokens":3,"total_tokens":3}}"#);
+        tail.push(Bytes::from(filler));
+        tail.push(Bytes::from_static(br#""usage":{"prompt_tokens":3,"#));
+        tail.push(Bytes::from_static(br#""total_tokens":3}}"#));
         assert_eq!(tail.usage(), Some(Usage { input: Some(3), output: None }));
+        let mut whole = JsonTail::default();
+        whole.push(Bytes::from_static(br#"{"x":1,"usage":{"prompt_tokens":2,"completion_tokens":5}}"#));
+        assert_eq!(whole.usage(), Some(Usage { input: Some(2), output: Some(5) }));
         // A quoted "usage" inside content is escaped and never matches.
         assert_eq!(find_usage(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}"}"#), None);
         assert_eq!(find_usage(br#"{"usage": null}"#), None);

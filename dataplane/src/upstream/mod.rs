@@ -1,0 +1,352 @@
+//! Upstream providers: HTTP/1.1 over TCP or rustls (TLS 1.3 preferred, 1.2 minimum),
+//! TCP_NODELAY, bounded connect time, keep-alive connections in a pool of our own.
+//!
+//! ```text
+//!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { SendRequest, Connection }
+//!       │  polls the Connection itself while sending ...
+//!       ▼
+//!  UpstreamBody ── ... and while the response body streams; ──release──▶ pool (if fully read)
+//! ```
+//!
+//! No connection task is spawned: the request that uses a connection drives it. Every chunk
+//! already read from the provider is decoded in the same poll that asks for the next frame, so
+//! the server writes a burst of SSE events in one `writev` instead of one per event, and no
+//! chunk is handed from task to task.
+
+mod pool;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+pub use pool::UpstreamBody;
+use pool::{Lease, PoolSettings};
+
+use crate::api::ApiRoute;
+
+/// How long an unused connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Unused connections kept per provider origin and thread.
+const MAX_IDLE_PER_ORIGIN: usize = 256;
+
+/// Trust roots: the Mozilla set, plus a PEM bundle for private CAs (self-hosted models,
+/// corporate proxies, tests).
+pub fn client_tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        for cert in crate::tls::read_certs(path)? {
+            roots.add(cert).with_context(|| format!("adding a CA certificate from {}", path.display()))?;
+        }
+    }
+    // No ALPN: the connector offers none for HTTP/1-only, and servers then speak HTTP/1.1.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// Scheme and authority: which connections can serve a request. Hashed once when parsed:
+/// the pool looks an origin up twice per request, and `Authority` hashes byte by byte.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    https: bool,
+    authority: Authority,
+    hash: u64,
+}
+
+impl Origin {
+    fn new(https: bool, authority: Authority) -> Self {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((https, &authority));
+        Self { https, authority, hash }
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.https == other.https && self.authority == other.authority
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl Origin {
+    fn connect_uri(&self) -> Result<Uri, http::Error> {
+        let scheme = if self.https { Scheme::HTTPS } else { Scheme::HTTP };
+        Uri::builder().scheme(scheme).authority(self.authority.clone()).path_and_query("/").build()
+    }
+}
+
+/// A provider's base URL, parsed once when the snapshot opens: the origin to connect to, the
+/// `Host` header, and the origin-form path of every API route.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub origin: Origin,
+    pub host: HeaderValue,
+    base_path: Box<str>,
+    paths: [PathAndQuery; ApiRoute::ALL.len()],
+}
+
+impl Endpoint {
+    /// `base_url` as the operator validated it: `http(s)://host[:port][/path]`, no trailing
+    /// slash, query or user info.
+    pub fn parse(base_url: &str) -> Option<Self> {
+        let (https, rest) = match (base_url.strip_prefix("https://"), base_url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return None,
+        };
+        let (authority, base_path) = match rest.find('/') {
+            Some(at) => rest.split_at(at),
+            None => (rest, ""),
+        };
+        let authority: Authority = authority.parse().ok()?;
+        let default_port = if https { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => HeaderValue::from_str(authority.as_str()).ok()?,
+            _ => HeaderValue::from_str(authority.host()).ok()?,
+        };
+        let paths = ApiRoute::ALL.map(|route| format!("{base_path}{}", route.upstream_suffix()).parse().ok());
+        let paths = paths.into_iter().collect::<Option<Vec<PathAndQuery>>>()?.try_into().ok()?;
+        Some(Self { origin: Origin::new(https, authority), host, base_path: base_path.into(), paths })
+    }
+
+    /// The origin-form request target for `route`, with the client's query (if any).
+    pub fn path(&self, route: ApiRoute, query: Option<&str>) -> Option<PathAndQuery> {
+        match query {
+            None => Some(self.paths[route.index()].clone()),
+            Some(query) => format!("{}?{query}", self.paths[route.index()].path()).parse().ok(),
+        }
+    }
+
+    /// Azure's deployment-scoped target.
+    pub fn azure_path(&self, route: ApiRoute, deployment: &str, api_version: &str) -> Option<PathAndQuery> {
+        format!("{}/deployments/{deployment}{}?api-version={api_version}", self.base_path, route.upstream_suffix())
+            .parse()
+            .ok()
+    }
+}
+
+/// Why an upstream exchange failed. Carries no request or response content.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting: {0}")]
+    Connect(crate::body::BoxError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+/// Distinguishes clients in the per-thread pool (tests run several in one process).
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The upstream client: a connector and this client's share of the per-thread pool.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    connector: HttpsConnector<HttpConnector>,
+    pool: PoolSettings,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient").field("pool", &self.pool).finish_non_exhaustive()
+    }
+}
+
+pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyhow::Result<UpstreamClient> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls_config(extra_ca)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let pool = PoolSettings {
+        client: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+        idle_timeout: IDLE_TIMEOUT,
+        max_idle: MAX_IDLE_PER_ORIGIN,
+    };
+    Ok(UpstreamClient { connector, pool })
+}
+
+impl UpstreamClient {
+    /// Sends `request` (origin-form URI, `Host` set) to `origin`, on a pooled connection when
+    /// one is alive. A request that a pooled connection refused before writing any of it is
+    /// sent again on the next connection; one already written is never repeated.
+    pub async fn send(
+        &self,
+        origin: &Origin,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        while let Some(lease) = pool::checkout(&self.pool, origin) {
+            let Some(lease) = lease.revalidate().await else { continue };
+            match lease.send(request).await {
+                Ok(response) => return Ok(response),
+                Err((error, None)) => return Err(error.into()),
+                Err((_, Some(unsent))) => request = unsent,
+            }
+        }
+        let lease = self.connect(origin).await?;
+        lease.send(request).await.map_err(|(error, _)| error.into())
+    }
+
+    async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
+        use tower_service::Service as _;
+        let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
+        let io = self.connector.clone().call(uri).await.map_err(UpstreamError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+        Ok(Lease::new(sender, connection, origin.clone(), self.pool.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn request(endpoint: &Endpoint, path: &str) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = Uri::try_from(path).expect("path");
+        request.headers_mut().insert(http::header::HOST, endpoint.host.clone());
+        request
+    }
+
+    /// A hyper server that counts connections; `/stream` sends one chunk and then stalls.
+    async fn counting_server() -> (Endpoint, Arc<AtomicUsize>) {
+        use futures_util::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let body = if req.uri().path() == "/stream" {
+                        let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                            http_body::Frame::data(Bytes::from_static(b"data: 1\n\n")),
+                        )]);
+                        http_body_util::StreamBody::new(first.chain(futures_util::stream::pending())).boxed_unsync()
+                    } else {
+                        Full::new(Bytes::from_static(b"hello")).boxed_unsync()
+                    };
+                    Ok::<_, std::convert::Infallible>(Response::new(body))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (Endpoint::parse(&format!("http://{addr}")).expect("endpoint"), accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_only_after_its_response_was_read_to_the_end() {
+        let (endpoint, accepted) = counting_server().await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        for _ in 0..3 {
+            let response = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
+            let body = response.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "keep-alive reuse");
+
+        // A stream abandoned mid-way closes its connection instead of returning it.
+        let response = client.send(&endpoint.origin, request(&endpoint, "/stream")).await.expect("response");
+        let mut body = response.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "data: 1\n\n");
+        drop(body);
+        let response = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
+        assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_provider_closed_is_replaced() {
+        // Answers one request per connection with keep-alive, then closes the socket anyway.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.ends_with(b"\r\n\r\n{}") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+                drop(stream);
+            }
+        });
+        let endpoint = Endpoint::parse(&format!("http://{addr}")).expect("endpoint");
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        for round in 1..=3 {
+            let response = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
+            assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "hello");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    }
+
+    #[test]
+    fn endpoints_are_parsed_once_into_origin_host_and_paths() {
+        let e = Endpoint::parse("https://api.openai.com/v1").expect("endpoint");
+        assert!(e.origin.https);
+        assert_eq!(e.host, "api.openai.com");
+        assert_eq!(e.path(ApiRoute::ChatCompletions, None).expect("path"), "/v1/chat/completions");
+        assert_eq!(e.path(ApiRoute::Embeddings, Some("a=1")).expect("path"), "/v1/embeddings?a=1");
+
+        let e = Endpoint::parse("http://127.0.0.1:8000").expect("endpoint");
+        assert!(!e.origin.https);
+        assert_eq!(e.host, "127.0.0.1:8000");
+        assert_eq!(e.path(ApiRoute::Messages, None).expect("path"), "/messages");
+        assert_eq!(
+            e.azure_path(ApiRoute::ChatCompletions, "d1", "2024-06-01").expect("path"),
+            "/deployments/d1/chat/completions?api-version=2024-06-01"
+        );
+        assert_eq!(Endpoint::parse("https://example.com:443/x").expect("endpoint").host, "example.com");
+        let a = Endpoint::parse("https://API.example.com/v1").expect("endpoint").origin;
+        let b = Endpoint::parse("https://api.example.com/v2").expect("endpoint").origin;
+        let http = Endpoint::parse("http://api.example.com/v1").expect("endpoint").origin;
+        assert_eq!(a, b, "one pool for one scheme and host");
+        assert_ne!(a, http);
+        assert!(Endpoint::parse("ftp://example.com").is_none());
+        assert!(Endpoint::parse("").is_none());
+    }
+}
