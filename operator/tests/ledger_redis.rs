@@ -15,8 +15,8 @@ use portcullis_operator::audit::{observe_api_key, ActorHints};
 use portcullis_operator::cluster::audit::Audit;
 use portcullis_operator::ledger::redis_store::{connect, read_stream, verify_stream};
 use portcullis_operator::ledger::{
-    verify, Action, Actor, ActorSource, LedgerError, LedgerStore, ObjectReference, RedisLedger, RedisLedgerSettings,
-    VerifyError,
+    verify, Action, Actor, ActorSource, LedgerError, LedgerStore, NewEntry, ObjectReference, RedisLedger,
+    RedisLedgerSettings, VerifyError,
 };
 use serde_json::json;
 
@@ -140,14 +140,14 @@ fn actor(name: &str) -> Actor {
 async fn append(ledger: &mut RedisLedger, i: u64) -> Result<u64, LedgerError> {
     let time = Utc.timestamp_opt(1_790_000_000 + i as i64, 0).single().unwrap();
     ledger
-        .append_with_facts(
+        .append_entry(NewEntry {
             time,
-            actor("alice"),
-            Action::ApiKeyCreated,
-            object(&format!("k{i}")),
-            vec![],
-            BTreeMap::new(),
-        )
+            actor: actor("alice"),
+            action: Action::ApiKeyCreated,
+            object: object(&format!("k{i}")),
+            changed_fields: vec![],
+            facts: BTreeMap::new(),
+        })
         .await
         .map(|e| e.sequence)
 }

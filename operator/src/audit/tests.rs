@@ -1,7 +1,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use super::*;
-use crate::ledger::{ActorSource, FileLedger};
+use crate::ledger::{ActorSource, FileLedger, NewEntry};
 use serde_json::json;
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -42,15 +42,15 @@ impl Run {
     fn see(&mut self, observed: &Observed) -> Vec<Action> {
         let drafts = decide(self.recorded.get(&key_of(&observed.object)), observed);
         for d in &drafts {
-            let entry = LedgerEntry::next(
-                self.entries.last(),
-                at("2026-01-01T00:00:00Z"),
-                Actor::operator(),
-                d.action,
-                observed.object.clone(),
-                d.changed_fields.clone(),
-                entry_facts(observed),
-            );
+            let new = NewEntry {
+                time: at("2026-01-01T00:00:00Z"),
+                actor: Actor::operator(),
+                action: d.action,
+                object: observed.object.clone(),
+                changed_fields: d.changed_fields.clone(),
+                facts: entry_facts(observed),
+            };
+            let entry = LedgerEntry::next(self.entries.last(), new);
             remember(&mut self.recorded, &entry, Some(observed.spec.clone()));
             self.entries.push(entry);
         }
@@ -164,14 +164,14 @@ fn entries_hold_no_secret_value_and_chain_on_disk() {
     let observed = observe_api_key(&key, at("2026-01-01T00:00:00Z"));
     for d in decide(None, &observed) {
         ledger
-            .append_with_facts(
-                at("2026-01-01T00:00:00Z"),
-                Actor::operator(),
-                d.action,
-                observed.object.clone(),
-                d.changed_fields,
-                entry_facts(&observed),
-            )
+            .append_entry(NewEntry {
+                time: at("2026-01-01T00:00:00Z"),
+                actor: Actor::operator(),
+                action: d.action,
+                object: observed.object.clone(),
+                changed_fields: d.changed_fields,
+                facts: entry_facts(&observed),
+            })
             .unwrap();
     }
     let text = std::fs::read_to_string(&path).unwrap();

@@ -26,7 +26,7 @@ use super::context::Context;
 use super::events::{report, Transition};
 use crate::audit::{self, ActorHints, AuditKey, Observed, Recorded};
 use crate::error::Error;
-use crate::ledger::{Actor, Checkpoint, FileLedger, LedgerEntry, LedgerError, LedgerStore};
+use crate::ledger::{Actor, Checkpoint, FileLedger, LedgerEntry, LedgerError, LedgerStore, NewEntry};
 
 /// Annotation (on the checkpoint ConfigMap) holding `SEQUENCE:HASH` of the ledger head.
 pub const HEAD_ANNOTATION: &str = "portcullis.dev/ledger-head";
@@ -105,14 +105,14 @@ impl Audit {
                 if draft.by_operator { Actor::operator() } else { requester.clone().unwrap_or_else(Actor::operator) };
             let appending = state
                 .ledger
-                .append(
-                    now,
+                .append(NewEntry {
+                    time: now,
                     actor,
-                    draft.action,
-                    observed.object.clone(),
-                    draft.changed_fields,
-                    audit::entry_facts(observed),
-                )
+                    action: draft.action,
+                    object: observed.object.clone(),
+                    changed_fields: draft.changed_fields,
+                    facts: audit::entry_facts(observed),
+                })
                 .await;
             let entry = match appending {
                 Ok(entry) => entry,

@@ -98,17 +98,21 @@ pub struct LedgerEntry {
     pub hash: String,
 }
 
+/// What an entry says before the chain gives it a sequence number and hashes.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub time: DateTime<Utc>,
+    pub actor: Actor,
+    pub action: Action,
+    pub object: ObjectReference,
+    pub changed_fields: Vec<String>,
+    pub facts: BTreeMap<String, String>,
+}
+
 impl LedgerEntry {
     /// A new entry after `previous` (or the first one), hashed.
-    pub fn next(
-        previous: Option<&LedgerEntry>,
-        time: DateTime<Utc>,
-        actor: Actor,
-        action: Action,
-        object: ObjectReference,
-        changed_fields: Vec<String>,
-        facts: BTreeMap<String, String>,
-    ) -> Self {
+    pub fn next(previous: Option<&LedgerEntry>, new: NewEntry) -> Self {
+        let NewEntry { time, actor, action, object, changed_fields, facts } = new;
         let (sequence, previous_hash) = match previous {
             Some(p) => (p.sequence + 1, p.hash.clone()),
             None => (1, GENESIS_HASH.to_owned()),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
-use super::entry::{Action, Actor, LedgerEntry, ObjectReference};
+use super::entry::{Action, Actor, LedgerEntry, NewEntry, ObjectReference};
 use super::verify::{verify, VerifyError};
 
 #[derive(Debug)]
@@ -60,20 +60,12 @@ impl FileLedger {
         object: ObjectReference,
         changed_fields: Vec<String>,
     ) -> Result<LedgerEntry, LedgerError> {
-        self.append_with_facts(time, actor, action, object, changed_fields, BTreeMap::new())
+        self.append_entry(NewEntry { time, actor, action, object, changed_fields, facts: BTreeMap::new() })
     }
 
-    /// Appends one entry carrying the facts it was decided from.
-    pub fn append_with_facts(
-        &mut self,
-        time: DateTime<Utc>,
-        actor: Actor,
-        action: Action,
-        object: ObjectReference,
-        changed_fields: Vec<String>,
-        facts: BTreeMap<String, String>,
-    ) -> Result<LedgerEntry, LedgerError> {
-        let entry = LedgerEntry::next(self.head.as_ref(), time, actor, action, object, changed_fields, facts);
+    /// Appends one entry (with the facts it was decided from) and makes it durable.
+    pub fn append_entry(&mut self, new: NewEntry) -> Result<LedgerEntry, LedgerError> {
+        let entry = LedgerEntry::next(self.head.as_ref(), new);
         let mut line = serde_json::to_vec(&entry).unwrap_or_default();
         line.push(b'\n');
         let io = |source| LedgerError::Io { path: self.path.clone(), source };

@@ -17,7 +17,7 @@ pub mod redis_store;
 mod store;
 mod verify;
 
-pub use entry::{changed_fields, Action, Actor, ActorSource, LedgerEntry, ObjectReference, GENESIS_HASH};
+pub use entry::{changed_fields, Action, Actor, ActorSource, LedgerEntry, NewEntry, ObjectReference, GENESIS_HASH};
 pub use file_store::{read_lines, FileLedger, LedgerError};
 pub use redis_store::{RedisLedger, RedisLedgerSettings};
 pub use store::LedgerStore;

@@ -12,14 +12,12 @@
 //! bypassed the script could not insert an entry before the head. Opening reads the whole
 //! stream and verifies it, so a restarted operator continues the chain it verified.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::entry::{Action, Actor, LedgerEntry, ObjectReference};
+use super::entry::{LedgerEntry, NewEntry};
 use super::file_store::LedgerError;
 use super::verify::{verify, Checkpoint, VerifyError, VerifyReport};
 
@@ -273,16 +271,8 @@ impl RedisLedger {
 
     /// Appends one entry after the head this writer knows; `Forked` when another writer
     /// extended the ledger first (nothing is written then).
-    pub async fn append_with_facts(
-        &mut self,
-        time: DateTime<Utc>,
-        actor: Actor,
-        action: Action,
-        object: ObjectReference,
-        changed_fields: Vec<String>,
-        facts: BTreeMap<String, String>,
-    ) -> Result<LedgerEntry, LedgerError> {
-        let entry = LedgerEntry::next(self.head.as_ref(), time, actor, action, object, changed_fields, facts);
+    pub async fn append_entry(&mut self, new: NewEntry) -> Result<LedgerEntry, LedgerError> {
+        let entry = LedgerEntry::next(self.head.as_ref(), new);
         let json = serde_json::to_string(&entry).unwrap_or_default();
         let (expected_sequence, expected_hash) =
             self.head.as_ref().map_or((0, String::new()), |h| (h.sequence, h.hash.clone()));

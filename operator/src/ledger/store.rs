@@ -1,11 +1,7 @@
 //! The ledger's storage, chosen at start: a file on a PersistentVolume or a Redis Stream. Both
 //! verify the existing chain on open and continue from its head.
 
-use std::collections::BTreeMap;
-
-use chrono::{DateTime, Utc};
-
-use super::entry::{Action, Actor, LedgerEntry, ObjectReference};
+use super::entry::{LedgerEntry, NewEntry};
 use super::file_store::{read_lines, FileLedger, LedgerError};
 use super::redis_store::RedisLedger;
 
@@ -42,18 +38,10 @@ impl LedgerStore {
         }
     }
 
-    pub async fn append(
-        &mut self,
-        time: DateTime<Utc>,
-        actor: Actor,
-        action: Action,
-        object: ObjectReference,
-        changed_fields: Vec<String>,
-        facts: BTreeMap<String, String>,
-    ) -> Result<LedgerEntry, LedgerError> {
+    pub async fn append(&mut self, new: NewEntry) -> Result<LedgerEntry, LedgerError> {
         match self {
-            LedgerStore::File(f) => f.append_with_facts(time, actor, action, object, changed_fields, facts),
-            LedgerStore::Redis(r) => r.append_with_facts(time, actor, action, object, changed_fields, facts).await,
+            LedgerStore::File(f) => f.append_entry(new),
+            LedgerStore::Redis(r) => r.append_entry(new).await,
         }
     }
 }
