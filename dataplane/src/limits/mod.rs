@@ -418,18 +418,12 @@ impl Limiter {
 
     /// Replaces the reservation with what the request really used.
     pub async fn settle(&self, ticket: &Ticket, actual_tokens: u64) {
-        let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
-        if delta == 0 {
+        if self.settle_now(ticket, actual_tokens) {
             return;
         }
-        match ticket.store {
-            StoreUsed::Shared => {
-                if let Some(redis) = &self.redis {
-                    redis.settle(&ticket.admission, &ticket.granted, delta).await;
-                }
-            }
-            StoreUsed::Local => self.memory.settle(&ticket.admission, ticket.granted.granule, delta, self.now_ms()),
-            StoreUsed::Unlimited => {}
+        if let Some(redis) = &self.redis {
+            let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
+            redis.settle(&ticket.admission, &ticket.granted, delta).await;
         }
     }
 
