@@ -104,6 +104,13 @@ async fn logs_name_the_decision_never_the_object() {
     }
     let garbage = format!("{{\"apiVersion\": \"{canary}\"").into_bytes();
     assert_eq!(handle(post(PATH, garbage), &hints, T).await.status(), StatusCode::BAD_REQUEST);
+    // A malformed review whose parse error quotes the sender's value: the caller is told, the
+    // log is not (this fails if the error were ever logged).
+    let mut wrong_type: serde_json::Value = serde_json::from_slice(&review_body("ApiKey", json!({}))).unwrap();
+    wrong_type["request"]["dryRun"] = json!(canary);
+    let (status, answer) = text(handle(post(PATH, serde_json::to_vec(&wrong_type).unwrap()), &hints, T).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(answer.contains(canary), "the reason goes back to the caller: {answer}");
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("admission review answered"), "{logs}");
     assert!(!logs.contains(canary), "{logs}");
