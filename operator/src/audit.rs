@@ -317,6 +317,8 @@ impl ActorHints {
         hints.remove(at).map(|(_, actor)| actor)
     }
 
+    /// What a hint says, without taking it (tests look; the ledger takes).
+    #[cfg(test)]
     pub fn peek(&self, key: &AuditKey) -> Option<Actor> {
         let hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
         hints.iter().find(|(k, _)| k == key).map(|(_, a)| a.clone())

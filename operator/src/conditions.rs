@@ -59,20 +59,43 @@ pub fn with_ready(
     now: DateTime<Utc>,
 ) -> Vec<Condition> {
     let status = if readiness.reason.is_ready() { "True" } else { "False" };
-    let previous = existing.iter().find(|c| c.type_ == READY);
-    let last_transition_time = match previous {
-        Some(p) if p.status == status => p.last_transition_time.clone(),
-        _ => Time(now_timestamp(now)),
-    };
-    let mut out: Vec<Condition> = existing.iter().filter(|c| c.type_ != READY).cloned().collect();
-    out.push(Condition {
-        type_: READY.to_owned(),
-        status: status.to_owned(),
-        reason: readiness.reason.as_str().to_owned(),
-        message: readiness.message.clone(),
-        observed_generation: generation,
-        last_transition_time,
-    });
+    let set = ConditionSet { status, reason: readiness.reason.as_str(), message: &readiness.message };
+    with_condition(existing, READY, Some(set), generation, now)
+}
+
+/// What one condition should say.
+#[derive(Debug, Clone, Copy)]
+pub struct ConditionSet<'a> {
+    pub status: &'a str,
+    pub reason: &'a str,
+    pub message: &'a str,
+}
+
+/// Returns `existing` with the condition `type_` set (or removed when `set` is `None`), sorted
+/// by type. `lastTransitionTime` is kept when the status did not change, so an unchanged
+/// verdict gives an identical list (and no write).
+pub fn with_condition(
+    existing: &[Condition],
+    type_: &str,
+    set: Option<ConditionSet<'_>>,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Condition> {
+    let mut out: Vec<Condition> = existing.iter().filter(|c| c.type_ != type_).cloned().collect();
+    if let Some(set) = set {
+        let last_transition_time = match existing.iter().find(|c| c.type_ == type_) {
+            Some(p) if p.status == set.status => p.last_transition_time.clone(),
+            _ => Time(now_timestamp(now)),
+        };
+        out.push(Condition {
+            type_: type_.to_owned(),
+            status: set.status.to_owned(),
+            reason: set.reason.to_owned(),
+            message: set.message.to_owned(),
+            observed_generation: generation,
+            last_transition_time,
+        });
+    }
     out.sort_by(|a, b| a.type_.cmp(&b.type_));
     out
 }

@@ -18,12 +18,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use portcullis_crds::acknowledgement::{DIGEST_ANNOTATION, GENERATION_ANNOTATION};
 use portcullis_crds::snapshot::{ApiKeyEntry, GatewaySnapshot, KillSwitchEntry, SnapshotContent};
 use portcullis_crds::v1alpha1::EnforcementStatus;
 
 use crate::assemble::ObjectKey;
+use crate::conditions::{with_condition, ConditionSet};
 
 /// The condition type.
 pub const ENFORCED: &str = "Enforced";
@@ -285,27 +286,9 @@ pub fn with_enforced(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> Vec<Condition> {
-    let mut out: Vec<Condition> = existing.iter().filter(|c| c.type_ != ENFORCED).cloned().collect();
-    if let Some(verdict) = verdict {
-        let status = verdict.reason.status();
-        let last_transition_time = match existing.iter().find(|c| c.type_ == ENFORCED) {
-            Some(p) if p.status == status => p.last_transition_time.clone(),
-            _ => Time(
-                k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
-                    .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-            ),
-        };
-        out.push(Condition {
-            type_: ENFORCED.to_owned(),
-            status: status.to_owned(),
-            reason: verdict.reason.as_str().to_owned(),
-            message: verdict.message.clone(),
-            observed_generation: generation,
-            last_transition_time,
-        });
-    }
-    out.sort_by(|a, b| a.type_.cmp(&b.type_));
-    out
+    let set =
+        verdict.map(|v| ConditionSet { status: v.reason.status(), reason: v.reason.as_str(), message: &v.message });
+    with_condition(existing, ENFORCED, set, generation, now)
 }
 
 #[cfg(test)]

@@ -32,9 +32,7 @@ use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
 use super::context::Context;
 use crate::assemble::ObjectKey;
 use crate::conditions::{ready_reason, ReadyReason};
-use crate::enforcement::{
-    verdict, with_enforced, CompiledObject, Inclusion, InclusionIndex, ReplicaAck, Verdict, ENFORCED,
-};
+use crate::enforcement::{verdict, with_enforced, CompiledObject, InclusionIndex, ReplicaAck, Verdict, ENFORCED};
 use crate::inputs::CompileInputs;
 use crate::readiness::object_ref;
 
@@ -158,10 +156,6 @@ impl Acknowledgements {
             *self.propagating.lock().unwrap_or_else(|p| p.into_inner()) = Some((current.generation, Instant::now()));
         }
         index.record(previous, current, objects)
-    }
-
-    pub fn inclusion(&self, key: &ObjectKey) -> Option<Inclusion> {
-        self.included.lock().unwrap_or_else(|p| p.into_inner()).get(key)
     }
 
     fn verdict(
