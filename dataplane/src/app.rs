@@ -169,7 +169,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
         snapshot: handle.clone(),
-        limiter,
+        limiter: limiter.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
@@ -204,6 +204,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     if let Some(task) = ack_task {
         let _ = task.await;
     }
+    // Unspent slices and owed settlements go back to the shared store before the process ends.
+    let _ = tokio::time::timeout(Duration::from_secs(2), limiter.flush()).await;
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())

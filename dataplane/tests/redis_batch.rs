@@ -171,3 +171,86 @@ async fn a_day_budget_stops_admitting_once_spent() {
     remaining.sort_unstable();
     assert_eq!(remaining, vec![100, 200, 300], "each admitted request sees the budget before its own reservation");
 }
+
+/// Calls of the admit script so far (`INFO commandstats`).
+async fn script_calls(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("client");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connection");
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.expect("info");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Large limits are spent from per-replica slices: two replicas sharing one Redis admit exactly
+/// the limit between them (what one holds unspent goes back and the other spends it), Redis
+/// counts exactly what was admitted, settlements arrive, and far fewer script calls are made
+/// than requests admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_spend_slices_and_admit_exactly_the_limit() {
+    let Some(redis) = start_redis() else { return };
+    let replicas = [store(&redis).await, store(&redis).await];
+    const RPM: u64 = 40_000;
+    let limits =
+        SubjectLimits { requests_per_minute: Some(RPM), tokens_per_minute: Some(4_000_000), ..Default::default() };
+    let calls_before = script_calls(&redis.url).await;
+    let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (store, admitted) = (replicas[i % 2].clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut grants = Vec::new();
+            while admitted.load(std::sync::atomic::Ordering::SeqCst) < RPM && Instant::now() < deadline {
+                match store.admit(&admission("ns/sliced", limits, 10)).await.expect("redis answered") {
+                    Decision::Granted(g) => {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        grants.push(g);
+                    }
+                    Decision::Refused(r) => {
+                        assert_eq!(r.which, Which::Requests);
+                        // Spent out: wait for the other replica's unspent slice to come back.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            grants
+        }));
+    }
+    let mut grants = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        grants.push((i % 2, task.await.expect("task")));
+    }
+    let total: usize = grants.iter().map(|(_, g)| g.len()).sum();
+    assert_eq!(total as u64, RPM, "exactly the limit is admitted across both replicas");
+    let calls = script_calls(&redis.url).await - calls_before;
+    eprintln!("{calls} script calls for {RPM} admissions");
+    assert!(calls * 20 < RPM, "{calls} script calls for {RPM} admissions: slices are not being used");
+
+    // Nothing more fits, on either replica, once every slice is back.
+    for store in &replicas {
+        store.flush_all().await;
+    }
+    for store in &replicas {
+        for _ in 0..50 {
+            assert!(matches!(store.admit(&admission("ns/sliced", limits, 10)).await, Ok(Decision::Refused(_))));
+        }
+        store.flush_all().await;
+    }
+    let period = Period::at(chrono::Utc::now().timestamp_millis() as u64);
+    let (requests, tokens, _, _) = replicas[0].usage("ns/sliced", period).await.expect("usage");
+    assert_eq!((requests, tokens), (RPM, RPM * 10), "Redis counts exactly what was admitted");
+
+    // Every request used 6 of its 10 tokens: the settlements are summed and sent on flush.
+    for (replica, list) in &grants {
+        for g in list {
+            replicas[*replica].settle(&admission("ns/sliced", limits, 10), g, -4).await;
+        }
+    }
+    for store in &replicas {
+        store.flush_all().await;
+    }
+    let (_, tokens, _, _) = replicas[1].usage("ns/sliced", period).await.expect("usage");
+    assert_eq!(tokens, RPM * 6);
+}

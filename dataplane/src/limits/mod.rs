@@ -4,28 +4,32 @@
 //!
 //! ```text
 //!            ┌───────────── Limiter ──────────────┐
-//!  admit ───▶│ shared store healthy? ── Redis ────┼─▶ one atomic script per subject
-//!  settle    │        │ no / slow                 │
-//!  lockout   │        ▼                           │
+//!  admit ───▶│ shared store healthy? ── Redis ────┼─▶ this replica's slice of the window
+//!  settle    │        │ no / slow                 │   (in process), else one atomic script
+//!  lockout   │        ▼                           │   per subject, batched
 //!            │ failure policy: local │ open │ closed
 //!            │   └─▶ MemoryStore (limits ÷ replicas)
 //!            └────────────────────────────────────┘
 //! ```
 //!
 //! One limiter, two stores with the same arithmetic (`window`). Local mode uses the memory store
-//! alone. Metrics carry no per-key labels (10k keys would mean 10k series per metric): rejections
+//! alone. On Redis, limits large enough are spent from small per-replica slices (`slice`), so
+//! most requests never wait on a round trip. Metrics carry no per-key labels (10k keys would mean 10k series per metric): rejections
 //! are counted by limit kind, and per-key counts are on the admin listener's `/limits`.
 
 pub mod batch;
 pub mod memory;
 pub mod redis_store;
+pub mod slice;
 pub mod window;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{Datelike, TimeZone, Utc};
+use foldhash::fast::RandomState;
 use ipnet::IpNet;
 use portcullis_crds::snapshot::ApiKeyEntry;
 use portcullis_crds::v1alpha1::FailurePolicy;
@@ -253,6 +257,13 @@ impl LimiterMetrics {
     }
 }
 
+/// How long an address the shared store found not locked out is believed so without asking
+/// again: a lockout set by another replica reaches this one within this time (its own lockouts
+/// at once).
+pub const LOCKOUT_RECHECK_MS: u64 = 100;
+/// Addresses remembered as not locked out, at most (the memory is cleared when full).
+const UNLOCKED_REMEMBERED: usize = 65_536;
+
 /// The one limiter. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Limiter {
@@ -261,6 +272,8 @@ pub struct Limiter {
     redis: Option<RedisStore>,
     clock: Arc<dyn Clock>,
     metrics: LimiterMetrics,
+    /// Client addresses the shared store found not locked out, and until when (ms).
+    unlocked: Mutex<HashMap<IpAddr, u64, RandomState>>,
 }
 
 /// Failure to admit.
@@ -277,7 +290,14 @@ impl Limiter {
             Some(url) => Some(RedisStore::connect(url, settings.redis_timeout, metrics.store_errors.clone())?),
             None => None,
         };
-        let limiter = Arc::new(Self { settings, memory: MemoryStore::default(), redis, clock, metrics });
+        let limiter = Arc::new(Self {
+            settings,
+            memory: MemoryStore::default(),
+            redis,
+            clock,
+            metrics,
+            unlocked: Mutex::new(HashMap::default()),
+        });
         limiter.publish_mode();
         Ok(limiter)
     }
@@ -407,7 +427,9 @@ impl Limiter {
         let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
         match ticket.store {
             _ if delta == 0 => true,
-            StoreUsed::Shared => false,
+            StoreUsed::Shared => {
+                self.redis.as_ref().is_some_and(|r| r.settle_deferred(&ticket.admission, &ticket.granted, delta))
+            }
             StoreUsed::Local => {
                 self.memory.settle(&ticket.admission, ticket.granted.granule, delta, self.now_ms());
                 true
@@ -456,13 +478,39 @@ impl Limiter {
         self.memory.locked(&client.to_string(), self.now_ms())
     }
 
-    /// Remaining lockout according to the shared store (cached locally when found).
+    /// Remaining lockout according to the shared store: remembered locally when found, and an
+    /// address found not locked out is not asked about again for `LOCKOUT_RECHECK_MS`.
     pub async fn locked_shared(&self, client: IpAddr) -> Option<u64> {
         let redis = self.redis.as_ref().filter(|r| r.is_healthy())?;
+        let now = self.now_ms();
+        let recently_unlocked = |unlocked: &HashMap<_, u64, _>| unlocked.get(&client).is_some_and(|&until| now < until);
+        if recently_unlocked(&self.unlocked.lock().unwrap_or_else(|p| p.into_inner())) {
+            return None;
+        }
         let name = client.to_string();
-        let remaining = redis.locked(&name).await?;
-        self.memory.remember_lockout(&name, self.now_ms(), remaining);
-        Some(remaining)
+        match redis.locked(&name).await {
+            Ok(Some(remaining)) => {
+                self.memory.remember_lockout(&name, self.now_ms(), remaining);
+                Some(remaining)
+            }
+            Ok(None) => {
+                let mut unlocked = self.unlocked.lock().unwrap_or_else(|p| p.into_inner());
+                if unlocked.len() >= UNLOCKED_REMEMBERED {
+                    unlocked.clear();
+                }
+                unlocked.insert(client, now + LOCKOUT_RECHECK_MS);
+                None
+            }
+            Err(()) => None,
+        }
+    }
+
+    /// Sends what this replica owes the shared store and gives back its unspent slices
+    /// (shutdown).
+    pub async fn flush(&self) {
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_healthy()) {
+            redis.flush_all().await;
+        }
     }
 
     /// Records a failed authentication from `client`; returns the lockout if one began.

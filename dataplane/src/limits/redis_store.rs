@@ -9,9 +9,10 @@
 //! with skewed clocks still share one window. Every call has a tight timeout; a failure marks
 //! the store unhealthy until a background probe sees it answer again.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -19,8 +20,9 @@ use redis::Script;
 use sha2::{Digest, Sha256};
 
 use super::batch::{BatchFuture, Batcher};
+use super::slice::{self, Grant, LaneLimits, Refund, Slices};
 use super::window::{GRANULES, GRANULE_MS};
-use super::{Admission, Decision, Granted, Period, Refusal, Subject, Which};
+use super::{Admission, Decision, Granted, Period, Refusal, Subject, SubjectLimits, Which};
 
 const WINDOW_SCRIPT_PRELUDE: &str = r#"
 local t = redis.call('TIME')
@@ -44,8 +46,11 @@ end
 
 /// KEYS: requests hash, requests list, tokens hash, tokens list, day counter, month counter.
 /// ARGV: granule ms, granules, rpm, tpm, day budget, month budget, day ttl, month ttl (0 = no
-/// such limit), then one cost per request of the batch. Each request is decided on its own, in
-/// order, exactly as if it had come alone; the reply is ten numbers per request.
+/// such limit), requests and tokens wanted for a slice ([`super::slice`]; 0 and 0 for none), then
+/// one cost per request of the batch. Each request is decided on its own, in order, exactly as if
+/// it had come alone; the reply is ten numbers per request, then ten for the slice: requests and
+/// tokens granted, ms left in the granule, requests and tokens used, day and month used, the two
+/// resets, and the granule it is recorded in.
 const ADMIT_BODY: &str = r#"
 local function retry_after(h, l, total, cost, limit)
   local items = redis.call('LRANGE', l, 0, -1)
@@ -88,7 +93,7 @@ local function push(a, b, c, d, e, f, g, h, i, j)
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = a, b, c, d, e
   out[n + 6], out[n + 7], out[n + 8], out[n + 9], out[n + 10] = f, g, h, i, j
 end
-for i = 9, #ARGV do
+for i = 11, #ARGV do
   local cost = tonumber(ARGV[i])
   if rpm > 0 and rq + 1 > rpm then
     flush()
@@ -114,7 +119,36 @@ for i = 9, #ARGV do
     dayu, monu = dayu + cost, monu + cost
   end
 end
+-- The slice: what is left of each limit, up to what was asked; nothing unless every limit the
+-- subject has can give some (a slice of requests without tokens admits nothing).
+local want_rq, want_tk = tonumber(ARGV[9]), tonumber(ARGV[10])
+local slice_rq, slice_tk = 0, 0
+if want_rq > 0 or want_tk > 0 then
+  local tokens_limited = tpm > 0 or dayb > 0 or monb > 0
+  if rpm > 0 then slice_rq = math.max(0, math.min(want_rq, rpm - rq)) end
+  if tokens_limited then
+    slice_tk = want_tk
+    if tpm > 0 then slice_tk = math.min(slice_tk, tpm - tk) end
+    if dayb > 0 then slice_tk = math.min(slice_tk, dayb - dayu) end
+    if monb > 0 then slice_tk = math.min(slice_tk, monb - monu) end
+    slice_tk = math.max(0, slice_tk)
+  end
+  if (rpm > 0 and slice_rq == 0) or (tokens_limited and slice_tk == 0) then slice_rq, slice_tk = 0, 0 end
+  if slice_rq > 0 or slice_tk > 0 then
+    if rpm > 0 then
+      rq, pending_rq = rq + slice_rq, pending_rq + slice_rq
+      rq_head = rq_head or cur
+    end
+    if tpm > 0 then
+      tk, pending_tk = tk + slice_tk, pending_tk + slice_tk
+      tk_head = tk_head or cur
+    end
+    added, spent = true, spent + slice_tk
+    dayu, monu = dayu + slice_tk, monu + slice_tk
+  end
+end
 flush()
+push(slice_rq, slice_tk, (cur + 1) * G - now, rq, tk, dayu, monu, reset_of(rq_head), reset_of(tk_head), cur)
 if added then
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], (N + 2) * G) end
   if dayb > 0 then redis.call('INCRBY', KEYS[5], spent); redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
@@ -185,7 +219,11 @@ return -1
 /// Most requests one script call decides: bounds the time a script holds Redis.
 const MAX_BATCH: usize = 128;
 
-/// The connection, the scripts and the health flag, shared with the batch drainers.
+/// How often the flusher ends spent-out granules' slices and sends what is owed.
+const FLUSH_EVERY: Duration = Duration::from_millis(GRANULE_MS / 2);
+
+/// The connection, the scripts, the health flag and the slices, shared with the batch drainers
+/// and the flusher.
 #[derive(Debug)]
 struct Shared {
     connection: ConnectionManager,
@@ -196,6 +234,10 @@ struct Shared {
     healthy: AtomicBool,
     timeout: Duration,
     errors: IntCounterVec,
+    slices: Slices<AdmitLane>,
+    /// Settlements of sliced subjects and unspent slices, summed per granule until the next flush.
+    owed: Mutex<HashMap<SettleLane, Vec<SettleItem>>>,
+    flusher: AtomicBool,
 }
 
 /// Requests of one subject that can be decided by one script call: same counters, same limits.
@@ -213,6 +255,25 @@ struct AdmitItem {
     cost: u64,
     day_ttl_ms: u64,
     month_ttl_ms: u64,
+    /// Admitted from a slice when one has room; asks for one when not.
+    sliced: bool,
+}
+
+impl AdmitLane {
+    fn settle_lane(&self) -> SettleLane {
+        SettleLane { subject: self.subject.clone(), day: self.day, month: self.month }
+    }
+}
+
+/// A subject's limits as a lane sees them (budgets only for keys: teams have none).
+fn lane_limits(limits: &SubjectLimits, budgets: bool) -> LaneLimits {
+    let budget = |b: Option<u64>| if budgets { b.unwrap_or(0) } else { 0 };
+    [
+        limits.requests_per_minute.unwrap_or(0),
+        limits.tokens_per_minute.unwrap_or(0),
+        budget(limits.tokens_per_day),
+        budget(limits.tokens_per_month),
+    ]
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -232,7 +293,7 @@ struct SettleItem {
 
 /// One admission's answer: admitted?, which limit, retry-after ms, requests used, tokens used,
 /// granule, day used, month used, requests reset ms, tokens reset ms.
-type AdmitReply = [i64; 10];
+type AdmitReply = slice::Reply;
 
 #[derive(Debug)]
 pub struct RedisStore {
@@ -287,7 +348,35 @@ impl Shared {
         }
     }
 
-    async fn admit_batch(&self, lane: &AdmitLane, items: &[AdmitItem]) -> Option<Vec<AdmitReply>> {
+    /// Decides a batch: from the lane's slice what fits (a slice may have arrived while the
+    /// batch waited), the rest in one script call that also takes the next slice.
+    async fn admit_batch(self: &Arc<Self>, lane: &AdmitLane, items: &[AdmitItem]) -> Option<Vec<AdmitReply>> {
+        let sent = Instant::now();
+        let mut replies: Vec<Option<AdmitReply>> = items
+            .iter()
+            .map(|item| if item.sliced { self.slices.take(lane, &lane.limits, item.cost, sent) } else { None })
+            .collect();
+        let remote: Vec<AdmitItem> =
+            items.iter().zip(&replies).filter(|(_, reply)| reply.is_none()).map(|(item, _)| *item).collect();
+        if !remote.is_empty() {
+            let decided = self.admit_remote(lane, &remote, sent).await?;
+            let mut decided = decided.into_iter();
+            for reply in replies.iter_mut().filter(|r| r.is_none()) {
+                *reply = decided.next();
+            }
+        }
+        replies.into_iter().collect()
+    }
+
+    async fn admit_remote(
+        self: &Arc<Self>,
+        lane: &AdmitLane,
+        items: &[AdmitItem],
+        sent: Instant,
+    ) -> Option<Vec<AdmitReply>> {
+        let sliced = items.iter().any(|item| item.sliced);
+        let costs: Vec<u64> = items.iter().map(|item| item.cost).collect();
+        let want = if sliced { self.slices.want(lane, &lane.limits, &costs, sent) } else { (0, 0) };
         let mut invocation = self.admit.prepare_invoke();
         for key in subject_keys(&lane.subject, lane.day, lane.month) {
             invocation.key(key);
@@ -301,17 +390,103 @@ impl Shared {
             .arg(lane.limits[2])
             .arg(lane.limits[3])
             .arg(ttl(|i| i.day_ttl_ms))
-            .arg(ttl(|i| i.month_ttl_ms));
-        for item in items {
-            invocation.arg(item.cost);
+            .arg(ttl(|i| i.month_ttl_ms))
+            .arg(want.0)
+            .arg(want.1);
+        for cost in &costs {
+            invocation.arg(*cost);
         }
         let mut connection = self.connection.clone();
         let reply: Vec<i64> = self.call("admit", invocation.invoke_async(&mut connection)).await.ok()?;
-        if reply.len() != items.len() * 10 {
+        if reply.len() != (items.len() + 1) * 10 {
             self.failed("admit", "reply of the wrong length");
             return None;
         }
-        Some(reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect())
+        let mut replies: Vec<AdmitReply> = reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect();
+        let trailer = replies.pop()?;
+        if sliced {
+            let u = |v: i64| v.max(0) as u64;
+            let grant = Grant {
+                requests: u(trailer[0]),
+                tokens: u(trailer[1]),
+                ms_left: u(trailer[2]),
+                requests_used: u(trailer[3]),
+                tokens_used: u(trailer[4]),
+                day_used: u(trailer[5]),
+                month_used: u(trailer[6]),
+                requests_reset_ms: u(trailer[7]),
+                tokens_reset_ms: u(trailer[8]),
+                granule: u(trailer[9]),
+            };
+            let admitted = items
+                .iter()
+                .zip(&replies)
+                .filter(|(_, reply)| reply[0] == 1)
+                .fold((0, 0), |(n, t), (item, _)| (n + 1, t + item.cost));
+            if let Some(refund) = self.slices.deposit(lane, &lane.limits, grant, admitted, sent) {
+                self.owe_refund(lane, refund);
+            }
+            self.start_flusher();
+        }
+        Some(replies)
+    }
+
+    /// Adds a settlement to what the next flush sends, summed with others of its granule.
+    fn owe(&self, lane: SettleLane, item: SettleItem) {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        let items = owed.entry(lane).or_default();
+        match items.iter_mut().find(|i| i.granule == item.granule) {
+            Some(sum) => {
+                sum.requests += item.requests;
+                sum.tokens += item.tokens;
+                sum.budget += item.budget;
+            }
+            None => items.push(item),
+        }
+    }
+
+    /// Gives a slice's unspent part back to the granule it was recorded in.
+    fn owe_refund(&self, lane: &AdmitLane, refund: Refund) {
+        let [_, tpm, day, month] = lane.limits;
+        let tokens = -(refund.tokens as i64);
+        self.owe(
+            lane.settle_lane(),
+            SettleItem {
+                granule: refund.granule,
+                requests: -(refund.requests as i64),
+                tokens: if tpm > 0 { tokens } else { 0 },
+                budget: if day > 0 || month > 0 { tokens } else { 0 },
+            },
+        );
+    }
+
+    /// Starts the flusher once: every `FLUSH_EVERY` it ends the slices whose granule is over and
+    /// sends what is owed, one settle call per lane. It stops when the store is dropped.
+    fn start_flusher(self: &Arc<Self>) {
+        if self.flusher.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let shared: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = shared.upgrade() else { return };
+                shared.flush(Instant::now()).await;
+            }
+        });
+    }
+
+    /// Ends expired slices and sends every owed settlement. What fails to send is dropped and
+    /// counted: the window then over-counts until the granule leaves it (it never under-counts).
+    async fn flush(&self, now: Instant) {
+        for (lane, refund) in self.slices.expire(|lane| lane.limits, now) {
+            self.owe_refund(&lane, refund);
+        }
+        let owed = std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
+        let calls = owed.iter().map(|(lane, items)| self.settle_batch(lane, items));
+        futures_util::future::join_all(calls).await;
     }
 
     async fn settle_batch(&self, lane: &SettleLane, items: &[SettleItem]) -> Option<Vec<()>> {
@@ -356,6 +531,9 @@ impl RedisStore {
             healthy: AtomicBool::new(false),
             timeout,
             errors,
+            slices: Slices::default(),
+            owed: Mutex::new(HashMap::new()),
+            flusher: AtomicBool::new(false),
         });
         let s = shared.clone();
         let admits =
@@ -405,24 +583,26 @@ impl RedisStore {
         }
     }
 
+    /// One subject's decision: from this replica's slice when it has room (no round trip),
+    /// else through the lane's batched script call.
     async fn admit_subject(&self, subject: &Subject, admission: &Admission, budgets: bool) -> Result<AdmitReply, ()> {
-        let l = &subject.limits;
-        let budget = |b: Option<u64>| if budgets { b.unwrap_or(0) } else { 0 };
         let lane = AdmitLane {
             subject: subject.id.clone(),
-            limits: [
-                l.requests_per_minute.unwrap_or(0),
-                l.tokens_per_minute.unwrap_or(0),
-                budget(l.tokens_per_day),
-                budget(l.tokens_per_month),
-            ],
+            limits: lane_limits(&subject.limits, budgets),
             day: admission.period.day,
             month: admission.period.month,
         };
+        let sliced = slice::sliceable(&lane.limits, admission.tokens);
+        if sliced {
+            if let Some(reply) = self.shared.slices.take(&lane, &lane.limits, admission.tokens, Instant::now()) {
+                return Ok(reply);
+            }
+        }
         let item = AdmitItem {
             cost: admission.tokens,
             day_ttl_ms: admission.period.day_reset_ms,
             month_ttl_ms: admission.period.month_reset_ms,
+            sliced,
         };
         self.answer(self.admits.submit(lane, item)).await
     }
@@ -504,7 +684,42 @@ impl RedisStore {
         self.answer(self.settles.submit(lane, item)).await
     }
 
+    /// Settles without waiting when every subject of the admission is sliced: the corrections
+    /// join the next flush, summed per granule. False (nothing done) otherwise.
+    pub fn settle_deferred(&self, admission: &Admission, granted: &Granted, delta: i64) -> bool {
+        let key = lane_limits(&admission.key.limits, true);
+        let team = admission.team.as_ref().filter(|t| t.limits.tokens_per_minute.is_some());
+        let sliced = |limits: &LaneLimits| slice::sliceable(limits, admission.tokens);
+        if !sliced(&key) || team.is_some_and(|t| !sliced(&lane_limits(&t.limits, false))) {
+            return false;
+        }
+        let lane = |subject: &Subject| SettleLane {
+            subject: subject.id.clone(),
+            day: admission.period.day,
+            month: admission.period.month,
+        };
+        let key_tpm = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
+        let item = SettleItem { granule: granted.granule, requests: 0, tokens: key_tpm, budget: delta };
+        self.shared.owe(lane(&admission.key), item);
+        if let Some(team) = team {
+            let item = SettleItem { granule: granted.team_granule, requests: 0, tokens: delta, budget: 0 };
+            self.shared.owe(lane(team), item);
+        }
+        true
+    }
+
+    /// Sends every owed settlement now and gives back every slice (shutdown, and tests).
+    pub async fn flush_all(&self) {
+        for (lane, refund) in self.shared.slices.drain(|lane| lane.limits) {
+            self.shared.owe_refund(&lane, refund);
+        }
+        self.shared.flush(Instant::now()).await;
+    }
+
     pub async fn settle(&self, admission: &Admission, granted: &Granted, delta: i64) {
+        if self.settle_deferred(admission, granted, delta) {
+            return;
+        }
         let key_tpm = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
         let _ = self.settle_subject(&admission.key, admission.period, granted.granule, 0, key_tpm, delta).await;
         if let Some(team) = &admission.team {
@@ -526,9 +741,10 @@ impl RedisStore {
         Some((v(0), v(1), v(2), v(3)))
     }
 
-    pub async fn locked(&self, client: &str) -> Option<u64> {
-        let ttl = self.answer(self.locks.submit(client.to_owned(), ())).await.ok()?;
-        (ttl > 0).then_some(ttl as u64)
+    /// The lockout's remaining ms (`Ok(None)`: not locked out; `Err`: the store did not answer).
+    pub async fn locked(&self, client: &str) -> Result<Option<u64>, ()> {
+        let ttl = self.answer(self.locks.submit(client.to_owned(), ())).await?;
+        Ok((ttl > 0).then_some(ttl as u64))
     }
 
     /// `Some(result)` when the shared store answered (result = lockout remaining, if any).
