@@ -32,7 +32,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {
 const LIMITS_PAGE: usize = 500;
 
 /// `/limits[?key=namespace/name][&offset=N]`: current window counts and budget use per key that
-/// has limits, from the shared store when it is reachable.
+/// has limits, from the shared store when it is reachable (its counts include the slices replicas
+/// hold unspent: at most 0.5% of a limit each, given back within a granule).
 async fn limits(state: &AdminState, query: Option<&str>) -> Response<GatewayBody> {
     let Some(snapshot) = state.snapshot.load() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot loaded yet\n");

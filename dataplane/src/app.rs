@@ -149,6 +149,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             (source, tokio::spawn(cluster.run(applier, shutdown_rx.clone(), applied_tx)))
         }
         (None, Some(manifests)) => {
+            // Taken before reading: a change made while the folder is read is seen as one.
+            let loaded = reload::fingerprint(manifests);
             match reload::compile_dir(manifests, &applier) {
                 Ok(snapshot) => {
                     applier.apply(snapshot);
@@ -160,6 +162,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
                 Duration::from_millis(args.reload_interval_ms.max(10)),
                 applier,
                 shutdown_rx.clone(),
+                Some(loaded),
             ));
             (manifests.display().to_string(), task)
         }

@@ -120,8 +120,11 @@ pub fn compile_dir(dir: &Path, applier: &SnapshotApplier) -> Result<GatewaySnaps
     Ok(compiled.snapshot)
 }
 
-/// Identity of the folder's current contents, to notice changes cheaply.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// Identity of a folder's contents: each manifest file's path, length and modification time.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// The folder's current fingerprint, to notice changes cheaply.
+pub fn fingerprint(dir: &Path) -> Fingerprint {
     let mut seen = Vec::new();
     if let Ok(files) = manifests::manifest_files(dir) {
         for path in files {
@@ -134,19 +137,22 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     seen
 }
 
-async fn scan(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+async fn scan(dir: &Path) -> Fingerprint {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || fingerprint(&dir)).await.unwrap_or_default()
 }
 
-/// Loads the folder, then follows its changes until `shutdown` fires.
+/// Follows the folder's changes until `shutdown` fires. `loaded` is the fingerprint of what the
+/// applier already holds (taken before it was read), so start-up does not compile the folder a
+/// second time; `None` loads it first.
 pub async fn run_local(
     dir: PathBuf,
     interval: Duration,
     mut applier: SnapshotApplier,
     mut shutdown: watch::Receiver<bool>,
+    loaded: Option<Fingerprint>,
 ) {
-    let mut last_seen = None;
+    let mut last_seen = loaded;
     loop {
         let mut seen = scan(&dir).await;
         if last_seen.as_ref() != Some(&seen) {
