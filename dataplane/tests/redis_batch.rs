@@ -183,6 +183,59 @@ async fn script_calls(url: &str) -> u64 {
         .sum()
 }
 
+/// Sends admissions of `cost` for `id` from 16 tasks per replica until `expected` have been
+/// admitted between them (refusals of `which` wait for unspent slices to come back); returns
+/// each replica's grants.
+async fn spend_until(
+    replicas: &[Arc<RedisStore>; 2],
+    id: &'static str,
+    limits: SubjectLimits,
+    cost: u64,
+    expected: u64,
+    which: Which,
+) -> [Vec<portcullis_dataplane::limits::Granted>; 2] {
+    let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (store, admitted) = (replicas[i % 2].clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut grants = Vec::new();
+            while admitted.load(std::sync::atomic::Ordering::SeqCst) < expected && Instant::now() < deadline {
+                match store.admit(&admission(id, limits, cost)).await.expect("redis answered") {
+                    Decision::Granted(g) => {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        grants.push(g);
+                    }
+                    Decision::Refused(r) => {
+                        assert_eq!(r.which, which);
+                        // Spent out: wait for the other replica's unspent slice to come back.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            grants
+        }));
+    }
+    let mut grants = [Vec::new(), Vec::new()];
+    for (i, task) in tasks.into_iter().enumerate() {
+        grants[i % 2].extend(task.await.expect("task"));
+    }
+    let total: usize = grants.iter().map(Vec::len).sum();
+    assert_eq!(total as u64, expected, "exactly the limit is admitted across both replicas");
+    // Nothing more fits, on either replica, once every slice is back.
+    for store in replicas {
+        store.flush_all().await;
+    }
+    for store in replicas {
+        for _ in 0..50 {
+            assert!(matches!(store.admit(&admission(id, limits, cost)).await, Ok(Decision::Refused(_))));
+        }
+        store.flush_all().await;
+    }
+    grants
+}
+
 /// Large limits are spent from per-replica slices: two replicas sharing one Redis admit exactly
 /// the limit between them (what one holds unspent goes back and the other spends it), Redis
 /// counts exactly what was admitted, settlements arrive, and far fewer script calls are made
@@ -195,57 +248,17 @@ async fn two_replicas_spend_slices_and_admit_exactly_the_limit() {
     let limits =
         SubjectLimits { requests_per_minute: Some(RPM), tokens_per_minute: Some(4_000_000), ..Default::default() };
     let calls_before = script_calls(&redis.url).await;
-    let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let (store, admitted) = (replicas[i % 2].clone(), admitted.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut grants = Vec::new();
-            while admitted.load(std::sync::atomic::Ordering::SeqCst) < RPM && Instant::now() < deadline {
-                match store.admit(&admission("ns/sliced", limits, 10)).await.expect("redis answered") {
-                    Decision::Granted(g) => {
-                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        grants.push(g);
-                    }
-                    Decision::Refused(r) => {
-                        assert_eq!(r.which, Which::Requests);
-                        // Spent out: wait for the other replica's unspent slice to come back.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            }
-            grants
-        }));
-    }
-    let mut grants = Vec::new();
-    for (i, task) in tasks.into_iter().enumerate() {
-        grants.push((i % 2, task.await.expect("task")));
-    }
-    let total: usize = grants.iter().map(|(_, g)| g.len()).sum();
-    assert_eq!(total as u64, RPM, "exactly the limit is admitted across both replicas");
+    let grants = spend_until(&replicas, "ns/sliced", limits, 10, RPM, Which::Requests).await;
     let calls = script_calls(&redis.url).await - calls_before;
-    eprintln!("{calls} script calls for {RPM} admissions");
     assert!(calls * 20 < RPM, "{calls} script calls for {RPM} admissions: slices are not being used");
-
-    // Nothing more fits, on either replica, once every slice is back.
-    for store in &replicas {
-        store.flush_all().await;
-    }
-    for store in &replicas {
-        for _ in 0..50 {
-            assert!(matches!(store.admit(&admission("ns/sliced", limits, 10)).await, Ok(Decision::Refused(_))));
-        }
-        store.flush_all().await;
-    }
     let period = Period::at(chrono::Utc::now().timestamp_millis() as u64);
     let (requests, tokens, _, _) = replicas[0].usage("ns/sliced", period).await.expect("usage");
     assert_eq!((requests, tokens), (RPM, RPM * 10), "Redis counts exactly what was admitted");
 
     // Every request used 6 of its 10 tokens: the settlements are summed and sent on flush.
-    for (replica, list) in &grants {
+    for (store, list) in replicas.iter().zip(&grants) {
         for g in list {
-            replicas[*replica].settle(&admission("ns/sliced", limits, 10), g, -4).await;
+            store.settle(&admission("ns/sliced", limits, 10), g, -4).await;
         }
     }
     for store in &replicas {
@@ -253,4 +266,23 @@ async fn two_replicas_spend_slices_and_admit_exactly_the_limit() {
     }
     let (_, tokens, _, _) = replicas[1].usage("ns/sliced", period).await.expect("usage");
     assert_eq!(tokens, RPM * 6);
+}
+
+/// A day budget large enough is sliced too: exactly the budget is reserved across two replicas,
+/// each admission sees what was left before it (less what the other replica holds), and the
+/// day's counter in Redis is exact once the slices are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliced_day_budget_is_spent_exactly() {
+    let Some(redis) = start_redis() else { return };
+    let replicas = [store(&redis).await, store(&redis).await];
+    const BUDGET: u64 = 400_000;
+    let limits = SubjectLimits { tokens_per_day: Some(BUDGET), ..Default::default() };
+    let grants = spend_until(&replicas, "ns/budget-sliced", limits, 100, BUDGET / 100, Which::DayBudget).await;
+    for g in grants.iter().flatten() {
+        let remaining = g.budget_remaining.expect("a budget");
+        assert!((100..=BUDGET).contains(&remaining), "remaining before this request: {remaining}");
+    }
+    let period = Period::at(chrono::Utc::now().timestamp_millis() as u64);
+    let (_, _, day, _) = replicas[0].usage("ns/budget-sliced", period).await.expect("usage");
+    assert_eq!(day, BUDGET, "the day's counter holds exactly what was admitted");
 }

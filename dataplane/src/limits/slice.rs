@@ -199,9 +199,12 @@ impl<L: Clone + Eq + Hash> Slices<L> {
             let demand = (last.0 + last.0 / 4).max(2 * taken.0).max(MIN_SLICE_REQUESTS);
             demand.min(cap.saturating_sub(held_requests + asked))
         });
+        // Whole requests' worth of tokens: a remainder smaller than a request would only be
+        // given back unspent.
         let tokens = token_cap.map_or(0, |cap| {
             let demand = (last.1 + last.1 / 4).max(2 * taken.1).max(MIN_SLICE_REQUESTS * typical);
-            demand.min(cap.saturating_sub(held_tokens + asked_tokens))
+            let tokens = demand.min(cap.saturating_sub(held_tokens + asked_tokens));
+            tokens - tokens % typical
         });
         (requests, tokens)
     }
@@ -367,6 +370,7 @@ mod tests {
         assert_eq!(slices.want(&"k", &BOTH, &[100], t0), (80, 8_000), "twice this granule's 40 so far");
         slices.expire(|_| BOTH, t0 + Duration::from_millis(100));
         assert_eq!(slices.want(&"k", &BOTH, &[100], t0), (50, 5_000));
+        assert_eq!(slices.want(&"k", &BOTH, &[300], t0), (50, 4_800), "whole requests' worth of tokens");
         // The cap: 0.5% of the limit, less what is held and asked.
         let small: LaneLimits = [4_000, 0, 0, 0];
         assert_eq!(slices.want(&"s", &small, &[1, 1], t0), (16, 0));
