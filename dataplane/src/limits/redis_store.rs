@@ -83,6 +83,18 @@ local function flush()
   if pending_tk > 0 then add(KEYS[3], KEYS[4], pending_tk) end
   pending_rq, pending_tk = 0, 0
 end
+-- Counts n requests and t tokens as admitted in the current granule.
+local function record(n, t)
+  if rpm > 0 then
+    rq, pending_rq = rq + n, pending_rq + n
+    rq_head = rq_head or cur
+  end
+  if tpm > 0 then
+    tk, pending_tk = tk + t, pending_tk + t
+    tk_head = tk_head or cur
+  end
+  added, spent = true, spent + t
+end
 local function reset_of(head)
   if head then return (tonumber(head) + N + 1) * G - now end
   return 0
@@ -106,16 +118,8 @@ for i = 11, #ARGV do
   elseif monb > 0 and monu >= monb then
     push(0, 4, 0, rq, tk, 0, dayu, monu, 0, 0)
   else
-    if rpm > 0 then
-      rq, pending_rq = rq + 1, pending_rq + 1
-      rq_head = rq_head or cur
-    end
-    if tpm > 0 then
-      tk, pending_tk = tk + cost, pending_tk + cost
-      tk_head = tk_head or cur
-    end
+    record(1, cost)
     push(1, 0, 0, rq, tk, cur, dayu, monu, reset_of(rq_head), reset_of(tk_head))
-    added, spent = true, spent + cost
     dayu, monu = dayu + cost, monu + cost
   end
 end
@@ -135,15 +139,7 @@ if want_rq > 0 or want_tk > 0 then
   end
   if (rpm > 0 and slice_rq == 0) or (tokens_limited and slice_tk == 0) then slice_rq, slice_tk = 0, 0 end
   if slice_rq > 0 or slice_tk > 0 then
-    if rpm > 0 then
-      rq, pending_rq = rq + slice_rq, pending_rq + slice_rq
-      rq_head = rq_head or cur
-    end
-    if tpm > 0 then
-      tk, pending_tk = tk + slice_tk, pending_tk + slice_tk
-      tk_head = tk_head or cur
-    end
-    added, spent = true, spent + slice_tk
+    record(slice_rq, slice_tk)
     dayu, monu = dayu + slice_tk, monu + slice_tk
   end
 end
