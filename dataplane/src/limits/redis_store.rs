@@ -294,7 +294,8 @@ type AdmitReply = slice::Reply;
 #[derive(Debug)]
 pub struct RedisStore {
     shared: Arc<Shared>,
-    admits: Arc<Batcher<AdmitLane, AdmitItem, AdmitReply>>,
+    /// `None` for an item: the store failed to decide it.
+    admits: Arc<Batcher<AdmitLane, AdmitItem, Option<AdmitReply>>>,
     settles: Arc<Batcher<SettleLane, SettleItem, ()>>,
     /// Lockout lookups, one lane per client address.
     locks: Arc<Batcher<String, (), i64>>,
@@ -345,8 +346,9 @@ impl Shared {
     }
 
     /// Decides a batch: from the lane's slice what fits (a slice may have arrived while the
-    /// batch waited), the rest in one script call that also takes the next slice.
-    async fn admit_batch(self: &Arc<Self>, lane: &AdmitLane, items: &[AdmitItem]) -> Option<Vec<AdmitReply>> {
+    /// batch waited), the rest in one script call that also takes the next slice. When that call
+    /// fails, the items the slice admitted keep their answers; the others fail.
+    async fn admit_batch(self: &Arc<Self>, lane: &AdmitLane, items: &[AdmitItem]) -> Vec<Option<AdmitReply>> {
         let sent = Instant::now();
         let mut replies: Vec<Option<AdmitReply>> = items
             .iter()
@@ -355,13 +357,14 @@ impl Shared {
         let remote: Vec<AdmitItem> =
             items.iter().zip(&replies).filter(|(_, reply)| reply.is_none()).map(|(item, _)| *item).collect();
         if !remote.is_empty() {
-            let decided = self.admit_remote(lane, &remote, sent).await?;
-            let mut decided = decided.into_iter();
-            for reply in replies.iter_mut().filter(|r| r.is_none()) {
-                *reply = decided.next();
+            if let Some(decided) = self.admit_remote(lane, &remote, sent).await {
+                let mut decided = decided.into_iter();
+                for reply in replies.iter_mut().filter(|r| r.is_none()) {
+                    *reply = decided.next();
+                }
             }
         }
-        replies.into_iter().collect()
+        replies
     }
 
     async fn admit_remote(
@@ -533,9 +536,9 @@ impl RedisStore {
         });
         let s = shared.clone();
         let admits =
-            Batcher::new(MAX_BATCH, move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<AdmitReply> {
+            Batcher::new(MAX_BATCH, move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Option<AdmitReply>> {
                 let s = s.clone();
-                Box::pin(async move { s.admit_batch(&lane, &items).await })
+                Box::pin(async move { Some(s.admit_batch(&lane, &items).await) })
             });
         let s = shared.clone();
         let settles = Batcher::new(MAX_BATCH, move |lane: SettleLane, items: Vec<SettleItem>| -> BatchFuture<()> {
@@ -600,7 +603,7 @@ impl RedisStore {
             month_ttl_ms: admission.period.month_reset_ms,
             sliced,
         };
-        self.answer(self.admits.submit(lane, item)).await
+        self.answer(async { self.admits.submit(lane, item).await.flatten() }).await
     }
 
     fn refusal(reply: &AdmitReply, subject: &Subject, team: bool, period: Period) -> Refusal {
