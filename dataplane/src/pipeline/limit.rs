@@ -76,22 +76,41 @@ const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-toke
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-/// Seconds with three decimals (`12.345s`), formatted without allocating a string.
+/// Seconds with three decimals (`12.345s`), written digit by digit into a stack buffer (no
+/// formatter, no string: this runs on every limited response).
 fn duration_text(ms: u64) -> HeaderValue {
-    use std::io::Write as _;
-    let mut buf = [0u8; 32];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    if write!(cursor, "{}.{:03}s", ms / 1000, ms % 1000).is_err() {
-        return HeaderValue::from_static("0s");
+    // u64::MAX / 1000 has 17 digits; then ".", three decimals and "s".
+    let mut buf = [0u8; 24];
+    let mut at = buf.len();
+    let mut put = |digit: u8| {
+        at -= 1;
+        buf[at] = digit;
+    };
+    put(b's');
+    let (mut seconds, mut fraction) = (ms / 1000, ms % 1000);
+    for _ in 0..3 {
+        put(b'0' + (fraction % 10) as u8);
+        fraction /= 10;
     }
-    let len = cursor.position() as usize;
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0s"))
+    put(b'.');
+    loop {
+        put(b'0' + (seconds % 10) as u8);
+        seconds /= 10;
+        if seconds == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&buf[at..]).unwrap_or_else(|_| HeaderValue::from_static("0s"))
 }
 
 /// OpenAI-style `x-ratelimit-*` headers for an admitted request.
 pub fn rate_headers(ticket: &Ticket, headers: &mut HeaderMap) {
     let limits = &ticket.admission.key.limits;
     let granted = &ticket.granted;
+    // One growth of the map instead of up to two while inserting.
+    headers.reserve(
+        3 * (usize::from(limits.requests_per_minute.is_some()) + usize::from(limits.tokens_per_minute.is_some())),
+    );
     if let Some(limit) = limits.requests_per_minute {
         headers.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
         headers.insert(REMAINING_REQUESTS, HeaderValue::from(limit.saturating_sub(granted.requests_used)));
@@ -124,9 +143,20 @@ mod tests {
 
     #[test]
     fn reset_durations_have_three_decimals() {
-        for (ms, text) in [(0, "0.000s"), (5, "0.005s"), (1005, "1.005s"), (59_999, "59.999s"), (60_000, "60.000s")] {
+        for (ms, text) in [
+            (0, "0.000s"),
+            (5, "0.005s"),
+            (1005, "1.005s"),
+            (59_999, "59.999s"),
+            (60_000, "60.000s"),
+            (86_400_000, "86400.000s"),
+            (u64::MAX, "18446744073709551.615s"),
+        ] {
             assert_eq!(duration_text(ms), text);
-            assert_eq!(format!("{:.3}s", ms as f64 / 1000.0), text);
+            if ms < 1 << 50 {
+                // The same as formatting the seconds as a float (exact in this range).
+                assert_eq!(format!("{:.3}s", ms as f64 / 1000.0), text);
+            }
         }
     }
 }
