@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 
 use foldhash::fast::RandomState;
 use std::sync::Mutex;
@@ -48,7 +49,8 @@ struct AuthFailures {
 pub struct MemoryStore {
     shards: Vec<Mutex<HashMap<String, Counters, RandomState>>>,
     hasher: RandomState,
-    lockouts: Mutex<HashMap<String, AuthFailures, RandomState>>,
+    /// Keyed by address, not its text: checked on every request.
+    lockouts: Mutex<HashMap<IpAddr, AuthFailures, RandomState>>,
 }
 
 impl Default for MemoryStore {
@@ -191,15 +193,15 @@ impl MemoryStore {
     }
 
     /// Remaining lockout for `client`, if any.
-    pub fn locked(&self, client: &str, now_ms: u64) -> Option<u64> {
+    pub fn locked(&self, client: IpAddr, now_ms: u64) -> Option<u64> {
         let map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(client).and_then(|f| (f.locked_until_ms > now_ms).then(|| f.locked_until_ms - now_ms))
+        map.get(&client).and_then(|f| (f.locked_until_ms > now_ms).then(|| f.locked_until_ms - now_ms))
     }
 
     /// Records a failed authentication; returns the lockout when this one reached the threshold.
     pub fn auth_failed(
         &self,
-        client: &str,
+        client: IpAddr,
         now_ms: u64,
         threshold: u64,
         window_ms: u64,
@@ -209,7 +211,7 @@ impl MemoryStore {
         if map.len() > 100_000 {
             map.retain(|_, f| f.locked_until_ms > now_ms || f.window_start_ms + window_ms > now_ms);
         }
-        let entry = map.entry(client.to_owned()).or_default();
+        let entry = map.entry(client).or_default();
         if entry.locked_until_ms > now_ms {
             return Some(entry.locked_until_ms - now_ms);
         }
@@ -225,10 +227,10 @@ impl MemoryStore {
     }
 
     /// Stores a lockout learned from the shared store.
-    pub fn remember_lockout(&self, client: &str, now_ms: u64, remaining_ms: u64) {
+    pub fn remember_lockout(&self, client: IpAddr, now_ms: u64, remaining_ms: u64) {
         let mut map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
-            client.to_owned(),
+            client,
             AuthFailures { window_start_ms: now_ms, failures: 0, locked_until_ms: now_ms + remaining_ms },
         );
     }

@@ -475,7 +475,7 @@ impl Limiter {
 
     /// Remaining lockout known to this replica, without asking the shared store.
     pub fn locked_locally(&self, client: IpAddr) -> Option<u64> {
-        self.memory.locked(&client.to_string(), self.now_ms())
+        self.memory.locked(client, self.now_ms())
     }
 
     /// Remaining lockout according to the shared store: remembered locally when found, and an
@@ -490,7 +490,7 @@ impl Limiter {
         let name = client.to_string();
         match redis.locked(&name).await {
             Ok(Some(remaining)) => {
-                self.memory.remember_lockout(&name, self.now_ms(), remaining);
+                self.memory.remember_lockout(client, self.now_ms(), remaining);
                 Some(remaining)
             }
             Ok(None) => {
@@ -527,11 +527,11 @@ impl Limiter {
         let lockout = match shared {
             Some(result) => {
                 if let Some(remaining) = result {
-                    self.memory.remember_lockout(&name, self.now_ms(), remaining);
+                    self.memory.remember_lockout(client, self.now_ms(), remaining);
                 }
                 result
             }
-            None => self.memory.auth_failed(&name, self.now_ms(), s.lockout_threshold, window_ms, backoff_ms),
+            None => self.memory.auth_failed(client, self.now_ms(), s.lockout_threshold, window_ms, backoff_ms),
         };
         if lockout.is_some() {
             self.metrics.rejections.with_label_values(&["lockout"]).inc();
