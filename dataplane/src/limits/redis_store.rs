@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use prometheus::IntCounterVec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
@@ -217,6 +218,10 @@ const MAX_BATCH: usize = 128;
 
 /// How often the flusher ends spent-out granules' slices and sends what is owed.
 const FLUSH_EVERY: Duration = Duration::from_millis(GRANULE_MS / 2);
+/// Settle calls one flush has in flight at most.
+const FLUSH_CALLS_AT_ONCE: usize = 16;
+/// Granules of owed settlements kept per lane while the store is down (one minute's worth).
+const MAX_OWED_PER_LANE: usize = GRANULES as usize;
 
 /// The connection, the scripts, the health flag and the slices, shared with the batch drainers
 /// and the flusher.
@@ -234,6 +239,8 @@ struct Shared {
     /// Settlements of sliced subjects and unspent slices, summed per granule until the next flush.
     owed: Mutex<HashMap<SettleLane, Vec<SettleItem>>>,
     flusher: AtomicBool,
+    /// Held for a whole flush, so `flush_all` waits for one already sending.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// Requests of one subject that can be decided by one script call: same counters, same limits.
@@ -434,11 +441,18 @@ impl Shared {
     fn owe(&self, lane: SettleLane, item: SettleItem) {
         let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
         let items = owed.entry(lane).or_default();
-        match items.iter_mut().find(|i| i.granule == item.granule) {
-            Some(sum) => {
+        match items.iter().position(|i| i.granule == item.granule) {
+            Some(at) => {
+                let sum = &mut items[at];
                 sum.requests += item.requests;
                 sum.tokens += item.tokens;
                 sum.budget += item.budget;
+            }
+            None if items.len() >= MAX_OWED_PER_LANE => {
+                // The store has been down for a while: the oldest granule's share is given up.
+                items.remove(0);
+                items.push(item);
+                self.errors.with_label_values(&["settle_dropped"]).inc();
             }
             None => items.push(item),
         }
@@ -477,15 +491,23 @@ impl Shared {
         });
     }
 
-    /// Ends expired slices and sends every owed settlement. What fails to send is dropped and
-    /// counted: the window then over-counts until the granule leaves it (it never under-counts).
+    /// Ends expired slices and sends every owed settlement, a bounded number of calls at a time.
+    /// While the store is known to be down nothing is sent and what is owed waits (up to
+    /// `MAX_OWED_PER_LANE` granules per lane). A call that fails is not repeated, since it may have
+    /// run before failing: what it carried is dropped and counted, so the counts err high (strict)
+    /// and never low. The windows heal within a minute, but a lost budget refund stays counted
+    /// until the day or month ends.
     async fn flush(&self, now: Instant) {
+        let _one_at_a_time = self.flushing.lock().await;
         for (lane, refund) in self.slices.expire(|lane| lane.limits, now) {
             self.owe_refund(&lane, refund);
         }
+        if !self.healthy.load(Ordering::Relaxed) {
+            return;
+        }
         let owed = std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
-        let calls = owed.iter().map(|(lane, items)| self.settle_batch(lane, items));
-        futures_util::future::join_all(calls).await;
+        let calls = owed.into_iter().map(|(lane, items)| async move { self.settle_batch(&lane, &items).await });
+        futures_util::stream::iter(calls).buffer_unordered(FLUSH_CALLS_AT_ONCE).for_each(|_| async {}).await;
     }
 
     async fn settle_batch(&self, lane: &SettleLane, items: &[SettleItem]) -> Option<Vec<()>> {
@@ -533,6 +555,7 @@ impl RedisStore {
             slices: Slices::default(),
             owed: Mutex::new(HashMap::new()),
             flusher: AtomicBool::new(false),
+            flushing: tokio::sync::Mutex::new(()),
         });
         let s = shared.clone();
         let admits =

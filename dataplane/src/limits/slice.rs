@@ -102,23 +102,22 @@ struct Slice {
 #[derive(Debug)]
 struct LaneState {
     slice: Option<Slice>,
-    /// Requests and tokens admitted on this lane in the current granule (slice or not).
+    /// Requests and tokens admitted on this lane in granule `taken_in` (slice or not).
     taken: (u64, u64),
-    /// The same for the previous granule: the demand the next slice is sized for.
+    taken_in: u64,
+    /// The same for the last granule before it with any: the demand the next slice is sized for.
     last: (u64, u64),
     touched: Instant,
 }
 
 impl LaneState {
     fn new(now: Instant) -> Self {
-        Self { slice: None, taken: (0, 0), last: (0, 0), touched: now }
+        Self { slice: None, taken: (0, 0), taken_in: 0, last: (0, 0), touched: now }
     }
 
-    /// Ends the current slice: its unspent part, and the demand it saw for sizing the next.
+    /// Ends the current slice and returns its unspent part.
     fn end_slice(&mut self, limits: &LaneLimits) -> Option<Refund> {
         let slice = self.slice.take()?;
-        self.last = self.taken;
-        self.taken = (0, 0);
         let (requests, tokens) = caps(limits);
         let refund = Refund {
             granule: slice.granule,
@@ -227,14 +226,22 @@ impl<L: Clone + Eq + Hash> Slices<L> {
         if state.slice.as_ref().is_some_and(|s| s.granule != grant.granule) {
             refund = state.end_slice(limits);
         }
+        if state.taken_in != grant.granule {
+            state.last = state.taken;
+            state.taken = (0, 0);
+            state.taken_in = grant.granule;
+        }
         state.taken = (state.taken.0 + decided.0, state.taken.1 + decided.1);
         state.touched = sent;
-        let until = sent + Duration::from_millis(grant.ms_left);
+        // Redis reads its clock in whole milliseconds: up to one of the reported milliseconds
+        // may already have passed when the script ran.
+        let until = sent + Duration::from_millis(grant.ms_left.saturating_sub(1));
         match &mut state.slice {
             Some(slice) => {
                 slice.requests_left += grant.requests;
                 slice.tokens_left += grant.tokens;
-                slice.until = slice.until.min(until);
+                // Both are safe (never past the granule's end): keep the later.
+                slice.until = slice.until.max(until);
                 slice.fetched = sent;
                 slice.figures = grant;
             }
@@ -333,7 +340,8 @@ mod tests {
     fn a_slice_is_never_spent_after_its_granule_and_its_rest_goes_back() {
         let slices = Slices::default();
         let t0 = Instant::now();
-        slices.deposit(&"k", &BOTH, grant(10, 5_000, 7, 40), (0, 0), t0);
+        // Redis said 41 ms were left; its clock has millisecond steps, so 40 are believed.
+        slices.deposit(&"k", &BOTH, grant(10, 5_000, 7, 41), (0, 0), t0);
         let reply = slices.take(&"k", &BOTH, 300, t0 + Duration::from_millis(39)).expect("in time");
         assert_eq!(reply[4], 50_000 - 4_700);
         assert_eq!(slices.take(&"k", &BOTH, 300, t0 + Duration::from_millis(40)), None, "granule over");
@@ -368,7 +376,8 @@ mod tests {
             slices.take(&"k", &BOTH, 100, t0).expect("room");
         }
         assert_eq!(slices.want(&"k", &BOTH, &[100], t0), (80, 8_000), "twice this granule's 40 so far");
-        slices.expire(|_| BOTH, t0 + Duration::from_millis(100));
+        // The next granule's first call: the demand of granule 7 is now the last one's.
+        slices.deposit(&"k", &BOTH, grant(0, 0, 8, 100), (0, 0), t0 + Duration::from_millis(100));
         assert_eq!(slices.want(&"k", &BOTH, &[100], t0), (50, 5_000));
         assert_eq!(slices.want(&"k", &BOTH, &[300], t0), (50, 4_800), "whole requests' worth of tokens");
         // The cap: 0.5% of the limit, less what is held and asked.
