@@ -2,48 +2,30 @@
 //! `Enforced` status out, written only when the count changes.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod support;
 
-use chrono::{DateTime, Utc};
-use http::{Request, Response};
+use std::sync::Arc;
+
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::client::Body;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
 use portcullis_crds::acknowledgement::{COMPONENT, COMPONENT_LABEL, GENERATION_ANNOTATION};
-use portcullis_crds::digest::Pepper;
-use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
-use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch};
 use portcullis_operator::cluster::acknowledgement::{self, AckMetrics, Acknowledgements};
-use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
+use portcullis_operator::cluster::context::{Context, Stores};
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
 use serde_json::{json, Value};
-
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    body: Value,
-}
+use support::{now, ApiServer, Call};
 
 struct World {
     ctx: Arc<Context>,
-    calls: Arc<Mutex<Vec<Call>>>,
+    server: ApiServer,
     kill_switches: Writer<DeserializeGuard<KillSwitch>>,
     api_keys: Writer<DeserializeGuard<ApiKey>>,
     leases: Writer<Lease>,
-    _server: tokio::task::JoinHandle<()>,
-}
-
-fn now() -> DateTime<Utc> {
-    "2025-03-01T12:00:00Z".parse().unwrap()
 }
 
 fn world() -> World {
@@ -52,75 +34,33 @@ fn world() -> World {
 
 /// A world whose snapshot writer starts from `previous` (the Secret a restarted operator reads).
 fn world_from(previous: Option<GatewaySnapshot>) -> World {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let recorded = calls.clone();
-    let server = tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let method = request.method().to_string();
-            let path = request.uri().path().to_owned();
-            let bytes =
-                http_body_util::BodyExt::collect(request.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            // Writes are echoed back as the API server would answer an apply.
-            let mut answer = body.clone();
-            if answer.get("metadata").is_none() {
-                answer["metadata"] = json!({"name": "echo"});
-            }
-            if answer.get("spec").is_none() {
-                answer["spec"] = json!({"scope": {"global": true}});
-            }
-            recorded.lock().unwrap().push(Call { method, path, body });
-            let response = Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap();
-            send.send_response(response);
+    // Writes are echoed back as the API server would answer an apply.
+    let server = ApiServer::start(Arc::new(|call: &Call| {
+        let mut answer = call.body.clone();
+        if answer.get("metadata").is_none() {
+            answer["metadata"] = json!({"name": "echo"});
         }
-    });
-    let mut keys = std::collections::BTreeMap::new();
-    keys.insert(KeyId::new("k1").unwrap(), MasterKey::from_bytes(&[1u8; 32]).unwrap());
-    let keyring = MasterKeyring::new(KeyId::new("k1").unwrap(), keys).unwrap();
+        if answer.get("spec").is_none() {
+            answer["spec"] = json!({"scope": {"global": true}});
+        }
+        (200, answer)
+    }));
     let (api_keys_store, api_keys) = reflector::store();
     let (credentials_store, _credentials) = reflector::store();
     let (kill_switches_store, kill_switches) = reflector::store();
     let (secrets_store, _secrets) = reflector::store();
     let (lease_store, leases) = reflector::store();
+    let stores = Stores {
+        api_keys: api_keys_store,
+        credentials: credentials_store,
+        kill_switches: kill_switches_store,
+        secrets: secrets_store,
+    };
     let metrics = Arc::new(Metrics::new().unwrap());
     let acknowledgements =
         Acknowledgements::new(lease_store).with_metrics(AckMetrics::register(metrics.registry()).unwrap());
-    let ctx = Arc::new(Context {
-        client: Client::new(service, "default"),
-        settings: Settings {
-            namespace: "portcullis".into(),
-            snapshot_secret: "portcullis-snapshot".into(),
-            keyring_secret: "portcullis-master-keyring".into(),
-            pepper_secret: "portcullis-pepper".into(),
-            reveal_ttl: chrono::Duration::hours(1),
-            resync: Duration::from_secs(300),
-        },
-        stores: Stores {
-            api_keys: api_keys_store,
-            credentials: credentials_store,
-            kill_switches: kill_switches_store,
-            secrets: secrets_store,
-        },
-        pepper: Pepper::new(SecretBytes::from_slice(&[5u8; 32])).unwrap(),
-        keyring: Mutex::new(keyring),
-        metrics,
-        recorder: None,
-        clock: Arc::new(now),
-        leading: Arc::new(AtomicBool::new(true)),
-        snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
-        snapshot_trigger: tokio::sync::Notify::new(),
-        retrigger: Retrigger::default(),
-        backoff: Backoff::default(),
-        audit: None,
-        checkpoint_trigger: tokio::sync::Notify::new(),
-        acknowledgements,
-    });
-    World { ctx, calls, kill_switches, api_keys, leases, _server: server }
+    let ctx = support::context(server.client.clone(), stores, metrics, previous, None, acknowledgements);
+    World { ctx, server, kill_switches, api_keys, leases }
 }
 
 const SWITCHES: &str = "/apis/portcullis.dev/v1alpha1/namespaces/ops/killswitches";
@@ -157,7 +97,7 @@ fn lease(replica: &str, generation: Option<u64>, age: i64) -> Lease {
 
 impl World {
     fn take(&self) -> Vec<Call> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
+        self.server.take()
     }
 
     fn put_switch(&mut self, switch: &KillSwitch) {

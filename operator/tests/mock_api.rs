@@ -2,55 +2,34 @@
 //! of API calls the operator makes.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use chrono::{DateTime, Utc};
-use http::{Request, Response};
 use k8s_openapi::api::core::v1::Secret;
-use kube::client::Body;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
-use portcullis_crds::digest::Pepper;
-use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
-use portcullis_crds::secret::SecretBytes;
+use portcullis_crds::sealing::{KeyId, MasterKey};
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
-use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
+use portcullis_operator::cluster::context::{Context, Stores};
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
 use portcullis_operator::error::Category;
 use serde_json::{json, Value};
+use support::{keyring, pepper, ApiServer, Call, Responder};
 
 const PROVIDER_KEY: &str = "sk-provider-canary-0123456789";
 
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    body: Value,
-}
-
-impl Call {
-    fn line(&self) -> String {
-        format!("{} {}", self.method, self.path)
-    }
-}
-
-/// Answers API calls with `respond` and records them.
-type Responder = Arc<dyn Fn(&Call) -> (u16, Value) + Send + Sync>;
-
 struct World {
     ctx: Arc<Context>,
-    calls: Arc<Mutex<Vec<Call>>>,
+    server: ApiServer,
     api_keys: Writer<DeserializeGuard<ApiKey>>,
     credentials: Writer<DeserializeGuard<ProviderCredential>>,
     secrets: Writer<Secret>,
-    _server: tokio::task::JoinHandle<()>,
 }
 
 fn not_found() -> (u16, Value) {
@@ -68,20 +47,6 @@ fn echo() -> Responder {
     })
 }
 
-fn now() -> DateTime<Utc> {
-    "2025-03-01T12:00:00Z".parse().unwrap()
-}
-
-fn pepper() -> Pepper {
-    Pepper::new(SecretBytes::from_slice(&[5u8; 32])).unwrap()
-}
-
-fn keyring() -> MasterKeyring {
-    let mut keys = std::collections::BTreeMap::new();
-    keys.insert(KeyId::new("k1").unwrap(), MasterKey::from_bytes(&[1u8; 32]).unwrap());
-    MasterKeyring::new(KeyId::new("k1").unwrap(), keys).unwrap()
-}
-
 fn world(respond: Responder, previous: Option<GatewaySnapshot>) -> World {
     world_with(respond, previous, None)
 }
@@ -91,75 +56,35 @@ fn world_with(
     previous: Option<GatewaySnapshot>,
     audit: Option<Arc<portcullis_operator::cluster::audit::Audit>>,
 ) -> World {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let recorded = calls.clone();
-    let server = tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let method = request.method().to_string();
-            let path = request.uri().path().to_owned();
-            let bytes =
-                http_body_util::BodyExt::collect(request.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let call = Call { method, path, body };
-            let (status, mut answer) = respond(&call);
-            // The API server answers with the whole object; an apply body may lack metadata.
-            if answer.get("metadata").is_none() && status == 200 {
-                answer["metadata"] = json!({"name": "echo"});
-            }
-            if answer.get("status").is_some() && answer.get("spec").is_none() {
-                answer["spec"] = json!({"kind": "mock", "models": [], "scope": {}});
-            }
-            recorded.lock().unwrap().push(call);
-            let response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap();
-            send.send_response(response);
+    let server = ApiServer::start(Arc::new(move |call: &Call| {
+        let (status, mut answer) = respond(call);
+        // The API server answers with the whole object; an apply body may lack metadata.
+        if answer.get("metadata").is_none() && status == 200 {
+            answer["metadata"] = json!({"name": "echo"});
         }
-    });
-    let client = Client::new(service, "default");
+        if answer.get("status").is_some() && answer.get("spec").is_none() {
+            answer["spec"] = json!({"kind": "mock", "models": [], "scope": {}});
+        }
+        (status, answer)
+    }));
     let (api_keys_store, api_keys) = reflector::store();
     let (credentials_store, credentials) = reflector::store();
     let (kill_switches_store, _kill_switches) = reflector::store::<DeserializeGuard<KillSwitch>>();
     let (secrets_store, secrets) = reflector::store();
-    let ctx = Arc::new(Context {
-        client,
-        settings: Settings {
-            namespace: "portcullis".into(),
-            snapshot_secret: "portcullis-snapshot".into(),
-            keyring_secret: "portcullis-master-keyring".into(),
-            pepper_secret: "portcullis-pepper".into(),
-            reveal_ttl: chrono::Duration::hours(1),
-            resync: Duration::from_secs(300),
-        },
-        stores: Stores {
-            api_keys: api_keys_store,
-            credentials: credentials_store,
-            kill_switches: kill_switches_store,
-            secrets: secrets_store,
-        },
-        pepper: pepper(),
-        keyring: Mutex::new(keyring()),
-        metrics: Arc::new(Metrics::new().unwrap()),
-        recorder: None,
-        clock: Arc::new(now),
-        leading: Arc::new(AtomicBool::new(true)),
-        snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
-        snapshot_trigger: tokio::sync::Notify::new(),
-        retrigger: Retrigger::default(),
-        backoff: Backoff::default(),
-        audit,
-        checkpoint_trigger: tokio::sync::Notify::new(),
-        acknowledgements: Default::default(),
-    });
-    World { ctx, calls, api_keys, credentials, secrets, _server: server }
+    let stores = Stores {
+        api_keys: api_keys_store,
+        credentials: credentials_store,
+        kill_switches: kill_switches_store,
+        secrets: secrets_store,
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = support::context(server.client.clone(), stores, metrics, previous, audit, Default::default());
+    World { ctx, server, api_keys, credentials, secrets }
 }
 
 impl World {
     fn take_calls(&self) -> Vec<Call> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
+        self.server.take()
     }
 
     fn put_api_key(&mut self, key: &ApiKey) {
