@@ -308,6 +308,25 @@ pub struct RedisStore {
     locks: Arc<Batcher<String, (), i64>>,
 }
 
+fn settle_lane(subject: &Subject, period: Period) -> SettleLane {
+    SettleLane { subject: subject.id.clone(), day: period.day, month: period.month }
+}
+
+/// What settling an admission whose reservation was off by `delta` tokens changes: the key's
+/// per-minute tokens (when it has that limit) and its budgets, and the team's per-minute tokens
+/// (when the team has that limit; teams have no budgets).
+fn settlements<'a>(
+    admission: &'a Admission,
+    granted: &Granted,
+    delta: i64,
+) -> impl Iterator<Item = (&'a Subject, SettleItem)> {
+    let key_tokens = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
+    let key = SettleItem { granule: granted.granule, requests: 0, tokens: key_tokens, budget: delta };
+    let team = admission.team.as_ref().filter(|t| t.limits.tokens_per_minute.is_some());
+    let team = team.map(|t| (t, SettleItem { granule: granted.team_granule, requests: 0, tokens: delta, budget: 0 }));
+    std::iter::once((&admission.key, key)).chain(team)
+}
+
 /// `{pcl:<digest>}` for a subject or client address.
 fn tag(kind: &str, name: &str) -> String {
     let digest = Sha256::digest(format!("{kind}\0{name}").as_bytes());
@@ -688,44 +707,23 @@ impl RedisStore {
     /// Takes back a team reservation whose key was then refused.
     async fn refund_team(&self, admission: &Admission, granule: Option<u64>) {
         if let (Some(team), Some(granule)) = (&admission.team, granule) {
-            let _ = self.settle_subject(team, admission.period, granule, -1, -(admission.tokens as i64), 0).await;
+            let item = SettleItem { granule, requests: -1, tokens: -(admission.tokens as i64), budget: 0 };
+            let _ = self.answer(self.settles.submit(settle_lane(team, admission.period), item)).await;
         }
-    }
-
-    async fn settle_subject(
-        &self,
-        subject: &Subject,
-        period: Period,
-        granule: u64,
-        request_delta: i64,
-        token_delta: i64,
-        budget_delta: i64,
-    ) -> Result<(), ()> {
-        let lane = SettleLane { subject: subject.id.clone(), day: period.day, month: period.month };
-        let item = SettleItem { granule, requests: request_delta, tokens: token_delta, budget: budget_delta };
-        self.answer(self.settles.submit(lane, item)).await
     }
 
     /// Settles without waiting when every subject of the admission is sliced: the corrections
     /// join the next flush, summed per granule. False (nothing done) otherwise.
     pub fn settle_deferred(&self, admission: &Admission, granted: &Granted, delta: i64) -> bool {
-        let key = lane_limits(&admission.key.limits, true);
+        let sliced = |limits: LaneLimits| slice::sliceable(&limits, admission.tokens);
+        let key = sliced(lane_limits(&admission.key.limits, true));
+        // A team is only settled when it limits tokens per minute (see `settlements`).
         let team = admission.team.as_ref().filter(|t| t.limits.tokens_per_minute.is_some());
-        let sliced = |limits: &LaneLimits| slice::sliceable(limits, admission.tokens);
-        if !sliced(&key) || team.is_some_and(|t| !sliced(&lane_limits(&t.limits, false))) {
+        if !key || team.is_some_and(|t| !sliced(lane_limits(&t.limits, false))) {
             return false;
         }
-        let lane = |subject: &Subject| SettleLane {
-            subject: subject.id.clone(),
-            day: admission.period.day,
-            month: admission.period.month,
-        };
-        let key_tpm = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
-        let item = SettleItem { granule: granted.granule, requests: 0, tokens: key_tpm, budget: delta };
-        self.shared.owe(lane(&admission.key), item);
-        if let Some(team) = team {
-            let item = SettleItem { granule: granted.team_granule, requests: 0, tokens: delta, budget: 0 };
-            self.shared.owe(lane(team), item);
+        for (subject, item) in settlements(admission, granted, delta) {
+            self.shared.owe(settle_lane(subject, admission.period), item);
         }
         true
     }
@@ -742,12 +740,8 @@ impl RedisStore {
         if self.settle_deferred(admission, granted, delta) {
             return;
         }
-        let key_tpm = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
-        let _ = self.settle_subject(&admission.key, admission.period, granted.granule, 0, key_tpm, delta).await;
-        if let Some(team) = &admission.team {
-            if team.limits.tokens_per_minute.is_some() {
-                let _ = self.settle_subject(team, admission.period, granted.team_granule, 0, delta, 0).await;
-            }
+        for (subject, item) in settlements(admission, granted, delta) {
+            let _ = self.answer(self.settles.submit(settle_lane(subject, admission.period), item)).await;
         }
     }
 
