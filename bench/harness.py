@@ -8,10 +8,12 @@ worker each. Per scenario: warm-up, then a measured wrk run; proxy CPU from /pro
 
 Portcullis runs three ways, side by side: `portcullis` (the key has limits; in-memory limiter),
 `portcullis-nolimit` (a key without limits: the limiter is never consulted) and `portcullis-redis`
-(limits on a shared Redis, a redis-server pinned to CPU 0 with the load generator).
+(limits on a shared Redis, a redis-server pinned to CPU 0 with the load generator). A fourth,
+`portcullis-busypoll`, is `portcullis` with `--busy-poll-us 500`: it keeps its core polling
+instead of sleeping while traffic flows, trading CPU for the wake-up latency of an idle core.
 
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
-BENCH_TARGETS (direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,envoy),
+BENCH_TARGETS (direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,envoy),
 BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN.
 """
@@ -32,7 +34,8 @@ BIN = os.path.join(ROOT, "target", "release")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 TARGETS = os.environ.get("BENCH_TARGETS",
-                         "direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,envoy").split(",")
+                         "direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,"
+                         "envoy").split(",")
 MODES = os.environ.get("BENCH_MODES", "plain,sse").split(",")
 CONNS = [int(c) for c in os.environ.get("BENCH_CONNS", "1,32").split(",")]
 BASE = int(os.environ.get("BENCH_PORT_BASE", "28100"))
@@ -40,11 +43,14 @@ ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "1")))
 PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis_admin": BASE + 4, "envoy": BASE + 5, "envoy_admin": BASE + 6,
         "portcullis-nolimit": BASE + 7, "portcullis-nolimit_admin": BASE + 8,
-        "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11}
+        "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11,
+        "portcullis-busypoll": BASE + 12, "portcullis-busypoll_admin": BASE + 13}
 LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "portcullis": PORT["portcullis"],
           "portcullis-nolimit": PORT["portcullis-nolimit"], "portcullis-redis": PORT["portcullis-redis"],
+          "portcullis-busypoll": PORT["portcullis-busypoll"],
           "envoy": PORT["envoy"]}
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
+BUSY_POLL_US = 500
 CLIENT_KEY = "pcl_bench_client_key_0123456789_abcdefghijklmnop"
 BODY = {
     "plain": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}',
@@ -406,8 +412,10 @@ def start_target(name):
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
-    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis"):
+    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll"):
         extra = []
+        if name == "portcullis-busypoll":
+            extra = ["--busy-poll-us", str(BUSY_POLL_US)]
         if name == "portcullis-redis":
             url, note = start_redis()
             if note:
@@ -578,6 +586,16 @@ def verdict(results):
                        + ("MET" if a50 <= 60 else f"MISSED by {a50 - 60} µs")
                        + f"), p99 {a99:+d} µs (target ≤ 250: "
                        + ("MET" if a99 <= 250 else f"MISSED by {a99 - 250} µs") + ")")
+    for mode in MODES:
+        b, p, d = (idx.get((t, mode, 1)) for t in ("portcullis-busypoll", "portcullis", "direct"))
+        if b and d:
+            a50, a99 = b["p50"] - d["p50"], b["p99"] - d["p99"]
+            cpu = (f"; proxy CPU {b['cpu_us_per_req']:.1f} µs/req against {p['cpu_us_per_req']:.1f} without"
+                   if p and b["cpu_us_per_req"] and p["cpu_us_per_req"] else "")
+            out.append(f"- latency added {mode} c=1 with `--busy-poll-us {BUSY_POLL_US}`: p50 {a50:+d} µs ("
+                       + ("MET" if a50 <= 60 else f"MISSED by {a50 - 60} µs")
+                       + f"), p99 {a99:+d} µs (" + ("MET" if a99 <= 250 else f"MISSED by {a99 - 250} µs")
+                       + f"){cpu}")
     return "\n".join(out)
 
 

@@ -79,7 +79,28 @@ async fn shutdown_signal() {
 }
 
 /// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
+/// The busy-poll window the flags ask for. Spinning only makes sense on the single-threaded
+/// runtime: on the multi-threaded one it would keep a worker spinning that serves nothing.
+fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
+    if args.busy_poll_us == 0 {
+        return Ok(None);
+    }
+    if args.worker_threads != Some(1) {
+        bail!("--busy-poll-us needs --worker-threads 1 (one pinned thread serving everything)");
+    }
+    let window = Duration::from_micros(args.busy_poll_us);
+    if window > crate::busy_poll::MAX_WINDOW {
+        bail!(
+            "--busy-poll-us {} is more than {} (one second)",
+            args.busy_poll_us,
+            crate::busy_poll::MAX_WINDOW.as_micros()
+        );
+    }
+    Ok(Some(window))
+}
+
 pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
+    let busy_poll_window = busy_poll_window(&args)?;
     let cluster = crate::cluster::ClusterSource::from_args(&args).await?;
     let manifests = match (&cluster, args.manifests.clone()) {
         (Some(_), _) => None,
@@ -94,6 +115,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         None => key_material(&args)?,
     };
     let metrics = Arc::new(Metrics::new()?);
+    let busy_poll =
+        busy_poll_window.map(|window| crate::busy_poll::BusyPoll::new(window, metrics.busy_poll_turns.clone()));
     let handle = Arc::new(SnapshotHandle::default());
     let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -185,6 +208,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         "portcullis data plane started"
     );
 
+    let spinner = busy_poll.clone().map(|busy| tokio::spawn(busy.run(shutdown_rx.clone())));
     let server_task = tokio::spawn(server::serve(
         listener,
         tls,
@@ -194,6 +218,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             header_read_timeout: args.header_read_timeout,
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: args.drain_timeout,
+            busy_poll,
         },
         shutdown_rx,
     ));
@@ -203,6 +228,9 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     admin_state.draining.store(true, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     let _ = server_task.await;
+    if let Some(task) = spinner {
+        let _ = task.await;
+    }
     let _ = reload_task.await;
     if let Some(task) = ack_task {
         let _ = task.await;

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod busy_poll;
 pub mod cluster;
 pub mod config;
 pub mod error;

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub snapshot_reloads: IntCounter,
     pub snapshot_reload_failures: IntCounter,
     pub open_connections: IntGauge,
+    pub busy_poll_turns: IntCounter,
     /// `portcullis_requests_total{route, outcome="ok"}` by `ApiRoute::index`.
     requests_ok: Vec<IntCounter>,
 }
@@ -89,7 +90,12 @@ impl Metrics {
         registry.register(Box::new(snapshot_valid.clone()))?;
         registry.register(Box::new(snapshot_reloads.clone()))?;
         registry.register(Box::new(snapshot_reload_failures.clone()))?;
+        let busy_poll_turns = IntCounter::new(
+            "portcullis_busy_poll_turns_total",
+            "Turns the busy-poll spinner took polling sockets instead of sleeping (0 with --busy-poll-us off)",
+        )?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(busy_poll_turns.clone()))?;
         let requests_ok = ApiRoute::ALL.iter().map(|r| requests.with_label_values(&[r.label(), "ok"])).collect();
         Ok(Self {
             requests_ok,
@@ -103,6 +109,7 @@ impl Metrics {
             snapshot_reloads,
             snapshot_reload_failures,
             open_connections,
+            busy_poll_turns,
         })
     }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::busy_poll::BusyPoll;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 
@@ -23,6 +24,8 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Told of every request when busy polling is on.
+    pub busy_poll: Option<Arc<BusyPoll>>,
 }
 
 fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
@@ -62,13 +65,16 @@ pub async fn serve(
         let metrics = metrics.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let busy_poll = settings.busy_poll.clone();
         let handshake_timeout = settings.tls_handshake_timeout;
         tokio::spawn(async move {
             metrics.open_connections.inc();
             match tls {
-                None => serve_connection(&builder, stream, peer, gateway, watcher).await,
+                None => serve_connection(&builder, stream, peer, gateway, watcher, busy_poll).await,
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_connection(&builder, tls_stream, peer, gateway, watcher).await,
+                    Ok(Ok(tls_stream)) => {
+                        serve_connection(&builder, tls_stream, peer, gateway, watcher, busy_poll).await
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
                 },
@@ -90,10 +96,14 @@ async fn serve_connection<IO>(
     peer: std::net::SocketAddr,
     gateway: Arc<Gateway>,
     watcher: hyper_util::server::graceful::Watcher,
+    busy_poll: Option<Arc<BusyPoll>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |request| {
+        if let Some(busy) = &busy_poll {
+            busy.touch();
+        }
         let gateway = gateway.clone();
         async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await) }
     });

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use portcullis_e2e::client::SseEvent;
 use portcullis_e2e::fixture::*;
-use portcullis_e2e::{assert, eventually, Fixture, FixtureOptions, UpstreamOptions};
+use portcullis_e2e::{
+    assert, eventually, Fixture, FixtureOptions, Gateway, GatewayOptions, Manifests, UpstreamOptions,
+};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
@@ -191,4 +193,57 @@ async fn non_streaming_usage_and_request_metrics() {
         assert!(s.labels.contains_key("route") && s.labels.contains_key("outcome"), "{s:?}");
     }
     assert!(m2.has("gen_ai_server_request_duration"), "gen_ai_server_request_duration missing");
+}
+
+/// `--busy-poll-us`: the spinner turns while requests arrive, JSON and streams are served as
+/// usual, and it stops turning (the core idles) one window after traffic stops.
+#[tokio::test]
+async fn busy_polling_spins_with_traffic_and_parks_without() {
+    let args = ["--worker-threads", "1", "--busy-poll-us", "20000"];
+    let options = FixtureOptions {
+        gateway: GatewayOptions { extra_args: args.map(String::from).to_vec(), ..Default::default() },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let turns = || async { fx.gateway.metrics().await.expect("metrics").sum("portcullis_busy_poll_turns_total", &[]) };
+
+    let before = turns().await;
+    for _ in 0..5 {
+        let response = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+        assert_eq!(response.status, 200);
+    }
+    let events = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap().collect_events(T).await.unwrap();
+    assert!(events.last().is_some_and(SseEvent::is_done), "stream must end with [DONE]: {events:?}");
+    let after_traffic = turns().await;
+    assert!(after_traffic > before, "the spinner turned while requests came in ({before} → {after_traffic})");
+
+    // Quiet: a window (20 ms) later it parks; scraping /metrics is not a request that wakes it.
+    let parked = eventually(Duration::from_secs(5), "the spinner parks", || async {
+        let first = turns().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (turns().await == first).then_some(first)
+    })
+    .await
+    .expect("the spinner stops turning once traffic stops");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(turns().await, parked, "a parked spinner stays parked");
+
+    // The next request wakes it again.
+    assert_eq!(fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap().status, 200);
+    assert!(turns().await > parked, "a request wakes the spinner");
+}
+
+/// Spinning on the multi-threaded runtime would burn a worker that serves nothing: refused.
+#[tokio::test]
+async fn busy_polling_needs_the_single_threaded_runtime() {
+    let options = GatewayOptions {
+        extra_args: ["--busy-poll-us", "200"].map(String::from).to_vec(),
+        wait_ready: false,
+        ..Default::default()
+    };
+    let mut gateway = Gateway::start(&Manifests::new(), options).await.expect("spawned");
+    let status = gateway.wait_exit(T).await.expect("exits");
+    assert!(!status.success());
+    let logs = gateway.logs();
+    assert!(logs.contains("--busy-poll-us needs --worker-threads 1"), "clear error expected, got:\n{logs}");
 }
