@@ -63,22 +63,6 @@ fn key_material(args: &DataplaneArgs) -> anyhow::Result<(MasterKeyring, Pepper)>
     Ok((keyring, pepper))
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-}
-
-/// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
 /// The busy-poll window the flags ask for. Spinning only makes sense on the single-threaded
 /// runtime: on the multi-threaded one it would keep a worker spinning that serves nothing.
 fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
@@ -99,6 +83,7 @@ fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
     Ok(Some(window))
 }
 
+/// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let busy_poll_window = busy_poll_window(&args)?;
     let cluster = crate::cluster::ClusterSource::from_args(&args).await?;
@@ -223,7 +208,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
-    shutdown_signal().await;
+    portcullis_operator::cluster::shutdown_signal().await;
     tracing::info!("shutdown requested");
     admin_state.draining.store(true, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);

@@ -317,7 +317,8 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     result
 }
 
-async fn shutdown_signal() {
+/// SIGTERM (how Kubernetes stops a pod) or Ctrl-C. Shared with the data plane.
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
