@@ -14,7 +14,7 @@ use portcullis_crds::acknowledgement::{COMPONENT, COMPONENT_LABEL, GENERATION_AN
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch};
 use portcullis_operator::cluster::acknowledgement::{self, AckMetrics, Acknowledgements};
-use portcullis_operator::cluster::context::{Context, Stores};
+use portcullis_operator::cluster::context::Context;
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
 use serde_json::{json, Value};
@@ -45,22 +45,13 @@ fn world_from(previous: Option<GatewaySnapshot>) -> World {
         }
         (200, answer)
     }));
-    let (api_keys_store, api_keys) = reflector::store();
-    let (credentials_store, _credentials) = reflector::store();
-    let (kill_switches_store, kill_switches) = reflector::store();
-    let (secrets_store, _secrets) = reflector::store();
+    let (stores, feeds) = support::stores();
     let (lease_store, leases) = reflector::store();
-    let stores = Stores {
-        api_keys: api_keys_store,
-        credentials: credentials_store,
-        kill_switches: kill_switches_store,
-        secrets: secrets_store,
-    };
     let metrics = Arc::new(Metrics::new().unwrap());
     let acknowledgements =
         Acknowledgements::new(lease_store).with_metrics(AckMetrics::register(metrics.registry()).unwrap());
     let ctx = support::context(server.client.clone(), stores, metrics, previous, None, acknowledgements);
-    World { ctx, server, kill_switches, api_keys, leases }
+    World { ctx, server, kill_switches: feeds.kill_switches, api_keys: feeds.api_keys, leases }
 }
 
 const SWITCHES: &str = "/apis/portcullis.dev/v1alpha1/namespaces/ops/killswitches";

@@ -10,12 +10,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use portcullis_crds::sealing::{KeyId, MasterKey};
 use portcullis_crds::snapshot::GatewaySnapshot;
-use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
-use portcullis_operator::cluster::context::{Context, Stores};
+use portcullis_crds::v1alpha1::{ApiKey, ProviderCredential};
+use portcullis_operator::cluster::context::Context;
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
 use portcullis_operator::error::Category;
@@ -67,19 +67,10 @@ fn world_with(
         }
         (status, answer)
     }));
-    let (api_keys_store, api_keys) = reflector::store();
-    let (credentials_store, credentials) = reflector::store();
-    let (kill_switches_store, _kill_switches) = reflector::store::<DeserializeGuard<KillSwitch>>();
-    let (secrets_store, secrets) = reflector::store();
-    let stores = Stores {
-        api_keys: api_keys_store,
-        credentials: credentials_store,
-        kill_switches: kill_switches_store,
-        secrets: secrets_store,
-    };
+    let (stores, feeds) = support::stores();
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = support::context(server.client.clone(), stores, metrics, previous, audit, Default::default());
-    World { ctx, server, api_keys, credentials, secrets }
+    World { ctx, server, api_keys: feeds.api_keys, credentials: feeds.credentials, secrets: feeds.secrets }
 }
 
 impl World {

@@ -8,15 +8,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use http::{Request, Response};
+use k8s_openapi::api::core::v1::Secret;
 use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
 use kube::Client;
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring};
 use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::GatewaySnapshot;
+use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
 use portcullis_operator::cluster::acknowledgement::Acknowledgements;
 use portcullis_operator::cluster::audit::Audit;
-use portcullis_operator::cluster::context::{Backoff, Context, Retrigger, Settings, SnapshotState, Stores};
+use portcullis_operator::cluster::context::{Backoff, Context, Guarded, Retrigger, Settings, SnapshotState, Stores};
 use portcullis_operator::cluster::metrics::Metrics;
 use serde_json::Value;
 
@@ -89,6 +92,29 @@ pub fn keyring() -> MasterKeyring {
     let mut keys = std::collections::BTreeMap::new();
     keys.insert(KeyId::new("k1").unwrap(), MasterKey::from_bytes(&[1u8; 32]).unwrap());
     MasterKeyring::new(KeyId::new("k1").unwrap(), keys).unwrap()
+}
+
+/// The writers behind empty operator stores: tests feed objects through them as watchers would.
+pub struct Feeds {
+    pub api_keys: Writer<Guarded<ApiKey>>,
+    pub credentials: Writer<Guarded<ProviderCredential>>,
+    pub kill_switches: Writer<Guarded<KillSwitch>>,
+    pub secrets: Writer<Secret>,
+}
+
+/// Empty stores for a `Context`, and the writers that fill them.
+pub fn stores() -> (Stores, Feeds) {
+    let (api_keys, api_keys_feed) = reflector::store();
+    let (credentials, credentials_feed) = reflector::store();
+    let (kill_switches, kill_switches_feed) = reflector::store();
+    let (secrets, secrets_feed) = reflector::store();
+    let feeds = Feeds {
+        api_keys: api_keys_feed,
+        credentials: credentials_feed,
+        kill_switches: kill_switches_feed,
+        secrets: secrets_feed,
+    };
+    (Stores { api_keys, credentials, kill_switches, secrets }, feeds)
 }
 
 /// The operator's context, leading, in namespace `portcullis`, with the fixed keys and clock.
