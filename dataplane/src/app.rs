@@ -72,15 +72,7 @@ fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
     if args.worker_threads != Some(1) {
         bail!("--busy-poll-us needs --worker-threads 1 (one pinned thread serving everything)");
     }
-    let window = Duration::from_micros(args.busy_poll_us);
-    if window > crate::busy_poll::MAX_WINDOW {
-        bail!(
-            "--busy-poll-us {} is more than {} (one second)",
-            args.busy_poll_us,
-            crate::busy_poll::MAX_WINDOW.as_micros()
-        );
-    }
-    Ok(Some(window))
+    Ok(Some(Duration::from_micros(args.busy_poll_us)))
 }
 
 /// Runs the data plane until SIGTERM/SIGINT and the drain that follows.

@@ -152,7 +152,8 @@ pub struct DataplaneArgs {
     /// so the next packet is seen without waiting for an idle core to wake (tens of µs on a
     /// VM). The core stays busy while traffic flows and idles again one window after it stops.
     /// 0 (the default) turns it off; at most 1,000,000.
-    #[arg(long, env = "PORTCULLIS_BUSY_POLL_US", default_value_t = 0, value_name = "MICROSECONDS")]
+    #[arg(long, env = "PORTCULLIS_BUSY_POLL_US", default_value_t = 0, value_name = "MICROSECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll_us: u64,
 
     /// How often local mode looks for changed manifests, in milliseconds.
