@@ -55,6 +55,8 @@ pub enum GatewayError {
     /// A stream used up what was left of its budget (sent as a final event, not a status).
     BudgetExceededMidStream,
     LimiterUnavailable,
+    /// The request could not be read as HTTP/1.1.
+    Http1(crate::http1::Http1Error),
 }
 
 /// How an error is presented.
@@ -127,6 +129,17 @@ impl GatewayError {
             E::LimiterUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
             }
+            E::Http1(error) => {
+                use crate::http1::Http1Error as H;
+                let (status, code) = match error {
+                    H::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_request"),
+                    H::HeadTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_head_too_large"),
+                    H::UnsupportedVersion => (StatusCode::HTTP_VERSION_NOT_SUPPORTED, "http_version_not_supported"),
+                    H::UnsupportedTransferEncoding => (StatusCode::NOT_IMPLEMENTED, "transfer_encoding_not_supported"),
+                    H::ExpectationFailed => (StatusCode::EXPECTATION_FAILED, "expectation_failed"),
+                };
+                (status, code, "invalid_request_error", "invalid_request_error")
+            }
         };
         ErrorShape { status, code, openai_type, anthropic_type }
     }
@@ -173,6 +186,20 @@ impl GatewayError {
             E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
             E::BudgetExceededMidStream => {
                 "Token budget exhausted during this response; the stream was ended.".to_owned()
+            }
+            E::Http1(error) => {
+                use crate::http1::Http1Error as H;
+                match error {
+                    H::Malformed(why) => (*why).to_owned(),
+                    H::HeadTooLarge => format!(
+                        "The request head is larger than {} KiB or has more than {} header lines.",
+                        crate::http1::MAX_HEAD / 1024,
+                        crate::http1::head::MAX_HEADERS
+                    ),
+                    H::UnsupportedVersion => "Only HTTP/1.0, HTTP/1.1 and HTTP/2 are served.".to_owned(),
+                    H::UnsupportedTransferEncoding => "Only the chunked transfer coding is accepted.".to_owned(),
+                    H::ExpectationFailed => "Only `Expect: 100-continue` is supported.".to_owned(),
+                }
             }
         }
     }

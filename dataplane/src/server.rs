@@ -1,6 +1,7 @@
-//! Client-facing listener: TCP or TLS, HTTP/1.1 and HTTP/2, one drain handle for every
-//! connection. On shutdown the listener closes at once, in-flight requests and streams run on
-//! until they end or the drain deadline passes, then the process exits.
+//! Client-facing listener: TCP or TLS; HTTP/1.1 on our own server (`http1`), HTTP/2 (ALPN `h2`,
+//! or prior knowledge on plain TCP) on hyper. On shutdown the listener closes at once, in-flight
+//! requests and streams run on until they end or the drain deadline passes, then the process
+//! exits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,14 +9,15 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use crate::busy_poll::BusyPoll;
+use crate::http1;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 
@@ -28,14 +30,14 @@ pub struct ServerSettings {
     pub busy_poll: Option<Arc<BusyPoll>>,
 }
 
-fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_read_timeout).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30)).max_concurrent_streams(512);
+fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30)).max_concurrent_streams(512);
     builder
 }
 
-/// Accepts until `shutdown` fires, then drains.
+/// Accepts until `shutdown` fires, then drains: HTTP/1.1 connections finish the request in
+/// flight and close, HTTP/2 connections get a GOAWAY; both within `drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -44,8 +46,10 @@ pub async fn serve(
     settings: ServerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = connection_builder(&settings);
+    let http1 = Arc::new(http1::Settings { header_read_timeout: settings.header_read_timeout });
+    let http2 = http2_builder();
     let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -60,21 +64,27 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let builder = builder.clone();
-        let gateway = gateway.clone();
+        let connection = Connection {
+            peer,
+            gateway: gateway.clone(),
+            http1: http1.clone(),
+            http2: http2.clone(),
+            watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
+            busy_poll: settings.busy_poll.clone(),
+        };
         let metrics = metrics.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
-        let busy_poll = settings.busy_poll.clone();
         let handshake_timeout = settings.tls_handshake_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             metrics.open_connections.inc();
             match tls {
-                None => serve_connection(&builder, stream, peer, gateway, watcher, busy_poll).await,
+                None => connection.serve(stream, true).await,
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        serve_connection(&builder, tls_stream, peer, gateway, watcher, busy_poll).await
+                    Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                        connection.serve_http2(tls_stream).await
                     }
+                    Ok(Ok(tls_stream)) => connection.serve(tls_stream, false).await,
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
                 },
@@ -83,32 +93,61 @@ pub async fn serve(
         });
     }
     drop(listener);
+    connections.close();
     tracing::info!(deadline_secs = settings.drain_timeout.as_secs_f64(), "draining connections");
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = async { tokio::join!(graceful.shutdown(), connections.wait()) } => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain deadline passed; closing remaining connections"),
     }
 }
 
-async fn serve_connection<IO>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: IO,
+/// One accepted connection and what serving it needs.
+struct Connection {
     peer: std::net::SocketAddr,
     gateway: Arc<Gateway>,
-    watcher: hyper_util::server::graceful::Watcher,
+    http1: Arc<http1::Settings>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
     busy_poll: Option<Arc<BusyPoll>>,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |request| {
-        if let Some(busy) = &busy_poll {
-            busy.touch();
+}
+
+impl Connection {
+    /// HTTP/1.1 on our own server; HTTP/2 prior knowledge (plain TCP only) on hyper.
+    async fn serve<IO>(self, io: IO, detect_h2: bool)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ended = http1::serve(
+            io,
+            self.peer,
+            &self.gateway,
+            &self.http1,
+            self.shutdown.clone(),
+            self.busy_poll.as_deref(),
+            detect_h2,
+        )
+        .await;
+        if let http1::Ended::Http2(io) = ended {
+            self.serve_http2(io).await;
         }
-        let gateway = gateway.clone();
-        async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await) }
-    });
-    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    }
+
+    async fn serve_http2<IO>(self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection { peer, gateway, busy_poll, http2, watcher, .. } = self;
+        let service = service_fn(move |request| {
+            if let Some(busy) = &busy_poll {
+                busy.touch();
+            }
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await) }
+        });
+        let connection = http2.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
     }
 }

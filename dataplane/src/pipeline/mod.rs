@@ -46,7 +46,7 @@ const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
 /// `DISCARD_AFTER_LIMIT`) and refused.
 async fn read_bounded<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let too_large = GatewayError::RequestTooLarge { limit };
@@ -119,7 +119,7 @@ impl Gateway {
     /// Serves one request. Never fails: every error is a response in the route's format.
     pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Response<GatewayBody>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let started = Instant::now();
@@ -143,7 +143,7 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Result<Response<GatewayBody>, Failure>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let route = ApiRoute::classify(request.method(), request.uri().path())?;
@@ -213,7 +213,7 @@ impl Gateway {
 
     async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let limit = self.settings.max_request_body_bytes;

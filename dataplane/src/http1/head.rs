@@ -1,0 +1,340 @@
+//! Request heads: parsed with `httparse`, framed strictly (RFC 9112 §6), built without copying.
+//!
+//! Anything a front-end and a back-end could read two ways is refused instead of guessed at:
+//! `Transfer-Encoding` with `Content-Length`, a coding other than a single `chunked`,
+//! disagreeing or malformed lengths, chunked HTTP/1.0, a missing or repeated `Host`, obsolete
+//! line folding (httparse refuses it), control characters in values.
+
+use bytes::BytesMut;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri, Version};
+
+use crate::api::{ApiFlavor, ApiRoute};
+
+/// Most header lines accepted in one request head.
+pub const MAX_HEADERS: usize = 100;
+
+/// Why a request head cannot be served. Carries no request content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http1Error {
+    /// Unreadable or ambiguous: 400.
+    Malformed(&'static str),
+    /// Head larger than allowed, or too many header lines: 431.
+    HeadTooLarge,
+    /// Not HTTP/1.0 or HTTP/1.1: 505.
+    UnsupportedVersion,
+    /// A transfer coding other than `chunked`: 501.
+    UnsupportedTransferEncoding,
+    /// An `Expect` other than `100-continue`: 417.
+    ExpectationFailed,
+}
+
+/// A refused head: why, and the API format the answer should take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub error: Http1Error,
+    pub flavor: ApiFlavor,
+}
+
+/// The API format of a request, from its request line alone (the head may be unparsable).
+fn sniff_flavor(raw: &[u8]) -> ApiFlavor {
+    let line = &raw[..memchr::memchr(b'\n', raw).unwrap_or(raw.len())];
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else { return ApiFlavor::OpenAi };
+    let (Ok(method), Ok(path)) = (Method::from_bytes(method), std::str::from_utf8(path)) else {
+        return ApiFlavor::OpenAi;
+    };
+    match ApiRoute::classify(&method, path) {
+        Ok(route) => route.flavor(),
+        Err((flavor, _)) => flavor,
+    }
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// A request head, ready for the pipeline.
+#[derive(Debug)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The client allows another request on this connection after this one.
+    pub keep_alive: bool,
+    /// The client waits for `100 Continue` before sending its body.
+    pub expect_continue: bool,
+}
+
+/// Byte ranges of one header line inside the head buffer.
+#[derive(Clone, Copy, Default)]
+struct Line {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+fn range_in(base: &[u8], part: &[u8]) -> (usize, usize) {
+    // Both slices come from `base`; their addresses give the offset without unsafe code.
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+/// Parses the head at the front of `buf`. `Ok(None)`: not complete yet. On success the head's
+/// bytes are split off `buf` (which keeps whatever follows: the body, or a pipelined request).
+pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
+    let mut raw = None;
+    parse_inner(buf, max_head, &mut raw).map_err(|error| {
+        let flavor = sniff_flavor(raw.as_deref().unwrap_or(&buf[..]));
+        Refused { error, flavor }
+    })
+}
+
+fn parse_inner(
+    buf: &mut BytesMut,
+    max_head: usize,
+    raw: &mut Option<bytes::Bytes>,
+) -> Result<Option<Head>, Http1Error> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut storage);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Http1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Http1Error::HeadTooLarge),
+        Err(httparse::Error::Version) => return Err(Http1Error::UnsupportedVersion),
+        Err(_) => return Err(Http1Error::Malformed("The request head is not valid HTTP/1.1.")),
+    };
+    if len > max_head {
+        return Err(Http1Error::HeadTooLarge);
+    }
+    let version = match request.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(Http1Error::UnsupportedVersion),
+    };
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Http1Error::Malformed("The request method is not valid."))?;
+    let target = range_in(buf, request.path.unwrap_or_default().as_bytes());
+    let mut lines = [Line::default(); MAX_HEADERS];
+    let count = request.headers.len();
+    for (line, header) in lines.iter_mut().zip(request.headers.iter()) {
+        *line = Line { name: range_in(buf, header.name.as_bytes()), value: range_in(buf, header.value) };
+    }
+
+    let head = buf.split_to(len).freeze();
+    *raw = Some(head.clone());
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut framing = Framer::default();
+    for line in &lines[..count] {
+        let name = HeaderName::from_bytes(&head[line.name.0..line.name.1])
+            .map_err(|_| Http1Error::Malformed("A header name is not valid."))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(line.value.0..line.value.1))
+            .map_err(|_| Http1Error::Malformed("A header value contains a control character."))?;
+        framing.observe(&name, &value)?;
+        headers.append(name, value);
+    }
+    let (framing, keep_alive, expect_continue) = framing.finish(version)?;
+    Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
+}
+
+/// What the framing headers say, gathered one line at a time.
+#[derive(Default)]
+struct Framer {
+    content_length: Option<u64>,
+    chunked: bool,
+    transfer_encoding: bool,
+    hosts: usize,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
+impl Framer {
+    fn observe(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Http1Error> {
+        match name.as_str() {
+            "content-length" => {
+                let length = parse_length(value.as_bytes())
+                    .ok_or(Http1Error::Malformed("The Content-Length header is not a valid length."))?;
+                if self.content_length.is_some_and(|seen| seen != length) {
+                    return Err(Http1Error::Malformed("The request has conflicting Content-Length headers."));
+                }
+                self.content_length = Some(length);
+            }
+            "transfer-encoding" => {
+                self.transfer_encoding = true;
+                for coding in tokens(value) {
+                    // `chunked` must be the only coding, and applied once.
+                    if !coding.eq_ignore_ascii_case(b"chunked") {
+                        return Err(Http1Error::UnsupportedTransferEncoding);
+                    }
+                    if self.chunked {
+                        return Err(Http1Error::Malformed("The request is chunked more than once."));
+                    }
+                    self.chunked = true;
+                }
+            }
+            "host" => self.hosts += 1,
+            "connection" => {
+                for token in tokens(value) {
+                    self.close |= token.eq_ignore_ascii_case(b"close");
+                    self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            "expect" => {
+                if !value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                    return Err(Http1Error::ExpectationFailed);
+                }
+                self.expect_continue = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(self, version: Version) -> Result<(Framing, bool, bool), Http1Error> {
+        if self.transfer_encoding && self.content_length.is_some() {
+            return Err(Http1Error::Malformed("The request has both Transfer-Encoding and Content-Length."));
+        }
+        if self.transfer_encoding && !self.chunked {
+            return Err(Http1Error::Malformed("The Transfer-Encoding header is empty."));
+        }
+        if self.chunked && version == Version::HTTP_10 {
+            return Err(Http1Error::Malformed("HTTP/1.0 requests cannot be chunked."));
+        }
+        if self.hosts > 1 || (self.hosts == 0 && version == Version::HTTP_11) {
+            return Err(Http1Error::Malformed("An HTTP/1.1 request needs exactly one Host header."));
+        }
+        let framing = if self.chunked { Framing::Chunked } else { Framing::Length(self.content_length.unwrap_or(0)) };
+        let keep_alive = !self.close && (version == Version::HTTP_11 || self.keep_alive);
+        Ok((framing, keep_alive, self.expect_continue))
+    }
+}
+
+/// `1*DIGIT`, optional whitespace around it, at most 18 digits (no overflow).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Result<Option<Head>, Http1Error> {
+        parse(&mut BytesMut::from(raw), 64 * 1024).map_err(|refused| refused.error)
+    }
+
+    fn ok(raw: &str) -> Head {
+        head(raw).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn a_plain_request_is_parsed_and_what_follows_stays_in_the_buffer() {
+        let mut buf = BytesMut::from(
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nX-Api-Key: k\r\n\r\n{}GET",
+        );
+        let head = parse(&mut buf, 1024).expect("valid").expect("complete");
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri.path(), "/v1/chat/completions");
+        assert_eq!(head.uri.query(), Some("x=1"));
+        assert_eq!(head.headers["x-api-key"], "k");
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(head.keep_alive && !head.expect_continue);
+        assert_eq!(&buf[..], b"{}GET");
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_an_oversized_one_is_refused() {
+        assert!(head("POST / HTTP/1.1\r\nHost: gw\r\n").expect("valid").is_none());
+        let long = format!("GET / HTTP/1.1\r\nHost: gw\r\nX-Pad: {}\r\n", "a".repeat(2000));
+        assert_eq!(parse(&mut BytesMut::from(&long[..]), 1024).err().map(|r| r.error), Some(Http1Error::HeadTooLarge));
+        let complete = format!("{long}\r\n");
+        assert_eq!(
+            parse(&mut BytesMut::from(&complete[..]), 1024).err().map(|r| r.error),
+            Some(Http1Error::HeadTooLarge)
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(head(&format!("GET / HTTP/1.1\r\nHost: gw\r\n{many}\r\n")).err(), Some(Http1Error::HeadTooLarge));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let both = "POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(head(both), Err(Http1Error::Malformed(_))));
+        let conflicting = "POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(head(conflicting), Err(Http1Error::Malformed(_))));
+        assert_eq!(
+            ok("POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").framing,
+            Framing::Length(3)
+        );
+        for bad in ["-1", "+3", "3 4", "0x10", "", "99999999999999999999"] {
+            let raw = format!("POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(matches!(head(&raw), Err(Http1Error::Malformed(_))), "{bad}");
+        }
+        let gzip = "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(head(gzip).err(), Some(Http1Error::UnsupportedTransferEncoding));
+        let twice = "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(head(twice), Err(Http1Error::Malformed(_))));
+        let old = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(head(old), Err(Http1Error::Malformed(_))));
+        assert_eq!(ok("POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: Chunked\r\n\r\n").framing, Framing::Chunked);
+        let folded = "POST / HTTP/1.1\r\nHost: gw\r\nX-A: one\r\n two\r\n\r\n";
+        assert!(matches!(head(folded), Err(Http1Error::Malformed(_))));
+        let space_before_colon = "POST / HTTP/1.1\r\nHost: gw\r\nContent-Length : 3\r\n\r\n";
+        assert!(matches!(head(space_before_colon), Err(Http1Error::Malformed(_))));
+    }
+
+    #[test]
+    fn host_version_expect_and_connection_rules() {
+        assert!(matches!(head("GET / HTTP/1.1\r\n\r\n"), Err(Http1Error::Malformed(_))));
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(Http1Error::Malformed(_))));
+        assert_eq!(head("GET / HTTP/2.0\r\nHost: a\r\n\r\n").err(), Some(Http1Error::UnsupportedVersion));
+        assert_eq!(
+            head("GET / HTTP/1.1\r\nHost: a\r\nExpect: gold\r\n\r\n").err(),
+            Some(Http1Error::ExpectationFailed)
+        );
+        assert!(ok("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+
+        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!ok("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(ok("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        let http10 = ok("GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(http10.version, Version::HTTP_10);
+        assert_eq!(http10.framing, Framing::Length(0));
+    }
+
+    #[test]
+    fn refusals_carry_the_format_of_the_route() {
+        let refused = |raw: &str| parse(&mut BytesMut::from(raw), 1024).expect_err("refused");
+        let late = refused("POST /v1/messages HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n");
+        assert_eq!(late.flavor, ApiFlavor::Anthropic);
+        let early = refused("POST /v1/messages HTTP/1.1\r\nHo st: a\r\n\r\n");
+        assert_eq!(early.flavor, ApiFlavor::Anthropic);
+        assert_eq!(
+            refused("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n").flavor,
+            ApiFlavor::OpenAi
+        );
+        assert_eq!(refused("\x01\r\n\r\n").flavor, ApiFlavor::OpenAi);
+    }
+
+    #[test]
+    fn control_characters_and_bad_targets_are_refused() {
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x01b\r\n\r\n"), Err(Http1Error::Malformed(_))));
+        assert!(matches!(head("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"), Err(_)));
+        assert!(matches!(head("G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n"), Err(Http1Error::Malformed(_))));
+    }
+}

@@ -1,0 +1,616 @@
+//! The client-facing HTTP/1.1 server: one task per connection that reads a request head, runs
+//! the pipeline, and writes the response, in turn, on the same socket.
+//!
+//! ```text
+//!  socket ─▶ buf ─▶ head::parse ─▶ Request<RequestBody> ─▶ Gateway::handle ─▶ write_response ─▶ socket
+//!                                      │ borrows the connection            (head, body frames and
+//!                                      ▼ while the pipeline reads it        chunk framing merged
+//!                                   chunked / Content-Length                into few writes)
+//! ```
+//!
+//! Written for the hot path instead of serving HTTP/1 through hyper: the request body is read
+//! by the pipeline straight from the connection's buffer (no body channel, no second task), the
+//! response head is encoded in one pass, and every body frame already available is merged into
+//! the same write, so a JSON answer goes out in one `write` and a burst of SSE events in one.
+//! HTTP/2 (ALPN `h2`, or the prior-knowledge preface on plain TCP) is handed to hyper.
+//!
+//! Hardening: strict framing (see `head`), a bounded head read within the header timeout,
+//! bounded chunk lines and trailers, no request smuggling through ambiguous lengths, and a
+//! connection whose request body was not read to its end is closed (after a bounded linger so
+//! the client can read the answer) rather than reused.
+
+pub mod chunked;
+pub mod head;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::api::ApiFlavor;
+use crate::body::GatewayBody;
+use crate::busy_poll::BusyPoll;
+use crate::error::GatewayError;
+use crate::pipeline::Gateway;
+use chunked::{ChunkedDecoder, Decoded};
+pub use head::{Framing, Http1Error};
+
+/// Largest request head (request line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Read granularity.
+const READ_SIZE: usize = 16 * 1024;
+/// Body bytes merged into one write before it is sent.
+const WRITE_MERGE: usize = 64 * 1024;
+/// A frame at least this large is written as it is instead of being copied into the buffer.
+const WRITE_DIRECT: usize = 16 * 1024;
+/// After refusing a request whose body was not read, how long and how much of it is read and
+/// thrown away so the client, still sending, reads the answer instead of a reset.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time a client has to send a complete request head, counted from when the server starts
+    /// waiting for it (so it also bounds how long a keep-alive connection may sit idle).
+    pub header_read_timeout: Duration,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ended<IO> {
+    Closed,
+    /// The client speaks HTTP/2 with prior knowledge: serve it with `Rewind`, which replays what
+    /// was read.
+    Http2(Rewind<IO>),
+}
+
+/// Where the request body stands.
+#[derive(Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Done,
+    /// Unreadable (bad framing, early end): the connection cannot be reused.
+    Broken,
+}
+
+#[derive(Debug)]
+struct Conn<IO> {
+    io: IO,
+    buf: BytesMut,
+    out: Vec<u8>,
+    body: BodyState,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
+    /// Reads more into `buf`; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < want.min(READ_SIZE) {
+            self.buf.reserve(want.clamp(READ_SIZE, 4 * READ_SIZE));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx, READ_SIZE)).await
+    }
+
+    async fn flush_out(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Consumes whatever is left of the request body from bytes already read, without waiting.
+    /// True when the body is complete and the connection can carry another request.
+    fn finish_body_from_buffer(&mut self) -> bool {
+        loop {
+            match &mut self.body {
+                BodyState::Done => return true,
+                BodyState::Broken => return false,
+                BodyState::Length(left) => {
+                    if (self.buf.len() as u64) < *left {
+                        return false;
+                    }
+                    self.buf.advance(*left as usize);
+                    self.body = BodyState::Done;
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut self.buf) {
+                    Ok(Decoded::Data(_)) => {}
+                    Ok(Decoded::End) => self.body = BodyState::Done,
+                    Ok(Decoded::NeedMore) => return false,
+                    Err(_) => self.body = BodyState::Broken,
+                },
+            }
+        }
+    }
+}
+
+/// The request body, read from the connection while the pipeline holds it.
+#[derive(Debug)]
+pub struct RequestBody<'c, IO> {
+    conn: &'c mut Conn<IO>,
+}
+
+/// Why a request body could not be read. Carries no content.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the client closed the connection before the end of the body")]
+    Incomplete,
+    #[error("invalid chunked body: {0}")]
+    Chunked(#[from] chunked::ChunkError),
+    #[error("reading the body: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, IO> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let conn = &mut *self.get_mut().conn;
+        loop {
+            let want = match &mut conn.body {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Broken => return Poll::Ready(Some(Err(BodyError::Incomplete))),
+                BodyState::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let take = (conn.buf.len() as u64).min(*left) as usize;
+                        *left -= take as u64;
+                        if *left == 0 {
+                            conn.body = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split_to(take).freeze()))));
+                    }
+                    usize::try_from(*left).unwrap_or(usize::MAX)
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        conn.body = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => READ_SIZE,
+                    Err(e) => {
+                        conn.body = BodyState::Broken;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+            };
+            match ready!(conn.poll_fill(cx, want)) {
+                Ok(0) => {
+                    conn.body = BodyState::Broken;
+                    return Poll::Ready(Some(Err(BodyError::Incomplete)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    conn.body = BodyState::Broken;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.conn.body, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.conn.body {
+            BodyState::Length(left) => SizeHint::with_exact(left),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl From<Http1Error> for GatewayError {
+    fn from(error: Http1Error) -> Self {
+        GatewayError::Http1(error)
+    }
+}
+
+/// What waiting for the next request head gave.
+enum Next {
+    Head(Box<head::Head>),
+    /// Nothing more on this connection: closed by the client, idle too long, or draining.
+    Close,
+    Refuse(GatewayError, ApiFlavor),
+    Http2,
+}
+
+async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<IO>,
+    settings: &Settings,
+    shutdown: &mut watch::Receiver<bool>,
+    first: bool,
+) -> Next {
+    let deadline = Instant::now() + settings.header_read_timeout;
+    let mut draining = *shutdown.borrow();
+    loop {
+        if first && conn.buf.len() <= PREFACE.len() && PREFACE.starts_with(&conn.buf) && !conn.buf.is_empty() {
+            if conn.buf.len() == PREFACE.len() {
+                return Next::Http2;
+            }
+        } else if !conn.buf.is_empty() {
+            if first && conn.buf.starts_with(PREFACE) {
+                return Next::Http2;
+            }
+            match head::parse(&mut conn.buf, MAX_HEAD) {
+                Ok(Some(head)) => return Next::Head(Box::new(head)),
+                Ok(None) => {}
+                Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
+            }
+        }
+        if draining && conn.buf.is_empty() {
+            return Next::Close;
+        }
+        tokio::select! {
+            read = tokio::time::timeout_at(deadline, conn.fill()) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
+                Ok(Ok(_)) => {}
+                Err(_) if conn.buf.is_empty() => return Next::Close,
+                Err(_) => return Next::Refuse(GatewayError::RequestTimeout, ApiFlavor::OpenAi),
+            },
+            changed = shutdown.changed(), if !draining => {
+                // A dropped sender means the server is gone: drain as well.
+                draining = changed.is_err() || *shutdown.borrow();
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client or the server ends the connection.
+/// `detect_h2`: look for the HTTP/2 prior-knowledge preface first (plain TCP).
+pub async fn serve<IO>(
+    io: IO,
+    peer: SocketAddr,
+    gateway: &Gateway,
+    settings: &Settings,
+    mut shutdown: watch::Receiver<bool>,
+    busy_poll: Option<&BusyPoll>,
+    detect_h2: bool,
+) -> Ended<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut conn =
+        Conn { io, buf: BytesMut::with_capacity(READ_SIZE), out: Vec::with_capacity(4096), body: BodyState::Done };
+    let mut first = detect_h2;
+    loop {
+        let head = match read_head(&mut conn, settings, &mut shutdown, first).await {
+            Next::Head(head) => head,
+            Next::Close => return Ended::Closed,
+            Next::Http2 => return Ended::Http2(Rewind { pending: conn.buf.freeze(), io: conn.io }),
+            Next::Refuse(error, flavor) => {
+                let response = error.into_response(flavor, &crate::api::request_id(&http::HeaderMap::new()));
+                conn.body = BodyState::Broken;
+                let _ = write_response(&mut conn, response, Version::HTTP_11, false, false).await;
+                linger(&mut conn).await;
+                return Ended::Closed;
+            }
+        };
+        first = false;
+        if let Some(busy) = busy_poll {
+            busy.touch();
+        }
+        let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = *head;
+        conn.body = match framing {
+            Framing::Length(0) => BodyState::Done,
+            Framing::Length(length) => BodyState::Length(length),
+            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+        };
+        if expect_continue && !matches!(conn.body, BodyState::Done) && conn.buf.is_empty() {
+            if conn.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                return Ended::Closed;
+            }
+        }
+        let head_only = method == Method::HEAD;
+        let mut request = Request::new(RequestBody { conn: &mut conn });
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = version;
+        *request.headers_mut() = headers;
+        let response = gateway.handle(request, Some(peer)).await;
+
+        let body_read = conn.finish_body_from_buffer();
+        let keep_alive = keep_alive && body_read && !*shutdown.borrow();
+        let complete = write_response(&mut conn, response, version, head_only, keep_alive).await;
+        match complete {
+            Ok(true) if keep_alive => continue,
+            Ok(_) if !body_read => {
+                linger(&mut conn).await;
+                return Ended::Closed;
+            }
+            Ok(_) | Err(_) => {
+                let _ = conn.io.shutdown().await;
+                return Ended::Closed;
+            }
+        }
+    }
+}
+
+/// Half-closes, then reads and discards what the client is still sending, within bounds.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<IO>) {
+    let _ = conn.io.shutdown().await;
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut discarded = 0usize;
+    let mut scratch = [0u8; 4096];
+    while discarded < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, conn.io.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+}
+
+/// Response headers the server writes itself.
+fn managed(name: &HeaderName) -> bool {
+    matches!(name.as_str(), "content-length" | "transfer-encoding" | "connection" | "keep-alive")
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delimit {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// Encodes the status line and headers into `out`.
+fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, delimit: Delimit, version: Version, keep_alive: bool) {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if managed(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    match delimit {
+        Delimit::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Delimit::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Delimit::None | Delimit::Close => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `response`. `Ok(true)`: written whole and correctly delimited, so the connection may
+/// carry another request; `Ok(false)`: the body failed or did not match its length, and the
+/// connection must close (which is how the client learns the body is incomplete).
+async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<IO>,
+    response: Response<GatewayBody>,
+    version: Version,
+    head_only: bool,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let exact = body.size_hint().exact();
+    let mut delimit = match exact {
+        _ if bodiless => Delimit::None,
+        Some(length) => Delimit::Length(length),
+        None if version == Version::HTTP_11 => Delimit::Chunked,
+        None => Delimit::Close,
+    };
+    let keep_alive = keep_alive && delimit != Delimit::Close;
+    if head_only && delimit == Delimit::Chunked {
+        delimit = Delimit::None;
+    }
+    conn.out.clear();
+    encode_head(&mut conn.out, &parts, delimit, version, keep_alive);
+    if head_only || bodiless {
+        conn.flush_out().await?;
+        return Ok(true);
+    }
+
+    let mut body = std::pin::pin!(body);
+    let mut left = match delimit {
+        Delimit::Length(n) => n,
+        _ => u64::MAX,
+    };
+    loop {
+        // Wait only when nothing is buffered; otherwise take what is ready and send it.
+        let polled = if conn.out.is_empty() {
+            Some(std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await)
+        } else {
+            std::future::poll_fn(|cx| {
+                Poll::Ready(match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(frame) => Some(frame),
+                    Poll::Pending => None,
+                })
+            })
+            .await
+        };
+        let Some(frame) = polled else {
+            conn.flush_out().await?;
+            continue;
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                let overrun = data.len() as u64 > left;
+                if overrun {
+                    data.truncate(left as usize);
+                }
+                if delimit != Delimit::Chunked {
+                    left -= data.len() as u64;
+                }
+                if delimit == Delimit::Chunked {
+                    push_hex(&mut conn.out, data.len());
+                    conn.out.extend_from_slice(b"\r\n");
+                }
+                if data.len() >= WRITE_DIRECT {
+                    conn.flush_out().await?;
+                    conn.io.write_all(&data).await?;
+                } else {
+                    conn.out.extend_from_slice(&data);
+                }
+                if delimit == Delimit::Chunked {
+                    conn.out.extend_from_slice(b"\r\n");
+                }
+                if overrun {
+                    conn.flush_out().await?;
+                    return Ok(false);
+                }
+                if conn.out.len() >= WRITE_MERGE {
+                    conn.flush_out().await?;
+                }
+            }
+            Some(Err(_)) => {
+                // Cut short: no terminating chunk, so the client sees the body is incomplete.
+                conn.flush_out().await?;
+                return Ok(false);
+            }
+            None => {
+                if delimit == Delimit::Chunked {
+                    conn.out.extend_from_slice(b"0\r\n\r\n");
+                }
+                conn.flush_out().await?;
+                return Ok(!matches!(delimit, Delimit::Length(_)) || left == 0);
+            }
+        }
+    }
+}
+
+/// The `Date` header value, rendered once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second {
+                let rendered = httpdate::fmt_http_date(now);
+                if rendered.len() == 29 {
+                    cached.1.copy_from_slice(rendered.as_bytes());
+                    cached.0 = second;
+                }
+            }
+            out.extend_from_slice(&cached.1);
+        });
+    }
+}
+
+/// An IO that first replays bytes already read from it.
+#[derive(Debug)]
+pub struct Rewind<IO> {
+    pending: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

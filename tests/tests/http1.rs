@@ -1,0 +1,226 @@
+//! The gateway's own HTTP/1.1 server, spoken to byte by byte: pipelining, chunked request
+//! bodies, `Expect: 100-continue`, HTTP/1.0, and everything a smuggler or a slow client could
+//! try (ambiguous framing, oversized heads, stalled heads, bodies left unread). HTTP/2 with prior
+//! knowledge on plain TCP is still served (by hyper).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::fixture::*;
+use portcullis_e2e::{Fixture, FixtureOptions, GatewayOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const REPLY: &str = "Hello from the loopback upstream.";
+const CANARY: &str = "CANARY-http1-8d1f0c";
+
+async fn fixture() -> Fixture {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            log_level: "trace".into(),
+            extra_args: vec!["--header-read-timeout".into(), "1".into()],
+            ..GatewayOptions::default()
+        },
+        ..FixtureOptions::default()
+    };
+    Fixture::start_with(options, |_| {}).await.expect("fixture")
+}
+
+fn chat(extra_headers: &str, close: bool) -> String {
+    let body = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{CANARY}"}}]}}"#);
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}{connection}\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads until the server closes the connection (bounded by `limit`); the elapsed time too.
+async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (String, Duration, bool) {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = loop {
+        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&seen).into_owned(), started.elapsed(), closed)
+}
+
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw).await.expect("write");
+    let (text, _, closed) = read_to_close(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "the server should close the connection: {text}");
+    text
+}
+
+fn error_code(response: &str) -> String {
+    let body = response.split("\r\n\r\n").nth(1).expect("a body");
+    let value: serde_json::Value = serde_json::from_str(body).expect("a JSON error body");
+    value["error"]["code"].as_str().expect("an error code").to_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_chunked_bodies_are_read() {
+    let fx = fixture().await;
+    let addr = fx.gateway.listen_addr();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let (a, b) = body.split_at(20);
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         X-Request-Id: third\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         {:x};ext=1\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Trailer: t\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let raw = [chat("X-Request-Id: first\r\n", false), chat("X-Request-Id: second\r\n", false), chunked].concat();
+    let text = exchange(addr, raw.as_bytes()).await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    assert_eq!(text.matches(REPLY).count(), 3, "{text}");
+    let order: Vec<usize> = ["x-request-id: first", "x-request-id: second", "x-request-id: third"]
+        .iter()
+        .map(|id| text.find(id).expect(id))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "answers out of order: {text}");
+    assert!(text.contains("connection: close\r\n"));
+    assert!(text.contains("\r\ndate: "), "{text}");
+    assert!(!fx.gateway.logs().contains(CANARY), "request content in the logs");
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_refused_and_nothing_is_smuggled_behind_it() {
+    let fx = fixture().await;
+    let addr = fx.gateway.listen_addr();
+    // A front end reading Content-Length and a back end reading chunked would disagree on
+    // where the next request starts: the gateway answers once and closes.
+    let smuggle = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Note: {CANARY}\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\r\n"
+    );
+    let text = exchange(addr, smuggle.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "a second response was smuggled: {text}");
+    assert!(text.contains("connection: close\r\n"));
+    assert!(text.contains("x-portcullis-error-code: malformed_request\r\n"), "{text}");
+    assert_eq!(error_code(&text), "malformed_request");
+
+    for (raw, status, code) in [
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "400",
+            "malformed_request",
+        ),
+        ("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: -1\r\n\r\n", "400", "malformed_request"),
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "501",
+            "transfer_encoding_not_supported",
+        ),
+        ("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "400", "malformed_request"),
+        ("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Folded: a\r\n b\r\n\r\n", "400", "malformed_request"),
+        ("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nExpect: wishes\r\n\r\n", "417", "expectation_failed"),
+        ("POST /v1/chat/completions HTTP/3.0\r\nHost: gw\r\n\r\n", "505", "http_version_not_supported"),
+    ] {
+        let text = exchange(addr, raw.as_bytes()).await;
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{raw:?} gave {text}");
+        assert_eq!(error_code(&text), code, "{raw:?}");
+    }
+
+    // Anthropic routes answer in Anthropic's format.
+    let text = exchange(addr, b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n").await;
+    let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["type"], "error", "{text}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    let huge = format!("GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Pad: {}\r\n\r\n", "a".repeat(70 * 1024));
+    let text = exchange(addr, huge.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    assert!(!fx.gateway.logs().contains(CANARY), "request content in the logs");
+}
+
+#[tokio::test]
+async fn stalled_heads_time_out_and_idle_connections_close() {
+    let fx = fixture().await;
+    let addr = fx.gateway.listen_addr();
+    // Header read timeout is 1 s in this fixture.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n").await.unwrap();
+    let (text, elapsed, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(elapsed >= Duration::from_millis(900), "timed out too early: {elapsed:?}");
+
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let (text, elapsed, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
+    assert!(closed && text.is_empty(), "an idle connection is closed without a response: {text}");
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+
+    // A keep-alive connection stays usable within the timeout, then closes once idle.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(chat("", false).as_bytes()).await.unwrap();
+    let (text, _, closed) = read_to_close(&mut kept, Duration::from_secs(5)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200 OK"), "{text}");
+}
+
+#[tokio::test]
+async fn expect_continue_http10_and_unread_bodies() {
+    let fx = fixture().await;
+    let addr = fx.gateway.listen_addr();
+
+    // Expect: 100-continue — the interim answer comes before the body is sent.
+    let full = chat("Expect: 100-continue\r\n", true);
+    let (head, body) = full.split_once("\r\n\r\n").unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("{head}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut interim = vec![0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut interim)).await.unwrap().unwrap();
+    assert_eq!(&interim[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let (text, _, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200 OK") && text.contains(REPLY), "{text}");
+
+    // HTTP/1.0 without keep-alive: answered, then closed.
+    let old = chat("", false).replacen("HTTP/1.1", "HTTP/1.0", 1);
+    let text = exchange(addr, old.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK") && text.contains(REPLY), "{text}");
+    assert!(text.contains("connection: close\r\n"));
+
+    // A refused request whose body is still coming: the answer is readable, then the
+    // connection closes instead of reading the rest of the body as a new request.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let refused = "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer wrong-key\r\n\
+                   Content-Length: 1000000\r\n\r\n{\"model\":";
+    stream.write_all(refused.as_bytes()).await.unwrap();
+    let (text, elapsed, closed) = read_to_close(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 401 "), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_still_served_on_plain_tcp() {
+    use http_body_util::{BodyExt, Full};
+    let fx = fixture().await;
+    let tcp = TcpStream::connect(fx.gateway.listen_addr()).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = http::Request::post(fx.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {ALICE_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&bytes).contains(REPLY));
+}
