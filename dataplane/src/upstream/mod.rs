@@ -2,17 +2,18 @@
 //! TCP_NODELAY, bounded connect time, keep-alive connections in a pool of our own.
 //!
 //! ```text
-//!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { SendRequest, Connection }
-//!       │  polls the Connection itself while sending ...
+//!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { Io, read buffer }
+//!       │  writes the request (h1::encode_head, one writev) and reads the head itself ...
 //!       ▼
-//!  UpstreamBody ── ... and while the response body streams; ──release──▶ pool (if fully read)
+//!  UpstreamBody ── ... and the body as it is polled; ──release──▶ pool (if fully read)
 //! ```
 //!
-//! No connection task is spawned: the request that uses a connection drives it. Every chunk
-//! already read from the provider is decoded in the same poll that asks for the next frame, so
-//! the server writes a burst of SSE events in one `writev` instead of one per event, and no
-//! chunk is handed from task to task.
+//! No connection task is spawned: the request that uses a connection drives it, with our own
+//! HTTP/1.1 codec (`h1`). Every chunk already read from the provider is decoded in the same
+//! poll that asks for the next frame, so the server writes a burst of SSE events in one
+//! `writev` instead of one per event, and no chunk is handed from task to task.
 
+mod h1;
 mod pool;
 
 use std::path::Path;
@@ -23,11 +24,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::ServerName;
 
+pub use h1::H1Error;
 pub use pool::UpstreamBody;
 use pool::{Lease, PoolSettings};
 
@@ -150,7 +152,7 @@ pub enum UpstreamError {
     #[error("connecting: {0}")]
     Connect(crate::body::BoxError),
     #[error("{0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] H1Error),
 }
 
 impl UpstreamError {
@@ -162,10 +164,12 @@ impl UpstreamError {
 /// Distinguishes clients in the per-thread pool (tests run several in one process).
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The upstream client: a connector and this client's share of the per-thread pool.
+/// The upstream client: a TCP connector, TLS for HTTPS origins, and this client's share of the
+/// per-thread pool.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpConnector,
+    tls: tokio_rustls::TlsConnector,
     pool: PoolSettings,
 }
 
@@ -181,17 +185,13 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_tls_config(extra_ca)?)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls_config(extra_ca)?));
     let pool = PoolSettings {
         client: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
         idle_timeout: IDLE_TIMEOUT,
         max_idle: MAX_IDLE_PER_ORIGIN,
     };
-    Ok(UpstreamClient { connector, pool })
+    Ok(UpstreamClient { connector: http, tls, pool })
 }
 
 impl UpstreamClient {
@@ -201,26 +201,44 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         origin: &Origin,
-        mut request: Request<Full<Bytes>>,
+        request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (parts, mut body) = request.into_parts();
+        // A `Full` body is one frame, ready at once.
+        let body = match body.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(never)) => match never {},
+            None => Bytes::new(),
+        };
+        let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
+        // Holds the credential: zeroized when dropped, whatever happens below.
+        let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
+        let head_request = parts.method == Method::HEAD;
         while let Some(lease) = pool::checkout(&self.pool, origin) {
             let Some(lease) = lease.revalidate().await else { continue };
-            match lease.send(request).await {
+            match lease.send(&head, &body, head_request).await {
                 Ok(response) => return Ok(response),
-                Err((error, None)) => return Err(error.into()),
-                Err((_, Some(unsent))) => request = unsent,
+                Err(failure) if failure.unsent => {}
+                Err(failure) => return Err(failure.error.into()),
             }
         }
         let lease = self.connect(origin).await?;
-        lease.send(request).await.map_err(|(error, _)| error.into())
+        lease.send(&head, &body, head_request).await.map_err(|failure| failure.error.into())
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
-        let io = self.connector.clone().call(uri).await.map_err(UpstreamError::Connect)?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
-        Ok(Lease::new(sender, connection, origin.clone(), self.pool.clone()))
+        let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
+        let io = if origin.https {
+            let host = origin.authority.host().trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Connect(e.into()))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| UpstreamError::Connect(e.into()))?;
+            h1::Io::Tls(Box::new(tls))
+        } else {
+            h1::Io::Plain(tcp)
+        };
+        Ok(Lease::new(io, origin.clone(), self.pool.clone()))
     }
 }
 
