@@ -619,3 +619,311 @@ impl Chunked {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid chunked body: extensions, a chunk split across reads, trailers, the last chunk.
+    const CHUNKED: &[u8] = b"6;name=value\r\ndata: \r\n1A\r\n{\"a\":1}\n\nlonger piece.....\r\n0003 ; ext\r\n\n\n\n\r\n0;last\r\nx-trailer: 1\r\nx-other: two\r\n\r\n";
+    const DECODED: &[u8] = b"data: {\"a\":1}\n\nlonger piece.....\n\n\n";
+
+    /// Feeds `pieces` one after another, decoding all that each makes available.
+    fn decode_pieces<'a>(
+        decoder: &mut Decoder,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<u8>, H1Error> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in pieces.into_iter().filter(|piece| !piece.is_empty()) {
+            assert!(!decoder.is_done(), "no input after the end");
+            buf.extend_from_slice(piece);
+            while let Some(data) = decoder.decode(&mut buf)? {
+                assert!(!data.is_empty(), "no empty frames");
+                out.extend_from_slice(&data);
+            }
+        }
+        assert!(buf.is_empty(), "every byte consumed");
+        Ok(out)
+    }
+
+    fn chunked() -> Decoder {
+        Decoder::Chunked(Chunked::default())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_split_at_every_byte() {
+        let mut decoder = chunked();
+        assert_eq!(decode_pieces(&mut decoder, CHUNKED.chunks(1)).expect("decodes"), DECODED);
+        assert!(decoder.is_done());
+
+        for split in 0..=CHUNKED.len() {
+            let mut decoder = chunked();
+            let (a, b) = CHUNKED.split_at(split);
+            assert_eq!(decode_pieces(&mut decoder, [a, b]).expect("decodes"), DECODED, "split at {split}");
+            assert!(decoder.is_done(), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_random_pieces() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..500 {
+            let mut pieces = Vec::new();
+            let mut rest = CHUNKED;
+            while !rest.is_empty() {
+                let (piece, tail) = rest.split_at(rng.usize(1..=rest.len().min(9)));
+                pieces.push(piece);
+                rest = tail;
+            }
+            let mut decoder = chunked();
+            assert_eq!(decode_pieces(&mut decoder, pieces).expect("decodes"), DECODED);
+            assert!(decoder.is_done());
+        }
+    }
+
+    #[test]
+    fn a_body_whose_end_is_buffered_is_done_with_its_last_data() {
+        let mut decoder = chunked();
+        let mut buf = BytesMut::from(&b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "ab");
+        assert!(!decoder.is_done());
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "c");
+        assert!(decoder.is_done(), "the last chunk was consumed with the data before it");
+        assert!(buf.is_empty());
+
+        // Bytes beyond the body stay for the pool to see.
+        let mut decoder = chunked();
+        let mut buf = BytesMut::from(&b"1\r\nc\r\n0\r\n\r\nHTTP"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "c");
+        assert!(decoder.is_done());
+        assert_eq!(&buf[..], b"HTTP");
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_rejected() {
+        let cases: &[(&[u8], fn(&H1Error) -> bool)] = &[
+            (b"\r\nab\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b";ext\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"x\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"1 2\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"-1\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\nab\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\r\rab", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"10000000000000000\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\r\nabc\r\n", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2\r\nab\n0\r\n\r\n", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2\r\nab\rx", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2;a\nb\r\n", |e| matches!(e, H1Error::InvalidChunkExtension)),
+            (b"0\r\n\n", |e| matches!(e, H1Error::InvalidTrailers)),
+            (b"0\r\nx: 1\n\r\n", |e| matches!(e, H1Error::InvalidTrailers)),
+            (b"0\r\n\rx", |e| matches!(e, H1Error::InvalidTrailers)),
+        ];
+        for (input, expected) in cases {
+            for pieces in [input.chunks(1).collect::<Vec<_>>(), vec![*input]] {
+                let error = decode_pieces(&mut chunked(), pieces).expect_err("rejected");
+                assert!(expected(&error), "{:?}: {error:?}", String::from_utf8_lossy(input));
+            }
+        }
+        // Sixteen hex digits are the most a size may have; they must still fit.
+        let mut decoder = chunked();
+        decode_pieces(&mut decoder, [&b"ffffffffffffffff\r\nab"[..]]).expect("a huge chunk begins");
+    }
+
+    #[test]
+    fn the_size_line_and_trailers_are_bounded() {
+        let mut line = b"1;".to_vec();
+        line.resize(MAX_SIZE_LINE, b'x');
+        line.extend_from_slice(b"\r\n");
+        let error = decode_pieces(&mut chunked(), [&line[..]]).expect_err("refused");
+        assert!(matches!(error, H1Error::ChunkSizeLineTooLong), "{error:?}");
+        // Just under the bound is fine.
+        line.truncate(MAX_SIZE_LINE - 2);
+        line.extend_from_slice(b"\r\na\r\n");
+        assert_eq!(decode_pieces(&mut chunked(), [&line[..]]).expect("decodes"), b"a");
+
+        let mut trailers = b"0\r\n".to_vec();
+        while trailers.len() < 3 + MAX_TRAILERS {
+            trailers.extend_from_slice(b"x-filler: 0123456789abcdef\r\n");
+        }
+        let error = decode_pieces(&mut chunked(), trailers.chunks(1000)).expect_err("refused");
+        assert!(matches!(error, H1Error::TrailersTooLarge), "{error:?}");
+    }
+
+    #[test]
+    fn length_delimited_bodies_end_exactly_and_early_eof_is_an_error() {
+        let mut decoder = Decoder::Length(5);
+        assert_eq!(decoder.size_hint().exact(), Some(5));
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("ok").expect("data"), "hel");
+        assert_eq!(decoder.size_hint().exact(), Some(2));
+        assert!(matches!(decoder.eof(), Err(H1Error::IncompleteBody)));
+
+        let mut decoder = Decoder::Length(5);
+        let mut buf = BytesMut::from(&b"helloHTTP/1.1"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("ok").expect("data"), "hello");
+        assert!(decoder.is_done());
+        assert_eq!(decoder.size_hint().exact(), Some(0));
+        assert_eq!(&buf[..], b"HTTP/1.1", "the rest is not body");
+
+        let mut decoder = chunked();
+        decode_pieces(&mut decoder, [&b"5\r\nhello\r\n"[..]]).expect("ok so far");
+        assert!(matches!(decoder.eof(), Err(H1Error::IncompleteBody)));
+
+        let mut decoder = Decoder::Eof;
+        assert_eq!(decode_pieces(&mut decoder, [&b"until "[..], b"close"]).expect("ok"), b"until close");
+        decoder.eof().expect("the end of a close-delimited body");
+        assert!(decoder.is_done());
+    }
+
+    fn parse(head: &str) -> Result<Parsed, H1Error> {
+        parse_head(&mut BytesMut::from(head.as_bytes()), false)
+    }
+
+    fn parse_final(head: &str) -> ResponseHead {
+        match parse(head) {
+            Ok(Parsed::Final(head)) => head,
+            other => panic!("not a final head: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx-a: b\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Length(12)));
+        assert!(head.reusable);
+        assert_eq!(head.headers["x-a"], "b");
+
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+        assert!(head.reusable);
+
+        // Both: Transfer-Encoding wins, the length goes, and the connection is not reused.
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+        assert!(!head.reusable);
+        assert!(!head.headers.contains_key(CONTENT_LENGTH));
+
+        // Chunked not last: read until close.
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Eof));
+        assert!(!head.reusable);
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: CHUNKED\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+
+        // Neither: until close.
+        let head = parse_final("HTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Eof));
+        assert!(!head.reusable);
+
+        // No body, whatever the fields say.
+        for status in [204, 304] {
+            let head = parse_final(&format!("HTTP/1.1 {status} X\r\ncontent-length: 5\r\n\r\n"));
+            assert!(head.decoder.is_done(), "{status}");
+            assert!(head.reusable, "{status}");
+        }
+        let head = parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]), true);
+        assert!(matches!(head, Ok(Parsed::Final(ResponseHead { decoder: Decoder::Done, .. }))));
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(head.decoder.is_done());
+        assert!(head.reusable);
+    }
+
+    #[test]
+    fn content_length_must_be_one_valid_number() {
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Length(5)));
+        for bad in ["5, 6", "5\r\ncontent-length: 6", "-5", "+5", "0x5", "", "5a", "99999999999999999999", ","] {
+            let error = parse(&format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n")).expect_err(bad);
+            assert!(matches!(error, H1Error::InvalidContentLength), "{bad}: {error:?}");
+        }
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0_prevent_reuse() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nConnection: Upgrade, Close\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n", false),
+        ];
+        for (head, reusable) in cases {
+            assert_eq!(parse_final(head).reusable, reusable, "{head:?}");
+        }
+        assert_eq!(parse_final("HTTP/1.0 200 OK\r\n\r\n").version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn interim_responses_are_consumed_and_101_is_refused() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..]);
+        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Interim)));
+        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Interim)));
+        match parse_head(&mut buf, false) {
+            Ok(Parsed::Final(head)) => assert_eq!(head.status, 200),
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.is_empty());
+        assert!(matches!(parse("HTTP/1.1 101 Switching Protocols\r\n\r\n"), Err(H1Error::SwitchingProtocols)));
+    }
+
+    #[test]
+    fn response_heads_are_bounded() {
+        assert!(matches!(parse("HTTP/1.1 200 OK\r\ncontent-le"), Ok(Parsed::Partial)));
+        let mut head = "HTTP/1.1 200 OK\r\nx-big: ".to_owned();
+        head.extend(std::iter::repeat_n('a', MAX_HEAD - 1 - head.len()));
+        assert!(matches!(parse(&head), Ok(Parsed::Partial)), "under the bound, still waiting");
+        head.push('a');
+        assert!(matches!(parse(&head), Err(H1Error::HeadTooLarge)));
+        // A complete head over the bound is refused too, even if it arrived in one read.
+        head.push_str("\r\n\r\n");
+        assert!(matches!(parse(&head), Err(H1Error::HeadTooLarge)));
+        // One just within it is accepted.
+        head.truncate(MAX_HEAD - 4);
+        head.push_str("\r\n\r\n");
+        assert!(matches!(parse(&head), Ok(Parsed::Final(_))));
+
+        let mut head = "HTTP/1.1 200 OK\r\n".to_owned();
+        for i in 0..MAX_HEADERS {
+            head.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        assert!(matches!(parse(&format!("{head}\r\n")), Ok(Parsed::Final(_))));
+        assert!(matches!(parse(&format!("{head}x-last: 1\r\n\r\n")), Err(H1Error::TooManyHeaders)));
+        assert!(matches!(parse("HTTP/1.1 200 OK\r\nbad header: 1\r\n\r\n"), Err(H1Error::InvalidHead(_))));
+    }
+
+    #[test]
+    fn request_heads_are_length_delimited_and_clean() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, HeaderValue::from_static("api.example.com"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        let mut key = HeaderValue::from_static("Bearer sk-test");
+        key.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, key);
+        let head = encode_head(&Method::POST, "/v1/chat/completions?a=1", &headers, 2).expect("head");
+        assert_eq!(
+            std::str::from_utf8(&head).expect("ascii"),
+            "POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: api.example.com\r\nauthorization: Bearer sk-test\r\ncontent-length: 2\r\n\r\n"
+        );
+        assert_eq!(head.len(), head.capacity().min(head.len()), "one allocation");
+        let head = encode_head(&Method::GET, "/", &HeaderMap::new(), 0).expect("head");
+        assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
+        let head = encode_head(&Method::POST, "/", &HeaderMap::new(), 0).expect("head");
+        assert_eq!(&head[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        for target in ["", "/a b", "/a\r\nx: y", "http://x/", "/\x7f"] {
+            assert!(
+                matches!(encode_head(&Method::GET, target, &HeaderMap::new(), 0), Err(H1Error::InvalidRequest(_))),
+                "{target:?}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-a",
+            HeaderValue::from_maybe_shared(Bytes::from_static(b"a\rb")).unwrap_or(HeaderValue::from_static("ok")),
+        );
+        // HeaderValue itself refuses CR; the encoder would too.
+        assert_eq!(headers["x-a"], "ok");
+    }
+}

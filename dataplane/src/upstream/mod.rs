@@ -247,6 +247,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    use http_body::Body as _;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -340,6 +341,165 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
+    }
+
+    /// What a scripted provider does after each response.
+    #[derive(Clone, Copy)]
+    enum Then {
+        KeepOpen,
+        Close,
+        /// Sends bytes nobody asked for a little later.
+        SendJunk,
+    }
+
+    /// A provider that answers every request (`{}` bodies) with `reply` verbatim, counting
+    /// connections.
+    async fn scripted_server(reply: impl Into<Bytes>, then: Then) -> (Endpoint, Arc<AtomicUsize>) {
+        let reply: Bytes = reply.into();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        while !seen.ends_with(b"\r\n\r\n{}") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        seen.clear();
+                        if stream.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                        match then {
+                            Then::KeepOpen => {}
+                            Then::Close => return,
+                            Then::SendJunk => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                let _ = stream.write_all(b"junk").await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (Endpoint::parse(&format!("http://{addr}")).expect("endpoint"), accepted)
+    }
+
+    async fn exchange(client: &UpstreamClient, endpoint: &Endpoint) -> Result<(Response<()>, Bytes), String> {
+        let response = client.send(&endpoint.origin, request(endpoint, "/x")).await.map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((Response::from_parts(parts, ()), body))
+    }
+
+    /// Two exchanges with `reply`; how many connections they took.
+    async fn connections_for_two(reply: &'static [u8], then: Then, body: &str) -> usize {
+        let (endpoint, accepted) = scripted_server(reply, then).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        for _ in 0..2 {
+            let (_, got) = exchange(&client, &endpoint).await.expect("exchange");
+            assert_eq!(got, body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn only_cleanly_framed_responses_leave_their_connection_reusable() {
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(connections_for_two(chunked, Then::KeepOpen, "hello").await, 1);
+        let close = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(connections_for_two(close, Then::KeepOpen, "hello").await, 2);
+        let both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(connections_for_two(both, Then::KeepOpen, "hello").await, 2);
+        let extra = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloEXTRA";
+        assert_eq!(connections_for_two(extra, Then::KeepOpen, "hello").await, 2);
+        let until_close = b"HTTP/1.1 200 OK\r\n\r\nhello, until close";
+        assert_eq!(connections_for_two(until_close, Then::Close, "hello, until close").await, 2);
+        let no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(connections_for_two(no_content, Then::KeepOpen, "").await, 1);
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert_eq!(connections_for_two(interim, Then::KeepOpen, "ok").await, 1);
+        // An idle connection that received bytes nobody asked for is discarded at checkout.
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(connections_for_two(plain, Then::SendJunk, "hello").await, 2);
+        assert_eq!(connections_for_two(plain, Then::KeepOpen, "hello").await, 1);
+    }
+
+    #[tokio::test]
+    async fn responses_are_built_from_the_head_and_bodiless_ones_end_at_once() {
+        let reply = b"HTTP/1.1 404 Not Found\r\nx-request-id: r1\r\nset-cookie: a\r\nset-cookie: b\r\ncontent-length: 2\r\n\r\nno";
+        let (endpoint, _) = scripted_server(&reply[..], Then::KeepOpen).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let (response, body) = exchange(&client, &endpoint).await.expect("exchange");
+        assert_eq!(response.status(), 404);
+        assert_eq!(response.version(), http::Version::HTTP_11);
+        assert_eq!(response.headers()["x-request-id"], "r1");
+        assert_eq!(response.headers().get_all("set-cookie").iter().count(), 2);
+        assert_eq!(body, "no");
+
+        let (endpoint, _) = scripted_server(&b"HTTP/1.1 204 No Content\r\n\r\n"[..], Then::KeepOpen).await;
+        let response = client.send(&endpoint.origin, request(&endpoint, "/x")).await.expect("response");
+        assert!(response.body().is_end_stream());
+        assert_eq!(response.body().size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn truncated_and_malformed_responses_are_errors() {
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let cases: [(&[u8], &str); 5] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", "connection closed before the response body ended"),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                "connection closed before the response body ended",
+            ),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nhello", "invalid content-length"),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101 Switching Protocols"),
+            (b"HTTP/1.1 200 OK\r\ncontent-le", "connection closed before the response head"),
+        ];
+        for (reply, expected) in cases {
+            let (endpoint, _) = scripted_server(reply, Then::Close).await;
+            let error = exchange(&client, &endpoint).await.expect_err("an error");
+            assert!(error.contains(expected), "{error}");
+        }
+
+        let mut big = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        big.resize(70 * 1024, b'a');
+        big.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        let (endpoint, _) = scripted_server(big, Then::KeepOpen).await;
+        let error = exchange(&client, &endpoint).await.expect_err("refused");
+        assert!(error.contains("response head too large"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn buffered_chunks_come_out_without_waiting_and_the_end_is_seen_with_the_last() {
+        let reply =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n";
+        let (endpoint, accepted) = scripted_server(&reply[..], Then::KeepOpen).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let response = client.send(&endpoint.origin, request(&endpoint, "/x")).await.expect("response");
+        let mut body = std::pin::pin!(response.into_body());
+        // Wait until the whole reply is buffered behind the first frame.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let first = body.frame().await.expect("frame").expect("data").into_data().expect("data");
+        assert_eq!(first, "data: 1\n\n");
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match body.as_mut().poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.into_data().expect("data"), "data: 2\n\n"),
+            other => panic!("not ready at once: {other:?}"),
+        }
+        assert!(body.is_end_stream(), "the last chunk was buffered with the data");
+        drop(body);
+        exchange(&client, &endpoint).await.expect("exchange");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "released with its last data");
     }
 
     #[test]
