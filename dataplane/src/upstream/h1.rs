@@ -702,7 +702,8 @@ mod tests {
 
     #[test]
     fn malformed_chunked_framing_is_rejected() {
-        let cases: &[(&[u8], fn(&H1Error) -> bool)] = &[
+        type Expected = fn(&H1Error) -> bool;
+        let cases: &[(&[u8], Expected)] = &[
             (b"\r\nab\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
             (b";ext\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
             (b"x\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
@@ -907,7 +908,6 @@ mod tests {
             std::str::from_utf8(&head).expect("ascii"),
             "POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: api.example.com\r\nauthorization: Bearer sk-test\r\ncontent-length: 2\r\n\r\n"
         );
-        assert_eq!(head.len(), head.capacity().min(head.len()), "one allocation");
         let head = encode_head(&Method::GET, "/", &HeaderMap::new(), 0).expect("head");
         assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
         let head = encode_head(&Method::POST, "/", &HeaderMap::new(), 0).expect("head");
@@ -918,12 +918,5 @@ mod tests {
                 "{target:?}"
             );
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-a",
-            HeaderValue::from_maybe_shared(Bytes::from_static(b"a\rb")).unwrap_or(HeaderValue::from_static("ok")),
-        );
-        // HeaderValue itself refuses CR; the encoder would too.
-        assert_eq!(headers["x-a"], "ok");
     }
 }

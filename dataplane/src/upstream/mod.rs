@@ -497,7 +497,6 @@ mod tests {
             other => panic!("not ready at once: {other:?}"),
         }
         assert!(body.is_end_stream(), "the last chunk was buffered with the data");
-        drop(body);
         exchange(&client, &endpoint).await.expect("exchange");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "released with its last data");
     }
