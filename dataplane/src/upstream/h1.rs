@@ -919,4 +919,70 @@ mod tests {
             );
         }
     }
+
+    /// A writer that takes `accept` bytes per call, then fails with `fail` once they are used up.
+    struct Scripted {
+        accept: Vec<usize>,
+        written: Vec<u8>,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            if this.accept.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            let n = this.accept.remove(0).min(buf.len());
+            this.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            // Takes from both slices in one call, like writev.
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn head_and_body_go_out_together_and_a_request_is_unsent_only_if_no_byte_left() {
+        let mut io = Scripted { accept: vec![usize::MAX], written: Vec::new(), calls: 0 };
+        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        assert_eq!((io.written.as_slice(), io.calls), (&b"HEADbody"[..], 1), "one call for head and body");
+
+        let mut io = Scripted { accept: vec![3, 2, 1, usize::MAX], written: Vec::new(), calls: 0 };
+        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        assert_eq!(io.written, b"HEADbody", "partial writes resume where they stopped");
+
+        let mut io = Scripted { accept: vec![], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(failure.unsent, "nothing went out: another connection may take it");
+        assert!(matches!(failure.error, H1Error::Write(_)));
+
+        let mut io = Scripted { accept: vec![1], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(!failure.unsent, "one byte went out: never sent again");
+
+        let mut io = Scripted { accept: vec![0], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(failure.unsent);
+    }
 }
