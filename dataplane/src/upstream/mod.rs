@@ -2,17 +2,18 @@
 //! TCP_NODELAY, bounded connect time, keep-alive connections in a pool of our own.
 //!
 //! ```text
-//!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { SendRequest, Connection }
-//!       │  polls the Connection itself while sending ...
+//!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { Io, read buffer }
+//!       │  writes the request (h1::encode_head, one writev) and reads the head itself ...
 //!       ▼
-//!  UpstreamBody ── ... and while the response body streams; ──release──▶ pool (if fully read)
+//!  UpstreamBody ── ... and the body as it is polled; ──release──▶ pool (if fully read)
 //! ```
 //!
-//! No connection task is spawned: the request that uses a connection drives it. Every chunk
-//! already read from the provider is decoded in the same poll that asks for the next frame, so
-//! the server writes a burst of SSE events in one `writev` instead of one per event, and no
-//! chunk is handed from task to task.
+//! No connection task is spawned: the request that uses a connection drives it, with our own
+//! HTTP/1.1 codec (`h1`). Every chunk already read from the provider is decoded in the same
+//! poll that asks for the next frame, so the server writes a burst of SSE events in one
+//! `writev` instead of one per event, and no chunk is handed from task to task.
 
+mod h1;
 mod pool;
 
 use std::path::Path;
@@ -23,11 +24,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::ServerName;
 
+pub use h1::H1Error;
 pub use pool::UpstreamBody;
 use pool::{Lease, PoolSettings};
 
@@ -150,7 +152,7 @@ pub enum UpstreamError {
     #[error("connecting: {0}")]
     Connect(crate::body::BoxError),
     #[error("{0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] H1Error),
 }
 
 impl UpstreamError {
@@ -162,10 +164,12 @@ impl UpstreamError {
 /// Distinguishes clients in the per-thread pool (tests run several in one process).
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The upstream client: a connector and this client's share of the per-thread pool.
+/// The upstream client: a TCP connector, TLS for HTTPS origins, and this client's share of the
+/// per-thread pool.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpConnector,
+    tls: tokio_rustls::TlsConnector,
     pool: PoolSettings,
 }
 
@@ -181,17 +185,13 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_tls_config(extra_ca)?)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls_config(extra_ca)?));
     let pool = PoolSettings {
         client: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
         idle_timeout: IDLE_TIMEOUT,
         max_idle: MAX_IDLE_PER_ORIGIN,
     };
-    Ok(UpstreamClient { connector, pool })
+    Ok(UpstreamClient { connector: http, tls, pool })
 }
 
 impl UpstreamClient {
@@ -201,26 +201,44 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         origin: &Origin,
-        mut request: Request<Full<Bytes>>,
+        request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (parts, mut body) = request.into_parts();
+        // A `Full` body is one frame, ready at once.
+        let body = match body.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(never)) => match never {},
+            None => Bytes::new(),
+        };
+        let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
+        // Holds the credential: zeroized when dropped, whatever happens below.
+        let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
+        let head_request = parts.method == Method::HEAD;
         while let Some(lease) = pool::checkout(&self.pool, origin) {
             let Some(lease) = lease.revalidate().await else { continue };
-            match lease.send(request).await {
+            match lease.send(&head, &body, head_request).await {
                 Ok(response) => return Ok(response),
-                Err((error, None)) => return Err(error.into()),
-                Err((_, Some(unsent))) => request = unsent,
+                Err(failure) if failure.unsent => {}
+                Err(failure) => return Err(failure.error.into()),
             }
         }
         let lease = self.connect(origin).await?;
-        lease.send(request).await.map_err(|(error, _)| error.into())
+        lease.send(&head, &body, head_request).await.map_err(|failure| failure.error.into())
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
-        let io = self.connector.clone().call(uri).await.map_err(UpstreamError::Connect)?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
-        Ok(Lease::new(sender, connection, origin.clone(), self.pool.clone()))
+        let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
+        let io = if origin.https {
+            let host = origin.authority.host().trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Connect(e.into()))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| UpstreamError::Connect(e.into()))?;
+            h1::Io::Tls(Box::new(tls))
+        } else {
+            h1::Io::Plain(tcp)
+        };
+        Ok(Lease::new(io, origin.clone(), self.pool.clone()))
     }
 }
 
@@ -229,6 +247,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    use http_body::Body as _;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -322,6 +341,164 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
+    }
+
+    /// What a scripted provider does after each response.
+    #[derive(Clone, Copy)]
+    enum Then {
+        KeepOpen,
+        Close,
+        /// Sends bytes nobody asked for a little later.
+        SendJunk,
+    }
+
+    /// A provider that answers every request (`{}` bodies) with `reply` verbatim, counting
+    /// connections.
+    async fn scripted_server(reply: impl Into<Bytes>, then: Then) -> (Endpoint, Arc<AtomicUsize>) {
+        let reply: Bytes = reply.into();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        while !seen.ends_with(b"\r\n\r\n{}") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        seen.clear();
+                        if stream.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                        match then {
+                            Then::KeepOpen => {}
+                            Then::Close => return,
+                            Then::SendJunk => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                let _ = stream.write_all(b"junk").await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (Endpoint::parse(&format!("http://{addr}")).expect("endpoint"), accepted)
+    }
+
+    async fn exchange(client: &UpstreamClient, endpoint: &Endpoint) -> Result<(Response<()>, Bytes), String> {
+        let response = client.send(&endpoint.origin, request(endpoint, "/x")).await.map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((Response::from_parts(parts, ()), body))
+    }
+
+    /// Two exchanges with `reply`; how many connections they took.
+    async fn connections_for_two(reply: &'static [u8], then: Then, body: &str) -> usize {
+        let (endpoint, accepted) = scripted_server(reply, then).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        for _ in 0..2 {
+            let (_, got) = exchange(&client, &endpoint).await.expect("exchange");
+            assert_eq!(got, body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn only_cleanly_framed_responses_leave_their_connection_reusable() {
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(connections_for_two(chunked, Then::KeepOpen, "hello").await, 1);
+        let close = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(connections_for_two(close, Then::KeepOpen, "hello").await, 2);
+        let both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(connections_for_two(both, Then::KeepOpen, "hello").await, 2);
+        let extra = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloEXTRA";
+        assert_eq!(connections_for_two(extra, Then::KeepOpen, "hello").await, 2);
+        let until_close = b"HTTP/1.1 200 OK\r\n\r\nhello, until close";
+        assert_eq!(connections_for_two(until_close, Then::Close, "hello, until close").await, 2);
+        let no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(connections_for_two(no_content, Then::KeepOpen, "").await, 1);
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert_eq!(connections_for_two(interim, Then::KeepOpen, "ok").await, 1);
+        // An idle connection that received bytes nobody asked for is discarded at checkout.
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(connections_for_two(plain, Then::SendJunk, "hello").await, 2);
+        assert_eq!(connections_for_two(plain, Then::KeepOpen, "hello").await, 1);
+    }
+
+    #[tokio::test]
+    async fn responses_are_built_from_the_head_and_bodiless_ones_end_at_once() {
+        let reply = b"HTTP/1.1 404 Not Found\r\nx-request-id: r1\r\nset-cookie: a\r\nset-cookie: b\r\ncontent-length: 2\r\n\r\nno";
+        let (endpoint, _) = scripted_server(&reply[..], Then::KeepOpen).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let (response, body) = exchange(&client, &endpoint).await.expect("exchange");
+        assert_eq!(response.status(), 404);
+        assert_eq!(response.version(), http::Version::HTTP_11);
+        assert_eq!(response.headers()["x-request-id"], "r1");
+        assert_eq!(response.headers().get_all("set-cookie").iter().count(), 2);
+        assert_eq!(body, "no");
+
+        let (endpoint, _) = scripted_server(&b"HTTP/1.1 204 No Content\r\n\r\n"[..], Then::KeepOpen).await;
+        let response = client.send(&endpoint.origin, request(&endpoint, "/x")).await.expect("response");
+        assert!(response.body().is_end_stream());
+        assert_eq!(response.body().size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn truncated_and_malformed_responses_are_errors() {
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let cases: [(&[u8], &str); 5] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", "connection closed before the response body ended"),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                "connection closed before the response body ended",
+            ),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nhello", "invalid content-length"),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101 Switching Protocols"),
+            (b"HTTP/1.1 200 OK\r\ncontent-le", "connection closed before the response head"),
+        ];
+        for (reply, expected) in cases {
+            let (endpoint, _) = scripted_server(reply, Then::Close).await;
+            let error = exchange(&client, &endpoint).await.expect_err("an error");
+            assert!(error.contains(expected), "{error}");
+        }
+
+        let mut big = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        big.resize(70 * 1024, b'a');
+        big.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        let (endpoint, _) = scripted_server(big, Then::KeepOpen).await;
+        let error = exchange(&client, &endpoint).await.expect_err("refused");
+        assert!(error.contains("response head too large"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn buffered_chunks_come_out_without_waiting_and_the_end_is_seen_with_the_last() {
+        let reply =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n";
+        let (endpoint, accepted) = scripted_server(&reply[..], Then::KeepOpen).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let response = client.send(&endpoint.origin, request(&endpoint, "/x")).await.expect("response");
+        let mut body = std::pin::pin!(response.into_body());
+        // Wait until the whole reply is buffered behind the first frame.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let first = body.frame().await.expect("frame").expect("data").into_data().expect("data");
+        assert_eq!(first, "data: 1\n\n");
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match body.as_mut().poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.into_data().expect("data"), "data: 2\n\n"),
+            other => panic!("not ready at once: {other:?}"),
+        }
+        assert!(body.is_end_stream(), "the last chunk was buffered with the data");
+        exchange(&client, &endpoint).await.expect("exchange");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "released with its last data");
     }
 
     #[test]

@@ -3,31 +3,22 @@
 //! With the single-threaded runtime every request runs on one thread, so the pool is a
 //! thread-local and checkout takes no lock. With the multi-threaded runtime each worker keeps
 //! its own idle set; a connection returns to whichever thread finished with it. A connection
-//! goes back only when its response was read to the end and hyper is ready for the next
-//! request; one dropped mid-response is closed.
+//! goes back only when its response was read to the end, its framing allows another request,
+//! and the provider sent nothing beyond it; one dropped mid-response is closed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use foldhash::fast::RandomState;
-use http::{Request, Response};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper_rustls::MaybeHttpsStream;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
+use super::h1::{self, Decoder, H1Error, Io};
 use super::Origin;
-
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
-type Dispatch = Connection<Io, Full<Bytes>>;
 
 /// How often idle sets are swept of expired connections (lazily, on check-in).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -101,72 +92,75 @@ fn check_in(lease: Lease) {
 }
 
 /// One HTTP/1.1 connection, held by one request at a time. Boxed: the connection state
-/// (buffers, and a rustls session for HTTPS) is kilobytes, and a lease moves between the pool,
-/// the request future and the response body; moving it inline cost a memcpy at every step.
-pub(super) struct Lease(Box<Held>);
+/// (read buffer, and a rustls session for HTTPS) moves between the pool, the request future and
+/// the response body; moving it inline would cost a memcpy at every step.
+pub(super) struct Lease(Box<Conn>);
 
-struct Held {
-    sender: SendRequest<Full<Bytes>>,
-    dispatch: Dispatch,
+struct Conn {
+    io: Io,
+    /// Bytes read from the provider and not consumed yet. Empty while the connection is idle.
+    read_buf: BytesMut,
     origin: Origin,
     settings: PoolSettings,
 }
 
-/// A request that failed, and the request itself when none of it was written.
-type SendFailure = (hyper::Error, Option<Request<Full<Bytes>>>);
+/// A request that failed, and whether none of it was written (so another connection may take it).
+pub(super) struct SendFailure {
+    pub error: H1Error,
+    pub unsent: bool,
+}
 
 impl Lease {
-    pub(super) fn new(
-        sender: SendRequest<Full<Bytes>>,
-        dispatch: Dispatch,
-        origin: Origin,
-        settings: PoolSettings,
-    ) -> Self {
-        Self(Box::new(Held { sender, dispatch, origin, settings }))
+    pub(super) fn new(io: Io, origin: Origin, settings: PoolSettings) -> Self {
+        Self(Box::new(Conn { io, read_buf: BytesMut::new(), origin, settings }))
     }
 
-    /// Gives a pooled connection one turn to notice that the provider closed it meanwhile.
+    /// One non-blocking read: a pooled connection the provider closed (EOF or error), or that
+    /// holds bytes nobody asked for, is discarded.
     pub(super) async fn revalidate(mut self) -> Option<Self> {
-        let held = &mut *self.0;
-        std::future::poll_fn(|cx| match Pin::new(&mut held.dispatch).poll(cx) {
+        let conn = &mut *self.0;
+        std::future::poll_fn(|cx| match h1::poll_fill(&mut conn.io, cx, &mut conn.read_buf) {
+            Poll::Pending => Poll::Ready(true),
             Poll::Ready(_) => Poll::Ready(false),
-            Poll::Pending => Poll::Ready(held.sender.is_ready() && !held.sender.is_closed()),
         })
         .await
         .then_some(self)
     }
 
-    /// Sends the request, polling the connection alongside until the response head arrives.
-    pub(super) async fn send(mut self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendFailure> {
-        let mut response = std::pin::pin!(self.0.sender.try_send_request(request));
-        let mut lease = Some(self);
-        let result = std::future::poll_fn(|cx| {
-            if let Some(held) = lease.as_mut() {
-                if Pin::new(&mut held.0.dispatch).poll(cx).is_ready() {
-                    // The connection is done; dropping it hands any pending request its error.
-                    lease = None;
-                }
-            }
-            response.as_mut().poll(cx)
-        })
-        .await;
-        match result {
-            // Without a lease the response arrived as the connection closed: serve it, reuse
-            // nothing.
-            Ok(response) => Ok(response.map(|incoming| UpstreamBody { incoming, lease })),
-            Err(mut error) => {
-                let unsent = error.take_message();
-                Err((error.into_error(), unsent))
-            }
+    /// Writes the encoded request and reads the response head. The body is read as it is polled.
+    pub(super) async fn send(
+        mut self,
+        head: &[u8],
+        body: &[u8],
+        head_request: bool,
+    ) -> Result<Response<UpstreamBody>, SendFailure> {
+        let conn = &mut *self.0;
+        h1::write_request(&mut conn.io, head, body)
+            .await
+            .map_err(|failure| SendFailure { error: failure.error, unsent: failure.unsent })?;
+        let head = h1::read_head(&mut conn.io, &mut conn.read_buf, head_request)
+            .await
+            .map_err(|error| SendFailure { error, unsent: false })?;
+        let mut response =
+            Response::new(UpstreamBody { lease: Some(self), decoder: head.decoder, reusable: head.reusable });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if response.body().decoder.is_done() {
+            response.body_mut().finish();
         }
+        Ok(response)
     }
 }
 
-/// A provider's response body. Polling it drives the connection, so everything already read
-/// is decoded without a task switch. Read to the end, it returns the connection to the pool.
+/// A provider's response body, read from the connection as it is polled: data already buffered
+/// is returned without another read, and a burst of chunks read at once comes out as
+/// consecutive frames with no read in between. Read to the end, it returns the connection to
+/// the pool; dropped before, it closes it.
 pub struct UpstreamBody {
-    incoming: Incoming,
     lease: Option<Lease>,
+    decoder: Decoder,
+    reusable: bool,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -176,46 +170,63 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    /// Returns the connection to the pool if hyper is ready for another request on it.
-    fn release(&mut self, cx: &mut Context<'_>) {
-        let Some(mut lease) = self.lease.take() else { return };
-        let held = &mut *lease.0;
-        if !held.sender.is_ready() && Pin::new(&mut held.dispatch).poll(cx).is_ready() {
-            return;
-        }
-        if held.sender.is_ready() {
+    /// The body ended: the connection goes back to the pool if its framing allows another
+    /// request and the provider sent nothing more.
+    fn finish(&mut self) {
+        self.decoder = Decoder::Done;
+        let Some(lease) = self.lease.take() else { return };
+        if self.reusable && lease.0.read_buf.is_empty() {
             check_in(lease);
         }
+    }
+
+    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.decoder = Decoder::Done;
+        self.lease = None;
+        Poll::Ready(Some(Err(error)))
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = H1Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         let this = self.get_mut();
-        if let Some(lease) = this.lease.as_mut() {
-            if Pin::new(&mut lease.0.dispatch).poll(cx).is_ready() {
-                // Closed or failed: the body channel reports how, and the connection is gone.
-                this.lease = None;
+        loop {
+            if this.decoder.is_done() {
+                return Poll::Ready(None);
+            }
+            let Some(lease) = this.lease.as_mut() else { return Poll::Ready(None) };
+            let conn = &mut *lease.0;
+            match this.decoder.decode(&mut conn.read_buf) {
+                Err(error) => return this.fail(error),
+                Ok(data) if this.decoder.is_done() => {
+                    // The end is already here: release the connection with the last data.
+                    this.finish();
+                    return Poll::Ready(data.map(|data| Ok(Frame::data(data))));
+                }
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) => {}
+            }
+            match h1::poll_fill(&mut conn.io, cx, &mut conn.read_buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => match this.decoder.eof() {
+                    // Close-delimited: the body ended with the connection.
+                    Ok(()) => this.lease = None,
+                    Err(error) => return this.fail(error),
+                },
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => return this.fail(H1Error::Read(error)),
             }
         }
-        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.release(cx),
-            Poll::Ready(None) => this.release(cx),
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        self.decoder.size_hint()
     }
 }

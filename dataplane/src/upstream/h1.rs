@@ -1,0 +1,988 @@
+//! A lean HTTP/1.1 client codec: request heads written in one `writev` with the body,
+//! response heads parsed with `httparse`, bodies framed per RFC 9112 §6.3.
+//!
+//! Nothing here logs, and no error carries request or response content: only what went wrong
+//! ("invalid chunk size", "response head too large").
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http_body::SizeHint;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Most header fields accepted in a response head.
+pub(super) const MAX_HEADERS: usize = 100;
+/// Largest response head accepted (status line, fields and the empty line).
+pub(super) const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line, extensions included.
+const MAX_SIZE_LINE: usize = 4 * 1024;
+/// Most trailer bytes read (and discarded) after the last chunk.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Most interim (1xx) responses skipped before the final one.
+const MAX_INTERIM: usize = 16;
+/// Reads go into at least this much free buffer space ...
+const MIN_READ_SPACE: usize = 4 * 1024;
+/// ... topped up by this much when less is left.
+const READ_RESERVE: usize = 16 * 1024;
+
+/// What went wrong in an HTTP/1.1 exchange. Metadata only: never a byte of content.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("writing the request: {0}")]
+    Write(io::Error),
+    #[error("reading the response: {0}")]
+    Read(io::Error),
+    #[error("connection closed before the response head")]
+    ClosedBeforeHead,
+    #[error("connection closed before the response body ended")]
+    IncompleteBody,
+    #[error("response head too large")]
+    HeadTooLarge,
+    #[error("too many response headers")]
+    TooManyHeaders,
+    #[error("invalid response head: {0}")]
+    InvalidHead(&'static str),
+    #[error("too many interim responses")]
+    TooManyInterim,
+    #[error("unexpected 101 Switching Protocols")]
+    SwitchingProtocols,
+    #[error("invalid content-length")]
+    InvalidContentLength,
+    #[error("invalid chunk size")]
+    InvalidChunkSize,
+    #[error("chunk size line too long")]
+    ChunkSizeLineTooLong,
+    #[error("invalid chunk extension")]
+    InvalidChunkExtension,
+    #[error("missing CRLF after chunk data")]
+    MissingChunkCrlf,
+    #[error("invalid trailer section")]
+    InvalidTrailers,
+    #[error("trailers too large")]
+    TrailersTooLarge,
+}
+
+/// A connection to a provider: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub(super) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Io::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request
+// ---------------------------------------------------------------------------------------------
+
+/// Methods whose requests carry no `Content-Length: 0` when their body is empty.
+fn bodiless_method(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::CONNECT | Method::TRACE)
+}
+
+/// Appends the decimal form of `n`.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The request head: `METHOD target HTTP/1.1`, every header of `headers` but the framing ones,
+/// and `Content-Length` from the body actually sent (the request is always length-delimited).
+///
+/// The head holds the provider's credential: its buffer is allocated at its exact final size
+/// (it never reallocates, leaving no stray copy behind) and zeroized when dropped.
+pub(super) fn encode_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body_len: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error> {
+    // Origin-form only: a path, never a space, control character or DEL.
+    if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(H1Error::InvalidRequest("invalid request target"));
+    }
+    const CONTENT_LENGTH_LINE: usize = "content-length: ".len() + 20 + 2;
+    let mut size = method.as_str().len() + 1 + target.len() + " HTTP/1.1\r\n".len() + 2 + CONTENT_LENGTH_LINE;
+    for (name, value) in headers {
+        // HeaderValue rejects CR, LF and NUL when built from bytes; make sure of it here too.
+        if memchr::memchr3(b'\r', b'\n', 0, value.as_bytes()).is_some() {
+            return Err(H1Error::InvalidRequest("invalid header value"));
+        }
+        size += name.as_str().len() + 2 + value.len() + 2;
+    }
+    let mut head = zeroize::Zeroizing::new(Vec::with_capacity(size));
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if body_len > 0 || !bodiless_method(method) {
+        head.extend_from_slice(b"content-length: ");
+        push_decimal(&mut head, body_len as u64);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    debug_assert!(head.len() <= size, "the head never outgrows its reservation");
+    Ok(head)
+}
+
+/// A failed write, and whether none of the request went out (so it may be sent elsewhere).
+pub(super) struct WriteFailure {
+    pub error: H1Error,
+    pub unsent: bool,
+}
+
+/// Writes head and body with as few calls as the stream allows (one `writev` when it takes
+/// everything), then flushes.
+pub(super) async fn write_request<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    head: &[u8],
+    body: &[u8],
+) -> Result<(), WriteFailure> {
+    let total = head.len() + body.len();
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < total {
+            let slices = if written < head.len() {
+                [IoSlice::new(&head[written..]), IoSlice::new(body)]
+            } else {
+                [IoSlice::new(&body[written - head.len()..]), IoSlice::new(&[])]
+            };
+            match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
+                Ok(0) => {
+                    let error = H1Error::Write(io::ErrorKind::WriteZero.into());
+                    return Poll::Ready(Err(WriteFailure { error, unsent: written == 0 }));
+                }
+                Ok(n) => written += n,
+                Err(e) => return Poll::Ready(Err(WriteFailure { error: H1Error::Write(e), unsent: written == 0 })),
+            }
+        }
+        Pin::new(&mut *io).poll_flush(cx).map_err(|e| WriteFailure { error: H1Error::Write(e), unsent: false })
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response head
+// ---------------------------------------------------------------------------------------------
+
+/// A final response head and how its body is framed.
+#[derive(Debug)]
+pub(super) struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub decoder: Decoder,
+    /// Whether the connection may carry another request once this body was read to the end.
+    pub reusable: bool,
+}
+
+/// What the front of the read buffer holds.
+#[derive(Debug)]
+pub(super) enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// An interim (1xx) response, consumed.
+    Interim,
+    Final(ResponseHead),
+}
+
+fn httparse_error(error: httparse::Error) -> H1Error {
+    match error {
+        httparse::Error::TooManyHeaders => H1Error::TooManyHeaders,
+        httparse::Error::HeaderName => H1Error::InvalidHead("invalid header name"),
+        httparse::Error::HeaderValue => H1Error::InvalidHead("invalid header value"),
+        httparse::Error::NewLine => H1Error::InvalidHead("invalid line ending"),
+        httparse::Error::Status => H1Error::InvalidHead("invalid status"),
+        httparse::Error::Token => H1Error::InvalidHead("invalid token"),
+        httparse::Error::Version => H1Error::InvalidHead("invalid version"),
+    }
+}
+
+/// Parses the response head at the front of `buf`, consuming it when complete. The header
+/// values share one frozen copy of the head: no allocation per field.
+pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error> {
+    let window = &buf[..buf.len().min(MAX_HEAD)];
+    let base = window.as_ptr() as usize;
+    // Where each field's name and value sit in the head, to slice them once it is frozen.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, code, version, count) = {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let len = match response.parse(window).map_err(httparse_error)? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(H1Error::HeadTooLarge),
+            httparse::Status::Partial => return Ok(Parsed::Partial),
+        };
+        let code = response.code.ok_or(H1Error::InvalidHead("invalid status"))?;
+        let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        let count = response.headers.len();
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            // Offsets within a 64 KiB window fit in u32.
+            *span = (name as u32, field.name.len() as u32, value as u32, field.value.len() as u32);
+        }
+        (len, code, version, count)
+    };
+    if (100..200).contains(&code) {
+        if code == 101 {
+            return Err(H1Error::SwitchingProtocols);
+        }
+        buf.advance(len);
+        return Ok(Parsed::Interim);
+    }
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::InvalidHead("invalid status"))?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+            .map_err(|_| H1Error::InvalidHead("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
+            .map_err(|_| H1Error::InvalidHead("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let (decoder, reusable) = framing(status, version, &mut headers, head_request)?;
+    Ok(Parsed::Final(ResponseHead { status, version, headers, decoder, reusable }))
+}
+
+/// The comma-separated, whitespace-trimmed, non-empty list elements of every `name` field.
+fn list_elements<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(|element| element.trim_ascii())
+        .filter(|element| !element.is_empty())
+}
+
+/// A Content-Length value: 1*DIGIT, fitting in u64.
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// How the body is delimited (RFC 9112 §6.3), and whether the connection can be reused after it.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+    head_request: bool,
+) -> Result<(Decoder, bool), H1Error> {
+    let mut close = false;
+    let mut keep_alive = false;
+    for token in list_elements(headers, &CONNECTION) {
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    let mut reusable = !close && (version != Version::HTTP_10 || keep_alive);
+
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Decoder::Done, reusable));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let chunked =
+            list_elements(headers, &TRANSFER_ENCODING).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        // Both framings at once, or Transfer-Encoding in HTTP/1.0: faulty framing, use the
+        // connection for nothing else (RFC 9112 §6.1, §6.3). The length means nothing here.
+        if headers.remove(CONTENT_LENGTH).is_some() || version == Version::HTTP_10 {
+            reusable = false;
+        }
+        return Ok(if chunked { (Decoder::Chunked(Chunked::default()), reusable) } else { (Decoder::Eof, false) });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for element in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(element.trim_ascii()).ok_or(H1Error::InvalidContentLength)?;
+            if length.is_some_and(|seen| seen != n) {
+                return Err(H1Error::InvalidContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Decoder::Done, reusable),
+        Some(n) => (Decoder::Length(n), reusable),
+        None => (Decoder::Eof, false),
+    })
+}
+
+/// Reads into the free space of `buf`, topping it up first when little is left.
+pub(super) fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < MIN_READ_SPACE {
+        buf.reserve(READ_RESERVE);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Reads until a final response head is at the front of `buf`, skipping interim responses.
+pub(super) async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<ResponseHead, H1Error> {
+    let mut interim = 0;
+    std::future::poll_fn(|cx| loop {
+        if !buf.is_empty() {
+            match parse_head(buf, head_request)? {
+                Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                Parsed::Interim => {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Poll::Ready(Err(H1Error::TooManyInterim));
+                    }
+                    continue;
+                }
+                Parsed::Partial => {}
+            }
+        }
+        match ready!(poll_fill(io, cx, buf)) {
+            Ok(0) => return Poll::Ready(Err(H1Error::ClosedBeforeHead)),
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(H1Error::Read(e))),
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response body
+// ---------------------------------------------------------------------------------------------
+
+/// How much of the body is left, and how it is delimited.
+#[derive(Debug)]
+pub(super) enum Decoder {
+    /// Content-Length: this many bytes to go (never 0: an exhausted body is `Done`).
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the provider closes the connection.
+    Eof,
+    Done,
+}
+
+impl Decoder {
+    /// The next piece of body data in `buf`, if any, consuming framing bytes on the way and
+    /// after it: a body whose end is already buffered is `Done` as its last data is returned.
+    pub(super) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, H1Error> {
+        match self {
+            Decoder::Done => Ok(None),
+            Decoder::Length(remaining) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (*remaining).min(buf.len() as u64) as usize;
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    *self = Decoder::Done;
+                }
+                Ok(Some(buf.split_to(n).freeze()))
+            }
+            Decoder::Eof => Ok((!buf.is_empty()).then(|| buf.split().freeze())),
+            Decoder::Chunked(chunked) => {
+                chunked.skip_framing(buf)?;
+                let data = match chunked.state {
+                    ChunkState::Data if !buf.is_empty() => {
+                        let n = chunked.size.min(buf.len() as u64) as usize;
+                        chunked.size -= n as u64;
+                        if chunked.size == 0 {
+                            chunked.state = ChunkState::DataCr;
+                        }
+                        let data = buf.split_to(n).freeze();
+                        chunked.skip_framing(buf)?;
+                        Some(data)
+                    }
+                    _ => None,
+                };
+                if chunked.state == ChunkState::End {
+                    *self = Decoder::Done;
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// The provider closed the connection: the end of a close-delimited body, else an error.
+    pub(super) fn eof(&mut self) -> Result<(), H1Error> {
+        match self {
+            Decoder::Eof | Decoder::Done => {
+                *self = Decoder::Done;
+                Ok(())
+            }
+            Decoder::Length(_) | Decoder::Chunked(_) => Err(H1Error::IncompleteBody),
+        }
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done)
+    }
+
+    pub(super) fn size_hint(&self) -> SizeHint {
+        match self {
+            Decoder::Length(remaining) => SizeHint::with_exact(*remaining),
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Chunked(_) | Decoder::Eof => SizeHint::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ChunkState {
+    /// Hex digits of the chunk size.
+    #[default]
+    Size,
+    /// Whitespace after the size.
+    SizeWs,
+    /// A chunk extension (ignored) up to the CR.
+    Ext,
+    /// The LF ending the size line.
+    SizeLf,
+    /// `size` bytes of chunk data.
+    Data,
+    DataCr,
+    DataLf,
+    /// The start of a trailer line, or of the empty line ending the body.
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    End,
+}
+
+/// The chunked transfer coding, decoded byte by byte across any split of its input.
+#[derive(Debug, Default)]
+pub(super) struct Chunked {
+    state: ChunkState,
+    /// The size being parsed, then the data left in the chunk.
+    size: u64,
+    digits: u8,
+    line: usize,
+    trailers: usize,
+}
+
+impl Chunked {
+    /// Consumes framing bytes from the front of `buf` until chunk data, the end of the body,
+    /// or the end of `buf`.
+    fn skip_framing(&mut self, buf: &mut BytesMut) -> Result<(), H1Error> {
+        let mut used = 0;
+        let result = self.scan(buf, &mut used);
+        buf.advance(used);
+        result
+    }
+
+    fn scan(&mut self, bytes: &[u8], used: &mut usize) -> Result<(), H1Error> {
+        for &b in bytes {
+            match self.state {
+                ChunkState::Data | ChunkState::End => return Ok(()),
+                ChunkState::Size | ChunkState::SizeWs | ChunkState::Ext | ChunkState::SizeLf => {
+                    self.line += 1;
+                    if self.line > MAX_SIZE_LINE {
+                        return Err(H1Error::ChunkSizeLineTooLong);
+                    }
+                    self.size_line(b)?;
+                }
+                ChunkState::DataCr if b == b'\r' => self.state = ChunkState::DataLf,
+                ChunkState::DataLf if b == b'\n' => {
+                    *self = Chunked { trailers: self.trailers, ..Chunked::default() };
+                }
+                ChunkState::DataCr | ChunkState::DataLf => return Err(H1Error::MissingChunkCrlf),
+                ChunkState::TrailerStart | ChunkState::Trailer | ChunkState::TrailerLf | ChunkState::EndLf => {
+                    self.trailers += 1;
+                    if self.trailers > MAX_TRAILERS {
+                        return Err(H1Error::TrailersTooLarge);
+                    }
+                    self.state = match (self.state, b) {
+                        (ChunkState::TrailerStart, b'\r') => ChunkState::EndLf,
+                        (ChunkState::EndLf, b'\n') => ChunkState::End,
+                        (ChunkState::Trailer, b'\r') => ChunkState::TrailerLf,
+                        (ChunkState::TrailerLf, b'\n') => ChunkState::TrailerStart,
+                        (ChunkState::TrailerStart | ChunkState::Trailer, b) if b != b'\n' => ChunkState::Trailer,
+                        _ => return Err(H1Error::InvalidTrailers),
+                    };
+                }
+            }
+            *used += 1;
+        }
+        Ok(())
+    }
+
+    fn size_line(&mut self, b: u8) -> Result<(), H1Error> {
+        self.state = match (self.state, b) {
+            (ChunkState::Size, _) if b.is_ascii_hexdigit() => {
+                if self.digits == 16 {
+                    return Err(H1Error::InvalidChunkSize);
+                }
+                self.digits += 1;
+                let digit = match b {
+                    b'0'..=b'9' => b - b'0',
+                    b'a'..=b'f' => b - b'a' + 10,
+                    _ => b - b'A' + 10,
+                };
+                self.size = (self.size << 4) | u64::from(digit);
+                ChunkState::Size
+            }
+            (ChunkState::Size, _) if self.digits == 0 => return Err(H1Error::InvalidChunkSize),
+            (ChunkState::Size | ChunkState::SizeWs, b' ' | b'\t') => ChunkState::SizeWs,
+            (ChunkState::Size | ChunkState::SizeWs, b';') => ChunkState::Ext,
+            (ChunkState::Size | ChunkState::SizeWs | ChunkState::Ext, b'\r') => ChunkState::SizeLf,
+            (ChunkState::Size | ChunkState::SizeWs, _) => return Err(H1Error::InvalidChunkSize),
+            (ChunkState::Ext, b'\n') => return Err(H1Error::InvalidChunkExtension),
+            (ChunkState::Ext, _) => ChunkState::Ext,
+            (ChunkState::SizeLf, b'\n') if self.size == 0 => ChunkState::TrailerStart,
+            (ChunkState::SizeLf, b'\n') => ChunkState::Data,
+            _ => return Err(H1Error::InvalidChunkSize),
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid chunked body: extensions, a chunk split across reads, trailers, the last chunk.
+    const CHUNKED: &[u8] = b"6;name=value\r\ndata: \r\n1A\r\n{\"a\":1}\n\nlonger piece.....\r\n0003 ; ext\r\n\n\n\n\r\n0;last\r\nx-trailer: 1\r\nx-other: two\r\n\r\n";
+    const DECODED: &[u8] = b"data: {\"a\":1}\n\nlonger piece.....\n\n\n";
+
+    /// Feeds `pieces` one after another, decoding all that each makes available.
+    fn decode_pieces<'a>(
+        decoder: &mut Decoder,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<u8>, H1Error> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in pieces.into_iter().filter(|piece| !piece.is_empty()) {
+            assert!(!decoder.is_done(), "no input after the end");
+            buf.extend_from_slice(piece);
+            while let Some(data) = decoder.decode(&mut buf)? {
+                assert!(!data.is_empty(), "no empty frames");
+                out.extend_from_slice(&data);
+            }
+        }
+        assert!(buf.is_empty(), "every byte consumed");
+        Ok(out)
+    }
+
+    fn chunked() -> Decoder {
+        Decoder::Chunked(Chunked::default())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_split_at_every_byte() {
+        let mut decoder = chunked();
+        assert_eq!(decode_pieces(&mut decoder, CHUNKED.chunks(1)).expect("decodes"), DECODED);
+        assert!(decoder.is_done());
+
+        for split in 0..=CHUNKED.len() {
+            let mut decoder = chunked();
+            let (a, b) = CHUNKED.split_at(split);
+            assert_eq!(decode_pieces(&mut decoder, [a, b]).expect("decodes"), DECODED, "split at {split}");
+            assert!(decoder.is_done(), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_random_pieces() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..500 {
+            let mut pieces = Vec::new();
+            let mut rest = CHUNKED;
+            while !rest.is_empty() {
+                let (piece, tail) = rest.split_at(rng.usize(1..=rest.len().min(9)));
+                pieces.push(piece);
+                rest = tail;
+            }
+            let mut decoder = chunked();
+            assert_eq!(decode_pieces(&mut decoder, pieces).expect("decodes"), DECODED);
+            assert!(decoder.is_done());
+        }
+    }
+
+    #[test]
+    fn a_body_whose_end_is_buffered_is_done_with_its_last_data() {
+        let mut decoder = chunked();
+        let mut buf = BytesMut::from(&b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "ab");
+        assert!(!decoder.is_done());
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "c");
+        assert!(decoder.is_done(), "the last chunk was consumed with the data before it");
+        assert!(buf.is_empty());
+
+        // Bytes beyond the body stay for the pool to see.
+        let mut decoder = chunked();
+        let mut buf = BytesMut::from(&b"1\r\nc\r\n0\r\n\r\nHTTP"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("data").expect("some"), "c");
+        assert!(decoder.is_done());
+        assert_eq!(&buf[..], b"HTTP");
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_rejected() {
+        type Expected = fn(&H1Error) -> bool;
+        let cases: &[(&[u8], Expected)] = &[
+            (b"\r\nab\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b";ext\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"x\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"1 2\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"-1\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\nab\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\r\rab", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"10000000000000000\r\n", |e| matches!(e, H1Error::InvalidChunkSize)),
+            (b"2\r\nabc\r\n", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2\r\nab\n0\r\n\r\n", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2\r\nab\rx", |e| matches!(e, H1Error::MissingChunkCrlf)),
+            (b"2;a\nb\r\n", |e| matches!(e, H1Error::InvalidChunkExtension)),
+            (b"0\r\n\n", |e| matches!(e, H1Error::InvalidTrailers)),
+            (b"0\r\nx: 1\n\r\n", |e| matches!(e, H1Error::InvalidTrailers)),
+            (b"0\r\n\rx", |e| matches!(e, H1Error::InvalidTrailers)),
+        ];
+        for (input, expected) in cases {
+            for pieces in [input.chunks(1).collect::<Vec<_>>(), vec![*input]] {
+                let error = decode_pieces(&mut chunked(), pieces).expect_err("rejected");
+                assert!(expected(&error), "{:?}: {error:?}", String::from_utf8_lossy(input));
+            }
+        }
+        // Sixteen hex digits are the most a size may have; they must still fit.
+        let mut decoder = chunked();
+        decode_pieces(&mut decoder, [&b"ffffffffffffffff\r\nab"[..]]).expect("a huge chunk begins");
+    }
+
+    #[test]
+    fn the_size_line_and_trailers_are_bounded() {
+        let mut line = b"1;".to_vec();
+        line.resize(MAX_SIZE_LINE, b'x');
+        line.extend_from_slice(b"\r\n");
+        let error = decode_pieces(&mut chunked(), [&line[..]]).expect_err("refused");
+        assert!(matches!(error, H1Error::ChunkSizeLineTooLong), "{error:?}");
+        // Just under the bound is fine.
+        line.truncate(MAX_SIZE_LINE - 2);
+        line.extend_from_slice(b"\r\na\r\n");
+        assert_eq!(decode_pieces(&mut chunked(), [&line[..]]).expect("decodes"), b"a");
+
+        let mut trailers = b"0\r\n".to_vec();
+        while trailers.len() < 3 + MAX_TRAILERS {
+            trailers.extend_from_slice(b"x-filler: 0123456789abcdef\r\n");
+        }
+        let error = decode_pieces(&mut chunked(), trailers.chunks(1000)).expect_err("refused");
+        assert!(matches!(error, H1Error::TrailersTooLarge), "{error:?}");
+    }
+
+    #[test]
+    fn length_delimited_bodies_end_exactly_and_early_eof_is_an_error() {
+        let mut decoder = Decoder::Length(5);
+        assert_eq!(decoder.size_hint().exact(), Some(5));
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("ok").expect("data"), "hel");
+        assert_eq!(decoder.size_hint().exact(), Some(2));
+        assert!(matches!(decoder.eof(), Err(H1Error::IncompleteBody)));
+
+        let mut decoder = Decoder::Length(5);
+        let mut buf = BytesMut::from(&b"helloHTTP/1.1"[..]);
+        assert_eq!(decoder.decode(&mut buf).expect("ok").expect("data"), "hello");
+        assert!(decoder.is_done());
+        assert_eq!(decoder.size_hint().exact(), Some(0));
+        assert_eq!(&buf[..], b"HTTP/1.1", "the rest is not body");
+
+        let mut decoder = chunked();
+        decode_pieces(&mut decoder, [&b"5\r\nhello\r\n"[..]]).expect("ok so far");
+        assert!(matches!(decoder.eof(), Err(H1Error::IncompleteBody)));
+
+        let mut decoder = Decoder::Eof;
+        assert_eq!(decode_pieces(&mut decoder, [&b"until "[..], b"close"]).expect("ok"), b"until close");
+        decoder.eof().expect("the end of a close-delimited body");
+        assert!(decoder.is_done());
+    }
+
+    fn parse(head: &str) -> Result<Parsed, H1Error> {
+        parse_head(&mut BytesMut::from(head.as_bytes()), false)
+    }
+
+    fn parse_final(head: &str) -> ResponseHead {
+        match parse(head) {
+            Ok(Parsed::Final(head)) => head,
+            other => panic!("not a final head: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx-a: b\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Length(12)));
+        assert!(head.reusable);
+        assert_eq!(head.headers["x-a"], "b");
+
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+        assert!(head.reusable);
+
+        // Both: Transfer-Encoding wins, the length goes, and the connection is not reused.
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+        assert!(!head.reusable);
+        assert!(!head.headers.contains_key(CONTENT_LENGTH));
+
+        // Chunked not last: read until close.
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Eof));
+        assert!(!head.reusable);
+        let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: CHUNKED\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Chunked(_)));
+
+        // Neither: until close.
+        let head = parse_final("HTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Eof));
+        assert!(!head.reusable);
+
+        // No body, whatever the fields say.
+        for status in [204, 304] {
+            let head = parse_final(&format!("HTTP/1.1 {status} X\r\ncontent-length: 5\r\n\r\n"));
+            assert!(head.decoder.is_done(), "{status}");
+            assert!(head.reusable, "{status}");
+        }
+        let head = parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]), true);
+        assert!(matches!(head, Ok(Parsed::Final(ResponseHead { decoder: Decoder::Done, .. }))));
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(head.decoder.is_done());
+        assert!(head.reusable);
+    }
+
+    #[test]
+    fn content_length_must_be_one_valid_number() {
+        let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n");
+        assert!(matches!(head.decoder, Decoder::Length(5)));
+        for bad in ["5, 6", "5\r\ncontent-length: 6", "-5", "+5", "0x5", "", "5a", "99999999999999999999", ","] {
+            let error = parse(&format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n")).expect_err(bad);
+            assert!(matches!(error, H1Error::InvalidContentLength), "{bad}: {error:?}");
+        }
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0_prevent_reuse() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nConnection: Upgrade, Close\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n", false),
+        ];
+        for (head, reusable) in cases {
+            assert_eq!(parse_final(head).reusable, reusable, "{head:?}");
+        }
+        assert_eq!(parse_final("HTTP/1.0 200 OK\r\n\r\n").version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn interim_responses_are_consumed_and_101_is_refused() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..]);
+        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Interim)));
+        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Interim)));
+        match parse_head(&mut buf, false) {
+            Ok(Parsed::Final(head)) => assert_eq!(head.status, 200),
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.is_empty());
+        assert!(matches!(parse("HTTP/1.1 101 Switching Protocols\r\n\r\n"), Err(H1Error::SwitchingProtocols)));
+    }
+
+    #[test]
+    fn response_heads_are_bounded() {
+        assert!(matches!(parse("HTTP/1.1 200 OK\r\ncontent-le"), Ok(Parsed::Partial)));
+        let mut head = "HTTP/1.1 200 OK\r\nx-big: ".to_owned();
+        head.extend(std::iter::repeat_n('a', MAX_HEAD - 1 - head.len()));
+        assert!(matches!(parse(&head), Ok(Parsed::Partial)), "under the bound, still waiting");
+        head.push('a');
+        assert!(matches!(parse(&head), Err(H1Error::HeadTooLarge)));
+        // A complete head over the bound is refused too, even if it arrived in one read.
+        head.push_str("\r\n\r\n");
+        assert!(matches!(parse(&head), Err(H1Error::HeadTooLarge)));
+        // One just within it is accepted.
+        head.truncate(MAX_HEAD - 4);
+        head.push_str("\r\n\r\n");
+        assert!(matches!(parse(&head), Ok(Parsed::Final(_))));
+
+        let mut head = "HTTP/1.1 200 OK\r\n".to_owned();
+        for i in 0..MAX_HEADERS {
+            head.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        assert!(matches!(parse(&format!("{head}\r\n")), Ok(Parsed::Final(_))));
+        assert!(matches!(parse(&format!("{head}x-last: 1\r\n\r\n")), Err(H1Error::TooManyHeaders)));
+        assert!(matches!(parse("HTTP/1.1 200 OK\r\nbad header: 1\r\n\r\n"), Err(H1Error::InvalidHead(_))));
+    }
+
+    #[test]
+    fn request_heads_are_length_delimited_and_clean() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, HeaderValue::from_static("api.example.com"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        let mut key = HeaderValue::from_static("Bearer sk-test");
+        key.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, key);
+        let head = encode_head(&Method::POST, "/v1/chat/completions?a=1", &headers, 2).expect("head");
+        assert_eq!(
+            std::str::from_utf8(&head).expect("ascii"),
+            "POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: api.example.com\r\nauthorization: Bearer sk-test\r\ncontent-length: 2\r\n\r\n"
+        );
+        let head = encode_head(&Method::GET, "/", &HeaderMap::new(), 0).expect("head");
+        assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
+        let head = encode_head(&Method::POST, "/", &HeaderMap::new(), 0).expect("head");
+        assert_eq!(&head[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        for target in ["", "/a b", "/a\r\nx: y", "http://x/", "/\x7f"] {
+            assert!(
+                matches!(encode_head(&Method::GET, target, &HeaderMap::new(), 0), Err(H1Error::InvalidRequest(_))),
+                "{target:?}"
+            );
+        }
+    }
+
+    /// A writer that takes `accept` bytes per call, then fails with `fail` once they are used up.
+    struct Scripted {
+        accept: Vec<usize>,
+        written: Vec<u8>,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            if this.accept.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            let n = this.accept.remove(0).min(buf.len());
+            this.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            // Takes from both slices in one call, like writev.
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn head_and_body_go_out_together_and_a_request_is_unsent_only_if_no_byte_left() {
+        let mut io = Scripted { accept: vec![usize::MAX], written: Vec::new(), calls: 0 };
+        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        assert_eq!((io.written.as_slice(), io.calls), (&b"HEADbody"[..], 1), "one call for head and body");
+
+        let mut io = Scripted { accept: vec![3, 2, 1, usize::MAX], written: Vec::new(), calls: 0 };
+        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        assert_eq!(io.written, b"HEADbody", "partial writes resume where they stopped");
+
+        let mut io = Scripted { accept: vec![], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(failure.unsent, "nothing went out: another connection may take it");
+        assert!(matches!(failure.error, H1Error::Write(_)));
+
+        let mut io = Scripted { accept: vec![1], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(!failure.unsent, "one byte went out: never sent again");
+
+        let mut io = Scripted { accept: vec![0], written: Vec::new(), calls: 0 };
+        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        assert!(failure.unsent);
+    }
+}
