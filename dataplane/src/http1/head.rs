@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri, Version};
 
+use super::codec::parse_length;
 use crate::api::{ApiFlavor, ApiRoute};
 
 /// Most header lines accepted in one request head.
@@ -72,16 +73,22 @@ pub struct Head {
 }
 
 /// Byte ranges of one header line inside the head buffer.
+/// 16 bytes a line: the table is on the stack and is filled for each request.
 #[derive(Clone, Copy, Default)]
 struct Line {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
-fn range_in(base: &[u8], part: &[u8]) -> (usize, usize) {
+/// Where `part` sits in `base` (a head of at most 64 KiB, so offsets fit in `u32`).
+fn range_in(base: &[u8], part: &[u8]) -> (u32, u32) {
     // Both slices come from `base`; their addresses give the offset without unsafe code.
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    (start, start + part.len())
+    (start as u32, (start + part.len()) as u32)
+}
+
+fn slice(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
+    &head[start as usize..end as usize]
 }
 
 /// Parses the head at the front of `buf`. `Ok(None)`: not complete yet. On success the head's
@@ -99,9 +106,11 @@ fn parse_inner(
     max_head: usize,
     raw: &mut Option<bytes::Bytes>,
 ) -> Result<Option<Head>, Http1Error> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut storage);
-    let len = match request.parse(buf) {
+    // Left uninitialised: httparse writes only the lines it finds (zeroing the whole table
+    // cost as much as parsing a typical head).
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut storage) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Http1Error::HeadTooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -128,14 +137,14 @@ fn parse_inner(
 
     let head = buf.split_to(len).freeze();
     *raw = Some(head.clone());
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+    let uri = Uri::from_maybe_shared(head.slice_ref(slice(&head, target)))
         .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
     let mut headers = HeaderMap::with_capacity(count);
     let mut framing = Framer::default();
     for line in &lines[..count] {
-        let name = HeaderName::from_bytes(&head[line.name.0..line.name.1])
+        let name = HeaderName::from_bytes(slice(&head, line.name))
             .map_err(|_| Http1Error::Malformed("A header name is not valid."))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(line.value.0..line.value.1))
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(slice(&head, line.value)))
             .map_err(|_| Http1Error::Malformed("A header value contains a control character."))?;
         framing.observe(&name, &value)?;
         headers.append(name, value);
@@ -164,7 +173,7 @@ impl Framer {
     fn observe(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Http1Error> {
         match name.as_str() {
             "content-length" => {
-                let length = parse_length(value.as_bytes())
+                let length = parse_length(value.as_bytes().trim_ascii())
                     .ok_or(Http1Error::Malformed("The Content-Length header is not a valid length."))?;
                 if self.content_length.is_some_and(|seen| seen != length) {
                     return Err(Http1Error::Malformed("The request has conflicting Content-Length headers."));
@@ -219,15 +228,6 @@ impl Framer {
         let keep_alive = !self.close && (version == Version::HTTP_11 || self.keep_alive);
         Ok((framing, keep_alive, self.expect_continue))
     }
-}
-
-/// `1*DIGIT`, optional whitespace around it, at most 18 digits (no overflow).
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //! connection whose request body was not read to its end is closed (after a bounded linger so
 //! the client can read the answer) rather than reused.
 
-pub mod chunked;
+pub mod codec;
 pub mod head;
 
 use std::io;
@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -41,12 +41,12 @@ use crate::body::GatewayBody;
 use crate::busy_poll::BusyPoll;
 use crate::error::GatewayError;
 use crate::pipeline::Gateway;
-use chunked::{ChunkedDecoder, Decoded};
+use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Read granularity.
+/// Initial read buffer.
 const READ_SIZE: usize = 16 * 1024;
 /// Body bytes merged into one write before it is sent.
 const WRITE_MERGE: usize = 64 * 1024;
@@ -75,35 +75,20 @@ pub enum Ended<IO> {
     Http2(Rewind<IO>),
 }
 
-/// Where the request body stands.
-#[derive(Debug)]
-enum BodyState {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    Done,
-    /// Unreadable (bad framing, early end): the connection cannot be reused.
-    Broken,
-}
-
 #[derive(Debug)]
 struct Conn<IO> {
     io: IO,
     buf: BytesMut,
     out: Vec<u8>,
-    body: BodyState,
+    /// What is left of the current request's body.
+    body: Decoder,
+    /// The body could not be read (bad framing, early end): the connection cannot be reused.
+    broken: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
-    /// Reads more into `buf`; `Ok(0)` at end of stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < want.min(READ_SIZE) {
-            self.buf.reserve(want.clamp(READ_SIZE, 4 * READ_SIZE));
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
-    }
-
     async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx, READ_SIZE)).await
+        std::future::poll_fn(|cx| poll_fill(&mut self.io, cx, &mut self.buf)).await
     }
 
     async fn flush_out(&mut self) -> io::Result<()> {
@@ -117,25 +102,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// Consumes whatever is left of the request body from bytes already read, without waiting.
     /// True when the body is complete and the connection can carry another request.
     fn finish_body_from_buffer(&mut self) -> bool {
-        loop {
-            match &mut self.body {
-                BodyState::Done => return true,
-                BodyState::Broken => return false,
-                BodyState::Length(left) => {
-                    if (self.buf.len() as u64) < *left {
-                        return false;
-                    }
-                    self.buf.advance(*left as usize);
-                    self.body = BodyState::Done;
-                }
-                BodyState::Chunked(decoder) => match decoder.decode(&mut self.buf) {
-                    Ok(Decoded::Data(_)) => {}
-                    Ok(Decoded::End) => self.body = BodyState::Done,
-                    Ok(Decoded::NeedMore) => return false,
-                    Err(_) => self.body = BodyState::Broken,
-                },
+        while !self.broken {
+            match self.body.decode(&mut self.buf) {
+                Ok(Some(_)) => {}
+                Ok(None) => return self.body.is_done(),
+                Err(_) => self.broken = true,
             }
         }
+        false
     }
 }
 
@@ -145,75 +119,42 @@ pub struct RequestBody<'c, IO> {
     conn: &'c mut Conn<IO>,
 }
 
-/// Why a request body could not be read. Carries no content.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("the client closed the connection before the end of the body")]
-    Incomplete,
-    #[error("invalid chunked body: {0}")]
-    Chunked(#[from] chunked::ChunkError),
-    #[error("reading the body: {0}")]
-    Io(#[from] io::Error),
-}
-
 impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, IO> {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = H1Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         let conn = &mut *self.get_mut().conn;
         loop {
-            let want = match &mut conn.body {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Broken => return Poll::Ready(Some(Err(BodyError::Incomplete))),
-                BodyState::Length(left) => {
-                    if !conn.buf.is_empty() {
-                        let take = (conn.buf.len() as u64).min(*left) as usize;
-                        *left -= take as u64;
-                        if *left == 0 {
-                            conn.body = BodyState::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split_to(take).freeze()))));
-                    }
-                    usize::try_from(*left).unwrap_or(usize::MAX)
+            if conn.broken {
+                return Poll::Ready(Some(Err(H1Error::IncompleteBody)));
+            }
+            match conn.body.decode(&mut conn.buf) {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) if conn.body.is_done() => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => {
+                    conn.broken = true;
+                    return Poll::Ready(Some(Err(e)));
                 }
-                BodyState::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::End) => {
-                        conn.body = BodyState::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => READ_SIZE,
-                    Err(e) => {
-                        conn.body = BodyState::Broken;
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
-                },
-            };
-            match ready!(conn.poll_fill(cx, want)) {
-                Ok(0) => {
-                    conn.body = BodyState::Broken;
-                    return Poll::Ready(Some(Err(BodyError::Incomplete)));
-                }
+            }
+            match ready!(poll_fill(&mut conn.io, cx, &mut conn.buf)) {
+                Ok(0) => conn.broken = true,
                 Ok(_) => {}
                 Err(e) => {
-                    conn.body = BodyState::Broken;
-                    return Poll::Ready(Some(Err(e.into())));
+                    conn.broken = true;
+                    return Poll::Ready(Some(Err(H1Error::Read(e))));
                 }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.conn.body, BodyState::Done)
+        self.conn.body.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.conn.body {
-            BodyState::Length(left) => SizeHint::with_exact(left),
-            BodyState::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.conn.body.size_hint()
     }
 }
 
@@ -287,8 +228,13 @@ pub async fn serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut conn =
-        Conn { io, buf: BytesMut::with_capacity(READ_SIZE), out: Vec::with_capacity(4096), body: BodyState::Done };
+    let mut conn = Conn {
+        io,
+        buf: BytesMut::with_capacity(READ_SIZE),
+        out: Vec::with_capacity(4096),
+        body: Decoder::Done,
+        broken: false,
+    };
     let mut first = detect_h2;
     loop {
         let head = match read_head(&mut conn, settings, &mut shutdown, first).await {
@@ -297,7 +243,7 @@ where
             Next::Http2 => return Ended::Http2(Rewind { pending: conn.buf.freeze(), io: conn.io }),
             Next::Refuse(error, flavor) => {
                 let response = error.into_response(flavor, &crate::api::request_id(&http::HeaderMap::new()));
-                conn.body = BodyState::Broken;
+                conn.broken = true;
                 let _ = write_response(&mut conn, response, Version::HTTP_11, false, false).await;
                 linger(&mut conn).await;
                 return Ended::Closed;
@@ -309,11 +255,11 @@ where
         }
         let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = *head;
         conn.body = match framing {
-            Framing::Length(0) => BodyState::Done,
-            Framing::Length(length) => BodyState::Length(length),
-            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            Framing::Length(0) => Decoder::Done,
+            Framing::Length(length) => Decoder::Length(length),
+            Framing::Chunked => Decoder::Chunked(Chunked::default()),
         };
-        if expect_continue && !matches!(conn.body, BodyState::Done) && conn.buf.is_empty() {
+        if expect_continue && !conn.body.is_done() && conn.buf.is_empty() {
             if conn.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
                 return Ended::Closed;
             }
@@ -360,21 +306,6 @@ async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<IO>) {
 /// Response headers the server writes itself.
 fn managed(name: &HeaderName) -> bool {
     matches!(name.as_str(), "content-length" | "transfer-encoding" | "connection" | "keep-alive")
-}
-
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 fn push_hex(out: &mut Vec<u8>, n: usize) {

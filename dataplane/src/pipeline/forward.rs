@@ -86,7 +86,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Copies client headers minus everything in `STRIPPED_REQUEST_HEADERS` and `Connection`.
 fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(client);
-    let mut out = HeaderMap::with_capacity(client.len() + 4);
+    // Room for the headers `build` adds (request id, encoding, type, credential, version, host).
+    let mut out = HeaderMap::with_capacity(client.len() + 8);
     for (name, value) in client {
         let drop = stripped_request_header(name) || listed.contains(name);
         if !drop {
@@ -169,7 +170,7 @@ pub fn build(
     let mut headers = forwardable_headers(&client.headers);
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
     headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // No Content-Length here: the upstream client writes it from the body it sends.
     if !headers.contains_key(header::CONTENT_TYPE) {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
