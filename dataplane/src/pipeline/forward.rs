@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, Uri};
-use http_body_util::Full;
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use portcullis_crds::v1alpha1::ProviderKind;
 
 use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER, X_API_KEY};
@@ -66,8 +65,9 @@ const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version
 /// The outbound request and what metering must know about it.
 #[derive(Debug)]
 pub struct Outbound {
-    pub request: Request<Full<Bytes>>,
-    /// The same body, for the in-process mock provider.
+    /// The request head as the provider receives it, `Content-Length` included; empty for the
+    /// in-process mock provider. It holds the provider credential and is zeroized when dropped.
+    pub head: zeroize::Zeroizing<Vec<u8>>,
     pub body: Bytes,
     /// The gateway asked for OpenAI's usage chunk; the client did not and must not see it.
     pub strip_usage_chunk: bool,
@@ -81,20 +81,6 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
-}
-
-/// Copies client headers minus everything in `STRIPPED_REQUEST_HEADERS` and `Connection`.
-fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
-    let listed = connection_listed(client);
-    // Room for the headers `build` adds (request id, encoding, type, credential, version, host).
-    let mut out = HeaderMap::with_capacity(client.len() + 8);
-    for (name, value) in client {
-        let drop = stripped_request_header(name) || listed.contains(name);
-        if !drop {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
 }
 
 /// Removes hop-by-hop headers from an upstream response in place.
@@ -156,7 +142,25 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
     path.map(Uri::from).ok_or(GatewayError::UpstreamUnavailable)
 }
 
-/// Builds the request for `chosen` from the client's request parts and body.
+/// The provider credential header, built per request in a buffer that is zeroized on drop.
+fn credential(chosen: &ModelRoute) -> Option<(HeaderName, zeroize::Zeroizing<Vec<u8>>)> {
+    let key = chosen.upstream.api_key()?;
+    let mut value = zeroize::Zeroizing::new(Vec::with_capacity(7 + key.len()));
+    let name = match chosen.upstream.kind {
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
+            value.extend_from_slice(b"Bearer ");
+            header::AUTHORIZATION
+        }
+        ProviderKind::Anthropic => X_API_KEY,
+        ProviderKind::AzureOpenAi => API_KEY,
+        ProviderKind::Mock => return None,
+    };
+    value.extend_from_slice(key.expose());
+    Some((name, value))
+}
+
+/// Builds the request for `chosen` from the client's request parts and body, encoded straight
+/// into its wire form: the client's headers minus the stripped ones, then the gateway's own.
 pub fn build(
     route: ApiRoute,
     client: &http::request::Parts,
@@ -167,47 +171,36 @@ pub fn build(
     request_id: &HeaderValue,
 ) -> Result<Outbound, GatewayError> {
     let (body, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
-    let mut headers = forwardable_headers(&client.headers);
-    headers.insert(REQUEST_ID_HEADER, request_id.clone());
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    // No Content-Length here: the upstream client writes it from the body it sends.
-    if !headers.contains_key(header::CONTENT_TYPE) {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    }
     let upstream = &chosen.upstream;
-    if let Some(key) = upstream.api_key() {
-        // Built per request and marked sensitive (never HPACK-indexed, hidden in Debug).
-        // The scratch copy is zeroized; the header's own copy lives in the HTTP stack's buffers.
-        let auth = |value: zeroize::Zeroizing<Vec<u8>>| -> Result<HeaderValue, GatewayError> {
-            let mut value = HeaderValue::from_bytes(&value).map_err(|_| GatewayError::UpstreamUnavailable)?;
-            value.set_sensitive(true);
-            Ok(value)
-        };
-        match upstream.kind {
-            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
-                let mut value = zeroize::Zeroizing::new(Vec::with_capacity(7 + key.len()));
-                value.extend_from_slice(b"Bearer ");
-                value.extend_from_slice(key.expose());
-                headers.insert(header::AUTHORIZATION, auth(value)?);
-            }
-            ProviderKind::Anthropic => {
-                headers.insert(X_API_KEY, auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
-            }
-            ProviderKind::AzureOpenAi => {
-                headers.insert(API_KEY, auth(zeroize::Zeroizing::new(key.expose().to_vec()))?);
-            }
-            ProviderKind::Mock => {}
-        }
-    }
-    if upstream.kind == ProviderKind::Anthropic && !headers.contains_key(&ANTHROPIC_VERSION) {
-        headers.insert(ANTHROPIC_VERSION, HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
-    }
-    if let Some(endpoint) = &upstream.endpoint {
-        headers.insert(header::HOST, endpoint.host.clone());
-    }
-    let mut request = Request::new(Full::new(body.clone()));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = upstream_path(route, &client.uri, model, chosen)?;
-    *request.headers_mut() = headers;
-    Ok(Outbound { request, body, strip_usage_chunk })
+    let Some(endpoint) = upstream.endpoint.as_ref().filter(|_| upstream.kind != ProviderKind::Mock) else {
+        return Ok(Outbound { head: zeroize::Zeroizing::new(Vec::new()), body, strip_usage_chunk });
+    };
+    let target = upstream_path(route, &client.uri, model, chosen)?;
+    let listed = connection_listed(&client.headers);
+    let forwarded = || {
+        client
+            .headers
+            .iter()
+            .filter(|(name, _)| !stripped_request_header(name) && **name != REQUEST_ID_HEADER && !listed.contains(name))
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+    };
+    let content_type = (!client.headers.contains_key(header::CONTENT_TYPE))
+        .then_some((&b"content-type"[..], &b"application/json"[..]));
+    let anthropic_version = (upstream.kind == ProviderKind::Anthropic
+        && !client.headers.contains_key(&ANTHROPIC_VERSION))
+    .then_some((&b"anthropic-version"[..], DEFAULT_ANTHROPIC_VERSION.as_bytes()));
+    let credential = credential(chosen);
+    let gateway = [
+        Some((&b"x-request-id"[..], request_id.as_bytes())),
+        Some((&b"accept-encoding"[..], &b"identity"[..])),
+        content_type,
+        credential.as_ref().map(|(name, value)| (name.as_str().as_bytes(), value.as_slice())),
+        anthropic_version,
+        Some((&b"host"[..], endpoint.host.as_bytes())),
+    ];
+    let fields = || forwarded().chain(gateway.iter().flatten().copied());
+    let target = target.path_and_query().map_or("/", |target| target.as_str());
+    let head = crate::upstream::h1::encode_fields(&Method::POST, target, fields, body.len())
+        .map_err(|_| GatewayError::UpstreamUnavailable)?;
+    Ok(Outbound { head, body, strip_usage_chunk })
 }

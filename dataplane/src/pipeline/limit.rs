@@ -4,12 +4,14 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use portcullis_crds::snapshot::ApiKeyEntry;
 
 use crate::api::RequestHead;
 use crate::error::GatewayError;
+use crate::http1::codec::push_decimal;
 use crate::limits::{AdmitError, Limiter, Refusal, Ticket, Which};
 use crate::snapshot::RuntimeSnapshot;
 
@@ -76,50 +78,73 @@ const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-toke
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-/// Seconds with three decimals (`12.345s`), written digit by digit into a stack buffer (no
-/// formatter, no string: this runs on every limited response).
-fn duration_text(ms: u64) -> HeaderValue {
-    // u64::MAX / 1000 has 17 digits; then ".", three decimals and "s".
-    let mut buf = [0u8; 24];
-    let mut at = buf.len();
-    let mut put = |digit: u8| {
-        at -= 1;
-        buf[at] = digit;
-    };
-    put(b's');
-    let (mut seconds, mut fraction) = (ms / 1000, ms % 1000);
-    for _ in 0..3 {
-        put(b'0' + (fraction % 10) as u8);
-        fraction /= 10;
-    }
-    put(b'.');
-    loop {
-        put(b'0' + (seconds % 10) as u8);
-        seconds /= 10;
-        if seconds == 0 {
-            break;
+/// Seconds with three decimals (`12.345s`), written digit by digit (no formatter: this runs
+/// on every limited response).
+fn push_seconds(out: &mut Vec<u8>, ms: u64) {
+    push_decimal(out, ms / 1000);
+    let fraction = ms % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+        b's',
+    ]);
+}
+
+/// A rate-limit header value.
+enum Text {
+    Count(u64),
+    Seconds(u64),
+}
+
+/// Inserts up to six headers whose values are written into one buffer: one allocation for all.
+fn insert_all(headers: &mut HeaderMap, fields: &[(HeaderName, Text)]) {
+    let mut text = Vec::with_capacity(fields.len() * 24);
+    let mut ends = [0usize; 6];
+    for ((_, value), end) in fields.iter().zip(ends.iter_mut()) {
+        match *value {
+            Text::Count(n) => push_decimal(&mut text, n),
+            Text::Seconds(ms) => push_seconds(&mut text, ms),
         }
+        *end = text.len();
     }
-    HeaderValue::from_bytes(&buf[at..]).unwrap_or_else(|_| HeaderValue::from_static("0s"))
+    let text = Bytes::from(text);
+    let mut start = 0;
+    for ((name, _), &end) in fields.iter().zip(&ends) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
+            headers.insert(name.clone(), value);
+        }
+        start = end;
+    }
 }
 
 /// OpenAI-style `x-ratelimit-*` headers for an admitted request.
 pub fn rate_headers(ticket: &Ticket, headers: &mut HeaderMap) {
     let limits = &ticket.admission.key.limits;
     let granted = &ticket.granted;
-    // One growth of the map instead of up to two while inserting.
-    headers.reserve(
-        3 * (usize::from(limits.requests_per_minute.is_some()) + usize::from(limits.tokens_per_minute.is_some())),
-    );
-    if let Some(limit) = limits.requests_per_minute {
-        headers.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
-        headers.insert(REMAINING_REQUESTS, HeaderValue::from(limit.saturating_sub(granted.requests_used)));
-        headers.insert(RESET_REQUESTS, duration_text(granted.requests_reset_ms));
-    }
-    if let Some(limit) = limits.tokens_per_minute {
-        headers.insert(LIMIT_TOKENS, HeaderValue::from(limit));
-        headers.insert(REMAINING_TOKENS, HeaderValue::from(limit.saturating_sub(granted.tokens_used)));
-        headers.insert(RESET_TOKENS, duration_text(granted.tokens_reset_ms));
+    let requests = limits.requests_per_minute.map(|limit| {
+        [
+            (LIMIT_REQUESTS, Text::Count(limit)),
+            (REMAINING_REQUESTS, Text::Count(limit.saturating_sub(granted.requests_used))),
+            (RESET_REQUESTS, Text::Seconds(granted.requests_reset_ms)),
+        ]
+    });
+    let tokens = limits.tokens_per_minute.map(|limit| {
+        [
+            (LIMIT_TOKENS, Text::Count(limit)),
+            (REMAINING_TOKENS, Text::Count(limit.saturating_sub(granted.tokens_used))),
+            (RESET_TOKENS, Text::Seconds(granted.tokens_reset_ms)),
+        ]
+    });
+    match (requests, tokens) {
+        (Some(requests), Some(tokens)) => {
+            let [a, b, c] = requests;
+            let [d, e, f] = tokens;
+            insert_all(headers, &[a, b, c, d, e, f]);
+        }
+        (Some(only), None) | (None, Some(only)) => insert_all(headers, &only),
+        (None, None) => {}
     }
 }
 
@@ -131,9 +156,14 @@ pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
         } else {
             (LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS)
         };
-        headers.insert(limit, HeaderValue::from(*limit_value));
-        headers.insert(remaining, HeaderValue::from(limit_value.saturating_sub(*used)));
-        headers.insert(reset, duration_text(*retry_after_ms));
+        insert_all(
+            headers,
+            &[
+                (limit, Text::Count(*limit_value)),
+                (remaining, Text::Count(limit_value.saturating_sub(*used))),
+                (reset, Text::Seconds(*retry_after_ms)),
+            ],
+        );
     }
 }
 
@@ -152,7 +182,9 @@ mod tests {
             (86_400_000, "86400.000s"),
             (u64::MAX, "18446744073709551.615s"),
         ] {
-            assert_eq!(duration_text(ms), text);
+            let mut written = Vec::new();
+            push_seconds(&mut written, ms);
+            assert_eq!(written, text.as_bytes());
             if ms < 1 << 50 {
                 // The same as formatting the seconds as a float (exact in this range).
                 assert_eq!(format!("{:.3}s", ms as f64 / 1000.0), text);

@@ -235,7 +235,7 @@ impl Gateway {
             return Ok(crate::mock::respond(route, &outbound.body, upstream_model));
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
-        let pending = self.client.send(&endpoint.origin, outbound.request);
+        let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false);
         match tokio::time::timeout(self.settings.upstream_response_timeout, pending).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {

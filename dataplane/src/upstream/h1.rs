@@ -102,31 +102,51 @@ pub(super) fn encode_head(
     headers: &HeaderMap,
     body_len: usize,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error> {
+    let fields = || {
+        headers
+            .iter()
+            .filter(|(name, _)| **name != CONTENT_LENGTH && **name != TRANSFER_ENCODING)
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+    };
+    encode_fields(method, target, fields, body_len)
+}
+
+/// [`encode_head`] from name and value bytes; `fields` is walked twice (once to size the
+/// buffer). The caller leaves out `Content-Length` and `Transfer-Encoding`.
+pub fn encode_fields<'a, I>(
+    method: &Method,
+    target: &str,
+    fields: impl Fn() -> I,
+    body_len: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
     // Origin-form only: a path, never a space, control character or DEL.
     if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(H1Error::InvalidRequest("invalid request target"));
     }
     const CONTENT_LENGTH_LINE: usize = "content-length: ".len() + 20 + 2;
     let mut size = method.as_str().len() + 1 + target.len() + " HTTP/1.1\r\n".len() + 2 + CONTENT_LENGTH_LINE;
-    for (name, value) in headers {
-        // HeaderValue rejects CR, LF and NUL when built from bytes; make sure of it here too.
-        if memchr::memchr3(b'\r', b'\n', 0, value.as_bytes()).is_some() {
+    for (name, value) in fields() {
+        // Names are tokens and values never break a line, whatever built them.
+        if name.is_empty() || name.iter().any(|&b| b <= b' ' || b == b':' || b == 0x7f) {
+            return Err(H1Error::InvalidRequest("invalid header name"));
+        }
+        if memchr::memchr3(b'\r', b'\n', 0, value).is_some() {
             return Err(H1Error::InvalidRequest("invalid header value"));
         }
-        size += name.as_str().len() + 2 + value.len() + 2;
+        size += name.len() + 2 + value.len() + 2;
     }
     let mut head = zeroize::Zeroizing::new(Vec::with_capacity(size));
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
+    for (name, value) in fields() {
+        head.extend_from_slice(name);
         head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(value);
         head.extend_from_slice(b"\r\n");
     }
     if body_len > 0 || !bodiless_method(method) {

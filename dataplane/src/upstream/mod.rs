@@ -13,7 +13,7 @@
 //! poll that asks for the next frame, so the server writes a burst of SSE events in one
 //! `writev` instead of one per event, and no chunk is handed from task to task.
 
-mod h1;
+pub mod h1;
 mod pool;
 
 use std::path::Path;
@@ -213,17 +213,28 @@ impl UpstreamClient {
         let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
         // Holds the credential: zeroized when dropped, whatever happens below.
         let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
-        let head_request = parts.method == Method::HEAD;
+        self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await
+    }
+
+    /// Sends a request whose head is already encoded ([`h1::encode_fields`]; it ends with the
+    /// `Content-Length` of `body`).
+    pub async fn send_encoded(
+        &self,
+        origin: &Origin,
+        head: &[u8],
+        body: &Bytes,
+        head_request: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         while let Some(lease) = pool::checkout(&self.pool, origin) {
             let Some(lease) = lease.revalidate().await else { continue };
-            match lease.send(&head, &body, head_request).await {
+            match lease.send(head, body, head_request).await {
                 Ok(response) => return Ok(response),
                 Err(failure) if failure.unsent => {}
                 Err(failure) => return Err(failure.error.into()),
             }
         }
         let lease = self.connect(origin).await?;
-        lease.send(&head, &body, head_request).await.map_err(|failure| failure.error.into())
+        lease.send(head, body, head_request).await.map_err(|failure| failure.error.into())
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
