@@ -224,3 +224,60 @@ async fn http2_with_prior_knowledge_is_still_served_on_plain_tcp() {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&bytes).contains(REPLY));
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_noticed_while_the_provider_thinks_and_mid_stream() {
+    use portcullis_e2e::{eventually, UpstreamOptions};
+    let options = FixtureOptions {
+        upstream: UpstreamOptions { response_delay: Duration::from_secs(5), ..UpstreamOptions::default() },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let addr = fx.gateway.listen_addr();
+    let open = || async {
+        let metrics = fx.gateway.metrics().await.ok()?;
+        metrics.get("portcullis_open_connections", &[])
+    };
+
+    // The provider takes 5 s before its response head; the client leaves after 300 ms. The
+    // connection (and the upstream request with it) ends at once, not when the answer comes.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(chat("", false).as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(2), "the connection to be counted", || async {
+        (open().await == Some(1.0)).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = Instant::now();
+    drop(stream);
+    eventually(Duration::from_secs(3), "the connection to close", || async {
+        (open().await == Some(0.0)).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(left.elapsed() < Duration::from_secs(3), "noticed only after {:?}", left.elapsed());
+
+    // Mid-stream: the provider holds its last event; the client reads the first ones and leaves.
+    fx.openai.set(|o| o.response_delay = Duration::ZERO);
+    fx.openai.hold_last_event();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    fx.openai.wait_held(1, Duration::from_secs(5)).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first)).await.unwrap().unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&first[..n]));
+    drop(stream);
+    eventually(Duration::from_secs(3), "the stream's connection to close", || async {
+        (open().await == Some(0.0)).then_some(())
+    })
+    .await
+    .unwrap();
+    fx.openai.release();
+}

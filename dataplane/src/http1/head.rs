@@ -334,7 +334,7 @@ mod tests {
     #[test]
     fn control_characters_and_bad_targets_are_refused() {
         assert!(matches!(head("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x01b\r\n\r\n"), Err(Http1Error::Malformed(_))));
-        assert!(matches!(head("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"), Err(_)));
+        assert!(head("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(matches!(head("G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n"), Err(Http1Error::Malformed(_))));
     }
 }

@@ -32,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -99,6 +100,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         Ok(())
     }
 
+    /// The whole request body, if it has already been read (a `Content-Length` body).
+    fn take_buffered_body(&mut self) -> Option<Bytes> {
+        match self.body {
+            Decoder::Done => Some(Bytes::new()),
+            Decoder::Length(length) if self.buf.len() as u64 >= length => {
+                self.body = Decoder::Done;
+                Some(self.buf.split_to(length as usize).freeze())
+            }
+            _ => None,
+        }
+    }
+
+    /// Ready when the client has closed the connection (or it failed). Pipelined requests that
+    /// arrive meanwhile are kept for later, up to one head's worth; past that, nothing more is
+    /// read until they are served.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.buf.len() < MAX_HEAD {
+            match poll_fill(&mut self.io, cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Pending
+    }
+
     /// Consumes whatever is left of the request body from bytes already read, without waiting.
     /// True when the body is complete and the connection can carry another request.
     fn finish_body_from_buffer(&mut self) -> bool {
@@ -111,6 +138,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
         false
     }
+}
+
+fn request<B>(method: Method, uri: http::Uri, version: Version, headers: http::HeaderMap, body: B) -> Request<B> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    request
 }
 
 /// The request body, read from the connection while the pipeline holds it.
@@ -259,18 +295,29 @@ where
             Framing::Length(length) => Decoder::Length(length),
             Framing::Chunked => Decoder::Chunked(Chunked::default()),
         };
-        if expect_continue && !conn.body.is_done() && conn.buf.is_empty() {
-            if conn.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                return Ended::Closed;
-            }
+        let waits = expect_continue && !conn.body.is_done() && conn.buf.is_empty();
+        if waits && conn.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return Ended::Closed;
         }
         let head_only = method == Method::HEAD;
-        let mut request = Request::new(RequestBody { conn: &mut conn });
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = version;
-        *request.headers_mut() = headers;
-        let response = gateway.handle(request, Some(peer)).await;
+        let response = match conn.take_buffered_body() {
+            // The whole body has arrived (the usual case): the pipeline gets it as it is, and
+            // the connection is watched meanwhile, so a client that goes away while the provider
+            // thinks cancels the request, as it would mid-stream.
+            Some(body) => {
+                let request = request(method, uri, version, headers, Full::new(body));
+                tokio::select! {
+                    biased;
+                    response = gateway.handle(request, Some(peer)) => response,
+                    () = std::future::poll_fn(|cx| conn.poll_gone(cx)) => return Ended::Closed,
+                }
+            }
+            // The pipeline reads the rest of the body from the connection itself.
+            None => {
+                let request = request(method, uri, version, headers, RequestBody { conn: &mut conn });
+                gateway.handle(request, Some(peer)).await
+            }
+        };
 
         let body_read = conn.finish_body_from_buffer();
         let keep_alive = keep_alive && body_read && !*shutdown.borrow();
@@ -411,7 +458,17 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Wait only when nothing is buffered; otherwise take what is ready and send it.
         let polled = if conn.out.is_empty() {
-            Some(std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await)
+            // Waiting for the provider: a client that goes away ends the response (and the
+            // upstream request with it) now rather than at the next write.
+            let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                Poll::Pending => conn.poll_gone(cx).map(|()| None),
+            })
+            .await;
+            match next {
+                Some(frame) => Some(frame),
+                None => return Ok(false),
+            }
         } else {
             std::future::poll_fn(|cx| {
                 Poll::Ready(match body.as_mut().poll_frame(cx) {

@@ -425,24 +425,34 @@ mod tests {
 
     #[tokio::test]
     async fn only_cleanly_framed_responses_leave_their_connection_reusable() {
-        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(connections_for_two(chunked, Then::KeepOpen, "hello").await, 1);
-        let close = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(connections_for_two(close, Then::KeepOpen, "hello").await, 2);
-        let both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(connections_for_two(both, Then::KeepOpen, "hello").await, 2);
-        let extra = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloEXTRA";
-        assert_eq!(connections_for_two(extra, Then::KeepOpen, "hello").await, 2);
-        let until_close = b"HTTP/1.1 200 OK\r\n\r\nhello, until close";
-        assert_eq!(connections_for_two(until_close, Then::Close, "hello, until close").await, 2);
-        let no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n";
-        assert_eq!(connections_for_two(no_content, Then::KeepOpen, "").await, 1);
-        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        assert_eq!(connections_for_two(interim, Then::KeepOpen, "ok").await, 1);
-        // An idle connection that received bytes nobody asked for is discarded at checkout.
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(connections_for_two(plain, Then::SendJunk, "hello").await, 2);
-        assert_eq!(connections_for_two(plain, Then::KeepOpen, "hello").await, 1);
+        let plain: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        // Reply, what the server does next, the body read, connections two exchanges take.
+        let cases: [(&'static [u8], Then, &str, usize); 9] = [
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", Then::KeepOpen, "hello", 1),
+            (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello", Then::KeepOpen, "hello", 2),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                Then::KeepOpen,
+                "hello",
+                2,
+            ),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloEXTRA", Then::KeepOpen, "hello", 2),
+            (b"HTTP/1.1 200 OK\r\n\r\nhello, until close", Then::Close, "hello, until close", 2),
+            (b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n", Then::KeepOpen, "", 1),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Then::KeepOpen,
+                "ok",
+                1,
+            ),
+            // An idle connection that received bytes nobody asked for is discarded at checkout.
+            (plain, Then::SendJunk, "hello", 2),
+            (plain, Then::KeepOpen, "hello", 1),
+        ];
+        for (reply, then, body, connections) in cases {
+            let got = connections_for_two(reply, then, body).await;
+            assert_eq!(got, connections, "{:?}", String::from_utf8_lossy(reply));
+        }
     }
 
     #[tokio::test]
