@@ -11,11 +11,14 @@ Portcullis runs three ways, side by side: `portcullis` (the key has limits; in-m
 (limits on a shared Redis, a redis-server pinned to CPU 0 with the load generator). A fourth,
 `portcullis-busypoll`, is `portcullis` with `--busy-poll-us 500`: it keeps its core polling
 instead of sleeping while traffic flows, trading CPU for the wake-up latency of an idle core.
+`portcullis-baseline` (not run by default) is `portcullis` from another build, named by
+BENCH_BASELINE_BIN: an earlier commit measured side by side with this one.
 
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_TARGETS (direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,envoy),
 BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
-run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN.
+run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
+binary for the `portcullis-baseline` target).
 """
 
 import datetime
@@ -44,10 +47,12 @@ PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis_admin": BASE + 4, "envoy": BASE + 5, "envoy_admin": BASE + 6,
         "portcullis-nolimit": BASE + 7, "portcullis-nolimit_admin": BASE + 8,
         "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11,
-        "portcullis-busypoll": BASE + 12, "portcullis-busypoll_admin": BASE + 13}
+        "portcullis-busypoll": BASE + 12, "portcullis-busypoll_admin": BASE + 13,
+        "portcullis-baseline": BASE + 14, "portcullis-baseline_admin": BASE + 15}
 LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "portcullis": PORT["portcullis"],
           "portcullis-nolimit": PORT["portcullis-nolimit"], "portcullis-redis": PORT["portcullis-redis"],
           "portcullis-busypoll": PORT["portcullis-busypoll"],
+          "portcullis-baseline": PORT["portcullis-baseline"],
           "envoy": PORT["envoy"]}
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
 BUSY_POLL_US = 500
@@ -412,7 +417,12 @@ def start_target(name):
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
-    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll"):
+    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll", "portcullis-baseline"):
+        binary = os.path.join(BIN, "portcullis-dataplane")
+        if name == "portcullis-baseline":
+            binary = os.environ.get("BENCH_BASELINE_BIN", "")
+            if not os.path.isfile(binary):
+                return None, [], "portcullis-baseline skipped: BENCH_BASELINE_BIN names no file"
         extra = []
         if name == "portcullis-busypoll":
             extra = ["--busy-poll-us", str(BUSY_POLL_US)]
@@ -424,7 +434,7 @@ def start_target(name):
             extra = ["--redis-url", url, "--limiter-failure-policy", "closed"]
         d = os.path.join(WORK, "manifests-" + name)
         write_manifests(d, limits=name != "portcullis-nolimit")
-        argv = [os.path.join(BIN, "portcullis-dataplane"), "--manifests", d,
+        argv = [binary, "--manifests", d,
                 "--listen", f"127.0.0.1:{PORT[name]}",
                 "--admin-listen", f"127.0.0.1:{PORT[name + '_admin']}", "--log-level", "warn"]
         argv += one_worker_args() + extra
