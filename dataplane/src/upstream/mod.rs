@@ -325,26 +325,8 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_the_provider_closed_is_replaced() {
         // Answers one request per connection with keep-alive, then closes the socket anyway.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !seen.ends_with(b"\r\n\r\n{}") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
-                drop(stream);
-            }
-        });
-        let endpoint = Endpoint::parse(&format!("http://{addr}")).expect("endpoint");
+        let (endpoint, accepted) =
+            scripted_server(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"[..], Then::Close).await;
         let client = build_client(None, Duration::from_secs(5)).expect("client");
         for round in 1..=3 {
             let response = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
