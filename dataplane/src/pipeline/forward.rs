@@ -83,8 +83,13 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Removes hop-by-hop headers from an upstream response in place.
+/// Removes hop-by-hop headers from an upstream response in place. One pass over the names
+/// first: most responses carry none of them, and a removal hashes the name.
 pub fn clean_response_headers(headers: &mut HeaderMap) {
+    let found = headers.keys().any(|name| STRIPPED_RESPONSE_HEADERS.contains(name));
+    if !found {
+        return;
+    }
     for name in connection_listed(headers) {
         headers.remove(name);
     }
