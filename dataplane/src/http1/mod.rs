@@ -2,10 +2,13 @@
 //! the pipeline, and writes the response, in turn, on the same socket.
 //!
 //! ```text
-//!  socket ─▶ buf ─▶ head::parse ─▶ Request<RequestBody> ─▶ Gateway::handle ─▶ write_response ─▶ socket
-//!                                      │ borrows the connection            (head, body frames and
-//!                                      ▼ while the pipeline reads it        chunk framing merged
-//!                                   chunked / Content-Length                into few writes)
+//!  socket ─▶ buf ─▶ head::parse ─┬─▶ Request<Full>         whole body already read; the socket is
+//!                                │                          watched meanwhile for a client that left
+//!                                └─▶ Request<RequestBody>  borrows the connection: chunked, or a
+//!                                           │               body still arriving
+//!                                           ▼
+//!                          Gateway::handle ─▶ write_response ─▶ socket   head, body frames and chunk
+//!                                                                        framing merged into few writes
 //! ```
 //!
 //! Written for the hot path instead of serving HTTP/1 through hyper: the request body is read
