@@ -68,6 +68,12 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// The comma-separated, whitespace-trimmed, non-empty elements of a list-valued header
+/// (`Connection`, `Transfer-Encoding`).
+pub fn list_tokens(value: &http::HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
 /// A Content-Length value: 1*DIGIT, fitting in u64.
 pub fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 20 {

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri, Version};
 
-use super::codec::parse_length;
+use super::codec::{list_tokens, parse_length};
 use crate::api::{ApiFlavor, ApiRoute};
 
 /// Most header lines accepted in one request head.
@@ -170,10 +170,6 @@ struct Framer {
     expect_continue: bool,
 }
 
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
-}
-
 impl Framer {
     fn observe(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Http1Error> {
         match name.as_str() {
@@ -187,7 +183,7 @@ impl Framer {
             }
             "transfer-encoding" => {
                 self.transfer_encoding = true;
-                for coding in tokens(value) {
+                for coding in list_tokens(value) {
                     // `chunked` must be the only coding, and applied once.
                     if !coding.eq_ignore_ascii_case(b"chunked") {
                         return Err(Http1Error::UnsupportedTransferEncoding);
@@ -200,7 +196,7 @@ impl Framer {
             }
             "host" => self.hosts += 1,
             "connection" => {
-                for token in tokens(value) {
+                for token in list_tokens(value) {
                     self.close |= token.eq_ignore_ascii_case(b"close");
                     self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
                 }

@@ -221,14 +221,14 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     let deadline = Instant::now() + settings.header_read_timeout;
     let mut draining = *shutdown.borrow();
     loop {
-        if first && conn.buf.len() <= PREFACE.len() && PREFACE.starts_with(&conn.buf) && !conn.buf.is_empty() {
-            if conn.buf.len() == PREFACE.len() {
-                return Next::Http2;
-            }
-        } else if !conn.buf.is_empty() {
-            if first && conn.buf.starts_with(PREFACE) {
-                return Next::Http2;
-            }
+        // On a new plain-TCP connection, bytes that could still be the HTTP/2 preface wait for
+        // the rest of it.
+        let seen = conn.buf.len().min(PREFACE.len());
+        let maybe_h2 = first && seen > 0 && conn.buf[..seen] == PREFACE[..seen];
+        if maybe_h2 && seen == PREFACE.len() {
+            return Next::Http2;
+        }
+        if !maybe_h2 && !conn.buf.is_empty() {
             match head::parse(&mut conn.buf, MAX_HEAD) {
                 Ok(Some(head)) => return Next::Head(Box::new(head)),
                 Ok(None) => {}

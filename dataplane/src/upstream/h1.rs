@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use crate::http1::codec::H1Error;
-use crate::http1::codec::{parse_length, push_decimal};
+use crate::http1::codec::{list_tokens, parse_length, push_decimal};
 pub(super) use crate::http1::codec::{poll_fill, Chunked, Decoder};
 
 /// Most header fields accepted in a response head.
@@ -96,6 +96,10 @@ fn bodiless_method(method: &Method) -> bool {
 ///
 /// The head holds the provider's credential: its buffer is allocated at its exact final size
 /// (it never reallocates, leaving no stray copy behind) and zeroized when dropped.
+///
+/// Tests build requests as `http::Request`s; the gateway encodes its fields directly
+/// ([`encode_fields`], from `forward::build`).
+#[cfg(test)]
 pub(super) fn encode_head(
     method: &Method,
     target: &str,
@@ -287,14 +291,9 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
     Ok(Parsed::Final(ResponseHead { status, version, headers, decoder, reusable }))
 }
 
-/// The comma-separated, whitespace-trimmed, non-empty list elements of every `name` field.
+/// The list elements of every `name` field.
 fn list_elements<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(|element| element.trim_ascii())
-        .filter(|element| !element.is_empty())
+    headers.get_all(name).iter().flat_map(list_tokens)
 }
 
 /// How the body is delimited (RFC 9112 §6.3), and whether the connection can be reused after it.

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  request task ──checkout──▶ pool (per thread, no lock) ──▶ Lease { Io, read buffer }
-//!       │  writes the request (h1::encode_head, one writev) and reads the head itself ...
+//!       │  writes the head `forward::build` encoded (h1::encode_fields) and the body in one
+//!       │  writev, and reads the response head itself ...
 //!       ▼
 //!  UpstreamBody ── ... and the body as it is polled; ──release──▶ pool (if fully read)
 //! ```
@@ -11,7 +12,7 @@
 //! No connection task is spawned: the request that uses a connection drives it, with our own
 //! HTTP/1.1 codec (`h1`). Every chunk already read from the provider is decoded in the same
 //! poll that asks for the next frame, so the server writes a burst of SSE events in one
-//! `writev` instead of one per event, and no chunk is handed from task to task.
+//! write instead of one per event, and no chunk is handed from task to task.
 
 pub mod h1;
 mod pool;
@@ -24,8 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Response, Uri};
-use http_body_util::{BodyExt as _, Full};
+use http::{HeaderValue, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::ServerName;
 
@@ -195,29 +195,10 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
 }
 
 impl UpstreamClient {
-    /// Sends `request` (origin-form URI, `Host` set) to `origin`, on a pooled connection when
-    /// one is alive. A request that a pooled connection refused before writing any of it is
-    /// sent again on the next connection; one already written is never repeated.
-    pub async fn send(
-        &self,
-        origin: &Origin,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, mut body) = request.into_parts();
-        // A `Full` body is one frame, ready at once.
-        let body = match body.frame().await {
-            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
-            Some(Err(never)) => match never {},
-            None => Bytes::new(),
-        };
-        let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
-        // Holds the credential: zeroized when dropped, whatever happens below.
-        let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
-        self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await
-    }
-
     /// Sends a request whose head is already encoded ([`h1::encode_fields`]; it ends with the
-    /// `Content-Length` of `body`).
+    /// `Content-Length` of `body`) to `origin`, on a pooled connection when one is alive. A
+    /// request that a pooled connection refused before writing any of it is sent again on the
+    /// next connection; one already written is never repeated.
     pub async fn send_encoded(
         &self,
         origin: &Origin,
@@ -258,9 +239,32 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    use http::{Method, Request};
     use http_body::Body as _;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    impl UpstreamClient {
+        /// Sends `request` (origin-form URI, `Host` set): the tests' way in; the gateway itself
+        /// encodes its requests in `forward::build` and calls [`Self::send_encoded`].
+        pub async fn send(
+            &self,
+            origin: &Origin,
+            request: Request<Full<Bytes>>,
+        ) -> Result<Response<UpstreamBody>, UpstreamError> {
+            let (parts, mut body) = request.into_parts();
+            // A `Full` body is one frame, ready at once.
+            let body = match body.frame().await {
+                Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+                Some(Err(never)) => match never {},
+                None => Bytes::new(),
+            };
+            let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
+            // Holds the credential: zeroized when dropped, whatever happens below.
+            let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
+            self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await
+        }
+    }
 
     fn request(endpoint: &Endpoint, path: &str) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
