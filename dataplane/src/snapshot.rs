@@ -21,6 +21,8 @@ use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::{ApiKeyEntry, GatewaySnapshot, KillSwitchEntry};
 use portcullis_crds::v1alpha1::{ObjectRef, ProviderKind};
 
+use crate::limits::{KeyLimits, SubjectLimits};
+
 /// A provider endpoint with its key in memory (zeroized when the last snapshot using it drops).
 pub struct Upstream {
     pub id: ObjectRef,
@@ -70,6 +72,8 @@ pub struct ModelRoute {
 #[derive(Clone, Debug)]
 pub struct KeyGrant {
     pub policy: Arc<ApiKeyEntry>,
+    /// The counters the key's requests count against; `None` when nothing limits it.
+    pub limits: Option<Arc<KeyLimits>>,
     /// Set while this digest is the old half of a rotation.
     pub valid_until: Option<DateTime<Utc>>,
 }
@@ -92,8 +96,6 @@ pub struct RuntimeSnapshot {
     pub kill_switches: Vec<KillSwitchEntry>,
     /// Every ApiKey once by identity (a rotating key has two digests in `keys`).
     pub policies: HashMap<ObjectRef, Arc<ApiKeyEntry>>,
-    /// Team limits by (namespace, team): the strictest any of the team's keys declares.
-    team_limits: HashMap<(String, String), crate::limits::SubjectLimits>,
     pub api_key_count: usize,
     pub upstream_count: usize,
 }
@@ -116,25 +118,32 @@ impl RuntimeSnapshot {
             content.api_keys.iter().map(|k| k.digests.len()).sum(),
             Default::default(),
         );
-        let mut policies = HashMap::with_capacity(content.api_keys.len());
-        for entry in &content.api_keys {
-            let policy = Arc::new(entry.clone());
-            policies.insert(entry.key.clone(), policy.clone());
-            for issued in &entry.digests {
-                keys.insert(issued.digest, KeyGrant { policy: policy.clone(), valid_until: issued.valid_until });
-            }
-        }
-
-        let mut team_limits: HashMap<(String, String), crate::limits::SubjectLimits> = HashMap::new();
+        // Team limits by (namespace, team): the strictest any of the team's keys declares.
+        let mut team_limits: HashMap<(&str, &str), SubjectLimits> = HashMap::new();
         for entry in &content.api_keys {
             if let (Some(team), Some(limits)) = (&entry.team, &entry.team_limits) {
-                let merged = team_limits.entry((entry.key.namespace.clone(), team.clone())).or_default();
+                let merged = team_limits.entry((entry.key.namespace.as_str(), team.as_str())).or_default();
                 let strictest = |a: Option<u64>, b: Option<u64>| match (a, b) {
                     (Some(x), Some(y)) => Some(x.min(y)),
                     (x, y) => x.or(y),
                 };
                 merged.requests_per_minute = strictest(merged.requests_per_minute, limits.requests_per_minute);
                 merged.tokens_per_minute = strictest(merged.tokens_per_minute, limits.tokens_per_minute);
+            }
+        }
+
+        let mut policies = HashMap::with_capacity(content.api_keys.len());
+        for entry in &content.api_keys {
+            let policy = Arc::new(entry.clone());
+            policies.insert(entry.key.clone(), policy.clone());
+            let team =
+                entry.team.as_ref().and_then(|team| team_limits.get(&(entry.key.namespace.as_str(), team.as_str())));
+            let limits = KeyLimits::new(entry, team.copied()).map(Arc::new);
+            for issued in &entry.digests {
+                keys.insert(
+                    issued.digest,
+                    KeyGrant { policy: policy.clone(), limits: limits.clone(), valid_until: issued.valid_until },
+                );
             }
         }
 
@@ -186,7 +195,6 @@ impl RuntimeSnapshot {
             exact_models,
             glob_models,
             kill_switches: content.kill_switches.clone(),
-            team_limits,
             policies,
             api_key_count: content.api_keys.len(),
             upstream_count: content.credentials.len(),
@@ -199,12 +207,6 @@ impl RuntimeSnapshot {
             return None;
         }
         self.keys.get(&self.pepper.digest(presented))
-    }
-
-    /// The limits shared by `key`'s team, if it names one that has any.
-    pub fn team_limits(&self, key: &ApiKeyEntry) -> Option<crate::limits::SubjectLimits> {
-        let team = key.team.as_ref()?;
-        self.team_limits.get(&(key.key.namespace.clone(), team.clone())).copied()
     }
 
     /// Every route that serves `model`: exact declarations first, then matching patterns.
@@ -252,5 +254,69 @@ impl SnapshotHandle {
 
     pub fn is_loaded(&self) -> bool {
         self.current.load().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_crds::sealing::KeyId;
+    use portcullis_crds::snapshot::SnapshotContent;
+
+    const KEYS: [&str; 3] = [
+        "pcl_snapshot_test_key_a_0123456789abcdef",
+        "pcl_snapshot_test_key_b_0123456789abcdef",
+        "pcl_snapshot_test_key_c_0123456789abcdef",
+    ];
+
+    /// Keys `a` and `b` in team `red` declaring different team limits, `c` without any limits.
+    fn opened(pepper: &Pepper) -> RuntimeSnapshot {
+        let entry = |name: &str, key: &str, extra: serde_json::Value| {
+            let mut value = serde_json::json!({
+                "key": {"namespace": "apps", "name": name},
+                "digests": [{"digest": pepper.digest(key.as_bytes())}],
+            });
+            if let (Some(value), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+                value.extend(extra);
+            }
+            serde_json::from_value::<ApiKeyEntry>(value).expect("entry")
+        };
+        let content = SnapshotContent {
+            api_keys: vec![
+                entry(
+                    "a",
+                    KEYS[0],
+                    serde_json::json!({"team": "red", "limits": {"requestsPerMinute": 10},
+                        "teamLimits": {"requestsPerMinute": 100, "tokensPerMinute": 5000}}),
+                ),
+                entry("b", KEYS[1], serde_json::json!({"team": "red", "teamLimits": {"requestsPerMinute": 40}})),
+                entry("c", KEYS[2], serde_json::json!({})),
+            ],
+            credentials: Vec::new(),
+            kill_switches: Vec::new(),
+        };
+        let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
+        RuntimeSnapshot::open(&GatewaySnapshot::new(content, None), &keyring, pepper).expect("open")
+    }
+
+    #[test]
+    fn limit_subjects_are_built_once_with_the_strictest_team_limits() {
+        let pepper = Pepper::generate().expect("pepper");
+        let snapshot = opened(&pepper);
+        let limits = |key: &str| snapshot.lookup_key(key.as_bytes()).expect("known key").limits.clone();
+
+        let a = limits(KEYS[0]).expect("a is limited");
+        assert_eq!(&*a.key.id, "apps/a");
+        assert_eq!(a.key.limits.requests_per_minute, Some(10));
+        let team = a.team.as_ref().expect("a's team");
+        assert_eq!(&*team.id, "team:apps/red");
+        assert_eq!((team.limits.requests_per_minute, team.limits.tokens_per_minute), (Some(40), Some(5000)));
+
+        // `b` has no limits of its own but counts against the same team.
+        let b = limits(KEYS[1]).expect("b is limited through its team");
+        assert!(b.key.limits.is_empty());
+        assert_eq!(b.team.as_ref().map(|t| (&*t.id, t.limits)), Some((&*team.id, team.limits)));
+
+        assert!(limits(KEYS[2]).is_none(), "nothing limits c");
     }
 }

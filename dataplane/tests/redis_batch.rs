@@ -68,11 +68,13 @@ async fn store(redis: &Redis) -> Arc<RedisStore> {
 }
 
 fn admission(id: &str, limits: SubjectLimits, tokens: u64) -> Admission {
+    let now_ms = chrono::Utc::now().timestamp_millis() as u64;
     Admission {
-        key: Subject { id: id.to_owned(), limits },
+        key: Subject { id: id.into(), limits },
         team: None,
         tokens,
-        period: Period::at(chrono::Utc::now().timestamp_millis() as u64),
+        at_ms: now_ms,
+        period: Period::at(now_ms),
         policy: FailurePolicy::Closed,
     }
 }

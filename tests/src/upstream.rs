@@ -45,6 +45,8 @@ pub struct UpstreamOptions {
     pub output_tokens: u64,
     /// Answer every request with this status and an error body instead.
     pub fail_status: Option<u16>,
+    /// Headers added to every response (as a provider adds its own `x-ratelimit-*`).
+    pub extra_headers: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for UpstreamOptions {
@@ -57,6 +59,7 @@ impl Default for UpstreamOptions {
             input_tokens: 17,
             output_tokens: 9,
             fail_status: None,
+            extra_headers: Vec::new(),
         }
     }
 }
@@ -311,7 +314,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Respo
     let stream = req_json.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = req_json.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
 
-    let resp = if recorded.method == "GET" && path.ends_with("/models") {
+    let mut resp = if recorded.method == "GET" && path.ends_with("/models") {
         json_response(
             StatusCode::OK,
             &json!({"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "loopback"}]}),
@@ -352,6 +355,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Respo
             &json!({"error": {"message": format!("no route {path}"), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
         )
     };
+    for (name, value) in &options.extra_headers {
+        resp.headers_mut().append(*name, http::HeaderValue::from_static(value));
+    }
     Ok(resp)
 }
 

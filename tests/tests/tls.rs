@@ -101,3 +101,58 @@ async fn upstream_certificate_must_be_trusted() {
         "no request may cross an untrusted TLS connection"
     );
 }
+
+/// The gateway's `x-ratelimit-*` headers are the same over HTTP/2 and HTTP/1.1 (they reach the
+/// two servers by different paths), replace an upstream's headers for the limits the key has,
+/// and leave the upstream's alone for the limits it has not.
+#[tokio::test]
+async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
+    const ERIN_KEY: &str = "pcl_e2e_erin_CLIENTKEY_4d6f8a0c2e4b6d8f0a2c4e6b8d";
+    let opts = FixtureOptions {
+        listener_tls: true,
+        upstream: portcullis_e2e::UpstreamOptions {
+            extra_headers: vec![
+                ("x-ratelimit-limit-requests", "999999"),
+                ("x-ratelimit-remaining-requests", "999998"),
+                ("x-ratelimit-limit-tokens", "12345"),
+            ],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(opts, |ms| {
+        ms.add(SECRETS_FILE, portcullis_e2e::manifests::secret("erin-key", "key", ERIN_KEY));
+        let mut key = portcullis_e2e::manifests::api_key("erin", "erin-key", &["gpt-*"]);
+        key["spec"]["limits"] = serde_json::json!({"requestsPerMinute": 50});
+        ms.add(KEYS_FILE, key);
+    })
+    .await
+    .expect("fixture");
+    let h1_client = TestClient::with_ca_versions(&fx.pki, HttpVersions::Http1Only).unwrap();
+    let auth = format!("Bearer {ERIN_KEY}");
+    for (used, client, version) in [(1, &fx.client, http::Version::HTTP_2), (2, &h1_client, http::Version::HTTP_11)] {
+        let response = client
+            .post_json(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &chat_body("gpt-4o", "hi", false))
+            .await
+            .unwrap();
+        assert::ok(&response);
+        assert_eq!(response.version, version);
+        let all =
+            |name: &str| -> Vec<&str> { response.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect() };
+        assert_eq!(all("x-ratelimit-limit-requests"), ["50"], "{version:?}");
+        assert_eq!(all("x-ratelimit-remaining-requests"), [(50 - used).to_string()], "{version:?}");
+        let reset = all("x-ratelimit-reset-requests");
+        assert_eq!(reset.len(), 1, "{version:?}");
+        let seconds = reset[0].strip_suffix('s').and_then(|s| s.parse::<f64>().ok()).expect("seconds");
+        // A minute and at most one 100 ms granule (the window's resolution).
+        assert!((0.0..=60.1).contains(&seconds), "{reset:?}");
+        // No token limit on this key: the upstream's token headers pass through.
+        assert_eq!(all("x-ratelimit-limit-tokens"), ["12345"], "{version:?}");
+        assert!(all("x-ratelimit-remaining-tokens").is_empty());
+    }
+    // A key without limits gets the upstream's headers untouched.
+    let alice = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+    assert::ok(&alice);
+    assert_eq!(alice.header("x-ratelimit-limit-requests"), Some("999999"));
+    assert_eq!(alice.header("x-ratelimit-remaining-requests"), Some("999998"));
+}

@@ -44,6 +44,7 @@ use crate::api::ApiFlavor;
 use crate::body::GatewayBody;
 use crate::busy_poll::BusyPoll;
 use crate::error::GatewayError;
+use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::Gateway;
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
@@ -391,14 +392,18 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, delimit: Delimi
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    let rate = parts.extensions.get::<RateHeaders>();
     for (name, value) in &parts.headers {
-        if managed(name) {
+        if managed(name) || rate.is_some_and(|rate| rate.replaces(name)) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(rate) = rate {
+        rate.encode(out);
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use std::sync::Mutex;
@@ -47,7 +48,7 @@ struct AuthFailures {
 
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Vec<Mutex<HashMap<String, Counters, RandomState>>>,
+    shards: Vec<Mutex<HashMap<Arc<str>, Counters, RandomState>>>,
     hasher: RandomState,
     /// Keyed by address, not its text: checked on every request.
     lockouts: Mutex<HashMap<IpAddr, AuthFailures, RandomState>>,
@@ -75,11 +76,11 @@ impl MemoryStore {
             map.retain(|_, c| c.touched_ms + IDLE_SWEEP_MS > now_ms);
         }
         // Look up before inserting so the common case allocates nothing.
-        if !map.contains_key(subject) {
-            map.insert(subject.to_owned(), Counters::default());
+        if let Some(counters) = map.get_mut(subject) {
+            counters.touched_ms = now_ms;
+            return f(counters);
         }
-        let mut scratch = Counters::default();
-        let counters = map.get_mut(subject).unwrap_or(&mut scratch);
+        let counters = map.entry(Arc::from(subject)).or_default();
         counters.touched_ms = now_ms;
         f(counters)
     }

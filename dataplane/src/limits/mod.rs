@@ -71,8 +71,44 @@ impl SubjectLimits {
 /// Whose counters: `id` is the stable identity (`namespace/name`, or `team:namespace/name`).
 #[derive(Debug, Clone)]
 pub struct Subject {
-    pub id: String,
+    pub id: Arc<str>,
     pub limits: SubjectLimits,
+}
+
+/// What limits one ApiKey: its own counters and its team's. Built once per snapshot, so an
+/// admission only copies them.
+#[derive(Debug, Clone)]
+pub struct KeyLimits {
+    pub key: Subject,
+    pub team: Option<Subject>,
+    pub failure_policy: Option<FailurePolicy>,
+}
+
+impl KeyLimits {
+    /// `None` when neither the key nor its team has a limit.
+    pub fn new(key: &ApiKeyEntry, team_limits: Option<SubjectLimits>) -> Option<Self> {
+        let limits = &key.limits;
+        let key_limits = SubjectLimits {
+            requests_per_minute: limits.requests_per_minute,
+            tokens_per_minute: limits.tokens_per_minute,
+            tokens_per_day: limits.tokens_per_day,
+            tokens_per_month: limits.tokens_per_month,
+        };
+        let team = match (&key.team, team_limits) {
+            (Some(team), Some(limits)) if !limits.is_empty() => {
+                Some(Subject { id: format!("team:{}/{}", key.key.namespace, team).into(), limits })
+            }
+            _ => None,
+        };
+        if key_limits.is_empty() && team.is_none() {
+            return None;
+        }
+        Some(Self {
+            key: Subject { id: key.key.to_string().into(), limits: key_limits },
+            team,
+            failure_policy: limits.failure_policy,
+        })
+    }
 }
 
 /// UTC calendar periods for budgets, and how long until each ends.
@@ -111,6 +147,8 @@ pub struct Admission {
     pub team: Option<Subject>,
     /// Tokens reserved now and settled against real usage when the response ends.
     pub tokens: u64,
+    /// When the admission was formed: the in-process store decides at this instant.
+    pub at_ms: u64,
     pub period: Period,
     pub policy: FailurePolicy,
 }
@@ -346,36 +384,22 @@ impl Limiter {
         self.clock.now_ms()
     }
 
-    /// The limits of a key (and its team), or `None` when it has none.
-    pub fn admission_for(
-        &self,
-        key: &ApiKeyEntry,
-        team_limits: Option<SubjectLimits>,
-        tokens: u64,
-    ) -> Option<Admission> {
-        let limits = &key.limits;
-        let key_limits = SubjectLimits {
-            requests_per_minute: limits.requests_per_minute,
-            tokens_per_minute: limits.tokens_per_minute,
-            tokens_per_day: limits.tokens_per_day,
-            tokens_per_month: limits.tokens_per_month,
-        };
-        let team = match (&key.team, team_limits) {
-            (Some(team), Some(limits)) if !limits.is_empty() => {
-                Some(Subject { id: format!("team:{}/{}", key.key.namespace, team), limits })
-            }
-            _ => None,
-        };
-        if key_limits.is_empty() && team.is_none() {
-            return None;
-        }
-        Some(Admission {
-            key: Subject { id: key.key.to_string(), limits: key_limits },
-            team,
+    /// An admission of `tokens` under a key's limits, formed now.
+    pub fn admission_for(&self, limits: &KeyLimits, tokens: u64) -> Admission {
+        let at_ms = self.now_ms();
+        Admission {
+            key: limits.key.clone(),
+            team: limits.team.clone(),
             tokens,
-            period: Period::at(self.now_ms()),
+            at_ms,
+            period: Period::at(at_ms),
             policy: limits.failure_policy.unwrap_or(self.settings.default_policy),
-        })
+        }
+    }
+
+    /// Whether a shared store is configured (healthy or not).
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_some()
     }
 
     /// Admits or refuses; never waits on the shared store longer than its timeout.
@@ -389,7 +413,7 @@ impl Limiter {
         };
         let (decision, store) = match decided {
             Some(d) => d,
-            None if self.redis.is_none() => (self.memory.admit(&admission, self.now_ms(), 1), StoreUsed::Local),
+            None if self.redis.is_none() => (self.memory.admit(&admission, admission.at_ms, 1), StoreUsed::Local),
             None => match admission.policy {
                 FailurePolicy::Local => {
                     (self.memory.admit(&admission, self.now_ms(), self.settings.replicas.max(1)), StoreUsed::Local)
@@ -596,6 +620,7 @@ mod tests {
             },
             team: None,
             tokens,
+            at_ms: l.now_ms(),
             period: Period::at(l.now_ms()),
             policy: FailurePolicy::Local,
         }

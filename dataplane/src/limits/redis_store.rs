@@ -246,7 +246,7 @@ struct Shared {
 /// Requests of one subject that can be decided by one script call: same counters, same limits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct AdmitLane {
-    subject: String,
+    subject: Arc<str>,
     /// rpm, tpm, day budget, month budget; 0 = none (budgets are 0 for team subjects).
     limits: [u64; 4],
     day: u32,
@@ -281,7 +281,7 @@ fn lane_limits(limits: &SubjectLimits, budgets: bool) -> LaneLimits {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SettleLane {
-    subject: String,
+    subject: Arc<str>,
     day: u32,
     month: u32,
 }

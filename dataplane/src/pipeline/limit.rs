@@ -4,16 +4,14 @@
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue};
-use portcullis_crds::snapshot::ApiKeyEntry;
+use http::{HeaderMap, HeaderValue, Response};
 
 use crate::api::RequestHead;
 use crate::error::GatewayError;
 use crate::http1::codec::push_decimal;
 use crate::limits::{AdmitError, Limiter, Refusal, Ticket, Which};
-use crate::snapshot::RuntimeSnapshot;
+use crate::snapshot::KeyGrant;
 
 /// Tokens to reserve: the request's size in tokens (about four bytes each) plus its output cap.
 pub fn estimate_tokens(body_len: usize, head: &RequestHead<'_>, default_output: u64) -> (u64, u64) {
@@ -24,33 +22,32 @@ pub fn estimate_tokens(body_len: usize, head: &RequestHead<'_>, default_output: 
 /// Admits the request or says which limit refused it.
 pub async fn admit(
     limiter: &Limiter,
-    snapshot: &RuntimeSnapshot,
-    key: &ApiKeyEntry,
+    grant: &KeyGrant,
     tokens: u64,
     client: Option<IpAddr>,
 ) -> Result<Option<Ticket>, GatewayError> {
-    let admission = limiter.admission_for(key, snapshot.team_limits(key), tokens);
-    // Lockouts set by other replicas are checked alongside the admission: one round trip.
-    let locked = async {
-        match client {
-            Some(ip) => limiter.locked_shared(ip).await,
-            None => None,
-        }
-    };
+    let admission = grant.limits.as_deref().map(|limits| limiter.admission_for(limits, tokens));
     let admitted = async {
         match admission {
             Some(admission) => limiter.admit(admission).await.map(Some),
             None => Ok(None),
         }
     };
-    let (locked, admitted) = tokio::join!(locked, admitted);
-    if let Some(retry_after_ms) = locked {
-        if let Ok(Some(ticket)) = &admitted {
-            limiter.settle(ticket, 0).await;
+    let locked = match client {
+        // Lockouts set by other replicas are checked alongside the admission: one round trip.
+        Some(ip) if limiter.is_shared() => {
+            let (locked, admitted) = tokio::join!(limiter.locked_shared(ip), admitted);
+            if let Some(retry_after_ms) = locked {
+                if let Ok(Some(ticket)) = &admitted {
+                    limiter.settle(ticket, 0).await;
+                }
+                return Err(GatewayError::LockedOut { retry_after_ms });
+            }
+            admitted
         }
-        return Err(GatewayError::LockedOut { retry_after_ms });
-    }
-    admitted.map_err(|e| match e {
+        _ => admitted.await,
+    };
+    locked.map_err(|e| match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
         AdmitError::Refused(refusal) => refused(refusal),
     })
@@ -93,83 +90,165 @@ fn push_seconds(out: &mut Vec<u8>, ms: u64) {
 }
 
 /// A rate-limit header value.
+#[derive(Debug, Clone, Copy)]
 enum Text {
     Count(u64),
     Seconds(u64),
 }
 
-/// Inserts up to six headers whose values are written into one buffer: one allocation for all.
-fn insert_all(headers: &mut HeaderMap, fields: &[(HeaderName, Text)]) {
-    let mut text = Vec::with_capacity(fields.len() * 24);
-    let mut ends = [0usize; 6];
-    for ((_, value), end) in fields.iter().zip(ends.iter_mut()) {
-        match *value {
-            Text::Count(n) => push_decimal(&mut text, n),
-            Text::Seconds(ms) => push_seconds(&mut text, ms),
+impl Text {
+    fn push(self, out: &mut Vec<u8>) {
+        match self {
+            Text::Count(n) => push_decimal(out, n),
+            Text::Seconds(ms) => push_seconds(out, ms),
         }
-        *end = text.len();
-    }
-    let text = Bytes::from(text);
-    let mut start = 0;
-    for ((name, _), &end) in fields.iter().zip(&ends) {
-        if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
-            headers.insert(name.clone(), value);
-        }
-        start = end;
     }
 }
 
-/// OpenAI-style `x-ratelimit-*` headers for an admitted request.
-pub fn rate_headers(ticket: &Ticket, headers: &mut HeaderMap) {
-    let limits = &ticket.admission.key.limits;
-    let granted = &ticket.granted;
-    let requests = limits.requests_per_minute.map(|limit| {
-        [
-            (LIMIT_REQUESTS, Text::Count(limit)),
-            (REMAINING_REQUESTS, Text::Count(limit.saturating_sub(granted.requests_used))),
-            (RESET_REQUESTS, Text::Seconds(granted.requests_reset_ms)),
-        ]
-    });
-    let tokens = limits.tokens_per_minute.map(|limit| {
-        [
-            (LIMIT_TOKENS, Text::Count(limit)),
-            (REMAINING_TOKENS, Text::Count(limit.saturating_sub(granted.tokens_used))),
-            (RESET_TOKENS, Text::Seconds(granted.tokens_reset_ms)),
-        ]
-    });
-    match (requests, tokens) {
-        (Some(requests), Some(tokens)) => {
-            let [a, b, c] = requests;
-            let [d, e, f] = tokens;
-            insert_all(headers, &[a, b, c, d, e, f]);
-        }
-        (Some(only), None) | (None, Some(only)) => insert_all(headers, &only),
-        (None, None) => {}
-    }
+/// One `x-ratelimit-*` group: a limit, what is left of it, and when it resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
 }
 
-/// The same headers on a 429.
-pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
-    if let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, .. } = error {
-        let (limit, remaining, reset) = if *tokens {
-            (LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS)
-        } else {
-            (LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS)
+/// The OpenAI-style `x-ratelimit-*` headers of a response.
+///
+/// On a forwarded response they ride in the response's extensions instead of its header map:
+/// the HTTP/1.1 server encodes them straight into the response head (six header-map entries,
+/// built, hashed and dropped per request, cost more than encoding the rest of the head), and
+/// the HTTP/2 server moves them into the map ([`RateHeaders::move_into_headers`]). Either way
+/// they replace an upstream's headers of the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateHeaders {
+    requests: Option<Window>,
+    tokens: Option<Window>,
+}
+
+impl RateHeaders {
+    /// What an admitted request has left; `None` when its key has no per-minute limits.
+    pub fn for_ticket(ticket: &Ticket) -> Option<Self> {
+        let limits = &ticket.admission.key.limits;
+        let granted = &ticket.granted;
+        let window = |limit: Option<u64>, used: u64, reset_ms: u64| {
+            limit.map(|limit| Window { limit, remaining: limit.saturating_sub(used), reset_ms })
         };
-        insert_all(
-            headers,
-            &[
-                (limit, Text::Count(*limit_value)),
-                (remaining, Text::Count(limit_value.saturating_sub(*used))),
-                (reset, Text::Seconds(*retry_after_ms)),
-            ],
-        );
+        let headers = Self {
+            requests: window(limits.requests_per_minute, granted.requests_used, granted.requests_reset_ms),
+            tokens: window(limits.tokens_per_minute, granted.tokens_used, granted.tokens_reset_ms),
+        };
+        (headers.requests.is_some() || headers.tokens.is_some()).then_some(headers)
+    }
+
+    /// The limit that refused a request, on its 429.
+    fn for_refusal(error: &GatewayError) -> Option<Self> {
+        let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, .. } = error else {
+            return None;
+        };
+        let window = Some(Window {
+            limit: *limit_value,
+            remaining: limit_value.saturating_sub(*used),
+            reset_ms: *retry_after_ms,
+        });
+        Some(if *tokens { Self { requests: None, tokens: window } } else { Self { requests: window, tokens: None } })
+    }
+
+    fn each(&self, mut field: impl FnMut(&HeaderName, Text)) {
+        if let Some(w) = self.requests {
+            field(&LIMIT_REQUESTS, Text::Count(w.limit));
+            field(&REMAINING_REQUESTS, Text::Count(w.remaining));
+            field(&RESET_REQUESTS, Text::Seconds(w.reset_ms));
+        }
+        if let Some(w) = self.tokens {
+            field(&LIMIT_TOKENS, Text::Count(w.limit));
+            field(&REMAINING_TOKENS, Text::Count(w.remaining));
+            field(&RESET_TOKENS, Text::Seconds(w.reset_ms));
+        }
+    }
+
+    /// Whether `name` is one of the headers these replace.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        let name = name.as_str();
+        let Some(rest) = name.strip_prefix("x-ratelimit-") else { return false };
+        let group = if rest.ends_with("-requests") {
+            self.requests.is_some()
+        } else {
+            rest.ends_with("-tokens") && self.tokens.is_some()
+        };
+        group
+            && [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
+                .iter()
+                .any(|ours| ours.as_str() == name)
+    }
+
+    /// `name: value\r\n` lines for an HTTP/1.1 head.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        self.each(|name, text| {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            text.push(out);
+            out.extend_from_slice(b"\r\n");
+        });
+    }
+
+    /// Sets these headers in `headers`, replacing any of the same names.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        let mut text = Vec::with_capacity(24);
+        self.each(|name, value| {
+            text.clear();
+            value.push(&mut text);
+            if let Ok(value) = HeaderValue::from_bytes(&text) {
+                headers.insert(name.clone(), value);
+            }
+        });
+    }
+
+    /// Moves the headers carried in `response`'s extensions into its header map, for a server
+    /// that does not encode them itself.
+    pub fn move_into_headers<B>(response: &mut Response<B>) {
+        if let Some(rate) = response.extensions_mut().remove::<RateHeaders>() {
+            rate.insert_into(response.headers_mut());
+        }
+    }
+}
+
+/// The headers of the limit that refused a request, on its 429.
+pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
+    if let Some(rate) = RateHeaders::for_refusal(error) {
+        rate.insert_into(headers);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_and_inserted_headers_agree_and_replace_only_their_group() {
+        let rate = RateHeaders { requests: Some(Window { limit: 100, remaining: 97, reset_ms: 1_250 }), tokens: None };
+        let mut encoded = Vec::new();
+        rate.encode(&mut encoded);
+        assert_eq!(
+            std::str::from_utf8(&encoded).unwrap(),
+            "x-ratelimit-limit-requests: 100\r\nx-ratelimit-remaining-requests: 97\r\n\
+             x-ratelimit-reset-requests: 1.250s\r\n"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(LIMIT_REQUESTS, HeaderValue::from_static("9"));
+        headers.insert(LIMIT_TOKENS, HeaderValue::from_static("9"));
+        rate.insert_into(&mut headers);
+        let lines: String = headers
+            .iter()
+            .filter(|(name, _)| rate.replaces(name))
+            .map(|(name, value)| format!("{name}: {}\r\n", value.to_str().unwrap()))
+            .collect();
+        assert_eq!(lines.as_bytes(), encoded);
+        assert_eq!(headers[LIMIT_TOKENS], "9");
+        assert!(!rate.replaces(&LIMIT_TOKENS));
+        assert!(!rate.replaces(&HeaderName::from_static("x-ratelimit-limit-requestsx")));
+        assert!(!rate.replaces(&http::header::CONTENT_TYPE));
+    }
 
     #[test]
     fn reset_durations_have_three_decimals() {

@@ -190,7 +190,7 @@ impl Gateway {
 
         let (input_estimate, reserve) =
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
-        let ticket = limit::admit(&self.limiter, &snapshot, &grant.policy, reserve, client).await.map_err(fail)?;
+        let ticket = limit::admit(&self.limiter, grant, reserve, client).await.map_err(fail)?;
         record.input_estimate = input_estimate;
         let budget = ticket
             .as_ref()
@@ -275,7 +275,9 @@ impl Gateway {
         }
         parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
         if let Some((_, ticket)) = &record.ticket {
-            limit::rate_headers(ticket, &mut parts.headers);
+            if let Some(rate) = limit::RateHeaders::for_ticket(ticket) {
+                parts.extensions.insert(rate);
+            }
         }
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
