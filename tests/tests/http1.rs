@@ -19,7 +19,7 @@ async fn fixture() -> Fixture {
     let options = FixtureOptions {
         gateway: GatewayOptions {
             log_level: "trace".into(),
-            extra_args: vec!["--header-read-timeout".into(), "1".into()],
+            extra_args: ["--header-read-timeout", "1", "--request-body-timeout", "1"].map(String::from).to_vec(),
             ..GatewayOptions::default()
         },
         ..FixtureOptions::default()
@@ -159,6 +159,17 @@ async fn stalled_heads_time_out_and_idle_connections_close() {
     let (text, elapsed, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
     assert!(closed && text.is_empty(), "an idle connection is closed without a response: {text}");
     assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+
+    // A body that stops arriving is answered 408 once the body timeout (1 s here) has passed.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\":"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let (text, elapsed, closed) = read_to_close(&mut slow, Duration::from_secs(5)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(elapsed >= Duration::from_millis(900), "timed out too early: {elapsed:?}");
 
     // A keep-alive connection stays usable within the timeout, then closes once idle.
     let mut kept = TcpStream::connect(addr).await.unwrap();

@@ -77,10 +77,17 @@ impl AccessRecord {
         }
     }
 
-    fn mark_first_byte(&mut self) {
+    fn mark_first_byte(&mut self, now: Instant) {
         if self.first_byte.is_none() {
-            self.first_byte = Some(self.started.elapsed());
+            self.first_byte = Some(now.saturating_duration_since(self.started));
         }
+    }
+
+    /// Takes the record out to hand it to a response body, leaving an inert one in its place
+    /// (same start, no request id; nothing finishes it).
+    pub fn hand_off(&mut self) -> AccessRecord {
+        let inert = AccessRecord::new(self.metrics.clone(), self.started, HeaderValue::from_static("-"));
+        std::mem::replace(self, inert)
     }
 
     /// Writes the log line and the metrics. `outcome` is `ok`, `upstream_error`, or a code.
@@ -272,7 +279,8 @@ pub struct MeteredBody {
     /// `last_frame` (re-arming per frame would touch the timer wheel for every SSE event).
     /// Created the first time the body waits: a response already read never needs one.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
-    last_frame: tokio::time::Instant,
+    /// When the last frame arrived (`None` until the first frame or the first wait).
+    last_frame: Option<tokio::time::Instant>,
     ended: bool,
 }
 
@@ -303,7 +311,7 @@ impl MeteredBody {
             outcome,
             idle_timeout,
             idle: None,
-            last_frame: tokio::time::Instant::now(),
+            last_frame: None,
             ended: false,
         }
     }
@@ -385,11 +393,14 @@ impl Body for MeteredBody {
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.last_frame = tokio::time::Instant::now();
+                    // One clock read per frame: the idle timer's reference and, on the first, the
+                    // time to first byte.
+                    let now = tokio::time::Instant::now();
+                    this.last_frame = Some(now);
                     match frame.into_data() {
                         Ok(data) => {
                             if let Some(record) = this.record.as_mut() {
-                                record.mark_first_byte();
+                                record.mark_first_byte(now.into_std());
                             }
                             let out = this.reader.push(data);
                             if let Some(error) = this.over_budget() {
@@ -425,7 +436,9 @@ impl Body for MeteredBody {
                         return Poll::Ready(Some(Ok(Frame::data(last))));
                     }
                     loop {
-                        let deadline = this.last_frame + this.idle_timeout;
+                        // Nothing received yet: the idle time counts from the first wait.
+                        let last_frame = *this.last_frame.get_or_insert_with(tokio::time::Instant::now);
+                        let deadline = last_frame + this.idle_timeout;
                         let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                         if idle.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;

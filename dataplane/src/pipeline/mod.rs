@@ -17,12 +17,14 @@ pub mod models;
 pub mod route;
 pub mod usage;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use portcullis_crds::v1alpha1::ProviderKind;
 
@@ -217,7 +219,14 @@ impl Gateway {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let limit = self.settings.max_request_body_bytes;
-        match tokio::time::timeout(self.settings.request_body_timeout, read_bounded(body, limit)).await {
+        let mut reading = std::pin::pin!(read_bounded(body, limit));
+        // Most bodies are in memory already: the timer (a clock read, a timer entry) is armed
+        // only when the first poll has to wait.
+        let first = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return result;
+        }
+        match tokio::time::timeout(self.settings.request_body_timeout, reading).await {
             Err(_) => Err(GatewayError::RequestTimeout),
             Ok(result) => result,
         }
@@ -284,10 +293,7 @@ impl Gateway {
         let guard = guard.filter(|_| is_sse);
         record.status = parts.status.as_u16();
         let outcome = if parts.status.is_success() { "ok" } else { "upstream_error" };
-        let handed_off = std::mem::replace(
-            record,
-            AccessRecord::new(self.metrics.clone(), Instant::now(), HeaderValue::from_static("-")),
-        );
+        let handed_off = record.hand_off();
         let body =
             MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget, guard);
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))

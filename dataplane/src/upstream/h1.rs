@@ -276,9 +276,10 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
     }
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::InvalidHead("invalid status"))?;
     let head = buf.split_to(len).freeze();
-    // Room for what the gateway adds before the response goes back (request id, rate-limit
-    // headers): growing a HeaderMap rehashes every entry.
-    let mut headers = HeaderMap::with_capacity(count + 12);
+    // Room for the two request-id fields the gateway adds (growing a HeaderMap rehashes every
+    // entry), and no more: past about 1 KiB the entry table comes from glibc's large bins, and
+    // every such allocation first consolidates the small free chunks.
+    let mut headers = HeaderMap::with_capacity(count + 2);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
