@@ -210,10 +210,9 @@ impl RuntimeSnapshot {
     }
 
     /// Every route that serves `model`: exact declarations first, then matching patterns.
-    pub fn routes_for(&self, model: &str) -> Vec<ModelRoute> {
-        let mut routes = self.exact_models.get(model).cloned().unwrap_or_default();
-        routes.extend(self.glob_models.iter().filter(|r| pattern::matches(&r.declared, model)).cloned());
-        routes
+    pub fn routes_for<'s, 'm>(&'s self, model: &'m str) -> impl Iterator<Item = &'s ModelRoute> + use<'s, 'm> {
+        let exact = self.exact_models.get(model).map_or(&[][..], Vec::as_slice);
+        exact.iter().chain(self.glob_models.iter().filter(move |r| pattern::matches(&r.declared, model)))
     }
 
     /// Concrete model names (patterns excluded) with the routes that serve them.

@@ -193,10 +193,13 @@ impl MemoryStore {
         })
     }
 
-    /// Remaining lockout for `client`, if any.
-    pub fn locked(&self, client: IpAddr, now_ms: u64) -> Option<u64> {
+    /// Remaining lockout for `client`, if any. The clock is read only for an address with a
+    /// record (this runs on every request).
+    pub fn locked(&self, client: IpAddr, now_ms: impl FnOnce() -> u64) -> Option<u64> {
         let map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&client).and_then(|f| (f.locked_until_ms > now_ms).then(|| f.locked_until_ms - now_ms))
+        let until = map.get(&client)?.locked_until_ms;
+        let now_ms = now_ms();
+        (until > now_ms).then(|| until - now_ms)
     }
 
     /// Records a failed authentication; returns the lockout when this one reached the threshold.

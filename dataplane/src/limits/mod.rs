@@ -499,7 +499,7 @@ impl Limiter {
 
     /// Remaining lockout known to this replica, without asking the shared store.
     pub fn locked_locally(&self, client: IpAddr) -> Option<u64> {
-        self.memory.locked(client, self.now_ms())
+        self.memory.locked(client, || self.now_ms())
     }
 
     /// Remaining lockout according to the shared store: remembered locally when found, and an

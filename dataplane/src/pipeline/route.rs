@@ -11,13 +11,13 @@ use crate::error::{echoable_model, GatewayError};
 use crate::pipeline::kill_switch;
 use crate::snapshot::{ModelRoute, RuntimeSnapshot};
 
-pub fn choose(
-    snapshot: &RuntimeSnapshot,
+pub fn choose<'s>(
+    snapshot: &'s RuntimeSnapshot,
     key: &ApiKeyEntry,
     route: ApiRoute,
     model: &str,
     now: DateTime<Utc>,
-) -> Result<ModelRoute, GatewayError> {
+) -> Result<&'s ModelRoute, GatewayError> {
     let serves_route = |r: &ModelRoute| match route {
         ApiRoute::Messages => r.upstream.kind.serves_anthropic_routes(),
         ApiRoute::ChatCompletions
@@ -26,7 +26,8 @@ pub fn choose(
         | ApiRoute::Responses
         | ApiRoute::Models => r.upstream.kind.serves_openai_routes(),
     };
-    let mut candidates: Vec<ModelRoute> = snapshot.routes_for(model).into_iter().filter(serves_route).collect();
+    // References into the snapshot: the one chosen is cloned by the caller, the others never.
+    let mut candidates: Vec<&ModelRoute> = snapshot.routes_for(model).filter(|r| serves_route(r)).collect();
     if candidates.is_empty() {
         return Err(GatewayError::ModelNotFound { model: echoable_model(model) });
     }
@@ -54,7 +55,7 @@ pub fn choose(
 }
 
 /// Highest priority first; weighted random among equals (weight 0 only when all are 0).
-fn pick(mut candidates: Vec<ModelRoute>) -> ModelRoute {
+fn pick(mut candidates: Vec<&ModelRoute>) -> &ModelRoute {
     let top = candidates.iter().map(|r| r.upstream.priority).max().unwrap_or_default();
     candidates.retain(|r| r.upstream.priority == top);
     if candidates.len() == 1 {
