@@ -206,9 +206,9 @@ impl Gateway {
         }
 
         let outbound =
-            forward::build(route, &parts, body.clone(), &head, model, &chosen, &record.request_id).map_err(fail)?;
+            forward::build(route, &parts, body.clone(), &head, model, chosen, &record.request_id).map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
-        let response = self.send(route, model, &chosen, outbound).await.map_err(fail)?;
+        let response = self.send(route, model, chosen, outbound).await.map_err(fail)?;
 
         Ok(self.metered(response, strip_usage_chunk, budget, guard, record))
     }
