@@ -9,6 +9,7 @@ use portcullis_crds::v1alpha1::ProviderKind;
 use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER, X_API_KEY};
 use crate::error::GatewayError;
 use crate::snapshot::ModelRoute;
+use crate::upstream::h1::{encode_fields, field_len};
 
 /// Anthropic requires a version header; this one is used when the client sends none.
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -182,13 +183,11 @@ pub fn build(
     };
     let target = upstream_path(route, &client.uri, model, chosen)?;
     let listed = connection_listed(&client.headers);
-    let forwarded = || {
-        client
-            .headers
-            .iter()
-            .filter(|(name, _)| !stripped_request_header(name) && **name != REQUEST_ID_HEADER && !listed.contains(name))
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
-    };
+    let forwarded = client
+        .headers
+        .iter()
+        .filter(|(name, _)| !stripped_request_header(name) && **name != REQUEST_ID_HEADER && !listed.contains(name))
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
     let content_type = (!client.headers.contains_key(header::CONTENT_TYPE))
         .then_some((&b"content-type"[..], &b"application/json"[..]));
     let anthropic_version = (upstream.kind == ProviderKind::Anthropic
@@ -203,9 +202,13 @@ pub fn build(
         anthropic_version,
         Some((&b"host"[..], endpoint.host.as_bytes())),
     ];
-    let fields = || forwarded().chain(gateway.iter().flatten().copied());
+    // Sized from every client header, forwarded or not: one cheap pass instead of filtering twice.
+    let bound =
+        client.headers.iter().map(|(name, value)| field_len(name.as_str().as_bytes(), value.as_bytes())).sum::<usize>()
+            + gateway.iter().flatten().map(|(name, value)| field_len(name, value)).sum::<usize>();
+    let fields = forwarded.chain(gateway.iter().flatten().copied());
     let target = target.path_and_query().map_or("/", |target| target.as_str());
-    let head = crate::upstream::h1::encode_fields(&Method::POST, target, fields, body.len())
+    let head = encode_fields(&Method::POST, target, fields, bound, body.len())
         .map_err(|_| GatewayError::UpstreamUnavailable)?;
     Ok(Outbound { head, body, strip_usage_chunk })
 }

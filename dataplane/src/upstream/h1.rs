@@ -94,8 +94,8 @@ fn bodiless_method(method: &Method) -> bool {
 /// The request head: `METHOD target HTTP/1.1`, every header of `headers` but the framing ones,
 /// and `Content-Length` from the body actually sent (the request is always length-delimited).
 ///
-/// The head holds the provider's credential: its buffer is allocated at its exact final size
-/// (it never reallocates, leaving no stray copy behind) and zeroized when dropped.
+/// The head holds the provider's credential: its buffer is allocated once, never reallocates
+/// (leaving no stray copy behind), and is zeroized when dropped.
 ///
 /// Tests build requests as `http::Request`s; the gateway encodes its fields directly
 /// ([`encode_fields`], from `forward::build`).
@@ -106,33 +106,42 @@ pub(super) fn encode_head(
     headers: &HeaderMap,
     body_len: usize,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error> {
-    let fields = || {
-        headers
-            .iter()
-            .filter(|(name, _)| **name != CONTENT_LENGTH && **name != TRANSFER_ENCODING)
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
-    };
-    encode_fields(method, target, fields, body_len)
+    let fields = headers
+        .iter()
+        .filter(|(name, _)| **name != CONTENT_LENGTH && **name != TRANSFER_ENCODING)
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+    let bound = headers.iter().map(|(name, value)| field_len(name.as_str().as_bytes(), value.as_bytes())).sum();
+    encode_fields(method, target, fields, bound, body_len)
 }
 
-/// [`encode_head`] from name and value bytes; `fields` is walked twice (once to size the
-/// buffer). The caller leaves out `Content-Length` and `Transfer-Encoding`.
-pub fn encode_fields<'a, I>(
+/// Bytes a field takes in a head: name, `: `, value, CRLF.
+pub fn field_len(name: &[u8], value: &[u8]) -> usize {
+    name.len() + value.len() + 4
+}
+
+/// [`encode_head`] from name and value bytes, in one pass. `fields_bound` is at least the sum
+/// of [`field_len`] over `fields` (the buffer is sized from it; a head that would outgrow it is
+/// refused rather than reallocated). The caller leaves out `Content-Length` and
+/// `Transfer-Encoding`.
+pub fn encode_fields<'a>(
     method: &Method,
     target: &str,
-    fields: impl Fn() -> I,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    fields_bound: usize,
     body_len: usize,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error>
-where
-    I: Iterator<Item = (&'a [u8], &'a [u8])>,
-{
+) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error> {
     // Origin-form only: a path, never a space, control character or DEL.
     if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(H1Error::InvalidRequest("invalid request target"));
     }
     const CONTENT_LENGTH_LINE: usize = "content-length: ".len() + 20 + 2;
-    let mut size = method.as_str().len() + 1 + target.len() + " HTTP/1.1\r\n".len() + 2 + CONTENT_LENGTH_LINE;
-    for (name, value) in fields() {
+    let request_line = method.as_str().len() + 1 + target.len() + " HTTP/1.1\r\n".len();
+    let mut head = zeroize::Zeroizing::new(Vec::with_capacity(request_line + fields_bound + CONTENT_LENGTH_LINE + 2));
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in fields {
         // Names are tokens and values never break a line, whatever built them.
         if name.is_empty() || name.iter().any(|&b| b <= b' ' || b == b':' || b == 0x7f) {
             return Err(H1Error::InvalidRequest("invalid header name"));
@@ -140,14 +149,9 @@ where
         if memchr::memchr3(b'\r', b'\n', 0, value).is_some() {
             return Err(H1Error::InvalidRequest("invalid header value"));
         }
-        size += name.len() + 2 + value.len() + 2;
-    }
-    let mut head = zeroize::Zeroizing::new(Vec::with_capacity(size));
-    head.extend_from_slice(method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in fields() {
+        if head.len() + field_len(name, value) + CONTENT_LENGTH_LINE + 2 > head.capacity() {
+            return Err(H1Error::InvalidRequest("request head larger than its bound"));
+        }
         head.extend_from_slice(name);
         head.extend_from_slice(b": ");
         head.extend_from_slice(value);
@@ -159,7 +163,7 @@ where
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    debug_assert!(head.len() <= size, "the head never outgrows its reservation");
+    debug_assert!(head.len() <= head.capacity(), "the head never outgrows its reservation");
     Ok(head)
 }
 
@@ -516,6 +520,28 @@ mod tests {
                 matches!(encode_head(&Method::GET, target, &HeaderMap::new(), 0), Err(H1Error::InvalidRequest(_))),
                 "{target:?}"
             );
+        }
+    }
+
+    #[test]
+    fn encoded_fields_stay_within_their_bound_and_never_break_a_line() {
+        let fields = [(&b"x-a"[..], &b"1"[..]), (&b"x-b"[..], &b"22"[..])];
+        let exact: usize = fields.iter().map(|(n, v)| field_len(n, v)).sum();
+        let head = encode_fields(&Method::POST, "/", fields.iter().copied(), exact, 0).expect("head");
+        assert_eq!(&head[..], b"POST / HTTP/1.1\r\nx-a: 1\r\nx-b: 22\r\ncontent-length: 0\r\n\r\n");
+        let capacity = head.capacity();
+        assert!(head.len() <= capacity);
+        // A bound that is too small is refused, not grown past (a reallocation would leave a
+        // copy of the credential in freed memory).
+        assert!(matches!(
+            encode_fields(&Method::POST, "/", fields.iter().copied(), exact - 1, 0),
+            Err(H1Error::InvalidRequest(_))
+        ));
+        for bad in [(&b"x-a"[..], &b"1\r\nx-injected: 1"[..]), (&b"x a"[..], &b"1"[..]), (&b""[..], &b"1"[..])] {
+            assert!(matches!(
+                encode_fields(&Method::POST, "/", [bad].into_iter(), 256, 0),
+                Err(H1Error::InvalidRequest(_))
+            ));
         }
     }
 

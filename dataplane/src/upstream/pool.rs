@@ -7,13 +7,11 @@
 //! and the provider sent nothing beyond it; one dropped mid-response is closed.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use foldhash::fast::RandomState;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 
@@ -35,11 +33,26 @@ struct Idle {
     since: Instant,
 }
 
+/// The idle connections of one client to one origin, newest last.
+struct IdleSet {
+    client: u64,
+    origin: Origin,
+    conns: Vec<Idle>,
+}
+
 #[derive(Default)]
 struct ThreadPool {
-    /// Per client, per origin; newest last.
-    idle: HashMap<u64, HashMap<Origin, Vec<Idle>, RandomState>, RandomState>,
+    /// One per (client, origin) this thread has pooled for: a handful, scanned in order. An
+    /// origin compares by its precomputed hash first, so this beats hashing it into nested maps
+    /// twice per request.
+    sets: Vec<IdleSet>,
     last_sweep: Option<Instant>,
+}
+
+impl ThreadPool {
+    fn position(&self, client: u64, origin: &Origin) -> Option<usize> {
+        self.sets.iter().position(|set| set.client == client && set.origin == *origin)
+    }
 }
 
 thread_local! {
@@ -48,13 +61,13 @@ thread_local! {
 
 /// The newest unexpired idle connection to `origin`, if any.
 pub(super) fn checkout(settings: &PoolSettings, origin: &Origin) -> Option<Lease> {
-    let now = Instant::now();
     // Expired connections are dropped after the borrow ends: closing one runs TLS code.
     let (found, _expired) = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let set = pool.idle.get_mut(&settings.client)?.get_mut(origin)?;
+        let at = pool.position(settings.client, origin)?;
+        let set = &mut pool.sets[at].conns;
         let idle = set.pop()?;
-        if now.duration_since(idle.since) < settings.idle_timeout {
+        if idle.since.elapsed() < settings.idle_timeout {
             Some((Some(idle.lease), None))
         } else {
             // The newest has expired, so have all the others.
@@ -69,18 +82,25 @@ fn check_in(lease: Lease) {
     let mut expired = Vec::new();
     let refused = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let settings = lease.0.settings.clone();
+        let settings = &lease.0.settings;
         if pool.last_sweep.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
             pool.last_sweep = Some(now);
-            for sets in pool.idle.values_mut() {
-                for set in sets.values_mut() {
-                    let keep_from = set.partition_point(|idle| now.duration_since(idle.since) >= settings.idle_timeout);
-                    expired.extend(set.drain(..keep_from));
-                }
-                sets.retain(|_, set| !set.is_empty());
+            for set in &mut pool.sets {
+                let keep_from =
+                    set.conns.partition_point(|idle| now.duration_since(idle.since) >= settings.idle_timeout);
+                expired.extend(set.conns.drain(..keep_from));
             }
+            pool.sets.retain(|set| !set.conns.is_empty());
         }
-        let set = pool.idle.entry(settings.client).or_default().entry(lease.0.origin.clone()).or_default();
+        let at = match pool.position(settings.client, &lease.0.origin) {
+            Some(at) => at,
+            None => {
+                let origin = lease.0.origin.clone();
+                pool.sets.push(IdleSet { client: settings.client, origin, conns: Vec::new() });
+                pool.sets.len() - 1
+            }
+        };
+        let set = &mut pool.sets[at].conns;
         if set.len() >= settings.max_idle {
             return Some(lease);
         }
