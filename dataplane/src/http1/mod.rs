@@ -89,13 +89,48 @@ struct Conn<IO> {
     body: Decoder,
     /// The body could not be read (bad framing, early end): the connection cannot be reused.
     broken: bool,
+    /// When the next request head must have arrived.
+    head_deadline: Deadline,
+}
+
+/// A deadline that moves later with every request: the keep-alive and header-read limit of one
+/// connection. Moving it later only records it; the timer is re-armed when it fires before the
+/// deadline, so a busy connection touches the timer wheel about once per timeout instead of
+/// registering and cancelling a timer for every request.
+#[derive(Debug)]
+struct Deadline {
+    at: Instant,
+    /// Created on the first wait; its own deadline is never later than `at`.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Self { at: Instant::now(), timer: None }
+    }
+
+    fn set(&mut self, at: Instant) {
+        self.at = at;
+        if let Some(timer) = self.timer.as_mut().filter(|timer| at < timer.deadline()) {
+            timer.as_mut().reset(at);
+        }
+    }
+
+    /// Ready once `at` has passed.
+    fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let at = self.at;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        loop {
+            ready!(std::future::Future::poll(timer.as_mut(), cx));
+            if timer.deadline() >= at {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(at);
+        }
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| poll_fill(&mut self.io, cx, &mut self.buf)).await
-    }
-
     async fn flush_out(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
             self.io.write_all(&self.out).await?;
@@ -219,7 +254,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     shutdown: &mut watch::Receiver<bool>,
     first: bool,
 ) -> Next {
-    let deadline = Instant::now() + settings.header_read_timeout;
+    conn.head_deadline.set(Instant::now() + settings.header_read_timeout);
     let mut draining = *shutdown.borrow();
     loop {
         // On a new plain-TCP connection, bytes that could still be the HTTP/2 preface wait for
@@ -239,13 +274,19 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
         if draining && conn.buf.is_empty() {
             return Next::Close;
         }
+        let Conn { io, buf, head_deadline, .. } = &mut *conn;
         tokio::select! {
-            read = tokio::time::timeout_at(deadline, conn.fill()) => match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
-                Ok(Ok(_)) => {}
-                Err(_) if conn.buf.is_empty() => return Next::Close,
-                Err(_) => return Next::Refuse(GatewayError::RequestTimeout, ApiFlavor::OpenAi),
+            read = std::future::poll_fn(|cx| poll_fill(io, cx, buf)) => match read {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(_) => {}
             },
+            () = std::future::poll_fn(|cx| head_deadline.poll_passed(cx)) => {
+                return if conn.buf.is_empty() {
+                    Next::Close
+                } else {
+                    Next::Refuse(GatewayError::RequestTimeout, ApiFlavor::OpenAi)
+                };
+            }
             changed = shutdown.changed(), if !draining => {
                 // A dropped sender means the server is gone: drain as well.
                 draining = changed.is_err() || *shutdown.borrow();
@@ -274,6 +315,7 @@ where
         out: Vec::with_capacity(4096),
         body: Decoder::Done,
         broken: false,
+        head_deadline: Deadline::new(),
     };
     let mut first = detect_h2;
     loop {
@@ -608,5 +650,34 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn passed_now(deadline: &mut Deadline) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(deadline.poll_passed(cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_later_waits_for_the_later_one_and_earlier_takes_effect() {
+        let start = Instant::now();
+        let mut deadline = Deadline::new();
+        deadline.set(start + Duration::from_millis(50));
+        assert!(!passed_now(&mut deadline).await, "armed, not passed");
+        // Later: the timer armed for 50 ms fires early and is re-armed, not reported.
+        deadline.set(start + Duration::from_millis(150));
+        std::future::poll_fn(|cx| deadline.poll_passed(cx)).await;
+        assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
+
+        // Earlier than the armed timer: honoured at once, not after the old one.
+        deadline.set(Instant::now() + Duration::from_secs(60));
+        assert!(!passed_now(&mut deadline).await);
+        deadline.set(Instant::now() + Duration::from_millis(20));
+        tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| deadline.poll_passed(cx)))
+            .await
+            .expect("the earlier deadline is kept");
     }
 }
