@@ -88,7 +88,10 @@ impl SlidingWindow {
     /// already left the window is left alone: it no longer counts either way.
     pub fn adjust(&mut self, now_ms: u64, granule: u64, delta: i64) {
         self.expire(now_ms);
-        if let Some((_, count)) = self.granules.iter_mut().find(|(g, _)| *g == granule) {
+        // Granules are in ascending order and a full window holds 600: search, do not scan
+        // (this runs once per request, usually for one of the newest).
+        let found = self.granules.binary_search_by_key(&granule, |&(g, _)| g).ok();
+        if let Some((_, count)) = found.and_then(|at| self.granules.get_mut(at)) {
             let new = (*count as i64 + delta).max(0) as u64;
             self.total = self.total - *count + new;
             *count = new;
@@ -167,6 +170,23 @@ mod tests {
         let g2 = w.add(T0 + 2_000, 10);
         w.adjust(T0 + 2 * WINDOW_MS, g2, 100);
         assert_eq!(w.total(T0 + 2 * WINDOW_MS), 0, "expired granule is not charged");
+    }
+
+    #[test]
+    fn adjust_finds_its_granule_among_a_full_window_with_gaps() {
+        let mut w = SlidingWindow::default();
+        // Every third granule of a minute holds 10 units.
+        let granules: Vec<u64> = (0..GRANULES).step_by(3).map(|i| w.add(T0 + i * GRANULE_MS, 10)).collect();
+        let now = T0 + (GRANULES - 1) * GRANULE_MS;
+        let before = w.total(now);
+        for (n, &g) in granules.iter().enumerate() {
+            w.adjust(now, g, n as i64 % 3 - 1);
+        }
+        let expected: i64 = (0..granules.len() as i64).map(|n| n % 3 - 1).sum();
+        assert_eq!(w.total(now) as i64, before as i64 + expected);
+        // A granule that was never recorded changes nothing.
+        w.adjust(now, granules[1] + 1, 1_000);
+        assert_eq!(w.total(now) as i64, before as i64 + expected);
     }
 
     #[test]
