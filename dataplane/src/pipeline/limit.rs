@@ -33,7 +33,7 @@ pub async fn admit(
             None => Ok(None),
         }
     };
-    let locked = match client {
+    let decided = match client {
         // Lockouts set by other replicas are checked alongside the admission: one round trip.
         Some(ip) if limiter.is_shared() => {
             let (locked, admitted) = tokio::join!(limiter.locked_shared(ip), admitted);
@@ -47,7 +47,7 @@ pub async fn admit(
         }
         _ => admitted.await,
     };
-    locked.map_err(|e| match e {
+    decided.map_err(|e| match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
         AdmitError::Refused(refusal) => refused(refusal),
     })

@@ -119,6 +119,9 @@ impl Gateway {
     }
 
     /// Serves one request. Never fails: every error is a response in the route's format.
+    /// A forwarded response's `x-ratelimit-*` headers ride in its extensions
+    /// ([`limit::RateHeaders`]); a server that does not encode them itself must call
+    /// [`limit::RateHeaders::move_into_headers`] before sending the response.
     pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Response<GatewayBody>
     where
         B: http_body::Body<Data = Bytes> + Send,
