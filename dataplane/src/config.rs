@@ -88,7 +88,7 @@ pub struct DataplaneArgs {
     #[arg(long, value_parser = seconds, default_value = "30")]
     pub request_body_timeout: Duration,
 
-    /// Seconds to connect to an upstream.
+    /// Seconds to connect to an upstream, and again for the TLS handshake of an HTTPS one.
     #[arg(long, value_parser = seconds, default_value = "10")]
     pub upstream_connect_timeout: Duration,
 

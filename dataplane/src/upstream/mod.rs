@@ -170,6 +170,10 @@ static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct UpstreamClient {
     connector: HttpConnector,
     tls: tokio_rustls::TlsConnector,
+    /// Bounds the TCP connect (each address tried) and, for HTTPS origins, the TLS handshake
+    /// after it: a provider that accepts the connection and then says nothing fails the request
+    /// instead of holding it until the response timeout.
+    connect_timeout: Duration,
     pool: PoolSettings,
 }
 
@@ -191,7 +195,7 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
         idle_timeout: IDLE_TIMEOUT,
         max_idle: MAX_IDLE_PER_ORIGIN,
     };
-    Ok(UpstreamClient { connector: http, tls, pool })
+    Ok(UpstreamClient { connector: http, tls, connect_timeout, pool })
 }
 
 impl UpstreamClient {
@@ -221,11 +225,15 @@ impl UpstreamClient {
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
+        // The connector applies the connect timeout to each address it tries.
         let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
         let io = if origin.https {
             let host = origin.authority.host().trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Connect(e.into()))?;
-            let tls = self.tls.connect(name, tcp).await.map_err(|e| UpstreamError::Connect(e.into()))?;
+            let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(name, tcp)).await {
+                Ok(handshake) => handshake.map_err(|e| UpstreamError::Connect(e.into()))?,
+                Err(_) => return Err(UpstreamError::Connect("the TLS handshake timed out".into())),
+            };
             h1::Io::Tls(Box::new(tls))
         } else {
             h1::Io::Plain(tcp)
@@ -324,6 +332,30 @@ mod tests {
         let response = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
         assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_accepts_and_never_answers_the_tls_handshake_fails_within_the_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let endpoint = Endpoint::parse(&format!("https://{addr}")).expect("endpoint");
+        let client = build_client(None, Duration::from_millis(300)).expect("client");
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), client.send(&endpoint.origin, request(&endpoint, "/x")))
+                .await
+                .expect("the handshake must not wait for the response timeout");
+        let error = outcome.expect_err("no TLS server there");
+        assert!(error.is_connect(), "{error}");
+        assert!(error.to_string().contains("TLS handshake timed out"), "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+        held.abort();
     }
 
     #[tokio::test]
