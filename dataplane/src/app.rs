@@ -193,6 +193,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         metrics,
         ServerSettings {
             header_read_timeout: args.header_read_timeout,
+            response_write_timeout: args.response_write_timeout,
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: args.drain_timeout,
             busy_poll,

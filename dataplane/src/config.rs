@@ -88,6 +88,11 @@ pub struct DataplaneArgs {
     #[arg(long, value_parser = seconds, default_value = "30")]
     pub request_body_timeout: Duration,
 
+    /// Seconds an HTTP/1.1 client may take to accept any more of a response that does not fit in
+    /// the socket buffers (nginx's `send_timeout`); one that stops reading is disconnected.
+    #[arg(long, value_parser = seconds, default_value = "60")]
+    pub response_write_timeout: Duration,
+
     /// Seconds to connect to an upstream, and again for the TLS handshake of an HTTPS one.
     #[arg(long, value_parser = seconds, default_value = "10")]
     pub upstream_connect_timeout: Duration,

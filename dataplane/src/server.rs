@@ -25,6 +25,7 @@ use crate::pipeline::Gateway;
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
+    pub response_write_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
     /// Told of every request when busy polling is on.
@@ -47,7 +48,10 @@ pub async fn serve(
     settings: ServerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let http1 = Arc::new(http1::Settings { header_read_timeout: settings.header_read_timeout });
+    let http1 = Arc::new(http1::Settings {
+        header_read_timeout: settings.header_read_timeout,
+        response_write_timeout: settings.response_write_timeout,
+    });
     let http2 = http2_builder();
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();

@@ -292,3 +292,50 @@ async fn a_client_that_goes_away_is_noticed_while_the_provider_thinks_and_mid_st
     .unwrap();
     fx.openai.release();
 }
+
+/// A client that stops reading a response larger than the socket buffers is disconnected once
+/// the write timeout (1 s here) passes without progress; one that pauses for less reads it all.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        upstream: portcullis_e2e::UpstreamOptions {
+            // Well past what the kernel buffers for a client that reads nothing (~4 MiB).
+            response_text: "bulk ".repeat(4 * 1024 * 1024),
+            ..Default::default()
+        },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let addr = fx.gateway.listen_addr();
+
+    let read_all_after = |pause: Duration| async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(chat("", true).as_bytes()).await.unwrap();
+        tokio::time::sleep(pause).await;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("the connection neither closed nor sent anything for 20 s"),
+            }
+        }
+        let end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+        let length: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length: ")).expect("a Content-Length").parse().unwrap();
+        (seen.len() - end - 4, length)
+    };
+
+    let (got, length) = read_all_after(Duration::from_millis(200)).await;
+    assert!(length > 20 * 1024 * 1024, "{length}");
+    assert_eq!(got, length, "a client that pauses briefly gets the whole response");
+
+    let (got, length) = read_all_after(Duration::from_secs(3)).await;
+    assert!(got < length / 2, "a client that stopped reading was cut off: {got} of {length} bytes");
+}

@@ -156,3 +156,64 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
     assert_eq!(alice.header("x-ratelimit-limit-requests"), Some("999999"));
     assert_eq!(alice.header("x-ratelimit-remaining-requests"), Some("999998"));
 }
+
+/// HTTP/1.1 over TLS: a response larger than the socket buffers, to a client that reads it
+/// slowly, arrives whole and in time on a kept-alive connection (every write blocks on the
+/// socket and resumes; nothing is left behind in the TLS session for the idle close).
+#[tokio::test]
+async fn a_large_http1_response_to_a_slow_reader_arrives_whole_over_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = "tls-bulk ".repeat(512 * 1024);
+    let opts = FixtureOptions {
+        listener_tls: true,
+        upstream: portcullis_e2e::UpstreamOptions { response_text: text.clone(), ..Default::default() },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let config = fx.pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(fx.gateway.listen_addr()).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let body = serde_json::to_string(&chat_body("gpt-4o-mini", "hi", false)).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    // Read slowly, so the gateway's socket stays full and its writes keep blocking to the end.
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut head: Option<(String, usize)> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed early");
+            seen.extend_from_slice(&buf[..n]);
+            if head.is_none() {
+                if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let text = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                        .expect("a Content-Length")
+                        .parse()
+                        .unwrap();
+                    seen.drain(..end + 4);
+                    head = Some((text, length));
+                }
+            }
+            if let Some((text, length)) = &head {
+                if seen.len() >= *length {
+                    return (text.clone(), seen.len(), *length);
+                }
+            }
+        }
+    })
+    .await;
+    let (head, got, length) = read.expect("the whole response, without waiting for the idle close");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(got, length);
+    assert!(length > text.len(), "{length}");
+}

@@ -69,6 +69,10 @@ pub struct Settings {
     /// Time a client has to send a complete request head, counted from when the server starts
     /// waiting for it (so it also bounds how long a keep-alive connection may sit idle).
     pub header_read_timeout: Duration,
+    /// Time a client may take to accept any more of a response that does not fit in the socket
+    /// buffers (nginx's `send_timeout`): one that stops reading is disconnected, and the provider
+    /// request it was holding open is cancelled.
+    pub response_write_timeout: Duration,
 }
 
 /// How a connection ended.
@@ -91,6 +95,8 @@ struct Conn<IO> {
     broken: bool,
     /// When the next request head must have arrived.
     head_deadline: Deadline,
+    /// See [`Settings::response_write_timeout`].
+    write_timeout: Duration,
 }
 
 /// A deadline that moves later with every request: the keep-alive and header-read limit of one
@@ -133,10 +139,16 @@ impl Deadline {
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     async fn flush_out(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
+            write_all_within(&mut self.io, &self.out, self.write_timeout).await?;
             self.out.clear();
         }
         Ok(())
+    }
+
+    /// Half-closes the connection (for TLS: sends `close_notify` after what is still buffered),
+    /// within the write timeout.
+    async fn shut_down(&mut self) {
+        let _ = tokio::time::timeout(self.write_timeout, self.io.shutdown()).await;
     }
 
     /// The whole request body, if it has already been read (a `Content-Length` body).
@@ -316,6 +328,7 @@ where
         body: Decoder::Done,
         broken: false,
         head_deadline: Deadline::new(),
+        write_timeout: settings.response_write_timeout,
     };
     let mut first = detect_h2;
     loop {
@@ -342,7 +355,8 @@ where
             Framing::Chunked => Decoder::Chunked(Chunked::default()),
         };
         let waits = expect_continue && !conn.body.is_done() && conn.buf.is_empty();
-        if waits && conn.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        if waits && write_all_within(&mut conn.io, b"HTTP/1.1 100 Continue\r\n\r\n", conn.write_timeout).await.is_err()
+        {
             return Ended::Closed;
         }
         let head_only = method == Method::HEAD;
@@ -375,7 +389,7 @@ where
                 return Ended::Closed;
             }
             Ok(_) | Err(_) => {
-                let _ = conn.io.shutdown().await;
+                conn.shut_down().await;
                 return Ended::Closed;
             }
         }
@@ -384,7 +398,7 @@ where
 
 /// Half-closes, then reads and discards what the client is still sending, within bounds.
 async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<IO>) {
-    let _ = conn.io.shutdown().await;
+    conn.shut_down().await;
     let deadline = Instant::now() + LINGER_TIME;
     let mut discarded = 0usize;
     let mut scratch = [0u8; 4096];
@@ -551,7 +565,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
                 }
                 if data.len() >= WRITE_DIRECT {
                     conn.flush_out().await?;
-                    conn.io.write_all(&data).await?;
+                    write_all_within(&mut conn.io, &data, conn.write_timeout).await?;
                 } else {
                     conn.out.extend_from_slice(&data);
                 }
@@ -580,6 +594,43 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Writes all of `data` and flushes it (TLS keeps records the socket did not take yet; they
+/// must not wait for the next response). Fails with `TimedOut` once the client has accepted
+/// nothing for `limit`; the timer exists only while a write is blocked.
+async fn write_all_within<IO: AsyncWrite + Unpin>(io: &mut IO, mut data: &[u8], limit: Duration) -> io::Result<()> {
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| loop {
+        let polled = if data.is_empty() {
+            match Pin::new(&mut *io).poll_flush(cx) {
+                Poll::Ready(flushed) => return Poll::Ready(flushed),
+                Poll::Pending => Poll::Pending,
+            }
+        } else {
+            Pin::new(&mut *io).poll_write(cx, data)
+        };
+        match polled {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                data = &data[n..];
+                // Progress: a later stall is timed from its own start.
+                stalled = None;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                return match std::future::Future::poll(timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client accepted none of the response within the write timeout",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+        }
+    })
+    .await
 }
 
 /// The `Date` header value, rendered once a second per thread.
@@ -679,5 +730,47 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| deadline.poll_passed(cx)))
             .await
             .expect("the earlier deadline is kept");
+    }
+
+    #[tokio::test]
+    async fn a_write_is_flushed_through_a_buffering_stream() {
+        // Like a TLS session, a `BufWriter` holds what it accepted until it is flushed.
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut buffered = tokio::io::BufWriter::new(near);
+        write_all_within(&mut buffered, b"HTTP/1.1 200 OK\r\n\r\n", Duration::from_secs(5)).await.expect("write");
+        let mut seen = [0u8; 64];
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), far.read(&mut seen)).await.expect("flushed").expect("read");
+        assert_eq!(&seen[..n], b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_accepts_nothing_times_the_write_out_and_a_slow_one_does_not() {
+        let (mut near, far) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let error = write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(100)).await.expect_err("stalled");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
+        drop(far);
+
+        // 64 bytes every 40 ms: 1 KiB takes ~640 ms, longer than the limit, but every stall is
+        // shorter than it.
+        let (mut near, mut far) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            let mut chunk = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                match far.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        });
+        let started = Instant::now();
+        write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(200)).await.expect("slow but moving");
+        assert!(started.elapsed() > Duration::from_millis(200), "{:?}", started.elapsed());
+        drop(near);
+        assert_eq!(reader.await.expect("reader"), 1024);
     }
 }
