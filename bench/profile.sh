@@ -7,6 +7,7 @@
 #
 #   bench/profile.sh                   # both tools, both loads, ~3 minutes
 #   PROFILE_TOOLS=perf PROFILE_SECONDS=5 bench/profile.sh
+#   PROFILE_BIN_DIR=/other/target/release BENCH_SKIP_BUILD=1 bench/profile.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -18,7 +19,7 @@ TOOLS=${PROFILE_TOOLS:-perf,callgrind}
 BASE=${BENCH_PORT_BASE:-28100}
 UP=$((BASE + 1)); GW=$((BASE + 3)); ADMIN=$((BASE + 4))
 KEY=pcl_bench_client_key_0123456789_abcdefghijklmnop
-BIN="$ROOT/target/release"
+BIN="${PROFILE_BIN_DIR:-$ROOT/target/release}"
 
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     cargo build --release -q -p portcullis-dataplane -p portcullis-bench
