@@ -121,7 +121,9 @@ impl ApiRoute {
 /// The routing metadata of a request body. Everything else in the body is skipped unread.
 #[derive(Debug, Default, Deserialize)]
 pub struct RequestHead<'a> {
-    #[serde(borrow, default)]
+    /// Borrowed from the body unless it holds escapes (serde's own `Option<Cow<str>>` always
+    /// copies).
+    #[serde(borrow, default, deserialize_with = "borrowed_str")]
     pub model: Option<Cow<'a, str>>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -135,6 +137,38 @@ pub struct RequestHead<'a> {
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
+}
+
+fn borrowed_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+
+        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    deserializer.deserialize_option(Text)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +259,21 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_is_borrowed_from_the_body_unless_it_holds_escapes() {
+        let head = RequestHead::parse(br#"{"messages":[],"model":"gpt-4o"}"#).expect("parse");
+        assert!(matches!(head.model, Some(Cow::Borrowed("gpt-4o"))), "{:?}", head.model);
+        let head = RequestHead::parse(br#"{"model":"gpt\u002d4o"}"#).expect("parse");
+        assert!(matches!(&head.model, Some(Cow::Owned(m)) if m == "gpt-4o"), "{:?}", head.model);
+        assert_eq!(RequestHead::parse(br#"{"model":null}"#).expect("parse").model, None);
+        assert_eq!(RequestHead::parse(br#"{"stream":true}"#).expect("parse").model, None);
+        let refused = RequestHead::parse(br#"{"model":7}"#).expect_err("a number is not a model");
+        assert!(
+            matches!(&refused, GatewayError::InvalidRequest(message) if message.contains("unexpected type")),
+            "{refused:?}"
+        );
+    }
 
     #[test]
     fn routes_and_methods() {

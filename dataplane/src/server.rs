@@ -19,7 +19,6 @@ use tokio_util::task::TaskTracker;
 use crate::busy_poll::BusyPoll;
 use crate::http1;
 use crate::metrics::Metrics;
-use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::Gateway;
 
 #[derive(Debug, Clone)]
@@ -148,11 +147,7 @@ impl Connection {
                 busy.touch();
             }
             let gateway = gateway.clone();
-            async move {
-                let mut response = gateway.handle(request, Some(peer)).await;
-                RateHeaders::move_into_headers(&mut response);
-                Ok::<_, Infallible>(response)
-            }
+            async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await.into_response()) }
         });
         let connection = http2.serve_connection(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection).await {

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -41,11 +41,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::api::ApiFlavor;
-use crate::body::GatewayBody;
 use crate::busy_poll::BusyPoll;
 use crate::error::GatewayError;
 use crate::pipeline::limit::RateHeaders;
-use crate::pipeline::Gateway;
+use crate::pipeline::{Gateway, Reply};
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 
@@ -339,7 +338,7 @@ where
             Next::Refuse(error, flavor) => {
                 let response = error.into_response(flavor, &crate::api::request_id(&http::HeaderMap::new()));
                 conn.broken = true;
-                let _ = write_response(&mut conn, response, Version::HTTP_11, false, false).await;
+                let _ = write_response(&mut conn, Reply { response, rate: None }, Version::HTTP_11, false, false).await;
                 linger(&mut conn).await;
                 return Ended::Closed;
             }
@@ -360,7 +359,7 @@ where
             return Ended::Closed;
         }
         let head_only = method == Method::HEAD;
-        let response = match conn.take_buffered_body() {
+        let reply = match conn.take_buffered_body() {
             // The whole body has arrived (the usual case): the pipeline gets it as it is, and
             // the connection is watched meanwhile, so a client that goes away while the provider
             // thinks cancels the request, as it would mid-stream.
@@ -368,7 +367,7 @@ where
                 let request = request(method, uri, version, headers, Full::new(body));
                 tokio::select! {
                     biased;
-                    response = gateway.handle(request, Some(peer)) => response,
+                    reply = gateway.handle(request, Some(peer)) => reply,
                     () = std::future::poll_fn(|cx| conn.poll_gone(cx)) => return Ended::Closed,
                 }
             }
@@ -381,7 +380,7 @@ where
 
         let body_read = conn.finish_body_from_buffer();
         let keep_alive = keep_alive && body_read && !*shutdown.borrow();
-        let complete = write_response(&mut conn, response, version, head_only, keep_alive).await;
+        let complete = write_response(&mut conn, reply, version, head_only, keep_alive).await;
         match complete {
             Ok(true) if keep_alive => continue,
             Ok(_) if !body_read => {
@@ -441,14 +440,20 @@ enum Delimit {
 }
 
 /// Encodes the status line and headers into `out`.
-fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, delimit: Delimit, version: Version, keep_alive: bool) {
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    rate: Option<&RateHeaders>,
+    delimit: Delimit,
+    version: Version,
+    keep_alive: bool,
+) {
     let status = parts.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let rate = parts.extensions.get::<RateHeaders>();
     for (name, value) in &parts.headers {
         if managed(name) || rate.is_some_and(|rate| rate.replaces(name)) {
             continue;
@@ -488,11 +493,12 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, delimit: Delimi
 /// connection must close (which is how the client learns the body is incomplete).
 async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<IO>,
-    response: Response<GatewayBody>,
+    reply: Reply,
     version: Version,
     head_only: bool,
     keep_alive: bool,
 ) -> io::Result<bool> {
+    let Reply { response, rate } = reply;
     let (parts, body) = response.into_parts();
     let status = parts.status;
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -508,7 +514,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
         delimit = Delimit::None;
     }
     conn.out.clear();
-    encode_head(&mut conn.out, &parts, delimit, version, keep_alive);
+    encode_head(&mut conn.out, &parts, rate.as_ref(), delimit, version, keep_alive);
     if head_only || bodiless {
         conn.flush_out().await?;
         return Ok(true);

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue, Response};
+use http::{HeaderMap, HeaderValue};
 
 use crate::api::RequestHead;
 use crate::error::GatewayError;
@@ -115,11 +115,12 @@ struct Window {
 
 /// The OpenAI-style `x-ratelimit-*` headers of a response.
 ///
-/// On a forwarded response they ride in the response's extensions instead of its header map:
+/// On a forwarded response they ride beside it ([`super::Reply`]) instead of in its header map:
 /// the HTTP/1.1 server encodes them straight into the response head (six header-map entries,
-/// built, hashed and dropped per request, cost more than encoding the rest of the head), and
-/// the HTTP/2 server moves them into the map ([`RateHeaders::move_into_headers`]). Either way
-/// they replace an upstream's headers of the same names.
+/// built, hashed and dropped per request, cost more than encoding the rest of the head; the
+/// response's extensions cost three allocations), and the HTTP/2 server moves them into the map
+/// ([`super::Reply::into_response`]). Either way they replace an upstream's headers of the same
+/// names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateHeaders {
     requests: Option<Window>,
@@ -202,14 +203,6 @@ impl RateHeaders {
                 headers.insert(name.clone(), value);
             }
         });
-    }
-
-    /// Moves the headers carried in `response`'s extensions into its header map, for a server
-    /// that does not encode them itself.
-    pub fn move_into_headers<B>(response: &mut Response<B>) {
-        if let Some(rate) = response.extensions_mut().remove::<RateHeaders>() {
-            rate.insert_into(response.headers_mut());
-        }
     }
 }
 

@@ -35,7 +35,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
-use meter::{AccessRecord, BudgetGuard, MeteredBody, StreamGuard, UsageReader};
+use meter::{AccessRecord, BudgetGuard, MeteredBody, ProviderBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
 
 const UPSTREAM_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-upstream-request-id");
@@ -107,6 +107,31 @@ pub struct Gateway {
 
 type Failure = (ApiFlavor, GatewayError);
 
+/// What [`Gateway::handle`] answers: the response and, for a forwarded one whose key has
+/// per-minute limits, its `x-ratelimit-*` headers beside it rather than in its header map (see
+/// [`limit::RateHeaders`]; a 429 carries its own in the map).
+#[derive(Debug)]
+pub struct Reply {
+    pub response: Response<GatewayBody>,
+    pub rate: Option<limit::RateHeaders>,
+}
+
+impl Reply {
+    fn plain(response: Response<GatewayBody>) -> Self {
+        Reply { response, rate: None }
+    }
+
+    /// The response with the rate-limit headers in its header map, for a server that does not
+    /// encode them itself.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let mut response = self.response;
+        if let Some(rate) = self.rate {
+            rate.insert_into(response.headers_mut());
+        }
+        response
+    }
+}
+
 impl Gateway {
     pub fn new(
         snapshot: Arc<SnapshotHandle>,
@@ -119,10 +144,7 @@ impl Gateway {
     }
 
     /// Serves one request. Never fails: every error is a response in the route's format.
-    /// A forwarded response's `x-ratelimit-*` headers ride in its extensions
-    /// ([`limit::RateHeaders`]); a server that does not encode them itself must call
-    /// [`limit::RateHeaders::move_into_headers`] before sending the response.
-    pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Response<GatewayBody>
+    pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Reply
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -131,12 +153,12 @@ impl Gateway {
         let request_id = api::request_id(request.headers());
         let mut record = AccessRecord::new(self.metrics.clone(), started, request_id.clone());
         match self.serve(request, peer, &mut record).await {
-            Ok(response) => response,
+            Ok(reply) => reply,
             Err((flavor, error)) => {
                 let response = error.clone().into_response(flavor, &request_id);
                 record.status = response.status().as_u16();
                 record.finish(error.shape().code);
-                response
+                Reply::plain(response)
             }
         }
     }
@@ -146,7 +168,7 @@ impl Gateway {
         request: Request<B>,
         peer: Option<SocketAddr>,
         record: &mut AccessRecord,
-    ) -> Result<Response<GatewayBody>, Failure>
+    ) -> Result<Reply, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -180,7 +202,7 @@ impl Gateway {
             let mut response = models::list(&snapshot, &grant.policy, request.headers());
             response.headers_mut().insert(REQUEST_ID_HEADER, record.request_id.clone());
             record.status = 200;
-            return Ok(response);
+            return Ok(Reply::plain(response));
         }
 
         let (parts, body) = request.into_parts();
@@ -241,10 +263,10 @@ impl Gateway {
         model: &str,
         chosen: &ModelRoute,
         outbound: forward::Outbound,
-    ) -> Result<Response<GatewayBody>, GatewayError> {
+    ) -> Result<Response<ProviderBody>, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
-            return Ok(crate::mock::respond(route, &outbound.body, upstream_model));
+            return Ok(crate::mock::respond(route, &outbound.body, upstream_model).map(ProviderBody::from));
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
         let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false);
@@ -254,20 +276,18 @@ impl Gateway {
                 tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
                 Err(GatewayError::UpstreamUnavailable)
             }
-            Ok(Ok(response)) => {
-                Ok(response.map(|b| b.map_err(|e| Box::new(e) as crate::body::BoxError).boxed_unsync()))
-            }
+            Ok(Ok(response)) => Ok(response.map(ProviderBody::from)),
         }
     }
 
     fn metered(
         &self,
-        response: Response<GatewayBody>,
+        response: Response<ProviderBody>,
         strip_usage_chunk: bool,
         budget: Option<BudgetGuard>,
         guard: Option<StreamGuard>,
         record: &mut AccessRecord,
-    ) -> Response<GatewayBody> {
+    ) -> Reply {
         let (mut parts, body) = response.into_parts();
         forward::clean_response_headers(&mut parts.headers);
         let is_sse = parts
@@ -286,11 +306,7 @@ impl Gateway {
             parts.headers.insert(UPSTREAM_REQUEST_ID, upstream_id);
         }
         parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
-        if let Some((_, ticket)) = &record.ticket {
-            if let Some(rate) = limit::RateHeaders::for_ticket(ticket) {
-                parts.extensions.insert(rate);
-            }
-        }
+        let rate = record.ticket.as_ref().and_then(|(_, ticket)| limit::RateHeaders::for_ticket(ticket));
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
         let guard = guard.filter(|_| is_sse);
@@ -299,7 +315,7 @@ impl Gateway {
         let handed_off = record.hand_off();
         let body =
             MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget, guard);
-        Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+        Reply { response: Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)), rate }
     }
 }
 

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use portcullis_crds::pattern;
 use portcullis_crds::snapshot::ApiKeyEntry;
+use smallvec::SmallVec;
 
 use crate::api::ApiRoute;
 use crate::error::{echoable_model, GatewayError};
@@ -26,8 +27,9 @@ pub fn choose<'s>(
         | ApiRoute::Responses
         | ApiRoute::Models => r.upstream.kind.serves_openai_routes(),
     };
-    // References into the snapshot: the one chosen is cloned by the caller, the others never.
-    let mut candidates: Vec<&ModelRoute> = snapshot.routes_for(model).filter(|r| serves_route(r)).collect();
+    // References into the snapshot, on the stack for the usual few: the one chosen is cloned by
+    // the caller, the others never.
+    let mut candidates: Candidates<'s> = snapshot.routes_for(model).filter(|r| serves_route(r)).collect();
     if candidates.is_empty() {
         return Err(GatewayError::ModelNotFound { model: echoable_model(model) });
     }
@@ -54,8 +56,10 @@ pub fn choose<'s>(
     Ok(pick(candidates))
 }
 
+type Candidates<'s> = SmallVec<[&'s ModelRoute; 4]>;
+
 /// Highest priority first; weighted random among equals (weight 0 only when all are 0).
-fn pick(mut candidates: Vec<&ModelRoute>) -> &ModelRoute {
+fn pick(mut candidates: Candidates<'_>) -> &ModelRoute {
     let top = candidates.iter().map(|r| r.upstream.priority).max().unwrap_or_default();
     candidates.retain(|r| r.upstream.priority == top);
     if candidates.len() == 1 {
