@@ -36,12 +36,48 @@ pub struct Upstream {
     pub azure_api_version: Option<String>,
     pub priority: i32,
     pub weight: u32,
-    api_key: Option<SecretBytes>,
+    credential: Option<CredentialHeader>,
+}
+
+/// The header that carries a provider's key, name and whole value (`Bearer sk-...` for OpenAI),
+/// built once when the snapshot is opened instead of in a buffer per request; zeroized when the
+/// last snapshot using it drops, as the key was.
+pub struct CredentialHeader {
+    pub name: &'static [u8],
+    pub value: SecretBytes,
+}
+
+impl fmt::Debug for CredentialHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialHeader")
+            .field("name", &String::from_utf8_lossy(self.name))
+            .field("value", &self.value)
+            .finish()
+    }
+}
+
+impl CredentialHeader {
+    fn new(kind: ProviderKind, key: SecretBytes) -> Option<Self> {
+        let (name, prefix): (&'static [u8], &[u8]) = match kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => (b"authorization", b"Bearer "),
+            ProviderKind::Anthropic => (b"x-api-key", b""),
+            ProviderKind::AzureOpenAi => (b"api-key", b""),
+            ProviderKind::Mock => return None,
+        };
+        if prefix.is_empty() {
+            return Some(Self { name, value: key });
+        }
+        let mut value = Vec::with_capacity(prefix.len() + key.expose().len());
+        value.extend_from_slice(prefix);
+        value.extend_from_slice(key.expose());
+        Some(Self { name, value: SecretBytes::new(value) })
+    }
 }
 
 impl Upstream {
-    pub fn api_key(&self) -> Option<&SecretBytes> {
-        self.api_key.as_ref()
+    /// The provider key's header, if this provider takes one.
+    pub fn credential(&self) -> Option<&CredentialHeader> {
+        self.credential.as_ref()
     }
 }
 
@@ -51,7 +87,7 @@ impl fmt::Debug for Upstream {
             .field("id", &self.label)
             .field("kind", &self.kind)
             .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key)
+            .field("credential", &self.credential)
             .finish()
     }
 }
@@ -170,7 +206,7 @@ impl RuntimeSnapshot {
                 azure_api_version: entry.azure_api_version.clone(),
                 priority: entry.priority,
                 weight: entry.weight,
-                api_key,
+                credential: api_key.and_then(|key| CredentialHeader::new(entry.kind, key)),
             });
             for model in &entry.models {
                 let route = ModelRoute {
@@ -261,6 +297,23 @@ mod tests {
     use super::*;
     use portcullis_crds::sealing::KeyId;
     use portcullis_crds::snapshot::SnapshotContent;
+
+    #[test]
+    fn each_provider_kind_gets_its_credential_header_and_debug_hides_it() {
+        let key = || SecretBytes::from_slice(b"sk-CANARY-credential-42");
+        let cases = [
+            (ProviderKind::OpenAi, Some((&b"authorization"[..], &b"Bearer sk-CANARY-credential-42"[..]))),
+            (ProviderKind::OpenAiCompatible, Some((&b"authorization"[..], &b"Bearer sk-CANARY-credential-42"[..]))),
+            (ProviderKind::Anthropic, Some((&b"x-api-key"[..], &b"sk-CANARY-credential-42"[..]))),
+            (ProviderKind::AzureOpenAi, Some((&b"api-key"[..], &b"sk-CANARY-credential-42"[..]))),
+            (ProviderKind::Mock, None),
+        ];
+        for (kind, expected) in cases {
+            let header = CredentialHeader::new(kind, key());
+            assert_eq!(header.as_ref().map(|h| (h.name, h.value.expose())), expected, "{kind:?}");
+            assert!(!format!("{header:?}").contains("CANARY"), "{header:?}");
+        }
+    }
 
     const KEYS: [&str; 3] = [
         "pcl_snapshot_test_key_a_0123456789abcdef",

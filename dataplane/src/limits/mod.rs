@@ -413,7 +413,7 @@ impl Limiter {
         };
         let (decision, store) = match decided {
             Some(d) => d,
-            None if self.redis.is_none() => (self.memory.admit(&admission, admission.at_ms, 1), StoreUsed::Local),
+            None if self.redis.is_none() => return self.admit_in_process(admission),
             None => match admission.policy {
                 FailurePolicy::Local => {
                     (self.memory.admit(&admission, self.now_ms(), self.settings.replicas.max(1)), StoreUsed::Local)
@@ -436,6 +436,18 @@ impl Limiter {
                 }
             },
         };
+        self.ticket(admission, decision, store)
+    }
+
+    /// Admits or refuses at once when there is no shared store (nothing to wait for; the
+    /// pipeline calls this directly rather than building the shared store's future).
+    pub fn admit_in_process(&self, admission: Admission) -> Result<Ticket, AdmitError> {
+        debug_assert!(self.redis.is_none(), "with a shared store, admission goes through `admit`");
+        let decision = self.memory.admit(&admission, admission.at_ms, 1);
+        self.ticket(admission, decision, StoreUsed::Local)
+    }
+
+    fn ticket(&self, admission: Admission, decision: Decision, store: StoreUsed) -> Result<Ticket, AdmitError> {
         match decision {
             Decision::Granted(granted) => Ok(Ticket { admission, granted, store }),
             Decision::Refused(refusal) => {

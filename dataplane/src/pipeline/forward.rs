@@ -6,7 +6,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use portcullis_crds::v1alpha1::ProviderKind;
 
-use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER, X_API_KEY};
+use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER};
 use crate::error::GatewayError;
 use crate::snapshot::ModelRoute;
 use crate::upstream::h1::{encode_fields, field_len};
@@ -60,7 +60,6 @@ const STRIPPED_RESPONSE_HEADERS: [HeaderName; 9] = [
     header::SET_COOKIE,
 ];
 
-const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// The outbound request and what metering must know about it.
@@ -148,23 +147,6 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
     path.map(Uri::from).ok_or(GatewayError::UpstreamUnavailable)
 }
 
-/// The provider credential header, built per request in a buffer that is zeroized on drop.
-fn credential(chosen: &ModelRoute) -> Option<(HeaderName, zeroize::Zeroizing<Vec<u8>>)> {
-    let key = chosen.upstream.api_key()?;
-    let mut value = zeroize::Zeroizing::new(Vec::with_capacity(7 + key.len()));
-    let name = match chosen.upstream.kind {
-        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
-            value.extend_from_slice(b"Bearer ");
-            header::AUTHORIZATION
-        }
-        ProviderKind::Anthropic => X_API_KEY,
-        ProviderKind::AzureOpenAi => API_KEY,
-        ProviderKind::Mock => return None,
-    };
-    value.extend_from_slice(key.expose());
-    Some((name, value))
-}
-
 /// Builds the request for `chosen` from the client's request parts and body, encoded straight
 /// into its wire form: the client's headers minus the stripped ones, then the gateway's own.
 pub fn build(
@@ -193,12 +175,11 @@ pub fn build(
     let anthropic_version = (upstream.kind == ProviderKind::Anthropic
         && !client.headers.contains_key(&ANTHROPIC_VERSION))
     .then_some((&b"anthropic-version"[..], DEFAULT_ANTHROPIC_VERSION.as_bytes()));
-    let credential = credential(chosen);
     let gateway = [
         Some((&b"x-request-id"[..], request_id.as_bytes())),
         Some((&b"accept-encoding"[..], &b"identity"[..])),
         content_type,
-        credential.as_ref().map(|(name, value)| (name.as_str().as_bytes(), value.as_slice())),
+        upstream.credential().map(|credential| (credential.name, credential.value.expose())),
         anthropic_version,
         Some((&b"host"[..], endpoint.host.as_bytes())),
     ];

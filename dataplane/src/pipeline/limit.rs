@@ -27,6 +27,10 @@ pub async fn admit(
     client: Option<IpAddr>,
 ) -> Result<Option<Ticket>, GatewayError> {
     let admission = grant.limits.as_deref().map(|limits| limiter.admission_for(limits, tokens));
+    if !limiter.is_shared() {
+        // In process: decided at once, without building the shared store's futures.
+        return admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error);
+    }
     let admitted = async {
         match admission {
             Some(admission) => limiter.admit(admission).await.map(Some),
@@ -47,10 +51,14 @@ pub async fn admit(
         }
         _ => admitted.await,
     };
-    decided.map_err(|e| match e {
+    decided.map_err(admit_error)
+}
+
+fn admit_error(e: AdmitError) -> GatewayError {
+    match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
         AdmitError::Refused(refusal) => refused(refusal),
-    })
+    }
 }
 
 fn refused(r: Refusal) -> GatewayError {
