@@ -387,6 +387,9 @@ where
                 linger(&mut conn).await;
                 return Ended::Closed;
             }
+            // A client that stopped reading would not take a TLS `close_notify` either: drop
+            // the connection rather than wait out the write timeout a second time.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ended::Closed,
             Ok(_) | Err(_) => {
                 conn.shut_down().await;
                 return Ended::Closed;
@@ -604,7 +607,9 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
 
 /// Writes all of `data` and flushes it (TLS keeps records the socket did not take yet; they
 /// must not wait for the next response). Fails with `TimedOut` once the client has accepted
-/// nothing for `limit`; the timer exists only while a write is blocked.
+/// nothing for `limit`; the timer exists only while a write is blocked. (While the last TLS
+/// records are flushed, a partial send does not show as progress: a TLS client that takes the
+/// final ≤ 64 KiB of a response slower than over `limit` is cut off.)
 async fn write_all_within<IO: AsyncWrite + Unpin>(io: &mut IO, mut data: &[u8], limit: Duration) -> io::Result<()> {
     let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| loop {
@@ -754,7 +759,13 @@ mod tests {
     async fn a_client_that_accepts_nothing_times_the_write_out_and_a_slow_one_does_not() {
         let (mut near, far) = tokio::io::duplex(64);
         let started = Instant::now();
-        let error = write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(100)).await.expect_err("stalled");
+        let error = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(100)),
+        )
+        .await
+        .expect("the stall is timed")
+        .expect_err("stalled");
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
         drop(far);
@@ -774,7 +785,13 @@ mod tests {
             }
         });
         let started = Instant::now();
-        write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(200)).await.expect("slow but moving");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            write_all_within(&mut near, &[b'x'; 1024], Duration::from_millis(200)),
+        )
+        .await
+        .expect("the reader keeps up")
+        .expect("slow but moving");
         assert!(started.elapsed() > Duration::from_millis(200), "{:?}", started.elapsed());
         drop(near);
         assert_eq!(reader.await.expect("reader"), 1024);

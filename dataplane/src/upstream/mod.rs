@@ -170,7 +170,7 @@ static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct UpstreamClient {
     connector: HttpConnector,
     tls: tokio_rustls::TlsConnector,
-    /// Bounds the TCP connect (each address tried) and, for HTTPS origins, the TLS handshake
+    /// Bounds the TCP connect (shared among the addresses tried) and, for HTTPS origins, the TLS handshake
     /// after it: a provider that accepts the connection and then says nothing fails the request
     /// instead of holding it until the response timeout.
     connect_timeout: Duration,
@@ -225,7 +225,7 @@ impl UpstreamClient {
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
-        // The connector applies the connect timeout to each address it tries.
+        // The connector splits the connect timeout among the addresses it tries.
         let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
         let io = if origin.https {
             let host = origin.authority.host().trim_start_matches('[').trim_end_matches(']');
