@@ -248,12 +248,15 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return value.clone();
         }
     }
-    // `req_` and 32 hex digits, formatted on the stack.
+    // `req_` and 32 hex digits, formatted on the stack and then owned by the value: one
+    // allocation, and clones (the access record keeps one) only count references; a value
+    // copied from a slice is allocated again when first cloned.
     let mut id = *b"req_00000000000000000000000000000000";
     if hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut id[4..]).is_err() {
         return HeaderValue::from_static("req_unknown");
     }
-    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
 #[cfg(test)]

@@ -250,9 +250,11 @@ impl From<Http1Error> for GatewayError {
     }
 }
 
-/// What waiting for the next request head gave.
+/// What waiting for the next request head gave. The head is not boxed: moving it out of the
+/// future once costs less than an allocation and a free per request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
-    Head(Box<head::Head>),
+    Head(head::Head),
     /// Nothing more on this connection: closed by the client, idle too long, or draining.
     Close,
     Refuse(GatewayError, ApiFlavor),
@@ -277,7 +279,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
         }
         if !maybe_h2 && !conn.buf.is_empty() {
             match head::parse(&mut conn.buf, MAX_HEAD) {
-                Ok(Some(head)) => return Next::Head(Box::new(head)),
+                Ok(Some(head)) => return Next::Head(head),
                 Ok(None) => {}
                 Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
             }
@@ -347,7 +349,7 @@ where
         if let Some(busy) = busy_poll {
             busy.touch();
         }
-        let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = *head;
+        let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = head;
         conn.body = match framing {
             Framing::Length(0) => Decoder::Done,
             Framing::Length(length) => Decoder::Length(length),
