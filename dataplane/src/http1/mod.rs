@@ -340,7 +340,7 @@ where
             Next::Refuse(error, flavor) => {
                 let response = error.into_response(flavor, &crate::api::request_id(&http::HeaderMap::new()));
                 conn.broken = true;
-                let _ = write_response(&mut conn, Reply { response, rate: None }, Version::HTTP_11, false, false).await;
+                let _ = write_response(&mut conn, Reply::plain(response), Version::HTTP_11, false, false).await;
                 linger(&mut conn).await;
                 return Ended::Closed;
             }

@@ -39,7 +39,7 @@ pub async fn admit(
     };
     let decided = match client {
         // Lockouts set by other replicas are checked alongside the admission: one round trip.
-        Some(ip) if limiter.is_shared() => {
+        Some(ip) => {
             let (locked, admitted) = tokio::join!(limiter.locked_shared(ip), admitted);
             if let Some(retry_after_ms) = locked {
                 if let Ok(Some(ticket)) = &admitted {
@@ -49,7 +49,7 @@ pub async fn admit(
             }
             admitted
         }
-        _ => admitted.await,
+        None => admitted.await,
     };
     decided.map_err(admit_error)
 }

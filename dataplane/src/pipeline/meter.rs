@@ -269,59 +269,7 @@ impl StreamGuard {
 
 /// A provider's response body as it comes: the upstream connection's, unboxed (the usual case:
 /// one allocation and one dynamic call per frame fewer), or any other (the mock provider's).
-pub enum ProviderBody {
-    Upstream(UpstreamBody),
-    Other(GatewayBody),
-}
-
-impl std::fmt::Debug for ProviderBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ProviderBody::Upstream(_) => "ProviderBody::Upstream",
-            ProviderBody::Other(_) => "ProviderBody::Other",
-        })
-    }
-}
-
-impl From<UpstreamBody> for ProviderBody {
-    fn from(body: UpstreamBody) -> Self {
-        ProviderBody::Upstream(body)
-    }
-}
-
-impl From<GatewayBody> for ProviderBody {
-    fn from(body: GatewayBody) -> Self {
-        ProviderBody::Other(body)
-    }
-}
-
-impl Body for ProviderBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProviderBody::Upstream(body) => {
-                Pin::new(body).poll_frame(cx).map(|frame| frame.map(|frame| frame.map_err(BoxError::from)))
-            }
-            ProviderBody::Other(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProviderBody::Upstream(body) => body.is_end_stream(),
-            ProviderBody::Other(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProviderBody::Upstream(body) => body.size_hint(),
-            ProviderBody::Other(body) => body.size_hint(),
-        }
-    }
-}
+pub type ProviderBody = http_body_util::Either<UpstreamBody, GatewayBody>;
 
 pub struct MeteredBody {
     inner: ProviderBody,
@@ -562,7 +510,7 @@ mod tests {
         let idle = Duration::from_millis(150);
         // Eight frames 60 ms apart: 480 ms in all, never idle for 150 ms, so none is cut...
         let mut body = MeteredBody::new(
-            trickle(8, Duration::from_millis(60)).into(),
+            ProviderBody::Right(trickle(8, Duration::from_millis(60))),
             UsageReader::Sse(SseScanner::new(false)),
             record(),
             "ok",

@@ -117,7 +117,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn plain(response: Response<GatewayBody>) -> Self {
+    /// A response without rate-limit headers beside it (errors, the model list, refusals).
+    pub fn plain(response: Response<GatewayBody>) -> Self {
         Reply { response, rate: None }
     }
 
@@ -266,7 +267,7 @@ impl Gateway {
     ) -> Result<Response<ProviderBody>, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
-            return Ok(crate::mock::respond(route, &outbound.body, upstream_model).map(ProviderBody::from));
+            return Ok(crate::mock::respond(route, &outbound.body, upstream_model).map(ProviderBody::Right));
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
         let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false);
@@ -276,7 +277,7 @@ impl Gateway {
                 tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
                 Err(GatewayError::UpstreamUnavailable)
             }
-            Ok(Ok(response)) => Ok(response.map(ProviderBody::from)),
+            Ok(Ok(response)) => Ok(response.map(ProviderBody::Left)),
         }
     }
 
