@@ -11,6 +11,7 @@
 //! * [`manifests`] — builders for the Kubernetes YAML the data plane reads in local mode.
 //! * [`metrics`] — a small Prometheus text-format parser.
 //! * [`fixture`] — the standard setup most tests start from.
+//! * [`raw`] — HTTP/1.1 response heads read off a socket by hand.
 
 pub mod assert;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod gateway;
 pub mod manifests;
 pub mod metrics;
 pub mod pki;
+pub mod raw;
 pub mod redis_server;
 pub mod upstream;
 pub mod wire;

@@ -326,11 +326,8 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
                 Err(_) => panic!("the connection neither closed nor sent anything for 20 s"),
             }
         }
-        let end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-        let length: usize =
-            head.lines().find_map(|l| l.strip_prefix("content-length: ")).expect("a Content-Length").parse().unwrap();
-        (seen.len() - end - 4, length)
+        let (_, head_len, length) = portcullis_e2e::raw::response_head(&seen).expect("a response head");
+        (seen.len() - head_len, length.expect("a Content-Length"))
     };
 
     let (got, length) = read_all_after(Duration::from_millis(200)).await;

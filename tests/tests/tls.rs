@@ -192,16 +192,9 @@ async fn a_large_http1_response_to_a_slow_reader_arrives_whole_over_tls() {
             assert!(n > 0, "the connection closed early");
             seen.extend_from_slice(&buf[..n]);
             if head.is_none() {
-                if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let text = String::from_utf8_lossy(&seen[..end]).into_owned();
-                    let length: usize = text
-                        .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
-                        .expect("a Content-Length")
-                        .parse()
-                        .unwrap();
-                    seen.drain(..end + 4);
-                    head = Some((text, length));
+                if let Some((text, head_len, length)) = portcullis_e2e::raw::response_head(&seen) {
+                    seen.drain(..head_len);
+                    head = Some((text, length.expect("a Content-Length")));
                 }
             }
             if let Some((text, length)) = &head {
