@@ -4,10 +4,11 @@
 use std::borrow::Cow;
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderValue, Method};
 use serde::Deserialize;
 
 use crate::error::GatewayError;
+use crate::fields::HeaderFields;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -226,26 +227,24 @@ fn classify_json_error(e: &serde_json::Error) -> String {
 }
 
 /// The client's key from `Authorization: Bearer` or `x-api-key`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-        let bytes = value.as_bytes();
+pub fn presented_key(headers: &impl HeaderFields) -> Option<&[u8]> {
+    if let Some(bytes) = headers.first("authorization") {
         let prefix = b"Bearer ";
         if bytes.len() > prefix.len() && bytes[..prefix.len()].eq_ignore_ascii_case(prefix) {
             return Some(bytes[prefix.len()..].trim_ascii());
         }
     }
-    headers.get(X_API_KEY).map(|v| v.as_bytes().trim_ascii())
+    headers.first("x-api-key").map(<[u8]>::trim_ascii)
 }
 
 /// The client's request id if it is a sane token, otherwise a fresh one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(REQUEST_ID_HEADER) {
-        let bytes = value.as_bytes();
+pub fn request_id(headers: &impl HeaderFields) -> HeaderValue {
+    if let Some(bytes) = headers.first("x-request-id") {
         let sane = !bytes.is_empty()
             && bytes.len() <= 128
             && bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
-        if sane {
-            return value.clone();
+        if let Some(value) = headers.shared("x-request-id").filter(|_| sane) {
+            return value;
         }
     }
     // `req_` and 32 hex digits, formatted on the stack and then owned by the value: one
@@ -305,10 +304,10 @@ mod tests {
 
     #[test]
     fn keys_and_request_ids() {
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert("authorization", HeaderValue::from_static("Bearer abc "));
         assert_eq!(presented_key(&headers), Some(&b"abc"[..]));
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert("x-api-key", HeaderValue::from_static("xyz"));
         assert_eq!(presented_key(&headers), Some(&b"xyz"[..]));
         headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));

@@ -23,6 +23,7 @@ pub mod busy_poll;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod http1;
 pub mod limits;
 pub mod metrics;

@@ -147,7 +147,7 @@ impl Connection {
                 busy.touch();
             }
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(request, Some(peer)).await.into_response()) }
+            async move { Ok::<_, Infallible>(gateway.handle(request.into(), Some(peer)).await.into_response()) }
         });
         let connection = http2.serve_connection(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection).await {

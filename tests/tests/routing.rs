@@ -208,7 +208,7 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     let extra = [
         ("keep-alive", "timeout=5"),
         ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
-        ("connection", "keep-alive, x-e2e-hop"),
+        ("connection", "keep-alive, X-E2E-Hop"),
         ("x-e2e-hop", "drop-me"),
     ];
     let resp = fx.chat_with(ALICE_KEY, &body, &extra).await.unwrap();

@@ -157,6 +157,57 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
     assert_eq!(alice.header("x-ratelimit-remaining-requests"), Some("999998"));
 }
 
+/// A provider's own fields reach the client the same way over HTTP/2 and HTTP/1.1 (the two
+/// servers write them by different paths): its request id renamed `x-upstream-request-id`
+/// beside the gateway's, informational fields as they came, cookies dropped, and the body framed
+/// by the gateway. (The fields a provider's `Connection` header names are dropped too; the
+/// test upstream cannot send those, so `forward::tests` covers them.)
+#[tokio::test]
+async fn a_providers_fields_are_passed_on_alike_over_h2_and_http1() {
+    let opts = FixtureOptions {
+        listener_tls: true,
+        upstream: portcullis_e2e::UpstreamOptions {
+            extra_headers: vec![
+                ("x-request-id", "up-req-42"),
+                ("openai-processing-ms", "7"),
+                ("openai-version", "2020-10-01"),
+                ("set-cookie", "__cf_bm=CANARY-COOKIE; path=/"),
+            ],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let h1_client = TestClient::with_ca_versions(&fx.pki, HttpVersions::Http1Only).unwrap();
+    let auth = format!("Bearer {ALICE_KEY}");
+    for (client, version) in [(&fx.client, http::Version::HTTP_2), (&h1_client, http::Version::HTTP_11)] {
+        let response = client
+            .post_json(
+                &fx.url("/v1/chat/completions"),
+                &[("authorization", &auth), ("x-request-id", "client-req-7")],
+                &chat_body("gpt-4o-mini", "hi", false),
+            )
+            .await
+            .unwrap();
+        assert::ok(&response);
+        assert_eq!(response.version, version);
+        let all =
+            |name: &str| -> Vec<&str> { response.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect() };
+        assert_eq!(all("x-request-id"), ["client-req-7"], "{version:?}");
+        assert_eq!(all("x-upstream-request-id"), ["up-req-42"], "{version:?}");
+        assert_eq!(all("openai-processing-ms"), ["7"], "{version:?}");
+        assert_eq!(all("openai-version"), ["2020-10-01"], "{version:?}");
+        assert_eq!(all("content-type"), ["application/json"], "{version:?}");
+        assert!(all("set-cookie").is_empty(), "{version:?}: {:?}", response.headers);
+        assert!(!format!("{:?}", response.headers).contains("CANARY-COOKIE"));
+        // One length, the gateway's, matching the body.
+        if version == http::Version::HTTP_11 {
+            assert_eq!(all("content-length"), [response.body.len().to_string()]);
+        }
+        assert_eq!(response.json()["choices"][0]["message"]["content"], "Hello from the loopback upstream.");
+    }
+}
+
 /// HTTP/1.1 over TLS: a response larger than the socket buffers, to a client that reads it
 /// slowly, arrives whole and in time on a kept-alive connection (every write blocks on the
 /// socket and resumes; nothing is left behind in the TLS session for the idle close).

@@ -70,8 +70,8 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
 
 /// The comma-separated, whitespace-trimmed, non-empty elements of a list-valued header
 /// (`Connection`, `Transfer-Encoding`).
-pub fn list_tokens(value: &http::HeaderValue) -> impl Iterator<Item = &[u8]> {
-    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
 }
 
 /// A Content-Length value: 1*DIGIT, fitting in u64.

@@ -6,11 +6,11 @@
 //! line folding (httparse refuses it), control characters in values.
 
 use bytes::BytesMut;
-use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Uri, Version};
+use http::{Method, Uri, Version};
 
 use super::codec::{list_tokens, parse_length};
 use crate::api::{ApiFlavor, ApiRoute};
+use crate::fields::{self, RawFields};
 
 /// Most header lines accepted in one request head.
 pub const MAX_HEADERS: usize = 100;
@@ -64,36 +64,12 @@ pub struct Head {
     pub method: Method,
     pub uri: Uri,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: RawFields,
     pub framing: Framing,
     /// The client allows another request on this connection after this one.
     pub keep_alive: bool,
     /// The client waits for `100 Continue` before sending its body.
     pub expect_continue: bool,
-}
-
-/// Byte ranges of one header line inside the head buffer.
-/// 16 bytes a line: the table is on the stack and is filled for each request.
-#[derive(Clone, Copy, Default)]
-struct Line {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-/// Where `part` sits in `base` (a head of at most 64 KiB, so offsets fit in `u32`).
-/// Checked, so a slice from anywhere else is an error rather than a bad range.
-fn range_in(base: &[u8], part: &[u8]) -> Result<(u32, u32), Http1Error> {
-    // Both slices come from `base`; their addresses give the offset without unsafe code.
-    let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
-    let end = start.wrapping_add(part.len());
-    if start > base.len() || end > base.len() || end < start {
-        return Err(Http1Error::Malformed("The request head is not valid HTTP/1.1."));
-    }
-    Ok((start as u32, end as u32))
-}
-
-fn slice(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
-    &head[start as usize..end as usize]
 }
 
 /// Parses the head at the front of `buf`. `Ok(None)`: not complete yet. On success the head's
@@ -133,28 +109,25 @@ fn parse_inner(
     };
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| Http1Error::Malformed("The request method is not valid."))?;
-    let target = range_in(buf, request.path.unwrap_or_default().as_bytes())?;
-    let mut lines = [Line::default(); MAX_HEADERS];
-    let count = request.headers.len();
-    for (line, header) in lines.iter_mut().zip(request.headers.iter()) {
-        *line = Line { name: range_in(buf, header.name.as_bytes())?, value: range_in(buf, header.value)? };
-    }
+    let malformed = || Http1Error::Malformed("The request head is not valid HTTP/1.1.");
+    let target = fields::range_in(buf, request.path.unwrap_or_default().as_bytes()).ok_or_else(malformed)?;
+    let lines = fields::index_lines(buf, request.headers).ok_or_else(malformed)?;
 
+    // httparse has checked that names are tokens and that values hold only visible characters,
+    // spaces, tabs and obs-text (no other control character, no DEL: the rule `HeaderValue`
+    // applies; `control_characters_and_bad_targets_are_refused` holds it to that). Lowercased in
+    // place, names compare as bytes.
+    fields::lowercase_names(buf, &lines);
+    let mut framing = Framer::default();
+    for (name, value) in fields::each_line(buf, &lines) {
+        framing.observe(name, value)?;
+    }
     let head = buf.split_to(len).freeze();
     *raw = Some(head.clone());
-    let uri = Uri::from_maybe_shared(head.slice_ref(slice(&head, target)))
+    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
         .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut framing = Framer::default();
-    for line in &lines[..count] {
-        let name = HeaderName::from_bytes(slice(&head, line.name))
-            .map_err(|_| Http1Error::Malformed("A header name is not valid."))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(slice(&head, line.value)))
-            .map_err(|_| Http1Error::Malformed("A header value contains a control character."))?;
-        framing.observe(&name, &value)?;
-        headers.append(name, value);
-    }
     let (framing, keep_alive, expect_continue) = framing.finish(version)?;
+    let headers = RawFields::new(head, lines);
     Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
 }
 
@@ -171,17 +144,17 @@ struct Framer {
 }
 
 impl Framer {
-    fn observe(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Http1Error> {
-        match name.as_str() {
-            "content-length" => {
-                let length = parse_length(value.as_bytes().trim_ascii())
+    fn observe(&mut self, name: &[u8], value: &[u8]) -> Result<(), Http1Error> {
+        match name {
+            b"content-length" => {
+                let length = parse_length(value.trim_ascii())
                     .ok_or(Http1Error::Malformed("The Content-Length header is not a valid length."))?;
                 if self.content_length.is_some_and(|seen| seen != length) {
                     return Err(Http1Error::Malformed("The request has conflicting Content-Length headers."));
                 }
                 self.content_length = Some(length);
             }
-            "transfer-encoding" => {
+            b"transfer-encoding" => {
                 self.transfer_encoding = true;
                 for coding in list_tokens(value) {
                     // `chunked` must be the only coding, and applied once.
@@ -194,15 +167,15 @@ impl Framer {
                     self.chunked = true;
                 }
             }
-            "host" => self.hosts += 1,
-            "connection" => {
+            b"host" => self.hosts += 1,
+            b"connection" => {
                 for token in list_tokens(value) {
                     self.close |= token.eq_ignore_ascii_case(b"close");
                     self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
-            "expect" => {
-                if !value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+            b"expect" => {
+                if !value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
                     return Err(Http1Error::ExpectationFailed);
                 }
                 self.expect_continue = true;
@@ -234,6 +207,7 @@ impl Framer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::HeaderFields;
 
     fn head(raw: &str) -> Result<Option<Head>, Http1Error> {
         parse(&mut BytesMut::from(raw), 64 * 1024).map_err(|refused| refused.error)
@@ -252,10 +226,53 @@ mod tests {
         assert_eq!(head.method, Method::POST);
         assert_eq!(head.uri.path(), "/v1/chat/completions");
         assert_eq!(head.uri.query(), Some("x=1"));
-        assert_eq!(head.headers["x-api-key"], "k");
+        assert_eq!(head.headers.first("x-api-key"), Some(&b"k"[..]));
         assert_eq!(head.framing, Framing::Length(2));
         assert!(head.keep_alive && !head.expect_continue);
         assert_eq!(&buf[..], b"{}GET");
+    }
+
+    #[test]
+    fn header_fields_stay_in_the_head_lowercased_in_order_and_shared() {
+        let mut buf = BytesMut::from(
+            "POST /v1/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer CANARY-9f2c\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             x-forwarded-for: 10.0.0.2\r\nX-Request-Id: Req-7\r\nContent-Length: 0\r\n\r\n",
+        );
+        let head = parse(&mut buf, 1024).expect("valid").expect("complete");
+        let fields = &head.headers;
+        assert_eq!(fields.len(), 6);
+        assert_eq!(fields.first("authorization"), Some(&b"Bearer CANARY-9f2c"[..]));
+        assert_eq!(fields.first("Authorization"), None, "lookups take the lowercase name");
+        assert_eq!(fields.all("x-forwarded-for").collect::<Vec<_>>(), [&b"10.0.0.1"[..], b"10.0.0.2"]);
+        let names: Vec<&[u8]> = fields.each().map(|(name, _)| name).collect();
+        assert_eq!(
+            names,
+            [
+                &b"host"[..],
+                b"authorization",
+                b"x-forwarded-for",
+                b"x-forwarded-for",
+                b"x-request-id",
+                b"content-length"
+            ]
+        );
+        // Values keep their case, and an echoed one points into the head instead of a copy.
+        let shared = fields.shared("x-request-id").expect("present");
+        assert_eq!(shared, "Req-7");
+        let value = fields.first("x-request-id").expect("present");
+        assert_eq!(shared.as_bytes().as_ptr(), value.as_ptr());
+        assert!(fields.has("host") && !fields.has("cookie") && fields.shared("cookie").is_none());
+        // Debug names the fields and never shows a value (they can be credentials).
+        let debug = format!("{head:?}");
+        assert!(debug.contains("authorization") && !debug.contains("CANARY-9f2c"), "{debug}");
+    }
+
+    #[test]
+    fn many_header_lines_are_indexed_past_the_inline_ones() {
+        let many: String = (0..40).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+        let head = ok(&format!("GET / HTTP/1.1\r\nHost: gw\r\n{many}\r\n"));
+        assert_eq!(head.headers.len(), 41);
+        assert_eq!(head.headers.first("x-f39"), Some(&b"v39"[..]));
     }
 
     #[test]
@@ -369,6 +386,8 @@ mod tests {
     #[test]
     fn control_characters_and_bad_targets_are_refused() {
         assert!(matches!(head("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x01b\r\n\r\n"), Err(Http1Error::Malformed(_))));
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x7fb\r\n\r\n"), Err(Http1Error::Malformed(_))));
+        assert!(ok("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\tb é\r\n\r\n").headers.has("x-a"));
         assert!(head("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(matches!(head("G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n"), Err(Http1Error::Malformed(_))));
     }

@@ -2,18 +2,20 @@
 //! the pipeline, and writes the response, in turn, on the same socket.
 //!
 //! ```text
-//!  socket ─▶ buf ─▶ head::parse ─┬─▶ Request<Full>         whole body already read; the socket is
-//!                                │                          watched meanwhile for a client that left
-//!                                └─▶ Request<RequestBody>  borrows the connection: chunked, or a
-//!                                           │               body still arriving
+//!  socket ─▶ buf ─▶ head::parse ─┬─▶ ClientRequest<Full>         whole body already read; the
+//!                                │                                socket is watched meanwhile
+//!                                │                                for a client that left
+//!                                └─▶ ClientRequest<RequestBody>  borrows the connection: chunked,
+//!                                           │                     or a body still arriving
 //!                                           ▼
 //!                          Gateway::handle ─▶ write_response ─▶ socket   head, body frames and chunk
 //!                                                                        framing merged into few writes
 //! ```
 //!
-//! Written for the hot path instead of serving HTTP/1 through hyper: the request body is read
-//! by the pipeline straight from the connection's buffer (no body channel, no second task), the
-//! response head is encoded in one pass, and every body frame already available is merged into
+//! Written for the hot path instead of serving HTTP/1 through hyper: the header fields stay in
+//! the request head, indexed, instead of being copied into a map (`head::RawFields`); the request
+//! body is read by the pipeline straight from the connection's buffer (no body channel, no
+//! second task); the response head is encoded in one pass, and every body frame already available is merged into
 //! the same write, so a JSON answer goes out in one `write` and a burst of SSE events in one.
 //! HTTP/2 (ALPN `h2`, or the prior-knowledge preface on plain TCP) is handed to hyper.
 //!
@@ -32,8 +34,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName};
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -43,8 +44,9 @@ use tokio::time::Instant;
 use crate::api::ApiFlavor;
 use crate::busy_poll::BusyPoll;
 use crate::error::GatewayError;
+use crate::pipeline::forward::PassedFields;
 use crate::pipeline::limit::RateHeaders;
-use crate::pipeline::{Gateway, Reply};
+use crate::pipeline::{ClientRequest, Gateway, Reply};
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 
@@ -188,15 +190,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
         false
     }
-}
-
-fn request<B>(method: Method, uri: http::Uri, version: Version, headers: http::HeaderMap, body: B) -> Request<B> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    request
 }
 
 /// The request body, read from the connection while the pipeline holds it.
@@ -350,6 +343,7 @@ where
             busy.touch();
         }
         let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = head;
+        let head_only = method == Method::HEAD;
         conn.body = match framing {
             Framing::Length(0) => Decoder::Done,
             Framing::Length(length) => Decoder::Length(length),
@@ -360,13 +354,12 @@ where
         {
             return Ended::Closed;
         }
-        let head_only = method == Method::HEAD;
         let reply = match conn.take_buffered_body() {
             // The whole body has arrived (the usual case): the pipeline gets it as it is, and
             // the connection is watched meanwhile, so a client that goes away while the provider
             // thinks cancels the request, as it would mid-stream.
             Some(body) => {
-                let request = request(method, uri, version, headers, Full::new(body));
+                let request = ClientRequest { method, uri, headers, body: Full::new(body) };
                 tokio::select! {
                     biased;
                     reply = gateway.handle(request, Some(peer)) => reply,
@@ -375,7 +368,7 @@ where
             }
             // The pipeline reads the rest of the body from the connection itself.
             None => {
-                let request = request(method, uri, version, headers, RequestBody { conn: &mut conn });
+                let request = ClientRequest { method, uri, headers, body: RequestBody { conn: &mut conn } };
                 gateway.handle(request, Some(peer)).await
             }
         };
@@ -415,8 +408,8 @@ async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<IO>) {
 }
 
 /// Response headers the server writes itself.
-fn managed(name: &HeaderName) -> bool {
-    matches!(name.as_str(), "content-length" | "transfer-encoding" | "connection" | "keep-alive")
+fn managed(name: &[u8]) -> bool {
+    matches!(name, b"content-length" | b"transfer-encoding" | b"connection" | b"keep-alive")
 }
 
 fn push_hex(out: &mut Vec<u8>, n: usize) {
@@ -448,6 +441,7 @@ enum Delimit {
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
+    passed: Option<&PassedFields>,
     rate: Option<&RateHeaders>,
     delimit: Delimit,
     version: Version,
@@ -459,19 +453,27 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
+    let mut dated = false;
+    let mut field = |name: &[u8], value: &[u8]| {
         if managed(name) || rate.is_some_and(|rate| rate.replaces(name)) {
-            continue;
+            return;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        dated |= name == b"date";
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        field(name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in passed.into_iter().flat_map(PassedFields::each) {
+        field(name, value.bytes());
     }
     if let Some(rate) = rate {
         rate.encode(out);
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         date::extend(out);
         out.extend_from_slice(b"\r\n");
@@ -503,7 +505,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     head_only: bool,
     keep_alive: bool,
 ) -> io::Result<bool> {
-    let Reply { response, rate } = reply;
+    let Reply { response, passed, rate } = reply;
     let (parts, body) = response.into_parts();
     let status = parts.status;
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -519,7 +521,8 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
         delimit = Delimit::None;
     }
     conn.out.clear();
-    encode_head(&mut conn.out, &parts, rate.as_ref(), delimit, version, keep_alive);
+    encode_head(&mut conn.out, &parts, passed.as_ref(), rate.as_ref(), delimit, version, keep_alive);
+    drop(passed);
     if head_only || bodiless {
         conn.flush_out().await?;
         return Ok(true);

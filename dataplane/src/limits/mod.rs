@@ -487,14 +487,14 @@ impl Limiter {
 
     /// The client address: the peer, or — when the peer is a trusted proxy — the right-most
     /// `X-Forwarded-For` entry that is not itself a trusted proxy.
-    pub fn client_address(&self, peer: Option<IpAddr>, headers: &http::HeaderMap) -> Option<IpAddr> {
+    pub fn client_address(&self, peer: Option<IpAddr>, headers: &impl crate::fields::HeaderFields) -> Option<IpAddr> {
         let peer = peer?;
         let trusted = |ip: &IpAddr| self.settings.trusted_proxies.iter().any(|net| net.contains(ip));
         if !trusted(&peer) {
             return Some(peer);
         }
         let mut client = peer;
-        let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+        let forwarded = headers.all("x-forwarded-for").filter_map(|v| std::str::from_utf8(v).ok()).collect::<Vec<_>>();
         for hop in forwarded.iter().flat_map(|v| v.split(',')).rev() {
             match hop.trim().parse::<IpAddr>() {
                 Ok(ip) => {

@@ -1,15 +1,15 @@
 //! Phase 1: who is calling. Unknown, expired, revoked and rotated-out keys are refused.
 
 use chrono::{DateTime, Utc};
-use http::HeaderMap;
 
 use crate::api::presented_key;
 use crate::error::GatewayError;
+use crate::fields::HeaderFields;
 use crate::snapshot::{KeyGrant, RuntimeSnapshot};
 
 pub fn authenticate<'s>(
     snapshot: &'s RuntimeSnapshot,
-    headers: &HeaderMap,
+    headers: &impl HeaderFields,
     now: DateTime<Utc>,
 ) -> Result<&'s KeyGrant, GatewayError> {
     let presented = presented_key(headers).filter(|k| !k.is_empty()).ok_or(GatewayError::MissingApiKey)?;

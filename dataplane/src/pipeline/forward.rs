@@ -2,12 +2,15 @@
 //! and none of the client's credentials or hop-by-hop headers.
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use portcullis_crds::v1alpha1::ProviderKind;
+use smallvec::SmallVec;
 
-use crate::api::{ApiRoute, RequestHead, REQUEST_ID_HEADER};
+use crate::api::{ApiRoute, RequestHead};
 use crate::error::GatewayError;
+use crate::fields::{FieldValue, HeaderFields, ResponseFields};
+use crate::http1::codec::list_tokens;
 use crate::snapshot::ModelRoute;
 use crate::upstream::h1::{encode_fields, field_len};
 
@@ -17,50 +20,92 @@ const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 /// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the client's credentials, and
 /// headers that would let a client steer the provider account or leak its own address.
 /// A `match` on the lowercase name: no table walk, no string compares against every entry.
-fn stripped_request_header(name: &HeaderName) -> bool {
+fn stripped_request_header(name: &[u8]) -> bool {
     matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-            | "authorization"
-            | "x-api-key"
-            | "api-key"
-            | "cookie"
-            | "openai-organization"
-            | "openai-project"
-            | "forwarded"
-            | "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-real-ip"
+        name,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"host"
+            | b"content-length"
+            | b"authorization"
+            | b"x-api-key"
+            | b"api-key"
+            | b"cookie"
+            | b"openai-organization"
+            | b"openai-project"
+            | b"forwarded"
+            | b"x-forwarded-for"
+            | b"x-forwarded-host"
+            | b"x-forwarded-proto"
+            | b"x-real-ip"
+            // The gateway sends its own.
+            | b"x-request-id"
             // Metering reads the body, so it must come back uncompressed.
-            | "accept-encoding"
+            | b"accept-encoding"
     )
 }
 
-/// Response headers never passed back.
-const STRIPPED_RESPONSE_HEADERS: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::SET_COOKIE,
-];
+/// Response fields never passed back: hop-by-hop (RFC 9110 §7.6.1), the framing ones (the
+/// gateway frames the body itself: a dropped SSE event changes the length), and cookies.
+fn stripped_response_field(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-authenticate"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"set-cookie"
+            | b"content-length"
+    )
+}
 
-const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+/// A provider's response fields as the client receives them, read from where they arrived
+/// instead of copied into a map: the servers write them out through [`PassedFields::each`].
+#[derive(Debug)]
+pub struct PassedFields {
+    fields: ResponseFields,
+    request_id: HeaderValue,
+}
+
+impl PassedFields {
+    pub fn new(fields: ResponseFields, request_id: HeaderValue) -> Self {
+        Self { fields, request_id }
+    }
+
+    /// Each field passed on, in order: the provider's, minus the stripped ones and those its
+    /// `Connection` field names, its `x-request-id` renamed `x-upstream-request-id`; then the
+    /// gateway's `x-request-id`.
+    pub fn each(&self) -> impl Iterator<Item = (&[u8], FieldValue<'_>)> {
+        let listed: SmallVec<[&[u8]; 4]> = self.fields.all("connection").flat_map(list_tokens).collect();
+        let provider = self.fields.each_value().filter_map(move |(name, value)| {
+            if stripped_response_field(name) || listed.iter().any(|token| token.eq_ignore_ascii_case(name)) {
+                return None;
+            }
+            Some((if name == b"x-request-id" { &b"x-upstream-request-id"[..] } else { name }, value))
+        });
+        provider.chain(std::iter::once((&b"x-request-id"[..], FieldValue::Map(&self.request_id))))
+    }
+
+    /// Appends the fields passed on to `headers` (for a server that writes a map: HTTP/2).
+    pub fn append_to(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.each() {
+            if let (Ok(name), Some(value)) = (HeaderName::from_bytes(name), value.to_header_value()) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
 
 /// The outbound request and what metering must know about it.
 #[derive(Debug)]
@@ -71,31 +116,6 @@ pub struct Outbound {
     pub body: Bytes,
     /// The gateway asked for OpenAI's usage chunk; the client did not and must not see it.
     pub strip_usage_chunk: bool,
-}
-
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect()
-}
-
-/// Removes hop-by-hop headers from an upstream response in place. One pass over the names
-/// first: most responses carry none of them, and a removal hashes the name.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
-    let found = headers.keys().any(|name| STRIPPED_RESPONSE_HEADERS.contains(name));
-    if !found {
-        return;
-    }
-    for name in connection_listed(headers) {
-        headers.remove(name);
-    }
-    for name in &STRIPPED_RESPONSE_HEADERS {
-        headers.remove(name);
-    }
 }
 
 /// The body to send: unchanged unless the model must be renamed or usage requested.
@@ -151,7 +171,7 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
 /// into its wire form: the client's headers minus the stripped ones, then the gateway's own.
 pub fn build(
     route: ApiRoute,
-    client: &http::request::Parts,
+    (uri, client): (&Uri, &impl HeaderFields),
     body: Bytes,
     head: &RequestHead<'_>,
     model: &str,
@@ -163,18 +183,16 @@ pub fn build(
     let Some(endpoint) = upstream.endpoint.as_ref().filter(|_| upstream.kind != ProviderKind::Mock) else {
         return Ok(Outbound { head: zeroize::Zeroizing::new(Vec::new()), body, strip_usage_chunk });
     };
-    let target = upstream_path(route, &client.uri, model, chosen)?;
-    let listed = connection_listed(&client.headers);
-    let forwarded = client
-        .headers
-        .iter()
-        .filter(|(name, _)| !stripped_request_header(name) && **name != REQUEST_ID_HEADER && !listed.contains(name))
-        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
-    let content_type = (!client.headers.contains_key(header::CONTENT_TYPE))
-        .then_some((&b"content-type"[..], &b"application/json"[..]));
-    let anthropic_version = (upstream.kind == ProviderKind::Anthropic
-        && !client.headers.contains_key(&ANTHROPIC_VERSION))
-    .then_some((&b"anthropic-version"[..], DEFAULT_ANTHROPIC_VERSION.as_bytes()));
+    let target = upstream_path(route, uri, model, chosen)?;
+    // Fields the client's `Connection` header names are hop-by-hop too (names are lowercase,
+    // tokens may not be).
+    let listed: SmallVec<[&[u8]; 4]> = client.all("connection").flat_map(list_tokens).collect();
+    let forwarded = client.each().filter(|(name, _)| {
+        !stripped_request_header(name) && !listed.iter().any(|token| token.eq_ignore_ascii_case(name))
+    });
+    let content_type = (!client.has("content-type")).then_some((&b"content-type"[..], &b"application/json"[..]));
+    let anthropic_version = (upstream.kind == ProviderKind::Anthropic && !client.has("anthropic-version"))
+        .then_some((&b"anthropic-version"[..], DEFAULT_ANTHROPIC_VERSION.as_bytes()));
     let gateway = [
         Some((&b"x-request-id"[..], request_id.as_bytes())),
         Some((&b"accept-encoding"[..], &b"identity"[..])),
@@ -184,12 +202,57 @@ pub fn build(
         Some((&b"host"[..], endpoint.host.as_bytes())),
     ];
     // Sized from every client header, forwarded or not: one cheap pass instead of filtering twice.
-    let bound =
-        client.headers.iter().map(|(name, value)| field_len(name.as_str().as_bytes(), value.as_bytes())).sum::<usize>()
-            + gateway.iter().flatten().map(|(name, value)| field_len(name, value)).sum::<usize>();
+    let bound = client.each().map(|(name, value)| field_len(name, value)).sum::<usize>()
+        + gateway.iter().flatten().map(|(name, value)| field_len(name, value)).sum::<usize>();
     let fields = forwarded.chain(gateway.iter().flatten().copied());
     let target = target.path_and_query().map_or("/", |target| target.as_str());
     let head = encode_fields(&Method::POST, target, fields, bound, body.len())
         .map_err(|_| GatewayError::UpstreamUnavailable)?;
     Ok(Outbound { head, body, strip_usage_chunk })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fields::tests::response_fields;
+
+    const PROVIDER_HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+        Connection: keep-alive, X-Hop\r\nX-Hop: a\r\nSet-Cookie: s=CANARY\r\nContent-Length: 5\r\n\
+        Transfer-Encoding: chunked\r\nX-Request-Id: up-1\r\nOpenAI-Processing-Ms: 12\r\nUpgrade: h2c\r\n\r\n";
+
+    fn passed_lines(passed: &PassedFields) -> Vec<String> {
+        passed
+            .each()
+            .map(|(name, value)| {
+                format!("{}: {}", String::from_utf8_lossy(name), String::from_utf8_lossy(value.bytes()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_providers_fields_are_passed_on_without_hop_by_hop_framing_or_cookies() {
+        let ours = HeaderValue::from_static("req_ours");
+        let passed = PassedFields::new(ResponseFields::Raw(response_fields(PROVIDER_HEAD)), ours.clone());
+        let expected = [
+            "content-type: application/json",
+            "x-upstream-request-id: up-1",
+            "openai-processing-ms: 12",
+            "x-request-id: req_ours",
+        ];
+        assert_eq!(passed_lines(&passed), expected);
+
+        // The map a server that cannot write them itself (HTTP/2) gets holds the same.
+        let mut map = HeaderMap::new();
+        passed.append_to(&mut map);
+        let from_map: Vec<String> =
+            map.iter().map(|(name, value)| format!("{name}: {}", value.to_str().expect("ascii"))).collect();
+        assert_eq!(from_map, expected);
+
+        // The mock's fields (a map) go the same way.
+        let mut mock = HeaderMap::new();
+        mock.insert("content-type", HeaderValue::from_static("text/event-stream"));
+        mock.insert("set-cookie", HeaderValue::from_static("s=1"));
+        let passed = PassedFields::new(ResponseFields::Map(mock), ours);
+        assert_eq!(passed_lines(&passed), ["content-type: text/event-stream", "x-request-id: req_ours"]);
+    }
 }

@@ -177,18 +177,17 @@ impl RateHeaders {
     }
 
     /// Whether `name` is one of the headers these replace.
-    pub fn replaces(&self, name: &HeaderName) -> bool {
-        let name = name.as_str();
-        let Some(rest) = name.strip_prefix("x-ratelimit-") else { return false };
-        let group = if rest.ends_with("-requests") {
+    pub fn replaces(&self, name: &[u8]) -> bool {
+        let Some(rest) = name.strip_prefix(b"x-ratelimit-") else { return false };
+        let group = if rest.ends_with(b"-requests") {
             self.requests.is_some()
         } else {
-            rest.ends_with("-tokens") && self.tokens.is_some()
+            rest.ends_with(b"-tokens") && self.tokens.is_some()
         };
         group
             && [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
                 .iter()
-                .any(|ours| ours.as_str() == name)
+                .any(|ours| ours.as_str().as_bytes() == name)
     }
 
     /// `name: value\r\n` lines for an HTTP/1.1 head.
@@ -241,14 +240,14 @@ mod tests {
         rate.insert_into(&mut headers);
         let lines: String = headers
             .iter()
-            .filter(|(name, _)| rate.replaces(name))
+            .filter(|(name, _)| rate.replaces(name.as_str().as_bytes()))
             .map(|(name, value)| format!("{name}: {}\r\n", value.to_str().unwrap()))
             .collect();
         assert_eq!(lines.as_bytes(), encoded);
         assert_eq!(headers[LIMIT_TOKENS], "9");
-        assert!(!rate.replaces(&LIMIT_TOKENS));
-        assert!(!rate.replaces(&HeaderName::from_static("x-ratelimit-limit-requestsx")));
-        assert!(!rate.replaces(&http::header::CONTENT_TYPE));
+        assert!(!rate.replaces(LIMIT_TOKENS.as_str().as_bytes()));
+        assert!(!rate.replaces(b"x-ratelimit-limit-requestsx"));
+        assert!(!rate.replaces(b"content-type"));
     }
 
     #[test]

@@ -24,21 +24,20 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use portcullis_crds::v1alpha1::ProviderKind;
 
 use crate::api::{self, ApiFlavor, ApiRoute, RequestHead, REQUEST_ID_HEADER};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
+use crate::fields::{HeaderFields, ResponseFields};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
 use meter::{AccessRecord, BudgetGuard, MeteredBody, ProviderBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
-
-const UPSTREAM_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-upstream-request-id");
 
 /// Past the limit, up to this much more is read and thrown away so the client, still sending,
 /// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
@@ -107,30 +106,60 @@ pub struct Gateway {
 
 type Failure = (ApiFlavor, GatewayError);
 
-/// What [`Gateway::handle`] answers: the response and, for a forwarded one whose key has
-/// per-minute limits, its `x-ratelimit-*` headers beside it rather than in its header map (see
-/// [`limit::RateHeaders`]; a 429 carries its own in the map).
+/// A client request as the pipeline takes it: the request line, the header fields as the server
+/// holds them (hyper's `HeaderMap` for HTTP/2, the raw head for HTTP/1.1), and the body.
+#[derive(Debug)]
+pub struct ClientRequest<H, B> {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: H,
+    pub body: B,
+}
+
+impl<B> From<Request<B>> for ClientRequest<HeaderMap, B> {
+    fn from(request: Request<B>) -> Self {
+        let (parts, body) = request.into_parts();
+        ClientRequest { method: parts.method, uri: parts.uri, headers: parts.headers, body }
+    }
+}
+
+/// What [`Gateway::handle`] answers: the response and, for a forwarded one, beside its (then
+/// empty) header map, the provider's fields to pass on and, when the key has per-minute limits,
+/// its `x-ratelimit-*` headers (see [`forward::PassedFields`], [`limit::RateHeaders`]; a 429
+/// carries its own in the map). The HTTP/1.1 server writes them straight into the response head.
 #[derive(Debug)]
 pub struct Reply {
     pub response: Response<GatewayBody>,
+    pub passed: Option<forward::PassedFields>,
     pub rate: Option<limit::RateHeaders>,
 }
 
 impl Reply {
-    /// A response without rate-limit headers beside it (errors, the model list, refusals).
+    /// A response made by the gateway, all in its header map (errors, the model list, refusals).
     pub fn plain(response: Response<GatewayBody>) -> Self {
-        Reply { response, rate: None }
+        Reply { response, passed: None, rate: None }
     }
 
-    /// The response with the rate-limit headers in its header map, for a server that does not
-    /// encode them itself.
+    /// The response with everything in its header map, for a server that does not encode the
+    /// fields beside it itself (HTTP/2): the passed fields first, then rate limits replacing
+    /// any of the provider's.
     pub fn into_response(self) -> Response<GatewayBody> {
         let mut response = self.response;
+        if let Some(passed) = self.passed {
+            passed.append_to(response.headers_mut());
+        }
         if let Some(rate) = self.rate {
             rate.insert_into(response.headers_mut());
         }
         response
     }
+}
+
+/// A provider's answer (or the mock's), before metering.
+struct Provided {
+    status: http::StatusCode,
+    fields: ResponseFields,
+    body: ProviderBody,
 }
 
 impl Gateway {
@@ -145,13 +174,14 @@ impl Gateway {
     }
 
     /// Serves one request. Never fails: every error is a response in the route's format.
-    pub async fn handle<B>(&self, request: Request<B>, peer: Option<SocketAddr>) -> Reply
+    pub async fn handle<H, B>(&self, request: ClientRequest<H, B>, peer: Option<SocketAddr>) -> Reply
     where
+        H: HeaderFields + Send + Sync,
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let started = Instant::now();
-        let request_id = api::request_id(request.headers());
+        let request_id = api::request_id(&request.headers);
         let mut record = AccessRecord::new(self.metrics.clone(), started, request_id.clone());
         match self.serve(request, peer, &mut record).await {
             Ok(reply) => reply,
@@ -164,17 +194,19 @@ impl Gateway {
         }
     }
 
-    async fn serve<B>(
+    async fn serve<H, B>(
         &self,
-        request: Request<B>,
+        request: ClientRequest<H, B>,
         peer: Option<SocketAddr>,
         record: &mut AccessRecord,
     ) -> Result<Reply, Failure>
     where
+        H: HeaderFields + Send + Sync,
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let route = ApiRoute::classify(request.method(), request.uri().path())?;
+        let ClientRequest { method, uri, headers, body } = request;
+        let route = ApiRoute::classify(&method, uri.path())?;
         record.route = Some(route);
         let flavor = route.flavor();
         let fail = |error: GatewayError| (flavor, error);
@@ -182,11 +214,11 @@ impl Gateway {
         let now = chrono::Utc::now();
 
         // A locked-out address is refused before its key is even looked up.
-        let client = self.limiter.client_address(peer.map(|p| p.ip()), request.headers());
+        let client = self.limiter.client_address(peer.map(|p| p.ip()), &headers);
         if let Some(retry_after_ms) = client.and_then(|ip| self.limiter.locked_locally(ip)) {
             return Err(fail(GatewayError::LockedOut { retry_after_ms }));
         }
-        let grant = match authenticate::authenticate(&snapshot, request.headers(), now) {
+        let grant = match authenticate::authenticate(&snapshot, &headers, now) {
             Ok(grant) => grant,
             Err(GatewayError::InvalidApiKey) => {
                 if let Some(ip) = client {
@@ -200,13 +232,12 @@ impl Gateway {
         kill_switch::check_caller(&snapshot, &grant.policy, now).map_err(fail)?;
 
         if route == ApiRoute::Models {
-            let mut response = models::list(&snapshot, &grant.policy, request.headers());
+            let mut response = models::list(&snapshot, &grant.policy, &headers);
             response.headers_mut().insert(REQUEST_ID_HEADER, record.request_id.clone());
             record.status = 200;
             return Ok(Reply::plain(response));
         }
 
-        let (parts, body) = request.into_parts();
         let body = self.read_body(body).await.map_err(fail)?;
         let head = RequestHead::parse(&body).map_err(fail)?;
         let model = head.model().map_err(fail)?;
@@ -231,12 +262,12 @@ impl Gateway {
             record.ticket = Some((self.limiter.clone(), ticket));
         }
 
-        let outbound =
-            forward::build(route, &parts, body.clone(), &head, model, chosen, &record.request_id).map_err(fail)?;
+        let outbound = forward::build(route, (&uri, &headers), body.clone(), &head, model, chosen, &record.request_id)
+            .map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
-        let response = self.send(route, model, chosen, outbound).await.map_err(fail)?;
+        let provided = self.send(route, model, chosen, outbound).await.map_err(fail)?;
 
-        Ok(self.metered(response, strip_usage_chunk, budget, guard, record))
+        Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
 
     async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
@@ -264,10 +295,15 @@ impl Gateway {
         model: &str,
         chosen: &ModelRoute,
         outbound: forward::Outbound,
-    ) -> Result<Response<ProviderBody>, GatewayError> {
+    ) -> Result<Provided, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
-            return Ok(crate::mock::respond(route, &outbound.body, upstream_model).map(ProviderBody::Right));
+            let (parts, body) = crate::mock::respond(route, &outbound.body, upstream_model).into_parts();
+            return Ok(Provided {
+                status: parts.status,
+                fields: ResponseFields::Map(parts.headers),
+                body: ProviderBody::Right(body),
+            });
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
         let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false);
@@ -277,46 +313,46 @@ impl Gateway {
                 tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
                 Err(GatewayError::UpstreamUnavailable)
             }
-            Ok(Ok(response)) => Ok(response.map(ProviderBody::Left)),
+            Ok(Ok(response)) => Ok(Provided {
+                status: response.status,
+                fields: ResponseFields::Raw(response.fields),
+                body: ProviderBody::Left(response.body),
+            }),
         }
     }
 
     fn metered(
         &self,
-        response: Response<ProviderBody>,
+        provided: Provided,
         strip_usage_chunk: bool,
         budget: Option<BudgetGuard>,
         guard: Option<StreamGuard>,
         record: &mut AccessRecord,
     ) -> Reply {
-        let (mut parts, body) = response.into_parts();
-        forward::clean_response_headers(&mut parts.headers);
-        let is_sse = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let Provided { status, fields, body } = provided;
+        let is_sse = fields
+            .first("content-type")
+            .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+        // The server frames the body itself (`Content-Length` is never passed on): dropping an
+        // event changes the length.
         let reader = if is_sse {
-            // Dropping an event changes the length: let the server frame the body itself.
-            parts.headers.remove(http::header::CONTENT_LENGTH);
             UsageReader::Sse(SseScanner::new(strip_usage_chunk))
         } else {
             UsageReader::Json(JsonTail::default())
         };
-        if let Some(upstream_id) = parts.headers.remove(REQUEST_ID_HEADER) {
-            parts.headers.insert(UPSTREAM_REQUEST_ID, upstream_id);
-        }
-        parts.headers.insert(REQUEST_ID_HEADER, record.request_id.clone());
         let rate = record.ticket.as_ref().and_then(|(_, ticket)| limit::RateHeaders::for_ticket(ticket));
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
         let guard = guard.filter(|_| is_sse);
-        record.status = parts.status.as_u16();
-        let outcome = if parts.status.is_success() { "ok" } else { "upstream_error" };
+        record.status = status.as_u16();
+        let outcome = if status.is_success() { "ok" } else { "upstream_error" };
+        let passed = forward::PassedFields::new(fields, record.request_id.clone());
         let handed_off = record.hand_off();
         let body =
             MeteredBody::new(body, reader, handed_off, outcome, self.settings.upstream_idle_timeout, budget, guard);
-        Reply { response: Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)), rate }
+        let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
+        *response.status_mut() = status;
+        Reply { response, passed: Some(passed), rate }
     }
 }
 

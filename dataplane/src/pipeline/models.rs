@@ -1,16 +1,17 @@
 //! `GET /v1/models`: the models this key may use, in OpenAI's format, or Anthropic's when the
 //! client sends `anthropic-version` (as the Anthropic SDK does).
 
-use http::{HeaderMap, Response, StatusCode};
+use http::{Response, StatusCode};
 use portcullis_crds::pattern;
 use portcullis_crds::snapshot::ApiKeyEntry;
 use serde_json::json;
 
 use crate::body::{json_response, GatewayBody};
+use crate::fields::HeaderFields;
 use crate::snapshot::{ModelRoute, RuntimeSnapshot};
 
-pub fn list(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, headers: &HeaderMap) -> Response<GatewayBody> {
-    let anthropic = headers.contains_key("anthropic-version");
+pub fn list(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, headers: &impl HeaderFields) -> Response<GatewayBody> {
+    let anthropic = headers.has("anthropic-version");
     let usable = |r: &ModelRoute| {
         pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name)
             && (!anthropic || r.upstream.kind.serves_anthropic_routes())

@@ -9,11 +9,11 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::fields::{self, HeaderFields, RawFields};
 pub use crate::http1::codec::H1Error;
 use crate::http1::codec::{list_tokens, parse_length, push_decimal};
 pub(super) use crate::http1::codec::{poll_fill, Chunked, Decoder};
@@ -103,9 +103,10 @@ fn bodiless_method(method: &Method) -> bool {
 pub(super) fn encode_head(
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: &http::HeaderMap,
     body_len: usize,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, H1Error> {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
     let fields = headers
         .iter()
         .filter(|(name, _)| **name != CONTENT_LENGTH && **name != TRANSFER_ENCODING)
@@ -211,15 +212,17 @@ pub(super) async fn write_request<W: AsyncWrite + Unpin>(
 #[derive(Debug)]
 pub(super) struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
-    pub headers: HeaderMap,
+    /// Names lowercase; the framing fields are still among them (see [`framing`]).
+    pub fields: RawFields,
     pub decoder: Decoder,
     /// Whether the connection may carry another request once this body was read to the end.
     pub reusable: bool,
 }
 
-/// What the front of the read buffer holds.
+/// What the front of the read buffer holds. The head is not boxed: moving it out once costs
+/// less than an allocation and a free per response.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Parsed {
     /// Not a whole head yet.
     Partial,
@@ -240,18 +243,16 @@ fn httparse_error(error: httparse::Error) -> H1Error {
     }
 }
 
-/// Parses the response head at the front of `buf`, consuming it when complete. The header
-/// values share one frozen copy of the head: no allocation per field.
+/// Parses the response head at the front of `buf`, consuming it when complete. The fields stay
+/// in one frozen copy of the head, indexed (one allocation for the index, none per field).
 pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error> {
-    let window = &buf[..buf.len().min(MAX_HEAD)];
-    let base = window.as_ptr() as usize;
-    // Where each field's name and value sit in the head, to slice them once it is frozen.
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let (len, code, version, count) = {
+    let window_len = buf.len().min(MAX_HEAD);
+    let (len, code, version, lines) = {
         // Uninitialised: httparse writes only the fields it finds; zeroing the table per
         // response cost as much as parsing a typical head.
         let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
+        let window = &buf[..window_len];
         let len = match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut response, window, &mut fields)
             .map_err(httparse_error)?
@@ -262,14 +263,8 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
         };
         let code = response.code.ok_or(H1Error::InvalidHead("invalid status"))?;
         let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        let count = response.headers.len();
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            // Offsets within a 64 KiB window fit in u32.
-            *span = (name as u32, field.name.len() as u32, value as u32, field.value.len() as u32);
-        }
-        (len, code, version, count)
+        let lines = fields::index_lines(window, response.headers).ok_or(H1Error::InvalidHead("invalid header"))?;
+        (len, code, version, lines)
     };
     if (100..200).contains(&code) {
         if code == 101 {
@@ -279,38 +274,28 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
         return Ok(Parsed::Interim);
     }
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::InvalidHead("invalid status"))?;
-    let head = buf.split_to(len).freeze();
-    // Room for the two request-id fields the gateway adds (growing a HeaderMap rehashes every
-    // entry), and no more: past about 1 KiB the entry table comes from glibc's large bins, and
-    // every such allocation first consolidates the small free chunks.
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
-            .map_err(|_| H1Error::InvalidHead("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
-            .map_err(|_| H1Error::InvalidHead("invalid header value"))?;
-        headers.append(name, value);
-    }
-    let (decoder, reusable) = framing(status, version, &mut headers, head_request)?;
-    Ok(Parsed::Final(ResponseHead { status, version, headers, decoder, reusable }))
+    fields::lowercase_names(&mut buf[..len], &lines);
+    let fields = RawFields::new(buf.split_to(len).freeze(), lines);
+    let (decoder, reusable) = framing(status, version, &fields, head_request)?;
+    Ok(Parsed::Final(ResponseHead { status, fields, decoder, reusable }))
 }
 
 /// The list elements of every `name` field.
-fn list_elements<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
-    headers.get_all(name).iter().flat_map(list_tokens)
+fn list_elements<'a>(fields: &'a RawFields, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields.all(name).flat_map(list_tokens)
 }
 
 /// How the body is delimited (RFC 9112 §6.3), and whether the connection can be reused after it.
+/// The framing fields themselves are never passed on (`forward::passed_response_field`).
 fn framing(
     status: StatusCode,
     version: Version,
-    headers: &mut HeaderMap,
+    fields: &RawFields,
     head_request: bool,
 ) -> Result<(Decoder, bool), H1Error> {
     let mut close = false;
     let mut keep_alive = false;
-    for token in list_elements(headers, &CONNECTION) {
+    for token in list_elements(fields, "connection") {
         close |= token.eq_ignore_ascii_case(b"close");
         keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
     }
@@ -319,19 +304,19 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Decoder::Done, reusable));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if fields.has("transfer-encoding") {
         let chunked =
-            list_elements(headers, &TRANSFER_ENCODING).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            list_elements(fields, "transfer-encoding").last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         // Both framings at once, or Transfer-Encoding in HTTP/1.0: faulty framing, use the
         // connection for nothing else (RFC 9112 §6.1, §6.3). The length means nothing here.
-        if headers.remove(CONTENT_LENGTH).is_some() || version == Version::HTTP_10 {
+        if fields.has("content-length") || version == Version::HTTP_10 {
             reusable = false;
         }
         return Ok(if chunked { (Decoder::Chunked(Chunked::default()), reusable) } else { (Decoder::Eof, false) });
     }
     let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for element in value.as_bytes().split(|&b| b == b',') {
+    for value in fields.all("content-length") {
+        for element in value.split(|&b| b == b',') {
             let n = parse_length(element.trim_ascii()).ok_or(H1Error::InvalidContentLength)?;
             if length.is_some_and(|seen| seen != n) {
                 return Err(H1Error::InvalidContentLength);
@@ -379,6 +364,8 @@ pub(super) async fn read_head<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    use http::{HeaderMap, HeaderValue};
 
     fn parse(head: &str) -> Result<Parsed, H1Error> {
         parse_head(&mut BytesMut::from(head.as_bytes()), false)
@@ -396,17 +383,17 @@ mod tests {
         let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx-a: b\r\n\r\n");
         assert!(matches!(head.decoder, Decoder::Length(12)));
         assert!(head.reusable);
-        assert_eq!(head.headers["x-a"], "b");
+        assert_eq!(head.fields.first("x-a"), Some(&b"b"[..]));
 
         let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
         assert!(matches!(head.decoder, Decoder::Chunked(_)));
         assert!(head.reusable);
 
-        // Both: Transfer-Encoding wins, the length goes, and the connection is not reused.
+        // Both: Transfer-Encoding wins, the length means nothing (no framing field is passed on),
+        // and the connection is not reused.
         let head = parse_final("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
         assert!(matches!(head.decoder, Decoder::Chunked(_)));
         assert!(!head.reusable);
-        assert!(!head.headers.contains_key(CONTENT_LENGTH));
 
         // Chunked not last: read until close.
         let head = parse_final("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
@@ -456,7 +443,6 @@ mod tests {
         for (head, reusable) in cases {
             assert_eq!(parse_final(head).reusable, reusable, "{head:?}");
         }
-        assert_eq!(parse_final("HTTP/1.0 200 OK\r\n\r\n").version, Version::HTTP_10);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Response, Uri};
+use http::{HeaderValue, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::ServerName;
 
@@ -34,6 +34,16 @@ pub use pool::UpstreamBody;
 use pool::{Lease, PoolSettings};
 
 use crate::api::ApiRoute;
+use crate::fields::RawFields;
+
+/// A provider's response: its status, its header fields as they arrived (indexed in the head,
+/// names lowercase, the framing fields still among them), and its body.
+#[derive(Debug)]
+pub struct ProviderResponse {
+    pub status: StatusCode,
+    pub fields: RawFields,
+    pub body: UpstreamBody,
+}
 
 /// How long an unused connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -209,7 +219,7 @@ impl UpstreamClient {
         head: &[u8],
         body: &Bytes,
         head_request: bool,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<ProviderResponse, UpstreamError> {
         while let Some(lease) = pool::checkout(&self.pool, origin) {
             let Some(lease) = lease.revalidate().await else { continue };
             match lease.send(head, body, head_request).await {
@@ -247,7 +257,9 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    use http::{Method, Request};
+    use http::{Method, Request, Response};
+
+    use crate::fields::HeaderFields as _;
     use http_body::Body as _;
     use http_body_util::{BodyExt, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -270,7 +282,16 @@ mod tests {
             let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
             // Holds the credential: zeroized when dropped, whatever happens below.
             let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
-            self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await
+            let provided = self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await?;
+            // The tests read the fields from a map.
+            let mut response = Response::new(provided.body);
+            *response.status_mut() = provided.status;
+            for (name, value) in provided.fields.each() {
+                let name = http::HeaderName::from_bytes(name).expect("httparse checked the name");
+                let value = HeaderValue::from_bytes(value).expect("httparse checked the value");
+                response.headers_mut().append(name, value);
+            }
+            Ok(response)
         }
     }
 

@@ -12,11 +12,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::Response;
 use http_body::{Body, Frame, SizeHint};
 
 use super::h1::{self, Decoder, H1Error, Io};
-use super::Origin;
+use super::{Origin, ProviderResponse};
 
 /// How often idle sets are swept of expired connections (lazily, on check-in).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -153,7 +152,7 @@ impl Lease {
         head: &[u8],
         body: &[u8],
         head_request: bool,
-    ) -> Result<Response<UpstreamBody>, SendFailure> {
+    ) -> Result<ProviderResponse, SendFailure> {
         let conn = &mut *self.0;
         h1::write_request(&mut conn.io, head, body)
             .await
@@ -161,15 +160,11 @@ impl Lease {
         let head = h1::read_head(&mut conn.io, &mut conn.read_buf, head_request)
             .await
             .map_err(|error| SendFailure { error, unsent: false })?;
-        let mut response =
-            Response::new(UpstreamBody { lease: Some(self), decoder: head.decoder, reusable: head.reusable });
-        *response.status_mut() = head.status;
-        *response.version_mut() = head.version;
-        *response.headers_mut() = head.headers;
-        if response.body().decoder.is_done() {
-            response.body_mut().finish();
+        let mut body = UpstreamBody { lease: Some(self), decoder: head.decoder, reusable: head.reusable };
+        if body.decoder.is_done() {
+            body.finish();
         }
-        Ok(response)
+        Ok(ProviderResponse { status: head.status, fields: head.fields, body })
     }
 }
 
