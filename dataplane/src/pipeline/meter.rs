@@ -92,9 +92,15 @@ impl AccessRecord {
     }
 
     /// Writes the log line and the metrics. `outcome` is `ok`, `upstream_error`, or a code.
-    pub fn finish(mut self, outcome: &str) {
+    pub fn finish(self, outcome: &str) {
+        self.finish_at(outcome, None);
+    }
+
+    /// [`Self::finish`], with the time the request ended when the caller has just read the
+    /// clock (one read fewer per request).
+    pub fn finish_at(mut self, outcome: &str, ended: Option<Instant>) {
         self.settle();
-        let elapsed = self.started.elapsed();
+        let elapsed = ended.unwrap_or_else(Instant::now).saturating_duration_since(self.started);
         let route = self.route.map_or("unknown", ApiRoute::label);
         let ok = outcome == "ok";
         match self.route {
@@ -323,11 +329,13 @@ impl MeteredBody {
 
     /// The body ended normally: flush what the reader held back, record, and return the last
     /// bytes to send (`last` followed by anything held back).
-    fn end_with(&mut self, last: Option<Bytes>) -> Option<Bytes> {
+    /// Ends the body: `last` is what is still to be sent, `now` the clock read for the frame
+    /// that ended it, if one did.
+    fn end_with(&mut self, last: Option<Bytes>, now: Option<tokio::time::Instant>) -> Option<Bytes> {
         let (rest, usage) = self.reader.finish();
         if let Some(mut record) = self.record.take() {
             record.usage = usage;
-            record.finish(self.outcome);
+            record.finish_at(self.outcome, now.map(tokio::time::Instant::into_std));
         }
         self.ended = true;
         match (last, rest) {
@@ -415,7 +423,7 @@ impl Body for MeteredBody {
                             // hyper stops polling a body of known length after its last byte,
                             // so the end is recognised here rather than by a final `None`.
                             if this.inner.is_end_stream() {
-                                let out = this.end_with(out);
+                                let out = this.end_with(out, Some(now));
                                 return Poll::Ready(out.map(|b| Ok(Frame::data(b))));
                             }
                             match out {
@@ -432,7 +440,7 @@ impl Body for MeteredBody {
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
-                    let rest = this.end_with(None);
+                    let rest = this.end_with(None, None);
                     return Poll::Ready(rest.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {

@@ -306,8 +306,10 @@ impl Gateway {
             });
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
-        let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false);
-        match tokio::time::timeout(self.settings.upstream_response_timeout, pending).await {
+        // One clock read for the response deadline and the idle pool's expiry check.
+        let now = tokio::time::Instant::now();
+        let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false, now.into());
+        match tokio::time::timeout_at(now + self.settings.upstream_response_timeout, pending).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {
                 tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");

@@ -213,14 +213,18 @@ impl UpstreamClient {
     /// `Content-Length` of `body`) to `origin`, on a pooled connection when one is alive. A
     /// request that a pooled connection refused before writing any of it is sent again on the
     /// next connection; one already written is never repeated.
+    ///
+    /// `now` is a clock reading the caller has just taken (it decides whether an idle connection
+    /// has outlived the idle timeout).
     pub async fn send_encoded(
         &self,
         origin: &Origin,
         head: &[u8],
         body: &Bytes,
         head_request: bool,
+        now: std::time::Instant,
     ) -> Result<ProviderResponse, UpstreamError> {
-        while let Some(lease) = pool::checkout(&self.pool, origin) {
+        while let Some(lease) = pool::checkout(&self.pool, origin, now) {
             let Some(lease) = lease.revalidate().await else { continue };
             match lease.send(head, body, head_request).await {
                 Ok(response) => return Ok(response),
@@ -282,7 +286,8 @@ mod tests {
             let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
             // Holds the credential: zeroized when dropped, whatever happens below.
             let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
-            let provided = self.send_encoded(origin, &head, &body, parts.method == Method::HEAD).await?;
+            let head_request = parts.method == Method::HEAD;
+            let provided = self.send_encoded(origin, &head, &body, head_request, std::time::Instant::now()).await?;
             // The tests read the fields from a map.
             let mut response = Response::new(provided.body);
             *response.status_mut() = provided.status;

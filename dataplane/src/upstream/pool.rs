@@ -59,14 +59,14 @@ thread_local! {
 }
 
 /// The newest unexpired idle connection to `origin`, if any.
-pub(super) fn checkout(settings: &PoolSettings, origin: &Origin) -> Option<Lease> {
+pub(super) fn checkout(settings: &PoolSettings, origin: &Origin, now: Instant) -> Option<Lease> {
     // Expired connections are dropped after the borrow ends: closing one runs TLS code.
     let (found, _expired) = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let at = pool.position(settings.client, origin)?;
         let set = &mut pool.sets[at].conns;
         let idle = set.pop()?;
-        if idle.since.elapsed() < settings.idle_timeout {
+        if now.saturating_duration_since(idle.since) < settings.idle_timeout {
             Some((Some(idle.lease), None))
         } else {
             // The newest has expired, so have all the others.
