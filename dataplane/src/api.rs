@@ -11,7 +11,6 @@ use crate::error::GatewayError;
 use crate::fields::HeaderFields;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
-pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The error and authentication conventions of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

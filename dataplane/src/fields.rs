@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 
 pub trait HeaderFields {
@@ -33,10 +33,12 @@ pub trait HeaderFields {
 
 impl HeaderFields for HeaderMap {
     fn first(&self, name: &str) -> Option<&[u8]> {
+        debug_assert_lowercase(name);
         self.get(name).map(HeaderValue::as_bytes)
     }
 
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        debug_assert_lowercase(name);
         self.get_all(name).into_iter().map(HeaderValue::as_bytes)
     }
 
@@ -50,17 +52,31 @@ impl HeaderFields for HeaderMap {
 }
 
 /// Byte ranges of one header line inside its head.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Line {
+#[derive(Debug, Clone, Copy)]
+struct Line {
     name: (u32, u32),
     value: (u32, u32),
 }
 
-/// The lines of a head, on the heap: one allocation per head, and a `RawFields` small enough to
-/// move cheaply (futures move it several times on the way through the pipeline; inline storage
-/// for the 15 to 25 fields SDK requests and provider responses carry cost more in copies than
-/// the allocation does).
-pub type Lines = Vec<Line>;
+/// The lines of a head as ranges into it, from [`Lines::index`]; turned into [`RawFields`] by
+/// [`RawFields::split_from`]. On the heap: one allocation per head, and a `RawFields` small
+/// enough to move cheaply (futures move it several times on the way through the pipeline;
+/// inline storage for the 15 to 25 fields SDK requests and provider responses carry cost more in
+/// copies than the allocation does).
+#[derive(Debug)]
+pub struct Lines(Vec<Line>);
+
+impl Lines {
+    /// The fields httparse found in `head` (the head alone: its first byte to its empty line),
+    /// as ranges into it. `None` if a field lies outside it.
+    pub fn index(head: &[u8], fields: &[httparse::Header<'_>]) -> Option<Self> {
+        let mut lines = Vec::with_capacity(fields.len());
+        for field in fields {
+            lines.push(Line { name: range_in(head, field.name.as_bytes())?, value: range_in(head, field.value)? });
+        }
+        Some(Lines(lines))
+    }
+}
 
 /// Where `part` sits in `base` (a head of at most 64 KiB, so offsets fit in `u32`). `None` for a
 /// slice from anywhere else, rather than a bad range.
@@ -78,42 +94,42 @@ fn slice(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
     head.get(start as usize..end as usize).unwrap_or_default()
 }
 
-/// The lines of the fields httparse found in `base`, as ranges into it.
-pub fn index_lines(base: &[u8], headers: &[httparse::Header<'_>]) -> Option<Lines> {
-    let mut lines = Lines::with_capacity(headers.len());
-    for header in headers {
-        lines.push(Line { name: range_in(base, header.name.as_bytes())?, value: range_in(base, header.value)? });
-    }
-    Some(lines)
-}
-
-/// Lowercases every field name in place (httparse has checked that names are tokens, so ASCII
-/// lowercasing is the whole job); afterwards names compare as bytes.
-pub fn lowercase_names(base: &mut [u8], lines: &Lines) {
-    for line in lines {
-        if let Some(name) = base.get_mut(line.name.0 as usize..line.name.1 as usize) {
-            name.make_ascii_lowercase();
-        }
-    }
-}
-
-/// (name, value) of each line, read from `base` before it is frozen.
-pub fn each_line<'a>(base: &'a [u8], lines: &'a Lines) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
-    lines.iter().map(move |line| (slice(base, line.name), slice(base, line.value)))
+/// Lookups take lowercase names: a `HeaderMap` would find `Authorization` too, `RawFields` would
+/// not, and a test over one would hide the miss in the other.
+fn debug_assert_lowercase(name: &str) {
+    debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "header lookups take lowercase names: {name}");
 }
 
 /// The header fields of a head, left where they lie in it: the head's bytes and the ranges of
 /// each name and value. Names are lowercase. Reading a field is a short scan.
-#[derive(Clone, Default)]
+///
+/// Built only by [`RawFields::split_from`] from a head httparse has parsed, so every name is a
+/// token and every value is free of CR, LF and other control characters (what `HeaderName` and
+/// `HeaderValue` guarantee), and both can be written to the wire as they are.
+#[derive(Clone)]
 pub struct RawFields {
     head: Bytes,
-    lines: Lines,
+    lines: Vec<Line>,
 }
 
 impl RawFields {
-    /// `lines` index `head` (from [`index_lines`] over the same bytes, names lowercased).
-    pub fn new(head: Bytes, lines: Lines) -> Self {
-        Self { head, lines }
+    /// Splits the first `len` bytes (the head `lines` was indexed over) off `buf`, lowercasing
+    /// the field names in place first (httparse has checked that they are tokens, so ASCII
+    /// lowercasing is the whole job); `buf` keeps whatever follows the head.
+    pub fn split_from(buf: &mut BytesMut, len: usize, lines: Lines) -> Self {
+        let len = len.min(buf.len());
+        let head = &mut buf[..len];
+        for line in &lines.0 {
+            if let Some(name) = head.get_mut(line.name.0 as usize..line.name.1 as usize) {
+                name.make_ascii_lowercase();
+            }
+        }
+        Self { head: buf.split_to(len).freeze(), lines: lines.0 }
+    }
+
+    /// The whole head these fields lie in.
+    pub fn head(&self) -> &Bytes {
+        &self.head
     }
 
     fn name(&self, line: &Line) -> &[u8] {
@@ -125,6 +141,7 @@ impl RawFields {
     }
 
     fn find(&self, name: &str) -> Option<&Line> {
+        debug_assert_lowercase(name);
         self.lines.iter().find(|line| self.name(line) == name.as_bytes())
     }
 
@@ -156,6 +173,7 @@ impl HeaderFields for RawFields {
     }
 
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        debug_assert_lowercase(name);
         self.lines.iter().filter(move |line| self.name(line) == name.as_bytes()).map(move |line| self.value(line))
     }
 
@@ -170,10 +188,16 @@ impl HeaderFields for RawFields {
 
 /// A provider's response fields: indexed in the head they came in (a real provider), or a map
 /// (the in-process mock).
-#[derive(Debug)]
 pub enum ResponseFields {
     Raw(RawFields),
     Map(HeaderMap),
+}
+
+/// Names only, like [`RawFields`]' `Debug`.
+impl fmt::Debug for ResponseFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.each().map(|(name, _)| String::from_utf8_lossy(name))).finish()
+    }
 }
 
 impl ResponseFields {
@@ -207,8 +231,8 @@ impl fmt::Debug for FieldValue<'_> {
     }
 }
 
-impl FieldValue<'_> {
-    pub fn bytes(&self) -> &[u8] {
+impl<'a> FieldValue<'a> {
+    pub fn bytes(&self) -> &'a [u8] {
         match self {
             FieldValue::Raw(_, value) => value,
             FieldValue::Map(value) => value.as_bytes(),
@@ -241,10 +265,7 @@ impl HeaderFields for ResponseFields {
     }
 
     fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.each_value().map(|(name, value)| match value {
-            FieldValue::Raw(_, bytes) => (name, bytes),
-            FieldValue::Map(value) => (name, value.as_bytes()),
-        })
+        self.each_value().map(|(name, value)| (name, value.bytes()))
     }
 
     fn shared(&self, name: &str) -> Option<HeaderValue> {
@@ -276,17 +297,16 @@ pub mod tests {
         response_fields(head)
     }
 
-    /// The fields of a response head, indexed as the upstream client does it.
+    /// The fields of a response head, indexed and split off as the upstream client does it.
     pub fn response_fields(head: &str) -> RawFields {
         let mut buf = bytes::BytesMut::from(head);
-        let mut storage = [httparse::EMPTY_HEADER; 16];
+        let mut storage = [httparse::EMPTY_HEADER; 32];
         let (len, lines) = {
             let mut response = httparse::Response::new(&mut storage);
             let httparse::Status::Complete(len) = response.parse(&buf).expect("valid") else { panic!("partial") };
-            (len, index_lines(&buf, response.headers).expect("inside"))
+            (len, Lines::index(&buf[..len], response.headers).expect("inside"))
         };
-        lowercase_names(&mut buf, &lines);
-        RawFields::new(buf.split_to(len).freeze(), lines)
+        RawFields::split_from(&mut buf, len, lines)
     }
 
     #[test]
@@ -316,9 +336,36 @@ pub mod tests {
 
     #[test]
     fn ranges_outside_the_head_are_refused() {
-        let base = b"abcdef";
-        assert_eq!(range_in(base, &base[1..3]), Some((1, 3)));
-        assert_eq!(range_in(base, &base[6..]), Some((6, 6)));
-        assert_eq!(range_in(base, b"elsewhere"), None);
+        let whole = b"0123456789abcdef";
+        let base = &whole[4..10];
+        assert_eq!(range_in(base, &whole[5..7]), Some((1, 3)));
+        assert_eq!(range_in(base, &whole[10..10]), Some((6, 6)));
+        // Starting before the head, running past its end, or from another buffer: refused.
+        assert_eq!(range_in(base, &whole[2..5]), None);
+        assert_eq!(range_in(base, &whole[8..12]), None);
+        assert_eq!(range_in(base, &whole[11..12]), None);
+        assert_eq!(range_in(base, b"x"), None);
+    }
+
+    #[test]
+    fn split_lowercases_names_and_leaves_what_follows() {
+        let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nX-Mixed-Case: Value\r\n\r\nBODY");
+        let mut storage = [httparse::EMPTY_HEADER; 4];
+        let (len, lines) = {
+            let mut response = httparse::Response::new(&mut storage);
+            let httparse::Status::Complete(len) = response.parse(&buf).expect("valid") else { panic!("partial") };
+            (len, Lines::index(&buf[..len], response.headers).expect("inside"))
+        };
+        let fields = RawFields::split_from(&mut buf, len, lines);
+        assert_eq!(fields.each().collect::<Vec<_>>(), [(&b"x-mixed-case"[..], &b"Value"[..])]);
+        assert_eq!(&buf[..], b"BODY");
+        assert_eq!(fields.head().len(), len);
+        // Fields lying past the bytes given as the head are not indexed.
+        let other = b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\n";
+        let mut storage = [httparse::EMPTY_HEADER; 4];
+        let mut response = httparse::Response::new(&mut storage);
+        assert!(response.parse(other).is_ok_and(|status| status.is_complete()));
+        assert!(Lines::index(&other[..other.len()], response.headers).is_some());
+        assert!(Lines::index(&other[..20], response.headers).is_none());
     }
 }

@@ -171,7 +171,7 @@ async fn a_providers_fields_are_passed_on_alike_over_h2_and_http1() {
                 ("x-request-id", "up-req-42"),
                 ("openai-processing-ms", "7"),
                 ("openai-version", "2020-10-01"),
-                ("set-cookie", "__cf_bm=CANARY-COOKIE; path=/"),
+                ("set-cookie", "__cf_bm=abc; path=/"),
             ],
             ..Default::default()
         },
@@ -199,11 +199,9 @@ async fn a_providers_fields_are_passed_on_alike_over_h2_and_http1() {
         assert_eq!(all("openai-version"), ["2020-10-01"], "{version:?}");
         assert_eq!(all("content-type"), ["application/json"], "{version:?}");
         assert!(all("set-cookie").is_empty(), "{version:?}: {:?}", response.headers);
-        assert!(!format!("{:?}", response.headers).contains("CANARY-COOKIE"));
-        // One length, the gateway's, matching the body.
-        if version == http::Version::HTTP_11 {
-            assert_eq!(all("content-length"), [response.body.len().to_string()]);
-        }
+        // One length, the gateway's (hyper's from the body's exact size on HTTP/2), matching
+        // the body.
+        assert_eq!(all("content-length"), [response.body.len().to_string()], "{version:?}");
         assert_eq!(response.json()["choices"][0]["message"]["content"], "Hello from the loopback upstream.");
     }
 }

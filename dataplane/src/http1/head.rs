@@ -10,7 +10,7 @@ use http::{Method, Uri, Version};
 
 use super::codec::{list_tokens, parse_length};
 use crate::api::{ApiFlavor, ApiRoute};
-use crate::fields::{self, RawFields};
+use crate::fields::{self, HeaderFields, Lines, RawFields};
 
 /// Most header lines accepted in one request head.
 pub const MAX_HEADERS: usize = 100;
@@ -110,24 +110,22 @@ fn parse_inner(
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| Http1Error::Malformed("The request method is not valid."))?;
     let malformed = || Http1Error::Malformed("The request head is not valid HTTP/1.1.");
-    let target = fields::range_in(buf, request.path.unwrap_or_default().as_bytes()).ok_or_else(malformed)?;
-    let lines = fields::index_lines(buf, request.headers).ok_or_else(malformed)?;
+    let target = fields::range_in(&buf[..len], request.path.unwrap_or_default().as_bytes()).ok_or_else(malformed)?;
+    let lines = Lines::index(&buf[..len], request.headers).ok_or_else(malformed)?;
 
     // httparse has checked that names are tokens and that values hold only visible characters,
     // spaces, tabs and obs-text (no other control character, no DEL: the rule `HeaderValue`
-    // applies; `control_characters_and_bad_targets_are_refused` holds it to that). Lowercased in
-    // place, names compare as bytes.
-    fields::lowercase_names(buf, &lines);
+    // applies; `control_characters_and_bad_targets_are_refused` holds it to that).
+    let headers = RawFields::split_from(buf, len, lines);
+    *raw = Some(headers.head().clone());
     let mut framing = Framer::default();
-    for (name, value) in fields::each_line(buf, &lines) {
+    for (name, value) in headers.each() {
         framing.observe(name, value)?;
     }
-    let head = buf.split_to(len).freeze();
-    *raw = Some(head.clone());
-    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
-        .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
     let (framing, keep_alive, expect_continue) = framing.finish(version)?;
-    let headers = RawFields::new(head, lines);
+    let target = headers.head().get(target.0 as usize..target.1 as usize).ok_or_else(malformed)?;
+    let uri = Uri::from_maybe_shared(headers.head().slice_ref(target))
+        .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
     Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
 }
 
@@ -207,7 +205,6 @@ impl Framer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fields::HeaderFields;
 
     fn head(raw: &str) -> Result<Option<Head>, Http1Error> {
         parse(&mut BytesMut::from(raw), 64 * 1024).map_err(|refused| refused.error)
@@ -242,7 +239,6 @@ mod tests {
         let fields = &head.headers;
         assert_eq!(fields.len(), 6);
         assert_eq!(fields.first("authorization"), Some(&b"Bearer CANARY-9f2c"[..]));
-        assert_eq!(fields.first("Authorization"), None, "lookups take the lowercase name");
         assert_eq!(fields.all("x-forwarded-for").collect::<Vec<_>>(), [&b"10.0.0.1"[..], b"10.0.0.2"]);
         let names: Vec<&[u8]> = fields.each().map(|(name, _)| name).collect();
         assert_eq!(
@@ -268,11 +264,11 @@ mod tests {
     }
 
     #[test]
-    fn many_header_lines_are_indexed_past_the_inline_ones() {
-        let many: String = (0..40).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+    fn a_hundred_header_lines_are_indexed() {
+        let many: String = (0..MAX_HEADERS - 1).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
         let head = ok(&format!("GET / HTTP/1.1\r\nHost: gw\r\n{many}\r\n"));
-        assert_eq!(head.headers.len(), 41);
-        assert_eq!(head.headers.first("x-f39"), Some(&b"v39"[..]));
+        assert_eq!(head.headers.len(), MAX_HEADERS);
+        assert_eq!(head.headers.first("x-f98"), Some(&b"v98"[..]));
     }
 
     #[test]

@@ -13,10 +13,11 @@
 //! ```
 //!
 //! Written for the hot path instead of serving HTTP/1 through hyper: the header fields stay in
-//! the request head, indexed, instead of being copied into a map (`head::RawFields`); the request
-//! body is read by the pipeline straight from the connection's buffer (no body channel, no
-//! second task); the response head is encoded in one pass, and every body frame already available is merged into
-//! the same write, so a JSON answer goes out in one `write` and a burst of SSE events in one.
+//! the request head, indexed, instead of being copied into a map (`crate::fields::RawFields`);
+//! the request body is read by the pipeline straight from the connection's buffer (no body
+//! channel, no second task); the response head is encoded in one pass, and every body frame
+//! already available is merged into the same write, so a JSON answer goes out in one `write`
+//! and a burst of SSE events in one.
 //! HTTP/2 (ALPN `h2`, or the prior-knowledge preface on plain TCP) is handed to hyper.
 //!
 //! Hardening: strict framing (see `head`), a bounded head read within the header timeout,
@@ -458,6 +459,9 @@ fn encode_head(
         if managed(name) || rate.is_some_and(|rate| rate.replaces(name)) {
             return;
         }
+        // Names and values were checked by whoever parsed them (httparse, `HeaderName`,
+        // `HeaderValue`): nothing here can end a line early.
+        debug_assert!(!name.iter().chain(value).any(|&b| b == b'\r' || b == b'\n'));
         dated |= name == b"date";
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -723,6 +727,40 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::ResponseFields;
+
+    #[test]
+    fn a_providers_fields_are_written_with_the_gateways_framing_date_and_limits() {
+        let provider = crate::fields::tests::response_fields(
+            "HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: 999\r\n\
+             Connection: close\r\nX-Ratelimit-Limit-Requests: 5000\r\nX-Ratelimit-Limit-Tokens: 777\r\n\
+             OpenAI-Version: 2020-10-01\r\n\r\n",
+        );
+        let passed = PassedFields::new(ResponseFields::Raw(provider), http::HeaderValue::from_static("req_1"));
+        let rate = RateHeaders::requests(50, 49, 1_250);
+        let (parts, ()) = http::Response::new(()).into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, Some(&passed), Some(&rate), Delimit::Length(12), Version::HTTP_11, true);
+        // The provider's date (once), its token limit (the key has none of its own), its other
+        // fields; its length, `Connection` and request limits replaced by the gateway's.
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "HTTP/1.1 200 OK\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\nx-ratelimit-limit-tokens: 777\r\n\
+             openai-version: 2020-10-01\r\nx-request-id: req_1\r\nx-ratelimit-limit-requests: 50\r\n\
+             x-ratelimit-remaining-requests: 49\r\nx-ratelimit-reset-requests: 1.250s\r\ncontent-length: 12\r\n\r\n"
+        );
+
+        // Without a date from anyone, the gateway writes its own.
+        let passed = PassedFields::new(
+            ResponseFields::Raw(crate::fields::tests::response_fields("HTTP/1.1 200 OK\r\n\r\n")),
+            http::HeaderValue::from_static("req_2"),
+        );
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, Some(&passed), None, Delimit::Chunked, Version::HTTP_11, false);
+        let text = String::from_utf8(out).expect("ascii");
+        assert_eq!(text.matches("date: ").count(), 1, "{text}");
+        assert!(text.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"), "{text}");
+    }
 
     async fn passed_now(deadline: &mut Deadline) -> bool {
         std::future::poll_fn(|cx| Poll::Ready(deadline.poll_passed(cx).is_ready())).await

@@ -494,7 +494,13 @@ impl Limiter {
             return Some(peer);
         }
         let mut client = peer;
-        let forwarded = headers.all("x-forwarded-for").filter_map(|v| std::str::from_utf8(v).ok()).collect::<Vec<_>>();
+        // Visible ASCII only, as `HeaderValue::to_str` had it: a line with anything else is not
+        // read at all.
+        let forwarded = headers
+            .all("x-forwarded-for")
+            .filter(|v| v.is_ascii())
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .collect::<Vec<_>>();
         for hop in forwarded.iter().flat_map(|v| v.split(',')).rev() {
             match hop.trim().parse::<IpAddr>() {
                 Ok(ip) => {

@@ -67,7 +67,19 @@ fn stripped_response_field(name: &[u8]) -> bool {
             | b"upgrade"
             | b"set-cookie"
             | b"content-length"
+            // The gateway sets it from the provider's `x-request-id`, and from nothing else.
+            | b"x-upstream-request-id"
     )
+}
+
+/// The field names a `Connection` header lists (hop-by-hop for this message only).
+fn connection_listed(fields: &impl HeaderFields) -> SmallVec<[&[u8]; 4]> {
+    fields.all("connection").flat_map(list_tokens).collect()
+}
+
+/// Whether `name` (lowercase) is among `listed` (as sent).
+fn is_listed(listed: &[&[u8]], name: &[u8]) -> bool {
+    listed.iter().any(|token| token.eq_ignore_ascii_case(name))
 }
 
 /// A provider's response fields as the client receives them, read from where they arrived
@@ -87,9 +99,9 @@ impl PassedFields {
     /// `Connection` field names, its `x-request-id` renamed `x-upstream-request-id`; then the
     /// gateway's `x-request-id`.
     pub fn each(&self) -> impl Iterator<Item = (&[u8], FieldValue<'_>)> {
-        let listed: SmallVec<[&[u8]; 4]> = self.fields.all("connection").flat_map(list_tokens).collect();
+        let listed = connection_listed(&self.fields);
         let provider = self.fields.each_value().filter_map(move |(name, value)| {
-            if stripped_response_field(name) || listed.iter().any(|token| token.eq_ignore_ascii_case(name)) {
+            if stripped_response_field(name) || is_listed(&listed, name) {
                 return None;
             }
             Some((if name == b"x-request-id" { &b"x-upstream-request-id"[..] } else { name }, value))
@@ -186,10 +198,8 @@ pub fn build(
     let target = upstream_path(route, uri, model, chosen)?;
     // Fields the client's `Connection` header names are hop-by-hop too (names are lowercase,
     // tokens may not be).
-    let listed: SmallVec<[&[u8]; 4]> = client.all("connection").flat_map(list_tokens).collect();
-    let forwarded = client.each().filter(|(name, _)| {
-        !stripped_request_header(name) && !listed.iter().any(|token| token.eq_ignore_ascii_case(name))
-    });
+    let listed = connection_listed(client);
+    let forwarded = client.each().filter(|(name, _)| !stripped_request_header(name) && !is_listed(&listed, name));
     let content_type = (!client.has("content-type")).then_some((&b"content-type"[..], &b"application/json"[..]));
     let anthropic_version = (upstream.kind == ProviderKind::Anthropic && !client.has("anthropic-version"))
         .then_some((&b"anthropic-version"[..], DEFAULT_ANTHROPIC_VERSION.as_bytes()));

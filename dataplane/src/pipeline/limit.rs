@@ -136,6 +136,12 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
+    /// Request limits only, for tests elsewhere.
+    #[cfg(test)]
+    pub fn requests(limit: u64, remaining: u64, reset_ms: u64) -> Self {
+        Self { requests: Some(Window { limit, remaining, reset_ms }), tokens: None }
+    }
+
     /// What an admitted request has left; `None` when its key has no per-minute limits.
     pub fn for_ticket(ticket: &Ticket) -> Option<Self> {
         let limits = &ticket.admission.key.limits;

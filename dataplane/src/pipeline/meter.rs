@@ -328,9 +328,8 @@ impl MeteredBody {
     }
 
     /// The body ended normally: flush what the reader held back, record, and return the last
-    /// bytes to send (`last` followed by anything held back).
-    /// Ends the body: `last` is what is still to be sent, `now` the clock read for the frame
-    /// that ended it, if one did.
+    /// bytes to send (`last` followed by anything held back). `now` is the clock reading taken
+    /// for the frame that ended it, if one did.
     fn end_with(&mut self, last: Option<Bytes>, now: Option<tokio::time::Instant>) -> Option<Bytes> {
         let (rest, usage) = self.reader.finish();
         if let Some(mut record) = self.record.take() {

@@ -108,12 +108,21 @@ type Failure = (ApiFlavor, GatewayError);
 
 /// A client request as the pipeline takes it: the request line, the header fields as the server
 /// holds them (hyper's `HeaderMap` for HTTP/2, the raw head for HTTP/1.1), and the body.
-#[derive(Debug)]
 pub struct ClientRequest<H, B> {
     pub method: Method,
     pub uri: Uri,
     pub headers: H,
     pub body: B,
+}
+
+/// The request line only: header values can be credentials.
+impl<H, B> std::fmt::Debug for ClientRequest<H, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRequest")
+            .field("method", &self.method)
+            .field("path", &self.uri.path())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<B> From<Request<B>> for ClientRequest<HeaderMap, B> {

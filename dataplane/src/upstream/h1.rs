@@ -13,7 +13,7 @@ use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::fields::{self, HeaderFields, RawFields};
+use crate::fields::{HeaderFields, Lines, RawFields};
 pub use crate::http1::codec::H1Error;
 use crate::http1::codec::{list_tokens, parse_length, push_decimal};
 pub(super) use crate::http1::codec::{poll_fill, Chunked, Decoder};
@@ -219,10 +219,8 @@ pub(super) struct ResponseHead {
     pub reusable: bool,
 }
 
-/// What the front of the read buffer holds. The head is not boxed: moving it out once costs
-/// less than an allocation and a free per response.
+/// What the front of the read buffer holds.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Parsed {
     /// Not a whole head yet.
     Partial,
@@ -250,11 +248,11 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
     let (len, code, version, lines) = {
         // Uninitialised: httparse writes only the fields it finds; zeroing the table per
         // response cost as much as parsing a typical head.
-        let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
         let window = &buf[..window_len];
         let len = match httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut response, window, &mut fields)
+            .parse_response_with_uninit_headers(&mut response, window, &mut storage)
             .map_err(httparse_error)?
         {
             httparse::Status::Complete(len) => len,
@@ -263,19 +261,23 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
         };
         let code = response.code.ok_or(H1Error::InvalidHead("invalid status"))?;
         let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        let lines = fields::index_lines(window, response.headers).ok_or(H1Error::InvalidHead("invalid header"))?;
+        // An interim response's fields are skipped with it, not indexed.
+        let lines = if (100..200).contains(&code) {
+            None
+        } else {
+            Some(Lines::index(&window[..len], response.headers).ok_or(H1Error::InvalidHead("invalid header"))?)
+        };
         (len, code, version, lines)
     };
-    if (100..200).contains(&code) {
+    let Some(lines) = lines else {
         if code == 101 {
             return Err(H1Error::SwitchingProtocols);
         }
         buf.advance(len);
         return Ok(Parsed::Interim);
-    }
+    };
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::InvalidHead("invalid status"))?;
-    fields::lowercase_names(&mut buf[..len], &lines);
-    let fields = RawFields::new(buf.split_to(len).freeze(), lines);
+    let fields = RawFields::split_from(buf, len, lines);
     let (decoder, reusable) = framing(status, version, &fields, head_request)?;
     Ok(Parsed::Final(ResponseHead { status, fields, decoder, reusable }))
 }
@@ -286,7 +288,7 @@ fn list_elements<'a>(fields: &'a RawFields, name: &'a str) -> impl Iterator<Item
 }
 
 /// How the body is delimited (RFC 9112 §6.3), and whether the connection can be reused after it.
-/// The framing fields themselves are never passed on (`forward::passed_response_field`).
+/// The framing fields themselves are never passed on (`forward::stripped_response_field`).
 fn framing(
     status: StatusCode,
     version: Version,

@@ -224,7 +224,9 @@ impl UpstreamClient {
         head_request: bool,
         now: std::time::Instant,
     ) -> Result<ProviderResponse, UpstreamError> {
-        while let Some(lease) = pool::checkout(&self.pool, origin, now) {
+        // The caller's reading serves the first checkout; a retry comes after awaits.
+        let mut now = Some(now);
+        while let Some(lease) = pool::checkout(&self.pool, origin, now.take().unwrap_or_else(std::time::Instant::now)) {
             let Some(lease) = lease.revalidate().await else { continue };
             match lease.send(head, body, head_request).await {
                 Ok(response) => return Ok(response),
