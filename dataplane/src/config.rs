@@ -88,8 +88,9 @@ pub struct DataplaneArgs {
     #[arg(long, value_parser = seconds, default_value = "30")]
     pub request_body_timeout: Duration,
 
-    /// Seconds an HTTP/1.1 client may take to accept any more of a response that does not fit in
-    /// the socket buffers (nginx's `send_timeout`); one that stops reading is disconnected.
+    /// Seconds a client may take to accept any more of a response that does not fit in the socket
+    /// buffers (nginx's `send_timeout`): an HTTP/1.1 client that stops reading is disconnected,
+    /// an HTTP/2 stream that gets no more window is reset; either way the provider request ends.
     #[arg(long, value_parser = seconds, default_value = "60")]
     pub response_write_timeout: Duration,
 

@@ -32,5 +32,6 @@ pub mod pipeline;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod stall;
 pub mod tls;
 pub mod upstream;

@@ -20,6 +20,7 @@ use crate::busy_poll::BusyPoll;
 use crate::http1;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
+use crate::stall::Watchdog;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -141,17 +142,26 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { peer, gateway, busy_poll, http2, watcher, .. } = self;
+        let Connection { peer, gateway, busy_poll, http2, watcher, http1, .. } = self;
+        // hyper polls a body only while its stream has window: the watchdog is the write
+        // timeout for a client that stops taking one (see `stall`).
+        let watchdog = Watchdog::new(http1.response_write_timeout);
+        let sweeper = tokio::spawn(Watchdog::run(Arc::downgrade(&watchdog)));
         let service = service_fn(move |request| {
             if let Some(busy) = &busy_poll {
                 busy.touch();
             }
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(request.into(), Some(peer)).await.into_response()) }
+            let watchdog = watchdog.clone();
+            async move {
+                let response = gateway.handle(request.into(), Some(peer)).await.into_response();
+                Ok::<_, Infallible>(response.map(|body| watchdog.guard(body)))
+            }
         });
         let connection = http2.serve_connection(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+        sweeper.abort();
     }
 }

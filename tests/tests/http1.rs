@@ -337,3 +337,64 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
     let (got, length) = read_all_after(Duration::from_secs(3)).await;
     assert!(got < length, "a client that stopped reading was cut off: {got} of {length} bytes");
 }
+
+/// HTTP/2: hyper polls a response body only while its stream has window, so a client that stops
+/// reading (sends no `WINDOW_UPDATE`) would hold the provider request for ever. Once the write
+/// timeout (1 s here) passes the stream loses it and is reset; a client that pauses for less gets
+/// the whole response.
+#[tokio::test]
+async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeout() {
+    use http_body_util::{BodyExt, Full};
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        upstream: portcullis_e2e::UpstreamOptions {
+            // Far more than the client's 64 KiB windows.
+            response_text: "bulk ".repeat(1024 * 1024),
+            ..Default::default()
+        },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let addr = fx.gateway.listen_addr();
+    let url = fx.url("/v1/chat/completions");
+
+    let read_all_after = |pause: Duration| {
+        let url = url.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(65_535)
+                    .initial_connection_window_size(65_535)
+                    .handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .expect("h2 handshake");
+            tokio::spawn(connection);
+            let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+            let request = http::Request::post(url)
+                .header("authorization", format!("Bearer {ALICE_KEY}"))
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let response = sender.send_request(request).await.expect("response");
+            assert_eq!(response.status(), 200);
+            let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
+            // Nothing is read (no window is given back) during the pause.
+            tokio::time::sleep(pause).await;
+            let read = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+                .await
+                .expect("the stream neither ended nor failed within 20 s");
+            (read.map(|body| body.to_bytes().len()), length)
+        }
+    };
+
+    let (got, length) = read_all_after(Duration::from_millis(200)).await;
+    assert!(length > 5 * 1024 * 1024, "{length}");
+    assert_eq!(got.expect("a client that pauses briefly reads it all"), length);
+
+    let (got, length) = read_all_after(Duration::from_secs(3)).await;
+    assert!(got.is_err(), "a stalled stream is reset, not finished: {got:?} of {length} bytes");
+}

@@ -73,7 +73,7 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Time a client may take to accept any more of a response that does not fit in the socket
     /// buffers (nginx's `send_timeout`): one that stops reading is disconnected, and the provider
-    /// request it was holding open is cancelled.
+    /// request it was holding open is cancelled. HTTP/2 streams get the same limit (`stall`).
     pub response_write_timeout: Duration,
 }
 

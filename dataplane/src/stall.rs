@@ -1,0 +1,197 @@
+//! The write timeout for HTTP/2 streams.
+//!
+//! hyper polls a response body only while its stream has flow-control window, so a client that
+//! stops reading (sends no `WINDOW_UPDATE`, or stops reading the socket) leaves the body
+//! unpolled, and the provider request inside it held open, for as long as the connection lives.
+//! Each HTTP/2 connection gets a [`Watchdog`]: every response body goes through a
+//! [`GuardedBody`] that notes when it last handed hyper data, and a stream that has not come back
+//! for more within the write timeout (the same `--response-write-timeout` HTTP/1.1 uses) loses
+//! its body. Dropping it closes the provider connection and finishes the request's record
+//! (`client_closed`); when hyper next polls the stream, it ends with an error (`RST_STREAM`).
+//!
+//! A body waiting on its provider (its last poll returned `Pending`) is not stalled: the provider
+//! idle timeout covers that.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::body::{BoxError, GatewayBody};
+
+/// One stream's body, shared between the stream and the watchdog.
+struct Slot {
+    body: Option<GatewayBody>,
+    /// When the body last handed hyper data, while hyper has not asked for more since.
+    handed_at: Option<Instant>,
+}
+
+/// The stalled-stream watchdog of one HTTP/2 connection.
+pub struct Watchdog {
+    timeout: Duration,
+    slots: Mutex<Vec<Weak<Mutex<Slot>>>>,
+}
+
+impl std::fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watchdog").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Watchdog {
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { timeout, slots: Mutex::new(Vec::new()) })
+    }
+
+    /// `body`, watched.
+    pub fn guard(&self, body: GatewayBody) -> GuardedBody {
+        let slot = Arc::new(Mutex::new(Slot { body: Some(body), handed_at: None }));
+        lock(&self.slots).push(Arc::downgrade(&slot));
+        GuardedBody { slot }
+    }
+
+    /// Drops the body of every stream stalled for longer than the timeout; forgets streams that
+    /// ended. Returns how many it dropped.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut stalled = Vec::new();
+        lock(&self.slots).retain(|weak| {
+            let Some(slot) = weak.upgrade() else { return false };
+            let mut slot = lock(&slot);
+            if slot.handed_at.is_some_and(|at| now.saturating_duration_since(at) >= self.timeout) {
+                // Dropped outside the locks: ending a body records the request.
+                stalled.extend(slot.body.take());
+                slot.handed_at = None;
+            }
+            slot.body.is_some()
+        });
+        let dropped = stalled.len();
+        if dropped > 0 {
+            tracing::info!(
+                streams = dropped,
+                timeout_ms = self.timeout.as_millis() as u64,
+                "HTTP/2 streams took none of their response within the write timeout; their provider requests were dropped"
+            );
+        }
+        dropped
+    }
+
+    /// Sweeps every quarter of the timeout (at most every second) for as long as the watchdog
+    /// lives (its connection holds it; the sweeper does not).
+    pub async fn run(watchdog: Weak<Self>) {
+        let Some(timeout) = watchdog.upgrade().map(|w| w.timeout) else { return };
+        let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(watchdog) = watchdog.upgrade() else { return };
+            watchdog.sweep(Instant::now());
+        }
+    }
+}
+
+/// A response body the [`Watchdog`] can take away from a stalled stream.
+pub struct GuardedBody {
+    slot: Arc<Mutex<Slot>>,
+}
+
+impl std::fmt::Debug for GuardedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut slot = lock(&self.slot);
+        let Some(body) = slot.body.as_mut() else {
+            return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        slot.handed_at = match &polled {
+            Poll::Ready(Some(Ok(_))) => Some(Instant::now()),
+            _ => None,
+        };
+        if let Poll::Ready(None) = polled {
+            slot.body = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.slot).body.as_ref().is_some_and(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        lock(&self.slot).body.as_ref().map(Body::size_hint).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    /// A body that hands out one frame and then waits for ever, reporting when it is dropped.
+    fn one_frame_then_wait(dropped: Arc<std::sync::atomic::AtomicBool>) -> GatewayBody {
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let flag = Flag(dropped);
+        let first = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"data: 1\n\n")))]);
+        let stream = futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::poll_fn(move |_| {
+                let _ = &flag;
+                Poll::Pending
+            }),
+        );
+        StreamBody::new(stream).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_takes_no_more_loses_its_body_and_one_waiting_on_its_provider_does_not() {
+        let watchdog = Watchdog::new(Duration::from_secs(1));
+        let start = Instant::now();
+
+        // Handed a frame, then not polled again: stalled once the timeout has passed.
+        let stalled_dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut stalled = watchdog.guard(one_frame_then_wait(stalled_dropped.clone()));
+        assert!(stalled.frame().await.is_some());
+
+        // Handed a frame and polled again: waiting on the provider, never stalled.
+        let waiting_dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut waiting = watchdog.guard(one_frame_then_wait(waiting_dropped.clone()));
+        assert!(waiting.frame().await.is_some());
+        let again = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut waiting).poll_frame(cx).is_pending())).await;
+        assert!(again, "the provider has nothing more yet");
+
+        assert_eq!(watchdog.sweep(start + Duration::from_millis(500)), 0, "not yet");
+        assert!(!stalled_dropped.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(2)), 1);
+        assert!(stalled_dropped.load(std::sync::atomic::Ordering::SeqCst), "the stalled body was dropped");
+        assert!(!waiting_dropped.load(std::sync::atomic::Ordering::SeqCst), "the waiting one was not");
+
+        // The stalled stream ends with an error when it is polled again, and is forgotten.
+        assert!(matches!(stalled.frame().await, Some(Err(_))));
+        assert_eq!(lock(&watchdog.slots).len(), 1);
+        // So is a stream whose body hyper dropped.
+        drop(waiting);
+        watchdog.sweep(Instant::now());
+        assert!(lock(&watchdog.slots).is_empty());
+        assert!(waiting_dropped.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
