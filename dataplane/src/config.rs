@@ -89,8 +89,9 @@ pub struct DataplaneArgs {
     pub request_body_timeout: Duration,
 
     /// Seconds a client may take to accept any more of a response that does not fit in the socket
-    /// buffers (nginx's `send_timeout`): an HTTP/1.1 client that stops reading is disconnected,
-    /// an HTTP/2 stream that gets no more window is reset; either way the provider request ends.
+    /// buffers (nginx's `send_timeout`): an HTTP/1.1 client that stops reading is disconnected;
+    /// an HTTP/2 stream that gets no more window loses its provider request (and is reset when
+    /// the client next grants window).
     #[arg(long, value_parser = seconds, default_value = "60")]
     pub response_write_timeout: Duration,
 

@@ -7,11 +7,16 @@
 //! [`GuardedBody`] that notes when it last handed hyper data, and a stream that has not come back
 //! for more within the write timeout (the same `--response-write-timeout` HTTP/1.1 uses) loses
 //! its body. Dropping it closes the provider connection and finishes the request's record
-//! (`client_closed`); when hyper next polls the stream, it ends with an error (`RST_STREAM`).
+//! (`client_closed`). The stream itself ends with an error (`RST_STREAM`) only when hyper next
+//! polls it, that is when the client grants window again, or when the connection closes: until
+//! then it keeps one of the connection's stream slots and the chunk h2 holds for it.
 //!
-//! A body waiting on its provider (its last poll returned `Pending`) is not stalled: the provider
-//! idle timeout covers that.
+//! Data is handed to hyper in pieces of at most [`PIECE`] bytes, so "came back for more" means
+//! "took another 16 KiB", as close to HTTP/1.1's "any progress" as hyper lets a body see. A body
+//! waiting on its provider (its last poll returned `Pending`) is not stalled: the provider idle
+//! timeout covers that; nor is one whose last frame ended it.
 
+use std::mem;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
@@ -22,11 +27,23 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, GatewayBody};
 
+/// Largest piece of data handed to hyper at once.
+pub const PIECE: usize = 16 * 1024;
+
 /// One stream's body, shared between the stream and the watchdog.
 struct Slot {
     body: Option<GatewayBody>,
+    /// What is left of a frame larger than [`PIECE`].
+    rest: Bytes,
     /// When the body last handed hyper data, while hyper has not asked for more since.
     handed_at: Option<Instant>,
+}
+
+impl Slot {
+    /// Whether everything has been handed over.
+    fn ended(&self) -> bool {
+        self.rest.is_empty() && self.body.as_ref().is_some_and(Body::is_end_stream)
+    }
 }
 
 /// The stalled-stream watchdog of one HTTP/2 connection.
@@ -52,7 +69,7 @@ impl Watchdog {
 
     /// `body`, watched.
     pub fn guard(&self, body: GatewayBody) -> GuardedBody {
-        let slot = Arc::new(Mutex::new(Slot { body: Some(body), handed_at: None }));
+        let slot = Arc::new(Mutex::new(Slot { body: Some(body), rest: Bytes::new(), handed_at: None }));
         lock(&self.slots).push(Arc::downgrade(&slot));
         GuardedBody { slot }
     }
@@ -60,17 +77,25 @@ impl Watchdog {
     /// Drops the body of every stream stalled for longer than the timeout; forgets streams that
     /// ended. Returns how many it dropped.
     pub fn sweep(&self, now: Instant) -> usize {
+        // Bodies are dropped outside the locks (ending one records the request), and so is any
+        // slot whose stream went away while this ran.
         let mut stalled = Vec::new();
+        let mut seen = Vec::new();
         lock(&self.slots).retain(|weak| {
             let Some(slot) = weak.upgrade() else { return false };
-            let mut slot = lock(&slot);
-            if slot.handed_at.is_some_and(|at| now.saturating_duration_since(at) >= self.timeout) {
-                // Dropped outside the locks: ending a body records the request.
-                stalled.extend(slot.body.take());
-                slot.handed_at = None;
-            }
-            slot.body.is_some()
+            let keep = {
+                let mut slot = lock(&slot);
+                if slot.handed_at.is_some_and(|at| now.saturating_duration_since(at) >= self.timeout) {
+                    stalled.extend(slot.body.take());
+                    slot.rest = Bytes::new();
+                    slot.handed_at = None;
+                }
+                slot.body.is_some()
+            };
+            seen.push(slot);
+            keep
         });
+        drop(seen);
         let dropped = stalled.len();
         if dropped > 0 {
             tracing::info!(
@@ -114,26 +139,56 @@ impl Body for GuardedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut slot = lock(&self.slot);
+        let slot = &mut *slot;
         let Some(body) = slot.body.as_mut() else {
             return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
         };
-        let polled = Pin::new(body).poll_frame(cx);
-        slot.handed_at = match &polled {
-            Poll::Ready(Some(Ok(_))) => Some(Instant::now()),
-            _ => None,
+        let mut data = if slot.rest.is_empty() {
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers: the end.
+                    Err(frame) => {
+                        slot.handed_at = None;
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                Poll::Ready(None) => {
+                    slot.body = None;
+                    slot.handed_at = None;
+                    return Poll::Ready(None);
+                }
+                other => {
+                    slot.handed_at = None;
+                    return other;
+                }
+            }
+        } else {
+            mem::take(&mut slot.rest)
         };
-        if let Poll::Ready(None) = polled {
-            slot.body = None;
+        if data.len() > PIECE {
+            slot.rest = data.split_off(PIECE);
         }
-        polled
+        // Waiting for hyper to come back is a stall only while there is more to hand over.
+        slot.handed_at = (!slot.ended()).then(Instant::now);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        lock(&self.slot).body.as_ref().is_some_and(Body::is_end_stream)
+        lock(&self.slot).ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.slot).body.as_ref().map(Body::size_hint).unwrap_or_default()
+        let slot = lock(&self.slot);
+        let Some(body) = slot.body.as_ref() else { return SizeHint::default() };
+        let inner = body.size_hint();
+        let rest = slot.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -185,13 +240,38 @@ mod tests {
         assert!(stalled_dropped.load(std::sync::atomic::Ordering::SeqCst), "the stalled body was dropped");
         assert!(!waiting_dropped.load(std::sync::atomic::Ordering::SeqCst), "the waiting one was not");
 
-        // The stalled stream ends with an error when it is polled again, and is forgotten.
-        assert!(matches!(stalled.frame().await, Some(Err(_))));
+        // The sweep forgot the stalled stream; polled again, it ends with an error.
         assert_eq!(lock(&watchdog.slots).len(), 1);
+        assert!(matches!(stalled.frame().await, Some(Err(_))));
         // So is a stream whose body hyper dropped.
         drop(waiting);
         watchdog.sweep(Instant::now());
         assert!(lock(&watchdog.slots).is_empty());
         assert!(waiting_dropped.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn data_goes_out_in_pieces_and_a_finished_body_is_never_stalled() {
+        let watchdog = Watchdog::new(Duration::from_secs(1));
+        let big = Bytes::from(vec![b'x'; PIECE * 2 + 5]);
+        let body = http_body_util::Full::new(big.clone()).map_err(|never| match never {}).boxed_unsync();
+        let mut guarded = watchdog.guard(body);
+        assert_eq!(guarded.size_hint().exact(), Some(big.len() as u64));
+        let mut pieces = Vec::new();
+        while let Some(frame) = guarded.frame().await {
+            let data = frame.expect("data").into_data().expect("data");
+            pieces.push(data.len());
+            // Another piece to come: hyper not coming back for it within the timeout is a stall.
+            let stalled_if_left = lock(&guarded.slot).handed_at.is_some();
+            assert_eq!(stalled_if_left, !guarded.is_end_stream(), "{pieces:?}");
+        }
+        assert_eq!(pieces, [PIECE, PIECE, 5]);
+        // A body whose last piece went out is not stalled however long hyper takes.
+        let mut last = watchdog.guard(
+            http_body_util::Full::new(Bytes::from_static(b"end")).map_err(|never| match never {}).boxed_unsync(),
+        );
+        assert!(last.frame().await.is_some());
+        assert!(last.is_end_stream());
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 0);
     }
 }

@@ -363,6 +363,7 @@ async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeo
 
     let read_all_after = |pause: Duration| {
         let url = url.clone();
+        let url2 = url.clone();
         async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let (mut sender, connection) =
@@ -387,14 +388,31 @@ async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeo
             let read = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
                 .await
                 .expect("the stream neither ended nor failed within 20 s");
+            // The connection carries on: another request on it is answered in full.
+            let again = http::Request::post(url2)
+                .header("authorization", format!("Bearer {ALICE_KEY}"))
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let again = sender.send_request(again).await.expect("a second response on the connection");
+            let again_length: usize = again.headers()["content-length"].to_str().unwrap().parse().unwrap();
+            let again = again.into_body().collect().await.expect("the second response, whole").to_bytes();
+            assert_eq!(again.len(), again_length);
             (read.map(|body| body.to_bytes().len()), length)
         }
+    };
+    let dropped_by_the_gateway = || async {
+        let metrics = fx.gateway.metrics().await.expect("metrics");
+        metrics.sum("portcullis_requests_total", &[("outcome", "client_closed")])
     };
 
     let (got, length) = read_all_after(Duration::from_millis(200)).await;
     assert!(length > 5 * 1024 * 1024, "{length}");
     assert_eq!(got.expect("a client that pauses briefly reads it all"), length);
+    assert_eq!(dropped_by_the_gateway().await, 0.0);
 
     let (got, length) = read_all_after(Duration::from_secs(3)).await;
     assert!(got.is_err(), "a stalled stream is reset, not finished: {got:?} of {length} bytes");
+    // The gateway dropped the provider request (the client never closed anything).
+    assert_eq!(dropped_by_the_gateway().await, 1.0);
 }
