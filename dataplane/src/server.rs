@@ -146,7 +146,7 @@ impl Connection {
         // hyper polls a body only while its stream has window: the watchdog is the write
         // timeout for a client that stops taking one (see `stall`).
         let watchdog = Watchdog::new(http1.response_write_timeout);
-        let sweeper = tokio::spawn(Watchdog::run(Arc::downgrade(&watchdog)));
+        let _sweeper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watchdog.clone().run()));
         let service = service_fn(move |request| {
             if let Some(busy) = &busy_poll {
                 busy.touch();
@@ -162,6 +162,5 @@ impl Connection {
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-        sweeper.abort();
     }
 }

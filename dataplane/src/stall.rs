@@ -20,10 +20,12 @@ use std::mem;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::body::{BoxError, GatewayBody};
 
@@ -50,6 +52,11 @@ impl Slot {
 pub struct Watchdog {
     timeout: Duration,
     slots: Mutex<Vec<Weak<Mutex<Slot>>>>,
+    /// Wakes the parked sweeper when a stream arrives on an idle connection.
+    work: Notify,
+    /// Sweeps run, for the tests.
+    #[cfg(test)]
+    sweeps: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Watchdog {
@@ -64,19 +71,32 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Watchdog {
     pub fn new(timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { timeout, slots: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            timeout,
+            slots: Mutex::new(Vec::new()),
+            work: Notify::new(),
+            #[cfg(test)]
+            sweeps: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// `body`, watched.
     pub fn guard(&self, body: GatewayBody) -> GuardedBody {
         let slot = Arc::new(Mutex::new(Slot { body: Some(body), rest: Bytes::new(), handed_at: None }));
-        lock(&self.slots).push(Arc::downgrade(&slot));
+        let mut slots = lock(&self.slots);
+        if slots.is_empty() {
+            // Stored as a permit if the sweeper is not parked yet: no wake-up is lost.
+            self.work.notify_one();
+        }
+        slots.push(Arc::downgrade(&slot));
         GuardedBody { slot }
     }
 
     /// Drops the body of every stream stalled for longer than the timeout; forgets streams that
     /// ended. Returns how many it dropped.
     pub fn sweep(&self, now: Instant) -> usize {
+        #[cfg(test)]
+        self.sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bodies are dropped outside the locks (ending one records the request), and so is any
         // slot whose stream went away while this ran.
         let mut stalled = Vec::new();
@@ -107,17 +127,17 @@ impl Watchdog {
         dropped
     }
 
-    /// Sweeps every quarter of the timeout (at most every second) for as long as the watchdog
-    /// lives (its connection holds it; the sweeper does not).
-    pub async fn run(watchdog: Weak<Self>) {
-        let Some(timeout) = watchdog.upgrade().map(|w| w.timeout) else { return };
-        let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Sweeps every quarter of the timeout (at most every second) while there are streams to
+    /// watch, and parks while there are none, so an idle connection costs no wake-ups. Runs until
+    /// aborted (the connection holds it in an `AbortOnDropHandle`).
+    pub async fn run(self: Arc<Self>) {
+        let every = (self.timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
-            ticks.tick().await;
-            let Some(watchdog) = watchdog.upgrade() else { return };
-            watchdog.sweep(Instant::now());
+            if lock(&self.slots).is_empty() {
+                self.work.notified().await;
+            }
+            tokio::time::sleep(every).await;
+            self.sweep(Instant::now());
         }
     }
 }
@@ -248,6 +268,28 @@ mod tests {
         watchdog.sweep(Instant::now());
         assert!(lock(&watchdog.slots).is_empty());
         assert!(waiting_dropped.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_parks_while_there_is_nothing_to_watch_and_wakes_for_a_new_stream() {
+        let watchdog = Watchdog::new(Duration::from_secs(1));
+        let sweeper = tokio::spawn(watchdog.clone().run());
+        let sweeps = || watchdog.sweeps.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(sweeps(), 0, "an idle connection's sweeper stays parked");
+
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut stalled = watchdog.guard(one_frame_then_wait(dropped.clone()));
+        assert!(stalled.frame().await.is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "woken, it swept the stalled stream");
+        assert!(matches!(stalled.frame().await, Some(Err(_))));
+
+        // Nothing left to watch: parked again.
+        let before = sweeps();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(sweeps() <= before + 1, "{} sweeps while idle", sweeps() - before);
+        sweeper.abort();
     }
 
     #[tokio::test]
