@@ -29,6 +29,11 @@ pub trait HeaderFields {
     fn has(&self, name: &str) -> bool {
         self.first(name).is_some()
     }
+
+    /// The list elements of every `name` field (`Connection`, `Transfer-Encoding`), in order.
+    fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.all(name).flat_map(crate::http1::codec::list_tokens)
+    }
 }
 
 impl HeaderFields for HeaderMap {
@@ -106,7 +111,6 @@ fn debug_assert_lowercase(name: &str) {
 /// Built only by [`RawFields::split_from`] from a head httparse has parsed, so every name is a
 /// token and every value is free of CR, LF and other control characters (what `HeaderName` and
 /// `HeaderValue` guarantee), and both can be written to the wire as they are.
-#[derive(Clone)]
 pub struct RawFields {
     head: Bytes,
     lines: Vec<Line>,
@@ -143,14 +147,6 @@ impl RawFields {
     fn find(&self, name: &str) -> Option<&Line> {
         debug_assert_lowercase(name);
         self.lines.iter().find(|line| self.name(line) == name.as_bytes())
-    }
-
-    pub fn len(&self) -> usize {
-        self.lines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
     }
 
     /// `value` (a slice of these fields) as a `HeaderValue` sharing the head's bytes.
@@ -293,26 +289,27 @@ pub mod tests {
         assert_eq!(map.shared("authorization"), Some(HeaderValue::from_static("Bearer k")));
     }
 
-    fn raw(head: &'static str) -> RawFields {
-        response_fields(head)
-    }
-
-    /// The fields of a response head, indexed and split off as the upstream client does it.
-    pub fn response_fields(head: &str) -> RawFields {
-        let mut buf = bytes::BytesMut::from(head);
+    /// Splits the response head at the front of `buf` off it, indexed as the upstream client
+    /// does it.
+    fn split_response(buf: &mut BytesMut) -> RawFields {
         let mut storage = [httparse::EMPTY_HEADER; 32];
         let (len, lines) = {
             let mut response = httparse::Response::new(&mut storage);
-            let httparse::Status::Complete(len) = response.parse(&buf).expect("valid") else { panic!("partial") };
+            let httparse::Status::Complete(len) = response.parse(buf).expect("valid") else { panic!("partial") };
             (len, Lines::index(&buf[..len], response.headers).expect("inside"))
         };
-        RawFields::split_from(&mut buf, len, lines)
+        RawFields::split_from(buf, len, lines)
+    }
+
+    /// The fields of a response head.
+    pub fn response_fields(head: &str) -> RawFields {
+        split_response(&mut BytesMut::from(head))
     }
 
     #[test]
     fn raw_fields_and_a_map_read_the_same() {
         let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\n";
-        let raw = ResponseFields::Raw(raw(head));
+        let raw = ResponseFields::Raw(response_fields(head));
         let mut map = HeaderMap::new();
         map.insert("content-type", HeaderValue::from_static("text/plain"));
         map.append("set-cookie", HeaderValue::from_static("a=1"));
@@ -349,17 +346,12 @@ pub mod tests {
 
     #[test]
     fn split_lowercases_names_and_leaves_what_follows() {
-        let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nX-Mixed-Case: Value\r\n\r\nBODY");
-        let mut storage = [httparse::EMPTY_HEADER; 4];
-        let (len, lines) = {
-            let mut response = httparse::Response::new(&mut storage);
-            let httparse::Status::Complete(len) = response.parse(&buf).expect("valid") else { panic!("partial") };
-            (len, Lines::index(&buf[..len], response.headers).expect("inside"))
-        };
-        let fields = RawFields::split_from(&mut buf, len, lines);
+        let head = "HTTP/1.1 200 OK\r\nX-Mixed-Case: Value\r\n\r\n";
+        let mut buf = BytesMut::from(format!("{head}BODY").as_str());
+        let fields = split_response(&mut buf);
         assert_eq!(fields.each().collect::<Vec<_>>(), [(&b"x-mixed-case"[..], &b"Value"[..])]);
         assert_eq!(&buf[..], b"BODY");
-        assert_eq!(fields.head().len(), len);
+        assert_eq!(fields.head().len(), head.len());
         // Fields lying past the bytes given as the head are not indexed.
         let other = b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\n";
         let mut storage = [httparse::EMPTY_HEADER; 4];

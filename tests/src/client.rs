@@ -179,6 +179,11 @@ impl Response {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Every value of a header, in order (values that are not visible ASCII are skipped).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect()
+    }
+
     /// `x-portcullis-error-code`.
     pub fn error_code(&self) -> Option<&str> {
         self.header("x-portcullis-error-code")

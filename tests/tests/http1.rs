@@ -213,9 +213,31 @@ async fn expect_continue_http10_and_unread_bodies() {
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
 
+/// A chat request with Alice's key, for hyper's HTTP/2 client.
+fn h2_chat(url: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    http::Request::post(url)
+        .header("authorization", format!("Bearer {ALICE_KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap()
+}
+
+/// A gateway that gives up on a client taking nothing for 1 s, and a provider answering `text`.
+fn write_timeout_fixture(text: String) -> FixtureOptions {
+    FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        upstream: portcullis_e2e::UpstreamOptions { response_text: text, ..Default::default() },
+        ..FixtureOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_still_served_on_plain_tcp() {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::BodyExt;
     let fx = fixture().await;
     let tcp = TcpStream::connect(fx.gateway.listen_addr()).await.unwrap();
     let (mut sender, connection) =
@@ -223,13 +245,7 @@ async fn http2_with_prior_knowledge_is_still_served_on_plain_tcp() {
             .await
             .expect("h2 handshake");
     tokio::spawn(connection);
-    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-    let request = http::Request::post(fx.url("/v1/chat/completions"))
-        .header("authorization", format!("Bearer {ALICE_KEY}"))
-        .header("content-type", "application/json")
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let response = sender.send_request(request).await.expect("response");
+    let response = sender.send_request(h2_chat(&fx.url("/v1/chat/completions"))).await.expect("response");
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -297,19 +313,9 @@ async fn a_client_that_goes_away_is_noticed_while_the_provider_thinks_and_mid_st
 /// the write timeout (1 s here) passes without progress; one that pauses for less reads it all.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
-    let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
-        upstream: portcullis_e2e::UpstreamOptions {
-            // Well past what the kernel buffers for a client that reads nothing (a few MiB with
-            // default limits: the receive buffer does not grow while nothing is read).
-            response_text: "bulk ".repeat(8 * 1024 * 1024),
-            ..Default::default()
-        },
-        ..FixtureOptions::default()
-    };
+    // Well past what the kernel buffers for a client that reads nothing (a few MiB with default
+    // limits: the receive buffer does not grow while nothing is read).
+    let options = write_timeout_fixture("bulk ".repeat(8 * 1024 * 1024));
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let addr = fx.gateway.listen_addr();
 
@@ -344,26 +350,15 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
 /// the whole response.
 #[tokio::test]
 async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeout() {
-    use http_body_util::{BodyExt, Full};
-    let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
-        upstream: portcullis_e2e::UpstreamOptions {
-            // Far more than the client's 64 KiB windows.
-            response_text: "bulk ".repeat(1024 * 1024),
-            ..Default::default()
-        },
-        ..FixtureOptions::default()
-    };
+    use http_body_util::BodyExt;
+    // Far more than the client's 64 KiB windows.
+    let options = write_timeout_fixture("bulk ".repeat(1024 * 1024));
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let addr = fx.gateway.listen_addr();
     let url = fx.url("/v1/chat/completions");
 
     let read_all_after = |pause: Duration| {
         let url = url.clone();
-        let url2 = url.clone();
         async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let (mut sender, connection) =
@@ -374,13 +369,7 @@ async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeo
                     .await
                     .expect("h2 handshake");
             tokio::spawn(connection);
-            let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-            let request = http::Request::post(url)
-                .header("authorization", format!("Bearer {ALICE_KEY}"))
-                .header("content-type", "application/json")
-                .body(Full::new(bytes::Bytes::from(body)))
-                .unwrap();
-            let response = sender.send_request(request).await.expect("response");
+            let response = sender.send_request(h2_chat(&url)).await.expect("response");
             assert_eq!(response.status(), 200);
             let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
             // Nothing is read (no window is given back) during the pause.
@@ -389,12 +378,7 @@ async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeo
                 .await
                 .expect("the stream neither ended nor failed within 20 s");
             // The connection carries on: another request on it is answered in full.
-            let again = http::Request::post(url2)
-                .header("authorization", format!("Bearer {ALICE_KEY}"))
-                .header("content-type", "application/json")
-                .body(Full::new(bytes::Bytes::from(body)))
-                .unwrap();
-            let again = sender.send_request(again).await.expect("a second response on the connection");
+            let again = sender.send_request(h2_chat(&url)).await.expect("a second response on the connection");
             let again_length: usize = again.headers()["content-length"].to_str().unwrap().parse().unwrap();
             let again = again.into_body().collect().await.expect("the second response, whole").to_bytes();
             assert_eq!(again.len(), again_length);

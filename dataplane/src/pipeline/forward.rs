@@ -10,17 +10,14 @@ use smallvec::SmallVec;
 use crate::api::{ApiRoute, RequestHead};
 use crate::error::GatewayError;
 use crate::fields::{FieldValue, HeaderFields, ResponseFields};
-use crate::http1::codec::list_tokens;
 use crate::snapshot::ModelRoute;
 use crate::upstream::h1::{encode_fields, field_len};
 
 /// Anthropic requires a version header; this one is used when the client sends none.
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
-/// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the client's credentials, and
-/// headers that would let a client steer the provider account or leak its own address.
-/// A `match` on the lowercase name: no table walk, no string compares against every entry.
-fn stripped_request_header(name: &[u8]) -> bool {
+/// Hop-by-hop fields (RFC 9110 §7.6.1), never passed on in either direction.
+fn hop_by_hop(name: &[u8]) -> bool {
     matches!(
         name,
         b"connection"
@@ -32,7 +29,17 @@ fn stripped_request_header(name: &[u8]) -> bool {
             | b"trailer"
             | b"transfer-encoding"
             | b"upgrade"
-            | b"host"
+    )
+}
+
+/// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the client's credentials, and
+/// headers that would let a client steer the provider account or leak its own address.
+/// A `match` on the lowercase name: no table walk, no string compares against every entry.
+fn stripped_request_header(name: &[u8]) -> bool {
+    hop_by_hop(name)
+        || matches!(
+            name,
+            b"host"
             | b"content-length"
             | b"authorization"
             | b"x-api-key"
@@ -49,32 +56,25 @@ fn stripped_request_header(name: &[u8]) -> bool {
             | b"x-request-id"
             // Metering reads the body, so it must come back uncompressed.
             | b"accept-encoding"
-    )
+        )
 }
 
 /// Response fields never passed back: hop-by-hop (RFC 9110 §7.6.1), the framing ones (the
 /// gateway frames the body itself: a dropped SSE event changes the length), and cookies.
 fn stripped_response_field(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"connection"
-            | b"keep-alive"
-            | b"proxy-authenticate"
-            | b"proxy-connection"
-            | b"te"
-            | b"trailer"
-            | b"transfer-encoding"
-            | b"upgrade"
-            | b"set-cookie"
+    hop_by_hop(name)
+        || matches!(
+            name,
+            b"set-cookie"
             | b"content-length"
             // The gateway sets it from the provider's `x-request-id`, and from nothing else.
             | b"x-upstream-request-id"
-    )
+        )
 }
 
 /// The field names a `Connection` header lists (hop-by-hop for this message only).
 fn connection_listed(fields: &impl HeaderFields) -> SmallVec<[&[u8]; 4]> {
-    fields.all("connection").flat_map(list_tokens).collect()
+    fields.tokens("connection").collect()
 }
 
 /// Whether `name` (lowercase) is among `listed` (as sent).

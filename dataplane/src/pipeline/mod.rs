@@ -343,7 +343,8 @@ impl Gateway {
         let Provided { status, fields, body } = provided;
         let is_sse = fields
             .first("content-type")
-            .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+            .and_then(|v| v.get(..17))
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"));
         // The server frames the body itself (`Content-Length` is never passed on): dropping an
         // event changes the length.
         let reader = if is_sse {

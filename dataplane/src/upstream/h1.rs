@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::fields::{HeaderFields, Lines, RawFields};
 pub use crate::http1::codec::H1Error;
-use crate::http1::codec::{list_tokens, parse_length, push_decimal};
+use crate::http1::codec::{parse_length, push_decimal};
 pub(super) use crate::http1::codec::{poll_fill, Chunked, Decoder};
 
 /// Most header fields accepted in a response head.
@@ -282,11 +282,6 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
     Ok(Parsed::Final(ResponseHead { status, fields, decoder, reusable }))
 }
 
-/// The list elements of every `name` field.
-fn list_elements<'a>(fields: &'a RawFields, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields.all(name).flat_map(list_tokens)
-}
-
 /// How the body is delimited (RFC 9112 §6.3), and whether the connection can be reused after it.
 /// The framing fields themselves are never passed on (`forward::stripped_response_field`).
 fn framing(
@@ -297,7 +292,7 @@ fn framing(
 ) -> Result<(Decoder, bool), H1Error> {
     let mut close = false;
     let mut keep_alive = false;
-    for token in list_elements(fields, "connection") {
+    for token in fields.tokens("connection") {
         close |= token.eq_ignore_ascii_case(b"close");
         keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
     }
@@ -307,8 +302,7 @@ fn framing(
         return Ok((Decoder::Done, reusable));
     }
     if fields.has("transfer-encoding") {
-        let chunked =
-            list_elements(fields, "transfer-encoding").last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        let chunked = fields.tokens("transfer-encoding").last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         // Both framings at once, or Transfer-Encoding in HTTP/1.0: faulty framing, use the
         // connection for nothing else (RFC 9112 §6.1, §6.3). The length means nothing here.
         if fields.has("content-length") || version == Version::HTTP_10 {
