@@ -27,6 +27,7 @@
 
 pub mod codec;
 pub mod head;
+mod idle;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::{ClientRequest, Gateway, Reply};
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
+use idle::{Deadline, Drain};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -99,43 +101,6 @@ struct Conn<IO> {
     head_deadline: Deadline,
     /// See [`Settings::response_write_timeout`].
     write_timeout: Duration,
-}
-
-/// A deadline that moves later with every request: the keep-alive and header-read limit of one
-/// connection. Moving it later only records it; the timer is re-armed when it fires before the
-/// deadline, so a busy connection touches the timer wheel about once per timeout instead of
-/// registering and cancelling a timer for every request.
-#[derive(Debug)]
-struct Deadline {
-    at: Instant,
-    /// Created on the first wait; its own deadline is never later than `at`.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Deadline {
-    fn new() -> Self {
-        Self { at: Instant::now(), timer: None }
-    }
-
-    fn set(&mut self, at: Instant) {
-        self.at = at;
-        if let Some(timer) = self.timer.as_mut().filter(|timer| at < timer.deadline()) {
-            timer.as_mut().reset(at);
-        }
-    }
-
-    /// Ready once `at` has passed.
-    fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let at = self.at;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-        loop {
-            ready!(std::future::Future::poll(timer.as_mut(), cx));
-            if timer.deadline() >= at {
-                return Poll::Ready(());
-            }
-            timer.as_mut().reset(at);
-        }
-    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
@@ -258,11 +223,10 @@ enum Next {
 async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<IO>,
     settings: &Settings,
-    shutdown: &mut watch::Receiver<bool>,
+    drain: &mut Drain,
     first: bool,
 ) -> Next {
     conn.head_deadline.set(Instant::now() + settings.header_read_timeout);
-    let mut draining = *shutdown.borrow();
     loop {
         // On a new plain-TCP connection, bytes that could still be the HTTP/2 preface wait for
         // the rest of it.
@@ -278,11 +242,13 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                 Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
             }
         }
-        if draining && conn.buf.is_empty() {
+        if conn.buf.is_empty() && drain.draining() {
             return Next::Close;
         }
         let Conn { io, buf, head_deadline, .. } = &mut *conn;
         tokio::select! {
+            // The socket first: a waiting connection's usual wake-up is its next request.
+            biased;
             read = std::future::poll_fn(|cx| poll_fill(io, cx, buf)) => match read {
                 Ok(0) | Err(_) => return Next::Close,
                 Ok(_) => {}
@@ -294,10 +260,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                     Next::Refuse(GatewayError::RequestTimeout, ApiFlavor::OpenAi)
                 };
             }
-            changed = shutdown.changed(), if !draining => {
-                // A dropped sender means the server is gone: drain as well.
-                draining = changed.is_err() || *shutdown.borrow();
-            }
+            () = std::future::poll_fn(|cx| drain.poll_draining(cx)), if !drain.draining() => {}
         }
     }
 }
@@ -309,7 +272,7 @@ pub async fn serve<IO>(
     peer: SocketAddr,
     gateway: &Gateway,
     settings: &Settings,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     busy_poll: Option<&BusyPoll>,
     detect_h2: bool,
 ) -> Ended<IO>
@@ -325,9 +288,10 @@ where
         head_deadline: Deadline::new(),
         write_timeout: settings.response_write_timeout,
     };
+    let mut drain = Drain::new(shutdown);
     let mut first = detect_h2;
     loop {
-        let head = match read_head(&mut conn, settings, &mut shutdown, first).await {
+        let head = match read_head(&mut conn, settings, &mut drain, first).await {
             Next::Head(head) => head,
             Next::Close => return Ended::Closed,
             Next::Http2 => return Ended::Http2(Rewind { pending: conn.buf.freeze(), io: conn.io }),
@@ -375,7 +339,7 @@ where
         };
 
         let body_read = conn.finish_body_from_buffer();
-        let keep_alive = keep_alive && body_read && !*shutdown.borrow();
+        let keep_alive = keep_alive && body_read && !drain.draining();
         let complete = write_response(&mut conn, reply, version, head_only, keep_alive).await;
         match complete {
             Ok(true) if keep_alive => continue,
@@ -760,30 +724,6 @@ mod tests {
         let text = String::from_utf8(out).expect("ascii");
         assert_eq!(text.matches("date: ").count(), 1, "{text}");
         assert!(text.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"), "{text}");
-    }
-
-    async fn passed_now(deadline: &mut Deadline) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(deadline.poll_passed(cx).is_ready())).await
-    }
-
-    #[tokio::test]
-    async fn a_deadline_moved_later_waits_for_the_later_one_and_earlier_takes_effect() {
-        let start = Instant::now();
-        let mut deadline = Deadline::new();
-        deadline.set(start + Duration::from_millis(50));
-        assert!(!passed_now(&mut deadline).await, "armed, not passed");
-        // Later: the timer armed for 50 ms fires early and is re-armed, not reported.
-        deadline.set(start + Duration::from_millis(150));
-        std::future::poll_fn(|cx| deadline.poll_passed(cx)).await;
-        assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
-
-        // Earlier than the armed timer: honoured at once, not after the old one.
-        deadline.set(Instant::now() + Duration::from_secs(60));
-        assert!(!passed_now(&mut deadline).await);
-        deadline.set(Instant::now() + Duration::from_millis(20));
-        tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| deadline.poll_passed(cx)))
-            .await
-            .expect("the earlier deadline is kept");
     }
 
     #[tokio::test]

@@ -1,0 +1,283 @@
+//! What a keep-alive connection waits on between requests besides its socket: the header
+//! deadline and the server's drain signal.
+//!
+//! Both are polled every time the connection waits for a request head, which on a busy
+//! connection is once or twice per request. Registering the task's waker again each time would
+//! cost a timer-wheel waker swap and, for the drain signal, a waiter-list lock to register and
+//! another to deregister per request. Instead each remembers the waker it was left pending with
+//! ([`Armed`]) and, while that waker is the current task's, answers with one atomic load: has
+//! the timer left the wheel, has the channel's version moved.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+
+use tokio::sync::watch;
+use tokio::task::coop;
+use tokio::time::{Instant, Sleep};
+
+/// The task waker a future was last left pending with. A pending poll that ran out of the
+/// task's coop budget registered nothing, so it does not arm.
+#[derive(Debug, Default)]
+struct Armed(Option<Waker>);
+
+impl Armed {
+    fn holds(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|waker| waker.will_wake(cx.waker()))
+    }
+
+    /// Polls `poll`, and arms with this task's waker when it stays pending with budget left.
+    fn poll<T>(&mut self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        let budget = coop::has_budget_remaining();
+        let polled = poll(cx);
+        if polled.is_pending() && budget && !self.holds(cx) {
+            self.0 = Some(cx.waker().clone());
+        }
+        polled
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// A deadline that moves later with every request: the keep-alive and header-read limit of one
+/// connection. Moving it later only records it; the timer is re-armed when it fires before the
+/// deadline, so a busy connection touches the timer wheel about once per timeout instead of
+/// registering and cancelling a timer for every request.
+#[derive(Debug)]
+pub(super) struct Deadline {
+    at: Instant,
+    /// Created on the first wait; its own deadline is never later than `at`.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: Armed,
+}
+
+impl Deadline {
+    pub(super) fn new() -> Self {
+        Self { at: Instant::now(), timer: None, armed: Armed::default() }
+    }
+
+    pub(super) fn set(&mut self, at: Instant) {
+        self.at = at;
+        if let Some(timer) = self.timer.as_mut().filter(|timer| at < timer.deadline()) {
+            timer.as_mut().reset(at);
+            self.armed.disarm();
+        }
+    }
+
+    /// Ready once `at` has passed.
+    pub(super) fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let at = self.at;
+        let Self { timer, armed, .. } = self;
+        if timer.as_ref().is_some_and(|timer| !timer.is_elapsed()) && armed.holds(cx) {
+            // Still in the wheel, holding this task's waker: its firing wakes us.
+            return Poll::Pending;
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        loop {
+            ready!(armed.poll(cx, |cx| timer.as_mut().poll(cx)));
+            if timer.deadline() >= at {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(at);
+        }
+    }
+}
+
+/// The server's drain signal as one connection watches it. The waiter joins the channel's list
+/// once per connection rather than once per request.
+pub(super) struct Drain {
+    signal: watch::Receiver<bool>,
+    /// Ready once the server drains (or is gone).
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    armed: Armed,
+    draining: bool,
+}
+
+impl Drain {
+    pub(super) fn new(signal: watch::Receiver<bool>) -> Self {
+        let mut waiting = signal.clone();
+        let wait = Box::pin(async move {
+            // A dropped sender means the server is gone: drain as well.
+            let _ = waiting.wait_for(|draining| *draining).await;
+        });
+        let draining = *signal.borrow();
+        Self { signal, wait, armed: Armed::default(), draining }
+    }
+
+    /// True once the server drains. One atomic load while nothing has changed.
+    pub(super) fn draining(&mut self) -> bool {
+        if !self.draining {
+            match self.signal.has_changed() {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.draining = *self.signal.borrow_and_update();
+                    // The change woke the wait (and unlinked it): it must be polled again.
+                    self.armed.disarm();
+                }
+                Err(_) => self.draining = true,
+            }
+        }
+        self.draining
+    }
+
+    /// Ready once the server drains.
+    pub(super) fn poll_draining(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.draining() {
+            return Poll::Ready(());
+        }
+        if self.armed.holds(cx) {
+            return Poll::Pending;
+        }
+        let Self { wait, armed, .. } = self;
+        ready!(armed.poll(cx, |cx| wait.as_mut().poll(cx)));
+        self.draining = true;
+        Poll::Ready(())
+    }
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain").field("draining", &self.draining).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn passed_now(deadline: &mut Deadline) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(deadline.poll_passed(cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_later_waits_for_the_later_one_and_earlier_takes_effect() {
+        let start = Instant::now();
+        let mut deadline = Deadline::new();
+        deadline.set(start + Duration::from_millis(50));
+        assert!(!passed_now(&mut deadline).await, "armed, not passed");
+        // Later: the timer armed for 50 ms fires early and is re-armed, not reported.
+        deadline.set(start + Duration::from_millis(150));
+        std::future::poll_fn(|cx| deadline.poll_passed(cx)).await;
+        assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
+
+        // Earlier than the armed timer: honoured at once, not after the old one.
+        deadline.set(Instant::now() + Duration::from_secs(60));
+        assert!(!passed_now(&mut deadline).await);
+        deadline.set(Instant::now() + Duration::from_millis(20));
+        tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| deadline.poll_passed(cx)))
+            .await
+            .expect("the earlier deadline is kept");
+    }
+
+    /// Counts its wakes, so a test can see who was woken.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_polled_again_by_its_task_is_not_reregistered_but_still_fires() {
+        let mut deadline = Deadline::new();
+        deadline.set(Instant::now() + Duration::from_secs(5));
+        let first = Arc::new(Counter::default());
+        let waker = Waker::from(first.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(deadline.poll_passed(&mut cx).is_pending());
+        assert!(deadline.armed.holds(&cx));
+        // Polled again by the same task: pending at once; by another: that one is registered.
+        assert!(deadline.poll_passed(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(first.0.load(Ordering::SeqCst), 1, "the timer woke the task it held");
+        assert!(deadline.poll_passed(&mut cx).is_ready(), "an elapsed timer is polled, not skipped");
+
+        // Moved earlier after being armed: the skip is off until the timer is polled again.
+        deadline.set(Instant::now() + Duration::from_secs(60));
+        let second = Arc::new(Counter::default());
+        let waker = Waker::from(second.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(deadline.poll_passed(&mut cx).is_pending(), "re-armed for the new deadline");
+        deadline.set(Instant::now() + Duration::from_secs(1));
+        assert!(!deadline.armed.holds(&cx));
+        assert!(deadline.poll_passed(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(deadline.poll_passed(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_pending_poll_without_budget_does_not_arm() {
+        let mut deadline = Deadline::new();
+        deadline.set(Instant::now() + Duration::from_secs(60));
+        // Spend the task's budget, as a connection that served many buffered requests in one
+        // poll would have.
+        std::future::poll_fn(|cx| {
+            while coop::has_budget_remaining() {
+                if let Poll::Ready(progress) = coop::poll_proceed(cx) {
+                    progress.made_progress();
+                }
+            }
+            assert!(deadline.poll_passed(cx).is_pending());
+            assert!(!deadline.armed.holds(cx), "out of budget: nothing registered, nothing armed");
+            Poll::Ready(())
+        })
+        .await;
+        // The next poll of the task starts with a fresh budget.
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            assert!(deadline.poll_passed(cx).is_pending());
+            assert!(deadline.armed.holds(cx), "armed once a poll could register");
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_drain_wakes_the_waiting_connection_once_and_is_seen_without_a_poll() {
+        let (tx, rx) = watch::channel(false);
+        let mut drain = Drain::new(rx);
+        let woken = Arc::new(Counter::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(drain.poll_draining(&mut cx).is_pending());
+        assert!(drain.poll_draining(&mut cx).is_pending(), "still pending, nothing registered twice");
+        assert!(!drain.draining());
+
+        tx.send(true).expect("receiver alive");
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the waiting connection was woken");
+        assert!(drain.draining(), "seen from the channel's version alone");
+        assert!(drain.poll_draining(&mut cx).is_ready());
+
+        // A server that goes away without a word drains its connections as well.
+        let (tx, rx) = watch::channel(false);
+        let mut drain = Drain::new(rx);
+        assert!(drain.poll_draining(&mut cx).is_pending());
+        drop(tx);
+        assert!(drain.poll_draining(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_change_that_is_not_a_drain_re_registers_the_wait() {
+        let (tx, rx) = watch::channel(false);
+        let mut drain = Drain::new(rx);
+        let woken = Arc::new(Counter::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(drain.poll_draining(&mut cx).is_pending());
+        tx.send(false).expect("receiver alive");
+        assert!(drain.poll_draining(&mut cx).is_pending(), "not draining");
+        tx.send(true).expect("receiver alive");
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2, "the second change woke the connection too");
+        assert!(drain.poll_draining(&mut cx).is_ready());
+    }
+}
