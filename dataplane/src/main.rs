@@ -12,7 +12,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let built = match args.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        // One thread serves everything; the blocking pool's threads (a manifest compile, a DNS
+        // lookup) leave a second after their work instead of ten, so the process is
+        // single-threaded again soon, and the kernel skips the per-syscall file reference count.
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_keep_alive(std::time::Duration::from_secs(1))
+            .build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
         None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
     };

@@ -270,3 +270,40 @@ async fn not_ready_until_a_valid_snapshot_loads() {
         .unwrap();
     assert::ok(&r);
 }
+
+/// The threads of a running process, from `/proc` (Linux).
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
+
+/// A single-worker data plane is one thread once start-up is over, while local mode goes on
+/// watching its folder and a reload's compile borrows a blocking thread only for a moment. (A
+/// second thread sharing the file table makes the kernel take a reference on the socket's file
+/// in every syscall.)
+#[tokio::test]
+async fn a_single_worker_watching_its_folder_runs_on_one_thread() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--worker-threads", "1"].map(String::from).to_vec(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let pid = fx.gateway.pid();
+    let one_thread = |what: &'static str| {
+        eventually(Duration::from_secs(8), what, move || async move { (thread_count(pid) == 1).then_some(()) })
+    };
+    one_thread("one thread after start-up").await.unwrap_or_else(|e| panic!("{e}: {} threads", thread_count(pid)));
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap());
+
+    // A reload still happens (compiled on a blocking thread), and that thread leaves again.
+    fx.manifests.update("ProviderCredential", "openai-main", |d| {
+        d["spec"]["models"].as_array_mut().unwrap().push(json!({"name": "gpt-one-thread"}));
+    });
+    fx.gateway.reload(&fx.manifests).await.unwrap_or_else(|e| panic!("{e}; logs:\n{}", fx.gateway.logs()));
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-one-thread").await.unwrap());
+    one_thread("one thread again after a reload")
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {} threads", thread_count(pid)));
+}
