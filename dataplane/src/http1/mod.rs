@@ -363,7 +363,9 @@ async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<IO>) {
     conn.shut_down().await;
     let deadline = Instant::now() + LINGER_TIME;
     let mut discarded = 0usize;
-    let mut scratch = [0u8; 4096];
+    // On the heap: held across awaits, an array would make every connection's future 4 KiB
+    // larger for a path few connections take.
+    let mut scratch = vec![0u8; 4096];
     while discarded < LINGER_BYTES {
         match tokio::time::timeout_at(deadline, conn.io.read(&mut scratch)).await {
             Ok(Ok(n)) if n > 0 => discarded += n,
