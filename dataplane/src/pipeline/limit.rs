@@ -25,8 +25,9 @@ pub async fn admit(
     grant: &KeyGrant,
     tokens: u64,
     client: Option<IpAddr>,
+    now_ms: u64,
 ) -> Result<Option<Ticket>, GatewayError> {
-    let admission = grant.limits.as_deref().map(|limits| limiter.admission_for(limits, tokens));
+    let admission = grant.limits.as_deref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
     if !limiter.is_shared() {
         // In process: decided at once, without building the shared store's futures.
         return admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error);

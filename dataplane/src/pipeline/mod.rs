@@ -220,7 +220,13 @@ impl Gateway {
         let flavor = route.flavor();
         let fail = |error: GatewayError| (flavor, error);
         let snapshot = self.snapshot.load().ok_or(fail(GatewayError::NotReady))?;
-        let now = chrono::Utc::now();
+        // One wall-clock reading for the key's expiry, the kill switches, routing and the
+        // limiter's windows, from the limiter's clock.
+        let now_ms = self.limiter.now_ms();
+        let now = i64::try_from(now_ms)
+            .ok()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_else(chrono::Utc::now);
 
         // A locked-out address is refused before its key is even looked up.
         let client = self.limiter.client_address(peer.map(|p| p.ip()), &headers);
@@ -247,7 +253,9 @@ impl Gateway {
             return Ok(Reply::plain(response));
         }
 
-        let body = self.read_body(body).await.map_err(fail)?;
+        let (body, waited) = self.read_body(body).await.map_err(fail)?;
+        // A body that took its time to arrive is admitted at the time it is complete.
+        let now_ms = if waited { self.limiter.now_ms() } else { now_ms };
         let head = RequestHead::parse(&body).map_err(fail)?;
         let model = head.model().map_err(fail)?;
         record.streaming = head.streaming();
@@ -258,7 +266,7 @@ impl Gateway {
 
         let (input_estimate, reserve) =
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
-        let ticket = limit::admit(&self.limiter, grant, reserve, client).await.map_err(fail)?;
+        let ticket = limit::admit(&self.limiter, grant, reserve, client, now_ms).await.map_err(fail)?;
         record.input_estimate = input_estimate;
         let budget = ticket
             .as_ref()
@@ -279,7 +287,8 @@ impl Gateway {
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
 
-    async fn read_body<B>(&self, body: B) -> Result<Bytes, GatewayError>
+    /// The whole body, and whether reading it had to wait.
+    async fn read_body<B>(&self, body: B) -> Result<(Bytes, bool), GatewayError>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -290,11 +299,11 @@ impl Gateway {
         // only when the first poll has to wait.
         let first = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await;
         if let Poll::Ready(result) = first {
-            return result;
+            return result.map(|body| (body, false));
         }
         match tokio::time::timeout(self.settings.request_body_timeout, reading).await {
             Err(_) => Err(GatewayError::RequestTimeout),
-            Ok(result) => result,
+            Ok(result) => result.map(|body| (body, true)),
         }
     }
 
