@@ -92,16 +92,27 @@ impl fmt::Debug for Upstream {
     }
 }
 
-/// One way to serve a model.
+/// One way to serve a model. Every request's access record keeps a clone: one reference count.
 #[derive(Clone, Debug)]
-pub struct ModelRoute {
+pub struct ModelRoute(Arc<RouteData>);
+
+#[derive(Debug)]
+pub struct RouteData {
     pub upstream: Arc<Upstream>,
     /// The model name or pattern as declared; the metric label for this route.
     pub declared: Arc<str>,
     /// Name to send upstream instead of the requested one.
     pub upstream_model: Option<Arc<str>>,
     /// This route's metric series, per API route, filled on first use.
-    pub metrics: Arc<[std::sync::OnceLock<crate::metrics::RouteMetrics>; 6]>,
+    pub metrics: [std::sync::OnceLock<crate::metrics::RouteMetrics>; 6],
+}
+
+impl std::ops::Deref for ModelRoute {
+    type Target = RouteData;
+
+    fn deref(&self) -> &RouteData {
+        &self.0
+    }
 }
 
 /// What a presented key grants.
@@ -209,12 +220,12 @@ impl RuntimeSnapshot {
                 credential: api_key.and_then(|key| CredentialHeader::new(entry.kind, key)),
             });
             for model in &entry.models {
-                let route = ModelRoute {
+                let route = ModelRoute(Arc::new(RouteData {
                     upstream: upstream.clone(),
                     declared: Arc::from(model.name.as_str()),
                     upstream_model: model.upstream_name.as_deref().map(Arc::from),
-                    metrics: Arc::new(Default::default()),
-                };
+                    metrics: Default::default(),
+                }));
                 if pattern::is_glob(&model.name) {
                     glob_models.push(route);
                 } else {

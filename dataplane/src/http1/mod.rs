@@ -325,9 +325,11 @@ where
             // thinks cancels the request, as it would mid-stream.
             Some(body) => {
                 let request = ClientRequest { method, uri, headers, body: Full::new(body) };
+                // Pinned where it is made, so `select!` holds a pointer rather than a copy.
+                let handling = std::pin::pin!(gateway.handle(request, Some(peer)));
                 tokio::select! {
                     biased;
-                    reply = gateway.handle(request, Some(peer)) => reply,
+                    reply = handling => reply,
                     () = std::future::poll_fn(|cx| conn.poll_gone(cx)) => return Ended::Closed,
                 }
             }

@@ -326,7 +326,15 @@ impl Gateway {
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
         // One clock read for the response deadline and the idle pool's expiry check.
         let now = tokio::time::Instant::now();
-        let pending = self.client.send_encoded(&endpoint.origin, &outbound.head, &outbound.body, false, now.into());
+        // Pinned where it is made: the timeout wraps a pointer to it instead of moving (copying)
+        // the whole future twice.
+        let pending = std::pin::pin!(self.client.send_encoded(
+            &endpoint.origin,
+            &outbound.head,
+            &outbound.body,
+            false,
+            now.into()
+        ));
         match tokio::time::timeout_at(now + self.settings.upstream_response_timeout, pending).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {
