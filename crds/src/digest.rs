@@ -47,11 +47,12 @@ pub enum KeyMaterialError {
 ///
 /// Keeps the HMAC's keyed state beside the bytes: the pepper's inner and outer pads are hashed
 /// once here instead of on every request, so a digest costs two SHA-256 blocks instead of four.
-/// That state is as secret as the pepper and is overwritten when the pepper is dropped.
+/// That state is as secret as the pepper: it sits on the heap, so moving a pepper does not copy
+/// it, and it is overwritten when the pepper is dropped.
 #[derive(Clone)]
 pub struct Pepper {
     bytes: SecretBytes,
-    keyed: Hmac<Sha256>,
+    keyed: Box<Hmac<Sha256>>,
 }
 
 impl Pepper {
@@ -59,7 +60,7 @@ impl Pepper {
         if bytes.len() < MIN_PEPPER_LEN {
             return Err(KeyMaterialError::PepperTooShort(bytes.len()));
         }
-        let keyed = keyed_hmac(bytes.expose());
+        let keyed = Box::new(keyed_hmac(bytes.expose()));
         Ok(Self { bytes, keyed })
     }
 
@@ -74,7 +75,7 @@ impl Pepper {
 
     /// Digest of a client key under this pepper.
     pub fn digest(&self, client_key: &[u8]) -> KeyDigest {
-        let mut mac = self.keyed.clone();
+        let mut mac = (*self.keyed).clone();
         mac.update(client_key);
         KeyDigest(mac.finalize().into_bytes().into())
     }
@@ -89,8 +90,8 @@ impl Drop for Pepper {
     fn drop(&mut self) {
         // The keyed state has no `Zeroize`: overwrite it in place with the state of an empty
         // key, and keep the store from being elided as dead.
-        self.keyed = keyed_hmac(&[]);
-        std::hint::black_box(&mut self.keyed);
+        *self.keyed = keyed_hmac(&[]);
+        std::hint::black_box(&mut *self.keyed);
     }
 }
 
@@ -184,9 +185,10 @@ impl KeyDigest {
 }
 
 impl PartialEq for KeyDigest {
-    /// Constant-time: the differences of all 32 bytes are folded into one word, and `subtle`
-    /// hides only that word from the optimizer. (Its slice comparison hides every byte: 33
-    /// barriers per comparison, and a key lookup makes one or more comparisons per request.)
+    /// Constant-time: the differences of all 32 bytes are folded into one word, which goes
+    /// through one optimizer barrier before `subtle` compares it, so the fold cannot be turned
+    /// into an early-exit comparison. (`subtle`'s slice comparison puts every byte behind a
+    /// barrier: 33 per comparison, and a key lookup makes one or more per request.)
     fn eq(&self, other: &Self) -> bool {
         let word = |digest: &[u8; 32], i: usize| {
             let mut bytes = [0u8; 8];
@@ -194,7 +196,7 @@ impl PartialEq for KeyDigest {
             u64::from_ne_bytes(bytes)
         };
         let difference = (0..4).fold(0u64, |acc, i| acc | (word(&self.0, i) ^ word(&other.0, i)));
-        difference.ct_eq(&0).into()
+        std::hint::black_box(difference).ct_eq(&0).into()
     }
 }
 
@@ -305,7 +307,7 @@ mod tests {
         let digest = KeyDigest::from_bytes(std::array::from_fn(|i| i as u8));
         assert_eq!(digest, KeyDigest::from_bytes(*digest.as_bytes()));
         for at in 0..32 {
-            for bit in [0x01u8, 0x80] {
+            for bit in (0..8).map(|shift| 1u8 << shift) {
                 let mut bytes = *digest.as_bytes();
                 bytes[at] ^= bit;
                 assert_ne!(digest, KeyDigest::from_bytes(bytes), "byte {at}, bit {bit:#x}");

@@ -137,6 +137,20 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
     seen
 }
 
+/// The folder's fingerprint. On the single-threaded runtime it is taken on the runtime's own
+/// thread: a listing and a `stat` per file take tens of microseconds, and a blocking-pool thread
+/// kept alive by this poll every 250 ms would leave a single-worker data plane with two threads
+/// for good (the kernel then takes a reference on the socket's file in every syscall; it skips
+/// that only while one thread uses the file table). With several workers the process is
+/// multi-threaded anyway, and a slow filesystem should not stall one of them.
+async fn scan(dir: &Path) -> Fingerprint {
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        return fingerprint(dir);
+    }
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || fingerprint(&dir)).await.unwrap_or_default()
+}
+
 /// Follows the folder's changes until `shutdown` fires. `loaded` is the fingerprint of what the
 /// applier already holds (taken before it was read), so start-up does not compile the folder a
 /// second time; `None` loads it first.
@@ -149,17 +163,12 @@ pub async fn run_local(
 ) {
     let mut last_seen = loaded;
     loop {
-        // Taken on the runtime's own thread: a listing and a `stat` per file take tens of
-        // microseconds. A blocking-pool thread kept alive by this poll every 250 ms would leave
-        // a single-worker data plane with two threads for good, and the kernel then takes a
-        // reference on the file in every socket syscall (it skips that only while one thread
-        // uses the file table).
-        let mut seen = fingerprint(&dir);
+        let mut seen = scan(&dir).await;
         if last_seen.as_ref() != Some(&seen) {
             if last_seen.is_some() {
                 // A writer may still be mid-way through a file: wait a beat and look again.
                 tokio::time::sleep(interval.min(Duration::from_millis(50))).await;
-                seen = fingerprint(&dir);
+                seen = scan(&dir).await;
             }
             // Compiling a large folder takes a while; keep it off the async workers' queue.
             let dir_for_compile = dir.clone();

@@ -27,10 +27,13 @@ impl Armed {
     }
 
     /// Polls `poll`, and arms with this task's waker when it stays pending with budget left.
+    /// A ready poll disarms: whatever the future does next must be polled to register.
     fn poll<T>(&mut self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
         let budget = coop::has_budget_remaining();
         let polled = poll(cx);
-        if polled.is_pending() && budget && !self.holds(cx) {
+        if polled.is_ready() {
+            self.disarm();
+        } else if budget && !self.holds(cx) {
             self.0 = Some(cx.waker().clone());
         }
         polled
@@ -80,7 +83,10 @@ impl Deadline {
             if timer.deadline() >= at {
                 return Poll::Ready(());
             }
+            // Re-armed for the later deadline: registered again by the next poll in this loop,
+            // which may still come back pending without budget.
             timer.as_mut().reset(at);
+            armed.disarm();
         }
     }
 }
@@ -195,7 +201,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert!(deadline.poll_passed(&mut cx).is_pending());
         assert!(deadline.armed.holds(&cx));
-        // Polled again by the same task: pending at once; by another: that one is registered.
+        // Polled again by the same task: pending at once, nothing registered again.
         assert!(deadline.poll_passed(&mut cx).is_pending());
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(first.0.load(Ordering::SeqCst), 1, "the timer woke the task it held");
@@ -240,6 +246,21 @@ mod tests {
             Poll::Ready(())
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_ready_poll_disarms() {
+        // After a ready poll the future may go on to something that still has to register (a
+        // timer reset for a later deadline): the next poll must not be skipped. With the
+        // budget check above, a re-armed timer that could not register stays unarmed.
+        let woken = Arc::new(Counter::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut armed = Armed::default();
+        assert!(armed.poll(&mut cx, |_| Poll::<()>::Pending).is_pending());
+        assert!(armed.holds(&cx));
+        assert!(armed.poll(&mut cx, |_| Poll::Ready(())).is_ready());
+        assert!(!armed.holds(&cx), "a ready poll disarms");
     }
 
     #[tokio::test]

@@ -78,7 +78,8 @@ impl HistogramFamily {
     /// The series with these label values (in the order the family's labels were given). Found
     /// without allocating: error responses look their series up on every request.
     pub fn with_label_values(&self, values: &[&str]) -> Histogram {
-        debug_assert_eq!(values.len(), self.desc.variable_labels.len(), "{}: label count", self.desc.fq_name);
+        // A programming error, as with the `prometheus` crate, which panics here too.
+        assert_eq!(values.len(), self.desc.variable_labels.len(), "{}: label count", self.desc.fq_name);
         let hash = self.hasher.hash_one(values);
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let same = |(held, _): &&Labelled| held.iter().map(String::as_str).eq(values.iter().copied());
@@ -98,8 +99,7 @@ impl HistogramFamily {
             })
             .collect();
         labels.sort_by(|a, b| a.name().cmp(b.name()));
-        let cells = self.bounds.len() + 2;
-        let shards = (0..self.private + 1).map(|_| Shard::new(cells)).collect();
+        let shards = Shards::new(self.private + 1, self.bounds.len() + 2);
         let histogram =
             Histogram(Arc::new(Series { bounds: self.bounds.clone(), labels, shards, private: self.private }));
         let held = values.iter().map(|v| (*v).to_owned()).collect();
@@ -138,40 +138,64 @@ pub struct Histogram(Arc<Series>);
 struct Series {
     bounds: Arc<[f64]>,
     labels: Vec<proto::LabelPair>,
-    /// `private` single-writer shards, then the shared one.
-    shards: Box<[Shard]>,
+    /// `private` single-writer shards, then the shared one, each on whole cache lines of its
+    /// own ([`Shards`]).
+    shards: Shards,
     private: usize,
 }
 
-/// One thread's cells: a count per bucket, one past the last bound, then the sum's bits. On
-/// its own cache line, so two threads' shards never share one.
-#[derive(Debug)]
+/// Eight cells on one cache line.
+#[derive(Debug, Default)]
 #[repr(align(64))]
-struct Shard(Box<[AtomicU64]>);
+struct Line([AtomicU64; 8]);
 
-impl Shard {
-    fn new(cells: usize) -> Self {
-        Self((0..cells).map(|_| AtomicU64::new(0)).collect())
+/// Every shard's cells in one allocation. A shard has a count per bucket, one past the last
+/// bound, then the sum's bits, and starts on a line of its own, so two threads' shards never
+/// share a cache line.
+#[derive(Debug)]
+struct Shards {
+    lines: Box<[Line]>,
+    lines_per_shard: usize,
+}
+
+impl Shards {
+    fn new(shards: usize, cells: usize) -> Self {
+        let lines_per_shard = cells.div_ceil(8);
+        Self { lines: (0..shards * lines_per_shard).map(|_| Line::default()).collect(), lines_per_shard }
+    }
+
+    fn cell(&self, shard: usize, cell: usize) -> &AtomicU64 {
+        &self.lines[shard * self.lines_per_shard + cell / 8].0[cell % 8]
+    }
+
+    fn count(&self) -> usize {
+        self.lines.len() / self.lines_per_shard
     }
 }
 
 impl Histogram {
     pub fn observe(&self, value: f64) {
+        self.observe_as(THREAD_INDEX.with(|index| *index), value);
+    }
+
+    /// Observes as the thread with this index: its own shard if it has one, else the shared one.
+    fn observe_as(&self, thread: usize, value: f64) {
         let series = &*self.0;
         // The first bound the value does not exceed; past the last (or NaN): the overflow cell.
         let bucket = series.bounds.iter().position(|bound| value <= *bound).unwrap_or(series.bounds.len());
         let sum = series.bounds.len() + 1;
-        let index = THREAD_INDEX.with(|index| *index);
-        if let Some(shard) = series.shards[..series.private].get(index) {
+        let shards = &series.shards;
+        if thread < series.private {
             // This thread is the shard's only writer: a load and a store, no lock prefix.
-            let cell = &shard.0[bucket];
+            let cell = shards.cell(thread, bucket);
             cell.store(cell.load(Relaxed) + 1, Relaxed);
-            let cell = &shard.0[sum];
+            let cell = shards.cell(thread, sum);
             cell.store((f64::from_bits(cell.load(Relaxed)) + value).to_bits(), Relaxed);
         } else {
-            let shard = &series.shards[series.private];
-            shard.0[bucket].fetch_add(1, Relaxed);
-            let _ = shard.0[sum].fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + value).to_bits()));
+            let shared = series.private;
+            shards.cell(shared, bucket).fetch_add(1, Relaxed);
+            let add = |bits| Some((f64::from_bits(bits) + value).to_bits());
+            let _ = shards.cell(shared, sum).fetch_update(Relaxed, Relaxed, add);
         }
     }
 
@@ -183,7 +207,8 @@ impl Histogram {
 
     fn proto(&self) -> proto::Histogram {
         let series = &*self.0;
-        let cell = |i: usize| -> u64 { series.shards.iter().map(|shard| shard.0[i].load(Relaxed)).sum() };
+        let shards = &series.shards;
+        let cell = |i: usize| -> u64 { (0..shards.count()).map(|shard| shards.cell(shard, i).load(Relaxed)).sum() };
         let mut cumulative = 0;
         let buckets = series
             .bounds
@@ -199,7 +224,8 @@ impl Histogram {
             .collect();
         let count = cumulative + cell(series.bounds.len());
         let sum_cell = series.bounds.len() + 1;
-        let sum: f64 = series.shards.iter().map(|shard| f64::from_bits(shard.0[sum_cell].load(Relaxed))).sum();
+        let sum: f64 =
+            (0..shards.count()).map(|shard| f64::from_bits(shards.cell(shard, sum_cell).load(Relaxed))).sum();
         let mut histogram = proto::Histogram::default();
         histogram.set_sample_count(count);
         histogram.set_sample_sum(sum);
@@ -270,17 +296,18 @@ mod tests {
 
     #[test]
     fn many_threads_lose_no_observation() {
-        // More threads than private shards: the first ones write their own shard, the rest
-        // share the last one with atomic read-modify-writes. Nothing is lost either way.
+        // Each private shard written by its own thread, and more threads sharing the last one
+        // with atomic read-modify-writes. (Indices are given, not drawn from the process-wide
+        // counter, which other tests in the same process may have used up.)
         let family = family();
         let series = family.with_label_values(&["chat", "m"]);
         let threads = series.0.private * 2 + 3;
         std::thread::scope(|scope| {
-            for _ in 0..threads {
+            for thread in 0..threads {
                 let series = series.clone();
                 scope.spawn(move || {
                     for i in 0..10_000u32 {
-                        series.observe(f64::from(i % 4) * 0.5);
+                        series.observe_as(thread, f64::from(i % 4) * 0.5);
                     }
                 });
             }
@@ -292,6 +319,27 @@ mod tests {
         let cumulative: Vec<u64> = histogram.get_bucket().iter().map(|b| b.cumulative_count()).collect();
         let per_thread = [2_500, 7_500, 10_000];
         assert_eq!(cumulative, per_thread.map(|n| n * threads as u64).to_vec());
+        // Both paths were taken: every private shard and the shared one hold counts.
+        let shards = &series.0.shards;
+        for shard in 0..=series.0.private {
+            assert!(shards.cell(shard, 0).load(Relaxed) > 0, "shard {shard}");
+        }
+    }
+
+    #[test]
+    fn shards_never_share_a_cache_line() {
+        // 16 bounds: 18 cells, three lines per shard.
+        let bounds: Vec<f64> = (1..=16).map(f64::from).collect();
+        let family = HistogramFamily::new("lines", "x", &[], &bounds).expect("valid");
+        let series = family.with_label_values(&[]);
+        let shards = &series.0.shards;
+        let line = |shard: usize, cell: usize| shards.cell(shard, cell) as *const AtomicU64 as usize / 64;
+        for shard in 0..shards.count() {
+            assert_eq!(shards.cell(shard, 0) as *const AtomicU64 as usize % 64, 0, "shard {shard} starts a line");
+            if shard > 0 {
+                assert!(line(shard - 1, 17) < line(shard, 0), "shards {} and {shard} apart", shard - 1);
+            }
+        }
     }
 
     #[test]

@@ -221,12 +221,8 @@ impl Gateway {
         let fail = |error: GatewayError| (flavor, error);
         let snapshot = self.snapshot.load().ok_or(fail(GatewayError::NotReady))?;
         // One wall-clock reading for the key's expiry, the kill switches, routing and the
-        // limiter's windows, from the limiter's clock.
-        let now_ms = self.limiter.now_ms();
-        let now = i64::try_from(now_ms)
-            .ok()
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .unwrap_or_else(chrono::Utc::now);
+        // limiter's windows.
+        let (now, now_ms) = wall_clock(&self.limiter);
 
         // A locked-out address is refused before its key is even looked up.
         let client = self.limiter.client_address(peer.map(|p| p.ip()), &headers);
@@ -254,8 +250,9 @@ impl Gateway {
         }
 
         let (body, waited) = self.read_body(body).await.map_err(fail)?;
-        // A body that took its time to arrive is admitted at the time it is complete.
-        let now_ms = if waited { self.limiter.now_ms() } else { now_ms };
+        // A body that took its time to arrive is checked and admitted at the time it is
+        // complete: a kill switch set meanwhile applies.
+        let (now, now_ms) = if waited { wall_clock(&self.limiter) } else { (now, now_ms) };
         let head = RequestHead::parse(&body).map_err(fail)?;
         let model = head.model().map_err(fail)?;
         record.streaming = head.streaming();
@@ -383,6 +380,14 @@ impl Gateway {
         *response.status_mut() = status;
         Reply { response, passed: Some(passed), rate }
     }
+}
+
+/// The time from the limiter's clock, as the limiter and as the policy checks read it.
+fn wall_clock(limiter: &crate::limits::Limiter) -> (chrono::DateTime<chrono::Utc>, u64) {
+    let now_ms = limiter.now_ms();
+    let now =
+        i64::try_from(now_ms).ok().and_then(chrono::DateTime::from_timestamp_millis).unwrap_or_else(chrono::Utc::now);
+    (now, now_ms)
 }
 
 #[cfg(test)]
