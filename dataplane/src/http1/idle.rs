@@ -192,12 +192,17 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes, and the count.
+    fn counting_waker() -> (Arc<Counter>, Waker) {
+        let counter = Arc::new(Counter::default());
+        (counter.clone(), Waker::from(counter))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_deadline_polled_again_by_its_task_is_not_reregistered_but_still_fires() {
         let mut deadline = Deadline::new();
         deadline.set(Instant::now() + Duration::from_secs(5));
-        let first = Arc::new(Counter::default());
-        let waker = Waker::from(first.clone());
+        let (first, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(deadline.poll_passed(&mut cx).is_pending());
         assert!(deadline.armed.holds(&cx));
@@ -209,8 +214,7 @@ mod tests {
 
         // Moved earlier after being armed: the skip is off until the timer is polled again.
         deadline.set(Instant::now() + Duration::from_secs(60));
-        let second = Arc::new(Counter::default());
-        let waker = Waker::from(second.clone());
+        let (second, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(deadline.poll_passed(&mut cx).is_pending(), "re-armed for the new deadline");
         deadline.set(Instant::now() + Duration::from_secs(1));
@@ -253,8 +257,7 @@ mod tests {
         // After a ready poll the future may go on to something that still has to register (a
         // timer reset for a later deadline): the next poll must not be skipped. With the
         // budget check above, a re-armed timer that could not register stays unarmed.
-        let woken = Arc::new(Counter::default());
-        let waker = Waker::from(woken.clone());
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut armed = Armed::default();
         assert!(armed.poll(&mut cx, |_| Poll::<()>::Pending).is_pending());
@@ -267,8 +270,7 @@ mod tests {
     async fn a_drain_wakes_the_waiting_connection_once_and_is_seen_without_a_poll() {
         let (tx, rx) = watch::channel(false);
         let mut drain = Drain::new(rx);
-        let woken = Arc::new(Counter::default());
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(drain.poll_draining(&mut cx).is_pending());
         assert!(drain.poll_draining(&mut cx).is_pending(), "still pending, nothing registered twice");
@@ -291,8 +293,7 @@ mod tests {
     async fn a_change_that_is_not_a_drain_re_registers_the_wait() {
         let (tx, rx) = watch::channel(false);
         let mut drain = Drain::new(rx);
-        let woken = Arc::new(Counter::default());
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(drain.poll_draining(&mut cx).is_pending());
         tx.send(false).expect("receiver alive");

@@ -384,13 +384,8 @@ impl Limiter {
         self.clock.now_ms()
     }
 
-    /// An admission of `tokens` under a key's limits, formed now.
-    pub fn admission_for(&self, limits: &KeyLimits, tokens: u64) -> Admission {
-        self.admission_at(limits, tokens, self.now_ms())
-    }
-
-    /// An admission formed at `at_ms`, a reading of this limiter's clock ([`Self::now_ms`]) the
-    /// caller has just taken.
+    /// An admission of `tokens` under a key's limits, formed at `at_ms`: a reading of this
+    /// limiter's clock ([`Self::now_ms`]) the caller has just taken.
     pub fn admission_at(&self, limits: &KeyLimits, tokens: u64, at_ms: u64) -> Admission {
         Admission {
             key: limits.key.clone(),

@@ -38,8 +38,34 @@ thread_local! {
 /// A series and the label values it was made for.
 type Labelled = (Vec<String>, Histogram);
 
-/// A histogram metric family with labels, like `prometheus::HistogramVec`.
-pub struct HistogramFamily {
+/// A histogram metric family with labels, like `prometheus::HistogramVec`: cheap to clone, so
+/// one clone goes to the registry and the others observe.
+#[derive(Clone, Debug)]
+pub struct HistogramFamily(Arc<Family>);
+
+impl HistogramFamily {
+    /// `bounds` must be finite and increasing (as the `prometheus` crate requires).
+    pub fn new(name: &str, help: &str, labels: &[&str], bounds: &[f64]) -> prometheus::Result<Self> {
+        Family::new(name, help, labels, bounds).map(|family| Self(Arc::new(family)))
+    }
+
+    /// The series with these label values (in the order the family's labels were given).
+    pub fn with_label_values(&self, values: &[&str]) -> Histogram {
+        self.0.with_label_values(values)
+    }
+}
+
+impl Collector for HistogramFamily {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0.desc]
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        vec![self.0.collect()]
+    }
+}
+
+struct Family {
     desc: Desc,
     bounds: Arc<[f64]>,
     private: usize,
@@ -48,15 +74,14 @@ pub struct HistogramFamily {
     hasher: RandomState,
 }
 
-impl std::fmt::Debug for HistogramFamily {
+impl std::fmt::Debug for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HistogramFamily").field("name", &self.desc.fq_name).finish_non_exhaustive()
+        f.debug_struct("Family").field("name", &self.desc.fq_name).finish_non_exhaustive()
     }
 }
 
-impl HistogramFamily {
-    /// `bounds` must be finite and increasing (as the `prometheus` crate requires).
-    pub fn new(name: &str, help: &str, labels: &[&str], bounds: &[f64]) -> prometheus::Result<Self> {
+impl Family {
+    fn new(name: &str, help: &str, labels: &[&str], bounds: &[f64]) -> prometheus::Result<Self> {
         if bounds.is_empty() || bounds.windows(2).any(|w| w[0] >= w[1]) || bounds.iter().any(|b| !b.is_finite()) {
             return Err(prometheus::Error::Msg(format!("{name}: bucket bounds must be finite and increasing")));
         }
@@ -75,9 +100,8 @@ impl HistogramFamily {
         })
     }
 
-    /// The series with these label values (in the order the family's labels were given). Found
-    /// without allocating: error responses look their series up on every request.
-    pub fn with_label_values(&self, values: &[&str]) -> Histogram {
+    /// Found without allocating: error responses look their series up on every request.
+    fn with_label_values(&self, values: &[&str]) -> Histogram {
         // A programming error, as with the `prometheus` crate, which panics here too.
         assert_eq!(values.len(), self.desc.variable_labels.len(), "{}: label count", self.desc.fq_name);
         let hash = self.hasher.hash_one(values);
@@ -106,14 +130,8 @@ impl HistogramFamily {
         series.entry(hash).or_default().push((held, histogram.clone()));
         histogram
     }
-}
 
-impl Collector for HistogramFamily {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<proto::MetricFamily> {
+    fn collect(&self) -> proto::MetricFamily {
         let series: Vec<Histogram> = self
             .series
             .lock()
@@ -126,7 +144,7 @@ impl Collector for HistogramFamily {
         family.set_help(self.desc.help.clone());
         family.set_field_type(proto::MetricType::HISTOGRAM);
         family.set_metric(series.iter().map(Histogram::metric).collect());
-        vec![family]
+        family
     }
 }
 

@@ -6,8 +6,6 @@
 
 mod histogram;
 
-use std::sync::Arc;
-
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::api::ApiRoute;
@@ -27,9 +25,9 @@ pub struct RouteMetrics {
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
-    pub token_usage: Arc<HistogramFamily>,
-    pub request_duration: Arc<HistogramFamily>,
-    pub time_to_first_token: Arc<HistogramFamily>,
+    pub token_usage: HistogramFamily,
+    pub request_duration: HistogramFamily,
+    pub time_to_first_token: HistogramFamily,
     pub snapshot_generation: IntGauge,
     pub snapshot_valid: IntGauge,
     pub snapshot_reloads: IntCounter,
@@ -50,24 +48,24 @@ impl Metrics {
             ),
             &["route", "outcome"],
         )?;
-        let token_usage = Arc::new(HistogramFamily::new(
+        let token_usage = HistogramFamily::new(
             "gen_ai_client_token_usage",
             "Tokens used per request, by token type (input or output)",
             &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
             &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
-        )?);
-        let request_duration = Arc::new(HistogramFamily::new(
+        )?;
+        let request_duration = HistogramFamily::new(
             "gen_ai_server_request_duration",
             "Seconds from request start to the last response byte",
             &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
             &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
-        )?);
-        let time_to_first_token = Arc::new(HistogramFamily::new(
+        )?;
+        let time_to_first_token = HistogramFamily::new(
             "gen_ai_server_time_to_first_token",
             "Seconds from request start to the first response body byte",
             &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
             &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
-        )?);
+        )?;
         let snapshot_generation =
             IntGauge::new("portcullis_snapshot_generation", "Generation of the snapshot being served")?;
         let snapshot_valid = IntGauge::new(
@@ -81,9 +79,9 @@ impl Metrics {
         )?;
         let open_connections = IntGauge::new("portcullis_open_connections", "Client connections currently open")?;
         registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(Shared(token_usage.clone())))?;
-        registry.register(Box::new(Shared(request_duration.clone())))?;
-        registry.register(Box::new(Shared(time_to_first_token.clone())))?;
+        registry.register(Box::new(token_usage.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(time_to_first_token.clone()))?;
         registry.register(Box::new(snapshot_generation.clone()))?;
         registry.register(Box::new(snapshot_valid.clone()))?;
         registry.register(Box::new(snapshot_reloads.clone()))?;
@@ -137,18 +135,5 @@ impl Metrics {
         // Encoding into a Vec only fails on inconsistent metric families, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
-    }
-}
-
-/// A family the registry collects while the data plane keeps observing through its own handle.
-struct Shared(Arc<HistogramFamily>);
-
-impl prometheus::core::Collector for Shared {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.0.collect()
     }
 }
