@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::error::GatewayError;
 use crate::fields::HeaderFields;
+use crate::json_scan::{plain_name, Scanner};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -119,7 +120,7 @@ impl ApiRoute {
 }
 
 /// The routing metadata of a request body. Everything else in the body is skipped unread.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct RequestHead<'a> {
     /// Borrowed from the body unless it holds escapes (serde's own `Option<Cow<str>>` always
     /// copies).
@@ -171,7 +172,7 @@ fn borrowed_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Opt
     deserializer.deserialize_option(Text)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -184,6 +185,9 @@ impl<'a> RequestHead<'a> {
                 "The request body is empty; a JSON object is required.".to_owned(),
             ));
         }
+        if let Some(head) = Self::scan(body) {
+            return Ok(head);
+        }
         serde_json::from_slice(body).map_err(|e| {
             // serde_json's messages name positions and expected types, never the input text.
             GatewayError::InvalidRequest(format!(
@@ -191,6 +195,47 @@ impl<'a> RequestHead<'a> {
                 classify_json_error(&e)
             ))
         })
+    }
+
+    /// The common shape read without serde_json's visitors; `None` leaves the body to
+    /// serde_json (see [`crate::json_scan`]), which has the last word on anything unusual.
+    fn scan(body: &'a [u8]) -> Option<Self> {
+        const MODEL: u8 = 1;
+        const STREAM: u8 = 2;
+        const STREAM_OPTIONS: u8 = 4;
+        const MAX_TOKENS: u8 = 8;
+        const MAX_COMPLETION_TOKENS: u8 = 16;
+        const MAX_OUTPUT_TOKENS: u8 = 32;
+        let mut head = RequestHead::default();
+        let mut seen = 0u8;
+        let mut scanner = Scanner::new(body);
+        scanner.ws();
+        scanner.object(0, |scanner, key, plain| {
+            let field = match plain_name(key, plain)? {
+                b"model" => MODEL,
+                b"stream" => STREAM,
+                b"stream_options" => STREAM_OPTIONS,
+                b"max_tokens" => MAX_TOKENS,
+                b"max_completion_tokens" => MAX_COMPLETION_TOKENS,
+                b"max_output_tokens" => MAX_OUTPUT_TOKENS,
+                _ => return scanner.skip_value(1),
+            };
+            // serde's derive refuses a repeated field.
+            if seen & field != 0 {
+                return None;
+            }
+            seen |= field;
+            match field {
+                MODEL => head.model = scanner.optional_str()?.map(Cow::Borrowed),
+                STREAM => head.stream = scanner.optional_bool()?,
+                STREAM_OPTIONS => head.stream_options = StreamOptions::scan(scanner)?,
+                MAX_TOKENS => head.max_tokens = scanner.optional_u64()?,
+                MAX_COMPLETION_TOKENS => head.max_completion_tokens = scanner.optional_u64()?,
+                _ => head.max_output_tokens = scanner.optional_u64()?,
+            }
+            Some(())
+        })?;
+        scanner.at_end().then_some(head)
     }
 
     pub fn model(&self) -> Result<&str, GatewayError> {
@@ -211,6 +256,28 @@ impl<'a> RequestHead<'a> {
 
     pub fn client_wants_usage(&self) -> bool {
         self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+    }
+}
+
+impl StreamOptions {
+    /// `null` or an object (serde would also take an array; that is left to it).
+    fn scan(scanner: &mut Scanner<'_>) -> Option<Option<Self>> {
+        if scanner.peek()? == b'n' {
+            return scanner.null().map(|()| None);
+        }
+        let mut include_usage = None;
+        let mut seen = false;
+        scanner.object(1, |scanner, key, plain| {
+            if plain_name(key, plain)? != b"include_usage" {
+                return scanner.skip_value(2);
+            }
+            if std::mem::replace(&mut seen, true) {
+                return None;
+            }
+            include_usage = scanner.optional_bool()?;
+            Some(())
+        })?;
+        Some(Some(StreamOptions { include_usage }))
     }
 }
 
@@ -285,6 +352,48 @@ mod tests {
             Err((ApiFlavor::Anthropic, GatewayError::MethodNotAllowed))
         );
         assert!(ApiRoute::classify(&Method::POST, "/v2/x").is_err());
+    }
+
+    /// What the scanner answers serde_json answers the same; the common shapes are answered.
+    #[test]
+    fn the_scanned_head_is_serde_jsons() {
+        use crate::json_scan::generate::{self, Rng};
+        let mut rng = Rng::new(0x5eed_0002);
+        let (mut parsed, mut scanned) = (0, 0);
+        for round in 0..20_000 {
+            let mut doc = String::new();
+            generate::object(&mut rng, &mut doc, 0);
+            let bytes = if round % 2 == 0 { doc.into_bytes() } else { generate::mutate(&mut rng, &doc) };
+            let serde = serde_json::from_slice::<RequestHead>(&bytes);
+            parsed += usize::from(serde.is_ok());
+            if let Some(head) = RequestHead::scan(&bytes) {
+                scanned += 1;
+                assert_eq!(serde.as_ref().ok(), Some(&head), "{:?}: {serde:?}", String::from_utf8_lossy(&bytes));
+            }
+        }
+        // Those left to serde_json hold escapes in names or the model, or repeat a field.
+        assert!(scanned * 10 > parsed * 7, "{scanned} of {parsed} documents serde_json parsed were scanned");
+
+        for common in [
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"say \"hi\"\n"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.7, "max_completion_tokens": 256}"#,
+            r#"{"max_tokens":1024,"messages":[{"role":"user","content":[{"type":"text","text":"日本"}]}],"model":"claude-sonnet-4-5","stream":false}"#,
+            r#"{"model":"gpt-4.1","input":"hi","max_output_tokens":null,"tools":[{"type":"function","parameters":{"type":"object"}}]}"#,
+        ] {
+            let head = RequestHead::scan(common.as_bytes()).expect(common);
+            assert_eq!(Ok(&head), serde_json::from_slice::<RequestHead>(common.as_bytes()).as_ref().map_err(drop));
+        }
+        for unusual in [
+            r#"{"model":"gpt\u002d4o"}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"mod\u0065l":"gpt-4o"}"#,
+            r#"{"max_tokens":1.0}"#,
+            r#"{"max_tokens":18446744073709551616}"#,
+            r#"{"stream_options":[true]}"#,
+            r#"["gpt-4o"]"#,
+        ] {
+            assert_eq!(RequestHead::scan(unusual.as_bytes()), None, "{unusual}");
+        }
     }
 
     #[test]

@@ -28,7 +28,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{Datelike, TimeZone, Utc};
 use foldhash::fast::RandomState;
 use ipnet::IpNet;
 use portcullis_crds::snapshot::ApiKeyEntry;
@@ -120,24 +119,50 @@ pub struct Period {
     pub month_reset_ms: u64,
 }
 
+const DAY_MS: u64 = 86_400_000;
+/// 9999-12-31, the last day periods are told apart; later instants share it.
+const LAST_DAY: u64 = 2_932_896;
+
 impl Period {
+    /// The UTC day and month of `now_ms`, by integer arithmetic (no calendar library: this runs
+    /// for every admitted request).
     pub fn at(now_ms: u64) -> Period {
-        let now = Utc.timestamp_millis_opt(now_ms as i64).single().unwrap_or_else(Utc::now);
-        let date = now.date_naive();
-        let next_day = date.succ_opt().unwrap_or(date);
-        let (ny, nm) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
-        let next_month = chrono::NaiveDate::from_ymd_opt(ny, nm, 1).unwrap_or(next_day);
-        let ms_until = |d: chrono::NaiveDate| {
-            let at = d.and_hms_opt(0, 0, 0).map_or(now_ms as i64, |t| t.and_utc().timestamp_millis());
-            (at - now_ms as i64).max(1) as u64
-        };
+        let days = (now_ms / DAY_MS).min(LAST_DAY);
+        let (year, month, day) = civil_from_days(days);
+        let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+        let ms_until = |days: u64| days.saturating_mul(DAY_MS).saturating_sub(now_ms).max(1);
         Period {
-            day: date.year() as u32 * 10_000 + date.month() * 100 + date.day(),
-            month: date.year() as u32 * 100 + date.month(),
-            day_reset_ms: ms_until(next_day),
-            month_reset_ms: ms_until(next_month),
+            day: year * 10_000 + month * 100 + day,
+            month: year * 100 + month,
+            day_reset_ms: ms_until(days + 1),
+            month_reset_ms: ms_until(days_from_civil(next_year, next_month, 1)),
         }
     }
+}
+
+/// (year, month, day) of a count of days since 1970-01-01, after Howard Hinnant's
+/// `civil_from_days` (<https://howardhinnant.github.io/date_algorithms.html>).
+fn civil_from_days(days: u64) -> (u32, u32, u32) {
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let march_based = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * march_based + 2) / 5 + 1;
+    let month = if march_based < 10 { march_based + 3 } else { march_based - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year as u32, month as u32, day as u32)
+}
+
+/// Days since 1970-01-01 of a date from 1970 on (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
+    let year = u64::from(year) - u64::from(month <= 2);
+    let (era, year_of_era) = (year / 400, year % 400);
+    let march_based = u64::from(if month > 2 { month - 3 } else { month + 9 });
+    let day_of_year = (153 * march_based + 2) / 5 + u64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// One request asking to be let through.
@@ -460,6 +485,12 @@ impl Limiter {
     /// Settles at once when nothing needs awaiting (the reservation is in process memory, or
     /// there is nothing to change); false when the shared store must be told through `settle`.
     pub fn settle_now(&self, ticket: &Ticket, actual_tokens: u64) -> bool {
+        self.settle_now_at(ticket, actual_tokens, || self.now_ms())
+    }
+
+    /// [`Self::settle_now`] at a time the caller knows (asked only when the in-process store
+    /// must move its windows).
+    pub fn settle_now_at(&self, ticket: &Ticket, actual_tokens: u64, now_ms: impl FnOnce() -> u64) -> bool {
         let delta = actual_tokens as i64 - ticket.admission.tokens as i64;
         match ticket.store {
             _ if delta == 0 => true,
@@ -467,7 +498,7 @@ impl Limiter {
                 self.redis.as_ref().is_some_and(|r| r.settle_deferred(&ticket.admission, &ticket.granted, delta))
             }
             StoreUsed::Local => {
-                self.memory.settle(&ticket.admission, ticket.granted.granule, delta, self.now_ms());
+                self.memory.settle(&ticket.admission, ticket.granted.granule, delta, now_ms());
                 true
             }
             StoreUsed::Unlimited => true,
@@ -595,13 +626,14 @@ impl Limiter {
     }
 }
 
+/// A limiter on a clock the test moves, and admissions for it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[derive(Debug)]
-    struct FixedClock(AtomicU64);
+    pub struct FixedClock(pub AtomicU64);
 
     impl Clock for FixedClock {
         fn now_ms(&self) -> u64 {
@@ -609,7 +641,7 @@ mod tests {
         }
     }
 
-    fn limiter(clock: Arc<FixedClock>) -> Arc<Limiter> {
+    pub fn limiter(clock: Arc<FixedClock>) -> Arc<Limiter> {
         let settings = LimiterSettings {
             default_policy: FailurePolicy::Local,
             replicas: 1,
@@ -625,7 +657,7 @@ mod tests {
         Limiter::new(settings, clock, metrics).expect("limiter")
     }
 
-    fn admission(l: &Limiter, rpm: Option<u64>, tpm: Option<u64>, day: Option<u64>, tokens: u64) -> Admission {
+    pub fn admission(l: &Limiter, rpm: Option<u64>, tpm: Option<u64>, day: Option<u64>, tokens: u64) -> Admission {
         Admission {
             key: Subject {
                 id: "ns/k".into(),
@@ -643,6 +675,13 @@ mod tests {
             policy: FailurePolicy::Local,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{admission, limiter, FixedClock};
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test]
     async fn requests_tokens_and_budgets_with_settlement() {
@@ -692,6 +731,35 @@ mod tests {
         let direct: IpAddr = "198.51.100.1".parse().expect("ip");
         assert_eq!(l.client_address(Some(proxy), &headers), Some("203.0.113.9".parse().expect("ip")));
         assert_eq!(l.client_address(Some(direct), &headers), Some(direct));
+    }
+
+    /// The calendar arithmetic agrees with chrono's, every day from 1970 to 9999 and at
+    /// instants within a day, and stays sane past the last day.
+    #[test]
+    fn periods_agree_with_chrono() {
+        use chrono::{Datelike, TimeZone, Utc};
+        let chrono_period = |now_ms: u64| {
+            let date = Utc.timestamp_millis_opt(now_ms as i64).single().expect("in range").date_naive();
+            let next_day = date.succ_opt().expect("next day");
+            let (ny, nm) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
+            let next_month = chrono::NaiveDate::from_ymd_opt(ny, nm, 1).expect("next month");
+            let ms_until = |d: chrono::NaiveDate| {
+                (d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_millis() - now_ms as i64).max(1) as u64
+            };
+            Period {
+                day: date.year() as u32 * 10_000 + date.month() * 100 + date.day(),
+                month: date.year() as u32 * 100 + date.month(),
+                day_reset_ms: ms_until(next_day),
+                month_reset_ms: ms_until(next_month),
+            }
+        };
+        for days in 0..=LAST_DAY {
+            let now_ms = days * DAY_MS + (days * 7_919_993) % DAY_MS;
+            assert_eq!(Period::at(now_ms), chrono_period(now_ms), "day {days}");
+        }
+        assert_eq!(civil_from_days(LAST_DAY), (9999, 12, 31));
+        let last = Period::at(u64::MAX);
+        assert_eq!((last.day, last.month, last.day_reset_ms), (99_991_231, 999_912, 1));
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct AccessRecord {
     usage: Usage,
     /// The limiter reservation to settle, and the input size it assumed.
     pub ticket: Option<(Arc<Limiter>, Ticket)>,
+    /// When the admission's time (`Admission::at_ms`, the limiter's clock) was read, on the
+    /// monotonic clock: the settlement's time is derived from it and the request's end.
+    pub admitted_at: Instant,
     pub input_estimate: u64,
     /// Output tokens seen so far when usage was never reported (a stream cut short).
     observed_output: u64,
@@ -57,6 +60,7 @@ impl AccessRecord {
             first_byte: None,
             usage: Usage::default(),
             ticket: None,
+            admitted_at: started,
             input_estimate: 0,
             observed_output: 0,
         }
@@ -64,13 +68,22 @@ impl AccessRecord {
 
     /// Replaces the token reservation with real usage: in place for the in-process store, in a
     /// task for the shared one (the request never waits on Redis).
-    fn settle(&mut self) {
+    fn settle(&mut self, ended: Option<Instant>) {
         let Some((limiter, ticket)) = self.ticket.take() else { return };
         let actual = match (self.usage.input, self.usage.output) {
             (None, None) if self.observed_output == 0 => return,
             (input, output) => input.unwrap_or(self.input_estimate) + output.unwrap_or(self.observed_output),
         };
-        if limiter.settle_now(&ticket, actual) {
+        // The request's end on the limiter's clock, without reading it again when the caller
+        // has just read the monotonic one.
+        let now_ms = || match ended {
+            Some(ended) => {
+                let since = ended.saturating_duration_since(self.admitted_at).as_millis();
+                ticket.admission.at_ms.saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+            }
+            None => limiter.now_ms(),
+        };
+        if limiter.settle_now_at(&ticket, actual, now_ms) {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -99,7 +112,7 @@ impl AccessRecord {
     /// [`Self::finish`], with the time the request ended when the caller has just read the
     /// clock (one read fewer per request).
     pub fn finish_at(mut self, outcome: &str, ended: Option<Instant>) {
-        self.settle();
+        self.settle(ended);
         let elapsed = ended.unwrap_or_else(Instant::now).saturating_duration_since(self.started);
         let route = self.route.map_or("unknown", ApiRoute::label);
         let ok = outcome == "ok";
@@ -496,6 +509,26 @@ mod tests {
     fn record() -> AccessRecord {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         AccessRecord::new(metrics, Instant::now(), http::HeaderValue::from_static("req-test"))
+    }
+
+    /// The settlement lands at the request's end on the limiter's clock, derived from the
+    /// admission's time and the monotonic end the caller read (the limiter's clock is not read
+    /// again): a reservation whose window has passed by then is left alone, one still in it is
+    /// corrected.
+    #[tokio::test]
+    async fn settlement_is_timed_from_the_admission_and_the_end() {
+        use crate::limits::testing::{admission, limiter, FixedClock};
+        for (after, tokens_counted) in [(Duration::from_secs(1), 30), (Duration::from_secs(61), 0)] {
+            let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
+            let ticket = limiter.admit(admission(&limiter, None, Some(1_000), None, 80)).await.expect("admitted");
+            let mut record = record();
+            record.ticket = Some((limiter.clone(), ticket));
+            record.usage = Usage { input: Some(10), output: Some(20) };
+            let ended = record.admitted_at + after;
+            record.finish_at("ok", Some(ended));
+            let (_, tokens, ..) = limiter.usage("ns/k").await;
+            assert_eq!(tokens, tokens_counted, "settled {after:?} after the admission");
+        }
     }
 
     /// Sends `frames` frames `gap` apart, then stalls forever.

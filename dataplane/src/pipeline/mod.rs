@@ -252,7 +252,12 @@ impl Gateway {
         let (body, waited) = self.read_body(body).await.map_err(fail)?;
         // A body that took its time to arrive is checked and admitted at the time it is
         // complete: a kill switch set meanwhile applies.
-        let (now, now_ms) = if waited { wall_clock(&self.limiter) } else { (now, now_ms) };
+        let (now, now_ms) = if waited {
+            record.admitted_at = Instant::now();
+            wall_clock(&self.limiter)
+        } else {
+            (now, now_ms)
+        };
         let head = RequestHead::parse(&body).map_err(fail)?;
         let model = head.model().map_err(fail)?;
         record.streaming = head.streaming();

@@ -8,6 +8,8 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
 
+use crate::json_scan::{plain_name, Scanner};
+
 /// Bytes of a JSON body kept to find its `usage`.
 const JSON_TAIL_BYTES: usize = 32 * 1024;
 /// Largest partial SSE event held while waiting for its end; a longer one is passed through
@@ -28,7 +30,7 @@ impl Usage {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct UsageFields {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -38,6 +40,32 @@ struct UsageFields {
     input_tokens: Option<u64>,
     #[serde(default)]
     output_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    /// The usage object at the start of `json` read without serde_json's visitors; `None` leaves
+    /// it to serde_json (see [`crate::json_scan`]). What follows the object is not read.
+    fn scan(json: &[u8]) -> Option<Self> {
+        let mut fields = UsageFields::default();
+        let mut seen = 0u8;
+        Scanner::new(json).object(0, |scanner, key, plain| {
+            let (bit, slot) = match plain_name(key, plain)? {
+                b"prompt_tokens" => (1, &mut fields.prompt_tokens),
+                b"completion_tokens" => (2, &mut fields.completion_tokens),
+                b"input_tokens" => (4, &mut fields.input_tokens),
+                b"output_tokens" => (8, &mut fields.output_tokens),
+                _ => return scanner.skip_value(1),
+            };
+            // serde's derive refuses a repeated field.
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            *slot = scanner.optional_u64()?;
+            Some(())
+        })?;
+        Some(fields)
+    }
 }
 
 impl From<UsageFields> for Usage {
@@ -81,6 +109,9 @@ pub fn find_usage(json: &[u8]) -> Option<Usage> {
         let Some(rest) = usage_object_at(json, pos) else {
             continue;
         };
+        if let Some(fields) = UsageFields::scan(rest) {
+            return Some(fields.into());
+        }
         let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<UsageFields>();
         if let Some(Ok(fields)) = stream.next() {
             return Some(fields.into());
@@ -337,6 +368,44 @@ mod tests {
         let stream = "data: {\"x\":1}\r\n\r\ndata: partial";
         let mut scanner = SseScanner::new(false);
         assert_eq!(run(&mut scanner, stream, 4), stream);
+    }
+
+    /// What the scanner answers serde_json answers the same; the common shapes are answered.
+    #[test]
+    fn the_scanned_usage_is_serde_jsons() {
+        use crate::json_scan::generate::{self, Rng};
+        let serde = |json: &[u8]| serde_json::Deserializer::from_slice(json).into_iter::<UsageFields>().next();
+        let mut rng = Rng::new(0x5eed_0003);
+        let (mut parsed, mut scanned) = (0, 0);
+        for round in 0..20_000 {
+            let mut doc = String::new();
+            generate::object(&mut rng, &mut doc, 0);
+            // What follows the object is not the reader's business.
+            generate::value(&mut rng, &mut doc, 0);
+            let bytes = if round % 2 == 0 { doc.into_bytes() } else { generate::mutate(&mut rng, &doc) };
+            let parsed_by_serde = serde(&bytes);
+            parsed += usize::from(matches!(parsed_by_serde, Some(Ok(_))));
+            if let Some(fields) = UsageFields::scan(&bytes) {
+                scanned += 1;
+                assert!(
+                    matches!(&parsed_by_serde, Some(Ok(theirs)) if *theirs == fields),
+                    "{:?}: {parsed_by_serde:?}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+        assert!(scanned * 10 > parsed * 7, "{scanned} of {parsed} objects serde_json parsed were scanned");
+
+        let openai = br#"{"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29, "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}, "system_fingerprint": null}"#;
+        let anthropic = br#"{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":6,"service_tier":"standard"}}"#;
+        for common in [&openai[..], &anthropic[..]] {
+            let fields = UsageFields::scan(common).expect("scanned");
+            assert!(matches!(serde(common), Some(Ok(theirs)) if theirs == fields));
+        }
+        assert_eq!(
+            find_usage(&[br#"{"id":"x","usage":"#, &openai[..]].concat()),
+            Some(Usage { input: Some(19), output: Some(10) })
+        );
     }
 
     #[test]
