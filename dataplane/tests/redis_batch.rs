@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_crds::v1alpha1::FailurePolicy;
 use portcullis_dataplane::limits::redis_store::RedisStore;
-use portcullis_dataplane::limits::{Admission, Decision, Period, Subject, SubjectLimits, Which};
+use portcullis_dataplane::limits::{Admission, Decision, KeyLimits, Period, Subject, SubjectLimits, Which};
 use prometheus::{IntCounterVec, Opts};
 
 struct Redis {
@@ -70,8 +70,7 @@ async fn store(redis: &Redis) -> Arc<RedisStore> {
 fn admission(id: &str, limits: SubjectLimits, tokens: u64) -> Admission {
     let now_ms = chrono::Utc::now().timestamp_millis() as u64;
     Admission {
-        key: Subject { id: id.into(), limits },
-        team: None,
+        limits: Arc::new(KeyLimits { key: Subject { id: id.into(), limits }, team: None, failure_policy: None }),
         tokens,
         at_ms: now_ms,
         period: Period::at(now_ms),

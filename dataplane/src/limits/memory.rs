@@ -87,7 +87,7 @@ impl MemoryStore {
 
     /// Checks every limit of the key and its team, then records all of them, or none.
     pub fn admit(&self, admission: &Admission, now_ms: u64, divisor: u64) -> Decision {
-        let key = &admission.key;
+        let key = admission.key();
         let cost = admission.tokens;
         let key_limits = SubjectLimits {
             requests_per_minute: scaled(key.limits.requests_per_minute, divisor),
@@ -96,7 +96,7 @@ impl MemoryStore {
             tokens_per_month: key.limits.tokens_per_month,
         };
         // Team first, without recording, so a team refusal leaves the key untouched.
-        if let Some(team) = &admission.team {
+        if let Some(team) = admission.team() {
             let rpm = scaled(team.limits.requests_per_minute, divisor);
             let tpm = scaled(team.limits.tokens_per_minute, divisor);
             let refusal = self.with(&team.id, now_ms, |c| {
@@ -151,7 +151,7 @@ impl MemoryStore {
                 budget_remaining: super::budget_remaining(&key_limits, day_used, month_used),
             })
         });
-        if let (Decision::Granted(_), Some(team)) = (&decision, &admission.team) {
+        if let (Decision::Granted(_), Some(team)) = (&decision, admission.team()) {
             let rpm = team.limits.requests_per_minute.is_some();
             let tpm = team.limits.tokens_per_minute.is_some();
             self.with(&team.id, now_ms, |c| {
@@ -179,8 +179,8 @@ impl MemoryStore {
                 }
             }
         };
-        self.with(&admission.key.id, now_ms, |c| apply(c, true));
-        if let Some(team) = &admission.team {
+        self.with(&admission.key().id, now_ms, |c| apply(c, true));
+        if let Some(team) = admission.team() {
             self.with(&team.id, now_ms, |c| apply(c, false));
         }
     }

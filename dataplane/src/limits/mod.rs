@@ -168,14 +168,25 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
 /// One request asking to be let through.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    pub key: Subject,
-    pub team: Option<Subject>,
+    /// The key's and its team's limits, shared with the snapshot (cloned from it, each request
+    /// would copy two subjects and take two more reference counts).
+    pub limits: Arc<KeyLimits>,
     /// Tokens reserved now and settled against real usage when the response ends.
     pub tokens: u64,
     /// When the admission was formed: the in-process store decides at this instant.
     pub at_ms: u64,
     pub period: Period,
     pub policy: FailurePolicy,
+}
+
+impl Admission {
+    pub fn key(&self) -> &Subject {
+        &self.limits.key
+    }
+
+    pub fn team(&self) -> Option<&Subject> {
+        self.limits.team.as_ref()
+    }
 }
 
 /// Which limit a refusal is about.
@@ -411,10 +422,9 @@ impl Limiter {
 
     /// An admission of `tokens` under a key's limits, formed at `at_ms`: a reading of this
     /// limiter's clock ([`Self::now_ms`]) the caller has just taken.
-    pub fn admission_at(&self, limits: &KeyLimits, tokens: u64, at_ms: u64) -> Admission {
+    pub fn admission_at(&self, limits: &Arc<KeyLimits>, tokens: u64, at_ms: u64) -> Admission {
         Admission {
-            key: limits.key.clone(),
-            team: limits.team.clone(),
+            limits: limits.clone(),
             tokens,
             at_ms,
             period: Period::at(at_ms),
@@ -658,17 +668,17 @@ pub(crate) mod testing {
     }
 
     pub fn admission(l: &Limiter, rpm: Option<u64>, tpm: Option<u64>, day: Option<u64>, tokens: u64) -> Admission {
-        Admission {
-            key: Subject {
-                id: "ns/k".into(),
-                limits: SubjectLimits {
-                    requests_per_minute: rpm,
-                    tokens_per_minute: tpm,
-                    tokens_per_day: day,
-                    tokens_per_month: None,
-                },
+        let key = Subject {
+            id: "ns/k".into(),
+            limits: SubjectLimits {
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                tokens_per_day: day,
+                tokens_per_month: None,
             },
-            team: None,
+        };
+        Admission {
+            limits: Arc::new(KeyLimits { key, team: None, failure_policy: None }),
             tokens,
             at_ms: l.now_ms(),
             period: Period::at(l.now_ms()),

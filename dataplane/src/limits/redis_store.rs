@@ -320,11 +320,11 @@ fn settlements<'a>(
     granted: &Granted,
     delta: i64,
 ) -> impl Iterator<Item = (&'a Subject, SettleItem)> {
-    let key_tokens = admission.key.limits.tokens_per_minute.map_or(0, |_| delta);
+    let key_tokens = admission.key().limits.tokens_per_minute.map_or(0, |_| delta);
     let key = SettleItem { granule: granted.granule, requests: 0, tokens: key_tokens, budget: delta };
-    let team = admission.team.as_ref().filter(|t| t.limits.tokens_per_minute.is_some());
+    let team = admission.team().filter(|t| t.limits.tokens_per_minute.is_some());
     let team = team.map(|t| (t, SettleItem { granule: granted.team_granule, requests: 0, tokens: delta, budget: 0 }));
-    std::iter::once((&admission.key, key)).chain(team)
+    std::iter::once((admission.key(), key)).chain(team)
 }
 
 /// `{pcl:<digest>}` for a subject or client address.
@@ -674,14 +674,14 @@ impl RedisStore {
 
     pub async fn admit(&self, admission: &Admission) -> Result<Decision, ()> {
         let mut team_granule = None;
-        if let Some(team) = &admission.team {
+        if let Some(team) = admission.team() {
             let reply = self.admit_subject(team, admission, false).await?;
             if reply[0] != 1 {
                 return Ok(Decision::Refused(Self::refusal(&reply, team, true, admission.period)));
             }
             team_granule = Some(reply[5].max(0) as u64);
         }
-        let reply = match self.admit_subject(&admission.key, admission, true).await {
+        let reply = match self.admit_subject(admission.key(), admission, true).await {
             Ok(reply) => reply,
             Err(()) => {
                 self.refund_team(admission, team_granule).await;
@@ -690,7 +690,7 @@ impl RedisStore {
         };
         if reply[0] != 1 {
             self.refund_team(admission, team_granule).await;
-            return Ok(Decision::Refused(Self::refusal(&reply, &admission.key, false, admission.period)));
+            return Ok(Decision::Refused(Self::refusal(&reply, admission.key(), false, admission.period)));
         }
         let as_u64 = |v: i64| v.max(0) as u64;
         Ok(Decision::Granted(Granted {
@@ -700,13 +700,13 @@ impl RedisStore {
             requests_reset_ms: as_u64(reply[8]),
             tokens_reset_ms: as_u64(reply[9]),
             team_granule: team_granule.unwrap_or(as_u64(reply[5])),
-            budget_remaining: super::budget_remaining(&admission.key.limits, as_u64(reply[6]), as_u64(reply[7])),
+            budget_remaining: super::budget_remaining(&admission.key().limits, as_u64(reply[6]), as_u64(reply[7])),
         }))
     }
 
     /// Takes back a team reservation whose key was then refused.
     async fn refund_team(&self, admission: &Admission, granule: Option<u64>) {
-        if let (Some(team), Some(granule)) = (&admission.team, granule) {
+        if let (Some(team), Some(granule)) = (admission.team(), granule) {
             let item = SettleItem { granule, requests: -1, tokens: -(admission.tokens as i64), budget: 0 };
             let _ = self.answer(self.settles.submit(settle_lane(team, admission.period), item)).await;
         }
@@ -716,9 +716,9 @@ impl RedisStore {
     /// join the next flush, summed per granule. False (nothing done) otherwise.
     pub fn settle_deferred(&self, admission: &Admission, granted: &Granted, delta: i64) -> bool {
         let sliced = |limits: LaneLimits| slice::sliceable(&limits, admission.tokens);
-        let key = sliced(lane_limits(&admission.key.limits, true));
+        let key = sliced(lane_limits(&admission.key().limits, true));
         // A team is only settled when it limits tokens per minute (see `settlements`).
-        let team = admission.team.as_ref().filter(|t| t.limits.tokens_per_minute.is_some());
+        let team = admission.team().filter(|t| t.limits.tokens_per_minute.is_some());
         if !key || team.is_some_and(|t| !sliced(lane_limits(&t.limits, false))) {
             return false;
         }

@@ -27,7 +27,7 @@ pub async fn admit(
     client: Option<IpAddr>,
     now_ms: u64,
 ) -> Result<Option<Ticket>, GatewayError> {
-    let admission = grant.limits.as_deref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
+    let admission = grant.limits.as_ref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
     if !limiter.is_shared() {
         // In process: decided at once, without building the shared store's futures.
         return admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error);
@@ -145,7 +145,7 @@ impl RateHeaders {
 
     /// What an admitted request has left; `None` when its key has no per-minute limits.
     pub fn for_ticket(ticket: &Ticket) -> Option<Self> {
-        let limits = &ticket.admission.key.limits;
+        let limits = &ticket.admission.key().limits;
         let granted = &ticket.granted;
         let window = |limit: Option<u64>, used: u64, reset_ms: u64| {
             limit.map(|limit| Window { limit, remaining: limit.saturating_sub(used), reset_ms })

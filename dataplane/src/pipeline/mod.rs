@@ -284,7 +284,10 @@ impl Gateway {
         let outbound = forward::build(route, (&uri, &headers), body.clone(), &head, model, chosen, &record.request_id)
             .map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
-        let provided = self.send(route, model, chosen, outbound).await.map_err(fail)?;
+        // The response deadline counts from the latest clock reading unless something since
+        // may have waited: only the shared limiter's round trip can (a slow body re-read it).
+        let sent_at = if self.limiter.is_shared() { Instant::now() } else { record.admitted_at };
+        let provided = self.send(route, model, chosen, outbound, sent_at).await.map_err(fail)?;
 
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
@@ -315,6 +318,7 @@ impl Gateway {
         model: &str,
         chosen: &ModelRoute,
         outbound: forward::Outbound,
+        now: Instant,
     ) -> Result<Provided, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
@@ -326,8 +330,8 @@ impl Gateway {
             });
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
-        // One clock read for the response deadline and the idle pool's expiry check.
-        let now = tokio::time::Instant::now();
+        // One reading serves the response deadline and the idle pool's expiry check.
+        let now = tokio::time::Instant::from_std(now);
         // Pinned where it is made: the timeout wraps a pointer to it instead of moving (copying)
         // the whole future twice.
         let pending = std::pin::pin!(self.client.send_encoded(
