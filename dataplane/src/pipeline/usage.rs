@@ -7,6 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 use crate::json_scan::{plain_name, Scanner};
 
@@ -101,23 +102,39 @@ fn mentions_usage_object(event: &[u8]) -> bool {
     usage_key().find_iter(event).any(|pos| usage_object_at(event, pos).is_some())
 }
 
+/// Bytes at the end of a body searched forward first (a vectorised search; the backward one is
+/// bytewise): a response's `usage` is near its end.
+const USAGE_WINDOW: usize = 2048;
+
 /// The usage object following the last `"usage":` key in `json` that holds an object.
 pub fn find_usage(json: &[u8]) -> Option<Usage> {
-    let mut end = json.len();
+    let split = json.len().saturating_sub(USAGE_WINDOW);
+    let in_window: SmallVec<[usize; 4]> = usage_key().find_iter(&json[split..]).map(|pos| split + pos).collect();
+    if let Some(usage) = in_window.iter().rev().find_map(|&pos| usage_at(json, pos)) {
+        return Some(usage);
+    }
+    // Keys that start before the window (one may end inside it), last first.
+    let mut end = (split + USAGE_KEY.len() - 1).min(json.len());
     while let Some(pos) = usage_key_rev().rfind(&json[..end]) {
         end = pos;
-        let Some(rest) = usage_object_at(json, pos) else {
-            continue;
-        };
-        if let Some(fields) = UsageFields::scan(rest) {
-            return Some(fields.into());
-        }
-        let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<UsageFields>();
-        if let Some(Ok(fields)) = stream.next() {
-            return Some(fields.into());
+        if let Some(usage) = usage_at(json, pos) {
+            return Some(usage);
         }
     }
     None
+}
+
+/// The usage object after the `"usage"` key at `pos`, if its value is one.
+fn usage_at(json: &[u8], pos: usize) -> Option<Usage> {
+    let rest = usage_object_at(json, pos)?;
+    if let Some(fields) = UsageFields::scan(rest) {
+        return Some(fields.into());
+    }
+    let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<UsageFields>();
+    match stream.next() {
+        Some(Ok(fields)) => Some(fields.into()),
+        _ => None,
+    }
 }
 
 /// Keeps the last bytes of a JSON body. The newest chunk is held by reference and copied only
@@ -406,6 +423,33 @@ mod tests {
             find_usage(&[br#"{"id":"x","usage":"#, &openai[..]].concat()),
             Some(Usage { input: Some(19), output: Some(10) })
         );
+    }
+
+    /// The last usage object wins wherever it sits: in the window searched forward, before it,
+    /// or across its start; a later key without an object does not hide an earlier one.
+    #[test]
+    fn the_last_usage_object_is_found_inside_and_before_the_window() {
+        let usage = |n: u64| format!(r#""usage":{{"prompt_tokens":{n},"completion_tokens":1}}"#);
+        let found = |json: &str| find_usage(json.as_bytes()).and_then(|u| u.input);
+        for filler in [0, 100, USAGE_WINDOW - 40, USAGE_WINDOW - 3, USAGE_WINDOW, 3 * USAGE_WINDOW] {
+            let pad = "x".repeat(filler);
+            assert_eq!(found(&format!(r#"{{{},"a":"{pad}"}}"#, usage(1))), Some(1), "filler {filler}");
+            assert_eq!(found(&format!(r#"{{{},"a":"{pad}",{}}}"#, usage(1), usage(2))), Some(2), "filler {filler}");
+            assert_eq!(found(&format!(r#"{{{},"a":"{pad}","usage":null}}"#, usage(3))), Some(3), "filler {filler}");
+            assert_eq!(
+                found(&format!(r#"{{{},"a":"{pad}","usage":{{"prompt_tokens":"bad"}}}}"#, usage(4))),
+                Some(4),
+                "filler {filler}"
+            );
+        }
+        // The window starting at every byte of the key and around it.
+        for start in 0..12 {
+            // `{` + key + `,"a":"` + pad + `"}`: the window starts at `len - USAGE_WINDOW`.
+            let pad = USAGE_WINDOW + start - usage(5).len() - 9;
+            let json = format!(r#"{{{},"a":"{}"}}"#, usage(5), "y".repeat(pad));
+            assert_eq!(json.len() - USAGE_WINDOW, start);
+            assert_eq!(found(&json), Some(5), "window from {start}");
+        }
     }
 
     #[test]
