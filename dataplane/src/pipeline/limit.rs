@@ -19,8 +19,35 @@ pub fn estimate_tokens(body_len: usize, head: &RequestHead<'_>, default_output: 
     (input, input + head.output_cap().unwrap_or(default_output))
 }
 
-/// Admits the request or says which limit refused it.
-pub async fn admit(
+/// Admits the request or says which limit refused it, at once when there is no shared store:
+/// no future is built or moved for it. `None` when there is one: ask [`admit_shared`].
+pub fn admit_in_process(
+    limiter: &Limiter,
+    grant: &KeyGrant,
+    tokens: u64,
+    now_ms: u64,
+) -> Option<Result<Option<Ticket>, GatewayError>> {
+    if limiter.is_shared() {
+        return None;
+    }
+    let admission = grant.limits.as_ref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
+    Some(admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error))
+}
+
+/// Admits the request through the shared store or says which limit refused it. The future
+/// (the admission and the lockout check, joined) is large, so it is boxed: every request's
+/// pipeline future need not make room for it.
+pub async fn admit_shared(
+    limiter: &Limiter,
+    grant: &KeyGrant,
+    tokens: u64,
+    client: Option<IpAddr>,
+    now_ms: u64,
+) -> Result<Option<Ticket>, GatewayError> {
+    Box::pin(admit_shared_unboxed(limiter, grant, tokens, client, now_ms)).await
+}
+
+async fn admit_shared_unboxed(
     limiter: &Limiter,
     grant: &KeyGrant,
     tokens: u64,
@@ -28,10 +55,6 @@ pub async fn admit(
     now_ms: u64,
 ) -> Result<Option<Ticket>, GatewayError> {
     let admission = grant.limits.as_ref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
-    if !limiter.is_shared() {
-        // In process: decided at once, without building the shared store's futures.
-        return admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error);
-    }
     let admitted = async {
         match admission {
             Some(admission) => limiter.admit(admission).await.map(Some),

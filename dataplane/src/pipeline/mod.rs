@@ -233,7 +233,9 @@ impl Gateway {
             Ok(grant) => grant,
             Err(GatewayError::InvalidApiKey) => {
                 if let Some(ip) = client {
-                    self.limiter.auth_failed(ip).await;
+                    // Boxed: a rare path whose future (a shared-store round trip) would otherwise
+                    // make every request's future larger.
+                    Box::pin(self.limiter.auth_failed(ip)).await;
                 }
                 return Err(fail(GatewayError::InvalidApiKey));
             }
@@ -268,7 +270,11 @@ impl Gateway {
 
         let (input_estimate, reserve) =
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
-        let ticket = limit::admit(&self.limiter, grant, reserve, client, now_ms).await.map_err(fail)?;
+        let ticket = match limit::admit_in_process(&self.limiter, grant, reserve, now_ms) {
+            Some(decided) => decided,
+            None => limit::admit_shared(&self.limiter, grant, reserve, client, now_ms).await,
+        }
+        .map_err(fail)?;
         record.input_estimate = input_estimate;
         let budget = ticket
             .as_ref()

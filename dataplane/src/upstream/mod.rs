@@ -234,7 +234,9 @@ impl UpstreamClient {
                 Err(failure) => return Err(failure.error.into()),
             }
         }
-        let lease = self.connect(origin).await?;
+        // Boxed: a TLS handshake's future is large, and every request's future would otherwise
+        // make room for it (and be copied with it) although most requests reuse a connection.
+        let lease = Box::pin(self.connect(origin)).await?;
         lease.send(head, body, head_request).await.map_err(|failure| failure.error.into())
     }
 
