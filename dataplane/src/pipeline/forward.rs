@@ -125,26 +125,35 @@ pub struct Outbound {
     /// The request head as the provider receives it, `Content-Length` included; empty for the
     /// in-process mock provider. It holds the provider credential and is zeroized when dropped.
     pub head: zeroize::Zeroizing<Vec<u8>>,
-    pub body: Bytes,
+    /// The body when the gateway rewrote it; `None` sends the client's as it came (borrowed, so
+    /// the request's bytes are not shared once more).
+    rewritten: Option<Bytes>,
     /// The gateway asked for OpenAI's usage chunk; the client did not and must not see it.
     pub strip_usage_chunk: bool,
 }
 
-/// The body to send: unchanged unless the model must be renamed or usage requested.
+impl Outbound {
+    /// The body to send, given the client's.
+    pub fn body<'b>(&'b self, client: &'b Bytes) -> &'b Bytes {
+        self.rewritten.as_ref().unwrap_or(client)
+    }
+}
+
+/// The body to send when it is not the client's: the model renamed or usage requested.
 fn upstream_body(
-    body: Bytes,
+    body: &Bytes,
     route: ApiRoute,
     head: &RequestHead<'_>,
     chosen: &ModelRoute,
-) -> Result<(Bytes, bool), GatewayError> {
+) -> Result<(Option<Bytes>, bool), GatewayError> {
     let wants_usage_injection = matches!(route, ApiRoute::ChatCompletions | ApiRoute::Completions)
         && chosen.upstream.kind != ProviderKind::Anthropic
         && head.streaming()
         && !head.client_wants_usage();
     if chosen.upstream_model.is_none() && !wants_usage_injection {
-        return Ok((body, false));
+        return Ok((None, false));
     }
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|_| GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned()))?;
     if let Some(upstream_model) = &chosen.upstream_model {
         object.insert("model".to_owned(), serde_json::Value::String(upstream_model.to_string()));
@@ -158,7 +167,7 @@ fn upstream_body(
     }
     let bytes = serde_json::to_vec(&object)
         .map_err(|_| GatewayError::InvalidRequest("The request body could not be re-encoded.".to_owned()))?;
-    Ok((Bytes::from(bytes), wants_usage_injection))
+    Ok((Some(Bytes::from(bytes)), wants_usage_injection))
 }
 
 /// The origin-form target (`/v1/chat/completions?…`) from the paths precomputed per snapshot.
@@ -184,16 +193,17 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
 pub fn build(
     route: ApiRoute,
     (uri, client): (&Uri, &impl HeaderFields),
-    body: Bytes,
+    body: &Bytes,
     head: &RequestHead<'_>,
     model: &str,
     chosen: &ModelRoute,
     request_id: &HeaderValue,
 ) -> Result<Outbound, GatewayError> {
-    let (body, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
+    let (rewritten, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
+    let body_len = rewritten.as_ref().unwrap_or(body).len();
     let upstream = &chosen.upstream;
     let Some(endpoint) = upstream.endpoint.as_ref().filter(|_| upstream.kind != ProviderKind::Mock) else {
-        return Ok(Outbound { head: zeroize::Zeroizing::new(Vec::new()), body, strip_usage_chunk });
+        return Ok(Outbound { head: zeroize::Zeroizing::new(Vec::new()), rewritten, strip_usage_chunk });
     };
     let target = upstream_path(route, uri, model, chosen)?;
     // Fields the client's `Connection` header names are hop-by-hop too (names are lowercase,
@@ -216,9 +226,9 @@ pub fn build(
         + gateway.iter().flatten().map(|(name, value)| field_len(name, value)).sum::<usize>();
     let fields = forwarded.chain(gateway.iter().flatten().copied());
     let target = target.path_and_query().map_or("/", |target| target.as_str());
-    let head = encode_fields(&Method::POST, target, fields, bound, body.len())
-        .map_err(|_| GatewayError::UpstreamUnavailable)?;
-    Ok(Outbound { head, body, strip_usage_chunk })
+    let head =
+        encode_fields(&Method::POST, target, fields, bound, body_len).map_err(|_| GatewayError::UpstreamUnavailable)?;
+    Ok(Outbound { head, rewritten, strip_usage_chunk })
 }
 
 #[cfg(test)]

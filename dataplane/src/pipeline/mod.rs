@@ -287,13 +287,13 @@ impl Gateway {
             record.ticket = Some((self.limiter.clone(), ticket));
         }
 
-        let outbound = forward::build(route, (&uri, &headers), body.clone(), &head, model, chosen, &record.request_id)
-            .map_err(fail)?;
+        let outbound =
+            forward::build(route, (&uri, &headers), &body, &head, model, chosen, &record.request_id).map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
         // The response deadline counts from the latest clock reading unless something since
         // may have waited: only the shared limiter's round trip can (a slow body re-read it).
         let sent_at = if self.limiter.is_shared() { Instant::now() } else { record.admitted_at };
-        let provided = self.send(route, model, chosen, outbound, sent_at).await.map_err(fail)?;
+        let provided = self.send(route, model, chosen, (outbound, &body), sent_at).await.map_err(fail)?;
 
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
@@ -323,12 +323,12 @@ impl Gateway {
         route: ApiRoute,
         model: &str,
         chosen: &ModelRoute,
-        outbound: forward::Outbound,
+        (outbound, client_body): (forward::Outbound, &Bytes),
         now: Instant,
     ) -> Result<Provided, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
-            let (parts, body) = crate::mock::respond(route, &outbound.body, upstream_model).into_parts();
+            let (parts, body) = crate::mock::respond(route, outbound.body(client_body), upstream_model).into_parts();
             return Ok(Provided {
                 status: parts.status,
                 fields: ResponseFields::Map(parts.headers),
@@ -343,7 +343,7 @@ impl Gateway {
         let pending = std::pin::pin!(self.client.send_encoded(
             &endpoint.origin,
             &outbound.head,
-            &outbound.body,
+            outbound.body(client_body),
             false,
             now.into()
         ));
