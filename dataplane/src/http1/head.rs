@@ -75,18 +75,32 @@ pub struct Head {
 /// Parses the head at the front of `buf`. `Ok(None)`: not complete yet. On success the head's
 /// bytes are split off `buf` (which keeps whatever follows: the body, or a pipelined request).
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
-    let mut raw = None;
-    parse_inner(buf, max_head, &mut raw).map_err(|error| {
-        let flavor = sniff_flavor(raw.as_deref().unwrap_or(&buf[..]));
-        Refused { error, flavor }
-    })
+    let refused = |error, raw: &[u8]| Refused { error, flavor: sniff_flavor(raw) };
+    let (len, request_line, lines) = match scan(buf, max_head) {
+        Ok(Some(scanned)) => scanned,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(refused(error, &buf[..])),
+    };
+    let headers = RawFields::split_from(buf, len, lines);
+    // Refusals from here on read the request line from the head split off.
+    match finish(&headers, &request_line) {
+        Ok((uri, framing, keep_alive, expect_continue)) => {
+            let RequestLine { method, version, .. } = request_line;
+            Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
+        }
+        Err(error) => Err(refused(error, headers.head())),
+    }
 }
 
-fn parse_inner(
-    buf: &mut BytesMut,
-    max_head: usize,
-    raw: &mut Option<bytes::Bytes>,
-) -> Result<Option<Head>, Http1Error> {
+/// What the request line says; the target as a range of the head.
+struct RequestLine {
+    method: Method,
+    version: Version,
+    target: (u32, u32),
+}
+
+/// The head's length, its request line and its field lines, once the head is complete.
+fn scan(buf: &BytesMut, max_head: usize) -> Result<Option<(usize, RequestLine, Lines)>, Http1Error> {
     // Left uninitialised: httparse writes only the lines it finds (zeroing the whole table
     // cost as much as parsing a typical head).
     let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -112,21 +126,24 @@ fn parse_inner(
     let malformed = || Http1Error::Malformed("The request head is not valid HTTP/1.1.");
     let target = fields::range_in(&buf[..len], request.path.unwrap_or_default().as_bytes()).ok_or_else(malformed)?;
     let lines = Lines::index(&buf[..len], request.headers).ok_or_else(malformed)?;
+    Ok(Some((len, RequestLine { method, version, target }, lines)))
+}
 
+/// The target as a URI, and the body's framing, from a head split off the buffer.
+fn finish(headers: &RawFields, line: &RequestLine) -> Result<(Uri, Framing, bool, bool), Http1Error> {
     // httparse has checked that names are tokens and that values hold only visible characters,
     // spaces, tabs and obs-text (no other control character, no DEL: the rule `HeaderValue`
     // applies; `control_characters_and_bad_targets_are_refused` holds it to that).
-    let headers = RawFields::split_from(buf, len, lines);
-    *raw = Some(headers.head().clone());
     let mut framing = Framer::default();
     for (name, value) in headers.each() {
         framing.observe(name, value)?;
     }
-    let (framing, keep_alive, expect_continue) = framing.finish(version)?;
-    let target = headers.head().get(target.0 as usize..target.1 as usize).ok_or_else(malformed)?;
+    let (framing, keep_alive, expect_continue) = framing.finish(line.version)?;
+    let malformed = || Http1Error::Malformed("The request head is not valid HTTP/1.1.");
+    let target = headers.head().get(line.target.0 as usize..line.target.1 as usize).ok_or_else(malformed)?;
     let uri = Uri::from_maybe_shared(headers.head().slice_ref(target))
         .map_err(|_| Http1Error::Malformed("The request target is not a valid URI."))?;
-    Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
+    Ok((uri, framing, keep_alive, expect_continue))
 }
 
 /// What the framing headers say, gathered one line at a time.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -52,6 +53,9 @@ pub struct MemoryStore {
     hasher: RandomState,
     /// Keyed by address, not its text: checked on every request.
     lockouts: Mutex<HashMap<IpAddr, AuthFailures, RandomState>>,
+    /// How many addresses `lockouts` holds, stored under its lock: while none has failed, the
+    /// check on every request reads this instead of taking the lock.
+    lockout_entries: AtomicUsize,
 }
 
 impl Default for MemoryStore {
@@ -60,6 +64,7 @@ impl Default for MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: RandomState::default(),
             lockouts: Mutex::new(HashMap::default()),
+            lockout_entries: AtomicUsize::new(0),
         }
     }
 }
@@ -196,6 +201,9 @@ impl MemoryStore {
     /// Remaining lockout for `client`, if any. The clock is read only for an address with a
     /// record (this runs on every request).
     pub fn locked(&self, client: IpAddr, now_ms: impl FnOnce() -> u64) -> Option<u64> {
+        if self.lockout_entries.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
         let until = map.get(&client)?.locked_until_ms;
         let now_ms = now_ms();
@@ -215,6 +223,8 @@ impl MemoryStore {
         if map.len() > 100_000 {
             map.retain(|_, f| f.locked_until_ms > now_ms || f.window_start_ms + window_ms > now_ms);
         }
+        let entries = map.len() + usize::from(!map.contains_key(&client));
+        self.lockout_entries.store(entries, Ordering::Release);
         let entry = map.entry(client).or_default();
         if entry.locked_until_ms > now_ms {
             return Some(entry.locked_until_ms - now_ms);
@@ -237,5 +247,6 @@ impl MemoryStore {
             client,
             AuthFailures { window_start_ms: now_ms, failures: 0, locked_until_ms: now_ms + remaining_ms },
         );
+        self.lockout_entries.store(map.len(), Ordering::Release);
     }
 }

@@ -729,6 +729,12 @@ mod tests {
         assert!(l.locked_locally("192.0.2.8".parse().expect("ip")).is_none());
         clock.0.fetch_add(30_001, Ordering::Relaxed);
         assert!(l.locked_locally(ip).is_none());
+        // A lockout learned from the shared store applies locally at once.
+        let other: IpAddr = "192.0.2.9".parse().expect("ip");
+        let fresh = limiter(clock.clone());
+        assert!(fresh.locked_locally(other).is_none());
+        fresh.memory.remember_lockout(other, clock.now_ms(), 5_000);
+        assert_eq!(fresh.locked_locally(other), Some(5_000));
     }
 
     #[test]
