@@ -26,7 +26,8 @@ use crate::upstream::UpstreamBody;
 /// What is known about one request, filled in phase by phase.
 #[derive(Debug)]
 pub struct AccessRecord {
-    metrics: Arc<Metrics>,
+    /// `None` in the inert record a hand-off leaves behind (nothing finishes it).
+    metrics: Option<Arc<Metrics>>,
     started: Instant,
     pub request_id: HeaderValue,
     pub route: Option<ApiRoute>,
@@ -48,6 +49,10 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     pub fn new(metrics: Arc<Metrics>, started: Instant, request_id: HeaderValue) -> Self {
+        Self::with(Some(metrics), started, request_id)
+    }
+
+    fn with(metrics: Option<Arc<Metrics>>, started: Instant, request_id: HeaderValue) -> Self {
         Self {
             metrics,
             started,
@@ -98,9 +103,9 @@ impl AccessRecord {
     }
 
     /// Takes the record out to hand it to a response body, leaving an inert one in its place
-    /// (same start, no request id; nothing finishes it).
+    /// (same start, no request id, no metrics; nothing finishes it).
     pub fn hand_off(&mut self) -> AccessRecord {
-        let inert = AccessRecord::new(self.metrics.clone(), self.started, HeaderValue::from_static("-"));
+        let inert = AccessRecord::with(None, self.started, HeaderValue::from_static("-"));
         std::mem::replace(self, inert)
     }
 
@@ -113,23 +118,24 @@ impl AccessRecord {
     /// clock (one read fewer per request).
     pub fn finish_at(mut self, outcome: &str, ended: Option<Instant>) {
         self.settle(ended);
+        let Some(metrics) = self.metrics.take() else { return };
         let elapsed = ended.unwrap_or_else(Instant::now).saturating_duration_since(self.started);
         let route = self.route.map_or("unknown", ApiRoute::label);
         let ok = outcome == "ok";
         match self.route {
-            Some(api) if ok => self.metrics.count_ok(api),
-            _ => self.metrics.requests.with_label_values(&[route, outcome]).inc(),
+            Some(api) if ok => metrics.count_ok(api),
+            _ => metrics.requests.with_label_values(&[route, outcome]).inc(),
         }
         let provider = self.chosen.as_ref().map(|c| c.upstream.label.as_str());
         let model = self.chosen.as_ref().map(|c| &*c.declared);
         if let (Some(chosen), Some(api)) = (&self.chosen, self.route) {
             let op = api.operation_name();
             let (provider, model) = (chosen.upstream.label.as_str(), &*chosen.declared);
-            let series = chosen.metrics[api.index()].get_or_init(|| self.metrics.route_metrics(op, provider, model));
+            let series = chosen.metrics[api.index()].get_or_init(|| metrics.route_metrics(op, provider, model));
             if ok {
                 series.duration_ok.observe(elapsed.as_secs_f64());
             } else {
-                self.metrics
+                metrics
                     .request_duration
                     .with_label_values(&[op, provider, model, outcome])
                     .observe(elapsed.as_secs_f64());
@@ -175,10 +181,15 @@ pub enum UsageReader {
 }
 
 impl UsageReader {
-    fn push(&mut self, data: Bytes) -> Option<Bytes> {
+    /// Takes the next chunk; `last` when the body ends with it.
+    fn push(&mut self, data: Bytes, last: bool) -> Option<Bytes> {
         match self {
             UsageReader::Json(tail) => {
-                tail.push(data.clone());
+                if last {
+                    tail.push_last(&data);
+                } else {
+                    tail.push(data.clone());
+                }
                 Some(data)
             }
             UsageReader::Sse(scanner) => scanner.push(data),
@@ -427,7 +438,7 @@ impl Body for MeteredBody {
                             if let Some(record) = this.record.as_mut() {
                                 record.mark_first_byte(now.into_std());
                             }
-                            let out = this.reader.push(data);
+                            let out = this.reader.push(data, this.inner.is_end_stream());
                             if let Some(error) = this.over_budget() {
                                 let last = this.cut(&error, out);
                                 return Poll::Ready(Some(Ok(Frame::data(last))));

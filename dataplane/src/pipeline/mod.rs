@@ -191,11 +191,12 @@ impl Gateway {
     {
         let started = Instant::now();
         let request_id = api::request_id(&request.headers);
-        let mut record = AccessRecord::new(self.metrics.clone(), started, request_id.clone());
+        let mut record = AccessRecord::new(self.metrics.clone(), started, request_id);
         match self.serve(request, peer, &mut record).await {
             Ok(reply) => reply,
+            // Errors come before the record is handed to a response body: it holds the id.
             Err((flavor, error)) => {
-                let response = error.clone().into_response(flavor, &request_id);
+                let response = error.clone().into_response(flavor, &record.request_id);
                 record.status = response.status().as_u16();
                 record.finish(error.shape().code);
                 Reply::plain(response)

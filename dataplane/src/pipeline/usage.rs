@@ -143,12 +143,24 @@ fn usage_at(json: &[u8], pos: usize) -> Option<Usage> {
 pub struct JsonTail {
     tail: Vec<u8>,
     last: Option<Bytes>,
+    /// The usage, read when a body's only chunk arrived (it is then not kept).
+    read: Option<Option<Usage>>,
 }
 
 impl JsonTail {
     pub fn push(&mut self, chunk: Bytes) {
         if let Some(previous) = self.last.replace(chunk) {
             self.append(&previous);
+        }
+    }
+
+    /// The body's last chunk: when it is also the first (a small response), its usage is read
+    /// now and the chunk is not held.
+    pub fn push_last(&mut self, chunk: &Bytes) {
+        if self.last.is_none() && self.tail.is_empty() {
+            self.read = Some(find_usage(chunk));
+        } else {
+            self.push(chunk.clone());
         }
     }
 
@@ -164,6 +176,9 @@ impl JsonTail {
     }
 
     pub fn usage(&self) -> Option<Usage> {
+        if let Some(read) = self.read {
+            return read;
+        }
         match &self.last {
             None => find_usage(&self.tail),
             Some(last) if self.tail.is_empty() || last.len() >= JSON_TAIL_BYTES => find_usage(last),
@@ -463,6 +478,19 @@ mod tests {
         let mut whole = JsonTail::default();
         whole.push(Bytes::from_static(br#"{"x":1,"usage":{"prompt_tokens":2,"completion_tokens":5}}"#));
         assert_eq!(whole.usage(), Some(Usage { input: Some(2), output: Some(5) }));
+        // Told it is the last chunk: read at once when it is the only one, kept when not.
+        let body = Bytes::from_static(br#"{"x":1,"usage":{"prompt_tokens":2,"completion_tokens":5}}"#);
+        let mut only = JsonTail::default();
+        only.push_last(&body);
+        assert!(only.last.is_none());
+        assert_eq!(only.usage(), Some(Usage { input: Some(2), output: Some(5) }));
+        let mut split = JsonTail::default();
+        split.push(body.slice(..20));
+        split.push_last(&body.slice(20..));
+        assert_eq!(split.usage(), Some(Usage { input: Some(2), output: Some(5) }));
+        let mut none = JsonTail::default();
+        none.push_last(&Bytes::from_static(b"{}"));
+        assert_eq!(none.usage(), None);
         // A quoted "usage" inside content is escaped and never matches.
         assert_eq!(find_usage(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}"}"#), None);
         assert_eq!(find_usage(br#"{"usage": null}"#), None);
