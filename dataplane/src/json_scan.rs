@@ -254,9 +254,13 @@ pub fn plain_name(key: &[u8], plain: bool) -> Option<&[u8]> {
 fn special_at(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    let (words, tail) = bytes.as_chunks::<8>();
-    for (index, word) in words.iter().enumerate() {
-        let word = u64::from_le_bytes(*word);
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    let whole = bytes.len() - tail.len();
+    for (index, word) in words.enumerate() {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        let word = u64::from_le_bytes(eight);
         let quote = word ^ (ONES * u64::from(b'"'));
         let backslash = word ^ (ONES * u64::from(b'\\'));
         // Per byte: zero after the xor, or below 0x20. The lowest flagged byte is exact (a borrow
@@ -269,8 +273,7 @@ fn special_at(bytes: &[u8]) -> Option<usize> {
             return Some(index * 8 + hits.trailing_zeros() as usize / 8);
         }
     }
-    let done = words.len() * 8;
-    tail.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).map(|at| done + at)
+    tail.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).map(|at| whole + at)
 }
 
 #[cfg(test)]
@@ -492,6 +495,9 @@ mod tests {
             "[1 2]",
             "tru",
             "{} x",
+            // Form feed and vertical tab are not JSON whitespace.
+            "\u{c}{}",
+            "[1,\u{b}2]",
         ] {
             assert!(!skips_whole(bad.as_bytes()), "{bad}");
         }
@@ -499,20 +505,22 @@ mod tests {
 
     #[test]
     fn special_bytes_are_found_in_every_position() {
-        for len in 0..40 {
-            for at in 0..len {
-                for special in [b'"', b'\\', 0x00, 0x1f] {
-                    let mut bytes = vec![b'a'; len];
-                    bytes[at] = special;
-                    // A later special byte must not win.
-                    if at + 1 < len {
-                        bytes[len - 1] = b'"';
+        // Fillers next to the special bytes' values, so a borrow or a near miss would show.
+        for filler in [b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff] {
+            for len in 0..40 {
+                for at in 0..len {
+                    for special in [b'"', b'\\', 0x00, 0x01, 0x1f] {
+                        let mut bytes = vec![filler; len];
+                        bytes[at] = special;
+                        // A later special byte must not win.
+                        if at + 1 < len {
+                            bytes[len - 1] = b'"';
+                        }
+                        assert_eq!(special_at(&bytes), Some(at), "filler {filler} len {len} at {at} byte {special}");
                     }
-                    assert_eq!(special_at(&bytes), Some(at), "len {len} at {at} byte {special}");
                 }
+                assert_eq!(special_at(&vec![filler; len]), None, "filler {filler} len {len}");
             }
-            assert_eq!(special_at(&vec![0x20; len]), None);
-            assert_eq!(special_at(&vec![0xff; len]), None);
         }
     }
 

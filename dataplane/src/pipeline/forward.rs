@@ -120,7 +120,6 @@ impl PassedFields {
 }
 
 /// The outbound request and what metering must know about it.
-#[derive(Debug)]
 pub struct Outbound {
     /// The request head as the provider receives it, `Content-Length` included; empty for the
     /// in-process mock provider. It holds the provider credential and is zeroized when dropped.
@@ -132,7 +131,23 @@ pub struct Outbound {
     pub strip_usage_chunk: bool,
 }
 
+/// Sizes only: the head holds the provider credential, the body the client's content.
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("head_len", &self.head.len())
+            .field("rewritten_len", &self.rewritten.as_ref().map(Bytes::len))
+            .field("strip_usage_chunk", &self.strip_usage_chunk)
+            .finish()
+    }
+}
+
 impl Outbound {
+    /// Whether the gateway rewrote the body (the model renamed or usage requested).
+    pub fn rewrote(&self) -> bool {
+        self.rewritten.is_some()
+    }
+
     /// The body to send, given the client's.
     pub fn body<'b>(&'b self, client: &'b Bytes) -> &'b Bytes {
         self.rewritten.as_ref().unwrap_or(client)

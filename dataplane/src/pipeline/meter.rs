@@ -80,7 +80,8 @@ impl AccessRecord {
             (input, output) => input.unwrap_or(self.input_estimate) + output.unwrap_or(self.observed_output),
         };
         // The request's end on the limiter's clock, without reading it again when the caller
-        // has just read the monotonic one.
+        // has just read the monotonic one. A wall-clock step during the request is not seen:
+        // the settlement lands where the admission's time plus the elapsed time says.
         let now_ms = || match ended {
             Some(ended) => {
                 let since = ended.saturating_duration_since(self.admitted_at).as_millis();

@@ -292,8 +292,10 @@ impl Gateway {
             forward::build(route, (&uri, &headers), &body, &head, model, chosen, &record.request_id).map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
         // The response deadline counts from the latest clock reading unless something since
-        // may have waited: only the shared limiter's round trip can (a slow body re-read it).
-        let sent_at = if self.limiter.is_shared() { Instant::now() } else { record.admitted_at };
+        // may have taken time: the shared limiter's round trip, or rewriting the body (a slow
+        // body re-read it already).
+        let fresh = self.limiter.is_shared() || outbound.rewrote();
+        let sent_at = if fresh { Instant::now() } else { record.admitted_at };
         let provided = self.send(route, model, chosen, (outbound, &body), sent_at).await.map_err(fail)?;
 
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))

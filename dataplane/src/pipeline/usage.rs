@@ -109,7 +109,13 @@ const USAGE_WINDOW: usize = 2048;
 /// The usage object following the last `"usage":` key in `json` that holds an object.
 pub fn find_usage(json: &[u8]) -> Option<Usage> {
     let split = json.len().saturating_sub(USAGE_WINDOW);
-    let in_window: SmallVec<[usize; 4]> = usage_key().find_iter(&json[split..]).map(|pos| split + pos).collect();
+    // Every start, overlapping ones included, as the backward search would see them.
+    let mut in_window: SmallVec<[usize; 4]> = SmallVec::new();
+    let mut from = split;
+    while let Some(pos) = usage_key().find(&json[from..]) {
+        in_window.push(from + pos);
+        from += pos + 1;
+    }
     if let Some(usage) = in_window.iter().rev().find_map(|&pos| usage_at(json, pos)) {
         return Some(usage);
     }
@@ -139,12 +145,23 @@ fn usage_at(json: &[u8], pos: usize) -> Option<Usage> {
 
 /// Keeps the last bytes of a JSON body. The newest chunk is held by reference and copied only
 /// when another follows it, so a body that arrives in one chunk is never copied.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct JsonTail {
     tail: Vec<u8>,
     last: Option<Bytes>,
     /// The usage, read when a body's only chunk arrived (it is then not kept).
     read: Option<Option<Usage>>,
+}
+
+/// Sizes only: the bytes are a provider's response.
+impl std::fmt::Debug for JsonTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonTail")
+            .field("tail_len", &self.tail.len())
+            .field("last_len", &self.last.as_ref().map(Bytes::len))
+            .field("read", &self.read)
+            .finish()
+    }
 }
 
 impl JsonTail {
@@ -194,12 +211,24 @@ impl JsonTail {
 
 /// Splits an SSE stream into events, meters usage, and optionally drops OpenAI's usage-only chunk
 /// (the one the gateway asked for on the client's behalf).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SseScanner {
     pending: BytesMut,
     strip_usage_only_chunk: bool,
     pub usage: Usage,
     pub events: u64,
+}
+
+/// Sizes and counts only: the pending bytes are a provider's response.
+impl std::fmt::Debug for SseScanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseScanner")
+            .field("pending_len", &self.pending.len())
+            .field("strip_usage_only_chunk", &self.strip_usage_only_chunk)
+            .field("usage", &self.usage)
+            .field("events", &self.events)
+            .finish()
+    }
 }
 
 /// Length of the event at the start of `buf` including its blank-line terminator (`\n\n` or
@@ -440,6 +469,19 @@ mod tests {
         );
     }
 
+    /// The readers' Debug output never holds response bytes.
+    #[test]
+    fn debug_output_holds_no_content() {
+        let mut tail = JsonTail::default();
+        tail.push(Bytes::from_static(b"{\"content\":\"CANARY-1\","));
+        tail.push(Bytes::from_static(b"\"more\":\"CANARY-2\"}"));
+        let mut scanner = SseScanner::new(false);
+        scanner.push(Bytes::from_static(b"data: {\"content\":\"CANARY-3\"}\n\ndata: {\"partial CANARY-4"));
+        let shown = format!("{tail:?} {scanner:?}");
+        assert!(!shown.contains("CANARY"), "{shown}");
+        assert!(shown.contains("pending_len"), "{shown}");
+    }
+
     /// The last usage object wins wherever it sits: in the window searched forward, before it,
     /// or across its start; a later key without an object does not hide an earlier one.
     #[test]
@@ -457,6 +499,8 @@ mod tests {
                 "filler {filler}"
             );
         }
+        // Overlapping keys (malformed, but read as the backward search reads them).
+        assert_eq!(found(r#"{"usage"usage":{"prompt_tokens":6}}"#), Some(6));
         // The window starting at every byte of the key and around it.
         for start in 0..12 {
             // `{` + key + `,"a":"` + pad + `"}`: the window starts at `len - USAGE_WINDOW`.
