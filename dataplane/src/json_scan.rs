@@ -6,7 +6,7 @@
 //! when it is certain serde_json would give the same answer, and otherwise gives up with `None`:
 //! an escape in a wanted string or in a field name, a field name that is not ASCII, a repeated
 //! field, a number that is not a plain integer where one is wanted, nesting deeper than
-//! [`MAX_DEPTH`], and any syntax error. The caller then asks serde_json, whose value (or error
+//! 64 levels, and any syntax error. The caller then asks serde_json, whose value (or error
 //! message) stands. The tests hold both readers to that contract on generated and mutated
 //! documents.
 //!

@@ -120,10 +120,10 @@ pub fn field_len(name: &[u8], value: &[u8]) -> usize {
     name.len() + value.len() + 4
 }
 
-/// [`encode_head`] from name and value bytes, in one pass. `fields_bound` is at least the sum
-/// of [`field_len`] over `fields` (the buffer is sized from it; a head that would outgrow it is
-/// refused rather than reallocated). The caller leaves out `Content-Length` and
-/// `Transfer-Encoding`.
+/// A request head (request line, fields, `Content-Length`) from name and value bytes, in one
+/// pass. `fields_bound` is at least the sum of [`field_len`] over `fields` (the buffer is sized
+/// from it; a head that would outgrow it is refused rather than reallocated). The caller leaves
+/// out `Content-Length` and `Transfer-Encoding`.
 pub fn encode_fields<'a>(
     method: &Method,
     target: &str,
