@@ -182,29 +182,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn array(&mut self, depth: u32) -> Option<()> {
-        if depth >= MAX_DEPTH {
-            return None;
-        }
-        self.eat(b'[')?;
-        self.ws();
-        if self.eat(b']').is_some() {
-            return Some(());
-        }
-        loop {
-            self.skip_value(depth + 1)?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.pos += 1;
-                    self.ws();
-                }
-                b']' => {
-                    self.pos += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+        self.sequence(depth, b'[', b']', |scanner| scanner.skip_value(depth + 1))
     }
 
     /// An object, handing each member's raw key (and whether it is plain) to `member`, which
@@ -214,27 +192,41 @@ impl<'a> Scanner<'a> {
         depth: u32,
         mut member: impl FnMut(&mut Self, &'a [u8], bool) -> Option<()>,
     ) -> Option<()> {
+        self.sequence(depth, b'{', b'}', |scanner| {
+            let (key, plain) = scanner.string()?;
+            scanner.ws();
+            scanner.eat(b':')?;
+            scanner.ws();
+            member(scanner, key, plain)
+        })
+    }
+
+    /// `open`, items separated by commas (no trailing one), `close`: the shape of arrays and
+    /// objects. `item` consumes one item.
+    fn sequence(
+        &mut self,
+        depth: u32,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
         if depth >= MAX_DEPTH {
             return None;
         }
-        self.eat(b'{')?;
+        self.eat(open)?;
         self.ws();
-        if self.eat(b'}').is_some() {
+        if self.eat(close).is_some() {
             return Some(());
         }
         loop {
-            let (key, plain) = self.string()?;
-            self.ws();
-            self.eat(b':')?;
-            self.ws();
-            member(self, key, plain)?;
+            item(self)?;
             self.ws();
             match self.peek()? {
                 b',' => {
                     self.pos += 1;
                     self.ws();
                 }
-                b'}' => {
+                byte if byte == close => {
                     self.pos += 1;
                     return Some(());
                 }

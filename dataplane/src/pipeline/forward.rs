@@ -264,6 +264,20 @@ mod tests {
             .collect()
     }
 
+    /// The outbound request's head holds the provider credential and its body the client's
+    /// content: Debug shows neither.
+    #[test]
+    fn outbound_debug_shows_sizes_only() {
+        let outbound = Outbound {
+            head: zeroize::Zeroizing::new(b"POST / HTTP/1.1\r\nauthorization: Bearer sk-CANARY\r\n\r\n".to_vec()),
+            rewritten: Some(Bytes::from_static(b"{\"messages\":\"CANARY\"}")),
+            strip_usage_chunk: true,
+        };
+        let shown = format!("{outbound:?}");
+        assert!(!shown.contains("CANARY"), "{shown}");
+        assert!(shown.contains("head_len"), "{shown}");
+    }
+
     #[test]
     fn a_providers_fields_are_passed_on_without_hop_by_hop_framing_or_cookies() {
         let ours = HeaderValue::from_static("req_ours");

@@ -35,19 +35,9 @@ pub fn admit_in_process(
 }
 
 /// Admits the request through the shared store or says which limit refused it. The future
-/// (the admission and the lockout check, joined) is large, so it is boxed: every request's
-/// pipeline future need not make room for it.
+/// (the admission and the lockout check, joined) is large: the caller boxes it, so that every
+/// request's pipeline future need not make room for it.
 pub async fn admit_shared(
-    limiter: &Limiter,
-    grant: &KeyGrant,
-    tokens: u64,
-    client: Option<IpAddr>,
-    now_ms: u64,
-) -> Result<Option<Ticket>, GatewayError> {
-    Box::pin(admit_shared_unboxed(limiter, grant, tokens, client, now_ms)).await
-}
-
-async fn admit_shared_unboxed(
     limiter: &Limiter,
     grant: &KeyGrant,
     tokens: u64,

@@ -273,7 +273,8 @@ impl Gateway {
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
         let ticket = match limit::admit_in_process(&self.limiter, grant, reserve, now_ms) {
             Some(decided) => decided,
-            None => limit::admit_shared(&self.limiter, grant, reserve, client, now_ms).await,
+            // Boxed: the shared store's future would otherwise make every request's larger.
+            None => Box::pin(limit::admit_shared(&self.limiter, grant, reserve, client, now_ms)).await,
         }
         .map_err(fail)?;
         record.input_estimate = input_estimate;
