@@ -14,8 +14,15 @@ instead of sleeping while traffic flows, trading CPU for the wake-up latency of 
 `portcullis-baseline` (not run by default) is `portcullis` from another build, named by
 BENCH_BASELINE_BIN: an earlier commit measured side by side with this one.
 
+`nginx-fields` is `nginx` adding to every response the fields Portcullis adds (`x-request-id`
+and the six `x-ratelimit-*`, values as long as the bench key's), so both send wrk the same
+response bytes. wrk shares CPU 0 with the upstream and that core is the ceiling at c=32, so the
+bytes wrk parses per response are part of every throughput figure; this row separates that
+share from the proxy's own speed. The `× nginx` column and the targets stay against plain nginx.
+
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
-BENCH_TARGETS (direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,envoy),
+BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,
+envoy),
 BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
 binary for the `portcullis-baseline` target).
@@ -37,7 +44,7 @@ BIN = os.path.join(ROOT, "target", "release")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 TARGETS = os.environ.get("BENCH_TARGETS",
-                         "direct,nginx,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,"
+                         "direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,"
                          "envoy").split(",")
 MODES = os.environ.get("BENCH_MODES", "plain,sse").split(",")
 CONNS = [int(c) for c in os.environ.get("BENCH_CONNS", "1,32").split(",")]
@@ -48,14 +55,28 @@ PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis-nolimit": BASE + 7, "portcullis-nolimit_admin": BASE + 8,
         "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11,
         "portcullis-busypoll": BASE + 12, "portcullis-busypoll_admin": BASE + 13,
-        "portcullis-baseline": BASE + 14, "portcullis-baseline_admin": BASE + 15}
-LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "portcullis": PORT["portcullis"],
+        "portcullis-baseline": BASE + 14, "portcullis-baseline_admin": BASE + 15,
+        "nginx-fields": BASE + 16}
+LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PORT["nginx-fields"],
+          "portcullis": PORT["portcullis"],
           "portcullis-nolimit": PORT["portcullis-nolimit"], "portcullis-redis": PORT["portcullis-redis"],
           "portcullis-busypoll": PORT["portcullis-busypoll"],
           "portcullis-baseline": PORT["portcullis-baseline"],
           "envoy": PORT["envoy"]}
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
 BUSY_POLL_US = 500
+# What `nginx-fields` adds: the fields Portcullis adds to a 200 for the bench key (LIMITS), with
+# values of the same length (the reset times vary by a character or two from one response to
+# the next). The table's `response head B` column shows both heads, so a drift would show.
+GATEWAY_FIELDS = [
+    ("x-request-id", "req_" + "0" * 32),
+    ("x-ratelimit-limit-requests", "1000000000"),
+    ("x-ratelimit-remaining-requests", "999999999"),
+    ("x-ratelimit-reset-requests", "60.000s"),
+    ("x-ratelimit-limit-tokens", "1000000000000"),
+    ("x-ratelimit-remaining-tokens", "999999999471"),
+    ("x-ratelimit-reset-tokens", "60.000s"),
+]
 CLIENT_KEY = "pcl_bench_client_key_0123456789_abcdefghijklmnop"
 BODY = {
     "plain": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}',
@@ -107,6 +128,28 @@ def request(port, mode, path="/v1/chat/completions", timeout=5):
     body = r.read()
     c.close()
     return r.status, body
+
+
+def response_head_bytes(port, mode):
+    """Bytes of the response head a keep-alive client gets for the bench request (what wrk
+    parses per response), or None if it could not be read."""
+    body = BODY[mode].encode()
+    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+           f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    got = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(req)
+            while b"\r\n\r\n" not in got and len(got) < 65536:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+    except OSError:
+        return None
+    end = got.find(b"\r\n\r\n")
+    return end + 4 if end >= 0 else None
 
 
 def wait_http(port, path, method="GET", deadline=20.0):
@@ -290,8 +333,10 @@ spec:
 """)
 
 
-def nginx_conf(d):
+def nginx_conf(d, name="nginx"):
     os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    added = "".join(f"\n            add_header {field} {value} always;"
+                    for field, value in (GATEWAY_FIELDS if name == "nginx-fields" else []))
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""user root;
@@ -316,12 +361,12 @@ http {{
         keepalive_requests 100000000;
     }}
     server {{
-        listen 127.0.0.1:{PORT['nginx']} backlog=4096;
+        listen 127.0.0.1:{PORT[name]} backlog=4096;
         location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_buffering off;
+            proxy_buffering off;{added}
         }}
     }}
 }}
@@ -405,15 +450,15 @@ def start_target(name):
     """Starts the proxy; returns (process, pids to account) or None with a note."""
     if name == "direct":
         return None, [], None
-    if name == "nginx":
+    if name in ("nginx", "nginx-fields"):
         if not shutil.which("nginx"):
             return None, [], "nginx not installed"
-        d = os.path.join(WORK, "nginx")
-        conf = nginx_conf(d)
-        p = start("nginx", ["nginx", "-p", d, "-c", conf], cpu=1)
-        if not wait_ready(PORT["nginx"]):
+        d = os.path.join(WORK, name)
+        conf = nginx_conf(d, name)
+        p = start(name, ["nginx", "-p", d, "-c", conf], cpu=1)
+        if not wait_ready(PORT[name]):
             stop(p)
-            return None, [], "nginx did not start (see nginx.log)"
+            return None, [], f"{name} did not start (see {name}.log)"
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
@@ -489,7 +534,7 @@ def verify(name, port):
     events = body.count(b"data: ")
     assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == 18, \
         f"{name} sse: {st} events={events} {body[-200:]!r}"
-    return len(body)
+    return len(body), response_head_bytes(port, "plain")
 
 
 def run_scenario(name, port, pids, mode, conns, upstream_pid):
@@ -555,8 +600,8 @@ def table(results):
     idx = {(r["target"], r["mode"], r["conns"]): r for r in results}
     head = ("| proxy | body | conns | req/s | × direct | × nginx | p50 µs | p99 µs | +p50 µs | "
             "+p99 µs | proxy CPU µs/req | proxy syscalls/req | proxy core % | CPU0 % (wrk+upstream) | "
-            "peak RSS MB | errors |")
-    lines = [head, "|" + "---|" * 16]
+            "peak RSS MB | response head B | errors |")
+    lines = [head, "|" + "---|" * 17]
     for r in results:
         d = idx.get(("direct", r["mode"], r["conns"]))
         n = idx.get(("nginx", r["mode"], r["conns"]))
@@ -574,12 +619,27 @@ def table(results):
             fmt(r["proxy_core_pct"], ".0f"),
             f"{r['cpu0_busy_pct']:.0f}",
             fmt(r["hwm_kb"] / 1024 if r["hwm_kb"] else None, ".1f"),
+            fmt(r.get("head_bytes"), "d"),
             str(r["errors"]),
         ]) + " |")
     return "\n".join(lines)
 
 
-def verdict(results):
+def round_ratios(raw, a, b, mode, conns):
+    """Per-round req/s ratios a/b (the two ran next to each other in each round), sorted."""
+    xs, ys = raw.get((a, mode, conns), []), raw.get((b, mode, conns), [])
+    return sorted(x["rps"] / y["rps"] for x, y in zip(xs, ys) if y["rps"])
+
+
+def spread(ratios):
+    """The range and median of per-round ratios (sorted), or nothing for a single round."""
+    if len(ratios) < 2:
+        return ""
+    return (f"; per round {ratios[0]:.2f}–{ratios[-1]:.2f}, median of the "
+            f"{len(ratios)} rounds' ratios {ratios[len(ratios) // 2]:.2f}")
+
+
+def verdict(results, raw):
     idx = {(r["target"], r["mode"], r["conns"]): r for r in results}
     out = []
     for mode in MODES:
@@ -587,7 +647,15 @@ def verdict(results):
         if p and n:
             ratio = p["rps"] / n["rps"]
             out.append(f"- throughput {mode} c=32: {ratio:.2f}× nginx (target ≥ 1.00): "
-                       + ("MET" if ratio >= 1.0 else f"MISSED by {(1 - ratio) * 100:.0f}%"))
+                       + ("MET" if ratio >= 1.0 else f"MISSED by {(1 - ratio) * 100:.0f}%")
+                       + spread(round_ratios(raw, "portcullis", "nginx", mode, 32)))
+        f = idx.get(("nginx-fields", mode, 32))
+        if p and n and f:
+            out.append(f"  - like for like, nginx adding the same response fields: {p['rps'] / f['rps']:.2f}× "
+                       f"(nginx-fields itself {f['rps'] / n['rps']:.2f}× nginx; response heads "
+                       f"{fmt(p.get('head_bytes'), 'd')} / {fmt(f.get('head_bytes'), 'd')} / "
+                       f"{fmt(n.get('head_bytes'), 'd')} bytes)"
+                       + spread(round_ratios(raw, "portcullis", "nginx-fields", mode, 32)))
     for mode in MODES:
         p, d = idx.get(("portcullis", mode, 1)), idx.get(("direct", mode, 1))
         if p and d:
@@ -661,6 +729,7 @@ def main():
     if not wait_ready(PORT["upstream"]):
         raise SystemExit("upstream did not start")
     running = {}  # name -> (process or None, pids)
+    head_bytes = {}  # name -> response head size for the plain request
     raw = {}
     try:
         # Every target is started and verified first; idle ones cost nothing while another is
@@ -673,7 +742,8 @@ def main():
                 log(note)
                 continue
             try:
-                size = verify(name, LISTEN[name])
+                size, head = verify(name, LISTEN[name])
+                head_bytes[name] = head
             except AssertionError as e:
                 notes.append(f"{name}: verification failed: {e}")
                 log(f"{name}: verification failed: {e}")
@@ -681,7 +751,7 @@ def main():
                     stop(p)
                 continue
             running[name] = (p, pids)
-            log(f"{name}: verified (SSE body {size} bytes, 18 events); "
+            log(f"{name}: verified (SSE body {size} bytes, 18 events; plain response head {head} bytes); "
                 f"idle RSS {status_kb(pids or [up.pid], 'VmRSS') / 1024:.1f} MB")
         for rnd in range(ROUNDS):
             for mode in MODES:
@@ -709,6 +779,7 @@ def main():
                     hwm = [r["hwm_kb"] for r in runs if r["hwm_kb"]]
                     med["hwm_kb"] = max(hwm) if hwm else None
                     med["rounds"] = len(runs)
+                    med["head_bytes"] = head_bytes.get(name)
                     results.append(med)
     end_load = loadavg()
     end_foreign = foreign_processes()
@@ -735,7 +806,7 @@ def main():
           "+p50/+p99: latency added over direct at the same body and concurrency. "
           "proxy syscalls/req: counted during the warm-up (perf tracepoint), not the measured run; proxy core %: share of CPU 1 the proxy used; CPU0 %: how busy the load generator "
           "+ upstream core was (near 100 % means the proxy was not the limit).", "",
-          "## Targets (Portcullis)", "", verdict(results), "",
+          "## Targets (Portcullis)", "", verdict(results, raw), "",
           "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]
     if notes:
