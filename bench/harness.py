@@ -32,6 +32,7 @@ import datetime
 import http.client
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -566,10 +567,10 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
     up0 = cpu_ticks([upstream_pid])
     busy0 = busy_jiffies()
     t0 = time.time()
-    w = wrk(port, mode, conns, SECONDS)
-    # the wrk process's own CPU is read from its stat while it runs
-    wrk_pid = w.pid
-    res = wrk_result(w)
+    # wrk's own CPU: the only child that ends between these two readings (taskset execs it).
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = wrk_result(wrk(port, mode, conns, SECONDS))
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t1 = time.time()
     cpu1 = cpu_ticks(pids)
     up1 = cpu_ticks([upstream_pid])
@@ -582,13 +583,14 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
         if pids and res["requests"] else None,
         "proxy_core_pct": ((cpu1 - cpu0) / CLK_TCK / (t1 - t0) * 100) if pids else None,
         "upstream_us_per_req": (up1 - up0) / CLK_TCK * 1e6 / max(res["requests"], 1),
+        "wrk_us_per_req": ((kids1.ru_utime - kids0.ru_utime) + (kids1.ru_stime - kids0.ru_stime))
+        * 1e6 / max(res["requests"], 1),
         "cpu0_busy_pct": (busy1["cpu0"] - busy0["cpu0"]) / CLK_TCK / (t1 - t0) * 100,
         "cpu1_busy_pct": (busy1["cpu1"] - busy0["cpu1"]) / CLK_TCK / (t1 - t0) * 100,
         "hwm_kb": status_kb(pids, "VmHWM") if pids else None,
         "load": load_before + " → " + loadavg(),
         "syscalls_per_req": sys_per_req, "ctxsw_per_req": cs_per_req,
     })
-    del wrk_pid
     return res
 
 
@@ -600,8 +602,9 @@ def table(results):
     idx = {(r["target"], r["mode"], r["conns"]): r for r in results}
     head = ("| proxy | body | conns | req/s | × direct | × nginx | p50 µs | p99 µs | +p50 µs | "
             "+p99 µs | proxy CPU µs/req | proxy syscalls/req | proxy core % | CPU0 % (wrk+upstream) | "
+            "wrk / upstream CPU µs/req | "
             "peak RSS MB | response head B | errors |")
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in results:
         d = idx.get(("direct", r["mode"], r["conns"]))
         n = idx.get(("nginx", r["mode"], r["conns"]))
@@ -618,6 +621,7 @@ def table(results):
             fmt(r.get("syscalls_per_req"), ".1f"),
             fmt(r["proxy_core_pct"], ".0f"),
             f"{r['cpu0_busy_pct']:.0f}",
+            f"{r['wrk_us_per_req']:.1f} / {r['upstream_us_per_req']:.1f}",
             fmt(r["hwm_kb"] / 1024 if r["hwm_kb"] else None, ".1f"),
             fmt(r.get("head_bytes"), "d"),
             str(r["errors"]),
@@ -805,7 +809,10 @@ def main():
           table(results), "",
           "+p50/+p99: latency added over direct at the same body and concurrency. "
           "proxy syscalls/req: counted during the warm-up (perf tracepoint), not the measured run; proxy core %: share of CPU 1 the proxy used; CPU0 %: how busy the load generator "
-          "+ upstream core was (near 100 % means the proxy was not the limit).", "",
+          "+ upstream core was (near 100 %: that core is a ceiling too, and the proxy may not be the "
+          "only limit); wrk / upstream CPU: what "
+          "each response cost the load generator's core (user + system), which a longer response head "
+          "raises; response head B: each target's head for the plain request.", "",
           "## Targets (Portcullis)", "", verdict(results, raw), "",
           "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]
