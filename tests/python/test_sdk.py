@@ -3,6 +3,9 @@
 The gateway runs the quickstart (examples/quickstart): the built-in mock provider serving
 gpt-4o-mini, text-embedding-3-small and claude-3-5-haiku-latest, and the demo client key.
 
+Also here, because it needs the same running gateway: the benchmark's `nginx-fields` anchor
+(bench/harness.py) checked against the response fields this gateway adds.
+
 Binary: $PORTCULLIS_DATAPLANE_BIN, else <repo>/target/debug/portcullis-dataplane.
 """
 
@@ -272,3 +275,39 @@ def test_no_content_in_gateway_output(gateway: Gateway, oai: openai.OpenAI) -> N
     assert DEMO_KEY not in output
     metrics = httpx.get(f"http://127.0.0.1:{gateway.admin}/metrics", timeout=5).text
     assert marker not in metrics
+
+
+def _bench_harness():
+    """bench/harness.py as a module (it is a script; importing it starts nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_harness", REPO / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_nginx_fields_adds_what_the_gateway_adds(gateway: Gateway, tmp_path: Path) -> None:
+    """The benchmark's `nginx-fields` anchor must add the fields this gateway adds to a limited
+    key's response, with values as long; otherwise the like-for-like ratio compares unlike heads."""
+    harness = _bench_harness()
+    resp = httpx.post(
+        f"{gateway.openai_base}/chat/completions",
+        headers={"Authorization": f"Bearer {DEMO_KEY}"},
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert resp.status_code == 200
+    added = {name for name in resp.headers if name.startswith("x-ratelimit-") or name == "x-request-id"}
+    anchor = dict(harness.GATEWAY_FIELDS)
+    assert added == set(anchor), f"gateway adds {sorted(added)}, nginx-fields adds {sorted(anchor)}"
+    # A generated request id has a fixed shape (the other values depend on the key's limits and
+    # the window's age; the bench key's were matched by hand and show in the head-size column).
+    assert len(resp.headers["x-request-id"]) == len(anchor["x-request-id"]), resp.headers["x-request-id"]
+
+    conf = Path(harness.nginx_conf(str(tmp_path / "fields"), "nginx-fields")).read_text()
+    for name, value in harness.GATEWAY_FIELDS:
+        assert f"add_header {name} {value} always;" in conf
+    assert f"listen 127.0.0.1:{harness.PORT['nginx-fields']} " in conf
+    plain = Path(harness.nginx_conf(str(tmp_path / "plain"), "nginx")).read_text()
+    assert "add_header" not in plain and f"listen 127.0.0.1:{harness.PORT['nginx']} " in plain
