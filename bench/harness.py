@@ -36,6 +36,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -640,7 +641,7 @@ def spread(ratios):
     if len(ratios) < 2:
         return ""
     return (f"; per round {ratios[0]:.2f}–{ratios[-1]:.2f}, median of the "
-            f"{len(ratios)} rounds' ratios {ratios[len(ratios) // 2]:.2f}")
+            f"{len(ratios)} rounds' ratios {statistics.median(ratios):.2f}")
 
 
 def verdict(results, raw):
@@ -758,9 +759,12 @@ def main():
             log(f"{name}: verified (SSE body {size} bytes, 18 events; plain response head {head} bytes); "
                 f"idle RSS {status_kb(pids or [up.pid], 'VmRSS') / 1024:.1f} MB")
         for rnd in range(ROUNDS):
+            # Every other round runs the targets in reverse, so a drift within a round does
+            # not always favour the same target.
+            order = list(running.items())[::-1 if rnd % 2 else 1]
             for mode in MODES:
                 for conns in CONNS:
-                    for name, (p, pids) in running.items():
+                    for name, (p, pids) in order:
                         r = run_scenario(name, LISTEN[name], pids, mode, conns, up.pid)
                         raw.setdefault((name, mode, conns), []).append(r)
                         log(f"  [{rnd + 1}/{ROUNDS}] {name:10} {mode:5} c={conns:<3} "
@@ -796,9 +800,8 @@ def main():
             f"compiler processes at start/end: {start_compilers}/{end_compilers}")
     md = [f"# Proxy benchmark {STAMP}", "",
           f"{SECONDS} s per scenario after a {WARMUP} s warm-up, {ROUNDS} round(s) "
-          "(targets interleaved per scenario; with several rounds each row is the median run); "
-          "wrk -t1 and the loopback "
-          "upstream pinned to CPU 0, the proxy alone on CPU 1, one worker each. "
+          "(targets interleaved per scenario, in reverse order every other round; with several "
+          "rounds each row is the median run); wrk -t1 and the loopback upstream pinned to CPU 0, the proxy alone on CPU 1, one worker each. "
           "Bodies: ~420-byte chat completion JSON; SSE stream of 18 events "
           "(stream_options.include_usage, each event its own write). "
           "Portcullis: auth + routing + metering + SSE usage parsing, log level warn, "
