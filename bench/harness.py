@@ -536,7 +536,7 @@ def verify(name, port):
     events = body.count(b"data: ")
     assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == 18, \
         f"{name} sse: {st} events={events} {body[-200:]!r}"
-    return len(body), response_head_bytes(port, "plain")
+    return len(body), {mode: response_head_bytes(port, mode) for mode in BODY}
 
 
 def run_scenario(name, port, pids, mode, conns, upstream_pid):
@@ -734,7 +734,7 @@ def main():
     if not wait_ready(PORT["upstream"]):
         raise SystemExit("upstream did not start")
     running = {}  # name -> (process or None, pids)
-    head_bytes = {}  # name -> response head size for the plain request
+    head_bytes = {}  # name -> {mode: response head size}
     raw = {}
     try:
         # Every target is started and verified first; idle ones cost nothing while another is
@@ -747,8 +747,8 @@ def main():
                 log(note)
                 continue
             try:
-                size, head = verify(name, LISTEN[name])
-                head_bytes[name] = head
+                size, heads = verify(name, LISTEN[name])
+                head_bytes[name] = heads
             except AssertionError as e:
                 notes.append(f"{name}: verification failed: {e}")
                 log(f"{name}: verification failed: {e}")
@@ -756,7 +756,7 @@ def main():
                     stop(p)
                 continue
             running[name] = (p, pids)
-            log(f"{name}: verified (SSE body {size} bytes, 18 events; plain response head {head} bytes); "
+            log(f"{name}: verified (SSE body {size} bytes, 18 events; response heads {heads} bytes); "
                 f"idle RSS {status_kb(pids or [up.pid], 'VmRSS') / 1024:.1f} MB")
         for rnd in range(ROUNDS):
             # Every other round runs the targets in reverse, so a drift within a round does
@@ -787,7 +787,7 @@ def main():
                     hwm = [r["hwm_kb"] for r in runs if r["hwm_kb"]]
                     med["hwm_kb"] = max(hwm) if hwm else None
                     med["rounds"] = len(runs)
-                    med["head_bytes"] = head_bytes.get(name)
+                    med["head_bytes"] = head_bytes.get(name, {}).get(mode)
                     results.append(med)
     end_load = loadavg()
     end_foreign = foreign_processes()
@@ -815,7 +815,7 @@ def main():
           "+ upstream core was (near 100 %: that core is a ceiling too, and the proxy may not be the "
           "only limit); wrk / upstream CPU: what "
           "each response cost the load generator's core (user + system), which a longer response head "
-          "raises; response head B: each target's head for the plain request.", "",
+          "raises; response head B: each target's response head for that body's request.", "",
           "## Targets (Portcullis)", "", verdict(results, raw), "",
           "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]

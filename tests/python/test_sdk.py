@@ -289,7 +289,8 @@ def _bench_harness():
 
 def test_bench_nginx_fields_adds_what_the_gateway_adds(gateway: Gateway, tmp_path: Path) -> None:
     """The benchmark's `nginx-fields` anchor must add the fields this gateway adds to a limited
-    key's response, with values as long; otherwise the like-for-like ratio compares unlike heads."""
+    key's response (names, and the request id's length); otherwise the like-for-like ratio
+    compares unlike heads."""
     harness = _bench_harness()
     resp = httpx.post(
         f"{gateway.openai_base}/chat/completions",
