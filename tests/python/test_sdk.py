@@ -312,3 +312,32 @@ def test_bench_nginx_fields_adds_what_the_gateway_adds(gateway: Gateway, tmp_pat
     assert f"listen 127.0.0.1:{harness.PORT['nginx-fields']} " in conf
     plain = Path(harness.nginx_conf(str(tmp_path / "plain"), "nginx")).read_text()
     assert "add_header" not in plain and f"listen 127.0.0.1:{harness.PORT['nginx']} " in plain
+
+
+def test_bench_verdict_judges_the_per_round_median() -> None:
+    """With three rounds or more the throughput verdict is the median of the per-round ratios
+    (runs made side by side), not the ratio of two median runs that may come from different
+    stretches of a noisy host; a miss says by how much to a tenth of a per cent."""
+    harness = _bench_harness()
+
+    def run(target: str, rps: float) -> dict:
+        return {"target": target, "mode": "plain", "conns": 32, "rps": rps}
+
+    # Rounds of (Portcullis, nginx): the median runs give 1.05×, the rounds 1.05, 0.98, 0.99.
+    rounds = [(105.0, 100.0), (98.0, 100.0), (104.0, 105.0)]
+    raw = {
+        ("portcullis", "plain", 32): [run("portcullis", p) for p, _ in rounds],
+        ("nginx", "plain", 32): [run("nginx", n) for _, n in rounds],
+    }
+    results = [run("portcullis", 104.0), run("nginx", 100.0)]
+    line = harness.verdict(results, raw).splitlines()[0]
+    assert "1.040× nginx" in line, line
+    assert "MISSED by 1.0 % (per-round median 0.990×)" in line, line
+
+    # Two rounds: too few for a median of pairs; the median runs are judged.
+    two = {key: runs[:2] for key, runs in raw.items()}
+    line = harness.verdict(results, two).splitlines()[0]
+    assert "MET (median runs 1.040×)" in line, line
+
+    # A miss smaller than one per cent is not shown as "0%".
+    assert harness.throughput_status(0.998, "one run") == "MISSED by 0.2 % (one run 0.998×)"
