@@ -668,6 +668,15 @@ def verdict(results, raw):
                              else (ratio, "median runs" if len(rounds) > 1 else "one run"))
             out.append(f"- throughput {mode} c=32: {ratio:.3f}× nginx (target ≥ 1.00): "
                        + throughput_status(judged, basis) + spread(rounds))
+            # The proxy's own CPU per request does not depend on how busy CPU 0 is: it is what
+            # the throughput would follow if the proxy's core were the only ceiling.
+            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"]
+                         for x, y in zip(raw.get(("portcullis", mode, 32), []), raw.get(("nginx", mode, 32), []))
+                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+            if p.get("cpu_us_per_req") and n.get("cpu_us_per_req"):
+                out.append(f"  - proxy CPU per request: {p['cpu_us_per_req']:.1f} µs against nginx's "
+                           f"{n['cpu_us_per_req']:.1f} ({p['cpu_us_per_req'] / n['cpu_us_per_req']:.3f}×; "
+                           "lower is better)" + spread(cpu))
         f = idx.get(("nginx-fields", mode, 32))
         if p and n and f:
             out.append(f"  - like for like, nginx adding the same response fields: {p['rps'] / f['rps']:.2f}× "

@@ -321,7 +321,9 @@ def test_bench_verdict_judges_the_per_round_median() -> None:
     harness = _bench_harness()
 
     def run(target: str, rps: float) -> dict:
-        return {"target": target, "mode": "plain", "conns": 32, "rps": rps}
+        # The proxy's CPU per request: Portcullis 9 µs for every 10 of nginx's.
+        cpu = 90.0 / rps if target == "portcullis" else 100.0 / rps
+        return {"target": target, "mode": "plain", "conns": 32, "rps": rps, "cpu_us_per_req": cpu}
 
     # Rounds of (Portcullis, nginx): the median runs give 1.05×, the rounds 1.05, 0.98, 0.99.
     rounds = [(105.0, 100.0), (98.0, 100.0), (104.0, 105.0)]
@@ -333,6 +335,8 @@ def test_bench_verdict_judges_the_per_round_median() -> None:
     line = harness.verdict(results, raw).splitlines()[0]
     assert "1.040× nginx" in line, line
     assert "MISSED by 1.0 % (per-round median 0.990×)" in line, line
+    cpu = harness.verdict(results, raw).splitlines()[1]
+    assert "proxy CPU per request" in cpu and "(0.865×; lower is better)" in cpu, cpu
 
     # Two rounds: too few for a median of pairs; the median runs are judged.
     two = {key: runs[:2] for key, runs in raw.items()}
