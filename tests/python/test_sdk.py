@@ -343,5 +343,13 @@ def test_bench_verdict_judges_the_per_round_median() -> None:
     line = harness.verdict(results, two).splitlines()[0]
     assert "MET (median runs 1.040×)" in line, line
 
+    # Latency at one connection is shown beside what nginx adds in the same run.
+    def c1(target: str, p50: int, p99: int) -> dict:
+        return {"target": target, "mode": "plain", "conns": 1, "p50": p50, "p99": p99}
+
+    lines = harness.verdict([c1("direct", 20, 60), c1("nginx", 120, 300), c1("portcullis", 110, 280)], {})
+    assert lines == ("- latency added plain c=1: p50 +90 µs (target ≤ 60: MISSED by 30 µs), p99 +220 µs "
+                     "(target ≤ 250: MET); nginx adds +100 / +240 µs here"), lines
+
     # A miss smaller than one per cent is not shown as "0%".
     assert harness.throughput_status(0.998, "one run") == "MISSED by 0.2 % (one run 0.998×)"
