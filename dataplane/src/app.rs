@@ -196,6 +196,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             response_write_timeout: args.response_write_timeout,
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: args.drain_timeout,
+            max_connections: server::connection_limit(usize::try_from(args.max_connections).unwrap_or(usize::MAX)),
             busy_poll,
         },
         shutdown_rx,

@@ -107,6 +107,14 @@ pub struct DataplaneArgs {
     #[arg(long, value_parser = seconds, default_value = "300")]
     pub upstream_idle_timeout: Duration,
 
+    /// Most client connections served at once; beyond it new connections wait in the listen
+    /// backlog until one closes (nginx's `worker_connections`). Lowered at start, with a
+    /// warning, when the open-file limit cannot hold two descriptors per connection (its own and
+    /// a provider's) and a reserve.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: u64,
+
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, value_parser = seconds, default_value = "30")]
     pub drain_timeout: Duration,

@@ -5,14 +5,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -22,12 +22,20 @@ use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 use crate::stall::Watchdog;
 
+/// How often reaching the connection limit is logged while it lasts.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub response_write_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Most client connections served at once. Beyond it the listener stops accepting, and new
+    /// connections wait in the kernel's listen backlog until one closes (nginx's
+    /// `worker_connections`): memory and file descriptors stay bounded under a flood of
+    /// connections, and provider connections still find descriptors free.
+    pub max_connections: usize,
     /// Told of every request when busy polling is on.
     pub busy_poll: Option<Arc<BusyPoll>>,
 }
@@ -55,7 +63,32 @@ pub async fn serve(
     let http2 = http2_builder();
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(settings.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+    metrics.max_connections.set(i64::try_from(settings.max_connections).unwrap_or(i64::MAX));
+    let mut warned_full: Option<Instant> = None;
     loop {
+        // A slot first, then a connection: at the limit nothing is accepted (the kernel queues
+        // new connections in the backlog) until a connection closes.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                metrics.connection_limit_waits.inc();
+                if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                    warned_full = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections = settings.max_connections,
+                        "connection limit reached; new connections wait in the listen backlog"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -82,6 +115,7 @@ pub async fn serve(
         let tls = tls.clone();
         let handshake_timeout = settings.tls_handshake_timeout;
         connections.spawn(async move {
+            let _slot = slot;
             metrics.open_connections.inc();
             match tls {
                 None => connection.serve(stream, true).await,
@@ -162,5 +196,70 @@ impl Connection {
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// File descriptors kept free of client connections: listeners, the admin port's connections,
+/// Redis, the Kubernetes client, files.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// The soft open-file limit set when the hard one is unlimited.
+const UNLIMITED_CEILING: u64 = 1 << 20;
+
+/// How many client connections `requested` can really be, given the process's open-file limit.
+/// Raises the soft limit to the hard one first (as Go's runtime does): a container's soft limit
+/// may be far below what it is allowed. A client connection may need a second descriptor for
+/// its provider connection, so the limit holds two per connection beside a reserve; asking for
+/// more would end in `accept` failing with `EMFILE` and admitted requests finding no
+/// descriptor for their provider.
+pub fn connection_limit(requested: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let mut open_files = limit.current;
+    // `None` is unlimited. An unlimited hard limit raises the soft one to a generous ceiling.
+    let raise_to = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if soft < hard => Some(hard),
+        (Some(soft), None) if soft < UNLIMITED_CEILING => Some(UNLIMITED_CEILING),
+        _ => None,
+    };
+    if let Some(raised) = raise_to {
+        match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(raised), maximum: limit.maximum }) {
+            Ok(()) => open_files = Some(raised),
+            Err(e) => tracing::debug!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    let allowed = connections_within(requested, open_files);
+    if allowed < requested {
+        tracing::warn!(
+            max_connections = requested,
+            open_files = open_files.unwrap_or_default(),
+            serving = allowed,
+            "the open-file limit cannot hold --max-connections (two descriptors each, and a reserve); serving fewer"
+        );
+    }
+    allowed
+}
+
+/// `requested`, or fewer when `open_files` (`None`: unlimited) cannot hold two descriptors per
+/// connection and the reserve; never less than one.
+fn connections_within(requested: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else { return requested.max(1) };
+    let fits = open_files.saturating_sub(RESERVED_DESCRIPTORS) / 2;
+    requested.min(usize::try_from(fits).unwrap_or(usize::MAX)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_in_the_open_file_limit_with_two_descriptors_each_and_a_reserve() {
+        assert_eq!(connections_within(16_384, None), 16_384, "unlimited");
+        assert_eq!(connections_within(16_384, Some(1 << 20)), 16_384, "plenty");
+        assert_eq!(connections_within(16_384, Some(1024)), 384, "(1024 - 256) / 2");
+        assert_eq!(connections_within(16_384, Some(33_024)), 16_384, "exactly enough");
+        assert_eq!(connections_within(16_384, Some(33_023)), 16_383);
+        assert_eq!(connections_within(16_384, Some(100)), 1, "never none");
+        assert_eq!(connections_within(0, None), 1);
     }
 }

@@ -400,3 +400,83 @@ async fn an_http2_stream_the_client_stops_reading_is_reset_after_the_write_timeo
     // The gateway dropped the provider request (the client never closed anything).
     assert_eq!(dropped_by_the_gateway().await, 1.0);
 }
+
+/// Reads one response from a keep-alive connection: its head, then `Content-Length` bytes.
+async fn read_one_response(stream: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before a whole response: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .expect("content-length")
+                .parse()
+                .expect("a length");
+            if seen.len() >= end + 4 + length {
+                return text.into_owned();
+            }
+        }
+    }
+}
+
+/// `--max-connections`: at the limit the gateway accepts nothing more, so a new connection
+/// waits in the listen backlog (the kernel completes its handshake) and is served as soon as an
+/// open one closes. The metrics give the limit and how often the listener waited.
+#[tokio::test]
+async fn at_the_connection_limit_a_new_connection_waits_until_one_closes() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--max-connections", "2"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let addr = fx.gateway.listen_addr();
+    // Whatever connection the fixture made to see the gateway up has closed.
+    portcullis_e2e::eventually(Duration::from_secs(10), "no client connection open", || async {
+        let metrics = fx.gateway.metrics().await.ok()?;
+        (metrics.sum("portcullis_open_connections", &[]) == 0.0).then_some(())
+    })
+    .await
+    .expect("an idle gateway");
+
+    // Two keep-alive connections, each answered once and left open.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(chat("", false).as_bytes()).await.expect("write");
+        let response = read_one_response(&mut stream).await;
+        assert!(response.starts_with("HTTP/1.1 200") && response.contains(REPLY), "{response}");
+        open.push(stream);
+    }
+
+    // A third is connected by the kernel but not served while both stay open.
+    let mut third = TcpStream::connect(addr).await.expect("connect: the backlog takes it");
+    third.write_all(chat("", true).as_bytes()).await.expect("write");
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
+    assert!(early.is_err(), "a connection beyond the limit was served: {early:?}");
+
+    // One closes: the third is served in full.
+    drop(open.pop());
+    let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert_eq!(metrics.get("portcullis_max_connections", &[]), Some(2.0));
+    assert!(metrics.sum("portcullis_connection_limit_waits_total", &[]) >= 1.0);
+    // The one still open is served too.
+    let mut last = open.pop().expect("one left");
+    last.write_all(chat("", true).as_bytes()).await.expect("write");
+    let (text, _, _) = read_to_close(&mut last, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub snapshot_reloads: IntCounter,
     pub snapshot_reload_failures: IntCounter,
     pub open_connections: IntGauge,
+    /// The most client connections open at once (`--max-connections`, or less if the file
+    /// descriptor limit cannot hold it).
+    pub max_connections: IntGauge,
+    /// Times the listener stopped accepting because `max_connections` were open.
+    pub connection_limit_waits: IntCounter,
     pub busy_poll_turns: IntCounter,
     /// `portcullis_requests_total{route, outcome="ok"}` by `ApiRoute::index`.
     requests_ok: Vec<IntCounter>,
@@ -78,6 +83,14 @@ impl Metrics {
             "Configurations rejected whole (the last good snapshot kept serving)",
         )?;
         let open_connections = IntGauge::new("portcullis_open_connections", "Client connections currently open")?;
+        let max_connections = IntGauge::new(
+            "portcullis_max_connections",
+            "Most client connections served at once; beyond it new ones wait in the listen backlog",
+        )?;
+        let connection_limit_waits = IntCounter::new(
+            "portcullis_connection_limit_waits_total",
+            "Times the listener stopped accepting because the most client connections were open",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(token_usage.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -91,6 +104,8 @@ impl Metrics {
             "Turns the busy-poll spinner took polling sockets instead of sleeping (0 with --busy-poll-us off)",
         )?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(max_connections.clone()))?;
+        registry.register(Box::new(connection_limit_waits.clone()))?;
         registry.register(Box::new(busy_poll_turns.clone()))?;
         let requests_ok = ApiRoute::ALL.iter().map(|r| requests.with_label_values(&[r.label(), "ok"])).collect();
         Ok(Self {
@@ -105,6 +120,8 @@ impl Metrics {
             snapshot_reloads,
             snapshot_reload_failures,
             open_connections,
+            max_connections,
+            connection_limit_waits,
             busy_poll_turns,
         })
     }
