@@ -19,6 +19,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub snapshot: Arc<SnapshotHandle>,
     pub limiter: Arc<crate::limits::Limiter>,
+    /// Read at each scrape for `portcullis_request_body_bytes_held`.
+    pub body_budget: Arc<crate::pipeline::body_budget::BodyBudget>,
     pub draining: AtomicBool,
 }
 
@@ -88,6 +90,7 @@ fn respond_sync<B>(state: &AdminState, request: &Request<B>) -> Response<Gateway
     }
     match request.uri().path() {
         "/metrics" => {
+            state.metrics.body_bytes_held.set(i64::try_from(state.body_budget.held()).unwrap_or(i64::MAX));
             let mut response = Response::new(full(state.metrics.render()));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,

@@ -75,6 +75,18 @@ fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
     Ok(Some(Duration::from_micros(args.busy_poll_us)))
 }
 
+/// The bytes of request bodies held at once: the flag, or half the container's memory.
+fn body_budget_limit(args: &DataplaneArgs) -> anyhow::Result<usize> {
+    match args.max_buffered_body_bytes {
+        Some(limit) if limit < args.max_request_body_bytes => bail!(
+            "--max-buffered-body-bytes ({limit}) must hold at least one largest body (--max-request-body-bytes {})",
+            args.max_request_body_bytes
+        ),
+        Some(limit) => Ok(limit),
+        None => Ok(crate::pipeline::body_budget::default_limit(args.max_request_body_bytes)),
+    }
+}
+
 /// Runs the data plane until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let busy_poll_window = busy_poll_window(&args)?;
@@ -92,6 +104,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         None => key_material(&args)?,
     };
     let metrics = Arc::new(Metrics::new()?);
+    let body_budget = Arc::new(crate::pipeline::body_budget::BodyBudget::new(body_budget_limit(&args)?));
+    metrics.body_budget_bytes.set(i64::try_from(body_budget.limit()).unwrap_or(i64::MAX));
     let busy_poll =
         busy_poll_window.map(|window| crate::busy_poll::BusyPoll::new(window, metrics.busy_poll_turns.clone()));
     let handle = Arc::new(SnapshotHandle::default());
@@ -123,6 +137,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         limiter.clone(),
         PipelineSettings {
             max_request_body_bytes: args.max_request_body_bytes,
+            body_budget: body_budget.clone(),
             request_body_timeout: args.request_body_timeout,
             upstream_response_timeout: args.upstream_response_timeout,
             upstream_idle_timeout: args.upstream_idle_timeout,
@@ -173,6 +188,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         snapshot: handle.clone(),
         limiter: limiter.clone(),
+        body_budget,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));

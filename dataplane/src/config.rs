@@ -80,6 +80,12 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_MAX_REQUEST_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
 
+    /// Request bodies held in memory at once, across every connection and stream, in bytes. A
+    /// body that does not fit is refused with a 503 and `Retry-After`. Default: half the
+    /// container's memory limit (cgroup), else 1 GiB; never less than `--max-request-body-bytes`.
+    #[arg(long, env = "PORTCULLIS_MAX_BUFFERED_BODY_BYTES")]
+    pub max_buffered_body_bytes: Option<usize>,
+
     /// Seconds a client has to send its request headers.
     #[arg(long, value_parser = seconds, default_value = "10")]
     pub header_read_timeout: Duration,

@@ -55,6 +55,8 @@ pub enum GatewayError {
     /// A stream used up what was left of its budget (sent as a final event, not a status).
     BudgetExceededMidStream,
     LimiterUnavailable,
+    /// The request bodies held at once reached `--max-buffered-body-bytes`.
+    Overloaded,
     /// The request could not be read as HTTP/1.1.
     Http1(crate::http1::Http1Error),
 }
@@ -129,6 +131,9 @@ impl GatewayError {
             E::LimiterUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
             }
+            E::Overloaded => {
+                (StatusCode::SERVICE_UNAVAILABLE, "gateway_overloaded", "server_error", "overloaded_error")
+            }
             E::Http1(error) => {
                 use crate::http1::Http1Error as H;
                 let (status, code) = match error {
@@ -184,6 +189,9 @@ impl GatewayError {
                 retry_after_ms.div_ceil(1000)
             ),
             E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
+            E::Overloaded => {
+                "The gateway holds as many request bodies as it may at once; try again shortly.".to_owned()
+            }
             E::BudgetExceededMidStream => {
                 "Token budget exhausted during this response; the stream was ended.".to_owned()
             }

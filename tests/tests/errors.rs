@@ -266,3 +266,55 @@ async fn admin_endpoints_answer() {
     assert_eq!(metrics.get("portcullis_snapshot_valid", &[]), Some(1.0));
     assert!(metrics.text.contains("portcullis_snapshot_reload_failures_total"));
 }
+
+/// `--max-buffered-body-bytes` bounds the request bodies held at once: while two requests wait
+/// for a slow provider, holding 2 × ~3 KiB of an 8 KiB budget, a third body that does not fit is
+/// refused at once with a 503 in the API's format and `Retry-After`; once they are answered it
+/// fits again. The metrics give the budget and the refusals.
+#[tokio::test]
+async fn request_bodies_held_at_once_are_bounded() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"]
+                .map(String::from)
+                .to_vec(),
+            ..GatewayOptions::default()
+        },
+        upstream: UpstreamOptions { response_delay: Duration::from_secs(3), ..Default::default() },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let prompt = "x".repeat(3000);
+    let big_chat = chat_body("gpt-4o-mini", &prompt, false);
+
+    // Two requests in flight, each holding ~3 KiB until the provider answers.
+    let (first, second, refused) =
+        tokio::join!(fx.chat_with(ALICE_KEY, &big_chat, &[]), fx.chat_with(ALICE_KEY, &big_chat, &[]), async {
+            // The third comes once both are held (the provider takes 3 s to answer them).
+            eventually(Duration::from_secs(10), "both bodies held", || async {
+                let metrics = fx.gateway.metrics().await.ok()?;
+                (metrics.sum("portcullis_request_body_bytes_held", &[]) >= 6000.0).then_some(())
+            })
+            .await
+            .expect("two bodies held");
+            let started = std::time::Instant::now();
+            let chat = fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap();
+            let anthropic =
+                fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", &prompt, false), &[]).await;
+            (chat, anthropic.unwrap(), started.elapsed())
+        });
+    let (chat, anthropic, took) = refused;
+    assert::openai_error(&chat, 503, "gateway_overloaded");
+    assert_eq!(chat.header("retry-after"), Some("1"), "{}", chat.describe());
+    assert::anthropic_error(&anthropic, 503, "gateway_overloaded", Some("overloaded_error"));
+    assert!(took < Duration::from_secs(2), "refused at once, not after the provider: {took:?}");
+    assert_eq!(first.unwrap().status, 200);
+    assert_eq!(second.unwrap().status, 200);
+
+    // Both answered: their shares are back, and the same body fits.
+    assert_eq!(fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap().status, 200);
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert_eq!(metrics.get("portcullis_request_body_budget_bytes", &[]), Some(8192.0));
+    assert_eq!(metrics.get("portcullis_request_body_bytes_held", &[]), Some(0.0));
+    assert_eq!(metrics.sum("portcullis_requests_total", &[("outcome", "gateway_overloaded")]), 2.0);
+}

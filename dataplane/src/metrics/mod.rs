@@ -38,6 +38,10 @@ pub struct Metrics {
     pub max_connections: IntGauge,
     /// Times the listener stopped accepting because `max_connections` were open.
     pub connection_limit_waits: IntCounter,
+    /// `--max-buffered-body-bytes`, as applied.
+    pub body_budget_bytes: IntGauge,
+    /// Request body bytes held when last scraped.
+    pub body_bytes_held: IntGauge,
     pub busy_poll_turns: IntCounter,
     /// `portcullis_requests_total{route, outcome="ok"}` by `ApiRoute::index`.
     requests_ok: Vec<IntCounter>,
@@ -106,6 +110,16 @@ impl Metrics {
         registry.register(Box::new(open_connections.clone()))?;
         registry.register(Box::new(max_connections.clone()))?;
         registry.register(Box::new(connection_limit_waits.clone()))?;
+        let body_budget_bytes = IntGauge::new(
+            "portcullis_request_body_budget_bytes",
+            "Most request body bytes held at once across connections and streams; beyond it requests get 503",
+        )?;
+        let body_bytes_held = IntGauge::new(
+            "portcullis_request_body_bytes_held",
+            "Request body bytes held now (read, and waiting for the provider's response head)",
+        )?;
+        registry.register(Box::new(body_budget_bytes.clone()))?;
+        registry.register(Box::new(body_bytes_held.clone()))?;
         registry.register(Box::new(busy_poll_turns.clone()))?;
         let requests_ok = ApiRoute::ALL.iter().map(|r| requests.with_label_values(&[r.label(), "ok"])).collect();
         Ok(Self {
@@ -122,6 +136,8 @@ impl Metrics {
             open_connections,
             max_connections,
             connection_limit_waits,
+            body_budget_bytes,
+            body_bytes_held,
             busy_poll_turns,
         })
     }

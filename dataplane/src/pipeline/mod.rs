@@ -9,6 +9,7 @@
 //! included. Errors become responses in exactly one place, `GatewayError::into_response`.
 
 pub mod authenticate;
+pub mod body_budget;
 pub mod forward;
 pub mod kill_switch;
 pub mod limit;
@@ -36,6 +37,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
 use crate::upstream::UpstreamClient;
+use body_budget::{BodyBudget, BodyShare};
 use meter::{AccessRecord, BudgetGuard, MeteredBody, ProviderBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
 
@@ -43,17 +45,24 @@ use usage::{JsonTail, SseScanner};
 /// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
 const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
 
-/// Reads a request body of at most `limit` bytes. A longer one is drained (bounded by
-/// `DISCARD_AFTER_LIMIT`) and refused.
-async fn read_bounded<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+/// Reads a request body of at most `limit` bytes, holding its share of `budget` (taken before
+/// reading when the length is declared, else as it arrives). A longer one is drained (bounded
+/// by `DISCARD_AFTER_LIMIT`) and refused; one that does not fit the budget is refused unread.
+async fn read_bounded<B>(body: B, limit: usize, budget: &BodyBudget) -> Result<(Bytes, BodyShare<'_>), GatewayError>
 where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let too_large = GatewayError::RequestTooLarge { limit };
-    let declared = body.size_hint().exact().unwrap_or(0);
-    if declared > (limit + DISCARD_AFTER_LIMIT) as u64 {
-        return Err(too_large);
+    let mut share = budget.empty();
+    if let Some(declared) = body.size_hint().exact() {
+        if declared > (limit + DISCARD_AFTER_LIMIT) as u64 {
+            return Err(too_large);
+        }
+        // A declared body over the limit is drained, not held: it takes nothing.
+        if declared <= limit as u64 && !share.grow(declared as usize) {
+            return Err(GatewayError::Overloaded);
+        }
     }
     let mut body = std::pin::pin!(body);
     // A body that arrives in one frame (most do) is kept as it came, without a copy.
@@ -69,6 +78,10 @@ where
             break;
         }
         if seen <= limit {
+            // More than declared, or no length declared: the share grows with what is held.
+            if seen > share.bytes() && !share.grow(seen - share.bytes()) {
+                return Err(GatewayError::Overloaded);
+            }
             match single.take() {
                 None if collected.is_empty() => single = Some(data),
                 earlier => {
@@ -83,13 +96,15 @@ where
     if seen > limit {
         return Err(too_large);
     }
-    Ok(single.unwrap_or_else(|| collected.freeze()))
+    Ok((single.unwrap_or_else(|| collected.freeze()), share))
 }
 
 /// Limits and timeouts applied to every request.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
     pub max_request_body_bytes: usize,
+    /// Request bodies held at once, across every connection and stream.
+    pub body_budget: Arc<BodyBudget>,
     pub request_body_timeout: Duration,
     pub upstream_response_timeout: Duration,
     pub upstream_idle_timeout: Duration,
@@ -252,7 +267,8 @@ impl Gateway {
             return Ok(Reply::plain(response));
         }
 
-        let (body, waited) = self.read_body(body).await.map_err(fail)?;
+        // The body's share of the budget is held until the provider's response head is in.
+        let (body, _share, waited) = self.read_body(body).await.map_err(fail)?;
         // A body that took its time to arrive is checked and admitted at the time it is
         // complete: a kill switch set meanwhile applies.
         let (now, now_ms) = if waited {
@@ -302,23 +318,23 @@ impl Gateway {
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
 
-    /// The whole body, and whether reading it had to wait.
-    async fn read_body<B>(&self, body: B) -> Result<(Bytes, bool), GatewayError>
+    /// The whole body, its share of the body budget, and whether reading it had to wait.
+    async fn read_body<B>(&self, body: B) -> Result<(Bytes, BodyShare<'_>, bool), GatewayError>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let limit = self.settings.max_request_body_bytes;
-        let mut reading = std::pin::pin!(read_bounded(body, limit));
+        let mut reading = std::pin::pin!(read_bounded(body, limit, &self.settings.body_budget));
         // Most bodies are in memory already: the timer (a clock read, a timer entry) is armed
         // only when the first poll has to wait.
         let first = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await;
         if let Poll::Ready(result) = first {
-            return result.map(|body| (body, false));
+            return result.map(|(body, share)| (body, share, false));
         }
         match tokio::time::timeout(self.settings.request_body_timeout, reading).await {
             Err(_) => Err(GatewayError::RequestTimeout),
-            Ok(result) => result.map(|body| (body, true)),
+            Ok(result) => result.map(|(body, share)| (body, share, true)),
         }
     }
 
@@ -424,14 +440,68 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_are_read_whole_and_one_frame_is_not_copied() {
+        let budget = BodyBudget::new(1024);
         let one = Bytes::from_static(b"{\"model\":\"m\"}");
-        let read = read_bounded(http_body_util::Full::new(one.clone()), 64).await.expect("read");
+        let (read, _) = read_bounded(http_body_util::Full::new(one.clone()), 64, &budget).await.expect("read");
         assert_eq!(read.as_ptr(), one.as_ptr());
 
-        let read = read_bounded(frames(&[b"{\"mo", b"del\":", b"\"m\"}"]), 64).await.expect("read");
+        let (read, _) = read_bounded(frames(&[b"{\"mo", b"del\":", b"\"m\"}"]), 64, &budget).await.expect("read");
         assert_eq!(read, "{\"model\":\"m\"}");
 
-        let refused = read_bounded(frames(&[b"0123456789", b"0123456789"]), 15).await;
-        assert_eq!(refused, Err(GatewayError::RequestTooLarge { limit: 15 }));
+        let refused = read_bounded(frames(&[b"0123456789", b"0123456789"]), 15, &budget).await;
+        assert_eq!(refused.err(), Some(GatewayError::RequestTooLarge { limit: 15 }));
+        assert_eq!(budget.held(), 0, "refused and read bodies gave their shares back");
+    }
+
+    /// Bodies hold their share of the budget while kept; one that does not fit is refused, before
+    /// it is read when its length is declared, and as soon as it outgrows the budget otherwise.
+    #[tokio::test]
+    async fn bodies_share_one_budget() {
+        let budget = BodyBudget::new(30);
+        let (first, held) = read_bounded(http_body_util::Full::new(Bytes::from_static(b"0123456789")), 64, &budget)
+            .await
+            .expect("read");
+        assert_eq!((first.len(), held.bytes(), budget.held()), (10, 10, 10));
+
+        // Declared: 25 does not fit beside 10, and nothing of it is read.
+        let polled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let declared = {
+            let polled = polled.clone();
+            let frame = futures_util::stream::once(async move {
+                polled.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; 25])))
+            });
+            StreamBody::new(frame)
+        };
+        // A body that declares its length: the same frame behind an exact size hint.
+        struct Sized<B>(B, u64);
+        impl<B: http_body::Body + Unpin> http_body::Body for Sized<B> {
+            type Data = B::Data;
+            type Error = B::Error;
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+                std::pin::Pin::new(&mut self.0).poll_frame(cx)
+            }
+            fn size_hint(&self) -> http_body::SizeHint {
+                http_body::SizeHint::with_exact(self.1)
+            }
+        }
+        let refused = read_bounded(Sized(Box::pin(declared), 25), 64, &budget).await;
+        assert_eq!(refused.err(), Some(GatewayError::Overloaded));
+        assert!(!polled.load(std::sync::atomic::Ordering::SeqCst), "refused unread");
+        assert_eq!(budget.held(), 10);
+
+        // Undeclared: refused when the second chunk outgrows the budget; the first is given back.
+        let refused = read_bounded(frames(&[b"0123456789", b"0123456789", b"0123456789"]), 64, &budget).await;
+        assert_eq!(refused.err(), Some(GatewayError::Overloaded));
+        assert_eq!(budget.held(), 10);
+
+        // Once the first body is dropped, a body of the whole budget fits.
+        drop(held);
+        let (whole, _held) =
+            read_bounded(frames(&[b"0123456789", b"0123456789", b"0123456789"]), 64, &budget).await.expect("fits now");
+        assert_eq!((whole.len(), budget.held()), (30, 30));
     }
 }
