@@ -43,10 +43,12 @@ impl BodyBudget {
     }
 
     /// An empty share, to grow chunk by chunk.
+    #[inline]
     pub fn empty(&self) -> BodyShare<'_> {
         BodyShare { budget: self, bytes: 0 }
     }
 
+    #[inline]
     fn take(&self, bytes: usize) -> bool {
         self.held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
@@ -58,6 +60,7 @@ impl BodyBudget {
 
 impl BodyShare<'_> {
     /// Takes `bytes` more; `false` (and nothing taken) when they do not fit.
+    #[inline]
     pub fn grow(&mut self, bytes: usize) -> bool {
         if bytes == 0 {
             return true;
@@ -69,12 +72,14 @@ impl BodyShare<'_> {
         taken
     }
 
+    #[inline]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 }
 
 impl Drop for BodyShare<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
