@@ -192,12 +192,15 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    let max_connections = server::connection_limit(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
     tracing::info!(
         listen = %args.listen,
         admin = %args.admin_listen,
         tls = tls.is_some(),
         redis = args.redis_url.is_some(),
         source = %source,
+        max_connections,
+        body_budget_bytes = admin_state.body_budget.limit(),
         "portcullis data plane started"
     );
 
@@ -212,7 +215,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             response_write_timeout: args.response_write_timeout,
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: args.drain_timeout,
-            max_connections: server::connection_limit(usize::try_from(args.max_connections).unwrap_or(usize::MAX)),
+            max_connections,
             busy_poll,
         },
         shutdown_rx,
