@@ -192,7 +192,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
-    let max_connections = server::connection_limit(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
+    let max_connections =
+        server::connection_limit(args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
     tracing::info!(
         listen = %args.listen,
         admin = %args.admin_listen,

@@ -114,12 +114,11 @@ pub struct DataplaneArgs {
     pub upstream_idle_timeout: Duration,
 
     /// Most client connections served at once; beyond it new connections wait in the listen
-    /// backlog until one closes (nginx's `worker_connections`). Lowered at start, with a
-    /// warning, when the open-file limit cannot hold two descriptors per connection (its own and
-    /// a provider's) and a reserve.
-    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 16_384,
-          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub max_connections: u64,
+    /// backlog until one closes (nginx's `worker_connections`). Default: 16,384, or as many as
+    /// the open-file limit holds at two descriptors per connection (its own and a provider's)
+    /// beside a reserve. A value the limit cannot hold is lowered, with a warning.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
 
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, value_parser = seconds, default_value = "30")]

@@ -206,13 +206,17 @@ const RESERVED_DESCRIPTORS: u64 = 256;
 /// The soft open-file limit set when the hard one is unlimited.
 const UNLIMITED_CEILING: u64 = 1 << 20;
 
-/// How many client connections `requested` can really be, given the process's open-file limit.
+/// Client connections served at once when none are asked for.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+/// How many client connections can be served at once: `requested` (or the default), lowered to
+/// what the process's open-file limit holds, with a warning when `requested` was lowered.
 /// Raises the soft limit to the hard one first (as Go's runtime does): a container's soft limit
 /// may be far below what it is allowed. A client connection may need a second descriptor for
 /// its provider connection, so the limit holds two per connection beside a reserve; asking for
 /// more would end in `accept` failing with `EMFILE` and admitted requests finding no
 /// descriptor for their provider.
-pub fn connection_limit(requested: usize) -> usize {
+pub fn connection_limit(requested: Option<usize>) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
     let mut open_files = limit.current;
@@ -228,14 +232,20 @@ pub fn connection_limit(requested: usize) -> usize {
             Err(e) => tracing::debug!(error = %e, "could not raise the open-file limit"),
         }
     }
-    let allowed = connections_within(requested, open_files);
-    if allowed < requested {
-        tracing::warn!(
+    let allowed = connections_within(requested.unwrap_or(DEFAULT_MAX_CONNECTIONS), open_files);
+    match requested {
+        Some(requested) if allowed < requested => tracing::warn!(
             max_connections = requested,
             open_files = open_files.unwrap_or_default(),
             serving = allowed,
             "the open-file limit cannot hold --max-connections (two descriptors each, and a reserve); serving fewer"
-        );
+        ),
+        None if allowed < DEFAULT_MAX_CONNECTIONS => tracing::info!(
+            open_files = open_files.unwrap_or_default(),
+            serving = allowed,
+            "serving as many connections as the open-file limit holds"
+        ),
+        _ => {}
     }
     allowed
 }
