@@ -4,11 +4,13 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::body::{full, GatewayBody};
 use crate::metrics::Metrics;
@@ -107,24 +109,36 @@ fn respond_sync<B>(state: &AdminState, request: &Request<B>) -> Response<Gateway
 }
 
 /// Serves until the process exits: health and metrics stay visible while the gateway drains.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// Most admin connections served at once (probes and scrapers need a handful). Beyond it new
+/// ones wait in the listen backlog, so a flood of connections to the admin port cannot take the
+/// descriptors the traffic listener needs.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoints. `header_read_timeout` (`--header-read-timeout`, as on the traffic
+/// port) closes a connection that sends no complete request head for that long, idle keep-alive
+/// connections included.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_timeout: Duration) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let state = state.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(&state, &request).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

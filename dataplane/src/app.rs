@@ -191,7 +191,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         body_budget,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), args.header_read_timeout));
     let max_connections =
         server::connection_limit(args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
     tracing::info!(

@@ -480,3 +480,44 @@ async fn at_the_connection_limit_a_new_connection_waits_until_one_closes() {
     let (text, _, _) = read_to_close(&mut last, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
+
+/// The admin port is bounded like the traffic port: a connection that sends no complete request
+/// head within `--header-read-timeout` is closed, and at most 64 connections are served at once,
+/// the rest waiting in the backlog; so a flood there cannot hold descriptors for ever.
+#[tokio::test]
+async fn the_admin_port_closes_silent_connections_and_serves_a_bounded_number() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--header-read-timeout", "3"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let admin = fx.gateway.admin_addr();
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+
+    // 64 connections that send a partial head and then nothing.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: adm").await.expect("write");
+        silent.push(stream);
+    }
+    // Another is connected by the kernel but not served while they hold every slot.
+    let mut waiting = TcpStream::connect(admin).await.expect("connect: the backlog takes it");
+    waiting.write_all(healthz).await.expect("write");
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut byte)).await;
+    assert!(early.is_err(), "an admin connection beyond the limit was served: {early:?}");
+
+    // The silent ones are closed once the header timeout passes; then the waiting one is served.
+    let started = Instant::now();
+    for stream in &mut silent {
+        let (_, _, closed) = read_to_close(stream, Duration::from_secs(10)).await;
+        assert!(closed, "a silent admin connection was left open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "closed after {:?}", started.elapsed());
+    let (text, _, _) = read_to_close(&mut waiting, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
