@@ -108,15 +108,14 @@ fn respond_sync<B>(state: &AdminState, request: &Request<B>) -> Response<Gateway
     }
 }
 
-/// Serves until the process exits: health and metrics stay visible while the gateway drains.
 /// Most admin connections served at once (probes and scrapers need a handful). Beyond it new
 /// ones wait in the listen backlog, so a flood of connections to the admin port cannot take the
-/// descriptors the traffic listener needs.
+/// descriptors the traffic listener needs (they are within its reserve, `server::connection_limit`).
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// Serves the admin endpoints. `header_read_timeout` (`--header-read-timeout`, as on the traffic
-/// port) closes a connection that sends no complete request head for that long, idle keep-alive
-/// connections included.
+/// Serves until the process exits: health and metrics stay visible while the gateway drains.
+/// `header_read_timeout` (`--header-read-timeout`, as on the traffic port) closes a connection
+/// that sends no complete request head for that long, idle keep-alive connections included.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_timeout: Duration) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
