@@ -10,7 +10,6 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::body::{full, GatewayBody};
 use crate::metrics::Metrics;
@@ -119,16 +118,8 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_timeout: Duration) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let mut listener = crate::server::BoundedListener::new(listener, MAX_CONNECTIONS, "admin", None);
+    while let Some((slot, stream, _)) = listener.accept().await {
         let state = state.clone();
         let builder = builder.clone();
         tokio::spawn(async move {

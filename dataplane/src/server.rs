@@ -4,15 +4,18 @@
 //! exits.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -25,16 +28,69 @@ use crate::stall::Watchdog;
 /// How often reaching the connection limit is logged while it lasts.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// A listener that serves at most `max` connections at once. It accepts only while a slot is
+/// free; each connection holds its slot until it ends. At the limit new connections wait in the
+/// kernel's listen backlog (nginx's `worker_connections`), so memory and file descriptors stay
+/// bounded under a flood of connections.
+#[derive(Debug)]
+pub struct BoundedListener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// Named in the logs: which listener reached its limit.
+    name: &'static str,
+    /// Counts the times the listener waited for a slot.
+    waits: Option<IntCounter>,
+    warned_full: Option<Instant>,
+}
+
+impl BoundedListener {
+    pub fn new(listener: TcpListener, max: usize, name: &'static str, waits: Option<IntCounter>) -> Self {
+        let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
+        Self { listener, slots, max, name, waits, warned_full: None }
+    }
+
+    /// The next connection, and the slot it holds until dropped. Cancel-safe. `None` only if
+    /// the slots were closed, which this type never does.
+    pub async fn accept(&mut self) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+        loop {
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if let Some(waits) = &self.waits {
+                        waits.inc();
+                    }
+                    if self.warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                        self.warned_full = Some(Instant::now());
+                        tracing::warn!(
+                            listener = self.name,
+                            max_connections = self.max,
+                            "connection limit reached; new connections wait in the listen backlog"
+                        );
+                    }
+                    self.slots.clone().acquire_owned().await.ok()?
+                }
+            };
+            match self.listener.accept().await {
+                Ok((stream, peer)) => return Some((slot, stream, peer)),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = self.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub response_write_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
-    /// Most client connections served at once. Beyond it the listener stops accepting, and new
-    /// connections wait in the kernel's listen backlog until one closes (nginx's
-    /// `worker_connections`): memory and file descriptors stay bounded under a flood of
-    /// connections, and provider connections still find descriptors free.
+    /// Most client connections served at once (see [`BoundedListener`]); from
+    /// [`connection_limit`], so provider connections still find descriptors free.
     pub max_connections: usize,
     /// Told of every request when busy polling is on.
     pub busy_poll: Option<Arc<BusyPoll>>,
@@ -63,41 +119,18 @@ pub async fn serve(
     let http2 = http2_builder();
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(settings.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
     metrics.max_connections.set(i64::try_from(settings.max_connections).unwrap_or(i64::MAX));
-    let mut warned_full: Option<Instant> = None;
+    let mut listener = BoundedListener::new(
+        listener,
+        settings.max_connections,
+        "traffic",
+        Some(metrics.connection_limit_waits.clone()),
+    );
     loop {
-        // A slot first, then a connection: at the limit nothing is accepted (the kernel queues
-        // new connections in the backlog) until a connection closes.
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                metrics.connection_limit_waits.inc();
-                if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
-                    warned_full = Some(Instant::now());
-                    tracing::warn!(
-                        max_connections = settings.max_connections,
-                        "connection limit reached; new connections wait in the listen backlog"
-                    );
-                }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.changed() => break,
-                }
-            }
-        };
-        let (stream, peer) = tokio::select! {
+        let (slot, stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+                Some(accepted) => accepted,
+                None => break,
             },
             _ = shutdown.changed() => break,
         };

@@ -427,6 +427,17 @@ async fn read_one_response(stream: &mut TcpStream) -> String {
     }
 }
 
+/// Connects to a listener at its connection limit and sends `request`: the kernel completes the
+/// handshake (the backlog takes the connection), but no byte of an answer comes for 500 ms.
+async fn waits_in_the_backlog(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect: the backlog takes it");
+    stream.write_all(request).await.expect("write");
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await;
+    assert!(early.is_err(), "a connection beyond the limit was served: {early:?}");
+    stream
+}
+
 /// `--max-connections`: at the limit the gateway accepts nothing more, so a new connection
 /// waits in the listen backlog (the kernel completes its handshake) and is served as soon as an
 /// open one closes. The metrics give the limit and how often the listener waited.
@@ -460,11 +471,7 @@ async fn at_the_connection_limit_a_new_connection_waits_until_one_closes() {
     }
 
     // A third is connected by the kernel but not served while both stay open.
-    let mut third = TcpStream::connect(addr).await.expect("connect: the backlog takes it");
-    third.write_all(chat("", true).as_bytes()).await.expect("write");
-    let mut byte = [0u8; 1];
-    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
-    assert!(early.is_err(), "a connection beyond the limit was served: {early:?}");
+    let mut third = waits_in_the_backlog(addr, chat("", true).as_bytes()).await;
 
     // One closes: the third is served in full.
     drop(open.pop());
@@ -505,11 +512,7 @@ async fn the_admin_port_closes_silent_connections_and_serves_a_bounded_number() 
         silent.push(stream);
     }
     // Another is connected by the kernel but not served while they hold every slot.
-    let mut waiting = TcpStream::connect(admin).await.expect("connect: the backlog takes it");
-    waiting.write_all(healthz).await.expect("write");
-    let mut byte = [0u8; 1];
-    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut byte)).await;
-    assert!(early.is_err(), "an admin connection beyond the limit was served: {early:?}");
+    let mut waiting = waits_in_the_backlog(admin, healthz).await;
 
     // The silent ones are closed once the header timeout passes; then the waiting one is served.
     let started = Instant::now();
