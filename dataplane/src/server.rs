@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::busy_poll::BusyPoll;
-use crate::http1;
+use crate::http1::{self, Reclaim};
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 use crate::stall::Watchdog;
@@ -31,7 +31,8 @@ const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// A listener that serves at most `max` connections at once. It accepts only while a slot is
 /// free; each connection holds its slot until it ends. At the limit new connections wait in the
 /// kernel's listen backlog (nginx's `worker_connections`), so memory and file descriptors stay
-/// bounded under a flood of connections.
+/// bounded under a flood of connections; with a [`Reclaim`], idle connections are asked to
+/// close to make room for them.
 #[derive(Debug)]
 pub struct BoundedListener {
     listener: TcpListener,
@@ -41,38 +42,75 @@ pub struct BoundedListener {
     name: &'static str,
     /// Counts the times the listener waited for a slot.
     waits: Option<IntCounter>,
+    /// Asks idle connections to close when no slot is free.
+    reclaim: Option<Arc<Reclaim>>,
     warned_full: Option<Instant>,
 }
 
 impl BoundedListener {
     pub fn new(listener: TcpListener, max: usize, name: &'static str, waits: Option<IntCounter>) -> Self {
         let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
-        Self { listener, slots, max, name, waits, warned_full: None }
+        Self { listener, slots, max, name, waits, reclaim: None, warned_full: None }
     }
 
-    /// The next connection, and the slot it holds until dropped. Cancel-safe. `None` only if
-    /// the slots were closed, which this type never does.
+    /// Asks `reclaim`'s idle connections to close when no slot is free.
+    pub fn reclaiming(mut self, reclaim: Arc<Reclaim>) -> Self {
+        self.reclaim = Some(reclaim);
+        self
+    }
+
+    /// The next connection, and the slot it holds until dropped. `None` only if the slots were
+    /// closed, which this type never does. Cancel-safe, except that with a [`Reclaim`] a
+    /// connection accepted while the listener waits for a slot is dropped with it (at shutdown).
     pub async fn accept(&mut self) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
-        loop {
-            let slot = match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    if let Some(waits) = &self.waits {
-                        waits.inc();
-                    }
-                    if self.warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
-                        self.warned_full = Some(Instant::now());
-                        tracing::warn!(
-                            listener = self.name,
-                            max_connections = self.max,
-                            "connection limit reached; new connections wait in the listen backlog"
-                        );
-                    }
-                    self.slots.clone().acquire_owned().await.ok()?
-                }
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            if let Some(reclaim) = &self.reclaim {
+                reclaim.call_off();
+            }
+            let (stream, peer) = self.next_connection().await;
+            return Some((slot, stream, peer));
+        }
+        self.reached_limit();
+        let Some(reclaim) = self.reclaim.clone() else {
+            let slot = self.slots.clone().acquire_owned().await.ok()?;
+            let (stream, peer) = self.next_connection().await;
+            return Some((slot, stream, peer));
+        };
+        // Idle connections are closed only for a connection that is waiting: take it from the
+        // backlog (the descriptor reserve holds this one more), then make room for it.
+        let (stream, peer) = self.next_connection().await;
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                reclaim.ask(Reclaim::AT_ONCE);
+                self.slots.clone().acquire_owned().await.ok()?
+            }
+        };
+        reclaim.call_off();
+        Some((slot, stream, peer))
+    }
+
+    /// Counts and (at most once a minute) logs that every slot is taken.
+    fn reached_limit(&mut self) {
+        if let Some(waits) = &self.waits {
+            waits.inc();
+        }
+        if self.warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+            self.warned_full = Some(Instant::now());
+            let waiting = if self.reclaim.is_some() {
+                "new connections wait in the listen backlog while idle ones are closed to make room"
+            } else {
+                "new connections wait in the listen backlog"
             };
+            tracing::warn!(listener = self.name, max_connections = self.max, "connection limit reached; {waiting}");
+        }
+    }
+
+    /// The next connection from the backlog, backing off when accepting fails.
+    async fn next_connection(&self) -> (TcpStream, SocketAddr) {
+        loop {
             match self.listener.accept().await {
-                Ok((stream, peer)) => return Some((slot, stream, peer)),
+                Ok(accepted) => return accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(listener = self.name, error = %e, "accept failed");
@@ -112,9 +150,12 @@ pub async fn serve(
     settings: ServerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let reclaim = Reclaim::new(metrics.idle_connections_reclaimed.clone());
     let http1 = Arc::new(http1::Settings {
         header_read_timeout: settings.header_read_timeout,
         response_write_timeout: settings.response_write_timeout,
+        busy_poll: settings.busy_poll.clone(),
+        reclaim: Some(reclaim.clone()),
     });
     let http2 = http2_builder();
     let graceful = GracefulShutdown::new();
@@ -125,7 +166,8 @@ pub async fn serve(
         settings.max_connections,
         "traffic",
         Some(metrics.connection_limit_waits.clone()),
-    );
+    )
+    .reclaiming(reclaim.clone());
     loop {
         let (slot, stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -142,7 +184,6 @@ pub async fn serve(
             http2: http2.clone(),
             watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
-            busy_poll: settings.busy_poll.clone(),
         };
         let metrics = metrics.clone();
         let tls = tls.clone();
@@ -181,7 +222,6 @@ struct Connection {
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     watcher: Watcher,
     shutdown: watch::Receiver<bool>,
-    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 impl Connection {
@@ -190,16 +230,7 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let ended = http1::serve(
-            io,
-            self.peer,
-            &self.gateway,
-            &self.http1,
-            self.shutdown.clone(),
-            self.busy_poll.as_deref(),
-            detect_h2,
-        )
-        .await;
+        let ended = http1::serve(io, self.peer, &self.gateway, &self.http1, self.shutdown.clone(), detect_h2).await;
         if let http1::Ended::Http2(io) = ended {
             self.serve_http2(io).await;
         }
@@ -209,7 +240,8 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { peer, gateway, busy_poll, http2, watcher, http1, .. } = self;
+        let Connection { peer, gateway, http2, watcher, http1, .. } = self;
+        let busy_poll = http1.busy_poll.clone();
         // hyper polls a body only while its stream has window: the watchdog is the write
         // timeout for a client that stops taking one (see `stall`).
         let watchdog = Watchdog::new(http1.response_write_timeout);

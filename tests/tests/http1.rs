@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::fixture::*;
-use portcullis_e2e::{Fixture, FixtureOptions, GatewayOptions};
+use portcullis_e2e::{Fixture, FixtureOptions, GatewayOptions, UpstreamOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -254,7 +254,7 @@ async fn http2_with_prior_knowledge_is_still_served_on_plain_tcp() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_is_noticed_while_the_provider_thinks_and_mid_stream() {
-    use portcullis_e2e::{eventually, UpstreamOptions};
+    use portcullis_e2e::eventually;
     let options = FixtureOptions {
         upstream: UpstreamOptions { response_delay: Duration::from_secs(5), ..UpstreamOptions::default() },
         ..FixtureOptions::default()
@@ -438,20 +438,18 @@ async fn waits_in_the_backlog(addr: SocketAddr, request: &[u8]) -> TcpStream {
     stream
 }
 
-/// `--max-connections`: at the limit the gateway accepts nothing more, so a new connection
-/// waits in the listen backlog (the kernel completes its handshake) and is served as soon as an
-/// open one closes. The metrics give the limit and how often the listener waited.
-#[tokio::test]
-async fn at_the_connection_limit_a_new_connection_waits_until_one_closes() {
+/// A gateway serving at most two client connections, with nothing open yet.
+async fn two_connection_gateway(upstream: UpstreamOptions) -> Fixture {
     let options = FixtureOptions {
         gateway: GatewayOptions {
-            extra_args: ["--max-connections", "2"].map(String::from).to_vec(),
+            // Long enough that the header timeout is not what closes an idle connection here.
+            extra_args: ["--max-connections", "2", "--header-read-timeout", "30"].map(String::from).to_vec(),
             ..GatewayOptions::default()
         },
+        upstream,
         ..FixtureOptions::default()
     };
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
-    let addr = fx.gateway.listen_addr();
     // Whatever connection the fixture made to see the gateway up has closed.
     portcullis_e2e::eventually(Duration::from_secs(10), "no client connection open", || async {
         let metrics = fx.gateway.metrics().await.ok()?;
@@ -459,33 +457,96 @@ async fn at_the_connection_limit_a_new_connection_waits_until_one_closes() {
     })
     .await
     .expect("an idle gateway");
+    fx
+}
 
-    // Two keep-alive connections, each answered once and left open.
-    let mut open = Vec::new();
-    for _ in 0..2 {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.write_all(chat("", false).as_bytes()).await.expect("write");
-        let response = read_one_response(&mut stream).await;
-        assert!(response.starts_with("HTTP/1.1 200") && response.contains(REPLY), "{response}");
-        open.push(stream);
-    }
+/// `--max-connections`: at the limit the gateway serves nothing more, so a new connection waits
+/// (the kernel completes its handshake) while the open ones are busy with requests. The first
+/// to finish closes instead of waiting for its next request, and the waiting connection is
+/// served; the other stays open once nothing waits for its slot. The metrics give the limit, how
+/// often the listener waited, and the connections closed to make room.
+#[tokio::test]
+async fn at_the_connection_limit_a_new_connection_waits_while_the_open_ones_are_busy() {
+    let delay = Duration::from_secs(2);
+    let fx = two_connection_gateway(UpstreamOptions { response_delay: delay, ..Default::default() }).await;
+    let addr = fx.gateway.listen_addr();
 
-    // A third is connected by the kernel but not served while both stay open.
+    // Two keep-alive connections, each with a request the provider takes 2 s to answer, the
+    // second sent a second after the first.
+    let started = Instant::now();
+    let mut first = TcpStream::connect(addr).await.expect("connect");
+    first.write_all(chat("", false).as_bytes()).await.expect("write");
+    tokio::time::sleep(delay / 2).await;
+    let mut second = TcpStream::connect(addr).await.expect("connect");
+    second.write_all(chat("", false).as_bytes()).await.expect("write");
+    // Both requests are with the provider when the third comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third is connected by the kernel but not served while both are busy.
     let mut third = waits_in_the_backlog(addr, chat("", true).as_bytes()).await;
 
-    // One closes: the third is served in full.
-    drop(open.pop());
+    // The first gets its whole answer and closes for the third, which is then served (not
+    // after the 30 s header timeout).
+    let (text, _, closed) = read_to_close(&mut first, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
     let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
     assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+    assert!(started.elapsed() < delay * 4, "{:?}", started.elapsed());
+
+    // The second was answered before the third; nothing waits for its slot, so it stays open
+    // and serves another request.
+    let response = read_one_response(&mut second).await;
+    assert!(response.starts_with("HTTP/1.1 200") && response.contains(REPLY), "{response}");
+    second.write_all(chat("", true).as_bytes()).await.expect("write");
+    let (text, _, _) = read_to_close(&mut second, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
 
     let metrics = fx.gateway.metrics().await.expect("metrics");
     assert_eq!(metrics.get("portcullis_max_connections", &[]), Some(2.0));
     assert!(metrics.sum("portcullis_connection_limit_waits_total", &[]) >= 1.0);
-    // The one still open is served too.
-    let mut last = open.pop().expect("one left");
-    last.write_all(chat("", true).as_bytes()).await.expect("write");
-    let (text, _, _) = read_to_close(&mut last, Duration::from_secs(10)).await;
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(metrics.sum("portcullis_idle_connections_reclaimed_total", &[]), 1.0);
+}
+
+/// At the limit, connections that only sit open (idle keep-alive, or new and silent) are
+/// closed to make room for a waiting one at once; one in the middle of sending its request
+/// head is not idle, keeps its slot, and is served when it completes the request.
+#[tokio::test]
+async fn at_the_connection_limit_idle_connections_are_closed_to_make_room() {
+    let fx = two_connection_gateway(UpstreamOptions::default()).await;
+    let addr = fx.gateway.listen_addr();
+
+    // One keep-alive connection, answered once and left open; one that has sent part of a head.
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(chat("", false).as_bytes()).await.expect("write");
+    let response = read_one_response(&mut idle).await;
+    assert!(response.starts_with("HTTP/1.1 200") && response.contains(REPLY), "{response}");
+    let request = chat("", true);
+    let (head_start, rest) = request.split_at(40);
+    let mut sending = TcpStream::connect(addr).await.expect("connect");
+    sending.write_all(head_start.as_bytes()).await.expect("write");
+    portcullis_e2e::eventually(Duration::from_secs(10), "both connections open", || async {
+        let metrics = fx.gateway.metrics().await.ok()?;
+        (metrics.sum("portcullis_open_connections", &[]) == 2.0).then_some(())
+    })
+    .await
+    .expect("two connections held");
+
+    // A third is served at once: the idle one is closed for it (without a byte sent).
+    let started = Instant::now();
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(chat("", true).as_bytes()).await.expect("write");
+    let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "not the header timeout: {:?}", started.elapsed());
+    let (text, _, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
+    assert!(closed && text.is_empty(), "the idle connection closed silently: {text:?}");
+
+    // The one that was sending its head kept its slot: it finishes and is served.
+    sending.write_all(rest.as_bytes()).await.expect("write");
+    let (text, _, closed) = read_to_close(&mut sending, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert_eq!(metrics.sum("portcullis_idle_connections_reclaimed_total", &[]), 1.0);
 }
 
 /// The admin port is bounded like the traffic port: a connection that sends no complete request

@@ -1,7 +1,7 @@
 //! What a keep-alive connection waits on between requests besides its socket: the header
-//! deadline and the server's drain signal.
+//! deadline, the server's drain signal, and the listener's asks to close idle connections.
 //!
-//! Both are polled every time the connection waits for a request head, which on a busy
+//! All are polled every time the connection waits for a request head, which on a busy
 //! connection is once or twice per request. Registering the task's waker again each time would
 //! cost a timer-wheel waker swap and, for the drain signal, a waiter-list lock to register and
 //! another to deregister per request. Instead each remembers the waker it was left pending with
@@ -10,8 +10,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
+use prometheus::IntCounter;
 use tokio::sync::watch;
 use tokio::task::coop;
 use tokio::time::{Instant, Sleep};
@@ -146,6 +149,132 @@ impl Drain {
 impl std::fmt::Debug for Drain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Drain").field("draining", &self.draining).finish_non_exhaustive()
+    }
+}
+
+/// Idle connections asked to close so that connections waiting at the connection limit can be
+/// served: nginx's "reusable" connections. A connection is idle while it waits for a request
+/// head of which no byte has come: a new connection, or a keep-alive one between requests.
+/// Without this, connections that only sit open (a flood of them, or many clients' pools)
+/// would hold every slot until the header timeout closes them, while clients with requests
+/// wait in the backlog.
+///
+/// When the listener finds no free slot it asks for up to [`Reclaim::AT_ONCE`] closes and
+/// wakes every idle connection; each takes one of the closes while any are left and closes.
+/// A connection busy with a request when the ask comes takes one when it next goes idle, so
+/// the slots go to the waiting connections rather than to keep-alive. Closing an idle
+/// connection is always allowed (RFC 9112 §9.5); clients' pools see it and connect again. The
+/// listener calls the closes off once it finds a slot free without asking.
+#[derive(Debug)]
+pub struct Reclaim {
+    /// Closes still wanted by the last ask.
+    wanted: AtomicUsize,
+    /// Bumped by every ask; idle connections follow it.
+    asks: watch::Sender<u64>,
+    /// `portcullis_idle_connections_reclaimed_total`.
+    reclaimed: IntCounter,
+}
+
+impl Reclaim {
+    /// Closes asked for at once, as nginx does: enough that a burst of waiting connections is
+    /// served without one ask (and one wake-up of every idle connection) per connection.
+    pub const AT_ONCE: usize = 32;
+
+    pub fn new(reclaimed: IntCounter) -> Arc<Self> {
+        Arc::new(Self { wanted: AtomicUsize::new(0), asks: watch::Sender::new(0), reclaimed })
+    }
+
+    /// Asks up to `closes` idle connections to close.
+    pub fn ask(&self, closes: usize) {
+        self.wanted.store(closes, Ordering::Release);
+        self.asks.send_modify(|asks| *asks = asks.wrapping_add(1));
+    }
+
+    /// A slot was free without asking: the closes still wanted are called off.
+    #[inline]
+    pub fn call_off(&self) {
+        if self.wanted.load(Ordering::Relaxed) != 0 {
+            self.wanted.store(0, Ordering::Release);
+        }
+    }
+
+    /// Closes still wanted.
+    pub fn wanted(&self) -> usize {
+        self.wanted.load(Ordering::Acquire)
+    }
+
+    /// Takes one of the closes wanted, if any is left.
+    fn take(&self) -> bool {
+        let took = self.wanted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1)).is_ok();
+        if took {
+            self.reclaimed.inc();
+        }
+        took
+    }
+
+    /// One connection's view of the asks, from now on.
+    pub(super) fn follow(self: &Arc<Self>) -> Reclaimable {
+        let asks = self.asks.subscribe();
+        Reclaimable { next: Some(next_ask(asks.clone())), asks, reclaim: self.clone(), armed: Armed::default() }
+    }
+}
+
+/// Ready at the first ask after `asks`' last seen one.
+fn next_ask(mut asks: watch::Receiver<u64>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        // The sender lives as long as this connection's `Reclaimable`: never an error here.
+        let _ = asks.changed().await;
+    })
+}
+
+/// The asks to close idle connections as one connection follows them. Like [`Drain`], its
+/// waiter joins the channel's list once per connection (and again after each ask), not once
+/// per request.
+pub(super) struct Reclaimable {
+    reclaim: Arc<Reclaim>,
+    asks: watch::Receiver<u64>,
+    /// Ready at the next ask; `None` once it was, until [`Self::asked`] looks at the ask.
+    next: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    armed: Armed,
+}
+
+impl Reclaimable {
+    /// Whether an ask came since the last look. One atomic load.
+    #[inline]
+    pub(super) fn ask_came(&self) -> bool {
+        self.asks.has_changed().unwrap_or(false)
+    }
+
+    /// Whether this (idle) connection is to close: an ask came since the last look and one of
+    /// its closes was left.
+    pub(super) fn asked(&mut self) -> bool {
+        if !self.ask_came() {
+            return false;
+        }
+        self.asks.mark_unchanged();
+        self.next = Some(next_ask(self.asks.clone()));
+        self.armed.disarm();
+        self.reclaim.take()
+    }
+
+    /// Ready when an ask comes; [`Self::asked`] says whether to close.
+    pub(super) fn poll_ask(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // An ask that woke this task is seen here, without a poll of the wait it completed.
+        let Some(next) = self.next.as_mut().filter(|_| !self.asks.has_changed().unwrap_or(true)) else {
+            return Poll::Ready(());
+        };
+        if self.armed.holds(cx) {
+            return Poll::Pending;
+        }
+        ready!(self.armed.poll(cx, |cx| next.as_mut().poll(cx)));
+        self.next = None;
+        Poll::Ready(())
+    }
+}
+
+impl std::fmt::Debug for Reclaimable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reclaimable").field("reclaim", &self.reclaim).finish_non_exhaustive()
     }
 }
 
@@ -301,5 +430,46 @@ mod tests {
         tx.send(true).expect("receiver alive");
         assert_eq!(woken.0.load(Ordering::SeqCst), 2, "the second change woke the connection too");
         assert!(drain.poll_draining(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn an_ask_closes_as_many_idle_connections_as_it_wants_and_no_more() {
+        let reclaim = Reclaim::new(IntCounter::new("reclaimed", "test").expect("counter"));
+        let mut waiting: Vec<_> = (0..3).map(|_| reclaim.follow()).collect();
+        let (woken, waker) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        for follower in &mut waiting {
+            assert!(follower.poll_ask(&mut cx).is_pending());
+            assert!(!follower.asked(), "no ask yet");
+        }
+        // A connection busy with a request: not waiting, it looks when it next goes idle.
+        let mut busy = reclaim.follow();
+
+        reclaim.ask(2);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 3, "every waiting connection was woken");
+        let closing: Vec<bool> = waiting
+            .iter_mut()
+            .map(|follower| {
+                assert!(follower.poll_ask(&mut cx).is_ready());
+                follower.asked()
+            })
+            .collect();
+        assert_eq!(closing, [true, true, false], "two closes asked for");
+        assert_eq!(reclaim.reclaimed.get(), 2);
+        // The one left waits for the next ask, and sees this one only once.
+        assert!(waiting[2].poll_ask(&mut cx).is_pending());
+        assert!(!waiting[2].asked());
+
+        reclaim.ask(1);
+        // A connection made after the ask does not see it.
+        let mut late = reclaim.follow();
+        assert!(!late.asked());
+        reclaim.call_off();
+        assert_eq!(reclaim.wanted(), 0);
+        assert!(!waiting[2].asked(), "called off before it looked");
+        reclaim.ask(1);
+        assert!(busy.asked(), "seen without waiting, from the channel's version");
+        assert!(!waiting[2].asked(), "the one close was taken");
+        assert_eq!(reclaim.reclaimed.get(), 3);
     }
 }

@@ -32,6 +32,7 @@ mod idle;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -51,7 +52,8 @@ use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::{ClientRequest, Gateway, Reply};
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
-use idle::{Deadline, Drain};
+pub use idle::Reclaim;
+use idle::{Deadline, Drain, Reclaimable};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -77,6 +79,10 @@ pub struct Settings {
     /// buffers (nginx's `send_timeout`): one that stops reading is disconnected, and the provider
     /// request it was holding open is cancelled. HTTP/2 streams get the same limit (`stall`).
     pub response_write_timeout: Duration,
+    /// Told of every request when busy polling is on.
+    pub busy_poll: Option<Arc<BusyPoll>>,
+    /// The listener's asks to close idle connections (see [`Reclaim`]).
+    pub reclaim: Option<Arc<Reclaim>>,
 }
 
 /// How a connection ended.
@@ -224,6 +230,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<IO>,
     settings: &Settings,
     drain: &mut Drain,
+    reclaim: &mut Option<Reclaimable>,
     first: bool,
 ) -> Next {
     conn.head_deadline.set(Instant::now() + settings.header_read_timeout);
@@ -242,8 +249,20 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                 Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
             }
         }
-        if conn.buf.is_empty() && drain.draining() {
+        let idle = conn.buf.is_empty();
+        if idle && drain.draining() {
             return Next::Close;
+        }
+        if idle && reclaim.as_ref().is_some_and(Reclaimable::ask_came) {
+            // A request may have come since the last read (a new connection's usually has been
+            // sent while it waited in the backlog): a connection with one is not idle.
+            let Conn { io, buf, .. } = &mut *conn;
+            match std::future::poll_fn(|cx| Poll::Ready(poll_fill(io, cx, buf))).await {
+                Poll::Ready(Ok(0) | Err(_)) => return Next::Close,
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending if reclaim.as_mut().is_some_and(Reclaimable::asked) => return Next::Close,
+                Poll::Pending => {}
+            }
         }
         let Conn { io, buf, head_deadline, .. } = &mut *conn;
         tokio::select! {
@@ -261,6 +280,9 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                 };
             }
             () = std::future::poll_fn(|cx| drain.poll_draining(cx)), if !drain.draining() => {}
+            // Looked at by the next turn, if this connection is still idle then.
+            () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))),
+                if idle && reclaim.is_some() => {}
         }
     }
 }
@@ -273,7 +295,6 @@ pub async fn serve<IO>(
     gateway: &Gateway,
     settings: &Settings,
     shutdown: watch::Receiver<bool>,
-    busy_poll: Option<&BusyPoll>,
     detect_h2: bool,
 ) -> Ended<IO>
 where
@@ -289,9 +310,10 @@ where
         write_timeout: settings.response_write_timeout,
     };
     let mut drain = Drain::new(shutdown);
+    let mut reclaim = settings.reclaim.as_ref().map(Reclaim::follow);
     let mut first = detect_h2;
     loop {
-        let head = match read_head(&mut conn, settings, &mut drain, first).await {
+        let head = match read_head(&mut conn, settings, &mut drain, &mut reclaim, first).await {
             Next::Head(head) => head,
             Next::Close => return Ended::Closed,
             Next::Http2 => return Ended::Http2(Rewind { pending: conn.buf.freeze(), io: conn.io }),
@@ -304,7 +326,7 @@ where
             }
         };
         first = false;
-        if let Some(busy) = busy_poll {
+        if let Some(busy) = &settings.busy_poll {
             busy.touch();
         }
         let head::Head { method, uri, version, headers, framing, keep_alive, expect_continue } = head;

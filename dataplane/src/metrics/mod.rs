@@ -38,6 +38,8 @@ pub struct Metrics {
     pub max_connections: IntGauge,
     /// Times the listener stopped accepting because `max_connections` were open.
     pub connection_limit_waits: IntCounter,
+    /// Idle connections closed at the connection limit to make room for waiting ones.
+    pub idle_connections_reclaimed: IntCounter,
     /// `--max-buffered-body-bytes`, as applied.
     pub body_budget_bytes: IntGauge,
     /// Request body bytes held when last scraped.
@@ -110,6 +112,11 @@ impl Metrics {
         registry.register(Box::new(open_connections.clone()))?;
         registry.register(Box::new(max_connections.clone()))?;
         registry.register(Box::new(connection_limit_waits.clone()))?;
+        let idle_connections_reclaimed = IntCounter::new(
+            "portcullis_idle_connections_reclaimed_total",
+            "Idle client connections closed at the connection limit to make room for waiting ones",
+        )?;
+        registry.register(Box::new(idle_connections_reclaimed.clone()))?;
         let body_budget_bytes = IntGauge::new(
             "portcullis_request_body_budget_bytes",
             "Most request body bytes held at once across connections and streams; beyond it requests get 503",
@@ -136,6 +143,7 @@ impl Metrics {
             open_connections,
             max_connections,
             connection_limit_waits,
+            idle_connections_reclaimed,
             body_budget_bytes,
             body_bytes_held,
             busy_poll_turns,
