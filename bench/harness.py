@@ -222,6 +222,29 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def idle_polling():
+    """How this machine's idle vCPUs wait: the cpuidle driver and, under the haltpoll
+    governor, the guest's halt-poll window. A vCPU that halts without polling leaves the VM
+    on every wake-up, which every proxy's latency at c=1 pays twice per request."""
+    driver = read_text("/sys/devices/system/cpu/cpuidle/current_driver") or "none"
+    governor = read_text("/sys/devices/system/cpu/cpuidle/current_governor_ro") or \
+        read_text("/sys/devices/system/cpu/cpuidle/current_governor") or "none"
+    poll_ns = read_text("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    text = f"cpuidle driver {driver}, governor {governor}"
+    if poll_ns is not None:
+        window = "off" if poll_ns == "0" else f"up to {int(poll_ns) / 1000:.0f} µs"
+        text += f", guest halt polling {window} (haltpoll.guest_halt_poll_ns={poll_ns})"
+    return text, poll_ns == "0"
+
+
 def busy_jiffies():
     """Per-CPU busy jiffies (everything but idle and iowait) for cpu0 and cpu1."""
     out = {}
@@ -816,6 +839,7 @@ def main():
                     med["head_bytes"] = head_bytes.get(name, {}).get(mode)
                     results.append(med)
     end_load = loadavg()
+    idle_text, halt_poll_off = idle_polling()
     end_foreign = foreign_processes()
     end_compilers = active_compilers()
     noisy = (float(start_load.split()[0]) > 1.0 or start_foreign or end_foreign
@@ -823,7 +847,12 @@ def main():
     host = (f"{os.cpu_count()} CPUs; load average {start_load} at start, {end_load} at end; "
             f"other busy processes at start: {', '.join(start_foreign) or 'none'}, "
             f"at end: {', '.join(end_foreign) or 'none'}; "
-            f"compiler processes at start/end: {start_compilers}/{end_compilers}")
+            f"compiler processes at start/end: {start_compilers}/{end_compilers}; "
+            f"idle vCPUs: {idle_text}")
+    if halt_poll_off and 1 in CONNS:
+        notes.append("guest halt polling is off here: an idle vCPU that a packet wakes leaves the VM "
+                     "and waits for the host to run it again, so at c=1 every proxy's added latency "
+                     "is mostly two such wake-ups per request (bench/PROFILE.md measures both ways)")
     md = [f"# Proxy benchmark {STAMP}", "",
           f"{SECONDS} s per scenario after a {WARMUP} s warm-up, {ROUNDS} round(s) "
           "(targets interleaved per scenario, in reverse order every other round; with several "
@@ -860,5 +889,32 @@ def main():
     log(f"written: {path}")
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def with_halt_poll(ns, run):
+    """Runs `run` with the guest's halt-poll window set to `ns` (root only; the machine's own
+    setting is put back afterwards, whatever happens): the experiment that tells the wake-up
+    cost of idle vCPUs apart from the proxies' own latency."""
+    original = read_text(HALT_POLL)
+    if original is None:
+        raise SystemExit(f"BENCH_HALT_POLL_NS: {HALT_POLL} does not exist (no haltpoll cpuidle governor)")
+    try:
+        with open(HALT_POLL, "w") as f:
+            f.write(ns)
+    except OSError as e:
+        raise SystemExit(f"BENCH_HALT_POLL_NS: cannot set {HALT_POLL}: {e}")
+    log(f"guest halt polling set to {ns} ns for this run (was {original})")
+    try:
+        run()
+    finally:
+        with open(HALT_POLL, "w") as f:
+            f.write(original)
+        log(f"guest halt polling put back to {original} ns")
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("BENCH_HALT_POLL_NS"):
+        with_halt_poll(os.environ["BENCH_HALT_POLL_NS"], main)
+    else:
+        main()
