@@ -267,10 +267,39 @@ async fn admin_endpoints_answer() {
     assert!(metrics.text.contains("portcullis_snapshot_reload_failures_total"));
 }
 
-/// `--max-buffered-body-bytes` bounds the request bodies held at once: while two requests wait
-/// for a slow provider, holding 2 × ~3 KiB of an 8 KiB budget, a third body that does not fit is
-/// refused at once with a 503 in the API's format and `Retry-After`; once they are answered it
-/// fits again. The metrics give the budget and the refusals.
+/// Sends a chat request whose head declares all of `body` but only the first half of it, and
+/// stalls: the gateway holds the body's share of the budget while it waits for the rest.
+async fn half_sent(fx: &Fixture, body: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(fx.gateway.listen_addr()).await.expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let (sent, rest) = body.split_at(body.len() / 2);
+    stream.write_all(format!("{head}{sent}").as_bytes()).await.expect("write");
+    (stream, rest.to_owned())
+}
+
+/// Sends the rest of a half-sent body and reads the response to the end.
+async fn finish_sending(stream: &mut tokio::net::TcpStream, rest: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(rest.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response))
+        .await
+        .expect("answered within 20 s")
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// `--max-buffered-body-bytes` bounds the request bodies held at once: while two clients are
+/// still sending ~3 KiB bodies (their declared lengths are taken from an 8 KiB budget at once),
+/// a third body that does not fit is refused at once with a 503 in the API's format and
+/// `Retry-After`. A body is let go once written to the provider: while the two wait for a
+/// provider that takes 3 s, they hold nothing, and the same body fits again. The metrics give
+/// the budget and the refusals.
 #[tokio::test]
 async fn request_bodies_held_at_once_are_bounded() {
     let options = FixtureOptions {
@@ -286,33 +315,43 @@ async fn request_bodies_held_at_once_are_bounded() {
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let prompt = "x".repeat(3000);
     let big_chat = chat_body("gpt-4o-mini", &prompt, false);
+    let held = || async { fx.gateway.metrics().await.ok().map(|m| m.sum("portcullis_request_body_bytes_held", &[])) };
 
-    // Two requests in flight, each holding ~3 KiB until the provider answers.
-    let (first, second, refused) =
-        tokio::join!(fx.chat_with(ALICE_KEY, &big_chat, &[]), fx.chat_with(ALICE_KEY, &big_chat, &[]), async {
-            // The third comes once both are held (the provider takes 3 s to answer them).
-            eventually(Duration::from_secs(10), "both bodies held", || async {
-                let metrics = fx.gateway.metrics().await.ok()?;
-                (metrics.sum("portcullis_request_body_bytes_held", &[]) >= 6000.0).then_some(())
-            })
-            .await
-            .expect("two bodies held");
-            let started = std::time::Instant::now();
-            let chat = fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap();
-            let anthropic =
-                fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", &prompt, false), &[]).await;
-            (chat, anthropic.unwrap(), started.elapsed())
-        });
-    let (chat, anthropic, took) = refused;
+    // Two clients half-way through sending ~3 KiB bodies.
+    let raw = big_chat.to_string();
+    let (mut first, first_rest) = half_sent(&fx, &raw).await;
+    let (mut second, second_rest) = half_sent(&fx, &raw).await;
+    eventually(Duration::from_secs(10), "both bodies' shares held", || async {
+        held().await.filter(|bytes| *bytes >= 6000.0)
+    })
+    .await
+    .expect("two declared bodies held");
+
+    // A third does not fit: refused at once, in both APIs' formats.
+    let started = std::time::Instant::now();
+    let chat = fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap();
+    let anthropic =
+        fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", &prompt, false), &[]).await.unwrap();
     assert::openai_error(&chat, 503, "gateway_overloaded");
     assert_eq!(chat.header("retry-after"), Some("1"), "{}", chat.describe());
     assert::anthropic_error(&anthropic, 503, "gateway_overloaded", Some("overloaded_error"));
-    assert!(took < Duration::from_secs(2), "refused at once, not after the provider: {took:?}");
-    assert_eq!(first.unwrap().status, 200);
-    assert_eq!(second.unwrap().status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
 
-    // Both answered: their shares are back, and the same body fits.
-    assert_eq!(fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap().status, 200);
+    // Both finish sending; written to the provider, which takes 3 s, their bodies are let go
+    // and the same body fits while they wait.
+    let (first, second, third) =
+        tokio::join!(finish_sending(&mut first, &first_rest), finish_sending(&mut second, &second_rest), async {
+            eventually(Duration::from_secs(2), "bodies let go once written", || async {
+                held().await.filter(|bytes| *bytes == 0.0)
+            })
+            .await
+            .expect("nothing held while the provider thinks");
+            fx.chat_with(ALICE_KEY, &big_chat, &[]).await.unwrap()
+        });
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(third.status, 200, "{}", third.describe());
+
     let metrics = fx.gateway.metrics().await.expect("metrics");
     assert_eq!(metrics.get("portcullis_request_body_budget_bytes", &[]), Some(8192.0));
     assert_eq!(metrics.get("portcullis_request_body_bytes_held", &[]), Some(0.0));

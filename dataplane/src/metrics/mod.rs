@@ -123,7 +123,7 @@ impl Metrics {
         )?;
         let body_bytes_held = IntGauge::new(
             "portcullis_request_body_bytes_held",
-            "Request body bytes held now (read, and waiting for the provider's response head)",
+            "Request body bytes held now (being read, or waiting to be written to the provider)",
         )?;
         registry.register(Box::new(body_budget_bytes.clone()))?;
         registry.register(Box::new(body_bytes_held.clone()))?;

@@ -1,7 +1,8 @@
 //! One bound on the request bodies held in memory at once, across every connection and stream.
 //!
 //! The pipeline reads a whole body before it can route it (the model is inside), and holds it
-//! until the provider's response head arrives. `--max-request-body-bytes` bounds one body, and
+//! until the request is written to the provider (not while the provider thinks, which can take
+//! minutes: the body is let go then). `--max-request-body-bytes` bounds one body, and
 //! `--max-connections` the connections, but HTTP/2 multiplies each connection by its streams:
 //! without a total, enough concurrent large prompts (long contexts, images in base64) would grow
 //! the process until the kernel kills it, taking every stream down with it. With it, a body that

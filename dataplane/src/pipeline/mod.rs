@@ -36,7 +36,7 @@ use crate::fields::{HeaderFields, ResponseFields};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{ModelRoute, SnapshotHandle};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{self, UpstreamClient};
 use body_budget::{BodyBudget, BodyShare};
 use meter::{AccessRecord, BudgetGuard, MeteredBody, ProviderBody, StreamGuard, UsageReader};
 use usage::{JsonTail, SseScanner};
@@ -186,6 +186,30 @@ struct Provided {
     body: ProviderBody,
 }
 
+/// Where a request stands once it left the gateway.
+enum Dispatched {
+    /// The mock provider answered at once.
+    Answered(Provided),
+    /// Written to a provider, its answer to come.
+    Written(upstream::Sent),
+}
+
+/// One step of an exchange with a provider, as the client will hear of it: a timeout, or a
+/// failure (logged without content: the error carries none).
+fn upstream_outcome<T>(
+    chosen: &ModelRoute,
+    outcome: Result<Result<T, upstream::UpstreamError>, tokio::time::error::Elapsed>,
+) -> Result<T, GatewayError> {
+    match outcome {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
+            Err(GatewayError::UpstreamUnavailable)
+        }
+        Ok(Ok(value)) => Ok(value),
+    }
+}
+
 impl Gateway {
     pub fn new(
         snapshot: Arc<SnapshotHandle>,
@@ -267,8 +291,8 @@ impl Gateway {
             return Ok(Reply::plain(response));
         }
 
-        // The body's share of the budget is held until the provider's response head is in.
-        let (body, _share, waited) = self.read_body(body).await.map_err(fail)?;
+        // The body and its share of the budget are held until the request is written.
+        let (body, share, waited) = self.read_body(body).await.map_err(fail)?;
         // A body that took its time to arrive is checked and admitted at the time it is
         // complete: a kill switch set meanwhile applies.
         let (now, now_ms) = if waited {
@@ -313,7 +337,14 @@ impl Gateway {
         // body re-read it already).
         let fresh = self.limiter.is_shared() || outbound.rewrote();
         let sent_at = if fresh { Instant::now() } else { record.admitted_at };
-        let provided = self.send(route, model, chosen, (outbound, &body), sent_at).await.map_err(fail)?;
+        let deadline = tokio::time::Instant::from_std(sent_at) + self.settings.upstream_response_timeout;
+        let sent = self.send(route, model, chosen, (outbound, &body), sent_at, deadline).await.map_err(fail)?;
+        // Written: the provider may think for minutes, and the body is not needed for that.
+        drop((body, share));
+        let provided = match sent {
+            Dispatched::Answered(provided) => provided,
+            Dispatched::Written(written) => self.response(chosen, written, deadline).await.map_err(fail)?,
+        };
 
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
     }
@@ -338,6 +369,8 @@ impl Gateway {
         }
     }
 
+    /// Writes the request to the provider (or has the mock answer it). Nothing of the request
+    /// is needed after this returns.
     async fn send(
         &self,
         route: ApiRoute,
@@ -345,40 +378,44 @@ impl Gateway {
         chosen: &ModelRoute,
         (outbound, client_body): (forward::Outbound, &Bytes),
         now: Instant,
-    ) -> Result<Provided, GatewayError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Dispatched, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
             let (parts, body) = crate::mock::respond(route, outbound.body(client_body), upstream_model).into_parts();
-            return Ok(Provided {
+            return Ok(Dispatched::Answered(Provided {
                 status: parts.status,
                 fields: ResponseFields::Map(parts.headers),
                 body: ProviderBody::Right(body),
-            });
+            }));
         }
         let endpoint = chosen.upstream.endpoint.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
-        // One reading serves the response deadline and the idle pool's expiry check.
-        let now = tokio::time::Instant::from_std(now);
         // Pinned where it is made: the timeout wraps a pointer to it instead of moving (copying)
-        // the whole future twice.
-        let pending = std::pin::pin!(self.client.send_encoded(
+        // the whole future twice. `now` also serves the idle pool's expiry check.
+        let writing = std::pin::pin!(self.client.write_encoded(
             &endpoint.origin,
             &outbound.head,
             outbound.body(client_body),
-            false,
-            now.into()
+            now
         ));
-        match tokio::time::timeout_at(now + self.settings.upstream_response_timeout, pending).await {
-            Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => {
-                tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
-                Err(GatewayError::UpstreamUnavailable)
-            }
-            Ok(Ok(response)) => Ok(Provided {
-                status: response.status,
-                fields: ResponseFields::Raw(response.fields),
-                body: ProviderBody::Left(response.body),
-            }),
-        }
+        let written = upstream_outcome(chosen, tokio::time::timeout_at(deadline, writing).await)?;
+        Ok(Dispatched::Written(written))
+    }
+
+    /// The provider's response head to a written request, by `deadline`.
+    async fn response(
+        &self,
+        chosen: &ModelRoute,
+        written: upstream::Sent,
+        deadline: tokio::time::Instant,
+    ) -> Result<Provided, GatewayError> {
+        let waiting = std::pin::pin!(written.response(false));
+        let response = upstream_outcome(chosen, tokio::time::timeout_at(deadline, waiting).await)?;
+        Ok(Provided {
+            status: response.status,
+            fields: ResponseFields::Raw(response.fields),
+            body: ProviderBody::Left(response.body),
+        })
     }
 
     fn metered(

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -171,6 +170,23 @@ impl UpstreamError {
     }
 }
 
+/// A request written to a provider, its response still to come.
+pub struct Sent(pool::Written);
+
+impl Sent {
+    /// The provider's response head; the body is read as it is polled. `head_request`: the
+    /// request was a `HEAD` (its response has no body, whatever the fields say).
+    pub async fn response(self, head_request: bool) -> Result<ProviderResponse, UpstreamError> {
+        Ok(self.0.response(head_request).await?)
+    }
+}
+
+impl std::fmt::Debug for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sent").finish_non_exhaustive()
+    }
+}
+
 /// Distinguishes clients in the per-thread pool (tests run several in one process).
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -209,27 +225,27 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
 }
 
 impl UpstreamClient {
-    /// Sends a request whose head is already encoded ([`h1::encode_fields`]; it ends with the
+    /// Writes a request whose head is already encoded ([`h1::encode_fields`]; it ends with the
     /// `Content-Length` of `body`) to `origin`, on a pooled connection when one is alive. A
-    /// request that a pooled connection refused before writing any of it is sent again on the
-    /// next connection; one already written is never repeated.
+    /// request that a pooled connection refused before writing any of it is written again on the
+    /// next connection; one already written is never repeated. Once this returns, head and body
+    /// are no longer needed: [`Sent::response`] waits for the provider's answer.
     ///
     /// `now` is a clock reading the caller has just taken (it decides whether an idle connection
     /// has outlived the idle timeout).
-    pub async fn send_encoded(
+    pub async fn write_encoded(
         &self,
         origin: &Origin,
         head: &[u8],
-        body: &Bytes,
-        head_request: bool,
+        body: &[u8],
         now: std::time::Instant,
-    ) -> Result<ProviderResponse, UpstreamError> {
+    ) -> Result<Sent, UpstreamError> {
         // The caller's reading serves the first checkout; a retry comes after awaits.
         let mut now = Some(now);
         while let Some(lease) = pool::checkout(&self.pool, origin, now.take().unwrap_or_else(std::time::Instant::now)) {
             let Some(lease) = lease.revalidate().await else { continue };
-            match lease.send(head, body, head_request).await {
-                Ok(response) => return Ok(response),
+            match lease.write(head, body).await {
+                Ok(written) => return Ok(Sent(written)),
                 Err(failure) if failure.unsent => {}
                 Err(failure) => return Err(failure.error.into()),
             }
@@ -237,7 +253,7 @@ impl UpstreamClient {
         // Boxed: a TLS handshake's future is large, and every request's future would otherwise
         // make room for it (and be copied with it) although most requests reuse a connection.
         let lease = Box::pin(self.connect(origin)).await?;
-        lease.send(head, body, head_request).await.map_err(|failure| failure.error.into())
+        lease.write(head, body).await.map(Sent).map_err(|failure| failure.error.into())
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
@@ -263,6 +279,7 @@ impl UpstreamClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::sync::atomic::AtomicUsize;
 
     use http::{Method, Request, Response};
@@ -274,7 +291,7 @@ mod tests {
 
     impl UpstreamClient {
         /// Sends `request` (origin-form URI, `Host` set): the tests' way in; the gateway itself
-        /// encodes its requests in `forward::build` and calls [`Self::send_encoded`].
+        /// encodes its requests in `forward::build` and calls [`Self::write_encoded`].
         pub async fn send(
             &self,
             origin: &Origin,
@@ -291,7 +308,8 @@ mod tests {
             // Holds the credential: zeroized when dropped, whatever happens below.
             let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
             let head_request = parts.method == Method::HEAD;
-            let provided = self.send_encoded(origin, &head, &body, head_request, std::time::Instant::now()).await?;
+            let sent = self.write_encoded(origin, &head, &body, std::time::Instant::now()).await?;
+            let provided = sent.response(head_request).await?;
             // The tests read the fields from a map.
             let mut response = Response::new(provided.body);
             *response.status_mut() = provided.status;

@@ -146,21 +146,26 @@ impl Lease {
         .then_some(self)
     }
 
-    /// Writes the encoded request and reads the response head. The body is read as it is polled.
-    pub(super) async fn send(
-        mut self,
-        head: &[u8],
-        body: &[u8],
-        head_request: bool,
-    ) -> Result<ProviderResponse, SendFailure> {
+    /// Writes the encoded request; the caller may let go of it once this returns.
+    pub(super) async fn write(mut self, head: &[u8], body: &[u8]) -> Result<Written, SendFailure> {
         let conn = &mut *self.0;
         h1::write_request(&mut conn.io, head, body)
             .await
             .map_err(|failure| SendFailure { error: failure.error, unsent: failure.unsent })?;
-        let head = h1::read_head(&mut conn.io, &mut conn.read_buf, head_request)
-            .await
-            .map_err(|error| SendFailure { error, unsent: false })?;
-        let mut body = UpstreamBody { lease: Some(self), decoder: head.decoder, reusable: head.reusable };
+        Ok(Written(self))
+    }
+}
+
+/// A connection whose request is written, its response still to come.
+pub(super) struct Written(Lease);
+
+impl Written {
+    /// Reads the response head. The body is read as it is polled.
+    pub(super) async fn response(self, head_request: bool) -> Result<ProviderResponse, H1Error> {
+        let mut lease = self.0;
+        let conn = &mut *lease.0;
+        let head = h1::read_head(&mut conn.io, &mut conn.read_buf, head_request).await?;
+        let mut body = UpstreamBody { lease: Some(lease), decoder: head.decoder, reusable: head.reusable };
         if body.decoder.is_done() {
             body.finish();
         }
