@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod fields;
 pub mod http1;
+pub mod http2;
 pub mod json_scan;
 pub mod limits;
 pub mod metrics;

@@ -1,16 +1,13 @@
 //! Client-facing listener: TCP or TLS; HTTP/1.1 on our own server (`http1`), HTTP/2 (ALPN `h2`,
-//! or prior knowledge on plain TCP) on hyper. On shutdown the listener closes at once, in-flight
+//! or prior knowledge on plain TCP) on hyper (`http2`). On shutdown the listener closes at once, in-flight
 //! requests and streams run on until they end or the drain deadline passes, then the process
 //! exits.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -21,9 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::busy_poll::BusyPoll;
 use crate::http1::{self, Reclaim};
+use crate::http2;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
-use crate::stall::Watchdog;
 
 /// How often reaching the connection limit is logged while it lasts.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
@@ -158,7 +155,6 @@ pub async fn serve(
         reclaim: Some(reclaim.clone()),
     });
     let http2 = http2_builder();
-    let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     metrics.max_connections.set(i64::try_from(settings.max_connections).unwrap_or(i64::MAX));
     let mut listener = BoundedListener::new(
@@ -182,7 +178,6 @@ pub async fn serve(
             gateway: gateway.clone(),
             http1: http1.clone(),
             http2: http2.clone(),
-            watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
         };
         let metrics = metrics.clone();
@@ -209,7 +204,7 @@ pub async fn serve(
     connections.close();
     tracing::info!(deadline_secs = settings.drain_timeout.as_secs_f64(), "draining connections");
     tokio::select! {
-        _ = async { tokio::join!(graceful.shutdown(), connections.wait()) } => tracing::info!("all connections drained"),
+        () = connections.wait() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain deadline passed; closing remaining connections"),
     }
 }
@@ -220,7 +215,6 @@ struct Connection {
     gateway: Arc<Gateway>,
     http1: Arc<http1::Settings>,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    watcher: Watcher,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -240,27 +234,7 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { peer, gateway, http2, watcher, http1, .. } = self;
-        let busy_poll = http1.busy_poll.clone();
-        // hyper polls a body only while its stream has window: the watchdog is the write
-        // timeout for a client that stops taking one (see `stall`).
-        let watchdog = Watchdog::new(http1.response_write_timeout);
-        let _sweeper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watchdog.clone().run()));
-        let service = service_fn(move |request| {
-            if let Some(busy) = &busy_poll {
-                busy.touch();
-            }
-            let gateway = gateway.clone();
-            let watchdog = watchdog.clone();
-            async move {
-                let response = gateway.handle(request.into(), Some(peer)).await.into_response();
-                Ok::<_, Infallible>(response.map(|body| watchdog.guard(body)))
-            }
-        });
-        let connection = http2.serve_connection(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(connection).await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
+        http2::serve(io, self.peer, self.gateway, &self.http2, &self.http1, self.shutdown).await;
     }
 }
 

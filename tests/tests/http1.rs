@@ -549,6 +549,80 @@ async fn at_the_connection_limit_idle_connections_are_closed_to_make_room() {
     assert_eq!(metrics.sum("portcullis_idle_connections_reclaimed_total", &[]), 1.0);
 }
 
+/// Opens an HTTP/2 (prior knowledge) connection to the gateway and has one chat answered on it.
+/// The returned handle finishes when the gateway closes the connection; the sender keeps the
+/// client from closing it first.
+async fn h2_answered_once(
+    fx: &Fixture,
+) -> (tokio::task::JoinHandle<()>, hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>) {
+    let tcp = TcpStream::connect(fx.gateway.listen_addr()).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender.send_request(h2_chat(&fx.url("/v1/chat/completions"))).await.expect("response");
+    assert_eq!(response.status(), 200);
+    http_body_util::BodyExt::collect(response.into_body()).await.expect("body");
+    (closed, sender)
+}
+
+/// hyper keeps an HTTP/2 connection open for as long as the client answers pings; the gateway
+/// closes one (GOAWAY) once it has had no open stream for `--header-read-timeout`, the limit an
+/// idle HTTP/1.1 connection has. A stream that lasts longer than that keeps it open.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout_and_a_long_stream_is_not() {
+    let options = FixtureOptions {
+        gateway: GatewayOptions {
+            extra_args: ["--header-read-timeout", "2"].map(String::from).to_vec(),
+            ..GatewayOptions::default()
+        },
+        upstream: UpstreamOptions { response_delay: Duration::from_secs(3), ..Default::default() },
+        ..FixtureOptions::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    // The request takes 3 s, longer than the 2 s idle timeout: answered in full.
+    let started = Instant::now();
+    let (closed, _sender) = h2_answered_once(&fx).await;
+    assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
+    // Then idle: closed about 2 s later.
+    let idle_from = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), closed).await.expect("closed within 10 s").expect("task");
+    let idle = idle_from.elapsed();
+    assert!(idle >= Duration::from_millis(1500) && idle < Duration::from_secs(6), "closed after {idle:?}");
+}
+
+/// At the connection limit an idle HTTP/2 connection is closed (GOAWAY) to make room, like an
+/// idle HTTP/1.1 one.
+#[tokio::test]
+async fn at_the_connection_limit_an_idle_http2_connection_is_closed_to_make_room() {
+    let fx = two_connection_gateway(UpstreamOptions::default()).await;
+    let addr = fx.gateway.listen_addr();
+    let (first, _first_sender) = h2_answered_once(&fx).await;
+    let (second, _second_sender) = h2_answered_once(&fx).await;
+
+    // A third is served at once, not after the 30 s idle timeout.
+    let started = Instant::now();
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(chat("", true).as_bytes()).await.expect("write");
+    let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // Both idle connections got the ask; at least one closed for it.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            _ = first => {}
+            _ = second => {}
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection was closed");
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert!(metrics.sum("portcullis_idle_connections_reclaimed_total", &[]) >= 1.0);
+}
+
 /// The admin port is bounded like the traffic port: a connection that sends no complete request
 /// head within `--header-read-timeout` is closed, and at most 64 connections are served at once,
 /// the rest waiting in the backlog; so a flood there cannot hold descriptors for ever.

@@ -153,8 +153,9 @@ impl std::fmt::Debug for Drain {
 }
 
 /// Idle connections asked to close so that connections waiting at the connection limit can be
-/// served: nginx's "reusable" connections. A connection is idle while it waits for a request
-/// head of which no byte has come: a new connection, or a keep-alive one between requests.
+/// served: nginx's "reusable" connections. An HTTP/1.1 connection is idle while it waits for a
+/// request head of which no byte has come: a new connection, or a keep-alive one between
+/// requests. An HTTP/2 one is idle while no stream is open, and goes with a GOAWAY (`http2`).
 /// Without this, connections that only sit open (a flood of them, or many clients' pools)
 /// would hold every slot until the header timeout closes them, while clients with requests
 /// wait in the backlog.
@@ -213,7 +214,7 @@ impl Reclaim {
     }
 
     /// One connection's view of the asks, from now on.
-    pub(super) fn follow(self: &Arc<Self>) -> Reclaimable {
+    pub(crate) fn follow(self: &Arc<Self>) -> Reclaimable {
         let asks = self.asks.subscribe();
         Reclaimable { next: Some(next_ask(asks.clone())), asks, reclaim: self.clone(), armed: Armed::default() }
     }
@@ -230,7 +231,7 @@ fn next_ask(mut asks: watch::Receiver<u64>) -> Pin<Box<dyn Future<Output = ()> +
 /// The asks to close idle connections as one connection follows them. Like [`Drain`], its
 /// waiter joins the channel's list once per connection (and again after each ask), not once
 /// per request.
-pub(super) struct Reclaimable {
+pub(crate) struct Reclaimable {
     reclaim: Arc<Reclaim>,
     asks: watch::Receiver<u64>,
     /// Ready at the next ask; `None` once it was, until [`Self::asked`] looks at the ask.
@@ -241,13 +242,13 @@ pub(super) struct Reclaimable {
 impl Reclaimable {
     /// Whether an ask came since the last look. One atomic load.
     #[inline]
-    pub(super) fn ask_came(&self) -> bool {
+    pub(crate) fn ask_came(&self) -> bool {
         self.asks.has_changed().unwrap_or(false)
     }
 
     /// Whether this (idle) connection is to close: an ask came since the last look and one of
     /// its closes was left.
-    pub(super) fn asked(&mut self) -> bool {
+    pub(crate) fn asked(&mut self) -> bool {
         if !self.ask_came() {
             return false;
         }
@@ -258,7 +259,7 @@ impl Reclaimable {
     }
 
     /// Ready when an ask comes; [`Self::asked`] says whether to close.
-    pub(super) fn poll_ask(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_ask(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // An ask that woke this task is seen here, without a poll of the wait it completed.
         let Some(next) = self.next.as_mut().filter(|_| !self.asks.has_changed().unwrap_or(true)) else {
             return Poll::Ready(());

@@ -53,7 +53,8 @@ use crate::pipeline::{ClientRequest, Gateway, Reply};
 use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 pub use idle::Reclaim;
-use idle::{Deadline, Drain, Reclaimable};
+pub(crate) use idle::Reclaimable;
+use idle::{Deadline, Drain};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;

@@ -1,0 +1,187 @@
+//! HTTP/2 client connections, served by hyper: the pipeline behind each stream, and the
+//! connection's life around them. hyper closes an HTTP/2 connection only when the client does,
+//! or when told to; this module tells it (with a GOAWAY, letting open streams finish) when the
+//! server drains, when the connection has had no open stream for the idle timeout (the HTTP/1.1
+//! keep-alive limit, `--header-read-timeout`), and when the listener asks idle connections to
+//! make room at the connection limit (see [`Reclaim`]). Without the last two, a connection that
+//! opens no stream would hold its slot for as long as it answers pings.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::http1::{self, Reclaim, Reclaimable};
+use crate::pipeline::Gateway;
+use crate::stall::Watchdog;
+
+/// Serves HTTP/2 on `io` until the client goes, or the connection is told to and its open
+/// streams have ended.
+pub async fn serve<IO>(
+    io: IO,
+    peer: SocketAddr,
+    gateway: Arc<Gateway>,
+    builder: &hyper::server::conn::http2::Builder<TokioExecutor>,
+    settings: &http1::Settings,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let busy_poll = settings.busy_poll.clone();
+    // hyper polls a body only while its stream has window: the watchdog is the write timeout
+    // for a client that stops taking one (see `stall`).
+    let watchdog = Watchdog::new(settings.response_write_timeout);
+    let _sweeper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watchdog.clone().run()));
+    let streams = Arc::new(OpenStreams(watch::Sender::new(0)));
+    let counted = streams.clone();
+    let service = service_fn(move |request| {
+        if let Some(busy) = &busy_poll {
+            busy.touch();
+        }
+        let gateway = gateway.clone();
+        let watchdog = watchdog.clone();
+        // Open from the request head until hyper drops the response body (or this future, if
+        // the client resets the stream first).
+        let open = counted.open();
+        async move {
+            let response = gateway.handle(request.into(), Some(peer)).await.into_response();
+            Ok::<_, Infallible>(response.map(|body| Counted { body: watchdog.guard(body), _open: open }))
+        }
+    });
+    let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+    let mut reclaim = settings.reclaim.as_ref().map(Reclaim::follow);
+    let told = async {
+        tokio::select! {
+            // A dropped sender means the server is gone: drain as well.
+            _ = shutdown.wait_for(|draining| *draining) => {}
+            () = idle_out(&streams, &mut reclaim, settings.header_read_timeout) => {}
+        }
+    };
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = told => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Ready when the connection should go away: it has had no open stream for `idle_timeout`, or
+/// the listener asked for a slot (and one of its closes was left) while it had none. An ask
+/// that comes while streams are open is taken up when the last one ends.
+async fn idle_out(streams: &OpenStreams, reclaim: &mut Option<Reclaimable>, idle_timeout: Duration) {
+    let mut open = streams.0.subscribe();
+    loop {
+        // The sender lives in `streams`, as long as this future: never an error.
+        let _ = open.wait_for(|open| *open == 0).await;
+        if reclaim.as_mut().is_some_and(Reclaimable::asked) {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(idle_timeout) => return,
+            _ = open.wait_for(|open| *open > 0) => {}
+            // Looked at by the next turn, if the connection is still idle then.
+            () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))) => {}
+        }
+    }
+}
+
+/// How many streams of one connection are open.
+#[derive(Debug)]
+struct OpenStreams(watch::Sender<usize>);
+
+impl OpenStreams {
+    fn open(self: &Arc<Self>) -> OpenStream {
+        self.0.send_modify(|open| *open += 1);
+        OpenStream(self.clone())
+    }
+}
+
+/// One open stream, counted until dropped.
+#[derive(Debug)]
+struct OpenStream(Arc<OpenStreams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|open| *open = open.saturating_sub(1));
+    }
+}
+
+/// A response body that keeps its stream counted as open.
+struct Counted<B> {
+    body: B,
+    _open: OpenStream,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idles_out_only_with_no_stream_open_for_the_whole_timeout() {
+        let streams = Arc::new(OpenStreams(watch::Sender::new(0)));
+        let timeout = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let stream = streams.open();
+        let mut none = None;
+        let idling = idle_out(&streams, &mut none, timeout);
+        tokio::pin!(idling);
+        // Open for 30 s: not idle meanwhile.
+        tokio::select! {
+            () = &mut idling => panic!("idled out with a stream open"),
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Closed: idle 10 s later, counted from then.
+        drop(stream);
+        idling.await;
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
+
+        // A stream opened during the idle wait starts the count again when it ends.
+        let started = tokio::time::Instant::now();
+        let mut none = None;
+        let idling = idle_out(&streams, &mut none, timeout);
+        tokio::pin!(idling);
+        tokio::select! {
+            () = &mut idling => panic!("idled out early"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let stream = streams.open();
+        tokio::select! {
+            () = &mut idling => panic!("idled out with a stream open"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        drop(stream);
+        idling.await;
+        assert_eq!(started.elapsed(), Duration::from_secs(20));
+    }
+}
