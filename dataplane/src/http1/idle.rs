@@ -165,7 +165,8 @@ impl std::fmt::Debug for Drain {
 /// A connection busy with a request when the ask comes takes one when it next goes idle, so
 /// the slots go to the waiting connections rather than to keep-alive. Closing an idle
 /// connection is always allowed (RFC 9112 §9.5); clients' pools see it and connect again. The
-/// listener calls the closes off once it finds a slot free without asking.
+/// listener calls the closes still wanted off once it has the slot it needed, so a connection
+/// that goes idle later is not closed for nobody.
 #[derive(Debug)]
 pub struct Reclaim {
     /// Closes still wanted by the last ask.
@@ -191,7 +192,7 @@ impl Reclaim {
         self.asks.send_modify(|asks| *asks = asks.wrapping_add(1));
     }
 
-    /// A slot was free without asking: the closes still wanted are called off.
+    /// The listener has its slot: the closes still wanted are called off.
     #[inline]
     pub fn call_off(&self) {
         if self.wanted.load(Ordering::Relaxed) != 0 {
