@@ -108,6 +108,14 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     metrics.body_budget_bytes.set(i64::try_from(body_budget.limit()).unwrap_or(i64::MAX));
     let busy_poll =
         busy_poll_window.map(|window| crate::busy_poll::BusyPoll::new(window, metrics.busy_poll_turns.clone()));
+    let halt_poll_ns = std::fs::read_to_string(crate::busy_poll::HALT_POLL_NS).ok();
+    if busy_poll.is_none() && crate::busy_poll::halts_without_polling(halt_poll_ns.as_deref()) {
+        tracing::info!(
+            guest_halt_poll_ns = 0,
+            "this VM's idle CPUs halt without polling: at low concurrency each request waits for idle cores to wake \
+             (about +150 µs at one connection in bench/run.sh); --worker-threads 1 --busy-poll-us 500 trades a busy core for it"
+        );
+    }
     let handle = Arc::new(SnapshotHandle::default());
     let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
     let tls = match (&args.tls_cert, &args.tls_key) {

@@ -101,6 +101,17 @@ impl BusyPoll {
     }
 }
 
+/// The window an idle vCPU of a KVM guest polls before it halts (the haltpoll cpuidle governor).
+pub const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// Whether the machine's idle CPUs halt without polling first, from [`HALT_POLL_NS`]'s text
+/// (`None`: no such file, not a guest with that governor). On such a VM a packet for an idle
+/// vCPU waits for the host to run it again; at low concurrency every request pays that twice
+/// in the proxy, which busy polling spares.
+pub fn halts_without_polling(halt_poll_ns: Option<&str>) -> bool {
+    halt_poll_ns.is_some_and(|ns| ns.trim() == "0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +175,13 @@ mod tests {
     #[test]
     fn the_window_is_capped() {
         assert_eq!(busy(Duration::from_secs(60)).window, MAX_WINDOW);
+    }
+
+    #[test]
+    fn only_a_zero_halt_poll_window_counts_as_halting_without_polling() {
+        assert!(halts_without_polling(Some("0\n")));
+        assert!(!halts_without_polling(Some("200000\n")), "the kernel's default polls");
+        assert!(!halts_without_polling(None), "no haltpoll governor: nothing known");
+        assert!(!halts_without_polling(Some("")));
     }
 }
