@@ -8,6 +8,9 @@
 3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway vs the 1-key gateway.
 4. Memory per idle keep-alive connection and per open SSE stream (upstream holds streams open):
    RSS delta / N on a fresh gateway.
+5. New connections at the connection limit: SCALE_AT_LIMIT (500) connections, one request each,
+   against a gateway whose `--max-connections` slots are all held by idle keep-alive
+   connections (which it closes to make room), beside the same against free slots.
 
 Pinning as in the proxy bench: gateway on CPU 1 with one worker; upstream, wrk and the
 connection holder on CPU 0.
@@ -27,6 +30,7 @@ KEYS = int(os.environ.get("SCALE_KEYS", "10000"))
 PROVIDERS = int(os.environ.get("SCALE_PROVIDERS", "100"))
 IDLE_CONNS = int(os.environ.get("SCALE_IDLE_CONNS", "2000"))
 STREAMS = int(os.environ.get("SCALE_STREAMS", "1000"))
+AT_LIMIT = int(os.environ.get("SCALE_AT_LIMIT", "500"))
 AUTH_SECONDS = int(os.environ.get("SCALE_AUTH_SECONDS", "5"))
 RELOADS = int(os.environ.get("SCALE_RELOADS", "3"))
 COMPILE = os.path.join(h.BIN, "bench-compile")
@@ -42,10 +46,11 @@ def gen(d, keys, providers):
     return out.stdout.strip()
 
 
-def start_gateway(d, name):
+def start_gateway(d, name, extra=()):
     argv = [os.path.join(h.BIN, "portcullis-dataplane"), "--manifests", d,
             "--listen", f"127.0.0.1:{h.PORT['portcullis']}",
             "--admin-listen", f"127.0.0.1:{h.PORT['portcullis_admin']}", "--log-level", "warn"]
+    argv += list(extra)
     argv += h.one_worker_args()
     t0 = time.perf_counter()
     p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
@@ -120,6 +125,55 @@ def hold(mode, n, key, pid):
     err = p.stderr.read().strip()
     ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
     return after - before, before, after, ok, failed, err
+
+
+def metric(name):
+    c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=2)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def new_connections(n, key):
+    """n connections, one request each (200 at a time), then closed: (ms, ok, failed, error)."""
+    t0 = time.perf_counter()
+    out = subprocess.run(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
+                          str(n), "idle", key, "0"], capture_output=True, text=True)
+    ms = (time.perf_counter() - t0) * 1000
+    line = out.stdout.split()
+    ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
+    return ms, ok, failed, out.stderr.strip()
+
+
+def at_the_limit(small, key):
+    """Section 5: new connections served at the connection limit, and with slots free."""
+    lines = ["", f"## New connections at the connection limit ({AT_LIMIT} connections, one request "
+             f"each, 200 at a time; `--max-connections {IDLE_CONNS}`)", "",
+             "| slots | time ms | per connection µs | served | failed | idle connections closed |",
+             "|---|---|---|---|---|---|"]
+    limit = ("--max-connections", str(IDLE_CONNS))
+    for held in (False, True):
+        p, _ = start_gateway(small, "gw-limit-held" if held else "gw-limit-free", limit)
+        holder = None
+        if held:
+            holder = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
+                                       str(IDLE_CONNS), "idle", key, "60"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+        ms, ok, failed, err = new_connections(AT_LIMIT, key)
+        closed = metric("portcullis_idle_connections_reclaimed_total")
+        what = f"all {IDLE_CONNS} held by idle keep-alive connections" if held else "free"
+        lines.append(f"| {what} | {ms:.0f} | {ms * 1000 / max(AT_LIMIT, 1):.0f} | {ok} | {failed} | "
+                     f"{closed:.0f} |" if closed is not None else f"| {what} | {ms:.0f} | | {ok} | {failed} | ? |")
+        if err:
+            lines.append(f"\n(bench-conns: {err.splitlines()[-1]})\n")
+        if holder:
+            holder.kill()
+            holder.wait()
+        h.stop(p)
+    return lines
 
 
 def main():
@@ -234,6 +288,7 @@ def main():
         if err:
             lines.append(f"\n(bench-conns: {err})\n")
         h.stop(p)
+    lines += at_the_limit(small, key_one)
     h.stop(up)
     lines += ["", "## Host", "",
               f"load average {load0} at start, {h.loadavg()} at end; other busy processes at "

@@ -152,7 +152,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         },
     ));
 
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        crate::server::bind(args.listen, args.listen_backlog).with_context(|| format!("binding {}", args.listen))?;
     let admin_listener =
         TcpListener::bind(args.admin_listen).await.with_context(|| format!("binding {}", args.admin_listen))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

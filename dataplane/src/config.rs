@@ -114,11 +114,18 @@ pub struct DataplaneArgs {
     pub upstream_idle_timeout: Duration,
 
     /// Most client connections served at once; beyond it new connections wait in the listen
-    /// backlog until one closes (nginx's `worker_connections`). Default: 16,384, or as many as
-    /// the open-file limit holds at two descriptors per connection (its own and a provider's)
-    /// beside a reserve. A value the limit cannot hold is lowered, with a warning.
+    /// backlog while idle ones are closed to make room (nginx's `worker_connections`). Default:
+    /// 16,384, or as many as the open-file limit holds at two descriptors per connection (its
+    /// own and a provider's) beside a reserve. A value the limit cannot hold is lowered, with a
+    /// warning.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_connections: Option<u64>,
+
+    /// Connections the kernel completes and queues for the traffic listener before it accepts
+    /// them (the listen backlog; the kernel caps it at `net.core.somaxconn`). A burst beyond it
+    /// has its handshakes dropped, and clients retry them a second or more later.
+    #[arg(long, env = "PORTCULLIS_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub listen_backlog: u32,
 
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, value_parser = seconds, default_value = "30")]

@@ -79,21 +79,25 @@ pub async fn serve<IO>(
 }
 
 /// Ready when the connection should go away: it has had no open stream for `idle_timeout`, or
-/// the listener asked for a slot (and one of its closes was left) while it had none. An ask
-/// that comes while streams are open is taken up when the last one ends.
+/// the listener asked for a slot (and one of its closes was left) while it had had none for
+/// [`Reclaim::MIN_IDLE`]. The listener asks again while it waits, so a connection busy or young
+/// at one ask can go at the next.
 async fn idle_out(streams: &OpenStreams, reclaim: &mut Option<Reclaimable>, idle_timeout: Duration) {
     let mut open = streams.0.subscribe();
     loop {
         // The sender lives in `streams`, as long as this future: never an error.
         let _ = open.wait_for(|open| *open == 0).await;
-        if reclaim.as_mut().is_some_and(Reclaimable::asked) {
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(idle_timeout) => return,
-            _ = open.wait_for(|open| *open > 0) => {}
-            // Looked at by the next turn, if the connection is still idle then.
-            () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))) => {}
+        let idle_since = tokio::time::Instant::now();
+        loop {
+            if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(idle_since + idle_timeout) => return,
+                _ = open.wait_for(|open| *open > 0) => break,
+                // Looked at by the next turn, if the connection is still idle then.
+                () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))) => {}
+            }
         }
     }
 }

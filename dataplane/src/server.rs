@@ -78,10 +78,15 @@ impl BoundedListener {
         let (stream, peer) = self.next_connection().await;
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
-            Err(_) => {
+            // Asked again while no slot comes: connections busy or idle for less than
+            // `MIN_IDLE` at one ask may have idled long enough by the next.
+            Err(_) => loop {
                 reclaim.ask(Reclaim::AT_ONCE);
-                self.slots.clone().acquire_owned().await.ok()?
-            }
+                tokio::select! {
+                    slot = self.slots.clone().acquire_owned() => break slot.ok()?,
+                    () = tokio::time::sleep(Reclaim::MIN_IDLE) => {}
+                }
+            },
         };
         reclaim.call_off();
         Some((slot, stream, peer))
@@ -238,6 +243,19 @@ impl Connection {
     }
 }
 
+/// A listening socket on `addr` whose kernel queue holds `backlog` completed handshakes (capped by
+/// `net.core.somaxconn`). The standard library's bind asks for 128: at the connection limit,
+/// or while the single thread is busy, a burst of new clients beyond that has its handshakes
+/// dropped and retried a second later. Must be called within the runtime.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As the standard library's bind does: a restarted gateway rebinds while old connections
+    // linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// File descriptors kept free of client connections: listeners, the admin port's connections,
 /// Redis, the Kubernetes client, files.
 const RESERVED_DESCRIPTORS: u64 = 256;
@@ -300,6 +318,26 @@ fn connections_within(requested: usize, open_files: Option<u64>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel completes and queues as many handshakes as the backlog asks for (here 1,024,
+    /// within this machine's `somaxconn`), none accepted yet; with the standard library's 128,
+    /// connections beyond it would have their handshakes dropped and retried a second later.
+    #[tokio::test]
+    async fn the_listen_backlog_queues_a_burst_of_connections() {
+        let listener = bind("127.0.0.1:0".parse().expect("address"), 1024).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let connects: Vec<_> = (0..500)
+            .map(|_| tokio::spawn(tokio::time::timeout(Duration::from_millis(800), TcpStream::connect(addr))))
+            .collect();
+        let mut queued = 0;
+        for connect in connects {
+            if matches!(connect.await, Ok(Ok(Ok(_)))) {
+                queued += 1;
+            }
+        }
+        assert_eq!(queued, 500, "every handshake completed without an accept");
+        drop(listener);
+    }
 
     #[test]
     fn connections_fit_in_the_open_file_limit_with_two_descriptors_each_and_a_reserve() {

@@ -462,8 +462,8 @@ async fn two_connection_gateway(upstream: UpstreamOptions) -> Fixture {
 
 /// `--max-connections`: at the limit the gateway serves nothing more, so a new connection waits
 /// (the kernel completes its handshake) while the open ones are busy with requests. The first
-/// to finish closes instead of waiting for its next request, and the waiting connection is
-/// served; the other stays open once nothing waits for its slot. The metrics give the limit, how
+/// to finish is closed once it has idled briefly (the listener keeps asking while it waits),
+/// and the waiting connection is served; the other stays open once nothing waits for its slot. The metrics give the limit, how
 /// often the listener waited, and the connections closed to make room.
 #[tokio::test]
 async fn at_the_connection_limit_a_new_connection_waits_while_the_open_ones_are_busy() {

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::sync::watch;
@@ -161,9 +162,13 @@ impl std::fmt::Debug for Drain {
 /// wait in the backlog.
 ///
 /// When the listener finds no free slot it asks for up to [`Reclaim::AT_ONCE`] closes and
-/// wakes every idle connection; each takes one of the closes while any are left and closes.
-/// A connection busy with a request when the ask comes takes one when it next goes idle, so
-/// the slots go to the waiting connections rather than to keep-alive. Closing an idle
+/// wakes every idle connection; each that has been idle for [`Reclaim::MIN_IDLE`] takes one of
+/// the closes while any are left and closes. A younger one is left alone, as nginx closes the
+/// longest idle first: its client may be about to send (a new connection's first request, a
+/// keep-alive client's next one), and closing it would fail that request. The listener asks
+/// again every `MIN_IDLE` while it waits, so connections that were busy or young at the first
+/// ask go once they have idled that long, and the slots go to the waiting connections rather
+/// than to keep-alive. Closing an idle
 /// connection is always allowed (RFC 9112 §9.5); clients' pools see it and connect again. The
 /// listener calls the closes still wanted off once it has the slot it needed, so a connection
 /// that goes idle later is not closed for nobody.
@@ -181,6 +186,9 @@ impl Reclaim {
     /// Closes asked for at once, as nginx does: enough that a burst of waiting connections is
     /// served without one ask (and one wake-up of every idle connection) per connection.
     pub const AT_ONCE: usize = 32;
+
+    /// How long a connection must have been idle to be closed for an ask.
+    pub const MIN_IDLE: Duration = Duration::from_millis(100);
 
     pub fn new(reclaimed: IntCounter) -> Arc<Self> {
         Arc::new(Self { wanted: AtomicUsize::new(0), asks: watch::Sender::new(0), reclaimed })
@@ -247,16 +255,16 @@ impl Reclaimable {
         self.asks.has_changed().unwrap_or(false)
     }
 
-    /// Whether this (idle) connection is to close: an ask came since the last look and one of
-    /// its closes was left.
-    pub(crate) fn asked(&mut self) -> bool {
+    /// Whether this connection, idle since `idle_since`, is to close: an ask came since the
+    /// last look, it has been idle for [`Reclaim::MIN_IDLE`], and one of the closes was left.
+    pub(crate) fn asked(&mut self, idle_since: Instant) -> bool {
         if !self.ask_came() {
             return false;
         }
         self.asks.mark_unchanged();
         self.next = Some(next_ask(self.asks.clone()));
         self.armed.disarm();
-        self.reclaim.take()
+        idle_since.elapsed() >= Reclaim::MIN_IDLE && self.reclaim.take()
     }
 
     /// Ready when an ask comes; [`Self::asked`] says whether to close.
@@ -440,9 +448,10 @@ mod tests {
         let mut waiting: Vec<_> = (0..3).map(|_| reclaim.follow()).collect();
         let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
+        let long_idle = Instant::now() - Reclaim::MIN_IDLE;
         for follower in &mut waiting {
             assert!(follower.poll_ask(&mut cx).is_pending());
-            assert!(!follower.asked(), "no ask yet");
+            assert!(!follower.asked(long_idle), "no ask yet");
         }
         // A connection busy with a request: not waiting, it looks when it next goes idle.
         let mut busy = reclaim.follow();
@@ -453,25 +462,28 @@ mod tests {
             .iter_mut()
             .map(|follower| {
                 assert!(follower.poll_ask(&mut cx).is_ready());
-                follower.asked()
+                follower.asked(long_idle)
             })
             .collect();
         assert_eq!(closing, [true, true, false], "two closes asked for");
         assert_eq!(reclaim.reclaimed.get(), 2);
         // The one left waits for the next ask, and sees this one only once.
         assert!(waiting[2].poll_ask(&mut cx).is_pending());
-        assert!(!waiting[2].asked());
+        assert!(!waiting[2].asked(long_idle));
 
         reclaim.ask(1);
         // A connection made after the ask does not see it.
         let mut late = reclaim.follow();
-        assert!(!late.asked());
+        assert!(!late.asked(long_idle));
         reclaim.call_off();
         assert_eq!(reclaim.wanted(), 0);
-        assert!(!waiting[2].asked(), "called off before it looked");
+        assert!(!waiting[2].asked(long_idle), "called off before it looked");
         reclaim.ask(1);
-        assert!(busy.asked(), "seen without waiting, from the channel's version");
-        assert!(!waiting[2].asked(), "the one close was taken");
+        // One idle for less than MIN_IDLE is left alone; the close stays for another.
+        assert!(!late.asked(Instant::now()), "too young to close");
+        assert_eq!(reclaim.wanted(), 1);
+        assert!(busy.asked(long_idle), "seen without waiting, from the channel's version");
+        assert!(!waiting[2].asked(long_idle), "the one close was taken");
         assert_eq!(reclaim.reclaimed.get(), 3);
     }
 }

@@ -234,7 +234,8 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     reclaim: &mut Option<Reclaimable>,
     first: bool,
 ) -> Next {
-    conn.head_deadline.set(Instant::now() + settings.header_read_timeout);
+    let idle_since = Instant::now();
+    conn.head_deadline.set(idle_since + settings.header_read_timeout);
     loop {
         // On a new plain-TCP connection, bytes that could still be the HTTP/2 preface wait for
         // the rest of it.
@@ -261,7 +262,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
             match std::future::poll_fn(|cx| Poll::Ready(poll_fill(io, cx, buf))).await {
                 Poll::Ready(Ok(0) | Err(_)) => return Next::Close,
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Pending if reclaim.as_mut().is_some_and(Reclaimable::asked) => return Next::Close,
+                Poll::Pending if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) => return Next::Close,
                 Poll::Pending => {}
             }
         }
