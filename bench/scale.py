@@ -71,13 +71,18 @@ def start_gateway(d, name, extra=()):
     return p, (time.perf_counter() - t0) * 1000
 
 
-def generation():
+def metric(name):
     c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=2)
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     c.close()
-    m = re.search(r"^portcullis_snapshot_generation (\d+)", text, re.M)
-    return int(m.group(1)) if m else None
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def generation():
+    value = metric("portcullis_snapshot_generation")
+    return int(value) if value is not None else None
 
 
 def rss_mb(pid, field="VmRSS"):
@@ -125,15 +130,6 @@ def hold(mode, n, key, pid):
     err = p.stderr.read().strip()
     ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
     return after - before, before, after, ok, failed, err
-
-
-def metric(name):
-    c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=2)
-    c.request("GET", "/metrics")
-    text = c.getresponse().read().decode()
-    c.close()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else None
 
 
 def new_connections(n, key):

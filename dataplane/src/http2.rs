@@ -151,6 +151,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 mod tests {
     use super::*;
 
+    /// Drives `idling` for `seconds` (paused time), failing with `why` if it finishes.
+    async fn still_waiting(idling: &mut Pin<&mut impl std::future::Future<Output = ()>>, seconds: u64, why: &str) {
+        tokio::select! {
+            () = idling.as_mut() => panic!("{why}"),
+            () = tokio::time::sleep(Duration::from_secs(seconds)) => {}
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_idles_out_only_with_no_stream_open_for_the_whole_timeout() {
         let streams = Arc::new(OpenStreams(watch::Sender::new(0)));
@@ -161,10 +169,7 @@ mod tests {
         let idling = idle_out(&streams, &mut none, timeout);
         tokio::pin!(idling);
         // Open for 30 s: not idle meanwhile.
-        tokio::select! {
-            () = &mut idling => panic!("idled out with a stream open"),
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
-        }
+        still_waiting(&mut idling, 30, "idled out with a stream open").await;
         // Closed: idle 10 s later, counted from then.
         drop(stream);
         idling.await;
@@ -175,15 +180,9 @@ mod tests {
         let mut none = None;
         let idling = idle_out(&streams, &mut none, timeout);
         tokio::pin!(idling);
-        tokio::select! {
-            () = &mut idling => panic!("idled out early"),
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
+        still_waiting(&mut idling, 5, "idled out early").await;
         let stream = streams.open();
-        tokio::select! {
-            () = &mut idling => panic!("idled out with a stream open"),
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
+        still_waiting(&mut idling, 5, "idled out with a stream open").await;
         drop(stream);
         idling.await;
         assert_eq!(started.elapsed(), Duration::from_secs(20));

@@ -460,6 +460,17 @@ async fn two_connection_gateway(upstream: UpstreamOptions) -> Fixture {
     fx
 }
 
+/// Connects to a gateway at its connection limit and is answered in full within 5 s, long
+/// before the 30 s idle timeout of [`two_connection_gateway`] would free a slot.
+async fn served_at_once(addr: SocketAddr) {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(chat("", true).as_bytes()).await.expect("write");
+    let (text, _, closed) = read_to_close(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "not the idle timeout: {:?}", started.elapsed());
+}
+
 /// `--max-connections`: at the limit the gateway serves nothing more, so a new connection waits
 /// (the kernel completes its handshake) while the open ones are busy with requests. The first
 /// to finish is closed once it has idled briefly (the listener keeps asking while it waits),
@@ -531,12 +542,7 @@ async fn at_the_connection_limit_idle_connections_are_closed_to_make_room() {
     .expect("two connections held");
 
     // A third is served at once: the idle one is closed for it (without a byte sent).
-    let started = Instant::now();
-    let mut third = TcpStream::connect(addr).await.expect("connect");
-    third.write_all(chat("", true).as_bytes()).await.expect("write");
-    let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
-    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(5), "not the header timeout: {:?}", started.elapsed());
+    served_at_once(addr).await;
     let (text, _, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
     assert!(closed && text.is_empty(), "the idle connection closed silently: {text:?}");
 
@@ -604,12 +610,7 @@ async fn at_the_connection_limit_an_idle_http2_connection_is_closed_to_make_room
     let (second, _second_sender) = h2_answered_once(&fx).await;
 
     // A third is served at once, not after the 30 s idle timeout.
-    let started = Instant::now();
-    let mut third = TcpStream::connect(addr).await.expect("connect");
-    third.write_all(chat("", true).as_bytes()).await.expect("write");
-    let (text, _, closed) = read_to_close(&mut third, Duration::from_secs(10)).await;
-    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains(REPLY), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    served_at_once(addr).await;
     // Both idle connections got the ask; at least one closed for it.
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         tokio::select! {

@@ -209,7 +209,8 @@ impl Reclaim {
     }
 
     /// Closes still wanted.
-    pub fn wanted(&self) -> usize {
+    #[cfg(test)]
+    fn wanted(&self) -> usize {
         self.wanted.load(Ordering::Acquire)
     }
 

@@ -52,101 +52,88 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "portcullis_requests_total",
-                "Requests handled, by route and outcome (ok, upstream_error, or a gateway error code)",
-            ),
-            &["route", "outcome"],
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "portcullis_requests_total",
+                    "Requests handled, by route and outcome (ok, upstream_error, or a gateway error code)",
+                ),
+                &["route", "outcome"],
+            )?,
         )?;
-        let token_usage = HistogramFamily::new(
-            "gen_ai_client_token_usage",
-            "Tokens used per request, by token type (input or output)",
-            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
-            &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
+        let token_usage = register(
+            &registry,
+            HistogramFamily::new(
+                "gen_ai_client_token_usage",
+                "Tokens used per request, by token type (input or output)",
+                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
+                &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
+            )?,
         )?;
-        let request_duration = HistogramFamily::new(
-            "gen_ai_server_request_duration",
-            "Seconds from request start to the last response byte",
-            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
-            &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
+        let request_duration = register(
+            &registry,
+            HistogramFamily::new(
+                "gen_ai_server_request_duration",
+                "Seconds from request start to the last response byte",
+                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
+                &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
+            )?,
         )?;
-        let time_to_first_token = HistogramFamily::new(
-            "gen_ai_server_time_to_first_token",
-            "Seconds from request start to the first response body byte",
-            &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
-            &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
+        let time_to_first_token = register(
+            &registry,
+            HistogramFamily::new(
+                "gen_ai_server_time_to_first_token",
+                "Seconds from request start to the first response body byte",
+                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
+                &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
+            )?,
         )?;
-        let snapshot_generation =
-            IntGauge::new("portcullis_snapshot_generation", "Generation of the snapshot being served")?;
-        let snapshot_valid = IntGauge::new(
-            "portcullis_snapshot_valid",
-            "1 when the latest configuration was applied, 0 when it was rejected and an older snapshot keeps serving",
-        )?;
-        let snapshot_reloads = IntCounter::new("portcullis_snapshot_reloads_total", "Snapshots applied")?;
-        let snapshot_reload_failures = IntCounter::new(
-            "portcullis_snapshot_reload_failures_total",
-            "Configurations rejected whole (the last good snapshot kept serving)",
-        )?;
-        let open_connections = IntGauge::new("portcullis_open_connections", "Client connections currently open")?;
-        let max_connections = IntGauge::new(
-            "portcullis_max_connections",
-            "Most client connections served at once; beyond it new ones wait in the listen backlog",
-        )?;
-        let connection_limit_waits = IntCounter::new(
-            "portcullis_connection_limit_waits_total",
-            "Times the listener stopped accepting because the most client connections were open",
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(token_usage.clone()))?;
-        registry.register(Box::new(request_duration.clone()))?;
-        registry.register(Box::new(time_to_first_token.clone()))?;
-        registry.register(Box::new(snapshot_generation.clone()))?;
-        registry.register(Box::new(snapshot_valid.clone()))?;
-        registry.register(Box::new(snapshot_reloads.clone()))?;
-        registry.register(Box::new(snapshot_reload_failures.clone()))?;
-        let busy_poll_turns = IntCounter::new(
-            "portcullis_busy_poll_turns_total",
-            "Turns the busy-poll spinner took polling sockets instead of sleeping (0 with --busy-poll-us off)",
-        )?;
-        registry.register(Box::new(open_connections.clone()))?;
-        registry.register(Box::new(max_connections.clone()))?;
-        registry.register(Box::new(connection_limit_waits.clone()))?;
-        let idle_connections_reclaimed = IntCounter::new(
-            "portcullis_idle_connections_reclaimed_total",
-            "Idle client connections closed at the connection limit to make room for waiting ones",
-        )?;
-        registry.register(Box::new(idle_connections_reclaimed.clone()))?;
-        let body_budget_bytes = IntGauge::new(
-            "portcullis_request_body_budget_bytes",
-            "Most request body bytes held at once across connections and streams; beyond it requests get 503",
-        )?;
-        let body_bytes_held = IntGauge::new(
-            "portcullis_request_body_bytes_held",
-            "Request body bytes held now (being read, or waiting to be written to the provider)",
-        )?;
-        registry.register(Box::new(body_budget_bytes.clone()))?;
-        registry.register(Box::new(body_bytes_held.clone()))?;
-        registry.register(Box::new(busy_poll_turns.clone()))?;
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help)?);
         let requests_ok = ApiRoute::ALL.iter().map(|r| requests.with_label_values(&[r.label(), "ok"])).collect();
         Ok(Self {
+            snapshot_generation: gauge("portcullis_snapshot_generation", "Generation of the snapshot being served")?,
+            snapshot_valid: gauge(
+                "portcullis_snapshot_valid",
+                "1 when the latest configuration was applied, 0 when it was rejected and an older snapshot keeps serving",
+            )?,
+            snapshot_reloads: counter("portcullis_snapshot_reloads_total", "Snapshots applied")?,
+            snapshot_reload_failures: counter(
+                "portcullis_snapshot_reload_failures_total",
+                "Configurations rejected whole (the last good snapshot kept serving)",
+            )?,
+            open_connections: gauge("portcullis_open_connections", "Client connections currently open")?,
+            max_connections: gauge(
+                "portcullis_max_connections",
+                "Most client connections served at once; beyond it new ones wait in the listen backlog",
+            )?,
+            connection_limit_waits: counter(
+                "portcullis_connection_limit_waits_total",
+                "Times the listener stopped accepting because the most client connections were open",
+            )?,
+            idle_connections_reclaimed: counter(
+                "portcullis_idle_connections_reclaimed_total",
+                "Idle client connections closed at the connection limit to make room for waiting ones",
+            )?,
+            body_budget_bytes: gauge(
+                "portcullis_request_body_budget_bytes",
+                "Most request body bytes held at once across connections and streams; beyond it requests get 503",
+            )?,
+            body_bytes_held: gauge(
+                "portcullis_request_body_bytes_held",
+                "Request body bytes held now (being read, or waiting to be written to the provider)",
+            )?,
+            busy_poll_turns: counter(
+                "portcullis_busy_poll_turns_total",
+                "Turns the busy-poll spinner took polling sockets instead of sleeping (0 with --busy-poll-us off)",
+            )?,
             requests_ok,
-            registry,
             requests,
             token_usage,
             request_duration,
             time_to_first_token,
-            snapshot_generation,
-            snapshot_valid,
-            snapshot_reloads,
-            snapshot_reload_failures,
-            open_connections,
-            max_connections,
-            connection_limit_waits,
-            idle_connections_reclaimed,
-            body_budget_bytes,
-            body_bytes_held,
-            busy_poll_turns,
+            registry,
         })
     }
 
@@ -177,4 +164,13 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// Registers `metric` with `registry` and hands it back, for the caller to keep.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
