@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Profiles Portcullis (one worker, CPU 1) under the bench's plain and SSE loads (wrk c=32 and the
-# loopback upstream on CPU 0), two ways:
-#   perf    — cpu-clock sampling with DWARF call graphs, user + kernel (syscall cost shows);
-#   callgrind — exact instruction counts of the user-space code (noise-free on a busy machine).
-# Output: bench/out/profile-<stamp>/{perf,callgrind}-{plain,sse}.txt; summarised in bench/PROFILE.md.
+# loopback upstream on CPU 0), three ways:
+#   perf      — flat cpu-clock sampling, user + kernel (syscall cost shows);
+#   callgrind — exact instruction counts of the user-space code (noise-free on a busy machine);
+#   vs-nginx  — (not by default) perf of nginx proxy_pass and of Portcullis under the same load,
+#               taken in turn for PROFILE_ROUNDS rounds, as CPU µs per request side by side: by
+#               kernel / proxy code / libc / vDSO, and the symbols that differ most
+#               (bench/tools/perf_vs.py). What the throughput target's gap is made of.
+# Output: bench/out/profile-<stamp>/{perf,callgrind,vs-nginx}-{plain,sse}*.txt; summarised in
+# bench/PROFILE.md.
 #
-#   bench/profile.sh                   # both tools, both loads, ~3 minutes
+#   bench/profile.sh                   # perf and callgrind, both loads, ~3 minutes
 #   PROFILE_TOOLS=perf PROFILE_SECONDS=5 bench/profile.sh
+#   PROFILE_TOOLS=vs-nginx PROFILE_MODES=plain PROFILE_ROUNDS=3 bench/profile.sh   # ~1.5 minutes
 #   PROFILE_BIN_DIR=/other/target/release BENCH_SKIP_BUILD=1 bench/profile.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +22,8 @@ OUT="$ROOT/bench/out/profile-$STAMP"
 mkdir -p "$OUT"
 SECONDS_RUN=${PROFILE_SECONDS:-10}
 TOOLS=${PROFILE_TOOLS:-perf,callgrind}
+MODES=${PROFILE_MODES:-plain,sse}
+ROUNDS=${PROFILE_ROUNDS:-2}
 BASE=${BENCH_PORT_BASE:-28100}
 UP=$((BASE + 1)); GW=$((BASE + 3)); ADMIN=$((BASE + 4))
 KEY=pcl_bench_client_key_0123456789_abcdefghijklmnop
@@ -28,6 +36,7 @@ need=()
 command -v perf >/dev/null || need+=(linux-perf)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v wrk >/dev/null || need+=(wrk)
+if [[ $TOOLS == *vs-nginx* ]]; then command -v nginx >/dev/null || need+=(nginx); fi
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -39,6 +48,7 @@ sys.path.insert(0, "bench")
 import harness as h
 h.WORK = sys.argv[1]
 h.write_manifests(os.path.join(sys.argv[1], "manifests"))
+h.nginx_conf(os.path.join(sys.argv[1], "nginx"))
 for mode in ("plain", "sse"):
     with open(os.path.join(sys.argv[1], f"wrk-{mode}.lua"), "w") as f:
         f.write(h.LUA % {"key": h.CLIENT_KEY, "body": h.BODY[mode]})
@@ -58,9 +68,20 @@ wait_ready() {
     done
     echo "gateway did not become ready" >&2; return 1
 }
-load() { # mode seconds
+load() { # mode seconds [port]
     taskset -c 0 wrk -t1 -c32 -d"$2"s --timeout 10s -s "$OUT/wrk-$1.lua" \
-        "http://127.0.0.1:$GW/v1/chat/completions" | grep BENCHRESULT
+        "http://127.0.0.1:${3:-$GW}/v1/chat/completions" | grep BENCHRESULT
+}
+# perf record of PID while load runs on PORT: "<requests>:<perf.data>" for perf_vs.py.
+record() { # mode pid port data
+    load "$1" 2 "$3" >/dev/null
+    perf record -e cpu-clock -F 4999 -p "$2" -o "$4" -- sleep "$SECONDS_RUN" 2>"$4.log" &
+    local rec=$!
+    sleep 0.3
+    local served
+    served=$(load "$1" $((SECONDS_RUN - 1)) "$3" | awk '{print $2}')
+    wait $rec || true
+    echo "$served:$4"
 }
 gw_args=(--manifests "$OUT/manifests" --listen "127.0.0.1:$GW" --admin-listen "127.0.0.1:$ADMIN" --log-level warn)
 # One worker: the single-threaded runtime where the data plane offers it, else TOKIO_WORKER_THREADS.
@@ -68,11 +89,46 @@ if "$BIN/portcullis-dataplane" --help 2>/dev/null | grep -q -- --worker-threads;
     gw_args+=(--worker-threads 1)
 fi
 
+if [[ $TOOLS == *vs-nginx* ]]; then
+    NGINX_PORT=$(python3 -c 'import sys; sys.path.insert(0, "bench"); import harness as h; print(h.PORT["nginx"])')
+    TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-vs.log" 2>&1 &
+    gw=$!; pids+=($gw)
+    taskset -c 1 nginx -c "$OUT/nginx/nginx.conf" >"$OUT/nginx.log" 2>&1 &
+    ng=$!; pids+=($ng)
+    wait_ready
+    worker=""
+    for _ in $(seq 1 100); do
+        worker=$(pgrep -P "$ng" | head -1 || true)   # worker_processes 1
+        [ -n "$worker" ] && curl -fs -o /dev/null -X POST -H "Authorization: Bearer $KEY" \
+            -H 'Content-Type: application/json' --data '{"model":"bench-model","messages":[]}' \
+            "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" && break
+        sleep 0.1
+    done
+    [ -n "$worker" ] || { echo "nginx did not start; log:" >&2; tail "$OUT/nginx.log" >&2; exit 1; }
+    for mode in ${MODES//,/ }; do
+        ng_runs=(); pc_runs=()
+        for round in $(seq 1 "$ROUNDS"); do
+            # Taken in turn, nginx first in odd rounds, so drift on the host falls on both.
+            if (( round % 2 )); then
+                ng_runs+=("$(record "$mode" "$worker" "$NGINX_PORT" "$OUT/vs-nginx-$mode-nginx-$round.data")")
+                pc_runs+=("$(record "$mode" "$gw" "$GW" "$OUT/vs-nginx-$mode-portcullis-$round.data")")
+            else
+                pc_runs+=("$(record "$mode" "$gw" "$GW" "$OUT/vs-nginx-$mode-portcullis-$round.data")")
+                ng_runs+=("$(record "$mode" "$worker" "$NGINX_PORT" "$OUT/vs-nginx-$mode-nginx-$round.data")")
+            fi
+        done
+        python3 "$ROOT/bench/tools/perf_vs.py" "nginx=$(IFS=,; echo "${ng_runs[*]}")" \
+            "portcullis=$(IFS=,; echo "${pc_runs[*]}")" 40 >"$OUT/vs-nginx-$mode.md"
+        echo "vs-nginx $mode: $OUT/vs-nginx-$mode.md" >&2
+    done
+    kill "$gw" "$ng"; wait "$gw" "$ng" 2>/dev/null || true
+fi
+
 if [[ $TOOLS == *perf* ]]; then
     TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-perf.log" 2>&1 &
     gw=$!; pids+=($gw)
     wait_ready
-    for mode in plain sse; do
+    for mode in ${MODES//,/ }; do
         load "$mode" 2 >/dev/null
         # Flat cpu-clock sampling (no call graphs: cheap, many samples); inclusive costs come
         # from callgrind below.
@@ -93,7 +149,7 @@ if [[ $TOOLS == *perf* ]]; then
 fi
 
 if [[ $TOOLS == *callgrind* ]]; then
-    for mode in plain sse; do
+    for mode in ${MODES//,/ }; do
         TOKIO_WORKER_THREADS=1 taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
             --callgrind-out-file="$OUT/callgrind-$mode.out" \
             "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-callgrind-$mode.log" 2>&1 &
