@@ -353,3 +353,43 @@ def test_bench_verdict_judges_the_per_round_median() -> None:
 
     # A miss smaller than one per cent is not shown as "0%".
     assert harness.throughput_status(0.998, "one run") == "MISSED by 0.2 % (one run 0.998×)"
+
+
+def test_bench_perf_vs_counts_each_proxy_per_request_by_part() -> None:
+    """`bench/tools/perf_vs.py` (profile.sh vs-nginx) turns perf's per-symbol periods (ns) into
+    CPU µs per request, merged across rounds, split into kernel / proxy code / libc / vDSO; the
+    differences are taken symbol by symbol against the first proxy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perf_vs", REPO / "bench" / "tools" / "perf_vs.py")
+    perf_vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf_vs)
+
+    report = {
+        "nginx.data": "# header\n#\n"
+        "      4000000   20  [kernel.kallsyms]  [k] _copy_from_iter        -      -  \n"
+        "      1500000    8  nginx              [.] ngx_http_parse_header_line  -      -  \n"
+        "      1000000    5  libc.so.6          [.] __memmove_avx512_unaligned_erms  -      -  \n",
+        "pc-1.data": "      3000000   15  [kernel.kallsyms]  [k] _copy_from_iter        -      -  \n"
+        "      1000000    5  portcullis-dataplane [.] <core::pin::Pin<P> as core::future::future::Future>::poll  -  -\n",
+        "pc-2.data": "      3000000   15  [kernel.kallsyms]  [k] _copy_from_iter        -      -  \n"
+        "       400000    2  [vdso]             [.] __vdso_clock_gettime   -      -  \n"
+        "not a row\n",
+    }
+    nginx, served = perf_vs.per_request([(1000, "nginx.data")], report.__getitem__)
+    assert served == 1000
+    assert nginx[("kernel", "_copy_from_iter")] == 4.0  # 4 ms over 1000 requests
+    assert perf_vs.parts(nginx) == {"kernel": 4.0, "proxy": 1.5, "libc": 1.0}
+
+    ours, served = perf_vs.per_request([(1000, "pc-1.data"), (2000, "pc-2.data")], report.__getitem__)
+    assert served == 3000
+    assert ours[("kernel", "_copy_from_iter")] == 2.0  # 6 ms over both rounds' 3000 requests
+    assert ours[("proxy", "<core::pin::Pin<P> as core::future::future::Future>::poll")] == 1000 / 3000
+    assert round(ours[("vdso", "__vdso_clock_gettime")], 6) == round(400 / 3000, 6)
+
+    table = perf_vs.table({"nginx": (nginx, 1000), "portcullis": (ours, 3000)})
+    assert "| **total** | **6.50** | **2.47** |" in table, table
+    assert "| kernel | `_copy_from_iter` | 4.000 | 2.000 | -2.000 |" in table, table
+    # Sorted by the size of the difference: the kernel copy first.
+    rows = [line for line in table.splitlines() if line.startswith("| kernel |") or line.startswith("| proxy |")]
+    assert rows[2].startswith("| kernel | `_copy_from_iter`"), rows
