@@ -51,6 +51,13 @@ pub struct FixtureOptions {
     pub upstream: UpstreamOptions,
 }
 
+impl FixtureOptions {
+    /// The defaults, with these command-line flags added to the gateway's.
+    pub fn with_args(args: &[&str]) -> Self {
+        Self { gateway: GatewayOptions::with_args(args), ..Self::default() }
+    }
+}
+
 /// A running standard setup.
 #[derive(Debug)]
 pub struct Fixture {

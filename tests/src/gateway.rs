@@ -80,6 +80,13 @@ impl Default for GatewayOptions {
     }
 }
 
+impl GatewayOptions {
+    /// The defaults, with these command-line flags added.
+    pub fn with_args(args: &[&str]) -> Self {
+        Self { extra_args: args.iter().map(|arg| (*arg).to_owned()).collect(), ..Self::default() }
+    }
+}
+
 /// A running data plane. Killed when dropped; its output is printed if the test is panicking.
 #[derive(Debug)]
 pub struct Gateway {

@@ -153,12 +153,8 @@ async fn unreachable_upstream_is_502_in_both_formats() {
 #[tokio::test]
 async fn slow_upstream_is_504_in_both_formats() {
     let opts = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: vec!["--upstream-response-timeout".into(), "1".into()],
-            ..Default::default()
-        },
         upstream: UpstreamOptions { response_delay: Duration::from_secs(4), ..Default::default() },
-        ..Default::default()
+        ..FixtureOptions::with_args(&["--upstream-response-timeout", "1"])
     };
     let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
     let started = tokio::time::Instant::now();
@@ -303,14 +299,8 @@ async fn finish_sending(stream: &mut tokio::net::TcpStream, rest: &str) -> Strin
 #[tokio::test]
 async fn request_bodies_held_at_once_are_bounded() {
     let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"]
-                .map(String::from)
-                .to_vec(),
-            ..GatewayOptions::default()
-        },
         upstream: UpstreamOptions { response_delay: Duration::from_secs(3), ..Default::default() },
-        ..FixtureOptions::default()
+        ..FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"])
     };
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let prompt = "x".repeat(3000);

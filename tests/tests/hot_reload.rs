@@ -282,13 +282,7 @@ fn thread_count(pid: u32) -> usize {
 /// in every syscall.)
 #[tokio::test]
 async fn a_single_worker_watching_its_folder_runs_on_one_thread() {
-    let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--worker-threads", "1"].map(String::from).to_vec(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let options = FixtureOptions::with_args(&["--worker-threads", "1"]);
     let mut fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let pid = fx.gateway.pid();
     let one_thread = |what: &'static str| {

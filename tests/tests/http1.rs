@@ -19,8 +19,7 @@ async fn fixture() -> Fixture {
     let options = FixtureOptions {
         gateway: GatewayOptions {
             log_level: "trace".into(),
-            extra_args: ["--header-read-timeout", "1", "--request-body-timeout", "1"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
+            ..GatewayOptions::with_args(&["--header-read-timeout", "1", "--request-body-timeout", "1"])
         },
         ..FixtureOptions::default()
     };
@@ -226,12 +225,8 @@ fn h2_chat(url: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
 /// A gateway that gives up on a client taking nothing for 1 s, and a provider answering `text`.
 fn write_timeout_fixture(text: String) -> FixtureOptions {
     FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--response-write-timeout", "1"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
         upstream: portcullis_e2e::UpstreamOptions { response_text: text, ..Default::default() },
-        ..FixtureOptions::default()
+        ..FixtureOptions::with_args(&["--response-write-timeout", "1"])
     }
 }
 
@@ -440,14 +435,10 @@ async fn waits_in_the_backlog(addr: SocketAddr, request: &[u8]) -> TcpStream {
 
 /// A gateway serving at most two client connections, with nothing open yet.
 async fn two_connection_gateway(upstream: UpstreamOptions) -> Fixture {
+    // A header timeout long enough that it is not what closes an idle connection here.
     let options = FixtureOptions {
-        gateway: GatewayOptions {
-            // Long enough that the header timeout is not what closes an idle connection here.
-            extra_args: ["--max-connections", "2", "--header-read-timeout", "30"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
         upstream,
-        ..FixtureOptions::default()
+        ..FixtureOptions::with_args(&["--max-connections", "2", "--header-read-timeout", "30"])
     };
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     // Whatever connection the fixture made to see the gateway up has closed.
@@ -581,12 +572,8 @@ async fn h2_answered_once(
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_after_the_idle_timeout_and_a_long_stream_is_not() {
     let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--header-read-timeout", "2"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
         upstream: UpstreamOptions { response_delay: Duration::from_secs(3), ..Default::default() },
-        ..FixtureOptions::default()
+        ..FixtureOptions::with_args(&["--header-read-timeout", "2"])
     };
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     // The request takes 3 s, longer than the 2 s idle timeout: answered in full.
@@ -629,13 +616,7 @@ async fn at_the_connection_limit_an_idle_http2_connection_is_closed_to_make_room
 /// the rest waiting in the backlog; so a flood there cannot hold descriptors for ever.
 #[tokio::test]
 async fn the_admin_port_closes_silent_connections_and_serves_a_bounded_number() {
-    let options = FixtureOptions {
-        gateway: GatewayOptions {
-            extra_args: ["--header-read-timeout", "3"].map(String::from).to_vec(),
-            ..GatewayOptions::default()
-        },
-        ..FixtureOptions::default()
-    };
+    let options = FixtureOptions::with_args(&["--header-read-timeout", "3"]);
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let admin = fx.gateway.admin_addr();
     let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";

@@ -199,11 +199,7 @@ async fn non_streaming_usage_and_request_metrics() {
 /// usual, and it stops turning (the core idles) one window after traffic stops.
 #[tokio::test]
 async fn busy_polling_spins_with_traffic_and_parks_without() {
-    let args = ["--worker-threads", "1", "--busy-poll-us", "20000"];
-    let options = FixtureOptions {
-        gateway: GatewayOptions { extra_args: args.map(String::from).to_vec(), ..Default::default() },
-        ..Default::default()
-    };
+    let options = FixtureOptions::with_args(&["--worker-threads", "1", "--busy-poll-us", "20000"]);
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
     let turns = || async { fx.gateway.metrics().await.expect("metrics").sum("portcullis_busy_poll_turns_total", &[]) };
 
@@ -236,11 +232,7 @@ async fn busy_polling_spins_with_traffic_and_parks_without() {
 /// Spinning on the multi-threaded runtime would burn a worker that serves nothing: refused.
 #[tokio::test]
 async fn busy_polling_needs_the_single_threaded_runtime() {
-    let options = GatewayOptions {
-        extra_args: ["--busy-poll-us", "200"].map(String::from).to_vec(),
-        wait_ready: false,
-        ..Default::default()
-    };
+    let options = GatewayOptions { wait_ready: false, ..GatewayOptions::with_args(&["--busy-poll-us", "200"]) };
     let mut gateway = Gateway::start(&Manifests::new(), options).await.expect("spawned");
     let status = gateway.wait_exit(T).await.expect("exits");
     assert!(!status.success());

@@ -62,32 +62,29 @@ impl Metrics {
                 &["route", "outcome"],
             )?,
         )?;
-        let token_usage = register(
-            &registry,
-            HistogramFamily::new(
-                "gen_ai_client_token_usage",
-                "Tokens used per request, by token type (input or output)",
-                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
-                &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
-            )?,
+        // The GenAI semantic conventions' families, with their labels.
+        const OPERATION: [&str; 3] = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"];
+        let family = |name: &str, help: &str, last_label: Option<&str>, bounds: &[f64]| {
+            let labels: Vec<&str> = OPERATION.iter().copied().chain(last_label).collect();
+            register(&registry, HistogramFamily::new(name, help, &labels, bounds)?)
+        };
+        let token_usage = family(
+            "gen_ai_client_token_usage",
+            "Tokens used per request, by token type (input or output)",
+            Some("gen_ai_token_type"),
+            &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
         )?;
-        let request_duration = register(
-            &registry,
-            HistogramFamily::new(
-                "gen_ai_server_request_duration",
-                "Seconds from request start to the last response byte",
-                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
-                &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
-            )?,
+        let request_duration = family(
+            "gen_ai_server_request_duration",
+            "Seconds from request start to the last response byte",
+            Some("error_type"),
+            &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
         )?;
-        let time_to_first_token = register(
-            &registry,
-            HistogramFamily::new(
-                "gen_ai_server_time_to_first_token",
-                "Seconds from request start to the first response body byte",
-                &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
-                &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
-            )?,
+        let time_to_first_token = family(
+            "gen_ai_server_time_to_first_token",
+            "Seconds from request start to the first response body byte",
+            None,
+            &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
         )?;
         let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
         let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help)?);
