@@ -755,6 +755,31 @@ def limiter_ratios(results):
     return "\n".join(out)
 
 
+def baseline_ratios(raw):
+    """This build against `portcullis-baseline` (BENCH_BASELINE_BIN), per scenario: medians of
+    the per-round ratios (the two ran next to each other in each round) and their range."""
+    out = []
+    for mode in MODES:
+        for conns in CONNS:
+            pairs = list(zip(raw.get(("portcullis", mode, conns), []), raw.get(("portcullis-baseline", mode, conns), [])))
+            rps = sorted(x["rps"] / y["rps"] for x, y in pairs if y.get("rps"))
+            if not rps:
+                continue
+            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in pairs
+                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+            line = (f"- {mode} c={conns}: req/s {statistics.median(rps):.3f}× the baseline "
+                    f"({rps[0]:.2f}–{rps[-1]:.2f} over {len(rps)} round(s))")
+            if cpu:
+                line += (f", proxy CPU per request {statistics.median(cpu):.3f}× "
+                         f"({cpu[0]:.2f}–{cpu[-1]:.2f}; lower is better)")
+            if conns == 1:
+                p50 = statistics.median(x["p50"] - y["p50"] for x, y in pairs)
+                p99 = statistics.median(x["p99"] - y["p99"] for x, y in pairs)
+                line += f", p50 {p50:+.0f} µs, p99 {p99:+.0f} µs"
+            out.append(line)
+    return "\n".join(out)
+
+
 def wait_quiet():
     """Waits (bounded) for other engineers' compiles to finish: they share both cores."""
     limit = float(os.environ.get("BENCH_WAIT_QUIET", "90"))
@@ -874,6 +899,8 @@ def main():
           "them, whatever either does); response head B: each target's response head for that body's request.", "",
           "## Targets (Portcullis)", "", verdict(results, raw), "",
           "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
+          *(["## This build against the baseline (same run)", "", baseline_ratios(raw), ""]
+            if baseline_ratios(raw) else []),
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

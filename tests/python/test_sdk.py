@@ -355,6 +355,33 @@ def test_bench_verdict_judges_the_per_round_median() -> None:
     assert harness.throughput_status(0.998, "one run") == "MISSED by 0.2 % (one run 0.998×)"
 
 
+def test_bench_baseline_section_pairs_the_rounds() -> None:
+    """This build against another (`portcullis-baseline`) is judged round by round: ratios of
+    runs made side by side, their median and range; at one connection the latency moved."""
+    harness = _bench_harness()
+
+    def run(target: str, conns: int, rps: float, cpu: float, p50: int = 0, p99: int = 0) -> dict:
+        return {"target": target, "mode": "plain", "conns": conns, "rps": rps, "cpu_us_per_req": cpu,
+                "p50": p50, "p99": p99}
+
+    raw = {
+        # Rounds of (this build, baseline): req/s 1.10, 0.90, 1.02; CPU 0.9, 1.2, 0.95.
+        ("portcullis", "plain", 32): [run("portcullis", 32, r, c) for r, c in ((110, 9.0), (90, 12.0), (102, 9.5))],
+        ("portcullis-baseline", "plain", 32): [run("portcullis-baseline", 32, 100, 10.0)] * 3,
+        ("portcullis", "plain", 1): [run("portcullis", 1, 10, 50.0, 100, 200)],
+        ("portcullis-baseline", "plain", 1): [run("portcullis-baseline", 1, 10, 50.0, 110, 190)],
+    }
+    lines = harness.baseline_ratios(raw).splitlines()
+    assert lines == [
+        "- plain c=1: req/s 1.000× the baseline (1.00–1.00 over 1 round(s)), proxy CPU per request 1.000× "
+        "(1.00–1.00; lower is better), p50 -10 µs, p99 +10 µs",
+        "- plain c=32: req/s 1.020× the baseline (0.90–1.10 over 3 round(s)), proxy CPU per request 0.950× "
+        "(0.90–1.20; lower is better)",
+    ], lines
+    # Without a baseline in the run there is no section.
+    assert harness.baseline_ratios({k: v for k, v in raw.items() if k[0] == "portcullis"}) == ""
+
+
 def test_bench_perf_vs_counts_each_proxy_per_request_by_part() -> None:
     """`bench/tools/perf_vs.py` (profile.sh vs-nginx) turns perf's per-symbol periods (ns) into
     CPU µs per request, merged across rounds, split into kernel / proxy code / libc / vDSO; the
