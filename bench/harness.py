@@ -878,6 +878,7 @@ def main():
         notes.append("guest halt polling is off here: an idle vCPU that a packet wakes leaves the VM "
                      "and waits for the host to run it again, so at c=1 every proxy's added latency "
                      "is mostly two such wake-ups per request (bench/PROFILE.md measures both ways)")
+    baseline = baseline_ratios(raw)
     md = [f"# Proxy benchmark {STAMP}", "",
           f"{SECONDS} s per scenario after a {WARMUP} s warm-up, {ROUNDS} round(s) "
           "(targets interleaved per scenario, in reverse order every other round; with several "
@@ -899,8 +900,7 @@ def main():
           "them, whatever either does); response head B: each target's response head for that body's request.", "",
           "## Targets (Portcullis)", "", verdict(results, raw), "",
           "## Limiter cost (same gateway, same run)", "", limiter_ratios(results) or "- not measured", "",
-          *(["## This build against the baseline (same run)", "", baseline_ratios(raw), ""]
-            if baseline_ratios(raw) else []),
+          *(["## This build against the baseline (same run)", "", baseline, ""] if baseline else []),
           "## Host", "", ("NOISY: " if noisy else "quiet: ") + host, ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
