@@ -72,16 +72,17 @@ load() { # mode seconds [port]
     taskset -c 0 wrk -t1 -c32 -d"$2"s --timeout 10s -s "$OUT/wrk-$1.lua" \
         "http://127.0.0.1:${3:-$GW}/v1/chat/completions" | grep BENCHRESULT
 }
-# perf record of PID while load runs on PORT: "<requests>:<perf.data>" for perf_vs.py.
+# Flat cpu-clock sampling of PID (no call graphs: cheap, many samples; inclusive costs come from
+# callgrind) while load runs on PORT after a warm-up. Keeps wrk's line beside DATA (DATA.wrk) and
+# prints "<requests>:<perf.data>" for perf_vs.py.
 record() { # mode pid port data
     load "$1" 2 "$3" >/dev/null
     perf record -e cpu-clock -F 4999 -p "$2" -o "$4" -- sleep "$SECONDS_RUN" 2>"$4.log" &
     local rec=$!
     sleep 0.3
-    local served
-    served=$(load "$1" $((SECONDS_RUN - 1)) "$3" | awk '{print $2}')
+    load "$1" $((SECONDS_RUN - 1)) "$3" >"$4.wrk"
     wait $rec || true
-    echo "$served:$4"
+    echo "$(awk '{print $2}' "$4.wrk"):$4"
 }
 gw_args=(--manifests "$OUT/manifests" --listen "127.0.0.1:$GW" --admin-listen "127.0.0.1:$ADMIN" --log-level warn)
 # One worker: the single-threaded runtime where the data plane offers it, else TOKIO_WORKER_THREADS.
@@ -129,15 +130,8 @@ if [[ $TOOLS == *perf* ]]; then
     gw=$!; pids+=($gw)
     wait_ready
     for mode in ${MODES//,/ }; do
-        load "$mode" 2 >/dev/null
-        # Flat cpu-clock sampling (no call graphs: cheap, many samples); inclusive costs come
-        # from callgrind below.
-        perf record -e cpu-clock -F 4999 -p "$gw" -o "$OUT/perf-$mode.data" \
-            -- sleep "$SECONDS_RUN" 2>"$OUT/perf-$mode.record.log" &
-        rec=$!
-        sleep 0.3
-        load "$mode" $((SECONDS_RUN - 1)) | tee "$OUT/perf-$mode.wrk"
-        wait $rec || true
+        record "$mode" "$gw" "$GW" "$OUT/perf-$mode.data" >/dev/null
+        cat "$OUT/perf-$mode.data.wrk"
         perf report -i "$OUT/perf-$mode.data" --percent-limit 0.4 --stdio --sort dso,symbol \
             2>/dev/null | sed 's/  */ /g' >"$OUT/perf-$mode-self.txt" || true
         perf report -i "$OUT/perf-$mode.data" --sort dso --stdio 2>/dev/null \
