@@ -97,6 +97,30 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def busy_ports(ports):
+    """The (name, port) pairs of `ports` that something on this host already holds. A target that
+    cannot bind its port would leave its readiness check answered by whatever holds it, and the
+    run would measure that process instead."""
+    busy = []
+    for name, port in sorted(ports.items(), key=lambda kv: kv[1]):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As the targets bind (tokio, nginx): a connection in TIME_WAIT does not count.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append((name, port))
+    return busy
+
+
+def require_free_ports(ports):
+    busy = busy_ports(ports)
+    if busy:
+        raise SystemExit("ports already in use on 127.0.0.1: "
+                         + ", ".join(f"{port} ({name})" for name, port in busy)
+                         + "; stop what holds them or choose another BENCH_PORT_BASE")
+
+
 def start(name, argv, env=None, cpu=None):
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu)] + argv
@@ -794,6 +818,7 @@ def wait_quiet():
 
 
 def main():
+    require_free_ports(PORT)
     os.makedirs(WORK, exist_ok=True)
     wait_quiet()
     notes = []

@@ -46,6 +46,7 @@ python3 - "$OUT" <<'EOF'
 import os, sys
 sys.path.insert(0, "bench")
 import harness as h
+h.require_free_ports(h.PORT)
 h.WORK = sys.argv[1]
 h.write_manifests(os.path.join(sys.argv[1], "manifests"))
 h.nginx_conf(os.path.join(sys.argv[1], "nginx"))

@@ -173,6 +173,7 @@ def at_the_limit(small, key):
 
 
 def main():
+    h.require_free_ports(h.PORT)
     os.makedirs(WORK, exist_ok=True)
     h.wait_quiet()
     load0 = h.loadavg()

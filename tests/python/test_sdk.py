@@ -382,6 +382,24 @@ def test_bench_baseline_section_pairs_the_rounds() -> None:
     assert harness.baseline_ratios({k: v for k, v in raw.items() if k[0] == "portcullis"}) == ""
 
 
+def test_bench_refuses_ports_something_else_holds() -> None:
+    """A bench target that cannot bind its port would have its readiness check answered by
+    whatever holds it, and the run would measure that; the bench names the port and stops."""
+    harness = _bench_harness()
+    with socket.socket() as held, socket.socket() as probe:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+        probe.close()
+        ports = {"nginx": held.getsockname()[1], "upstream": free}
+        assert harness.busy_ports(ports) == [("nginx", ports["nginx"])]
+        with pytest.raises(SystemExit, match=f"{ports['nginx']} \\(nginx\\)"):
+            harness.require_free_ports(ports)
+    assert harness.busy_ports(ports) == []
+    harness.require_free_ports(ports)
+
+
 def test_bench_perf_vs_counts_each_proxy_per_request_by_part() -> None:
     """`bench/tools/perf_vs.py` (profile.sh vs-nginx) turns perf's per-symbol periods (ns) into
     CPU µs per request, merged across rounds, split into kernel / proxy code / libc / vDSO; the
