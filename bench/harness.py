@@ -25,7 +25,8 @@ BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portculli
 envoy),
 BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
-binary for the `portcullis-baseline` target).
+binary for the `portcullis-baseline` target), BENCH_BIN_DIR (where the built binaries are;
+target/release, also for bench/scale.sh).
 """
 
 import datetime
@@ -42,7 +43,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.environ.get("BENCH_BIN_DIR") or os.path.join(ROOT, "target", "release")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 TARGETS = os.environ.get("BENCH_TARGETS",

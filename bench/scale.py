@@ -3,7 +3,8 @@
 
 1. Snapshot apply time with SCALE_KEYS ApiKeys (10k) and SCALE_PROVIDERS ProviderCredentials
    (100): in process, per phase (bench-compile time), and end to end: process start → /readyz,
-   and a reload (a manifest changes → `portcullis_snapshot_generation` moves on /metrics).
+   and a reload (a manifest changes → `portcullis_snapshot_generation` moves on /metrics); the
+   latency tail of requests (wrk c=1) while the 10k-key manifests are reloaded, beside a quiet run.
 2. RSS idle with it loaded (and with 1 key, for comparison).
 3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway vs the 1-key gateway.
 4. Memory per idle keep-alive connection and per open SSE stream (upstream holds streams open):
@@ -33,6 +34,7 @@ STREAMS = int(os.environ.get("SCALE_STREAMS", "1000"))
 AT_LIMIT = int(os.environ.get("SCALE_AT_LIMIT", "500"))
 AUTH_SECONDS = int(os.environ.get("SCALE_AUTH_SECONDS", "5"))
 RELOADS = int(os.environ.get("SCALE_RELOADS", "3"))
+TAIL_SECONDS = int(os.environ.get("SCALE_TAIL_SECONDS", "8"))
 COMPILE = os.path.join(h.BIN, "bench-compile")
 CONNS = os.path.join(h.BIN, "bench-conns")
 WORK = os.path.join(h.OUT, "scale-" + h.STAMP)
@@ -115,6 +117,47 @@ def wrk_key(key, conns, seconds):
     r = h.wrk_result(p)
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     return r
+
+
+TAIL_LUA = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+wrk.body = '%(body)s'
+done = function(summary, latency, requests)
+  io.write(string.format("TAIL %%d %%d %%d %%d %%d\n", summary.requests, latency:percentile(50),
+    latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"""
+
+
+def tail_latency(key, seconds, reloads=None):
+    """wrk -c1 for `seconds`; with `reloads` (a directory), a manifest changes every 1.3 s
+    meanwhile (each waited for on /metrics). Returns (requests, p50, p99, p99.9, max µs, reloads
+    seen)."""
+    script = os.path.join(WORK, "wrk-tail.lua")
+    with open(script, "w") as f:
+        f.write(TAIL_LUA % {"key": key, "body": h.BODY["plain"]})
+    p = subprocess.Popen(["taskset", "-c", "0", "wrk", "-t1", "-c1", f"-d{seconds}s", "--timeout", "5s",
+                          "-s", script, f"http://127.0.0.1:{h.PORT['portcullis']}/v1/chat/completions"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    if reloads:
+        time.sleep(0.5)
+        end = time.perf_counter() + seconds - 2.0
+        while time.perf_counter() < end:
+            g = generation()
+            subprocess.run(["taskset", "-c", "0", COMPILE, "reload", reloads, str(100 + seen)], check=True)
+            t0 = time.perf_counter()
+            while generation() == g and time.perf_counter() - t0 < 10:
+                time.sleep(0.01)
+            seen += 1
+            time.sleep(1.3)
+    out, _ = p.communicate(timeout=seconds + 60)
+    for line in out.splitlines():
+        if line.startswith("TAIL "):
+            return tuple(int(x) for x in line.split()[1:]) + (seen,)
+    raise RuntimeError("wrk failed: " + out[-300:])
 
 
 def hold(mode, n, key, pid):
@@ -232,6 +275,9 @@ def main():
         time.sleep(0.6)
     rss_after_reload = settle(p.pid)
     hwm = rss_mb(p.pid, "VmHWM")
+    h.log("requests while reloading: wrk c=1, quiet and with a manifest change every 1.3 s")
+    quiet = tail_latency(key_big, TAIL_SECONDS)
+    busy = tail_latency(key_big, TAIL_SECONDS, reloads=big)
     lines += ["## Snapshot apply, end to end (data plane process)", "",
               "| measure | value |", "|---|---|",
               f"| start → /readyz, {KEYS} keys / {PROVIDERS} providers | {ready:.0f} ms |",
@@ -240,6 +286,11 @@ def main():
               + ", ".join(f"{x:.0f}" for x in reload_ms) + " ms "
               "(includes the 250 ms poll interval and the 50 ms settle delay of local mode) |",
               f"| generation before → after | {gen0} → {generation()} |",
+              "", f"Requests while reloading (wrk c=1, {TAIL_SECONDS} s each; the gateway alone on its "
+              "core, so the reload's compile shares it with the worker):", "",
+              "| | requests | p50 µs | p99 µs | p99.9 µs | max µs |", "|---|---|---|---|---|---|",
+              f"| quiet | {quiet[0]} | {quiet[1]} | {quiet[2]} | {quiet[3]} | {quiet[4]} |",
+              f"| {busy[5]} reloads of {KEYS} keys | {busy[0]} | {busy[1]} | {busy[2]} | {busy[3]} | {busy[4]} |",
               "", "## Memory", "", "| measure | value |", "|---|---|",
               f"| RSS idle, {KEYS} keys loaded | {rss_idle:.1f} MB |",
               f"| RSS idle, 1 key | {rss1:.1f} MB |",

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::acknowledge::{replica_name, AppliedSnapshot, PodOwner, ReplicaLease, ReplicaLeaseSettings};
 use crate::config::DataplaneArgs;
-use crate::reload::SnapshotApplier;
+use crate::reload::{off_workers, SnapshotApplier};
 
 /// The three Secrets cluster mode reads.
 #[derive(Clone)]
@@ -180,7 +180,10 @@ impl ClusterSource {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
                 Some(Ok(Change::Snapshot(Some(secret)))) => {
-                    offer(&mut applier, &secret);
+                    let Some((next, secret)) = offer_off_workers(applier, secret).await else {
+                        return;
+                    };
+                    applier = next;
                     latest = Some(secret);
                 }
                 Some(Ok(Change::Snapshot(None))) => {
@@ -190,8 +193,12 @@ impl ClusterSource {
                     Ok(next) => {
                         keyring = next;
                         applier.set_key_material(keyring.clone(), pepper.clone());
-                        if let Some(secret) = &latest {
-                            offer(&mut applier, secret);
+                        if let Some(secret) = latest.take() {
+                            let Some((next, secret)) = offer_off_workers(applier, secret).await else {
+                                return;
+                            };
+                            applier = next;
+                            latest = Some(secret);
                         }
                     }
                     Err(error) => applier.reject(&format!("Secret {}: {error}", self.keyring)),
@@ -233,6 +240,16 @@ fn offer(applier: &mut SnapshotApplier, secret: &Secret) {
     }
 }
 
+/// [`offer`] on a blocking-pool thread (decoding and opening a large snapshot takes tens of
+/// milliseconds); the applier and the Secret come back. `None`: see [`off_workers`].
+async fn offer_off_workers(applier: SnapshotApplier, secret: Secret) -> Option<(SnapshotApplier, Secret)> {
+    off_workers(applier, move |applier| {
+        offer(applier, &secret);
+        secret
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -269,6 +286,39 @@ mod tests {
         assert_eq!(metrics.snapshot_valid.get(), 0);
         assert_eq!(metrics.snapshot_reload_failures.get(), 2);
         assert_eq!(applier.last_applied().map(|s| s.generation), Some(1));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn snapshots_are_opened_off_the_async_workers_and_the_applier_comes_back() {
+        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let pepper = Pepper::generate().unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
+        let applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring, pepper);
+
+        // While the work runs, this (single-threaded) runtime keeps serving its other tasks: the
+        // work waits for one of them, which could never run if the work held the runtime's thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other_task = tokio::spawn(async move { tx.send(()).is_ok() });
+        let (applier, waited) =
+            off_workers(applier, move |_| rx.recv_timeout(std::time::Duration::from_secs(10))).await.unwrap();
+        assert!(waited.is_ok(), "the runtime stood still while the work ran");
+        assert!(other_task.await.unwrap());
+
+        let good = GatewaySnapshot::new(Default::default(), None);
+        let (applier, kept) = offer_off_workers(applier, secret(SNAPSHOT_SECRET_KEY, &good.to_json())).await.unwrap();
+        assert_eq!(handle.load().map(|s| s.generation), Some(1));
+        assert_eq!(metrics.snapshot_valid.get(), 1);
+        assert_eq!(applier.last_applied().map(|s| s.generation), Some(1));
+        assert_eq!(
+            data(&kept, SNAPSHOT_SECRET_KEY),
+            Some(good.to_json().as_slice()),
+            "the Secret comes back as it was"
+        );
+
+        // A panic while applying (a bug) loses the applier, not the snapshot being served.
+        assert!(off_workers(applier, |_| -> () { panic!("a bug") }).await.is_none());
+        assert_eq!(handle.load().map(|s| s.generation), Some(1));
     }
 
     #[test]

@@ -109,6 +109,30 @@ impl SnapshotApplier {
     }
 }
 
+/// Runs `work` with the applier on a blocking-pool thread, then hands the applier back.
+/// Compiling a folder and opening a snapshot of 10k keys take tens of milliseconds each; on an
+/// async worker that is a stall of every request queued behind them (all of them, with one
+/// worker). The swapped-out snapshot is usually dropped there too. `None` when `work` panicked
+/// (a bug): the applier went with it, so the caller stops following changes and the snapshot
+/// last applied keeps serving.
+pub async fn off_workers<T: Send + 'static>(
+    mut applier: SnapshotApplier,
+    work: impl FnOnce(&mut SnapshotApplier) -> T + Send + 'static,
+) -> Option<(SnapshotApplier, T)> {
+    match tokio::task::spawn_blocking(move || {
+        let out = work(&mut applier);
+        (applier, out)
+    })
+    .await
+    {
+        Ok(pair) => Some(pair),
+        Err(_) => {
+            tracing::error!("applying a snapshot failed unexpectedly; no further changes will be applied");
+            None
+        }
+    }
+}
+
 /// Compiles the folder once. Errors name the file or the object and field.
 pub fn compile_dir(dir: &Path, applier: &SnapshotApplier) -> Result<GatewaySnapshot, String> {
     let (inputs, _) = manifests::read_dir(dir).map_err(|e| e.to_string())?;
@@ -170,25 +194,18 @@ pub async fn run_local(
                 tokio::time::sleep(interval.min(Duration::from_millis(50))).await;
                 seen = scan(&dir).await;
             }
-            // Compiling a large folder takes a while; keep it off the async workers' queue.
             let dir_for_compile = dir.clone();
-            let joined = tokio::task::spawn_blocking(move || {
-                let result = compile_dir(&dir_for_compile, &applier);
-                (applier, result)
-            })
-            .await;
-            let result;
-            (applier, result) = match joined {
-                Ok(pair) => pair,
-                // The compile panicked (a bug): the applier went with it; stop reloading.
-                Err(_) => return,
-            };
-            match result {
+            let Some((next, ())) = off_workers(applier, move |applier| match compile_dir(&dir_for_compile, applier) {
                 Ok(snapshot) => {
                     applier.apply(snapshot);
                 }
                 Err(reason) => applier.reject(&reason),
-            }
+            })
+            .await
+            else {
+                return;
+            };
+            applier = next;
             // Changes made while compiling show up as a new fingerprint on the next turn.
             last_seen = Some(seen);
         }
