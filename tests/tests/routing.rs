@@ -163,6 +163,36 @@ async fn azure_uses_deployment_url_api_version_and_api_key_header() {
 }
 
 #[tokio::test]
+async fn a_client_model_under_an_azure_glob_is_one_plain_deployment_segment() {
+    // Under a glob the client's `model` is the deployment name, so it goes into the URL path.
+    let fx = Fixture::start_with(Default::default(), |ms| {
+        ms.update("ProviderCredential", "azure-main", |p| {
+            p["spec"]["models"].as_array_mut().expect("models").push(json!({"name": "gpt-azdep-*"}));
+        });
+    })
+    .await
+    .expect("fixture");
+    let resp = fx.chat(ALICE_KEY, "gpt-azdep-mini.2024_08").await.unwrap();
+    assert::ok(&resp);
+    let req = fx.azure.last_request().expect("azure upstream request");
+    assert_eq!(
+        req.path_and_query,
+        format!("/openai/deployments/gpt-azdep-mini.2024_08/chat/completions?api-version={AZURE_API_VERSION}")
+    );
+    for model in [
+        "gpt-azdep-x/../../other/chat/completions",
+        "gpt-azdep-x?api-version=2099-01-01-preview#",
+        "gpt-azdep-x%2F..",
+        "gpt-azdep-x:y",
+    ] {
+        let resp = fx.chat(ALICE_KEY, model).await.unwrap();
+        assert::openai_error(&resp, 400, "invalid_request");
+        assert!(!resp.text().contains(model), "the error does not echo the model: {model}");
+    }
+    assert_eq!(fx.azure.request_count(), 1, "only the plain name reached the provider");
+}
+
+#[tokio::test]
 async fn embeddings_completions_and_responses_are_forwarded() {
     let fx = Fixture::start().await.expect("fixture");
     let auth = format!("Bearer {ALICE_KEY}");

@@ -185,6 +185,15 @@ fn upstream_body(
     Ok((Some(Bytes::from(bytes)), wants_usage_injection))
 }
 
+/// `name` if it can be an Azure deployment: one path segment of letters, digits, `-`, `_` and
+/// `.` (Azure's own rule for deployment names), and not `.` or `..`. Under a glob model the
+/// client's `model` is the deployment, and `/`, `?`, `#` or `%` in it would reach other paths or
+/// API versions of the provider with the provider's key.
+fn azure_deployment(name: &str) -> Option<&str> {
+    let segment = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    (segment && name.bytes().any(|b| b != b'.')).then_some(name)
+}
+
 /// The origin-form target (`/v1/chat/completions?…`) from the paths precomputed per snapshot.
 fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelRoute) -> Result<Uri, GatewayError> {
     let upstream = &chosen.upstream;
@@ -196,6 +205,12 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
     let path = match (upstream.kind, &upstream.azure_api_version) {
         (ProviderKind::AzureOpenAi, Some(version)) => {
             let deployment = chosen.upstream_model.as_deref().unwrap_or(model);
+            let deployment = azure_deployment(deployment).ok_or_else(|| {
+                GatewayError::InvalidRequest(
+                    "The model cannot name an Azure OpenAI deployment: use letters, digits, '-', '_' and '.'."
+                        .to_owned(),
+                )
+            })?;
             endpoint.azure_path(route, deployment, version)
         }
         _ => endpoint.path(route, client_uri.query()),
@@ -266,6 +281,28 @@ mod tests {
 
     /// The outbound request's head holds the provider credential and its body the client's
     /// content: Debug shows neither.
+    #[test]
+    fn an_azure_deployment_is_one_plain_path_segment() {
+        for good in ["gpt-4o", "gpt-4o-mini_2024.08", "o1", "a.b", "...x", "DEPLOY-1"] {
+            assert_eq!(azure_deployment(good), Some(good));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "gpt-4o/../o1-pro",
+            "gpt-4o-x?api-version=2099-preview#",
+            "gpt-4o#",
+            "gpt%2F4o",
+            "gpt 4o",
+            "gpt-4o:latest",
+            "gpt-4o\\x",
+            "gpt-4o\u{e9}",
+        ] {
+            assert_eq!(azure_deployment(bad), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn outbound_debug_shows_sizes_only() {
         let outbound = Outbound {
