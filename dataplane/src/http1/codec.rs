@@ -207,6 +207,14 @@ enum ChunkState {
     End,
 }
 
+/// Whether parsing a head in `buf` could tell more than the last parse did, which saw its first
+/// `looked` bytes: only a new line end can complete a head or show a line to be malformed, and a
+/// buffer at the size limit is refused by the parse. Parsing after every read instead would scan
+/// the whole buffer again for each byte a slow peer sends: quadratic in the head's size.
+pub fn worth_parsing(buf: &[u8], looked: usize, max_head: usize) -> bool {
+    buf.len() >= max_head || memchr::memchr(b'\n', buf.get(looked..).unwrap_or(buf)).is_some()
+}
+
 /// The chunked transfer coding, decoded byte by byte across any split of its input.
 #[derive(Debug, Default)]
 pub struct Chunked {
@@ -322,6 +330,27 @@ mod tests {
 
     fn chunked() -> Decoder {
         Decoder::Chunked(Chunked::default())
+    }
+
+    #[test]
+    fn a_head_is_parsed_again_only_when_a_line_end_arrives() {
+        const MAX: usize = 64 * 1024;
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaa";
+        assert!(!worth_parsing(b"", 0, MAX));
+        assert!(!worth_parsing(b"GET / HTTP/1.1\r", 0, MAX));
+        assert!(worth_parsing(b"GET / HTTP/1.1\r\n", 15, MAX), "the line end just arrived");
+        assert!(worth_parsing(&head[..], 0, MAX), "a buffer not looked at yet");
+        // A slow client adds to a line byte by byte: nothing new to find until its line ends.
+        assert!(!worth_parsing(&head[..], head.len() - 1, MAX));
+        assert!(!worth_parsing(&head[..], head.len(), MAX));
+        let mut ended = head.to_vec();
+        ended.extend_from_slice(b"\r\n\r\n");
+        assert!(worth_parsing(&ended, head.len(), MAX));
+        // At the size limit the parse refuses it, line end or not.
+        assert!(worth_parsing(&vec![b'a'; MAX], MAX - 1, MAX));
+        assert!(!worth_parsing(&vec![b'a'; MAX - 1], MAX - 2, MAX));
+        // A buffer that somehow shrank is looked at whole.
+        assert!(worth_parsing(b"GET / HTTP/1.1\r\n", 100, MAX));
     }
 
     #[test]

@@ -215,7 +215,9 @@ impl Framer {
         }
         let framing = if self.chunked { Framing::Chunked } else { Framing::Length(self.content_length.unwrap_or(0)) };
         let keep_alive = !self.close && (version == Version::HTTP_11 || self.keep_alive);
-        Ok((framing, keep_alive, self.expect_continue))
+        // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (its
+        // client would take a 100 for the final response).
+        Ok((framing, keep_alive, self.expect_continue && version == Version::HTTP_11))
     }
 }
 
@@ -339,6 +341,7 @@ mod tests {
             Some(Http1Error::ExpectationFailed)
         );
         assert!(ok("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+        assert!(!ok("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
 
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!ok("GET / HTTP/1.0\r\n\r\n").keep_alive);

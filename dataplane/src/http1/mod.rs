@@ -50,7 +50,7 @@ use crate::error::GatewayError;
 use crate::pipeline::forward::PassedFields;
 use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::{ClientRequest, Gateway, Reply};
-use codec::{poll_fill, push_decimal, Chunked, Decoder, H1Error};
+use codec::{poll_fill, push_decimal, worth_parsing, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 pub use idle::Reclaim;
 pub(crate) use idle::Reclaimable;
@@ -236,6 +236,8 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> Next {
     let idle_since = Instant::now();
     conn.head_deadline.set(idle_since + settings.header_read_timeout);
+    // How much of the buffer has been looked at for a line end since the last parse.
+    let mut looked = 0;
     loop {
         // On a new plain-TCP connection, bytes that could still be the HTTP/2 preface wait for
         // the rest of it.
@@ -244,12 +246,15 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
         if maybe_h2 && seen == PREFACE.len() {
             return Next::Http2;
         }
-        if !maybe_h2 && !conn.buf.is_empty() {
+        if !maybe_h2 && worth_parsing(&conn.buf, looked, MAX_HEAD) {
             match head::parse(&mut conn.buf, MAX_HEAD) {
                 Ok(Some(head)) => return Next::Head(head),
                 Ok(None) => {}
                 Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
             }
+        }
+        if !maybe_h2 {
+            looked = conn.buf.len();
         }
         let idle = conn.buf.is_empty();
         if idle && drain.draining() {

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::fields::{HeaderFields, Lines, RawFields};
 pub use crate::http1::codec::H1Error;
-use crate::http1::codec::{parse_length, push_decimal};
+use crate::http1::codec::{parse_length, push_decimal, worth_parsing};
 pub(super) use crate::http1::codec::{poll_fill, Chunked, Decoder};
 
 /// Most header fields accepted in a response head.
@@ -334,8 +334,10 @@ pub(super) async fn read_head<R: AsyncRead + Unpin>(
     head_request: bool,
 ) -> Result<ResponseHead, H1Error> {
     let mut interim = 0;
+    // How much of `buf` the last parse saw (see `worth_parsing`).
+    let mut looked = 0;
     std::future::poll_fn(|cx| loop {
-        if !buf.is_empty() {
+        if worth_parsing(buf, looked, MAX_HEAD) {
             match parse_head(buf, head_request)? {
                 Parsed::Final(head) => return Poll::Ready(Ok(head)),
                 Parsed::Interim => {
@@ -343,11 +345,13 @@ pub(super) async fn read_head<R: AsyncRead + Unpin>(
                     if interim > MAX_INTERIM {
                         return Poll::Ready(Err(H1Error::TooManyInterim));
                     }
+                    looked = 0;
                     continue;
                 }
                 Parsed::Partial => {}
             }
         }
+        looked = buf.len();
         match ready!(poll_fill(io, cx, buf)) {
             Ok(0) => return Poll::Ready(Err(H1Error::ClosedBeforeHead)),
             Ok(_) => {}
