@@ -65,6 +65,22 @@ pub fn add_yaml(
     Ok(())
 }
 
+/// Why a Secret document cannot be read, without its values: serde's type errors quote the value
+/// they refused (`invalid type: string "sk-…", expected a map`), and this text reaches logs and
+/// CI output. Messages that only name a field are kept.
+fn secret_invalid(error: &serde_yaml::Error) -> String {
+    let message = error.to_string();
+    let names_a_field =
+        ["missing field `", "unknown field `", "duplicate field `"].iter().any(|p| message.starts_with(p));
+    if names_a_field {
+        format!("Secret is invalid: {message}")
+    } else {
+        "Secret is invalid: a field does not have the expected type or shape (data and stringData map key \
+         names to string values); the value is not shown"
+            .to_owned()
+    }
+}
+
 fn add_value(inputs: &mut CompileInputs, value: serde_yaml::Value, summary: &mut ReadSummary) -> Result<(), String> {
     if value.is_null() {
         return Ok(());
@@ -81,7 +97,7 @@ fn add_value(inputs: &mut CompileInputs, value: serde_yaml::Value, summary: &mut
             return Ok(());
         }
         ("v1", "Secret") => {
-            let secret: Secret = serde_yaml::from_value(value).map_err(described)?;
+            let secret: Secret = serde_yaml::from_value(value).map_err(|e| secret_invalid(&e))?;
             add_secret(inputs, secret)?;
         }
         (PORTCULLIS_API, "ApiKey") => {

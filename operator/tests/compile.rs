@@ -245,6 +245,23 @@ fn malformed_yaml_names_the_document() {
 }
 
 #[test]
+fn a_malformed_secret_is_refused_without_quoting_its_values() {
+    const CANARY: &str = "sk-live-CANARY-7f3a9c1e";
+    for doc in [
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: a}}\nstringData: {CANARY}\n"),
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: a}}\nstringData: [{CANARY}]\n"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\nstringData: {key: 40961337}\n".to_owned(),
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: a}}\ndata: {{key: [{CANARY}]}}\n"),
+    ] {
+        let err = add_yaml(&mut CompileInputs::default(), &doc, "s.yaml", &mut ReadSummary::default())
+            .expect_err("malformed Secret");
+        let text = err.to_string();
+        assert!(text.contains("Secret is invalid"), "{text}");
+        assert!(!text.contains(CANARY) && !text.contains("40961337"), "the value is quoted: {text}");
+    }
+}
+
+#[test]
 fn quickstart_example_compiles() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
     let (inputs, summary) = portcullis_operator::manifests::read_dir(&dir).expect("reads");
