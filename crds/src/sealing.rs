@@ -11,7 +11,9 @@ use std::fmt;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::secret::{random_bytes, SecretBytes};
@@ -21,6 +23,7 @@ pub const ACTIVE_KEY_FIELD: &str = "active";
 /// Secret data keys holding master keys are `key.<id>`.
 pub const KEY_FIELD_PREFIX: &str = "key.";
 const AAD_DOMAIN: &[u8] = b"portcullis.dev/sealed-credential/v1";
+const SNAPSHOT_TAG_LABEL: &[u8] = b"portcullis.dev/snapshot-tag/v1";
 const NONCE_LEN: usize = 12;
 /// Longest provider key we agree to seal.
 pub const MAX_PLAINTEXT_LEN: usize = 16 * 1024;
@@ -101,6 +104,16 @@ impl MasterKey {
 
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(self.0.as_ref().into())
+    }
+
+    /// HMAC-SHA256 of `message` under this key's snapshot-tag key (itself HMAC-SHA256 of a label
+    /// under the master key, so the AES key is never used as a MAC key).
+    fn snapshot_mac(&self) -> Hmac<Sha256> {
+        let any_length = |_| unreachable!("HMAC takes keys of any length");
+        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).unwrap_or_else(any_length);
+        derive.update(SNAPSHOT_TAG_LABEL);
+        let key = Zeroizing::new(<[u8; 32]>::from(derive.finalize().into_bytes()));
+        <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref()).unwrap_or_else(any_length)
     }
 }
 
@@ -192,6 +205,22 @@ impl MasterKeyring {
             nonce: b64.encode(nonce),
             ciphertext: b64.encode(ciphertext),
         })
+    }
+
+    /// A tag over `message` (a snapshot's header) under the active key.
+    pub fn tag(&self, message: &[u8]) -> Result<(KeyId, [u8; 32]), SealingError> {
+        let key = self.keys.get(&self.active).ok_or_else(|| SealingError::UnknownKeyId(self.active.to_string()))?;
+        let mut mac = key.snapshot_mac();
+        mac.update(message);
+        Ok((self.active.clone(), mac.finalize().into_bytes().into()))
+    }
+
+    /// Checks a tag made by [`MasterKeyring::tag`], in constant time.
+    pub fn verify_tag(&self, key_id: &KeyId, message: &[u8], tag: &[u8]) -> Result<(), SealingError> {
+        let key = self.keys.get(key_id).ok_or_else(|| SealingError::UnknownKeyId(key_id.to_string()))?;
+        let mut mac = key.snapshot_mac();
+        mac.update(message);
+        mac.verify_slice(tag).map_err(|_| SealingError::Authentication)
     }
 
     /// Opens a sealed credential; fails unless key id, binding and ciphertext all match.

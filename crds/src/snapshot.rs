@@ -4,18 +4,22 @@
 //! `schema_version` (the format; unknown versions are refused), `generation` (only ever grows, so
 //! replicas can report what they have applied) and `content_digest` (SHA-256 over the canonical
 //! JSON of `content`, so an unchanged configuration produces an identical snapshot and no write).
-//! It holds key digests and sealed credentials only, never a plaintext secret.
+//! `tag` authenticates those three under a key derived from the active master key: who can write
+//! the snapshot Secret but cannot read the keyring cannot change what is enforced (point a
+//! credential's `baseUrl` elsewhere, drop a revocation or a kill switch, replay an older
+//! snapshot under a higher generation). It holds key digests and sealed credentials only, never
+//! a plaintext secret.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::digest::KeyDigest;
-use crate::sealing::{SealBinding, SealedCredential};
+use crate::sealing::{KeyId, MasterKeyring, SealBinding, SealedCredential, SealingError};
 use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind, TeamLimits};
 
 /// Format version written by this crate.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Data key of the snapshot Secret that holds the serialized `GatewaySnapshot`.
 pub const SNAPSHOT_SECRET_KEY: &str = "snapshot.json";
 /// Largest serialized snapshot a reader accepts.
@@ -31,6 +35,10 @@ pub enum SnapshotError {
     UnsupportedSchema(u32),
     #[error("snapshot content digest does not match its content")]
     DigestMismatch,
+    #[error("snapshot carries no authentication tag")]
+    Untagged,
+    #[error("snapshot authentication failed: {0}")]
+    Tag(SealingError),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,7 +47,20 @@ pub struct GatewaySnapshot {
     pub schema_version: u32,
     pub generation: u64,
     pub content_digest: String,
+    /// See the module documentation; set by [`GatewaySnapshot::tag`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<SnapshotTag>,
     pub content: SnapshotContent,
+}
+
+/// HMAC-SHA256 over a snapshot's schema version, generation and content digest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotTag {
+    /// The master key the tag key was derived from.
+    pub key_id: KeyId,
+    /// Hex.
+    pub mac: String,
 }
 
 impl GatewaySnapshot {
@@ -52,7 +73,29 @@ impl GatewaySnapshot {
             Some(p) => p.generation.saturating_add(1),
             None => 1,
         };
-        Self { schema_version: SCHEMA_VERSION, generation, content_digest, content }
+        Self { schema_version: SCHEMA_VERSION, generation, content_digest, tag: None, content }
+    }
+
+    /// What the tag covers. The digest stands for the content: readers check it against the
+    /// content before anything else (`from_json`).
+    fn tagged_header(&self) -> Vec<u8> {
+        format!("portcullis.dev/snapshot\n{}\n{}\n{}", self.schema_version, self.generation, self.content_digest)
+            .into_bytes()
+    }
+
+    /// Tags the snapshot under the keyring's active key (the operator, after compiling).
+    pub fn tag(mut self, keyring: &MasterKeyring) -> Result<Self, SnapshotError> {
+        let (key_id, mac) = keyring.tag(&self.tagged_header()).map_err(SnapshotError::Tag)?;
+        self.tag = Some(SnapshotTag { key_id, mac: hex::encode(mac) });
+        Ok(self)
+    }
+
+    /// Checks the tag (the data plane, before opening). A snapshot tagged under a master key
+    /// this keyring lacks fails with `UnknownKeyId`, to be retried when the keyring catches up.
+    pub fn verify_tag(&self, keyring: &MasterKeyring) -> Result<(), SnapshotError> {
+        let tag = self.tag.as_ref().ok_or(SnapshotError::Untagged)?;
+        let mac = hex::decode(&tag.mac).map_err(|_| SnapshotError::Tag(SealingError::Authentication))?;
+        keyring.verify_tag(&tag.key_id, &self.tagged_header(), &mac).map_err(SnapshotError::Tag)
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -238,9 +281,44 @@ mod tests {
         let tampered = String::from_utf8(json.clone()).expect("utf8").replace("\"active\":false", "\"active\":true");
         assert!(matches!(GatewaySnapshot::from_json(tampered.as_bytes()), Err(SnapshotError::DigestMismatch)));
 
-        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":1", "\"schemaVersion\":9");
+        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":2", "\"schemaVersion\":9");
         assert!(matches!(GatewaySnapshot::from_json(future.as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
         assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
+    }
+
+    #[test]
+    fn only_a_master_key_holder_can_change_a_tagged_snapshot() {
+        let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
+        let tagged = GatewaySnapshot::new(content(), None).tag(&keyring).expect("tag");
+        let json = tagged.to_json();
+        let parsed = GatewaySnapshot::from_json(&json).expect("parse");
+        parsed.verify_tag(&keyring).expect("the writer's own tag verifies");
+
+        // Whoever can write the Secret but cannot read the keyring: a new content with its own
+        // (correct) digest, a higher generation, the tag dropped, another keyring's tag.
+        let mut edited = content();
+        edited.kill_switches.clear();
+        let mut forged = GatewaySnapshot::new(edited, Some(&parsed));
+        forged.tag = parsed.tag.clone();
+        let mut replayed = parsed.clone();
+        replayed.generation = u64::MAX;
+        let mut untagged = parsed.clone();
+        untagged.tag = None;
+        let stranger = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
+        let foreign = GatewaySnapshot::new(content(), None).tag(&stranger).expect("tag");
+        for (what, snapshot) in [("edited", &forged), ("replayed", &replayed), ("foreign", &foreign)] {
+            let reread = GatewaySnapshot::from_json(&snapshot.to_json()).expect("parses: the digest is right");
+            assert!(
+                matches!(reread.verify_tag(&keyring), Err(SnapshotError::Tag(SealingError::Authentication))),
+                "{what}"
+            );
+        }
+        assert!(matches!(untagged.verify_tag(&keyring), Err(SnapshotError::Untagged)));
+
+        // Tagged under a key this keyring does not hold yet: told apart, so it can be retried.
+        let rotated = MasterKeyring::generate(KeyId::new("k2").expect("id")).expect("keyring");
+        let newer = GatewaySnapshot::new(content(), None).tag(&rotated).expect("tag");
+        assert!(matches!(newer.verify_tag(&keyring), Err(SnapshotError::Tag(SealingError::UnknownKeyId(_)))));
     }
 
     #[test]

@@ -276,16 +276,34 @@ mod tests {
         let pepper = Pepper::generate().unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
         let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring, pepper);
-        let good = GatewaySnapshot::new(Default::default(), None);
+        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        let good = GatewaySnapshot::new(Default::default(), None).tag(&keyring).unwrap();
         offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &good.to_json()));
         assert_eq!(metrics.snapshot_generation.get(), 1);
         assert_eq!(metrics.snapshot_valid.get(), 1);
         offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, b"{not json"));
         offer(&mut applier, &secret("other", b"{}"));
+        // Well formed, with a right digest and a newer generation, but not tagged by a holder
+        // of the master key (or tagged by another one): refused before anything in it is used.
+        let stop_everything = portcullis_crds::snapshot::KillSwitchEntry {
+            switch: ObjectRef::new("ops", "stop"),
+            scope: portcullis_crds::snapshot::SwitchScope::Global,
+            active: true,
+            reason: None,
+            expires_at: None,
+        };
+        let content =
+            portcullis_crds::snapshot::SnapshotContent { kill_switches: vec![stop_everything], ..Default::default() };
+        let mut forged = GatewaySnapshot::new(content, Some(&good));
+        forged.generation = 7;
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &forged.to_json()));
+        let stranger = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let foreign = forged.clone().tag(&stranger).unwrap();
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &foreign.to_json()));
         assert_eq!(metrics.snapshot_valid.get(), 0);
-        assert_eq!(metrics.snapshot_reload_failures.get(), 2);
+        assert_eq!(metrics.snapshot_reload_failures.get(), 4);
         assert_eq!(applier.last_applied().map(|s| s.generation), Some(1));
+        assert_eq!(handle.load().map(|s| s.generation), Some(1));
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -294,7 +312,7 @@ mod tests {
         let pepper = Pepper::generate().unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
         let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring, pepper);
+        let applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
 
         // While the work runs, this (single-threaded) runtime keeps serving its other tasks: the
         // work waits for one of them, which could never run if the work held the runtime's thread.
@@ -305,7 +323,7 @@ mod tests {
         assert!(waited.is_ok(), "the runtime stood still while the work ran");
         assert!(other_task.await.unwrap());
 
-        let good = GatewaySnapshot::new(Default::default(), None);
+        let good = GatewaySnapshot::new(Default::default(), None).tag(&keyring).unwrap();
         let (applier, kept) = offer_off_workers(applier, secret(SNAPSHOT_SECRET_KEY, &good.to_json())).await.unwrap();
         assert_eq!(handle.load().map(|s| s.generation), Some(1));
         assert_eq!(metrics.snapshot_valid.get(), 1);

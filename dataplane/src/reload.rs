@@ -85,9 +85,9 @@ impl SnapshotApplier {
                 self.metrics.snapshot_valid.set(1);
                 self.metrics.snapshot_reloads.inc();
                 self.handle.store(Arc::new(runtime));
-                let GatewaySnapshot { schema_version, generation, content_digest, content } = snapshot;
+                let GatewaySnapshot { schema_version, generation, content_digest, tag, content } = snapshot;
                 let content = SnapshotContent { credentials: content.credentials, ..SnapshotContent::default() };
-                self.last_applied = Some(GatewaySnapshot { schema_version, generation, content_digest, content });
+                self.last_applied = Some(GatewaySnapshot { schema_version, generation, content_digest, tag, content });
                 true
             }
             Err(e) => {

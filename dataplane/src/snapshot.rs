@@ -18,7 +18,7 @@ use portcullis_crds::digest::{is_well_formed_key, KeyDigest, Pepper};
 use portcullis_crds::pattern;
 use portcullis_crds::sealing::{MasterKeyring, SealingError};
 use portcullis_crds::secret::SecretBytes;
-use portcullis_crds::snapshot::{ApiKeyEntry, GatewaySnapshot, KillSwitchEntry};
+use portcullis_crds::snapshot::{ApiKeyEntry, GatewaySnapshot, KillSwitchEntry, SnapshotError};
 use portcullis_crds::v1alpha1::{ObjectRef, ProviderKind};
 
 use crate::limits::{KeyLimits, SubjectLimits};
@@ -131,6 +131,8 @@ pub enum OpenError {
     Unseal { credential: ObjectRef, source: SealingError },
     #[error("ProviderCredential {credential}: kind {kind} needs a key and the snapshot has none")]
     MissingKey { credential: ObjectRef, kind: ProviderKind },
+    #[error(transparent)]
+    Tag(#[from] SnapshotError),
 }
 
 pub struct RuntimeSnapshot {
@@ -160,6 +162,8 @@ impl fmt::Debug for RuntimeSnapshot {
 impl RuntimeSnapshot {
     /// Opens every sealed key. Any failure rejects the whole snapshot.
     pub fn open(snapshot: &GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
+        // Whoever wrote it held a master key: nothing in it is used before this holds.
+        snapshot.verify_tag(keyring)?;
         let content = &snapshot.content;
         let mut keys = FastMap::with_capacity_and_hasher(
             content.api_keys.iter().map(|k| k.digests.len()).sum(),
@@ -359,7 +363,8 @@ mod tests {
             kill_switches: Vec::new(),
         };
         let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
-        RuntimeSnapshot::open(&GatewaySnapshot::new(content, None), &keyring, pepper).expect("open")
+        RuntimeSnapshot::open(&GatewaySnapshot::new(content, None).tag(&keyring).expect("tag"), &keyring, pepper)
+            .expect("open")
     }
 
     #[test]

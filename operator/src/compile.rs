@@ -127,7 +127,16 @@ pub fn compile(
         return Err(CompileErrors(errors));
     }
     let content = SnapshotContent { api_keys, credentials, kill_switches };
-    Ok(Compiled { snapshot: GatewaySnapshot::new(content, previous), warnings })
+    // Tagging fails only for a keyring whose active key is missing, which `MasterKeyring` rules out.
+    let snapshot = GatewaySnapshot::new(content, previous).tag(keyring).map_err(|e| {
+        CompileErrors(vec![CompileError {
+            kind: "Snapshot",
+            object: ObjectRef::new("", "snapshot"),
+            field: "tag".to_owned(),
+            message: e.to_string(),
+        }])
+    })?;
+    Ok(Compiled { snapshot, warnings })
 }
 
 fn check_name(report: &mut Report<'_>) -> bool {

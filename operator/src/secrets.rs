@@ -98,6 +98,7 @@ pub fn previous_snapshot(secret: &Secret) -> Option<GatewaySnapshot> {
             schema_version: portcullis_crds::snapshot::SCHEMA_VERSION,
             generation,
             content_digest: String::new(),
+            tag: None,
             content: SnapshotContent::default(),
         })
     })
