@@ -147,6 +147,15 @@ impl ClientKey {
     pub fn digest(&self, pepper: &Pepper) -> KeyDigest {
         pepper.digest(self.0.expose())
     }
+
+    /// What status shows of a key its owner brought: `digest:` and the first eight hex digits of
+    /// its peppered digest. None of its own characters: unlike a generated key, whose first
+    /// characters after `pcl_` leave hundreds of random bits unshown, a brought key may be as
+    /// short as the minimum and its start may be all there is to guess.
+    pub fn brought_display(&self, pepper: &Pepper) -> String {
+        let hex = self.digest(pepper).to_hex();
+        format!("digest:{}…", hex.get(..8).unwrap_or_default())
+    }
 }
 
 impl fmt::Debug for ClientKey {
@@ -256,6 +265,12 @@ mod tests {
         assert_eq!(a.expose().len(), 4 + 54);
         assert!(is_well_formed_key(a.expose()));
         assert_eq!(a.display_prefix(), format!("{}…", std::str::from_utf8(&a.expose()[..10]).unwrap_or("?")));
+        let pepper = Pepper::generate().expect("pepper");
+        let brought =
+            ClientKey::from_brought(&SecretBytes::from_slice(b"my-own-service-key-0123456789abcdef")).expect("brought");
+        let shown = brought.brought_display(&pepper);
+        assert_eq!(shown, format!("digest:{}…", &brought.digest(&pepper).to_hex()[..8]));
+        assert!(!shown.contains("my-own"), "{shown}");
     }
 
     #[test]

@@ -210,7 +210,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
     let readiness = readiness::api_key(&key, !issuance.digests.is_empty(), &store, &excluded, now);
     let brought_prefix = secret_ref.and_then(|r| {
         let value = store.get(&ObjectRef::new(&namespace, &r.name), &r.key).ok()?;
-        Some(ClientKey::from_brought(&SecretBytes::from_slice(value.expose())).ok()?.display_prefix())
+        Some(ClientKey::from_brought(&SecretBytes::from_slice(value.expose())).ok()?.brought_display(&ctx.pepper))
     });
     let current = key.status.clone().unwrap_or_default();
     let conditions = with_ready(&current.conditions, &readiness, key.metadata.generation, now);
