@@ -309,7 +309,15 @@ impl SseScanner {
             self.pending.extend_from_slice(&chunk[offset..]);
             return (offset > 0).then(|| chunk.slice(..offset));
         }
+        // The pending bytes hold no event end: one can only end in what just came, or across the
+        // seam (a blank line is at most three bytes). Until it does (or the bytes pass the limit)
+        // nothing is scanned or copied again, so an event sent in many small pieces costs linear
+        // time, not quadratic.
+        let seam = self.pending.len().saturating_sub(2);
         self.pending.extend_from_slice(&chunk);
+        if self.pending.len() <= MAX_PENDING_EVENT && event_end(&self.pending[seam..]).is_none() {
+            return None;
+        }
         let pending = std::mem::take(&mut self.pending).freeze();
         self.rebuild(&pending)
     }
@@ -422,6 +430,31 @@ mod tests {
             find_usage(br#"{"usage":{"input_tokens":1},"x":{"usage":null}}"#),
             Some(Usage { input: Some(1), output: None })
         );
+    }
+
+    #[test]
+    fn events_split_anywhere_even_byte_by_byte_come_out_whole() {
+        let stream = "data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\nevent: x\ndata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\r\ndata: [DONE]\n\ndata: tail";
+        for split in [1, 2, 3, 5, 7, stream.len()] {
+            let mut scanner = SseScanner::new(false);
+            assert_eq!(run(&mut scanner, stream, split), stream, "split {split}");
+            assert_eq!(scanner.events, 5, "split {split}");
+            assert_eq!(scanner.usage, Usage { input: Some(3), output: Some(4) }, "split {split}");
+        }
+        // Byte by byte, each event goes out with the byte that ends it, whichever blank line.
+        let mut scanner = SseScanner::new(false);
+        let mut out = Vec::new();
+        for (i, byte) in stream.bytes().enumerate() {
+            if let Some(b) = scanner.push(Bytes::copy_from_slice(&[byte])) {
+                out.extend_from_slice(&b);
+            }
+            let sent = &stream.as_bytes()[..=i];
+            let ends_an_event =
+                event_end(sent).is_some() && [b"\n\n".as_slice(), b"\n\r\n"].iter().any(|e| sent.ends_with(e));
+            if ends_an_event {
+                assert_eq!(out, sent, "held back after byte {i}");
+            }
+        }
     }
 
     #[test]
