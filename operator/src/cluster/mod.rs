@@ -231,7 +231,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     // One Secret reflector: values for compile, and triggers for the objects that reference them.
     let secret_ctx = ctx.clone();
     let secrets_task = tokio::spawn(
-        watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().any_semantic())
+        watcher(Api::<Secret>::all(client.clone()), secret_watch_config())
             .default_backoff()
             .reflect(secret_writer)
             .touched_objects()
@@ -330,5 +330,41 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+/// Secret types whose values the operator never reads: service account and bootstrap tokens,
+/// image pull credentials and Helm release records. The API server leaves them out of the
+/// operator's Secret watch, so its cache holds none of their values (and, for Helm, none of the
+/// Secret per release revision). A credential or key stored in one of them is not found.
+pub const UNWATCHED_SECRET_TYPES: [&str; 5] = [
+    "kubernetes.io/service-account-token",
+    "bootstrap.kubernetes.io/token",
+    "kubernetes.io/dockercfg",
+    "kubernetes.io/dockerconfigjson",
+    "helm.sh/release.v1",
+];
+
+/// The cluster-wide Secret watch, without [`UNWATCHED_SECRET_TYPES`] (a field selector on `type`).
+pub fn secret_watch_config() -> watcher::Config {
+    let selector: Vec<String> = UNWATCHED_SECRET_TYPES.iter().map(|t| format!("type!={t}")).collect();
+    watcher::Config::default().any_semantic().fields(&selector.join(","))
+}
+
+#[cfg(test)]
+mod secret_watch_tests {
+    use super::*;
+
+    #[test]
+    fn the_secret_watch_leaves_out_token_pull_and_release_secrets() {
+        let config = secret_watch_config();
+        assert_eq!(
+            config.field_selector.as_deref(),
+            Some(
+                "type!=kubernetes.io/service-account-token,type!=bootstrap.kubernetes.io/token,\
+                 type!=kubernetes.io/dockercfg,type!=kubernetes.io/dockerconfigjson,type!=helm.sh/release.v1"
+            )
+        );
+        assert!(!UNWATCHED_SECRET_TYPES.contains(&"Opaque") && !UNWATCHED_SECRET_TYPES.contains(&"kubernetes.io/tls"));
     }
 }
