@@ -26,6 +26,9 @@ use crate::acknowledge::{replica_name, AppliedSnapshot, PodOwner, ReplicaLease, 
 use crate::config::DataplaneArgs;
 use crate::reload::{off_workers, SnapshotApplier};
 
+/// How often cluster mode looks whether a swapped-out snapshot can be freed.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The three Secrets cluster mode reads.
 #[derive(Clone)]
 pub struct ClusterSource {
@@ -172,6 +175,17 @@ impl ClusterSource {
             let change = tokio::select! {
                 change = changes.next() => change,
                 _ = shutdown.changed() => return,
+                // Snapshots swapped out while requests held them: freed off the workers once
+                // the last of those requests is done.
+                () = tokio::time::sleep(REAP_EVERY), if applier.holds_retired() => {
+                    if applier.can_reap() {
+                        let Some((next, _)) = off_workers(applier, SnapshotApplier::reap).await else {
+                            return;
+                        };
+                        applier = next;
+                    }
+                    continue;
+                }
             };
             match change {
                 None => return,
@@ -270,6 +284,46 @@ mod tests {
         }
     }
 
+    /// A snapshot whose one kill switch stops everything (or not).
+    fn stop_everything(active: bool) -> portcullis_crds::snapshot::SnapshotContent {
+        let switch = portcullis_crds::snapshot::KillSwitchEntry {
+            switch: ObjectRef::new("ops", "stop"),
+            scope: portcullis_crds::snapshot::SwitchScope::Global,
+            active,
+            reason: None,
+            expires_at: None,
+        };
+        portcullis_crds::snapshot::SnapshotContent { kill_switches: vec![switch], ..Default::default() }
+    }
+
+    #[test]
+    fn a_snapshot_swapped_out_under_a_request_is_freed_by_the_applier_not_the_request() {
+        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
+        let mut applier = SnapshotApplier::new(handle.clone(), metrics, keyring.clone(), Pepper::generate().unwrap());
+        let first = GatewaySnapshot::new(stop_everything(false), None).tag(&keyring).unwrap();
+        assert!(applier.apply(first.clone()));
+        let in_flight = handle.load().unwrap();
+        let first_runtime = Arc::downgrade(&in_flight);
+
+        let second = GatewaySnapshot::new(stop_everything(true), Some(&first)).tag(&keyring).unwrap();
+        assert!(applier.apply(second.clone()));
+        assert_eq!(handle.load().map(|s| s.generation), Some(2));
+        assert!(applier.holds_retired() && !applier.can_reap(), "a request still holds generation 1");
+        drop(in_flight);
+        assert!(first_runtime.upgrade().is_some(), "the request's end did not free it");
+        assert!(applier.can_reap());
+        assert_eq!(applier.reap(), 1);
+        assert!(first_runtime.upgrade().is_none() && !applier.holds_retired());
+
+        // Nothing in flight at the swap: the applier frees the old snapshot at once.
+        let third = GatewaySnapshot::new(stop_everything(false), Some(&second)).tag(&keyring).unwrap();
+        let second_runtime = Arc::downgrade(&handle.load().unwrap());
+        assert!(applier.apply(third));
+        assert!(second_runtime.upgrade().is_none() && !applier.holds_retired());
+    }
+
     #[test]
     fn an_invalid_snapshot_is_rejected_and_the_last_good_keeps_serving() {
         let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
@@ -285,16 +339,7 @@ mod tests {
         offer(&mut applier, &secret("other", b"{}"));
         // Well formed, with a right digest and a newer generation, but not tagged by a holder
         // of the master key (or tagged by another one): refused before anything in it is used.
-        let stop_everything = portcullis_crds::snapshot::KillSwitchEntry {
-            switch: ObjectRef::new("ops", "stop"),
-            scope: portcullis_crds::snapshot::SwitchScope::Global,
-            active: true,
-            reason: None,
-            expires_at: None,
-        };
-        let content =
-            portcullis_crds::snapshot::SnapshotContent { kill_switches: vec![stop_everything], ..Default::default() };
-        let mut forged = GatewaySnapshot::new(content, Some(&good));
+        let mut forged = GatewaySnapshot::new(stop_everything(true), Some(&good));
         forged.generation = 7;
         offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &forged.to_json()));
         let stranger = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();

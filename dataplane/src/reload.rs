@@ -29,11 +29,36 @@ pub struct SnapshotApplier {
     /// and sealed credentials. Keys and kill switches are dropped (with 10k keys they are most
     /// of the snapshot) since the serving `RuntimeSnapshot` has its own copy.
     last_applied: Option<GatewaySnapshot>,
+    /// Snapshots swapped out while requests still held them. Whoever drops the last reference
+    /// frees a snapshot, and freeing 10k keys' maps takes milliseconds: kept here, they are
+    /// freed by [`SnapshotApplier::reap`] on a blocking-pool thread once no request holds them,
+    /// instead of by the last request, on an async worker.
+    retired: Vec<Arc<RuntimeSnapshot>>,
 }
 
 impl SnapshotApplier {
     pub fn new(handle: Arc<SnapshotHandle>, metrics: Metrics, keyring: MasterKeyring, pepper: Pepper) -> Self {
-        Self { handle, metrics, keyring, pepper, last_applied: None }
+        Self { handle, metrics, keyring, pepper, last_applied: None, retired: Vec::new() }
+    }
+
+    /// Whether swapped-out snapshots are still waiting to be freed.
+    pub fn holds_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// Whether a retired snapshot is held by nothing else any more (cheap; for the loops to
+    /// decide whether to call [`SnapshotApplier::reap`] off the workers).
+    pub fn can_reap(&self) -> bool {
+        self.retired.iter().any(|snapshot| Arc::strong_count(snapshot) == 1)
+    }
+
+    /// Frees the retired snapshots no request holds any more; returns how many. A snapshot
+    /// swapped out is out of the handle, so once only this list holds it, nothing else can
+    /// take it again.
+    pub fn reap(&mut self) -> usize {
+        let before = self.retired.len();
+        self.retired.retain(|snapshot| Arc::strong_count(snapshot) > 1);
+        before - self.retired.len()
     }
 
     pub fn keyring(&self) -> &MasterKeyring {
@@ -84,7 +109,10 @@ impl SnapshotApplier {
                 self.metrics.snapshot_generation.set(i64::try_from(runtime.generation).unwrap_or(i64::MAX));
                 self.metrics.snapshot_valid.set(1);
                 self.metrics.snapshot_reloads.inc();
-                self.handle.store(Arc::new(runtime));
+                if let Some(previous) = self.handle.store(Arc::new(runtime)) {
+                    self.retired.push(previous);
+                }
+                self.reap();
                 let GatewaySnapshot { schema_version, generation, content_digest, tag, content } = snapshot;
                 let content = SnapshotContent { credentials: content.credentials, ..SnapshotContent::default() };
                 self.last_applied = Some(GatewaySnapshot { schema_version, generation, content_digest, tag, content });
@@ -208,6 +236,12 @@ pub async fn run_local(
             applier = next;
             // Changes made while compiling show up as a new fingerprint on the next turn.
             last_seen = Some(seen);
+        }
+        if applier.can_reap() {
+            let Some((next, _)) = off_workers(applier, SnapshotApplier::reap).await else {
+                return;
+            };
+            applier = next;
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

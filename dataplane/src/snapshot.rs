@@ -291,10 +291,12 @@ impl SnapshotHandle {
         self.current.load_full()
     }
 
-    pub fn store(&self, snapshot: Arc<RuntimeSnapshot>) {
+    /// Swaps `snapshot` in; returns the one it replaces.
+    pub fn store(&self, snapshot: Arc<RuntimeSnapshot>) -> Option<Arc<RuntimeSnapshot>> {
         let generation = snapshot.generation;
-        self.current.store(Some(snapshot));
+        let previous = self.current.swap(Some(snapshot));
         self.applied.send_replace(generation);
+        previous
     }
 
     /// Notified after every swap.
