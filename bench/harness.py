@@ -314,9 +314,9 @@ wrk.headers["Authorization"] = "Bearer %(key)s"
 wrk.body = '%(body)s'
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("BENCHRESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d\n",
+  io.write(string.format("BENCHRESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect, e.read, e.write, e.status, e.timeout))
+    e.connect, e.read, e.write, e.status, e.timeout, latency:percentile(99.9), latency.max))
 end
 """
 
@@ -338,7 +338,7 @@ def wrk_result(p):
         if line.startswith("BENCHRESULT"):
             v = [int(x) for x in line.split()[1:]]
             return {"requests": v[0], "duration_us": v[1], "p50": v[2], "p99": v[3],
-                    "errors": sum(v[4:9]), "status_errors": v[7]}
+                    "errors": sum(v[4:9]), "status_errors": v[7], "p999": v[9], "max": v[10]}
     raise RuntimeError("wrk failed: " + out[-500:])
 
 

@@ -106,7 +106,8 @@ def key_request(key, mode="plain"):
     return r.status
 
 
-def wrk_key(key, conns, seconds):
+def wrk_key(key, conns, seconds, meanwhile=None):
+    """wrk with `key` against the gateway; `meanwhile()` runs while it does."""
     script = os.path.join(WORK, f"wrk-{key[:16]}.lua")
     with open(script, "w") as f:
         f.write(h.LUA.replace("%(key)s", key).replace("%(body)s", h.BODY["plain"])
@@ -114,35 +115,20 @@ def wrk_key(key, conns, seconds):
     argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
             "-s", script, f"http://127.0.0.1:{h.PORT['portcullis']}/v1/chat/completions"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if meanwhile:
+        meanwhile()
     r = h.wrk_result(p)
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     return r
 
 
-TAIL_LUA = r"""
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer %(key)s"
-wrk.body = '%(body)s'
-done = function(summary, latency, requests)
-  io.write(string.format("TAIL %%d %%d %%d %%d %%d\n", summary.requests, latency:percentile(50),
-    latency:percentile(99), latency:percentile(99.9), latency.max))
-end
-"""
-
-
 def tail_latency(key, seconds, reloads=None):
     """wrk -c1 for `seconds`; with `reloads` (a directory), a manifest changes every 1.3 s
-    meanwhile (each waited for on /metrics). Returns (requests, p50, p99, p99.9, max µs, reloads
-    seen)."""
-    script = os.path.join(WORK, "wrk-tail.lua")
-    with open(script, "w") as f:
-        f.write(TAIL_LUA % {"key": key, "body": h.BODY["plain"]})
-    p = subprocess.Popen(["taskset", "-c", "0", "wrk", "-t1", "-c1", f"-d{seconds}s", "--timeout", "5s",
-                          "-s", script, f"http://127.0.0.1:{h.PORT['portcullis']}/v1/chat/completions"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    meanwhile (each waited for on /metrics). The wrk result, with `reloads` seen."""
     seen = 0
-    if reloads:
+
+    def reload_meanwhile():
+        nonlocal seen
         time.sleep(0.5)
         end = time.perf_counter() + seconds - 2.0
         while time.perf_counter() < end:
@@ -153,11 +139,10 @@ def tail_latency(key, seconds, reloads=None):
                 time.sleep(0.01)
             seen += 1
             time.sleep(1.3)
-    out, _ = p.communicate(timeout=seconds + 60)
-    for line in out.splitlines():
-        if line.startswith("TAIL "):
-            return tuple(int(x) for x in line.split()[1:]) + (seen,)
-    raise RuntimeError("wrk failed: " + out[-300:])
+
+    r = wrk_key(key, 1, seconds, reload_meanwhile if reloads else None)
+    r["reloads"] = seen
+    return r
 
 
 def hold(mode, n, key, pid):
@@ -288,9 +273,9 @@ def main():
               f"| generation before → after | {gen0} → {generation()} |",
               "", f"Requests while reloading (wrk c=1, {TAIL_SECONDS} s each; the gateway alone on its "
               "core, so the reload's compile shares it with the worker):", "",
-              "| | requests | p50 µs | p99 µs | p99.9 µs | max µs |", "|---|---|---|---|---|---|",
-              f"| quiet | {quiet[0]} | {quiet[1]} | {quiet[2]} | {quiet[3]} | {quiet[4]} |",
-              f"| {busy[5]} reloads of {KEYS} keys | {busy[0]} | {busy[1]} | {busy[2]} | {busy[3]} | {busy[4]} |",
+              "| | requests | p50 µs | p99 µs | p99.9 µs | max µs | errors |", "|---|---|---|---|---|---|---|",
+              *(f"| {what} | {r['requests']} | {r['p50']} | {r['p99']} | {r['p999']} | {r['max']} | {r['errors']} |"
+                for what, r in (("quiet", quiet), (f"{busy['reloads']} reloads of {KEYS} keys", busy))),
               "", "## Memory", "", "| measure | value |", "|---|---|",
               f"| RSS idle, {KEYS} keys loaded | {rss_idle:.1f} MB |",
               f"| RSS idle, 1 key | {rss1:.1f} MB |",
