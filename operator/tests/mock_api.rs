@@ -4,12 +4,14 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use portcullis_crds::sealing::{KeyId, MasterKey};
@@ -29,7 +31,36 @@ struct World {
     server: ApiServer,
     api_keys: Writer<DeserializeGuard<ApiKey>>,
     credentials: Writer<DeserializeGuard<ProviderCredential>>,
-    secrets: Writer<Secret>,
+    secrets: Writer<PartialObjectMeta<Secret>>,
+    served: ServedSecrets,
+}
+
+/// The Secrets the mocked API server holds, whole, by path: a GET of one is answered with it.
+#[derive(Clone, Default)]
+struct ServedSecrets {
+    by_path: Arc<Mutex<HashMap<String, Value>>>,
+    versions: Arc<AtomicU64>,
+}
+
+impl ServedSecrets {
+    fn answer(&self, call: &Call) -> Option<(u16, Value)> {
+        (call.method == "GET")
+            .then(|| self.by_path.lock().unwrap().get(&call.path).cloned())
+            .flatten()
+            .map(|s| (200, s))
+    }
+
+    /// Stores `secret` under a new resourceVersion, as the API server would.
+    fn put(&self, secret: &mut Secret) {
+        let version = self.versions.fetch_add(1, Ordering::SeqCst) + 1;
+        secret.metadata.resource_version = Some(version.to_string());
+        let path = format!(
+            "/api/v1/namespaces/{}/secrets/{}",
+            secret.metadata.namespace.as_deref().unwrap(),
+            secret.metadata.name.as_deref().unwrap()
+        );
+        self.by_path.lock().unwrap().insert(path, serde_json::to_value(&*secret).unwrap());
+    }
 }
 
 fn not_found() -> (u16, Value) {
@@ -56,7 +87,12 @@ fn world_with(
     previous: Option<GatewaySnapshot>,
     audit: Option<Arc<portcullis_operator::cluster::audit::Audit>>,
 ) -> World {
+    let served = ServedSecrets::default();
+    let held = served.clone();
     let server = ApiServer::start(Arc::new(move |call: &Call| {
+        if let Some(answer) = held.answer(call) {
+            return answer;
+        }
         let (status, mut answer) = respond(call);
         // The API server answers with the whole object; an apply body may lack metadata.
         if answer.get("metadata").is_none() && status == 200 {
@@ -70,7 +106,7 @@ fn world_with(
     let (stores, feeds) = support::stores();
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = support::context(server.client.clone(), stores, metrics, previous, audit, Default::default());
-    World { ctx, server, api_keys: feeds.api_keys, credentials: feeds.credentials, secrets: feeds.secrets }
+    World { ctx, server, api_keys: feeds.api_keys, credentials: feeds.credentials, secrets: feeds.secrets, served }
 }
 
 impl World {
@@ -82,8 +118,12 @@ impl World {
         self.api_keys.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(key.clone()))));
     }
 
-    fn put_secret(&mut self, secret: Secret) {
-        self.secrets.apply_watcher_event(&watcher::Event::Apply(secret));
+    /// The API server now holds `secret`; its metadata reaches the operator's watch.
+    fn put_secret(&mut self, mut secret: Secret) {
+        self.served.put(&mut secret);
+        let event = watcher::Event::Apply(PartialObjectMeta { metadata: secret.metadata, ..Default::default() });
+        self.secrets.apply_watcher_event(&event);
+        portcullis_operator::cluster::secret_event(&self.ctx, &event);
     }
 
     async fn reconcile_key(
@@ -120,6 +160,7 @@ fn serving(key: &ApiKey) -> Responder {
 const KEY_PATH: &str = "/apis/portcullis.dev/v1alpha1/namespaces/team-a/apikeys/alice";
 const REVEAL_PATH: &str = "/api/v1/namespaces/team-a/secrets/alice-apikey-reveal";
 const SNAPSHOT_PATH: &str = "/api/v1/namespaces/portcullis/secrets/portcullis-snapshot";
+const PROVIDER_SECRET_PATH: &str = "/api/v1/namespaces/ai/secrets/openai";
 
 fn lines(calls: &[Call]) -> Vec<String> {
     calls.iter().map(Call::line).collect()
@@ -172,7 +213,10 @@ async fn restart_does_not_reissue_or_write() {
     w.put_api_key(&key);
     w.put_secret(reveal);
     w.reconcile_key(&key).await.expect("reconcile");
-    assert!(w.take_calls().is_empty(), "nothing to do after a restart");
+    // The watch carries metadata only: the reveal Secret's value is read once, nothing written.
+    assert_eq!(lines(&w.take_calls()), vec![format!("GET {REVEAL_PATH}")], "nothing to do after a restart");
+    w.reconcile_key(&key).await.expect("reconcile");
+    assert!(w.take_calls().is_empty(), "the value read is held while the Secret is unchanged");
 
     // Someone deletes the reveal Secret: status notes it, no key is issued or revealed again.
     let w = world(echo(), None);
@@ -268,19 +312,22 @@ async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotatio
     w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
     w.put_secret(provider_secret(PROVIDER_KEY));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
-    let first = snapshot_in(&w.take_calls()[0]);
+    let calls = w.take_calls();
+    // The provider key is read when a reference first needs it (the watch carries metadata only).
+    assert_eq!(lines(&calls), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
+    let first = snapshot_in(&calls[1]);
     assert_eq!(first.content.credentials[0].key_version, 1);
 
-    // Nothing changed: no call at all.
+    // Nothing changed: no call at all (the value read is held).
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None);
     assert!(w.take_calls().is_empty());
 
-    // The provider Secret changed: re-sealed, version bumped.
+    // The provider Secret changed: read again, re-sealed, version bumped.
     w.put_secret(provider_secret("sk-provider-rotated-987654321"));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
     let calls = w.take_calls();
-    assert_eq!(lines(&calls), vec![format!("PATCH {SNAPSHOT_PATH}")]);
-    let second = snapshot_in(&calls[0]);
+    assert_eq!(lines(&calls), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
+    let second = snapshot_in(&calls[1]);
     assert_eq!(second.content.credentials[0].key_version, 2);
     assert_ne!(second.content.credentials[0].sealed_key, first.content.credentials[0].sealed_key);
 
@@ -301,7 +348,15 @@ async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotatio
         .unwrap(),
     );
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(3));
-    let third = snapshot_in(&w.take_calls()[0]);
+    let calls = w.take_calls();
+    assert_eq!(
+        lines(&calls),
+        vec![
+            "GET /api/v1/namespaces/portcullis/secrets/portcullis-master-keyring".to_owned(),
+            format!("PATCH {SNAPSHOT_PATH}")
+        ]
+    );
+    let third = snapshot_in(&calls[1]);
     let sealed = third.content.credentials[0].sealed_key.as_ref().unwrap();
     assert_eq!(sealed.key_id.as_str(), "k2");
     assert_eq!(third.content.credentials[0].key_version, 2, "same key, new master key");
@@ -345,6 +400,69 @@ async fn conflicts_and_errors_back_off() {
     assert_eq!(error.category(), Category::NotLeader);
     assert!(snapshot::sync_snapshot(&w.ctx).await.is_err());
     assert!(w.take_calls().is_empty());
+}
+
+/// The Secret watch carries metadata only: a Secret's value is read only when a reference needs
+/// it, and dropped once nothing references it or the Secret goes.
+#[tokio::test]
+async fn only_referenced_secret_values_are_read_and_held() {
+    let mut w = world(echo(), None);
+    let unrelated: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "database", "namespace": "ai"},
+        "data": {"password": base64::engine::general_purpose::STANDARD.encode("db-password-canary")},
+    }))
+    .unwrap();
+    w.put_secret(unrelated);
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    // Nothing references either yet: no read, nothing held.
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    assert_eq!(lines(&w.take_calls()), vec![format!("PATCH {SNAPSHOT_PATH}")]);
+    assert!(w.ctx.secret_values.is_empty());
+
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
+    assert_eq!(lines(&w.take_calls()), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
+    assert_eq!(w.ctx.secret_values.len(), 1);
+    assert!(!format!("{:?}", w.ctx).contains(PROVIDER_KEY));
+
+    // The credential goes: its Secret's value goes with the next sync.
+    w.credentials.apply_watcher_event(&watcher::Event::Delete(DeserializeGuard(Ok(credential()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(3));
+    assert!(w.ctx.secret_values.is_empty());
+
+    // A Secret deleted under a held value: the watch's delete drops it at once.
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    snapshot::sync_snapshot(&w.ctx).await.unwrap();
+    assert_eq!(w.ctx.secret_values.len(), 1);
+    let meta = w.ctx.secret_meta("ai", "openai").unwrap();
+    let event = watcher::Event::Delete((*meta).clone());
+    w.secrets.apply_watcher_event(&event);
+    portcullis_operator::cluster::secret_event(&w.ctx, &event);
+    assert!(w.ctx.secret_values.is_empty());
+}
+
+/// A Secret that cannot be read right now fails the sync (retried with backoff) rather than
+/// writing a snapshot without the credential that references it.
+#[tokio::test]
+async fn a_secret_read_that_fails_fails_the_sync_instead_of_dropping_the_credential() {
+    let unavailable: Responder = Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {
+        ("GET", PROVIDER_SECRET_PATH) => (
+            503,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd unavailable"}),
+        ),
+        ("GET", _) => not_found(),
+        _ => (200, call.body.clone()),
+    });
+    let mut w = world(unavailable, None);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    // The watch shows the Secret; the mocked API server does not serve it.
+    let meta = PartialObjectMeta::<Secret> { metadata: provider_secret(PROVIDER_KEY).metadata, ..Default::default() };
+    w.secrets.apply_watcher_event(&watcher::Event::Apply(meta));
+    let error = snapshot::sync_snapshot(&w.ctx).await.expect_err("the read failed");
+    assert_eq!(error.category(), Category::Read, "{error}");
+    let calls = w.take_calls();
+    assert!(calls.iter().all(|c| c.method == "GET"), "nothing written: {:?}", lines(&calls));
 }
 
 /// Promise 1 and 2: no plaintext client or provider key in anything the operator writes, except
@@ -409,8 +527,9 @@ async fn ledger_records_actions_with_actors_and_releases_the_finalizer_after_app
     hints.record(("ApiKey".into(), "team-a".into(), "alice".into()), webhook_actor.clone());
     w.reconcile_key(&key).await.expect("reconcile");
     let calls = w.take_calls();
-    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}")]);
-    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([FINALIZER]));
+    // The reveal Secret's value is read once (the watch carries only metadata), then held.
+    assert_eq!(lines(&calls), vec![format!("GET {REVEAL_PATH}"), format!("PATCH {KEY_PATH}")]);
+    assert_eq!(calls[1].body["metadata"]["finalizers"], json!([FINALIZER]));
 
     // Revoked, no webhook: the managedFields manager (not the operator's own writes).
     let mut revoked = key.clone();

@@ -248,7 +248,7 @@ pub async fn publish_checkpoint(ctx: &Context) -> Result<Option<Checkpoint>, Err
 pub async fn audit_keyring(ctx: &Context) -> Result<(), Error> {
     let Some(audit) = &ctx.audit else { return Ok(()) };
     let settings = &ctx.settings;
-    let Some(secret) = ctx.cached_secret(&settings.namespace, &settings.keyring_secret) else { return Ok(()) };
+    let Some(secret) = ctx.secret_meta(&settings.namespace, &settings.keyring_secret) else { return Ok(()) };
     let keyring = ctx.current_keyring();
     let observed = audit::observe_keyring(
         &settings.namespace,

@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::Client;
+use kube::{Api, Client};
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::MasterKeyring;
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
 use tokio::sync::{mpsc, Notify};
 
+use super::secret_values::{HeldSecret, SecretValues};
 use crate::assemble::ObjectKey;
 use crate::compile::CompileError;
 use crate::error::Error;
@@ -44,7 +45,8 @@ pub struct Stores {
     pub api_keys: Store<Guarded<ApiKey>>,
     pub credentials: Store<Guarded<ProviderCredential>>,
     pub kill_switches: Store<Guarded<KillSwitch>>,
-    pub secrets: Store<Secret>,
+    /// Every watched Secret's metadata; values are read on demand into [`Context::secret_values`].
+    pub secrets: Store<PartialObjectMeta<Secret>>,
 }
 
 impl fmt::Debug for Stores {
@@ -139,6 +141,8 @@ pub struct Context {
     pub checkpoint_trigger: Notify,
     /// The data-plane replicas' reports, for the `Enforced` status.
     pub acknowledgements: super::acknowledgement::Acknowledgements,
+    /// The values of the Secrets references need, read on demand.
+    pub secret_values: SecretValues,
 }
 
 impl fmt::Debug for Context {
@@ -147,6 +151,7 @@ impl fmt::Debug for Context {
             .field("settings", &self.settings)
             .field("stores", &self.stores)
             .field("leading", &self.leading.load(Ordering::Relaxed))
+            .field("secret_values", &self.secret_values)
             .finish_non_exhaustive()
     }
 }
@@ -165,8 +170,34 @@ impl Context {
         }
     }
 
-    pub fn cached_secret(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+    /// The watch's metadata of a Secret.
+    pub fn secret_meta(&self, namespace: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
         self.stores.secrets.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// A Secret with its values: absent when the watch does not show it, read from the API
+    /// server the first time it is needed at the version the watch shows, then kept.
+    pub async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Arc<HeldSecret>>, Error> {
+        let Some(meta) = self.secret_meta(namespace, name) else {
+            self.secret_values.forget(namespace, name);
+            return Ok(None);
+        };
+        let seen = meta.metadata.resource_version.as_deref();
+        if let Some(held) = self.secret_values.current(namespace, name, seen) {
+            return Ok(Some(held));
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))? {
+            Some(secret) => {
+                let held = Arc::new(HeldSecret::new(secret));
+                self.secret_values.keep(seen, held.clone());
+                Ok(Some(held))
+            }
+            None => {
+                self.secret_values.forget(namespace, name);
+                Ok(None)
+            }
+        }
     }
 
     pub fn current_keyring(&self) -> MasterKeyring {

@@ -5,7 +5,8 @@
 //!   ApiKey ─────────────▶ Controller ─▶ reconcile_api_key ─┐        │ writes only while leading
 //!   ProviderCredential ─▶ Controller ─▶ reconcile_credential ├─notify─▶ sync_snapshot ─▶ snapshot Secret
 //!   KillSwitch ─────────▶ Controller ─▶ reconcile_kill_switch┘            (SSA, only on a new digest)
-//!   Secret (one reflector) ─▶ fan-out to the objects that reference it, keyring changes ─▶ re-seal
+//!   Secret metadata (one reflector) ─▶ fan-out to the objects that reference it, keyring changes ─▶ re-seal
+//!                                      (values read on demand, only those referenced: `secret_values`)
 //!   data-plane Leases ─▶ acknowledgement ─▶ reconcile objects whose `Enforced` count changed
 //! ```
 
@@ -16,6 +17,7 @@ pub mod events;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod secret_values;
 pub mod snapshot;
 pub mod webhook_leader;
 
@@ -27,6 +29,8 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
@@ -35,6 +39,7 @@ use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
 use tokio::sync::{mpsc, Notify};
 
 use self::context::{Backoff, Context, Guarded, Retrigger, Settings, SnapshotState, Stores};
+use self::secret_values::SecretValues;
 use crate::issuance::MANAGER;
 
 /// Everything `run` needs besides the client.
@@ -60,9 +65,9 @@ fn channel_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Str
 }
 
 /// The objects that reference `secret` (by secretRef, or as the owner of a reveal Secret).
-fn referencing(ctx: &Context, secret: &Secret) {
-    let namespace = secret.namespace().unwrap_or_default();
-    let name = secret.name_any();
+fn referencing(ctx: &Context, secret: &ObjectMeta) {
+    let namespace = secret.namespace.clone().unwrap_or_default();
+    let name = secret.name.clone().unwrap_or_default();
     let settings = &ctx.settings;
     if namespace == settings.namespace && name == settings.keyring_secret {
         ctx.snapshot_trigger.notify_one();
@@ -73,7 +78,7 @@ fn referencing(ctx: &Context, secret: &Secret) {
             continue;
         }
         let by_ref = key.spec.secret_ref.as_ref().is_some_and(|r| r.name == name);
-        let owned = secret.owner_references().iter().any(|o| Some(&o.uid) == key.metadata.uid.as_ref());
+        let owned = secret.owner_references.iter().flatten().any(|o| Some(&o.uid) == key.metadata.uid.as_ref());
         if by_ref || owned {
             ctx.retrigger.object(&("ApiKey", portcullis_crds::v1alpha1::ObjectRef::new(&namespace, key.name_any())));
         }
@@ -88,6 +93,28 @@ fn referencing(ctx: &Context, secret: &Secret) {
                 portcullis_crds::v1alpha1::ObjectRef::new(&namespace, credential.name_any()),
             ));
         }
+    }
+}
+
+/// A Secret watch event, after the reflector has applied it: values read at another version
+/// go, and the objects that reference the Secret are reconciled again.
+pub fn secret_event(ctx: &Context, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+    match event {
+        watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
+            ctx.secret_values.observed(&secret.metadata);
+            referencing(ctx, &secret.metadata);
+        }
+        watcher::Event::Delete(secret) => {
+            let meta = &secret.metadata;
+            ctx.secret_values
+                .forget(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+            referencing(ctx, meta);
+        }
+        // A relist replaced the store: Secrets deleted while the watch was down are gone from it.
+        watcher::Event::InitDone => {
+            ctx.secret_values.retain(|namespace, name| ctx.secret_meta(namespace, name).is_some());
+        }
+        watcher::Event::Init => {}
     }
 }
 
@@ -175,7 +202,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     );
     let kill_switches =
         Controller::new(Api::<Guarded<KillSwitch>>::all(client.clone()), watcher::Config::default().any_semantic());
-    let (secret_store, secret_writer) = reflector::store::<Secret>();
+    let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let (ak_tx, ak_rx) = mpsc::unbounded_channel();
     let (pc_tx, pc_rx) = mpsc::unbounded_channel();
     let (ks_tx, ks_rx) = mpsc::unbounded_channel();
@@ -206,6 +233,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         checkpoint_trigger: Notify::new(),
         acknowledgements: acknowledgement::Acknowledgements::new(lease_store)
             .with_metrics(acknowledgement::AckMetrics::register(metrics.registry())?),
+        secret_values: SecretValues::default(),
     });
     let acknowledgement_task = tokio::spawn(acknowledgement::follow(ctx.clone(), lease_writer, Duration::from_secs(5)));
 
@@ -228,21 +256,17 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         }
     });
 
-    // One Secret reflector: values for compile, and triggers for the objects that reference them.
+    // One Secret reflector, metadata only: triggers for the objects that reference a Secret, and
+    // the versions that tell when a value read earlier is stale.
     let secret_ctx = ctx.clone();
-    let secrets_task = tokio::spawn(
-        watcher(Api::<Secret>::all(client.clone()), secret_watch_config())
-            .default_backoff()
-            .reflect(secret_writer)
-            .touched_objects()
-            .for_each(move |event| {
-                match event {
-                    Ok(secret) => referencing(&secret_ctx, &secret),
-                    Err(error) => tracing::warn!(%error, "Secret watch error"),
-                }
-                futures_util::future::ready(())
-            }),
-    );
+    let secrets_task =
+        tokio::spawn(secret_watch(client.clone()).default_backoff().reflect(secret_writer).for_each(move |event| {
+            match event {
+                Ok(event) => secret_event(&secret_ctx, &event),
+                Err(error) => tracing::warn!(%error, "Secret watch error"),
+            }
+            futures_util::future::ready(())
+        }));
 
     // The snapshot writer: coalesces notifications; retries with backoff.
     let writer_ctx = ctx.clone();
@@ -333,10 +357,10 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Secret types whose values the operator never reads: service account and bootstrap tokens,
-/// image pull credentials and Helm release records. The API server leaves them out of the
-/// operator's Secret watch, so its cache holds none of their values (and, for Helm, none of the
-/// Secret per release revision). A credential or key stored in one of them is not found.
+/// Secret types the operator never reads: service account and bootstrap tokens, image pull
+/// credentials and Helm release records. The API server leaves them out of the operator's Secret
+/// watch, so its cache holds not even their metadata (for Helm, one Secret per release
+/// revision). A credential or key stored in one of them is not found.
 pub const UNWATCHED_SECRET_TYPES: [&str; 5] = [
     "kubernetes.io/service-account-token",
     "bootstrap.kubernetes.io/token",
@@ -351,9 +375,66 @@ pub fn secret_watch_config() -> watcher::Config {
     watcher::Config::default().any_semantic().fields(&selector.join(","))
 }
 
+/// The operator's Secret watch: metadata only (values are read on demand, see
+/// [`secret_values`]), without [`UNWATCHED_SECRET_TYPES`], and without the annotation `kubectl
+/// apply` leaves with a copy of the whole Secret.
+pub fn secret_watch(
+    client: Client,
+) -> impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>> + Send {
+    watcher(Api::<PartialObjectMeta<Secret>>::all(client), secret_watch_config()).modify(secret_values::strip_metadata)
+}
+
 #[cfg(test)]
 mod secret_watch_tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
+    use kube::client::Body;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn the_secret_watch_asks_for_metadata_only_and_keeps_no_applied_copy() {
+        let (service, mut handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("the first list");
+            let accept = request.headers().get(http::header::ACCEPT).map(|v| v.to_str().unwrap().to_owned());
+            let uri = request.uri().to_string();
+            let list = json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                "metadata": {"resourceVersion": "10"},
+                "items": [{
+                    "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": "db", "namespace": "app", "resourceVersion": "9", "annotations": {
+                        secret_values::LAST_APPLIED_ANNOTATION: r#"{"data":{"password":"Y2FuYXJ5"}}"#,
+                        "team": "payments",
+                    }},
+                }],
+            });
+            let response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                .unwrap();
+            send.send_response(response);
+            (accept, uri)
+        });
+        let mut stream = std::pin::pin!(secret_watch(Client::new(service, "default")));
+        let mut listed = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event.expect("list") {
+                watcher::Event::InitApply(secret) => listed.push(secret),
+                watcher::Event::InitDone => break,
+                _ => {}
+            }
+        }
+        let (accept, uri) = server.await.unwrap();
+        let accept = accept.expect("an Accept header");
+        assert!(accept.contains("as=PartialObjectMetadataList"), "{accept}");
+        assert!(uri.starts_with("/api/v1/secrets?"), "{uri}");
+        assert!(uri.contains("fieldSelector=type%21%3Dkubernetes.io%2Fservice-account-token"), "{uri}");
+        assert_eq!(listed.len(), 1);
+        let annotations = listed[0].metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), vec!["team"]);
+    }
 
     #[test]
     fn the_secret_watch_leaves_out_token_pull_and_release_secrets() {

@@ -23,6 +23,7 @@ use super::acknowledgement;
 use super::audit::audit_object;
 use super::context::{Context, Guarded};
 use super::events::{report, Transition};
+use super::secret_values::HeldSecret;
 use crate::audit;
 use crate::conditions::{ready_reason, with_ready, Readiness, ReadyReason};
 use crate::error::{status_code, Error};
@@ -126,12 +127,14 @@ async fn report_ready(
 }
 
 /// The one Secret an object references, as compile inputs.
-fn referenced(ctx: &Context, namespace: &str, name: Option<&str>) -> SecretStore {
+async fn referenced(ctx: &Context, namespace: &str, name: Option<&str>) -> Result<SecretStore, Error> {
     let mut store = SecretStore::default();
-    if let Some(secret) = name.and_then(|n| ctx.cached_secret(namespace, n)) {
-        secrets::add_to_store(&mut store, &secret);
+    if let Some(name) = name {
+        if let Some(secret) = ctx.secret(namespace, name).await? {
+            secrets::add_to_store(&mut store, &secret);
+        }
     }
-    store
+    Ok(store)
 }
 
 async fn excluded_for(
@@ -161,7 +164,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
 
     // Decide from the caches; if that says "generate", decide again from the API server itself,
     // so a cache that has not yet seen our last write can never cause a second key.
-    let cached_reveal = ctx.cached_secret(&namespace, &reveal_name);
+    let cached_reveal = ctx.secret(&namespace, &reveal_name).await?;
     let view = cached_reveal.as_deref().and_then(|s| secrets::reveal_view(cached, s));
     let mut wants_key = false;
     let preview = issuance::decide(cached, view.as_ref(), &ctx.pepper, now, ctx.settings.reveal_ttl, || {
@@ -173,7 +176,8 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         let reveal = secrets_api
             .get_opt(&reveal_name)
             .await
-            .map_err(Error::read(format!("Secret {namespace}/{reveal_name}")))?;
+            .map_err(Error::read(format!("Secret {namespace}/{reveal_name}")))?
+            .map(HeldSecret::new);
         let view = reveal.as_ref().and_then(|s| secrets::reveal_view(&fresh, s));
         let issuance =
             issuance::decide(&fresh, view.as_ref(), &ctx.pepper, now, ctx.settings.reveal_ttl, ClientKey::generate)
@@ -188,9 +192,9 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
     match &issuance.reveal {
         RevealAction::Keep => {}
         RevealAction::Write { key: client_key } => {
-            let secret = secrets::reveal_secret(&key, &reveal_name, client_key);
+            let secret = HeldSecret::new(secrets::reveal_secret(&key, &reveal_name, client_key));
             secrets_api
-                .patch(&reveal_name, &apply_params(), &Patch::Apply(&secret))
+                .patch(&reveal_name, &apply_params(), &Patch::Apply(&*secret))
                 .await
                 .map_err(Error::write(format!("Secret {namespace}/{reveal_name}")))?;
         }
@@ -205,7 +209,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
     }
 
     let secret_ref = key.spec.secret_ref.as_ref();
-    let store = referenced(&ctx, &namespace, secret_ref.map(|r| r.name.as_str()));
+    let store = referenced(&ctx, &namespace, secret_ref.map(|r| r.name.as_str())).await?;
     let excluded = excluded_for(&ctx, &("ApiKey", ObjectRef::new(&namespace, &name))).await;
     let readiness = readiness::api_key(&key, !issuance.digests.is_empty(), &store, &excluded, now);
     let brought_prefix = secret_ref.and_then(|r| {
@@ -269,7 +273,7 @@ pub async fn reconcile_credential(
     let namespace = credential.namespace().unwrap_or_default();
     let name = credential.name_any();
     let now = ctx.now();
-    let store = referenced(&ctx, &namespace, credential.spec.secret_ref.as_ref().map(|r| r.name.as_str()));
+    let store = referenced(&ctx, &namespace, credential.spec.secret_ref.as_ref().map(|r| r.name.as_str())).await?;
     let object_key = ("ProviderCredential", ObjectRef::new(&namespace, &name));
     let excluded = excluded_for(&ctx, &object_key).await;
     let readiness = readiness::credential(credential, &store, &excluded);

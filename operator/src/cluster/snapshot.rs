@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -12,6 +13,7 @@ use portcullis_crds::v1alpha1::ObjectRef;
 
 use super::context::Context;
 use super::reconcile::apply_params;
+use super::secret_values::HeldSecret;
 use crate::assemble::compile_valid;
 use crate::error::{status_code, Error};
 use crate::inputs::CompileInputs;
@@ -26,17 +28,18 @@ async fn get_or_create<T>(
     read: impl Fn(&Secret) -> Result<T, Error>,
 ) -> Result<T, Error> {
     if let Some(existing) = api.get_opt(name).await.map_err(Error::read(format!("Secret {name}")))? {
-        return read(&existing);
+        return read(&HeldSecret::new(existing));
     }
     let (value, secret) = make()?;
-    match api.create(&PostParams::default(), &secret).await {
+    let secret = HeldSecret::new(secret);
+    match api.create(&PostParams::default(), &*secret).await {
         Ok(_) => {
             tracing::info!(secret = name, "created on first start");
             Ok(value)
         }
         Err(e) if status_code(&e) == Some(409) => {
             let existing = api.get(name).await.map_err(Error::read(format!("Secret {name}")))?;
-            read(&existing)
+            read(&HeldSecret::new(existing))
         }
         Err(e) => Err(Error::write(format!("Secret {name}"))(e)),
     }
@@ -75,9 +78,9 @@ pub async fn bootstrap(
 }
 
 /// Follows the keyring Secret: a valid new keyring replaces the last good one.
-fn refresh_keyring(ctx: &Context) -> MasterKeyring {
+async fn refresh_keyring(ctx: &Context) -> Result<MasterKeyring, Error> {
     let settings = &ctx.settings;
-    if let Some(secret) = ctx.cached_secret(&settings.namespace, &settings.keyring_secret) {
+    if let Some(secret) = ctx.secret(&settings.namespace, &settings.keyring_secret).await? {
         match secrets::keyring_from_secret(&secret) {
             Ok(keyring) => {
                 *ctx.keyring.lock().unwrap_or_else(|p| p.into_inner()) = keyring;
@@ -88,15 +91,22 @@ fn refresh_keyring(ctx: &Context) -> MasterKeyring {
             }
         }
     }
-    ctx.current_keyring()
+    Ok(ctx.current_keyring())
 }
 
-/// Everything in the caches, as compile inputs. Generated keys without a recorded digest (still
-/// being issued) are left out rather than reported.
-pub fn gather_inputs(ctx: &Context) -> CompileInputs {
+/// How many Secret values are read from the API server at once when the caches lack them.
+const CONCURRENT_READS: usize = 16;
+
+/// Everything in the caches, as compile inputs, reading the referenced Secrets' values that are
+/// not held yet. Generated keys without a recorded digest (still being issued) are left out
+/// rather than reported. Values nothing references any more are dropped.
+pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     let now = ctx.now();
     let mut inputs = CompileInputs::default();
     let mut wanted: BTreeSet<ObjectRef> = BTreeSet::new();
+    // Values kept besides `wanted`: the keyring and the reveal Secrets of generated keys.
+    let mut also_held: BTreeSet<ObjectRef> = BTreeSet::new();
+    also_held.insert(ObjectRef::new(&ctx.settings.namespace, &ctx.settings.keyring_secret));
     for guarded in ctx.stores.api_keys.state() {
         let Ok(key) = &guarded.0 else { continue };
         let object = crate::readiness::object_ref(&key.metadata);
@@ -105,6 +115,7 @@ pub fn gather_inputs(ctx: &Context) -> CompileInputs {
                 wanted.insert(ObjectRef::new(object.namespace.clone(), r.name.clone()));
             }
             None => {
+                also_held.insert(ObjectRef::new(object.namespace.clone(), issuance::reveal_secret_name(&object.name)));
                 let record = key.status.as_ref().map(|s| s.issued_digests.as_slice()).unwrap_or_default();
                 let digests: Vec<_> = issuance::snapshot_digests(record)
                     .into_iter()
@@ -130,20 +141,27 @@ pub fn gather_inputs(ctx: &Context) -> CompileInputs {
             inputs.kill_switches.push(switch.clone());
         }
     }
-    for secret in wanted {
-        if let Some(found) = ctx.cached_secret(&secret.namespace, &secret.name) {
+    let reads: Vec<_> = wanted.iter().map(|secret| ctx.secret(&secret.namespace, &secret.name)).collect();
+    let mut reads = futures_util::stream::iter(reads).buffer_unordered(CONCURRENT_READS);
+    while let Some(found) = reads.next().await {
+        if let Some(found) = found? {
             secrets::add_to_store(&mut inputs.secrets, &found);
         }
     }
-    inputs
+    drop(reads);
+    ctx.secret_values.retain(|namespace, name| {
+        let secret = ObjectRef::new(namespace, name);
+        wanted.contains(&secret) || also_held.contains(&secret)
+    });
+    Ok(inputs)
 }
 
 /// Compiles everything and writes the snapshot Secret if, and only if, its content changed.
 /// Returns the generation written.
 pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     ctx.ensure_leading()?;
-    let keyring = refresh_keyring(ctx);
-    let inputs = gather_inputs(ctx);
+    let keyring = refresh_keyring(ctx).await?;
+    let inputs = gather_inputs(ctx).await?;
     let objects = super::acknowledgement::compiled_objects(&inputs);
     let mut state = ctx.snapshot.lock().await;
     let assembled = compile_valid(inputs, &keyring, &ctx.pepper, state.previous.as_ref())?;

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::Secret;
 use kube::client::Body;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::Client;
 use portcullis_crds::digest::Pepper;
@@ -99,7 +100,8 @@ pub struct Feeds {
     pub api_keys: Writer<Guarded<ApiKey>>,
     pub credentials: Writer<Guarded<ProviderCredential>>,
     pub kill_switches: Writer<Guarded<KillSwitch>>,
-    pub secrets: Writer<Secret>,
+    /// Secret metadata, as the metadata-only Secret watch delivers it.
+    pub secrets: Writer<PartialObjectMeta<Secret>>,
 }
 
 /// Empty stores for a `Context`, and the writers that fill them.
@@ -150,5 +152,6 @@ pub fn context(
         audit,
         checkpoint_trigger: tokio::sync::Notify::new(),
         acknowledgements,
+        secret_values: Default::default(),
     })
 }

@@ -1,0 +1,218 @@
+//! Secret values, read only when a reference needs them and kept only while they are needed.
+//!
+//! The operator watches the cluster's Secrets by metadata alone (name, version, owners,
+//! annotations), so the values of Secrets nothing references never enter its memory. A value is
+//! read with a GET the first time a reference needs it and kept, wiped on drop, until the watch
+//! shows the Secret changed or went away, or until nothing references it any more.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use zeroize::Zeroize;
+
+/// Annotation `kubectl apply` writes with the whole applied object, `data` included: it is
+/// dropped from the metadata the operator keeps.
+pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A Secret as read from the API server, its values wiped when the last holder drops it.
+pub struct HeldSecret(Secret);
+
+impl HeldSecret {
+    pub fn new(secret: Secret) -> Self {
+        Self(secret)
+    }
+}
+
+impl Deref for HeldSecret {
+    type Target = Secret;
+
+    fn deref(&self) -> &Secret {
+        &self.0
+    }
+}
+
+impl Drop for HeldSecret {
+    fn drop(&mut self) {
+        for value in self.0.data.iter_mut().flat_map(BTreeMap::values_mut) {
+            value.0.zeroize();
+        }
+        for value in self.0.string_data.iter_mut().flat_map(BTreeMap::values_mut) {
+            value.zeroize();
+        }
+        if let Some(annotations) = self.0.metadata.annotations.as_mut() {
+            if let Some(applied) = annotations.get_mut(LAST_APPLIED_ANNOTATION) {
+                applied.zeroize();
+            }
+        }
+    }
+}
+
+impl fmt::Debug for HeldSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldSecret")
+            .field("namespace", &self.0.metadata.namespace)
+            .field("name", &self.0.metadata.name)
+            .field("resource_version", &self.0.metadata.resource_version)
+            .field("keys", &self.0.data.iter().flat_map(BTreeMap::keys).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the metadata watch keeps of a Secret: its metadata without the annotation that can
+/// carry the whole Secret.
+pub fn strip_metadata(secret: &mut PartialObjectMeta<Secret>) {
+    if let Some(annotations) = secret.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
+type Key = (String, String);
+
+fn key(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+struct Held {
+    secret: Arc<HeldSecret>,
+    /// The resource versions this read is current for: the one the watch showed when it was
+    /// read, and the one the read returned (newer, when the watch lags behind).
+    versions: [Option<String>; 2],
+}
+
+/// The values read so far, by namespace and name.
+#[derive(Default)]
+pub struct SecretValues {
+    held: Mutex<HashMap<Key, Held>>,
+}
+
+impl fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretValues").field("held", &self.len()).finish()
+    }
+}
+
+impl SecretValues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value held for a Secret the watch shows at `version`, if it was read at that version.
+    pub fn current(&self, namespace: &str, name: &str, version: Option<&str>) -> Option<Arc<HeldSecret>> {
+        let held = self.lock();
+        let entry = held.get(&key(namespace, name))?;
+        entry.versions.iter().any(|v| v.as_deref() == version).then(|| entry.secret.clone())
+    }
+
+    /// Keeps a value read while the watch showed `seen`.
+    pub fn keep(&self, seen: Option<&str>, secret: Arc<HeldSecret>) {
+        let meta = &secret.metadata;
+        let entry_key = key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+        let versions = [seen.map(str::to_owned), meta.resource_version.clone()];
+        self.lock().insert(entry_key, Held { secret, versions });
+    }
+
+    /// The watch saw `meta`: a value read at another version is dropped.
+    pub fn observed(&self, meta: &ObjectMeta) {
+        let entry_key = key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+        let mut held = self.lock();
+        let stale = held
+            .get(&entry_key)
+            .is_some_and(|entry| !entry.versions.iter().any(|v| v.as_ref() == meta.resource_version.as_ref()));
+        if stale {
+            held.remove(&entry_key);
+        }
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.lock().remove(&key(namespace, name));
+    }
+
+    /// Drops every value `keep` does not name.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
+        self.lock().retain(|(namespace, name), _| keep(namespace, name));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn secret(name: &str, version: &str, value: &[u8]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([("key".to_owned(), ByteString(value.to_vec()))])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_value_is_current_for_the_versions_it_was_read_at_and_dropped_when_the_watch_moves_on() {
+        let values = SecretValues::default();
+        // Read while the watch still showed version 4; the read returned 5.
+        values.keep(Some("4"), Arc::new(HeldSecret::new(secret("a", "5", b"v"))));
+        assert!(values.current("ns", "a", Some("4")).is_some());
+        assert!(values.current("ns", "a", Some("5")).is_some());
+        assert!(values.current("ns", "a", Some("6")).is_none());
+        assert!(values.current("ns", "b", Some("5")).is_none());
+
+        // The watch catching up to 5 keeps it; 6 drops it.
+        values.observed(&secret("a", "5", b"").metadata);
+        assert_eq!(values.len(), 1);
+        values.observed(&secret("a", "6", b"").metadata);
+        assert!(values.is_empty());
+
+        values.keep(None, Arc::new(HeldSecret::new(secret("a", "7", b"v"))));
+        values.keep(None, Arc::new(HeldSecret::new(secret("b", "1", b"v"))));
+        values.retain(|_, name| name == "b");
+        assert!(values.current("ns", "a", Some("7")).is_none());
+        assert!(values.current("ns", "b", Some("1")).is_some());
+        values.forget("ns", "b");
+        assert!(values.is_empty());
+    }
+
+    #[test]
+    fn debug_names_keys_never_values() {
+        let canary = b"sk-held-canary-5f1e";
+        let held = HeldSecret::new(secret("a", "1", canary));
+        let shown = format!("{held:?} {:?}", SecretValues::default());
+        assert!(shown.contains("key"), "{shown}");
+        assert!(!shown.contains("sk-held-canary"), "{shown}");
+    }
+
+    #[test]
+    fn the_metadata_kept_drops_the_last_applied_copy() {
+        let mut meta = PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([
+                    (LAST_APPLIED_ANNOTATION.to_owned(), r#"{"data":{"key":"c2stY2FuYXJ5"}}"#.to_owned()),
+                    ("portcullis.dev/consumed".to_owned(), "true".to_owned()),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        strip_metadata(&mut meta);
+        let annotations = meta.metadata.annotations.unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), vec!["portcullis.dev/consumed"]);
+    }
+}
