@@ -183,21 +183,12 @@ impl Context {
             return Ok(None);
         };
         let seen = meta.metadata.resource_version.as_deref();
-        if let Some(held) = self.secret_values.current(namespace, name, seen) {
-            return Ok(Some(held));
-        }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        match api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))? {
-            Some(secret) => {
-                let held = Arc::new(HeldSecret::new(secret));
-                self.secret_values.keep(seen, held.clone());
-                Ok(Some(held))
-            }
-            None => {
-                self.secret_values.forget(namespace, name);
-                Ok(None)
-            }
-        }
+        self.secret_values
+            .read(namespace, name, seen, || async {
+                api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))
+            })
+            .await
     }
 
     pub fn current_keyring(&self) -> MasterKeyring {

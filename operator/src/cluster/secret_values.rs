@@ -84,10 +84,22 @@ struct Held {
     versions: [Option<String>; 2],
 }
 
+/// How many Secret values are read from the API server at once, whoever asks (a restart
+/// reconciles every object and syncs the snapshot together).
+pub const CONCURRENT_READS: usize = 16;
+
 /// The values read so far, by namespace and name.
-#[derive(Default)]
 pub struct SecretValues {
     held: Mutex<HashMap<Key, Held>>,
+    /// One read at a time per Secret: who waits finds the value the first read brought.
+    pending: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    reads: tokio::sync::Semaphore,
+}
+
+impl Default for SecretValues {
+    fn default() -> Self {
+        Self { held: Mutex::default(), pending: Mutex::default(), reads: tokio::sync::Semaphore::new(CONCURRENT_READS) }
+    }
 }
 
 impl fmt::Debug for SecretValues {
@@ -99,6 +111,52 @@ impl fmt::Debug for SecretValues {
 impl SecretValues {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value of a Secret the watch shows at `seen`: the one held if it was read at that
+    /// version, else what `fetch` reads (`None`: the Secret is gone). Reads of one Secret are not
+    /// repeated by concurrent callers, and at most [`CONCURRENT_READS`] run at once.
+    pub async fn read<E, F>(
+        &self,
+        namespace: &str,
+        name: &str,
+        seen: Option<&str>,
+        fetch: impl FnOnce() -> F,
+    ) -> Result<Option<Arc<HeldSecret>>, E>
+    where
+        F: std::future::Future<Output = Result<Option<Secret>, E>>,
+    {
+        if let Some(held) = self.current(namespace, name, seen) {
+            return Ok(Some(held));
+        }
+        let entry_key = key(namespace, name);
+        let gate = self.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(entry_key.clone()).or_default().clone();
+        let result = async {
+            let _one = gate.lock().await;
+            if let Some(held) = self.current(namespace, name, seen) {
+                return Ok(Some(held));
+            }
+            // The semaphore is never closed; without a permit the read goes ahead regardless.
+            let _permit = self.reads.acquire().await.ok();
+            match fetch().await? {
+                Some(secret) => {
+                    let held = Arc::new(HeldSecret::new(secret));
+                    self.keep(seen, held.clone());
+                    Ok(Some(held))
+                }
+                None => {
+                    self.forget(namespace, name);
+                    Ok(None)
+                }
+            }
+        }
+        .await;
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this caller's: nobody else is waiting on this Secret.
+        if Arc::strong_count(&gate) == 2 {
+            pending.remove(&entry_key);
+        }
+        result
     }
 
     /// The value held for a Secret the watch shows at `version`, if it was read at that version.
@@ -188,6 +246,43 @@ mod tests {
         assert!(values.current("ns", "b", Some("1")).is_some());
         values.forget("ns", "b");
         assert!(values.is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_of_one_secret_fetch_it_once_and_reads_are_bounded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let values = SecretValues::default();
+        let fetches = AtomicUsize::new(0);
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let fetch = |name: String| {
+            let (fetches, now, most) = (&fetches, &now, &most);
+            move || async move {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, ()>(Some(secret(&name, "1", b"v")))
+            }
+        };
+        let same = (0..10).map(|_| values.read("ns", "a", Some("1"), fetch("a".into())));
+        let read = futures_util::future::join_all(same).await;
+        assert!(read.iter().all(|r| r.as_ref().unwrap().is_some()));
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert!(values.pending.lock().unwrap().is_empty());
+
+        let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        let many = names.iter().map(|n| values.read("ns", n, Some("1"), fetch(n.clone())));
+        futures_util::future::join_all(many).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 41);
+        assert_eq!(most.load(Ordering::SeqCst), CONCURRENT_READS);
+        assert_eq!(values.len(), 41);
+        assert!(values.pending.lock().unwrap().is_empty());
+
+        // A Secret gone by the time it is read is not held.
+        let gone = values.read("ns", "s0", Some("2"), || async { Ok::<_, ()>(None) }).await;
+        assert!(gone.unwrap().is_none());
+        assert_eq!(values.len(), 40);
     }
 
     #[test]

@@ -94,9 +94,6 @@ async fn refresh_keyring(ctx: &Context) -> Result<MasterKeyring, Error> {
     Ok(ctx.current_keyring())
 }
 
-/// How many Secret values are read from the API server at once when the caches lack them.
-const CONCURRENT_READS: usize = 16;
-
 /// Everything in the caches, as compile inputs, reading the referenced Secrets' values that are
 /// not held yet. Generated keys without a recorded digest (still being issued) are left out
 /// rather than reported. Values nothing references any more are dropped.
@@ -142,7 +139,7 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
         }
     }
     let reads: Vec<_> = wanted.iter().map(|secret| ctx.secret(&secret.namespace, &secret.name)).collect();
-    let mut reads = futures_util::stream::iter(reads).buffer_unordered(CONCURRENT_READS);
+    let mut reads = futures_util::stream::iter(reads).buffer_unordered(super::secret_values::CONCURRENT_READS);
     while let Some(found) = reads.next().await {
         if let Some(found) = found? {
             secrets::add_to_store(&mut inputs.secrets, &found);
