@@ -65,3 +65,49 @@ fn the_manifest_reader_sees_a_crate_that_sets_its_own_lints() {
     assert_eq!(table(shared, "lints"), Some(vec!["workspace = true".to_owned()]));
     assert_eq!(members("members = [\"a\", \"b/c\"]\n"), vec!["a", "b/c"]);
 }
+
+/// The instructions of one stage of a Dockerfile (`FROM ... AS name` up to the next `FROM`).
+fn stage<'a>(dockerfile: &'a str, name: &str) -> Option<Vec<&'a str>> {
+    let mut lines = dockerfile.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    lines.find(|l| l.starts_with("FROM ") && l.ends_with(&format!(" AS {name}")))?;
+    Some(lines.take_while(|l| !l.starts_with("FROM ")).collect())
+}
+
+#[test]
+fn the_images_the_chart_runs_are_built_by_the_dockerfile_as_it_expects() {
+    let dockerfile = read(&root().join("Dockerfile"));
+    let values = read(&root().join("charts/portcullis/values.yaml"));
+    let workspace = read(&root().join("Cargo.toml"));
+    let version = table(&workspace, "workspace.package")
+        .and_then(|t| t.iter().find_map(|l| l.strip_prefix("version = ").map(|v| v.trim_matches('"').to_owned())))
+        .expect("workspace version");
+    for (target, package) in [("operator", "portcullis-operator"), ("dataplane", "portcullis-dataplane")] {
+        let lines = stage(&dockerfile, target).unwrap_or_else(|| panic!("no `{target}` stage"));
+        let binary = format!("/usr/local/bin/{package}");
+        assert!(lines.contains(&format!("ENTRYPOINT [\"{binary}\"]").as_str()), "{target}: {lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("COPY --from=build ") && l.ends_with(&binary)), "{target}");
+        // The chart sets `runAsNonRoot`, which the kubelet can only check for a numeric user.
+        let user = lines.iter().find_map(|l| l.strip_prefix("USER ")).unwrap_or_else(|| panic!("{target}: no USER"));
+        assert!(
+            user.split(':').all(|id| id.parse::<u32>().is_ok_and(|id| id != 0)),
+            "{target}: USER {user} is not a numeric non-root user"
+        );
+        // The chart's default image is this stage's package at the workspace's version.
+        let image = format!("{target}: ghcr.io/portcullis-dev/{package}:{version}");
+        assert!(values.lines().any(|l| l.trim() == image), "values.yaml lacks `{image}`");
+    }
+    let build = stage(&dockerfile, "build").expect("a `build` stage");
+    assert!(build.iter().any(|l| l.contains("cargo build --release --locked")), "{build:?}");
+    let ignored = read(&root().join(".dockerignore"));
+    for path in ["target", ".venv", ".git"] {
+        assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore must leave out {path}");
+    }
+}
+
+#[test]
+fn the_dockerfile_reader_finds_stages_and_nothing_else() {
+    let text = "FROM a AS build\nRUN x\n\n# c\nFROM b AS one\nUSER 1:1\nFROM c AS two\n";
+    assert_eq!(stage(text, "one"), Some(vec!["USER 1:1"]));
+    assert_eq!(stage(text, "build"), Some(vec!["RUN x"]));
+    assert_eq!(stage(text, "three"), None);
+}

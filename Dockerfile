@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# The two images the Helm chart runs, from this repository:
+#
+#   docker build --target operator  -t ghcr.io/portcullis-dev/portcullis-operator:0.1.0 .
+#   docker build --target dataplane -t ghcr.io/portcullis-dev/portcullis-dataplane:0.1.0 .
+#
+# Both build in one stage (the workspace shares its dependencies), then each binary goes alone
+# into a distroless image with glibc and CA roots, no shell, run as a numeric non-root user (the
+# chart's `runAsNonRoot` can only verify a numeric one).
+
+FROM docker.io/library/rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p portcullis-operator -p portcullis-dataplane \
+ && install -D -m 0755 target/release/portcullis-operator /out/portcullis-operator \
+ && install -D -m 0755 target/release/portcullis-dataplane /out/portcullis-dataplane
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS operator
+COPY --from=build /out/portcullis-operator /usr/local/bin/portcullis-operator
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/portcullis-operator"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS dataplane
+COPY --from=build /out/portcullis-dataplane /usr/local/bin/portcullis-dataplane
+USER 65532:65532
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/portcullis-dataplane"]
