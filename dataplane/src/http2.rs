@@ -8,13 +8,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -49,12 +46,12 @@ pub async fn serve<IO>(
         }
         let gateway = gateway.clone();
         let watchdog = watchdog.clone();
-        // Open from the request head until hyper drops the response body (or this future, if
-        // the client resets the stream first).
+        // Open from the request head until hyper drops the response body or the watchdog takes
+        // it from a stalled stream (or this future goes, if the client resets the stream first).
         let open = counted.open();
         async move {
             let response = gateway.handle(request.into(), Some(peer)).await.into_response();
-            Ok::<_, Infallible>(response.map(|body| Counted { body: watchdog.guard(body), _open: open }))
+            Ok::<_, Infallible>(response.map(|body| watchdog.guard(body, open)))
         }
     });
     let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
@@ -70,7 +67,18 @@ pub async fn serve<IO>(
         ended = connection.as_mut() => ended,
         () = told => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            // hyper closes once its streams are done, but it waits for ever for a client that
+            // never sent its preface (the GOAWAY waits for it), or for window to send a
+            // stream's last bytes. Once no stream has been open for the idle timeout, the
+            // connection is dropped instead.
+            let mut no_reclaim = None;
+            tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = idle_out(&streams, &mut no_reclaim, settings.header_read_timeout) => {
+                    tracing::debug!("an HTTP/2 connection told to close did not; dropped");
+                    Ok(())
+                }
+            }
         }
     };
     if let Err(e) = ended {
@@ -123,33 +131,10 @@ impl Drop for OpenStream {
     }
 }
 
-/// A response body that keeps its stream counted as open.
-struct Counted<B> {
-    body: B,
-    _open: OpenStream,
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    #[inline]
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
 
     /// Drives `idling` for `seconds` (paused time), failing with `why` if it finishes.
     async fn still_waiting(idling: &mut Pin<&mut impl std::future::Future<Output = ()>>, seconds: u64, why: &str) {

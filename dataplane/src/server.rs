@@ -138,7 +138,13 @@ pub struct ServerSettings {
 
 fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30)).max_concurrent_streams(512);
+    // The same head size HTTP/1.1 takes (h2's own default is 16 KiB), so a request does not
+    // work over one protocol and fail over the other.
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(512)
+        .max_header_list_size(crate::http1::MAX_HEAD as u32);
     builder
 }
 

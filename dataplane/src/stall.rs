@@ -13,8 +13,14 @@
 //!
 //! Data is handed to hyper in pieces of at most [`PIECE`] bytes, so "came back for more" means
 //! "took another 16 KiB", as close to HTTP/1.1's "any progress" as hyper lets a body see. A body
-//! waiting on its provider (its last poll returned `Pending`) is not stalled: the provider idle
-//! timeout covers that; nor is one whose last frame ended it.
+//! hyper has not polled at all counts from when it was handed over with its response head (hyper
+//! waits for window before the first poll, so a client that grants none would otherwise hold
+//! the stream for ever). A body waiting on its provider (its last poll returned `Pending`) is not
+//! stalled: the provider idle timeout covers that. A body that has handed over its last piece
+//! is still watched until hyper drops it: hyper holds the piece until the stream has window.
+//!
+//! Each stream's body carries a ticket (the connection's open-stream count): the sweep drops it
+//! with a stalled body, so a connection whose only streams stalled can idle out and close.
 
 use std::mem;
 use std::pin::Pin;
@@ -37,8 +43,11 @@ struct Slot {
     body: Option<GatewayBody>,
     /// What is left of a frame larger than [`PIECE`].
     rest: Bytes,
-    /// When the body last handed hyper data, while hyper has not asked for more since.
+    /// When the body last handed hyper data (or was handed over unpolled), while hyper has not
+    /// asked for more since.
     handed_at: Option<Instant>,
+    /// Released with the body: when hyper drops it, or when the sweep takes it.
+    ticket: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Slot {
@@ -80,9 +89,11 @@ impl Watchdog {
         })
     }
 
-    /// `body`, watched.
-    pub fn guard(&self, body: GatewayBody) -> GuardedBody {
-        let slot = Arc::new(Mutex::new(Slot { body: Some(body), rest: Bytes::new(), handed_at: None }));
+    /// `body`, watched from now, holding `ticket` until the body is dropped or taken.
+    pub fn guard(&self, body: GatewayBody, ticket: impl Send + 'static) -> GuardedBody {
+        let handed_at = (!body.is_end_stream()).then(Instant::now);
+        let slot = Slot { body: Some(body), rest: Bytes::new(), handed_at, ticket: Some(Box::new(ticket)) };
+        let slot = Arc::new(Mutex::new(slot));
         let mut slots = lock(&self.slots);
         if slots.is_empty() {
             // Stored as a permit if the sweeper is not parked yet: no wake-up is lost.
@@ -100,6 +111,7 @@ impl Watchdog {
         // Bodies are dropped outside the locks (ending one records the request), and so is any
         // slot whose stream went away while this ran.
         let mut stalled = Vec::new();
+        let mut tickets = Vec::new();
         let mut seen = Vec::new();
         lock(&self.slots).retain(|weak| {
             let Some(slot) = weak.upgrade() else { return false };
@@ -107,6 +119,7 @@ impl Watchdog {
                 let mut slot = lock(&slot);
                 if slot.handed_at.is_some_and(|at| now.saturating_duration_since(at) >= self.timeout) {
                     stalled.extend(slot.body.take());
+                    tickets.extend(slot.ticket.take());
                     slot.rest = Bytes::new();
                     slot.handed_at = None;
                 }
@@ -116,6 +129,7 @@ impl Watchdog {
             keep
         });
         drop(seen);
+        drop(tickets);
         let dropped = stalled.len();
         if dropped > 0 {
             tracing::info!(
@@ -189,8 +203,9 @@ impl Body for GuardedBody {
         if data.len() > PIECE {
             slot.rest = data.split_off(PIECE);
         }
-        // Waiting for hyper to come back is a stall only while there is more to hand over.
-        slot.handed_at = (!slot.ended()).then(Instant::now);
+        // Until hyper comes back for more, or drops the body having sent its last piece (it
+        // holds a piece until the stream has window).
+        slot.handed_at = Some(Instant::now());
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
@@ -216,6 +231,15 @@ impl Body for GuardedBody {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
+
+    /// Notes when it is dropped (a stream's ticket).
+    struct Ticket(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Ticket {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 
     /// A body that hands out one frame and then waits for ever, reporting when it is dropped.
     fn one_frame_then_wait(dropped: Arc<std::sync::atomic::AtomicBool>) -> GatewayBody {
@@ -244,12 +268,12 @@ mod tests {
 
         // Handed a frame, then not polled again: stalled once the timeout has passed.
         let stalled_dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut stalled = watchdog.guard(one_frame_then_wait(stalled_dropped.clone()));
+        let mut stalled = watchdog.guard(one_frame_then_wait(stalled_dropped.clone()), ());
         assert!(stalled.frame().await.is_some());
 
         // Handed a frame and polled again: waiting on the provider, never stalled.
         let waiting_dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut waiting = watchdog.guard(one_frame_then_wait(waiting_dropped.clone()));
+        let mut waiting = watchdog.guard(one_frame_then_wait(waiting_dropped.clone()), ());
         assert!(waiting.frame().await.is_some());
         let again = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut waiting).poll_frame(cx).is_pending())).await;
         assert!(again, "the provider has nothing more yet");
@@ -270,6 +294,34 @@ mod tests {
         assert!(waiting_dropped.load(std::sync::atomic::Ordering::SeqCst));
     }
 
+    /// hyper polls a body only once its stream has window: a client that grants none never
+    /// gets it polled. The body counts as stalled from when it was handed over, and its ticket
+    /// (the connection's open-stream count) goes with it.
+    #[tokio::test]
+    async fn a_body_never_polled_is_stalled_from_the_head_and_releases_its_ticket() {
+        let watchdog = Watchdog::new(Duration::from_secs(1));
+        let start = Instant::now();
+        let (dropped, released) =
+            (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let mut unpolled = watchdog.guard(one_frame_then_wait(dropped.clone()), Ticket(released.clone()));
+        assert_eq!(watchdog.sweep(start + Duration::from_millis(500)), 0, "not yet");
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(2)), 1);
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the body was dropped");
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst), "and its ticket with it, before hyper lets go");
+        assert!(matches!(unpolled.frame().await, Some(Err(_))));
+
+        // A body that is already over is not watched at all; its ticket goes when hyper drops it.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let empty = watchdog.guard(
+            http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync(),
+            Ticket(released.clone()),
+        );
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 0);
+        assert!(!released.load(std::sync::atomic::Ordering::SeqCst));
+        drop(empty);
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_sweeper_parks_while_there_is_nothing_to_watch_and_wakes_for_a_new_stream() {
         let watchdog = Watchdog::new(Duration::from_secs(1));
@@ -279,7 +331,7 @@ mod tests {
         assert_eq!(sweeps(), 0, "an idle connection's sweeper stays parked");
 
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut stalled = watchdog.guard(one_frame_then_wait(dropped.clone()));
+        let mut stalled = watchdog.guard(one_frame_then_wait(dropped.clone()), ());
         assert!(stalled.frame().await.is_some());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "woken, it swept the stalled stream");
@@ -293,27 +345,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn data_goes_out_in_pieces_and_a_finished_body_is_never_stalled() {
+    async fn data_goes_out_in_pieces_and_a_last_piece_hyper_still_holds_can_stall() {
         let watchdog = Watchdog::new(Duration::from_secs(1));
         let big = Bytes::from(vec![b'x'; PIECE * 2 + 5]);
         let body = http_body_util::Full::new(big.clone()).map_err(|never| match never {}).boxed_unsync();
-        let mut guarded = watchdog.guard(body);
+        let mut guarded = watchdog.guard(body, ());
         assert_eq!(guarded.size_hint().exact(), Some(big.len() as u64));
         let mut pieces = Vec::new();
         while let Some(frame) = guarded.frame().await {
             let data = frame.expect("data").into_data().expect("data");
             pieces.push(data.len());
-            // Another piece to come: hyper not coming back for it within the timeout is a stall.
-            let stalled_if_left = lock(&guarded.slot).handed_at.is_some();
-            assert_eq!(stalled_if_left, !guarded.is_end_stream(), "{pieces:?}");
+            // hyper not coming back within the timeout is a stall, the last piece included.
+            assert!(lock(&guarded.slot).handed_at.is_some(), "{pieces:?}");
         }
         assert_eq!(pieces, [PIECE, PIECE, 5]);
-        // A body whose last piece went out is not stalled however long hyper takes.
+        drop(guarded);
+        // A body whose last piece went out but that hyper still holds (waiting for window to
+        // send it): stalled once the timeout passes, so its ticket is released.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut last = watchdog.guard(
             http_body_util::Full::new(Bytes::from_static(b"end")).map_err(|never| match never {}).boxed_unsync(),
+            Ticket(released.clone()),
         );
         assert!(last.frame().await.is_some());
         assert!(last.is_end_stream());
-        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 0);
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_millis(500)), 0, "not yet");
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 1);
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst));
     }
 }
