@@ -249,9 +249,12 @@ impl<'a> RequestHead<'a> {
         self.stream.unwrap_or(false)
     }
 
-    /// The output cap the client asked for, if any.
+    /// The output cap the client asked for, if any, at most [`MAX_TOKEN_COUNT`].
+    ///
+    /// [`MAX_TOKEN_COUNT`]: crate::limits::MAX_TOKEN_COUNT
     pub fn output_cap(&self) -> Option<u64> {
-        self.max_completion_tokens.or(self.max_output_tokens).or(self.max_tokens)
+        let cap = self.max_completion_tokens.or(self.max_output_tokens).or(self.max_tokens)?;
+        Some(cap.min(crate::limits::MAX_TOKEN_COUNT))
     }
 
     pub fn client_wants_usage(&self) -> bool {
@@ -394,6 +397,20 @@ mod tests {
         ] {
             assert_eq!(RequestHead::scan(unusual.as_bytes()), None, "{unusual}");
         }
+    }
+
+    /// A client's cap is read as at most `MAX_TOKEN_COUNT`: 1e17 would reach Redis's Lua as a
+    /// float it refuses.
+    #[test]
+    fn an_absurd_output_cap_is_read_as_the_largest_count() {
+        let huge = RequestHead::scan(br#"{"model":"m","max_tokens":100000000000000000}"#).expect("scanned");
+        assert_eq!(huge.output_cap(), Some(crate::limits::MAX_TOKEN_COUNT));
+        let max = RequestHead::scan(br#"{"model":"m","max_completion_tokens":18446744073709551615}"#).expect("scanned");
+        assert_eq!(max.output_cap(), Some(crate::limits::MAX_TOKEN_COUNT));
+        let (_, reserved) = crate::pipeline::limit::estimate_tokens(usize::MAX, &max, 0);
+        assert_eq!(reserved, u64::MAX / 4 + 1 + crate::limits::MAX_TOKEN_COUNT);
+        let usual = RequestHead::scan(br#"{"model":"m","max_tokens":1024}"#).expect("scanned");
+        assert_eq!(usual.output_cap(), Some(1024));
     }
 
     #[test]

@@ -231,11 +231,23 @@ impl GatewayError {
         };
         if let Some(ms) = retry_after_ms {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+            // A budget spent until tomorrow or a lockout: not worth an SDK's retries, and the
+            // Anthropic SDK would sleep the whole `Retry-After` before its first one.
+            if ms > MAX_RETRY_WORTH_MS {
+                headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+            }
         }
         crate::pipeline::limit::refusal_headers(&self, headers);
         response
     }
 }
+
+/// Read by the OpenAI and Anthropic SDKs before their own retry rules.
+pub const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+
+/// The longest wait after which a retry is still worth the client's while (the SDKs' own cap on
+/// an honoured `Retry-After` is 60 s or more); a refusal for longer says not to retry.
+const MAX_RETRY_WORTH_MS: u64 = 60_000;
 
 /// Error body in the API's own format.
 pub fn render_body(flavor: ApiFlavor, shape: &ErrorShape, message: &str, request_id: &HeaderValue) -> Vec<u8> {
@@ -277,6 +289,33 @@ mod tests {
         assert_eq!(anthropic["type"], "error");
         assert_eq!(anthropic["error"]["type"], "authentication_error");
         assert_eq!(anthropic["request_id"], "req-1");
+    }
+
+    /// A refusal that lasts beyond a minute tells the SDKs not to retry; a minute's rate limit
+    /// leaves them to honour `Retry-After`.
+    #[test]
+    fn long_refusals_say_not_to_retry() {
+        let id = HeaderValue::from_static("req-1");
+        let cases = [
+            (GatewayError::BudgetExceeded { limit: "tokensPerDay", retry_after_ms: 5 * 3_600_000 }, Some("false")),
+            (GatewayError::LockedOut { retry_after_ms: 300_000 }, Some("false")),
+            (
+                GatewayError::RateLimited {
+                    limit: "requestsPerMinute",
+                    retry_after_ms: 20_000,
+                    limit_value: 10,
+                    used: 10,
+                    tokens: false,
+                },
+                None,
+            ),
+        ];
+        for (error, should_retry) in cases {
+            let response = error.into_response(ApiFlavor::Anthropic, &id);
+            assert!(response.headers().contains_key(http::header::RETRY_AFTER));
+            let header = response.headers().get(SHOULD_RETRY_HEADER).map(|v| v.to_str().expect("ascii"));
+            assert_eq!(header, should_retry);
+        }
     }
 
     #[test]

@@ -230,6 +230,30 @@ async fn token_budget_cuts_streams_settles_and_survives_restart() {
     assert_eq!(still.status, 429, "a restart does not reset the budget: {}", still.describe());
 }
 
+/// A client's absurd `max_tokens` (1e17) reaches Redis as a count it takes. It used to reach
+/// the admit script as a float Redis refuses, and the failed call sent the whole replica to its
+/// failure policy (here `open`: no limits for any key) until the next probe.
+#[tokio::test]
+async fn an_absurd_max_tokens_leaves_the_shared_store_in_charge() {
+    let redis = RedisServer::start().await.expect("redis");
+    let ms = manifests(None, &[("a", KEY_A, json!({"tokensPerDay": 1000}))]);
+    let gw = Gateway::start(&ms, redis_options(&redis, &["--limiter-failure-policy", "open"])).await.expect("gateway");
+    let client = TestClient::plain();
+    let auth = format!("Bearer {KEY_A}");
+    let body = json!({"model": "m", "max_tokens": 100_000_000_000_000_000u64, "messages": [{"role": "user", "content": "hi"}]});
+    let response =
+        client.post_json(&gw.url("/v1/chat/completions"), &[("authorization", &auth)], &body).await.expect("request");
+    assert_eq!(response.status, 200, "{}", response.describe());
+    let errors = metric(&gw, "portcullis_limiter_store_errors_total").await.unwrap_or(0.0);
+    assert_eq!(errors, 0.0, "the shared store refused a call");
+    assert_eq!(metric(&gw, "portcullis_limiter_mode{mode=\"shared\"}").await, Some(1.0));
+    // Reserved as the largest count, then settled to what the mock provider used.
+    let limits = client.get(&gw.admin_url("/limits?key=default/a"), &[]).await.expect("limits").json();
+    let used = limits["keys"][0]["tokensPerDay"]["used"].as_u64().expect("used");
+    assert!(used < 1000, "settled to the real usage: {limits}");
+    assert_eq!(limits["keys"][0]["source"], "shared", "{limits}");
+}
+
 /// Failed authentications from one address lock it out on every gateway sharing Redis; other
 /// addresses are unaffected; the lockout expires.
 #[tokio::test]

@@ -331,6 +331,12 @@ impl LimiterMetrics {
     }
 }
 
+/// The largest token count taken from a client (`max_tokens`) or a provider (`usage`): more is
+/// read as this. Far above any model's window, and every sum of a few of them stays an exact
+/// integer in the shared store's Lua numbers (doubles, exact to 2^53), where a count of 1e17
+/// became a float that Redis refused, failing the whole store over to its failure policy.
+pub const MAX_TOKEN_COUNT: u64 = 1 << 40;
+
 /// How long an address the shared store found not locked out is believed so without asking
 /// again: a lockout set by another replica reaches this one within this time (its own lockouts
 /// at once).

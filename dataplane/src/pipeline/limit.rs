@@ -16,7 +16,7 @@ use crate::snapshot::KeyGrant;
 /// Tokens to reserve: the request's size in tokens (about four bytes each) plus its output cap.
 pub fn estimate_tokens(body_len: usize, head: &RequestHead<'_>, default_output: u64) -> (u64, u64) {
     let input = (body_len as u64).div_ceil(4).max(1);
-    (input, input + head.output_cap().unwrap_or(default_output))
+    (input, input.saturating_add(head.output_cap().unwrap_or(default_output)))
 }
 
 /// Admits the request or says which limit refused it, at once when there is no shared store:

@@ -76,8 +76,21 @@ impl AccessRecord {
     fn settle(&mut self, ended: Option<Instant>) {
         let Some((limiter, ticket)) = self.ticket.take() else { return };
         let actual = match (self.usage.input, self.usage.output) {
-            (None, None) if self.observed_output == 0 => return,
-            (input, output) => input.unwrap_or(self.input_estimate) + output.unwrap_or(self.observed_output),
+            // Nothing reported, nothing seen. An error answer (the gateway's, or the provider's
+            // without usage) used nothing a provider bills: the reservation is given back. A
+            // success, or a client gone before the answer (499), keeps it: the work may have
+            // been done, and the reservation is its upper bound.
+            (None, None) if self.observed_output == 0 => {
+                if self.status < 400 || self.status == CLIENT_CLOSED {
+                    return;
+                }
+                0
+            }
+            // A stream that ended early may carry a provider's count from its start (Anthropic's
+            // `message_start` says one output token): the events seen count too.
+            (input, output) => input
+                .unwrap_or(self.input_estimate)
+                .saturating_add(output.map_or(self.observed_output, |o| o.max(self.observed_output))),
         };
         // The request's end on the limiter's clock, without reading it again when the caller
         // has just read the monotonic one. A wall-clock step during the request is not seen:
@@ -118,6 +131,10 @@ impl AccessRecord {
     /// [`Self::finish`], with the time the request ended when the caller has just read the
     /// clock (one read fewer per request).
     pub fn finish_at(mut self, outcome: &str, ended: Option<Instant>) {
+        self.end(outcome, ended);
+    }
+
+    fn end(&mut self, outcome: &str, ended: Option<Instant>) {
         self.settle(ended);
         let Some(metrics) = self.metrics.take() else { return };
         let elapsed = ended.unwrap_or_else(Instant::now).saturating_duration_since(self.started);
@@ -171,6 +188,24 @@ impl AccessRecord {
             output_tokens = self.usage.output,
             "request"
         );
+    }
+}
+
+/// The status recorded for a request whose client went away before its answer (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for AccessRecord {
+    /// A record dropped unfinished: the request's future went away with its client (a closed
+    /// connection, a reset stream) while the gateway waited, most often on the provider. It is
+    /// finished as `client_closed`: one log line, the metrics and the settlement, as for every
+    /// other request.
+    fn drop(&mut self) {
+        if self.metrics.is_some() {
+            if self.status == 0 {
+                self.status = CLIENT_CLOSED;
+            }
+            self.end("client_closed", None);
+        }
     }
 }
 
@@ -541,6 +576,58 @@ mod tests {
             let (_, tokens, ..) = limiter.usage("ns/k").await;
             assert_eq!(tokens, tokens_counted, "settled {after:?} after the admission");
         }
+    }
+
+    /// What a reservation of 1,000 tokens is settled to, by what the answer said and was.
+    #[tokio::test]
+    async fn the_charge_follows_what_the_provider_reported_did_and_was_asked() {
+        use crate::limits::testing::{admission, limiter, FixedClock};
+        let cases: [(&str, u16, Usage, u64, u64); 6] = [
+            // Reported usage, the events seen being fewer.
+            ("reported", 200, Usage { input: Some(10), output: Some(20) }, 5, 30),
+            // Anthropic's `message_start` says one output token; the stream was cut after 275.
+            ("cut early", 200, Usage { input: Some(25), output: Some(1) }, 275, 300),
+            // Nothing reported or seen on a success: the reservation stands.
+            ("unreported", 200, Usage::default(), 0, 1_000),
+            // An error answer without usage (a provider's 400, the gateway's 502): nothing.
+            ("provider error", 400, Usage::default(), 0, 0),
+            ("unreachable", 502, Usage::default(), 0, 0),
+            // The client left before the answer: the work may be done, the reservation stands.
+            ("client gone", 0, Usage::default(), 0, 1_000),
+        ];
+        for (what, status, usage, observed, charged) in cases {
+            let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
+            let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
+            let mut record = record();
+            record.ticket = Some((limiter.clone(), ticket));
+            record.input_estimate = 10;
+            record.status = status;
+            record.usage = usage;
+            record.observed_output = observed;
+            if status == 0 {
+                // The request's future dropped with its client.
+                drop(record);
+            } else {
+                let ended = record.admitted_at;
+                record.finish_at(if status < 400 { "ok" } else { "upstream_error" }, Some(ended));
+            }
+            let (_, tokens, ..) = limiter.usage("ns/k").await;
+            assert_eq!(tokens, charged, "{what}");
+        }
+    }
+
+    /// A record whose request went away unfinished is still logged and counted, once.
+    #[test]
+    fn a_record_dropped_unfinished_is_finished_as_client_closed() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        drop(AccessRecord::new(metrics.clone(), Instant::now(), http::HeaderValue::from_static("req-1")));
+        let mut finished = AccessRecord::new(metrics.clone(), Instant::now(), http::HeaderValue::from_static("req-2"));
+        finished.status = 200;
+        finished.finish("ok");
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        let closed: Vec<_> = text.lines().filter(|l| l.contains("client_closed") && !l.starts_with('#')).collect();
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert!(closed[0].ends_with(" 1"), "{closed:?}");
     }
 
     /// Sends `frames` frames `gap` apart, then stalls forever.

@@ -71,7 +71,12 @@ impl UsageFields {
 
 impl From<UsageFields> for Usage {
     fn from(f: UsageFields) -> Self {
-        Usage { input: f.prompt_tokens.or(f.input_tokens), output: f.completion_tokens.or(f.output_tokens) }
+        // A provider's numbers are untrusted too: capped like a client's.
+        let capped = |n: Option<u64>| n.map(|n| n.min(crate::limits::MAX_TOKEN_COUNT));
+        Usage {
+            input: capped(f.prompt_tokens.or(f.input_tokens)),
+            output: capped(f.completion_tokens.or(f.output_tokens)),
+        }
     }
 }
 
@@ -394,6 +399,14 @@ mod tests {
             assert!(out.contains("finish_reason") && out.ends_with("data: [DONE]\n\n"), "split {split}");
             assert_eq!(strip.usage, Usage { input: Some(11), output: Some(7) }, "split {split}");
         }
+    }
+
+    /// A provider's count is untrusted: 2^63 (which overflowed the settlement's arithmetic) is
+    /// read as the largest count.
+    #[test]
+    fn an_absurd_reported_count_is_read_as_the_largest() {
+        let usage = find_usage(br#"{"usage":{"prompt_tokens":9223372036854775808,"completion_tokens":5}}"#);
+        assert_eq!(usage, Some(Usage { input: Some(crate::limits::MAX_TOKEN_COUNT), output: Some(5) }));
     }
 
     #[test]
