@@ -1,6 +1,7 @@
 //! Streams already open when a kill switch over their scope is flipped end with a final error
-//! event in the API's format within a second of the new snapshot being applied. (Revocation is
-//! different: in-flight requests finish on their snapshot; see hot_reload.rs.)
+//! event in the API's format within a second of the new snapshot being applied; requests still
+//! waiting, for their provider or for their own body, are refused with the switch's error.
+//! (Revocation is different: in-flight requests finish on their snapshot; see hot_reload.rs.)
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -99,4 +100,59 @@ async fn streams_outside_the_switch_scope_continue() {
     .expect("reload");
     let (events, _) = drain(&mut stream).await;
     assert!(events.last().expect("events").is_done(), "an OpenAI stream is not in an Anthropic switch's scope");
+}
+
+/// A switch reaches requests that have not streamed yet too: one whose provider is still
+/// thinking ends with the switch's error as soon as the snapshot is applied (its provider
+/// connection dropped), not when the provider answers.
+#[tokio::test]
+async fn a_request_waiting_on_its_provider_is_stopped_by_a_switch_set_meanwhile() {
+    let options = FixtureOptions {
+        upstream: UpstreamOptions { response_delay: Duration::from_secs(4), ..Default::default() },
+        ..Default::default()
+    };
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let mut stopped = fx.manifests.clone();
+    stopped.update("KillSwitch", "emergency-stop", |d| d["spec"]["active"] = json!(true));
+    let started = Instant::now();
+    let (response, applied) = tokio::join!(fx.chat(ALICE_KEY, "gpt-4o-mini"), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fx.gateway.reload(&stopped).await.expect("reload");
+        Instant::now()
+    });
+    let response = response.expect("response");
+    assert_eq!(response.status, 503, "{}", response.describe());
+    assert_eq!(response.error_code(), Some("kill_switch_active"));
+    let lag = Instant::now().saturating_duration_since(applied);
+    assert!(lag < Duration::from_secs(1), "answered {lag:?} after the switch was applied");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}: the provider's answer was awaited", started.elapsed());
+}
+
+/// A body still arriving when a switch is set: the request is checked against the snapshot of
+/// when its body is complete, and refused.
+#[tokio::test]
+async fn a_request_whose_body_arrives_after_a_switch_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::start().await.expect("fixture");
+    let body = chat_body("gpt-4o-mini", "Say hello.", false).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(fx.gateway.listen_addr()).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(&body.as_bytes()[..10]).await.expect("part of the body");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut stopped = fx.manifests.clone();
+    stopped.update("KillSwitch", "emergency-stop", |d| d["spec"]["active"] = json!(true));
+    fx.gateway.reload(&stopped).await.expect("reload");
+    stream.write_all(&body.as_bytes()[10..]).await.expect("the rest");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("kill_switch_active"), "{answer}");
 }

@@ -296,13 +296,15 @@ impl std::fmt::Debug for StreamGuard {
 }
 
 impl StreamGuard {
+    /// `probe` was subscribed when the request began: a snapshot applied since then is checked
+    /// at the first poll.
     pub fn new(
         handle: Arc<SnapshotHandle>,
+        probe: tokio::sync::watch::Receiver<u64>,
         key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
         provider: portcullis_crds::v1alpha1::ObjectRef,
         model: String,
     ) -> Self {
-        let probe = handle.subscribe();
         let changes = tokio_stream::wrappers::WatchStream::from_changes(probe.clone());
         Self { changes, probe, armed: false, handle, key, provider, model }
     }

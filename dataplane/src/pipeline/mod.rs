@@ -28,6 +28,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use portcullis_crds::v1alpha1::ProviderKind;
+use smallvec::SmallVec;
 
 use crate::api::{self, ApiFlavor, ApiRoute, RequestHead, REQUEST_ID_HEADER};
 use crate::body::GatewayBody;
@@ -259,6 +260,9 @@ impl Gateway {
         record.route = Some(route);
         let flavor = route.flavor();
         let fail = |error: GatewayError| (flavor, error);
+        // Snapshots applied from here on: a kill switch engaged while the request waits (for its
+        // body, for the provider) reaches it.
+        let mut changes = self.snapshot.subscribe();
         let snapshot = self.snapshot.load().ok_or(fail(GatewayError::NotReady))?;
         // One wall-clock reading for the key's expiry, the kill switches, routing and the
         // limiter's windows.
@@ -308,6 +312,17 @@ impl Gateway {
 
         let chosen = route::choose(&snapshot, &grant.policy, route, model, now).map_err(fail)?;
         record.chosen = Some(chosen.clone());
+        // A snapshot applied since the request began (while its body came, most often): a kill
+        // switch it engaged over this request applies now, before anything is spent or sent.
+        if changes.has_changed().unwrap_or(false) {
+            let current = self.snapshot.load();
+            let stop = current.and_then(|current| {
+                kill_switch::stream_must_stop(&current, &grant.policy, &chosen.upstream.id, model, now)
+            });
+            if let Some(stop) = stop {
+                return Err(fail(stop));
+            }
+        }
 
         let (input_estimate, reserve) =
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
@@ -323,7 +338,13 @@ impl Gateway {
             .and_then(|t| t.granted.budget_remaining)
             .map(|allowance| BudgetGuard { allowance, input_estimate });
         let guard = head.streaming().then(|| {
-            StreamGuard::new(self.snapshot.clone(), grant.policy.clone(), chosen.upstream.id.clone(), model.to_owned())
+            StreamGuard::new(
+                self.snapshot.clone(),
+                changes.clone(),
+                grant.policy.clone(),
+                chosen.upstream.id.clone(),
+                model.to_owned(),
+            )
         });
         if let Some(ticket) = ticket {
             record.ticket = Some((self.limiter.clone(), ticket));
@@ -339,11 +360,21 @@ impl Gateway {
         let sent_at = if fresh { Instant::now() } else { record.admitted_at };
         let deadline = tokio::time::Instant::from_std(sent_at) + self.settings.upstream_response_timeout;
         let sent = self.send(route, model, chosen, (outbound, &body), sent_at, deadline).await.map_err(fail)?;
-        // Written: the provider may think for minutes, and the body is not needed for that.
+        // Written: the provider may think for minutes, and the body is not needed for that (the
+        // model name is kept, inline, for the kill switch watch).
+        let watched_model: SmallVec<[u8; 64]> = SmallVec::from_slice(model.as_bytes());
         drop((body, share));
         let provided = match sent {
             Dispatched::Answered(provided) => provided,
-            Dispatched::Written(written) => self.response(chosen, written, deadline).await.map_err(fail)?,
+            Dispatched::Written(written) => {
+                let model = std::str::from_utf8(&watched_model).unwrap_or_default();
+                let stop = switched_off(&self.snapshot, &mut changes, &grant.policy, &chosen.upstream.id, model);
+                tokio::select! {
+                    biased;
+                    provided = self.response(chosen, written, deadline) => provided.map_err(fail)?,
+                    stop = stop => return Err(fail(stop)),
+                }
+            }
         };
 
         Ok(self.metered(provided, strip_usage_chunk, budget, guard, record))
@@ -451,6 +482,30 @@ impl Gateway {
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
         *response.status_mut() = status;
         Reply { response, passed: Some(passed), rate }
+    }
+}
+
+/// Ready with the kill switch that stops a request waiting on its provider, once a snapshot
+/// engaging one over it is applied; never ready otherwise. Dropping the wait then drops the
+/// provider connection.
+async fn switched_off(
+    handle: &SnapshotHandle,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    key: &portcullis_crds::snapshot::ApiKeyEntry,
+    provider: &portcullis_crds::v1alpha1::ObjectRef,
+    model: &str,
+) -> GatewayError {
+    loop {
+        if changes.changed().await.is_err() {
+            // The handle is gone: no snapshot will come.
+            return std::future::pending().await;
+        }
+        let current = handle.load();
+        if let Some(stop) =
+            current.and_then(|s| kill_switch::stream_must_stop(&s, key, provider, model, chrono::Utc::now()))
+        {
+            return stop;
+        }
     }
 }
 
