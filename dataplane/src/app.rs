@@ -117,7 +117,12 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         );
     }
     let handle = Arc::new(SnapshotHandle::default());
-    let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?;
+    // Client connections and provider connections share the open-file limit, one of each per
+    // client connection.
+    let max_connections =
+        server::connection_limit(args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
+    let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?
+        .with_max_open(max_connections);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
         _ => None,
@@ -201,8 +206,6 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), args.header_read_timeout));
-    let max_connections =
-        server::connection_limit(args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
     tracing::info!(
         listen = %args.listen,
         admin = %args.admin_listen,

@@ -57,6 +57,8 @@ pub enum GatewayError {
     LimiterUnavailable,
     /// The request bodies held at once reached `--max-buffered-body-bytes`.
     Overloaded,
+    /// As many provider connections are open as the gateway may hold.
+    UpstreamBusy,
     /// The request could not be read as HTTP/1.1.
     Http1(crate::http1::Http1Error),
 }
@@ -131,7 +133,7 @@ impl GatewayError {
             E::LimiterUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
             }
-            E::Overloaded => {
+            E::Overloaded | E::UpstreamBusy => {
                 (StatusCode::SERVICE_UNAVAILABLE, "gateway_overloaded", "server_error", "overloaded_error")
             }
             E::Http1(error) => {
@@ -191,6 +193,9 @@ impl GatewayError {
             E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
             E::Overloaded => {
                 "The gateway holds as many request bodies as it may at once; try again shortly.".to_owned()
+            }
+            E::UpstreamBusy => {
+                "The gateway has as many provider connections open as it may at once; try again shortly.".to_owned()
             }
             E::BudgetExceededMidStream => {
                 "Token budget exhausted during this response; the stream was ended.".to_owned()

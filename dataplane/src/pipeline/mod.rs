@@ -203,6 +203,8 @@ fn upstream_outcome<T>(
 ) -> Result<T, GatewayError> {
     match outcome {
         Err(_) => Err(GatewayError::UpstreamTimeout),
+        // Not the provider's doing, and possibly a flood: counted (`gateway_overloaded`), not logged.
+        Ok(Err(upstream::UpstreamError::Busy)) => Err(GatewayError::UpstreamBusy),
         Ok(Err(e)) => {
             tracing::warn!(provider = %chosen.upstream.label, error = %e, connect = e.is_connect(), "upstream request failed");
             Err(GatewayError::UpstreamUnavailable)

@@ -18,7 +18,7 @@ pub mod h1;
 mod pool;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +160,9 @@ impl Endpoint {
 pub enum UpstreamError {
     #[error("connecting: {0}")]
     Connect(crate::body::BoxError),
+    /// As many provider connections are open as the descriptor budget holds.
+    #[error("as many provider connections are open as allowed")]
+    Busy,
     #[error("{0}")]
     Http(#[from] H1Error),
 }
@@ -201,6 +204,35 @@ pub struct UpstreamClient {
     /// instead of holding it until the response timeout.
     connect_timeout: Duration,
     pool: PoolSettings,
+    open: Arc<OpenConnections>,
+}
+
+/// Provider connections open at once (idle ones included: each holds a descriptor), and the
+/// most allowed. The connection limit budgets one provider connection per client connection;
+/// HTTP/2 lets one client connection ask for hundreds at once, so past the cap a request is
+/// refused at once instead of failing on `EMFILE` together with the listener, Redis and the
+/// Kubernetes client.
+#[derive(Debug)]
+struct OpenConnections {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl OpenConnections {
+    fn take(self: &Arc<Self>) -> Option<ConnSlot> {
+        self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).ok()?;
+        Some(ConnSlot(self.clone()))
+    }
+}
+
+/// One provider connection counted as open, until dropped with it.
+#[derive(Debug)]
+pub(super) struct ConnSlot(Arc<OpenConnections>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -221,10 +253,22 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyho
         idle_timeout: IDLE_TIMEOUT,
         max_idle: MAX_IDLE_PER_ORIGIN,
     };
-    Ok(UpstreamClient { connector: http, tls, connect_timeout, pool })
+    let open = Arc::new(OpenConnections { open: AtomicUsize::new(0), max: usize::MAX });
+    Ok(UpstreamClient { connector: http, tls, connect_timeout, pool, open })
 }
 
 impl UpstreamClient {
+    /// At most `max` provider connections open at once (see [`OpenConnections`]).
+    pub fn with_max_open(mut self, max: usize) -> Self {
+        self.open = Arc::new(OpenConnections { open: AtomicUsize::new(0), max: max.max(1) });
+        self
+    }
+
+    /// Provider connections open now, idle ones included.
+    pub fn open_connections(&self) -> usize {
+        self.open.open.load(Ordering::Acquire)
+    }
+
     /// Writes a request whose head is already encoded ([`h1::encode_fields`]; it ends with the
     /// `Content-Length` of `body`) to `origin`, on a pooled connection when one is alive. A
     /// request that a pooled connection refused before writing any of it is written again on the
@@ -258,6 +302,7 @@ impl UpstreamClient {
 
     async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
+        let slot = self.open.take().ok_or(UpstreamError::Busy)?;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
         // The connector splits the connect timeout among the addresses it tries.
         let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
@@ -272,7 +317,7 @@ impl UpstreamClient {
         } else {
             h1::Io::Plain(tcp)
         };
-        Ok(Lease::new(io, origin.clone(), self.pool.clone()))
+        Ok(Lease::new(io, origin.clone(), self.pool.clone(), slot))
     }
 }
 
@@ -418,6 +463,33 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
+    }
+
+    /// Provider connections are capped, idle ones counted: at the cap a request that needs a new
+    /// one is refused at once; a pooled one is still reused; a closed one frees its place.
+    #[tokio::test]
+    async fn provider_connections_past_the_cap_are_refused_and_a_closed_one_frees_its_place() {
+        let (endpoint, accepted) =
+            scripted_server(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"[..], Then::KeepOpen).await;
+        let client = build_client(None, Duration::from_secs(5)).expect("client").with_max_open(1);
+        // One response held unread: its connection is in use.
+        let held = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("response");
+        assert_eq!(client.open_connections(), 1);
+        let refused = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect_err("at the cap");
+        assert!(matches!(refused, UpstreamError::Busy), "{refused}");
+        // Read in full, it goes back to the pool, still counted, and serves the next request.
+        assert_eq!(held.into_body().collect().await.expect("body").to_bytes(), "hello");
+        let again = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("pooled");
+        assert_eq!(again.into_body().collect().await.expect("body").to_bytes(), "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(client.open_connections(), 1);
+        // A response dropped unread closes its connection: the place is free again.
+        let dropped = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("pooled");
+        drop(dropped);
+        assert_eq!(client.open_connections(), 0);
+        let fresh = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("a new connection");
+        assert_eq!(fresh.into_body().collect().await.expect("body").to_bytes(), "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     /// What a scripted provider does after each response.

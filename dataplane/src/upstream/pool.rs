@@ -121,6 +121,7 @@ struct Conn {
     read_buf: BytesMut,
     origin: Origin,
     settings: PoolSettings,
+    _slot: super::ConnSlot,
 }
 
 /// A request that failed, and whether none of it was written (so another connection may take it).
@@ -130,8 +131,8 @@ pub(super) struct SendFailure {
 }
 
 impl Lease {
-    pub(super) fn new(io: Io, origin: Origin, settings: PoolSettings) -> Self {
-        Self(Box::new(Conn { io, read_buf: BytesMut::new(), origin, settings }))
+    pub(super) fn new(io: Io, origin: Origin, settings: PoolSettings, slot: super::ConnSlot) -> Self {
+        Self(Box::new(Conn { io, read_buf: BytesMut::new(), origin, settings, _slot: slot }))
     }
 
     /// One non-blocking read: a pooled connection the provider closed (EOF or error), or that
