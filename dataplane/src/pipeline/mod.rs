@@ -369,8 +369,8 @@ impl Gateway {
         let provided = match sent {
             Dispatched::Answered(provided) => provided,
             Dispatched::Written(written) => {
-                let model = std::str::from_utf8(&watched_model).unwrap_or_default();
-                let stop = switched_off(&self.snapshot, &mut changes, &grant.policy, &chosen.upstream.id, model);
+                let stop =
+                    switched_off(&self.snapshot, &mut changes, &grant.policy, &chosen.upstream.id, &watched_model);
                 tokio::select! {
                     biased;
                     provided = self.response(chosen, written, deadline) => provided.map_err(fail)?,
@@ -495,13 +495,15 @@ async fn switched_off(
     changes: &mut tokio::sync::watch::Receiver<u64>,
     key: &portcullis_crds::snapshot::ApiKeyEntry,
     provider: &portcullis_crds::v1alpha1::ObjectRef,
-    model: &str,
+    model: &[u8],
 ) -> GatewayError {
     loop {
         if changes.changed().await.is_err() {
             // The handle is gone: no snapshot will come.
             return std::future::pending().await;
         }
+        // Read as text only now: the model was a `str` when copied.
+        let model = std::str::from_utf8(model).unwrap_or_default();
         let current = handle.load();
         if let Some(stop) =
             current.and_then(|s| kill_switch::stream_must_stop(&s, key, provider, model, chrono::Utc::now()))
