@@ -123,9 +123,13 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         server::connection_limit(args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
     let client = crate::upstream::build_client(args.upstream_ca.as_deref(), args.upstream_connect_timeout)?
         .with_max_open(max_connections);
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
-        _ => None,
+    let (tls, _certificate_reloads) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (config, certificates) = crate::tls::server_config(cert, key)?;
+            let reloads = tokio::spawn(certificates.watch(args.tls_reload_interval));
+            (Some(tokio_rustls::TlsAcceptor::from(config)), Some(tokio_util::task::AbortOnDropHandle::new(reloads)))
+        }
+        _ => (None, None),
     };
     let limiter = crate::limits::Limiter::new(
         crate::limits::LimiterSettings {

@@ -47,13 +47,19 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
-    /// PEM certificate chain: serve HTTPS on --listen.
+    /// PEM certificate chain: serve HTTPS on --listen. Read again when it changes (a renewal
+    /// needs no restart).
     #[arg(long, env = "PORTCULLIS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key for --tls-cert.
     #[arg(long, env = "PORTCULLIS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Seconds between checks of --tls-cert and --tls-key for a renewed pair; one that does not
+    /// load leaves the previous pair serving.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    pub tls_reload_interval: Duration,
 
     /// PEM bundle of extra CAs trusted for upstream HTTPS (in addition to the Mozilla roots).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_CA")]

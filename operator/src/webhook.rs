@@ -66,7 +66,7 @@ pub enum WebhookError {
     NoKey { path: PathBuf },
     #[error("{path} is not valid PEM")]
     Pem { path: PathBuf },
-    #[error("the webhook certificate and key are unusable together: {0}")]
+    #[error("the certificate and key are unusable together: {0}")]
     Mismatch(rustls::Error),
     #[error("TLS configuration: {0}")]
     Tls(rustls::Error),
@@ -154,11 +154,11 @@ impl CertificateReloader {
         loop {
             tokio::time::sleep(every).await;
             match self.reload_if_changed() {
-                Ok(true) => tracing::info!(cert = %self.cert_path.display(), "webhook certificate reloaded"),
+                Ok(true) => tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded"),
                 Ok(false) => {}
                 // Mid-rotation the two files can briefly disagree; the next check settles it.
                 Err(error) => {
-                    tracing::warn!(%error, "webhook certificate not reloaded; the previous one keeps serving")
+                    tracing::warn!(%error, "TLS certificate not reloaded; the previous one keeps serving")
                 }
             }
         }

@@ -257,3 +257,30 @@ async fn a_large_http1_response_to_a_slow_reader_arrives_whole_over_tls() {
     assert_eq!(got, length);
     assert!(length > text.len(), "{length}");
 }
+
+/// A renewed certificate written over the listener's files is served without a restart; a
+/// half-written pair (a certificate without its key) leaves the current one serving.
+#[tokio::test]
+async fn a_renewed_listener_certificate_is_served_without_a_restart() {
+    let opts = FixtureOptions { listener_tls: true, ..FixtureOptions::with_args(&["--tls-reload-interval", "0.2"]) };
+    let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let addr = fx.gateway.listen_addr();
+    let alpn: &[&[u8]] = &[b"http/1.1"];
+    let trusts_first = || fx.pki.client_config(&[&rustls::version::TLS13], alpn).unwrap();
+    handshake(addr, trusts_first()).await.expect("the first certificate serves");
+
+    let renewed = TestPki::with_ca_name("Renewing CA").unwrap();
+    let trusts_renewed = || renewed.client_config(&[&rustls::version::TLS13], alpn).unwrap();
+    // Mid-rotation: the new certificate beside the old key is refused; the old pair serves on.
+    std::fs::write(fx.pki.server_cert_path(), &renewed.server_cert_pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    handshake(addr, trusts_first()).await.expect("the old pair still serves");
+    // The key arrives: the renewed pair serves.
+    std::fs::write(fx.pki.server_key_path(), &renewed.server_key_pem).unwrap();
+    portcullis_e2e::eventually(Duration::from_secs(5), "the renewed certificate served", || async {
+        handshake(addr, trusts_renewed()).await.ok()
+    })
+    .await
+    .unwrap();
+    assert!(handshake(addr, trusts_first()).await.is_err(), "the old certificate is no longer served");
+}
