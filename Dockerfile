@@ -22,6 +22,12 @@ ENTRYPOINT ["/usr/local/bin/portcullis-operator"]
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS dataplane
 COPY --from=build /out/portcullis-dataplane /usr/local/bin/portcullis-dataplane
+# glibc's malloc raises its mmap threshold after each large free, so a reloaded snapshot's old
+# tables stay in the heap: RSS after reloads of 10k keys settles near 72 MB, against 47 MB with
+# fixed thresholds (blocks of 256 KiB and more mapped on their own, so returned when freed; the
+# heap trimmed past 8 MiB free). The request path is unchanged: the same instructions per
+# request under callgrind, no memory syscalls under load (bench/PROFILE.md).
+ENV GLIBC_TUNABLES=glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=8388608
 USER 65532:65532
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/portcullis-dataplane"]

@@ -48,14 +48,14 @@ def gen(d, keys, providers):
     return out.stdout.strip()
 
 
-def start_gateway(d, name, extra=()):
+def start_gateway(d, name, extra=(), env=None):
     argv = [os.path.join(h.BIN, "portcullis-dataplane"), "--manifests", d,
             "--listen", f"127.0.0.1:{h.PORT['portcullis']}",
             "--admin-listen", f"127.0.0.1:{h.PORT['portcullis_admin']}", "--log-level", "warn"]
     argv += list(extra)
     argv += h.one_worker_args()
     t0 = time.perf_counter()
-    p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
+    p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1", **(env or {})}, cpu=1)
     while True:
         try:
             c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=1)
@@ -94,6 +94,37 @@ def rss_mb(pid, field="VmRSS"):
 def settle(pid, seconds=1.0):
     time.sleep(seconds)
     return rss_mb(pid)
+
+
+def image_env():
+    """The environment the Dockerfile's data-plane image sets (its `ENV` lines)."""
+    env = {}
+    with open(os.path.join(h.ROOT, "Dockerfile")) as f:
+        stage = None
+        for line in f:
+            words = line.split()
+            if words[:1] == ["FROM"]:
+                stage = words[-1]
+            elif words[:1] == ["ENV"] and stage == "dataplane":
+                name, _, value = line.strip()[4:].partition("=")
+                env[name.strip()] = value.strip()
+    return env
+
+
+def reloads(p, big):
+    """RELOADS manifest changes, each waited for: their times (ms), then RSS and VmHWM (MB)."""
+    reload_ms = []
+    for i in range(RELOADS):
+        g = generation()
+        t0 = time.perf_counter()
+        subprocess.run([COMPILE, "reload", big, str(i)], check=True)
+        while generation() == g:
+            if time.perf_counter() - t0 > 60:
+                raise SystemExit("reload not seen within 60 s")
+            time.sleep(0.002)
+        reload_ms.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.6)
+    return reload_ms, settle(p.pid), rss_mb(p.pid, "VmHWM")
 
 
 def key_request(key, mode="plain"):
@@ -247,19 +278,7 @@ def main():
     rss_idle = settle(p.pid)
     hwm_start = rss_mb(p.pid, "VmHWM")
     gen0 = generation()
-    reload_ms = []
-    for i in range(RELOADS):
-        g = generation()
-        t0 = time.perf_counter()
-        subprocess.run([COMPILE, "reload", big, str(i)], check=True)
-        while generation() == g:
-            if time.perf_counter() - t0 > 60:
-                raise SystemExit("reload not seen within 60 s")
-            time.sleep(0.002)
-        reload_ms.append((time.perf_counter() - t0) * 1000)
-        time.sleep(0.6)
-    rss_after_reload = settle(p.pid)
-    hwm = rss_mb(p.pid, "VmHWM")
+    reload_ms, rss_after_reload, hwm = reloads(p, big)
     h.log("requests while reloading: wrk c=1, quiet and with a manifest change every 1.3 s")
     quiet = tail_latency(key_big, TAIL_SECONDS)
     busy = tail_latency(key_big, TAIL_SECONDS, reloads=big)
@@ -282,6 +301,18 @@ def main():
               f"| peak RSS (VmHWM) during start-up | {hwm_start:.1f} MB |",
               f"| RSS after {RELOADS} reloads / peak (VmHWM) | {rss_after_reload:.1f} MB / "
               f"{hwm:.1f} MB |"]
+    # The same under the image's malloc settings (the Dockerfile's ENV).
+    env = image_env()
+    if env:
+        h.stop(p)
+        p, _ = start_gateway(big, "gw-big-image-env", env=env)
+        rss_idle_env = settle(p.pid)
+        _, rss_env, hwm_env = reloads(p, big)
+        what = " ".join(f"{k}={v}" for k, v in env.items())
+        lines += [f"| RSS idle, {KEYS} keys, with the image's `{what}` | {rss_idle_env:.1f} MB |",
+                  f"| RSS after {RELOADS} reloads / peak (VmHWM), with it | {rss_env:.1f} MB / {hwm_env:.1f} MB |"]
+        h.stop(p)
+        p, _ = start_gateway(big, "gw-big-again")
 
     # 3. auth cost
     h.log("auth cost: wrk against the 10k-key gateway")

@@ -438,3 +438,18 @@ def test_bench_perf_vs_counts_each_proxy_per_request_by_part() -> None:
     # Sorted by the size of the difference: the kernel copy first.
     rows = [line for line in table.splitlines() if line.startswith("| kernel |") or line.startswith("| proxy |")]
     assert rows[2].startswith("| kernel | `_copy_from_iter`"), rows
+
+
+def test_bench_scale_reads_the_images_environment_from_the_dockerfile() -> None:
+    """`bench/scale.sh` measures RSS after reloads also under the data-plane image's `ENV` (the
+    malloc setting the figure in the Dockerfile's comment comes from), read from the Dockerfile
+    itself so the two cannot drift apart."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("scale", REPO / "bench" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    env = scale.image_env()
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=8388608"}, env

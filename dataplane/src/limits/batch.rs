@@ -84,6 +84,13 @@ where
                     lanes.remove(&lane);
                     return;
                 }
+                // An item whose request stopped waiting (its answer timed out and it went to the
+                // failure policy, or its client left) is not sent: the store would count it.
+                waiting.retain(|(_, tx)| !tx.is_closed());
+                if waiting.is_empty() {
+                    lanes.remove(&lane);
+                    return;
+                }
                 let take = waiting.len().min(self.max_batch);
                 waiting.drain(..take).collect()
             };
@@ -122,6 +129,25 @@ mod tests {
                 (!fail).then(|| items.iter().map(|i| i * 10).collect())
             })
         })
+    }
+
+    /// An item queued behind a call in flight whose request stopped waiting is never sent.
+    #[tokio::test]
+    async fn an_item_nobody_waits_for_any_more_is_not_sent() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batcher = recording(sizes.clone(), false);
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.submit(1, 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Queued while the first call is out, then given up on (its answer timed out).
+        let gave_up = tokio::time::timeout(Duration::from_millis(1), batcher.submit(1, 2)).await;
+        assert!(gave_up.is_err());
+        assert_eq!(first.await.expect("task"), Some(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*sizes.lock().expect("sizes"), vec![1], "only the first item was sent");
+        assert_eq!(batcher.submit(1, 3).await, Some(30), "the lane still serves");
     }
 
     #[tokio::test]

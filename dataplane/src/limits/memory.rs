@@ -97,8 +97,10 @@ impl MemoryStore {
         let key_limits = SubjectLimits {
             requests_per_minute: scaled(key.limits.requests_per_minute, divisor),
             tokens_per_minute: scaled(key.limits.tokens_per_minute, divisor),
-            tokens_per_day: key.limits.tokens_per_day,
-            tokens_per_month: key.limits.tokens_per_month,
+            // Budgets too: under the `local` policy every replica spends from zero, so each
+            // takes its share, not the whole.
+            tokens_per_day: scaled(key.limits.tokens_per_day, divisor),
+            tokens_per_month: scaled(key.limits.tokens_per_month, divisor),
         };
         // Team first, without recording, so a team refusal leaves the key untouched.
         if let Some(team) = admission.team() {

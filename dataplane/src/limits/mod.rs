@@ -723,6 +723,23 @@ mod tests {
         l.admit(admission(&l, None, None, Some(100), 1)).await.expect("new day");
     }
 
+    /// Under the `local` policy each of N replicas enforces 1/N of every limit, budgets included
+    /// (each spends from zero): here 2 replicas, a day budget of 100, so 50 each.
+    #[test]
+    fn the_local_policy_divides_budgets_among_replicas() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        let now = clock.now_ms();
+        let granted = |tokens| l.memory.admit(&admission(&l, None, None, Some(100), tokens), now, 2);
+        assert!(matches!(granted(30), Decision::Granted(g) if g.budget_remaining == Some(50)));
+        assert!(matches!(granted(30), Decision::Granted(g) if g.budget_remaining == Some(20)));
+        assert!(matches!(granted(1), Decision::Refused(Refusal { which: Which::DayBudget, limit: 50, .. })));
+        // One replica (or no shared store at all): the whole budget.
+        let alone = limiter(clock.clone());
+        let whole = alone.memory.admit(&admission(&alone, None, None, Some(100), 1), now, 1);
+        assert!(matches!(whole, Decision::Granted(g) if g.budget_remaining == Some(100)));
+    }
+
     #[tokio::test]
     async fn lockout_after_threshold_and_expiry() {
         let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));

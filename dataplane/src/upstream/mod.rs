@@ -207,11 +207,12 @@ pub struct UpstreamClient {
     open: Arc<OpenConnections>,
 }
 
-/// Provider connections open at once (idle ones included: each holds a descriptor), and the
-/// most allowed. The connection limit budgets one provider connection per client connection;
-/// HTTP/2 lets one client connection ask for hundreds at once, so past the cap a request is
-/// refused at once instead of failing on `EMFILE` together with the listener, Redis and the
-/// Kubernetes client.
+/// Provider connections in use at once (a request writing to one or reading its response),
+/// and the most allowed. The connection limit budgets one provider connection per client
+/// connection; HTTP/2 lets one client connection ask for hundreds at once, so past the cap a
+/// request is refused at once instead of failing on `EMFILE` together with the listener, Redis
+/// and the Kubernetes client. Idle pooled connections are not counted: each pool is a thread's
+/// own, so another thread's idle connections cannot serve a request here.
 #[derive(Debug)]
 struct OpenConnections {
     open: AtomicUsize,
@@ -225,7 +226,7 @@ impl OpenConnections {
     }
 }
 
-/// One provider connection counted as open, until dropped with it.
+/// One provider connection counted as in use, until it goes idle or is dropped.
 #[derive(Debug)]
 pub(super) struct ConnSlot(Arc<OpenConnections>);
 
@@ -264,7 +265,7 @@ impl UpstreamClient {
         self
     }
 
-    /// Provider connections open now, idle ones included.
+    /// Provider connections in use now.
     pub fn open_connections(&self) -> usize {
         self.open.open.load(Ordering::Acquire)
     }
@@ -286,7 +287,16 @@ impl UpstreamClient {
     ) -> Result<Sent, UpstreamError> {
         // The caller's reading serves the first checkout; a retry comes after awaits.
         let mut now = Some(now);
-        while let Some(lease) = pool::checkout(&self.pool, origin, now.take().unwrap_or_else(std::time::Instant::now)) {
+        // Taken before any connection: at the cap nothing is checked out (or closed).
+        let mut slot = Some(self.open.take().ok_or(UpstreamError::Busy)?);
+        while let Some(mut lease) =
+            pool::checkout(&self.pool, origin, now.take().unwrap_or_else(std::time::Instant::now))
+        {
+            // A connection dropped below took its slot with it.
+            lease.hold(match slot.take() {
+                Some(slot) => slot,
+                None => self.open.take().ok_or(UpstreamError::Busy)?,
+            });
             let Some(lease) = lease.revalidate().await else { continue };
             match lease.write(head, body).await {
                 Ok(written) => return Ok(Sent(written)),
@@ -296,13 +306,16 @@ impl UpstreamClient {
         }
         // Boxed: a TLS handshake's future is large, and every request's future would otherwise
         // make room for it (and be copied with it) although most requests reuse a connection.
-        let lease = Box::pin(self.connect(origin)).await?;
+        let slot = match slot {
+            Some(slot) => slot,
+            None => self.open.take().ok_or(UpstreamError::Busy)?,
+        };
+        let lease = Box::pin(self.connect(origin, slot)).await?;
         lease.write(head, body).await.map(Sent).map_err(|failure| failure.error.into())
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<Lease, UpstreamError> {
+    async fn connect(&self, origin: &Origin, slot: ConnSlot) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
-        let slot = self.open.take().ok_or(UpstreamError::Busy)?;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
         // The connector splits the connect timeout among the addresses it tries.
         let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
@@ -465,8 +478,8 @@ mod tests {
         }
     }
 
-    /// Provider connections are capped, idle ones counted: at the cap a request that needs a new
-    /// one is refused at once; a pooled one is still reused; a closed one frees its place.
+    /// Provider connections in use are capped: at the cap a request is refused at once; one
+    /// that goes idle or is closed frees its place, and an idle one serves the next request.
     #[tokio::test]
     async fn provider_connections_past_the_cap_are_refused_and_a_closed_one_frees_its_place() {
         let (endpoint, accepted) =
@@ -477,12 +490,14 @@ mod tests {
         assert_eq!(client.open_connections(), 1);
         let refused = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect_err("at the cap");
         assert!(matches!(refused, UpstreamError::Busy), "{refused}");
-        // Read in full, it goes back to the pool, still counted, and serves the next request.
+        // Read in full, it goes back to the pool, no longer in use, and serves the next request.
         assert_eq!(held.into_body().collect().await.expect("body").to_bytes(), "hello");
+        assert_eq!(client.open_connections(), 0);
         let again = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("pooled");
+        assert_eq!(client.open_connections(), 1);
         assert_eq!(again.into_body().collect().await.expect("body").to_bytes(), "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(client.open_connections(), 1);
+        assert_eq!(client.open_connections(), 0);
         // A response dropped unread closes its connection: the place is free again.
         let dropped = client.send(&endpoint.origin, request(&endpoint, "/json")).await.expect("pooled");
         drop(dropped);

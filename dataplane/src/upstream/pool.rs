@@ -76,7 +76,9 @@ pub(super) fn checkout(settings: &PoolSettings, origin: &Origin, now: Instant) -
     found
 }
 
-fn check_in(lease: Lease) {
+fn check_in(mut lease: Lease) {
+    // Idle, it no longer counts as in use (other threads' pools cannot lend it anyway).
+    lease.0.slot = None;
     let now = Instant::now();
     let mut expired = Vec::new();
     let refused = POOL.with(|pool| {
@@ -121,7 +123,8 @@ struct Conn {
     read_buf: BytesMut,
     origin: Origin,
     settings: PoolSettings,
-    _slot: super::ConnSlot,
+    /// Counts the connection as in use; given back when it goes idle.
+    slot: Option<super::ConnSlot>,
 }
 
 /// A request that failed, and whether none of it was written (so another connection may take it).
@@ -132,7 +135,12 @@ pub(super) struct SendFailure {
 
 impl Lease {
     pub(super) fn new(io: Io, origin: Origin, settings: PoolSettings, slot: super::ConnSlot) -> Self {
-        Self(Box::new(Conn { io, read_buf: BytesMut::new(), origin, settings, _slot: slot }))
+        Self(Box::new(Conn { io, read_buf: BytesMut::new(), origin, settings, slot: Some(slot) }))
+    }
+
+    /// Counts a connection taken from the pool as in use again.
+    pub(super) fn hold(&mut self, slot: super::ConnSlot) {
+        self.0.slot = Some(slot);
     }
 
     /// One non-blocking read: a pooled connection the provider closed (EOF or error), or that
