@@ -31,6 +31,7 @@ struct World {
     server: ApiServer,
     api_keys: Writer<DeserializeGuard<ApiKey>>,
     credentials: Writer<DeserializeGuard<ProviderCredential>>,
+    kill_switches: Writer<DeserializeGuard<portcullis_crds::v1alpha1::KillSwitch>>,
     secrets: Writer<PartialObjectMeta<Secret>>,
     served: ServedSecrets,
 }
@@ -106,7 +107,15 @@ fn world_with(
     let (stores, feeds) = support::stores();
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = support::context(server.client.clone(), stores, metrics, previous, audit, Default::default());
-    World { ctx, server, api_keys: feeds.api_keys, credentials: feeds.credentials, secrets: feeds.secrets, served }
+    World {
+        ctx,
+        server,
+        api_keys: feeds.api_keys,
+        credentials: feeds.credentials,
+        kill_switches: feeds.kill_switches,
+        secrets: feeds.secrets,
+        served,
+    }
 }
 
 impl World {
@@ -424,7 +433,6 @@ async fn only_referenced_secret_values_are_read_and_held() {
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
     assert_eq!(lines(&w.take_calls()), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
     assert_eq!(w.ctx.secret_values.len(), 1);
-    assert!(!format!("{:?}", w.ctx).contains(PROVIDER_KEY));
 
     // The credential goes: its Secret's value goes with the next sync.
     w.credentials.apply_watcher_event(&watcher::Event::Delete(DeserializeGuard(Ok(credential()))));
@@ -442,8 +450,48 @@ async fn only_referenced_secret_values_are_read_and_held() {
     assert!(w.ctx.secret_values.is_empty());
 }
 
-/// A Secret that cannot be read right now fails the sync (retried with backoff) rather than
-/// writing a snapshot without the credential that references it.
+/// A Secret changed while the API server errs: the value read before serves on, so the sync
+/// (and every other change it carries) is not held up, and nothing is dropped.
+#[tokio::test]
+async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
+    let unavailable: Responder = Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {
+        ("GET", PROVIDER_SECRET_PATH) => (
+            503,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd unavailable"}),
+        ),
+        ("GET", _) => not_found(),
+        _ => (200, call.body.clone()),
+    });
+    let mut w = world(unavailable, None);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let first = snapshot_in(&w.take_calls()[1]);
+    // The Secret changes; the API server now fails reads of it.
+    w.served.by_path.lock().unwrap().remove(PROVIDER_SECRET_PATH);
+    let mut changed = provider_secret("sk-provider-rotated-987654321");
+    changed.metadata.resource_version = Some("99".into());
+    let event = watcher::Event::Apply(PartialObjectMeta { metadata: changed.metadata, ..Default::default() });
+    w.secrets.apply_watcher_event(&event);
+    portcullis_operator::cluster::secret_event(&w.ctx, &event);
+    // A kill switch set meanwhile still reaches a snapshot.
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch",
+        "metadata": {"name": "stop", "namespace": "ai", "uid": "uid-stop", "generation": 1},
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
+    let second = snapshot_in(&calls[1]);
+    assert_eq!(second.content.kill_switches.len(), 1);
+    assert_eq!(second.content.credentials.len(), 1, "the credential is kept");
+    assert_eq!(second.content.credentials[0].sealed_key, first.content.credentials[0].sealed_key, "on its last value");
+}
+
+/// A Secret that cannot be read right now, and was never read, fails the sync (retried with
+/// backoff) rather than writing a snapshot without the credential that references it.
 #[tokio::test]
 async fn a_secret_read_that_fails_fails_the_sync_instead_of_dropping_the_credential() {
     let unavailable: Responder = Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {

@@ -118,6 +118,11 @@ async fn models_list_shows_only_the_models_the_key_may_use() {
     assert!(!ids.iter().any(|id| id == "internal-only-model"), "alice must not see internal-only-model: {ids:?}");
     assert!(!ids.iter().any(|id| id == ALIAS_UPSTREAM_NAME), "upstream names stay hidden: {ids:?}");
     assert!(!ids.iter().any(|id| id == AZURE_DEPLOYMENT), "upstream names stay hidden: {ids:?}");
+
+    // Counted as served, once each: not as clients gone away.
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert_eq!(metrics.sum("portcullis_requests_total", &[("route", "models"), ("outcome", "ok")]), 2.0);
+    assert_eq!(metrics.sum("portcullis_requests_total", &[("outcome", "client_closed")]), 0.0);
 }
 
 #[tokio::test]

@@ -155,4 +155,5 @@ async fn a_request_whose_body_arrives_after_a_switch_is_refused() {
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("kill_switch_active"), "{answer}");
+    assert_eq!(fx.openai.request_count(), 0, "refused before anything was sent");
 }

@@ -34,6 +34,9 @@ pub struct Batcher<K, I, O> {
     lanes: Mutex<HashMap<K, Waiting<I, O>>>,
     run: Runner<K, I, O>,
     max_batch: usize,
+    /// Whether an item whose submitter stopped waiting is dropped unsent (an admission nobody
+    /// will use) rather than sent (a settlement, which must land whoever waits for it).
+    drop_abandoned: bool,
 }
 
 impl<K, I, O> fmt::Debug for Batcher<K, I, O> {
@@ -49,7 +52,25 @@ where
     O: Send + 'static,
 {
     pub fn new(max_batch: usize, run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static) -> Arc<Self> {
-        Arc::new(Self { lanes: Mutex::new(HashMap::new()), run: Box::new(run), max_batch: max_batch.max(1) })
+        Arc::new(Self {
+            lanes: Mutex::new(HashMap::new()),
+            run: Box::new(run),
+            max_batch: max_batch.max(1),
+            drop_abandoned: false,
+        })
+    }
+
+    /// As [`Self::new`], but items whose submitter stopped waiting before their call went out
+    /// are not sent: for admissions, which the store would otherwise count for nobody.
+    pub fn dropping_abandoned(
+        max_batch: usize,
+        run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        let mut batcher = Self::new(max_batch, run);
+        if let Some(batcher) = Arc::get_mut(&mut batcher) {
+            batcher.drop_abandoned = true;
+        }
+        batcher
     }
 
     /// Queues `item` on `lane` and waits for its answer (`None`: the store failed).
@@ -84,9 +105,11 @@ where
                     lanes.remove(&lane);
                     return;
                 }
-                // An item whose request stopped waiting (its answer timed out and it went to the
-                // failure policy, or its client left) is not sent: the store would count it.
-                waiting.retain(|(_, tx)| !tx.is_closed());
+                // An admission whose request stopped waiting (its answer timed out and it went
+                // to the failure policy, or its client left) is not sent: the store would count it.
+                if self.drop_abandoned {
+                    waiting.retain(|(_, tx)| !tx.is_closed());
+                }
                 if waiting.is_empty() {
                     lanes.remove(&lane);
                     return;
@@ -121,33 +144,45 @@ mod tests {
 
     /// A runner that records batch sizes and answers each item with `item * 10`.
     fn recording(sizes: Arc<Mutex<Vec<usize>>>, fail: bool) -> Arc<Batcher<u8, u32, u32>> {
-        Batcher::new(8, move |_lane, items: Vec<u32>| -> BatchFuture<u32> {
+        Batcher::new(8, recorder(sizes, fail))
+    }
+
+    fn recorder(sizes: Arc<Mutex<Vec<usize>>>, fail: bool) -> impl Fn(u8, Vec<u32>) -> BatchFuture<u32> {
+        move |_lane, items: Vec<u32>| -> BatchFuture<u32> {
             let sizes = sizes.clone();
             Box::pin(async move {
                 sizes.lock().expect("sizes").push(items.len());
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 (!fail).then(|| items.iter().map(|i| i * 10).collect())
             })
-        })
+        }
     }
 
-    /// An item queued behind a call in flight whose request stopped waiting is never sent.
+    /// An item queued behind a call in flight whose submitter stopped waiting: never sent by an
+    /// admissions batcher, still sent by a settlements one.
     #[tokio::test]
-    async fn an_item_nobody_waits_for_any_more_is_not_sent() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batcher = recording(sizes.clone(), false);
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.submit(1, 1).await }
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        // Queued while the first call is out, then given up on (its answer timed out).
-        let gave_up = tokio::time::timeout(Duration::from_millis(1), batcher.submit(1, 2)).await;
-        assert!(gave_up.is_err());
-        assert_eq!(first.await.expect("task"), Some(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(*sizes.lock().expect("sizes"), vec![1], "only the first item was sent");
-        assert_eq!(batcher.submit(1, 3).await, Some(30), "the lane still serves");
+    async fn an_abandoned_item_is_dropped_only_where_asked() {
+        for drop_abandoned in [true, false] {
+            let sizes = Arc::new(Mutex::new(Vec::new()));
+            let batcher = if drop_abandoned {
+                Batcher::dropping_abandoned(8, recorder(sizes.clone(), false))
+            } else {
+                Batcher::new(8, recorder(sizes.clone(), false))
+            };
+            let first = tokio::spawn({
+                let b = batcher.clone();
+                async move { b.submit(1, 1).await }
+            });
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Queued while the first call is out, then given up on (its answer timed out).
+            let gave_up = tokio::time::timeout(Duration::from_millis(1), batcher.submit(1, 2)).await;
+            assert!(gave_up.is_err());
+            assert_eq!(first.await.expect("task"), Some(10));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let sent = if drop_abandoned { vec![1] } else { vec![1, 1] };
+            assert_eq!(*sizes.lock().expect("sizes"), sent, "drop_abandoned: {drop_abandoned}");
+            assert_eq!(batcher.submit(1, 3).await, Some(30), "the lane still serves");
+        }
     }
 
     #[tokio::test]

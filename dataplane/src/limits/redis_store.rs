@@ -577,11 +577,13 @@ impl RedisStore {
             flushing: tokio::sync::Mutex::new(()),
         });
         let s = shared.clone();
-        let admits =
-            Batcher::new(MAX_BATCH, move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Option<AdmitReply>> {
+        let admits = Batcher::dropping_abandoned(
+            MAX_BATCH,
+            move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Option<AdmitReply>> {
                 let s = s.clone();
                 Box::pin(async move { Some(s.admit_batch(&lane, &items).await) })
-            });
+            },
+        );
         let s = shared.clone();
         let settles = Batcher::new(MAX_BATCH, move |lane: SettleLane, items: Vec<SettleItem>| -> BatchFuture<()> {
             let s = s.clone();

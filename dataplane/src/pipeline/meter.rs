@@ -45,6 +45,10 @@ pub struct AccessRecord {
     pub input_estimate: u64,
     /// Output tokens seen so far when usage was never reported (a stream cut short).
     observed_output: u64,
+    /// The request was handed to the provider's connection (it may have done the work).
+    pub sent: bool,
+    /// The provider answered (the status is its own).
+    pub provider_answered: bool,
 }
 
 impl AccessRecord {
@@ -68,6 +72,8 @@ impl AccessRecord {
             admitted_at: started,
             input_estimate: 0,
             observed_output: 0,
+            sent: false,
+            provider_answered: false,
         }
     }
 
@@ -76,12 +82,14 @@ impl AccessRecord {
     fn settle(&mut self, ended: Option<Instant>) {
         let Some((limiter, ticket)) = self.ticket.take() else { return };
         let actual = match (self.usage.input, self.usage.output) {
-            // Nothing reported, nothing seen. An error answer (the gateway's, or the provider's
-            // without usage) used nothing a provider bills: the reservation is given back. A
-            // success, or a client gone before the answer (499), keeps it: the work may have
-            // been done, and the reservation is its upper bound.
+            // Nothing reported, nothing seen. Refused by the provider (an error answer without
+            // usage) or by the gateway before the request was sent: nothing a provider bills,
+            // so the reservation is given back. Anything else keeps it (the reservation is the
+            // work's upper bound): a success, or a timeout, failure or client gone after the
+            // request was written, the provider perhaps still at work.
             (None, None) if self.observed_output == 0 => {
-                if self.status < 400 || self.status == CLIENT_CLOSED {
+                let refused = self.status >= 400 && (self.provider_answered || !self.sent);
+                if !refused {
                     return;
                 }
                 0
@@ -584,26 +592,34 @@ mod tests {
     #[tokio::test]
     async fn the_charge_follows_what_the_provider_reported_did_and_was_asked() {
         use crate::limits::testing::{admission, limiter, FixedClock};
-        let cases: [(&str, u16, Usage, u64, u64); 6] = [
+        // (what, status, sent, provider answered, usage, events seen, tokens charged)
+        let cases: [(&str, u16, bool, bool, Usage, u64, u64); 8] = [
             // Reported usage, the events seen being fewer.
-            ("reported", 200, Usage { input: Some(10), output: Some(20) }, 5, 30),
+            ("reported", 200, true, true, Usage { input: Some(10), output: Some(20) }, 5, 30),
             // Anthropic's `message_start` says one output token; the stream was cut after 275.
-            ("cut early", 200, Usage { input: Some(25), output: Some(1) }, 275, 300),
+            ("cut early", 200, true, true, Usage { input: Some(25), output: Some(1) }, 275, 300),
             // Nothing reported or seen on a success: the reservation stands.
-            ("unreported", 200, Usage::default(), 0, 1_000),
-            // An error answer without usage (a provider's 400, the gateway's 502): nothing.
-            ("provider error", 400, Usage::default(), 0, 0),
-            ("unreachable", 502, Usage::default(), 0, 0),
-            // The client left before the answer: the work may be done, the reservation stands.
-            ("client gone", 0, Usage::default(), 0, 1_000),
+            ("unreported", 200, true, true, Usage::default(), 0, 1_000),
+            // The provider refused without usage: nothing.
+            ("provider error", 400, true, true, Usage::default(), 0, 0),
+            // The gateway refused before sending (a kill switch set meanwhile): nothing.
+            ("refused unsent", 503, false, false, Usage::default(), 0, 0),
+            // Written, then no answer in time, or the connection failed: the provider may be at
+            // work, the reservation stands.
+            ("timed out", 504, true, false, Usage::default(), 0, 1_000),
+            ("failed after writing", 502, true, false, Usage::default(), 0, 1_000),
+            // The client left before the answer: the reservation stands.
+            ("client gone", 0, true, false, Usage::default(), 0, 1_000),
         ];
-        for (what, status, usage, observed, charged) in cases {
+        for (what, status, sent, answered, usage, observed, charged) in cases {
             let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
             let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
             let mut record = record();
             record.ticket = Some((limiter.clone(), ticket));
             record.input_estimate = 10;
             record.status = status;
+            record.sent = sent;
+            record.provider_answered = answered;
             record.usage = usage;
             record.observed_output = observed;
             if status == 0 {

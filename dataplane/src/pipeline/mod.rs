@@ -294,6 +294,7 @@ impl Gateway {
             let mut response = models::list(&snapshot, &grant.policy, &headers);
             response.headers_mut().insert(REQUEST_ID_HEADER, record.request_id.clone());
             record.status = 200;
+            record.hand_off().finish("ok");
             return Ok(Reply::plain(response));
         }
 
@@ -361,6 +362,7 @@ impl Gateway {
         let fresh = self.limiter.is_shared() || outbound.rewrote();
         let sent_at = if fresh { Instant::now() } else { record.admitted_at };
         let deadline = tokio::time::Instant::from_std(sent_at) + self.settings.upstream_response_timeout;
+        record.sent = true;
         let sent = self.send(route, model, chosen, (outbound, &body), sent_at, deadline).await.map_err(fail)?;
         // Written: the provider may think for minutes, and the body is not needed for that (the
         // model name is kept, inline, for the kill switch watch).
@@ -476,6 +478,7 @@ impl Gateway {
         let budget = budget.filter(|_| is_sse);
         let guard = guard.filter(|_| is_sse);
         record.status = status.as_u16();
+        record.provider_answered = true;
         let outcome = if status.is_success() { "ok" } else { "upstream_error" };
         let passed = forward::PassedFields::new(fields, record.request_id.clone());
         let handed_off = record.hand_off();

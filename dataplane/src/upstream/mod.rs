@@ -287,29 +287,22 @@ impl UpstreamClient {
     ) -> Result<Sent, UpstreamError> {
         // The caller's reading serves the first checkout; a retry comes after awaits.
         let mut now = Some(now);
-        // Taken before any connection: at the cap nothing is checked out (or closed).
-        let mut slot = Some(self.open.take().ok_or(UpstreamError::Busy)?);
-        while let Some(mut lease) =
-            pool::checkout(&self.pool, origin, now.take().unwrap_or_else(std::time::Instant::now))
-        {
-            // A connection dropped below took its slot with it.
-            lease.hold(match slot.take() {
-                Some(slot) => slot,
-                None => self.open.take().ok_or(UpstreamError::Busy)?,
-            });
+        let slot = loop {
+            // Taken before any connection: at the cap nothing is checked out (or closed). A
+            // connection dropped below takes its slot with it.
+            let slot = self.open.take().ok_or(UpstreamError::Busy)?;
+            let now = now.take().unwrap_or_else(std::time::Instant::now);
+            let Some(mut lease) = pool::checkout(&self.pool, origin, now) else { break slot };
+            lease.hold(slot);
             let Some(lease) = lease.revalidate().await else { continue };
             match lease.write(head, body).await {
                 Ok(written) => return Ok(Sent(written)),
                 Err(failure) if failure.unsent => {}
                 Err(failure) => return Err(failure.error.into()),
             }
-        }
+        };
         // Boxed: a TLS handshake's future is large, and every request's future would otherwise
         // make room for it (and be copied with it) although most requests reuse a connection.
-        let slot = match slot {
-            Some(slot) => slot,
-            None => self.open.take().ok_or(UpstreamError::Busy)?,
-        };
         let lease = Box::pin(self.connect(origin, slot)).await?;
         lease.write(head, body).await.map(Sent).map_err(|failure| failure.error.into())
     }

@@ -100,10 +100,8 @@ fn referencing(ctx: &Context, secret: &ObjectMeta) {
 /// go, and the objects that reference the Secret are reconciled again.
 pub fn secret_event(ctx: &Context, event: &watcher::Event<PartialObjectMeta<Secret>>) {
     match event {
-        watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
-            ctx.secret_values.observed(&secret.metadata);
-            referencing(ctx, &secret.metadata);
-        }
+        // A value read at an older version stays until a read at the new one succeeds.
+        watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => referencing(ctx, &secret.metadata),
         watcher::Event::Delete(secret) => {
             let meta = &secret.metadata;
             ctx.secret_values
@@ -286,7 +284,11 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
                     tracing::warn!(%error, "snapshot sync failed");
                     failures = failures.saturating_add(1);
                     let delay = Backoff::BASE.saturating_mul(1 << failures.min(7)).min(Backoff::MAX);
-                    tokio::time::sleep(delay).await;
+                    // A change (a kill switch flipped, say) does not wait out the backoff.
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = writer_ctx.snapshot_trigger.notified() => {}
+                    }
                     continue;
                 }
             }

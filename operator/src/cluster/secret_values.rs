@@ -11,7 +11,6 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use zeroize::Zeroize;
 
@@ -116,6 +115,11 @@ impl SecretValues {
     /// The value of a Secret the watch shows at `seen`: the one held if it was read at that
     /// version, else what `fetch` reads (`None`: the Secret is gone). Reads of one Secret are not
     /// repeated by concurrent callers, and at most [`CONCURRENT_READS`] run at once.
+    ///
+    /// A read that fails returns the value read before, at an older version, if one is held: a
+    /// Secret changed while the API server errs keeps its credential (and every other change)
+    /// flowing into snapshots on its last value, instead of failing them all. With none held,
+    /// the error is returned.
     pub async fn read<E, F>(
         &self,
         namespace: &str,
@@ -125,6 +129,7 @@ impl SecretValues {
     ) -> Result<Option<Arc<HeldSecret>>, E>
     where
         F: std::future::Future<Output = Result<Option<Secret>, E>>,
+        E: fmt::Display,
     {
         if let Some(held) = self.current(namespace, name, seen) {
             return Ok(Some(held));
@@ -138,7 +143,15 @@ impl SecretValues {
             }
             // The semaphore is never closed; without a permit the read goes ahead regardless.
             let _permit = self.reads.acquire().await.ok();
-            match fetch().await? {
+            let fetched = match fetch().await {
+                Ok(fetched) => fetched,
+                Err(error) => {
+                    let Some(held) = self.held(namespace, name) else { return Err(error) };
+                    tracing::warn!(namespace, name, %error, "reading a Secret failed; its last value read is used");
+                    return Ok(Some(held));
+                }
+            };
+            match fetched {
                 Some(secret) => {
                     let held = Arc::new(HeldSecret::new(secret));
                     self.keep(seen, held.clone());
@@ -166,24 +179,17 @@ impl SecretValues {
         entry.versions.iter().any(|v| v.as_deref() == version).then(|| entry.secret.clone())
     }
 
+    /// The value held for a Secret, whatever its version.
+    fn held(&self, namespace: &str, name: &str) -> Option<Arc<HeldSecret>> {
+        self.lock().get(&key(namespace, name)).map(|entry| entry.secret.clone())
+    }
+
     /// Keeps a value read while the watch showed `seen`.
     pub fn keep(&self, seen: Option<&str>, secret: Arc<HeldSecret>) {
         let meta = &secret.metadata;
         let entry_key = key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
         let versions = [seen.map(str::to_owned), meta.resource_version.clone()];
         self.lock().insert(entry_key, Held { secret, versions });
-    }
-
-    /// The watch saw `meta`: a value read at another version is dropped.
-    pub fn observed(&self, meta: &ObjectMeta) {
-        let entry_key = key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
-        let mut held = self.lock();
-        let stale = held
-            .get(&entry_key)
-            .is_some_and(|entry| !entry.versions.iter().any(|v| v.as_ref() == meta.resource_version.as_ref()));
-        if stale {
-            held.remove(&entry_key);
-        }
     }
 
     pub fn forget(&self, namespace: &str, name: &str) {
@@ -208,6 +214,7 @@ impl SecretValues {
 mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::ByteString;
 
     fn secret(name: &str, version: &str, value: &[u8]) -> Secret {
@@ -224,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn a_value_is_current_for_the_versions_it_was_read_at_and_dropped_when_the_watch_moves_on() {
+    fn a_value_is_current_for_the_versions_it_was_read_at() {
         let values = SecretValues::default();
         // Read while the watch still showed version 4; the read returned 5.
         values.keep(Some("4"), Arc::new(HeldSecret::new(secret("a", "5", b"v"))));
@@ -232,12 +239,6 @@ mod tests {
         assert!(values.current("ns", "a", Some("5")).is_some());
         assert!(values.current("ns", "a", Some("6")).is_none());
         assert!(values.current("ns", "b", Some("5")).is_none());
-
-        // The watch catching up to 5 keeps it; 6 drops it.
-        values.observed(&secret("a", "5", b"").metadata);
-        assert_eq!(values.len(), 1);
-        values.observed(&secret("a", "6", b"").metadata);
-        assert!(values.is_empty());
 
         values.keep(None, Arc::new(HeldSecret::new(secret("a", "7", b"v"))));
         values.keep(None, Arc::new(HeldSecret::new(secret("b", "1", b"v"))));
@@ -262,7 +263,7 @@ mod tests {
                 most.fetch_max(running, Ordering::SeqCst);
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 now.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, ()>(Some(secret(&name, "1", b"v")))
+                Ok::<_, String>(Some(secret(&name, "1", b"v")))
             }
         };
         let same = (0..10).map(|_| values.read("ns", "a", Some("1"), fetch("a".into())));
@@ -280,7 +281,7 @@ mod tests {
         assert!(values.pending.lock().unwrap().is_empty());
 
         // A Secret gone by the time it is read is not held.
-        let gone = values.read("ns", "s0", Some("2"), || async { Ok::<_, ()>(None) }).await;
+        let gone = values.read("ns", "s0", Some("2"), || async { Ok::<_, String>(None) }).await;
         assert!(gone.unwrap().is_none());
         assert_eq!(values.len(), 40);
     }
