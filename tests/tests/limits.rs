@@ -254,6 +254,33 @@ async fn an_absurd_max_tokens_leaves_the_shared_store_in_charge() {
     assert_eq!(limits["keys"][0]["source"], "shared", "{limits}");
 }
 
+/// A provider that cannot be reached never had the request: its reservation is given back.
+#[tokio::test]
+async fn a_request_that_never_reached_its_provider_is_not_charged() {
+    let mut ms = Manifests::new();
+    ms.add("providers.yaml", m::secret("upstream-key", "key", "sk-limits-upstream"));
+    // Nothing listens on port 1: every connect is refused.
+    ms.add(
+        "providers.yaml",
+        m::provider(
+            "down",
+            "openai-compatible",
+            Some("http://127.0.0.1:1/v1"),
+            Some(("upstream-key", "key")),
+            &[("m", None)],
+        ),
+    );
+    ms.add("keys.yaml", m::secret("a-key", "key", KEY_A));
+    ms.add("keys.yaml", keyed("a", "a-key", json!({"tokensPerDay": 100000})));
+    let gw =
+        Gateway::start(&ms, GatewayOptions { log_level: "warn".into(), ..Default::default() }).await.expect("gateway");
+    let client = TestClient::plain();
+    let response = chat(&client, &gw, KEY_A, &[]).await;
+    assert_eq!(response.status, 502, "{}", response.describe());
+    let limits = client.get(&gw.admin_url("/limits?key=default/a"), &[]).await.expect("limits").json();
+    assert_eq!(limits["keys"][0]["tokensPerDay"]["used"], 0, "{limits}");
+}
+
 /// Failed authentications from one address lock it out on every gateway sharing Redis; other
 /// addresses are unaffected; the lockout expires.
 #[tokio::test]

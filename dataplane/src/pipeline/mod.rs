@@ -362,8 +362,11 @@ impl Gateway {
         let fresh = self.limiter.is_shared() || outbound.rewrote();
         let sent_at = if fresh { Instant::now() } else { record.admitted_at };
         let deadline = tokio::time::Instant::from_std(sent_at) + self.settings.upstream_response_timeout;
-        record.sent = true;
-        let sent = self.send(route, model, chosen, (outbound, &body), sent_at, deadline).await.map_err(fail)?;
+        let writing = std::sync::atomic::AtomicBool::new(false);
+        let sent = self.send(route, model, chosen, (outbound, &body), (sent_at, deadline), &writing).await;
+        // Whether the provider may have the request, even when sending failed or timed out.
+        record.sent = writing.load(std::sync::atomic::Ordering::Relaxed) || matches!(sent, Ok(Dispatched::Answered(_)));
+        let sent = sent.map_err(fail)?;
         // Written: the provider may think for minutes, and the body is not needed for that (the
         // model name is kept, inline, for the kill switch watch).
         let watched_model: SmallVec<[u8; 64]> = SmallVec::from_slice(model.as_bytes());
@@ -412,8 +415,8 @@ impl Gateway {
         model: &str,
         chosen: &ModelRoute,
         (outbound, client_body): (forward::Outbound, &Bytes),
-        now: Instant,
-        deadline: tokio::time::Instant,
+        (now, deadline): (Instant, tokio::time::Instant),
+        writing: &std::sync::atomic::AtomicBool,
     ) -> Result<Dispatched, GatewayError> {
         if chosen.upstream.kind == ProviderKind::Mock {
             let upstream_model = chosen.upstream_model.as_deref().unwrap_or(model);
@@ -431,7 +434,8 @@ impl Gateway {
             &endpoint.origin,
             &outbound.head,
             outbound.body(client_body),
-            now
+            now,
+            writing
         ));
         let written = upstream_outcome(chosen, tokio::time::timeout_at(deadline, writing).await)?;
         Ok(Dispatched::Written(written))

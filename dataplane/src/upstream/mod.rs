@@ -18,7 +18,7 @@ pub mod h1;
 mod pool;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -278,12 +278,18 @@ impl UpstreamClient {
     ///
     /// `now` is a clock reading the caller has just taken (it decides whether an idle connection
     /// has outlived the idle timeout).
+    ///
+    /// `writing` is set while a write to the provider may have put bytes on the wire (and left
+    /// unset when none did: at the cap, a failed connect, a write refused before any byte): the
+    /// caller learns whether the provider may have the request even when this fails or its
+    /// deadline drops it.
     pub async fn write_encoded(
         &self,
         origin: &Origin,
         head: &[u8],
         body: &[u8],
         now: std::time::Instant,
+        writing: &AtomicBool,
     ) -> Result<Sent, UpstreamError> {
         // The caller's reading serves the first checkout; a retry comes after awaits.
         let mut now = Some(now);
@@ -295,16 +301,23 @@ impl UpstreamClient {
             let Some(mut lease) = pool::checkout(&self.pool, origin, now) else { break slot };
             lease.hold(slot);
             let Some(lease) = lease.revalidate().await else { continue };
+            writing.store(true, Ordering::Relaxed);
             match lease.write(head, body).await {
                 Ok(written) => return Ok(Sent(written)),
-                Err(failure) if failure.unsent => {}
+                Err(failure) if failure.unsent => writing.store(false, Ordering::Relaxed),
                 Err(failure) => return Err(failure.error.into()),
             }
         };
         // Boxed: a TLS handshake's future is large, and every request's future would otherwise
         // make room for it (and be copied with it) although most requests reuse a connection.
         let lease = Box::pin(self.connect(origin, slot)).await?;
-        lease.write(head, body).await.map(Sent).map_err(|failure| failure.error.into())
+        writing.store(true, Ordering::Relaxed);
+        lease.write(head, body).await.map(Sent).map_err(|failure| {
+            if failure.unsent {
+                writing.store(false, Ordering::Relaxed);
+            }
+            failure.error.into()
+        })
     }
 
     async fn connect(&self, origin: &Origin, slot: ConnSlot) -> Result<Lease, UpstreamError> {
@@ -359,7 +372,8 @@ mod tests {
             // Holds the credential: zeroized when dropped, whatever happens below.
             let head = h1::encode_head(&parts.method, target, &parts.headers, body.len())?;
             let head_request = parts.method == Method::HEAD;
-            let sent = self.write_encoded(origin, &head, &body, std::time::Instant::now()).await?;
+            let writing = AtomicBool::new(false);
+            let sent = self.write_encoded(origin, &head, &body, std::time::Instant::now(), &writing).await?;
             let provided = sent.response(head_request).await?;
             // The tests read the fields from a map.
             let mut response = Response::new(provided.body);

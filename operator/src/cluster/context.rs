@@ -182,7 +182,7 @@ impl Context {
             self.secret_values.forget(namespace, name);
             return Ok(None);
         };
-        let seen = meta.metadata.resource_version.as_deref();
+        let seen = (meta.metadata.resource_version.as_deref(), meta.metadata.uid.as_deref());
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         self.secret_values
             .read(namespace, name, seen, || async {

@@ -116,15 +116,16 @@ impl SecretValues {
     /// version, else what `fetch` reads (`None`: the Secret is gone). Reads of one Secret are not
     /// repeated by concurrent callers, and at most [`CONCURRENT_READS`] run at once.
     ///
-    /// A read that fails returns the value read before, at an older version, if one is held: a
-    /// Secret changed while the API server errs keeps its credential (and every other change)
-    /// flowing into snapshots on its last value, instead of failing them all. With none held,
-    /// the error is returned.
+    /// A read that fails returns the value read before, at an older version, if one is held for
+    /// the same object (`uid`, as the watch shows it: not one deleted and made again under the
+    /// name): a Secret changed while the API server errs keeps its credential (and every other
+    /// change) flowing into snapshots on its last value, instead of failing them all. With none
+    /// held, the error is returned.
     pub async fn read<E, F>(
         &self,
         namespace: &str,
         name: &str,
-        seen: Option<&str>,
+        (seen, uid): (Option<&str>, Option<&str>),
         fetch: impl FnOnce() -> F,
     ) -> Result<Option<Arc<HeldSecret>>, E>
     where
@@ -146,7 +147,8 @@ impl SecretValues {
             let fetched = match fetch().await {
                 Ok(fetched) => fetched,
                 Err(error) => {
-                    let Some(held) = self.held(namespace, name) else { return Err(error) };
+                    let same = |held: &Arc<HeldSecret>| held.metadata.uid.as_deref() == uid;
+                    let Some(held) = self.held(namespace, name).filter(same) else { return Err(error) };
                     tracing::warn!(namespace, name, %error, "reading a Secret failed; its last value read is used");
                     return Ok(Some(held));
                 }
@@ -266,14 +268,14 @@ mod tests {
                 Ok::<_, String>(Some(secret(&name, "1", b"v")))
             }
         };
-        let same = (0..10).map(|_| values.read("ns", "a", Some("1"), fetch("a".into())));
+        let same = (0..10).map(|_| values.read("ns", "a", (Some("1"), None), fetch("a".into())));
         let read = futures_util::future::join_all(same).await;
         assert!(read.iter().all(|r| r.as_ref().unwrap().is_some()));
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
         assert!(values.pending.lock().unwrap().is_empty());
 
         let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
-        let many = names.iter().map(|n| values.read("ns", n, Some("1"), fetch(n.clone())));
+        let many = names.iter().map(|n| values.read("ns", n, (Some("1"), None), fetch(n.clone())));
         futures_util::future::join_all(many).await;
         assert_eq!(fetches.load(Ordering::SeqCst), 41);
         assert_eq!(most.load(Ordering::SeqCst), CONCURRENT_READS);
@@ -281,9 +283,24 @@ mod tests {
         assert!(values.pending.lock().unwrap().is_empty());
 
         // A Secret gone by the time it is read is not held.
-        let gone = values.read("ns", "s0", Some("2"), || async { Ok::<_, String>(None) }).await;
+        let gone = values.read("ns", "s0", (Some("2"), None), || async { Ok::<_, String>(None) }).await;
         assert!(gone.unwrap().is_none());
         assert_eq!(values.len(), 40);
+    }
+
+    /// A failed read serves the last value only for the same object, not for one deleted and
+    /// made again under the name.
+    #[tokio::test]
+    async fn a_failed_read_serves_the_last_value_of_the_same_object_only() {
+        let values = SecretValues::default();
+        let mut first = secret("a", "1", b"old");
+        first.metadata.uid = Some("uid-1".into());
+        values.keep(Some("1"), Arc::new(HeldSecret::new(first)));
+        let failing = || async { Err::<Option<Secret>, String>("etcd unavailable".into()) };
+        let same = values.read("ns", "a", (Some("2"), Some("uid-1")), failing).await.expect("served");
+        assert_eq!(same.expect("held").metadata.uid.as_deref(), Some("uid-1"));
+        let recreated = values.read("ns", "a", (Some("3"), Some("uid-2")), failing).await;
+        assert_eq!(recreated.expect_err("not the same object"), "etcd unavailable");
     }
 
     #[test]
