@@ -248,7 +248,7 @@ impl GatewayError {
 }
 
 /// Read by the OpenAI and Anthropic SDKs before their own retry rules.
-pub const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+const SHOULD_RETRY_HEADER: &str = "x-should-retry";
 
 /// The longest wait after which a retry is still worth the client's while (the SDKs' own cap on
 /// an honoured `Retry-After` is 60 s or more); a refusal for longer says not to retry.

@@ -130,7 +130,11 @@ impl World {
     /// The API server now holds `secret`; its metadata reaches the operator's watch.
     fn put_secret(&mut self, mut secret: Secret) {
         self.served.put(&mut secret);
-        let event = watcher::Event::Apply(PartialObjectMeta { metadata: secret.metadata, ..Default::default() });
+        self.watch_sees(watcher::Event::Apply(PartialObjectMeta { metadata: secret.metadata, ..Default::default() }));
+    }
+
+    /// The operator's Secret watch delivers `event` (whatever the API server serves).
+    fn watch_sees(&mut self, event: watcher::Event<PartialObjectMeta<Secret>>) {
         self.secrets.apply_watcher_event(&event);
         portcullis_operator::cluster::secret_event(&self.ctx, &event);
     }
@@ -444,25 +448,27 @@ async fn only_referenced_secret_values_are_read_and_held() {
     snapshot::sync_snapshot(&w.ctx).await.unwrap();
     assert_eq!(w.ctx.secret_values.len(), 1);
     let meta = w.ctx.secret_meta("ai", "openai").unwrap();
-    let event = watcher::Event::Delete((*meta).clone());
-    w.secrets.apply_watcher_event(&event);
-    portcullis_operator::cluster::secret_event(&w.ctx, &event);
+    w.watch_sees(watcher::Event::Delete((*meta).clone()));
     assert!(w.ctx.secret_values.is_empty());
 }
 
-/// A Secret changed while the API server errs: the value read before serves on, so the sync
-/// (and every other change it carries) is not held up, and nothing is dropped.
-#[tokio::test]
-async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
-    let unavailable: Responder = Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {
+/// Echoes writes, 404s reads, and answers reads of the provider Secret with a 503 (etcd down).
+fn provider_secret_unreadable() -> Responder {
+    Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {
         ("GET", PROVIDER_SECRET_PATH) => (
             503,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd unavailable"}),
         ),
         ("GET", _) => not_found(),
         _ => (200, call.body.clone()),
-    });
-    let mut w = world(unavailable, None);
+    })
+}
+
+/// A Secret changed while the API server errs: the value read before serves on, so the sync
+/// (and every other change it carries) is not held up, and nothing is dropped.
+#[tokio::test]
+async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
+    let mut w = world(provider_secret_unreadable(), None);
     w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
     w.put_secret(provider_secret(PROVIDER_KEY));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
@@ -471,9 +477,7 @@ async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
     w.served.by_path.lock().unwrap().remove(PROVIDER_SECRET_PATH);
     let mut changed = provider_secret("sk-provider-rotated-987654321");
     changed.metadata.resource_version = Some("99".into());
-    let event = watcher::Event::Apply(PartialObjectMeta { metadata: changed.metadata, ..Default::default() });
-    w.secrets.apply_watcher_event(&event);
-    portcullis_operator::cluster::secret_event(&w.ctx, &event);
+    w.watch_sees(watcher::Event::Apply(PartialObjectMeta { metadata: changed.metadata, ..Default::default() }));
     // A kill switch set meanwhile still reaches a snapshot.
     w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch",
@@ -494,19 +498,13 @@ async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
 /// backoff) rather than writing a snapshot without the credential that references it.
 #[tokio::test]
 async fn a_secret_read_that_fails_fails_the_sync_instead_of_dropping_the_credential() {
-    let unavailable: Responder = Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {
-        ("GET", PROVIDER_SECRET_PATH) => (
-            503,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd unavailable"}),
-        ),
-        ("GET", _) => not_found(),
-        _ => (200, call.body.clone()),
-    });
-    let mut w = world(unavailable, None);
+    let mut w = world(provider_secret_unreadable(), None);
     w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
     // The watch shows the Secret; the mocked API server does not serve it.
-    let meta = PartialObjectMeta::<Secret> { metadata: provider_secret(PROVIDER_KEY).metadata, ..Default::default() };
-    w.secrets.apply_watcher_event(&watcher::Event::Apply(meta));
+    w.watch_sees(watcher::Event::Apply(PartialObjectMeta {
+        metadata: provider_secret(PROVIDER_KEY).metadata,
+        ..Default::default()
+    }));
     let error = snapshot::sync_snapshot(&w.ctx).await.expect_err("the read failed");
     assert_eq!(error.category(), Category::Read, "{error}");
     let calls = w.take_calls();

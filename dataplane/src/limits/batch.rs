@@ -52,12 +52,7 @@ where
     O: Send + 'static,
 {
     pub fn new(max_batch: usize, run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static) -> Arc<Self> {
-        Arc::new(Self {
-            lanes: Mutex::new(HashMap::new()),
-            run: Box::new(run),
-            max_batch: max_batch.max(1),
-            drop_abandoned: false,
-        })
+        Self::with(max_batch, run, false)
     }
 
     /// As [`Self::new`], but items whose submitter stopped waiting before their call went out
@@ -66,11 +61,20 @@ where
         max_batch: usize,
         run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
     ) -> Arc<Self> {
-        let mut batcher = Self::new(max_batch, run);
-        if let Some(batcher) = Arc::get_mut(&mut batcher) {
-            batcher.drop_abandoned = true;
-        }
-        batcher
+        Self::with(max_batch, run, true)
+    }
+
+    fn with(
+        max_batch: usize,
+        run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+        drop_abandoned: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            lanes: Mutex::new(HashMap::new()),
+            run: Box::new(run),
+            max_batch: max_batch.max(1),
+            drop_abandoned,
+        })
     }
 
     /// Queues `item` on `lane` and waits for its answer (`None`: the store failed).

@@ -183,9 +183,10 @@ impl Context {
             return Ok(None);
         };
         let seen = (meta.metadata.resource_version.as_deref(), meta.metadata.uid.as_deref());
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        // The client is only built for a read: a value held answers without it.
         self.secret_values
             .read(namespace, name, seen, || async {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
                 api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))
             })
             .await
