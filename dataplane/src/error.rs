@@ -242,7 +242,7 @@ impl GatewayError {
                 headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
             }
         }
-        crate::pipeline::limit::refusal_headers(&self, headers);
+        crate::pipeline::limit::refusal_headers(&self, flavor, headers);
         response
     }
 }

@@ -104,7 +104,8 @@ async fn upstream_certificate_must_be_trusted() {
 
 /// The gateway's `x-ratelimit-*` headers are the same over HTTP/2 and HTTP/1.1 (they reach the
 /// two servers by different paths), replace an upstream's headers for the limits the key has,
-/// and leave the upstream's alone for the limits it has not.
+/// and leave the upstream's alone for the limits it has not. Anthropic routes get them in
+/// Anthropic's names (`anthropic-ratelimit-*`, resets as RFC 3339 instants).
 #[tokio::test]
 async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
     const ERIN_KEY: &str = "pcl_e2e_erin_CLIENTKEY_4d6f8a0c2e4b6d8f0a2c4e6b8d";
@@ -115,6 +116,8 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
                 ("x-ratelimit-limit-requests", "999999"),
                 ("x-ratelimit-remaining-requests", "999998"),
                 ("x-ratelimit-limit-tokens", "12345"),
+                ("anthropic-ratelimit-requests-limit", "4000"),
+                ("anthropic-ratelimit-tokens-limit", "400000"),
             ],
             ..Default::default()
         },
@@ -122,7 +125,7 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
     };
     let fx = Fixture::start_with(opts, |ms| {
         ms.add(SECRETS_FILE, portcullis_e2e::manifests::secret("erin-key", "key", ERIN_KEY));
-        let mut key = portcullis_e2e::manifests::api_key("erin", "erin-key", &["gpt-*"]);
+        let mut key = portcullis_e2e::manifests::api_key("erin", "erin-key", &["gpt-*", "claude-*"]);
         key["spec"]["limits"] = serde_json::json!({"requestsPerMinute": 50});
         ms.add(KEYS_FILE, key);
     })
@@ -148,6 +151,26 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
         // No token limit on this key: the upstream's token headers pass through.
         assert_eq!(all("x-ratelimit-limit-tokens"), ["12345"], "{version:?}");
         assert!(all("x-ratelimit-remaining-tokens").is_empty());
+    }
+    let anthropic_headers = [("x-api-key", ERIN_KEY), ("anthropic-version", "2023-06-01")];
+    let body = messages_body("claude-3-5-haiku-latest", "hi", false);
+    for (used, client, version) in [(3, &fx.client, http::Version::HTTP_2), (4, &h1_client, http::Version::HTTP_11)] {
+        let before = chrono::Utc::now().timestamp();
+        let response = client.post_json(&fx.url("/v1/messages"), &anthropic_headers, &body).await.unwrap();
+        assert::ok(&response);
+        assert_eq!(response.version, version);
+        let all = |name: &str| response.header_values(name);
+        assert_eq!(all("anthropic-ratelimit-requests-limit"), ["50"], "{version:?}");
+        assert_eq!(all("anthropic-ratelimit-requests-remaining"), [(50 - used).to_string()], "{version:?}");
+        let reset = all("anthropic-ratelimit-requests-reset");
+        assert_eq!(reset.len(), 1, "{version:?}");
+        let reset = chrono::DateTime::parse_from_rfc3339(reset[0]).expect("RFC 3339").timestamp();
+        // Within a minute (and a granule, rounded up to the second) of the request.
+        assert!((before..=before + 62).contains(&reset), "{reset} against {before}");
+        // No token limit on this key: the provider's field passes through; none in OpenAI's names.
+        assert_eq!(all("anthropic-ratelimit-tokens-limit"), ["400000"], "{version:?}");
+        assert_eq!(all("x-ratelimit-limit-requests"), ["999999"], "{version:?}");
+        assert_eq!(all("x-ratelimit-remaining-requests"), ["999998"], "{version:?}");
     }
     // A key without limits gets the upstream's headers untouched.
     let alice = fx.chat(ALICE_KEY, "gpt-4o-mini").await.unwrap();

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 
-use crate::api::RequestHead;
+use crate::api::{ApiFlavor, RequestHead};
 use crate::error::GatewayError;
 use crate::http1::codec::push_decimal;
 use crate::limits::{AdmitError, Limiter, Refusal, Ticket, Which};
@@ -90,12 +90,46 @@ fn refused(r: Refusal) -> GatewayError {
     }
 }
 
-const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+/// The rate-limit fields of one API's responses, each group in the order limit, remaining, reset.
+struct Names {
+    requests: [HeaderName; 3],
+    tokens: [HeaderName; 3],
+}
+
+/// OpenAI's: the reset is a duration (`1.250s`).
+static OPENAI: Names = Names {
+    requests: [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    tokens: [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+};
+
+/// Anthropic's: the reset is an instant (RFC 3339, `2026-11-25T10:00:01Z`).
+static ANTHROPIC: Names = Names {
+    requests: [
+        HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+    ],
+    tokens: [
+        HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+    ],
+};
+
+fn names(flavor: ApiFlavor) -> &'static Names {
+    match flavor {
+        ApiFlavor::OpenAi => &OPENAI,
+        ApiFlavor::Anthropic => &ANTHROPIC,
+    }
+}
 
 /// Seconds with three decimals (`12.345s`), written digit by digit (no formatter: this runs
 /// on every limited response).
@@ -111,11 +145,41 @@ fn push_seconds(out: &mut Vec<u8>, ms: u64) {
     ]);
 }
 
+/// The instant `ms` after the Unix epoch, rounded up to its second, in RFC 3339 (UTC), written
+/// digit by digit; instants past year 9999 are written as its last second.
+fn push_instant(out: &mut Vec<u8>, ms: u64) {
+    use chrono::{Datelike, Timelike};
+    let seconds = i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX);
+    let (date, time) = chrono::DateTime::from_timestamp(seconds, 0)
+        .filter(|at| at.year() <= 9999)
+        .map_or(((9999, 12, 31), (23, 59, 59)), |at| {
+            ((at.year() as u32, at.month(), at.day()), (at.hour(), at.minute(), at.second()))
+        });
+    let two = |out: &mut Vec<u8>, n: u32| out.extend_from_slice(&[b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
+    let ((year, month, day), (hour, minute, second)) = (date, time);
+    two(out, year / 100);
+    two(out, year % 100);
+    out.push(b'-');
+    two(out, month);
+    out.push(b'-');
+    two(out, day);
+    out.push(b'T');
+    two(out, hour);
+    out.push(b':');
+    two(out, minute);
+    out.push(b':');
+    two(out, second);
+    out.push(b'Z');
+}
+
 /// A rate-limit header value.
 #[derive(Debug, Clone, Copy)]
 enum Text {
     Count(u64),
+    /// A reset as a duration in milliseconds (OpenAI's `1.250s`).
     Seconds(u64),
+    /// A reset as an instant, milliseconds after the Unix epoch (Anthropic's RFC 3339).
+    Instant(u64),
 }
 
 impl Text {
@@ -123,11 +187,12 @@ impl Text {
         match self {
             Text::Count(n) => push_decimal(out, n),
             Text::Seconds(ms) => push_seconds(out, ms),
+            Text::Instant(ms) => push_instant(out, ms),
         }
     }
 }
 
-/// One `x-ratelimit-*` group: a limit, what is left of it, and when it resets.
+/// One rate-limit group: a limit, what is left of it, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Window {
     limit: u64,
@@ -135,7 +200,8 @@ struct Window {
     reset_ms: u64,
 }
 
-/// The OpenAI-style `x-ratelimit-*` headers of a response.
+/// The rate-limit headers of a response, in the route's API's own names: OpenAI's
+/// `x-ratelimit-*` or Anthropic's `anthropic-ratelimit-*`.
 ///
 /// On a forwarded response they ride beside it ([`super::Reply`]) instead of in its header map:
 /// the HTTP/1.1 server encodes them straight into the response head (six header-map entries,
@@ -147,17 +213,26 @@ struct Window {
 pub struct RateHeaders {
     requests: Option<Window>,
     tokens: Option<Window>,
+    flavor: ApiFlavor,
+    /// Wall-clock milliseconds the resets count from (Anthropic's are instants).
+    at_ms: u64,
 }
 
 impl RateHeaders {
     /// Request limits only, for tests elsewhere.
     #[cfg(test)]
     pub fn requests(limit: u64, remaining: u64, reset_ms: u64) -> Self {
-        Self { requests: Some(Window { limit, remaining, reset_ms }), tokens: None }
+        Self {
+            requests: Some(Window { limit, remaining, reset_ms }),
+            tokens: None,
+            flavor: ApiFlavor::OpenAi,
+            at_ms: 0,
+        }
     }
 
-    /// What an admitted request has left; `None` when its key has no per-minute limits.
-    pub fn for_ticket(ticket: &Ticket) -> Option<Self> {
+    /// What an admitted request has left, in `flavor`'s names; `None` when its key has no
+    /// per-minute limits.
+    pub fn for_ticket(ticket: &Ticket, flavor: ApiFlavor) -> Option<Self> {
         let limits = &ticket.admission.key().limits;
         let granted = &ticket.granted;
         let window = |limit: Option<u64>, used: u64, reset_ms: u64| {
@@ -166,12 +241,14 @@ impl RateHeaders {
         let headers = Self {
             requests: window(limits.requests_per_minute, granted.requests_used, granted.requests_reset_ms),
             tokens: window(limits.tokens_per_minute, granted.tokens_used, granted.tokens_reset_ms),
+            flavor,
+            at_ms: ticket.admission.at_ms,
         };
         (headers.requests.is_some() || headers.tokens.is_some()).then_some(headers)
     }
 
-    /// The limit that refused a request, on its 429.
-    fn for_refusal(error: &GatewayError) -> Option<Self> {
+    /// The limit that refused a request, on its 429, its resets counted from `now_ms`.
+    fn for_refusal(error: &GatewayError, flavor: ApiFlavor, now_ms: u64) -> Option<Self> {
         let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, .. } = error else {
             return None;
         };
@@ -180,34 +257,34 @@ impl RateHeaders {
             remaining: limit_value.saturating_sub(*used),
             reset_ms: *retry_after_ms,
         });
-        Some(if *tokens { Self { requests: None, tokens: window } } else { Self { requests: window, tokens: None } })
+        let (requests, tokens) = if *tokens { (None, window) } else { (window, None) };
+        Some(Self { requests, tokens, flavor, at_ms: now_ms })
     }
 
     fn each(&self, mut field: impl FnMut(&HeaderName, Text)) {
-        if let Some(w) = self.requests {
-            field(&LIMIT_REQUESTS, Text::Count(w.limit));
-            field(&REMAINING_REQUESTS, Text::Count(w.remaining));
-            field(&RESET_REQUESTS, Text::Seconds(w.reset_ms));
-        }
-        if let Some(w) = self.tokens {
-            field(&LIMIT_TOKENS, Text::Count(w.limit));
-            field(&REMAINING_TOKENS, Text::Count(w.remaining));
-            field(&RESET_TOKENS, Text::Seconds(w.reset_ms));
+        let names = names(self.flavor);
+        let reset = |ms: u64| match self.flavor {
+            ApiFlavor::OpenAi => Text::Seconds(ms),
+            ApiFlavor::Anthropic => Text::Instant(self.at_ms.saturating_add(ms)),
+        };
+        for (window, [limit, remaining, resets]) in [(self.requests, &names.requests), (self.tokens, &names.tokens)] {
+            if let Some(w) = window {
+                field(limit, Text::Count(w.limit));
+                field(remaining, Text::Count(w.remaining));
+                field(resets, reset(w.reset_ms));
+            }
         }
     }
 
-    /// Whether `name` is one of the headers these replace.
+    /// Whether `name` is one of the headers these replace: a field of a group they carry.
     pub fn replaces(&self, name: &[u8]) -> bool {
-        let Some(rest) = name.strip_prefix(b"x-ratelimit-") else { return false };
-        let group = if rest.ends_with(b"-requests") {
-            self.requests.is_some()
-        } else {
-            rest.ends_with(b"-tokens") && self.tokens.is_some()
+        let names = names(self.flavor);
+        let carried = |window: Option<Window>, group: &[HeaderName; 3]| {
+            window.is_some() && group.iter().any(|ours| ours.as_str().as_bytes() == name)
         };
-        group
-            && [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
-                .iter()
-                .any(|ours| ours.as_str().as_bytes() == name)
+        // Every name of both APIs starts with one of these; most fields of a response do not.
+        (name.starts_with(b"x-ratelimit-") || name.starts_with(b"anthropic-ratelimit-"))
+            && (carried(self.requests, &names.requests) || carried(self.tokens, &names.tokens))
     }
 
     /// `name: value\r\n` lines for an HTTP/1.1 head.
@@ -233,9 +310,10 @@ impl RateHeaders {
     }
 }
 
-/// The headers of the limit that refused a request, on its 429.
-pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
-    if let Some(rate) = RateHeaders::for_refusal(error) {
+/// The headers of the limit that refused a request, on its 429, in `flavor`'s names.
+pub fn refusal_headers(error: &GatewayError, flavor: ApiFlavor, headers: &mut HeaderMap) {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    if let Some(rate) = RateHeaders::for_refusal(error, flavor, now_ms) {
         rate.insert_into(headers);
     }
 }
@@ -244,30 +322,119 @@ pub fn refusal_headers(error: &GatewayError, headers: &mut HeaderMap) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn encoded_and_inserted_headers_agree_and_replace_only_their_group() {
-        let rate = RateHeaders { requests: Some(Window { limit: 100, remaining: 97, reset_ms: 1_250 }), tokens: None };
+    fn window(limit: u64, remaining: u64, reset_ms: u64) -> Option<Window> {
+        Some(Window { limit, remaining, reset_ms })
+    }
+
+    /// The head lines `rate` encodes, and the same fields inserted into a map that held `prior`:
+    /// they must agree, and only the carried group's names may be replaced.
+    fn encoded_and_inserted(rate: &RateHeaders, prior: &[(&'static str, &'static str)]) -> (String, HeaderMap) {
         let mut encoded = Vec::new();
         rate.encode(&mut encoded);
-        assert_eq!(
-            std::str::from_utf8(&encoded).unwrap(),
-            "x-ratelimit-limit-requests: 100\r\nx-ratelimit-remaining-requests: 97\r\n\
-             x-ratelimit-reset-requests: 1.250s\r\n"
-        );
         let mut headers = HeaderMap::new();
-        headers.insert(LIMIT_REQUESTS, HeaderValue::from_static("9"));
-        headers.insert(LIMIT_TOKENS, HeaderValue::from_static("9"));
+        for (name, value) in prior {
+            headers.insert(*name, HeaderValue::from_static(value));
+        }
         rate.insert_into(&mut headers);
         let lines: String = headers
             .iter()
             .filter(|(name, _)| rate.replaces(name.as_str().as_bytes()))
             .map(|(name, value)| format!("{name}: {}\r\n", value.to_str().unwrap()))
             .collect();
-        assert_eq!(lines.as_bytes(), encoded);
-        assert_eq!(headers[LIMIT_TOKENS], "9");
-        assert!(!rate.replaces(LIMIT_TOKENS.as_str().as_bytes()));
+        let encoded = String::from_utf8(encoded).unwrap();
+        assert_eq!(lines, encoded);
+        (encoded, headers)
+    }
+
+    #[test]
+    fn encoded_and_inserted_headers_agree_and_replace_only_their_group() {
+        let rate = RateHeaders {
+            requests: window(100, 97, 1_250),
+            tokens: None,
+            flavor: ApiFlavor::OpenAi,
+            at_ms: 1_700_000_000_000,
+        };
+        let prior = [("x-ratelimit-limit-requests", "9"), ("x-ratelimit-limit-tokens", "9")];
+        let (encoded, headers) = encoded_and_inserted(&rate, &prior);
+        assert_eq!(
+            encoded,
+            "x-ratelimit-limit-requests: 100\r\nx-ratelimit-remaining-requests: 97\r\n\
+             x-ratelimit-reset-requests: 1.250s\r\n"
+        );
+        assert_eq!(headers["x-ratelimit-limit-tokens"], "9");
+        assert!(!rate.replaces(b"x-ratelimit-limit-tokens"));
         assert!(!rate.replaces(b"x-ratelimit-limit-requestsx"));
+        assert!(!rate.replaces(b"anthropic-ratelimit-requests-limit"));
         assert!(!rate.replaces(b"content-type"));
+    }
+
+    #[test]
+    fn anthropic_routes_get_anthropic_names_and_reset_instants() {
+        // 2023-11-14T22:13:20Z, plus 1.25 s: the reset rounds up to the next whole second.
+        let rate = RateHeaders {
+            requests: window(50, 49, 1_250),
+            tokens: window(40_000, 39_000, 60_000),
+            flavor: ApiFlavor::Anthropic,
+            at_ms: 1_700_000_000_000,
+        };
+        let prior = [
+            ("anthropic-ratelimit-requests-limit", "4000"),
+            ("anthropic-ratelimit-input-tokens-limit", "400000"),
+            ("x-ratelimit-limit-requests", "9"),
+        ];
+        let (encoded, headers) = encoded_and_inserted(&rate, &prior);
+        assert_eq!(
+            encoded,
+            "anthropic-ratelimit-requests-limit: 50\r\nanthropic-ratelimit-requests-remaining: 49\r\n\
+             anthropic-ratelimit-requests-reset: 2023-11-14T22:13:22Z\r\n\
+             anthropic-ratelimit-tokens-limit: 40000\r\nanthropic-ratelimit-tokens-remaining: 39000\r\n\
+             anthropic-ratelimit-tokens-reset: 2023-11-14T22:14:20Z\r\n"
+        );
+        // The provider's own fields of other names stay, OpenAI's names are not Anthropic's.
+        assert_eq!(headers["anthropic-ratelimit-input-tokens-limit"], "400000");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "9");
+        assert!(!rate.replaces(b"x-ratelimit-limit-requests"));
+    }
+
+    #[test]
+    fn reset_instants_are_rfc3339_seconds_like_chrono_writes_them() {
+        for ms in [0, 1, 999, 1_000, 951_782_400_000, 1_709_164_799_001, 4_102_444_799_999, 253_402_300_799_000] {
+            let mut written = Vec::new();
+            push_instant(&mut written, ms);
+            let expected = chrono::DateTime::from_timestamp(ms.div_ceil(1000) as i64, 0)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            assert_eq!(String::from_utf8(written).unwrap(), expected, "{ms}");
+        }
+        // Past year 9999 (no reset is that far; a wrong clock could say so): the last second.
+        for ms in [253_402_300_800_000, u64::MAX] {
+            let mut written = Vec::new();
+            push_instant(&mut written, ms);
+            assert_eq!(written, b"9999-12-31T23:59:59Z");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_its_own_group_in_the_routes_api() {
+        let error = GatewayError::RateLimited {
+            limit: "tokens_per_minute",
+            retry_after_ms: 2_000,
+            limit_value: 1_000,
+            used: 1_200,
+            tokens: true,
+        };
+        let mut headers = HeaderMap::new();
+        refusal_headers(&error, ApiFlavor::Anthropic, &mut headers);
+        assert_eq!(headers["anthropic-ratelimit-tokens-remaining"], "0");
+        assert_eq!(headers.len(), 3, "{headers:?}");
+        let reset = chrono::DateTime::parse_from_rfc3339(headers["anthropic-ratelimit-tokens-reset"].to_str().unwrap())
+            .unwrap();
+        let ahead = reset.timestamp() - chrono::Utc::now().timestamp();
+        assert!((1..=3).contains(&ahead), "{ahead}");
+        let mut headers = HeaderMap::new();
+        refusal_headers(&error, ApiFlavor::OpenAi, &mut headers);
+        assert_eq!(headers["x-ratelimit-reset-tokens"], "2.000s");
+        assert_eq!(headers.len(), 3, "{headers:?}");
     }
 
     #[test]

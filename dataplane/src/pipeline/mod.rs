@@ -477,7 +477,8 @@ impl Gateway {
         } else {
             UsageReader::Json(JsonTail::default())
         };
-        let rate = record.ticket.as_ref().and_then(|(_, ticket)| limit::RateHeaders::for_ticket(ticket));
+        let flavor = record.route.map_or(ApiFlavor::OpenAi, ApiRoute::flavor);
+        let rate = record.ticket.as_ref().and_then(|(_, ticket)| limit::RateHeaders::for_ticket(ticket, flavor));
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
         let guard = guard.filter(|_| is_sse);
