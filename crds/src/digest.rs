@@ -79,7 +79,17 @@ impl Pepper {
         mac.update(client_key);
         KeyDigest(mac.finalize().into_bytes().into())
     }
+
+    /// Names this pepper without revealing it: 16 hex characters of its HMAC over a label no
+    /// client key can equal (keys have no spaces). Operator and data plane compare it to tell
+    /// that a snapshot's digests were made under the pepper the data plane holds.
+    pub fn id(&self) -> String {
+        hex::encode(&self.digest(PEPPER_ID_LABEL).as_bytes()[..8])
+    }
 }
+
+/// What [`Pepper::id`] digests.
+const PEPPER_ID_LABEL: &[u8] = b"portcullis pepper id v1";
 
 fn keyed_hmac(key: &[u8]) -> Hmac<Sha256> {
     // HMAC accepts keys of any length, so this cannot fail.
@@ -271,6 +281,16 @@ mod tests {
         let shown = brought.brought_display(&pepper);
         assert_eq!(shown, format!("digest:{}…", &brought.digest(&pepper).to_hex()[..8]));
         assert!(!shown.contains("my-own"), "{shown}");
+    }
+
+    #[test]
+    fn a_pepper_id_names_the_pepper_and_is_no_key_digest() {
+        let other = Pepper::new(SecretBytes::from_slice(&[8u8; 32])).expect("valid pepper");
+        assert_eq!(pepper().id(), pepper().id());
+        assert_ne!(pepper().id(), other.id());
+        assert_eq!(pepper().id().len(), 16);
+        assert!(pepper().id().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!is_well_formed_key(PEPPER_ID_LABEL));
     }
 
     #[test]

@@ -18,8 +18,12 @@ use crate::digest::KeyDigest;
 use crate::sealing::{KeyId, MasterKeyring, SealBinding, SealedCredential, SealingError};
 use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind, TeamLimits};
 
-/// Format version written by this crate.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Format version written by this crate. 3 added `content.pepperId`.
+pub const SCHEMA_VERSION: u32 = 3;
+/// The oldest format this crate reads: a data plane upgraded first reads what the operator
+/// before it wrote. (A data plane older than the writer refuses the newer format by its version,
+/// and keeps serving its last good snapshot.)
+pub const OLDEST_READABLE_SCHEMA: u32 = 2;
 /// Data key of the snapshot Secret that holds the serialized `GatewaySnapshot`.
 pub const SNAPSHOT_SECRET_KEY: &str = "snapshot.json";
 /// Largest serialized snapshot a reader accepts.
@@ -31,7 +35,9 @@ pub enum SnapshotError {
     TooLarge(usize),
     #[error("snapshot is not valid JSON for schema version {SCHEMA_VERSION}: {0}")]
     Malformed(String),
-    #[error("snapshot schema version {0} is not supported (this build reads {SCHEMA_VERSION})")]
+    #[error(
+        "snapshot schema version {0} is not supported (this build reads {OLDEST_READABLE_SCHEMA} to {SCHEMA_VERSION})"
+    )]
     UnsupportedSchema(u32),
     #[error("snapshot content digest does not match its content")]
     DigestMismatch,
@@ -114,7 +120,7 @@ impl GatewaySnapshot {
             schema_version: u32,
         }
         let header: Header = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        if header.schema_version != SCHEMA_VERSION {
+        if !(OLDEST_READABLE_SCHEMA..=SCHEMA_VERSION).contains(&header.schema_version) {
             return Err(SnapshotError::UnsupportedSchema(header.schema_version));
         }
         let snapshot: GatewaySnapshot =
@@ -133,6 +139,11 @@ pub struct SnapshotContent {
     pub api_keys: Vec<ApiKeyEntry>,
     pub credentials: Vec<CredentialEntry>,
     pub kill_switches: Vec<KillSwitchEntry>,
+    /// [`crate::digest::Pepper::id`] of the pepper the key digests were made under: a data plane
+    /// holding another pepper refuses the snapshot instead of answering every key with 401.
+    /// Absent in snapshots written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pepper_id: Option<String>,
 }
 
 impl SnapshotContent {
@@ -281,9 +292,33 @@ mod tests {
         let tampered = String::from_utf8(json.clone()).expect("utf8").replace("\"active\":false", "\"active\":true");
         assert!(matches!(GatewaySnapshot::from_json(tampered.as_bytes()), Err(SnapshotError::DigestMismatch)));
 
-        let future = String::from_utf8(json).expect("utf8").replace("\"schemaVersion\":2", "\"schemaVersion\":9");
-        assert!(matches!(GatewaySnapshot::from_json(future.as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
+        let version = |v: u32| {
+            String::from_utf8(json.clone())
+                .expect("utf8")
+                .replace("\"schemaVersion\":3", &format!("\"schemaVersion\":{v}"))
+        };
+        assert!(matches!(GatewaySnapshot::from_json(version(9).as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
+        assert!(matches!(GatewaySnapshot::from_json(version(1).as_bytes()), Err(SnapshotError::UnsupportedSchema(1))));
         assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
+    }
+
+    /// What an operator of format 2 wrote (no `pepperId`) still parses, its digest intact; the
+    /// id, when present, is covered by the digest like the rest of the content.
+    #[test]
+    fn a_format_2_snapshot_is_read_and_the_pepper_id_is_digested() {
+        let mut old = GatewaySnapshot::new(content(), None);
+        old.schema_version = 2;
+        let json = old.to_json();
+        assert!(!String::from_utf8_lossy(&json).contains("pepperId"));
+        let parsed = GatewaySnapshot::from_json(&json).expect("format 2 parses");
+        assert_eq!((parsed.schema_version, parsed.content.pepper_id), (2, None));
+
+        let mut named = content();
+        named.pepper_id = Some("0123456789abcdef".into());
+        let snap = GatewaySnapshot::new(named, None);
+        assert_ne!(snap.content_digest, old.content_digest);
+        let swapped = String::from_utf8(snap.to_json()).expect("utf8").replace("0123456789abcdef", "fedcba9876543210");
+        assert!(matches!(GatewaySnapshot::from_json(swapped.as_bytes()), Err(SnapshotError::DigestMismatch)));
     }
 
     #[test]

@@ -206,21 +206,21 @@ impl ClusterSource {
                 Some(Ok(Change::Keyring(Some(secret)))) => match keyring_of(&secret) {
                     Ok(next) => {
                         keyring = next;
-                        applier.set_key_material(keyring.clone(), pepper.clone());
-                        if let Some(secret) = latest.take() {
-                            let Some((next, secret)) = offer_off_workers(applier, secret).await else {
-                                return;
-                            };
-                            applier = next;
-                            latest = Some(secret);
-                        }
+                        let Some(next) = rekey(applier, &keyring, &pepper, &mut latest).await else {
+                            return;
+                        };
+                        applier = next;
                     }
                     Err(error) => applier.reject(&format!("Secret {}: {error}", self.keyring)),
                 },
                 Some(Ok(Change::Pepper(Some(secret)))) => match pepper_of(&secret) {
+                    Ok(next) if next == pepper => {}
                     Ok(next) => {
                         pepper = next;
-                        applier.set_key_material(keyring.clone(), pepper.clone());
+                        let Some(next) = rekey(applier, &keyring, &pepper, &mut latest).await else {
+                            return;
+                        };
+                        applier = next;
                     }
                     Err(error) => applier.reject(&format!("Secret {}: {error}", self.pepper)),
                 },
@@ -242,6 +242,24 @@ fn publish(applier: &SnapshotApplier, applied: &watch::Sender<Option<AppliedSnap
         *current = now;
         true
     });
+}
+
+/// New key material: the applier takes it, and the latest snapshot Secret seen is offered again,
+/// since it may have been refused for want of it (sealed under a master key not yet seen, or
+/// digested under a pepper not yet seen). `None`: see [`off_workers`].
+async fn rekey(
+    mut applier: SnapshotApplier,
+    keyring: &MasterKeyring,
+    pepper: &Pepper,
+    latest: &mut Option<Secret>,
+) -> Option<SnapshotApplier> {
+    applier.set_key_material(keyring.clone(), pepper.clone());
+    let Some(secret) = latest.take() else {
+        return Some(applier);
+    };
+    let (applier, secret) = offer_off_workers(applier, secret).await?;
+    *latest = Some(secret);
+    Some(applier)
 }
 
 /// Hands one snapshot Secret to the applier (which rejects it whole if it cannot be opened).
@@ -382,6 +400,57 @@ mod tests {
         // A panic while applying (a bug) loses the applier, not the snapshot being served.
         assert!(off_workers(applier, |_| -> () { panic!("a bug") }).await.is_none());
         assert_eq!(handle.load().map(|s| s.generation), Some(1));
+    }
+
+    /// The operator made a new pepper (its Secret was recreated) and wrote a snapshot under it;
+    /// the snapshot's watch event came first. Opened under the old pepper, every key would be
+    /// refused: it is refused instead and the last good snapshot serves, and the pepper's event
+    /// applies it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_snapshot_opens_under_the_pepper_it_names_whichever_event_comes_first() {
+        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let (old, new) = (Pepper::generate().unwrap(), Pepper::generate().unwrap());
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
+        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), old.clone());
+        let under = |pepper: &Pepper, previous: Option<&GatewaySnapshot>| {
+            let content = portcullis_crds::snapshot::SnapshotContent {
+                pepper_id: Some(pepper.id()),
+                ..stop_everything(previous.is_some())
+            };
+            GatewaySnapshot::new(content, previous).tag(&keyring).unwrap()
+        };
+        let first = under(&old, None);
+        assert!(applier.apply(first.clone()));
+
+        let second = under(&new, Some(&first));
+        let (applier, kept) = offer_off_workers(applier, secret(SNAPSHOT_SECRET_KEY, &second.to_json())).await.unwrap();
+        assert_eq!(handle.load().map(|s| s.generation), Some(1), "refused under the old pepper");
+        assert_eq!(metrics.snapshot_valid.get(), 0);
+
+        // The keyring's event (same keys) re-offers it, still refused; the pepper's applies it.
+        let mut latest = Some(kept);
+        let applier = rekey(applier, &keyring, &old, &mut latest).await.unwrap();
+        assert_eq!(handle.load().map(|s| s.generation), Some(1));
+        let applier = rekey(applier, &keyring, &new, &mut latest).await.unwrap();
+        assert_eq!(handle.load().map(|s| s.generation), Some(2));
+        assert_eq!(metrics.snapshot_valid.get(), 1);
+        assert_eq!(applier.pepper(), &new);
+        assert!(latest.is_some(), "the Secret is kept for the next change of key material");
+
+        // The other order: the pepper changes first while the operator still digests under the
+        // old one (it reads its pepper when it starts). Its snapshots open under the old pepper.
+        let third = under(&old, Some(&second));
+        let (mut applier, _) = offer_off_workers(applier, secret(SNAPSHOT_SECRET_KEY, &third.to_json())).await.unwrap();
+        assert_eq!(handle.load().map(|s| s.generation), Some(3));
+        // A third pepper pushes the oldest out: a snapshot under it is refused.
+        let newest = Pepper::generate().unwrap();
+        applier.set_key_material(keyring.clone(), newest);
+        let content =
+            portcullis_crds::snapshot::SnapshotContent { pepper_id: Some(old.id()), ..stop_everything(false) };
+        let fourth = GatewaySnapshot::new(content, Some(&third)).tag(&keyring).unwrap();
+        assert!(!applier.apply(fourth));
+        assert_eq!(handle.load().map(|s| s.generation), Some(3));
     }
 
     #[test]

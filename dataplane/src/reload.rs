@@ -25,6 +25,9 @@ pub struct SnapshotApplier {
     metrics: Metrics,
     keyring: MasterKeyring,
     pepper: Pepper,
+    /// The pepper before the last change of `pepper`: a snapshot that names it (the operator
+    /// still holds it, or its new snapshot has not arrived yet) opens under it.
+    previous_pepper: Option<Pepper>,
     /// What the next compile and apply need of the last snapshot: generation, content digest
     /// and sealed credentials. Keys and kill switches are dropped (with 10k keys they are most
     /// of the snapshot) since the serving `RuntimeSnapshot` has its own copy.
@@ -38,7 +41,7 @@ pub struct SnapshotApplier {
 
 impl SnapshotApplier {
     pub fn new(handle: Arc<SnapshotHandle>, metrics: Metrics, keyring: MasterKeyring, pepper: Pepper) -> Self {
-        Self { handle, metrics, keyring, pepper, last_applied: None, retired: Vec::new() }
+        Self { handle, metrics, keyring, pepper, previous_pepper: None, last_applied: None, retired: Vec::new() }
     }
 
     /// Whether swapped-out snapshots are still waiting to be freed.
@@ -70,10 +73,21 @@ impl SnapshotApplier {
     }
 
     /// New key material (cluster mode follows the keyring and pepper Secrets). Takes effect with
-    /// the next snapshot applied.
+    /// the next snapshot applied; the pepper replaced stays at hand for snapshots that name it.
     pub fn set_key_material(&mut self, keyring: MasterKeyring, pepper: Pepper) {
         self.keyring = keyring;
-        self.pepper = pepper;
+        if pepper != self.pepper {
+            self.previous_pepper = Some(std::mem::replace(&mut self.pepper, pepper));
+        }
+    }
+
+    /// The pepper `snapshot`'s digests were made under, of the two at hand; the current one when
+    /// it names neither (opening it then says so) or none (written before snapshots named it).
+    fn pepper_for(&self, snapshot: &GatewaySnapshot) -> &Pepper {
+        match (&snapshot.content.pepper_id, &self.previous_pepper) {
+            (Some(id), Some(previous)) if *id != self.pepper.id() && *id == previous.id() => previous,
+            _ => &self.pepper,
+        }
     }
 
     /// The last snapshot applied, without its API keys and kill switches (see `last_applied`).
@@ -97,7 +111,7 @@ impl SnapshotApplier {
                 return false;
             }
         }
-        match RuntimeSnapshot::open(&snapshot, &self.keyring, &self.pepper) {
+        match RuntimeSnapshot::open(&snapshot, &self.keyring, self.pepper_for(&snapshot)) {
             Ok(runtime) => {
                 tracing::info!(
                     generation = runtime.generation,

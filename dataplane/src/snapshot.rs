@@ -133,6 +133,11 @@ pub enum OpenError {
     MissingKey { credential: ObjectRef, kind: ProviderKind },
     #[error(transparent)]
     Tag(#[from] SnapshotError),
+    #[error(
+        "the snapshot's key digests were made under pepper {snapshot}, this data plane holds pepper {held}: \
+         check --pepper-secret (or --pepper-file); the snapshot is applied once the pepper matches"
+    )]
+    PepperMismatch { snapshot: String, held: String },
 }
 
 pub struct RuntimeSnapshot {
@@ -165,6 +170,14 @@ impl RuntimeSnapshot {
         // Whoever wrote it held a master key: nothing in it is used before this holds.
         snapshot.verify_tag(keyring)?;
         let content = &snapshot.content;
+        // Under another pepper every presented key would digest to nothing known: refuse the
+        // snapshot (the last good one keeps serving) rather than answer every key with 401.
+        if let Some(id) = &content.pepper_id {
+            let held = pepper.id();
+            if *id != held {
+                return Err(OpenError::PepperMismatch { snapshot: id.clone(), held });
+            }
+        }
         let mut keys = FastMap::with_capacity_and_hasher(
             content.api_keys.iter().map(|k| k.digests.len()).sum(),
             Default::default(),
@@ -340,6 +353,12 @@ mod tests {
 
     /// Keys `a` and `b` in team `red` declaring different team limits, `c` without any limits.
     fn opened(pepper: &Pepper) -> RuntimeSnapshot {
+        let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
+        RuntimeSnapshot::open(&teams_snapshot(pepper, &keyring), &keyring, pepper).expect("open")
+    }
+
+    /// The snapshot [`opened`] opens, its digests and pepper id made under `pepper`.
+    fn teams_snapshot(pepper: &Pepper, keyring: &MasterKeyring) -> GatewaySnapshot {
         let entry = |name: &str, key: &str, extra: serde_json::Value| {
             let mut value = serde_json::json!({
                 "key": {"namespace": "apps", "name": name},
@@ -363,10 +382,30 @@ mod tests {
             ],
             credentials: Vec::new(),
             kill_switches: Vec::new(),
+            pepper_id: Some(pepper.id()),
         };
+        GatewaySnapshot::new(content, None).tag(keyring).expect("tag")
+    }
+
+    #[test]
+    fn a_snapshot_made_under_another_pepper_is_refused_and_one_without_an_id_opens() {
         let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
-        RuntimeSnapshot::open(&GatewaySnapshot::new(content, None).tag(&keyring).expect("tag"), &keyring, pepper)
-            .expect("open")
+        let ours = Pepper::generate().expect("pepper");
+        let theirs = Pepper::generate().expect("pepper");
+        let snapshot = teams_snapshot(&theirs, &keyring);
+        match RuntimeSnapshot::open(&snapshot, &keyring, &ours) {
+            Err(OpenError::PepperMismatch { snapshot, held }) => {
+                assert_eq!((snapshot, held), (theirs.id(), ours.id()));
+            }
+            other => panic!("expected a pepper mismatch, got {other:?}"),
+        }
+        assert!(RuntimeSnapshot::open(&snapshot, &keyring, &theirs).is_ok());
+        // Written before the id existed: opened as before (its keys simply do not match).
+        let mut content = snapshot.content.clone();
+        content.pepper_id = None;
+        let untagged_id = GatewaySnapshot::new(content, None).tag(&keyring).expect("tag");
+        let opened = RuntimeSnapshot::open(&untagged_id, &keyring, &ours).expect("opens");
+        assert!(opened.lookup_key(KEYS[0].as_bytes()).is_none());
     }
 
     #[test]

@@ -126,7 +126,7 @@ pub fn compile(
     if !errors.is_empty() {
         return Err(CompileErrors(errors));
     }
-    let content = SnapshotContent { api_keys, credentials, kill_switches };
+    let content = SnapshotContent { api_keys, credentials, kill_switches, pepper_id: Some(pepper.id()) };
     // Tagging fails only for a keyring whose active key is missing, which `MasterKeyring` rules out.
     let snapshot = GatewaySnapshot::new(content, previous).tag(keyring).map_err(|e| {
         CompileErrors(vec![CompileError {
