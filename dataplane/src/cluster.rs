@@ -402,10 +402,11 @@ mod tests {
         assert_eq!(handle.load().map(|s| s.generation), Some(1));
     }
 
-    /// The operator made a new pepper (its Secret was recreated) and wrote a snapshot under it;
-    /// the snapshot's watch event came first. Opened under the old pepper, every key would be
-    /// refused: it is refused instead and the last good snapshot serves, and the pepper's event
-    /// applies it.
+    /// The operator made a new pepper (its Secret was recreated) and wrote a snapshot under it.
+    /// When the snapshot's watch event comes first, opened under the old pepper every key would
+    /// be refused: it is refused instead, the last good snapshot serves, and the pepper's event
+    /// applies it. When the pepper's comes first, snapshots still made under the old pepper open
+    /// under it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_snapshot_opens_under_the_pepper_it_names_whichever_event_comes_first() {
         let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();

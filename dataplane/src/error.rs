@@ -236,6 +236,9 @@ impl GatewayError {
         };
         if let Some(ms) = retry_after_ms {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+            // Both SDKs read this before `Retry-After`: a window that frees in 150 ms is not
+            // waited on for a whole second.
+            headers.insert(RETRY_AFTER_MS_HEADER, HeaderValue::from(ms.max(1)));
             // A budget spent until tomorrow or a lockout: not worth an SDK's retries, and the
             // Anthropic SDK would sleep the whole `Retry-After` before its first one.
             if ms > MAX_RETRY_WORTH_MS {
@@ -249,6 +252,9 @@ impl GatewayError {
 
 /// Read by the OpenAI and Anthropic SDKs before their own retry rules.
 const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+
+/// `Retry-After` in milliseconds, read by the OpenAI and Anthropic SDKs before `Retry-After`.
+const RETRY_AFTER_MS_HEADER: &str = "retry-after-ms";
 
 /// The longest wait after which a retry is still worth the client's while (the SDKs' own cap on
 /// an honoured `Retry-After` is 60 s or more); a refusal for longer says not to retry.
@@ -296,10 +302,10 @@ mod tests {
         assert_eq!(anthropic["request_id"], "req-1");
     }
 
-    /// A refusal that lasts beyond a minute tells the SDKs not to retry; a minute's rate limit
-    /// leaves them to honour `Retry-After`.
+    /// A refusal gives its wait in seconds and in milliseconds; one that lasts beyond a minute
+    /// tells the SDKs not to retry, a minute's rate limit leaves them to honour the wait.
     #[test]
-    fn long_refusals_say_not_to_retry() {
+    fn refusals_give_their_wait_twice_and_long_ones_say_not_to_retry() {
         let id = HeaderValue::from_static("req-1");
         let cases = [
             (GatewayError::BudgetExceeded { limit: "tokensPerDay", retry_after_ms: 5 * 3_600_000 }, Some("false")),
@@ -316,8 +322,15 @@ mod tests {
             ),
         ];
         for (error, should_retry) in cases {
+            let ms = match &error {
+                GatewayError::BudgetExceeded { retry_after_ms, .. }
+                | GatewayError::LockedOut { retry_after_ms }
+                | GatewayError::RateLimited { retry_after_ms, .. } => *retry_after_ms,
+                _ => unreachable!(),
+            };
             let response = error.into_response(ApiFlavor::Anthropic, &id);
-            assert!(response.headers().contains_key(http::header::RETRY_AFTER));
+            assert_eq!(response.headers()[http::header::RETRY_AFTER], (ms / 1000).to_string());
+            assert_eq!(response.headers()[RETRY_AFTER_MS_HEADER], ms.to_string());
             let header = response.headers().get(SHOULD_RETRY_HEADER).map(|v| v.to_str().expect("ascii"));
             assert_eq!(header, should_retry);
         }

@@ -324,6 +324,7 @@ async fn request_bodies_held_at_once_are_bounded() {
         fx.messages(ALICE_KEY, &messages_body("claude-3-5-haiku-latest", &prompt, false), &[]).await.unwrap();
     assert::openai_error(&chat, 503, "gateway_overloaded");
     assert_eq!(chat.header("retry-after"), Some("1"), "{}", chat.describe());
+    assert_eq!(chat.header("retry-after-ms"), Some("1000"), "{}", chat.describe());
     assert::anthropic_error(&anthropic, 503, "gateway_overloaded", Some("overloaded_error"));
     assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
 

@@ -92,12 +92,15 @@ fn refused(r: Refusal) -> GatewayError {
 
 /// The rate-limit fields of one API's responses, each group in the order limit, remaining, reset.
 struct Names {
+    /// What every one of the names starts with.
+    prefix: &'static [u8],
     requests: [HeaderName; 3],
     tokens: [HeaderName; 3],
 }
 
 /// OpenAI's: the reset is a duration (`1.250s`).
 static OPENAI: Names = Names {
+    prefix: b"x-ratelimit-",
     requests: [
         HeaderName::from_static("x-ratelimit-limit-requests"),
         HeaderName::from_static("x-ratelimit-remaining-requests"),
@@ -112,6 +115,7 @@ static OPENAI: Names = Names {
 
 /// Anthropic's: the reset is an instant (RFC 3339, `2026-11-25T10:00:01Z`).
 static ANTHROPIC: Names = Names {
+    prefix: b"anthropic-ratelimit-",
     requests: [
         HeaderName::from_static("anthropic-ratelimit-requests-limit"),
         HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
@@ -282,8 +286,8 @@ impl RateHeaders {
         let carried = |window: Option<Window>, group: &[HeaderName; 3]| {
             window.is_some() && group.iter().any(|ours| ours.as_str().as_bytes() == name)
         };
-        // Every name of both APIs starts with one of these; most fields of a response do not.
-        (name.starts_with(b"x-ratelimit-") || name.starts_with(b"anthropic-ratelimit-"))
+        // Every name of the API starts with its prefix; most fields of a response do not.
+        name.starts_with(names.prefix)
             && (carried(self.requests, &names.requests) || carried(self.tokens, &names.tokens))
     }
 
@@ -366,6 +370,15 @@ mod tests {
         assert!(!rate.replaces(b"x-ratelimit-limit-requestsx"));
         assert!(!rate.replaces(b"anthropic-ratelimit-requests-limit"));
         assert!(!rate.replaces(b"content-type"));
+    }
+
+    #[test]
+    fn every_name_starts_with_its_apis_prefix() {
+        for names in [&OPENAI, &ANTHROPIC] {
+            for name in names.requests.iter().chain(&names.tokens) {
+                assert!(name.as_str().as_bytes().starts_with(names.prefix), "{name}");
+            }
+        }
     }
 
     #[test]
