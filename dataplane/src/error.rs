@@ -44,6 +44,8 @@ pub enum GatewayError {
         limit_value: u64,
         used: u64,
         tokens: bool,
+        /// What the request asked of the limit: its reserved tokens, or one request.
+        requested: u64,
     },
     BudgetExceeded {
         limit: &'static str,
@@ -182,6 +184,10 @@ impl GatewayError {
             E::UpstreamUnavailable => "The upstream provider could not be reached.".to_owned(),
             E::UpstreamTimeout => "The upstream provider did not answer in time.".to_owned(),
             E::UpstreamProtocol => "The upstream provider sent a malformed response.".to_owned(),
+            E::RateLimited { limit, limit_value, requested, .. } if self.never_fits() => format!(
+                "Request too large ({limit}): it needs about {requested} tokens and the limit is {limit_value}. \
+                 Lower max_tokens or shorten the input; retrying will not help."
+            ),
             E::RateLimited { limit, retry_after_ms, .. } => {
                 format!("Rate limit reached ({limit}). Retry after {:.1} s.", *retry_after_ms as f64 / 1000.0)
             }
@@ -217,6 +223,11 @@ impl GatewayError {
         }
     }
 
+    /// A rate-limit refusal of a request larger than the limit itself: no wait lets it through.
+    pub fn never_fits(&self) -> bool {
+        matches!(self, GatewayError::RateLimited { limit_value, requested, .. } if requested > limit_value)
+    }
+
     /// The error as a response in `flavor`'s format.
     pub fn into_response(self, flavor: ApiFlavor, request_id: &HeaderValue) -> Response<GatewayBody> {
         let shape = self.shape();
@@ -239,9 +250,10 @@ impl GatewayError {
             // Both SDKs read this before `Retry-After`: a window that frees in 150 ms is not
             // waited on for a whole second.
             headers.insert(RETRY_AFTER_MS_HEADER, HeaderValue::from(ms.max(1)));
-            // A budget spent until tomorrow or a lockout: not worth an SDK's retries, and the
-            // Anthropic SDK would sleep the whole `Retry-After` before its first one.
-            if ms > MAX_RETRY_WORTH_MS {
+            // A budget spent until tomorrow, a lockout, or a request larger than its limit: not
+            // worth an SDK's retries, and the Anthropic SDK would sleep the whole `Retry-After`
+            // before its first one.
+            if ms > MAX_RETRY_WORTH_MS || self.never_fits() {
                 headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
             }
         }
@@ -317,8 +329,21 @@ mod tests {
                     limit_value: 10,
                     used: 10,
                     tokens: false,
+                    requested: 1,
                 },
                 None,
+            ),
+            // Larger than the limit: the window's full minute would not let it through.
+            (
+                GatewayError::RateLimited {
+                    limit: "tokensPerMinute",
+                    retry_after_ms: 60_000,
+                    limit_value: 1_000,
+                    used: 0,
+                    tokens: true,
+                    requested: 4_097,
+                },
+                Some("false"),
             ),
         ];
         for (error, should_retry) in cases {

@@ -254,6 +254,32 @@ async fn an_absurd_max_tokens_leaves_the_shared_store_in_charge() {
     assert_eq!(limits["keys"][0]["source"], "shared", "{limits}");
 }
 
+/// A request larger than its key's tokens-per-minute limit is refused with a 429 that says so and
+/// tells the SDKs not to retry (no wait lets it through), in process and on Redis alike; one that
+/// fits is admitted.
+#[tokio::test]
+async fn a_request_larger_than_its_limit_is_told_not_to_retry() {
+    let redis = RedisServer::start().await.expect("redis");
+    let ms = manifests(None, &[("a", KEY_A, json!({"tokensPerMinute": 500}))]);
+    let in_process = Gateway::start(&ms, GatewayOptions::default()).await.expect("gateway");
+    let shared = Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway");
+    let client = TestClient::plain();
+    let auth = format!("Bearer {KEY_A}");
+    let body = |max_tokens: u64| json!({"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]});
+    for gw in [&in_process, &shared] {
+        let too_large =
+            client.post_json(&gw.url("/v1/chat/completions"), &[("authorization", &auth)], &body(4096)).await.unwrap();
+        assert_eq!(too_large.status, 429, "{}", too_large.describe());
+        assert_eq!(too_large.header("x-should-retry"), Some("false"), "{}", too_large.describe());
+        let message = too_large.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains("Request too large") && message.contains("500"), "{message}");
+        let fits =
+            client.post_json(&gw.url("/v1/chat/completions"), &[("authorization", &auth)], &body(100)).await.unwrap();
+        assert_eq!(fits.status, 200, "{}", fits.describe());
+        assert_eq!(fits.header("x-should-retry"), None);
+    }
+}
+
 /// A provider that cannot be reached never had the request: its reservation is given back.
 #[tokio::test]
 async fn a_request_that_never_reached_its_provider_is_not_charged() {

@@ -31,7 +31,7 @@ pub fn admit_in_process(
         return None;
     }
     let admission = grant.limits.as_ref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
-    Some(admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(admit_error))
+    Some(admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(|e| admit_error(e, tokens)))
 }
 
 /// Admits the request through the shared store or says which limit refused it. The future
@@ -65,17 +65,18 @@ pub async fn admit_shared(
         }
         None => admitted.await,
     };
-    decided.map_err(admit_error)
+    decided.map_err(|e| admit_error(e, tokens))
 }
 
-fn admit_error(e: AdmitError) -> GatewayError {
+/// `tokens`: what the request reserved.
+fn admit_error(e: AdmitError, tokens: u64) -> GatewayError {
     match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
-        AdmitError::Refused(refusal) => refused(refusal),
+        AdmitError::Refused(refusal) => refused(refusal, tokens),
     }
 }
 
-fn refused(r: Refusal) -> GatewayError {
+fn refused(r: Refusal, reserved: u64) -> GatewayError {
     if r.which.is_budget() {
         GatewayError::BudgetExceeded { limit: r.which.label(), retry_after_ms: r.retry_after_ms }
     } else {
@@ -86,6 +87,7 @@ fn refused(r: Refusal) -> GatewayError {
             limit_value: r.limit,
             used: r.used,
             tokens,
+            requested: if tokens { reserved } else { 1 },
         }
     }
 }
@@ -435,6 +437,7 @@ mod tests {
             limit_value: 1_000,
             used: 1_200,
             tokens: true,
+            requested: 300,
         };
         let mut headers = HeaderMap::new();
         refusal_headers(&error, ApiFlavor::Anthropic, &mut headers);
