@@ -194,6 +194,14 @@ fn compile_api_key(
                 }
             }
         }
+        None if inputs.issued_under_another_pepper.contains(&object) => {
+            report.error(
+                "status.issuedDigests",
+                "its key was issued under another pepper (the pepper Secret was made again) and matches nothing \
+                 now; change spec.rotation to issue a new key",
+            );
+            Vec::new()
+        }
         None => match inputs.issued_digests.get(&object) {
             Some(issued) if !issued.is_empty() => issued.clone(),
             _ => {

@@ -1,7 +1,7 @@
 //! What `compile` reads: the custom resources, the Secret values they reference, and the
 //! digests of operator-generated keys.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::IssuedDigest;
@@ -52,4 +52,7 @@ pub struct CompileInputs {
     /// Digests of keys the operator generated, by ApiKey. Keys brought through `secretRef` are
     /// digested from `secrets` instead.
     pub issued_digests: BTreeMap<ObjectRef, Vec<IssuedDigest>>,
+    /// Generated keys whose every live digest was made under another pepper (its Secret was
+    /// recreated): they match no key until rotated.
+    pub issued_under_another_pepper: BTreeSet<ObjectRef>,
 }

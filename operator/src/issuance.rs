@@ -158,6 +158,7 @@ pub fn decide(
                 digest: key.digest(pepper).to_hex(),
                 key_prefix: Some(prefix.clone()),
                 valid_until: None,
+                pepper_id: Some(pepper.id()),
             },
         );
         issued_at = Some(at);
@@ -189,9 +190,11 @@ pub fn decide(
 
 /// The snapshot's view of a status record; malformed digests are skipped (status is
 /// operator-written, so a bad entry means someone edited it by hand).
-pub fn snapshot_digests(record: &[IssuedKeyDigest]) -> Vec<IssuedDigest> {
+/// Digests recorded under another pepper than `pepper_id` are left out: they match no key.
+pub fn snapshot_digests(record: &[IssuedKeyDigest], pepper_id: &str) -> Vec<IssuedDigest> {
     record
         .iter()
+        .filter(|d| d.pepper_id.as_deref().is_none_or(|id| id == pepper_id))
         .filter_map(|d| {
             Some(IssuedDigest {
                 digest: portcullis_crds::digest::KeyDigest::from_hex(&d.digest).ok()?,

@@ -203,6 +203,21 @@ fn invalid_manifests_name_object_and_field() {
     }
 }
 
+/// A generated key whose digests were all made under another pepper is reported on the key
+/// (rotate it), not taken for one still being issued.
+#[test]
+fn a_key_issued_under_another_pepper_asks_for_a_rotation() {
+    let mut generated = inputs(&base().replace("  secretRef: {name: alice-key, key: key}\n", ""));
+    generated.issued_under_another_pepper.insert(portcullis_crds::v1alpha1::ObjectRef::new("team-a", "alice"));
+    let errors = compile(&generated, &keyring("k1"), &pepper(), None).expect_err("stale key");
+    let text = errors.to_string();
+    assert!(
+        text.contains("ApiKey team-a/alice: status.issuedDigests: its key was issued under another pepper"),
+        "{text}"
+    );
+    assert!(text.contains("change spec.rotation"), "{text}");
+}
+
 #[test]
 fn two_api_keys_with_one_key_are_rejected() {
     let yaml = format!(

@@ -268,6 +268,31 @@ async fn revoke_and_expire_show_in_status_and_snapshot() {
     assert_eq!(calls[0].body["status"]["conditions"][0]["reason"], "Expired");
 }
 
+/// A generated key recorded under another pepper (its Secret was made again) matches nothing:
+/// the snapshot names the current pepper and leaves the key out instead of carrying a dead digest.
+#[tokio::test]
+async fn a_key_issued_under_another_pepper_is_left_out_of_the_snapshot() {
+    let (key, _, _) = issued().await;
+    assert_eq!(key.status.as_ref().unwrap().issued_digests[0].pepper_id, Some(pepper().id()));
+    let mut w = world(echo(), None);
+    w.put_api_key(&key);
+    snapshot::sync_snapshot(&w.ctx).await.expect("sync");
+    let snap = snapshot_in(&w.take_calls()[0]);
+    assert_eq!(snap.content.pepper_id, Some(pepper().id()));
+    assert_eq!(snap.content.api_keys.len(), 1);
+
+    let mut stale = key.clone();
+    stale.status.as_mut().unwrap().issued_digests[0].pepper_id = Some("0123456789abcdef".into());
+    w.put_api_key(&stale);
+    let inputs = snapshot::gather_inputs(&w.ctx).await.expect("inputs");
+    let alice = portcullis_crds::v1alpha1::ObjectRef::new("team-a", "alice");
+    assert!(inputs.issued_under_another_pepper.contains(&alice), "reported on the key, not left out silently");
+    snapshot::sync_snapshot(&w.ctx).await.expect("sync");
+    let calls = w.take_calls();
+    let written = calls.iter().find(|c| c.path == SNAPSHOT_PATH).expect("snapshot written");
+    assert!(snapshot_in(written).content.api_keys.is_empty(), "the dead digest is not carried");
+}
+
 fn snapshot_in(call: &Call) -> GatewaySnapshot {
     let data = call.body["data"]["snapshot.json"].as_str().unwrap();
     let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap();

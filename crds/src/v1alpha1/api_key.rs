@@ -201,4 +201,10 @@ pub struct IssuedKeyDigest {
     /// End of the rotation grace period; unset for the current key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_until: Option<DateTime<Utc>>,
+    /// Names the pepper the digest was made under (16 hex characters of an HMAC, never the
+    /// pepper); unset in records written before it was kept. A digest under another pepper
+    /// matches no key: the key must be rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{16}$"))]
+    pub pepper_id: Option<String>,
 }

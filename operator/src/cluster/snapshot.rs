@@ -99,6 +99,7 @@ async fn refresh_keyring(ctx: &Context) -> Result<MasterKeyring, Error> {
 /// rather than reported. Values nothing references any more are dropped.
 pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     let now = ctx.now();
+    let pepper_id = ctx.pepper.id();
     let mut inputs = CompileInputs::default();
     let mut wanted: BTreeSet<ObjectRef> = BTreeSet::new();
     // Values kept besides `wanted`: the keyring and the reveal Secrets of generated keys.
@@ -114,11 +115,16 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
             None => {
                 also_held.insert(ObjectRef::new(object.namespace.clone(), issuance::reveal_secret_name(&object.name)));
                 let record = key.status.as_ref().map(|s| s.issued_digests.as_slice()).unwrap_or_default();
-                let digests: Vec<_> = issuance::snapshot_digests(record)
+                let digests: Vec<_> = issuance::snapshot_digests(record, &pepper_id)
                     .into_iter()
                     .filter(|d| d.valid_until.is_none_or(|until| until > now))
                     .collect();
                 if digests.is_empty() {
+                    // Live digests under another pepper only: reported on the key, not left out.
+                    if record.iter().any(|d| d.valid_until.is_none_or(|until| until > now)) {
+                        inputs.issued_under_another_pepper.insert(object);
+                        inputs.api_keys.push(key.clone());
+                    }
                     continue;
                 }
                 inputs.issued_digests.insert(object, digests);

@@ -144,8 +144,23 @@ fn rotation_issues_a_new_key_and_keeps_the_old_for_the_grace_period() {
     assert_eq!(after.digests.len(), 1);
     assert_eq!(after.digests[0].digest, new.digest(&pepper()).to_hex());
     // The snapshot view carries the deadline.
-    let snap = snapshot_digests(&rotated.digests);
+    let snap = snapshot_digests(&rotated.digests, &pepper().id());
     assert_eq!(snap[1].valid_until, Some(at + Duration::seconds(600)));
+}
+
+/// Each issued digest records the pepper it was made under; the snapshot carries only those of
+/// the current pepper (and records from before the pepper was kept).
+#[test]
+fn digests_under_another_pepper_stay_out_of_the_snapshot() {
+    let key = api_key(FRESH);
+    let (first, _) = issue(&key, None, now());
+    assert_eq!(first.digests[0].pepper_id, Some(pepper().id()));
+    assert_eq!(snapshot_digests(&first.digests, &pepper().id()).len(), 1);
+    let other = Pepper::new(SecretBytes::from_slice(&[10u8; 32])).unwrap();
+    assert!(snapshot_digests(&first.digests, &other.id()).is_empty());
+    let mut unrecorded = first.digests.clone();
+    unrecorded[0].pepper_id = None;
+    assert_eq!(snapshot_digests(&unrecorded, &other.id()).len(), 1);
 }
 
 #[test]
