@@ -46,6 +46,8 @@ pub enum GatewayError {
         tokens: bool,
         /// What the request asked of the limit: its reserved tokens, or one request.
         requested: u64,
+        /// The limiter's wall clock at the refusal (Anthropic's resets are instants).
+        at_ms: u64,
     },
     BudgetExceeded {
         limit: &'static str,
@@ -330,6 +332,7 @@ mod tests {
                     used: 10,
                     tokens: false,
                     requested: 1,
+                    at_ms: 0,
                 },
                 None,
             ),
@@ -342,6 +345,7 @@ mod tests {
                     used: 0,
                     tokens: true,
                     requested: 4_097,
+                    at_ms: 0,
                 },
                 Some("false"),
             ),

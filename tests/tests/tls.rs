@@ -102,6 +102,17 @@ async fn upstream_certificate_must_be_trusted() {
     );
 }
 
+/// Checks a response's request-limit fields (`names`: limit, remaining, reset) for a key allowed
+/// 50 requests a minute that has made `used`, each field once; returns the reset as sent.
+fn request_limits(response: &portcullis_e2e::Response, [limit, remaining, reset]: [&str; 3], used: u64) -> String {
+    let version = response.version;
+    assert_eq!(response.header_values(limit), ["50"], "{version:?}");
+    assert_eq!(response.header_values(remaining), [(50 - used).to_string()], "{version:?}");
+    let reset = response.header_values(reset);
+    assert_eq!(reset.len(), 1, "{version:?}");
+    reset[0].to_owned()
+}
+
 /// The gateway's `x-ratelimit-*` headers are the same over HTTP/2 and HTTP/1.1 (they reach the
 /// two servers by different paths), replace an upstream's headers for the limits the key has,
 /// and leave the upstream's alone for the limits it has not. Anthropic routes get them in
@@ -141,13 +152,14 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
         assert::ok(&response);
         assert_eq!(response.version, version);
         let all = |name: &str| response.header_values(name);
-        assert_eq!(all("x-ratelimit-limit-requests"), ["50"], "{version:?}");
-        assert_eq!(all("x-ratelimit-remaining-requests"), [(50 - used).to_string()], "{version:?}");
-        let reset = all("x-ratelimit-reset-requests");
-        assert_eq!(reset.len(), 1, "{version:?}");
-        let seconds = reset[0].strip_suffix('s').and_then(|s| s.parse::<f64>().ok()).expect("seconds");
+        let reset = request_limits(
+            &response,
+            ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+            used,
+        );
+        let seconds = reset.strip_suffix('s').and_then(|s| s.parse::<f64>().ok()).expect("seconds");
         // A minute and at most one 100 ms granule (the window's resolution).
-        assert!((0.0..=60.1).contains(&seconds), "{reset:?}");
+        assert!((0.0..=60.1).contains(&seconds), "{seconds}");
         // No token limit on this key: the upstream's token headers pass through.
         assert_eq!(all("x-ratelimit-limit-tokens"), ["12345"], "{version:?}");
         assert!(all("x-ratelimit-remaining-tokens").is_empty());
@@ -160,11 +172,13 @@ async fn rate_limit_headers_replace_the_upstreams_over_h2_and_http1() {
         assert::ok(&response);
         assert_eq!(response.version, version);
         let all = |name: &str| response.header_values(name);
-        assert_eq!(all("anthropic-ratelimit-requests-limit"), ["50"], "{version:?}");
-        assert_eq!(all("anthropic-ratelimit-requests-remaining"), [(50 - used).to_string()], "{version:?}");
-        let reset = all("anthropic-ratelimit-requests-reset");
-        assert_eq!(reset.len(), 1, "{version:?}");
-        let reset = chrono::DateTime::parse_from_rfc3339(reset[0]).expect("RFC 3339").timestamp();
+        let names = [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ];
+        let reset = request_limits(&response, names, used);
+        let reset = chrono::DateTime::parse_from_rfc3339(&reset).expect("RFC 3339").timestamp();
         // Within a minute (and a granule, rounded up to the second) of the request.
         assert!((before..=before + 62).contains(&reset), "{reset} against {before}");
         // No token limit on this key: the provider's field passes through; none in OpenAI's names.

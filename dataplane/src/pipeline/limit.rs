@@ -31,7 +31,12 @@ pub fn admit_in_process(
         return None;
     }
     let admission = grant.limits.as_ref().map(|limits| limiter.admission_at(limits, tokens, now_ms));
-    Some(admission.map(|admission| limiter.admit_in_process(admission)).transpose().map_err(|e| admit_error(e, tokens)))
+    Some(
+        admission
+            .map(|admission| limiter.admit_in_process(admission))
+            .transpose()
+            .map_err(|e| admit_error(e, tokens, now_ms)),
+    )
 }
 
 /// Admits the request through the shared store or says which limit refused it. The future
@@ -65,18 +70,18 @@ pub async fn admit_shared(
         }
         None => admitted.await,
     };
-    decided.map_err(|e| admit_error(e, tokens))
+    decided.map_err(|e| admit_error(e, tokens, now_ms))
 }
 
-/// `tokens`: what the request reserved.
-fn admit_error(e: AdmitError, tokens: u64) -> GatewayError {
+/// `tokens`: what the request reserved; `now_ms`: when it was admitted or refused.
+fn admit_error(e: AdmitError, tokens: u64, now_ms: u64) -> GatewayError {
     match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
-        AdmitError::Refused(refusal) => refused(refusal, tokens),
+        AdmitError::Refused(refusal) => refused(refusal, tokens, now_ms),
     }
 }
 
-fn refused(r: Refusal, reserved: u64) -> GatewayError {
+fn refused(r: Refusal, reserved: u64, at_ms: u64) -> GatewayError {
     if r.which.is_budget() {
         GatewayError::BudgetExceeded { limit: r.which.label(), retry_after_ms: r.retry_after_ms }
     } else {
@@ -88,6 +93,7 @@ fn refused(r: Refusal, reserved: u64) -> GatewayError {
             used: r.used,
             tokens,
             requested: if tokens { reserved } else { 1 },
+            at_ms,
         }
     }
 }
@@ -253,9 +259,9 @@ impl RateHeaders {
         (headers.requests.is_some() || headers.tokens.is_some()).then_some(headers)
     }
 
-    /// The limit that refused a request, on its 429, its resets counted from `now_ms`.
-    fn for_refusal(error: &GatewayError, flavor: ApiFlavor, now_ms: u64) -> Option<Self> {
-        let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, .. } = error else {
+    /// The limit that refused a request, on its 429.
+    fn for_refusal(error: &GatewayError, flavor: ApiFlavor) -> Option<Self> {
+        let GatewayError::RateLimited { retry_after_ms, limit_value, used, tokens, at_ms, .. } = error else {
             return None;
         };
         let window = Some(Window {
@@ -264,7 +270,7 @@ impl RateHeaders {
             reset_ms: *retry_after_ms,
         });
         let (requests, tokens) = if *tokens { (None, window) } else { (window, None) };
-        Some(Self { requests, tokens, flavor, at_ms: now_ms })
+        Some(Self { requests, tokens, flavor, at_ms: *at_ms })
     }
 
     fn each(&self, mut field: impl FnMut(&HeaderName, Text)) {
@@ -318,8 +324,7 @@ impl RateHeaders {
 
 /// The headers of the limit that refused a request, on its 429, in `flavor`'s names.
 pub fn refusal_headers(error: &GatewayError, flavor: ApiFlavor, headers: &mut HeaderMap) {
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    if let Some(rate) = RateHeaders::for_refusal(error, flavor, now_ms) {
+    if let Some(rate) = RateHeaders::for_refusal(error, flavor) {
         rate.insert_into(headers);
     }
 }
@@ -438,15 +443,14 @@ mod tests {
             used: 1_200,
             tokens: true,
             requested: 300,
+            at_ms: 1_700_000_000_000,
         };
         let mut headers = HeaderMap::new();
         refusal_headers(&error, ApiFlavor::Anthropic, &mut headers);
         assert_eq!(headers["anthropic-ratelimit-tokens-remaining"], "0");
         assert_eq!(headers.len(), 3, "{headers:?}");
-        let reset = chrono::DateTime::parse_from_rfc3339(headers["anthropic-ratelimit-tokens-reset"].to_str().unwrap())
-            .unwrap();
-        let ahead = reset.timestamp() - chrono::Utc::now().timestamp();
-        assert!((1..=3).contains(&ahead), "{ahead}");
+        // Counted from the refusal's own instant (2023-11-14T22:13:20Z), two seconds on.
+        assert_eq!(headers["anthropic-ratelimit-tokens-reset"], "2023-11-14T22:13:22Z");
         let mut headers = HeaderMap::new();
         refusal_headers(&error, ApiFlavor::OpenAi, &mut headers);
         assert_eq!(headers["x-ratelimit-reset-tokens"], "2.000s");

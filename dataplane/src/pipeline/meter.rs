@@ -52,6 +52,11 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The error and header conventions of the request's route (OpenAI's before it is known).
+    pub fn flavor(&self) -> ApiFlavor {
+        self.route.map_or(ApiFlavor::OpenAi, ApiRoute::flavor)
+    }
+
     pub fn new(metrics: Arc<Metrics>, started: Instant, request_id: HeaderValue) -> Self {
         Self::with(Some(metrics), started, request_id)
     }
@@ -381,7 +386,7 @@ impl MeteredBody {
         budget: Option<BudgetGuard>,
         guard: Option<StreamGuard>,
     ) -> Self {
-        let flavor = record.route.map_or(ApiFlavor::OpenAi, ApiRoute::flavor);
+        let flavor = record.flavor();
         Self {
             inner,
             budget,

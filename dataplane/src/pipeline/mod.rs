@@ -477,7 +477,7 @@ impl Gateway {
         } else {
             UsageReader::Json(JsonTail::default())
         };
-        let flavor = record.route.map_or(ApiFlavor::OpenAi, ApiRoute::flavor);
+        let flavor = record.flavor();
         let rate = record.ticket.as_ref().and_then(|(_, ticket)| limit::RateHeaders::for_ticket(ticket, flavor));
         // Only a stream can be cut cleanly; a JSON body is settled after the fact instead.
         let budget = budget.filter(|_| is_sse);
