@@ -113,6 +113,31 @@ async fn usage_chunk_is_requested_and_stripped_when_client_did_not_ask() {
     assert!(m.has("gen_ai_server_time_to_first_token"), "gen_ai_server_time_to_first_token missing after a stream");
 }
 
+/// `"stream_options": null` (or a value that is not an object) asks for nothing: the gateway
+/// asks for usage in its place, so the stream is metered on the provider's counts.
+#[tokio::test]
+async fn usage_is_requested_when_stream_options_is_not_an_object() {
+    let fx = Fixture::start().await.expect("fixture");
+    let auth = format!("Bearer {ALICE_KEY}");
+    for (options, usage_tokens) in [(json!(null), (17.0, 9.0)), (json!([false]), (34.0, 18.0))] {
+        let mut body = chat_body("gpt-4o-mini", "hi", true);
+        body["stream_options"] = options.clone();
+        let mut stream = fx
+            .client
+            .post_json_streaming(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &body)
+            .await
+            .unwrap();
+        assert_eq!(stream.status, 200, "{options}");
+        let events = stream.collect_events(T).await.unwrap();
+        let sent = fx.openai.last_request().unwrap().json();
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}), "{options}: {sent}");
+        assert!(!events.iter().any(is_usage_only), "{options}: the chunk asked for is stripped: {events:?}");
+        assert!(events.last().is_some_and(SseEvent::is_done), "{options}: {events:?}");
+        // The provider's counts, summed over the streams so far (an estimate would differ).
+        wait_token_usage(&fx, usage_tokens.0, usage_tokens.1).await;
+    }
+}
+
 #[tokio::test]
 async fn usage_chunk_is_kept_when_client_asked() {
     let fx = Fixture::start().await.expect("fixture");

@@ -174,8 +174,13 @@ fn upstream_body(
         object.insert("model".to_owned(), serde_json::Value::String(upstream_model.to_string()));
     }
     if wants_usage_injection {
-        let options =
-            object.entry("stream_options").or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        // `null` (or anything else that is not an object, which the provider would not read
+        // usage from either) is replaced: without the option the provider sends no usage, and
+        // the request would be metered on estimates.
+        let options = object.entry("stream_options").or_insert(serde_json::Value::Null);
+        if !options.is_object() {
+            *options = serde_json::Value::Object(serde_json::Map::new());
+        }
         if let Some(options) = options.as_object_mut() {
             options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
         }

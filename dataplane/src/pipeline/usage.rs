@@ -236,14 +236,29 @@ impl std::fmt::Debug for SseScanner {
     }
 }
 
-/// Length of the event at the start of `buf` including its blank-line terminator (`\n\n` or
-/// `\n\r\n`): one pass over the bytes up to the first one, with no searcher to build.
+/// Length of the event at the start of `buf` including the blank line that ends it: one pass
+/// over the bytes up to it, with no searcher to build. Lines end in CRLF, LF or a lone CR (the
+/// SSE grammar); a CR that is the last byte seen may be the first half of a CRLF, so it ends
+/// nothing until the next byte comes.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
-        Some([b'\n', ..]) => Some(i + 2),
-        Some([b'\r', b'\n', ..]) => Some(i + 3),
-        _ => None,
-    })
+    for i in memchr::memchr2_iter(b'\n', b'\r', buf) {
+        // Where the line ending at `i` ends (the LF of a CRLF is also seen on its own; as a
+        // line end it reads the same).
+        let after = match (buf[i], buf.get(i + 1)) {
+            (b'\r', None) => return None,
+            (b'\r', Some(b'\n')) => i + 2,
+            _ => i + 1,
+        };
+        // An empty line right after it ends the event.
+        match (buf.get(after), buf.get(after + 1)) {
+            (Some(b'\n'), _) => return Some(after + 1),
+            (Some(b'\r'), Some(b'\n')) => return Some(after + 2),
+            (Some(b'\r'), Some(_)) => return Some(after + 1),
+            (Some(b'\r'), None) => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 impl SseScanner {
@@ -258,7 +273,7 @@ impl SseScanner {
             return false;
         }
         let mut drop_event = false;
-        for line in event.split(|&b| b == b'\n') {
+        for line in event.split(|&b| b == b'\n' || b == b'\r') {
             let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
@@ -439,6 +454,15 @@ mod tests {
         assert_eq!(event_end(b"data: a\n"), None);
         assert_eq!(event_end(b"data: a\n\r"), None);
         assert_eq!(event_end(b""), None);
+        // A lone CR ends a line too; one that is the last byte may be half a CRLF.
+        assert_eq!(event_end(b"data: a\r\rdata: b\r\r"), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\ndata: b"), Some(10));
+        assert_eq!(event_end(b"data: a\r\r\ndata: b"), Some(10));
+        assert_eq!(event_end(b"data: a\r\n\rdata: b"), Some(10));
+        assert_eq!(event_end(b"event: x\rdata: a\r\rdata"), Some(18));
+        assert_eq!(event_end(b"data: a\r\r"), None);
+        assert_eq!(event_end(b"data: a\r"), None);
+        assert_eq!(event_end(b"data: a\rdata: b\r\n"), None);
         assert_eq!(
             find_usage(br#"{"usage":{"input_tokens":1},"x":{"usage":null}}"#),
             Some(Usage { input: Some(1), output: None })
@@ -468,6 +492,22 @@ mod tests {
                 assert_eq!(out, sent, "held back after byte {i}");
             }
         }
+    }
+
+    /// A provider that ends its lines with a lone CR: each event goes out when the next one
+    /// starts (its blank line might still be half a CRLF until then), and its usage is read.
+    #[test]
+    fn lone_cr_events_are_split_and_metered() {
+        let stream = "data: {\"a\":1}\r\revent: x\rdata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\r\rdata: [DONE]\r\r";
+        for split in [1, 2, 3, 5, 7, stream.len()] {
+            let mut scanner = SseScanner::new(false);
+            assert_eq!(run(&mut scanner, stream, split), stream, "split {split}");
+            assert_eq!(scanner.usage, Usage { input: Some(3), output: Some(4) }, "split {split}");
+        }
+        let mut scanner = SseScanner::new(false);
+        let first = scanner.push(Bytes::from_static(b"data: {\"a\":1}\r\rdata: {\"b\""));
+        assert_eq!(first.as_deref(), Some(&b"data: {\"a\":1}\r\r"[..]), "not held until the pending limit");
+        assert_eq!(scanner.events, 1);
     }
 
     #[test]
