@@ -220,6 +220,8 @@ impl JsonTail {
 pub struct SseScanner {
     pending: BytesMut,
     strip_usage_only_chunk: bool,
+    /// Whether the stream ends its lines in a lone CR, once its first line end is seen.
+    lone_cr: Option<bool>,
     pub usage: Usage,
     pub events: u64,
 }
@@ -236,9 +238,19 @@ impl std::fmt::Debug for SseScanner {
     }
 }
 
-/// Length of the event at the start of `buf` including the blank line that ends it: one pass
-/// over the bytes up to it, with no searcher to build. Lines end in CRLF, LF or a lone CR (the
-/// SSE grammar); a CR that is the last byte seen may be the first half of a CRLF, so it ends
+/// Length of the event at the start of `buf` including its blank-line terminator (`\n\n` or
+/// `\n\r\n`), for a stream whose lines end in LF or CRLF (every provider's): one pass over the
+/// bytes up to the first one, with no searcher to build.
+fn lf_event_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
+}
+
+/// [`lf_event_end`] for a stream that may end lines in a lone CR too (the SSE grammar allows
+/// CRLF, LF and CR). A CR that is the last byte seen may be the first half of a CRLF, so it ends
 /// nothing until the next byte comes.
 fn event_end(buf: &[u8]) -> Option<usize> {
     for i in memchr::memchr2_iter(b'\n', b'\r', buf) {
@@ -261,6 +273,17 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// How a stream ends its lines, from its first line end: `Some(true)` for a lone CR,
+/// `Some(false)` for LF or CRLF, `None` while it cannot tell (no line end yet, or a CR last).
+fn ends_lines_in_lone_cr(buf: &[u8]) -> Option<bool> {
+    let i = memchr::memchr2(b'\n', b'\r', buf)?;
+    match (buf[i], buf.get(i + 1)) {
+        (b'\n', _) | (_, Some(b'\n')) => Some(false),
+        (_, Some(_)) => Some(true),
+        (_, None) => None,
+    }
+}
+
 impl SseScanner {
     pub fn new(strip_usage_only_chunk: bool) -> Self {
         Self { strip_usage_only_chunk, ..Default::default() }
@@ -273,43 +296,78 @@ impl SseScanner {
             return false;
         }
         let mut drop_event = false;
-        for line in event.split(|&b| b == b'\n' || b == b'\r') {
-            let Some(data) = line.strip_prefix(b"data:") else {
-                continue;
-            };
-            let data = data.trim_ascii();
-            #[derive(Deserialize)]
-            struct Chunk {
-                #[serde(default)]
-                choices: Option<Vec<serde::de::IgnoredAny>>,
-                #[serde(default)]
-                usage: Option<UsageFields>,
+        // A CRLF's CR is trimmed from its line below.
+        if self.lone_cr == Some(true) {
+            for line in event.split(|&b| b == b'\n' || b == b'\r') {
+                drop_event |= self.read_line(line);
             }
-            match serde_json::from_slice::<Chunk>(data) {
-                Ok(Chunk { usage: Some(usage), choices }) => {
-                    self.usage.merge(usage.into());
-                    let usage_only = choices.as_ref().is_some_and(|c| c.is_empty());
-                    drop_event |= usage_only && self.strip_usage_only_chunk;
-                }
-                // Anthropic's message_start and the Responses API nest usage deeper.
-                _ => {
-                    if let Some(usage) = find_usage(data) {
-                        self.usage.merge(usage);
-                    }
-                }
+        } else {
+            for line in event.split(|&b| b == b'\n') {
+                drop_event |= self.read_line(line);
             }
         }
         drop_event
     }
 
+    /// Meters one line of an event that mentions usage; true when the event must be dropped.
+    fn read_line(&mut self, line: &[u8]) -> bool {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return false;
+        };
+        let data = data.trim_ascii();
+        #[derive(Deserialize)]
+        struct Chunk {
+            #[serde(default)]
+            choices: Option<Vec<serde::de::IgnoredAny>>,
+            #[serde(default)]
+            usage: Option<UsageFields>,
+        }
+        match serde_json::from_slice::<Chunk>(data) {
+            Ok(Chunk { usage: Some(usage), choices }) => {
+                self.usage.merge(usage.into());
+                let usage_only = choices.as_ref().is_some_and(|c| c.is_empty());
+                usage_only && self.strip_usage_only_chunk
+            }
+            // Anthropic's message_start and the Responses API nest usage deeper.
+            _ => {
+                if let Some(usage) = find_usage(data) {
+                    self.usage.merge(usage);
+                }
+                false
+            }
+        }
+    }
+
+    /// Where the event at the start of `buf` ends, by the stream's line ends.
+    #[inline]
+    fn event_end(&self, buf: &[u8]) -> Option<usize> {
+        match self.lone_cr {
+            Some(false) => lf_event_end(buf),
+            _ => event_end(buf),
+        }
+    }
+
+    /// Learns how the stream ends its lines from its first line end, which `chunk` may hold (or
+    /// finish: a CR the pending bytes end with).
+    fn learn_line_ends(&mut self, chunk: &[u8]) {
+        if self.lone_cr.is_some() {
+            return;
+        }
+        self.lone_cr = match self.pending.last() {
+            Some(b'\r') => chunk.first().map(|&b| b != b'\n'),
+            _ => ends_lines_in_lone_cr(chunk),
+        };
+    }
+
     /// Takes the next chunk from upstream; returns what to forward now.
     pub fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
+        self.learn_line_ends(&chunk);
         if self.pending.is_empty() {
             // Fast path: whole events, nothing dropped → forward the buffer as it came.
             let events_before = self.events;
             let mut offset = 0;
             let mut dropped = false;
-            while let Some(len) = event_end(&chunk[offset..]) {
+            while let Some(len) = self.event_end(&chunk[offset..]) {
                 if self.inspect(&chunk[offset..offset + len]) {
                     dropped = true;
                     break;
@@ -335,7 +393,7 @@ impl SseScanner {
         // time, not quadratic.
         let seam = self.pending.len().saturating_sub(2);
         self.pending.extend_from_slice(&chunk);
-        if self.pending.len() <= MAX_PENDING_EVENT && event_end(&self.pending[seam..]).is_none() {
+        if self.pending.len() <= MAX_PENDING_EVENT && self.event_end(&self.pending[seam..]).is_none() {
             return None;
         }
         let pending = std::mem::take(&mut self.pending).freeze();
@@ -345,7 +403,7 @@ impl SseScanner {
     fn rebuild(&mut self, buf: &Bytes) -> Option<Bytes> {
         let mut out = BytesMut::new();
         let mut offset = 0;
-        while let Some(len) = event_end(&buf[offset..]) {
+        while let Some(len) = self.event_end(&buf[offset..]) {
             let event = &buf[offset..offset + len];
             if !self.inspect(event) {
                 out.extend_from_slice(event);
@@ -492,6 +550,23 @@ mod tests {
                 assert_eq!(out, sent, "held back after byte {i}");
             }
         }
+    }
+
+    /// On a stream without lone CRs the LF search answers what the general scan answers.
+    #[test]
+    fn the_lf_search_agrees_with_the_general_scan() {
+        let mut rng = crate::json_scan::generate::Rng::new(0x5eed_0c12);
+        for _ in 0..20_000 {
+            let mut buf = Vec::new();
+            for _ in 0..rng.below(8) {
+                buf.extend_from_slice([&b"a"[..], b"\r\n", b"\n"][rng.below(3)]);
+            }
+            assert_eq!(lf_event_end(&buf), event_end(&buf), "{:?}", String::from_utf8_lossy(&buf));
+            assert_ne!(ends_lines_in_lone_cr(&buf), Some(true));
+        }
+        assert_eq!(ends_lines_in_lone_cr(b"data: a\rdata"), Some(true));
+        assert_eq!(ends_lines_in_lone_cr(b"data: a\r"), None);
+        assert_eq!(ends_lines_in_lone_cr(b"data: a"), None);
     }
 
     /// A provider that ends its lines with a lone CR: each event goes out when the next one
