@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use portcullis_crds::digest::{Pepper, PEPPER_SECRET_KEY};
 use portcullis_crds::sealing::MasterKeyring;
 use portcullis_crds::secret::SecretBytes;
-use portcullis_crds::snapshot::{GatewaySnapshot, SNAPSHOT_SECRET_KEY};
+use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::ObjectRef;
 use tokio::sync::watch;
 
@@ -72,9 +72,7 @@ fn pepper_of(secret: &Secret) -> anyhow::Result<Pepper> {
 
 /// Parses a snapshot Secret; the error says why it cannot be used (never what it holds).
 pub fn snapshot_of(secret: &Secret) -> Result<GatewaySnapshot, String> {
-    let bytes =
-        data(secret, SNAPSHOT_SECRET_KEY).ok_or_else(|| format!("the Secret has no {SNAPSHOT_SECRET_KEY:?} key"))?;
-    GatewaySnapshot::from_json(bytes).map_err(|e| e.to_string())
+    GatewaySnapshot::from_secret_data(|key| data(secret, key)).map_err(|e| e.to_string())
 }
 
 impl ClusterSource {
@@ -287,6 +285,7 @@ mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
     use k8s_openapi::ByteString;
+    use portcullis_crds::snapshot::{SNAPSHOT_SECRET_GZIP_KEY, SNAPSHOT_SECRET_KEY};
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -367,6 +366,29 @@ mod tests {
         assert_eq!(metrics.snapshot_reload_failures.get(), 4);
         assert_eq!(applier.last_applied().map(|s| s.generation), Some(1));
         assert_eq!(handle.load().map(|s| s.generation), Some(1));
+    }
+
+    /// What the operator writes: the snapshot gzipped under its own key. A broken gzip stream is
+    /// refused like any invalid snapshot.
+    #[test]
+    fn a_gzipped_snapshot_is_applied() {
+        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
+        let pepper = Pepper::generate().unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
+        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        let good = GatewaySnapshot::new(Default::default(), None).tag(&keyring).unwrap();
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_GZIP_KEY, &good.to_secret_data()));
+        assert_eq!((metrics.snapshot_generation.get(), metrics.snapshot_valid.get()), (1, 1));
+        let next = GatewaySnapshot::new(stop_everything(true), Some(&good)).tag(&keyring).unwrap();
+        let mut broken = next.to_secret_data();
+        broken.truncate(broken.len() - 8);
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_GZIP_KEY, &broken));
+        assert_eq!(metrics.snapshot_valid.get(), 0);
+        assert_eq!(handle.load().map(|s| s.generation), Some(1));
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_GZIP_KEY, &next.to_secret_data()));
+        assert_eq!((metrics.snapshot_generation.get(), metrics.snapshot_valid.get()), (2, 1));
+        assert_eq!(handle.load().map(|s| s.generation), Some(2));
     }
 
     #[tokio::test(flavor = "current_thread")]

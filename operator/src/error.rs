@@ -52,6 +52,11 @@ pub enum Error {
     KeyMaterial(String),
     #[error(transparent)]
     Compile(#[from] crate::assemble::AssembleError),
+    #[error(
+        "the snapshot is {bytes} bytes gzipped ({api_keys} ApiKeys, {credentials} ProviderCredentials), over the \
+         {limit} bytes a Secret holds: it is not written and the last one written stays in force"
+    )]
+    SnapshotTooLarge { bytes: usize, limit: usize, api_keys: usize, credentials: usize },
     #[error("this replica is not the leader")]
     NotLeader,
     #[error("audit ledger: {0}")]
@@ -75,7 +80,7 @@ impl Error {
             Error::Write { source, .. } if status_code(source) == Some(409) => Category::Conflict,
             Error::Write { .. } => Category::Write,
             Error::KeyMaterial(_) => Category::KeyMaterial,
-            Error::Compile(_) => Category::Compile,
+            Error::Compile(_) | Error::SnapshotTooLarge { .. } => Category::Compile,
             Error::NotLeader => Category::NotLeader,
             Error::Ledger(_) => Category::Ledger,
         }

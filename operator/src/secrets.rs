@@ -10,7 +10,7 @@ use kube::Resource;
 use portcullis_crds::digest::{ClientKey, KeyMaterialError, Pepper, PEPPER_SECRET_KEY};
 use portcullis_crds::sealing::{KeyId, MasterKeyring, SealingError};
 use portcullis_crds::secret::SecretBytes;
-use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent, SNAPSHOT_SECRET_KEY};
+use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent, SNAPSHOT_SECRET_GZIP_KEY};
 use portcullis_crds::v1alpha1::{ApiKey, ObjectRef};
 
 use crate::inputs::SecretStore;
@@ -75,23 +75,28 @@ pub fn pepper_from_secret(secret: &Secret) -> Result<Pepper, KeyMaterialError> {
     Pepper::new(bytes)
 }
 
-/// The desired snapshot Secret for `snapshot`.
+/// The desired snapshot Secret for `snapshot`: gzipped JSON. Applied server-side, it takes the
+/// plain-JSON key an older operator wrote away with it (the field manager owns only this one).
 pub fn snapshot_secret(namespace: &str, name: &str, snapshot: &GatewaySnapshot) -> Secret {
     let mut meta = managed_meta(namespace, name);
     meta.annotations = Some(BTreeMap::from([
         (GENERATION_ANNOTATION.to_owned(), snapshot.generation.to_string()),
         (CONTENT_DIGEST_ANNOTATION.to_owned(), snapshot.content_digest.clone()),
     ]));
-    let data = BTreeMap::from([(SNAPSHOT_SECRET_KEY.to_owned(), SecretBytes::new(snapshot.to_json()))]);
+    let data = BTreeMap::from([(SNAPSHOT_SECRET_GZIP_KEY.to_owned(), SecretBytes::new(snapshot.to_secret_data()))]);
     opaque(meta, data)
+}
+
+/// The size of a snapshot Secret's data, to check against what the API server takes.
+pub fn data_bytes(secret: &Secret) -> usize {
+    secret_data(secret).map(|(k, v)| k.len() + v.len()).sum()
 }
 
 /// The snapshot stored in the snapshot Secret, as `compile`'s `previous`. When it cannot be read,
 /// a stand-in carrying only the annotated generation keeps generations growing.
 pub fn previous_snapshot(secret: &Secret) -> Option<GatewaySnapshot> {
-    let parsed = secret_data(secret)
-        .find(|(k, _)| *k == SNAPSHOT_SECRET_KEY)
-        .and_then(|(_, v)| GatewaySnapshot::from_json(v).ok());
+    let parsed =
+        GatewaySnapshot::from_secret_data(|key| secret_data(secret).find(|(k, _)| *k == key).map(|(_, v)| v)).ok();
     parsed.or_else(|| {
         let generation = secret.metadata.annotations.as_ref()?.get(GENERATION_ANNOTATION)?.parse().ok()?;
         Some(GatewaySnapshot {
@@ -157,6 +162,7 @@ pub fn add_to_store(store: &mut SecretStore, secret: &Secret) {
 mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
+    use portcullis_crds::snapshot::SNAPSHOT_SECRET_KEY;
 
     #[test]
     fn key_material_round_trips_through_its_secrets() {
@@ -170,6 +176,18 @@ mod tests {
             BTreeMap::from([(PEPPER_SECRET_KEY.to_owned(), SecretBytes::from_slice(b"short"))]),
         );
         assert!(pepper_from_secret(&short).is_err());
+    }
+
+    /// The snapshot goes in its Secret gzipped, under its own key only, and is read back.
+    #[test]
+    fn the_snapshot_is_written_gzipped() {
+        let snap = GatewaySnapshot::new(SnapshotContent::default(), None);
+        let secret = snapshot_secret("ns", "snap", &snap);
+        let keys: Vec<&str> = secret_data(&secret).map(|(k, _)| k).collect();
+        assert_eq!(keys, [SNAPSHOT_SECRET_GZIP_KEY]);
+        assert!(secret_data(&secret).all(|(_, v)| v.starts_with(&[0x1f, 0x8b])));
+        assert_eq!(data_bytes(&secret), SNAPSHOT_SECRET_GZIP_KEY.len() + snap.to_secret_data().len());
+        assert_eq!(previous_snapshot(&secret), Some(snap));
     }
 
     #[test]

@@ -293,10 +293,12 @@ async fn a_key_issued_under_another_pepper_is_left_out_of_the_snapshot() {
     assert!(snapshot_in(written).content.api_keys.is_empty(), "the dead digest is not carried");
 }
 
+/// The snapshot a write carries: gzipped, under its own key only.
 fn snapshot_in(call: &Call) -> GatewaySnapshot {
-    let data = call.body["data"]["snapshot.json"].as_str().unwrap();
-    let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap();
-    GatewaySnapshot::from_json(&bytes).unwrap()
+    let data = call.body["data"].as_object().unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["snapshot.json.gz"]);
+    let bytes = base64::engine::general_purpose::STANDARD.decode(data["snapshot.json.gz"].as_str().unwrap()).unwrap();
+    GatewaySnapshot::from_secret_data(|key| (key == "snapshot.json.gz").then_some(bytes.as_slice())).unwrap()
 }
 
 #[tokio::test]

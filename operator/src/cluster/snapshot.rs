@@ -159,6 +159,22 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     Ok(inputs)
 }
 
+/// Refuses a snapshot Secret the API server would refuse for its size, saying so in the
+/// operator's own terms (the last snapshot written stays in force meanwhile).
+fn check_size(secret: &Secret, snapshot: &GatewaySnapshot) -> Result<(), Error> {
+    let bytes = secrets::data_bytes(secret);
+    let limit = portcullis_crds::snapshot::MAX_SECRET_DATA_BYTES;
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(Error::SnapshotTooLarge {
+        bytes,
+        limit,
+        api_keys: snapshot.content.api_keys.len(),
+        credentials: snapshot.content.credentials.len(),
+    })
+}
+
 /// Compiles everything and writes the snapshot Secret if, and only if, its content changed.
 /// Returns the generation written.
 pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
@@ -177,6 +193,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     if changed {
         let settings = &ctx.settings;
         let secret = secrets::snapshot_secret(&settings.namespace, &settings.snapshot_secret, &snapshot);
+        check_size(&secret, &snapshot)?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
         api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
             .await
@@ -228,5 +245,29 @@ fn note_inclusion(
 ) {
     for key in ctx.acknowledgements.record(previous.map(|p| &p.content), snapshot, objects) {
         ctx.retrigger.object(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use portcullis_crds::snapshot::{SnapshotContent, MAX_SECRET_DATA_BYTES};
+
+    /// A snapshot Secret the API server would refuse for its size is refused here first, with
+    /// the sizes and counts (never the content) in the message.
+    #[test]
+    fn a_snapshot_over_what_a_secret_holds_is_not_written() {
+        let snapshot = GatewaySnapshot::new(SnapshotContent::default(), None);
+        let fits = secrets::snapshot_secret("ns", "snap", &snapshot);
+        assert!(check_size(&fits, &snapshot).is_ok());
+        let mut over = fits.clone();
+        over.data =
+            Some([("snapshot.json.gz".to_owned(), k8s_openapi::ByteString(vec![0; MAX_SECRET_DATA_BYTES]))].into());
+        let error = check_size(&over, &snapshot).unwrap_err();
+        assert!(matches!(error, Error::SnapshotTooLarge { bytes, .. } if bytes == MAX_SECRET_DATA_BYTES + 16));
+        let message = error.to_string();
+        assert!(message.contains("over the 1048576 bytes a Secret holds"), "{message}");
+        assert!(message.contains("0 ApiKeys"), "{message}");
     }
 }
