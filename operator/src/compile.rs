@@ -5,7 +5,7 @@
 //! ciphertext (found by opening the previous snapshot), so re-applying the same manifests yields
 //! the same content digest and generation — no write, no churn.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use portcullis_crds::digest::{ClientKey, KeyDigest, Pepper};
@@ -477,21 +477,27 @@ fn reject_duplicates<'a>(
     }
 }
 
-/// Two ApiKeys holding the same key would make authentication ambiguous.
+/// Two ApiKeys holding the same key would make authentication ambiguous. Every holder is left
+/// out, not all but the first: otherwise an ApiKey made to point at a revoked key's Secret could
+/// keep that key working under its own name. The message names no other object, so holding a
+/// key does not tell whose it is.
 fn reject_shared_digests(api_keys: &[ApiKeyEntry], errors: &mut Vec<CompileError>) {
     let mut owners: BTreeMap<&KeyDigest, &ObjectRef> = BTreeMap::new();
+    let mut shared: BTreeSet<&ObjectRef> = BTreeSet::new();
     for entry in api_keys {
         for issued in &entry.digests {
             if let Some(first) = owners.insert(&issued.digest, &entry.key) {
                 if first != &entry.key {
-                    errors.push(CompileError {
-                        kind: "ApiKey",
-                        object: entry.key.clone(),
-                        field: "spec.secretRef".to_owned(),
-                        message: format!("holds the same key as ApiKey {first}; every ApiKey needs its own key"),
-                    });
+                    shared.insert(first);
+                    shared.insert(&entry.key);
                 }
             }
         }
     }
+    errors.extend(shared.into_iter().map(|object| CompileError {
+        kind: "ApiKey",
+        object: object.clone(),
+        field: "spec.secretRef".to_owned(),
+        message: "holds the same key as another ApiKey; every ApiKey needs its own key".to_owned(),
+    }));
 }

@@ -225,7 +225,15 @@ fn two_api_keys_with_one_key_are_rejected() {
         base()
     );
     let errors = compile(&inputs(&yaml), &keyring("k1"), &pepper(), None).expect_err("shared key");
-    assert!(errors.to_string().contains("holds the same key as ApiKey"), "{errors}");
+    // Both are left out (a copy cannot keep a revoked key working), and neither names the other.
+    let text = errors.to_string();
+    for holder in ["team-a/alice", "team-a/bob"] {
+        assert!(
+            text.contains(&format!("ApiKey {holder}: spec.secretRef: holds the same key as another ApiKey")),
+            "{text}"
+        );
+    }
+    assert_eq!(errors.0.len(), 2, "{text}");
 }
 
 #[test]
