@@ -313,12 +313,20 @@ mod tests {
         portcullis_crds::snapshot::SnapshotContent { kill_switches: vec![switch], ..Default::default() }
     }
 
-    #[test]
-    fn a_snapshot_swapped_out_under_a_request_is_freed_by_the_applier_not_the_request() {
+    /// A keyring, the metrics and handle an applier reports to, and the applier (under `pepper`).
+    fn applier_under(
+        pepper: Pepper,
+    ) -> (MasterKeyring, crate::metrics::Metrics, Arc<crate::snapshot::SnapshotHandle>, SnapshotApplier) {
         let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
         let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let mut applier = SnapshotApplier::new(handle.clone(), metrics, keyring.clone(), Pepper::generate().unwrap());
+        let applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        (keyring, metrics, handle, applier)
+    }
+
+    #[test]
+    fn a_snapshot_swapped_out_under_a_request_is_freed_by_the_applier_not_the_request() {
+        let (keyring, _, handle, mut applier) = applier_under(Pepper::generate().unwrap());
         let first = GatewaySnapshot::new(stop_everything(false), None).tag(&keyring).unwrap();
         assert!(applier.apply(first.clone()));
         let in_flight = handle.load().unwrap();
@@ -343,11 +351,7 @@ mod tests {
 
     #[test]
     fn an_invalid_snapshot_is_rejected_and_the_last_good_keeps_serving() {
-        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        let (keyring, metrics, handle, mut applier) = applier_under(Pepper::generate().unwrap());
         let good = GatewaySnapshot::new(Default::default(), None).tag(&keyring).unwrap();
         offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &good.to_json()));
         assert_eq!(metrics.snapshot_generation.get(), 1);
@@ -372,11 +376,7 @@ mod tests {
     /// refused like any invalid snapshot.
     #[test]
     fn a_gzipped_snapshot_is_applied() {
-        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        let (keyring, metrics, handle, mut applier) = applier_under(Pepper::generate().unwrap());
         let good = GatewaySnapshot::new(Default::default(), None).tag(&keyring).unwrap();
         offer(&mut applier, &secret(SNAPSHOT_SECRET_GZIP_KEY, &good.to_secret_data()));
         assert_eq!((metrics.snapshot_generation.get(), metrics.snapshot_valid.get()), (1, 1));
@@ -393,11 +393,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn snapshots_are_opened_off_the_async_workers_and_the_applier_comes_back() {
-        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), pepper);
+        let (keyring, metrics, handle, applier) = applier_under(Pepper::generate().unwrap());
 
         // While the work runs, this (single-threaded) runtime keeps serving its other tasks: the
         // work waits for one of them, which could never run if the work held the runtime's thread.
@@ -431,11 +427,8 @@ mod tests {
     /// under it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_snapshot_opens_under_the_pepper_it_names_whichever_event_comes_first() {
-        let keyring = MasterKeyring::generate(portcullis_crds::sealing::KeyId::new("k1").unwrap()).unwrap();
         let (old, new) = (Pepper::generate().unwrap(), Pepper::generate().unwrap());
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let handle = Arc::new(crate::snapshot::SnapshotHandle::default());
-        let mut applier = SnapshotApplier::new(handle.clone(), metrics.clone(), keyring.clone(), old.clone());
+        let (keyring, metrics, handle, mut applier) = applier_under(old.clone());
         let under = |pepper: &Pepper, previous: Option<&GatewaySnapshot>| {
             let content = portcullis_crds::snapshot::SnapshotContent {
                 pepper_id: Some(pepper.id()),
