@@ -119,6 +119,7 @@ pub fn compile(
         .kill_switches
         .iter()
         .filter_map(|s| compile_kill_switch(s, &api_keys, &credentials, &mut errors, &mut warnings))
+        .chain(inputs.kept_kill_switches.iter().cloned())
         .collect();
     kill_switches.sort_by(|a, b| a.switch.cmp(&b.switch));
     reject_duplicates("KillSwitch", kill_switches.iter().map(|s| &s.switch), &mut errors);

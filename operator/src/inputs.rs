@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use portcullis_crds::secret::SecretBytes;
-use portcullis_crds::snapshot::IssuedDigest;
+use portcullis_crds::snapshot::{IssuedDigest, KillSwitchEntry};
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ObjectRef, ProviderCredential};
 
 /// Secret values by namespace/name, then data key. Values are redacted in `Debug`.
@@ -55,4 +55,10 @@ pub struct CompileInputs {
     /// Generated keys whose every live digest was made under another pepper (its Secret was
     /// recreated): they match no key until rotated.
     pub issued_under_another_pepper: BTreeSet<ObjectRef>,
+    /// KillSwitches in the cluster that could not be read (their object does not deserialize).
+    /// Like an invalid one, each keeps its last valid entry (see [`crate::assemble`]).
+    pub unreadable_kill_switches: BTreeSet<ObjectRef>,
+    /// Entries from the last valid snapshot kept for KillSwitches that turned invalid or
+    /// unreadable: a kill switch never fails open. Set by [`crate::assemble`], never by callers.
+    pub kept_kill_switches: Vec<KillSwitchEntry>,
 }

@@ -660,3 +660,51 @@ async fn ledger_records_actions_with_actors_and_releases_the_finalizer_after_app
     assert!(!text.contains(&plaintext));
     assert!(!text.contains(&plaintext[4..]));
 }
+
+/// Promise 4 (never fail open): an engaged KillSwitch that no longer reads (its stored object
+/// does not deserialize, which the admission webhook would have refused had it been up) keeps
+/// the entry it had, and its status says so. Only deleting or fixing it lets traffic through.
+#[tokio::test]
+async fn an_engaged_kill_switch_that_no_longer_reads_stays_engaged() {
+    let mut w = world(echo(), None);
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let engaged = snapshot_in(&w.take_calls()[0]);
+    assert!(engaged.content.kill_switches[0].active);
+
+    let unreadable = kube::core::error_boundary::InvalidObject {
+        error: "spec.active: invalid type: string \"no\", expected a boolean".into(),
+        metadata: serde_json::from_value(metadata_of_stop()).unwrap(),
+    };
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Err(unreadable.clone()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None, "the same content: nothing to write");
+    assert!(w.take_calls().is_empty());
+    let inputs = snapshot::gather_inputs(&w.ctx).await.unwrap();
+    assert!(inputs.kill_switches.is_empty() && inputs.unreadable_kill_switches.len() == 1);
+
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Err(unreadable))), w.ctx.clone()).await.unwrap();
+    let calls = w.take_calls();
+    let status = calls.iter().find(|c| c.path.ends_with("/killswitches/stop/status")).expect("status written");
+    let condition = &status.body["status"]["conditions"][0];
+    assert_eq!(condition["reason"], "InvalidSpec");
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains("expected a boolean"), "{message}");
+    assert!(message.contains(portcullis_operator::assemble::KEPT_MESSAGE), "{message}");
+
+    // Deleted: gone from the snapshot.
+    w.kill_switches.apply_watcher_event(&watcher::Event::Delete(DeserializeGuard(Ok(serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true},
+    }))
+    .unwrap()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
+    assert!(snapshot_in(&w.take_calls()[0]).content.kill_switches.is_empty());
+}
+
+fn metadata_of_stop() -> Value {
+    json!({"name": "stop", "namespace": "ai", "uid": "uid-stop", "generation": 1})
+}

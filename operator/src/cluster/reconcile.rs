@@ -24,6 +24,7 @@ use super::audit::audit_object;
 use super::context::{Context, Guarded};
 use super::events::{report, Transition};
 use super::secret_values::HeldSecret;
+use crate::assemble::KEPT_MESSAGE;
 use crate::audit;
 use crate::conditions::{ready_reason, with_ready, Readiness, ReadyReason};
 use crate::error::{status_code, Error};
@@ -73,7 +74,7 @@ where
 }
 
 /// A malformed object: say so in its status and in an Event, then wait for a change.
-async fn malformed<K>(invalid: &InvalidObject, ctx: &Context) -> Result<Action, Error>
+async fn malformed<K>(invalid: &InvalidObject, note: Option<&str>, ctx: &Context) -> Result<Action, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -82,7 +83,11 @@ where
 {
     let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
     let name = invalid.metadata.name.clone().unwrap_or_default();
-    let readiness = Readiness::new(ReadyReason::InvalidSpec, invalid.error.clone());
+    let message = match note {
+        Some(note) => format!("{}; {note}", invalid.error),
+        None => invalid.error.clone(),
+    };
+    let readiness = Readiness::new(ReadyReason::InvalidSpec, message.clone());
     let conditions = with_ready(&[], &readiness, invalid.metadata.generation, ctx.now());
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
@@ -101,7 +106,7 @@ where
         uid: invalid.metadata.uid.clone(),
         ..Default::default()
     };
-    report(ctx.recorder.as_ref(), &regarding, Transition::Malformed { message: invalid.error.clone() }).await;
+    report(ctx.recorder.as_ref(), &regarding, Transition::Malformed { message }).await;
     ctx.snapshot_trigger.notify_one();
     Ok(Action::await_change())
 }
@@ -150,7 +155,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
     ctx.ensure_leading()?;
     let cached = match &object.0 {
         Ok(key) => key,
-        Err(invalid) => return malformed::<ApiKey>(invalid, &ctx).await,
+        Err(invalid) => return malformed::<ApiKey>(invalid, None, &ctx).await,
     };
     let now = ctx.now();
     if let Some(done) = deleted(&ctx, cached, audit::observe_api_key(cached, now)).await? {
@@ -264,7 +269,7 @@ pub async fn reconcile_credential(
     ctx.ensure_leading()?;
     let credential = match &object.0 {
         Ok(c) => c,
-        Err(invalid) => return malformed::<ProviderCredential>(invalid, &ctx).await,
+        Err(invalid) => return malformed::<ProviderCredential>(invalid, None, &ctx).await,
     };
     let key_version = credential.status.as_ref().and_then(|s| s.key_version);
     if let Some(done) = deleted(&ctx, credential, audit::observe_credential(credential, key_version)).await? {
@@ -308,7 +313,12 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
     ctx.ensure_leading()?;
     let switch = match &object.0 {
         Ok(s) => s,
-        Err(invalid) => return malformed::<KillSwitch>(invalid, &ctx).await,
+        Err(invalid) => {
+            // An unreadable switch keeps its last valid entry (`assemble`); its status says so.
+            let key = ("KillSwitch", readiness::object_ref(&invalid.metadata));
+            let kept = excluded_for(&ctx, &key).await.values().flatten().any(|e| e.message == KEPT_MESSAGE);
+            return malformed::<KillSwitch>(invalid, kept.then_some(KEPT_MESSAGE), &ctx).await;
+        }
     };
     let now = ctx.now();
     if let Some(done) = deleted(&ctx, switch, audit::observe_kill_switch(switch, now)).await? {

@@ -140,8 +140,12 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
         inputs.credentials.push(credential.clone());
     }
     for guarded in ctx.stores.kill_switches.state() {
-        if let Ok(switch) = &guarded.0 {
-            inputs.kill_switches.push(switch.clone());
+        match &guarded.0 {
+            Ok(switch) => inputs.kill_switches.push(switch.clone()),
+            // Kept as it was in the last snapshot (see `assemble`): a switch never fails open.
+            Err(unreadable) => {
+                inputs.unreadable_kill_switches.insert(crate::readiness::object_ref(&unreadable.metadata));
+            }
         }
     }
     let reads: Vec<_> = wanted.iter().map(|secret| ctx.secret(&secret.namespace, &secret.name)).collect();
