@@ -272,7 +272,7 @@ fn compile_credential(
     let azure_api_version = match (spec.kind, &spec.azure) {
         (ProviderKind::AzureOpenAi, Some(azure)) => {
             let ok = !azure.api_version.is_empty()
-                && azure.api_version.len() <= 64
+                && azure.api_version.len() <= portcullis_crds::v1alpha1::bounds::API_VERSION_LEN
                 && azure.api_version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
             if !ok {
                 report.error("spec.azure.apiVersion", "must look like 2024-10-21");
@@ -288,6 +288,9 @@ fn compile_credential(
 
     if spec.models.is_empty() {
         report.error("spec.models", "must list at least one model");
+    }
+    if spec.models.len() > portcullis_crds::v1alpha1::bounds::MODELS {
+        report.error("spec.models", "must list at most 1024 models");
     }
     for (i, model) in spec.models.iter().enumerate() {
         if let Err(why) = validate::model_name(&model.name) {

@@ -2,13 +2,17 @@
 //! person can act on; the caller attaches the object and field.
 
 use portcullis_crds::pattern;
+use portcullis_crds::v1alpha1::bounds;
 
 /// Longest free-text field (owner, team, reason) accepted.
-pub const MAX_TEXT_LEN: usize = 1024;
+pub const MAX_TEXT_LEN: usize = bounds::TEXT_LEN;
 /// Longest model or upstream model name.
-pub const MAX_MODEL_NAME_LEN: usize = 256;
+pub const MAX_MODEL_NAME_LEN: usize = bounds::MODEL_NAME_LEN;
 
 pub fn pattern_list(patterns: &[String]) -> Result<(), (usize, &'static str)> {
+    if patterns.len() > bounds::PATTERNS {
+        return Err((bounds::PATTERNS, "is one pattern too many: a list holds at most 256"));
+    }
     for (i, p) in patterns.iter().enumerate() {
         pattern::validate(p).map_err(|why| (i, why))?;
     }
@@ -46,7 +50,7 @@ pub fn base_url(url: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err("must name a host".to_owned());
     }
-    if url.len() > 2048 {
+    if url.len() > bounds::BASE_URL_LEN {
         return Err("must be at most 2048 characters".to_owned());
     }
     if url.bytes().any(|b| !b.is_ascii_graphic()) || url.contains(['?', '#', '@']) {

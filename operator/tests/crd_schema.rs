@@ -166,3 +166,43 @@ fn cross_field_rules_are_declared() {
     let name = &schema["properties"]["spec"]["properties"]["secretRef"]["properties"]["name"];
     assert_eq!(name["minLength"], 1, "{name}");
 }
+
+/// Every string and list under `spec` that a person types must be bounded: the API server
+/// refuses an oversized object at the door instead of the operator carrying it into the
+/// snapshot. What is exempt has a fixed shape of its own (an enum, a date-time, an int-or-string).
+fn unbounded(path: &str, node: &Value, found: &mut Vec<String>) {
+    let fixed_shape =
+        node.get("enum").is_some() || node.get("format").is_some() || node.get("x-kubernetes-int-or-string").is_some();
+    match node.get("type").and_then(Value::as_str) {
+        Some("string") if !fixed_shape && node.get("maxLength").is_none() => found.push(path.to_owned()),
+        Some("array") => {
+            if node.get("maxItems").is_none() {
+                found.push(path.to_owned());
+            }
+            unbounded(&format!("{path}[]"), &node["items"], found);
+        }
+        _ => {}
+    }
+    for (name, child) in node.get("properties").and_then(Value::as_object).into_iter().flatten() {
+        unbounded(&format!("{path}.{name}"), child, found);
+    }
+}
+
+#[test]
+fn every_spec_string_and_list_is_bounded() {
+    let mut found = Vec::new();
+    for (kind, schema) in schemas() {
+        unbounded(&format!("{kind}.spec"), &schema["properties"]["spec"], &mut found);
+    }
+    assert!(found.is_empty(), "unbounded spec fields: {found:#?}");
+
+    // The walker itself finds what it must.
+    let loose = serde_json::json!({"type": "object", "properties": {
+        "text": {"type": "string"},
+        "list": {"type": "array", "maxItems": 2, "items": {"type": "string"}},
+        "when": {"type": "string", "format": "date-time"},
+    }});
+    let mut found = Vec::new();
+    unbounded("X", &loose, &mut found);
+    assert_eq!(found, ["X.list[]", "X.text"]);
+}

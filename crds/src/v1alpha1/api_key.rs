@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{EnforcementStatus, SecretKeyRef};
+use super::common::{bounds, EnforcementStatus, SecretKeyRef};
 
 /// A client API key that applications present to the gateway.
 ///
@@ -43,15 +43,19 @@ use super::common::{EnforcementStatus, SecretKeyRef};
 pub struct ApiKeySpec {
     /// Person or service accountable for this key, e.g. an e-mail address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::TEXT_LEN))]
     pub owner: Option<String>,
     /// Team the key belongs to; team-wide limits apply across all of a team's keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::TEXT_LEN))]
     pub team: Option<String>,
     /// Glob patterns (`*`, `?`) of model names this key may call. Empty allows every model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::PATTERNS), inner(length(min = 1, max = bounds::PATTERN_LEN)))]
     pub allowed_models: Vec<String>,
     /// Glob patterns of ProviderCredential names this key may be routed to. Empty allows all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::PATTERNS), inner(length(min = 1, max = bounds::PATTERN_LEN)))]
     pub allowed_providers: Vec<String>,
     /// Moment after which the key is refused (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,6 +3,31 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Size bounds of the custom resources' fields: the CRD schema has the API server refuse what
+/// exceeds them, and the operator checks them again (manifests read without an API server, and
+/// objects stored before a bound existed). Lengths are in bytes for the operator, in characters
+/// for the API server.
+pub mod bounds {
+    /// Free text: `owner`, `team`, a KillSwitch's `reason`.
+    pub const TEXT_LEN: usize = 1024;
+    /// A model name, or the name sent upstream.
+    pub const MODEL_NAME_LEN: usize = 256;
+    /// A glob pattern of model or provider names.
+    pub const PATTERN_LEN: usize = crate::pattern::MAX_PATTERN_LEN;
+    /// Patterns in `allowedModels` or `allowedProviders`.
+    pub const PATTERNS: usize = 256;
+    /// Models one ProviderCredential serves.
+    pub const MODELS: usize = 1024;
+    /// A provider's base URL.
+    pub const BASE_URL_LEN: usize = 2048;
+    /// `name` or `namespace/name`: a namespace (63) and an object name (253).
+    pub const OBJECT_REF_LEN: usize = 63 + 1 + 253;
+    /// A namespace name.
+    pub const NAMESPACE_LEN: usize = 63;
+    /// Azure's `api-version`.
+    pub const API_VERSION_LEN: usize = 64;
+}
+
 /// Selects one key of a Secret in the same namespace as the object that names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

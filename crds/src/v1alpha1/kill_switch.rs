@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::EnforcementStatus;
+use super::common::{bounds, EnforcementStatus};
 
 /// An emergency stop: while active, matching requests are refused with 503 before any upstream
 /// call.
@@ -32,6 +32,7 @@ pub struct KillSwitchSpec {
     pub active: bool,
     /// Why traffic is stopped; shown to clients in the error message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::TEXT_LEN))]
     pub reason: Option<String>,
     /// The switch turns itself off at this moment (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,15 +58,19 @@ pub struct KillSwitchScope {
     pub global: Option<bool>,
     /// Stop traffic to one ProviderCredential (`name` in this namespace, or `namespace/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = bounds::OBJECT_REF_LEN))]
     pub provider: Option<String>,
     /// Stop traffic for models matching this name or glob pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = bounds::PATTERN_LEN))]
     pub model: Option<String>,
     /// Stop traffic from one ApiKey (`name` in this namespace, or `namespace/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = bounds::OBJECT_REF_LEN))]
     pub api_key: Option<String>,
     /// Stop traffic from every ApiKey in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = bounds::NAMESPACE_LEN))]
     pub namespace: Option<String>,
 }
 
@@ -100,8 +105,17 @@ impl KillSwitchScope {
         if let Some(n) = &self.namespace {
             targets.push(ScopeTarget::Namespace(n));
         }
+        let within = |text: &str, max: usize| !text.is_empty() && text.len() <= max;
         match targets.len() {
-            1 => Ok(targets.remove(0)),
+            1 => match targets.remove(0) {
+                ScopeTarget::Provider(r) | ScopeTarget::ApiKey(r) if !within(r, bounds::OBJECT_REF_LEN) => {
+                    Err("a provider or apiKey reference must be 1-317 characters (`name` or `namespace/name`)")
+                }
+                ScopeTarget::Namespace(n) if !within(n, bounds::NAMESPACE_LEN) => {
+                    Err("namespace must be 1-63 characters")
+                }
+                target => Ok(target),
+            },
             0 => Err("must name one target: global, provider, model, apiKey or namespace"),
             _ => Err("must name exactly one target, not several"),
         }
@@ -139,5 +153,23 @@ mod tests {
         assert!(two.target().is_err());
         let off = KillSwitchScope { global: Some(false), ..Default::default() };
         assert!(off.target().is_err());
+    }
+
+    #[test]
+    fn references_are_bounded_like_the_schema() {
+        let longest = format!("{}/{}", "n".repeat(63), "x".repeat(253));
+        assert_eq!(longest.len(), bounds::OBJECT_REF_LEN);
+        let provider = |r: &str| KillSwitchScope { provider: Some(r.to_owned()), ..Default::default() };
+        let api_key = |r: &str| KillSwitchScope { api_key: Some(r.to_owned()), ..Default::default() };
+        assert_eq!(provider(&longest).target(), Ok(ScopeTarget::Provider(&longest)));
+        assert_eq!(api_key(&longest).target(), Ok(ScopeTarget::ApiKey(&longest)));
+        for scope in [provider(&format!("{longest}x")), api_key(&format!("{longest}x")), provider(""), api_key("")] {
+            assert!(scope.target().is_err_and(|why| why.contains("1-317")), "{scope:?}");
+        }
+        let namespace = |n: &str| KillSwitchScope { namespace: Some(n.to_owned()), ..Default::default() };
+        assert_eq!(namespace(&"n".repeat(63)).target(), Ok(ScopeTarget::Namespace(&"n".repeat(63))));
+        for bad in ["", &"n".repeat(64)] {
+            assert!(namespace(bad).target().is_err_and(|why| why.contains("1-63")), "{bad:?}");
+        }
     }
 }

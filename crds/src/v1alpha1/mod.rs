@@ -9,7 +9,7 @@ pub use api_key::{
     ApiKey, ApiKeyLimits, ApiKeySpec, ApiKeyStatus, FailurePolicy, IssuedKeyDigest, TeamLimits,
     DEFAULT_ROTATION_GRACE_SECONDS,
 };
-pub use common::{EnforcementStatus, ObjectRef, SecretKeyRef};
+pub use common::{bounds, EnforcementStatus, ObjectRef, SecretKeyRef};
 pub use kill_switch::{KillSwitch, KillSwitchScope, KillSwitchSpec, KillSwitchStatus, ScopeTarget};
 pub use provider_credential::{
     AzureSettings, ModelMapping, ProviderCredential, ProviderCredentialSpec, ProviderCredentialStatus, ProviderKind,

@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::SecretKeyRef;
+use super::common::{bounds, SecretKeyRef};
 
 /// An upstream LLM provider account: where to send traffic and which Secret holds its key.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -43,12 +43,13 @@ pub struct ProviderCredentialSpec {
     /// Base URL including the API prefix, e.g. `https://api.openai.com/v1`. Defaults per kind;
     /// required for `openai-compatible` and `azure-openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::BASE_URL_LEN))]
     pub base_url: Option<String>,
     /// Secret key holding the provider API key. Required for every kind but `mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
     /// Models served through this credential.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = bounds::MODELS))]
     pub models: Vec<ModelMapping>,
     /// Higher priority credentials are used first when several serve a model.
     #[serde(default)]
@@ -129,9 +130,11 @@ impl fmt::Display for ProviderKind {
 #[serde(rename_all = "camelCase")]
 pub struct ModelMapping {
     /// Model name clients ask for. May be a glob pattern (`gpt-4o*`) to pass a family through.
+    #[schemars(length(min = 1, max = bounds::MODEL_NAME_LEN))]
     pub name: String,
     /// Name sent upstream instead (for Azure, the deployment name). Defaults to `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = bounds::MODEL_NAME_LEN))]
     pub upstream_name: Option<String>,
 }
 
@@ -140,6 +143,7 @@ pub struct ModelMapping {
 #[serde(rename_all = "camelCase")]
 pub struct AzureSettings {
     /// The `api-version` query parameter, e.g. `2024-10-21`.
+    #[schemars(length(min = 1, max = bounds::API_VERSION_LEN))]
     pub api_version: String,
 }
 
