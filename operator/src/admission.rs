@@ -153,6 +153,36 @@ pub fn validate_object(kind: &str, object: &Value) -> Vec<String> {
     problems
 }
 
+/// Longest namespace and object name the API server accepts.
+const NAMESPACE_LEN: usize = 63;
+const NAME_LEN: usize = 253;
+/// Bounds of what one hint keeps of the requester: enough for any real username (a service
+/// account's is `system:serviceaccount:` + namespace + name, under 350 bytes) and group list,
+/// while a review of several MiB cannot make 4,096 kept hints hold gigabytes.
+const HINT_TEXT_LEN: usize = 512;
+const HINT_GROUPS: usize = 32;
+
+/// `text` cut to [`HINT_TEXT_LEN`] bytes at a character boundary, marked when cut.
+fn clipped(text: &str) -> String {
+    if text.len() <= HINT_TEXT_LEN {
+        return text.to_owned();
+    }
+    let mut end = HINT_TEXT_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The requester as a hint: bounded, and saying when something was left out.
+fn hint_actor(user: &UserInfo) -> Actor {
+    let mut groups: Vec<String> = user.groups.iter().take(HINT_GROUPS).map(|g| clipped(g)).collect();
+    if user.groups.len() > HINT_GROUPS {
+        groups.push(format!("…and {} more", user.groups.len() - HINT_GROUPS));
+    }
+    Actor { username: clipped(&user.username), groups, source: ActorSource::AdmissionWebhook }
+}
+
 /// Answers one AdmissionReview. Allowed changes leave the requester as an actor hint.
 pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotAReview> {
     let review: AdmissionReview = serde_json::from_slice(body).map_err(|e| NotAReview(e.to_string()))?;
@@ -172,14 +202,10 @@ pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotARe
             Some(n) if request.name.is_empty() => n.to_owned(),
             _ => request.name.clone(),
         };
-        hints.record(
-            (kind.to_owned(), request.namespace.clone(), name),
-            Actor {
-                username: request.user_info.username.clone(),
-                groups: request.user_info.groups.clone(),
-                source: ActorSource::AdmissionWebhook,
-            },
-        );
+        // Names the API server would refuse cannot be objects it asks about: no hint for them.
+        if request.namespace.len() <= NAMESPACE_LEN && name.len() <= NAME_LEN {
+            hints.record((kind.to_owned(), request.namespace.clone(), name), hint_actor(&request.user_info));
+        }
     }
     let status = (!allowed).then(|| ResponseStatus {
         code: 422,
@@ -234,6 +260,31 @@ mod tests {
         assert_eq!(actor.username, "oncall@example.com");
         assert_eq!(actor.groups, ["sre", "system:authenticated"]);
         assert_eq!(actor.source, ActorSource::AdmissionWebhook);
+    }
+
+    /// A caller of the webhook picks the `userInfo` it sends: what a hint keeps of it is
+    /// bounded, and a name no object can have leaves no hint.
+    #[test]
+    fn hints_keep_a_bounded_requester() {
+        let hints = ActorHints::default();
+        let mut body: Value =
+            serde_json::from_slice(&request("KillSwitch", "UPDATE", json!({"scope": {"global": true}}))).unwrap();
+        let long = format!("{}é{}", "u".repeat(511), "x".repeat(100_000));
+        body["request"]["userInfo"]["username"] = json!(long);
+        body["request"]["userInfo"]["groups"] = json!(vec!["g".repeat(600); 40]);
+        assert!(review(&serde_json::to_vec(&body).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        let actor = hints.take(&("KillSwitch".into(), "ops".into(), "stop-gpt".into())).unwrap();
+        assert_eq!(actor.username, format!("{}…", "u".repeat(511)), "cut at a character boundary");
+        assert_eq!(actor.groups.len(), 33);
+        assert_eq!(actor.groups[0], format!("{}…", "g".repeat(512)));
+        assert_eq!(actor.groups[32], "…and 8 more");
+
+        for (namespace, name) in [("n".repeat(64), "stop-gpt".to_owned()), ("ops".to_owned(), "x".repeat(254))] {
+            body["request"]["namespace"] = json!(namespace);
+            body["request"]["name"] = json!(name);
+            assert!(review(&serde_json::to_vec(&body).unwrap(), &hints).unwrap().response.unwrap().allowed);
+            assert!(hints.is_empty(), "no hint for {namespace}/{name}");
+        }
     }
 
     #[test]

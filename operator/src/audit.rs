@@ -283,7 +283,8 @@ pub fn actor_from_managed_fields(managed: &[ManagedFieldsEntry]) -> Option<Actor
 /// not append, or die with a restarting leader; the entry then falls back to `managedFields`. A
 /// request that a later admission stage rejects still leaves its hint; two changes to one object
 /// faster than one reconcile are attributed to the last requester. At most `capacity` hints are
-/// kept, oldest dropped first.
+/// kept, oldest dropped first, each bounded in size (`admission::hint_actor`). The webhook does not
+/// authenticate its caller: a hint is what the request said, which is why it is only a hint.
 #[derive(Debug)]
 pub struct ActorHints {
     capacity: usize,
