@@ -9,8 +9,9 @@
 //! does not fit is refused at once with a 503 in the API's format and `Retry-After` (the OpenAI
 //! and Anthropic SDKs retry those), and the bodies already held are served.
 //!
-//! A body of known length takes its share before any of it is read; one of unknown length
-//! (chunked, or HTTP/2 without `content-length`) takes it chunk by chunk.
+//! A body takes its share chunk by chunk, as it arrives. One of known length that would not fit
+//! now is refused before any of it is read; it takes nothing while it has not arrived, so clients
+//! that declare large bodies and send them slowly (or never) cannot hold the budget for others.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -47,6 +48,12 @@ impl BodyBudget {
     #[inline]
     pub fn empty(&self) -> BodyShare<'_> {
         BodyShare { budget: self, bytes: 0 }
+    }
+
+    /// Whether `bytes` more would fit now (a body of declared length weighed before reading).
+    #[inline]
+    pub fn fits(&self, bytes: usize) -> bool {
+        self.held().checked_add(bytes).is_some_and(|after| after <= self.limit)
     }
 
     #[inline]

@@ -46,9 +46,11 @@ use usage::{JsonTail, SseScanner};
 /// can read the 413 instead of seeing its connection reset (nginx's "lingering close").
 const DISCARD_AFTER_LIMIT: usize = 64 * 1024 * 1024;
 
-/// Reads a request body of at most `limit` bytes, holding its share of `budget` (taken before
-/// reading when the length is declared, else as it arrives). A longer one is drained (bounded
-/// by `DISCARD_AFTER_LIMIT`) and refused; one that does not fit the budget is refused unread.
+/// Reads a request body of at most `limit` bytes, holding its share of `budget` as it arrives. A
+/// longer one is drained (bounded by `DISCARD_AFTER_LIMIT`) and refused; one whose declared
+/// length does not fit the budget now is refused unread, and any that outgrows it while arriving
+/// is refused then. Nothing is held for bytes not received: a client declaring a large body and
+/// sending nothing holds none of the budget while the body timeout runs.
 async fn read_bounded<B>(body: B, limit: usize, budget: &BodyBudget) -> Result<(Bytes, BodyShare<'_>), GatewayError>
 where
     B: http_body::Body<Data = Bytes> + Send,
@@ -60,8 +62,8 @@ where
         if declared > (limit + DISCARD_AFTER_LIMIT) as u64 {
             return Err(too_large);
         }
-        // A declared body over the limit is drained, not held: it takes nothing.
-        if declared <= limit as u64 && !share.grow(declared as usize) {
+        // A declared body over the limit is drained, not held: it is not weighed.
+        if declared <= limit as u64 && !budget.fits(declared as usize) {
             return Err(GatewayError::Overloaded);
         }
     }
@@ -79,8 +81,8 @@ where
             break;
         }
         if seen <= limit {
-            // More than declared, or no length declared: the share grows with what is held.
-            if seen > share.bytes() && !share.grow(seen - share.bytes()) {
+            // The share grows with what is held.
+            if !share.grow(seen - share.bytes()) {
                 return Err(GatewayError::Overloaded);
             }
             match single.take() {
@@ -601,6 +603,21 @@ mod tests {
         let refused = read_bounded(frames(&[b"0123456789", b"0123456789", b"0123456789"]), 64, &budget).await;
         assert_eq!(refused.err(), Some(GatewayError::Overloaded));
         assert_eq!(budget.held(), 10);
+
+        // Declared but not arrived: nothing is held for it, and the bodies of others still fit.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+        let silent = Sized(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)), 20);
+        let mut silent = Box::pin(read_bounded(silent, 64, &budget));
+        assert!(futures_util::poll!(silent.as_mut()).is_pending());
+        assert_eq!(budget.held(), 10, "a silent declared body holds nothing");
+        let (other, other_held) =
+            read_bounded(frames(&[b"0123456789", b"0123456789"]), 64, &budget).await.expect("fits");
+        assert_eq!((other.len(), budget.held()), (20, 30));
+        // When it does arrive, it is weighed as it comes: no room now.
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 20])))).await.expect("send");
+        assert_eq!(silent.await.err(), Some(GatewayError::Overloaded));
+        assert_eq!(budget.held(), 30);
+        drop(other_held);
 
         // Once the first body is dropped, a body of the whole budget fits.
         drop(held);
