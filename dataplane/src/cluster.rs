@@ -391,6 +391,34 @@ mod tests {
         assert_eq!(handle.load().map(|s| s.generation), Some(2));
     }
 
+    /// Promise 4: a tagged snapshot at the applied generation (or an older one) with other
+    /// content is a replay, e.g. of one from before a key was revoked: refused, and the revocation
+    /// keeps serving. The same snapshot again is no change.
+    #[test]
+    fn other_content_at_the_applied_generation_is_a_replay_and_refused() {
+        let (keyring, metrics, handle, mut applier) = applier_under(Pepper::generate().unwrap());
+        let open = GatewaySnapshot::new(stop_everything(false), None).tag(&keyring).unwrap();
+        let stopped = GatewaySnapshot::new(stop_everything(true), Some(&open)).tag(&keyring).unwrap();
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &stopped.to_json()));
+        assert_eq!(handle.load().map(|s| s.generation), Some(2));
+
+        let mut replay = open.clone();
+        replay.generation = 2;
+        let replay = replay.tag(&keyring).unwrap();
+        for replayed in [&replay, &open] {
+            offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &replayed.to_json()));
+            assert_eq!(metrics.snapshot_valid.get(), 0);
+            assert_eq!(
+                applier.last_applied().map(|s| s.content_digest.as_str()),
+                Some(stopped.content_digest.as_str())
+            );
+            let serving = handle.load().unwrap();
+            assert!(serving.kill_switches.iter().any(|s| s.active), "the switch stays engaged");
+        }
+        offer(&mut applier, &secret(SNAPSHOT_SECRET_KEY, &stopped.to_json()));
+        assert_eq!(metrics.snapshot_valid.get(), 1, "the applied one again is no change");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn snapshots_are_opened_off_the_async_workers_and_the_applier_comes_back() {
         let (keyring, metrics, handle, applier) = applier_under(Pepper::generate().unwrap());

@@ -103,9 +103,12 @@ impl SnapshotApplier {
             return true;
         }
         if let Some(last) = &self.last_applied {
-            if snapshot.generation < last.generation {
+            // Other content never comes at the applied generation: the operator moves the
+            // generation with every change, so that is a replay of another snapshot (or a fork).
+            if snapshot.generation <= last.generation {
+                let relation = if snapshot.generation < last.generation { "older than" } else { "the same as" };
                 self.reject(&format!(
-                    "snapshot generation {} is older than the applied generation {}",
+                    "snapshot generation {} is {relation} the applied generation {}, with other content",
                     snapshot.generation, last.generation
                 ));
                 return false;

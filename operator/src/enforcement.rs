@@ -81,6 +81,22 @@ impl ReplicaAck {
     }
 }
 
+/// The generation a snapshot just compiled at `generation` with `digest` must go past for the
+/// live replicas to take it, when it would not: the highest one a live replica serves, if that
+/// is above `generation`, or equal with other content. That happens when the snapshot Secret was
+/// deleted or reset (the numbering restarted) while replicas kept serving; replicas refuse to go
+/// back, so without this every later snapshot, revocations included, would be refused until the
+/// count caught up.
+pub fn generation_floor(acks: &[ReplicaAck], generation: u64, digest: &str, now: DateTime<Utc>) -> Option<u64> {
+    let live = acks.iter().filter(|a| a.is_live(now));
+    let ahead = live.filter_map(|a| {
+        let served = a.generation?;
+        let other_content = served == generation && a.digest.as_deref().is_some_and(|d| d != digest);
+        (served > generation || other_content).then_some(served)
+    });
+    ahead.max()
+}
+
 /// The snapshot the operator last compiled (written, or found unchanged).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Latest {
@@ -304,6 +320,25 @@ mod tests {
 
     fn ack(replica: &str, generation: Option<u64>, live_until: &str) -> ReplicaAck {
         ReplicaAck { replica: replica.into(), generation, digest: None, live_until: Some(t(live_until)) }
+    }
+
+    #[test]
+    fn the_floor_is_the_highest_generation_live_replicas_serve_past_ours() {
+        let now = t("2025-06-01T12:00:00Z");
+        let live = "2025-06-01T12:00:30Z";
+        let with_digest = |generation, digest: &str, until: &str| ReplicaAck {
+            digest: Some(digest.into()),
+            ..ack("r", Some(generation), until)
+        };
+        // Behind or level with ours, same content: nothing to go past.
+        assert_eq!(generation_floor(&[ack("a", Some(3), live), ack("b", None, live)], 5, "d5", now), None);
+        assert_eq!(generation_floor(&[with_digest(5, "d5", live)], 5, "d5", now), None);
+        // Ahead (the snapshot Secret was deleted and the numbering restarted): theirs.
+        assert_eq!(generation_floor(&[ack("a", Some(40), live), ack("b", Some(42), live)], 1, "d1", now), Some(42));
+        // Level with other content: a generation is never reused for other content.
+        assert_eq!(generation_floor(&[with_digest(5, "other", live)], 5, "d5", now), Some(5));
+        // A replica that stopped renewing its Lease counts for nothing.
+        assert_eq!(generation_floor(&[ack("gone", Some(99), "2025-06-01T11:59:59Z")], 1, "d1", now), None);
     }
 
     fn switch(active: bool) -> KillSwitchEntry {

@@ -323,3 +323,37 @@ async fn a_switch_left_out_of_the_snapshot_reports_no_enforcement() {
     w.put_lease(lease("dp-a", Some(1), 1));
     assert!(stale(&w).is_empty());
 }
+
+/// The snapshot Secret was deleted while replicas kept serving generation 41: a new operator
+/// would start the numbering again at 1, which every replica refuses (they never go back), so
+/// no change (a revocation, a kill switch) would reach them until the count caught up. The
+/// operator continues past the generation live replicas serve instead; a replica whose Lease
+/// lapsed does not count.
+#[tokio::test]
+async fn a_deleted_snapshot_secret_does_not_restart_the_numbering_under_serving_replicas() {
+    let mut w = world();
+    w.put_lease(lease("dp-1", Some(41), 1));
+    w.put_lease(lease("dp-2", Some(40), 2));
+    w.put_lease(lease("dp-gone", Some(900), 120));
+    w.put_switch(&switch(true, 1, None));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(42));
+    let calls = w.take();
+    let written = calls.iter().find(|c| c.path == SNAPSHOT).expect("snapshot written");
+    let snapshot = snapshot_of(written);
+    assert_eq!(snapshot.generation, 42);
+    snapshot.verify_tag(&support::keyring()).expect("tagged at the generation it carries");
+
+    // Replicas take it; nothing changes; nothing is written again.
+    w.put_lease(lease("dp-1", Some(42), 0));
+    w.put_lease(lease("dp-2", Some(42), 0));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None);
+    assert!(w.take().iter().all(|c| c.path != SNAPSHOT));
+}
+
+/// The snapshot a write carries.
+fn snapshot_of(call: &Call) -> GatewaySnapshot {
+    use base64::Engine as _;
+    let gz = call.body["data"]["snapshot.json.gz"].as_str().expect("gzipped snapshot");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(gz).unwrap();
+    GatewaySnapshot::from_secret_data(|key| (key == "snapshot.json.gz").then_some(bytes.as_slice())).unwrap()
+}

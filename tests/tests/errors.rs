@@ -265,7 +265,7 @@ async fn admin_endpoints_answer() {
 
 /// Sends a chat request whose head declares all of `body` but only the first half of it, and
 /// stalls: the gateway holds the body's share of the budget while it waits for the rest.
-async fn half_sent(fx: &Fixture, body: &str) -> (tokio::net::TcpStream, String) {
+async fn partly_sent(fx: &Fixture, body: &str, sent: usize) -> (tokio::net::TcpStream, String) {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(fx.gateway.listen_addr()).await.expect("connect");
     let head = format!(
@@ -273,7 +273,7 @@ async fn half_sent(fx: &Fixture, body: &str) -> (tokio::net::TcpStream, String) 
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let (sent, rest) = body.split_at(body.len() / 2);
+    let (sent, rest) = body.split_at(sent);
     stream.write_all(format!("{head}{sent}").as_bytes()).await.expect("write");
     (stream, rest.to_owned())
 }
@@ -290,12 +290,13 @@ async fn finish_sending(stream: &mut tokio::net::TcpStream, rest: &str) -> Strin
     String::from_utf8_lossy(&response).into_owned()
 }
 
-/// `--max-buffered-body-bytes` bounds the request bodies held at once: while two clients are
-/// still sending ~3 KiB bodies (their declared lengths are taken from an 8 KiB budget at once),
-/// a third body that does not fit is refused at once with a 503 in the API's format and
-/// `Retry-After`. A body is let go once written to the provider: while the two wait for a
-/// provider that takes 3 s, they hold nothing, and the same body fits again. The metrics give
-/// the budget and the refusals.
+/// `--max-buffered-body-bytes` bounds the request bodies held at once, counted as they arrive:
+/// a client that declares a body and sends nothing of it holds nothing. While two clients are
+/// still sending ~3 KiB bodies, ~2.9 KiB of each received, a third body that does not fit the
+/// 8 KiB budget is refused at once, unread, with a 503 in the API's format and `Retry-After`. A
+/// body is let go once written to the provider: while the two wait for a provider that takes
+/// 3 s, they hold nothing, and the same body fits again. The metrics give the budget and the
+/// refusals.
 #[tokio::test]
 async fn request_bodies_held_at_once_are_bounded() {
     let options = FixtureOptions {
@@ -307,15 +308,22 @@ async fn request_bodies_held_at_once_are_bounded() {
     let big_chat = chat_body("gpt-4o-mini", &prompt, false);
     let held = || async { fx.gateway.metrics().await.ok().map(|m| m.sum("portcullis_request_body_bytes_held", &[])) };
 
-    // Two clients half-way through sending ~3 KiB bodies.
+    // Declared, nothing sent: nothing held (it used to take its whole length from the budget).
     let raw = big_chat.to_string();
-    let (mut first, first_rest) = half_sent(&fx, &raw).await;
-    let (mut second, second_rest) = half_sent(&fx, &raw).await;
-    eventually(Duration::from_secs(10), "both bodies' shares held", || async {
-        held().await.filter(|bytes| *bytes >= 6000.0)
+    let (_silent, _) = partly_sent(&fx, &raw, 0).await;
+    let ok = fx.chat_with(ALICE_KEY, &chat_body("gpt-4o-mini", "hi", false), &[]).await.unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.describe());
+    assert_eq!(held().await, Some(0.0), "a silent body holds nothing");
+
+    // Two clients nearly done sending ~3 KiB bodies.
+    let nearly = raw.len() - 64;
+    let (mut first, first_rest) = partly_sent(&fx, &raw, nearly).await;
+    let (mut second, second_rest) = partly_sent(&fx, &raw, nearly).await;
+    eventually(Duration::from_secs(10), "both bodies' received bytes held", || async {
+        held().await.filter(|bytes| *bytes == (2 * nearly) as f64)
     })
     .await
-    .expect("two declared bodies held");
+    .expect("two bodies held as they arrived");
 
     // A third does not fit: refused at once, in both APIs' formats.
     let started = std::time::Instant::now();
