@@ -9,7 +9,7 @@
 //! Only allowed requests that are not dry runs and that create, delete or change the spec leave
 //! a hint. See [`ActorHints`] for what the hints can and cannot promise.
 
-use portcullis_crds::v1alpha1::{ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
+use portcullis_crds::v1alpha1::{bounds, ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -153,9 +153,6 @@ pub fn validate_object(kind: &str, object: &Value) -> Vec<String> {
     problems
 }
 
-/// Longest namespace and object name the API server accepts.
-const NAMESPACE_LEN: usize = 63;
-const NAME_LEN: usize = 253;
 /// Bounds of what one hint keeps of the requester: enough for any real username (a service
 /// account's is `system:serviceaccount:` + namespace + name, under 350 bytes) and group list,
 /// while a review of several MiB cannot make 4,096 kept hints hold gigabytes.
@@ -203,7 +200,7 @@ pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotARe
             _ => request.name.clone(),
         };
         // Names the API server would refuse cannot be objects it asks about: no hint for them.
-        if request.namespace.len() <= NAMESPACE_LEN && name.len() <= NAME_LEN {
+        if request.namespace.len() <= bounds::NAMESPACE_LEN && name.len() <= bounds::NAME_LEN {
             hints.record((kind.to_owned(), request.namespace.clone(), name), hint_actor(&request.user_info));
         }
     }

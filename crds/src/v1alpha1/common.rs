@@ -20,10 +20,12 @@ pub mod bounds {
     pub const MODELS: usize = 1024;
     /// A provider's base URL.
     pub const BASE_URL_LEN: usize = 2048;
-    /// `name` or `namespace/name`: a namespace (63) and an object name (253).
-    pub const OBJECT_REF_LEN: usize = 63 + 1 + 253;
-    /// A namespace name.
+    /// `name` or `namespace/name`.
+    pub const OBJECT_REF_LEN: usize = NAMESPACE_LEN + 1 + NAME_LEN;
+    /// A namespace name (the API server's limit).
     pub const NAMESPACE_LEN: usize = 63;
+    /// An object name (the API server's limit).
+    pub const NAME_LEN: usize = 253;
     /// Azure's `api-version`.
     pub const API_VERSION_LEN: usize = 64;
 }
