@@ -137,12 +137,8 @@ spec: {scope: {global: true, model: x}, active: true}
 
     #[test]
     fn invalid_objects_are_set_aside_and_the_rest_compiles() {
-        let mut inputs = CompileInputs::default();
-        let mut summary = Default::default();
-        crate::manifests::add_yaml(&mut inputs, GOOD_AND_BAD, "fixture", &mut summary).expect("fixture");
-        let keyring = MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
-        let assembled = compile_valid(inputs, &keyring, &pepper, None).expect("compiles");
+        let (keyring, pepper) = keys();
+        let assembled = compile_valid(inputs(GOOD_AND_BAD), &keyring, &pepper, None).expect("compiles");
         let content = &assembled.compiled.snapshot.content;
         assert_eq!(content.credentials.len(), 1);
         assert_eq!(content.credentials[0].credential.name, "good");
@@ -179,6 +175,11 @@ spec: {scope: {global: true, model: gpt-4o}, active: false}
         inputs
     }
 
+    /// A fresh keyring (key id `k1`) and pepper.
+    fn keys() -> (MasterKeyring, Pepper) {
+        (MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap(), Pepper::generate().unwrap())
+    }
+
     fn engaged_before(keyring: &MasterKeyring, pepper: &Pepper) -> GatewaySnapshot {
         let before = compile_valid(inputs(ENGAGED), keyring, pepper, None).expect("compiles");
         assert!(before.excluded.is_empty());
@@ -196,8 +197,7 @@ spec: {scope: {global: true, model: gpt-4o}, active: false}
 
     #[test]
     fn a_kill_switch_that_turns_invalid_keeps_its_last_valid_entry() {
-        let keyring = MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
+        let (keyring, pepper) = keys();
         let before = engaged_before(&keyring, &pepper);
 
         let after = compile_valid(inputs(TURNED_INVALID), &keyring, &pepper, Some(&before)).expect("compiles");
@@ -222,8 +222,7 @@ spec: {scope: {global: true, model: gpt-4o}, active: false}
 
     #[test]
     fn an_unreadable_kill_switch_keeps_its_last_valid_entry() {
-        let keyring = MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
+        let (keyring, pepper) = keys();
         let before = engaged_before(&keyring, &pepper);
         let mut unreadable = inputs("");
         unreadable.unreadable_kill_switches.insert(ObjectRef::new("ops", "stop"));
@@ -240,9 +239,8 @@ spec: {scope: {global: true, model: gpt-4o}, active: false}
     /// the Secret by anyone else (untagged, or tagged under another key) keeps nothing.
     #[test]
     fn only_a_snapshot_this_keyring_tagged_is_kept_from() {
-        let keyring = MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap();
-        let other = MasterKeyring::generate(KeyId::new("k1").unwrap()).unwrap();
-        let pepper = Pepper::generate().unwrap();
+        let (keyring, pepper) = keys();
+        let (other, _) = keys();
         let foreign = engaged_before(&other, &pepper);
         let mut untagged = foreign.clone();
         untagged.tag = None;

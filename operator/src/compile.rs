@@ -289,8 +289,9 @@ fn compile_credential(
     if spec.models.is_empty() {
         report.error("spec.models", "must list at least one model");
     }
-    if spec.models.len() > portcullis_crds::v1alpha1::bounds::MODELS {
-        report.error("spec.models", "must list at most 1024 models");
+    let most = portcullis_crds::v1alpha1::bounds::MODELS;
+    if spec.models.len() > most {
+        report.error("spec.models", format!("must list at most {most} models"));
     }
     for (i, model) in spec.models.iter().enumerate() {
         if let Err(why) = validate::model_name(&model.name) {
