@@ -246,6 +246,15 @@ pub struct CredentialEntry {
     pub key_version: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedCredential>,
+    /// Set for a credential outside the platform namespaces: only ApiKeys of this namespace are
+    /// routed to it. `None`: it serves every namespace's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// Whether an entry whose tenant is `tenant` reaches an ApiKey in `namespace`.
+pub fn reaches(tenant: Option<&str>, namespace: &str) -> bool {
+    tenant.is_none_or(|t| t == namespace)
 }
 
 impl CredentialEntry {
@@ -270,12 +279,21 @@ pub struct KillSwitchEntry {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Set for a switch outside the platform namespaces: it stops only requests of ApiKeys in
+    /// this namespace, whatever its scope. `None`: its scope reaches every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl KillSwitchEntry {
     /// Active and not past its expiry at `now`.
     pub fn is_engaged(&self, now: DateTime<Utc>) -> bool {
         self.active && self.expires_at.is_none_or(|at| now < at)
+    }
+
+    /// Engaged at `now` and reaching ApiKeys of `namespace`.
+    pub fn stops(&self, namespace: &str, now: DateTime<Utc>) -> bool {
+        self.is_engaged(now) && reaches(self.tenant.as_deref(), namespace)
     }
 }
 
@@ -302,6 +320,7 @@ mod tests {
                 active: false,
                 reason: None,
                 expires_at: None,
+                tenant: None,
             }],
             ..Default::default()
         }

@@ -184,7 +184,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         (None, Some(manifests)) => {
             // Taken before reading: a change made while the folder is read is seen as one.
             let loaded = reload::fingerprint(manifests);
-            match reload::compile_dir(manifests, &applier) {
+            let tenancy = args.tenancy();
+            match reload::compile_dir(manifests, &tenancy, &applier) {
                 Ok(snapshot) => {
                     applier.apply(snapshot);
                 }
@@ -192,6 +193,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             }
             let task = tokio::spawn(reload::run_local(
                 manifests.clone(),
+                tenancy,
                 Duration::from_millis(args.reload_interval_ms.max(10)),
                 applier,
                 shutdown_rx.clone(),

@@ -309,6 +309,7 @@ mod tests {
             active,
             reason: None,
             expires_at: None,
+            tenant: None,
         };
         portcullis_crds::snapshot::SnapshotContent { kill_switches: vec![switch], ..Default::default() }
     }

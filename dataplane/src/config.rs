@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use portcullis_operator::Tenancy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -38,6 +39,19 @@ pub struct DataplaneArgs {
     /// Secret) in this folder and reload when they change.
     #[arg(long, env = "PORTCULLIS_MANIFESTS", value_name = "DIR")]
     pub manifests: Option<PathBuf>,
+
+    /// Local mode: a namespace whose ProviderCredentials and KillSwitches reach the ApiKeys of
+    /// every namespace, as the operator's own namespace does in a cluster (repeat the flag, or
+    /// separate with commas). Those in any other namespace then apply only to their own
+    /// namespace's keys. Unset (or `*`): every namespace in the folder is trusted.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PLATFORM_NAMESPACES",
+        value_name = "NAMESPACE",
+        value_delimiter = ',',
+        requires = "manifests"
+    )]
+    pub platform_namespace: Vec<String>,
 
     /// Address for API traffic.
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:8080")]
@@ -224,4 +238,15 @@ pub struct DataplaneArgs {
     /// The pod's namespace (an owner must live in the same namespace as the Lease).
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
+}
+
+impl DataplaneArgs {
+    /// Which namespaces' credentials and kill switches reach every namespace, in local mode.
+    pub fn tenancy(&self) -> Tenancy {
+        if self.platform_namespace.is_empty() {
+            Tenancy::Shared
+        } else {
+            Tenancy::platform(self.platform_namespace.iter().cloned())
+        }
+    }
 }

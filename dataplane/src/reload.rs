@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::MasterKeyring;
 use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent};
-use portcullis_operator::manifests;
+use portcullis_operator::{manifests, Tenancy};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -179,8 +179,9 @@ pub async fn off_workers<T: Send + 'static>(
 }
 
 /// Compiles the folder once. Errors name the file or the object and field.
-pub fn compile_dir(dir: &Path, applier: &SnapshotApplier) -> Result<GatewaySnapshot, String> {
-    let (inputs, _) = manifests::read_dir(dir).map_err(|e| e.to_string())?;
+pub fn compile_dir(dir: &Path, tenancy: &Tenancy, applier: &SnapshotApplier) -> Result<GatewaySnapshot, String> {
+    let (mut inputs, _) = manifests::read_dir(dir).map_err(|e| e.to_string())?;
+    inputs.tenancy = tenancy.clone();
     let compiled = portcullis_operator::compile(&inputs, applier.keyring(), applier.pepper(), applier.last_applied())
         .map_err(|e| e.to_string())?;
     for warning in &compiled.warnings {
@@ -225,6 +226,7 @@ async fn scan(dir: &Path) -> Fingerprint {
 /// second time; `None` loads it first.
 pub async fn run_local(
     dir: PathBuf,
+    tenancy: Tenancy,
     interval: Duration,
     mut applier: SnapshotApplier,
     mut shutdown: watch::Receiver<bool>,
@@ -239,14 +241,15 @@ pub async fn run_local(
                 tokio::time::sleep(interval.min(Duration::from_millis(50))).await;
                 seen = scan(&dir).await;
             }
-            let dir_for_compile = dir.clone();
-            let Some((next, ())) = off_workers(applier, move |applier| match compile_dir(&dir_for_compile, applier) {
-                Ok(snapshot) => {
-                    applier.apply(snapshot);
-                }
-                Err(reason) => applier.reject(&reason),
-            })
-            .await
+            let (dir_for_compile, tenancy) = (dir.clone(), tenancy.clone());
+            let Some((next, ())) =
+                off_workers(applier, move |applier| match compile_dir(&dir_for_compile, &tenancy, applier) {
+                    Ok(snapshot) => {
+                        applier.apply(snapshot);
+                    }
+                    Err(reason) => applier.reject(&reason),
+                })
+                .await
             else {
                 return;
             };

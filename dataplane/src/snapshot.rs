@@ -36,6 +36,8 @@ pub struct Upstream {
     pub azure_api_version: Option<String>,
     pub priority: i32,
     pub weight: u32,
+    /// The only namespace whose ApiKeys this provider serves, when it is a tenant's own.
+    pub tenant: Option<String>,
     credential: Option<CredentialHeader>,
 }
 
@@ -75,6 +77,11 @@ impl CredentialHeader {
 }
 
 impl Upstream {
+    /// Whether requests of `key` may be routed here.
+    pub fn serves(&self, key: &ApiKeyEntry) -> bool {
+        portcullis_crds::snapshot::reaches(self.tenant.as_deref(), &key.key.namespace)
+    }
+
     /// The provider key's header, if this provider takes one.
     pub fn credential(&self) -> Option<&CredentialHeader> {
         self.credential.as_ref()
@@ -234,6 +241,7 @@ impl RuntimeSnapshot {
                 azure_api_version: entry.azure_api_version.clone(),
                 priority: entry.priority,
                 weight: entry.weight,
+                tenant: entry.tenant.clone(),
                 credential: api_key.and_then(|key| CredentialHeader::new(entry.kind, key)),
             });
             for model in &entry.models {

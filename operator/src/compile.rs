@@ -118,7 +118,7 @@ pub fn compile(
     let mut kill_switches: Vec<KillSwitchEntry> = inputs
         .kill_switches
         .iter()
-        .filter_map(|s| compile_kill_switch(s, &api_keys, &credentials, &mut errors, &mut warnings))
+        .filter_map(|s| compile_kill_switch(s, inputs, &api_keys, &credentials, &mut errors, &mut warnings))
         .chain(inputs.kept_kill_switches.iter().cloned())
         .collect();
     kill_switches.sort_by(|a, b| a.switch.cmp(&b.switch));
@@ -359,6 +359,7 @@ fn compile_credential(
     };
 
     Some(CredentialEntry {
+        tenant: inputs.tenancy.tenant_of(&object.namespace),
         credential: object,
         uid,
         kind: spec.kind,
@@ -407,6 +408,7 @@ fn seal_reusing(
 
 fn compile_kill_switch(
     switch: &KillSwitch,
+    inputs: &CompileInputs,
     api_keys: &[ApiKeyEntry],
     credentials: &[CredentialEntry],
     errors: &mut Vec<CompileError>,
@@ -454,12 +456,32 @@ fn compile_kill_switch(
         }
         Ok(ScopeTarget::Namespace(namespace)) => SwitchScope::Namespace(namespace.to_owned()),
     };
+    let tenant = inputs.tenancy.tenant_of(&object.namespace);
+    if let Some(tenant) = &tenant {
+        let reached = match &scope {
+            SwitchScope::ApiKey(key) => Some(("spec.scope.apiKey", key.namespace.as_str())),
+            SwitchScope::Namespace(namespace) => Some(("spec.scope.namespace", namespace.as_str())),
+            SwitchScope::Global | SwitchScope::Provider(_) | SwitchScope::Model(_) => None,
+        };
+        if let Some((field, namespace)) = reached.filter(|(_, namespace)| namespace != tenant) {
+            report.error(
+                field,
+                format!(
+                    "names namespace {namespace}, but a KillSwitch in {tenant} stops only the ApiKeys of {tenant}; \
+                     one that reaches other namespaces belongs in a platform namespace ({})",
+                    inputs.tenancy.describe()
+                ),
+            );
+            return None;
+        }
+    }
     Some(KillSwitchEntry {
         switch: object,
         scope,
         active: spec.active,
         reason: spec.reason.clone(),
         expires_at: spec.expires_at,
+        tenant,
     })
 }
 

@@ -348,6 +348,7 @@ mod tests {
             active,
             reason: None,
             expires_at: None,
+            tenant: None,
         }
     }
 

@@ -42,6 +42,53 @@ impl SecretStore {
     }
 }
 
+/// Which namespaces' ProviderCredentials and KillSwitches reach the ApiKeys of every namespace.
+///
+/// Anyone who may create a ProviderCredential that serves a model also decides where that
+/// model's prompts go; anyone who may create a KillSwitch decides whose traffic stops. In a
+/// cluster where teams manage their own namespace, neither may reach past it: a credential or a
+/// switch outside the platform namespaces applies only to the ApiKeys of its own namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Tenancy {
+    /// Every namespace is trusted, as when one person's folder of manifests is the whole
+    /// configuration (local mode unless told otherwise).
+    #[default]
+    Shared,
+    /// Only these namespaces (the operator's own, and any named with `--platform-namespace`)
+    /// hold objects that reach every namespace.
+    Platform(BTreeSet<String>),
+}
+
+impl Tenancy {
+    /// `namespaces` as the platform namespaces; `*` among them trusts every namespace (a
+    /// cluster where one team manages everything).
+    pub fn platform<I: IntoIterator<Item = S>, S: Into<String>>(namespaces: I) -> Self {
+        let platform: BTreeSet<String> = namespaces.into_iter().map(Into::into).collect();
+        if platform.contains("*") {
+            Tenancy::Shared
+        } else {
+            Tenancy::Platform(platform)
+        }
+    }
+
+    /// The tenant an object in `namespace` is confined to: `None` in a platform namespace.
+    pub fn tenant_of(&self, namespace: &str) -> Option<String> {
+        match self {
+            Tenancy::Shared => None,
+            Tenancy::Platform(platform) if platform.contains(namespace) => None,
+            Tenancy::Platform(_) => Some(namespace.to_owned()),
+        }
+    }
+
+    /// The platform namespaces, for messages: `a, b`.
+    pub fn describe(&self) -> String {
+        match self {
+            Tenancy::Shared => "every namespace".to_owned(),
+            Tenancy::Platform(platform) => platform.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
+        }
+    }
+}
+
 /// Everything `compile` needs besides key material.
 #[derive(Clone, Debug, Default)]
 pub struct CompileInputs {
@@ -49,6 +96,8 @@ pub struct CompileInputs {
     pub credentials: Vec<ProviderCredential>,
     pub kill_switches: Vec<KillSwitch>,
     pub secrets: SecretStore,
+    /// Which namespaces' credentials and kill switches reach every namespace's keys.
+    pub tenancy: Tenancy,
     /// Digests of keys the operator generated, by ApiKey. Keys brought through `secretRef` are
     /// digested from `secrets` instead.
     pub issued_digests: BTreeMap<ObjectRef, Vec<IssuedDigest>>,

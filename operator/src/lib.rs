@@ -37,4 +37,4 @@ pub mod webhook;
 
 pub use compile::{compile, CompileError, CompileErrors, Compiled};
 pub use error::Error;
-pub use inputs::{CompileInputs, SecretStore};
+pub use inputs::{CompileInputs, SecretStore, Tenancy};

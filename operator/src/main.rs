@@ -44,6 +44,11 @@ struct RunArgs {
     /// Namespace of the snapshot, keyring and pepper Secrets and the leader Lease.
     #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "portcullis-system")]
     namespace: String,
+    /// Another namespace whose ProviderCredentials and KillSwitches reach the ApiKeys of every
+    /// namespace, like those in `--namespace` (repeat, or separate with commas; `*` trusts every
+    /// namespace). Those in any other namespace apply only to their own namespace's keys.
+    #[arg(long, env = "PORTCULLIS_PLATFORM_NAMESPACES", value_name = "NAMESPACE", value_delimiter = ',')]
+    platform_namespace: Vec<String>,
     #[arg(long, env = "PORTCULLIS_SNAPSHOT_SECRET", default_value = "portcullis-snapshot")]
     snapshot_secret: String,
     #[arg(long, env = "PORTCULLIS_KEYRING_SECRET", default_value = "portcullis-master-keyring")]
@@ -109,6 +114,9 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("portcullis-operator-{}", std::process::id()));
     let settings = portcullis_operator::cluster::RunSettings {
         settings: portcullis_operator::cluster::context::Settings {
+            tenancy: portcullis_operator::Tenancy::platform(
+                args.platform_namespace.iter().cloned().chain([args.namespace.clone()]),
+            ),
             namespace: args.namespace,
             snapshot_secret: args.snapshot_secret,
             keyring_secret: args.keyring_secret,

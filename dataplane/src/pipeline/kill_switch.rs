@@ -14,12 +14,15 @@ fn stopped(switch: &KillSwitchEntry) -> GatewayError {
     GatewayError::KillSwitchActive { switch: switch.switch.to_string(), reason: switch.reason.clone() }
 }
 
+/// The first switch engaged at `now` that reaches `key` (a tenant's switch reaches only its own
+/// namespace's keys) and whose scope `applies`.
 fn first_engaged(
     snapshot: &RuntimeSnapshot,
+    key: &ApiKeyEntry,
     now: DateTime<Utc>,
     applies: impl Fn(&SwitchScope) -> bool,
 ) -> Result<(), GatewayError> {
-    match snapshot.kill_switches.iter().find(|s| s.is_engaged(now) && applies(&s.scope)) {
+    match snapshot.kill_switches.iter().find(|s| s.stops(&key.key.namespace, now) && applies(&s.scope)) {
         Some(switch) => Err(stopped(switch)),
         None => Ok(()),
     }
@@ -27,7 +30,7 @@ fn first_engaged(
 
 /// Global, namespace and key switches.
 pub fn check_caller(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, now: DateTime<Utc>) -> Result<(), GatewayError> {
-    first_engaged(snapshot, now, |scope| match scope {
+    first_engaged(snapshot, key, now, |scope| match scope {
         SwitchScope::Global => true,
         SwitchScope::ApiKey(target) => target == &key.key,
         SwitchScope::Namespace(ns) => ns == &key.key.namespace,
@@ -36,20 +39,26 @@ pub fn check_caller(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, now: DateTime
 }
 
 /// Model switches (name or glob pattern).
-pub fn check_model(snapshot: &RuntimeSnapshot, model: &str, now: DateTime<Utc>) -> Result<(), GatewayError> {
-    first_engaged(snapshot, now, |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)))
+pub fn check_model(
+    snapshot: &RuntimeSnapshot,
+    key: &ApiKeyEntry,
+    model: &str,
+    now: DateTime<Utc>,
+) -> Result<(), GatewayError> {
+    first_engaged(snapshot, key, now, |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)))
 }
 
-/// The engaged switch stopping one provider, if any.
+/// The engaged switch stopping one provider for `key`, if any.
 pub fn provider_switch<'s>(
     snapshot: &'s RuntimeSnapshot,
+    key: &ApiKeyEntry,
     provider: &ObjectRef,
     now: DateTime<Utc>,
 ) -> Option<&'s KillSwitchEntry> {
     snapshot
         .kill_switches
         .iter()
-        .find(|s| s.is_engaged(now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider))
+        .find(|s| s.stops(&key.key.namespace, now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider))
 }
 
 /// The switch error for a provider switch found while routing.
@@ -68,8 +77,8 @@ pub fn stream_must_stop(
     model: &str,
     now: DateTime<Utc>,
 ) -> Option<GatewayError> {
-    if let Err(stop) = check_caller(snapshot, key, now).and_then(|()| check_model(snapshot, model, now)) {
+    if let Err(stop) = check_caller(snapshot, key, now).and_then(|()| check_model(snapshot, key, model, now)) {
         return Some(stop);
     }
-    provider_switch(snapshot, provider, now).map(provider_stopped)
+    provider_switch(snapshot, key, provider, now).map(provider_stopped)
 }

@@ -313,7 +313,7 @@ impl Gateway {
         let head = RequestHead::parse(&body).map_err(fail)?;
         let model = head.model().map_err(fail)?;
         record.streaming = head.streaming();
-        kill_switch::check_model(&snapshot, model, now).map_err(fail)?;
+        kill_switch::check_model(&snapshot, &grant.policy, model, now).map_err(fail)?;
 
         let chosen = route::choose(&snapshot, &grant.policy, route, model, now).map_err(fail)?;
         record.chosen = Some(chosen.clone());

@@ -13,7 +13,8 @@ use crate::snapshot::{ModelRoute, RuntimeSnapshot};
 pub fn list(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, headers: &impl HeaderFields) -> Response<GatewayBody> {
     let anthropic = headers.has("anthropic-version");
     let usable = |r: &ModelRoute| {
-        pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name)
+        r.upstream.serves(key)
+            && pattern::any_matches_or_empty(&key.allowed_providers, &r.upstream.id.name)
             && (!anthropic || r.upstream.kind.serves_anthropic_routes())
     };
     let mut models: Vec<(&str, &str)> = snapshot

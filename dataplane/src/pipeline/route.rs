@@ -1,4 +1,5 @@
-//! Phase 3: which credential serves this request. Unknown model → 404; a model or provider this
+//! Phase 3: which credential serves this request. Unknown model (or one only another
+//! namespace's own provider serves) → 404; a model or provider this
 //! key may not use → 403; every permitted provider stopped → 503. Among what is left, the
 //! highest priority wins and equal priorities share traffic by weight.
 
@@ -29,7 +30,10 @@ pub fn choose<'s>(
     };
     // References into the snapshot, on the stack for the usual few: the one chosen is cloned by
     // the caller, the others never.
-    let mut candidates: Candidates<'s> = snapshot.routes_for(model).filter(|r| serves_route(r)).collect();
+    // A tenant's provider serves only its own namespace's keys: to any other key its models do
+    // not exist.
+    let mut candidates: Candidates<'s> =
+        snapshot.routes_for(model).filter(|r| serves_route(r) && r.upstream.serves(key)).collect();
     if candidates.is_empty() {
         return Err(GatewayError::ModelNotFound { model: echoable_model(model) });
     }
@@ -43,7 +47,7 @@ pub fn choose<'s>(
         return Err(not_allowed());
     }
     let mut first_stop = None;
-    candidates.retain(|r| match kill_switch::provider_switch(snapshot, &r.upstream.id, now) {
+    candidates.retain(|r| match kill_switch::provider_switch(snapshot, key, &r.upstream.id, now) {
         Some(switch) => {
             first_stop.get_or_insert(switch);
             false

@@ -35,6 +35,8 @@ pub struct Settings {
     pub reveal_ttl: chrono::Duration,
     /// Reconcile every object at least this often.
     pub resync: Duration,
+    /// Which namespaces' ProviderCredentials and KillSwitches reach every namespace's keys.
+    pub tenancy: crate::inputs::Tenancy,
 }
 
 pub type Guarded<K> = DeserializeGuard<K>;

@@ -100,7 +100,7 @@ async fn refresh_keyring(ctx: &Context) -> Result<MasterKeyring, Error> {
 pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     let now = ctx.now();
     let pepper_id = ctx.pepper.id();
-    let mut inputs = CompileInputs::default();
+    let mut inputs = CompileInputs { tenancy: ctx.settings.tenancy.clone(), ..Default::default() };
     let mut wanted: BTreeSet<ObjectRef> = BTreeSet::new();
     // Values kept besides `wanted`: the keyring and the reveal Secrets of generated keys.
     let mut also_held: BTreeSet<ObjectRef> = BTreeSet::new();

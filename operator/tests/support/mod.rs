@@ -137,6 +137,7 @@ pub fn context(
             pepper_secret: "portcullis-pepper".into(),
             reveal_ttl: chrono::Duration::hours(1),
             resync: Duration::from_secs(300),
+            tenancy: portcullis_operator::Tenancy::platform(["portcullis"]),
         },
         stores,
         pepper: pepper(),
