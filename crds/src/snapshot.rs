@@ -18,8 +18,10 @@ use crate::digest::KeyDigest;
 use crate::sealing::{KeyId, MasterKeyring, SealBinding, SealedCredential, SealingError};
 use crate::v1alpha1::{ApiKeyLimits, ModelMapping, ObjectRef, ProviderKind, TeamLimits};
 
-/// Format version written by this crate. 3 added `content.pepperId`.
-pub const SCHEMA_VERSION: u32 = 3;
+/// Format version written by this crate. 3 added `content.pepperId`; 4 added `tenant` on
+/// credentials and kill switches, which a format-3 reader would ignore (serving a tenant's
+/// provider to every namespace), so such a reader refuses format 4 by its version instead.
+pub const SCHEMA_VERSION: u32 = 4;
 /// The oldest format this crate reads: a data plane upgraded first reads what the operator
 /// before it wrote. (A data plane older than the writer refuses the newer format by its version,
 /// and keeps serving its last good snapshot.)
@@ -388,11 +390,31 @@ mod tests {
         let version = |v: u32| {
             String::from_utf8(json.clone())
                 .expect("utf8")
-                .replace("\"schemaVersion\":3", &format!("\"schemaVersion\":{v}"))
+                .replace(&format!("\"schemaVersion\":{SCHEMA_VERSION}"), &format!("\"schemaVersion\":{v}"))
         };
         assert!(matches!(GatewaySnapshot::from_json(version(9).as_bytes()), Err(SnapshotError::UnsupportedSchema(9))));
         assert!(matches!(GatewaySnapshot::from_json(version(1).as_bytes()), Err(SnapshotError::UnsupportedSchema(1))));
         assert!(matches!(GatewaySnapshot::from_json(b"{"), Err(SnapshotError::Malformed(_))));
+    }
+
+    /// A tenant is part of the content: written only when set, digested like the rest, and what
+    /// `reaches` and `stops` decide by.
+    #[test]
+    fn a_tenant_is_digested_and_confines_its_entry() {
+        let plain = GatewaySnapshot::new(content(), None);
+        assert!(!String::from_utf8_lossy(&plain.to_json()).contains("tenant"));
+        let mut confined = content();
+        confined.kill_switches[0].tenant = Some("team-a".into());
+        confined.kill_switches[0].active = true;
+        let snap = GatewaySnapshot::new(confined, None);
+        assert_ne!(snap.content_digest, plain.content_digest);
+        let moved = String::from_utf8(snap.to_json()).expect("utf8").replace("\"team-a\"", "\"team-b\"");
+        assert!(matches!(GatewaySnapshot::from_json(moved.as_bytes()), Err(SnapshotError::DigestMismatch)));
+
+        let switch = &snap.content.kill_switches[0];
+        let now = Utc::now();
+        assert!(switch.stops("team-a", now) && !switch.stops("team-b", now));
+        assert!(reaches(None, "anyone") && reaches(Some("x"), "x") && !reaches(Some("x"), "y"));
     }
 
     /// What an operator of format 2 wrote (no `pepperId`) still parses, its digest intact; the

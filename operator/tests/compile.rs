@@ -6,7 +6,7 @@ use portcullis_crds::sealing::{KeyId, MasterKey, MasterKeyring, SealingError};
 use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::{GatewaySnapshot, SwitchScope};
 use portcullis_operator::manifests::{add_yaml, ReadSummary};
-use portcullis_operator::{compile, CompileInputs};
+use portcullis_operator::{compile, CompileInputs, Tenancy};
 
 const PROVIDER_KEY: &str = "sk-provider-CANARY-7f3e9a";
 const CLIENT_KEY: &str = "pcl_client-CANARY-0123456789abcdefghijklmnop";
@@ -208,6 +208,53 @@ fn invalid_manifests_name_object_and_field() {
         let text = errors.to_string();
         assert!(text.contains(expected), "{name}: got {text}");
         assert!(!text.contains("CANARY"), "{name}: error leaks a secret: {text}");
+    }
+}
+
+/// Outside the platform namespaces a credential and a switch are the tenant's own: the entries
+/// say so, and a switch that names another namespace's key or namespace is refused with the
+/// platform namespaces named. Inside them, and with every namespace trusted, nothing is confined.
+#[test]
+fn objects_outside_the_platform_namespaces_are_confined_to_their_own() {
+    let confined = |tenancy: Tenancy, yaml: &str| {
+        let mut inputs = inputs(yaml);
+        inputs.tenancy = tenancy;
+        compile(&inputs, &keyring("k1"), &pepper(), None)
+    };
+    let platform = || Tenancy::platform(["portcullis-system", "ops"]);
+
+    let content = confined(platform(), &base()).expect("compiles").snapshot.content;
+    assert!(content.credentials.iter().all(|c| c.tenant.as_deref() == Some("team-a")), "{:?}", content.credentials);
+    assert_eq!(content.kill_switches[0].tenant.as_deref(), Some("team-a"));
+
+    for tenancy in [Tenancy::platform(["team-a"]), Tenancy::Shared, Tenancy::platform(["other", "*"])] {
+        let content = confined(tenancy.clone(), &base()).expect("compiles").snapshot.content;
+        assert!(content.credentials.iter().all(|c| c.tenant.is_none()), "{tenancy:?}");
+        assert!(content.kill_switches.iter().all(|s| s.tenant.is_none()), "{tenancy:?}");
+    }
+
+    for (scope, field, named) in [
+        ("{apiKey: team-b/bob}", "spec.scope.apiKey", "team-b"),
+        ("{namespace: team-b}", "spec.scope.namespace", "team-b"),
+    ] {
+        let yaml = base().replace("scope: {provider: openai}", &format!("scope: {scope}"));
+        let text = confined(platform(), &yaml).expect_err("refused").to_string();
+        assert!(
+            text.contains(&format!("KillSwitch team-a/stop-openai: {field}: names namespace {named}, but a KillSwitch in team-a stops only the ApiKeys of team-a"))
+                && text.contains("(ops, portcullis-system)"),
+            "{scope}: {text}"
+        );
+        // The same switch in a platform namespace, or with every namespace trusted, is fine.
+        confined(Tenancy::platform(["team-a"]), &yaml).expect("a platform namespace reaches every namespace");
+        confined(Tenancy::Shared, &yaml).expect("every namespace trusted");
+    }
+    // Its own namespace's key or namespace, and the broad scopes, are the tenant's to stop.
+    for scope in
+        ["{apiKey: alice}", "{apiKey: team-a/alice}", "{namespace: team-a}", "{global: true}", "{model: \"gpt-*\"}"]
+    {
+        let yaml = base().replace("scope: {provider: openai}", &format!("scope: {scope}"));
+        let content = confined(platform(), &yaml).unwrap_or_else(|e| panic!("{scope}: {e}")).snapshot.content;
+        assert_eq!(content.kill_switches[0].tenant.as_deref(), Some("team-a"), "{scope}");
     }
 }
 

@@ -357,6 +357,8 @@ async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotatio
     assert_eq!(lines(&calls), vec![format!("GET {PROVIDER_SECRET_PATH}"), format!("PATCH {SNAPSHOT_PATH}")]);
     let first = snapshot_in(&calls[1]);
     assert_eq!(first.content.credentials[0].key_version, 1);
+    // Outside the operator's namespace (the one platform namespace here), it serves only its own.
+    assert_eq!(first.content.credentials[0].tenant.as_deref(), Some("ai"));
 
     // Nothing changed: no call at all (the value read is held).
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None);
