@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audit::ActorHints;
+use crate::inputs::Tenancy;
 use crate::ledger::{Actor, ActorSource};
 use crate::validate;
 
@@ -88,7 +89,7 @@ pub struct ResponseStatus {
 pub struct NotAReview(String);
 
 /// Problems with a spec, each naming its field and what to do.
-pub fn validate_object(kind: &str, object: &Value) -> Vec<String> {
+pub fn validate_object(kind: &str, namespace: &str, object: &Value, tenancy: &Tenancy) -> Vec<String> {
     let spec = object.get("spec").cloned().unwrap_or(Value::Null);
     let mut problems = Vec::new();
     match kind {
@@ -96,6 +97,9 @@ pub fn validate_object(kind: &str, object: &Value) -> Vec<String> {
             Ok(spec) => {
                 if let Err(why) = spec.scope.target() {
                     problems.push(format!("spec.scope {why}; e.g. `scope: {{model: \"gpt-4o*\"}}`"));
+                }
+                if let Err((field, why)) = validate::switch_within_tenant(&spec.scope, namespace, tenancy) {
+                    problems.push(format!("{field}: {why}"));
                 }
                 if let Some(model) = &spec.scope.model {
                     if let Err(why) = portcullis_crds::pattern::validate(model) {
@@ -181,12 +185,12 @@ fn hint_actor(user: &UserInfo) -> Actor {
 }
 
 /// Answers one AdmissionReview. Allowed changes leave the requester as an actor hint.
-pub fn review(body: &[u8], hints: &ActorHints) -> Result<AdmissionReview, NotAReview> {
+pub fn review(body: &[u8], hints: &ActorHints, tenancy: &Tenancy) -> Result<AdmissionReview, NotAReview> {
     let review: AdmissionReview = serde_json::from_slice(body).map_err(|e| NotAReview(e.to_string()))?;
     let request = review.request.ok_or_else(|| NotAReview("no request".into()))?;
     let kind = request.kind.kind.as_str();
     let problems = match (&request.object, request.operation.as_str()) {
-        (Some(object), "CREATE" | "UPDATE") => validate_object(kind, object),
+        (Some(object), "CREATE" | "UPDATE") => validate_object(kind, &request.namespace, object, tenancy),
         _ => Vec::new(),
     };
     let allowed = problems.is_empty();
@@ -246,11 +250,11 @@ mod tests {
     fn allowed_change_records_the_requester() {
         let hints = ActorHints::default();
         let body = request("KillSwitch", "UPDATE", json!({"scope": {"model": "gpt-*"}, "active": true}));
-        let answer = review(&body, &hints).unwrap();
+        let answer = review(&body, &hints, &Tenancy::Shared).unwrap();
         let response = answer.response.unwrap();
         assert!(response.allowed);
         assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
-        let wire = serde_json::to_value(review(&body, &hints).unwrap()).unwrap();
+        let wire = serde_json::to_value(review(&body, &hints, &Tenancy::Shared).unwrap()).unwrap();
         assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(wire["response"]["allowed"], true);
         let actor = hints.take(&("KillSwitch".into(), "ops".into(), "stop-gpt".into())).unwrap();
@@ -269,7 +273,9 @@ mod tests {
         let long = format!("{}é{}", "u".repeat(511), "x".repeat(100_000));
         body["request"]["userInfo"]["username"] = json!(long);
         body["request"]["userInfo"]["groups"] = json!(vec!["g".repeat(600); 40]);
-        assert!(review(&serde_json::to_vec(&body).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(
+            review(&serde_json::to_vec(&body).unwrap(), &hints, &Tenancy::Shared).unwrap().response.unwrap().allowed
+        );
         let actor = hints.take(&("KillSwitch".into(), "ops".into(), "stop-gpt".into())).unwrap();
         assert_eq!(actor.username, format!("{}…", "u".repeat(511)), "cut at a character boundary");
         assert_eq!(actor.groups.len(), 33);
@@ -279,7 +285,13 @@ mod tests {
         for (namespace, name) in [("n".repeat(64), "stop-gpt".to_owned()), ("ops".to_owned(), "x".repeat(254))] {
             body["request"]["namespace"] = json!(namespace);
             body["request"]["name"] = json!(name);
-            assert!(review(&serde_json::to_vec(&body).unwrap(), &hints).unwrap().response.unwrap().allowed);
+            assert!(
+                review(&serde_json::to_vec(&body).unwrap(), &hints, &Tenancy::Shared)
+                    .unwrap()
+                    .response
+                    .unwrap()
+                    .allowed
+            );
             assert!(hints.is_empty(), "no hint for {namespace}/{name}");
         }
     }
@@ -288,18 +300,22 @@ mod tests {
     fn invalid_specs_are_denied_with_actionable_messages_and_leave_no_hint() {
         let hints = ActorHints::default();
         let two = json!({"scope": {"global": true, "model": "x"}, "active": true});
-        let response = review(&request("KillSwitch", "CREATE", two), &hints).unwrap().response.unwrap();
+        let response =
+            review(&request("KillSwitch", "CREATE", two), &hints, &Tenancy::Shared).unwrap().response.unwrap();
         assert!(!response.allowed);
         let message = response.status.unwrap().message;
         assert!(message.contains("spec.scope must name exactly one target"), "{message}");
         assert!(hints.is_empty());
 
         let credential = json!({"kind": "openai", "models": [{"name": "gpt-4o"}]});
-        let response = review(&request("ProviderCredential", "CREATE", credential), &hints).unwrap().response.unwrap();
+        let response = review(&request("ProviderCredential", "CREATE", credential), &hints, &Tenancy::Shared)
+            .unwrap()
+            .response
+            .unwrap();
         assert!(response.status.unwrap().message.contains("spec.secretRef is required for kind openai"));
 
         let key = json!({"allowedModels": ["gpt 4"], "rotation": 1, "secretRef": {"name": "s", "key": "k"}});
-        let response = review(&request("ApiKey", "CREATE", key), &hints).unwrap().response.unwrap();
+        let response = review(&request("ApiKey", "CREATE", key), &hints, &Tenancy::Shared).unwrap().response.unwrap();
         let message = response.status.unwrap().message;
         assert!(message.contains("spec.allowedModels[0]"), "{message}");
         assert!(message.contains("spec.rotation applies to generated keys"), "{message}");
@@ -308,25 +324,41 @@ mod tests {
     #[test]
     fn deletes_are_allowed_and_attributed_and_garbage_is_rejected() {
         let hints = ActorHints::default();
-        let response = review(&request("ApiKey", "DELETE", Value::Null), &hints).unwrap().response.unwrap();
+        let response =
+            review(&request("ApiKey", "DELETE", Value::Null), &hints, &Tenancy::Shared).unwrap().response.unwrap();
         assert!(response.allowed);
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
         let mut dry: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
         dry["request"]["dryRun"] = true.into();
         dry["request"]["name"] = "dry".into();
-        assert!(review(&serde_json::to_vec(&dry).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(
+            review(&serde_json::to_vec(&dry).unwrap(), &hints, &Tenancy::Shared).unwrap().response.unwrap().allowed
+        );
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "dry".into())).is_none());
         // The operator adding its finalizer (spec unchanged) leaves no hint.
         let mut finalizer: Value = serde_json::from_slice(&request("ApiKey", "UPDATE", json!({"owner": "a"}))).unwrap();
         finalizer["request"]["name"] = "fin".into();
         finalizer["request"]["oldObject"] = finalizer["request"]["object"].clone();
         finalizer["request"]["object"]["metadata"]["finalizers"] = json!(["portcullis.dev/audit-ledger"]);
-        assert!(review(&serde_json::to_vec(&finalizer).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(
+            review(&serde_json::to_vec(&finalizer).unwrap(), &hints, &Tenancy::Shared)
+                .unwrap()
+                .response
+                .unwrap()
+                .allowed
+        );
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_none());
         finalizer["request"]["object"]["spec"]["revoked"] = true.into();
-        assert!(review(&serde_json::to_vec(&finalizer).unwrap(), &hints).unwrap().response.unwrap().allowed);
+        assert!(
+            review(&serde_json::to_vec(&finalizer).unwrap(), &hints, &Tenancy::Shared)
+                .unwrap()
+                .response
+                .unwrap()
+                .allowed
+        );
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_some());
-        assert!(review(b"{not json", &hints).is_err());
-        assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints).is_err());
+        assert!(review(b"{not json", &hints, &Tenancy::Shared).is_err());
+        assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints, &Tenancy::Shared)
+            .is_err());
     }
 }

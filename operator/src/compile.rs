@@ -456,25 +456,11 @@ fn compile_kill_switch(
         }
         Ok(ScopeTarget::Namespace(namespace)) => SwitchScope::Namespace(namespace.to_owned()),
     };
-    let tenant = inputs.tenancy.tenant_of(&object.namespace);
-    if let Some(tenant) = &tenant {
-        let reached = match &scope {
-            SwitchScope::ApiKey(key) => Some(("spec.scope.apiKey", key.namespace.as_str())),
-            SwitchScope::Namespace(namespace) => Some(("spec.scope.namespace", namespace.as_str())),
-            SwitchScope::Global | SwitchScope::Provider(_) | SwitchScope::Model(_) => None,
-        };
-        if let Some((field, namespace)) = reached.filter(|(_, namespace)| namespace != tenant) {
-            report.error(
-                field,
-                format!(
-                    "names namespace {namespace}, but a KillSwitch in {tenant} stops only the ApiKeys of {tenant}; \
-                     one that reaches other namespaces belongs in a platform namespace ({})",
-                    inputs.tenancy.describe()
-                ),
-            );
-            return None;
-        }
+    if let Err((field, why)) = validate::switch_within_tenant(&spec.scope, &object.namespace, &inputs.tenancy) {
+        report.error(field, why);
+        return None;
     }
+    let tenant = inputs.tenancy.tenant_of(&object.namespace);
     Some(KillSwitchEntry {
         switch: object,
         scope,

@@ -112,11 +112,11 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("portcullis-operator-{}", std::process::id()));
+    let tenancy =
+        portcullis_operator::Tenancy::platform(args.platform_namespace.iter().cloned().chain([args.namespace.clone()]));
     let settings = portcullis_operator::cluster::RunSettings {
         settings: portcullis_operator::cluster::context::Settings {
-            tenancy: portcullis_operator::Tenancy::platform(
-                args.platform_namespace.iter().cloned().chain([args.namespace.clone()]),
-            ),
+            tenancy: tenancy.clone(),
             namespace: args.namespace,
             snapshot_secret: args.snapshot_secret,
             keyring_secret: args.keyring_secret,
@@ -131,7 +131,7 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         ledger_redis: args.ledger_redis_url.map(|url| ledger::RedisLedgerSettings::new(url, args.ledger_redis_key)),
         webhook: match (args.webhook_cert, args.webhook_key) {
             (Some(cert), Some(key)) => {
-                Some(portcullis_operator::webhook::WebhookSettings::new(args.webhook_listen, cert, key))
+                Some(portcullis_operator::webhook::WebhookSettings::new(args.webhook_listen, cert, key, tenancy))
             }
             _ => None,
         },

@@ -1,8 +1,10 @@
-//! Field checks shared by `compile` (and, later, the admission webhook). Each returns a message a
+//! Field checks shared by `compile` and the admission webhook. Each returns a message a
 //! person can act on; the caller attaches the object and field.
 
 use portcullis_crds::pattern;
-use portcullis_crds::v1alpha1::bounds;
+use portcullis_crds::v1alpha1::{bounds, KillSwitchScope, ObjectRef};
+
+use crate::inputs::Tenancy;
 
 /// Longest free-text field (owner, team, reason) accepted.
 pub const MAX_TEXT_LEN: usize = bounds::TEXT_LEN;
@@ -71,6 +73,33 @@ pub fn header_secret(value: &[u8]) -> Result<(), &'static str> {
         return Err("must be printable ASCII without spaces (it is sent as an HTTP header)");
     }
     Ok(())
+}
+
+/// A KillSwitch in `namespace` that names another namespace's key or the other namespace
+/// itself, when `namespace` is a tenant's: `(field, message)`. A tenant's switch stops only its
+/// own namespace's keys; one that reaches further belongs in a platform namespace.
+pub fn switch_within_tenant(
+    scope: &KillSwitchScope,
+    namespace: &str,
+    tenancy: &Tenancy,
+) -> Result<(), (&'static str, String)> {
+    let tenant = match tenancy.tenant_of(namespace) {
+        Some(tenant) => tenant,
+        None => return Ok(()),
+    };
+    let key = scope.api_key.as_deref().map(|r| ObjectRef::parse_relative(r, namespace).namespace);
+    let named = [("spec.scope.apiKey", key), ("spec.scope.namespace", scope.namespace.clone())];
+    match named.into_iter().find_map(|(field, other)| other.filter(|o| *o != tenant).map(|o| (field, o))) {
+        None => Ok(()),
+        Some((field, other)) => Err((
+            field,
+            format!(
+                "names namespace {other}, but a KillSwitch in {tenant} stops only the ApiKeys of {tenant}; one that \
+                 reaches other namespaces belongs in a platform namespace ({})",
+                tenancy.describe()
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

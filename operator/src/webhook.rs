@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission;
 use crate::audit::ActorHints;
+use crate::inputs::Tenancy;
 
 /// The path the ValidatingWebhookConfiguration calls.
 pub const PATH: &str = "/validate";
@@ -48,11 +49,20 @@ pub struct WebhookSettings {
     pub reload_every: Duration,
     /// Time to finish the TLS handshake, and (separately) to read the headers and the body.
     pub read_timeout: Duration,
+    /// The platform namespaces a KillSwitch is checked against, as `compile` does.
+    pub tenancy: Tenancy,
 }
 
 impl WebhookSettings {
-    pub fn new(listen: SocketAddr, cert: PathBuf, key: PathBuf) -> Self {
-        Self { listen, cert, key, reload_every: Duration::from_secs(10), read_timeout: Duration::from_secs(10) }
+    pub fn new(listen: SocketAddr, cert: PathBuf, key: PathBuf, tenancy: Tenancy) -> Self {
+        Self {
+            listen,
+            cert,
+            key,
+            reload_every: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(10),
+            tenancy,
+        }
     }
 }
 
@@ -192,7 +202,12 @@ fn plain(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
 }
 
 /// One request. Never panics; every refusal says why in a sentence.
-pub async fn handle<B>(request: Request<B>, hints: &ActorHints, read_timeout: Duration) -> Response<Full<Bytes>>
+pub async fn handle<B>(
+    request: Request<B>,
+    hints: &ActorHints,
+    tenancy: &Tenancy,
+    read_timeout: Duration,
+) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -222,7 +237,7 @@ where
                 )
             }
         };
-    match admission::review(&body, hints) {
+    match admission::review(&body, hints, tenancy) {
         Ok(answer) => {
             if let Some(response) = &answer.response {
                 // uid and decision only: no names from the object, no content.
@@ -289,6 +304,7 @@ impl WebhookServer {
             .keep_alive_interval(Duration::from_secs(30))
             .max_concurrent_streams(64);
         tracing::info!(addr = %settings.listen, path = PATH, "admission webhook listening");
+        let tenancy = Arc::new(settings.tenancy.clone());
         loop {
             let (stream, _peer) = match listener.accept().await {
                 Ok(pair) => pair,
@@ -300,7 +316,7 @@ impl WebhookServer {
             };
             let acceptor = acceptor.clone();
             let builder = builder.clone();
-            let hints = hints.clone();
+            let (hints, tenancy) = (hints.clone(), tenancy.clone());
             let read_timeout = settings.read_timeout;
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
@@ -309,8 +325,8 @@ impl WebhookServer {
                     Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
                 };
                 let service = service_fn(move |request| {
-                    let hints = hints.clone();
-                    async move { Ok::<_, Infallible>(handle(request, &hints, read_timeout).await) }
+                    let (hints, tenancy) = (hints.clone(), tenancy.clone());
+                    async move { Ok::<_, Infallible>(handle(request, &hints, &tenancy, read_timeout).await) }
                 });
                 if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
                     tracing::debug!(%error, "webhook connection ended with an error");

@@ -15,6 +15,7 @@ use portcullis_operator::audit::{observe_api_key, ActorHints};
 use portcullis_operator::cluster::audit::Audit;
 use portcullis_operator::ledger::{Action, ActorSource};
 use portcullis_operator::webhook::{WebhookServer, WebhookSettings};
+use portcullis_operator::Tenancy;
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
@@ -109,8 +110,12 @@ async fn reviews_over_tls_attribute_the_ledger_entry_and_certificates_reload() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
     let first = pki.write_leaf(dir.path());
-    let mut settings =
-        WebhookSettings::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let mut settings = WebhookSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        Tenancy::platform(["portcullis-system"]),
+    );
     settings.reload_every = Duration::from_millis(100);
     let server = WebhookServer::bind(settings).await.unwrap();
     let addr = server.local_addr().unwrap();
@@ -127,6 +132,23 @@ async fn reviews_over_tls_attribute_the_ledger_entry_and_certificates_reload() {
     assert_eq!(answer["response"]["allowed"], false);
     assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("spec.scope"), "{answer}");
     assert!(hints.is_empty());
+
+    // Denied: team-a is a tenant's namespace, and its switch names another namespace's key.
+    let elsewhere = json!({"scope": {"apiKey": "team-b/bob"}, "active": true});
+    let (_, answer, _) = post(&pki, addr, "/validate", review("u-tenant", "KillSwitch", "s", elsewhere)).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.scope.apiKey: names namespace team-b, but a KillSwitch in team-a stops only")
+            && message.contains("(portcullis-system)"),
+        "{answer}"
+    );
+    assert!(hints.is_empty());
+    // Its own namespace's key is its to stop.
+    let own = json!({"scope": {"apiKey": "alice"}, "active": true});
+    let (_, answer, _) = post(&pki, addr, "/validate", review("u-own", "KillSwitch", "s", own)).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(hints.take(&("KillSwitch".into(), "team-a".into(), "s".into())).is_some());
 
     // Allowed: the requester becomes the actor of the entry the reconciler appends.
     let (status, answer, _) =
@@ -180,8 +202,12 @@ async fn reviews_over_tls_attribute_the_ledger_entry_and_certificates_reload() {
 #[tokio::test]
 async fn bind_fails_clearly_on_unusable_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    let missing =
-        WebhookSettings::new("127.0.0.1:0".parse().unwrap(), dir.path().join("no.crt"), dir.path().join("no.key"));
+    let missing = WebhookSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("no.crt"),
+        dir.path().join("no.key"),
+        Tenancy::Shared,
+    );
     let error = WebhookServer::bind(missing).await.unwrap_err().to_string();
     assert!(error.contains("no.crt"), "{error}");
 
@@ -189,8 +215,12 @@ async fn bind_fails_clearly_on_unusable_certificates() {
     pki.write_leaf(dir.path());
     let other = KeyPair::generate().unwrap();
     std::fs::write(dir.path().join("other.key"), other.serialize_pem()).unwrap();
-    let mismatched =
-        WebhookSettings::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls.crt"), dir.path().join("other.key"));
+    let mismatched = WebhookSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("tls.crt"),
+        dir.path().join("other.key"),
+        Tenancy::Shared,
+    );
     let error = WebhookServer::bind(mismatched).await.unwrap_err().to_string();
     assert!(error.contains("unusable together"), "{error}");
     let private = other.serialize_pem();

@@ -34,21 +34,23 @@ async fn text(response: Response<Full<Bytes>>) -> (StatusCode, String) {
 #[tokio::test]
 async fn answers_reviews_and_refuses_everything_else_with_a_reason() {
     let hints = ActorHints::default();
-    let (status, body) = text(handle(post(PATH, review_body("ApiKey", json!({}))), &hints, T).await).await;
+    let (status, body) =
+        text(handle(post(PATH, review_body("ApiKey", json!({}))), &hints, &Tenancy::Shared, T).await).await;
     assert_eq!(status, StatusCode::OK);
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert_eq!(answer["response"]["uid"], "u-1");
     assert_eq!(hints.len(), 1);
 
-    let (status, body) = text(handle(post("/other", vec![]), &hints, T).await).await;
+    let (status, body) = text(handle(post("/other", vec![]), &hints, &Tenancy::Shared, T).await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("POST /validate"), "{body}");
 
     let get = Request::get(PATH).body(Full::new(Bytes::new())).unwrap();
-    assert_eq!(handle(get, &hints, T).await.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(handle(get, &hints, &Tenancy::Shared, T).await.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let (status, body) = text(handle(post(PATH, b"{\"secret-looking\": ".to_vec()), &hints, T).await).await;
+    let (status, body) =
+        text(handle(post(PATH, b"{\"secret-looking\": ".to_vec()), &hints, &Tenancy::Shared, T).await).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("not an admission.k8s.io/v1 AdmissionReview"), "{body}");
 }
@@ -57,13 +59,13 @@ async fn answers_reviews_and_refuses_everything_else_with_a_reason() {
 async fn bodies_over_the_cap_are_refused_whether_declared_or_streamed() {
     let hints = ActorHints::default();
     let big = vec![b' '; MAX_BODY_BYTES + 1];
-    assert_eq!(handle(post(PATH, big), &hints, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(handle(post(PATH, big), &hints, &Tenancy::Shared, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
     // No Content-Length: the limit applies while reading.
     let chunks =
         (0..4).map(|_| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![b' '; MAX_BODY_BYTES / 2]))));
     let streamed = Request::post(PATH).body(StreamBody::new(futures_util::stream::iter(chunks))).unwrap();
-    assert_eq!(handle(streamed, &hints, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(handle(streamed, &hints, &Tenancy::Shared, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(hints.is_empty());
 }
 
@@ -72,7 +74,7 @@ async fn a_body_that_never_finishes_times_out() {
     let hints = ActorHints::default();
     let slow = futures_util::stream::pending::<Result<hyper::body::Frame<Bytes>, Infallible>>();
     let request = Request::post(PATH).body(StreamBody::new(slow)).unwrap();
-    let response = handle(request, &hints, Duration::from_millis(100)).await;
+    let response = handle(request, &hints, &Tenancy::Shared, Duration::from_millis(100)).await;
     assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
 }
 
@@ -100,15 +102,19 @@ async fn logs_name_the_decision_never_the_object() {
     let canary = "canary-9f8e7d6c5b4a";
     let hints = ActorHints::default();
     for spec in [json!({"owner": canary}), json!({"allowedModels": [format!("{canary} bad")]})] {
-        assert_eq!(handle(post(PATH, review_body("ApiKey", spec)), &hints, T).await.status(), StatusCode::OK);
+        assert_eq!(
+            handle(post(PATH, review_body("ApiKey", spec)), &hints, &Tenancy::Shared, T).await.status(),
+            StatusCode::OK
+        );
     }
     let garbage = format!("{{\"apiVersion\": \"{canary}\"").into_bytes();
-    assert_eq!(handle(post(PATH, garbage), &hints, T).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(handle(post(PATH, garbage), &hints, &Tenancy::Shared, T).await.status(), StatusCode::BAD_REQUEST);
     // A malformed review whose parse error quotes the sender's value: the caller is told, the
     // log is not (this fails if the error were ever logged).
     let mut wrong_type: serde_json::Value = serde_json::from_slice(&review_body("ApiKey", json!({}))).unwrap();
     wrong_type["request"]["dryRun"] = json!(canary);
-    let (status, answer) = text(handle(post(PATH, serde_json::to_vec(&wrong_type).unwrap()), &hints, T).await).await;
+    let (status, answer) =
+        text(handle(post(PATH, serde_json::to_vec(&wrong_type).unwrap()), &hints, &Tenancy::Shared, T).await).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(answer.contains(canary), "the reason goes back to the caller: {answer}");
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
