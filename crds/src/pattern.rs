@@ -10,7 +10,8 @@ pub fn validate(pattern: &str) -> Result<(), &'static str> {
     if pattern.is_empty() {
         return Err("must not be empty");
     }
-    if pattern.len() > MAX_PATTERN_LEN {
+    // Characters, as the API server counts `maxLength`: a pattern it admitted is not refused here.
+    if pattern.chars().count() > MAX_PATTERN_LEN {
         return Err("must be at most 256 characters");
     }
     if pattern.chars().any(|c| c.is_control() || c.is_whitespace()) {

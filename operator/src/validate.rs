@@ -22,7 +22,8 @@ pub fn pattern_list(patterns: &[String]) -> Result<(), (usize, &'static str)> {
 }
 
 pub fn text(value: &str) -> Result<(), String> {
-    if value.len() > MAX_TEXT_LEN {
+    // Characters, as the API server counts `maxLength`.
+    if value.chars().count() > MAX_TEXT_LEN {
         return Err(format!("must be at most {MAX_TEXT_LEN} characters"));
     }
     if value.chars().any(|c| c.is_control() && c != '\t') {
@@ -126,5 +127,19 @@ mod tests {
         assert!(header_secret(b"sk\r\nx: y").is_err());
         assert!(text("ok").is_ok());
         assert!(text("bad\u{7}").is_err());
+    }
+
+    /// Lengths count characters, as the API server's `maxLength` does: a multi-byte string it
+    /// admitted at the limit is not refused here, and one past it is.
+    #[test]
+    fn lengths_count_characters_like_the_api_server() {
+        let at = |n: usize| "é".repeat(n);
+        assert!(text(&at(MAX_TEXT_LEN)).is_ok());
+        assert!(text(&at(MAX_TEXT_LEN + 1)).is_err());
+        assert!(pattern_list(&[at(bounds::PATTERN_LEN)]).is_ok());
+        assert!(pattern_list(&[at(bounds::PATTERN_LEN + 1)]).is_err());
+        let scope = |r: String| KillSwitchScope { provider: Some(r), ..Default::default() };
+        assert!(scope(at(bounds::OBJECT_REF_LEN)).target().is_ok());
+        assert!(scope(at(bounds::OBJECT_REF_LEN + 1)).target().is_err());
     }
 }

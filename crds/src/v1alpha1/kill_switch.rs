@@ -105,7 +105,8 @@ impl KillSwitchScope {
         if let Some(n) = &self.namespace {
             targets.push(ScopeTarget::Namespace(n));
         }
-        let within = |text: &str, max: usize| !text.is_empty() && text.len() <= max;
+        // Characters, as the API server counts `maxLength`.
+        let within = |text: &str, max: usize| !text.is_empty() && text.chars().count() <= max;
         match targets.len() {
             1 => match targets.remove(0) {
                 ScopeTarget::Provider(r) | ScopeTarget::ApiKey(r) if !within(r, bounds::OBJECT_REF_LEN) => {
