@@ -246,12 +246,20 @@ mod tests {
         .unwrap()
     }
 
+    /// The answer to `body`, every namespace trusted (tenancy is covered by `webhook_tls`).
+    fn answer(body: &[u8], hints: &ActorHints) -> AdmissionResponse {
+        review(body, hints, &Tenancy::Shared).unwrap().response.unwrap()
+    }
+
+    fn allowed(body: &Value, hints: &ActorHints) -> bool {
+        answer(&serde_json::to_vec(body).unwrap(), hints).allowed
+    }
+
     #[test]
     fn allowed_change_records_the_requester() {
         let hints = ActorHints::default();
         let body = request("KillSwitch", "UPDATE", json!({"scope": {"model": "gpt-*"}, "active": true}));
-        let answer = review(&body, &hints, &Tenancy::Shared).unwrap();
-        let response = answer.response.unwrap();
+        let response = answer(&body, &hints);
         assert!(response.allowed);
         assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
         let wire = serde_json::to_value(review(&body, &hints, &Tenancy::Shared).unwrap()).unwrap();
@@ -273,9 +281,7 @@ mod tests {
         let long = format!("{}é{}", "u".repeat(511), "x".repeat(100_000));
         body["request"]["userInfo"]["username"] = json!(long);
         body["request"]["userInfo"]["groups"] = json!(vec!["g".repeat(600); 40]);
-        assert!(
-            review(&serde_json::to_vec(&body).unwrap(), &hints, &Tenancy::Shared).unwrap().response.unwrap().allowed
-        );
+        assert!(allowed(&body, &hints));
         let actor = hints.take(&("KillSwitch".into(), "ops".into(), "stop-gpt".into())).unwrap();
         assert_eq!(actor.username, format!("{}…", "u".repeat(511)), "cut at a character boundary");
         assert_eq!(actor.groups.len(), 33);
@@ -285,13 +291,7 @@ mod tests {
         for (namespace, name) in [("n".repeat(64), "stop-gpt".to_owned()), ("ops".to_owned(), "x".repeat(254))] {
             body["request"]["namespace"] = json!(namespace);
             body["request"]["name"] = json!(name);
-            assert!(
-                review(&serde_json::to_vec(&body).unwrap(), &hints, &Tenancy::Shared)
-                    .unwrap()
-                    .response
-                    .unwrap()
-                    .allowed
-            );
+            assert!(allowed(&body, &hints));
             assert!(hints.is_empty(), "no hint for {namespace}/{name}");
         }
     }
@@ -300,22 +300,18 @@ mod tests {
     fn invalid_specs_are_denied_with_actionable_messages_and_leave_no_hint() {
         let hints = ActorHints::default();
         let two = json!({"scope": {"global": true, "model": "x"}, "active": true});
-        let response =
-            review(&request("KillSwitch", "CREATE", two), &hints, &Tenancy::Shared).unwrap().response.unwrap();
+        let response = answer(&request("KillSwitch", "CREATE", two), &hints);
         assert!(!response.allowed);
         let message = response.status.unwrap().message;
         assert!(message.contains("spec.scope must name exactly one target"), "{message}");
         assert!(hints.is_empty());
 
         let credential = json!({"kind": "openai", "models": [{"name": "gpt-4o"}]});
-        let response = review(&request("ProviderCredential", "CREATE", credential), &hints, &Tenancy::Shared)
-            .unwrap()
-            .response
-            .unwrap();
+        let response = answer(&request("ProviderCredential", "CREATE", credential), &hints);
         assert!(response.status.unwrap().message.contains("spec.secretRef is required for kind openai"));
 
         let key = json!({"allowedModels": ["gpt 4"], "rotation": 1, "secretRef": {"name": "s", "key": "k"}});
-        let response = review(&request("ApiKey", "CREATE", key), &hints, &Tenancy::Shared).unwrap().response.unwrap();
+        let response = answer(&request("ApiKey", "CREATE", key), &hints);
         let message = response.status.unwrap().message;
         assert!(message.contains("spec.allowedModels[0]"), "{message}");
         assert!(message.contains("spec.rotation applies to generated keys"), "{message}");
@@ -324,38 +320,23 @@ mod tests {
     #[test]
     fn deletes_are_allowed_and_attributed_and_garbage_is_rejected() {
         let hints = ActorHints::default();
-        let response =
-            review(&request("ApiKey", "DELETE", Value::Null), &hints, &Tenancy::Shared).unwrap().response.unwrap();
+        let response = answer(&request("ApiKey", "DELETE", Value::Null), &hints);
         assert!(response.allowed);
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
         let mut dry: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
         dry["request"]["dryRun"] = true.into();
         dry["request"]["name"] = "dry".into();
-        assert!(
-            review(&serde_json::to_vec(&dry).unwrap(), &hints, &Tenancy::Shared).unwrap().response.unwrap().allowed
-        );
+        assert!(allowed(&dry, &hints));
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "dry".into())).is_none());
         // The operator adding its finalizer (spec unchanged) leaves no hint.
         let mut finalizer: Value = serde_json::from_slice(&request("ApiKey", "UPDATE", json!({"owner": "a"}))).unwrap();
         finalizer["request"]["name"] = "fin".into();
         finalizer["request"]["oldObject"] = finalizer["request"]["object"].clone();
         finalizer["request"]["object"]["metadata"]["finalizers"] = json!(["portcullis.dev/audit-ledger"]);
-        assert!(
-            review(&serde_json::to_vec(&finalizer).unwrap(), &hints, &Tenancy::Shared)
-                .unwrap()
-                .response
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&finalizer, &hints));
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_none());
         finalizer["request"]["object"]["spec"]["revoked"] = true.into();
-        assert!(
-            review(&serde_json::to_vec(&finalizer).unwrap(), &hints, &Tenancy::Shared)
-                .unwrap()
-                .response
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&finalizer, &hints));
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_some());
         assert!(review(b"{not json", &hints, &Tenancy::Shared).is_err());
         assert!(review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, &hints, &Tenancy::Shared)
