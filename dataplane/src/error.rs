@@ -148,6 +148,7 @@ impl GatewayError {
                     H::UnsupportedVersion => (StatusCode::HTTP_VERSION_NOT_SUPPORTED, "http_version_not_supported"),
                     H::UnsupportedTransferEncoding => (StatusCode::NOT_IMPLEMENTED, "transfer_encoding_not_supported"),
                     H::ExpectationFailed => (StatusCode::EXPECTATION_FAILED, "expectation_failed"),
+                    H::HeadTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
                 };
                 (status, code, "invalid_request_error", "invalid_request_error")
             }
@@ -220,6 +221,7 @@ impl GatewayError {
                     H::UnsupportedVersion => "Only HTTP/1.0, HTTP/1.1 and HTTP/2 are served.".to_owned(),
                     H::UnsupportedTransferEncoding => "Only the chunked transfer coding is accepted.".to_owned(),
                     H::ExpectationFailed => "Only `Expect: 100-continue` is supported.".to_owned(),
+                    H::HeadTimeout => "The request head was not received in time.".to_owned(),
                 }
             }
         }

@@ -150,9 +150,17 @@ async fn stalled_heads_time_out_and_idle_connections_close() {
     // Header read timeout is 1 s in this fixture.
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n").await.unwrap();
+    // The same on the Messages API (after an empty line, with a query): answered in its format.
+    let mut anthropic = TcpStream::connect(addr).await.unwrap();
+    anthropic.write_all(b"\r\nPOST /v1/messages?beta=true HTTP/1.1\r\nHost: gw\r\n").await.unwrap();
     let (text, elapsed, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
     assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text}");
     assert!(elapsed >= Duration::from_millis(900), "timed out too early: {elapsed:?}");
+    assert!(text.contains("The request head was not received in time."), "{text}");
+    let (text, _, closed) = read_to_close(&mut anthropic, Duration::from_secs(5)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text}");
+    let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["type"], "error", "{text}");
 
     let mut idle = TcpStream::connect(addr).await.unwrap();
     let (text, elapsed, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
@@ -193,6 +201,20 @@ async fn expect_continue_http10_and_unread_bodies() {
     stream.write_all(body.as_bytes()).await.unwrap();
     let (text, _, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
     assert!(closed && text.starts_with("HTTP/1.1 200 OK") && text.contains(REPLY), "{text}");
+
+    // A request refused on its head alone is answered at once, without inviting its body: the
+    // client reads the refusal, not `100 Continue`.
+    for (extra, status) in [("Authorization: Bearer wrong-key\r\n", "401"), ("", "401")] {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n{extra}Content-Type: application/json\r\n\
+             Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (text, _, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+        assert!(closed && text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(!text.contains("100 Continue"), "{text}");
+    }
 
     // HTTP/1.0 without keep-alive: answered, then closed.
     let old = chat("", false).replacen("HTTP/1.1", "HTTP/1.0", 1);

@@ -5,7 +5,7 @@
 //! disagreeing or malformed lengths, chunked HTTP/1.0, a missing or repeated `Host`, obsolete
 //! line folding (httparse refuses it), control characters in values.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::{Method, Uri, Version};
 
 use super::codec::{list_tokens, parse_length};
@@ -28,20 +28,34 @@ pub enum Http1Error {
     UnsupportedTransferEncoding,
     /// An `Expect` other than `100-continue`: 417.
     ExpectationFailed,
+    /// The head did not arrive within the header read timeout: 408.
+    HeadTimeout,
 }
 
-/// A refused head: why, and the API format the answer should take.
+/// A refused head: why, and how the answer should go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
     pub error: Http1Error,
     pub flavor: ApiFlavor,
+    /// The request line is a `HEAD`: the answer has no body.
+    pub head_only: bool,
 }
 
-/// The API format of a request, from its request line alone (the head may be unparsable).
+impl Refused {
+    /// The answer to a head refused for `error`, from what of it has arrived (`raw`).
+    pub fn of(error: Http1Error, raw: &[u8]) -> Self {
+        Refused { error, flavor: sniff_flavor(raw), head_only: raw.starts_with(b"HEAD ") }
+    }
+}
+
+/// The API format of a request, from its request line alone (the head may be unparsable or
+/// incomplete).
 fn sniff_flavor(raw: &[u8]) -> ApiFlavor {
     let line = &raw[..memchr::memchr(b'\n', raw).unwrap_or(raw.len())];
     let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(path)) = (parts.next(), parts.next()) else { return ApiFlavor::OpenAi };
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else { return ApiFlavor::OpenAi };
+    // The route is the path: `/v1/messages?beta=true` is the Messages API.
+    let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
     let (Ok(method), Ok(path)) = (Method::from_bytes(method), std::str::from_utf8(path)) else {
         return ApiFlavor::OpenAi;
     };
@@ -75,7 +89,8 @@ pub struct Head {
 /// Parses the head at the front of `buf`. `Ok(None)`: not complete yet. On success the head's
 /// bytes are split off `buf` (which keeps whatever follows: the body, or a pipelined request).
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
-    let refused = |error, raw: &[u8]| Refused { error, flavor: sniff_flavor(raw) };
+    skip_empty_lines(buf);
+    let refused = Refused::of;
     let (len, request_line, lines) = match scan(buf, max_head) {
         Ok(Some(scanned)) => scanned,
         Ok(None) => return Ok(None),
@@ -89,6 +104,25 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refuse
             Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
         }
         Err(error) => Err(refused(error, headers.head())),
+    }
+}
+
+/// Drops the empty lines a client may send before a request line (RFC 9112 §2.2 asks a server
+/// to ignore at least one). Dropped rather than left for httparse, which skips them on every
+/// parse: a client sending one line end at a time would have the buffer scanned again for each,
+/// quadratic in the 64 KiB a head may take. A lone CR stays until its LF comes (or is refused
+/// as the start of the request line).
+fn skip_empty_lines(buf: &mut BytesMut) {
+    let mut at = 0;
+    loop {
+        match buf.get(at..at + 2) {
+            Some(b"\r\n") => at += 2,
+            _ if buf.get(at) == Some(&b'\n') => at += 1,
+            _ => break,
+        }
+    }
+    if at > 0 {
+        buf.advance(at);
     }
 }
 
@@ -363,6 +397,35 @@ mod tests {
             ApiFlavor::OpenAi
         );
         assert_eq!(refused("\x01\r\n\r\n").flavor, ApiFlavor::OpenAi);
+        // The route is the target's path: the Anthropic SDK's beta calls add a query.
+        let beta = refused("POST /v1/messages?beta=true HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n");
+        assert_eq!(beta.flavor, ApiFlavor::Anthropic);
+        assert_eq!(refused("\r\nPOST /v1/messages HTTP/1.1\r\nHo st: a\r\n\r\n").flavor, ApiFlavor::Anthropic);
+        // A refused HEAD is answered without a body.
+        assert!(refused("HEAD /v1/models HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n").head_only);
+        assert!(!beta.head_only);
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_line_are_dropped_as_they_come() {
+        // One line end at a time: each is dropped, so the buffer never grows and no parse scans
+        // what an earlier one already did (httparse alone would skip them all again each time).
+        let mut buf = BytesMut::new();
+        for i in 0..10_000 {
+            buf.extend_from_slice(if i % 2 == 0 { b"\r\n" } else { b"\n" });
+            assert!(parse(&mut buf, 1024).expect("waits").is_none());
+            assert!(buf.is_empty(), "{} bytes kept after {i} empty lines", buf.len());
+        }
+        // A CR waits for its LF; then the request that follows is served.
+        buf.extend_from_slice(b"\r");
+        assert!(parse(&mut buf, 1024).expect("waits").is_none());
+        assert_eq!(&buf[..], b"\r");
+        buf.extend_from_slice(b"\nGET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n");
+        let served = parse(&mut buf, 1024).expect("valid").expect("complete");
+        assert_eq!(served.uri.path(), "/v1/models");
+        assert!(buf.is_empty());
+        // A CR that is not a line end is the start of a malformed request line.
+        assert!(matches!(head("\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"), Err(Http1Error::Malformed(_))));
     }
 
     /// Random bytes, and random mutations of a valid head, fed in random splits: every outcome

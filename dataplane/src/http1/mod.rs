@@ -44,7 +44,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::api::ApiFlavor;
 use crate::busy_poll::BusyPoll;
 use crate::error::GatewayError;
 use crate::pipeline::forward::PassedFields;
@@ -165,10 +164,38 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 }
 
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 /// The request body, read from the connection while the pipeline holds it.
 #[derive(Debug)]
 pub struct RequestBody<'c, IO> {
     conn: &'c mut Conn<IO>,
+    /// What is left to send of `100 Continue` before the body is read; `None` once it is sent
+    /// and flushed, or when the client did not ask for it. It goes out when the pipeline first
+    /// wants body bytes that have not come, so a request refused on its head alone (route, key,
+    /// kill switch) is answered without inviting the client to send its body.
+    interim: Option<&'static [u8]>,
+}
+
+impl<IO: AsyncWrite + Unpin> RequestBody<'_, IO> {
+    /// Sends the rest of `100 Continue`, if owed. Bounded by the pipeline's body timeout, which
+    /// runs while this waits.
+    fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rest) = self.interim {
+            let io = Pin::new(&mut self.conn.io);
+            if rest.is_empty() {
+                ready!(io.poll_flush(cx))?;
+                self.interim = None;
+            } else {
+                match ready!(io.poll_write(cx, rest))? {
+                    0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    n => self.interim = Some(&rest[n..]),
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, IO> {
@@ -176,8 +203,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, IO> {
     type Error = H1Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
-        let conn = &mut *self.get_mut().conn;
+        let this = self.get_mut();
         loop {
+            let conn = &mut *this.conn;
             if conn.broken {
                 return Poll::Ready(Some(Err(H1Error::IncompleteBody)));
             }
@@ -190,6 +218,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, IO> {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
+            if let Err(e) = ready!(this.poll_interim(cx)) {
+                this.conn.broken = true;
+                return Poll::Ready(Some(Err(H1Error::Write(e))));
+            }
+            let conn = &mut *this.conn;
             match ready!(poll_fill(&mut conn.io, cx, &mut conn.buf)) {
                 Ok(0) => conn.broken = true,
                 Ok(_) => {}
@@ -223,7 +256,7 @@ enum Next {
     Head(head::Head),
     /// Nothing more on this connection: closed by the client, idle too long, or draining.
     Close,
-    Refuse(GatewayError, ApiFlavor),
+    Refuse(head::Refused),
     Http2,
 }
 
@@ -250,7 +283,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
             match head::parse(&mut conn.buf, MAX_HEAD) {
                 Ok(Some(head)) => return Next::Head(head),
                 Ok(None) => {}
-                Err(refused) => return Next::Refuse(refused.error.into(), refused.flavor),
+                Err(refused) => return Next::Refuse(refused),
             }
         }
         if !maybe_h2 {
@@ -283,7 +316,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                 return if conn.buf.is_empty() {
                     Next::Close
                 } else {
-                    Next::Refuse(GatewayError::RequestTimeout, ApiFlavor::OpenAi)
+                    Next::Refuse(head::Refused::of(Http1Error::HeadTimeout, &conn.buf))
                 };
             }
             () = std::future::poll_fn(|cx| drain.poll_draining(cx)), if !drain.draining() => {}
@@ -324,10 +357,11 @@ where
             Next::Head(head) => head,
             Next::Close => return Ended::Closed,
             Next::Http2 => return Ended::Http2(Rewind { pending: conn.buf.freeze(), io: conn.io }),
-            Next::Refuse(error, flavor) => {
+            Next::Refuse(head::Refused { error, flavor, head_only }) => {
+                let error = GatewayError::from(error);
                 let response = error.into_response(flavor, &crate::api::request_id(&http::HeaderMap::new()));
                 conn.broken = true;
-                let _ = write_response(&mut conn, Reply::plain(response), Version::HTTP_11, false, false).await;
+                let _ = write_response(&mut conn, Reply::plain(response), Version::HTTP_11, head_only, false).await;
                 linger(&mut conn).await;
                 return Ended::Closed;
             }
@@ -343,11 +377,8 @@ where
             Framing::Length(length) => Decoder::Length(length),
             Framing::Chunked => Decoder::Chunked(Chunked::default()),
         };
-        let waits = expect_continue && !conn.body.is_done() && conn.buf.is_empty();
-        if waits && write_all_within(&mut conn.io, b"HTTP/1.1 100 Continue\r\n\r\n", conn.write_timeout).await.is_err()
-        {
-            return Ended::Closed;
-        }
+        // Owed only while none of the body has come (a client may send it without waiting).
+        let interim = (expect_continue && !conn.body.is_done() && conn.buf.is_empty()).then_some(CONTINUE);
         let reply = match conn.take_buffered_body() {
             // The whole body has arrived (the usual case): the pipeline gets it as it is, and
             // the connection is watched meanwhile, so a client that goes away while the provider
@@ -364,7 +395,7 @@ where
             }
             // The pipeline reads the rest of the body from the connection itself.
             None => {
-                let request = ClientRequest { method, uri, headers, body: RequestBody { conn: &mut conn } };
+                let request = ClientRequest { method, uri, headers, body: RequestBody { conn: &mut conn, interim } };
                 gateway.handle(request, Some(peer)).await
             }
         };
