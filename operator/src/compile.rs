@@ -177,6 +177,20 @@ fn compile_api_key(
     if spec.team_limits.is_some() && spec.team.is_none() {
         report.error("spec.teamLimits", "needs spec.team: team limits apply to a named team");
     }
+    // The CRD's schema says so too; local mode's manifests meet no API server.
+    let (limits, team) = (spec.limits.clone().unwrap_or_default(), spec.team_limits.clone().unwrap_or_default());
+    for (field, value) in [
+        ("spec.limits.requestsPerMinute", limits.requests_per_minute),
+        ("spec.limits.tokensPerMinute", limits.tokens_per_minute),
+        ("spec.limits.tokensPerDay", limits.tokens_per_day),
+        ("spec.limits.tokensPerMonth", limits.tokens_per_month),
+        ("spec.teamLimits.requestsPerMinute", team.requests_per_minute),
+        ("spec.teamLimits.tokensPerMinute", team.tokens_per_minute),
+    ] {
+        if value == Some(0) {
+            report.error(field, "must be at least 1 (to stop a key, set spec.revoked or engage a KillSwitch)");
+        }
+    }
 
     let digests = match &spec.secret_ref {
         Some(secret_ref) => {

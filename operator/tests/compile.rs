@@ -198,6 +198,10 @@ fn invalid_manifests_name_object_and_field() {
          "KillSwitch team-a/stop-openai: spec.scope: a provider or apiKey reference must be 1-317 characters"),
         ("an empty namespace", base().replace("scope: {provider: openai}", "scope: {namespace: \"\"}"),
          "KillSwitch team-a/stop-openai: spec.scope: namespace must be 1-63 characters"),
+        ("a zero limit", base().replace("  owner: alice@example.com\n", "  owner: alice@example.com\n  limits: {requestsPerMinute: 10, tokensPerDay: 0}\n"),
+         "ApiKey team-a/alice: spec.limits.tokensPerDay: must be at least 1"),
+        ("a zero team limit", base().replace("  owner: alice@example.com\n", "  owner: alice@example.com\n  team: ml\n  teamLimits: {requestsPerMinute: 0}\n"),
+         "ApiKey team-a/alice: spec.teamLimits.requestsPerMinute: must be at least 1"),
         ("duplicate", format!("{}---\n{}", base(), "apiVersion: portcullis.dev/v1alpha1\nkind: KillSwitch\nmetadata: {name: stop-openai, namespace: team-a}\nspec: {scope: {global: true}}\n"),
          "KillSwitch team-a/stop-openai: metadata.name: is declared more than once"),
     ];

@@ -105,21 +105,26 @@ impl ApiKeySpec {
     }
 }
 
-/// Limits enforced per key (and per team, where the key names one).
+/// Limits enforced per key (and per team, where the key names one). Each is at least 1: to stop
+/// a key, revoke it or engage a KillSwitch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyLimits {
     /// Requests admitted in any sliding 60-second window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub requests_per_minute: Option<u64>,
     /// Tokens (input + output) admitted in any sliding 60-second window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<u64>,
     /// Token budget per UTC calendar day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens_per_day: Option<u64>,
     /// Token budget per UTC calendar month.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens_per_month: Option<u64>,
     /// What to do when the shared limit store (Redis) is unreachable; the gateway's setting
     /// applies when unset.
@@ -145,9 +150,11 @@ pub enum FailurePolicy {
 pub struct TeamLimits {
     /// Requests admitted for the whole team in any sliding 60-second window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub requests_per_minute: Option<u64>,
     /// Tokens admitted for the whole team in any sliding 60-second window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<u64>,
 }
 

@@ -41,6 +41,12 @@ struct UsageFields {
     input_tokens: Option<u64>,
     #[serde(default)]
     output_tokens: Option<u64>,
+    /// Anthropic counts prompt-cache reads and writes apart from `input_tokens` (OpenAI's
+    /// `prompt_tokens` and `input_tokens` include cached tokens).
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
 }
 
 impl UsageFields {
@@ -55,6 +61,8 @@ impl UsageFields {
                 b"completion_tokens" => (2, &mut fields.completion_tokens),
                 b"input_tokens" => (4, &mut fields.input_tokens),
                 b"output_tokens" => (8, &mut fields.output_tokens),
+                b"cache_creation_input_tokens" => (16, &mut fields.cache_creation_input_tokens),
+                b"cache_read_input_tokens" => (32, &mut fields.cache_read_input_tokens),
                 _ => return scanner.skip_value(1),
             };
             // serde's derive refuses a repeated field.
@@ -73,10 +81,12 @@ impl From<UsageFields> for Usage {
     fn from(f: UsageFields) -> Self {
         // A provider's numbers are untrusted too: capped like a client's.
         let capped = |n: Option<u64>| n.map(|n| n.min(crate::limits::MAX_TOKEN_COUNT));
-        Usage {
-            input: capped(f.prompt_tokens.or(f.input_tokens)),
-            output: capped(f.completion_tokens.or(f.output_tokens)),
-        }
+        // Cached prompt tokens are tokens the request used: a limit counts them.
+        let cached = [f.cache_creation_input_tokens, f.cache_read_input_tokens];
+        let input = cached.into_iter().flatten().fold(capped(f.prompt_tokens.or(f.input_tokens)), |sum, n| {
+            Some(sum.unwrap_or(0).saturating_add(n.min(crate::limits::MAX_TOKEN_COUNT)))
+        });
+        Usage { input, output: capped(f.completion_tokens.or(f.output_tokens)) }
     }
 }
 
@@ -111,6 +121,15 @@ fn mentions_usage_object(event: &[u8]) -> bool {
 /// bytewise): a response's `usage` is near its end.
 const USAGE_WINDOW: usize = 2048;
 
+/// `"usage"` keys holding an object that [`find_usage`] reads, last first, before it gives up.
+/// A response has one (two in an event that nests the response); a provider sending thousands,
+/// each over an object it never closes, would otherwise have each read to the end of the event:
+/// quadratic in the event's size.
+const USAGE_CANDIDATES: usize = 8;
+/// Bytes of a usage object read at most (OpenAI's, with its token details, is about 400). A
+/// longer one is not read.
+const MAX_USAGE_OBJECT: usize = 4096;
+
 /// The usage object following the last `"usage":` key in `json` that holds an object.
 pub fn find_usage(json: &[u8]) -> Option<Usage> {
     let split = json.len().saturating_sub(USAGE_WINDOW);
@@ -121,23 +140,25 @@ pub fn find_usage(json: &[u8]) -> Option<Usage> {
         in_window.push(from + pos);
         from += pos + 1;
     }
-    if let Some(usage) = in_window.iter().rev().find_map(|&pos| usage_at(json, pos)) {
-        return Some(usage);
-    }
     // Keys that start before the window (one may end inside it), last first.
     let mut end = (split + USAGE_KEY.len() - 1).min(json.len());
-    while let Some(pos) = usage_key_rev().rfind(&json[..end]) {
-        end = pos;
-        if let Some(usage) = usage_at(json, pos) {
-            return Some(usage);
-        }
-    }
-    None
+    let before = std::iter::from_fn(move || {
+        end = usage_key_rev().rfind(&json[..end])?;
+        Some(end)
+    });
+    in_window
+        .into_iter()
+        .rev()
+        .chain(before)
+        .filter_map(|pos| usage_object_at(json, pos))
+        .take(USAGE_CANDIDATES)
+        .find_map(usage_in)
 }
 
-/// The usage object after the `"usage"` key at `pos`, if its value is one.
-fn usage_at(json: &[u8], pos: usize) -> Option<Usage> {
-    let rest = usage_object_at(json, pos)?;
+/// The usage in the object at the start of `object` (what follows it is not read), if it is
+/// one and no longer than [`MAX_USAGE_OBJECT`].
+fn usage_in(object: &[u8]) -> Option<Usage> {
+    let rest = &object[..object.len().min(MAX_USAGE_OBJECT)];
     if let Some(fields) = UsageFields::scan(rest) {
         return Some(fields.into());
     }
@@ -670,6 +691,53 @@ mod tests {
             assert_eq!(json.len() - USAGE_WINDOW, start);
             assert_eq!(found(&json), Some(5), "window from {start}");
         }
+    }
+
+    /// Anthropic's `input_tokens` leaves out prompt-cache reads and writes: they are input too.
+    #[test]
+    fn cached_prompt_tokens_are_counted_as_input() {
+        let usage = br#"{"usage":{"input_tokens":10,"cache_creation_input_tokens":2000,"cache_read_input_tokens":150000,"output_tokens":5}}"#;
+        assert_eq!(find_usage(usage), Some(Usage { input: Some(152_010), output: Some(5) }));
+        // The same read by serde_json (a field the scanner leaves to it: a fraction).
+        let fallback = br#"{"usage":{"input_tokens":10,"cache_read_input_tokens":150000,"output_tokens":5,"x":1.5}}"#;
+        assert_eq!(find_usage(fallback), Some(Usage { input: Some(150_010), output: Some(5) }));
+        // A stream: the counts of `message_start` stay when `message_delta` reports the output.
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"cache_read_input_tokens\":4000,\"output_tokens\":1}}}\n\n\
+                      event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+        let mut scanner = SseScanner::new(false);
+        assert_eq!(run(&mut scanner, stream, 7), stream);
+        assert_eq!(scanner.usage, Usage { input: Some(4003), output: Some(42) });
+        // Each count capped, and the sum saturates rather than wraps.
+        let huge = format!(
+            r#"{{"usage":{{"input_tokens":{m},"cache_read_input_tokens":{m},"cache_creation_input_tokens":{m}}}}}"#,
+            m = u64::MAX
+        );
+        assert_eq!(find_usage(huge.as_bytes()).and_then(|u| u.input), Some(3 * crate::limits::MAX_TOKEN_COUNT));
+    }
+
+    /// A provider cannot make the search for usage quadratic: thousands of `"usage"` objects it
+    /// never closes are not each read to the end of the event. The last few are tried, each
+    /// within a bound; then the search gives up.
+    #[test]
+    fn the_usage_search_reads_a_bounded_number_of_bounded_objects() {
+        let valid = r#""usage":{"prompt_tokens":7,"completion_tokens":1}"#;
+        let unclosed = |n: usize| r#"{"usage":{"a":"#.repeat(n);
+        // Within the candidates tried, an earlier valid object is still found.
+        let json = format!("{{{valid},\"x\":{}0", unclosed(USAGE_CANDIDATES - 1));
+        assert_eq!(find_usage(json.as_bytes()).and_then(|u| u.input), Some(7));
+        // Behind more of them than that, it is not: the search stopped.
+        let json = format!("{{{valid},\"x\":{}0", unclosed(USAGE_CANDIDATES));
+        assert_eq!(find_usage(json.as_bytes()), None);
+        // A usage object longer than the bound is not read.
+        let long = format!(r#"{{"usage":{{"prompt_tokens":7,"pad":"{}"}}}}"#, "p".repeat(MAX_USAGE_OBJECT));
+        assert_eq!(find_usage(long.as_bytes()), None);
+        // The attack itself, in an SSE event near the pending limit (read quadratically, this
+        // took tens of seconds).
+        let event = format!("data: {{\"x\":{}0\n\n", unclosed(50_000));
+        assert!(event.len() < MAX_PENDING_EVENT);
+        let mut scanner = SseScanner::new(false);
+        assert_eq!(scanner.push(Bytes::from(event.clone())).as_deref(), Some(event.as_bytes()));
+        assert_eq!(scanner.usage, Usage::default());
     }
 
     #[test]
