@@ -58,7 +58,10 @@ pub fn respond(route: ApiRoute, body: &[u8], model: &str) -> Response<GatewayBod
     let output_tokens = reply_words().len() as u64;
     let id = format!("mock-{:016x}", fastrand::u64(..));
     match (route, request.stream) {
-        (ApiRoute::Embeddings, _) => json_response(embeddings(&request, model, input_tokens)),
+        (ApiRoute::Embeddings, _) => match embeddings(&request, model, input_tokens) {
+            Ok(value) => json_response(value),
+            Err(why) => invalid_request(&why, "input"),
+        },
         (ApiRoute::Messages, false) => json_response(json!({
             "id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": MOCK_REPLY}],
@@ -92,9 +95,19 @@ pub fn respond(route: ApiRoute, body: &[u8], model: &str) -> Response<GatewayBod
 }
 
 fn json_response(value: Value) -> Response<GatewayBody> {
-    let mut response = crate::body::json_response(StatusCode::OK, &value);
+    mock_response(StatusCode::OK, &value)
+}
+
+fn mock_response(status: StatusCode, value: &Value) -> Response<GatewayBody> {
+    let mut response = crate::body::json_response(status, value);
     response.headers_mut().insert("x-portcullis-mock", HeaderValue::from_static("true"));
     response
+}
+
+/// A 400 as OpenAI words it.
+fn invalid_request(message: &str, param: &str) -> Response<GatewayBody> {
+    let error = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
+    mock_response(StatusCode::BAD_REQUEST, &error)
 }
 
 fn sse_response(events: Vec<String>) -> Response<GatewayBody> {
@@ -229,13 +242,29 @@ fn embedding_for(input: &Value, dimensions: usize) -> Vec<f32> {
     raw.into_iter().map(|x| x / norm).collect()
 }
 
-fn embeddings(request: &MockRequest, model: &str, input_tokens: u64) -> Value {
-    let inputs: Vec<Value> = match &request.input {
-        Some(Value::Array(items)) if items.iter().all(|i| !i.is_number()) => items.clone(),
-        Some(other) => vec![other.clone()],
-        None => Vec::new(),
+/// Inputs in one embeddings request at most (OpenAI's limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+/// Numbers in one mock embeddings answer at most (inputs × dimensions; about 5 MB of JSON): a
+/// small request must not make the gateway build a huge one in memory.
+const MAX_EMBEDDING_VALUES: usize = 256 * 1024;
+
+fn embeddings(request: &MockRequest, model: &str, input_tokens: u64) -> Result<Value, String> {
+    let inputs: &[Value] = match &request.input {
+        Some(Value::Array(items)) if items.iter().all(|i| !i.is_number()) => items,
+        Some(other) => std::slice::from_ref(other),
+        None => &[],
     };
     let dimensions = request.dimensions.unwrap_or(16).clamp(1, 4096);
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(format!("'$.input' holds {} items; at most {MAX_EMBEDDING_INPUTS} are accepted.", inputs.len()));
+    }
+    if inputs.len() * dimensions > MAX_EMBEDDING_VALUES {
+        return Err(format!(
+            "The mock provider answers at most {MAX_EMBEDDING_VALUES} embedding values per request \
+             ({} inputs × {dimensions} dimensions asked).",
+            inputs.len()
+        ));
+    }
     let base64_encoding = request.encoding_format.as_deref() == Some("base64");
     let data: Vec<Value> = inputs
         .iter()
@@ -251,7 +280,9 @@ fn embeddings(request: &MockRequest, model: &str, input_tokens: u64) -> Value {
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens}})
+    Ok(
+        json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens}}),
+    )
 }
 
 #[cfg(test)]
@@ -274,6 +305,25 @@ mod tests {
         assert!(with.contains("\"choices\":[]") && with.ends_with("data: [DONE]\n\n"));
         let without = body_text(respond(ApiRoute::ChatCompletions, br#"{"stream":true}"#, "m")).await;
         assert!(!without.contains("prompt_tokens"));
+    }
+
+    /// A small request cannot make the mock build a huge answer: refused as OpenAI would.
+    #[tokio::test]
+    async fn embeddings_beyond_the_bounds_are_refused() {
+        let many = format!(r#"{{"input":[{}],"dimensions":4096}}"#, vec!["[]"; 2000].join(","));
+        let refused = respond(ApiRoute::Embeddings, many.as_bytes(), "e");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        let body: Value = serde_json::from_str(&body_text(refused).await).expect("json");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "input");
+        let too_many = format!(r#"{{"input":[{}],"dimensions":1}}"#, vec!["\"a\""; MAX_EMBEDDING_INPUTS + 1].join(","));
+        assert_eq!(respond(ApiRoute::Embeddings, too_many.as_bytes(), "e").status(), StatusCode::BAD_REQUEST);
+        // At the bound it is answered.
+        let at_bound = format!(r#"{{"input":[{}],"dimensions":4096}}"#, vec!["\"a\""; 64].join(","));
+        let answered = respond(ApiRoute::Embeddings, at_bound.as_bytes(), "e");
+        assert_eq!(answered.status(), StatusCode::OK);
+        let body: Value = serde_json::from_str(&body_text(answered).await).expect("json");
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(64));
     }
 
     #[tokio::test]
