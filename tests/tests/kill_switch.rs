@@ -94,6 +94,22 @@ async fn model_scoped_switch_stops_matching_models() {
     assert_eq!(fx.openai.request_count(), 1);
 }
 
+/// A model switch also stops the model under the name a provider is sent: a request for an
+/// alias of the stopped model does not reach it.
+#[tokio::test]
+async fn model_scoped_switch_stops_aliases_of_the_model() {
+    let fx = with_switch("stop-snapshot", json!({"model": ALIAS_UPSTREAM_NAME})).await;
+    assert_killed(&fx.chat(ALICE_KEY, "gpt-alias").await.unwrap(), "stop-snapshot");
+    assert::ok(&fx.chat(ALICE_KEY, "gpt-4o").await.unwrap());
+    assert_eq!(fx.openai.request_count(), 1);
+    // A pattern too, and on a stream.
+    let fx = with_switch("stop-dated", json!({"model": "gpt-4o-2024-*"})).await;
+    let mut stream = chat_body("gpt-alias", "hi", true);
+    stream["stream"] = json!(true);
+    assert_killed(&fx.chat_with(ALICE_KEY, &stream, &[]).await.unwrap(), "stop-dated");
+    assert_eq!(fx.openai.request_count(), 0);
+}
+
 #[tokio::test]
 async fn key_scoped_switch_stops_only_that_key() {
     let fx = with_switch("stop-bob", json!({"apiKey": "bob"})).await;

@@ -60,7 +60,8 @@ pub struct KillSwitchScope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = bounds::OBJECT_REF_LEN))]
     pub provider: Option<String>,
-    /// Stop traffic for models matching this name or glob pattern.
+    /// Stop traffic for models matching this name or glob pattern: the name a client asks for,
+    /// or the name a provider is sent (`upstreamName`), so aliases of a stopped model stop too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = bounds::PATTERN_LEN))]
     pub model: Option<String>,

@@ -1,14 +1,14 @@
 //! Phase 2: emergency stops. Gateway-wide, per-namespace and per-key switches are checked as soon
-//! as the caller is known; model switches once the model is read; provider switches while
-//! routing, so traffic fails over to providers that are not stopped.
+//! as the caller is known; model switches once the model is read; provider switches, and model
+//! switches on the name a provider is sent, while routing, so traffic fails over to providers
+//! that are not stopped.
 
 use chrono::{DateTime, Utc};
 use portcullis_crds::pattern;
 use portcullis_crds::snapshot::{ApiKeyEntry, KillSwitchEntry, SwitchScope};
-use portcullis_crds::v1alpha1::ObjectRef;
 
 use crate::error::GatewayError;
-use crate::snapshot::RuntimeSnapshot;
+use crate::snapshot::{ModelRoute, RuntimeSnapshot};
 
 fn stopped(switch: &KillSwitchEntry) -> GatewayError {
     GatewayError::KillSwitchActive { switch: switch.switch.to_string(), reason: switch.reason.clone() }
@@ -38,31 +38,50 @@ pub fn check_caller(snapshot: &RuntimeSnapshot, key: &ApiKeyEntry, now: DateTime
     })
 }
 
-/// Model switches (name or glob pattern).
+/// Model switches (name or glob pattern) on the model the client asked for.
 pub fn check_model(
     snapshot: &RuntimeSnapshot,
     key: &ApiKeyEntry,
     model: &str,
     now: DateTime<Utc>,
 ) -> Result<(), GatewayError> {
-    first_engaged(snapshot, key, now, |scope| matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model)))
+    match model_switch(snapshot, key, model, now) {
+        Some(switch) => Err(stopped(switch)),
+        None => Ok(()),
+    }
 }
 
-/// The engaged switch stopping one provider for `key`, if any.
-pub fn provider_switch<'s>(
+fn model_switch<'s>(
     snapshot: &'s RuntimeSnapshot,
     key: &ApiKeyEntry,
-    provider: &ObjectRef,
+    model: &str,
     now: DateTime<Utc>,
 ) -> Option<&'s KillSwitchEntry> {
+    snapshot.kill_switches.iter().find(|s| {
+        s.stops(&key.key.namespace, now) && matches!(&s.scope, SwitchScope::Model(p) if pattern::matches(p, model))
+    })
+}
+
+/// The engaged switch stopping one route for `key`, if any: a switch on its provider, or a
+/// model switch on the name it sends upstream (a switch on `gpt-4o-mini` stops the alias
+/// `fast` that a provider serves as `gpt-4o-mini`, while another provider may still serve
+/// `fast`).
+pub fn route_switch<'s>(
+    snapshot: &'s RuntimeSnapshot,
+    key: &ApiKeyEntry,
+    route: &ModelRoute,
+    now: DateTime<Utc>,
+) -> Option<&'s KillSwitchEntry> {
+    let provider = &route.upstream.id;
     snapshot
         .kill_switches
         .iter()
         .find(|s| s.stops(&key.key.namespace, now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider))
+        .or_else(|| route.upstream_model.as_deref().and_then(|model| model_switch(snapshot, key, model, now)))
 }
 
-/// The switch error for a provider switch found while routing.
-pub fn provider_stopped(switch: &KillSwitchEntry) -> GatewayError {
+/// The switch error for a route switch found while routing.
+pub fn route_stopped(switch: &KillSwitchEntry) -> GatewayError {
     stopped(switch)
 }
 
@@ -73,12 +92,12 @@ pub fn provider_stopped(switch: &KillSwitchEntry) -> GatewayError {
 pub fn stream_must_stop(
     snapshot: &RuntimeSnapshot,
     key: &ApiKeyEntry,
-    provider: &ObjectRef,
+    route: &ModelRoute,
     model: &str,
     now: DateTime<Utc>,
 ) -> Option<GatewayError> {
     if let Err(stop) = check_caller(snapshot, key, now).and_then(|()| check_model(snapshot, key, model, now)) {
         return Some(stop);
     }
-    provider_switch(snapshot, key, provider, now).map(provider_stopped)
+    route_switch(snapshot, key, route, now).map(route_stopped)
 }

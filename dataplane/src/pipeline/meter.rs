@@ -295,7 +295,8 @@ pub struct StreamGuard {
     armed: bool,
     handle: Arc<SnapshotHandle>,
     key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
-    provider: portcullis_crds::v1alpha1::ObjectRef,
+    /// The route serving the stream: its provider and the model name it was sent.
+    route: crate::snapshot::ModelRoute,
     model: String,
 }
 
@@ -303,7 +304,7 @@ impl std::fmt::Debug for StreamGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamGuard")
             .field("key", &self.key.key)
-            .field("provider", &self.provider)
+            .field("provider", &self.route.upstream.id)
             .finish_non_exhaustive()
     }
 }
@@ -315,11 +316,11 @@ impl StreamGuard {
         handle: Arc<SnapshotHandle>,
         probe: tokio::sync::watch::Receiver<u64>,
         key: Arc<portcullis_crds::snapshot::ApiKeyEntry>,
-        provider: portcullis_crds::v1alpha1::ObjectRef,
+        route: crate::snapshot::ModelRoute,
         model: String,
     ) -> Self {
         let changes = tokio_stream::wrappers::WatchStream::from_changes(probe.clone());
-        Self { changes, probe, armed: false, handle, key, provider, model }
+        Self { changes, probe, armed: false, handle, key, route, model }
     }
 
     /// Checks for snapshot changes; on one, re-checks the stream's scope. `waiting` means the
@@ -344,7 +345,7 @@ impl StreamGuard {
             return None;
         }
         let snapshot = self.handle.load()?;
-        super::kill_switch::stream_must_stop(&snapshot, &self.key, &self.provider, &self.model, chrono::Utc::now())
+        super::kill_switch::stream_must_stop(&snapshot, &self.key, &self.route, &self.model, chrono::Utc::now())
     }
 }
 

@@ -321,9 +321,8 @@ impl Gateway {
         // switch it engaged over this request applies now, before anything is spent or sent.
         if changes.has_changed().unwrap_or(false) {
             let current = self.snapshot.load();
-            let stop = current.and_then(|current| {
-                kill_switch::stream_must_stop(&current, &grant.policy, &chosen.upstream.id, model, now)
-            });
+            let stop =
+                current.and_then(|current| kill_switch::stream_must_stop(&current, &grant.policy, chosen, model, now));
             if let Some(stop) = stop {
                 return Err(fail(stop));
             }
@@ -347,7 +346,7 @@ impl Gateway {
                 self.snapshot.clone(),
                 changes.clone(),
                 grant.policy.clone(),
-                chosen.upstream.id.clone(),
+                chosen.clone(),
                 model.to_owned(),
             )
         });
@@ -376,8 +375,7 @@ impl Gateway {
         let provided = match sent {
             Dispatched::Answered(provided) => provided,
             Dispatched::Written(written) => {
-                let stop =
-                    switched_off(&self.snapshot, &mut changes, &grant.policy, &chosen.upstream.id, &watched_model);
+                let stop = switched_off(&self.snapshot, &mut changes, &grant.policy, chosen, &watched_model);
                 tokio::select! {
                     biased;
                     provided = self.response(chosen, written, deadline) => provided.map_err(fail)?,
@@ -504,7 +502,7 @@ async fn switched_off(
     handle: &SnapshotHandle,
     changes: &mut tokio::sync::watch::Receiver<u64>,
     key: &portcullis_crds::snapshot::ApiKeyEntry,
-    provider: &portcullis_crds::v1alpha1::ObjectRef,
+    route: &crate::snapshot::ModelRoute,
     model: &[u8],
 ) -> GatewayError {
     loop {
@@ -516,7 +514,7 @@ async fn switched_off(
         let model = std::str::from_utf8(model).unwrap_or_default();
         let current = handle.load();
         if let Some(stop) =
-            current.and_then(|s| kill_switch::stream_must_stop(&s, key, provider, model, chrono::Utc::now()))
+            current.and_then(|s| kill_switch::stream_must_stop(&s, key, route, model, chrono::Utc::now()))
         {
             return stop;
         }

@@ -47,7 +47,7 @@ pub fn choose<'s>(
         return Err(not_allowed());
     }
     let mut first_stop = None;
-    candidates.retain(|r| match kill_switch::provider_switch(snapshot, key, &r.upstream.id, now) {
+    candidates.retain(|r| match kill_switch::route_switch(snapshot, key, r, now) {
         Some(switch) => {
             first_stop.get_or_insert(switch);
             false
@@ -55,7 +55,7 @@ pub fn choose<'s>(
         None => true,
     });
     if let Some(switch) = first_stop.filter(|_| candidates.is_empty()) {
-        return Err(kill_switch::provider_stopped(switch));
+        return Err(kill_switch::route_stopped(switch));
     }
     Ok(pick(candidates))
 }
