@@ -147,8 +147,9 @@ pub fn find_usage(json: &[u8]) -> Option<Usage> {
         Some(end)
     });
     in_window
-        .into_iter()
+        .iter()
         .rev()
+        .copied()
         .chain(before)
         .filter_map(|pos| usage_object_at(json, pos))
         .take(USAGE_CANDIDATES)
