@@ -90,11 +90,10 @@ pub struct Head {
 /// bytes are split off `buf` (which keeps whatever follows: the body, or a pipelined request).
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
     skip_empty_lines(buf);
-    let refused = Refused::of;
     let (len, request_line, lines) = match scan(buf, max_head) {
         Ok(Some(scanned)) => scanned,
         Ok(None) => return Ok(None),
-        Err(error) => return Err(refused(error, &buf[..])),
+        Err(error) => return Err(Refused::of(error, &buf[..])),
     };
     let headers = RawFields::split_from(buf, len, lines);
     // Refusals from here on read the request line from the head split off.
@@ -103,7 +102,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refuse
             let RequestLine { method, version, .. } = request_line;
             Ok(Some(Head { method, uri, version, headers, framing, keep_alive, expect_continue }))
         }
-        Err(error) => Err(refused(error, headers.head())),
+        Err(error) => Err(Refused::of(error, headers.head())),
     }
 }
 

@@ -16,16 +16,22 @@ fn stopped(switch: &KillSwitchEntry) -> GatewayError {
 
 /// The first switch engaged at `now` that reaches `key` (a tenant's switch reaches only its own
 /// namespace's keys) and whose scope `applies`.
+fn engaged<'s>(
+    snapshot: &'s RuntimeSnapshot,
+    key: &ApiKeyEntry,
+    now: DateTime<Utc>,
+    applies: impl Fn(&SwitchScope) -> bool,
+) -> Option<&'s KillSwitchEntry> {
+    snapshot.kill_switches.iter().find(|s| s.stops(&key.key.namespace, now) && applies(&s.scope))
+}
+
 fn first_engaged(
     snapshot: &RuntimeSnapshot,
     key: &ApiKeyEntry,
     now: DateTime<Utc>,
     applies: impl Fn(&SwitchScope) -> bool,
 ) -> Result<(), GatewayError> {
-    match snapshot.kill_switches.iter().find(|s| s.stops(&key.key.namespace, now) && applies(&s.scope)) {
-        Some(switch) => Err(stopped(switch)),
-        None => Ok(()),
-    }
+    engaged(snapshot, key, now, applies).map_or(Ok(()), |switch| Err(stopped(switch)))
 }
 
 /// Global, namespace and key switches.
@@ -45,21 +51,11 @@ pub fn check_model(
     model: &str,
     now: DateTime<Utc>,
 ) -> Result<(), GatewayError> {
-    match model_switch(snapshot, key, model, now) {
-        Some(switch) => Err(stopped(switch)),
-        None => Ok(()),
-    }
+    first_engaged(snapshot, key, now, |scope| model_matches(scope, model))
 }
 
-fn model_switch<'s>(
-    snapshot: &'s RuntimeSnapshot,
-    key: &ApiKeyEntry,
-    model: &str,
-    now: DateTime<Utc>,
-) -> Option<&'s KillSwitchEntry> {
-    snapshot.kill_switches.iter().find(|s| {
-        s.stops(&key.key.namespace, now) && matches!(&s.scope, SwitchScope::Model(p) if pattern::matches(p, model))
-    })
+fn model_matches(scope: &SwitchScope, model: &str) -> bool {
+    matches!(scope, SwitchScope::Model(p) if pattern::matches(p, model))
 }
 
 /// The engaged switch stopping one route for `key`, if any: a switch on its provider, or a
@@ -72,12 +68,11 @@ pub fn route_switch<'s>(
     route: &ModelRoute,
     now: DateTime<Utc>,
 ) -> Option<&'s KillSwitchEntry> {
-    let provider = &route.upstream.id;
-    snapshot
-        .kill_switches
-        .iter()
-        .find(|s| s.stops(&key.key.namespace, now) && matches!(&s.scope, SwitchScope::Provider(p) if p == provider))
-        .or_else(|| route.upstream_model.as_deref().and_then(|model| model_switch(snapshot, key, model, now)))
+    let upstream_model = route.upstream_model.as_deref();
+    engaged(snapshot, key, now, |scope| match scope {
+        SwitchScope::Provider(p) => p == &route.upstream.id,
+        _ => upstream_model.is_some_and(|model| model_matches(scope, model)),
+    })
 }
 
 /// The switch error for a route switch found while routing.

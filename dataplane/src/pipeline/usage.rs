@@ -80,13 +80,13 @@ impl UsageFields {
 impl From<UsageFields> for Usage {
     fn from(f: UsageFields) -> Self {
         // A provider's numbers are untrusted too: capped like a client's.
-        let capped = |n: Option<u64>| n.map(|n| n.min(crate::limits::MAX_TOKEN_COUNT));
+        let cap = |n: u64| n.min(crate::limits::MAX_TOKEN_COUNT);
         // Cached prompt tokens are tokens the request used: a limit counts them.
-        let cached = [f.cache_creation_input_tokens, f.cache_read_input_tokens];
-        let input = cached.into_iter().flatten().fold(capped(f.prompt_tokens.or(f.input_tokens)), |sum, n| {
-            Some(sum.unwrap_or(0).saturating_add(n.min(crate::limits::MAX_TOKEN_COUNT)))
-        });
-        Usage { input, output: capped(f.completion_tokens.or(f.output_tokens)) }
+        let input = [f.prompt_tokens.or(f.input_tokens), f.cache_creation_input_tokens, f.cache_read_input_tokens];
+        Usage {
+            input: input.into_iter().flatten().map(cap).reduce(u64::saturating_add),
+            output: f.completion_tokens.or(f.output_tokens).map(cap),
+        }
     }
 }
 
