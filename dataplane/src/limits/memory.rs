@@ -102,21 +102,30 @@ impl MemoryStore {
             tokens_per_day: scaled(key.limits.tokens_per_day, divisor),
             tokens_per_month: scaled(key.limits.tokens_per_month, divisor),
         };
-        // Team first, without recording, so a team refusal leaves the key untouched.
-        if let Some(team) = admission.team() {
-            let rpm = scaled(team.limits.requests_per_minute, divisor);
-            let tpm = scaled(team.limits.tokens_per_minute, divisor);
+        // Team first, checked and recorded in one critical section (two keys of one team may be
+        // admitted on two threads at once); a key refusal below gives the team's share back.
+        let team = admission.team().map(|team| {
+            (team, scaled(team.limits.requests_per_minute, divisor), scaled(team.limits.tokens_per_minute, divisor))
+        });
+        if let Some((team, rpm, tpm)) = team {
             let refusal = self.with(&team.id, now_ms, |c| {
                 if let Some(limit) = rpm {
-                    c.requests.check(now_ms, 1, limit).err().map(|e| Refusal::window(Which::TeamRequests, limit, e))
-                } else {
-                    None
+                    if let Err(e) = c.requests.check(now_ms, 1, limit) {
+                        return Some(Refusal::window(Which::TeamRequests, limit, e));
+                    }
                 }
-                .or_else(|| {
-                    tpm.and_then(|limit| {
-                        c.tokens.check(now_ms, cost, limit).err().map(|e| Refusal::window(Which::TeamTokens, limit, e))
-                    })
-                })
+                if let Some(limit) = tpm {
+                    if let Err(e) = c.tokens.check(now_ms, cost, limit) {
+                        return Some(Refusal::window(Which::TeamTokens, limit, e));
+                    }
+                }
+                if rpm.is_some() {
+                    c.requests.add(now_ms, 1);
+                }
+                if tpm.is_some() {
+                    c.tokens.add(now_ms, cost);
+                }
+                None
             });
             if let Some(refusal) = refusal {
                 return Decision::Refused(refusal);
@@ -158,15 +167,14 @@ impl MemoryStore {
                 budget_remaining: super::budget_remaining(&key_limits, day_used, month_used),
             })
         });
-        if let (Decision::Granted(_), Some(team)) = (&decision, admission.team()) {
-            let rpm = team.limits.requests_per_minute.is_some();
-            let tpm = team.limits.tokens_per_minute.is_some();
+        if let (Decision::Refused(_), Some((team, rpm, tpm))) = (&decision, team) {
+            let granule = now_ms / super::window::GRANULE_MS;
             self.with(&team.id, now_ms, |c| {
-                if rpm {
-                    c.requests.add(now_ms, 1);
+                if rpm.is_some() {
+                    c.requests.adjust(now_ms, granule, -1);
                 }
-                if tpm {
-                    c.tokens.add(now_ms, cost);
+                if tpm.is_some() {
+                    c.tokens.adjust(now_ms, granule, -(cost as i64));
                 }
             });
         }

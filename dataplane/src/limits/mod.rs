@@ -740,6 +740,69 @@ mod tests {
         assert!(matches!(whole, Decision::Granted(g) if g.budget_remaining == Some(100)));
     }
 
+    /// Keys of one team admitted from many threads at once never take the team past its limit:
+    /// the team is checked and recorded in one critical section, and a key refusal gives the
+    /// team's share back.
+    #[test]
+    fn a_team_limit_holds_under_concurrent_keys() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        let now = clock.now_ms();
+        let team = Subject {
+            id: "team:ns/t".into(),
+            limits: SubjectLimits { requests_per_minute: Some(200), ..SubjectLimits::default() },
+        };
+        let keyed = |name: &str, rpm: Option<u64>| {
+            let mut a = admission(&l, rpm, None, None, 1);
+            a.limits = Arc::new(KeyLimits {
+                key: Subject { id: name.into(), limits: a.limits.key.limits },
+                team: Some(team.clone()),
+                failure_policy: None,
+            });
+            a
+        };
+        // A key refused on its own limit leaves the team's count as it was.
+        let tight = keyed("ns/tight", Some(1));
+        assert!(matches!(l.memory.admit(&tight, now, 1), Decision::Granted(_)));
+        for _ in 0..50 {
+            assert!(matches!(
+                l.memory.admit(&tight, now, 1),
+                Decision::Refused(Refusal { which: Which::Requests, .. })
+            ));
+        }
+        assert_eq!(l.memory.usage(&team.id, now, Period::at(now)).0, 1);
+
+        // Many rounds, each a fresh team with room for one request, raced by two keys.
+        const ROUNDS: usize = 3_000;
+        let barrier = std::sync::Barrier::new(2);
+        let granted: Vec<AtomicU64> = (0..ROUNDS).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|scope| {
+            for t in 0..2 {
+                let (l, barrier, granted) = (&l, &barrier, &granted);
+                scope.spawn(move || {
+                    for (round, count) in granted.iter().enumerate() {
+                        let mut admission = admission(l, None, None, None, 1);
+                        admission.limits = Arc::new(KeyLimits {
+                            key: Subject { id: format!("ns/k{t}").into(), limits: SubjectLimits::default() },
+                            team: Some(Subject {
+                                id: format!("team:ns/t{round}").into(),
+                                limits: SubjectLimits { requests_per_minute: Some(1), ..SubjectLimits::default() },
+                            }),
+                            failure_policy: None,
+                        });
+                        barrier.wait();
+                        if matches!(l.memory.admit(&admission, now, 1), Decision::Granted(_)) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let overshot = granted.iter().filter(|c| c.load(Ordering::Relaxed) > 1).count();
+        assert_eq!(overshot, 0, "rounds in which both keys got the team's one request");
+        assert!(granted.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+    }
+
     #[tokio::test]
     async fn lockout_after_threshold_and_expiry() {
         let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
