@@ -121,7 +121,8 @@ pub struct DataplaneArgs {
     #[arg(long, value_parser = seconds, default_value = "60")]
     pub response_write_timeout: Duration,
 
-    /// Seconds to connect to an upstream, and again for the TLS handshake of an HTTPS one.
+    /// Seconds to resolve an upstream's name and connect to it, and again for the TLS handshake of
+    /// an HTTPS one.
     #[arg(long, value_parser = seconds, default_value = "10")]
     pub upstream_connect_timeout: Duration,
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, StatusCode, Uri};
+use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::ServerName;
 
@@ -193,15 +194,46 @@ impl std::fmt::Debug for Sent {
 /// Distinguishes clients in the per-thread pool (tests run several in one process).
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Name resolution for provider hosts: the system's (`getaddrinfo` on the blocking pool, which
+/// cannot be cancelled: [`UpstreamClient::connect`] stops waiting for it at the connect timeout).
+#[derive(Clone)]
+enum Resolver {
+    System(GaiResolver),
+    /// Never answers: a DNS server that has gone quiet, for tests.
+    #[cfg(test)]
+    Stalled,
+}
+
+type Resolving = std::pin::Pin<Box<dyn std::future::Future<Output = Result<GaiAddrs, std::io::Error>> + Send>>;
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = GaiAddrs;
+    type Error = std::io::Error;
+    type Future = Resolving;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        match self {
+            Resolver::System(gai) => Box::pin(gai.call(name)),
+            #[cfg(test)]
+            Resolver::Stalled => Box::pin(std::future::pending()),
+        }
+    }
+}
+
 /// The upstream client: a TCP connector, TLS for HTTPS origins, and this client's share of the
 /// per-thread pool.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    connector: HttpConnector,
+    connector: HttpConnector<Resolver>,
     tls: tokio_rustls::TlsConnector,
-    /// Bounds the TCP connect (shared among the addresses tried) and, for HTTPS origins, the TLS handshake
-    /// after it: a provider that accepts the connection and then says nothing fails the request
-    /// instead of holding it until the response timeout.
+    /// Bounds name resolution and the TCP connect together (the connect's share is split among
+    /// the addresses tried) and, for HTTPS origins, the TLS handshake after them: a resolver or
+    /// a provider that says nothing fails the request instead of holding it until the response
+    /// timeout.
     connect_timeout: Duration,
     pool: PoolSettings,
     open: Arc<OpenConnections>,
@@ -243,7 +275,7 @@ impl std::fmt::Debug for UpstreamClient {
 }
 
 pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> anyhow::Result<UpstreamClient> {
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(Resolver::System(GaiResolver::new()));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
@@ -323,8 +355,15 @@ impl UpstreamClient {
     async fn connect(&self, origin: &Origin, slot: ConnSlot) -> Result<Lease, UpstreamError> {
         use tower_service::Service as _;
         let uri = origin.connect_uri().map_err(|e| UpstreamError::Connect(e.into()))?;
-        // The connector splits the connect timeout among the addresses it tries.
-        let tcp = self.connector.clone().call(uri).await.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner();
+        // The connector splits the connect timeout among the addresses it tries; this one also
+        // bounds the resolution before them (a quiet DNS server would otherwise hold the request
+        // for the resolver's own retries, or until the response timeout).
+        let tcp = match tokio::time::timeout(self.connect_timeout, self.connector.clone().call(uri)).await {
+            Ok(connected) => connected.map_err(|e| UpstreamError::Connect(e.into()))?.into_inner(),
+            Err(_) => {
+                return Err(UpstreamError::Connect("resolving the provider's name and connecting timed out".into()))
+            }
+        };
         let io = if origin.https {
             let host = origin.authority.host().trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Connect(e.into()))?;
@@ -469,6 +508,23 @@ mod tests {
         assert!(error.to_string().contains("TLS handshake timed out"), "{error}");
         assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
         held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_resolver_that_never_answers_fails_within_the_connect_timeout() {
+        let endpoint = Endpoint::parse("http://provider.invalid:8080").expect("endpoint");
+        let mut client = build_client(None, Duration::from_millis(300)).expect("client");
+        client.connector = HttpConnector::new_with_resolver(Resolver::Stalled);
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), client.send(&endpoint.origin, request(&endpoint, "/x")))
+                .await
+                .expect("resolution must not wait for the response timeout");
+        let error = outcome.expect_err("nothing resolves");
+        assert!(error.is_connect(), "{error}");
+        assert!(error.to_string().contains("timed out"), "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+        assert_eq!(client.open_connections(), 0, "the slot is given back");
     }
 
     #[tokio::test]
