@@ -81,16 +81,24 @@ impl ReplicaAck {
     }
 }
 
+/// The highest replica-reported generation [`generation_floor`] follows.
+pub const MAX_GENERATION_FOLLOWED: u64 = 1 << 48;
+
 /// The generation a snapshot just compiled at `generation` with `digest` must go past for the
 /// live replicas to take it, when it would not: the highest one a live replica serves, if that
 /// is above `generation`, or equal with other content. That happens when the snapshot Secret was
 /// deleted or reset (the numbering restarted) while replicas kept serving; replicas refuse to go
 /// back, so without this every later snapshot, revocations included, would be refused until the
 /// count caught up.
+///
+/// A replica's Lease is the replica's word, not proof: one reporting more than
+/// [`MAX_GENERATION_FOLLOWED`] is not followed, so no Lease can push the numbering near its end
+/// (where no later snapshot could be written). Real generations stay far below it: a snapshot a
+/// millisecond for a thousand years is 2^45.
 pub fn generation_floor(acks: &[ReplicaAck], generation: u64, digest: &str, now: DateTime<Utc>) -> Option<u64> {
     let live = acks.iter().filter(|a| a.is_live(now));
     let ahead = live.filter_map(|a| {
-        let served = a.generation?;
+        let served = a.generation.filter(|&g| g <= MAX_GENERATION_FOLLOWED)?;
         let other_content = served == generation && a.digest.as_deref().is_some_and(|d| d != digest);
         (served > generation || other_content).then_some(served)
     });
@@ -339,6 +347,16 @@ mod tests {
         assert_eq!(generation_floor(&[with_digest(5, "other", live)], 5, "d5", now), Some(5));
         // A replica that stopped renewing its Lease counts for nothing.
         assert_eq!(generation_floor(&[ack("gone", Some(99), "2025-06-01T11:59:59Z")], 1, "d1", now), None);
+        // A Lease claiming a generation no operator can have written is not followed: the
+        // numbering cannot be pinned at its end.
+        let liar = ack("liar", Some(u64::MAX - 1), live);
+        assert_eq!(generation_floor(&[liar.clone(), ack("a", Some(42), live)], 1, "d1", now), Some(42));
+        assert_eq!(generation_floor(&[liar], 1, "d1", now), None);
+        let edge = |g| generation_floor(&[ack("a", Some(g), live)], 1, "d1", now);
+        assert_eq!(
+            (edge(MAX_GENERATION_FOLLOWED), edge(MAX_GENERATION_FOLLOWED + 1)),
+            (Some(MAX_GENERATION_FOLLOWED), None)
+        );
     }
 
     fn switch(active: bool) -> KillSwitchEntry {

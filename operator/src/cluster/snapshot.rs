@@ -193,6 +193,15 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     }
     let mut snapshot = assembled.compiled.snapshot;
     let replicas = ctx.acknowledgements.replicas();
+    for liar in
+        replicas.iter().filter(|a| a.generation.is_some_and(|g| g > crate::enforcement::MAX_GENERATION_FOLLOWED))
+    {
+        tracing::warn!(
+            replica = %liar.replica,
+            generation = liar.generation,
+            "a data-plane replica's Lease reports a generation no operator can have written; not following it"
+        );
+    }
     let floor =
         crate::enforcement::generation_floor(&replicas, snapshot.generation, &snapshot.content_digest, ctx.now());
     let raised = match floor.map(|served| (served, served.checked_add(1))) {
