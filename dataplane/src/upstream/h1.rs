@@ -174,13 +174,27 @@ pub(super) struct WriteFailure {
     pub unsent: bool,
 }
 
+/// How a request write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wrote {
+    /// All of it went out.
+    All,
+    /// The provider answered before taking all of it (an early 401 or 413 from a front end that
+    /// does not read the body): its answer is in the read buffer and is read next; the
+    /// connection carries nothing after it.
+    Interrupted,
+}
+
 /// Writes head and body with as few calls as the stream allows (one `writev` when it takes
-/// everything), then flushes.
-pub(super) async fn write_request<W: AsyncWrite + Unpin>(
-    io: &mut W,
+/// everything), then flushes. While the provider takes no more, what it sends is read into
+/// `read_buf`: a provider answering before it has read the whole body gets its answer through
+/// instead of a failed write (nginx reads while it writes too). A fast write never reads.
+pub(super) async fn write_request<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    read_buf: &mut BytesMut,
     head: &[u8],
     body: &[u8],
-) -> Result<(), WriteFailure> {
+) -> Result<Wrote, WriteFailure> {
     let total = head.len() + body.len();
     let mut written = 0;
     std::future::poll_fn(|cx| {
@@ -190,16 +204,34 @@ pub(super) async fn write_request<W: AsyncWrite + Unpin>(
             } else {
                 [IoSlice::new(&body[written - head.len()..]), IoSlice::new(&[])]
             };
-            match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
-                Ok(0) => {
-                    let error = H1Error::Write(io::ErrorKind::WriteZero.into());
-                    return Poll::Ready(Err(WriteFailure { error, unsent: written == 0 }));
+            let failed = match Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0)) => H1Error::Write(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    continue;
                 }
-                Ok(n) => written += n,
-                Err(e) => return Poll::Ready(Err(WriteFailure { error: H1Error::Write(e), unsent: written == 0 })),
-            }
+                Poll::Ready(Err(e)) => {
+                    // A provider that answered and then closed (the write meets its reset) may
+                    // have left its answer in the socket: that is what the client gets.
+                    if written > 0 && matches!(poll_fill(io, cx, read_buf), Poll::Ready(Ok(n)) if n > 0) {
+                        return Poll::Ready(Ok(Wrote::Interrupted));
+                    }
+                    H1Error::Write(e)
+                }
+                // Waiting for room, or for the provider's answer, whichever comes first.
+                Poll::Pending => match poll_fill(io, cx, read_buf) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => H1Error::ClosedBeforeHead,
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Wrote::Interrupted)),
+                    Poll::Ready(Err(e)) => H1Error::Read(e),
+                },
+            };
+            return Poll::Ready(Err(WriteFailure { error: failed, unsent: written == 0 }));
         }
-        Pin::new(&mut *io).poll_flush(cx).map_err(|e| WriteFailure { error: H1Error::Write(e), unsent: false })
+        Pin::new(&mut *io)
+            .poll_flush(cx)
+            .map_ok(|()| Wrote::All)
+            .map_err(|e| WriteFailure { error: H1Error::Write(e), unsent: false })
     })
     .await
 }
@@ -538,6 +570,13 @@ mod tests {
         calls: usize,
     }
 
+    /// Nothing to read: the provider said nothing and closed.
+    impl AsyncRead for Scripted {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
     impl AsyncWrite for Scripted {
         fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
@@ -576,24 +615,24 @@ mod tests {
     #[tokio::test]
     async fn head_and_body_go_out_together_and_a_request_is_unsent_only_if_no_byte_left() {
         let mut io = Scripted { accept: vec![usize::MAX], written: Vec::new(), calls: 0 };
-        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        write_request(&mut io, &mut BytesMut::new(), b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
         assert_eq!((io.written.as_slice(), io.calls), (&b"HEADbody"[..], 1), "one call for head and body");
 
         let mut io = Scripted { accept: vec![3, 2, 1, usize::MAX], written: Vec::new(), calls: 0 };
-        write_request(&mut io, b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
+        write_request(&mut io, &mut BytesMut::new(), b"HEAD", b"body").await.map_err(|f| f.error).expect("written");
         assert_eq!(io.written, b"HEADbody", "partial writes resume where they stopped");
 
         let mut io = Scripted { accept: vec![], written: Vec::new(), calls: 0 };
-        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        let failure = write_request(&mut io, &mut BytesMut::new(), b"HEAD", b"body").await.expect_err("fails");
         assert!(failure.unsent, "nothing went out: another connection may take it");
         assert!(matches!(failure.error, H1Error::Write(_)));
 
         let mut io = Scripted { accept: vec![1], written: Vec::new(), calls: 0 };
-        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        let failure = write_request(&mut io, &mut BytesMut::new(), b"HEAD", b"body").await.expect_err("fails");
         assert!(!failure.unsent, "one byte went out: never sent again");
 
         let mut io = Scripted { accept: vec![0], written: Vec::new(), calls: 0 };
-        let failure = write_request(&mut io, b"HEAD", b"body").await.expect_err("fails");
+        let failure = write_request(&mut io, &mut BytesMut::new(), b"HEAD", b"body").await.expect_err("fails");
         assert!(failure.unsent);
     }
 }

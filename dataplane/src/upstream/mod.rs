@@ -527,6 +527,58 @@ mod tests {
         assert_eq!(client.open_connections(), 0, "the slot is given back");
     }
 
+    /// A provider (or its front end) that answers after the head, without reading a large body:
+    /// the client gets its answer, not a failed write, whether the provider waits or closes (and
+    /// the write meets its reset); the connection is not used again.
+    #[tokio::test]
+    async fn a_provider_answering_before_it_read_the_body_is_heard() {
+        const ANSWER: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 5\r\n\r\nlarge";
+        for closes in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let endpoint =
+                Endpoint::parse(&format!("http://{}", listener.local_addr().expect("addr"))).expect("endpoint");
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let counter = accepted.clone();
+            let server = tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut seen = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = stream.write_all(ANSWER).await;
+                        if closes {
+                            // Unread bytes in the socket: the close sends a reset.
+                            drop(stream);
+                        } else {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                    });
+                }
+            });
+            let client = build_client(None, Duration::from_secs(5)).expect("client");
+            for (round, size) in [(1, 64 << 20), (2, 2)] {
+                let mut sent = request(&endpoint, "/v1/files");
+                *sent.body_mut() = Full::new(Bytes::from(vec![b'x'; size]));
+                let response = tokio::time::timeout(Duration::from_secs(20), client.send(&endpoint.origin, sent))
+                    .await
+                    .unwrap_or_else(|_| panic!("closes={closes}, round {round}: the answer must not wait"))
+                    .unwrap_or_else(|e| panic!("closes={closes}, round {round}: {e}"));
+                assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "closes={closes}");
+                let body = response.into_body().collect().await.expect("body").to_bytes();
+                assert_eq!(&body[..], b"large");
+                // The second request needs a connection of its own: the first is not reused.
+                assert_eq!(accepted.load(Ordering::SeqCst), round, "closes={closes}");
+            }
+            server.abort();
+        }
+    }
+
     #[tokio::test]
     async fn an_idle_connection_the_provider_closed_is_replaced() {
         // Answers one request per connection with keep-alive, then closes the socket anyway.

@@ -158,23 +158,29 @@ impl Lease {
     /// Writes the encoded request; the caller may let go of it once this returns.
     pub(super) async fn write(mut self, head: &[u8], body: &[u8]) -> Result<Written, SendFailure> {
         let conn = &mut *self.0;
-        h1::write_request(&mut conn.io, head, body)
+        let wrote = h1::write_request(&mut conn.io, &mut conn.read_buf, head, body)
             .await
             .map_err(|failure| SendFailure { error: failure.error, unsent: failure.unsent })?;
-        Ok(Written(self))
+        Ok(Written { lease: self, interrupted: wrote == h1::Wrote::Interrupted })
     }
 }
 
-/// A connection whose request is written, its response still to come.
-pub(super) struct Written(Lease);
+/// A connection whose request is written (or answered before all of it was), its response
+/// still to come.
+pub(super) struct Written {
+    lease: Lease,
+    /// The provider answered before it took the whole request: the connection is not reused.
+    interrupted: bool,
+}
 
 impl Written {
     /// Reads the response head. The body is read as it is polled.
     pub(super) async fn response(self, head_request: bool) -> Result<ProviderResponse, H1Error> {
-        let mut lease = self.0;
+        let Written { mut lease, interrupted } = self;
         let conn = &mut *lease.0;
         let head = h1::read_head(&mut conn.io, &mut conn.read_buf, head_request).await?;
-        let mut body = UpstreamBody { lease: Some(lease), decoder: head.decoder, reusable: head.reusable };
+        let reusable = head.reusable && !interrupted;
+        let mut body = UpstreamBody { lease: Some(lease), decoder: head.decoder, reusable };
         if body.decoder.is_done() {
             body.finish();
         }
