@@ -213,7 +213,8 @@ pub(super) async fn write_request<S: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Ready(Err(e)) => {
                     // A provider that answered and then closed (the write meets its reset) may
                     // have left its answer in the socket: that is what the client gets.
-                    if written > 0 && matches!(poll_fill(io, cx, read_buf), Poll::Ready(Ok(n)) if n > 0) {
+                    let answered = matches!(poll_fill(io, cx, read_buf), Poll::Ready(Ok(n)) if n > 0);
+                    if written > 0 && (answered || !read_buf.is_empty()) {
                         return Poll::Ready(Ok(Wrote::Interrupted));
                     }
                     H1Error::Write(e)
@@ -222,7 +223,9 @@ pub(super) async fn write_request<S: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Pending => match poll_fill(io, cx, read_buf) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(0)) => H1Error::ClosedBeforeHead,
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Wrote::Interrupted)),
+                    Poll::Ready(Ok(_)) if answering(read_buf) => return Poll::Ready(Ok(Wrote::Interrupted)),
+                    // An interim response (or too little to tell): the provider wants the rest.
+                    Poll::Ready(Ok(_)) => continue,
                     Poll::Ready(Err(e)) => H1Error::Read(e),
                 },
             };
@@ -234,6 +237,27 @@ pub(super) async fn write_request<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| WriteFailure { error: H1Error::Write(e), unsent: false })
     })
     .await
+}
+
+/// Whether what a provider sent while its request was still being written is its answer.
+/// Complete interim (1xx) heads are dropped on the way: a server may send `100 Continue` unasked,
+/// and then wants the rest of the body. A final status, or anything that is not a response head,
+/// is the answer (reading it says which).
+fn answering(buf: &mut BytesMut) -> bool {
+    const STATUS_DIGIT: usize = b"HTTP/1.1 ".len();
+    loop {
+        match buf.get(STATUS_DIGIT) {
+            None => return false,
+            Some(b'1') => {}
+            Some(_) => return true,
+        }
+        match parse_head(buf, false) {
+            Ok(Parsed::Interim) => {}
+            Ok(Parsed::Partial) => return false,
+            // A 101, or a malformed head: reading the response says so.
+            Ok(Parsed::Final(_)) | Err(_) => return true,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -579,6 +579,46 @@ mod tests {
         }
     }
 
+    /// A `100 Continue` the provider sends unasked while the body is still going out is not its
+    /// answer: the rest of the body follows, and the final response after it.
+    #[tokio::test]
+    async fn an_unasked_continue_during_a_large_body_is_not_an_answer() {
+        const BODY: usize = 32 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = Endpoint::parse(&format!("http://{}", listener.local_addr().expect("addr"))).expect("endpoint");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut continued = false;
+            loop {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the whole request comes");
+                seen.extend_from_slice(&buf[..n]);
+                let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                if !continued {
+                    stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.expect("interim");
+                    continued = true;
+                }
+                if seen.len() - end - 4 == BODY {
+                    break;
+                }
+            }
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.expect("answer");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = build_client(None, Duration::from_secs(5)).expect("client");
+        let mut sent = request(&endpoint, "/v1/files");
+        *sent.body_mut() = Full::new(Bytes::from(vec![b'x'; BODY]));
+        let response = tokio::time::timeout(Duration::from_secs(20), client.send(&endpoint.origin, sent))
+            .await
+            .expect("the body must go out whole")
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(&response.into_body().collect().await.expect("body").to_bytes()[..], b"ok");
+        server.abort();
+    }
+
     #[tokio::test]
     async fn an_idle_connection_the_provider_closed_is_replaced() {
         // Answers one request per connection with keep-alive, then closes the socket anyway.
