@@ -270,6 +270,17 @@ impl UsageReader {
         }
     }
 
+    /// [`Self::output_so_far`] for a stream that ended without its final event (an error event,
+    /// or the provider closing mid-way): what it reported may be its start's count (Anthropic's
+    /// `message_start` says one output token), so the events delivered count too. Zero for a
+    /// finished stream, whose reported usage is its total, and for JSON.
+    fn output_if_cut(&self) -> u64 {
+        match self {
+            UsageReader::Sse(scanner) if !scanner.finished => self.output_so_far(),
+            _ => 0,
+        }
+    }
+
     /// Whether the body's length changes in passing.
     fn rewrites(&self) -> bool {
         matches!(self, UsageReader::Sse(_))
@@ -410,6 +421,7 @@ impl MeteredBody {
         let (rest, usage) = self.reader.finish();
         if let Some(mut record) = self.record.take() {
             record.usage = usage;
+            record.observed_output = self.reader.output_if_cut();
             record.finish_at(self.outcome, now.map(tokio::time::Instant::into_std));
         }
         self.ended = true;
@@ -635,6 +647,53 @@ mod tests {
                 let ended = record.admitted_at;
                 record.finish_at(if status < 400 { "ok" } else { "upstream_error" }, Some(ended));
             }
+            let (_, tokens, ..) = limiter.usage("ns/k").await;
+            assert_eq!(tokens, charged, "{what}");
+        }
+    }
+
+    /// A stream is settled on its reported usage only when it ended with its final event. One
+    /// that ends cleanly after anything else (here Anthropic's error event, after
+    /// `message_start`'s count of one output token) was cut: the events delivered count.
+    #[tokio::test]
+    async fn a_stream_without_its_final_event_is_charged_for_what_it_delivered() {
+        use crate::limits::testing::{admission, limiter, FixedClock};
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n";
+        let delta =
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"x\"}}\n\n";
+        let usage = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30}}\n\n";
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let deltas = delta.repeat(200);
+        // (what, events, tokens charged)
+        let cases = [
+            // Finished: the reported 25 + 30, though 203 events went by.
+            ("finished", vec![start, &deltas, usage, stop], 55),
+            // Cut by an error event: 25 + one per event delivered (202).
+            ("error event", vec![start, &deltas, error], 227),
+            // Closed mid-way, with no error either.
+            ("closed", vec![start, &deltas], 226),
+        ];
+        for (what, chunks, charged) in cases {
+            let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
+            let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
+            let mut record = record();
+            record.ticket = Some((limiter.clone(), ticket));
+            record.status = 200;
+            record.sent = true;
+            record.provider_answered = true;
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                chunks.into_iter().map(|c| Ok(Frame::data(Bytes::from(c.to_owned())))).collect();
+            let body = MeteredBody::new(
+                ProviderBody::Right(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()),
+                UsageReader::Sse(SseScanner::new(false)),
+                record,
+                "ok",
+                Duration::from_secs(5),
+                None,
+                None,
+            );
+            body.collect().await.expect("the stream ends cleanly");
             let (_, tokens, ..) = limiter.usage("ns/k").await;
             assert_eq!(tokens, charged, "{what}");
         }

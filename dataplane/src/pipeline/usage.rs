@@ -246,6 +246,10 @@ pub struct SseScanner {
     lone_cr: Option<bool>,
     pub usage: Usage,
     pub events: u64,
+    /// Whether the last event seen is one a provider ends a finished stream with
+    /// ([`ends_stream`]): a stream that stops after anything else (an error event, or a
+    /// provider gone quiet) was cut, and its reported usage may be its start's.
+    pub finished: bool,
 }
 
 /// Sizes and counts only: the pending bytes are a provider's response.
@@ -256,6 +260,7 @@ impl std::fmt::Debug for SseScanner {
             .field("strip_usage_only_chunk", &self.strip_usage_only_chunk)
             .field("usage", &self.usage)
             .field("events", &self.events)
+            .field("finished", &self.finished)
             .finish()
     }
 }
@@ -295,6 +300,22 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether `event` is the one a provider ends a finished stream with: OpenAI's `data: [DONE]`,
+/// Anthropic's `message_stop`, or the Responses API's `response.completed` (`.incomplete`,
+/// `.failed`: each carries the response's final usage). Only the first line is read.
+fn ends_stream(event: &[u8]) -> bool {
+    let line = &event[..memchr::memchr2(b'\n', b'\r', event).unwrap_or(event.len())];
+    if let Some(data) = line.strip_prefix(b"data:") {
+        return data.trim_ascii() == b"[DONE]";
+    }
+    line.strip_prefix(b"event:").is_some_and(|name| {
+        matches!(
+            name.trim_ascii(),
+            b"message_stop" | b"response.completed" | b"response.incomplete" | b"response.failed"
+        )
+    })
+}
+
 /// How a stream ends its lines, from its first line end: `Some(true)` for a lone CR,
 /// `Some(false)` for LF or CRLF, `None` while it cannot tell (no line end yet, or a CR last).
 fn ends_lines_in_lone_cr(buf: &[u8]) -> Option<bool> {
@@ -314,6 +335,7 @@ impl SseScanner {
     /// Inspects one event; true when it must be dropped.
     fn inspect(&mut self, event: &[u8]) -> bool {
         self.events += 1;
+        self.finished = ends_stream(event);
         if !mentions_usage_object(event) {
             return false;
         }
@@ -524,6 +546,36 @@ mod tests {
         assert_eq!(run(&mut scanner, stream, 9), stream);
         assert_eq!(scanner.usage, Usage { input: Some(25), output: Some(15) });
         assert_eq!(scanner.events, 4);
+    }
+
+    #[test]
+    fn final_events_are_told_from_the_rest_by_their_first_line() {
+        for finished in [
+            "data: [DONE]\n\n",
+            "data:[DONE]\r\n\r\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            "event:response.completed\rdata: {}\r\r",
+            "event: response.incomplete\ndata: {}\n\n",
+            "event: response.failed\ndata: {}\n\n",
+        ] {
+            assert!(ends_stream(finished.as_bytes()), "{finished:?}");
+        }
+        for other in [
+            "data: {\"choices\":[]}\n\n",
+            "data: {\"error\":{\"message\":\"[DONE]\"}}\n\n",
+            "event: error\ndata: {\"type\":\"message_stop\"}\n\n",
+            "event: message_delta\ndata: {}\n\n",
+            ": comment\ndata: [DONE]\n\n",
+            "",
+        ] {
+            assert!(!ends_stream(other.as_bytes()), "{other:?}");
+        }
+        // The scanner says whether the last event it saw was one.
+        let mut scanner = SseScanner::new(false);
+        scanner.push(Bytes::from_static(b"data: {}\n\ndata: [DONE]\n\n"));
+        assert!(scanner.finished);
+        scanner.push(Bytes::from_static(b"data: {\"error\":{}}\n\n"));
+        assert!(!scanner.finished);
     }
 
     #[test]
