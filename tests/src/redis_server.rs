@@ -101,6 +101,23 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server without ending it (`SIGSTOP`): it keeps its data and its connections
+    /// but answers nothing, as a Redis cut off by the network, until [`Self::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("redis-server is not running")?.id();
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().context("running kill")?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+        Ok(())
+    }
+
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.launch().await

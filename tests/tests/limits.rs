@@ -347,6 +347,60 @@ async fn lockout_is_shared_by_address_and_expires() {
     }
 }
 
+/// A response that ends while Redis is unreachable still settles: the correction of its
+/// reservation waits with what the replica owes and goes out once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_made_while_redis_is_unreachable_is_sent_when_it_returns() {
+    let redis = RedisServer::start().await.expect("redis");
+    let upstream = Upstream::start(UpstreamOptions {
+        response_delay: Duration::from_millis(1_500),
+        input_tokens: 17,
+        output_tokens: 2_000,
+        ..Default::default()
+    })
+    .await
+    .expect("upstream");
+    // A budget too small for this replica to take a slice of: every request goes to Redis.
+    let ms = manifests(Some(&upstream), &[("a", KEY_A, json!({"tokensPerDay": 5000}))]);
+    let gw = Arc::new(Gateway::start(&ms, redis_options(&redis, &[])).await.expect("gateway"));
+    let client = TestClient::plain();
+    let day_used = |client: TestClient, gw: Arc<Gateway>| async move {
+        let limits = client.get(&gw.admin_url("/limits?key=default/a"), &[]).await.expect("limits").json();
+        limits["keys"][0]["tokensPerDay"]["used"].as_u64()
+    };
+
+    let slow = {
+        let (client, gw) = (client.clone(), gw.clone());
+        tokio::spawn(async move { chat(&client, &gw, KEY_A, &[]).await })
+    };
+    let mut reserved = None;
+    for _ in 0..50 {
+        reserved = day_used(client.clone(), gw.clone()).await.filter(|&used| used > 0);
+        if reserved.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reserved = reserved.expect("the admission reserved tokens in Redis");
+    assert!(reserved < 2_017, "reserved {reserved}: the answer will use more");
+    redis.pause().expect("pause redis");
+    let answer = slow.await.expect("request");
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    // Well after the response: the settlement was made while Redis was unreachable.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.resume().expect("resume redis");
+
+    let mut used = None;
+    for _ in 0..100 {
+        used = day_used(client.clone(), gw.clone()).await;
+        if used == Some(2_017) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(used, Some(2_017), "the day budget counts the real usage, not the reservation of {reserved}");
+}
+
 /// Redis dies under load: `local` keeps limiting per replica (limit ÷ replicas), `open` admits,
 /// `closed` refuses with 503; `local` and `open` never answer 5xx. When Redis returns, limits
 /// are shared again.

@@ -743,7 +743,15 @@ impl RedisStore {
             return;
         }
         for (subject, item) in settlements(admission, granted, delta) {
-            let _ = self.answer(self.settles.submit(settle_lane(subject, admission.period), item)).await;
+            let lane = settle_lane(subject, admission.period);
+            if !self.is_healthy() {
+                // The store is down: the correction waits with what is owed and goes out when it
+                // answers again (nothing was sent, so nothing can count twice).
+                self.shared.owe(lane, item);
+                self.shared.start_flusher();
+                continue;
+            }
+            let _ = self.answer(self.settles.submit(lane, item)).await;
         }
     }
 
