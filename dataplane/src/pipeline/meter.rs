@@ -606,10 +606,20 @@ mod tests {
         }
     }
 
+    /// A fresh in-process limiter, and a record holding its reservation of 1,000 tokens for the
+    /// key `ns/k` (with a limit of 10,000 tokens a minute, so its usage is counted).
+    async fn reserving_1000_tokens() -> (Arc<crate::limits::Limiter>, AccessRecord) {
+        use crate::limits::testing::{admission, limiter, FixedClock};
+        let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
+        let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
+        let mut record = record();
+        record.ticket = Some((limiter.clone(), ticket));
+        (limiter, record)
+    }
+
     /// What a reservation of 1,000 tokens is settled to, by what the answer said and was.
     #[tokio::test]
     async fn the_charge_follows_what_the_provider_reported_did_and_was_asked() {
-        use crate::limits::testing::{admission, limiter, FixedClock};
         // (what, status, sent, provider answered, usage, events seen, tokens charged)
         let cases: [(&str, u16, bool, bool, Usage, u64, u64); 8] = [
             // Reported usage, the events seen being fewer.
@@ -630,10 +640,7 @@ mod tests {
             ("client gone", 0, true, false, Usage::default(), 0, 1_000),
         ];
         for (what, status, sent, answered, usage, observed, charged) in cases {
-            let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
-            let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
-            let mut record = record();
-            record.ticket = Some((limiter.clone(), ticket));
+            let (limiter, mut record) = reserving_1000_tokens().await;
             record.input_estimate = 10;
             record.status = status;
             record.sent = sent;
@@ -657,7 +664,6 @@ mod tests {
     /// `message_start`'s count of one output token) was cut: the events delivered count.
     #[tokio::test]
     async fn a_stream_without_its_final_event_is_charged_for_what_it_delivered() {
-        use crate::limits::testing::{admission, limiter, FixedClock};
         let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n";
         let delta =
             "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"x\"}}\n\n";
@@ -675,10 +681,7 @@ mod tests {
             ("closed", vec![start, &deltas], 226),
         ];
         for (what, chunks, charged) in cases {
-            let limiter = limiter(Arc::new(FixedClock(1_700_000_000_000.into())));
-            let ticket = limiter.admit(admission(&limiter, None, Some(10_000), None, 1_000)).await.expect("admitted");
-            let mut record = record();
-            record.ticket = Some((limiter.clone(), ticket));
+            let (limiter, mut record) = reserving_1000_tokens().await;
             record.status = 200;
             record.sent = true;
             record.provider_answered = true;

@@ -486,6 +486,22 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// Sends one request that must fail as a connect error once [`CONNECT_TIMEOUT`] has passed,
+    /// long before the response timeout (the test gives up at 10 s).
+    async fn fails_to_connect_in_time(client: &UpstreamClient, endpoint: &Endpoint) -> UpstreamError {
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), client.send(&endpoint.origin, request(endpoint, "/x")))
+                .await
+                .expect("the connect timeout must apply, not the response timeout");
+        let error = outcome.expect_err("nothing to connect to");
+        assert!(error.is_connect(), "{error}");
+        assert!(started.elapsed() >= CONNECT_TIMEOUT, "{:?}", started.elapsed());
+        error
+    }
+
     #[tokio::test]
     async fn a_provider_that_accepts_and_never_answers_the_tls_handshake_fails_within_the_connect_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -497,33 +513,19 @@ mod tests {
             }
         });
         let endpoint = Endpoint::parse(&format!("https://{addr}")).expect("endpoint");
-        let client = build_client(None, Duration::from_millis(300)).expect("client");
-        let started = std::time::Instant::now();
-        let outcome =
-            tokio::time::timeout(Duration::from_secs(10), client.send(&endpoint.origin, request(&endpoint, "/x")))
-                .await
-                .expect("the handshake must not wait for the response timeout");
-        let error = outcome.expect_err("no TLS server there");
-        assert!(error.is_connect(), "{error}");
+        let client = build_client(None, CONNECT_TIMEOUT).expect("client");
+        let error = fails_to_connect_in_time(&client, &endpoint).await;
         assert!(error.to_string().contains("TLS handshake timed out"), "{error}");
-        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
         held.abort();
     }
 
     #[tokio::test]
     async fn a_resolver_that_never_answers_fails_within_the_connect_timeout() {
         let endpoint = Endpoint::parse("http://provider.invalid:8080").expect("endpoint");
-        let mut client = build_client(None, Duration::from_millis(300)).expect("client");
+        let mut client = build_client(None, CONNECT_TIMEOUT).expect("client");
         client.connector = HttpConnector::new_with_resolver(Resolver::Stalled);
-        let started = std::time::Instant::now();
-        let outcome =
-            tokio::time::timeout(Duration::from_secs(10), client.send(&endpoint.origin, request(&endpoint, "/x")))
-                .await
-                .expect("resolution must not wait for the response timeout");
-        let error = outcome.expect_err("nothing resolves");
-        assert!(error.is_connect(), "{error}");
+        let error = fails_to_connect_in_time(&client, &endpoint).await;
         assert!(error.to_string().contains("timed out"), "{error}");
-        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
         assert_eq!(client.open_connections(), 0, "the slot is given back");
     }
 

@@ -204,23 +204,19 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     }
     let floor =
         crate::enforcement::generation_floor(&replicas, snapshot.generation, &snapshot.content_digest, ctx.now());
-    let raised = match floor.map(|served| (served, served.checked_add(1))) {
-        Some((served, Some(next))) => {
-            tracing::warn!(
-                generation = snapshot.generation,
-                served,
-                "data-plane replicas serve a later generation than the snapshot Secret held (it was deleted or \
-                 reset); continuing past theirs"
-            );
-            snapshot.generation = next;
-            snapshot = snapshot.tag(&keyring).map_err(|e| Error::KeyMaterial(e.to_string()))?;
-            true
-        }
-        Some((served, None)) => {
-            tracing::error!(served, "a data-plane replica reports the last possible generation; not following it");
-            false
-        }
-        None => false,
+    // At most `MAX_GENERATION_FOLLOWED`, so one more never overflows.
+    let raised = if let Some(served) = floor {
+        tracing::warn!(
+            generation = snapshot.generation,
+            served,
+            "data-plane replicas serve a later generation than the snapshot Secret held (it was deleted or \
+             reset); continuing past theirs"
+        );
+        snapshot.generation = served + 1;
+        snapshot = snapshot.tag(&keyring).map_err(|e| Error::KeyMaterial(e.to_string()))?;
+        true
+    } else {
+        false
     };
     let changed = raised || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
     let mut written = None;
