@@ -304,8 +304,10 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 /// Whether `event` is the one a provider ends a finished stream with: OpenAI's `data: [DONE]`,
 /// Anthropic's `message_stop`, or the Responses API's `response.completed` (`.incomplete`,
-/// `.failed`: each carries the response's final usage). Only the start of the first line is
-/// read (no search through a long data line: this runs on every event).
+/// `.failed`: each carries the response's final usage). The first `data` or `event` line
+/// decides, and only its start is read (no search through a long data line: this runs on every
+/// event). Comment, `id` and `retry` lines before it are stepped over: the SSE grammar lets a
+/// provider put them first, and they are short.
 fn ends_stream(event: &[u8]) -> bool {
     fn value_is(rest: &[u8], values: &[&[u8]]) -> bool {
         let blank = rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
@@ -315,12 +317,29 @@ fn ends_stream(event: &[u8]) -> bool {
                 .is_some_and(|after| matches!(after.first(), None | Some(b'\n' | b'\r' | b' ' | b'\t')))
         })
     }
-    if let Some(rest) = event.strip_prefix(b"data:") {
-        return value_is(rest, &[b"[DONE]"]);
+    let mut line = event;
+    loop {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            return value_is(rest, &[b"[DONE]"]);
+        }
+        if let Some(rest) = line.strip_prefix(b"event:") {
+            return value_is(
+                rest,
+                &[b"message_stop", b"response.completed", b"response.incomplete", b"response.failed"],
+            );
+        }
+        // Another line (a comment, `id`, `retry`, or a field the grammar ignores): the next.
+        let Some(end) = memchr::memchr2(b'\n', b'\r', line) else { return false };
+        let next = match line[end..] {
+            [b'\r', b'\n', ..] => end + 2,
+            _ => end + 1,
+        };
+        line = &line[next..];
+        // A blank line ends the event: nothing decided in it.
+        if matches!(line.first(), None | Some(b'\n' | b'\r')) {
+            return false;
+        }
     }
-    event.strip_prefix(b"event:").is_some_and(|rest| {
-        value_is(rest, &[b"message_stop", b"response.completed", b"response.incomplete", b"response.failed"])
-    })
 }
 
 /// How a stream ends its lines, from its first line end: `Some(true)` for a lone CR,
@@ -556,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn final_events_are_told_from_the_rest_by_their_first_line() {
+    fn final_events_are_told_from_the_rest_by_their_first_field() {
         for finished in [
             "data: [DONE]\n\n",
             "data:[DONE]\r\n\r\n",
@@ -564,6 +583,10 @@ mod tests {
             "event:response.completed\rdata: {}\r\r",
             "event: response.incomplete\ndata: {}\n\n",
             "event: response.failed\ndata: {}\n\n",
+            // Comment, `id` and `retry` lines may come first.
+            ": keep-alive\ndata: [DONE]\n\n",
+            "id: 42\r\nretry: 1000\r\ndata: [DONE]\r\n\r\n",
+            ":\revent: message_stop\rdata: {}\r\r",
         ] {
             assert!(ends_stream(finished.as_bytes()), "{finished:?}");
         }
@@ -572,7 +595,10 @@ mod tests {
             "data: {\"error\":{\"message\":\"[DONE]\"}}\n\n",
             "event: error\ndata: {\"type\":\"message_stop\"}\n\n",
             "event: message_delta\ndata: {}\n\n",
-            ": comment\ndata: [DONE]\n\n",
+            ": comment\n\ndata: [DONE]\n\n",
+            "id: 7\ndata: {\"choices\":[]}\ndata: [DONE]\n\n",
+            ": only a comment\n\n",
+            "id: 7",
             "",
         ] {
             assert!(!ends_stream(other.as_bytes()), "{other:?}");
