@@ -166,7 +166,8 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_LIMITER_FAILURE_POLICY", value_parser = failure_policy, default_value = "local")]
     pub limiter_failure_policy: portcullis_crds::v1alpha1::FailurePolicy,
 
-    /// Data-plane replicas sharing the limits (divides limits under the `local` policy).
+    /// Data-plane replicas sharing the limits: each enforces limit ÷ this without --redis-url,
+    /// and under the `local` policy while Redis is unreachable.
     #[arg(long, env = "PORTCULLIS_LIMITER_REPLICAS", default_value_t = 1)]
     pub limiter_replicas: u64,
 

@@ -70,7 +70,11 @@ impl Default for MemoryStore {
 }
 
 fn scaled(limit: Option<u64>, divisor: u64) -> Option<u64> {
-    limit.map(|l| (l / divisor.max(1)).max(1))
+    // One replica, the common case: no division per limit per request.
+    if divisor <= 1 {
+        return limit.map(|l| l.max(1));
+    }
+    limit.map(|l| (l / divisor).max(1))
 }
 
 impl MemoryStore {

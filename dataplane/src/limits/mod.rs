@@ -285,7 +285,8 @@ pub struct Ticket {
 #[derive(Debug, Clone)]
 pub struct LimiterSettings {
     pub default_policy: FailurePolicy,
-    /// Replicas sharing the limits; each enforces `limit / replicas` on its own under `local`.
+    /// Replicas sharing the limits; each enforces `limit / replicas` on its own without a shared
+    /// store, and under `local` while the shared store is unreachable.
     pub replicas: u64,
     pub redis_url: Option<String>,
     pub redis_timeout: Duration,
@@ -484,7 +485,9 @@ impl Limiter {
     /// pipeline calls this directly rather than building the shared store's future).
     pub fn admit_in_process(&self, admission: Admission) -> Result<Ticket, AdmitError> {
         debug_assert!(self.redis.is_none(), "with a shared store, admission goes through `admit`");
-        let decision = self.memory.admit(&admission, admission.at_ms, 1);
+        // Replicas without a shared store each keep their own counts: each takes its share, so
+        // that together they never admit more than the key declares.
+        let decision = self.memory.admit(&admission, admission.at_ms, self.settings.replicas);
         self.ticket(admission, decision, StoreUsed::Local)
     }
 
@@ -658,9 +661,14 @@ pub(crate) mod testing {
     }
 
     pub fn limiter(clock: Arc<FixedClock>) -> Arc<Limiter> {
+        limiter_of(clock, 1)
+    }
+
+    /// [`limiter`] for one of `replicas` replicas that share the limits.
+    pub fn limiter_of(clock: Arc<FixedClock>, replicas: u64) -> Arc<Limiter> {
         let settings = LimiterSettings {
             default_policy: FailurePolicy::Local,
-            replicas: 1,
+            replicas,
             redis_url: None,
             redis_timeout: Duration::from_millis(20),
             lockout_threshold: 3,
@@ -695,7 +703,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{admission, limiter, FixedClock};
+    use super::testing::{admission, limiter, limiter_of, FixedClock};
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -738,6 +746,23 @@ mod tests {
         let alone = limiter(clock.clone());
         let whole = alone.memory.admit(&admission(&alone, None, None, Some(100), 1), now, 1);
         assert!(matches!(whole, Decision::Granted(g) if g.budget_remaining == Some(100)));
+    }
+
+    /// Replicas without a shared store (the chart's replicas without Redis) divide the limits
+    /// too: two replicas of a key declaring 10 requests a minute admit 5 each.
+    #[test]
+    fn replicas_without_a_shared_store_each_enforce_their_share() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter_of(clock.clone(), 2);
+        assert!(!l.is_shared());
+        let admitted = (0..10).filter(|_| l.admit_in_process(admission(&l, Some(10), None, None, 1)).is_ok()).count();
+        assert_eq!(admitted, 5);
+        let refused = l.admit_in_process(admission(&l, Some(10), None, None, 1)).expect_err("over the share");
+        assert!(matches!(refused, AdmitError::Refused(Refusal { which: Which::Requests, limit: 5, .. })));
+        // One replica: the whole limit.
+        let alone = limiter(clock);
+        let admitted = (0..11).filter(|_| alone.admit_in_process(admission(&alone, Some(10), None, None, 1)).is_ok()).count();
+        assert_eq!(admitted, 10);
     }
 
     /// Keys of one team admitted from many threads at once never take the team past its limit:
