@@ -243,6 +243,14 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     portcullis_operator::cluster::shutdown_signal().await;
     tracing::info!("shutdown requested");
     admin_state.draining.store(true, Ordering::Relaxed);
+    if !args.shutdown_delay.is_zero() {
+        // Still serving new connections while the endpoints that route here are withdrawn.
+        tracing::info!(delay_secs = args.shutdown_delay.as_secs_f64(), "accepting until the shutdown delay passes");
+        tokio::select! {
+            () = tokio::time::sleep(args.shutdown_delay) => {}
+            () = portcullis_operator::cluster::shutdown_signal() => tracing::info!("second signal: draining now"),
+        }
+    }
     let _ = shutdown_tx.send(true);
     let _ = server_task.await;
     if let Some(task) = spinner {

@@ -148,8 +148,15 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65_535))]
     pub listen_backlog: u32,
 
+    /// Seconds the listener keeps accepting after SIGTERM, while `/readyz` already says
+    /// draining: the time a load balancer or kube-proxy takes to stop sending new connections
+    /// here (a rolling update's in-flight routing). A second SIGTERM ends it early. The drain
+    /// follows.
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_DELAY", value_parser = seconds, default_value = "0")]
+    pub shutdown_delay: Duration,
+
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
-    #[arg(long, value_parser = seconds, default_value = "30")]
+    #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", value_parser = seconds, default_value = "30")]
     pub drain_timeout: Duration,
 
     /// Redis URL for limits shared by every replica (`redis://host:6379/0`). Without it, limits

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use portcullis_e2e::client::SseEvent;
 use portcullis_e2e::fixture::*;
-use portcullis_e2e::{assert, eventually, Fixture, FixtureOptions, GatewayOptions, UpstreamOptions};
+use portcullis_e2e::{assert, eventually, Fixture, FixtureOptions, GatewayOptions, TestClient, UpstreamOptions};
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_stream_finish_refuses_new_connections_and_exits_zero() {
@@ -109,6 +109,45 @@ async fn sigterm_drains_inflight_h2_requests_over_tls() {
         assert::ok(&resp);
         assert_eq!(resp.version, http::Version::HTTP_2);
     }
+    let status = fx.gateway.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status: {status}");
+}
+
+/// With `--shutdown-delay`, SIGTERM first turns `/readyz` to 503 and keeps serving new
+/// connections (kube-proxy and load balancers still route here until the endpoint is withdrawn),
+/// then drains and exits.
+#[tokio::test]
+async fn a_shutdown_delay_keeps_serving_new_connections_while_readiness_fails() {
+    let opts = FixtureOptions { gateway: GatewayOptions::with_args(&["--shutdown-delay", "2"]), ..Default::default() };
+    let mut fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let listen = fx.gateway.listen_addr();
+    let readyz = fx.gateway.admin_url("/readyz");
+    fx.gateway.sigterm().unwrap();
+    let sent_at = tokio::time::Instant::now();
+
+    eventually(Duration::from_secs(1), "readyz to say draining", || async {
+        let ready = TestClient::plain().get(&readyz, &[]).await.ok()?;
+        (ready.status == 503).then_some(())
+    })
+    .await
+    .unwrap();
+    // A client with no pooled connection: a new connection, accepted and served.
+    let fresh = TestClient::plain();
+    let auth = format!("Bearer {ALICE_KEY}");
+    let served = fresh
+        .post_json(&fx.url("/v1/chat/completions"), &[("authorization", &auth)], &chat_body("gpt-4o-mini", "hi", false))
+        .await
+        .expect("a new connection during the shutdown delay");
+    assert::ok(&served);
+    assert!(sent_at.elapsed() < Duration::from_secs(2), "served after the delay: {:?}", sent_at.elapsed());
+
+    // Then the listener closes and the process drains and exits.
+    eventually(Duration::from_secs(5), "listener to stop accepting", || async {
+        tokio::net::TcpStream::connect(listen).await.is_err().then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(sent_at.elapsed() >= Duration::from_secs(2), "closed before the delay: {:?}", sent_at.elapsed());
     let status = fx.gateway.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "exit status: {status}");
 }

@@ -761,7 +761,8 @@ mod tests {
         assert!(matches!(refused, AdmitError::Refused(Refusal { which: Which::Requests, limit: 5, .. })));
         // One replica: the whole limit.
         let alone = limiter(clock);
-        let admitted = (0..11).filter(|_| alone.admit_in_process(admission(&alone, Some(10), None, None, 1)).is_ok()).count();
+        let admitted =
+            (0..11).filter(|_| alone.admit_in_process(admission(&alone, Some(10), None, None, 1)).is_ok()).count();
         assert_eq!(admitted, 10);
     }
 
