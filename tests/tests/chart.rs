@@ -31,6 +31,13 @@ use serde_json::Value;
 const NAMESPACE: &str = "portcullis-system";
 const RELEASE: &str = "rel";
 
+/// The webhook certificate Secret a user provides (`certificate.source=provided`) in the matrix.
+macro_rules! provided_tls_secret {
+    () => {
+        "user-provided-tls"
+    };
+}
+
 /// Labels the operator puts on a pod at run time, which a Service may select on.
 const RUNTIME_LABELS: [&str; 1] = ["portcullis.dev/webhook-leader"];
 
@@ -339,7 +346,7 @@ impl Release {
                 if let Some(secret) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
                     let made = self.secrets.contains(&secret)
                         || self.certificates.iter().any(|c| c.secret_name == secret)
-                        || secret == "user-provided-tls";
+                        || secret == provided_tls_secret!();
                     if !made {
                         return Err(format!("Deployment {name}: Secret {secret} is neither in the chart nor issued"));
                     }
@@ -571,7 +578,7 @@ const MATRIX: &[&[&str]] = &[
     ],
     &[
         "operator.webhook.certificate.source=provided",
-        "operator.webhook.certificate.secretName=user-provided-tls",
+        concat!("operator.webhook.certificate.secretName=", provided_tls_secret!()),
         "operator.webhook.certificate.caBundle=Y2E=",
         "operator.webhook.failurePolicy=Fail",
     ],
