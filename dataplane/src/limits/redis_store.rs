@@ -513,9 +513,12 @@ impl Shared {
     /// Ends expired slices and sends every owed settlement, a bounded number of calls at a time.
     /// While the store is known to be down nothing is sent and what is owed waits (up to
     /// `MAX_OWED_PER_LANE` granules per lane). A call that fails is not repeated, since it may have
-    /// run before failing: what it carried is dropped and counted, so the counts err high (strict)
-    /// and never low. The windows heal within a minute, but a lost budget refund stays counted
-    /// until the day or month ends.
+    /// run before failing: what it carried is dropped and counted (`settle_dropped` is the
+    /// oldest granule given up; a failed call counts under `settle`). Most of what a flush carries
+    /// is refunds (unspent slices, reservations above real usage), so a lost call mostly errs high
+    /// (strict); a settlement above its reservation (a prompt of more tokens than its bytes ÷ 4)
+    /// errs low by its excess. The windows heal within a minute, but a lost budget correction
+    /// stays until the day or month ends.
     async fn flush(&self, now: Instant) {
         let _one_at_a_time = self.flushing.lock().await;
         for (lane, refund) in self.slices.expire(|lane| lane.limits, now) {
