@@ -123,6 +123,13 @@ fn strictly<T: DeserializeOwned + Serialize>(document: &Value) -> Result<T, Stri
     }
 }
 
+/// Reads `document` strictly as `T` and records its name in `names`.
+fn named<T: DeserializeOwned + Serialize>(document: &Value, names: &mut BTreeSet<String>) -> Result<(), String> {
+    strictly::<T>(document)?;
+    names.insert(name_of(document));
+    Ok(())
+}
+
 /// A custom resource of another project's CRD: only the fields the chart uses are known here.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -226,24 +233,17 @@ impl Release {
                 ("apps/v1", "Deployment") => release.deployments.push(strictly(document).map_err(fail)?),
                 ("v1", "Service") => release.services.push(strictly(document).map_err(fail)?),
                 ("v1", "ServiceAccount") => {
-                    strictly::<ServiceAccount>(document).map_err(fail)?;
-                    release.service_accounts.insert(name);
+                    named::<ServiceAccount>(document, &mut release.service_accounts).map_err(fail)?
                 }
-                ("v1", "Secret") => {
-                    strictly::<Secret>(document).map_err(fail)?;
-                    release.secrets.insert(name);
-                }
+                ("v1", "Secret") => named::<Secret>(document, &mut release.secrets).map_err(fail)?,
                 ("v1", "PersistentVolumeClaim") => {
-                    strictly::<PersistentVolumeClaim>(document).map_err(fail)?;
-                    release.claims.insert(name);
+                    named::<PersistentVolumeClaim>(document, &mut release.claims).map_err(fail)?
                 }
                 ("rbac.authorization.k8s.io/v1", "Role") => {
-                    strictly::<Role>(document).map_err(fail)?;
-                    release.roles.insert(name);
+                    named::<Role>(document, &mut release.roles).map_err(fail)?
                 }
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    strictly::<ClusterRole>(document).map_err(fail)?;
-                    release.cluster_roles.insert(name);
+                    named::<ClusterRole>(document, &mut release.cluster_roles).map_err(fail)?
                 }
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
                     release.role_bindings.push(strictly(document).map_err(fail)?)
@@ -262,8 +262,7 @@ impl Release {
                     release.webhooks.push(strictly(document).map_err(fail)?)
                 }
                 ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
-                    strictly::<admission::ValidatingAdmissionPolicy>(document).map_err(fail)?;
-                    release.policies.insert(name);
+                    named::<admission::ValidatingAdmissionPolicy>(document, &mut release.policies).map_err(fail)?
                 }
                 ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
                     release.policy_bindings.push(strictly(document).map_err(fail)?)
@@ -281,7 +280,9 @@ impl Release {
                 ("monitoring.coreos.com/v1", "ServiceMonitor") => {
                     let monitor = serde_json::from_value::<CustomResource<ServiceMonitorSpec>>(document.clone())
                         .map_err(|e| fail(e.to_string()))?;
-                    assert!(monitor.metadata.labels.is_some(), "{at}: no labels");
+                    if monitor.metadata.labels.is_none() {
+                        return Err(format!("{at}: no labels for a Prometheus to select it by"));
+                    }
                     release.monitors.push(monitor.spec);
                 }
                 _ => return Err(format!("{at}: {api_version} {kind} is not known to this test: add it")),
