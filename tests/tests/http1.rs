@@ -185,6 +185,37 @@ async fn stalled_heads_time_out_and_idle_connections_close() {
     assert!(closed && text.starts_with("HTTP/1.1 200 OK"), "{text}");
 }
 
+/// HTTP/1.0 keep-alive (`ab -k`, some proxies): a response of known length keeps the connection
+/// for the next request. One of unknown length (a stream) can end only with the connection: it is
+/// announced with `connection: close`, and the connection closes as the stream ends rather than
+/// after the idle timeout, with the client waiting for the close all that time.
+#[tokio::test]
+async fn http10_keep_alive_is_kept_after_a_known_length_and_ended_after_a_stream() {
+    let fx = Fixture::start_with(FixtureOptions::with_args(&["--header-read-timeout", "20"]), |_| {})
+        .await
+        .expect("fixture");
+    let mut stream = TcpStream::connect(fx.gateway.listen_addr()).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let plain = chat("Connection: keep-alive\r\n", false).replacen("HTTP/1.1", "HTTP/1.0", 1);
+    stream.write_all(plain.as_bytes()).await.expect("write");
+    let response = read_one_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 200") && response.contains(REPLY), "{response}");
+    assert!(response.contains("connection: keep-alive\r\n"), "{response}");
+
+    // A stream on the same connection.
+    let body = format!(r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{CANARY}"}}]}}"#);
+    let streamed = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+         Content-Type: application/json\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(streamed.as_bytes()).await.expect("write");
+    let (text, elapsed, closed) = read_to_close(&mut stream, Duration::from_secs(15)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains("data: [DONE]"), "{text}");
+    assert!(text.contains("connection: close\r\n") && !text.contains("transfer-encoding"), "{text}");
+    assert!(elapsed < Duration::from_secs(10), "closed after {elapsed:?}, not as the stream ended");
+}
+
 #[tokio::test]
 async fn expect_continue_http10_and_unread_bodies() {
     let fx = fixture().await;

@@ -402,9 +402,9 @@ where
 
         let body_read = conn.finish_body_from_buffer();
         let keep_alive = keep_alive && body_read && !drain.draining();
-        let complete = write_response(&mut conn, reply, version, head_only, keep_alive).await;
-        match complete {
-            Ok(true) if keep_alive => continue,
+        let reusable = write_response(&mut conn, reply, version, head_only, keep_alive).await;
+        match reusable {
+            Ok(true) => continue,
             Ok(_) if !body_read => {
                 linger(&mut conn).await;
                 return Ended::Closed;
@@ -527,9 +527,11 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes `response`. `Ok(true)`: written whole and correctly delimited, so the connection may
-/// carry another request; `Ok(false)`: the body failed or did not match its length, and the
-/// connection must close (which is how the client learns the body is incomplete).
+/// Writes `response`. `Ok(true)`: written whole and correctly delimited, with the connection
+/// kept alive, so it may carry another request. `Ok(false)`: the connection must close, because
+/// `keep_alive` was false, or the response was announced with `connection: close` (a body of
+/// unknown length to an HTTP/1.0 client ends with the connection), or the body failed or did not
+/// match its length (the close is how the client learns it is incomplete).
 async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<IO>,
     reply: Reply,
@@ -557,7 +559,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     drop(passed);
     if head_only || bodiless {
         conn.flush_out().await?;
-        return Ok(true);
+        return Ok(keep_alive);
     }
 
     let mut body = std::pin::pin!(body);
@@ -636,7 +638,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
                     conn.out.extend_from_slice(b"0\r\n\r\n");
                 }
                 conn.flush_out().await?;
-                return Ok(!matches!(delimit, Delimit::Length(_)) || left == 0);
+                return Ok(keep_alive && (!matches!(delimit, Delimit::Length(_)) || left == 0));
             }
         }
     }
