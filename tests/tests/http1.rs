@@ -123,6 +123,12 @@ async fn ambiguous_framing_is_refused_and_nothing_is_smuggled_behind_it() {
         ),
         ("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "400", "malformed_request"),
         ("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Folded: a\r\n b\r\n\r\n", "400", "malformed_request"),
+        // A header after a bare LF, which a CRLF-only front end reads as part of X-Note.
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Note: a\nContent-Length: 5\r\n\r\nhello",
+            "400",
+            "malformed_request",
+        ),
         ("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nExpect: wishes\r\n\r\n", "417", "expectation_failed"),
         ("POST /v1/chat/completions HTTP/3.0\r\nHost: gw\r\n\r\n", "505", "http_version_not_supported"),
     ] {
@@ -203,7 +209,8 @@ async fn http10_keep_alive_is_kept_after_a_known_length_and_ended_after_a_stream
     assert!(response.contains("connection: keep-alive\r\n"), "{response}");
 
     // A stream on the same connection.
-    let body = format!(r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{CANARY}"}}]}}"#);
+    let body =
+        format!(r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{CANARY}"}}]}}"#);
     let streamed = format!(
         "POST /v1/chat/completions HTTP/1.0\r\nHost: gw\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
          Content-Type: application/json\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",

@@ -3,7 +3,7 @@
 //! Anything a front-end and a back-end could read two ways is refused instead of guessed at:
 //! `Transfer-Encoding` with `Content-Length`, a coding other than a single `chunked`,
 //! disagreeing or malformed lengths, chunked HTTP/1.0, a missing or repeated `Host`, obsolete
-//! line folding (httparse refuses it), control characters in values.
+//! line folding (httparse refuses it), control characters in values, a line ending in a bare LF.
 
 use bytes::{Buf, BytesMut};
 use http::{Method, Uri, Version};
@@ -149,6 +149,9 @@ fn scan(buf: &BytesMut, max_head: usize) -> Result<Option<(usize, RequestLine, L
     if len > max_head {
         return Err(Http1Error::HeadTooLarge);
     }
+    if bare_line_feed(&buf[..len]) {
+        return Err(Http1Error::Malformed("A line of the request head ends in a bare LF instead of CRLF."));
+    }
     let version = match request.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
@@ -160,6 +163,14 @@ fn scan(buf: &BytesMut, max_head: usize) -> Result<Option<(usize, RequestLine, L
     let target = fields::range_in(&buf[..len], request.path.unwrap_or_default().as_bytes()).ok_or_else(malformed)?;
     let lines = Lines::index(&buf[..len], request.headers).ok_or_else(malformed)?;
     Ok(Some((len, RequestLine { method, version, target }, lines)))
+}
+
+/// Whether a line of `head` ends in a lone LF. httparse takes one as a line end (RFC 9112 §2.2
+/// lets a recipient), but a front end that does not would read the next line as part of this
+/// one, and a framing header hidden there as nothing: one head read two ways, so it is refused.
+/// (Empty lines before the request line are dropped before this, lone LFs included.)
+fn bare_line_feed(head: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', head).any(|at| at.checked_sub(1).and_then(|before| head.get(before)) != Some(&b'\r'))
 }
 
 /// The target as a URI, and the body's framing, from a head split off the buffer.
@@ -362,6 +373,24 @@ mod tests {
         assert!(matches!(head(folded), Err(Http1Error::Malformed(_))));
         let space_before_colon = "POST / HTTP/1.1\r\nHost: gw\r\nContent-Length : 3\r\n\r\n";
         assert!(matches!(head(space_before_colon), Err(Http1Error::Malformed(_))));
+    }
+
+    /// A lone LF ends a line for httparse but not for a front end that wants CRLF, which would
+    /// see one header where the gateway sees two: a framing header could hide in the second.
+    #[test]
+    fn a_line_ending_in_a_bare_lf_is_refused() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: gw\r\nX: a\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: gw\r\nX: a\nContent-Length: 5\r\n\r\nhello",
+            "GET / HTTP/1.1\nHost: gw\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: gw\n\n",
+            "GET / HTTP/1.1\r\nHost: gw\r\n\n",
+        ] {
+            assert!(matches!(head(raw), Err(Http1Error::Malformed(_))), "{raw:?}");
+        }
+        // CRLF throughout, and lone LFs before the request line (dropped): served.
+        assert_eq!(ok("POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello").framing, Framing::Length(5));
+        assert_eq!(ok("\n\r\nGET / HTTP/1.1\r\nHost: gw\r\n\r\n").uri.path(), "/");
     }
 
     #[test]
