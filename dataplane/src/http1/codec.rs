@@ -16,6 +16,10 @@ use tokio::io::AsyncRead;
 
 /// Longest chunk-size line, extensions included.
 const MAX_SIZE_LINE: usize = 4 * 1024;
+/// Most chunk-extension bytes (with the whitespace after a size) in one body, as hyper bounds
+/// them. Each line is bounded by `MAX_SIZE_LINE`, but without a total a body of one-byte chunks
+/// each carrying 4 KiB of extensions would be read at about 4,000 bytes per byte it delivers.
+const MAX_EXTENSIONS: usize = 16 * 1024;
 /// Most trailer bytes read (and discarded) after the last chunk.
 const MAX_TRAILERS: usize = 64 * 1024;
 /// Reads go into at least this much free buffer space ...
@@ -54,6 +58,8 @@ pub enum H1Error {
     ChunkSizeLineTooLong,
     #[error("invalid chunk extension")]
     InvalidChunkExtension,
+    #[error("chunk extensions too large")]
+    ChunkExtensionsTooLarge,
     #[error("missing CRLF after chunk data")]
     MissingChunkCrlf,
     #[error("invalid trailer section")]
@@ -74,9 +80,10 @@ pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
 }
 
-/// A Content-Length value: 1*DIGIT, fitting in u64.
+/// A Content-Length value: 1*DIGIT (leading zeros allowed, as the grammar does), fitting in u64.
+/// Its length is bounded by the head's.
 pub fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 20 {
+    if digits.is_empty() {
         return None;
     }
     digits.iter().try_fold(0u64, |n, &b| {
@@ -221,8 +228,11 @@ pub struct Chunked {
     state: ChunkState,
     /// The size being parsed, then the data left in the chunk.
     size: u64,
+    /// Digits of the size seen so far (leading zeros too; saturating).
     digits: u8,
     line: usize,
+    /// Extension bytes in the whole body so far (see `MAX_EXTENSIONS`).
+    extensions: usize,
     trailers: usize,
 }
 
@@ -245,11 +255,17 @@ impl Chunked {
                     if self.line > MAX_SIZE_LINE {
                         return Err(H1Error::ChunkSizeLineTooLong);
                     }
+                    if matches!(self.state, ChunkState::SizeWs | ChunkState::Ext) {
+                        self.extensions += 1;
+                        if self.extensions > MAX_EXTENSIONS {
+                            return Err(H1Error::ChunkExtensionsTooLarge);
+                        }
+                    }
                     self.size_line(b)?;
                 }
                 ChunkState::DataCr if b == b'\r' => self.state = ChunkState::DataLf,
                 ChunkState::DataLf if b == b'\n' => {
-                    *self = Chunked { trailers: self.trailers, ..Chunked::default() };
+                    *self = Chunked { extensions: self.extensions, ..Chunked::default() };
                 }
                 ChunkState::DataCr | ChunkState::DataLf => return Err(H1Error::MissingChunkCrlf),
                 ChunkState::TrailerStart | ChunkState::Trailer | ChunkState::TrailerLf | ChunkState::EndLf => {
@@ -275,10 +291,11 @@ impl Chunked {
     fn size_line(&mut self, b: u8) -> Result<(), H1Error> {
         self.state = match (self.state, b) {
             (ChunkState::Size, _) if b.is_ascii_hexdigit() => {
-                if self.digits == 16 {
+                // Leading zeros are allowed (1*HEXDIG); a size past u64 is not.
+                if self.size > u64::MAX >> 4 {
                     return Err(H1Error::InvalidChunkSize);
                 }
-                self.digits += 1;
+                self.digits = self.digits.saturating_add(1);
                 let digit = match b {
                     b'0'..=b'9' => b - b'0',
                     b'a'..=b'f' => b - b'a' + 10,
@@ -431,6 +448,22 @@ mod tests {
         // Sixteen hex digits are the most a size may have; they must still fit.
         let mut decoder = chunked();
         decode_pieces(&mut decoder, [&b"ffffffffffffffff\r\nab"[..]]).expect("a huge chunk begins");
+        // Leading zeros do not count (1*HEXDIG): a size of 1 in twenty digits is a size of 1.
+        let zeros = b"00000000000000000001\r\na\r\n0000000000000000000000\r\n\r\n";
+        assert_eq!(decode_pieces(&mut chunked(), zeros.chunks(1)).expect("decodes"), b"a");
+        let mut decoder = chunked();
+        decode_pieces(&mut decoder, [&b"0000ffffffffffffffff\r\nab"[..]]).expect("a huge chunk begins");
+        let error = decode_pieces(&mut chunked(), [&b"0001ffffffffffffffff\r\n"[..]]).expect_err("past u64");
+        assert!(matches!(error, H1Error::InvalidChunkSize), "{error:?}");
+    }
+
+    #[test]
+    fn lengths_take_leading_zeros_and_refuse_what_does_not_fit() {
+        assert_eq!(parse_length(b"000000000000000000005"), Some(5));
+        assert_eq!(parse_length(b"018446744073709551615"), Some(u64::MAX));
+        for bad in [&b"18446744073709551616"[..], b"", b"+5", b"5 ", b"0x5", b"\xd9\xa5"] {
+            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
@@ -451,6 +484,19 @@ mod tests {
         }
         let error = decode_pieces(&mut chunked(), trailers.chunks(1000)).expect_err("refused");
         assert!(matches!(error, H1Error::TrailersTooLarge), "{error:?}");
+
+        // Extensions are bounded over the whole body too, not only per line: one-byte chunks
+        // with 1 KiB of extension each are refused once the total passes 16 KiB.
+        let mut chunk = b"1 ;".to_vec();
+        chunk.resize(1024 + 1, b'x');
+        chunk.extend_from_slice(b"\r\na\r\n");
+        let many = chunk.repeat(MAX_EXTENSIONS / 1024);
+        let within = [&many[..], b"0\r\n\r\n"].concat();
+        let decoded = decode_pieces(&mut chunked(), within.chunks(777)).expect("16 KiB of extensions in all");
+        assert_eq!(decoded.len(), MAX_EXTENSIONS / 1024);
+        let past = [&many[..], &chunk[..]].concat();
+        let error = decode_pieces(&mut chunked(), past.chunks(777)).expect_err("refused");
+        assert!(matches!(error, H1Error::ChunkExtensionsTooLarge), "{error:?}");
     }
 
     #[test]
