@@ -107,6 +107,10 @@ struct Conn<IO> {
     head_deadline: Deadline,
     /// See [`Settings::response_write_timeout`].
     write_timeout: Duration,
+    /// The rest of a `100 Continue` begun but not finished when the body was given up (a body
+    /// timeout while the client took none of it): sent ahead of the response, which would
+    /// otherwise follow a partial status line.
+    interim_owed: &'static [u8],
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
@@ -195,6 +199,16 @@ impl<IO: AsyncWrite + Unpin> RequestBody<'_, IO> {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO> Drop for RequestBody<'_, IO> {
+    fn drop(&mut self) {
+        // Begun and not finished: the response goes after the rest of it (a final response may
+        // follow a 100, RFC 9110 §15.2).
+        if let Some(rest) = self.interim.filter(|rest| rest.len() < CONTINUE.len()) {
+            self.conn.interim_owed = rest;
+        }
     }
 }
 
@@ -348,6 +362,7 @@ where
         broken: false,
         head_deadline: Deadline::new(),
         write_timeout: settings.response_write_timeout,
+        interim_owed: &[],
     };
     let mut drain = Drain::new(shutdown);
     let mut reclaim = settings.reclaim.as_ref().map(Reclaim::follow);
@@ -555,6 +570,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
         delimit = Delimit::None;
     }
     conn.out.clear();
+    conn.out.extend_from_slice(std::mem::take(&mut conn.interim_owed));
     encode_head(&mut conn.out, &parts, passed.as_ref(), rate.as_ref(), delimit, version, keep_alive);
     drop(passed);
     if head_only || bodiless {
@@ -790,6 +806,49 @@ mod tests {
         let text = String::from_utf8(out).expect("ascii");
         assert_eq!(text.matches("date: ").count(), 1, "{text}");
         assert!(text.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"), "{text}");
+    }
+
+    /// A `100 Continue` the client took only part of before the body was given up (its socket
+    /// full): the response goes out after the rest of it, not after a partial status line.
+    #[tokio::test]
+    async fn a_response_follows_the_rest_of_a_partly_sent_100_continue() {
+        let (near, mut far) = tokio::io::duplex(10);
+        let mut conn = Conn {
+            io: near,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            body: Decoder::Length(5),
+            broken: false,
+            head_deadline: Deadline::new(),
+            write_timeout: Duration::from_secs(5),
+            interim_owed: &[],
+        };
+        let mut body = RequestBody { conn: &mut conn, interim: Some(CONTINUE) };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending(), "the socket takes 10 bytes");
+        assert_eq!(body.interim.map(<[u8]>::len), Some(CONTINUE.len() - 10));
+        drop(body);
+
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 64];
+            while !String::from_utf8_lossy(&seen).ends_with("timeout") {
+                match far.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+            }
+            String::from_utf8(seen).expect("ascii")
+        });
+        let response = http::Response::builder()
+            .status(StatusCode::REQUEST_TIMEOUT)
+            .body(crate::body::full("timeout"))
+            .expect("response");
+        let reusable = write_response(&mut conn, Reply::plain(response), Version::HTTP_11, false, false).await;
+        assert!(!reusable.expect("written"), "not kept alive");
+        let text = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("read").expect("reader");
+        assert!(text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 408 Request Timeout\r\n"), "{text:?}");
+        assert!(conn.interim_owed.is_empty());
     }
 
     #[tokio::test]
