@@ -59,6 +59,8 @@ pub enum GatewayError {
     /// A stream used up what was left of its budget (sent as a final event, not a status).
     BudgetExceededMidStream,
     LimiterUnavailable,
+    /// The key's limit decisions are queued past the shared store's timeout.
+    LimiterBusy,
     /// The request bodies held at once reached `--max-buffered-body-bytes`.
     Overloaded,
     /// As many provider connections are open as the gateway may hold.
@@ -137,6 +139,9 @@ impl GatewayError {
             E::LimiterUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable", "server_error", "overloaded_error")
             }
+            E::LimiterBusy => {
+                (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_busy", "server_error", "overloaded_error")
+            }
             E::Overloaded | E::UpstreamBusy => {
                 (StatusCode::SERVICE_UNAVAILABLE, "gateway_overloaded", "server_error", "overloaded_error")
             }
@@ -200,6 +205,9 @@ impl GatewayError {
                 retry_after_ms.div_ceil(1000)
             ),
             E::LimiterUnavailable => "Limits cannot be checked right now; try again shortly.".to_owned(),
+            E::LimiterBusy => {
+                "Too many of this key's requests are waiting for a limit decision; try again shortly.".to_owned()
+            }
             E::Overloaded => {
                 "The gateway holds as many request bodies as it may at once; try again shortly.".to_owned()
             }

@@ -35,7 +35,7 @@ use portcullis_crds::v1alpha1::FailurePolicy;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use memory::MemoryStore;
-use redis_store::RedisStore;
+use redis_store::{RedisStore, Unanswered};
 use window::Exceeded;
 
 /// A source of wall-clock milliseconds, injectable for tests.
@@ -363,6 +363,9 @@ pub enum AdmitError {
     Refused(Refusal),
     /// The shared store is down and the policy is `closed`.
     Unavailable,
+    /// The shared store answers, but this key's decisions are queued past its timeout (a flood
+    /// of one key): refused whatever the policy, which is for a store that is down.
+    Busy,
 }
 
 impl Limiter {
@@ -449,7 +452,11 @@ impl Limiter {
         let decided = match &self.redis {
             Some(redis) if redis.is_healthy() => match redis.admit(&admission).await {
                 Ok(decision) => Some((decision, StoreUsed::Shared)),
-                Err(()) => None,
+                Err(Unanswered::Busy) => {
+                    self.metrics.rejections.with_label_values(&["store_busy"]).inc();
+                    return Err(AdmitError::Busy);
+                }
+                Err(Unanswered::Failed) => None,
             },
             _ => None,
         };
@@ -486,7 +493,8 @@ impl Limiter {
     pub fn admit_in_process(&self, admission: Admission) -> Result<Ticket, AdmitError> {
         debug_assert!(self.redis.is_none(), "with a shared store, admission goes through `admit`");
         // Replicas without a shared store each keep their own counts: each takes its share, so
-        // that together they never admit more than the key declares.
+        // that together they admit no more than the key declares. (Each takes at least 1: a
+        // limit below the replica count admits up to one per replica.)
         let decision = self.memory.admit(&admission, admission.at_ms, self.settings.replicas);
         self.ticket(admission, decision, StoreUsed::Local)
     }
@@ -609,7 +617,10 @@ impl Limiter {
     pub async fn auth_failed(&self, client: IpAddr) -> Option<u64> {
         let name = client.to_string();
         let s = &self.settings;
-        let (window_ms, backoff_ms) = (s.lockout_window.as_millis() as u64, s.lockout_backoff.as_millis() as u64);
+        // At least 1 ms: Redis refuses `PX 0` ("invalid expire time"), and a refused call would
+        // mark the store down for every key.
+        let (window_ms, backoff_ms) =
+            (s.lockout_window.as_millis().max(1) as u64, s.lockout_backoff.as_millis().max(1) as u64);
         let shared = match &self.redis {
             Some(redis) if redis.is_healthy() => {
                 redis.auth_failed(&name, s.lockout_threshold, window_ms, backoff_ms).await

@@ -298,6 +298,15 @@ struct SettleItem {
 /// granule, day used, month used, requests reset ms, tokens reset ms.
 type AdmitReply = slice::Reply;
 
+/// Why the shared store gave no decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The call failed or the store is down: the key's failure policy decides.
+    Failed,
+    /// The store answers, but this key's decisions are queued past the timeout: refused.
+    Busy,
+}
+
 #[derive(Debug)]
 pub struct RedisStore {
     shared: Arc<Shared>,
@@ -604,8 +613,7 @@ impl RedisStore {
         self.shared.healthy.load(Ordering::Relaxed)
     }
 
-    /// Waits for a batched answer, but never longer than the store's timeout: a request queued
-    /// behind a slow call falls back to the failure policy instead of stalling.
+    /// Waits for a batched answer, but never longer than the store's timeout.
     async fn answer<O>(&self, answer: impl std::future::Future<Output = Option<O>>) -> Result<O, ()> {
         match tokio::time::timeout(self.shared.timeout, answer).await {
             Ok(Some(value)) => Ok(value),
@@ -631,7 +639,12 @@ impl RedisStore {
 
     /// One subject's decision: from this replica's slice when it has room (no round trip),
     /// else through the lane's batched script call.
-    async fn admit_subject(&self, subject: &Subject, admission: &Admission, budgets: bool) -> Result<AdmitReply, ()> {
+    async fn admit_subject(
+        &self,
+        subject: &Subject,
+        admission: &Admission,
+        budgets: bool,
+    ) -> Result<AdmitReply, Unanswered> {
         let lane = AdmitLane {
             subject: subject.id.clone(),
             limits: lane_limits(&subject.limits, budgets),
@@ -650,7 +663,19 @@ impl RedisStore {
             month_ttl_ms: admission.period.month_reset_ms,
             sliced,
         };
-        self.answer(async { self.admits.submit(lane, item).await.flatten() }).await
+        // Each call fails within the timeout and marks the store down; an item waits for the
+        // call ahead of it and its own, so twice that tells a store that stopped answering
+        // (marked down by then) from a lane that is only queued deep.
+        match tokio::time::timeout(self.shared.timeout * 2, self.admits.submit(lane, item)).await {
+            Ok(Some(Some(reply))) => Ok(reply),
+            Ok(_) => Err(Unanswered::Failed),
+            // Queued behind this lane's earlier calls while the store answers: the key is
+            // flooded, not the store down. Its failure policy would let a flood of one key
+            // through unlimited (`open`), or add an in-process allowance to what the store
+            // counts (`local`): refused instead.
+            Err(_) if self.is_healthy() => Err(Unanswered::Busy),
+            Err(_) => Err(Unanswered::Failed),
+        }
     }
 
     fn refusal(reply: &AdmitReply, subject: &Subject, team: bool, period: Period) -> Refusal {
@@ -677,7 +702,7 @@ impl RedisStore {
         Refusal { which, limit: limit.unwrap_or(0), used: used.max(0) as u64, retry_after_ms }
     }
 
-    pub async fn admit(&self, admission: &Admission) -> Result<Decision, ()> {
+    pub async fn admit(&self, admission: &Admission) -> Result<Decision, Unanswered> {
         let mut team_granule = None;
         if let Some(team) = admission.team() {
             let reply = self.admit_subject(team, admission, false).await?;
@@ -688,9 +713,9 @@ impl RedisStore {
         }
         let reply = match self.admit_subject(admission.key(), admission, true).await {
             Ok(reply) => reply,
-            Err(()) => {
+            Err(unanswered) => {
                 self.refund_team(admission, team_granule).await;
-                return Err(());
+                return Err(unanswered);
             }
         };
         if reply[0] != 1 {

@@ -77,6 +77,7 @@ pub async fn admit_shared(
 fn admit_error(e: AdmitError, tokens: u64, now_ms: u64) -> GatewayError {
     match e {
         AdmitError::Unavailable => GatewayError::LimiterUnavailable,
+        AdmitError::Busy => GatewayError::LimiterBusy,
         AdmitError::Refused(refusal) => refused(refusal, tokens, now_ms),
     }
 }
