@@ -229,10 +229,11 @@ pub struct Chunked {
     /// The size being parsed, then the data left in the chunk.
     size: u64,
     /// Digits of the size seen so far (leading zeros too; saturating).
-    digits: u8,
+    digits: u16,
     line: usize,
-    /// Extension bytes in the whole body so far (see `MAX_EXTENSIONS`).
-    extensions: usize,
+    /// Extension bytes in the whole body so far (see `MAX_EXTENSIONS`); small, so the decoder
+    /// stays as small as it was without it.
+    extensions: u16,
     trailers: usize,
 }
 
@@ -254,12 +255,6 @@ impl Chunked {
                     self.line += 1;
                     if self.line > MAX_SIZE_LINE {
                         return Err(H1Error::ChunkSizeLineTooLong);
-                    }
-                    if matches!(self.state, ChunkState::SizeWs | ChunkState::Ext) {
-                        self.extensions += 1;
-                        if self.extensions > MAX_EXTENSIONS {
-                            return Err(H1Error::ChunkExtensionsTooLarge);
-                        }
                     }
                     self.size_line(b)?;
                 }
@@ -288,6 +283,15 @@ impl Chunked {
         Ok(())
     }
 
+    /// Counts one byte of extension (or of whitespace after a size) against `MAX_EXTENSIONS`.
+    fn extension_byte(&mut self, next: ChunkState) -> Result<ChunkState, H1Error> {
+        self.extensions += 1;
+        if usize::from(self.extensions) > MAX_EXTENSIONS {
+            return Err(H1Error::ChunkExtensionsTooLarge);
+        }
+        Ok(next)
+    }
+
     fn size_line(&mut self, b: u8) -> Result<(), H1Error> {
         self.state = match (self.state, b) {
             (ChunkState::Size, _) if b.is_ascii_hexdigit() => {
@@ -305,12 +309,13 @@ impl Chunked {
                 ChunkState::Size
             }
             (ChunkState::Size, _) if self.digits == 0 => return Err(H1Error::InvalidChunkSize),
-            (ChunkState::Size | ChunkState::SizeWs, b' ' | b'\t') => ChunkState::SizeWs,
-            (ChunkState::Size | ChunkState::SizeWs, b';') => ChunkState::Ext,
+            // Counted only here, off the path of a plain size line.
+            (ChunkState::Size | ChunkState::SizeWs, b' ' | b'\t') => self.extension_byte(ChunkState::SizeWs)?,
+            (ChunkState::Size | ChunkState::SizeWs, b';') => self.extension_byte(ChunkState::Ext)?,
             (ChunkState::Size | ChunkState::SizeWs | ChunkState::Ext, b'\r') => ChunkState::SizeLf,
             (ChunkState::Size | ChunkState::SizeWs, _) => return Err(H1Error::InvalidChunkSize),
             (ChunkState::Ext, b'\n') => return Err(H1Error::InvalidChunkExtension),
-            (ChunkState::Ext, _) => ChunkState::Ext,
+            (ChunkState::Ext, _) => self.extension_byte(ChunkState::Ext)?,
             (ChunkState::SizeLf, b'\n') if self.size == 0 => ChunkState::TrailerStart,
             (ChunkState::SizeLf, b'\n') => ChunkState::Data,
             _ => return Err(H1Error::InvalidChunkSize),
