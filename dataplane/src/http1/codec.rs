@@ -228,8 +228,8 @@ pub struct Chunked {
     state: ChunkState,
     /// The size being parsed, then the data left in the chunk.
     size: u64,
-    /// Digits of the size seen so far (leading zeros too; saturating).
-    digits: u16,
+    /// Whether the size line has had a digit yet (a size needs one; leading zeros are fine).
+    has_digit: bool,
     line: usize,
     /// Extension bytes in the whole body so far (see `MAX_EXTENSIONS`); small, so the decoder
     /// stays as small as it was without it.
@@ -299,7 +299,7 @@ impl Chunked {
                 if self.size > u64::MAX >> 4 {
                     return Err(H1Error::InvalidChunkSize);
                 }
-                self.digits = self.digits.saturating_add(1);
+                self.has_digit = true;
                 let digit = match b {
                     b'0'..=b'9' => b - b'0',
                     b'a'..=b'f' => b - b'a' + 10,
@@ -308,7 +308,7 @@ impl Chunked {
                 self.size = (self.size << 4) | u64::from(digit);
                 ChunkState::Size
             }
-            (ChunkState::Size, _) if self.digits == 0 => return Err(H1Error::InvalidChunkSize),
+            (ChunkState::Size, _) if !self.has_digit => return Err(H1Error::InvalidChunkSize),
             // Counted only here, off the path of a plain size line.
             (ChunkState::Size | ChunkState::SizeWs, b' ' | b'\t') => self.extension_byte(ChunkState::SizeWs)?,
             (ChunkState::Size | ChunkState::SizeWs, b';') => self.extension_byte(ChunkState::Ext)?,
@@ -450,7 +450,7 @@ mod tests {
                 assert!(expected(&error), "{:?}: {error:?}", String::from_utf8_lossy(input));
             }
         }
-        // Sixteen hex digits are the most a size may have; they must still fit.
+        // Sixteen significant hex digits are the most a size may have; they must still fit.
         let mut decoder = chunked();
         decode_pieces(&mut decoder, [&b"ffffffffffffffff\r\nab"[..]]).expect("a huge chunk begins");
         // Leading zeros do not count (1*HEXDIG): a size of 1 in twenty digits is a size of 1.
