@@ -287,3 +287,68 @@ async fn sliced_day_budget_is_spent_exactly() {
     let (_, _, day, _) = replicas[0].usage("ns/budget-sliced", period).await.expect("usage");
     assert_eq!(day, BUDGET, "the day's counter holds exactly what was admitted");
 }
+
+/// The granules a subject's tokens were recorded in, oldest first, and that list's key.
+async fn token_granules(connection: &mut redis::aio::MultiplexedConnection) -> (String, Vec<u64>) {
+    let lists: Vec<String> = redis::cmd("KEYS").arg("*:tkl").query_async(connection).await.expect("keys");
+    assert_eq!(lists.len(), 1, "one subject in this server: {lists:?}");
+    let granules: Vec<u64> =
+        redis::cmd("LRANGE").arg(&lists[0]).arg(0).arg(-1).query_async(connection).await.expect("lrange");
+    (lists[0].clone(), granules)
+}
+
+fn strictly_ascending(granules: &[u64]) -> bool {
+    granules.windows(2).all(|w| w[0] < w[1])
+}
+
+/// A granule whose reservations were all given back is still listed: a new reservation in it
+/// must not list it a second time (a refusal's Retry-After sums the listed granules, so it would
+/// count that one twice). And a granule newer than Redis's clock (one that ran ahead, or a
+/// failover to a replica behind it) takes the next reservations, so the list stays in order
+/// and settlements find their granule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granules_are_listed_once_and_in_order() {
+    let Some(redis) = start_redis() else { return };
+    let store = store(&redis).await;
+    let client = redis::Client::open(redis.url.as_str()).expect("client");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connection");
+    let limits = SubjectLimits { tokens_per_minute: Some(1000), ..Default::default() };
+    let a = admission("ns/granules", limits, 100);
+    let grant = |d: Decision| match d {
+        Decision::Granted(g) => g,
+        Decision::Refused(r) => panic!("refused: {r:?}"),
+    };
+
+    // Reserve, give it all back, reserve again: until both land in one 100 ms granule.
+    let mut reused = None;
+    for _ in 0..20 {
+        let first = grant(store.admit(&a).await.expect("answered"));
+        store.settle(&a, &first, -100).await;
+        let second = grant(store.admit(&a).await.expect("answered"));
+        if second.granule == first.granule {
+            reused = Some(second);
+            break;
+        }
+        store.settle(&a, &second, -100).await;
+    }
+    let reused = reused.expect("two reservations within one 100 ms granule in 20 tries");
+    let (list, granules) = token_granules(&mut connection).await;
+    assert!(strictly_ascending(&granules), "each granule listed once, in order: {granules:?}");
+    assert_eq!(granules.last(), Some(&reused.granule));
+
+    // A granule 5 s ahead of Redis's clock is the newest listed.
+    let ahead = reused.granule + 50;
+    let hash = list.trim_end_matches('l').to_owned();
+    let _: () = redis::cmd("RPUSH").arg(&list).arg(ahead).query_async(&mut connection).await.expect("rpush");
+    let _: () = redis::cmd("HSET").arg(&hash).arg(ahead).arg(0).query_async(&mut connection).await.expect("hset");
+    let third = grant(store.admit(&a).await.expect("answered"));
+    assert_eq!(third.granule, ahead, "recorded in the newest granule, not behind it");
+    let (_, granules) = token_granules(&mut connection).await;
+    assert!(strictly_ascending(&granules), "still in order: {granules:?}");
+    assert_eq!(granules.last(), Some(&ahead));
+
+    // Its settlement finds it: 100 + 100 reserved, 60 of the second given back.
+    store.settle(&a, &third, -60).await;
+    let (_, tokens, _, _) = store.usage("ns/granules", a.period).await.expect("usage");
+    assert_eq!(tokens, 140);
+}

@@ -17,6 +17,46 @@ const SHARDS: usize = 32;
 /// Entries untouched for this long are swept (longer than the longest window a count matters in
 /// besides budgets, which a memory store keeps only for the process's life anyway).
 const IDLE_SWEEP_MS: u64 = 3 * 24 * 3600 * 1000;
+/// A shard of counters is swept once it holds this many subjects (subjects come from the
+/// snapshot, so this is rarely reached).
+const COUNTERS_SWEEP_FROM: usize = 50_000;
+/// A shard of lockouts is swept of expired records once it holds this many addresses.
+const LOCKOUTS_SWEEP_FROM: usize = 4_096;
+/// At most this many addresses are tracked per shard (32 shards: about 500k addresses, some
+/// 40 MB). Past it, a new address's failures are not counted until a sweep frees room; the
+/// addresses already locked out stay locked out.
+const LOCKOUTS_MAX: usize = 16_384;
+/// Addresses tracked at most, all shards together.
+pub const LOCKOUTS_TRACKED: usize = LOCKOUTS_MAX * SHARDS;
+/// However full a shard stays, it is swept at most this often.
+const SWEEP_EVERY_MS: u64 = 1_000;
+
+/// A map swept of stale entries when it has grown past a mark. The mark then moves to twice what
+/// is left, and a sweep waits `SWEEP_EVERY_MS` after the last: however many entries stay live (a
+/// flood of failing addresses), sweeping costs amortized O(1) per insertion instead of a scan
+/// of the whole map per call.
+#[derive(Debug)]
+struct SweptMap<K, V> {
+    map: HashMap<K, V, RandomState>,
+    sweep_at: usize,
+    next_sweep_ms: u64,
+}
+
+impl<K: std::hash::Hash + Eq, V> SweptMap<K, V> {
+    fn new(sweep_from: usize) -> Self {
+        Self { map: HashMap::default(), sweep_at: sweep_from, next_sweep_ms: 0 }
+    }
+
+    /// Sweeps the entries `stale` picks when due; whether one more entry fits under `max`.
+    fn make_room(&mut self, now_ms: u64, sweep_from: usize, max: usize, mut stale: impl FnMut(&V) -> bool) -> bool {
+        if self.map.len() >= self.sweep_at && now_ms >= self.next_sweep_ms {
+            self.map.retain(|_, v| !stale(v));
+            self.sweep_at = self.map.len().saturating_mul(2).clamp(sweep_from, max);
+            self.next_sweep_ms = now_ms.saturating_add(SWEEP_EVERY_MS);
+        }
+        self.map.len() < max
+    }
+}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -28,11 +68,14 @@ struct Counters {
 }
 
 impl Counters {
+    /// The day's and month's spending, counters moved on to `period` first. They only move
+    /// forward: a request that read the clock just before midnight and takes the lock just after
+    /// another has started the new day is counted in the new day, instead of wiping it.
     fn budget_used(&mut self, period: Period) -> (u64, u64) {
-        if self.day.0 != period.day {
+        if self.day.0 < period.day {
             self.day = (period.day, 0);
         }
-        if self.month.0 != period.month {
+        if self.month.0 < period.month {
             self.month = (period.month, 0);
         }
         (self.day.1, self.month.1)
@@ -42,28 +85,36 @@ impl Counters {
 /// Failed authentications from one client address.
 #[derive(Debug, Default, Clone, Copy)]
 struct AuthFailures {
-    window_start_ms: u64,
+    /// When the failures counted so far stop counting.
+    window_end_ms: u64,
     failures: u64,
     locked_until_ms: u64,
 }
 
+impl AuthFailures {
+    fn stale(&self, now_ms: u64) -> bool {
+        self.locked_until_ms <= now_ms && self.window_end_ms <= now_ms
+    }
+}
+
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Vec<Mutex<HashMap<Arc<str>, Counters, RandomState>>>,
+    shards: Vec<Mutex<SweptMap<Arc<str>, Counters>>>,
     hasher: RandomState,
-    /// Keyed by address, not its text: checked on every request.
-    lockouts: Mutex<HashMap<IpAddr, AuthFailures, RandomState>>,
-    /// How many addresses `lockouts` holds, stored under its lock: while none has failed, the
-    /// check on every request reads this instead of taking the lock.
-    lockout_entries: AtomicUsize,
+    /// Keyed by address, not its text: checked on every request. Sharded like the counters, so
+    /// that while some address has failed, requests do not all take one lock.
+    lockouts: Vec<Mutex<SweptMap<IpAddr, AuthFailures>>>,
+    /// How many addresses `lockouts` holds, changed under a shard's lock: while none has
+    /// failed, the check on every request reads this instead of taking a lock.
+    pub(super) lockout_entries: AtomicUsize,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(COUNTERS_SWEEP_FROM))).collect(),
             hasher: RandomState::default(),
-            lockouts: Mutex::new(HashMap::default()),
+            lockouts: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(LOCKOUTS_SWEEP_FROM))).collect(),
             lockout_entries: AtomicUsize::new(0),
         }
     }
@@ -80,16 +131,14 @@ fn scaled(limit: Option<u64>, divisor: u64) -> Option<u64> {
 impl MemoryStore {
     fn with<R>(&self, subject: &str, now_ms: u64, f: impl FnOnce(&mut Counters) -> R) -> R {
         let shard = (self.hasher.hash_one(subject) as usize) % SHARDS;
-        let mut map = self.shards[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if map.len() > 50_000 {
-            map.retain(|_, c| c.touched_ms + IDLE_SWEEP_MS > now_ms);
-        }
+        let mut shard = self.shards[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Look up before inserting so the common case allocates nothing.
-        if let Some(counters) = map.get_mut(subject) {
+        if let Some(counters) = shard.map.get_mut(subject) {
             counters.touched_ms = now_ms;
             return f(counters);
         }
-        let counters = map.entry(Arc::from(subject)).or_default();
+        shard.make_room(now_ms, COUNTERS_SWEEP_FROM, usize::MAX, |c| c.touched_ms + IDLE_SWEEP_MS <= now_ms);
+        let counters = shard.map.entry(Arc::from(subject)).or_default();
         counters.touched_ms = now_ms;
         f(counters)
     }
@@ -111,28 +160,29 @@ impl MemoryStore {
         let team = admission.team().map(|team| {
             (team, scaled(team.limits.requests_per_minute, divisor), scaled(team.limits.tokens_per_minute, divisor))
         });
+        // The granules the team's request and tokens went into (not always the clock's: see
+        // `SlidingWindow::add`), to give them back or settle them there.
+        let current = now_ms / super::window::GRANULE_MS;
+        let mut team_granules = (current, current);
         if let Some((team, rpm, tpm)) = team {
-            let refusal = self.with(&team.id, now_ms, |c| {
+            let recorded = self.with(&team.id, now_ms, |c| {
                 if let Some(limit) = rpm {
                     if let Err(e) = c.requests.check(now_ms, 1, limit) {
-                        return Some(Refusal::window(Which::TeamRequests, limit, e));
+                        return Err(Refusal::window(Which::TeamRequests, limit, e));
                     }
                 }
                 if let Some(limit) = tpm {
                     if let Err(e) = c.tokens.check(now_ms, cost, limit) {
-                        return Some(Refusal::window(Which::TeamTokens, limit, e));
+                        return Err(Refusal::window(Which::TeamTokens, limit, e));
                     }
                 }
-                if rpm.is_some() {
-                    c.requests.add(now_ms, 1);
-                }
-                if tpm.is_some() {
-                    c.tokens.add(now_ms, cost);
-                }
-                None
+                let requests = rpm.map_or(current, |_| c.requests.add(now_ms, 1));
+                let tokens = tpm.map_or(current, |_| c.tokens.add(now_ms, cost));
+                Ok((requests, tokens))
             });
-            if let Some(refusal) = refusal {
-                return Decision::Refused(refusal);
+            match recorded {
+                Ok(granules) => team_granules = granules,
+                Err(refusal) => return Decision::Refused(refusal),
             }
         }
         let decision = self.with(&key.id, now_ms, |c| {
@@ -162,8 +212,10 @@ impl MemoryStore {
             c.day.1 += cost;
             c.month.1 += cost;
             Decision::Granted(Granted {
-                granule: granule.unwrap_or(now_ms / super::window::GRANULE_MS),
-                team_granule: now_ms / super::window::GRANULE_MS,
+                granule: granule.unwrap_or(current),
+                team_granule: team_granules.1,
+                budget_day: c.day.0,
+                budget_month: c.month.0,
                 requests_used: requests_total.unwrap_or(0),
                 tokens_used: tokens_total.unwrap_or(0),
                 requests_reset_ms: c.requests.reset_after_ms(now_ms),
@@ -172,35 +224,35 @@ impl MemoryStore {
             })
         });
         if let (Decision::Refused(_), Some((team, rpm, tpm))) = (&decision, team) {
-            let granule = now_ms / super::window::GRANULE_MS;
+            let (requests, tokens) = team_granules;
             self.with(&team.id, now_ms, |c| {
                 if rpm.is_some() {
-                    c.requests.adjust(now_ms, granule, -1);
+                    c.requests.adjust(now_ms, requests, -1);
                 }
                 if tpm.is_some() {
-                    c.tokens.adjust(now_ms, granule, -(cost as i64));
+                    c.tokens.adjust(now_ms, tokens, -(cost as i64));
                 }
             });
         }
         decision
     }
 
-    /// Applies the difference between reserved and actual tokens.
-    pub fn settle(&self, admission: &Admission, granule: u64, delta: i64, now_ms: u64) {
-        let apply = |c: &mut Counters, budgets: bool| {
-            c.tokens.adjust(now_ms, granule, delta);
-            if budgets {
-                if c.day.0 == admission.period.day {
-                    c.day.1 = (c.day.1 as i64 + delta).max(0) as u64;
-                }
-                if c.month.0 == admission.period.month {
-                    c.month.1 = (c.month.1 as i64 + delta).max(0) as u64;
-                }
+    /// Applies the difference between reserved and actual tokens, in the granules `granted`
+    /// recorded them in.
+    pub fn settle(&self, admission: &Admission, granted: &Granted, delta: i64, now_ms: u64) {
+        self.with(&admission.key().id, now_ms, |c| {
+            c.tokens.adjust(now_ms, granted.granule, delta);
+            // To the day and month the budgets were charged to; one that has ended since keeps
+            // what it was charged.
+            if c.day.0 == granted.budget_day {
+                c.day.1 = (c.day.1 as i64 + delta).max(0) as u64;
             }
-        };
-        self.with(&admission.key().id, now_ms, |c| apply(c, true));
+            if c.month.0 == granted.budget_month {
+                c.month.1 = (c.month.1 as i64 + delta).max(0) as u64;
+            }
+        });
         if let Some(team) = admission.team() {
-            self.with(&team.id, now_ms, |c| apply(c, false));
+            self.with(&team.id, now_ms, |c| c.tokens.adjust(now_ms, granted.team_granule, delta));
         }
     }
 
@@ -212,19 +264,45 @@ impl MemoryStore {
         })
     }
 
+    fn lockout_shard(&self, client: &IpAddr) -> std::sync::MutexGuard<'_, SweptMap<IpAddr, AuthFailures>> {
+        let shard = (self.hasher.hash_one(client) as usize) % SHARDS;
+        self.lockouts[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Remaining lockout for `client`, if any. The clock is read only for an address with a
     /// record (this runs on every request).
     pub fn locked(&self, client: IpAddr, now_ms: impl FnOnce() -> u64) -> Option<u64> {
         if self.lockout_entries.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
-        let until = map.get(&client)?.locked_until_ms;
+        let until = self.lockout_shard(&client).map.get(&client)?.locked_until_ms;
         let now_ms = now_ms();
         (until > now_ms).then(|| until - now_ms)
     }
 
+    /// Runs `f` on `client`'s record, made if there is room (None if not), and keeps
+    /// `lockout_entries` in step.
+    fn with_record<R>(&self, client: IpAddr, now_ms: u64, f: impl FnOnce(&mut AuthFailures) -> R) -> Option<R> {
+        let mut shard = self.lockout_shard(&client);
+        let before = shard.map.len();
+        if !shard.map.contains_key(&client)
+            && !shard.make_room(now_ms, LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX, |f| f.stale(now_ms))
+        {
+            self.lockout_entries.fetch_sub(before - shard.map.len(), Ordering::AcqRel);
+            return None;
+        }
+        let result = f(shard.map.entry(client).or_default());
+        let after = shard.map.len();
+        if after >= before {
+            self.lockout_entries.fetch_add(after - before, Ordering::AcqRel);
+        } else {
+            self.lockout_entries.fetch_sub(before - after, Ordering::AcqRel);
+        }
+        Some(result)
+    }
+
     /// Records a failed authentication; returns the lockout when this one reached the threshold.
+    /// An address that finds every record in use (a flood from ~500k addresses) is not counted.
     pub fn auth_failed(
         &self,
         client: IpAddr,
@@ -233,34 +311,28 @@ impl MemoryStore {
         window_ms: u64,
         backoff_ms: u64,
     ) -> Option<u64> {
-        let mut map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            map.retain(|_, f| f.locked_until_ms > now_ms || f.window_start_ms + window_ms > now_ms);
-        }
-        let entries = map.len() + usize::from(!map.contains_key(&client));
-        self.lockout_entries.store(entries, Ordering::Release);
-        let entry = map.entry(client).or_default();
-        if entry.locked_until_ms > now_ms {
-            return Some(entry.locked_until_ms - now_ms);
-        }
-        if now_ms.saturating_sub(entry.window_start_ms) >= window_ms {
-            *entry = AuthFailures { window_start_ms: now_ms, failures: 0, locked_until_ms: 0 };
-        }
-        entry.failures += 1;
-        if entry.failures >= threshold {
-            *entry = AuthFailures { window_start_ms: now_ms, failures: 0, locked_until_ms: now_ms + backoff_ms };
-            return Some(backoff_ms);
-        }
-        None
+        let window_end_ms = now_ms.saturating_add(window_ms);
+        self.with_record(client, now_ms, |entry| {
+            if entry.locked_until_ms > now_ms {
+                return Some(entry.locked_until_ms - now_ms);
+            }
+            if now_ms >= entry.window_end_ms {
+                *entry = AuthFailures { window_end_ms, failures: 0, locked_until_ms: 0 };
+            }
+            entry.failures += 1;
+            if entry.failures >= threshold {
+                *entry = AuthFailures { window_end_ms, failures: 0, locked_until_ms: now_ms + backoff_ms };
+                return Some(backoff_ms);
+            }
+            None
+        })
+        .flatten()
     }
 
     /// Stores a lockout learned from the shared store.
     pub fn remember_lockout(&self, client: IpAddr, now_ms: u64, remaining_ms: u64) {
-        let mut map = self.lockouts.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(
-            client,
-            AuthFailures { window_start_ms: now_ms, failures: 0, locked_until_ms: now_ms + remaining_ms },
-        );
-        self.lockout_entries.store(map.len(), Ordering::Release);
+        self.with_record(client, now_ms, |entry| {
+            *entry = AuthFailures { window_end_ms: now_ms, failures: 0, locked_until_ms: now_ms + remaining_ms };
+        });
     }
 }

@@ -248,6 +248,9 @@ pub struct Granted {
     pub team_granule: u64,
     /// Tokens this request may still use before a budget runs out (before its reservation).
     pub budget_remaining: Option<u64>,
+    /// Day and month (as in [`Period`]) the budgets were charged to.
+    pub budget_day: u32,
+    pub budget_month: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,6 +479,8 @@ impl Limiter {
                         tokens_reset_ms: 0,
                         team_granule: 0,
                         budget_remaining: None,
+                        budget_day: admission.period.day,
+                        budget_month: admission.period.month,
                     };
                     (Decision::Granted(granted), StoreUsed::Unlimited)
                 }
@@ -525,7 +530,7 @@ impl Limiter {
                 self.redis.as_ref().is_some_and(|r| r.settle_deferred(&ticket.admission, &ticket.granted, delta))
             }
             StoreUsed::Local => {
-                self.memory.settle(&ticket.admission, ticket.granted.granule, delta, now_ms());
+                self.memory.settle(&ticket.admission, &ticket.granted, delta, now_ms());
                 true
             }
             StoreUsed::Unlimited => true,
@@ -575,13 +580,14 @@ impl Limiter {
 
     /// Remaining lockout known to this replica, without asking the shared store.
     pub fn locked_locally(&self, client: IpAddr) -> Option<u64> {
-        self.memory.locked(client, || self.now_ms())
+        self.memory.locked(lockout_subject(client), || self.now_ms())
     }
 
     /// Remaining lockout according to the shared store: remembered locally when found, and an
     /// address found not locked out is not asked about again for `LOCKOUT_RECHECK_MS`.
     pub async fn locked_shared(&self, client: IpAddr) -> Option<u64> {
         let redis = self.redis.as_ref().filter(|r| r.is_healthy())?;
+        let client = lockout_subject(client);
         let now = self.now_ms();
         let recently_unlocked = |unlocked: &HashMap<_, u64, _>| unlocked.get(&client).is_some_and(|&until| now < until);
         if recently_unlocked(&self.unlocked.lock().unwrap_or_else(|p| p.into_inner())) {
@@ -615,6 +621,7 @@ impl Limiter {
 
     /// Records a failed authentication from `client`; returns the lockout if one began.
     pub async fn auth_failed(&self, client: IpAddr) -> Option<u64> {
+        let client = lockout_subject(client);
         let name = client.to_string();
         let s = &self.settings;
         // At least 1 ms: Redis refuses `PX 0` ("invalid expire time"), and a refused call would
@@ -653,6 +660,19 @@ impl Limiter {
         }
         let (r, t, d, m) = self.memory.usage(subject, now, period);
         (r, t, d, m, "local")
+    }
+}
+
+/// What failed authentications are counted against: an IPv4 address (IPv4-mapped ones
+/// included) as it is, an IPv6 address by its /64, the block a single host or site is given:
+/// counted per address, a client holding a /64 would have 2^64 addresses to try from.
+pub fn lockout_subject(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -740,6 +760,56 @@ mod tests {
         // The next UTC day starts fresh.
         clock.0.fetch_add(24 * 3600 * 1000, Ordering::Relaxed);
         l.admit(admission(&l, None, None, Some(100), 1)).await.expect("new day");
+    }
+
+    /// Threads read the clock before they take a shard's lock, so a request can reach the
+    /// in-process store after one that read the clock later. Around midnight the late one must
+    /// not wipe the new day's spending, and its settlement must reach the day it was charged to;
+    /// its team reservation must be given back or settled where it was recorded.
+    #[test]
+    fn a_request_that_read_the_clock_earlier_but_arrives_later_is_counted_and_settled() {
+        let midnight = 1_700_006_400_000; // a UTC midnight (1_700_006_400 = 19_676 days)
+        let clock = Arc::new(FixedClock(AtomicU64::new(midnight)));
+        let l = limiter(clock.clone());
+        let team = Subject {
+            id: "ns/team".into(),
+            limits: SubjectLimits { tokens_per_minute: Some(100_000), ..Default::default() },
+        };
+        let key = |day: Option<u64>| Subject {
+            id: "ns/k".into(),
+            limits: SubjectLimits { tokens_per_day: day, tokens_per_minute: Some(10_000), ..Default::default() },
+        };
+        let at = |ms: u64, day: Option<u64>, tokens: u64| Admission {
+            limits: Arc::new(KeyLimits { key: key(day), team: Some(team.clone()), failure_policy: None }),
+            tokens,
+            at_ms: ms,
+            period: Period::at(ms),
+            policy: FailurePolicy::Local,
+        };
+        let granted = |d: Decision| match d {
+            Decision::Granted(g) => g,
+            Decision::Refused(r) => panic!("refused: {r:?}"),
+        };
+        // 300 tokens spent in the new day, then one that read the clock 50 ms before midnight.
+        let today = at(midnight + 200, Some(1_000), 300);
+        granted(l.memory.admit(&today, midnight + 200, 1));
+        let late = at(midnight - 50, Some(1_000), 100);
+        let late_grant = granted(l.memory.admit(&late, midnight - 50, 1));
+        assert_eq!(late_grant.budget_remaining, Some(700), "the new day's 300 still count");
+        assert_eq!(late_grant.budget_day, today.period.day, "charged to the day the counter is on");
+        assert_eq!(late_grant.granule, (midnight + 200) / window::GRANULE_MS, "and the newest granule");
+        assert_eq!(late_grant.team_granule, late_grant.granule);
+        // It used 40 of its 100: the day and both windows get 60 back.
+        l.memory.settle(&late, &late_grant, -60, midnight + 300);
+        let (_, tokens, day, _) = l.memory.usage("ns/k", midnight + 300, today.period);
+        assert_eq!((tokens, day), (340, 340));
+        let (_, team_tokens, _, _) = l.memory.usage("ns/team", midnight + 300, today.period);
+        assert_eq!(team_tokens, 340);
+        // A late request the team admits and the key refuses gives the team its tokens back.
+        let refused = l.memory.admit(&at(midnight - 20, Some(1_000), 20_000), midnight - 20, 1);
+        assert!(matches!(refused, Decision::Refused(Refusal { which: Which::Tokens, .. })), "{refused:?}");
+        let (_, team_tokens, _, _) = l.memory.usage("ns/team", midnight + 300, today.period);
+        assert_eq!(team_tokens, 340, "the refused request's team reservation was given back");
     }
 
     /// Under the `local` policy each of N replicas enforces 1/N of every limit, budgets included
@@ -858,6 +928,55 @@ mod tests {
         assert!(fresh.locked_locally(other).is_none());
         fresh.memory.remember_lockout(other, clock.now_ms(), 5_000);
         assert_eq!(fresh.locked_locally(other), Some(5_000));
+    }
+
+    /// IPv6 clients are counted by their /64 (one host or site holds a whole /64, so counting
+    /// per address would give it 2^64 tries); an IPv4-mapped address counts as its IPv4 one.
+    #[tokio::test]
+    async fn an_ipv6_client_is_locked_out_by_its_slash_64() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(l.auth_failed(ip("2001:db8:1:2::1")).await, None);
+        assert_eq!(l.auth_failed(ip("2001:db8:1:2:ffff::9")).await, None);
+        assert_eq!(l.auth_failed(ip("2001:db8:1:2:abcd:1234:5678:9abc")).await, Some(30_000));
+        assert!(l.locked_locally(ip("2001:db8:1:2::77")).is_some(), "the whole /64");
+        assert!(l.locked_locally(ip("2001:db8:1:3::1")).is_none(), "not the next one");
+        assert_eq!(lockout_subject(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(lockout_subject(ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(lockout_subject(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+    }
+
+    /// A flood of failures from more addresses than are tracked: the records stay bounded,
+    /// every call stays cheap (no scan of the whole map per call), a lockout already in force
+    /// stays in force, and once the flood's windows end, new addresses are counted again.
+    #[test]
+    fn failures_from_a_flood_of_addresses_are_tracked_within_bounds() {
+        let clock = Arc::new(FixedClock(AtomicU64::new(1_700_000_000_000)));
+        let l = limiter(clock.clone());
+        let memory = &l.memory;
+        let (window, backoff) = (60_000, 600_000);
+        let locked: IpAddr = "198.51.100.1".parse().expect("ip");
+        let now = clock.now_ms();
+        assert_eq!(memory.auth_failed(locked, now, 1, window, backoff), Some(backoff));
+        let flood = 700_000u32;
+        let started = std::time::Instant::now();
+        for i in 0..flood {
+            // One failure each, 100 per millisecond.
+            let at = now + u64::from(i) / 100;
+            memory.auth_failed(IpAddr::V4((0x0a00_0000 + i).into()), at, 3, window, backoff);
+        }
+        let took = started.elapsed();
+        let tracked = memory.lockout_entries.load(Ordering::Relaxed);
+        assert!(tracked <= memory::LOCKOUTS_TRACKED, "{tracked} records");
+        assert!(tracked >= memory::LOCKOUTS_TRACKED / 2, "{tracked} records: the bound is used");
+        assert!(memory.locked(locked, || now + 10_000).is_some(), "the lockout in force stays");
+        eprintln!("{flood} failures in {took:?}, {tracked} tracked");
+        // After the flood's windows have ended, a new address is counted (and locked out).
+        let later = now + u64::from(flood) / 100 + window + 1;
+        let fresh: IpAddr = "203.0.113.5".parse().expect("ip");
+        assert_eq!(memory.auth_failed(fresh, later, 1, window, backoff), Some(backoff));
+        assert!(memory.lockout_entries.load(Ordering::Relaxed) < tracked, "the stale records were swept");
     }
 
     #[test]

@@ -62,8 +62,18 @@ local function retry_after(h, l, total, cost, limit)
   end
   return N * G
 end
+-- Never record behind the newest granule: Redis's clock can step back (NTP, a failover to a
+-- replica), and the granules must stay in order for `expire` and for settlements to find theirs.
+-- The lists' tails also say whether `cur` is listed yet (a granule settled down to 0 still is).
+local tails = {}
+for _, l in ipairs({KEYS[2], KEYS[4]}) do
+  local tail = redis.call('LINDEX', l, -1)
+  tails[l] = tail and tonumber(tail) or -1
+  if tails[l] > cur then cur = tails[l] end
+end
 local function add(h, l, c)
-  if redis.call('HINCRBY', h, cur, c) == c then redis.call('RPUSH', l, cur) end
+  if tails[l] ~= cur then redis.call('RPUSH', l, cur); tails[l] = cur end
+  redis.call('HINCRBY', h, cur, c)
   redis.call('HINCRBY', h, 't', c)
 end
 local rpm = tonumber(ARGV[3])
@@ -731,6 +741,9 @@ impl RedisStore {
             tokens_reset_ms: as_u64(reply[9]),
             team_granule: team_granule.unwrap_or(as_u64(reply[5])),
             budget_remaining: super::budget_remaining(&admission.key().limits, as_u64(reply[6]), as_u64(reply[7])),
+            // The script charges the counters named after the admission's period.
+            budget_day: admission.period.day,
+            budget_month: admission.period.month,
         }))
     }
 

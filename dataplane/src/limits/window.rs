@@ -73,15 +73,24 @@ impl SlidingWindow {
         Err(Exceeded { retry_after_ms: WINDOW_MS, total: self.total })
     }
 
-    /// Records `cost` in the current granule; returns that granule for later adjustment.
+    /// Records `cost` in the current granule; returns the granule it went into, for later
+    /// adjustment. A reading older than the newest granule (threads read the clock before they
+    /// take the lock, so they can arrive out of order; a wall clock can step back) is recorded in
+    /// that newest granule: granules stay in ascending order, which `expire` and `adjust` rely
+    /// on, and the cost is counted slightly later than it happened, never dropped.
     pub fn add(&mut self, now_ms: u64, cost: u64) -> u64 {
         let current = now_ms / GRANULE_MS;
-        match self.granules.back_mut() {
-            Some((granule, count)) if *granule == current => *count += cost,
-            _ => self.granules.push_back((current, cost)),
-        }
         self.total += cost;
-        current
+        match self.granules.back_mut() {
+            Some((granule, count)) if *granule >= current => {
+                *count += cost;
+                *granule
+            }
+            _ => {
+                self.granules.push_back((current, cost));
+                current
+            }
+        }
     }
 
     /// Corrects a reservation made in `granule` by `delta` (refund or charge). A granule that has
@@ -187,6 +196,24 @@ mod tests {
         // A granule that was never recorded changes nothing.
         w.adjust(now, granules[1] + 1, 1_000);
         assert_eq!(w.total(now) as i64, before as i64 + expected);
+    }
+
+    #[test]
+    fn a_late_reading_is_recorded_in_the_newest_granule_and_can_be_refunded() {
+        let mut w = SlidingWindow::default();
+        let newest = w.add(T0 + 1_000, 100);
+        // A thread that read the clock 500 ms earlier takes the lock second.
+        let late = w.add(T0 + 500, 40);
+        assert_eq!(late, newest, "recorded where the granules stay in order");
+        let after = w.add(T0 + 1_200, 1);
+        assert!(after > newest);
+        assert_eq!(w.total(T0 + 1_200), 141);
+        // Both reservations are found again and refunded.
+        w.adjust(T0 + 1_300, late, -40);
+        w.adjust(T0 + 1_300, newest, -100);
+        assert_eq!(w.total(T0 + 1_300), 1);
+        // And everything leaves the window on time.
+        assert_eq!(w.total(T0 + 1_200 + WINDOW_MS + GRANULE_MS), 0);
     }
 
     #[test]

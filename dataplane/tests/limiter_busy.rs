@@ -1,0 +1,236 @@
+//! The shared store answering slowly is not the shared store being down. A flood of one key
+//! queues its decisions behind the lane's earlier script calls; those queued past twice the
+//! store's timeout are refused (`rate_limiter_busy`), whatever the key's failure policy, since
+//! that policy (here `open`) is for a store that is down and would let the flood through
+//! unlimited. A store that stops answering still gets the policy.
+//!
+//! The store is a fake Redis on a loopback port that speaks just enough RESP for the client and
+//! answers every script call after a fixed delay, admitting everything: the queueing, not
+//! Redis's arithmetic, is under test (`redis_batch.rs` covers that against a real Redis).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis_crds::v1alpha1::FailurePolicy;
+use portcullis_dataplane::limits::{
+    AdmitError, KeyLimits, Limiter, LimiterMetrics, LimiterSettings, Subject, SubjectLimits, SystemClock,
+};
+use prometheus::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Each script call is answered after this long (a single connection answers in order, as
+/// Redis does).
+const SCRIPT_DELAY: Duration = Duration::from_millis(400);
+/// The store's timeout: every call is answered well within it.
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Requests of one key sent at once: one call of 1, then calls of 128 (the batch limit) each
+/// `SCRIPT_DELAY` after the last, so the later ones would wait past `2 * TIMEOUT`.
+const FLOOD: usize = 1 + 128 * 6;
+
+struct FakeRedis {
+    port: u16,
+    /// While false, nothing is answered any more (a store that stopped, not a slow one).
+    answering: Arc<AtomicBool>,
+}
+
+impl FakeRedis {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let answering = Arc::new(AtomicBool::new(true));
+        let flag = answering.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, flag.clone()));
+            }
+        });
+        Self { port, answering }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// One command: `*N` then N bulk strings. None until the buffer holds a whole one.
+fn parse_command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = buf.get(at..)?.windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&buf[at..end], end + 2))
+    }
+    let (head, mut at) = line(buf, 0)?;
+    assert_eq!(head.first(), Some(&b'*'), "the client sends arrays");
+    let n: usize = std::str::from_utf8(&head[1..]).ok()?.parse().ok()?;
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, next) = line(buf, at)?;
+        assert_eq!(len.first(), Some(&b'$'), "of bulk strings");
+        let len: usize = std::str::from_utf8(&len[1..]).ok()?.parse().ok()?;
+        let part = buf.get(next..next + len)?;
+        parts.push(part.to_vec());
+        at = next + len + 2;
+        if buf.len() < at {
+            return None;
+        }
+    }
+    Some((parts, at))
+}
+
+/// The admit script's reply: ten numbers per request (all admitted), then ten for the slice
+/// (none granted).
+fn admit_reply(command: &[Vec<u8>]) -> Vec<u8> {
+    let number = |i: usize| -> usize { std::str::from_utf8(&command[i]).unwrap().parse().unwrap() };
+    let keys = number(2);
+    let costs = command.len() - 3 - keys - 10;
+    let granule = (chrono::Utc::now().timestamp_millis() / 100) as usize;
+    let mut values: Vec<usize> = Vec::new();
+    for i in 0..costs {
+        values.extend([1, 0, 0, i + 1, 0, granule, 0, 0, 60_000, 60_000]);
+    }
+    values.extend([0, 0, 100, costs, 0, 0, 0, 60_000, 60_000, granule]);
+    let mut out = format!("*{}\r\n", values.len()).into_bytes();
+    for v in values {
+        out.extend(format!(":{v}\r\n").as_bytes());
+    }
+    out
+}
+
+async fn serve(mut stream: TcpStream, answering: Arc<AtomicBool>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        while let Some((command, used)) = parse_command(&buf) {
+            buf.drain(..used);
+            if !answering.load(Ordering::SeqCst) {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&command[0]).to_ascii_uppercase();
+            let reply = match name.as_str() {
+                "PING" => b"+PONG\r\n".to_vec(),
+                "EVALSHA" | "EVAL" => {
+                    tokio::time::sleep(SCRIPT_DELAY).await;
+                    if !answering.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    admit_reply(&command)
+                }
+                // CLIENT SETINFO and the like at connection setup.
+                _ => b"+OK\r\n".to_vec(),
+            };
+            if stream.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn limiter(store: &FakeRedis, policy: FailurePolicy) -> (Arc<Limiter>, Registry) {
+    let registry = Registry::new();
+    let settings = LimiterSettings {
+        default_policy: policy,
+        replicas: 1,
+        redis_url: Some(store.url()),
+        redis_timeout: TIMEOUT,
+        lockout_threshold: 10,
+        lockout_window: Duration::from_secs(60),
+        lockout_backoff: Duration::from_secs(60),
+        trusted_proxies: Vec::new(),
+        default_output_tokens: 100,
+    };
+    let metrics = LimiterMetrics::register(&registry).expect("metrics");
+    let limiter = Limiter::new(settings, Arc::new(SystemClock), metrics).expect("limiter");
+    limiter.spawn_health_probe();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limiter.mode_name(policy) != "shared" {
+        assert!(Instant::now() < deadline, "the fake store never answered the health probe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (limiter, registry)
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Outcomes {
+    admitted: usize,
+    busy: usize,
+    unavailable: usize,
+}
+
+/// Sends `FLOOD` admissions of one key at once.
+async fn flood(limiter: &Arc<Limiter>) -> Outcomes {
+    let limits = Arc::new(KeyLimits {
+        key: Subject {
+            id: "ns/flooded".into(),
+            limits: SubjectLimits { requests_per_minute: Some(100), ..Default::default() },
+        },
+        team: None,
+        failure_policy: None,
+    });
+    let tasks: Vec<_> = (0..FLOOD)
+        .map(|_| {
+            let (limiter, limits) = (limiter.clone(), limits.clone());
+            tokio::spawn(async move {
+                let admission = limiter.admission_at(&limits, 1, limiter.now_ms());
+                limiter.admit(admission).await
+            })
+        })
+        .collect();
+    let mut out = Outcomes::default();
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => out.admitted += 1,
+            Err(AdmitError::Busy) => out.busy += 1,
+            Err(AdmitError::Unavailable) => out.unavailable += 1,
+            Err(AdmitError::Refused(r)) => panic!("the fake store refuses nothing: {r:?}"),
+        }
+    }
+    out
+}
+
+fn rejections(registry: &Registry, reason: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "portcullis_limit_rejections_total")
+        .flat_map(|family| family.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == reason))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_queued_past_the_timeout_is_refused_not_let_through_by_the_open_policy() {
+    let store = FakeRedis::start().await;
+    let (limiter, registry) = limiter(&store, FailurePolicy::Open).await;
+    let started = Instant::now();
+    let out = flood(&limiter).await;
+    let took = started.elapsed();
+    eprintln!("{out:?} in {took:?}");
+    // Calls end at 0.4, 0.8, 1.2, 1.6, 2.0 s...: what was decided within 2 s was admitted, the
+    // rest refused as busy. Nothing went to the open policy: the store answered every call.
+    assert!(out.busy > 0, "nothing was refused as busy: {out:?}");
+    assert!(out.admitted > 0, "the first calls' requests were decided: {out:?}");
+    assert_eq!(out.unavailable, 0);
+    assert_eq!(limiter.mode_name(FailurePolicy::Open), "shared", "a slow store is not marked down");
+    assert_eq!(rejections(&registry, "store_busy"), out.busy as u64);
+    // The open policy admits without counting: every admission here went through the store.
+    assert!(out.admitted <= 1 + 128 * 5, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_gets_the_failure_policy_not_busy() {
+    let store = FakeRedis::start().await;
+    let (limiter, registry) = limiter(&store, FailurePolicy::Closed).await;
+    store.answering.store(false, Ordering::SeqCst);
+    let out = flood(&limiter).await;
+    eprintln!("{out:?}");
+    assert_eq!(out, Outcomes { admitted: 0, busy: 0, unavailable: FLOOD }, "every request gets the closed policy");
+    assert_eq!(rejections(&registry, "store_busy"), 0);
+    assert_eq!(limiter.mode_name(FailurePolicy::Closed), "closed");
+}
