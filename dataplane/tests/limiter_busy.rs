@@ -6,10 +6,12 @@
 //!
 //! The store is a fake Redis on a loopback port that speaks just enough RESP for the client and
 //! answers every script call after a fixed delay, admitting everything: the queueing, not
-//! Redis's arithmetic, is under test (`redis_batch.rs` covers that against a real Redis).
+//! Redis's arithmetic, is under test (`redis_batch.rs` covers that against a real Redis). It
+//! also sums the settlements it is sent: what it admitted after the request stopped waiting
+//! must come back.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,31 +25,41 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Each script call is answered after this long (a single connection answers in order, as
 /// Redis does).
-const SCRIPT_DELAY: Duration = Duration::from_millis(400);
+const SCRIPT_DELAY: Duration = Duration::from_millis(450);
 /// The store's timeout: every call is answered well within it.
 const TIMEOUT: Duration = Duration::from_secs(1);
-/// Requests of one key sent at once: one call of 1, then calls of 128 (the batch limit) each
-/// `SCRIPT_DELAY` after the last, so the later ones would wait past `2 * TIMEOUT`.
+/// Requests of one key sent at once: calls of up to 128 (the batch limit) each `SCRIPT_DELAY`
+/// after the last, so the later ones would wait past `2 * TIMEOUT`, and one call is out when
+/// they stop waiting (0.45, 0.9, 1.35, 1.8, 2.25 s...).
 const FLOOD: usize = 1 + 128 * 6;
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// While false, nothing is answered any more (a store that stopped, not a slow one).
+    answering: AtomicBool,
+    /// Requests the fake admitted in its replies.
+    admitted: AtomicI64,
+    /// Requests given back by settlements.
+    given_back: AtomicI64,
+}
 
 struct FakeRedis {
     port: u16,
-    /// While false, nothing is answered any more (a store that stopped, not a slow one).
-    answering: Arc<AtomicBool>,
+    seen: Arc<Seen>,
 }
 
 impl FakeRedis {
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let answering = Arc::new(AtomicBool::new(true));
-        let flag = answering.clone();
+        let seen = Arc::new(Seen { answering: AtomicBool::new(true), ..Default::default() });
+        let shared = seen.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, flag.clone()));
+                tokio::spawn(serve(stream, shared.clone()));
             }
         });
-        Self { port, answering }
+        Self { port, seen }
     }
 
     fn url(&self) -> String {
@@ -79,11 +91,26 @@ fn parse_command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
     Some((parts, at))
 }
 
+fn number(part: &[u8]) -> i64 {
+    std::str::from_utf8(part).unwrap().parse().unwrap()
+}
+
+/// A script call: EVALSHA, its digest, 6 keys, then ARGV. The settle script's third argument is
+/// a granule (a count of 100 ms since 1970); the admit script's is a requests-per-minute limit.
+fn is_settlement(command: &[Vec<u8>]) -> bool {
+    number(&command[2]) == 6 && number(&command[9 + 2]) > 1_000_000_000
+}
+
+/// The settle script's arguments: granule ms, granules, then granule, requests, tokens, budget
+/// per settlement. Returns the requests given back.
+fn requests_given_back(command: &[Vec<u8>]) -> i64 {
+    command[9 + 2..].chunks(4).map(|s| -number(&s[1])).sum()
+}
+
 /// The admit script's reply: ten numbers per request (all admitted), then ten for the slice
 /// (none granted).
-fn admit_reply(command: &[Vec<u8>]) -> Vec<u8> {
-    let number = |i: usize| -> usize { std::str::from_utf8(&command[i]).unwrap().parse().unwrap() };
-    let keys = number(2);
+fn admit_reply(command: &[Vec<u8>]) -> (Vec<u8>, i64) {
+    let keys = number(&command[2]) as usize;
     let costs = command.len() - 3 - keys - 10;
     let granule = (chrono::Utc::now().timestamp_millis() / 100) as usize;
     let mut values: Vec<usize> = Vec::new();
@@ -95,27 +122,33 @@ fn admit_reply(command: &[Vec<u8>]) -> Vec<u8> {
     for v in values {
         out.extend(format!(":{v}\r\n").as_bytes());
     }
-    out
+    (out, costs as i64)
 }
 
-async fn serve(mut stream: TcpStream, answering: Arc<AtomicBool>) {
+async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         while let Some((command, used)) = parse_command(&buf) {
             buf.drain(..used);
-            if !answering.load(Ordering::SeqCst) {
+            if !seen.answering.load(Ordering::SeqCst) {
                 continue;
             }
             let name = String::from_utf8_lossy(&command[0]).to_ascii_uppercase();
             let reply = match name.as_str() {
                 "PING" => b"+PONG\r\n".to_vec(),
+                "EVALSHA" | "EVAL" if is_settlement(&command) => {
+                    seen.given_back.fetch_add(requests_given_back(&command), Ordering::SeqCst);
+                    b":1\r\n".to_vec()
+                }
                 "EVALSHA" | "EVAL" => {
                     tokio::time::sleep(SCRIPT_DELAY).await;
-                    if !answering.load(Ordering::SeqCst) {
+                    if !seen.answering.load(Ordering::SeqCst) {
                         continue;
                     }
-                    admit_reply(&command)
+                    let (reply, admitted) = admit_reply(&command);
+                    seen.admitted.fetch_add(admitted, Ordering::SeqCst);
+                    reply
                 }
                 // CLIENT SETINFO and the like at connection setup.
                 _ => b"+OK\r\n".to_vec(),
@@ -212,22 +245,31 @@ async fn a_flood_queued_past_the_timeout_is_refused_not_let_through_by_the_open_
     let out = flood(&limiter).await;
     let took = started.elapsed();
     eprintln!("{out:?} in {took:?}");
-    // Calls end at 0.4, 0.8, 1.2, 1.6, 2.0 s...: what was decided within 2 s was admitted, the
-    // rest refused as busy. Nothing went to the open policy: the store answered every call.
+    // What was decided within 2 s was admitted, the rest refused as busy. Nothing went to the
+    // open policy: the store answered every call.
     assert!(out.busy > 0, "nothing was refused as busy: {out:?}");
     assert!(out.admitted > 0, "the first calls' requests were decided: {out:?}");
     assert_eq!(out.unavailable, 0);
     assert_eq!(limiter.mode_name(FailurePolicy::Open), "shared", "a slow store is not marked down");
     assert_eq!(rejections(&registry, "store_busy"), out.busy as u64);
-    // The open policy admits without counting: every admission here went through the store.
-    assert!(out.admitted <= 1 + 128 * 5, "{out:?}");
+    // The call out when they stopped waiting was answered and counted by the store: what it
+    // admitted for nobody is given back (settlements flush every 50 ms).
+    let seen = &store.seen;
+    tokio::time::sleep(SCRIPT_DELAY * 2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let unclaimed = || seen.admitted.load(Ordering::SeqCst) - out.admitted as i64;
+    while seen.given_back.load(Ordering::SeqCst) < unclaimed() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(unclaimed() > 0, "a call was out when the requests stopped waiting: {out:?}");
+    assert_eq!(seen.given_back.load(Ordering::SeqCst), unclaimed(), "every unclaimed admission is given back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_stops_answering_gets_the_failure_policy_not_busy() {
     let store = FakeRedis::start().await;
     let (limiter, registry) = limiter(&store, FailurePolicy::Closed).await;
-    store.answering.store(false, Ordering::SeqCst);
+    store.seen.answering.store(false, Ordering::SeqCst);
     let out = flood(&limiter).await;
     eprintln!("{out:?}");
     assert_eq!(out, Outcomes { admitted: 0, busy: 0, unavailable: FLOOD }, "every request gets the closed policy");

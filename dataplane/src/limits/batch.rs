@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 pub type BatchFuture<O> = Pin<Box<dyn Future<Output = Option<Vec<O>>> + Send>>;
 
 type Runner<K, I, O> = Box<dyn Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync>;
+type Unclaimed<K, I, O> = Box<dyn Fn(&K, I, O) + Send + Sync>;
 type Waiting<I, O> = Vec<(I, oneshot::Sender<Option<O>>)>;
 
 pub struct Batcher<K, I, O> {
@@ -34,9 +35,11 @@ pub struct Batcher<K, I, O> {
     lanes: Mutex<HashMap<K, Waiting<I, O>>>,
     run: Runner<K, I, O>,
     max_batch: usize,
-    /// Whether an item whose submitter stopped waiting is dropped unsent (an admission nobody
-    /// will use) rather than sent (a settlement, which must land whoever waits for it).
-    drop_abandoned: bool,
+    /// Set for admissions: an item whose submitter stopped waiting is dropped unsent (the
+    /// store would count it for nobody), and one whose submitter stopped waiting while its call
+    /// was out is handed here with its answer (to be given back). Unset, every item is sent (a
+    /// settlement must land whoever waits for it).
+    unclaimed: Option<Unclaimed<K, I, O>>,
 }
 
 impl<K, I, O> fmt::Debug for Batcher<K, I, O> {
@@ -48,33 +51,30 @@ impl<K, I, O> fmt::Debug for Batcher<K, I, O> {
 impl<K, I, O> Batcher<K, I, O>
 where
     K: Clone + Eq + Hash + Send + 'static,
-    I: Send + 'static,
+    I: Clone + Send + 'static,
     O: Send + 'static,
 {
     pub fn new(max_batch: usize, run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static) -> Arc<Self> {
-        Self::with(max_batch, run, false)
+        Self::with(max_batch, run, None)
     }
 
-    /// As [`Self::new`], but items whose submitter stopped waiting before their call went out
-    /// are not sent: for admissions, which the store would otherwise count for nobody.
-    pub fn dropping_abandoned(
+    /// As [`Self::new`], for admissions: items whose submitter stopped waiting before their
+    /// call went out are not sent (the store would count them for nobody), and the answers of
+    /// those whose submitter stopped waiting while their call was out go to `unclaimed`.
+    pub fn for_admissions(
         max_batch: usize,
         run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+        unclaimed: impl Fn(&K, I, O) + Send + Sync + 'static,
     ) -> Arc<Self> {
-        Self::with(max_batch, run, true)
+        Self::with(max_batch, run, Some(Box::new(unclaimed)))
     }
 
     fn with(
         max_batch: usize,
         run: impl Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
-        drop_abandoned: bool,
+        unclaimed: Option<Unclaimed<K, I, O>>,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            lanes: Mutex::new(HashMap::new()),
-            run: Box::new(run),
-            max_batch: max_batch.max(1),
-            drop_abandoned,
-        })
+        Arc::new(Self { lanes: Mutex::new(HashMap::new()), run: Box::new(run), max_batch: max_batch.max(1), unclaimed })
     }
 
     /// Queues `item` on `lane` and waits for its answer (`None`: the store failed).
@@ -111,7 +111,7 @@ where
                 }
                 // An admission whose request stopped waiting (its answer timed out and it went
                 // to the failure policy, or its client left) is not sent: the store would count it.
-                if self.drop_abandoned {
+                if self.unclaimed.is_some() {
                     waiting.retain(|(_, tx)| !tx.is_closed());
                 }
                 if waiting.is_empty() {
@@ -123,10 +123,18 @@ where
             };
             let (items, senders): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
             let count = items.len();
+            // Kept for `unclaimed` (admission items are a few numbers).
+            let kept = self.unclaimed.as_ref().map(|_| items.clone());
             match (self.run)(lane.clone(), items).await {
                 Some(outputs) if outputs.len() == count => {
-                    for (sender, output) in senders.into_iter().zip(outputs) {
-                        let _ = sender.send(Some(output));
+                    for (at, (sender, output)) in senders.into_iter().zip(outputs).enumerate() {
+                        if let Err(Some(output)) = sender.send(Some(output)) {
+                            if let (Some(unclaimed), Some(item)) =
+                                (&self.unclaimed, kept.as_ref().and_then(|k| k.get(at)))
+                            {
+                                unclaimed(&lane, item.clone(), output);
+                            }
+                        }
                     }
                 }
                 _ => {
@@ -169,7 +177,7 @@ mod tests {
         for drop_abandoned in [true, false] {
             let sizes = Arc::new(Mutex::new(Vec::new()));
             let batcher = if drop_abandoned {
-                Batcher::dropping_abandoned(8, recorder(sizes.clone(), false))
+                Batcher::for_admissions(8, recorder(sizes.clone(), false), |_, _, _| {})
             } else {
                 Batcher::new(8, recorder(sizes.clone(), false))
             };
@@ -187,6 +195,24 @@ mod tests {
             assert_eq!(*sizes.lock().expect("sizes"), sent, "drop_abandoned: {drop_abandoned}");
             assert_eq!(batcher.submit(1, 3).await, Some(30), "the lane still serves");
         }
+    }
+
+    /// An admission given up on while its call was out: its answer is handed back with its
+    /// item (the store counted it; nobody will use it), and only those.
+    #[tokio::test]
+    async fn an_answer_nobody_waits_for_any_more_goes_to_unclaimed() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let unclaimed = Arc::new(Mutex::new(Vec::new()));
+        let seen = unclaimed.clone();
+        let batcher = Batcher::for_admissions(8, recorder(sizes.clone(), false), move |lane: &u8, item, output| {
+            seen.lock().expect("unclaimed").push((*lane, item, output));
+        });
+        // Given up on 5 ms into its 20 ms call.
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), batcher.submit(7, 4)).await;
+        assert!(gave_up.is_err());
+        assert_eq!(batcher.submit(7, 5).await, Some(50), "answered to whoever still waits");
+        assert_eq!(*unclaimed.lock().expect("unclaimed"), vec![(7, 4, 40)]);
+        assert_eq!(*sizes.lock().expect("sizes"), vec![1, 1]);
     }
 
     #[tokio::test]

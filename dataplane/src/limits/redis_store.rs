@@ -599,11 +599,21 @@ impl RedisStore {
             flushing: tokio::sync::Mutex::new(()),
         });
         let s = shared.clone();
-        let admits = Batcher::dropping_abandoned(
+        let given_up = shared.clone();
+        let admits = Batcher::for_admissions(
             MAX_BATCH,
             move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Option<AdmitReply>> {
                 let s = s.clone();
                 Box::pin(async move { Some(s.admit_batch(&lane, &items).await) })
+            },
+            // Admitted after its request stopped waiting (refused as busy, or its client left):
+            // counted for nobody, so given back with the next flush.
+            move |lane: &AdmitLane, item: AdmitItem, reply: Option<AdmitReply>| {
+                if let Some(reply) = reply.filter(|r| r[0] == 1) {
+                    let refund = Refund { granule: reply[5].max(0) as u64, requests: 1, tokens: item.cost };
+                    given_up.owe_refund(lane, refund);
+                    given_up.start_flusher();
+                }
             },
         );
         let s = shared.clone();
