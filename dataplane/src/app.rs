@@ -143,7 +143,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             trusted_proxies: args.trusted_proxies.clone(),
             default_output_tokens: args.default_output_tokens,
         },
-        Arc::new(crate::limits::SystemClock),
+        Arc::new(crate::limits::SystemClock::default()),
         crate::limits::LimiterMetrics::register(metrics.registry())?,
     )?;
     limiter.spawn_health_probe();

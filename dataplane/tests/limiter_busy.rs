@@ -178,7 +178,7 @@ async fn limiter(store: &FakeRedis, policy: FailurePolicy) -> (Arc<Limiter>, Reg
         default_output_tokens: 100,
     };
     let metrics = LimiterMetrics::register(&registry).expect("metrics");
-    let limiter = Limiter::new(settings, Arc::new(SystemClock), metrics).expect("limiter");
+    let limiter = Limiter::new(settings, Arc::new(SystemClock::default()), metrics).expect("limiter");
     limiter.spawn_health_probe();
     let deadline = Instant::now() + Duration::from_secs(10);
     while limiter.mode_name(policy) != "shared" {

@@ -25,8 +25,9 @@ pub mod window;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use foldhash::fast::RandomState;
 use ipnet::IpNet;
@@ -43,12 +44,46 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> u64;
 }
 
-#[derive(Debug, Default)]
-pub struct SystemClock;
+/// Wall-clock milliseconds that never go back. Budgets follow the UTC calendar, so the readings
+/// are the wall clock's; but a wall clock can be stepped back (NTP, a resumed VM), and windows
+/// read from it would then stop sliding for as long as the step (nothing leaves a window whose
+/// newest granule lies ahead of the clock). So the reading runs on the monotonic clock from the
+/// wall clock's, and follows the wall clock whenever that is ahead (a step forward): after a
+/// step back it stays ahead by the step, until the process restarts.
+#[derive(Debug)]
+pub struct SystemClock {
+    started: Instant,
+    /// Wall-clock ms at `started`, moved forward whenever the wall clock is found ahead.
+    base_ms: AtomicU64,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self { started: Instant::now(), base_ms: AtomicU64::new(wall_ms()) }
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SystemClock {
+    /// The reading, given the wall clock's and the time since `started`.
+    fn reading(&self, wall_ms: u64, elapsed_ms: u64) -> u64 {
+        let monotonic = self.base_ms.load(Ordering::Relaxed).saturating_add(elapsed_ms);
+        if wall_ms <= monotonic {
+            return monotonic;
+        }
+        self.base_ms.fetch_max(wall_ms - elapsed_ms, Ordering::Relaxed);
+        wall_ms
+    }
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        // Elapsed first: a wall reading taken after it is never behind it.
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.reading(wall_ms(), elapsed)
     }
 }
 
@@ -908,6 +943,24 @@ mod tests {
         let overshot = granted.iter().filter(|c| c.load(Ordering::Relaxed) > 1).count();
         assert_eq!(overshot, 0, "rounds in which both keys got the team's one request");
         assert!(granted.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+    }
+
+    /// The system clock follows the wall clock forward and never goes back with it.
+    #[test]
+    fn the_system_clock_follows_steps_forward_and_not_back() {
+        let clock = SystemClock { started: Instant::now(), base_ms: AtomicU64::new(1_000_000) };
+        assert_eq!(clock.reading(1_000_000, 0), 1_000_000);
+        assert_eq!(clock.reading(1_000_500, 500), 1_000_500, "in step");
+        // Stepped back 10 s: the reading goes on from where it was.
+        assert_eq!(clock.reading(990_600, 600), 1_000_600);
+        assert_eq!(clock.reading(991_600, 1_600), 1_001_600);
+        // Stepped forward past the reading: followed, and kept.
+        assert_eq!(clock.reading(1_060_000, 2_000), 1_060_000);
+        assert_eq!(clock.reading(1_000_000, 3_000), 1_061_000);
+        // The real one moves forward.
+        let real = SystemClock::default();
+        let (a, b) = (real.now_ms(), real.now_ms());
+        assert!(b >= a && a > 1_700_000_000_000);
     }
 
     #[tokio::test]
