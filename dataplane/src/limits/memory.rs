@@ -22,10 +22,11 @@ const IDLE_SWEEP_MS: u64 = 3 * 24 * 3600 * 1000;
 const COUNTERS_SWEEP_FROM: usize = 50_000;
 /// A shard of lockouts is swept of expired records once it holds this many addresses.
 const LOCKOUTS_SWEEP_FROM: usize = 4_096;
-/// At most this many addresses are tracked per shard (32 shards: about 500k addresses, some
-/// 40 MB). Past it, a new address's failures are not counted until a sweep frees room; the
-/// addresses already locked out stay locked out.
-const LOCKOUTS_MAX: usize = 16_384;
+/// At most this many addresses are tracked per shard: 7/8 of 16,384, so a shard's table never
+/// grows past 16,384 slots of 49 bytes (32 shards: about 460k addresses in 26 MB). Past it, a
+/// new address's failures are not counted until a sweep frees room; the addresses already
+/// locked out stay locked out.
+const LOCKOUTS_MAX: usize = 14_336;
 /// Addresses tracked at most, all shards together.
 pub const LOCKOUTS_TRACKED: usize = LOCKOUTS_MAX * SHARDS;
 /// However full a shard stays, it is swept at most this often.
