@@ -48,18 +48,24 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 /// are the wall clock's; but a wall clock can be stepped back (NTP, a resumed VM), and windows
 /// read from it would then stop sliding for as long as the step (nothing leaves a window whose
 /// newest granule lies ahead of the clock). So the reading runs on the monotonic clock from the
-/// wall clock's, and follows the wall clock whenever that is ahead (a step forward): after a
-/// step back it stays ahead by the step, until the process restarts.
+/// wall clock's, and follows the wall clock when it is found ahead (a step forward; looked at
+/// once a second, so a reading costs one clock read as before): after a step back it stays
+/// ahead by the step, until the process restarts.
 #[derive(Debug)]
 pub struct SystemClock {
     started: Instant,
     /// Wall-clock ms at `started`, moved forward whenever the wall clock is found ahead.
     base_ms: AtomicU64,
+    /// Time since `started` at which the wall clock is next looked at.
+    next_wall_check_ms: AtomicU64,
 }
+
+/// How often the system clock looks at the wall clock.
+const WALL_CHECK_EVERY_MS: u64 = 1_000;
 
 impl Default for SystemClock {
     fn default() -> Self {
-        Self { started: Instant::now(), base_ms: AtomicU64::new(wall_ms()) }
+        Self { started: Instant::now(), base_ms: AtomicU64::new(wall_ms()), next_wall_check_ms: AtomicU64::new(0) }
     }
 }
 
@@ -81,8 +87,12 @@ impl SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        // Elapsed first: a wall reading taken after it is never behind it.
         let elapsed = self.started.elapsed().as_millis() as u64;
+        if elapsed < self.next_wall_check_ms.load(Ordering::Relaxed) {
+            return self.base_ms.load(Ordering::Relaxed).saturating_add(elapsed);
+        }
+        self.next_wall_check_ms.store(elapsed.saturating_add(WALL_CHECK_EVERY_MS), Ordering::Relaxed);
+        // Read after `elapsed`, the wall clock is never behind it.
         self.reading(wall_ms(), elapsed)
     }
 }
@@ -948,7 +958,11 @@ mod tests {
     /// The system clock follows the wall clock forward and never goes back with it.
     #[test]
     fn the_system_clock_follows_steps_forward_and_not_back() {
-        let clock = SystemClock { started: Instant::now(), base_ms: AtomicU64::new(1_000_000) };
+        let clock = SystemClock {
+            started: Instant::now(),
+            base_ms: AtomicU64::new(1_000_000),
+            next_wall_check_ms: AtomicU64::new(0),
+        };
         assert_eq!(clock.reading(1_000_000, 0), 1_000_000);
         assert_eq!(clock.reading(1_000_500, 500), 1_000_500, "in step");
         // Stepped back 10 s: the reading goes on from where it was.
