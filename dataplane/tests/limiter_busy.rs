@@ -276,3 +276,34 @@ async fn a_store_that_stops_answering_gets_the_failure_policy_not_busy() {
     assert_eq!(rejections(&registry, "store_busy"), 0);
     assert_eq!(limiter.mode_name(FailurePolicy::Closed), "closed");
 }
+
+/// A request that goes away while its key's decision is out (its client left) has already
+/// reserved its team's share: both reservations come back, the team's and, once its answer
+/// lands, the key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_goes_away_gives_back_its_team_and_key_reservations() {
+    let store = FakeRedis::start().await;
+    let (limiter, _registry) = limiter(&store, FailurePolicy::Closed).await;
+    let small = |rpm| SubjectLimits { requests_per_minute: Some(rpm), ..Default::default() };
+    let limits = Arc::new(KeyLimits {
+        key: Subject { id: "ns/left".into(), limits: small(10) },
+        team: Some(Subject { id: "team:ns/t".into(), limits: small(20) }),
+        failure_policy: None,
+    });
+    let waiting = limiter.clone();
+    let request = tokio::spawn(async move {
+        let admission = waiting.admission_at(&limits, 1, waiting.now_ms());
+        waiting.admit(admission).await
+    });
+    // The team's call answers at 0.9 s; the key's is out until 1.8 s.
+    tokio::time::sleep(SCRIPT_DELAY * 3 / 2).await;
+    request.abort();
+    assert!(request.await.expect_err("aborted").is_cancelled());
+    let seen = &store.seen;
+    let deadline = Instant::now() + SCRIPT_DELAY + Duration::from_secs(5);
+    while seen.given_back.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.admitted.load(Ordering::SeqCst), 2, "the team and the key were each admitted once");
+    assert_eq!(seen.given_back.load(Ordering::SeqCst), 2, "and both given back");
+}

@@ -80,6 +80,10 @@ where
     /// Queues `item` on `lane` and waits for its answer (`None`: the store failed).
     pub async fn submit(self: &Arc<Self>, lane: K, item: I) -> Option<O> {
         let (tx, rx) = oneshot::channel();
+        // For admissions, the item and its lane are kept until the answer is taken: a submitter
+        // that goes away just as its answer lands (a timeout that fired, a request cancelled
+        // before its next poll) hands that answer to `unclaimed` on drop.
+        let claim = self.unclaimed.as_ref().map(|_| (lane.clone(), item.clone()));
         let start = {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             match lanes.get_mut(&lane) {
@@ -97,7 +101,10 @@ where
             let this = Arc::clone(self);
             tokio::spawn(async move { this.drain(lane).await });
         }
-        rx.await.ok().flatten()
+        let mut pending = Pending { batcher: self, rx, claim };
+        let answer = (&mut pending.rx).await.ok().flatten();
+        pending.claim = None;
+        answer
     }
 
     async fn drain(&self, lane: K) {
@@ -109,8 +116,9 @@ where
                     lanes.remove(&lane);
                     return;
                 }
-                // An admission whose request stopped waiting (its answer timed out and it went
-                // to the failure policy, or its client left) is not sent: the store would count it.
+                // An admission whose request stopped waiting (it timed out: refused as busy, or
+                // handed to the failure policy; or its client left) is not sent: the store would
+                // count it.
                 if self.unclaimed.is_some() {
                     waiting.retain(|(_, tx)| !tx.is_closed());
                 }
@@ -143,6 +151,26 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+/// A submitter's wait for its answer. Dropped before the answer was taken, it closes the
+/// channel and takes an answer already sent to hand it to `unclaimed`: with the drainer's
+/// failed send (an answer that comes after the close), every answer nobody takes reaches
+/// `unclaimed` exactly once.
+struct Pending<'a, K, I, O> {
+    batcher: &'a Batcher<K, I, O>,
+    rx: oneshot::Receiver<Option<O>>,
+    claim: Option<(K, I)>,
+}
+
+impl<K, I, O> Drop for Pending<'_, K, I, O> {
+    fn drop(&mut self) {
+        let (Some((lane, item)), Some(unclaimed)) = (self.claim.take(), &self.batcher.unclaimed) else { return };
+        self.rx.close();
+        if let Ok(Some(output)) = self.rx.try_recv() {
+            unclaimed(&lane, item, output);
         }
     }
 }
@@ -213,6 +241,32 @@ mod tests {
         assert_eq!(batcher.submit(7, 5).await, Some(50), "answered to whoever still waits");
         assert_eq!(*unclaimed.lock().expect("unclaimed"), vec![(7, 4, 40)]);
         assert_eq!(*sizes.lock().expect("sizes"), vec![1, 1]);
+    }
+
+    /// The answer has landed but its submitter is dropped before it looks (a timeout that fired
+    /// at the same moment, a request cancelled between polls): it goes to `unclaimed` too.
+    #[tokio::test]
+    async fn an_answer_that_landed_but_was_never_taken_goes_to_unclaimed() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let unclaimed = Arc::new(Mutex::new(Vec::new()));
+        let seen = unclaimed.clone();
+        let batcher = Batcher::for_admissions(8, recorder(sizes.clone(), false), move |lane: &u8, item, output| {
+            seen.lock().expect("unclaimed").push((*lane, item, output));
+        });
+        let mut waiting = Box::pin(batcher.submit(9, 6));
+        // Polled once (queued, call out), then left alone while the 20 ms call answers it.
+        std::future::poll_fn(|cx| {
+            assert!(waiting.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(unclaimed.lock().expect("unclaimed").is_empty(), "the send succeeded: nothing unclaimed yet");
+        drop(waiting);
+        assert_eq!(*unclaimed.lock().expect("unclaimed"), vec![(9, 6, 60)]);
+        // An answer that was taken is not handed on.
+        assert_eq!(batcher.submit(9, 7).await, Some(70));
+        assert_eq!(unclaimed.lock().expect("unclaimed").len(), 1);
     }
 
     #[tokio::test]

@@ -44,6 +44,12 @@ struct SweptMap<K, V> {
 }
 
 impl<K: std::hash::Hash + Eq, V> SweptMap<K, V> {
+    /// Entries the table holds without growing.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.map.capacity()
+    }
+
     fn new(sweep_from: usize) -> Self {
         Self { map: HashMap::default(), sweep_at: sweep_from, next_sweep_ms: 0 }
     }
@@ -51,7 +57,12 @@ impl<K: std::hash::Hash + Eq, V> SweptMap<K, V> {
     /// Sweeps the entries `stale` picks when due; whether one more entry fits under `max`.
     fn make_room(&mut self, now_ms: u64, sweep_from: usize, max: usize, mut stale: impl FnMut(&V) -> bool) -> bool {
         if self.map.len() >= self.sweep_at && now_ms >= self.next_sweep_ms {
-            self.map.retain(|_, v| !stale(v));
+            // Into a new table rather than `retain`: removing from a nearly full table leaves
+            // tombstones that make the next insertions double it, whatever the entry count.
+            let hasher = self.map.hasher().clone();
+            let kept: Vec<(K, V)> = self.map.drain().filter(|(_, v)| !stale(v)).collect();
+            self.map = HashMap::with_capacity_and_hasher(kept.len(), hasher);
+            self.map.extend(kept);
             self.sweep_at = self.map.len().saturating_mul(2).clamp(sweep_from, max);
             self.next_sweep_ms = now_ms.saturating_add(SWEEP_EVERY_MS);
         }
@@ -80,6 +91,23 @@ impl Counters {
             self.month = (period.month, 0);
         }
         (self.day.1, self.month.1)
+    }
+
+    /// Until the counters' day ends, for an admission of `period` formed at `at_ms`: the next
+    /// day's end when another request has already moved the counters on to it.
+    fn day_reset_ms(&self, period: Period, at_ms: u64) -> u64 {
+        if self.day.0 > period.day {
+            return period.day_reset_ms + Period::at(at_ms + period.day_reset_ms).day_reset_ms;
+        }
+        period.day_reset_ms
+    }
+
+    /// As [`Self::day_reset_ms`], for the month.
+    fn month_reset_ms(&self, period: Period, at_ms: u64) -> u64 {
+        if self.month.0 > period.month {
+            return period.month_reset_ms + Period::at(at_ms + period.month_reset_ms).month_reset_ms;
+        }
+        period.month_reset_ms
     }
 }
 
@@ -199,10 +227,18 @@ impl MemoryStore {
             }
             let (day_used, month_used) = c.budget_used(admission.period);
             if let Some(budget) = key_limits.tokens_per_day.filter(|&b| day_used >= b) {
-                return Decision::Refused(Refusal::budget(Which::DayBudget, budget, admission.period.day_reset_ms));
+                return Decision::Refused(Refusal::budget(
+                    Which::DayBudget,
+                    budget,
+                    c.day_reset_ms(admission.period, admission.at_ms),
+                ));
             }
             if let Some(budget) = key_limits.tokens_per_month.filter(|&b| month_used >= b) {
-                return Decision::Refused(Refusal::budget(Which::MonthBudget, budget, admission.period.month_reset_ms));
+                return Decision::Refused(Refusal::budget(
+                    Which::MonthBudget,
+                    budget,
+                    c.month_reset_ms(admission.period, admission.at_ms),
+                ));
             }
             let requests_total = key_limits.requests_per_minute.map(|_| {
                 c.requests.add(now_ms, 1);
@@ -335,5 +371,31 @@ impl MemoryStore {
         self.with_record(client, now_ms, |entry| {
             *entry = AuthFailures { window_end_ms: now_ms, failures: 0, locked_until_ms: now_ms + remaining_ms };
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard kept full by a steady flood, a part of it going stale before each sweep, never
+    /// grows its table past the bound.
+    #[test]
+    fn a_full_shard_swept_again_and_again_keeps_its_table_size() {
+        let mut shard: SweptMap<u32, u64> = SweptMap::new(LOCKOUTS_SWEEP_FROM);
+        let mut next_key = 0u32;
+        for second in 0..30u64 {
+            let now_ms = second * SWEEP_EVERY_MS;
+            // Each value is the time it goes stale: ten seconds after it was written.
+            for _ in 0..2_000 {
+                if shard.make_room(now_ms, LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX, |&until| until <= now_ms) {
+                    shard.map.insert(next_key, now_ms + 10_000);
+                }
+                next_key += 1;
+            }
+            assert!(shard.map.len() <= LOCKOUTS_MAX);
+            assert!(shard.capacity() <= LOCKOUTS_MAX, "second {second}: room for {}", shard.capacity());
+        }
+        assert!(shard.map.len() > LOCKOUTS_MAX / 2, "the bound is used: {}", shard.map.len());
     }
 }

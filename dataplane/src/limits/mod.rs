@@ -708,14 +708,18 @@ impl Limiter {
     }
 }
 
-/// What failed authentications are counted against: an IPv4 address (IPv4-mapped ones
-/// included) as it is, an IPv6 address by its /64, the block a single host or site is given:
-/// counted per address, a client holding a /64 would have 2^64 addresses to try from.
+/// What failed authentications are counted against: an IPv4 address as it is, also when it
+/// arrives inside IPv6 (IPv4-mapped `::ffff:0:0/96`, or NAT64's well-known `64:ff9b::/96`,
+/// which would otherwise put every IPv4 client of a NAT64 ingress in one /64); any other IPv6
+/// address by its /64, the block a single host or site is given: counted per address, a client
+/// holding a /64 would have 2^64 addresses to try from.
 pub fn lockout_subject(client: IpAddr) -> IpAddr {
+    const NAT64: u128 = 0x0064_ff9b_u128 << 96;
     match client {
         IpAddr::V4(_) => client,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
+            None if v6.to_bits() >> 32 == NAT64 >> 32 => IpAddr::V4((v6.to_bits() as u32).into()),
             None => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
         },
     }
@@ -855,6 +859,15 @@ mod tests {
         assert!(matches!(refused, Decision::Refused(Refusal { which: Which::Tokens, .. })), "{refused:?}");
         let (_, team_tokens, _, _) = l.memory.usage("ns/team", midnight + 300, today.period);
         assert_eq!(team_tokens, 340, "the refused request's team reservation was given back");
+        // The new day's budget spent, a late request is told to wait for the new day's end,
+        // not for the old day's (10 ms away).
+        granted(l.memory.admit(&at(midnight + 400, Some(1_000), 660), midnight + 400, 1));
+        let spent = l.memory.admit(&at(midnight - 10, Some(1_000), 1), midnight - 10, 1);
+        assert!(
+            matches!(spent, Decision::Refused(Refusal { which: Which::DayBudget, retry_after_ms, .. })
+                if retry_after_ms == 10 + DAY_MS),
+            "{spent:?}"
+        );
     }
 
     /// Under the `local` policy each of N replicas enforces 1/N of every limit, budgets included
@@ -1010,6 +1023,8 @@ mod tests {
         assert!(l.locked_locally(ip("2001:db8:1:2::77")).is_some(), "the whole /64");
         assert!(l.locked_locally(ip("2001:db8:1:3::1")).is_none(), "not the next one");
         assert_eq!(lockout_subject(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(lockout_subject(ip("64:ff9b::192.0.2.1")), ip("192.0.2.1"), "NAT64");
+        assert_ne!(lockout_subject(ip("64:ff9b::198.51.100.1")), lockout_subject(ip("64:ff9b::192.0.2.1")));
         assert_eq!(lockout_subject(ip("192.0.2.1")), ip("192.0.2.1"));
         assert_eq!(lockout_subject(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
     }

@@ -155,7 +155,8 @@ if want_rq > 0 or want_tk > 0 then
   end
 end
 flush()
-push(slice_rq, slice_tk, (cur + 1) * G - now, rq, tk, dayu, monu, reset_of(rq_head), reset_of(tk_head), cur)
+-- At most a granule: after a clock step back, `cur` (the newest listed) may lie ahead of `now`.
+push(slice_rq, slice_tk, math.min(G, (cur + 1) * G - now), rq, tk, dayu, monu, reset_of(rq_head), reset_of(tk_head), cur)
 if added then
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], (N + 2) * G) end
   if dayb > 0 then redis.call('INCRBY', KEYS[5], spent); redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
@@ -315,6 +316,24 @@ pub enum Unanswered {
     Failed,
     /// The store answers, but this key's decisions are queued past the timeout: refused.
     Busy,
+}
+
+/// A team reservation whose request is still waiting for its key's decision. Dropped while
+/// armed (the request went away: its client left, or it was cancelled), it is given back with
+/// the next flush instead of counting for nobody.
+struct TeamHold<'a> {
+    shared: &'a Arc<Shared>,
+    lane: SettleLane,
+    item: Option<SettleItem>,
+}
+
+impl Drop for TeamHold<'_> {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.shared.owe(self.lane.clone(), item);
+            self.shared.start_flusher();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -514,7 +533,9 @@ impl Shared {
     /// Starts the flusher once: every `FLUSH_EVERY` it ends the slices whose granule is over and
     /// sends what is owed, one settle call per lane. It stops when the store is dropped.
     fn start_flusher(self: &Arc<Self>) {
-        if self.flusher.swap(true, Ordering::Relaxed) {
+        // Outside a runtime (a request dropped as the runtime shuts down) there is nothing to
+        // start it on; what is owed waits for the next call made inside one.
+        if tokio::runtime::Handle::try_current().is_err() || self.flusher.swap(true, Ordering::Relaxed) {
             return;
         }
         let shared: Weak<Self> = Arc::downgrade(self);
@@ -724,14 +745,24 @@ impl RedisStore {
 
     pub async fn admit(&self, admission: &Admission) -> Result<Decision, Unanswered> {
         let mut team_granule = None;
+        let mut team_hold = None;
         if let Some(team) = admission.team() {
             let reply = self.admit_subject(team, admission, false).await?;
             if reply[0] != 1 {
                 return Ok(Decision::Refused(Self::refusal(&reply, team, true, admission.period)));
             }
-            team_granule = Some(reply[5].max(0) as u64);
+            let granule = reply[5].max(0) as u64;
+            team_granule = Some(granule);
+            let item = SettleItem { granule, requests: -1, tokens: -(admission.tokens as i64), budget: 0 };
+            team_hold =
+                Some(TeamHold { shared: &self.shared, lane: settle_lane(team, admission.period), item: Some(item) });
         }
-        let reply = match self.admit_subject(admission.key(), admission, true).await {
+        let key_reply = self.admit_subject(admission.key(), admission, true).await;
+        // Decided one way or the other: the team reservation is kept or given back below.
+        if let Some(hold) = &mut team_hold {
+            hold.item = None;
+        }
+        let reply = match key_reply {
             Ok(reply) => reply,
             Err(unanswered) => {
                 self.refund_team(admission, team_granule).await;
