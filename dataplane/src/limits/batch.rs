@@ -225,16 +225,26 @@ mod tests {
         }
     }
 
-    /// An admission given up on while its call was out: its answer is handed back with its
-    /// item (the store counted it; nobody will use it), and only those.
-    #[tokio::test]
-    async fn an_answer_nobody_waits_for_any_more_goes_to_unclaimed() {
+    type Recorded<T> = Arc<Mutex<Vec<T>>>;
+    /// (lane, item, answer) handed to `unclaimed`.
+    type UnclaimedSeen = Recorded<(u8, u32, u32)>;
+
+    /// An admissions batcher over [`recorder`], and what it hands to `unclaimed`.
+    fn admissions_recording_unclaimed() -> (Arc<Batcher<u8, u32, u32>>, Recorded<usize>, UnclaimedSeen) {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let unclaimed = Arc::new(Mutex::new(Vec::new()));
         let seen = unclaimed.clone();
         let batcher = Batcher::for_admissions(8, recorder(sizes.clone(), false), move |lane: &u8, item, output| {
             seen.lock().expect("unclaimed").push((*lane, item, output));
         });
+        (batcher, sizes, unclaimed)
+    }
+
+    /// An admission given up on while its call was out: its answer is handed back with its
+    /// item (the store counted it; nobody will use it), and only those.
+    #[tokio::test]
+    async fn an_answer_nobody_waits_for_any_more_goes_to_unclaimed() {
+        let (batcher, sizes, unclaimed) = admissions_recording_unclaimed();
         // Given up on 5 ms into its 20 ms call.
         let gave_up = tokio::time::timeout(Duration::from_millis(5), batcher.submit(7, 4)).await;
         assert!(gave_up.is_err());
@@ -247,12 +257,7 @@ mod tests {
     /// at the same moment, a request cancelled between polls): it goes to `unclaimed` too.
     #[tokio::test]
     async fn an_answer_that_landed_but_was_never_taken_goes_to_unclaimed() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let unclaimed = Arc::new(Mutex::new(Vec::new()));
-        let seen = unclaimed.clone();
-        let batcher = Batcher::for_admissions(8, recorder(sizes.clone(), false), move |lane: &u8, item, output| {
-            seen.lock().expect("unclaimed").push((*lane, item, output));
-        });
+        let (batcher, _sizes, unclaimed) = admissions_recording_unclaimed();
         let mut waiting = Box::pin(batcher.submit(9, 6));
         // Polled once (queued, call out), then left alone while the 20 ms call answers it.
         std::future::poll_fn(|cx| {

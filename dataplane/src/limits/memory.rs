@@ -39,6 +39,9 @@ const SWEEP_EVERY_MS: u64 = 1_000;
 #[derive(Debug)]
 struct SweptMap<K, V> {
     map: HashMap<K, V, RandomState>,
+    /// The first sweep's mark, and the most entries held.
+    sweep_from: usize,
+    max: usize,
     sweep_at: usize,
     next_sweep_ms: u64,
 }
@@ -50,12 +53,12 @@ impl<K: std::hash::Hash + Eq, V> SweptMap<K, V> {
         self.map.capacity()
     }
 
-    fn new(sweep_from: usize) -> Self {
-        Self { map: HashMap::default(), sweep_at: sweep_from, next_sweep_ms: 0 }
+    fn new(sweep_from: usize, max: usize) -> Self {
+        Self { map: HashMap::default(), sweep_from, max, sweep_at: sweep_from, next_sweep_ms: 0 }
     }
 
-    /// Sweeps the entries `stale` picks when due; whether one more entry fits under `max`.
-    fn make_room(&mut self, now_ms: u64, sweep_from: usize, max: usize, mut stale: impl FnMut(&V) -> bool) -> bool {
+    /// Sweeps the entries `stale` picks when due; whether one more entry fits under the bound.
+    fn make_room(&mut self, now_ms: u64, mut stale: impl FnMut(&V) -> bool) -> bool {
         if self.map.len() >= self.sweep_at && now_ms >= self.next_sweep_ms {
             // Into a new table rather than `retain`: removing from a nearly full table leaves
             // tombstones that make the next insertions double it, whatever the entry count.
@@ -63,10 +66,10 @@ impl<K: std::hash::Hash + Eq, V> SweptMap<K, V> {
             let kept: Vec<(K, V)> = self.map.drain().filter(|(_, v)| !stale(v)).collect();
             self.map = HashMap::with_capacity_and_hasher(kept.len(), hasher);
             self.map.extend(kept);
-            self.sweep_at = self.map.len().saturating_mul(2).clamp(sweep_from, max);
+            self.sweep_at = self.map.len().saturating_mul(2).clamp(self.sweep_from, self.max);
             self.next_sweep_ms = now_ms.saturating_add(SWEEP_EVERY_MS);
         }
-        self.map.len() < max
+        self.map.len() < self.max
     }
 }
 
@@ -141,9 +144,9 @@ pub struct MemoryStore {
 impl Default for MemoryStore {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(COUNTERS_SWEEP_FROM))).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(COUNTERS_SWEEP_FROM, usize::MAX))).collect(),
             hasher: RandomState::default(),
-            lockouts: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(LOCKOUTS_SWEEP_FROM))).collect(),
+            lockouts: (0..SHARDS).map(|_| Mutex::new(SweptMap::new(LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX))).collect(),
             lockout_entries: AtomicUsize::new(0),
         }
     }
@@ -166,7 +169,7 @@ impl MemoryStore {
             counters.touched_ms = now_ms;
             return f(counters);
         }
-        shard.make_room(now_ms, COUNTERS_SWEEP_FROM, usize::MAX, |c| c.touched_ms + IDLE_SWEEP_MS <= now_ms);
+        shard.make_room(now_ms, |c| c.touched_ms + IDLE_SWEEP_MS <= now_ms);
         let counters = shard.map.entry(Arc::from(subject)).or_default();
         counters.touched_ms = now_ms;
         f(counters)
@@ -252,7 +255,6 @@ impl MemoryStore {
                 granule: granule.unwrap_or(current),
                 team_granule: team_granules.1,
                 budget_day: c.day.0,
-                budget_month: c.month.0,
                 requests_used: requests_total.unwrap_or(0),
                 tokens_used: tokens_total.unwrap_or(0),
                 requests_reset_ms: c.requests.reset_after_ms(now_ms),
@@ -279,12 +281,12 @@ impl MemoryStore {
     pub fn settle(&self, admission: &Admission, granted: &Granted, delta: i64, now_ms: u64) {
         self.with(&admission.key().id, now_ms, |c| {
             c.tokens.adjust(now_ms, granted.granule, delta);
-            // To the day and month the budgets were charged to; one that has ended since keeps
-            // what it was charged.
+            // To the day and month the budgets were charged to (the counters move on together,
+            // so that day's month); one that has ended since keeps what it was charged.
             if c.day.0 == granted.budget_day {
                 c.day.1 = (c.day.1 as i64 + delta).max(0) as u64;
             }
-            if c.month.0 == granted.budget_month {
+            if c.month.0 == Period::month_of(granted.budget_day) {
                 c.month.1 = (c.month.1 as i64 + delta).max(0) as u64;
             }
         });
@@ -322,24 +324,19 @@ impl MemoryStore {
     fn with_record<R>(&self, client: IpAddr, now_ms: u64, f: impl FnOnce(&mut AuthFailures) -> R) -> Option<R> {
         let mut shard = self.lockout_shard(&client);
         let before = shard.map.len();
-        if !shard.map.contains_key(&client)
-            && !shard.make_room(now_ms, LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX, |f| f.stale(now_ms))
-        {
-            self.lockout_entries.fetch_sub(before - shard.map.len(), Ordering::AcqRel);
-            return None;
-        }
-        let result = f(shard.map.entry(client).or_default());
+        let fits = shard.map.contains_key(&client) || shard.make_room(now_ms, |f| f.stale(now_ms));
+        let result = fits.then(|| f(shard.map.entry(client).or_default()));
         let after = shard.map.len();
         if after >= before {
             self.lockout_entries.fetch_add(after - before, Ordering::AcqRel);
         } else {
             self.lockout_entries.fetch_sub(before - after, Ordering::AcqRel);
         }
-        Some(result)
+        result
     }
 
     /// Records a failed authentication; returns the lockout when this one reached the threshold.
-    /// An address that finds every record in use (a flood from ~500k addresses) is not counted.
+    /// An address that finds every record in use (a flood from ~460k addresses) is not counted.
     pub fn auth_failed(
         &self,
         client: IpAddr,
@@ -382,13 +379,13 @@ mod tests {
     /// grows its table past the bound.
     #[test]
     fn a_full_shard_swept_again_and_again_keeps_its_table_size() {
-        let mut shard: SweptMap<u32, u64> = SweptMap::new(LOCKOUTS_SWEEP_FROM);
+        let mut shard: SweptMap<u32, u64> = SweptMap::new(LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX);
         let mut next_key = 0u32;
         for second in 0..30u64 {
             let now_ms = second * SWEEP_EVERY_MS;
             // Each value is the time it goes stale: ten seconds after it was written.
             for _ in 0..2_000 {
-                if shard.make_room(now_ms, LOCKOUTS_SWEEP_FROM, LOCKOUTS_MAX, |&until| until <= now_ms) {
+                if shard.make_room(now_ms, |&until| until <= now_ms) {
                     shard.map.insert(next_key, now_ms + 10_000);
                 }
                 next_key += 1;

@@ -183,6 +183,11 @@ impl Period {
             month_reset_ms: ms_until(days_from_civil(next_year, next_month, 1)),
         }
     }
+
+    /// The `month` of a `day` (`yyyymmdd` -> `yyyymm`).
+    pub fn month_of(day: u32) -> u32 {
+        day / 100
+    }
 }
 
 /// (year, month, day) of a count of days since 1970-01-01, after Howard Hinnant's
@@ -293,9 +298,8 @@ pub struct Granted {
     pub team_granule: u64,
     /// Tokens this request may still use before a budget runs out (before its reservation).
     pub budget_remaining: Option<u64>,
-    /// Day and month (as in [`Period`]) the budgets were charged to.
+    /// Day (as in [`Period`]) the budgets were charged to, and so its month.
     pub budget_day: u32,
-    pub budget_month: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,7 +529,6 @@ impl Limiter {
                         team_granule: 0,
                         budget_remaining: None,
                         budget_day: admission.period.day,
-                        budget_month: admission.period.month,
                     };
                     (Decision::Granted(granted), StoreUsed::Unlimited)
                 }
@@ -1095,7 +1098,9 @@ mod tests {
         };
         for days in 0..=LAST_DAY {
             let now_ms = days * DAY_MS + (days * 7_919_993) % DAY_MS;
-            assert_eq!(Period::at(now_ms), chrono_period(now_ms), "day {days}");
+            let period = Period::at(now_ms);
+            assert_eq!(period, chrono_period(now_ms), "day {days}");
+            assert_eq!(Period::month_of(period.day), period.month);
         }
         assert_eq!(civil_from_days(LAST_DAY), (9999, 12, 31));
         let last = Period::at(u64::MAX);

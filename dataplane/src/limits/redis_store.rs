@@ -323,14 +323,14 @@ pub enum Unanswered {
 /// the next flush instead of counting for nobody.
 struct TeamHold<'a> {
     shared: &'a Arc<Shared>,
-    lane: SettleLane,
-    item: Option<SettleItem>,
+    /// What giving it back takes; taken once the key is decided.
+    refund: Option<(SettleLane, SettleItem)>,
 }
 
 impl Drop for TeamHold<'_> {
     fn drop(&mut self) {
-        if let Some(item) = self.item.take() {
-            self.shared.owe(self.lane.clone(), item);
+        if let Some((lane, item)) = self.refund.take() {
+            self.shared.owe(lane, item);
             self.shared.start_flusher();
         }
     }
@@ -744,7 +744,6 @@ impl RedisStore {
     }
 
     pub async fn admit(&self, admission: &Admission) -> Result<Decision, Unanswered> {
-        let mut team_granule = None;
         let mut team_hold = None;
         if let Some(team) = admission.team() {
             let reply = self.admit_subject(team, admission, false).await?;
@@ -752,27 +751,23 @@ impl RedisStore {
                 return Ok(Decision::Refused(Self::refusal(&reply, team, true, admission.period)));
             }
             let granule = reply[5].max(0) as u64;
-            team_granule = Some(granule);
             let item = SettleItem { granule, requests: -1, tokens: -(admission.tokens as i64), budget: 0 };
             team_hold =
-                Some(TeamHold { shared: &self.shared, lane: settle_lane(team, admission.period), item: Some(item) });
+                Some(TeamHold { shared: &self.shared, refund: Some((settle_lane(team, admission.period), item)) });
         }
         let key_reply = self.admit_subject(admission.key(), admission, true).await;
-        // Decided one way or the other: the team reservation is kept or given back below.
-        if let Some(hold) = &mut team_hold {
-            hold.item = None;
+        // Decided one way or the other: the team's reservation is kept, or given back at once.
+        let team_refund = team_hold.as_mut().and_then(|hold| hold.refund.take());
+        let team_granule = team_refund.as_ref().map(|(_, item)| item.granule);
+        let admitted = matches!(key_reply, Ok(reply) if reply[0] == 1);
+        if let (false, Some((lane, item))) = (admitted, team_refund) {
+            let _ = self.answer(self.settles.submit(lane, item)).await;
         }
         let reply = match key_reply {
-            Ok(reply) => reply,
-            Err(unanswered) => {
-                self.refund_team(admission, team_granule).await;
-                return Err(unanswered);
-            }
+            Ok(reply) if admitted => reply,
+            Ok(reply) => return Ok(Decision::Refused(Self::refusal(&reply, admission.key(), false, admission.period))),
+            Err(unanswered) => return Err(unanswered),
         };
-        if reply[0] != 1 {
-            self.refund_team(admission, team_granule).await;
-            return Ok(Decision::Refused(Self::refusal(&reply, admission.key(), false, admission.period)));
-        }
         let as_u64 = |v: i64| v.max(0) as u64;
         Ok(Decision::Granted(Granted {
             granule: as_u64(reply[5]),
@@ -784,16 +779,7 @@ impl RedisStore {
             budget_remaining: super::budget_remaining(&admission.key().limits, as_u64(reply[6]), as_u64(reply[7])),
             // The script charges the counters named after the admission's period.
             budget_day: admission.period.day,
-            budget_month: admission.period.month,
         }))
-    }
-
-    /// Takes back a team reservation whose key was then refused.
-    async fn refund_team(&self, admission: &Admission, granule: Option<u64>) {
-        if let (Some(team), Some(granule)) = (admission.team(), granule) {
-            let item = SettleItem { granule, requests: -1, tokens: -(admission.tokens as i64), budget: 0 };
-            let _ = self.answer(self.settles.submit(settle_lane(team, admission.period), item)).await;
-        }
     }
 
     /// Settles without waiting when every subject of the admission is sliced: the corrections
