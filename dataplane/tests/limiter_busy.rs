@@ -2,7 +2,8 @@
 //! queues its decisions behind the lane's earlier script calls; those queued past twice the
 //! store's timeout are refused (`rate_limiter_busy`), whatever the key's failure policy, since
 //! that policy (here `open`) is for a store that is down and would let the flood through
-//! unlimited. A store that stops answering still gets the policy.
+//! unlimited. A store that stops answering still gets the policy; one that answers some calls
+//! after the timeout while it answers others is not down either.
 //!
 //! The store is a fake Redis on a loopback port that speaks just enough RESP for the client and
 //! answers every script call after a fixed delay, admitting everything: the queueing, not
@@ -35,6 +36,8 @@ const FLOOD: usize = 1 + 128 * 6;
 
 #[derive(Debug, Default)]
 struct Seen {
+    /// Each script call is answered after this long.
+    script_delay: Duration,
     /// While false, nothing is answered any more (a store that stopped, not a slow one).
     answering: AtomicBool,
     /// Requests the fake admitted in its replies.
@@ -50,9 +53,13 @@ struct FakeRedis {
 
 impl FakeRedis {
     async fn start() -> Self {
+        Self::answering_after(SCRIPT_DELAY).await
+    }
+
+    async fn answering_after(script_delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let seen = Arc::new(Seen { answering: AtomicBool::new(true), ..Default::default() });
+        let seen = Arc::new(Seen { script_delay, answering: AtomicBool::new(true), ..Default::default() });
         let shared = seen.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -142,7 +149,7 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
                     b":1\r\n".to_vec()
                 }
                 "EVALSHA" | "EVAL" => {
-                    tokio::time::sleep(SCRIPT_DELAY).await;
+                    tokio::time::sleep(seen.script_delay).await;
                     if !seen.answering.load(Ordering::SeqCst) {
                         continue;
                     }
@@ -165,12 +172,16 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
 }
 
 async fn limiter(store: &FakeRedis, policy: FailurePolicy) -> (Arc<Limiter>, Registry) {
+    limiter_with_timeout(store, policy, TIMEOUT).await
+}
+
+async fn limiter_with_timeout(store: &FakeRedis, policy: FailurePolicy, timeout: Duration) -> (Arc<Limiter>, Registry) {
     let registry = Registry::new();
     let settings = LimiterSettings {
         default_policy: policy,
         replicas: 1,
         redis_url: Some(store.url()),
-        redis_timeout: TIMEOUT,
+        redis_timeout: timeout,
         lockout_threshold: 10,
         lockout_window: Duration::from_secs(60),
         lockout_backoff: Duration::from_secs(60),
@@ -195,19 +206,25 @@ struct Outcomes {
     unavailable: usize,
 }
 
-/// Sends `FLOOD` admissions of one key at once.
-async fn flood(limiter: &Arc<Limiter>) -> Outcomes {
-    let limits = Arc::new(KeyLimits {
-        key: Subject {
-            id: "ns/flooded".into(),
-            limits: SubjectLimits { requests_per_minute: Some(100), ..Default::default() },
-        },
+fn key(id: &str) -> Arc<KeyLimits> {
+    Arc::new(KeyLimits {
+        key: Subject { id: id.into(), limits: SubjectLimits { requests_per_minute: Some(100), ..Default::default() } },
         team: None,
         failure_policy: None,
-    });
-    let tasks: Vec<_> = (0..FLOOD)
-        .map(|_| {
-            let (limiter, limits) = (limiter.clone(), limits.clone());
+    })
+}
+
+/// Sends `FLOOD` admissions of one key at once.
+async fn flood(limiter: &Arc<Limiter>) -> Outcomes {
+    admit_at_once(limiter, vec![key("ns/flooded"); FLOOD]).await
+}
+
+/// Sends one admission per entry at once and sorts their outcomes.
+async fn admit_at_once(limiter: &Arc<Limiter>, keys: Vec<Arc<KeyLimits>>) -> Outcomes {
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|limits| {
+            let limiter = limiter.clone();
             tokio::spawn(async move {
                 let admission = limiter.admission_at(&limits, 1, limiter.now_ms());
                 limiter.admit(admission).await
@@ -224,6 +241,18 @@ async fn flood(limiter: &Arc<Limiter>) -> Outcomes {
         }
     }
     out
+}
+
+/// Waits (up to 5 s) until the store has been given back every admission it made that no
+/// request took; returns how many that was.
+async fn unclaimed_given_back(seen: &Seen, taken: usize) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let unclaimed = || seen.admitted.load(Ordering::SeqCst) - taken as i64;
+    while seen.given_back.load(Ordering::SeqCst) < unclaimed() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.given_back.load(Ordering::SeqCst), unclaimed(), "every unclaimed admission is given back");
+    unclaimed()
 }
 
 fn rejections(registry: &Registry, reason: &str) -> u64 {
@@ -254,15 +283,36 @@ async fn a_flood_queued_past_the_timeout_is_refused_not_let_through_by_the_open_
     assert_eq!(rejections(&registry, "store_busy"), out.busy as u64);
     // The call out when they stopped waiting was answered and counted by the store: what it
     // admitted for nobody is given back (settlements flush every 50 ms).
-    let seen = &store.seen;
     tokio::time::sleep(SCRIPT_DELAY * 2).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let unclaimed = || seen.admitted.load(Ordering::SeqCst) - out.admitted as i64;
-    while seen.given_back.load(Ordering::SeqCst) < unclaimed() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(unclaimed() > 0, "a call was out when the requests stopped waiting: {out:?}");
-    assert_eq!(seen.given_back.load(Ordering::SeqCst), unclaimed(), "every unclaimed admission is given back");
+    let unclaimed = unclaimed_given_back(&store.seen, out.admitted).await;
+    assert!(unclaimed > 0, "a call was out when the requests stopped waiting: {out:?}");
+}
+
+/// A store that answers each call a quarter of its timeout after the last, sent calls of many
+/// keys at once: the first few are answered in time, the rest late, while the store is
+/// answering (as when the store is slow, or the gateway too busy to read its answers at once).
+/// A late call is not a store that is down: those requests are refused as busy, the store stays
+/// shared for every key (the `open` policy would have let them all through), and what the late
+/// answers admitted is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_answered_late_while_the_store_answers_are_busy_not_a_store_that_is_down() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    const KEYS: usize = 12;
+    let store = FakeRedis::answering_after(TIMEOUT / 4).await;
+    let (limiter, registry) = limiter_with_timeout(&store, FailurePolicy::Open, TIMEOUT).await;
+    let keys = (0..KEYS).map(|i| key(&format!("ns/key-{i}"))).collect();
+    let out = admit_at_once(&limiter, keys).await;
+    eprintln!("{out:?}");
+    assert!(out.admitted > 0, "the first calls were answered in time: {out:?}");
+    assert!(out.busy > 0, "the calls answered after the timeout are refused as busy: {out:?}");
+    assert_eq!(out.unavailable, 0);
+    assert_eq!(rejections(&registry, "store_busy"), out.busy as u64);
+    assert_eq!(limiter.mode_name(FailurePolicy::Open), "shared", "a store that answers is not marked down");
+    // The last answer lands 12 quarter-timeouts after the calls went out.
+    tokio::time::sleep(TIMEOUT * 2).await;
+    let unclaimed = unclaimed_given_back(&store.seen, out.admitted).await;
+    assert_eq!(unclaimed, out.busy as i64, "each late answer's admission is given back: {out:?}");
+    assert_eq!(limiter.mode_name(FailurePolicy::Open), "shared");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,13 @@
 //! order, so this changes the number of round trips and nothing else. Keys of one subject share a hash tag
 //! (`{pcl:<digest>}`), so a script only ever touches one slot and works on Redis Cluster; the
 //! digest keeps names and addresses out of Redis. Time comes from Redis (`TIME`), so replicas
-//! with skewed clocks still share one window. Every call has a tight timeout; a failure marks
-//! the store unhealthy until a background probe sees it answer again.
+//! with skewed clocks still share one window. Every call has a tight timeout. A call the store
+//! fails, or leaves unanswered while it answers nothing else, marks it unhealthy until a
+//! background probe sees it answer again; a call left unanswered while other answers arrive is
+//! only late (its requests are refused as busy, and what its answer admits is given back).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -234,6 +236,11 @@ const FLUSH_CALLS_AT_ONCE: usize = 16;
 /// Granules of owed settlements kept per lane while the store is down (one minute's worth).
 const MAX_OWED_PER_LANE: usize = GRANULES as usize;
 
+/// How long an admit call's answer is waited for after its requests stopped waiting for it.
+fn late_answer_bound(timeout: Duration) -> Duration {
+    (timeout * 20).max(Duration::from_secs(1))
+}
+
 /// The connection, the scripts, the health flag and the slices, shared with the batch drainers
 /// and the flusher.
 #[derive(Debug)]
@@ -245,6 +252,9 @@ struct Shared {
     auth_failed: Script,
     healthy: AtomicBool,
     timeout: Duration,
+    /// When the store last answered a call, in µs since `epoch` (see [`Shared::timed_out`]).
+    answered_us: AtomicU64,
+    epoch: Instant,
     errors: IntCounterVec,
     slices: Slices<AdmitLane>,
     /// Settlements of sliced subjects and unspent slices, summed per granule until the next flush.
@@ -339,8 +349,8 @@ impl Drop for TeamHold<'_> {
 #[derive(Debug)]
 pub struct RedisStore {
     shared: Arc<Shared>,
-    /// `None` for an item: the store failed to decide it.
-    admits: Arc<Batcher<AdmitLane, AdmitItem, Option<AdmitReply>>>,
+    /// Each item's answer, or why the store gave none.
+    admits: Arc<Batcher<AdmitLane, AdmitItem, Result<AdmitReply, Unanswered>>>,
     settles: Arc<Batcher<SettleLane, SettleItem, ()>>,
     /// Lockout lookups, one lane per client address.
     locks: Arc<Batcher<String, (), i64>>,
@@ -391,44 +401,89 @@ impl Shared {
         }
     }
 
-    /// Runs `call` under the timeout; marks the store unhealthy on failure.
-    async fn call<T, F>(&self, kind: &str, call: F) -> Result<T, ()>
+    /// Notes that the store answered a call just now.
+    fn answered(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        self.answered_us.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// What a call that went unanswered for the whole timeout says. The store answers one
+    /// connection's calls in order, so when another answer has arrived since this call was sent,
+    /// the store is answering and this call waits behind the calls ahead of it: it is late, not
+    /// lost (a store that takes its time, or a gateway too busy to read its answers at once), and
+    /// the store is not marked down for it, which would hand every key to its failure policy.
+    /// When nothing has arrived since, the store has said nothing for a whole timeout: down.
+    fn timed_out(&self, kind: &str, sent: Instant) -> Unanswered {
+        let sent_us = sent.saturating_duration_since(self.epoch).as_micros() as u64;
+        if self.answered_us.load(Ordering::Relaxed) > sent_us {
+            self.errors.with_label_values(&[kind]).inc();
+            Unanswered::Busy
+        } else {
+            self.failed(kind, "timed out");
+            Unanswered::Failed
+        }
+    }
+
+    /// Judges a call's outcome (`Err(Elapsed)`: no outcome within the timeout); marks the
+    /// store down on a failure, not on a late answer ([`Self::timed_out`]).
+    fn judge<T>(
+        &self,
+        kind: &str,
+        sent: Instant,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, Unanswered> {
+        match outcome {
+            Ok(Ok(value)) => {
+                self.answered();
+                Ok(value)
+            }
+            Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(kind, sent)),
+            Ok(Err(e)) => {
+                self.failed(kind, &e.to_string());
+                Err(Unanswered::Failed)
+            }
+            Err(_) => Err(self.timed_out(kind, sent)),
+        }
+    }
+
+    /// Runs `call` under the timeout.
+    async fn call<T, F>(&self, kind: &str, call: F) -> Result<T, Unanswered>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                self.failed(kind, &e.to_string());
-                Err(())
-            }
-            Err(_) => {
-                self.failed(kind, "timed out");
-                Err(())
-            }
-        }
+        let sent = Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, call).await;
+        self.judge(kind, sent, outcome)
     }
 
     /// Decides a batch: from the lane's slice what fits (a slice may have arrived while the
     /// batch waited), the rest in one script call that also takes the next slice. When that call
     /// fails, the items the slice admitted keep their answers; the others fail.
-    async fn admit_batch(self: &Arc<Self>, lane: &AdmitLane, items: &[AdmitItem]) -> Vec<Option<AdmitReply>> {
+    async fn admit_batch(
+        self: &Arc<Self>,
+        lane: &AdmitLane,
+        items: &[AdmitItem],
+    ) -> Vec<Result<AdmitReply, Unanswered>> {
         let sent = Instant::now();
-        let mut replies: Vec<Option<AdmitReply>> = items
+        let from_slice: Vec<Option<AdmitReply>> = items
             .iter()
             .map(|item| if item.sliced { self.slices.take(lane, &lane.limits, item.cost, sent) } else { None })
             .collect();
         let remote: Vec<AdmitItem> =
-            items.iter().zip(&replies).filter(|(_, reply)| reply.is_none()).map(|(item, _)| *item).collect();
-        if !remote.is_empty() {
-            if let Some(decided) = self.admit_remote(lane, &remote, sent).await {
-                let mut decided = decided.into_iter();
-                for reply in replies.iter_mut().filter(|r| r.is_none()) {
-                    *reply = decided.next();
-                }
-            }
-        }
-        replies
+            items.iter().zip(&from_slice).filter(|(_, reply)| reply.is_none()).map(|(item, _)| *item).collect();
+        let mut decided = if remote.is_empty() {
+            Ok(Vec::new().into_iter())
+        } else {
+            self.admit_remote(lane, &remote, sent).await.map(Vec::into_iter)
+        };
+        from_slice
+            .into_iter()
+            .map(|reply| match (reply, &mut decided) {
+                (Some(reply), _) => Ok(reply),
+                (None, Ok(decided)) => decided.next().ok_or(Unanswered::Failed),
+                (None, Err(unanswered)) => Err(*unanswered),
+            })
+            .collect()
     }
 
     async fn admit_remote(
@@ -436,37 +491,65 @@ impl Shared {
         lane: &AdmitLane,
         items: &[AdmitItem],
         sent: Instant,
-    ) -> Option<Vec<AdmitReply>> {
+    ) -> Result<Vec<AdmitReply>, Unanswered> {
         let sliced = items.iter().any(|item| item.sliced);
         let costs: Vec<u64> = items.iter().map(|item| item.cost).collect();
         let want = if sliced { self.slices.want(lane, &lane.limits, &costs, sent) } else { (0, 0) };
-        let mut invocation = self.admit.prepare_invoke();
-        for key in subject_keys(&lane.subject, lane.day, lane.month) {
-            invocation.key(key);
-        }
         let ttl = |f: fn(&AdmitItem) -> u64| items.iter().map(f).max().unwrap_or(0) + 86_400_000;
-        invocation
-            .arg(GRANULE_MS)
-            .arg(GRANULES)
-            .arg(lane.limits[0])
-            .arg(lane.limits[1])
-            .arg(lane.limits[2])
-            .arg(lane.limits[3])
-            .arg(ttl(|i| i.day_ttl_ms))
-            .arg(ttl(|i| i.month_ttl_ms))
-            .arg(want.0)
-            .arg(want.1);
-        for cost in &costs {
-            invocation.arg(*cost);
-        }
-        let mut connection = self.connection.clone();
-        let reply: Vec<i64> = self.call("admit", invocation.invoke_async(&mut connection)).await.ok()?;
+        let mut args = vec![
+            GRANULE_MS,
+            GRANULES,
+            lane.limits[0],
+            lane.limits[1],
+            lane.limits[2],
+            lane.limits[3],
+            ttl(|i| i.day_ttl_ms),
+            ttl(|i| i.month_ttl_ms),
+            want.0,
+            want.1,
+        ];
+        args.extend(&costs);
+        // The call runs on its own task, so that an answer arriving after the timeout (the
+        // requests refused meanwhile) is still read and what it admitted given back.
+        let (answer, mut outcome) = tokio::sync::oneshot::channel();
+        let (shared, task_lane) = (self.clone(), lane.clone());
+        let called = Instant::now();
+        tokio::spawn(async move {
+            let mut invocation = shared.admit.prepare_invoke();
+            for key in subject_keys(&task_lane.subject, task_lane.day, task_lane.month) {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(*arg);
+            }
+            let mut connection = shared.connection.clone();
+            let late = late_answer_bound(shared.timeout);
+            let reply = tokio::time::timeout(late, invocation.invoke_async::<Vec<i64>>(&mut connection)).await;
+            if matches!(reply, Ok(Ok(_))) {
+                shared.answered();
+            }
+            if let Err(Ok(Ok(late))) = answer.send(reply) {
+                shared.give_back_late(&task_lane, &costs, &late);
+            }
+        });
+        let reply = match tokio::time::timeout(self.timeout, &mut outcome).await {
+            Ok(Ok(reply)) => reply,
+            // The task ended without an answer (the runtime is shutting down).
+            Ok(Err(_)) => return Err(Unanswered::Failed),
+            // No answer in time; one that lands now is still taken, and after the channel is
+            // closed the task gives it back.
+            Err(elapsed) => {
+                outcome.close();
+                outcome.try_recv().unwrap_or(Err(elapsed))
+            }
+        };
+        let reply = self.judge("admit", called, reply)?;
         if reply.len() != (items.len() + 1) * 10 {
             self.failed("admit", "reply of the wrong length");
-            return None;
+            return Err(Unanswered::Failed);
         }
         let mut replies: Vec<AdmitReply> = reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect();
-        let trailer = replies.pop()?;
+        let trailer = replies.pop().ok_or(Unanswered::Failed)?;
         if sliced {
             let u = |v: i64| v.max(0) as u64;
             let grant = Grant {
@@ -491,7 +574,7 @@ impl Shared {
             }
             self.start_flusher();
         }
-        Some(replies)
+        Ok(replies)
     }
 
     /// Adds a settlement to what the next flush sends, summed with others of its granule.
@@ -528,6 +611,30 @@ impl Shared {
                 budget: if day > 0 || month > 0 { tokens } else { 0 },
             },
         );
+    }
+
+    /// Gives back what an answer admitted for a request that is no longer waiting for it.
+    fn give_back_admitted(&self, lane: &AdmitLane, cost: u64, reply: &AdmitReply) {
+        if reply[0] == 1 {
+            self.owe_refund(lane, Refund { granule: reply[5].max(0) as u64, requests: 1, tokens: cost });
+        }
+    }
+
+    /// Gives back all an admit call's answer reserved, when it arrived after its requests had
+    /// been answered without it: the requests it admitted and the slice it granted.
+    fn give_back_late(self: &Arc<Self>, lane: &AdmitLane, costs: &[u64], reply: &[i64]) {
+        if reply.len() != (costs.len() + 1) * 10 {
+            return;
+        }
+        let mut replies = reply.chunks_exact(10);
+        for (cost, reply) in costs.iter().zip(&mut replies) {
+            self.give_back_admitted(lane, *cost, &std::array::from_fn(|i| reply[i]));
+        }
+        if let Some(slice) = replies.next().filter(|t| t[0] > 0 || t[1] > 0) {
+            let u = |v: i64| v.max(0) as u64;
+            self.owe_refund(lane, Refund { granule: u(slice[9]), requests: u(slice[0]), tokens: u(slice[1]) });
+        }
+        self.start_flusher();
     }
 
     /// Starts the flusher once: every `FLUSH_EVERY` it ends the slices whose granule is over and
@@ -599,7 +706,9 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(timeout))
+            // Our own timeout judges each call; the connection keeps waiting longer, so that an
+            // admission's late answer is still read and given back.
+            .set_response_timeout(Some(late_answer_bound(timeout)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
@@ -613,6 +722,8 @@ impl RedisStore {
             auth_failed: Script::new(AUTH_FAILED),
             healthy: AtomicBool::new(false),
             timeout,
+            answered_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             errors,
             slices: Slices::default(),
             owed: Mutex::new(HashMap::new()),
@@ -623,16 +734,15 @@ impl RedisStore {
         let given_up = shared.clone();
         let admits = Batcher::for_admissions(
             MAX_BATCH,
-            move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Option<AdmitReply>> {
+            move |lane: AdmitLane, items: Vec<AdmitItem>| -> BatchFuture<Result<AdmitReply, Unanswered>> {
                 let s = s.clone();
                 Box::pin(async move { Some(s.admit_batch(&lane, &items).await) })
             },
             // Admitted after its request stopped waiting (refused as busy, or its client left):
             // counted for nobody, so given back with the next flush.
-            move |lane: &AdmitLane, item: AdmitItem, reply: Option<AdmitReply>| {
-                if let Some(reply) = reply.filter(|r| r[0] == 1) {
-                    let refund = Refund { granule: reply[5].max(0) as u64, requests: 1, tokens: item.cost };
-                    given_up.owe_refund(lane, refund);
+            move |lane: &AdmitLane, item: AdmitItem, reply: Result<AdmitReply, Unanswered>| {
+                if let Ok(reply) = reply {
+                    given_up.give_back_admitted(lane, item.cost, &reply);
                     given_up.start_flusher();
                 }
             },
@@ -665,16 +775,15 @@ impl RedisStore {
     /// One PING; flips the store back to healthy when it answers.
     pub async fn probe(&self) {
         let mut connection = self.shared.connection.clone();
+        let sent = Instant::now();
         let answered = tokio::time::timeout(
             self.shared.timeout.max(Duration::from_millis(100)),
             redis::cmd("PING").query_async::<String>(&mut connection),
         )
         .await;
-        let ok = matches!(answered, Ok(Ok(_)));
-        if ok && !self.shared.healthy.swap(true, Ordering::Relaxed) {
+        // A late PONG leaves the store as it was (see `Shared::timed_out`).
+        if self.shared.judge("probe", sent, answered).is_ok() && !self.shared.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared limit store reachable; limits are shared again");
-        } else if !ok {
-            self.shared.failed("probe", "no answer to PING");
         }
     }
 
@@ -704,12 +813,12 @@ impl RedisStore {
             month_ttl_ms: admission.period.month_reset_ms,
             sliced,
         };
-        // Each call fails within the timeout and marks the store down; an item waits for the
-        // call ahead of it and its own, so twice that tells a store that stopped answering
-        // (marked down by then) from a lane that is only queued deep.
+        // Each call is judged within the timeout (late: busy; unanswered: the store is marked
+        // down); an item waits for the call ahead of it and its own, so twice that tells a store
+        // that stopped answering (marked down by then) from a lane that is only queued deep.
         match tokio::time::timeout(self.shared.timeout * 2, self.admits.submit(lane, item)).await {
-            Ok(Some(Some(reply))) => Ok(reply),
-            Ok(_) => Err(Unanswered::Failed),
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(Unanswered::Failed),
             // Queued behind this lane's earlier calls while the store answers: the key is
             // flooded, not the store down. Its failure policy would let a flood of one key
             // through unlimited (`open`), or add an in-process allowance to what the store
