@@ -12,7 +12,7 @@
 //! must come back.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,12 +38,17 @@ const FLOOD: usize = 1 + 128 * 6;
 struct Seen {
     /// Each script call is answered after this long.
     script_delay: Duration,
+    /// Every reply is sent this many ms after its command was read, in order, whatever else is
+    /// out (a store further away, or behind, not a busier one).
+    latency_ms: AtomicU64,
     /// While false, nothing is answered any more (a store that stopped, not a slow one).
     answering: AtomicBool,
     /// Requests the fake admitted in its replies.
     admitted: AtomicI64,
     /// Requests given back by settlements.
     given_back: AtomicI64,
+    /// Requests granted as slices (`super::slice`) in admit replies.
+    sliced: AtomicI64,
 }
 
 struct FakeRedis {
@@ -114,30 +119,44 @@ fn requests_given_back(command: &[Vec<u8>]) -> i64 {
     command[9 + 2..].chunks(4).map(|s| -number(&s[1])).sum()
 }
 
-/// The admit script's reply: ten numbers per request (all admitted), then ten for the slice
-/// (none granted).
-fn admit_reply(command: &[Vec<u8>]) -> (Vec<u8>, i64) {
+/// The admit script's reply: ten numbers per request (all admitted), then ten for the slice:
+/// the requests it asked for (`ARGV[9]`, after `EVALSHA`, the digest, the key count and 6 keys),
+/// no tokens. Returns the reply, the requests admitted and the requests granted as a slice.
+fn admit_reply(command: &[Vec<u8>]) -> (Vec<u8>, i64, i64) {
     let keys = number(&command[2]) as usize;
     let costs = command.len() - 3 - keys - 10;
+    let slice = number(&command[3 + keys + 8]) as usize;
     let granule = (chrono::Utc::now().timestamp_millis() / 100) as usize;
     let mut values: Vec<usize> = Vec::new();
     for i in 0..costs {
         values.extend([1, 0, 0, i + 1, 0, granule, 0, 0, 60_000, 60_000]);
     }
-    values.extend([0, 0, 100, costs, 0, 0, 0, 60_000, 60_000, granule]);
+    values.extend([slice, 0, 100, costs, 0, 0, 0, 60_000, 60_000, granule]);
     let mut out = format!("*{}\r\n", values.len()).into_bytes();
     for v in values {
         out.extend(format!(":{v}\r\n").as_bytes());
     }
-    (out, costs as i64)
+    (out, costs as i64, slice as i64)
 }
 
-async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
+async fn serve(stream: TcpStream, seen: Arc<Seen>) {
+    let (mut reader, mut writer) = stream.into_split();
+    // Replies with the instant each may go out, written in order.
+    let (replies, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((at, reply)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if writer.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         while let Some((command, used)) = parse_command(&buf) {
             buf.drain(..used);
+            let read = tokio::time::Instant::now();
             if !seen.answering.load(Ordering::SeqCst) {
                 continue;
             }
@@ -153,18 +172,20 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
                     if !seen.answering.load(Ordering::SeqCst) {
                         continue;
                     }
-                    let (reply, admitted) = admit_reply(&command);
+                    let (reply, admitted, sliced) = admit_reply(&command);
                     seen.admitted.fetch_add(admitted, Ordering::SeqCst);
+                    seen.sliced.fetch_add(sliced, Ordering::SeqCst);
                     reply
                 }
                 // CLIENT SETINFO and the like at connection setup.
                 _ => b"+OK\r\n".to_vec(),
             };
-            if stream.write_all(&reply).await.is_err() {
+            let latency = Duration::from_millis(seen.latency_ms.load(Ordering::SeqCst));
+            if replies.send(((read + latency).max(tokio::time::Instant::now()), reply)).is_err() {
                 return;
             }
         }
-        match stream.read(&mut chunk).await {
+        match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -204,11 +225,19 @@ struct Outcomes {
     admitted: usize,
     busy: usize,
     unavailable: usize,
+    /// Refused by a limit (only the in-process limits of the `local` policy refuse: the fake
+    /// store admits everything).
+    refused: usize,
 }
 
 fn key(id: &str) -> Arc<KeyLimits> {
+    key_limited(id, 100)
+}
+
+/// A key limited to `rpm` requests a minute: from 400 it is admitted from slices.
+fn key_limited(id: &str, rpm: u64) -> Arc<KeyLimits> {
     Arc::new(KeyLimits {
-        key: Subject { id: id.into(), limits: SubjectLimits { requests_per_minute: Some(100), ..Default::default() } },
+        key: Subject { id: id.into(), limits: SubjectLimits { requests_per_minute: Some(rpm), ..Default::default() } },
         team: None,
         failure_policy: None,
     })
@@ -233,25 +262,33 @@ async fn admit_at_once(limiter: &Arc<Limiter>, keys: Vec<Arc<KeyLimits>>) -> Out
         .collect();
     let mut out = Outcomes::default();
     for task in tasks {
-        match task.await.expect("task") {
-            Ok(_) => out.admitted += 1,
-            Err(AdmitError::Busy) => out.busy += 1,
-            Err(AdmitError::Unavailable) => out.unavailable += 1,
-            Err(AdmitError::Refused(r)) => panic!("the fake store refuses nothing: {r:?}"),
-        }
+        out.count(task.await.expect("task"));
     }
     out
 }
 
+impl Outcomes {
+    fn count<T>(&mut self, outcome: Result<T, AdmitError>) {
+        match outcome {
+            Ok(_) => self.admitted += 1,
+            Err(AdmitError::Busy) => self.busy += 1,
+            Err(AdmitError::Unavailable) => self.unavailable += 1,
+            Err(AdmitError::Refused(_)) => self.refused += 1,
+        }
+    }
+}
+
 /// Waits (up to 5 s) until the store has been given back every admission it made that no
-/// request took; returns how many that was.
+/// request took, and every slice it granted (each test's keys take one request at most, so every
+/// slice ends unspent); returns the admissions no request took.
 async fn unclaimed_given_back(seen: &Seen, taken: usize) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     let unclaimed = || seen.admitted.load(Ordering::SeqCst) - taken as i64;
-    while seen.given_back.load(Ordering::SeqCst) < unclaimed() && Instant::now() < deadline {
+    let owed = || unclaimed() + seen.sliced.load(Ordering::SeqCst);
+    while seen.given_back.load(Ordering::SeqCst) < owed() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(seen.given_back.load(Ordering::SeqCst), unclaimed(), "every unclaimed admission is given back");
+    assert_eq!(seen.given_back.load(Ordering::SeqCst), owed(), "every unclaimed admission and slice is given back");
     unclaimed()
 }
 
@@ -300,7 +337,8 @@ async fn calls_answered_late_while_the_store_answers_are_busy_not_a_store_that_i
     const KEYS: usize = 12;
     let store = FakeRedis::answering_after(TIMEOUT / 4).await;
     let (limiter, registry) = limiter_with_timeout(&store, FailurePolicy::Open, TIMEOUT).await;
-    let keys = (0..KEYS).map(|i| key(&format!("ns/key-{i}"))).collect();
+    // Limits large enough to be admitted from slices: each call also asks for one.
+    let keys = (0..KEYS).map(|i| key_limited(&format!("ns/key-{i}"), 1_000)).collect();
     let out = admit_at_once(&limiter, keys).await;
     eprintln!("{out:?}");
     assert!(out.admitted > 0, "the first calls were answered in time: {out:?}");
@@ -312,6 +350,7 @@ async fn calls_answered_late_while_the_store_answers_are_busy_not_a_store_that_i
     tokio::time::sleep(TIMEOUT * 2).await;
     let unclaimed = unclaimed_given_back(&store.seen, out.admitted).await;
     assert_eq!(unclaimed, out.busy as i64, "each late answer's admission is given back: {out:?}");
+    assert!(store.seen.sliced.load(Ordering::SeqCst) >= KEYS as i64, "every call granted a slice");
     assert_eq!(limiter.mode_name(FailurePolicy::Open), "shared");
 }
 
@@ -320,9 +359,11 @@ async fn a_store_that_stops_answering_gets_the_failure_policy_not_busy() {
     let store = FakeRedis::start().await;
     let (limiter, registry) = limiter(&store, FailurePolicy::Closed).await;
     store.seen.answering.store(false, Ordering::SeqCst);
+    // A probe's answer sent just before is read before the flood's calls go out.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let out = flood(&limiter).await;
     eprintln!("{out:?}");
-    assert_eq!(out, Outcomes { admitted: 0, busy: 0, unavailable: FLOOD }, "every request gets the closed policy");
+    assert_eq!(out, Outcomes { unavailable: FLOOD, ..Default::default() }, "every request gets the closed policy");
     assert_eq!(rejections(&registry, "store_busy"), 0);
     assert_eq!(limiter.mode_name(FailurePolicy::Closed), "closed");
 }
@@ -356,4 +397,58 @@ async fn a_request_that_goes_away_gives_back_its_team_and_key_reservations() {
     }
     assert_eq!(seen.admitted.load(Ordering::SeqCst), 2, "the team and the key were each admitted once");
     assert_eq!(seen.given_back.load(Ordering::SeqCst), 2, "and both given back");
+}
+
+/// A store that falls further and further behind until it answers every call later than the
+/// timeout, under steady traffic: late answers keep arriving, so each call alone looks late,
+/// not lost. But once nothing has been answered within the timeout for max(20 × it, 1 s), the
+/// store is as good as down: the failure policy (here `local`) decides, instead of every
+/// request being refused as busy for as long as the store stays slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_answers_everything_late_gets_the_failure_policy() {
+    const TIMEOUT: Duration = Duration::from_millis(50);
+    let store = FakeRedis::answering_after(Duration::ZERO).await;
+    let (limiter, _registry) = limiter_with_timeout(&store, FailurePolicy::Local, TIMEOUT).await;
+    let started = Instant::now();
+    let run_for = Duration::from_millis(3_500);
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let (limiter, limits) = (limiter.clone(), key(&format!("ns/steady-{i}")));
+            tokio::spawn(async move {
+                // (when, outcome) of each request, while the run lasts.
+                let mut seen = Vec::new();
+                while started.elapsed() < run_for {
+                    let admission = limiter.admission_at(&limits, 1, limiter.now_ms());
+                    let mut one = Outcomes::default();
+                    one.count(limiter.admit(admission).await);
+                    seen.push((started.elapsed(), one));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    // Latency from 10 to 85 ms over a second, in 5 ms steps, then held.
+    for ms in (10..=85).step_by(5) {
+        store.seen.latency_ms.store(ms, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(65)).await;
+    }
+    let mut last_second = Outcomes::default();
+    for worker in workers {
+        for (at, one) in worker.await.expect("worker") {
+            if at >= run_for - Duration::from_secs(1) {
+                last_second.admitted += one.admitted;
+                last_second.busy += one.busy;
+                last_second.unavailable += one.unavailable;
+                last_second.refused += one.refused;
+            }
+        }
+    }
+    eprintln!("last second: {last_second:?}");
+    assert_eq!(limiter.mode_name(FailurePolicy::Local), "local", "the store is down");
+    assert_eq!(last_second.busy, 0, "nothing is refused as busy once the store is down: {last_second:?}");
+    // Decided in process (each key's 100 a minute are soon spent at this pace: refused by its
+    // limit, not as busy).
+    assert!(last_second.admitted + last_second.refused > 0, "the local policy decides: {last_second:?}");
+    assert_eq!(last_second.unavailable, 0);
 }

@@ -415,8 +415,9 @@ pub enum AdmitError {
     Refused(Refusal),
     /// The shared store is down and the policy is `closed`.
     Unavailable,
-    /// The shared store answers, but this key's decisions are queued past its timeout (a flood
-    /// of one key): refused whatever the policy, which is for a store that is down.
+    /// The shared store answers, but not this decision within its timeout (the call was answered
+    /// late, behind others, or a flood of one key queued it past twice the timeout): refused
+    /// whatever the policy, which is for a store that is down.
     Busy,
 }
 

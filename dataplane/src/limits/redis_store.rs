@@ -236,7 +236,23 @@ const FLUSH_CALLS_AT_ONCE: usize = 16;
 /// Granules of owed settlements kept per lane while the store is down (one minute's worth).
 const MAX_OWED_PER_LANE: usize = GRANULES as usize;
 
-/// How long an admit call's answer is waited for after its requests stopped waiting for it.
+/// Waits up to `limit` for `call`. Past it, lets the tasks already woken run first (among them
+/// the connection's, reading answers that have arrived) and looks once more: a gateway too busy
+/// to read an answer in time has not been left without one.
+async fn within<F: std::future::Future>(limit: Duration, call: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut call = std::pin::pin!(call);
+    match tokio::time::timeout(limit, &mut call).await {
+        Ok(output) => Ok(output),
+        Err(_) => {
+            // Woken again only after the runtime has polled its I/O driver.
+            tokio::task::yield_now().await;
+            tokio::time::timeout(Duration::ZERO, call).await
+        }
+    }
+}
+
+/// How long an admit call's answer is waited for after its requests stopped waiting for it; and
+/// how long a store that answers, but nothing within the timeout, is taken for late, not down.
 fn late_answer_bound(timeout: Duration) -> Duration {
     (timeout * 20).max(Duration::from_secs(1))
 }
@@ -252,8 +268,10 @@ struct Shared {
     auth_failed: Script,
     healthy: AtomicBool,
     timeout: Duration,
-    /// When the store last answered a call, in µs since `epoch` (see [`Shared::timed_out`]).
+    /// When the store last answered a call, and last answered one within the timeout, in µs
+    /// since `epoch` (see [`Shared::timed_out`]).
     answered_us: AtomicU64,
+    answered_in_time_us: AtomicU64,
     epoch: Instant,
     errors: IntCounterVec,
     slices: Slices<AdmitLane>,
@@ -324,7 +342,9 @@ type AdmitReply = slice::Reply;
 pub enum Unanswered {
     /// The call failed or the store is down: the key's failure policy decides.
     Failed,
-    /// The store answers, but this key's decisions are queued past the timeout: refused.
+    /// The store answers, but not this decision in time: its call was answered late (behind
+    /// other calls), or this key's decisions are queued past twice the timeout (a flood of one
+    /// key). Refused, whatever the policy.
     Busy,
 }
 
@@ -401,21 +421,32 @@ impl Shared {
         }
     }
 
-    /// Notes that the store answered a call just now.
-    fn answered(&self) {
-        let now = self.epoch.elapsed().as_micros() as u64;
-        self.answered_us.fetch_max(now, Ordering::Relaxed);
+    fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Notes that the store answered a call sent at `sent` just now.
+    fn answered(&self, sent: Instant) {
+        let now = Instant::now();
+        self.answered_us.fetch_max(self.micros(now), Ordering::Relaxed);
+        if now.saturating_duration_since(sent) <= self.timeout {
+            self.answered_in_time_us.fetch_max(self.micros(now), Ordering::Relaxed);
+        }
     }
 
     /// What a call that went unanswered for the whole timeout says. The store answers one
     /// connection's calls in order, so when another answer has arrived since this call was sent,
     /// the store is answering and this call waits behind the calls ahead of it: it is late, not
-    /// lost (a store that takes its time, or a gateway too busy to read its answers at once), and
-    /// the store is not marked down for it, which would hand every key to its failure policy.
-    /// When nothing has arrived since, the store has said nothing for a whole timeout: down.
+    /// lost (a store that falls behind for a moment, or a gateway too busy to read its answers at
+    /// once), and the store is not marked down for it, which would hand every key to its failure
+    /// policy. But a store that answers everything late is as good as down: once no call has been
+    /// answered within the timeout for `late_answer_bound`, or nothing has arrived since this call
+    /// was sent, the store is marked down.
     fn timed_out(&self, kind: &str, sent: Instant) -> Unanswered {
-        let sent_us = sent.saturating_duration_since(self.epoch).as_micros() as u64;
-        if self.answered_us.load(Ordering::Relaxed) > sent_us {
+        let now = self.micros(Instant::now());
+        let lately = now.saturating_sub(self.answered_in_time_us.load(Ordering::Relaxed));
+        let answering = self.answered_us.load(Ordering::Relaxed) > self.micros(sent);
+        if answering && lately < late_answer_bound(self.timeout).as_micros() as u64 {
             self.errors.with_label_values(&[kind]).inc();
             Unanswered::Busy
         } else {
@@ -434,7 +465,7 @@ impl Shared {
     ) -> Result<T, Unanswered> {
         match outcome {
             Ok(Ok(value)) => {
-                self.answered();
+                self.answered(sent);
                 Ok(value)
             }
             Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(kind, sent)),
@@ -452,7 +483,7 @@ impl Shared {
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let sent = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, call).await;
+        let outcome = within(self.timeout, call).await;
         self.judge(kind, sent, outcome)
     }
 
@@ -509,40 +540,32 @@ impl Shared {
             want.1,
         ];
         args.extend(&costs);
-        // The call runs on its own task, so that an answer arriving after the timeout (the
-        // requests refused meanwhile) is still read and what it admitted given back.
-        let (answer, mut outcome) = tokio::sync::oneshot::channel();
-        let (shared, task_lane) = (self.clone(), lane.clone());
-        let called = Instant::now();
-        tokio::spawn(async move {
+        let shared = self.clone();
+        let subject = lane.clone();
+        let mut call = Box::pin(async move {
             let mut invocation = shared.admit.prepare_invoke();
-            for key in subject_keys(&task_lane.subject, task_lane.day, task_lane.month) {
+            for key in subject_keys(&subject.subject, subject.day, subject.month) {
                 invocation.key(key);
             }
             for arg in &args {
                 invocation.arg(*arg);
             }
             let mut connection = shared.connection.clone();
-            let late = late_answer_bound(shared.timeout);
-            let reply = tokio::time::timeout(late, invocation.invoke_async::<Vec<i64>>(&mut connection)).await;
-            if matches!(reply, Ok(Ok(_))) {
-                shared.answered();
-            }
-            if let Err(Ok(Ok(late))) = answer.send(reply) {
-                shared.give_back_late(&task_lane, &costs, &late);
-            }
+            invocation.invoke_async::<Vec<i64>>(&mut connection).await
         });
-        let reply = match tokio::time::timeout(self.timeout, &mut outcome).await {
-            Ok(Ok(reply)) => reply,
-            // The task ended without an answer (the runtime is shutting down).
-            Ok(Err(_)) => return Err(Unanswered::Failed),
-            // No answer in time; one that lands now is still taken, and after the channel is
-            // closed the task gives it back.
-            Err(elapsed) => {
-                outcome.close();
-                outcome.try_recv().unwrap_or(Err(elapsed))
-            }
-        };
+        let called = Instant::now();
+        let reply = within(self.timeout, &mut call).await;
+        if reply.is_err() {
+            // Its requests are answered without it; an answer that comes later is still read
+            // and what it admitted given back.
+            let (shared, lane) = (self.clone(), lane.clone());
+            tokio::spawn(async move {
+                if let Ok(Ok(late)) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
+                    shared.answered(called);
+                    shared.give_back_late(&lane, &costs, &late);
+                }
+            });
+        }
         let reply = self.judge("admit", called, reply)?;
         if reply.len() != (items.len() + 1) * 10 {
             self.failed("admit", "reply of the wrong length");
@@ -723,6 +746,7 @@ impl RedisStore {
             healthy: AtomicBool::new(false),
             timeout,
             answered_us: AtomicU64::new(0),
+            answered_in_time_us: AtomicU64::new(0),
             epoch: Instant::now(),
             errors,
             slices: Slices::default(),
@@ -776,11 +800,7 @@ impl RedisStore {
     pub async fn probe(&self) {
         let mut connection = self.shared.connection.clone();
         let sent = Instant::now();
-        let answered = tokio::time::timeout(
-            self.shared.timeout.max(Duration::from_millis(100)),
-            redis::cmd("PING").query_async::<String>(&mut connection),
-        )
-        .await;
+        let answered = within(self.shared.timeout, redis::cmd("PING").query_async::<String>(&mut connection)).await;
         // A late PONG leaves the store as it was (see `Shared::timed_out`).
         if self.shared.judge("probe", sent, answered).is_ok() && !self.shared.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared limit store reachable; limits are shared again");
@@ -815,7 +835,8 @@ impl RedisStore {
         };
         // Each call is judged within the timeout (late: busy; unanswered: the store is marked
         // down); an item waits for the call ahead of it and its own, so twice that tells a store
-        // that stopped answering (marked down by then) from a lane that is only queued deep.
+        // that stopped answering (marked down by then, unless the call ahead was judged late)
+        // from a lane that is only queued deep.
         match tokio::time::timeout(self.shared.timeout * 2, self.admits.submit(lane, item)).await {
             Ok(Some(answer)) => answer,
             Ok(None) => Err(Unanswered::Failed),
@@ -964,5 +985,29 @@ impl RedisStore {
         let mut connection = self.shared.connection.clone();
         let remaining: i64 = self.shared.call("lockout", invocation.invoke_async(&mut connection)).await.ok()?;
         Some((remaining > 0).then_some(remaining as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer that has arrived but is read by a task the runtime has not run yet when the
+    /// deadline passes (here: a task whose timer fired with the waiter's, after the thread was
+    /// held up past both) is taken, not judged missing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_a_busy_runtime_has_not_read_by_the_deadline_is_taken() {
+        const LIMIT: Duration = Duration::from_millis(20);
+        for _ in 0..20 {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            // The connection's task: its answer is there once the timer it waits on fires.
+            tokio::spawn(async move {
+                tokio::time::sleep(LIMIT + Duration::from_millis(1)).await;
+                let _ = answer.send(());
+            });
+            // Something else holds the thread past both timers.
+            tokio::spawn(async { std::thread::sleep(LIMIT * 3) });
+            assert!(matches!(within(LIMIT, answered).await, Ok(Ok(()))), "the answer was there to read");
+        }
     }
 }
