@@ -801,7 +801,7 @@ impl RedisStore {
         let mut connection = self.shared.connection.clone();
         let sent = Instant::now();
         let answered = within(self.shared.timeout, redis::cmd("PING").query_async::<String>(&mut connection)).await;
-        // A late PONG leaves the store as it was (see `Shared::timed_out`).
+        // A late PONG is judged as any late answer (`Shared::timed_out`).
         if self.shared.judge("probe", sent, answered).is_ok() && !self.shared.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared limit store reachable; limits are shared again");
         }
