@@ -164,9 +164,10 @@ pub struct DataplaneArgs {
     #[arg(long, env = "PORTCULLIS_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// Seconds a Redis call may take. A call unanswered by then is refused as busy (503) while
-    /// Redis answers other calls, some within this time in the last max(20 × it, 1 s); when
-    /// Redis answers nothing, or nothing in time for that long, the failure policy applies.
+    /// Seconds a Redis call may take. An admission whose call is unanswered by then is refused
+    /// as busy (503) while Redis answers other calls, some of them within this time in the last
+    /// max(20 × it, 1 s); when Redis answers nothing, or nothing in time for that long, the
+    /// failure policy applies.
     #[arg(long, value_parser = seconds, default_value = "0.05")]
     pub redis_timeout: Duration,
 

@@ -7,9 +7,10 @@
 //! (`{pcl:<digest>}`), so a script only ever touches one slot and works on Redis Cluster; the
 //! digest keeps names and addresses out of Redis. Time comes from Redis (`TIME`), so replicas
 //! with skewed clocks still share one window. Every call has a tight timeout. A call the store
-//! fails, or leaves unanswered while it answers nothing else, marks it unhealthy until a
-//! background probe sees it answer again; a call left unanswered while other answers arrive is
-//! only late (its requests are refused as busy, and what its answer admits is given back).
+//! fails, or leaves unanswered while it answers nothing else (or has answered nothing in time for
+//! a while), marks it unhealthy until a background probe sees it answer again in time; a call
+//! left unanswered while other answers arrive is only late (an admission's requests are refused
+//! as busy, and what its answer admits is given back). See [`Shared::timed_out`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -236,23 +237,29 @@ const FLUSH_CALLS_AT_ONCE: usize = 16;
 /// Granules of owed settlements kept per lane while the store is down (one minute's worth).
 const MAX_OWED_PER_LANE: usize = GRANULES as usize;
 
-/// Waits up to `limit` for `call`. Past it, lets the tasks already woken run first (among them
-/// the connection's, reading answers that have arrived) and looks once more: a gateway too busy
-/// to read an answer in time has not been left without one.
+/// Waits up to `limit` for `call`. Past it, gives it a short grace (a tenth of `limit`, 1 to
+/// 10 ms) in which the tasks already woken can run (among them the connection's, reading answers
+/// that have arrived), and looks again: a gateway too busy to read an answer by the deadline has
+/// not been left without one. What comes within the grace counts as in time.
 async fn within<F: std::future::Future>(limit: Duration, call: F) -> Result<F::Output, tokio::time::error::Elapsed> {
     let mut call = std::pin::pin!(call);
     match tokio::time::timeout(limit, &mut call).await {
         Ok(output) => Ok(output),
         Err(_) => {
-            // Woken again only after the runtime has polled its I/O driver.
             tokio::task::yield_now().await;
-            tokio::time::timeout(Duration::ZERO, call).await
+            tokio::time::timeout(grace(limit), call).await
         }
     }
 }
 
-/// How long an admit call's answer is waited for after its requests stopped waiting for it; and
-/// how long a store that answers, but nothing within the timeout, is taken for late, not down.
+/// The second look's wait past a deadline of `limit` (see [`within`]).
+fn grace(limit: Duration) -> Duration {
+    (limit / 10).clamp(Duration::from_millis(1), Duration::from_millis(10))
+}
+
+/// How long after it was sent an admit call's answer is still read (to give back what it
+/// admitted); and how long a store that answers, but nothing within the timeout, is taken for
+/// late, not down.
 fn late_answer_bound(timeout: Duration) -> Duration {
     (timeout * 20).max(Duration::from_secs(1))
 }
@@ -425,12 +432,13 @@ impl Shared {
         at.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    /// Notes that the store answered a call sent at `sent` just now.
-    fn answered(&self, sent: Instant) {
-        let now = Instant::now();
-        self.answered_us.fetch_max(self.micros(now), Ordering::Relaxed);
-        if now.saturating_duration_since(sent) <= self.timeout {
-            self.answered_in_time_us.fetch_max(self.micros(now), Ordering::Relaxed);
+    /// Notes that the store answered a call just now, within the timeout (and its grace) or not.
+    fn answered(&self, in_time: bool) {
+        // At least 1: 0 stands for never.
+        let now = self.micros(Instant::now()).max(1);
+        self.answered_us.fetch_max(now, Ordering::Relaxed);
+        if in_time {
+            self.answered_in_time_us.fetch_max(now, Ordering::Relaxed);
         }
     }
 
@@ -443,10 +451,10 @@ impl Shared {
     /// answered within the timeout for `late_answer_bound`, or nothing has arrived since this call
     /// was sent, the store is marked down.
     fn timed_out(&self, kind: &str, sent: Instant) -> Unanswered {
-        let now = self.micros(Instant::now());
-        let lately = now.saturating_sub(self.answered_in_time_us.load(Ordering::Relaxed));
+        let in_time = self.answered_in_time_us.load(Ordering::Relaxed);
+        let lately = self.micros(Instant::now()).saturating_sub(in_time);
         let answering = self.answered_us.load(Ordering::Relaxed) > self.micros(sent);
-        if answering && lately < late_answer_bound(self.timeout).as_micros() as u64 {
+        if answering && in_time > 0 && lately < late_answer_bound(self.timeout).as_micros() as u64 {
             self.errors.with_label_values(&[kind]).inc();
             Unanswered::Busy
         } else {
@@ -455,8 +463,8 @@ impl Shared {
         }
     }
 
-    /// Judges a call's outcome (`Err(Elapsed)`: no outcome within the timeout); marks the
-    /// store down on a failure, not on a late answer ([`Self::timed_out`]).
+    /// Judges a call's outcome (`Err(Elapsed)`: none within the timeout and its grace); marks
+    /// the store down on a failure, and on a late answer only as [`Self::timed_out`] says.
     fn judge<T>(
         &self,
         kind: &str,
@@ -465,7 +473,7 @@ impl Shared {
     ) -> Result<T, Unanswered> {
         match outcome {
             Ok(Ok(value)) => {
-                self.answered(sent);
+                self.answered(true);
                 Ok(value)
             }
             Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(kind, sent)),
@@ -561,7 +569,7 @@ impl Shared {
             let (shared, lane) = (self.clone(), lane.clone());
             tokio::spawn(async move {
                 if let Ok(Ok(late)) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
-                    shared.answered(called);
+                    shared.answered(false);
                     shared.give_back_late(&lane, &costs, &late);
                 }
             });
@@ -833,11 +841,13 @@ impl RedisStore {
             month_ttl_ms: admission.period.month_reset_ms,
             sliced,
         };
-        // Each call is judged within the timeout (late: busy; unanswered: the store is marked
-        // down); an item waits for the call ahead of it and its own, so twice that tells a store
-        // that stopped answering (marked down by then, unless the call ahead was judged late)
-        // from a lane that is only queued deep.
-        match tokio::time::timeout(self.shared.timeout * 2, self.admits.submit(lane, item)).await {
+        // Each call is judged within the timeout and its grace (late: busy, or down once the
+        // store has answered nothing in time for a while; unanswered: down); an item waits for
+        // the call ahead of it and its own, so twice that tells a store that stopped answering
+        // (marked down by then, unless the call ahead was judged late) from a lane that is only
+        // queued deep.
+        let judged = self.shared.timeout + grace(self.shared.timeout);
+        match tokio::time::timeout(judged * 2 + Duration::from_millis(2), self.admits.submit(lane, item)).await {
             Ok(Some(answer)) => answer,
             Ok(None) => Err(Unanswered::Failed),
             // Queued behind this lane's earlier calls while the store answers: the key is
@@ -994,7 +1004,7 @@ mod tests {
 
     /// An answer that has arrived but is read by a task the runtime has not run yet when the
     /// deadline passes (here: a task whose timer fired with the waiter's, after the thread was
-    /// held up past both) is taken, not judged missing.
+    /// held up past both) is taken in the grace, not judged missing.
     #[tokio::test(flavor = "current_thread")]
     async fn an_answer_a_busy_runtime_has_not_read_by_the_deadline_is_taken() {
         const LIMIT: Duration = Duration::from_millis(20);
