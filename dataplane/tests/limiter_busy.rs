@@ -6,7 +6,8 @@
 //! after the timeout while it answers others is not down either.
 //!
 //! The store is a fake Redis on a loopback port that speaks just enough RESP for the client and
-//! answers every script call after a fixed delay, admitting everything: the queueing, not
+//! answers every script call after a fixed delay (and, when asked, every reply after a latency),
+//! admitting everything and granting the slices asked for: the queueing, not
 //! Redis's arithmetic, is under test (`redis_batch.rs` covers that against a real Redis). It
 //! also sums the settlements it is sent: what it admitted after the request stopped waiting
 //! must come back.
@@ -47,7 +48,7 @@ struct Seen {
     admitted: AtomicI64,
     /// Requests given back by settlements.
     given_back: AtomicI64,
-    /// Requests granted as slices (`super::slice`) in admit replies.
+    /// Requests granted as per-replica slices in admit replies.
     sliced: AtomicI64,
 }
 
