@@ -355,6 +355,30 @@ pub enum Unanswered {
     Busy,
 }
 
+/// The admit script's reply for `items` requests: each one's answer, then the slice granted
+/// (see `ADMIT_BODY`). `None` when its length is not that.
+fn split_admit_reply(reply: &[i64], items: usize) -> Option<(Vec<AdmitReply>, Grant)> {
+    if reply.len() != (items + 1) * 10 {
+        return None;
+    }
+    let mut replies: Vec<AdmitReply> = reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect();
+    let trailer = replies.pop()?;
+    let u = |v: i64| v.max(0) as u64;
+    let grant = Grant {
+        requests: u(trailer[0]),
+        tokens: u(trailer[1]),
+        ms_left: u(trailer[2]),
+        requests_used: u(trailer[3]),
+        tokens_used: u(trailer[4]),
+        day_used: u(trailer[5]),
+        month_used: u(trailer[6]),
+        requests_reset_ms: u(trailer[7]),
+        tokens_reset_ms: u(trailer[8]),
+        granule: u(trailer[9]),
+    };
+    Some((replies, grant))
+}
+
 /// A team reservation whose request is still waiting for its key's decision. Dropped while
 /// armed (the request went away: its client left, or it was cancelled), it is given back with
 /// the next flush instead of counting for nobody.
@@ -575,26 +599,11 @@ impl Shared {
             });
         }
         let reply = self.judge("admit", called, reply)?;
-        if reply.len() != (items.len() + 1) * 10 {
+        let Some((replies, grant)) = split_admit_reply(&reply, items.len()) else {
             self.failed("admit", "reply of the wrong length");
             return Err(Unanswered::Failed);
-        }
-        let mut replies: Vec<AdmitReply> = reply.chunks_exact(10).map(|c| std::array::from_fn(|i| c[i])).collect();
-        let trailer = replies.pop().ok_or(Unanswered::Failed)?;
+        };
         if sliced {
-            let u = |v: i64| v.max(0) as u64;
-            let grant = Grant {
-                requests: u(trailer[0]),
-                tokens: u(trailer[1]),
-                ms_left: u(trailer[2]),
-                requests_used: u(trailer[3]),
-                tokens_used: u(trailer[4]),
-                day_used: u(trailer[5]),
-                month_used: u(trailer[6]),
-                requests_reset_ms: u(trailer[7]),
-                tokens_reset_ms: u(trailer[8]),
-                granule: u(trailer[9]),
-            };
             let admitted = items
                 .iter()
                 .zip(&replies)
@@ -654,16 +663,12 @@ impl Shared {
     /// Gives back all an admit call's answer reserved, when it arrived after its requests had
     /// been answered without it: the requests it admitted and the slice it granted.
     fn give_back_late(self: &Arc<Self>, lane: &AdmitLane, costs: &[u64], reply: &[i64]) {
-        if reply.len() != (costs.len() + 1) * 10 {
-            return;
+        let Some((replies, slice)) = split_admit_reply(reply, costs.len()) else { return };
+        for (cost, reply) in costs.iter().zip(&replies) {
+            self.give_back_admitted(lane, *cost, reply);
         }
-        let mut replies = reply.chunks_exact(10);
-        for (cost, reply) in costs.iter().zip(&mut replies) {
-            self.give_back_admitted(lane, *cost, &std::array::from_fn(|i| reply[i]));
-        }
-        if let Some(slice) = replies.next().filter(|t| t[0] > 0 || t[1] > 0) {
-            let u = |v: i64| v.max(0) as u64;
-            self.owe_refund(lane, Refund { granule: u(slice[9]), requests: u(slice[0]), tokens: u(slice[1]) });
+        if slice.requests > 0 || slice.tokens > 0 {
+            self.owe_refund(lane, Refund { granule: slice.granule, requests: slice.requests, tokens: slice.tokens });
         }
         self.start_flusher();
     }
