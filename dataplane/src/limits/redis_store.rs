@@ -11,6 +11,10 @@
 //! a while), marks it unhealthy until a background probe sees it answer again in time; a call
 //! left unanswered while other answers arrive is only late (an admission's requests are refused
 //! as busy, and what its answer admits is given back). See [`Shared::timed_out`].
+//!
+//! The connection lives on a thread of its own ([`IoThread`]), not on the runtime that serves
+//! requests: answers are read, and timed, as they arrive, so a flooded gateway (every worker
+//! busy, or off the core) does not take its own slowness to read them for the store's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use prometheus::IntCounterVec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::{RedisResult, Script, ScriptInvocation};
 use sha2::{Digest, Sha256};
 
 use super::batch::{BatchFuture, Batcher};
@@ -238,9 +242,9 @@ const FLUSH_CALLS_AT_ONCE: usize = 16;
 const MAX_OWED_PER_LANE: usize = GRANULES as usize;
 
 /// Waits up to `limit` for `call`. Past it, gives it a short grace (a tenth of `limit`, 1 to
-/// 10 ms) in which the tasks already woken can run (among them the connection's, reading answers
-/// that have arrived), and looks again: a gateway too busy to read an answer by the deadline has
-/// not been left without one. What comes within the grace counts as in time.
+/// 10 ms) in which the tasks already woken can run, and looks again: a gateway too busy to look
+/// by the deadline has not been left without an answer. An answer that arrives on the store's
+/// thread within the grace counts as in time ([`Shared::in_time`]).
 async fn within<F: std::future::Future>(limit: Duration, call: F) -> Result<F::Output, tokio::time::error::Elapsed> {
     let mut call = std::pin::pin!(call);
     match tokio::time::timeout(limit, &mut call).await {
@@ -264,11 +268,45 @@ fn late_answer_bound(timeout: Duration) -> Duration {
     (timeout * 20).max(Duration::from_secs(1))
 }
 
+/// The store's own thread: a runtime of one worker that the connection lives on, and every call
+/// to the store runs on ([`Shared::on_io`]). Answers are read from the socket as they arrive and
+/// stamped there, whatever the runtime serving requests is doing: with every worker of that
+/// runtime busy (a flood), an answer left for one of them to read waited unread past its
+/// deadline, and the store was taken for down. Dropped, it stops at once; calls still out end
+/// unanswered.
+#[derive(Debug)]
+struct IoThread(Option<tokio::runtime::Runtime>);
+
+impl IoThread {
+    /// Starts the thread; returns it with the handle calls are spawned on.
+    fn start() -> anyhow::Result<(Self, tokio::runtime::Handle)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("portcullis-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("starting the Redis connection's thread: {e}"))?;
+        let handle = runtime.handle().clone();
+        Ok((Self(Some(runtime)), handle))
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        // Without waiting: the store may be dropped on a runtime's thread.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// The connection, the scripts, the health flag and the slices, shared with the batch drainers
 /// and the flusher.
 #[derive(Debug)]
 struct Shared {
     connection: ConnectionManager,
+    /// The store's thread ([`IoThread`]), where every call runs.
+    io: tokio::runtime::Handle,
     admit: Script,
     settle: Script,
     usage: Script,
@@ -405,6 +443,8 @@ pub struct RedisStore {
     settles: Arc<Batcher<SettleLane, SettleItem, ()>>,
     /// Lockout lookups, one lane per client address.
     locks: Arc<Batcher<String, (), i64>>,
+    /// Stops the store's thread when the store is dropped.
+    _io: IoThread,
 }
 
 fn settle_lane(subject: &Subject, period: Period) -> SettleLane {
@@ -456,14 +496,72 @@ impl Shared {
         at.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    /// Notes that the store answered a call just now, within the timeout (and its grace) or not.
-    fn answered(&self, in_time: bool) {
+    /// Whether an answer that arrived at `arrived` for a call sent at `sent` came within the
+    /// timeout and its grace.
+    fn in_time(&self, sent: Instant, arrived: Instant) -> bool {
+        arrived.saturating_duration_since(sent) <= self.timeout + grace(self.timeout)
+    }
+
+    /// Notes that the store answered a call at `at`, in time or not.
+    fn answered(&self, at: Instant, in_time: bool) {
         // At least 1: 0 stands for never.
-        let now = self.micros(Instant::now()).max(1);
-        self.answered_us.fetch_max(now, Ordering::Relaxed);
+        let at = self.micros(at).max(1);
+        self.answered_us.fetch_max(at, Ordering::Relaxed);
         if in_time {
-            self.answered_in_time_us.fetch_max(now, Ordering::Relaxed);
+            self.answered_in_time_us.fetch_max(at, Ordering::Relaxed);
         }
+    }
+
+    /// Runs `call` on the store's thread. The answer is stamped there as it arrives (see
+    /// [`Self::answered`]) and comes back with that moment, so that it is judged by when the store
+    /// answered, not by when a busy caller looked. The call is sent at once, before the returned
+    /// future is first polled.
+    fn on_io<T: Send + 'static>(
+        self: &Arc<Self>,
+        call: impl std::future::Future<Output = RedisResult<T>> + Send + 'static,
+    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let shared = self.clone();
+        let sent = Instant::now();
+        // On a store already dropped (its thread stopped) the task is dropped, and with it
+        // `answer`: the call ends unanswered.
+        self.io.spawn(async move {
+            let outcome = call.await;
+            let arrived = Instant::now();
+            if outcome.is_ok() {
+                shared.answered(arrived, shared.in_time(sent, arrived));
+            }
+            let _ = answer.send(outcome.map(|value| (value, arrived)));
+        });
+        async move {
+            answered.await.unwrap_or_else(|_| {
+                Err(std::io::Error::other("the Redis connection's thread has stopped").into())
+            })
+        }
+    }
+
+    /// Runs one of the scripts on the store's thread, with the keys and arguments `fill` adds.
+    fn script<T: redis::FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        script: fn(&Self) -> &Script,
+        fill: impl FnOnce(&mut ScriptInvocation<'_>) + Send + 'static,
+    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+        let shared = self.clone();
+        self.on_io(async move {
+            let mut invocation = script(&shared).prepare_invoke();
+            fill(&mut invocation);
+            let mut connection = shared.connection.clone();
+            invocation.invoke_async(&mut connection).await
+        })
+    }
+
+    /// Runs a plain command on the store's thread.
+    fn command<T: redis::FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        command: redis::Cmd,
+    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+        let mut connection = self.connection.clone();
+        self.on_io(async move { command.query_async(&mut connection).await })
     }
 
     /// What a call that went unanswered for the whole timeout says. The store answers one
@@ -488,18 +586,16 @@ impl Shared {
     }
 
     /// Judges a call's outcome (`Err(Elapsed)`: none within the timeout and its grace); marks
-    /// the store down on a failure, and on a late answer only as [`Self::timed_out`] says.
+    /// the store down on a failure, and on a late answer only as [`Self::timed_out`] says. An
+    /// answer was stamped when it arrived ([`Self::on_io`]).
     fn judge<T>(
         &self,
         kind: &str,
         sent: Instant,
-        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, Unanswered> {
         match outcome {
-            Ok(Ok(value)) => {
-                self.answered(true);
-                Ok(value)
-            }
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(kind, sent)),
             Ok(Err(e)) => {
                 self.failed(kind, &e.to_string());
@@ -509,14 +605,15 @@ impl Shared {
         }
     }
 
-    /// Runs `call` under the timeout.
-    async fn call<T, F>(&self, kind: &str, call: F) -> Result<T, Unanswered>
-    where
-        F: std::future::Future<Output = redis::RedisResult<T>>,
-    {
+    /// Waits for a call (sent by [`Self::on_io`]) under the timeout.
+    async fn call<T>(
+        &self,
+        kind: &str,
+        call: impl std::future::Future<Output = RedisResult<(T, Instant)>>,
+    ) -> Result<T, Unanswered> {
         let sent = Instant::now();
         let outcome = within(self.timeout, call).await;
-        self.judge(kind, sent, outcome)
+        self.judge(kind, sent, outcome).map(|(value, _)| value)
     }
 
     /// Decides a batch: from the lane's slice what fits (a slice may have arrived while the
@@ -572,33 +669,31 @@ impl Shared {
             want.1,
         ];
         args.extend(&costs);
-        let shared = self.clone();
         let subject = lane.clone();
-        let mut call = Box::pin(async move {
-            let mut invocation = shared.admit.prepare_invoke();
-            for key in subject_keys(&subject.subject, subject.day, subject.month) {
-                invocation.key(key);
-            }
-            for arg in &args {
-                invocation.arg(*arg);
-            }
-            let mut connection = shared.connection.clone();
-            invocation.invoke_async::<Vec<i64>>(&mut connection).await
-        });
         let called = Instant::now();
+        let mut call = Box::pin(self.script::<Vec<i64>>(
+            |s| &s.admit,
+            move |invocation| {
+                for key in subject_keys(&subject.subject, subject.day, subject.month) {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    invocation.arg(arg);
+                }
+            },
+        ));
         let reply = within(self.timeout, &mut call).await;
         if reply.is_err() {
             // Its requests are answered without it; an answer that comes later is still read
             // and what it admitted given back.
             let (shared, lane) = (self.clone(), lane.clone());
             tokio::spawn(async move {
-                if let Ok(Ok(late)) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
-                    shared.answered(false);
+                if let Ok(Ok((late, _))) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
                     shared.give_back_late(&lane, &costs, &late);
                 }
             });
         }
-        let reply = self.judge("admit", called, reply)?;
+        let (reply, _) = self.judge("admit", called, reply)?;
         let Some((replies, grant)) = split_admit_reply(&reply, items.len()) else {
             self.failed("admit", "reply of the wrong length");
             return Err(Unanswered::Failed);
@@ -702,7 +797,7 @@ impl Shared {
     /// (strict); a settlement above its reservation (a prompt of more tokens than its bytes ÷ 4)
     /// errs low by its excess. The windows heal within a minute, but a lost budget correction
     /// stays until the day or month ends.
-    async fn flush(&self, now: Instant) {
+    async fn flush(self: &Arc<Self>, now: Instant) {
         let _one_at_a_time = self.flushing.lock().await;
         for (lane, refund) in self.slices.expire(|lane| lane.limits, now) {
             self.owe_refund(&lane, refund);
@@ -715,24 +810,30 @@ impl Shared {
         futures_util::stream::iter(calls).buffer_unordered(FLUSH_CALLS_AT_ONCE).for_each(|_| async {}).await;
     }
 
-    async fn settle_batch(&self, lane: &SettleLane, items: &[SettleItem]) -> Option<Vec<()>> {
-        let mut invocation = self.settle.prepare_invoke();
-        for key in subject_keys(&lane.subject, lane.day, lane.month) {
-            invocation.key(key);
-        }
-        invocation.arg(GRANULE_MS).arg(GRANULES);
-        for item in items {
-            invocation.arg(item.granule).arg(item.requests).arg(item.tokens).arg(item.budget);
-        }
-        let mut connection = self.connection.clone();
-        self.call::<i64, _>("settle", invocation.invoke_async(&mut connection)).await.ok()?;
-        Some(vec![(); items.len()])
+    async fn settle_batch(self: &Arc<Self>, lane: &SettleLane, items: &[SettleItem]) -> Option<Vec<()>> {
+        let keys = subject_keys(&lane.subject, lane.day, lane.month);
+        let count = items.len();
+        let items = items.to_vec();
+        let call = self.script::<i64>(
+            |s| &s.settle,
+            move |invocation| {
+                for key in keys {
+                    invocation.key(key);
+                }
+                invocation.arg(GRANULE_MS).arg(GRANULES);
+                for item in items {
+                    invocation.arg(item.granule).arg(item.requests).arg(item.tokens).arg(item.budget);
+                }
+            },
+        );
+        self.call("settle", call).await.ok()?;
+        Some(vec![(); count])
     }
 
-    async fn lock_ttl(&self, client: &str, waiting: usize) -> Option<Vec<i64>> {
-        let lock = format!("{}:lock", tag("client", client));
-        let mut connection = self.connection.clone();
-        let ttl: i64 = self.call("lockout", redis::cmd("PTTL").arg(&lock).query_async(&mut connection)).await.ok()?;
+    async fn lock_ttl(self: &Arc<Self>, client: &str, waiting: usize) -> Option<Vec<i64>> {
+        let mut pttl = redis::cmd("PTTL");
+        pttl.arg(format!("{}:lock", tag("client", client)));
+        let ttl: i64 = self.call("lockout", self.command(pttl)).await.ok()?;
         Some(vec![ttl; waiting])
     }
 }
@@ -740,6 +841,7 @@ impl Shared {
 impl RedisStore {
     pub fn connect(url: &str, timeout: Duration, errors: IntCounterVec) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
+        let (io, handle) = IoThread::start()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
             // Our own timeout judges each call; the connection keeps waiting longer, so that an
@@ -748,10 +850,15 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?;
+        // The connection's tasks (and those it starts to reconnect) run on the store's thread.
+        let connection = {
+            let _on_io = handle.enter();
+            ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?
+        };
         let shared = Arc::new(Shared {
             connection,
+            io: handle,
             admit: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{ADMIT_BODY}")),
             settle: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{SETTLE_BODY}")),
             usage: Script::new(&format!("{WINDOW_SCRIPT_PRELUDE}{USAGE_BODY}")),
@@ -794,7 +901,7 @@ impl RedisStore {
             let s = s.clone();
             Box::pin(async move { s.lock_ttl(&client, items.len()).await })
         });
-        Ok(Self { shared, admits, settles, locks })
+        Ok(Self { shared, admits, settles, locks, _io: io })
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -809,14 +916,22 @@ impl RedisStore {
         }
     }
 
-    /// One PING; flips the store back to healthy when it answers.
+    /// One PING; flips the store back to healthy when it answers in time.
     pub async fn probe(&self) {
-        let mut connection = self.shared.connection.clone();
+        let shared = &self.shared;
         let sent = Instant::now();
-        let answered = within(self.shared.timeout, redis::cmd("PING").query_async::<String>(&mut connection)).await;
-        // A late PONG is judged as any late answer (`Shared::timed_out`).
-        if self.shared.judge("probe", sent, answered).is_ok() && !self.shared.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!("shared limit store reachable; limits are shared again");
+        let answered = within(shared.timeout, shared.command::<String>(redis::cmd("PING"))).await;
+        match shared.judge("probe", sent, answered) {
+            Ok((_, arrived)) if shared.in_time(sent, arrived) => {
+                if !shared.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("shared limit store reachable; limits are shared again");
+                }
+            }
+            // A late PONG (read late by a busy caller too) is judged as any late answer.
+            Ok(_) => {
+                shared.timed_out("probe", sent);
+            }
+            Err(_) => {}
         }
     }
 
@@ -969,13 +1084,17 @@ impl RedisStore {
     }
 
     pub async fn usage(&self, subject_id: &str, period: Period) -> Option<(u64, u64, u64, u64)> {
-        let mut invocation = self.shared.usage.prepare_invoke();
-        for key in subject_keys(subject_id, period.day, period.month) {
-            invocation.key(key);
-        }
-        invocation.arg(GRANULE_MS).arg(GRANULES);
-        let mut connection = self.shared.connection.clone();
-        let reply: Vec<i64> = self.shared.call("usage", invocation.invoke_async(&mut connection)).await.ok()?;
+        let keys = subject_keys(subject_id, period.day, period.month);
+        let call = self.shared.script::<Vec<i64>>(
+            |s| &s.usage,
+            move |invocation| {
+                for key in keys {
+                    invocation.key(key);
+                }
+                invocation.arg(GRANULE_MS).arg(GRANULES);
+            },
+        );
+        let reply = self.shared.call("usage", call).await.ok()?;
         let v = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         Some((v(0), v(1), v(2), v(3)))
     }
@@ -995,17 +1114,103 @@ impl RedisStore {
         backoff_ms: u64,
     ) -> Option<Option<u64>> {
         let t = tag("client", client);
-        let mut invocation = self.shared.auth_failed.prepare_invoke();
-        invocation.key(format!("{t}:fails")).key(format!("{t}:lock")).arg(threshold).arg(window_ms).arg(backoff_ms);
-        let mut connection = self.shared.connection.clone();
-        let remaining: i64 = self.shared.call("lockout", invocation.invoke_async(&mut connection)).await.ok()?;
+        let call = self.shared.script::<i64>(
+            |s| &s.auth_failed,
+            move |invocation| {
+                invocation.key(format!("{t}:fails")).key(format!("{t}:lock")).arg(threshold).arg(window_ms).arg(backoff_ms);
+            },
+        );
+        let remaining = self.shared.call("lockout", call).await.ok()?;
         Some((remaining > 0).then_some(remaining as u64))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    use std::io::{Read as _, Write as _};
+
+    /// A store on a thread of its own that answers every command at once: `+PONG` to a PING,
+    /// `+OK` to anything else (the client's setup). Its URL.
+    fn answering_store() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                std::thread::spawn(move || answer_commands(stream));
+            }
+        });
+        format!("redis://127.0.0.1:{port}/")
+    }
+
+    fn answer_commands(mut stream: std::net::TcpStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            // A command is an array of bulk strings: `*<n>\r\n` then n × `$<len>\r\n<bytes>\r\n`.
+            while let Some((name, used)) = command(&buf) {
+                buf.drain(..used);
+                let reply: &[u8] = if name.eq_ignore_ascii_case(b"PING") { b"+PONG\r\n" } else { b"+OK\r\n" };
+                if stream.write_all(reply).is_err() {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The first complete command in `buf`: its name and the bytes it takes.
+    fn command(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let line = |at: usize| -> Option<(&[u8], usize)> {
+            let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+            Some((&buf[at..end], end + 2))
+        };
+        let number = |bytes: &[u8]| std::str::from_utf8(bytes).ok()?.parse::<usize>().ok();
+        let (head, mut at) = line(0)?;
+        let parts = number(head.strip_prefix(b"*")?)?;
+        let mut name = None;
+        for _ in 0..parts {
+            let (len, start) = line(at)?;
+            let len = number(len.strip_prefix(b"$")?)?;
+            let part = buf.get(start..start + len)?;
+            name.get_or_insert_with(|| part.to_vec());
+            at = start + len + 2;
+        }
+        (at <= buf.len()).then(|| (name.unwrap_or_default(), at))
+    }
+
+    /// The store's answers are read and timed on its own thread as they arrive, while the
+    /// runtime that sent the call runs nothing at all (a flooded gateway): the call counts as
+    /// answered in time, not as a store gone quiet.
+    #[tokio::test(flavor = "current_thread")]
+    async fn answers_are_read_as_they_arrive_while_the_callers_runtime_is_held_up() {
+        const LIMIT: Duration = Duration::from_millis(50);
+        let errors = IntCounterVec::new(prometheus::Opts::new("errors", "errors"), &["kind"]).expect("counter");
+        let store = RedisStore::connect(&answering_store(), LIMIT, errors).expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.is_healthy() {
+            assert!(Instant::now() < deadline, "the store never answered the probe");
+            store.probe().await;
+        }
+        let shared = &store.shared;
+        for _ in 0..5 {
+            let sent = Instant::now();
+            let pong = shared.command::<String>(redis::cmd("PING"));
+            // Held past the deadline and its grace: nothing on this runtime runs meanwhile.
+            std::thread::sleep(LIMIT * 3);
+            let in_time = shared.answered_in_time_us.load(Ordering::Relaxed);
+            assert!(in_time > shared.micros(sent), "the answer was read and stamped while the caller was held up");
+            let (_, arrived) = shared.judge("probe", sent, within(LIMIT, pong).await).expect("answered");
+            assert!(shared.in_time(sent, arrived), "judged by when it arrived, not by when the caller looked");
+            assert!(store.is_healthy());
+        }
+    }
 
     /// An answer that has arrived but is read by a task the runtime has not run yet when the
     /// deadline passes (here: a task whose timer fired with the waiter's, after the thread was
