@@ -534,9 +534,9 @@ impl Shared {
             let _ = answer.send(outcome.map(|value| (value, arrived)));
         });
         async move {
-            answered.await.unwrap_or_else(|_| {
-                Err(std::io::Error::other("the Redis connection's thread has stopped").into())
-            })
+            answered
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("the Redis connection's thread has stopped").into()))
         }
     }
 
@@ -1117,7 +1117,12 @@ impl RedisStore {
         let call = self.shared.script::<i64>(
             |s| &s.auth_failed,
             move |invocation| {
-                invocation.key(format!("{t}:fails")).key(format!("{t}:lock")).arg(threshold).arg(window_ms).arg(backoff_ms);
+                invocation
+                    .key(format!("{t}:fails"))
+                    .key(format!("{t}:lock"))
+                    .arg(threshold)
+                    .arg(window_ms)
+                    .arg(backoff_ms);
             },
         );
         let remaining = self.shared.call("lockout", call).await.ok()?;
