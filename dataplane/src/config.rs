@@ -201,8 +201,9 @@ pub struct DataplaneArgs {
     #[arg(long, default_value_t = 512)]
     pub default_output_tokens: u64,
 
-    /// Threads serving traffic. 1 runs everything on one thread (no cross-thread wake-ups, the
-    /// fastest choice for a one-core container or sidecar); default: one per CPU.
+    /// Threads serving traffic. 1 serves every request on one thread (no cross-thread wake-ups
+    /// on a request's way, the fastest choice for a one-core container or sidecar); the Redis
+    /// connection, with `--redis-url`, has a thread of its own. Default: one per CPU.
     #[arg(long, env = "PORTCULLIS_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

@@ -575,7 +575,9 @@ impl Shared {
     fn timed_out(&self, kind: &str, sent: Instant) -> Unanswered {
         let in_time = self.answered_in_time_us.load(Ordering::Relaxed);
         let lately = self.micros(Instant::now()).saturating_sub(in_time);
-        let answering = self.answered_us.load(Ordering::Relaxed) > self.micros(sent);
+        // An answer in time is an answer too (the two stamps are written one after the other,
+        // on the store's thread, and may be seen here in either order).
+        let answering = self.answered_us.load(Ordering::Relaxed).max(in_time) > self.micros(sent);
         if answering && in_time > 0 && lately < late_answer_bound(self.timeout).as_micros() as u64 {
             self.errors.with_label_values(&[kind]).inc();
             Unanswered::Busy
@@ -927,9 +929,15 @@ impl RedisStore {
                     tracing::info!("shared limit store reachable; limits are shared again");
                 }
             }
-            // A late PONG (read late by a busy caller too) is judged as any late answer.
+            // A late PONG, read late by a busy caller too. It is an answer itself, so only
+            // another call answered in time since the PING was sent shows the store keeping up
+            // (then the PING only queued behind it); else the store is down, as with no PONG.
             Ok(_) => {
-                shared.timed_out("probe", sent);
+                if shared.answered_in_time_us.load(Ordering::Relaxed) > shared.micros(sent) {
+                    shared.errors.with_label_values(&["probe"]).inc();
+                } else {
+                    shared.failed("probe", "answered late");
+                }
             }
             Err(_) => {}
         }
@@ -1137,28 +1145,37 @@ mod tests {
 
     use std::io::{Read as _, Write as _};
 
-    /// A store on a thread of its own that answers every command at once: `+PONG` to a PING,
-    /// `+OK` to anything else (the client's setup). Its URL.
-    fn answering_store() -> String {
+    /// A store on a thread of its own that answers every command: `+PONG` to a PING, after the
+    /// ms in the returned counter (0 at first), and `+OK` at once to anything else (the
+    /// client's setup). Its URL and that counter.
+    fn answering_store() -> (String, Arc<AtomicU64>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        let pong_after_ms = Arc::new(AtomicU64::new(0));
+        let delay = pong_after_ms.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                std::thread::spawn(move || answer_commands(stream));
+                let delay = delay.clone();
+                std::thread::spawn(move || answer_commands(stream, &delay));
             }
         });
-        format!("redis://127.0.0.1:{port}/")
+        (format!("redis://127.0.0.1:{port}/"), pong_after_ms)
     }
 
-    fn answer_commands(mut stream: std::net::TcpStream) {
+    fn answer_commands(mut stream: std::net::TcpStream, pong_after_ms: &AtomicU64) {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
             // A command is an array of bulk strings: `*<n>\r\n` then n × `$<len>\r\n<bytes>\r\n`.
             while let Some((name, used)) = command(&buf) {
                 buf.drain(..used);
-                let reply: &[u8] = if name.eq_ignore_ascii_case(b"PING") { b"+PONG\r\n" } else { b"+OK\r\n" };
+                let reply: &[u8] = if name.eq_ignore_ascii_case(b"PING") {
+                    std::thread::sleep(Duration::from_millis(pong_after_ms.load(Ordering::SeqCst)));
+                    b"+PONG\r\n"
+                } else {
+                    b"+OK\r\n"
+                };
                 if stream.write_all(reply).is_err() {
                     return;
                 }
@@ -1195,14 +1212,9 @@ mod tests {
     /// answered in time, not as a store gone quiet.
     #[tokio::test(flavor = "current_thread")]
     async fn answers_are_read_as_they_arrive_while_the_callers_runtime_is_held_up() {
-        const LIMIT: Duration = Duration::from_millis(50);
-        let errors = IntCounterVec::new(prometheus::Opts::new("errors", "errors"), &["kind"]).expect("counter");
-        let store = RedisStore::connect(&answering_store(), LIMIT, errors).expect("connect");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !store.is_healthy() {
-            assert!(Instant::now() < deadline, "the store never answered the probe");
-            store.probe().await;
-        }
+        const LIMIT: Duration = Duration::from_millis(200);
+        let (url, _) = answering_store();
+        let store = healthy_store(&url, LIMIT).await;
         let shared = &store.shared;
         for _ in 0..5 {
             let sent = Instant::now();
@@ -1215,6 +1227,38 @@ mod tests {
             assert!(shared.in_time(sent, arrived), "judged by when it arrived, not by when the caller looked");
             assert!(store.is_healthy());
         }
+    }
+
+    /// A store connected to `url` that has answered a probe in time.
+    async fn healthy_store(url: &str, timeout: Duration) -> RedisStore {
+        let errors = IntCounterVec::new(prometheus::Opts::new("errors", "errors"), &["kind"]).expect("counter");
+        let store = RedisStore::connect(url, timeout, errors).expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.is_healthy() {
+            assert!(Instant::now() < deadline, "the store never answered the probe");
+            store.probe().await;
+        }
+        store
+    }
+
+    /// A PONG that comes after the timeout, while nothing else is answered, marks the store down
+    /// even when the probe, held up longer still, finds it waiting: it is its own answer, not a
+    /// sign of another call answered.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_late_pong_read_late_marks_an_otherwise_quiet_store_down() {
+        const LIMIT: Duration = Duration::from_millis(100);
+        let (url, pong_after_ms) = answering_store();
+        let store = Arc::new(healthy_store(&url, LIMIT).await);
+        pong_after_ms.store(LIMIT.as_millis() as u64 * 2, Ordering::SeqCst);
+        let probing = tokio::spawn({
+            let store = store.clone();
+            async move { store.probe().await }
+        });
+        // The probe sends its PING; then this thread is held until well after the PONG came.
+        tokio::task::yield_now().await;
+        std::thread::sleep(LIMIT * 5);
+        probing.await.expect("probe");
+        assert!(!store.is_healthy(), "a late PONG alone is no sign the store keeps up");
     }
 
     /// An answer that has arrived but is read by a task the runtime has not run yet when the
