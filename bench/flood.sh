@@ -8,7 +8,8 @@
 #   FLOOD_RUNS=2 FLOOD_THREADS=1 bench/flood.sh
 #
 # FLOOD_THREADS=1 pins the gateway to CPU 1 with --worker-threads 1 (wrk and Redis on CPU 0);
-# FLOOD_THREADS=2 pins it to CPU 1 with two worker threads. Needs redis-server, wrk, curl,
+# FLOOD_THREADS=2 pins it to CPU 1 with two worker threads. FLOOD_ARGS adds gateway flags (for
+# example "--busy-poll-us 500", with FLOOD_THREADS=1). Needs redis-server, wrk, curl,
 # taskset (bench/run.sh installs them) and a release build (cargo build --release -p
 # portcullis-dataplane).
 set -euo pipefail
@@ -18,6 +19,7 @@ conns=${FLOOD_CONNS:-6000}
 seconds=${FLOOD_SECONDS:-15}
 runs=${FLOOD_RUNS:-2}
 threads=${FLOOD_THREADS:-1}
+read -r -a extra <<<"${FLOOD_ARGS:-}"
 work=$(mktemp -d /tmp/portcullis-flood.XXXXXX)
 trap 'kill ${gw:-} 2>/dev/null || true; [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir "$work/m"
@@ -39,7 +41,7 @@ for run in $(seq "$runs"); do
     sleep 0.5
     taskset -c 1 "$bin" --manifests "$work/m" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
       --worker-threads "$threads" --redis-url "redis://127.0.0.1:$rport/" --limiter-failure-policy open \
-      > "$work/gw.log" 2>&1 &
+      ${extra[@]+"${extra[@]}"} > "$work/gw.log" 2>&1 &
     gw=$!
     for _ in $(seq 50); do
       curl -s "127.0.0.1:$admin/metrics" | grep -q 'portcullis_limiter_mode{mode="shared"} 1' && break
@@ -51,7 +53,7 @@ for run in $(seq "$runs"); do
     mode=$(grep -E '^portcullis_limiter_mode\{mode="[a-z]+"\} 1' <<<"$metrics" | sed 's/.*mode="\([a-z]*\)".*/\1/')
     downs=$(grep -c "shared limit store unavailable" "$work/gw.log" || true)
     rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
-    echo "run $run  $bin  threads $threads  conns $conns: admitted ${ok:-?} (limit 300/min), mode at end ${mode:-?}, store marked down ${downs} times, ${rps:-?} req/s"
+    echo "run $run  $bin  threads $threads ${FLOOD_ARGS:-} conns $conns: admitted ${ok:-?} (limit 300/min), mode at end ${mode:-?}, store marked down ${downs} times, ${rps:-?} req/s"
     kill "$gw"; wait "$gw" 2>/dev/null || true
     kill "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
     gw=""; redis_pid=""

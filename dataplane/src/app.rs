@@ -142,6 +142,13 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             lockout_backoff: args.lockout_backoff,
             trusted_proxies: args.trusted_proxies.clone(),
             default_output_tokens: args.default_output_tokens,
+            // A busy-polling thread never sleeps while traffic flows: a thread of the store's
+            // would wait for the core (see `StoreThread::Serving`).
+            redis_thread: if busy_poll_window.is_some() {
+                crate::limits::StoreThread::Serving
+            } else {
+                crate::limits::StoreThread::Own
+            },
         },
         Arc::new(crate::limits::SystemClock::default()),
         crate::limits::LimiterMetrics::register(metrics.registry())?,

@@ -203,7 +203,8 @@ pub struct DataplaneArgs {
 
     /// Threads serving traffic. 1 serves every request on one thread (no cross-thread wake-ups
     /// on a request's way, the fastest choice for a one-core container or sidecar); the Redis
-    /// connection, with `--redis-url`, has a thread of its own. Default: one per CPU.
+    /// connection, with `--redis-url`, has a thread of its own (not with `--busy-poll-us`).
+    /// Default: one per CPU.
     #[arg(long, env = "PORTCULLIS_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

@@ -15,7 +15,8 @@ fn main() -> ExitCode {
         // One thread serves everything; the blocking pool's threads (a manifest compile, a DNS
         // lookup) leave a second after their work instead of ten, so the process is
         // single-threaded again soon, and the kernel skips the per-syscall file reference count.
-        // (Not with `--redis-url`: the Redis connection keeps a thread of its own.)
+        // (Not with `--redis-url` unless busy polling: the Redis connection keeps a thread of
+        // its own.)
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_keep_alive(std::time::Duration::from_secs(1))

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_crds::v1alpha1::FailurePolicy;
 use portcullis_dataplane::limits::{
-    AdmitError, KeyLimits, Limiter, LimiterMetrics, LimiterSettings, Subject, SubjectLimits, SystemClock,
+    AdmitError, KeyLimits, Limiter, LimiterMetrics, LimiterSettings, StoreThread, Subject, SubjectLimits, SystemClock,
 };
 use prometheus::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -209,6 +209,7 @@ async fn limiter_with_timeout(store: &FakeRedis, policy: FailurePolicy, timeout:
         lockout_backoff: Duration::from_secs(60),
         trusted_proxies: Vec::new(),
         default_output_tokens: 100,
+        redis_thread: StoreThread::Own,
     };
     let metrics = LimiterMetrics::register(&registry).expect("metrics");
     let limiter = Limiter::new(settings, Arc::new(SystemClock::default()), metrics).expect("limiter");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_crds::v1alpha1::FailurePolicy;
-use portcullis_dataplane::limits::redis_store::RedisStore;
+use portcullis_dataplane::limits::redis_store::{RedisStore, StoreThread};
 use portcullis_dataplane::limits::{Admission, Decision, KeyLimits, Period, Subject, SubjectLimits, Which};
 use prometheus::{IntCounterVec, Opts};
 
@@ -61,7 +61,7 @@ fn start_redis() -> Option<Redis> {
 
 async fn store(redis: &Redis) -> Arc<RedisStore> {
     let errors = IntCounterVec::new(Opts::new("errors", "errors"), &["kind"]).expect("counter");
-    let store = RedisStore::connect(&redis.url, Duration::from_secs(3), errors).expect("connect");
+    let store = RedisStore::connect(&redis.url, Duration::from_secs(3), errors, StoreThread::Own).expect("connect");
     store.probe().await;
     assert!(store.is_healthy(), "redis answers PING");
     Arc::new(store)

@@ -36,6 +36,7 @@ use portcullis_crds::v1alpha1::FailurePolicy;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use memory::MemoryStore;
+pub use redis_store::StoreThread;
 use redis_store::{RedisStore, Unanswered};
 use window::Exceeded;
 
@@ -348,6 +349,8 @@ pub struct LimiterSettings {
     pub trusted_proxies: Vec<IpNet>,
     /// Tokens reserved for the output when a request sets no `max_tokens`.
     pub default_output_tokens: u64,
+    /// Where the shared store's connection lives.
+    pub redis_thread: StoreThread,
 }
 
 #[derive(Debug, Clone)]
@@ -424,7 +427,12 @@ pub enum AdmitError {
 impl Limiter {
     pub fn new(settings: LimiterSettings, clock: Arc<dyn Clock>, metrics: LimiterMetrics) -> anyhow::Result<Arc<Self>> {
         let redis = match &settings.redis_url {
-            Some(url) => Some(RedisStore::connect(url, settings.redis_timeout, metrics.store_errors.clone())?),
+            Some(url) => Some(RedisStore::connect(
+                url,
+                settings.redis_timeout,
+                metrics.store_errors.clone(),
+                settings.redis_thread,
+            )?),
             None => None,
         };
         let limiter = Arc::new(Self {
@@ -760,6 +768,7 @@ pub(crate) mod testing {
             lockout_backoff: Duration::from_secs(30),
             trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
             default_output_tokens: 100,
+            redis_thread: StoreThread::Own,
         };
         let metrics = LimiterMetrics::register(&Registry::new()).expect("metrics");
         Limiter::new(settings, clock, metrics).expect("limiter")
