@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use futures_util::StreamExt as _;
 use prometheus::IntCounterVec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -320,7 +321,8 @@ impl Drop for IoThread {
 struct Shared {
     connection: ConnectionManager,
     /// The store's thread ([`IoThread`]), where every call runs.
-    io: tokio::runtime::Handle,
+    /// `None`: no thread of its own ([`StoreThread::Serving`]); calls run in their callers.
+    io: Option<tokio::runtime::Handle>,
     admit: Script,
     settle: Script,
     usage: Script,
@@ -529,29 +531,35 @@ impl Shared {
     /// Runs `call` on the store's thread. The answer is stamped there as it arrives (see
     /// [`Self::answered`]) and comes back with that moment, so that it is judged by when the store
     /// answered, not by when a busy caller looked. The call is sent at once, before the returned
-    /// future is first polled.
+    /// future is first polled. Without a thread of its own the call runs in the returned future,
+    /// stamped when its caller reads the answer: a hop through a busy runtime's queue each way
+    /// would cost more than it tells.
     fn on_io<T: Send + 'static>(
         self: &Arc<Self>,
         call: impl std::future::Future<Output = RedisResult<T>> + Send + 'static,
     ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
-        let (answer, answered) = tokio::sync::oneshot::channel();
         let shared = self.clone();
         let sent = Instant::now();
-        // On a store already dropped (its thread stopped) the task is dropped, and with it
-        // `answer`: the call ends unanswered.
-        self.io.spawn(async move {
+        let stamped = async move {
             let outcome = call.await;
             let arrived = Instant::now();
             if outcome.is_ok() {
                 shared.answered(arrived, shared.in_time(sent, arrived));
             }
-            let _ = answer.send(outcome.map(|value| (value, arrived)));
+            outcome.map(|value| (value, arrived))
+        };
+        let Some(io) = &self.io else { return Either::Left(stamped) };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        // On a store already dropped (its thread stopped) the task is dropped, and with it
+        // `answer`: the call ends unanswered.
+        io.spawn(async move {
+            let _ = answer.send(stamped.await);
         });
-        async move {
+        Either::Right(async move {
             answered
                 .await
                 .unwrap_or_else(|_| Err(std::io::Error::other("the Redis connection's thread has stopped").into()))
-        }
+        })
     }
 
     /// Runs one of the scripts on the store's thread, with the keys and arguments `fill` adds.
@@ -856,16 +864,12 @@ impl Shared {
 
 impl RedisStore {
     /// A store at `url` (connected on first use), its connection living where `thread` says.
-    /// [`StoreThread::Serving`] must be called on that runtime.
+    /// With [`StoreThread::Serving`] it must be called on that runtime.
     pub fn connect(url: &str, timeout: Duration, errors: IntCounterVec, thread: StoreThread) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis-url is invalid: {e}"))?;
         let (io, handle) = match thread {
-            StoreThread::Own => IoThread::start().map(|(io, handle)| (Some(io), handle))?,
-            StoreThread::Serving => (
-                None,
-                tokio::runtime::Handle::try_current()
-                    .map_err(|_| anyhow::anyhow!("the Redis connection needs a runtime to live on"))?,
-            ),
+            StoreThread::Own => IoThread::start().map(|(io, handle)| (Some(io), Some(handle)))?,
+            StoreThread::Serving => (None, None),
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
@@ -875,9 +879,10 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         // Lazy: the gateway starts (and serves under its failure policy) while Redis is down.
-        // The connection's tasks (and those it starts to reconnect) run on the store's thread.
+        // The connection's tasks (and those it starts to reconnect) run on the store's thread,
+        // if it has one; else on the runtime `connect` is called on.
         let connection = {
-            let _on_io = handle.enter();
+            let _on_io = handle.as_ref().map(tokio::runtime::Handle::enter);
             ConnectionManager::new_lazy_with_config(client, config)
                 .map_err(|e| anyhow::anyhow!("connecting to Redis: {e}"))?
         };
