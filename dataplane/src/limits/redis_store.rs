@@ -531,29 +531,29 @@ impl Shared {
     /// Runs `call` on the store's thread. The answer is stamped there as it arrives (see
     /// [`Self::answered`]) and comes back with that moment, so that it is judged by when the store
     /// answered, not by when a busy caller looked. The call is sent at once, before the returned
-    /// future is first polled. Without a thread of its own the call runs in the returned future,
-    /// stamped when its caller reads the answer: a hop through a busy runtime's queue each way
-    /// would cost more than it tells.
+    /// future is first polled. Without a thread of its own the call runs in the returned future
+    /// (a hop through a busy runtime's queue each way would cost more than it tells), and comes
+    /// back without a moment: when its caller reads it is no measure of when it came, so the
+    /// caller stamps it, in time if read within its wait ([`Self::judge`]).
     fn on_io<T: Send + 'static>(
         self: &Arc<Self>,
         call: impl std::future::Future<Output = RedisResult<T>> + Send + 'static,
-    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+    ) -> impl std::future::Future<Output = RedisResult<(T, Option<Instant>)>> + Send + 'static {
+        let Some(io) = &self.io else {
+            return Either::Left(async move { call.await.map(|value| (value, None)) });
+        };
         let shared = self.clone();
         let sent = Instant::now();
-        let stamped = async move {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        // On a store already dropped (its thread stopped) the task is dropped, and with it
+        // `answer`: the call ends unanswered.
+        io.spawn(async move {
             let outcome = call.await;
             let arrived = Instant::now();
             if outcome.is_ok() {
                 shared.answered(arrived, shared.in_time(sent, arrived));
             }
-            outcome.map(|value| (value, arrived))
-        };
-        let Some(io) = &self.io else { return Either::Left(stamped) };
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        // On a store already dropped (its thread stopped) the task is dropped, and with it
-        // `answer`: the call ends unanswered.
-        io.spawn(async move {
-            let _ = answer.send(stamped.await);
+            let _ = answer.send(outcome.map(|value| (value, Some(arrived))));
         });
         Either::Right(async move {
             answered
@@ -567,7 +567,7 @@ impl Shared {
         self: &Arc<Self>,
         script: fn(&Self) -> &Script,
         fill: impl FnOnce(&mut ScriptInvocation<'_>) + Send + 'static,
-    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+    ) -> impl std::future::Future<Output = RedisResult<(T, Option<Instant>)>> + Send + 'static {
         let shared = self.clone();
         self.on_io(async move {
             let mut invocation = script(&shared).prepare_invoke();
@@ -581,7 +581,7 @@ impl Shared {
     fn command<T: redis::FromRedisValue + Send + 'static>(
         self: &Arc<Self>,
         command: redis::Cmd,
-    ) -> impl std::future::Future<Output = RedisResult<(T, Instant)>> + Send + 'static {
+    ) -> impl std::future::Future<Output = RedisResult<(T, Option<Instant>)>> + Send + 'static {
         let mut connection = self.connection.clone();
         self.on_io(async move { command.query_async(&mut connection).await })
     }
@@ -611,15 +611,21 @@ impl Shared {
 
     /// Judges a call's outcome (`Err(Elapsed)`: none within the timeout and its grace); marks
     /// the store down on a failure, and on a late answer only as [`Self::timed_out`] says. An
-    /// answer was stamped when it arrived ([`Self::on_io`]).
+    /// answer was stamped when it arrived ([`Self::on_io`]); one without that moment is stamped
+    /// here, in time.
     fn judge<T>(
         &self,
         kind: &str,
         sent: Instant,
-        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, Unanswered> {
+        outcome: Result<RedisResult<(T, Option<Instant>)>, tokio::time::error::Elapsed>,
+    ) -> Result<(T, Option<Instant>), Unanswered> {
         match outcome {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok((value, arrived))) => {
+                if arrived.is_none() {
+                    self.answered(Instant::now(), true);
+                }
+                Ok((value, arrived))
+            }
             Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(kind, sent)),
             Ok(Err(e)) => {
                 self.failed(kind, &e.to_string());
@@ -633,7 +639,7 @@ impl Shared {
     async fn call<T>(
         &self,
         kind: &str,
-        call: impl std::future::Future<Output = RedisResult<(T, Instant)>>,
+        call: impl std::future::Future<Output = RedisResult<(T, Option<Instant>)>>,
     ) -> Result<T, Unanswered> {
         let sent = Instant::now();
         let outcome = within(self.timeout, call).await;
@@ -712,7 +718,10 @@ impl Shared {
             // and what it admitted given back.
             let (shared, lane) = (self.clone(), lane.clone());
             tokio::spawn(async move {
-                if let Ok(Ok((late, _))) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
+                if let Ok(Ok((late, arrived))) = tokio::time::timeout(late_answer_bound(shared.timeout), call).await {
+                    if arrived.is_none() {
+                        shared.answered(Instant::now(), false);
+                    }
                     shared.give_back_late(&lane, &costs, &late);
                 }
             });
@@ -952,7 +961,7 @@ impl RedisStore {
         let sent = Instant::now();
         let answered = within(shared.timeout, shared.command::<String>(redis::cmd("PING"))).await;
         match shared.judge("probe", sent, answered) {
-            Ok((_, arrived)) if shared.in_time(sent, arrived) => {
+            Ok((_, arrived)) if arrived.is_none_or(|arrived| shared.in_time(sent, arrived)) => {
                 if !shared.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!("shared limit store reachable; limits are shared again");
                 }
@@ -1252,6 +1261,7 @@ mod tests {
             let in_time = shared.answered_in_time_us.load(Ordering::Relaxed);
             assert!(in_time > shared.micros(sent), "the answer was read and stamped while the caller was held up");
             let (_, arrived) = shared.judge("probe", sent, within(LIMIT, pong).await).expect("answered");
+            let arrived = arrived.expect("stamped on the store's thread");
             assert!(shared.in_time(sent, arrived), "judged by when it arrived, not by when the caller looked");
             assert!(store.is_healthy());
         }
