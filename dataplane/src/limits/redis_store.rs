@@ -1283,6 +1283,27 @@ mod tests {
         store
     }
 
+    /// Without a thread of its own, an answer read late by a held-up caller, but within its
+    /// wait, counts as in time: when it was read is no measure of when it came.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_read_late_in_the_callers_wait_counts_in_time_without_a_thread() {
+        const LIMIT: Duration = Duration::from_millis(50);
+        let (url, _) = answering_store();
+        let store = healthy_store_on(&url, LIMIT, StoreThread::Serving).await;
+        let shared = &store.shared;
+        for _ in 0..5 {
+            let sent = Instant::now();
+            let pong = Box::pin(shared.command::<String>(redis::cmd("PING")));
+            // The PING goes out on the first poll; then something holds the thread past the
+            // deadline and the grace.
+            tokio::spawn(async { std::thread::sleep(LIMIT * 3) });
+            let outcome = within(LIMIT, pong).await;
+            assert!(shared.judge("probe", sent, outcome).is_ok(), "read within the wait");
+            let in_time = shared.answered_in_time_us.load(Ordering::Relaxed);
+            assert!(in_time > shared.micros(sent), "read in the wait: in time");
+        }
+    }
+
     /// Threads of this process named as the store's thread is (nextest runs each test in a
     /// process of its own).
     fn store_threads() -> usize {
