@@ -17,7 +17,7 @@ use kube::runtime::watcher;
 use portcullis_crds::sealing::{KeyId, MasterKey};
 use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, ProviderCredential};
-use portcullis_operator::cluster::context::Context;
+use portcullis_operator::cluster::context::{Cache, Context};
 use portcullis_operator::cluster::metrics::Metrics;
 use portcullis_operator::cluster::{reconcile, snapshot};
 use portcullis_operator::error::Category;
@@ -709,4 +709,55 @@ async fn an_engaged_kill_switch_that_no_longer_reads_stays_engaged() {
 
 fn metadata_of_stop() -> Value {
     json!({"name": "stop", "namespace": "ai", "uid": "uid-stop", "generation": 1})
+}
+
+/// Promise 4 (never fail open), at start-up and on every change of leader: the first snapshot
+/// waits for every cache's first full listing. Written from a half-filled cache it would leave
+/// out an engaged KillSwitch (seen on a real API server: a new leader's first snapshot held no
+/// kill switches) or ApiKeys, until the next write.
+#[tokio::test]
+async fn nothing_is_written_until_every_cache_has_its_first_listing() {
+    let server = ApiServer::start(echo());
+    let (stores, mut feeds) = support::unlisted_stores();
+    let listings = stores.listings.clone();
+    let ctx = support::context(
+        server.client.clone(),
+        stores,
+        Arc::new(Metrics::new().unwrap()),
+        None,
+        None,
+        Default::default(),
+    );
+    let writing = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { snapshot::sync_snapshot(&ctx).await }
+    });
+    let settle = || tokio::time::sleep(Duration::from_millis(100));
+
+    // Every cache but the KillSwitches' has listed; that one holds part of its listing: nothing
+    // is written, nothing even read.
+    listings.mark(Cache::ApiKeys);
+    listings.mark(Cache::Credentials);
+    listings.mark(Cache::Secrets);
+    let engaged = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap();
+    feeds.kill_switches.apply_watcher_event(&watcher::Event::Init);
+    feeds.kill_switches.apply_watcher_event(&watcher::Event::InitApply(DeserializeGuard(Ok(engaged))));
+    settle().await;
+    assert!(!writing.is_finished(), "a snapshot was compiled before the KillSwitch listing was complete");
+    assert!(server.take().is_empty());
+
+    // The listing completes: the snapshot is written, with the engaged switch in it.
+    feeds.kill_switches.apply_watcher_event(&watcher::Event::InitDone);
+    listings.mark(Cache::KillSwitches);
+    let generation = tokio::time::timeout(Duration::from_secs(5), writing).await.unwrap().unwrap().unwrap();
+    assert_eq!(generation, Some(1));
+    let calls = server.take();
+    assert_eq!(lines(&calls), vec![format!("PATCH {SNAPSHOT_PATH}")]);
+    let snapshot = snapshot_in(&calls[0]);
+    assert_eq!(snapshot.content.kill_switches.len(), 1);
+    assert!(snapshot.content.kill_switches[0].active);
 }

@@ -49,6 +49,99 @@ pub struct Stores {
     pub kill_switches: Store<Guarded<KillSwitch>>,
     /// Every watched Secret's metadata; values are read on demand into [`Context::secret_values`].
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Which of the four hold their first full listing.
+    pub listings: Arc<Listings>,
+}
+
+impl Stores {
+    /// Waits until every cache holds its first full listing (at once, after that). A snapshot
+    /// compiled from a cache still filling leaves out what has not arrived: ApiKeys (their
+    /// callers get 401) or an engaged KillSwitch (traffic flows again in an emergency), until the
+    /// next write. Seen on a real API server: a new leader's first snapshot, written before its
+    /// KillSwitch listing came in, held no kill switches.
+    pub async fn listed(&self) {
+        self.listings.wait().await;
+    }
+}
+
+/// The caches the snapshot is compiled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cache {
+    ApiKeys,
+    Credentials,
+    KillSwitches,
+    Secrets,
+}
+
+/// Which caches hold their first full listing, flagged by the streams that fill them once the
+/// cache has taken the listing in ([`applied_and_listed`]).
+///
+/// Why not kube-runtime's `Store::wait_until_ready`: its future keeps one waker per store, and
+/// each controller already waits on its own store, so a second waiter leaves one of the two
+/// asleep for good. Seen on a real API server: no snapshot was ever written.
+#[derive(Debug, Default)]
+pub struct Listings {
+    listed: [AtomicBool; 4],
+    changed: Notify,
+}
+
+impl Listings {
+    /// Every cache listed; for tests and for a process that fills its caches itself.
+    pub fn all_listed() -> Self {
+        let listings = Self::default();
+        for cache in [Cache::ApiKeys, Cache::Credentials, Cache::KillSwitches, Cache::Secrets] {
+            listings.mark(cache);
+        }
+        listings
+    }
+
+    pub fn mark(&self, cache: Cache) {
+        self.listed[cache as usize].store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_listed(&self, cache: Cache) -> bool {
+        self.listed[cache as usize].load(Ordering::SeqCst)
+    }
+
+    fn all(&self) -> bool {
+        self.listed.iter().all(|flag| flag.load(Ordering::SeqCst))
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a mark in between is not missed.
+            notified.as_mut().enable();
+            if self.all() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The objects a cache-filling stream (a `reflector`) applies, flagging `cache` in `listings`
+/// when its first full listing is in: the reflector has swapped it into the cache by the time
+/// its `InitDone` passes here.
+pub fn applied_and_listed<K, S>(
+    events: S,
+    listings: Arc<Listings>,
+    cache: Cache,
+) -> impl futures_util::Stream<Item = Result<K, kube::runtime::watcher::Error>>
+where
+    S: futures_util::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>,
+{
+    use futures_util::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    events
+        .inspect(move |event| {
+            if matches!(event, Ok(kube::runtime::watcher::Event::InitDone)) {
+                listings.mark(cache);
+            }
+        })
+        .applied_objects()
 }
 
 impl fmt::Debug for Stores {
@@ -196,5 +289,65 @@ impl Context {
 
     pub fn current_keyring(&self) -> MasterKeyring {
         self.keyring.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+    use futures_util::StreamExt as _;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector::{self, reflector};
+    use kube::runtime::watcher::Event;
+
+    fn named(name: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    /// The flag goes up with the listing's end, and by then the cache holds the whole listing.
+    #[tokio::test]
+    async fn a_cache_is_flagged_listed_once_its_first_listing_is_in_it() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let listings = Arc::new(Listings::default());
+        let events = futures_util::stream::iter([
+            Ok(Event::Init),
+            Ok(Event::InitApply(named("a"))),
+            Ok(Event::InitApply(named("b"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(named("c"))),
+        ]);
+        let objects = applied_and_listed(reflector(writer, events), listings.clone(), Cache::KillSwitches);
+        let mut objects = std::pin::pin!(objects);
+        for name in ["a", "b"] {
+            assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some(name));
+            assert!(!listings.is_listed(Cache::KillSwitches), "flagged before the listing ended");
+            assert!(store.is_empty(), "the listing is taken in whole, at its end");
+        }
+        assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some("c"));
+        assert!(listings.is_listed(Cache::KillSwitches));
+        assert!(!listings.is_listed(Cache::ApiKeys));
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_listings_ends_with_the_last_one_and_not_before() {
+        let listings = Arc::new(Listings::default());
+        let waiting = tokio::spawn({
+            let listings = listings.clone();
+            async move { listings.wait().await }
+        });
+        for cache in [Cache::ApiKeys, Cache::Credentials, Cache::Secrets] {
+            listings.mark(cache);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!waiting.is_finished());
+        }
+        listings.mark(Cache::KillSwitches);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        // After that, at once.
+        tokio::time::timeout(Duration::from_millis(100), listings.wait()).await.unwrap();
     }
 }

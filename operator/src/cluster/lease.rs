@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
+use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::Api;
 
 use crate::error::{status_code, Error};
@@ -50,6 +52,12 @@ pub fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
     renewed.0.saturating_add(duration).is_ok_and(|end| end < now)
 }
 
+/// Whether anyone may take the lease at `now`: its holder gave it up ([`release`]), or its term
+/// ran out.
+pub fn free(spec: &LeaseSpec, now: Timestamp) -> bool {
+    spec.holder_identity.as_deref().is_none_or(str::is_empty) || expired(spec, now)
+}
+
 /// One attempt to acquire or renew. `Ok(true)` while this replica holds the lease.
 pub async fn try_acquire_or_renew(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, Error> {
     let now = Timestamp::now();
@@ -65,7 +73,7 @@ pub async fn try_acquire_or_renew(api: &Api<Lease>, settings: &LeaseSettings) ->
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
             let mine = spec.holder_identity.as_deref() == Some(settings.identity.as_str());
-            if !mine && !expired(&spec, now) {
+            if !mine && !free(&spec, now) {
                 return Ok(false);
             }
             lease.spec = Some(desired(settings, now, Some(&spec)));
@@ -80,7 +88,16 @@ pub async fn try_acquire_or_renew(api: &Api<Lease>, settings: &LeaseSettings) ->
 }
 
 /// Waits until this replica leads.
+///
+/// A standby tries again every `renew_every`, and at once when the Lease changes: a leader that
+/// stops cleanly gives the Lease up ([`release`]), and the standby that sees it go takes over
+/// within a round trip instead of when the term would have run out (a rolling update, a drained
+/// node). The watch is a shortcut only: without it (an error, RBAC without `watch`) the retries
+/// on the timer still take over.
 pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
+    let changes = watcher(api.clone(), config).default_backoff();
+    let mut changes = std::pin::pin!(changes);
     loop {
         match try_acquire_or_renew(api, settings).await {
             Ok(true) => {
@@ -90,8 +107,62 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) {
             Ok(false) => tracing::debug!(lease = %settings.name, "another replica leads"),
             Err(error) => tracing::warn!(%error, "leader election attempt failed"),
         }
-        tokio::time::sleep(settings.renew_every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(settings.renew_every) => {}
+            _ = changed(&mut changes) => {}
+        }
     }
+}
+
+/// Resolves when the watched Lease is changed or deleted (the initial listing does not count).
+/// Errors are the watcher's to retry, with its backoff; they wake nobody.
+async fn changed<S>(changes: &mut std::pin::Pin<&mut S>)
+where
+    S: futures_util::Stream<Item = Result<watcher::Event<Lease>, watcher::Error>>,
+{
+    loop {
+        match changes.next().await {
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => return,
+            Some(Ok(_)) => {}
+            Some(Err(error)) => tracing::debug!(%error, "leader Lease watch"),
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Gives the lease up, for a clean shutdown: call it only once this replica has stopped
+/// writing. The holder is cleared and the term shortened to a second (what client-go's
+/// `ReleaseOnCancel` writes), so a standby takes over at once. `Ok(false)` when the lease was
+/// no longer this replica's (or changed under it) and was left alone.
+pub async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, Error> {
+    let read = api.get_opt(&settings.name).await.map_err(Error::read(format!("Lease {}", settings.name)))?;
+    let Some(mut lease) = read else {
+        return Ok(false);
+    };
+    let Some(spec) = released(lease.spec.as_ref(), &settings.identity, Timestamp::now()) else {
+        return Ok(false);
+    };
+    lease.spec = Some(spec);
+    // The read resourceVersion is the precondition: a lease taken over meanwhile is not touched.
+    match api.replace(&settings.name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(e) if status_code(&e) == Some(409) => Ok(false),
+        Err(e) => Err(Error::write(format!("Lease {}", settings.name))(e)),
+    }
+}
+
+/// The spec that gives up a lease `identity` holds; `None` when someone else holds it.
+fn released(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Option<LeaseSpec> {
+    let spec = spec?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    Some(LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        renew_time: Some(MicroTime(now)),
+        ..spec.clone()
+    })
 }
 
 /// Renews the lease until it is lost; then clears `leading` and returns.
@@ -146,5 +217,39 @@ mod tests {
         let renewed = desired(&settings, t0, Some(&taken));
         assert_eq!(renewed.lease_transitions, Some(4));
         assert_eq!(renewed.acquire_time, taken.acquire_time);
+    }
+
+    #[test]
+    fn a_released_lease_is_free_at_once_and_only_the_holder_releases() {
+        let t0 = Timestamp::from_second(1_000_000).unwrap_or(Timestamp::UNIX_EPOCH);
+        let held = LeaseSpec {
+            holder_identity: Some("me".into()),
+            lease_duration_seconds: Some(15),
+            acquire_time: Some(MicroTime(t0)),
+            renew_time: Some(MicroTime(t0)),
+            lease_transitions: Some(2),
+            ..Default::default()
+        };
+        assert!(!free(&held, t0));
+        assert_eq!(released(Some(&held), "other", t0), None, "only the holder gives a lease up");
+        assert_eq!(released(None, "me", t0), None);
+
+        let given_up = released(Some(&held), "me", t0).unwrap_or_default();
+        assert_eq!(given_up.holder_identity, None);
+        assert_eq!(given_up.lease_transitions, Some(2));
+        assert!(free(&given_up, t0), "free the moment it is released, not when the term ends");
+        let blank = LeaseSpec { holder_identity: Some(String::new()), ..held.clone() };
+        assert!(free(&blank, t0), "client-go's empty holder counts as released too");
+
+        let settings = LeaseSettings {
+            name: "l".into(),
+            identity: "next".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(4),
+        };
+        let taken = desired(&settings, t0, Some(&given_up));
+        assert_eq!(taken.holder_identity.as_deref(), Some("next"));
+        assert_eq!(taken.lease_transitions, Some(3));
+        assert_eq!(taken.lease_duration_seconds, Some(15));
     }
 }

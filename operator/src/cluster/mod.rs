@@ -32,13 +32,15 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
 use tokio::sync::{mpsc, Notify};
 
-use self::context::{Backoff, Context, Guarded, Retrigger, Settings, SnapshotState, Stores};
+use self::context::{
+    applied_and_listed, Backoff, Cache, Context, Guarded, Listings, Retrigger, Settings, SnapshotState, Stores,
+};
 use self::secret_values::SecretValues;
 use crate::issuance::MANAGER;
 
@@ -143,7 +145,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         None => None,
     };
 
-    let lease_task = match &run.lease {
+    let mut lease_task = match &run.lease {
         Some(name) => {
             let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
             let lease = lease::LeaseSettings {
@@ -154,7 +156,8 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
             };
             lease::acquire(&api, &lease).await;
             leading.store(true, Ordering::SeqCst);
-            Some(tokio::spawn(lease::hold(api, lease, leading.clone())))
+            let holding = tokio::spawn(lease::hold(api.clone(), lease.clone(), leading.clone()));
+            Some((holding, api, lease))
         }
         None => {
             leading.store(true, Ordering::SeqCst);
@@ -192,14 +195,11 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     }
     let audit = audit.map(Arc::new);
 
-    let api_keys =
-        Controller::new(Api::<Guarded<ApiKey>>::all(client.clone()), watcher::Config::default().any_semantic());
-    let credentials = Controller::new(
-        Api::<Guarded<ProviderCredential>>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    );
-    let kill_switches =
-        Controller::new(Api::<Guarded<KillSwitch>>::all(client.clone()), watcher::Config::default().any_semantic());
+    // What Controller::new builds, with the caches' first listings flagged for the snapshot writer.
+    let listings = Arc::new(Listings::default());
+    let api_keys = controller::<ApiKey>(&client, &listings, Cache::ApiKeys);
+    let credentials = controller::<ProviderCredential>(&client, &listings, Cache::Credentials);
+    let kill_switches = controller::<KillSwitch>(&client, &listings, Cache::KillSwitches);
     let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let (ak_tx, ak_rx) = mpsc::unbounded_channel();
     let (pc_tx, pc_rx) = mpsc::unbounded_channel();
@@ -213,6 +213,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
             credentials: credentials.store(),
             kill_switches: kill_switches.store(),
             secrets: secret_store.clone(),
+            listings: listings.clone(),
         },
         pepper,
         keyring: Mutex::new(keyring),
@@ -260,7 +261,12 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     let secrets_task =
         tokio::spawn(secret_watch(client.clone()).default_backoff().reflect(secret_writer).for_each(move |event| {
             match event {
-                Ok(event) => secret_event(&secret_ctx, &event),
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        listings.mark(Cache::Secrets);
+                    }
+                    secret_event(&secret_ctx, &event)
+                }
                 Err(error) => tracing::warn!(%error, "Secret watch error"),
             }
             futures_util::future::ready(())
@@ -269,7 +275,6 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     // The snapshot writer: coalesces notifications; retries with backoff.
     let writer_ctx = ctx.clone();
     let writer_task = tokio::spawn(async move {
-        let _ = secret_store.wait_until_ready().await;
         let mut failures = 0u32;
         loop {
             match snapshot::sync_snapshot(&writer_ctx).await {
@@ -314,9 +319,9 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     tracing::info!(namespace = %settings.namespace, snapshot = %settings.snapshot_secret, "operator running");
 
     let lease_lost = async {
-        match lease_task {
-            Some(task) => {
-                let _ = task.await;
+        match lease_task.as_mut() {
+            Some((holding, _, _)) => {
+                let _ = holding.await;
             }
             None => std::future::pending::<()>().await,
         }
@@ -328,6 +333,26 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     };
     leading.store(false, Ordering::SeqCst);
     metrics.leader.set(0);
+    writer_task.abort();
+    checkpoint_task.abort();
+    acknowledgement_task.abort();
+    secrets_task.abort();
+    admin.abort();
+    if let Some((holding, api, lease)) = lease_task {
+        holding.abort();
+        if result.is_ok() {
+            // The reconcilers went with the select above; the writers are stopped before the
+            // Lease is given up, so the next leader never writes beside this one.
+            let _ = tokio::join!(writer_task, checkpoint_task, acknowledgement_task);
+            match tokio::time::timeout(Duration::from_secs(3), lease::release(&api, &lease)).await {
+                Ok(Ok(true)) => tracing::info!(lease = %lease.name, "leader Lease released"),
+                Ok(Ok(false)) => tracing::info!(lease = %lease.name, "leader Lease no longer held; left alone"),
+                Ok(Err(error)) => tracing::warn!(%error, "could not release the leader Lease; it runs out by itself"),
+                Err(_) => tracing::warn!("releasing the leader Lease timed out; it runs out by itself"),
+            }
+        }
+    }
+    // After the Lease: the next leader labels its own Pod as soon as it leads.
     if let Some(task) = webhook {
         task.abort();
         if let Some(label) = webhook_label {
@@ -335,12 +360,19 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         }
         webhook_leader::clear(&client, &settings.namespace, &run.identity, Duration::from_secs(3)).await;
     }
-    writer_task.abort();
-    checkpoint_task.abort();
-    acknowledgement_task.abort();
-    secrets_task.abort();
-    admin.abort();
     result
+}
+
+/// A controller of every `K` in the cluster, whose cache flags `cache` in `listings` once its
+/// first full listing is in.
+fn controller<K>(client: &Client, listings: &Arc<Listings>, cache: Cache) -> Controller<Guarded<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<Guarded<K>>();
+    let events =
+        reflector(writer, watcher(Api::<Guarded<K>>::all(client.clone()), watcher::Config::default().any_semantic()));
+    Controller::for_stream(applied_and_listed(events, listings.clone(), cache), store)
 }
 
 /// SIGTERM (how Kubernetes stops a pod) or Ctrl-C. Shared with the data plane.

@@ -183,6 +183,7 @@ fn check_size(secret: &Secret, snapshot: &GatewaySnapshot) -> Result<(), Error> 
 /// Returns the generation written.
 pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     ctx.ensure_leading()?;
+    ctx.stores.listed().await;
     let keyring = refresh_keyring(ctx).await?;
     let inputs = gather_inputs(ctx).await?;
     let objects = super::acknowledgement::compiled_objects(&inputs);

@@ -29,14 +29,17 @@ pub const LEADER_LABEL: &str = "portcullis.dev/webhook-leader";
 pub const MANAGER: &str = "portcullis-operator-webhook";
 
 /// Sets this Pod's label to `leading`.
+///
+/// A merge patch, not server-side apply: an apply of a Pod that does not exist would try to
+/// create one (an identity that names no Pod, a process run outside the cluster), where a patch
+/// only ever changes the Pod that is there, and fails with 404 otherwise.
 pub async fn set(client: &Client, namespace: &str, pod: &str, leading: bool) -> Result<(), Error> {
     let patch = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": pod, "labels": {LEADER_LABEL: if leading { "true" } else { "false" }}},
+        "metadata": {"labels": {LEADER_LABEL: if leading { "true" } else { "false" }}},
     });
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    api.patch(pod, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+    let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..PatchParams::default() };
+    api.patch(pod, &params, &Patch::Merge(&patch))
         .await
         .map(|_| ())
         .map_err(Error::write(format!("Pod {namespace}/{pod} label {LEADER_LABEL}")))
@@ -87,7 +90,9 @@ mod tests {
         let seen = calls.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
-                let line = format!("{} {}", request.method(), request.uri().path());
+                let content_type = request.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+                let line =
+                    format!("{} {} {}", request.method(), request.uri().path(), content_type.unwrap_or_default());
                 let query = request.uri().query().unwrap_or_default().to_owned();
                 let bytes = http_body_util::BodyExt::collect(request.into_body()).await.unwrap().to_bytes();
                 let body: Value = serde_json::from_slice(&bytes).unwrap();
@@ -121,10 +126,13 @@ mod tests {
         let labels: Vec<&str> = calls
             .iter()
             .map(|(line, query, body)| {
-                assert_eq!(line, "PATCH /api/v1/namespaces/portcullis/pods/operator-0");
+                // A merge patch: it changes the Pod that exists and never creates one.
+                assert_eq!(line, "PATCH /api/v1/namespaces/portcullis/pods/operator-0 application/merge-patch+json");
                 assert!(query.contains("fieldManager=portcullis-operator-webhook"), "{query}");
-                assert!(query.contains("force=true"), "{query}");
-                assert_eq!(body["metadata"]["labels"].as_object().unwrap().len(), 1, "only our label is applied");
+                assert_eq!(
+                    *body,
+                    json!({"metadata": {"labels": {LEADER_LABEL: body["metadata"]["labels"][LEADER_LABEL]}}})
+                );
                 body["metadata"]["labels"][LEADER_LABEL].as_str().unwrap()
             })
             .collect();

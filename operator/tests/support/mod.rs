@@ -20,7 +20,9 @@ use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_crds::v1alpha1::{ApiKey, KillSwitch, ProviderCredential};
 use portcullis_operator::cluster::acknowledgement::Acknowledgements;
 use portcullis_operator::cluster::audit::Audit;
-use portcullis_operator::cluster::context::{Backoff, Context, Guarded, Retrigger, Settings, SnapshotState, Stores};
+use portcullis_operator::cluster::context::{
+    Backoff, Context, Guarded, Listings, Retrigger, Settings, SnapshotState, Stores,
+};
 use portcullis_operator::cluster::metrics::Metrics;
 use serde_json::Value;
 
@@ -106,6 +108,14 @@ pub struct Feeds {
 
 /// Empty stores for a `Context`, and the writers that fill them.
 pub fn stores() -> (Stores, Feeds) {
+    let (mut stores, feeds) = unlisted_stores();
+    stores.listings = Arc::new(Listings::all_listed());
+    (stores, feeds)
+}
+
+/// Stores whose first listings have not come in yet (`stores.listings` flags them): nothing is
+/// written from them until they have.
+pub fn unlisted_stores() -> (Stores, Feeds) {
     let (api_keys, api_keys_feed) = reflector::store();
     let (credentials, credentials_feed) = reflector::store();
     let (kill_switches, kill_switches_feed) = reflector::store();
@@ -116,7 +126,8 @@ pub fn stores() -> (Stores, Feeds) {
         kill_switches: kill_switches_feed,
         secrets: secrets_feed,
     };
-    (Stores { api_keys, credentials, kill_switches, secrets }, feeds)
+    let listings = Arc::new(Listings::default());
+    (Stores { api_keys, credentials, kill_switches, secrets, listings }, feeds)
 }
 
 /// The operator's context, leading, in namespace `portcullis`, with the fixed keys and clock.
