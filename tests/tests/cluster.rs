@@ -12,14 +12,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize as _;
+
 const MODEL: &str = "mock-model";
 
 struct Cluster {
     kubeconfig: PathBuf,
     namespace: String,
+    /// The ValidatingWebhookConfiguration this run registered, removed with the namespace.
+    webhook: Option<String>,
 }
 
 impl Cluster {
+    /// kubectl whose failure is the caller's to judge: `None` when it fails.
+    fn kubectl_quiet(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `get` of an object that may not exist yet.
+    fn get_opt(&self, what: &str, jsonpath: &str) -> Option<String> {
+        self.kubectl_quiet(&["get", "-n", &self.namespace, what, "-o", &format!("jsonpath={jsonpath}")])
+    }
+
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
         let mut child = Command::new("kubectl")
             .arg("--kubeconfig")
@@ -43,6 +58,15 @@ impl Cluster {
         self.kubectl(&["apply", "--server-side", "-n", &self.namespace, "-f", "-"], Some(yaml));
     }
 
+    /// The API server's minor version (`1.N`), read from `/version`.
+    fn server_minor(&self) -> u32 {
+        let version: serde_json::Value =
+            serde_json::from_str(&self.kubectl(&["get", "--raw", "/version"], None)).expect("/version is JSON");
+        let minor = version["minor"].as_str().expect("/version names a minor version");
+        // Some distributions add a suffix ("27+").
+        minor.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("a numeric minor version")
+    }
+
     fn get(&self, what: &str, jsonpath: &str) -> String {
         let path = format!("jsonpath={jsonpath}");
         self.kubectl(&["get", "-n", &self.namespace, what, "-o", &path], None)
@@ -51,15 +75,33 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["delete", "namespace", &self.namespace, "--wait=false"])
-            .output();
+        if let Some(name) = &self.webhook {
+            let _ = self.kubectl_quiet(&["delete", "validatingwebhookconfiguration", name, "--wait=false"]);
+        }
+        let _ = self.kubectl_quiet(&["delete", "namespace", &self.namespace, "--wait=false"]);
     }
 }
 
 struct Process(Child);
+
+impl Process {
+    /// Stops the process the way Kubernetes stops a pod (SIGTERM), waiting up to `grace` before
+    /// killing it; whether it exited by itself in time.
+    fn terminate(&mut self, grace: Duration) -> bool {
+        let sent = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        false
+    }
+}
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -72,20 +114,127 @@ fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-fn operator_bin(dataplane: &Path) -> PathBuf {
-    dataplane.with_file_name("portcullis-operator")
+/// The leader Lease the suite's operators campaign for.
+const LEADER_LEASE: &str = "portcullis-test";
+
+/// What every operator replica of the suite is started with.
+struct OperatorSetup<'a> {
+    bin: PathBuf,
+    cluster: &'a Cluster,
+    ledger: PathBuf,
+    /// Certificate and key for the admission webhook.
+    pki: &'a portcullis_e2e::TestPki,
 }
 
-fn start_operator(bin: &Path, cluster: &Cluster) -> Process {
-    Process(
-        Command::new(bin)
-            .args(["run", "--namespace", &cluster.namespace, "--lease", "portcullis-test"])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start operator"),
-    )
+struct Operator {
+    process: Process,
+    identity: String,
+    admin: SocketAddr,
+    webhook: SocketAddr,
+}
+
+fn start_operator(setup: &OperatorSetup<'_>, identity: &str) -> Operator {
+    let (admin, webhook) = (free_addr(), free_addr());
+    let child = Command::new(&setup.bin)
+        .args(["run", "--namespace", &setup.cluster.namespace, "--lease", LEADER_LEASE, "--identity", identity])
+        .args(["--admin-listen", &admin.to_string(), "--checkpoint-seconds", "1"])
+        .arg("--ledger-file")
+        .arg(&setup.ledger)
+        .arg("--webhook-cert")
+        .arg(setup.pki.server_cert_path())
+        .arg("--webhook-key")
+        .arg(setup.pki.server_key_path())
+        .args(["--webhook-listen", &webhook.to_string()])
+        .env("KUBECONFIG", &setup.cluster.kubeconfig)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start operator");
+    Operator { process: Process(child), identity: identity.to_owned(), admin, webhook }
+}
+
+/// The body of `GET /metrics` on an operator's admin listener (empty when it does not answer).
+fn scrape(addr: SocketAddr) -> String {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+/// The sum of a metric's samples, over all labels.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    portcullis_e2e::metrics::Metrics::parse(text).sum(name, &[])
+}
+
+/// Waits until `identity` holds the leader Lease; the time taken.
+fn until_leader(cluster: &Cluster, identity: &str, started: Instant) -> Duration {
+    loop {
+        if cluster.get_opt(&format!("lease/{LEADER_LEASE}"), "{.spec.holderIdentity}").as_deref() == Some(identity) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{identity} never took the leader Lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Registers the operator's admission webhook at `addr` (on this host) for the three kinds.
+fn register_webhook(cluster: &Cluster, name: &str, addr: SocketAddr, ca_pem: &str) {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    cluster.kubectl(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&format!(
+            r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: {name}}}
+webhooks:
+  - name: validate.portcullis.dev
+    admissionReviewVersions: ["v1"]
+    failurePolicy: Ignore
+    sideEffects: None
+    timeoutSeconds: 5
+    clientConfig: {{url: "https://{addr}/validate", caBundle: "{ca}"}}
+    rules:
+      - apiGroups: ["portcullis.dev"]
+        apiVersions: ["v1alpha1"]
+        operations: ["CREATE", "UPDATE", "DELETE"]
+        resources: ["apikeys", "providercredentials", "killswitches"]
+        scope: Namespaced
+"#
+        )),
+    );
+}
+
+/// Whether the API server runs on this host, so it can call a webhook listening on loopback.
+fn server_is_local(cluster: &Cluster) -> Option<String> {
+    let server = cluster.kubectl(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"], None);
+    let host = server.trim_start_matches("https://").trim_start_matches("http://");
+    let host = host.split(['/', ':']).next().unwrap_or_default();
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]").then_some(server)
+}
+
+/// The ledger's entries, one JSON object per line.
+fn ledger_entries(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a ledger line is JSON"))
+        .collect()
+}
+
+/// `portcullis-operator audit verify` on `ledger` against `checkpoint`: (success, output).
+fn audit_verify(bin: &Path, ledger: &Path, checkpoint: &str) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(["audit", "verify", "--checkpoint", checkpoint])
+        .arg("--file")
+        .arg(ledger)
+        .output()
+        .expect("run audit verify");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// One OpenAI-style request; the HTTP status (0 when there was no answer).
@@ -156,6 +305,64 @@ fn until_enforced(cluster: &Cluster, what: &str, summary: &str, started: Instant
     }
 }
 
+/// The first Kubernetes minor version that knows `x-kubernetes-validations` (CEL rules; beta and
+/// on by default from 1.25).
+const CEL_SINCE_MINOR: u32 = 25;
+
+/// The CRDs with every `x-kubernetes-validations` removed, for an API server older than CEL
+/// rules: its server-side apply rejects a field its schema does not declare.
+fn without_cel_rules(crds: &str) -> String {
+    fn strip(value: &mut serde_yaml::Value) {
+        match value {
+            serde_yaml::Value::Mapping(map) => {
+                map.remove("x-kubernetes-validations");
+                map.values_mut().for_each(strip);
+            }
+            serde_yaml::Value::Sequence(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    for document in serde_yaml::Deserializer::from_str(crds) {
+        let mut value = serde_yaml::Value::deserialize(document).expect("the committed CRDs are YAML");
+        if value.is_null() {
+            continue;
+        }
+        strip(&mut value);
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value).unwrap());
+    }
+    out
+}
+
+#[test]
+fn without_cel_rules_keeps_everything_else() {
+    let root = portcullis_e2e::workspace_root();
+    let crds = std::fs::read_to_string(root.join("charts/portcullis-crds/templates/crds.yaml")).unwrap();
+    assert!(crds.contains("x-kubernetes-validations"), "the committed CRDs carry CEL rules");
+    let stripped = without_cel_rules(&crds);
+    assert!(!stripped.contains("x-kubernetes-validations"));
+    let documents = |text: &str| -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect()
+    };
+    let (before, after) = (documents(&crds), documents(&stripped));
+    assert_eq!(before.len(), 3);
+    assert_eq!(after.len(), before.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a["metadata"]["name"], b["metadata"]["name"]);
+        let schema = |v: &serde_yaml::Value| {
+            v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"].clone()
+        };
+        let names = |v: serde_yaml::Value| -> Vec<String> {
+            v.as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(names(schema(a)), names(schema(b)), "spec fields kept");
+    }
+}
+
 #[test]
 fn cluster_suite() {
     let Some(kubeconfig) = std::env::var_os("PORTCULLIS_TEST_KUBECONFIG") else {
@@ -163,22 +370,56 @@ fn cluster_suite() {
         return;
     };
     let dataplane = portcullis_e2e::gateway::dataplane_bin().expect("build the binaries first");
-    let operator = operator_bin(&dataplane);
     let namespace = format!("portcullis-test-{}", std::process::id());
-    let cluster = Cluster { kubeconfig: PathBuf::from(kubeconfig), namespace: namespace.clone() };
+    let mut cluster = Cluster { kubeconfig: PathBuf::from(kubeconfig), namespace: namespace.clone(), webhook: None };
     let root = portcullis_e2e::workspace_root();
-    cluster.kubectl(
-        &["apply", "--server-side", "-f", root.join("charts/portcullis-crds/templates/crds.yaml").to_str().unwrap()],
-        None,
-    );
+    let crds = std::fs::read_to_string(root.join("charts/portcullis-crds/templates/crds.yaml")).unwrap();
+    let minor = cluster.server_minor();
+    let crds = if minor < CEL_SINCE_MINOR {
+        println!(
+            "API server 1.{minor} predates CEL validation rules (1.{CEL_SINCE_MINOR}): applying the CRDs without their \
+             x-kubernetes-validations, which this server would reject; the rules go unenforced here"
+        );
+        without_cel_rules(&crds)
+    } else {
+        crds
+    };
+    cluster.kubectl(&["apply", "--server-side", "-f", "-"], Some(&crds));
     cluster.kubectl(&["create", "namespace", &namespace], None);
 
-    let manifests = format!(
-        r#"
+    // The API server calls the operator's admission webhook only when it runs on this host.
+    let local = server_is_local(&cluster);
+    let webhook_name = format!("portcullis-test-{}", std::process::id());
+    match &local {
+        Some(_) => cluster.webhook = Some(webhook_name.clone()),
+        None => println!(
+            "not registering the admission webhook: the API server is not on this host, so it cannot call one here; \
+             ledger entries name the managedFields manager"
+        ),
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pki = portcullis_e2e::TestPki::new().unwrap();
+    let setup = OperatorSetup {
+        bin: dataplane.with_file_name("portcullis-operator"),
+        cluster: &cluster,
+        ledger: work.path().join("ledger.jsonl"),
+        pki: &pki,
+    };
+    // The first replica leads; its admission webhook names the actor of every change it sees.
+    let mut operator = start_operator(&setup, "operator-a");
+    until_leader(&cluster, &operator.identity, Instant::now());
+    if local.is_some() {
+        register_webhook(&cluster, &webhook_name, operator.webhook, &pki.ca_pem);
+    }
+
+    // Everything the suite declares, with the provider key at `version` (rotated below).
+    let manifests = |version: u32| {
+        format!(
+            r#"
 apiVersion: v1
 kind: Secret
 metadata: {{name: mock-provider}}
-stringData: {{key: sk-mock-provider-1}}
+stringData: {{key: sk-mock-provider-{version}}}
 ---
 apiVersion: portcullis.dev/v1alpha1
 kind: ProviderCredential
@@ -195,22 +436,16 @@ kind: KillSwitch
 metadata: {{name: stop}}
 spec: {{scope: {{global: true}}, active: false}}
 "#
-    );
-    cluster.apply(&manifests);
-    let _operator = start_operator(&operator, &cluster);
+        )
+    };
+    cluster.apply(&manifests(1));
 
     // The reveal Secret appears; read the key.
     let started = Instant::now();
     let key = loop {
-        let out = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&cluster.kubeconfig)
-            .args(["get", "secret", "-n", &namespace, "app-apikey-reveal", "-o", "jsonpath={.data.key}"])
-            .output()
-            .unwrap();
-        if out.status.success() && !out.stdout.is_empty() {
+        if let Some(data) = cluster.get_opt("secret/app-apikey-reveal", "{.data.key}").filter(|d| !d.is_empty()) {
             use base64::Engine as _;
-            let bytes = base64::engine::general_purpose::STANDARD.decode(&out.stdout).unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD.decode(data.trim()).unwrap();
             break String::from_utf8(bytes).unwrap();
         }
         assert!(started.elapsed() < Duration::from_secs(30), "no reveal Secret");
@@ -257,7 +492,8 @@ spec: {{scope: {{global: true}}, active: false}}
             failures
         })
     };
-    for i in 2..5 {
+    const ROTATED_TO: u32 = 4;
+    for i in 2..=ROTATED_TO {
         cluster.apply(&format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: mock-provider}}\nstringData: {{key: sk-mock-provider-{i}}}\n"
         ));
@@ -300,19 +536,47 @@ spec: {{scope: {{global: true}}, active: false}}
     println!("{table}");
     assert!(table.contains("ENFORCED") && table.contains(&replicas), "kubectl get killswitches: {table}");
 
-    // Restart the operator: nothing re-issued, and re-applying everything writes nothing.
+    // A rolling restart of the operator, the way a Deployment does one: the next replica starts
+    // as a standby, the leader gets SIGTERM. The leader gives its Lease up as it stops, so the
+    // standby takes over at once (not when the 15 s term would have run out); nothing is
+    // re-issued, and re-applying everything writes nothing.
     let digests = cluster.get("apikey/app", "{.status.issuedDigests}");
-    drop(_operator);
-    let _operator = start_operator(&operator, &cluster);
-    std::thread::sleep(Duration::from_secs(3));
+    let next = start_operator(&setup, "operator-b");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.get("lease/portcullis-test", "{.spec.holderIdentity}"), operator.identity, "the standby waits");
+    let t = Instant::now();
+    assert!(operator.process.terminate(Duration::from_secs(10)), "the leader did not stop within 10 s of SIGTERM");
+    let holder = cluster.get("lease/portcullis-test", "{.spec.holderIdentity}");
+    assert_ne!(holder, operator.identity, "a leader that stopped cleanly still holds the Lease");
+    let handover = until_leader(&cluster, &next.identity, t);
+    println!("operator handover after SIGTERM: the standby led after {handover:?}");
+    if let Some(server) = &local {
+        // The webhook Service follows the leader's Pod label in a cluster; here, the URL.
+        register_webhook(&cluster, &webhook_name, next.webhook, &pki.ca_pem);
+        println!("admission webhook re-pointed at the new leader (API server {server})");
+    }
+    let operator = next;
+    // The new leader has reconciled all three objects before it is judged.
+    let t = Instant::now();
+    while metric_sum(&scrape(operator.admin), "portcullis_operator_reconciles_total") < 3.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the new leader never reconciled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(cluster.get("apikey/app", "{.status.issuedDigests}"), digests, "re-issued after restart");
     let version = cluster.get("secret/portcullis-snapshot", "{.metadata.resourceVersion}");
-    cluster.apply(&manifests);
+    // The same state again (GitOps re-syncing): the provider key as rotated above.
+    cluster.apply(&manifests(ROTATED_TO));
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         cluster.get("secret/portcullis-snapshot", "{.metadata.resourceVersion}"),
         version,
         "snapshot rewritten without a change"
+    );
+    assert_eq!(
+        metric_sum(&scrape(operator.admin), "portcullis_operator_snapshot_writes_total"),
+        0.0,
+        "the new leader wrote the snapshot though nothing changed"
     );
 
     // Revocation.
@@ -346,11 +610,81 @@ spec: {{scope: {{global: true}}, active: false}}
     );
     assert_eq!(leases.split_whitespace().count(), gateways.len(), "acknowledgement Leases: {leases}");
     let mut stopped = running.pop().unwrap();
-    let terminated = Command::new("kill").args(["-TERM", &stopped.0.id().to_string()]).status().unwrap();
-    assert!(terminated.success());
-    stopped.0.wait().unwrap();
+    assert!(stopped.terminate(Duration::from_secs(10)), "a data-plane replica did not stop within 10 s of SIGTERM");
     let one = format!("{0}/{0}", gateways.len() - 1);
     let (took, message) = until_enforced(&cluster, "killswitch/stop", &one, Instant::now());
     println!("after one replica stopped, Enforced={one} reported after {took:?}: {message}");
     drop(running);
+
+    // Deleting the objects while the operator runs: it records each and lets them go.
+    cluster.kubectl(
+        &[
+            "delete",
+            "-n",
+            &namespace,
+            "apikeys,providercredentials,killswitches",
+            "--all",
+            "--wait=true",
+            "--timeout=30s",
+        ],
+        None,
+    );
+
+    // The ledger the run produced: the actions, who made them, and a chain that verifies against
+    // the published checkpoint and fails after any single-byte edit.
+    let entries = ledger_entries(&setup.ledger);
+    let last = entries.last().expect("the ledger has entries");
+    let head = format!("{}:{}", last["sequence"], last["hash"].as_str().unwrap());
+    let t = Instant::now();
+    while cluster.get_opt("configmap/portcullis-ledger-head", "{.data.head}").as_deref() != Some(head.as_str()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the ledger head {head} was never published");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ours = |entry: &&serde_json::Value| entry["object"]["namespace"] == namespace.as_str();
+    let actions: Vec<&str> = entries.iter().filter(ours).filter_map(|e| e["action"].as_str()).collect();
+    println!("ledger: {} entries; this run's actions: {actions:?}", entries.len());
+    for action in [
+        "apiKeyCreated",
+        "providerCredentialCreated",
+        "providerCredentialRotated",
+        "killSwitchActivated",
+        "killSwitchDeactivated",
+        "apiKeyRevoked",
+        "apiKeyDeleted",
+        "providerCredentialDeleted",
+    ] {
+        assert!(actions.contains(&action), "no {action} entry in the ledger: {actions:?}");
+    }
+    let flips = entries.iter().filter(ours).filter(|e| e["action"] == "killSwitchActivated").count();
+    assert_eq!(flips, 5, "one entry per activation");
+    if local.is_some() {
+        let by_webhook: Vec<&serde_json::Value> =
+            entries.iter().filter(ours).filter(|e| e["actor"]["source"] == "admissionWebhook").collect();
+        let sample = by_webhook.iter().find(|e| e["action"] == "killSwitchActivated").expect(
+            "a kill switch flipped through the API server while the webhook was registered names the webhook's actor",
+        );
+        let actor = &sample["actor"];
+        assert!(!actor["username"].as_str().unwrap_or_default().is_empty(), "{actor}");
+        println!("ledger actors from the admission webhook: {} entries, e.g. {actor}", by_webhook.len());
+    }
+    let operator_bin = dataplane.with_file_name("portcullis-operator");
+    let (ok, report) = audit_verify(&operator_bin, &setup.ledger, &head);
+    assert!(ok, "audit verify failed on the suite's ledger: {report}");
+    println!("audit verify: {}", report.trim());
+    let bytes = std::fs::read(&setup.ledger).unwrap();
+    let edited = work.path().join("edited.jsonl");
+    let positions = [0, bytes.len() / 3, bytes.len() / 2, bytes.len() - 2];
+    for position in positions {
+        let mut copy = bytes.clone();
+        copy[position] = if copy[position] == b'0' { b'1' } else { b'0' };
+        std::fs::write(&edited, &copy).unwrap();
+        let (ok, report) = audit_verify(&operator_bin, &edited, &head);
+        assert!(!ok, "audit verify passed a ledger with byte {position} edited: {report}");
+    }
+    let without_last = &bytes[..bytes[..bytes.len() - 1].iter().rposition(|b| *b == b'\n').unwrap() + 1];
+    std::fs::write(&edited, without_last).unwrap();
+    let (ok, report) = audit_verify(&operator_bin, &edited, &head);
+    assert!(!ok, "audit verify passed a ledger with its last entry cut off: {report}");
+    println!("audit verify fails after a single-byte edit at each of {positions:?} and after a truncation");
+    drop(operator);
 }
