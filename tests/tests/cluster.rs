@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use portcullis_operator::ledger;
 use serde::Deserialize as _;
 
 const MODEL: &str = "mock-model";
@@ -891,8 +892,23 @@ spec: {{scope: {{global: true}}, active: false}}
     let (ok, report) = audit_verify(&operator_bin, &setup.ledger, &head);
     assert!(ok, "audit verify failed on the suite's ledger: {report}");
     println!("audit verify: {}", report.trim());
+    // Every single-byte edit, in process (the command's own verifier; one spawn per byte would
+    // take minutes), then the command itself on a few of them and on a cut-off tail.
     let bytes = std::fs::read(&setup.ledger).unwrap();
     let edited = work.path().join("edited.jsonl");
+    let (sequence, hash) = head.split_once(':').unwrap();
+    let checkpoint = ledger::Checkpoint { sequence: sequence.parse().unwrap(), hash: hash.to_owned() };
+    assert!(ledger::verify(&ledger::read_lines(&setup.ledger).unwrap(), Some(&checkpoint)).is_ok());
+    let mut undetected = Vec::new();
+    for position in 0..bytes.len() {
+        let mut copy = bytes.clone();
+        copy[position] = if copy[position] == b'a' { b'b' } else { b'a' };
+        std::fs::write(&edited, &copy).unwrap();
+        if ledger::verify(&ledger::read_lines(&edited).unwrap(), Some(&checkpoint)).is_ok() {
+            undetected.push(position);
+        }
+    }
+    assert!(undetected.is_empty(), "single-byte edits at {undetected:?} of the suite's ledger went unnoticed");
     let positions = [0, bytes.len() / 3, bytes.len() / 2, bytes.len() - 2];
     for position in positions {
         let mut copy = bytes.clone();
@@ -905,6 +921,10 @@ spec: {{scope: {{global: true}}, active: false}}
     std::fs::write(&edited, without_last).unwrap();
     let (ok, report) = audit_verify(&operator_bin, &edited, &head);
     assert!(!ok, "audit verify passed a ledger with its last entry cut off: {report}");
-    println!("audit verify fails after a single-byte edit at each of {positions:?} and after a truncation");
+    println!(
+        "every one of the ledger's {} single-byte edits is detected; audit verify fails on those at {positions:?} and \
+         after a truncation",
+        bytes.len()
+    );
     drop(operator);
 }

@@ -132,6 +132,16 @@ impl LedgerEntry {
         entry
     }
 
+    /// An entry as stored: accepted only in its canonical encoding, byte for byte (what
+    /// [`FileLedger`](super::FileLedger) writes and Redis holds). Parsing alone is not enough: a
+    /// key renamed where its value equals the default (`"groups":[]`, `"generation":0`), or an
+    /// added key, reads back as the same entry with the same hash, so such an edit of the
+    /// stored bytes would go unnoticed (seen on a ledger the cluster suite produced).
+    pub fn from_stored(bytes: &[u8]) -> Option<Self> {
+        let entry: LedgerEntry = serde_json::from_slice(bytes).ok()?;
+        (serde_json::to_vec(&entry).ok()? == bytes).then_some(entry)
+    }
+
     /// SHA-256 over the canonical encoding: this struct's JSON, fields in declaration order,
     /// with `hash` empty.
     pub fn compute_hash(&self) -> String {

@@ -89,7 +89,7 @@ pub fn read_lines(path: &Path) -> std::io::Result<Vec<Result<LedgerEntry, usize>
         if line.is_empty() {
             continue;
         }
-        out.push(serde_json::from_slice(&line).map_err(|_| i + 1));
+        out.push(LedgerEntry::from_stored(&line).ok_or(i + 1));
     }
     Ok(out)
 }

@@ -136,7 +136,7 @@ fn item(value: &Value) -> Option<(String, Option<String>)> {
 fn parse(position: usize, value: &Value) -> (Option<String>, Result<LedgerEntry, usize>) {
     let Some((id, json)) = item(value) else { return (None, Err(position)) };
     let entry = json
-        .and_then(|j| serde_json::from_str::<LedgerEntry>(&j).ok())
+        .and_then(|j| LedgerEntry::from_stored(j.as_bytes()))
         .filter(|e| id == format!("{}-0", e.sequence))
         .ok_or(position);
     (Some(id), entry)
