@@ -2,7 +2,7 @@
 //! rules must accept good objects and refuse bad ones.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Fields allowed to keep unknown content. None: every field is typed.
 const PRESERVE_UNKNOWN_ALLOWED: &[&str] = &[];
@@ -205,4 +205,144 @@ fn every_spec_string_and_list_is_bounded() {
     let mut found = Vec::new();
     unbounded("X", &loose, &mut found);
     assert_eq!(found, ["X.list[]", "X.text"]);
+}
+
+/// Every CEL rule in the CRDs, with where it sits: `(kind, JSON pointer, rule)`.
+fn cel_rules() -> Vec<(String, String, String)> {
+    fn walk(kind: &str, pointer: &str, node: &Value, out: &mut Vec<(String, String, String)>) {
+        for rule in node.get("x-kubernetes-validations").and_then(Value::as_array).into_iter().flatten() {
+            out.push((kind.to_owned(), pointer.to_owned(), rule["rule"].as_str().unwrap_or_default().to_owned()));
+        }
+        for (name, child) in node.get("properties").and_then(Value::as_object).into_iter().flatten() {
+            walk(kind, &format!("{pointer}/properties/{name}"), child, out);
+        }
+        if let Some(items) = node.get("items") {
+            walk(kind, &format!("{pointer}/items"), items, out);
+        }
+    }
+    let mut out = Vec::new();
+    for (kind, schema) in schemas() {
+        walk(&kind, "", &schema, &mut out);
+    }
+    out
+}
+
+/// `value` as the API server shows it to CEL: property names that are CEL reserved words are
+/// escaped as `__name__` (`namespace` is one).
+fn escaped(value: &Value) -> Value {
+    const RESERVED: &[&str] = &[
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "false",
+        "for",
+        "function",
+        "if",
+        "import",
+        "in",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "null",
+        "return",
+        "true",
+        "var",
+        "void",
+        "while",
+    ];
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let key = if RESERVED.contains(&k.as_str()) { format!("__{k}__") } else { k.clone() };
+                    (key, escaped(v))
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(escaped).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Whether every rule at `pointer` of `kind` holds with `self` bound to `object`.
+fn admitted(rules: &[(String, String, String)], kind: &str, pointer: &str, object: &Value) -> bool {
+    let at: Vec<&String> = rules.iter().filter(|(k, p, _)| k == kind && p == pointer).map(|(_, _, r)| r).collect();
+    assert!(!at.is_empty(), "no rules at {kind}{pointer}");
+    at.iter().all(|rule| {
+        let program = cel_interpreter::Program::compile(rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let mut context = cel_interpreter::Context::default();
+        context.add_variable("self", cel_interpreter::to_value(escaped(object)).unwrap()).unwrap();
+        match program.execute(&context) {
+            Ok(cel_interpreter::Value::Bool(holds)) => holds,
+            other => panic!("{rule} on {object}: {other:?}"),
+        }
+    })
+}
+
+/// The rules parse as CEL, and each admits the objects it should and refuses the others, with
+/// `self` bound the way the API server binds it. No API server here is new enough to enforce
+/// them (1.25+); this is the evidence they say what they mean. It is not the API server's own
+/// CEL (cel-go with the Kubernetes libraries, and its cost estimate).
+#[test]
+fn cel_rules_admit_good_objects_and_refuse_bad_ones() {
+    let rules = cel_rules();
+    for (kind, pointer, rule) in &rules {
+        assert!(cel_interpreter::Program::compile(rule).is_ok(), "{kind}{pointer}: {rule} does not parse");
+    }
+    let secret = json!({"name": "s", "key": "k"});
+    let cases: Vec<(&str, &str, Value, bool)> = vec![
+        // A KillSwitch scope names exactly one target, and `global` only as true.
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"global": true}), true),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"provider": "openai"}), true),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"model": "gpt-*"}), true),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"apiKey": "team-a/app"}), true),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"namespace": "team-a"}), true),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({}), false),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"global": true, "model": "m"}), false),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"namespace": "a", "provider": "p"}), false),
+        ("KillSwitch", "/properties/spec/properties/scope", json!({"global": false}), false),
+        // A provider's key comes from a Secret except for `mock`; some kinds need more.
+        ("ProviderCredential", "/properties/spec", json!({"kind": "mock"}), true),
+        ("ProviderCredential", "/properties/spec", json!({"kind": "openai", "secretRef": secret}), true),
+        ("ProviderCredential", "/properties/spec", json!({"kind": "openai"}), false),
+        (
+            "ProviderCredential",
+            "/properties/spec",
+            json!({"kind": "openai-compatible", "secretRef": secret, "baseUrl": "https://llm.internal"}),
+            true,
+        ),
+        ("ProviderCredential", "/properties/spec", json!({"kind": "openai-compatible", "secretRef": secret}), false),
+        (
+            "ProviderCredential",
+            "/properties/spec",
+            json!({"kind": "azure-openai", "secretRef": secret, "baseUrl": "https://x.openai.azure.com", "azure": {}}),
+            true,
+        ),
+        (
+            "ProviderCredential",
+            "/properties/spec",
+            json!({"kind": "azure-openai", "secretRef": secret, "baseUrl": "https://x.openai.azure.com"}),
+            false,
+        ),
+        // Rotation applies to generated keys only.
+        ("ApiKey", "/properties/spec", json!({"owner": "a@example.com"}), true),
+        ("ApiKey", "/properties/spec", json!({"rotation": "2", "rotationGracePeriodSeconds": 60}), true),
+        ("ApiKey", "/properties/spec", json!({"secretRef": secret}), true),
+        ("ApiKey", "/properties/spec", json!({"rotation": "2", "secretRef": secret}), false),
+        ("ApiKey", "/properties/spec", json!({"rotationGracePeriodSeconds": 60, "secretRef": secret}), false),
+    ];
+    for (kind, pointer, object, expected) in &cases {
+        assert_eq!(admitted(&rules, kind, pointer, object), *expected, "{kind}{pointer}: {object}");
+    }
+    // Each rule is the one that refuses at least one case on its own: none is untested.
+    for (kind, pointer, rule) in &rules {
+        let alone = [(kind.clone(), pointer.clone(), rule.clone())];
+        let refuses = cases.iter().any(|(k, p, object, expected)| {
+            !expected && k == kind && p == pointer && !admitted(&alone, kind, pointer, object)
+        });
+        assert!(refuses, "{kind}{pointer}: no case is refused by {rule}");
+    }
 }
