@@ -10,7 +10,7 @@
 # mirror) with Debian's Go, and runs it on loopback with Debian's etcd: an API server and etcd,
 # nothing else (no kubelet, scheduler or controller-manager), which is all the suite assumes.
 # The build is cached in $PORTCULLIS_APISERVER_CACHE (default target/apiserver): the first run
-# takes about ten minutes on two cores, later ones seconds.
+# takes several minutes on two cores (about seven measured here), later ones seconds.
 #
 # What a 1.20 server cannot check: CEL rules (`x-kubernetes-validations`, 1.25 and later). The
 # suite then applies the CRDs without them and says so; it runs everything else unchanged.

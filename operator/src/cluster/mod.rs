@@ -212,7 +212,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
             api_keys: api_keys.store(),
             credentials: credentials.store(),
             kill_switches: kill_switches.store(),
-            secrets: secret_store.clone(),
+            secrets: secret_store,
             listings: listings.clone(),
         },
         pepper,
