@@ -155,15 +155,22 @@ fn start_operator(setup: &OperatorSetup<'_>, identity: &str) -> Operator {
     Operator { process: Process(child), identity: identity.to_owned(), admin, webhook }
 }
 
-/// The body of `GET /metrics` on an operator's admin listener (empty when it does not answer).
-fn scrape(addr: SocketAddr) -> String {
+/// One HTTP/1.1 exchange (the request closes the connection): the whole response, or what came
+/// of it (empty when nothing answers).
+fn exchange(addr: SocketAddr, request: &str) -> String {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes());
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
+    response
+}
+
+/// The body of `GET /metrics` on an operator's admin listener (empty when it does not answer).
+fn scrape(addr: SocketAddr) -> String {
+    let response = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
 
@@ -242,24 +249,18 @@ fn chart_identities(cluster: &mut Cluster, dir: &Path) -> Option<(PathBuf, PathB
     assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
     let rendered = String::from_utf8(out.stdout).unwrap();
     dry_run(cluster, &rendered);
-    let mut rbac = String::new();
-    for document in serde_yaml::Deserializer::from_str(&rendered) {
-        let object = serde_yaml::Value::deserialize(document).unwrap();
-        let kind = object["kind"].as_str().unwrap_or_default();
-        if !["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
-            continue;
-        }
-        if kind.starts_with("Cluster") {
-            cluster.cluster_scoped.push(format!(
-                "{}/{}",
-                kind.to_lowercase(),
-                object["metadata"]["name"].as_str().unwrap()
-            ));
-        }
-        rbac.push_str("---\n");
-        rbac.push_str(&serde_yaml::to_string(&object).unwrap());
+    let rbac: Vec<serde_yaml::Value> = yaml_documents(&rendered)
+        .into_iter()
+        .filter(|object| {
+            let kind = object["kind"].as_str().unwrap_or_default();
+            ["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"].contains(&kind)
+        })
+        .collect();
+    for object in rbac.iter().filter(|o| o["kind"].as_str().is_some_and(|k| k.starts_with("Cluster"))) {
+        let kind = object["kind"].as_str().unwrap_or_default().to_lowercase();
+        cluster.cluster_scoped.push(format!("{kind}/{}", object["metadata"]["name"].as_str().unwrap()));
     }
-    cluster.apply(&rbac);
+    cluster.apply(&yaml_text(&rbac));
     let as_account = |account: &str| {
         let token = cluster.kubectl(&["create", "token", account, "-n", &cluster.namespace, "--duration", "2h"], None);
         let mut config: serde_json::Value = serde_json::from_str(
@@ -283,24 +284,15 @@ fn chart_identities(cluster: &mut Cluster, dir: &Path) -> Option<(PathBuf, PathB
 fn dry_run(cluster: &Cluster, rendered: &str) {
     let served = cluster.kubectl(&["api-versions"], None);
     let served: Vec<&str> = served.lines().collect();
-    let (mut checked, mut unserved) = (String::new(), Vec::new());
-    let mut count = 0;
-    for document in serde_yaml::Deserializer::from_str(rendered) {
-        let object = serde_yaml::Value::deserialize(document).unwrap();
-        if object.is_null() {
-            continue;
-        }
-        let version = object["apiVersion"].as_str().unwrap_or_default();
-        if served.contains(&version) {
-            checked.push_str("---\n");
-            checked.push_str(&serde_yaml::to_string(&object).unwrap());
-            count += 1;
-        } else {
-            unserved.push(format!("{} {version}", object["kind"].as_str().unwrap_or_default()));
-        }
-    }
-    cluster.kubectl(&["apply", "--dry-run=server", "-n", &cluster.namespace, "-f", "-"], Some(&checked));
-    println!("the chart: {count} documents pass the API server's validation (server-side dry run)");
+    let (checked, unserved): (Vec<_>, Vec<_>) = yaml_documents(rendered)
+        .into_iter()
+        .partition(|object| served.contains(&object["apiVersion"].as_str().unwrap_or_default()));
+    cluster.kubectl(&["apply", "--dry-run=server", "-n", &cluster.namespace, "-f", "-"], Some(&yaml_text(&checked)));
+    println!("the chart: {} documents pass the API server's validation (server-side dry run)", checked.len());
+    let unserved: Vec<String> = unserved
+        .iter()
+        .map(|o| format!("{} {}", o["kind"].as_str().unwrap_or_default(), o["apiVersion"].as_str().unwrap_or_default()))
+        .collect();
     if !unserved.is_empty() {
         println!("  not served by this API server, so not checked: {unserved:?}");
     }
@@ -379,18 +371,11 @@ fn call(addr: SocketAddr, key: &str) -> u16 {
 /// One OpenAI-style request; the whole response (status line, headers and body).
 fn call_body(addr: SocketAddr, key: &str) -> String {
     let body = format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return String::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = stream.write_all(request.as_bytes());
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
+    exchange(addr, &request)
 }
 
 /// Milliseconds until `call` answers `want`.
@@ -443,6 +428,19 @@ fn until_enforced(cluster: &Cluster, what: &str, summary: &str, started: Instant
 /// on by default from 1.25).
 const CEL_SINCE_MINOR: u32 = 25;
 
+/// The documents of a multi-document YAML text (empty ones left out).
+fn yaml_documents(text: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| serde_yaml::Value::deserialize(document).expect("YAML"))
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// `documents` as one multi-document YAML text.
+fn yaml_text<'a>(documents: impl IntoIterator<Item = &'a serde_yaml::Value>) -> String {
+    documents.into_iter().map(|document| format!("---\n{}", serde_yaml::to_string(document).unwrap())).collect()
+}
+
 /// The CRDs with every `x-kubernetes-validations` removed, for an API server older than CEL
 /// rules: its server-side apply rejects a field its schema does not declare.
 fn without_cel_rules(crds: &str) -> String {
@@ -456,17 +454,9 @@ fn without_cel_rules(crds: &str) -> String {
             _ => {}
         }
     }
-    let mut out = String::new();
-    for document in serde_yaml::Deserializer::from_str(crds) {
-        let mut value = serde_yaml::Value::deserialize(document).expect("the committed CRDs are YAML");
-        if value.is_null() {
-            continue;
-        }
-        strip(&mut value);
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
-    }
-    out
+    let mut documents = yaml_documents(crds);
+    documents.iter_mut().for_each(strip);
+    yaml_text(&documents)
 }
 
 /// `plural.path.to.field` for every field of every CRD that `kubectl explain` can reach
@@ -485,11 +475,7 @@ fn explainable_fields(crds: &str) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(crds) {
-        let crd = serde_yaml::Value::deserialize(document).unwrap();
-        if crd.is_null() {
-            continue;
-        }
+    for crd in yaml_documents(crds) {
         let plural = crd["spec"]["names"]["plural"].as_str().unwrap();
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         for top in ["spec", "status"] {
@@ -531,13 +517,7 @@ fn without_cel_rules_keeps_everything_else() {
     assert!(crds.contains("x-kubernetes-validations"), "the committed CRDs carry CEL rules");
     let stripped = without_cel_rules(&crds);
     assert!(!stripped.contains("x-kubernetes-validations"));
-    let documents = |text: &str| -> Vec<serde_yaml::Value> {
-        serde_yaml::Deserializer::from_str(text)
-            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-            .filter(|v| !v.is_null())
-            .collect()
-    };
-    let (before, after) = (documents(&crds), documents(&stripped));
+    let (before, after) = (yaml_documents(&crds), yaml_documents(&stripped));
     assert_eq!(before.len(), 3);
     assert_eq!(after.len(), before.len());
     for (b, a) in before.iter().zip(&after) {

@@ -100,6 +100,13 @@ impl Listings {
         self.changed.notify_waiters();
     }
 
+    /// Notes a watch event of `cache`'s stream: an `InitDone` (a full listing taken in) marks it listed.
+    pub fn saw<K>(&self, event: &kube::runtime::watcher::Event<K>, cache: Cache) {
+        if matches!(event, kube::runtime::watcher::Event::InitDone) {
+            self.mark(cache);
+        }
+    }
+
     pub fn is_listed(&self, cache: Cache) -> bool {
         self.listed[cache as usize].load(Ordering::SeqCst)
     }
@@ -137,8 +144,8 @@ where
     use kube::runtime::WatchStreamExt as _;
     events
         .inspect(move |event| {
-            if matches!(event, Ok(kube::runtime::watcher::Event::InitDone)) {
-                listings.mark(cache);
+            if let Ok(event) = event {
+                listings.saw(event, cache);
             }
         })
         .applied_objects()

@@ -262,9 +262,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         tokio::spawn(secret_watch(client.clone()).default_backoff().reflect(secret_writer).for_each(move |event| {
             match event {
                 Ok(event) => {
-                    if matches!(event, watcher::Event::InitDone) {
-                        listings.mark(Cache::Secrets);
-                    }
+                    listings.saw(&event, Cache::Secrets);
                     secret_event(&secret_ctx, &event)
                 }
                 Err(error) => tracing::warn!(%error, "Secret watch error"),
