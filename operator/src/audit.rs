@@ -283,8 +283,9 @@ pub fn actor_from_managed_fields(managed: &[ManagedFieldsEntry]) -> Option<Actor
 /// not append, or die with a restarting leader; the entry then falls back to `managedFields`. A
 /// request that a later admission stage rejects still leaves its hint; two changes to one object
 /// faster than one reconcile are attributed to the last requester. At most `capacity` hints are
-/// kept, oldest dropped first, each bounded in size (`admission::hint_actor`). The webhook does not
-/// authenticate its caller: a hint is what the request said, which is why it is only a hint.
+/// kept, oldest dropped first, each bounded in size (`admission::hint_actor`). A hint is what the
+/// request said: unless the webhook requires the API server's client certificate
+/// (`webhook::ClientAuthSettings`), anyone who reaches its port can say it.
 #[derive(Debug)]
 pub struct ActorHints {
     capacity: usize,

@@ -88,6 +88,17 @@ struct RunArgs {
     /// Address of the admission webhook (POST /validate).
     #[arg(long, env = "PORTCULLIS_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
     webhook_listen: std::net::SocketAddr,
+    /// Require callers of the webhook to present a client certificate from this PEM CA bundle
+    /// (the API server does, given an AdmissionConfiguration kubeconfig). Reloaded when the file
+    /// changes. Unset: anyone who reaches the port can post a review, and so name the actor of
+    /// the next ledger entry.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_CLIENT_CA", requires = "webhook_cert")]
+    webhook_client_ca: Option<PathBuf>,
+    /// With --webhook-client-ca: the caller's certificate must name one of these as its subject
+    /// CN or a DNS SAN (repeat the flag, or separate with commas). Unset: any certificate from
+    /// the CA.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_CLIENT_NAMES", value_delimiter = ',', requires = "webhook_client_ca")]
+    webhook_client_name: Vec<String>,
     /// Seconds between republishing the ledger head (ConfigMap annotation and Event).
     #[arg(long, default_value_t = 300)]
     checkpoint_seconds: u64,
@@ -131,7 +142,14 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
         ledger_redis: args.ledger_redis_url.map(|url| ledger::RedisLedgerSettings::new(url, args.ledger_redis_key)),
         webhook: match (args.webhook_cert, args.webhook_key) {
             (Some(cert), Some(key)) => {
-                Some(portcullis_operator::webhook::WebhookSettings::new(args.webhook_listen, cert, key, tenancy))
+                let mut webhook =
+                    portcullis_operator::webhook::WebhookSettings::new(args.webhook_listen, cert, key, tenancy);
+                webhook.client_auth =
+                    args.webhook_client_ca.map(|ca| portcullis_operator::webhook::ClientAuthSettings {
+                        ca,
+                        names: args.webhook_client_name.into_iter().filter(|name| !name.is_empty()).collect(),
+                    });
+                Some(webhook)
             }
             _ => None,
         },

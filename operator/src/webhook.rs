@@ -5,6 +5,8 @@
 //!   API server ──TLS (rustls, 1.2+)──▶ /validate ─▶ body ≤ 3 MiB, read within 10 s ─▶ admission::review
 //!                                                                                   └─ hint ─▶ ActorHints
 //!   cert/key files (Secret volume) ──polled every 10 s──▶ CertificateReloader (new handshakes only)
+//!   client CA file (optional)      ──polled every 10 s──▶ ClientVerifier: callers must present a
+//!                                                         certificate from it (client_auth)
 //! ```
 //!
 //! Answers and logs never carry object content: logs name the request uid and the decision.
@@ -34,6 +36,10 @@ use crate::admission;
 use crate::audit::ActorHints;
 use crate::inputs::Tenancy;
 
+#[path = "webhook/client_auth.rs"]
+mod client_auth;
+pub use client_auth::{names_one_of, ClientAuthSettings, ClientVerifier};
+
 /// The path the ValidatingWebhookConfiguration calls.
 pub const PATH: &str = "/validate";
 /// Largest AdmissionReview accepted. The API server sends the old and the new object; ours are
@@ -51,6 +57,9 @@ pub struct WebhookSettings {
     pub read_timeout: Duration,
     /// The platform namespaces a KillSwitch is checked against, as `compile` does.
     pub tenancy: Tenancy,
+    /// Callers must present a certificate from this CA (mutual TLS); `None` lets anyone who
+    /// reaches the port post a review.
+    pub client_auth: Option<ClientAuthSettings>,
 }
 
 impl WebhookSettings {
@@ -62,6 +71,7 @@ impl WebhookSettings {
             reload_every: Duration::from_secs(10),
             read_timeout: Duration::from_secs(10),
             tenancy,
+            client_auth: None,
         }
     }
 }
@@ -78,6 +88,8 @@ pub enum WebhookError {
     Pem { path: PathBuf },
     #[error("the certificate and key are unusable together: {0}")]
     Mismatch(rustls::Error),
+    #[error("the client CA in {path} is unusable: {reason}")]
+    ClientCa { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(rustls::Error),
     #[error("listening on {addr}: {source}")]
@@ -161,16 +173,26 @@ impl CertificateReloader {
 
     /// Checks the files every `every` until the task is dropped.
     pub async fn watch(self: Arc<Self>, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            match self.reload_if_changed() {
-                Ok(true) => tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded"),
-                Ok(false) => {}
-                // Mid-rotation the two files can briefly disagree; the next check settles it.
-                Err(error) => {
-                    tracing::warn!(%error, "TLS certificate not reloaded; the previous one keeps serving")
-                }
-            }
+        poll(every, &self.cert_path, "TLS certificate", || self.reload_if_changed()).await
+    }
+}
+
+impl ClientVerifier {
+    /// Checks the CA file every `every` until the task is dropped.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        poll(every, self.ca_path(), "client CA", || self.reload_if_changed()).await
+    }
+}
+
+/// Calls `reload` every `every`, logging what it did. Mid-rotation files can briefly disagree
+/// (a certificate with the old key); the next check settles it.
+async fn poll(every: Duration, path: &Path, what: &str, reload: impl Fn() -> Result<bool, WebhookError>) {
+    loop {
+        tokio::time::sleep(every).await;
+        match reload() {
+            Ok(true) => tracing::info!(file = %path.display(), "{what} reloaded"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "{what} not reloaded; the previous one stays in use"),
         }
     }
 }
@@ -181,13 +203,20 @@ impl ResolvesServerCert for CertificateReloader {
     }
 }
 
-/// rustls with TLS 1.3 preferred and 1.2 minimum, ALPN h2 and http/1.1.
-pub fn tls_config(certificates: Arc<CertificateReloader>) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+/// rustls with TLS 1.3 preferred and 1.2 minimum, ALPN h2 and http/1.1; with `clients`, only
+/// callers whose certificate it accepts complete the handshake.
+pub fn tls_config(
+    certificates: Arc<CertificateReloader>,
+    clients: Option<Arc<ClientVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(WebhookError::Tls)?
-        .with_no_client_auth()
-        .with_cert_resolver(certificates);
+        .map_err(WebhookError::Tls)?;
+    let builder = match clients {
+        Some(clients) => builder.with_client_cert_verifier(clients),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(certificates);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -267,6 +296,7 @@ pub struct WebhookServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     certificates: Arc<CertificateReloader>,
+    clients: Option<Arc<ClientVerifier>>,
     settings: WebhookSettings,
 }
 
@@ -281,11 +311,12 @@ impl WebhookServer {
     /// operator at start with a clear error.
     pub async fn bind(settings: WebhookSettings) -> Result<Self, WebhookError> {
         let certificates = Arc::new(CertificateReloader::load(&settings.cert, &settings.key)?);
-        let acceptor = TlsAcceptor::from(tls_config(certificates.clone())?);
+        let clients = settings.client_auth.as_ref().map(ClientVerifier::load).transpose()?.map(Arc::new);
+        let acceptor = TlsAcceptor::from(tls_config(certificates.clone(), clients.clone())?);
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| WebhookError::Bind { addr: settings.listen, source })?;
-        Ok(Self { listener, acceptor, certificates, settings })
+        Ok(Self { listener, acceptor, certificates, clients, settings })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -294,8 +325,10 @@ impl WebhookServer {
 
     /// Serves until the task is dropped.
     pub async fn serve(self, hints: Arc<ActorHints>) {
-        let Self { listener, acceptor, certificates, settings } = self;
+        let Self { listener, acceptor, certificates, clients, settings } = self;
         let _reloader = AbortOnDrop(tokio::spawn(certificates.watch(settings.reload_every)));
+        let _client_ca_reloader =
+            clients.map(|clients| AbortOnDrop(tokio::spawn(clients.watch(settings.reload_every))));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.read_timeout);
         builder
@@ -303,7 +336,8 @@ impl WebhookServer {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .max_concurrent_streams(64);
-        tracing::info!(addr = %settings.listen, path = PATH, "admission webhook listening");
+        let callers = if settings.client_auth.is_some() { "client certificate required" } else { "any caller" };
+        tracing::info!(addr = %settings.listen, path = PATH, callers, "admission webhook listening");
         let tenancy = Arc::new(settings.tenancy.clone());
         loop {
             let (stream, _peer) = match listener.accept().await {

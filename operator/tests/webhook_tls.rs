@@ -1,6 +1,7 @@
 //! The admission webhook over a real TLS socket: an AdmissionReview posted by an HTTPS client
 //! is answered allowed or denied, an allowed change's requester ends up as the actor of the
-//! resulting ledger entry, and a renewed certificate is served without a restart.
+//! resulting ledger entry, and a renewed certificate is served without a restart. With a client
+//! CA, only the caller it names is heard.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -14,10 +15,10 @@ use hyper_util::rt::TokioIo;
 use portcullis_operator::audit::{observe_api_key, ActorHints};
 use portcullis_operator::cluster::audit::Audit;
 use portcullis_operator::ledger::{Action, ActorSource};
-use portcullis_operator::webhook::{WebhookServer, WebhookSettings};
+use portcullis_operator::webhook::{names_one_of, ClientAuthSettings, WebhookServer, WebhookSettings};
 use portcullis_operator::Tenancy;
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{json, Value};
 
 struct Pki {
@@ -51,18 +52,41 @@ impl Pki {
         cert.der().to_vec()
     }
 
+    /// A client certificate from this CA with subject CN `cn` and DNS SANs `dns`.
+    fn identity(&self, cn: &str, dns: &[&str]) -> Identity {
+        let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Identity { cert: cert.der().clone(), key: PrivatePkcs8KeyDer::from(key.serialize_der()).into() }
+    }
+
     fn client(&self) -> tokio_rustls::TlsConnector {
+        self.client_as(None)
+    }
+
+    fn client_as(&self, identity: Option<&Identity>) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(identity) => {
+                builder.with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key()).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        };
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
+}
+
+struct Identity {
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
 }
 
 /// POSTs `body` to `path` over a fresh TLS connection; returns status, body and the server's
@@ -225,4 +249,126 @@ async fn bind_fails_clearly_on_unusable_certificates() {
     assert!(error.contains("unusable together"), "{error}");
     let private = other.serialize_pem();
     assert!(!error.contains(&private[40..80]), "key material in an error");
+}
+
+/// Posts a review over a fresh connection as `identity`; the status, or why there was none.
+async fn post_as(pki: &Pki, identity: Option<&Identity>, addr: SocketAddr, body: Vec<u8>) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = pki
+        .client_as(identity)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::post("/validate")
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    // Under TLS 1.3 the client finishes its handshake first; a refused certificate shows as the
+    // server's alert on the first read.
+    let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_the_named_caller_is_heard_and_a_new_ca_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Pki::new();
+    server.write_leaf(dir.path());
+    let callers = Pki::new();
+    let ca_file = dir.path().join("client-ca.crt");
+    std::fs::write(&ca_file, &callers.ca_pem).unwrap();
+    let mut settings = WebhookSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        Tenancy::Shared,
+    );
+    settings.reload_every = Duration::from_millis(100);
+    settings.client_auth =
+        Some(ClientAuthSettings { ca: ca_file.clone(), names: vec!["kube-apiserver-webhook-client".into()] });
+    let bound = WebhookServer::bind(settings).await.unwrap();
+    let addr = bound.local_addr().unwrap();
+    let hints = Arc::new(ActorHints::default());
+    let serving = tokio::spawn(bound.serve(hints.clone()));
+    let key = |name: &str| ("ApiKey".to_owned(), "team-a".to_owned(), name.to_owned());
+
+    let apiserver = callers.identity("kube-apiserver-webhook-client", &[]);
+    let by_san = callers.identity("webhook", &["Kube-APIServer-Webhook-Client"]);
+    let someone = callers.identity("alice@example.com", &["alice.example.com"]);
+    let outsider = server.identity("kube-apiserver-webhook-client", &[]);
+
+    // Refused: no certificate, a certificate from the CA naming someone else, the right name
+    // from another CA. None of them leaves a hint.
+    for (who, identity) in [("anonymous", None), ("alice", Some(&someone)), ("outsider", Some(&outsider))] {
+        let refused = post_as(&server, identity, addr, review("u", "ApiKey", who, json!({"owner": "x"}))).await;
+        assert!(refused.is_err(), "{who} was answered: {refused:?}");
+        assert!(hints.take(&key(who)).is_none(), "{who} left a hint");
+    }
+    // Heard: the named caller, by CN or by DNS SAN (case aside).
+    for (who, identity) in [("by-cn", &apiserver), ("by-san", &by_san)] {
+        let status = post_as(&server, Some(identity), addr, review("u", "ApiKey", who, json!({"owner": "x"}))).await;
+        assert_eq!(status, Ok(200), "{who}");
+        assert_eq!(hints.take(&key(who)).map(|a| a.username), Some("alice@example.com".to_owned()));
+    }
+
+    // The CA is rotated in its file: the new CA's caller is heard without a restart, and the
+    // old one no longer is.
+    let rotated = Pki::new();
+    let successor = rotated.identity("kube-apiserver-webhook-client", &[]);
+    std::fs::write(&ca_file, &rotated.ca_pem).unwrap();
+    let mut status = Err(String::new());
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = post_as(&server, Some(&successor), addr, review("u", "ApiKey", "next", json!({}))).await;
+        if status.is_ok() {
+            break;
+        }
+    }
+    assert_eq!(status, Ok(200), "the new client CA was not picked up");
+    let old = post_as(&server, Some(&apiserver), addr, review("u", "ApiKey", "old", json!({}))).await;
+    assert!(old.is_err(), "the old CA's caller was answered: {old:?}");
+
+    // A file that is no CA leaves the current one deciding.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = post_as(&server, Some(&successor), addr, review("u", "ApiKey", "kept", json!({}))).await;
+    assert_eq!(status, Ok(200));
+    serving.abort();
+}
+
+#[test]
+fn a_certificate_names_its_subject_cn_and_dns_sans_only() {
+    let pki = Pki::new();
+    let names = ["kube-apiserver-webhook-client".to_owned(), "apiserver.example.com".to_owned()];
+    let cn = pki.identity("kube-apiserver-webhook-client", &[]);
+    let dns = pki.identity("other", &["APIServer.example.com"]);
+    let neither = pki.identity("kube-apiserver-webhook-client.evil", &["example.com"]);
+    assert!(names_one_of(&cn.cert, &names));
+    assert!(names_one_of(&dns.cert, &names));
+    assert!(!names_one_of(&neither.cert, &names));
+    // A CN is compared exactly.
+    assert!(!names_one_of(&pki.identity("Kube-Apiserver-Webhook-Client", &[]).cert, &names));
+    assert!(!names_one_of(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), &names));
+}
+
+#[tokio::test]
+async fn bind_fails_clearly_on_an_unusable_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    Pki::new().write_leaf(dir.path());
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    for (file, expected) in [("missing.pem", "missing.pem"), ("empty.pem", "holds no PEM certificate")] {
+        let mut settings = WebhookSettings::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("tls.crt"),
+            dir.path().join("tls.key"),
+            Tenancy::Shared,
+        );
+        settings.client_auth = Some(ClientAuthSettings { ca: dir.path().join(file), names: vec![] });
+        let error = WebhookServer::bind(settings).await.unwrap_err().to_string();
+        assert!(error.contains(expected), "{file}: {error}");
+    }
 }

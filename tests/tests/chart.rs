@@ -38,6 +38,13 @@ macro_rules! provided_tls_secret {
     };
 }
 
+/// The Secret with the CA of the API server's webhook client certificate, which a user provides.
+macro_rules! client_ca_secret {
+    () => {
+        "apiserver-webhook-client-ca"
+    };
+}
+
 /// Labels the operator puts on a pod at run time, which a Service may select on.
 const RUNTIME_LABELS: [&str; 1] = ["portcullis.dev/webhook-leader"];
 
@@ -333,7 +340,7 @@ impl Release {
                 if let Some(secret) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
                     let made = self.secrets.contains(&secret)
                         || self.certificates.iter().any(|c| c.secret_name == secret)
-                        || secret == provided_tls_secret!();
+                        || [provided_tls_secret!(), client_ca_secret!()].contains(&secret.as_str());
                     if !made {
                         return Err(format!("Deployment {name}: Secret {secret} is neither in the chart nor issued"));
                     }
@@ -568,6 +575,9 @@ const MATRIX: &[&[&str]] = &[
         concat!("operator.webhook.certificate.secretName=", provided_tls_secret!()),
         "operator.webhook.certificate.caBundle=Y2E=",
         "operator.webhook.failurePolicy=Fail",
+        concat!("operator.webhook.clientAuth.caSecret.name=", client_ca_secret!()),
+        "operator.webhook.clientAuth.names={kube-apiserver-webhook-client,apiserver.example.com}",
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
     ],
     &["operator.webhook.enabled=false", "operator.ledger.enabled=false"],
     &[
@@ -683,6 +693,54 @@ fn a_data_plane_pod_has_time_to_be_withdrawn_and_to_drain() {
     assert_eq!(grace, Some(72), "the delay, the drain and 5 s");
     assert_eq!(variable(&release, "portcullis-dataplane", "PORTCULLIS_SHUTDOWN_DELAY").as_deref(), Some("7"));
     assert_eq!(variable(&release, "portcullis-dataplane", "PORTCULLIS_DRAIN_TIMEOUT").as_deref(), Some("60"));
+}
+
+#[test]
+fn the_webhook_can_be_narrowed_to_the_api_server() {
+    let Some(helm) = helm_or_skip() else { return };
+    let open = Release::read(&rendered(&helm, &[])).expect("read");
+    assert_eq!(variable(&open, "portcullis-operator", "PORTCULLIS_WEBHOOK_CLIENT_CA"), None);
+
+    let sets = [
+        concat!("operator.webhook.clientAuth.caSecret.name=", client_ca_secret!()),
+        "operator.webhook.clientAuth.caSecret.key=bundle.pem",
+        "operator.webhook.clientAuth.names={kube-apiserver-webhook-client,apiserver.example.com}",
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
+    ];
+    let release = Release::read(&rendered(&helm, &sets)).expect("read");
+    let file = variable(&release, "portcullis-operator", "PORTCULLIS_WEBHOOK_CLIENT_CA").expect("client CA variable");
+    assert_eq!(
+        variable(&release, "portcullis-operator", "PORTCULLIS_WEBHOOK_CLIENT_NAMES").as_deref(),
+        Some("kube-apiserver-webhook-client,apiserver.example.com")
+    );
+    // The file the variable names is the Secret's key, mounted.
+    let deployment = release.deployment("portcullis-operator");
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let mount = containers(deployment)[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| file.strip_prefix(&m.mount_path).is_some_and(|rest| rest.starts_with('/')))
+        .expect("the CA file is in a mounted volume");
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("the mount's volume");
+    let secret = volume.secret.as_ref().expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some(client_ca_secret!()));
+    let item = secret.items.iter().flatten().find(|i| i.key == "bundle.pem").expect("the CA key projected");
+    assert_eq!(format!("{}/{}", mount.mount_path, item.path), file);
+
+    let policy = release
+        .network_policies
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("portcullis-operator"))
+        .expect("operator NetworkPolicy");
+    let rules = policy.spec.as_ref().and_then(|s| s.ingress.clone()).unwrap_or_default();
+    let webhook = rules
+        .iter()
+        .find(|r| r.ports.iter().flatten().any(|p| p.port == Some(IntOrString::String("webhook".into()))))
+        .expect("a rule for the webhook port");
+    let from = webhook.from.clone().unwrap_or_default();
+    assert_eq!(from.len(), 1);
+    assert_eq!(from[0].ip_block.as_ref().map(|b| b.cidr.as_str()), Some("10.0.0.0/28"));
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! portcullis-dataplane`).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -127,6 +128,10 @@ struct OperatorSetup<'a> {
     ledger: PathBuf,
     /// Certificate and key for the admission webhook.
     pki: &'a portcullis_e2e::TestPki,
+    /// The CA and name of the client certificate the API server presents to webhooks, when it
+    /// presents one (`scripts/cluster-test.sh` configures its API server so): the webhook then
+    /// answers that caller only.
+    webhook_client: Option<(PathBuf, String)>,
 }
 
 struct Operator {
@@ -148,6 +153,9 @@ fn start_operator(setup: &OperatorSetup<'_>, identity: &str) -> Operator {
         .arg("--webhook-key")
         .arg(setup.pki.server_key_path())
         .args(["--webhook-listen", &webhook.to_string()])
+        .args(setup.webhook_client.iter().flat_map(|(ca, name)| {
+            [OsString::from("--webhook-client-ca"), ca.into(), "--webhook-client-name".into(), name.into()]
+        }))
         .env("KUBECONFIG", &setup.kubeconfig)
         .stdout(Stdio::null())
         .spawn()
@@ -217,6 +225,29 @@ webhooks:
 "#
         )),
     );
+}
+
+/// The API server's webhook client CA and certificate name, from the environment.
+fn webhook_client() -> Option<(PathBuf, String)> {
+    let ca = std::env::var_os("PORTCULLIS_TEST_WEBHOOK_CLIENT_CA").filter(|v| !v.is_empty())?;
+    let name = std::env::var("PORTCULLIS_TEST_WEBHOOK_CLIENT_NAME").expect("PORTCULLIS_TEST_WEBHOOK_CLIENT_NAME");
+    Some((ca.into(), name))
+}
+
+/// Posts an (empty) review to the webhook at `addr` over TLS without a client certificate; the
+/// answer, or why there was none.
+fn post_without_client_certificate(addr: SocketAddr, pki: &portcullis_e2e::TestPki) -> Result<String, String> {
+    let config = pki.client_config(rustls::ALL_VERSIONS, &[b"http/1.1"]).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    let request = "POST /validate HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    Ok(answer)
 }
 
 /// Whether the API server runs on this host, so it can call a webhook listening on loopback.
@@ -597,12 +628,27 @@ fn cluster_suite() {
         kubeconfig: operator_kubeconfig,
         ledger: work.path().join("ledger.jsonl"),
         pki: &pki,
+        webhook_client: webhook_client(),
     };
     // The first replica leads; its admission webhook names the actor of every change it sees.
     let mut operator = start_operator(&setup, "operator-a");
     until_leader(&cluster, &operator.identity, Instant::now());
     if local.is_some() {
         register_webhook(&cluster, &webhook_name, operator.webhook, &pki.ca_pem);
+        match &setup.webhook_client {
+            Some((_, name)) => {
+                let refused = post_without_client_certificate(operator.webhook, &pki)
+                    .expect_err("the webhook answered a caller with no client certificate");
+                println!(
+                    "admission webhook: the API server's client certificate ({name}) required; a review with none \
+                     was refused ({refused})"
+                );
+            }
+            None => println!(
+                "admission webhook: any caller is heard (PORTCULLIS_TEST_WEBHOOK_CLIENT_CA unset: the API server \
+                 presents no client certificate)"
+            ),
+        }
     }
 
     // Everything the suite declares, with the provider key at `version` (rotated below).
