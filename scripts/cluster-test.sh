@@ -115,7 +115,8 @@ start_apiserver() {
   openssl req -newkey rsa:2048 -nodes -subj "/CN=$WEBHOOK_CLIENT_NAME" \
     -keyout "$RUN/webhook-client.key" -out "$RUN/webhook-client.csr" 2>/dev/null
   openssl x509 -req -in "$RUN/webhook-client.csr" -CA "$RUN/webhook-client-ca.crt" -CAkey "$RUN/webhook-client-ca.key" \
-    -CAcreateserial -days 1 -out "$RUN/webhook-client.crt" 2>/dev/null
+    -CAcreateserial -days 1 -out "$RUN/webhook-client.crt" \
+    -extfile <(printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n') 2>/dev/null
   cat >"$RUN/webhook-client.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config

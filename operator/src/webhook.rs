@@ -340,7 +340,7 @@ impl WebhookServer {
         tracing::info!(addr = %settings.listen, path = PATH, callers, "admission webhook listening");
         let tenancy = Arc::new(settings.tenancy.clone());
         loop {
-            let (stream, _peer) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(pair) => pair,
                 Err(error) => {
                     tracing::warn!(%error, "webhook accept failed");
@@ -355,6 +355,11 @@ impl WebhookServer {
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
+                    // A refused client certificate is worth seeing: it is the API server's own
+                    // when client auth is misconfigured (and reviews then go unanswered).
+                    Ok(Err(error)) if refused_client_certificate(&error) => {
+                        return tracing::warn!(%peer, %error, "webhook caller refused: its client certificate")
+                    }
                     Ok(Err(error)) => return tracing::debug!(%error, "webhook TLS handshake failed"),
                     Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
                 };
@@ -368,6 +373,14 @@ impl WebhookServer {
             });
         }
     }
+}
+
+/// Whether a failed handshake failed on the caller's certificate (none, or not accepted).
+fn refused_client_certificate(error: &std::io::Error) -> bool {
+    matches!(
+        error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_))
+    )
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
