@@ -135,13 +135,19 @@ fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, WebhookError> {
     Ok(PemPair { cert: cert_pem, key: key_pem, fingerprint })
 }
 
-fn certified_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<CertifiedKey, WebhookError> {
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+/// The certificates in the PEM `pem` read from `path`: at least one, or an error naming the file.
+fn pem_certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, WebhookError> {
+    let certificates: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
-        .map_err(|_| WebhookError::Pem { path: cert.into() })?;
-    if chain.is_empty() {
-        return Err(WebhookError::NoCertificate { path: cert.into() });
+        .map_err(|_| WebhookError::Pem { path: path.into() })?;
+    if certificates.is_empty() {
+        return Err(WebhookError::NoCertificate { path: path.into() });
     }
+    Ok(certificates)
+}
+
+fn certified_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<CertifiedKey, WebhookError> {
+    let chain = pem_certificates(cert, cert_pem)?;
     let private: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|_| WebhookError::Pem { path: key.into() })?
         .ok_or_else(|| WebhookError::NoKey { path: key.into() })?;

@@ -25,7 +25,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 
-use super::{provider, WebhookError};
+use super::{pem_certificates, provider, WebhookError};
 
 /// The client CA and, optionally, the identities accepted from it.
 #[derive(Debug, Clone)]
@@ -56,17 +56,13 @@ fn read_ca(path: &Path) -> Result<(Vec<u8>, [u8; 32]), WebhookError> {
 }
 
 fn verifier(path: &Path, pem: &[u8]) -> Result<Arc<dyn ClientCertVerifier>, WebhookError> {
+    let unusable =
+        |error: &dyn std::fmt::Display| WebhookError::ClientCa { path: path.into(), reason: error.to_string() };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.map_err(|_| WebhookError::Pem { path: path.into() })?;
-        roots.add(cert).map_err(|error| WebhookError::ClientCa { path: path.into(), reason: error.to_string() })?;
+    for cert in pem_certificates(path, pem)? {
+        roots.add(cert).map_err(|error| unusable(&error))?;
     }
-    if roots.is_empty() {
-        return Err(WebhookError::NoCertificate { path: path.into() });
-    }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|error| WebhookError::ClientCa { path: path.into(), reason: error.to_string() })
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|error| unusable(&error))
 }
 
 /// Whether `cert` names one of `names` as its subject CN or a DNS SAN (DNS compared without
