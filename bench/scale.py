@@ -6,7 +6,9 @@
    and a reload (a manifest changes → `portcullis_snapshot_generation` moves on /metrics); the
    latency tail of requests (wrk c=1) while the 10k-key manifests are reloaded, beside a quiet run.
 2. RSS idle with it loaded (and with 1 key, for comparison).
-3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway vs the 1-key gateway.
+3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway and the 1-key gateway, both up
+   at once and measured in turn (SCALE_AUTH_ROUNDS rounds, order alternating, after a warm-up of
+   each): req/s and the gateway's CPU per request, as per-round ratios.
 4. Memory per idle keep-alive connection and per open SSE stream (upstream holds streams open):
    RSS delta / N on a fresh gateway.
 5. New connections at the connection limit: SCALE_AT_LIMIT (500) connections, one request each,
@@ -33,6 +35,10 @@ IDLE_CONNS = int(os.environ.get("SCALE_IDLE_CONNS", "2000"))
 STREAMS = int(os.environ.get("SCALE_STREAMS", "1000"))
 AT_LIMIT = int(os.environ.get("SCALE_AT_LIMIT", "500"))
 AUTH_SECONDS = int(os.environ.get("SCALE_AUTH_SECONDS", "5"))
+AUTH_ROUNDS = max(1, int(os.environ.get("SCALE_AUTH_ROUNDS", "3")))
+# The 1-key gateway's ports while the 10k-key one holds the usual pair (the proxy bench's
+# `portcullis-nolimit` pair, unused here).
+ONE_PORT, ONE_ADMIN = h.PORT["portcullis-nolimit"], h.PORT["portcullis-nolimit_admin"]
 RELOADS = int(os.environ.get("SCALE_RELOADS", "3"))
 TAIL_SECONDS = int(os.environ.get("SCALE_TAIL_SECONDS", "8"))
 COMPILE = os.path.join(h.BIN, "bench-compile")
@@ -48,17 +54,18 @@ def gen(d, keys, providers):
     return out.stdout.strip()
 
 
-def start_gateway(d, name, extra=(), env=None):
+def start_gateway(d, name, extra=(), env=None, port=None, admin=None):
+    port, admin = port or h.PORT["portcullis"], admin or h.PORT["portcullis_admin"]
     argv = [os.path.join(h.BIN, "portcullis-dataplane"), "--manifests", d,
-            "--listen", f"127.0.0.1:{h.PORT['portcullis']}",
-            "--admin-listen", f"127.0.0.1:{h.PORT['portcullis_admin']}", "--log-level", "warn"]
+            "--listen", f"127.0.0.1:{port}",
+            "--admin-listen", f"127.0.0.1:{admin}", "--log-level", "warn"]
     argv += list(extra)
     argv += h.one_worker_args()
     t0 = time.perf_counter()
     p = h.start(name, argv, env={"TOKIO_WORKER_THREADS": "1", **(env or {})}, cpu=1)
     while True:
         try:
-            c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis_admin"], timeout=1)
+            c = http.client.HTTPConnection("127.0.0.1", admin, timeout=1)
             c.request("GET", "/readyz")
             r = c.getresponse()
             r.read()
@@ -137,14 +144,15 @@ def key_request(key, mode="plain"):
     return r.status
 
 
-def wrk_key(key, conns, seconds, meanwhile=None):
-    """wrk with `key` against the gateway; `meanwhile()` runs while it does."""
+def wrk_key(key, conns, seconds, meanwhile=None, port=None):
+    """wrk with `key` against the gateway (on `port`, else the usual one); `meanwhile()` runs
+    while it does."""
     script = os.path.join(WORK, f"wrk-{key[:16]}.lua")
     with open(script, "w") as f:
         f.write(h.LUA.replace("%(key)s", key).replace("%(body)s", h.BODY["plain"])
                 .replace("%%", "%"))
     argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
-            "-s", script, f"http://127.0.0.1:{h.PORT['portcullis']}/v1/chat/completions"]
+            "-s", script, f"http://127.0.0.1:{port or h.PORT['portcullis']}/v1/chat/completions"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if meanwhile:
         meanwhile()
@@ -314,25 +322,51 @@ def main():
         h.stop(p)
         p, _ = start_gateway(big, "gw-big-again")
 
-    # 3. auth cost
-    h.log("auth cost: wrk against the 10k-key gateway")
-    big32 = wrk_key(key_big, 32, AUTH_SECONDS)
-    big1 = wrk_key(key_big, 1, AUTH_SECONDS)
+    # 3. auth cost: both gateways up at once, each measured in turn on CPU 1, so the host's
+    # drift falls on both alike
+    p1, _ = start_gateway(small, "gw-one-auth", port=ONE_PORT, admin=ONE_ADMIN)
+    gateways = {"big": (p, h.PORT["portcullis"], key_big), "one": (p1, ONE_PORT, key_one)}
+    for _, port, key in gateways.values():
+        wrk_key(key, 32, 2, port=port)
+    runs = {(name, conns): [] for name in gateways for conns in (32, 1)}
+    for r in range(AUTH_ROUNDS):
+        order = list(gateways) if r % 2 == 0 else list(reversed(gateways))
+        for name in order:
+            proc, port, key = gateways[name]
+            h.log(f"auth cost: round {r + 1}, the {'10k' if name == 'big' else '1'}-key gateway")
+            for conns in (32, 1):
+                before = h.cpu_ticks([proc.pid])
+                res = wrk_key(key, conns, AUTH_SECONDS, port=port)
+                res["cpu_us"] = (h.cpu_ticks([proc.pid]) - before) / h.CLK_TCK * 1e6 / max(res["requests"], 1)
+                runs[(name, conns)].append(res)
     h.stop(p)
-    p1, _ = start_gateway(small, "gw-one-auth")
-    h.log("auth cost: wrk against the 1-key gateway")
-    one32 = wrk_key(key_one, 32, AUTH_SECONDS)
-    one1 = wrk_key(key_one, 1, AUTH_SECONDS)
     h.stop(p1)
-    lines += ["", f"## Auth cost ({AUTH_SECONDS} s wrk runs, plain)", "",
-              "| snapshot | c=32 req/s | c=1 req/s | c=1 p50 µs | c=1 p99 µs |",
-              "|---|---|---|---|---|",
-              f"| {KEYS} keys, {PROVIDERS} providers | {big32['rps']:,.0f} | {big1['rps']:,.0f} | "
-              f"{big1['p50']} | {big1['p99']} |",
-              f"| 1 key, 1 provider | {one32['rps']:,.0f} | {one1['rps']:,.0f} | {one1['p50']} | "
-              f"{one1['p99']} |",
-              f"| ratio 10k / 1 | {big32['rps'] / one32['rps']:.2f} | "
-              f"{big1['rps'] / one1['rps']:.2f} | | |"]
+
+    def med(values):
+        return sorted(values)[len(values) // 2]
+
+    def ratios(conns, what):
+        return [b[what] / o[what] for b, o in zip(runs[("big", conns)], runs[("one", conns)])
+                if o[what]]
+
+    def ratio_cell(conns, what):
+        rs = ratios(conns, what)
+        return f"**{med(rs):.2f}** ({min(rs):.2f}–{max(rs):.2f})" if rs else "—"
+
+    def row(name, label):
+        r32, r1 = runs[(name, 32)], runs[(name, 1)]
+        return (f"| {label} | {med([r['rps'] for r in r32]):,.0f} | {med([r['cpu_us'] for r in r32]):.1f} | "
+                f"{med([r['rps'] for r in r1]):,.0f} | {med([r['p50'] for r in r1])} | "
+                f"{med([r['p99'] for r in r1])} |")
+
+    lines += ["", f"## Auth cost (both gateways up at once; {AUTH_ROUNDS} rounds of {AUTH_SECONDS} s wrk "
+              "runs each, in turn, order alternating; plain; medians)", "",
+              "| snapshot | c=32 req/s | c=32 CPU µs/req | c=1 req/s | c=1 p50 µs | c=1 p99 µs |",
+              "|---|---|---|---|---|---|",
+              row("big", f"{KEYS} keys, {PROVIDERS} providers"),
+              row("one", "1 key, 1 provider"),
+              f"| 10k / 1, per-round median (range) | {ratio_cell(32, 'rps')} | {ratio_cell(32, 'cpu_us')} | "
+              f"{ratio_cell(1, 'rps')} | | |"]
 
     # 4. per connection / per stream, each on a fresh gateway
     lines += ["", "## Per connection and per stream (fresh 1-key gateway each, so freed "

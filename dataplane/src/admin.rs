@@ -52,7 +52,7 @@ async fn limits(state: &AdminState, query: Option<&str>) -> Response<GatewayBody
     }
     let mut keys: Vec<_> = snapshot
         .policies
-        .values()
+        .iter()
         .filter(|p| wanted_key.as_deref().is_none_or(|k| p.key.to_string() == k))
         .filter(|p| p.limits != Default::default())
         .collect();

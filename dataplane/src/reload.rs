@@ -97,7 +97,7 @@ impl SnapshotApplier {
 
     /// Opens `snapshot` completely, then swaps it in. Returns false (and counts a failure) when
     /// it cannot be opened; the previous snapshot keeps serving.
-    pub fn apply(&mut self, snapshot: GatewaySnapshot) -> bool {
+    pub fn apply(&mut self, mut snapshot: GatewaySnapshot) -> bool {
         if self.last_applied.as_ref().is_some_and(|last| last.content_digest == snapshot.content_digest) {
             self.metrics.snapshot_valid.set(1);
             return true;
@@ -114,7 +114,8 @@ impl SnapshotApplier {
                 return false;
             }
         }
-        match RuntimeSnapshot::open(&snapshot, &self.keyring, self.pepper_for(&snapshot)) {
+        let pepper = self.pepper_for(&snapshot);
+        match RuntimeSnapshot::open(&mut snapshot, &self.keyring, pepper) {
             Ok(runtime) => {
                 tracing::info!(
                     generation = runtime.generation,

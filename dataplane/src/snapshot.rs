@@ -155,8 +155,9 @@ pub struct RuntimeSnapshot {
     exact_models: FastMap<String, Vec<ModelRoute>>,
     glob_models: Vec<ModelRoute>,
     pub kill_switches: Vec<KillSwitchEntry>,
-    /// Every ApiKey once by identity (a rotating key has two digests in `keys`).
-    pub policies: HashMap<ObjectRef, Arc<ApiKeyEntry>>,
+    /// Every ApiKey once, in the snapshot's order (by identity); a rotating key has two
+    /// digests in `keys`.
+    pub policies: Vec<Arc<ApiKeyEntry>>,
     pub api_key_count: usize,
     pub upstream_count: usize,
 }
@@ -172,8 +173,10 @@ impl fmt::Debug for RuntimeSnapshot {
 }
 
 impl RuntimeSnapshot {
-    /// Opens every sealed key. Any failure rejects the whole snapshot.
-    pub fn open(snapshot: &GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
+    /// Opens every sealed key. Any failure rejects the whole snapshot and leaves it as it was.
+    /// Once opened, its API keys and kill switches have moved into what is returned (10,000
+    /// keys are not copied); its header and credentials stay in `snapshot`.
+    pub fn open(snapshot: &mut GatewaySnapshot, keyring: &MasterKeyring, pepper: &Pepper) -> Result<Self, OpenError> {
         // Whoever wrote it held a master key: nothing in it is used before this holds.
         snapshot.verify_tag(keyring)?;
         let content = &snapshot.content;
@@ -185,39 +188,6 @@ impl RuntimeSnapshot {
                 return Err(OpenError::PepperMismatch { snapshot: id.clone(), held });
             }
         }
-        let mut keys = FastMap::with_capacity_and_hasher(
-            content.api_keys.iter().map(|k| k.digests.len()).sum(),
-            Default::default(),
-        );
-        // Team limits by (namespace, team): the strictest any of the team's keys declares.
-        let mut team_limits: HashMap<(&str, &str), SubjectLimits> = HashMap::new();
-        for entry in &content.api_keys {
-            if let (Some(team), Some(limits)) = (&entry.team, &entry.team_limits) {
-                let merged = team_limits.entry((entry.key.namespace.as_str(), team.as_str())).or_default();
-                let strictest = |a: Option<u64>, b: Option<u64>| match (a, b) {
-                    (Some(x), Some(y)) => Some(x.min(y)),
-                    (x, y) => x.or(y),
-                };
-                merged.requests_per_minute = strictest(merged.requests_per_minute, limits.requests_per_minute);
-                merged.tokens_per_minute = strictest(merged.tokens_per_minute, limits.tokens_per_minute);
-            }
-        }
-
-        let mut policies = HashMap::with_capacity(content.api_keys.len());
-        for entry in &content.api_keys {
-            let policy = Arc::new(entry.clone());
-            policies.insert(entry.key.clone(), policy.clone());
-            let team =
-                entry.team.as_ref().and_then(|team| team_limits.get(&(entry.key.namespace.as_str(), team.as_str())));
-            let limits = KeyLimits::new(entry, team.copied()).map(Arc::new);
-            for issued in &entry.digests {
-                keys.insert(
-                    issued.digest,
-                    KeyGrant { policy: policy.clone(), limits: limits.clone(), valid_until: issued.valid_until },
-                );
-            }
-        }
-
         let mut exact_models: FastMap<String, Vec<ModelRoute>> = FastMap::default();
         let mut glob_models = Vec::new();
         for entry in &content.credentials {
@@ -259,6 +229,47 @@ impl RuntimeSnapshot {
             }
         }
 
+        // Nothing fails from here on.
+        let api_keys = std::mem::take(&mut snapshot.content.api_keys);
+        let mut keys =
+            FastMap::with_capacity_and_hasher(api_keys.iter().map(|k| k.digests.len()).sum(), Default::default());
+        // Team limits by (namespace, team): the strictest any of the team's keys declares.
+        let mut team_limits: HashMap<(&str, &str), SubjectLimits> = HashMap::new();
+        for entry in &api_keys {
+            if let (Some(team), Some(limits)) = (&entry.team, &entry.team_limits) {
+                let merged = team_limits.entry((entry.key.namespace.as_str(), team.as_str())).or_default();
+                let strictest = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+                merged.requests_per_minute = strictest(merged.requests_per_minute, limits.requests_per_minute);
+                merged.tokens_per_minute = strictest(merged.tokens_per_minute, limits.tokens_per_minute);
+            }
+        }
+        let team_limits: Vec<_> = api_keys
+            .iter()
+            .map(|entry| {
+                entry
+                    .team
+                    .as_ref()
+                    .and_then(|team| team_limits.get(&(entry.key.namespace.as_str(), team.as_str())).copied())
+            })
+            .collect();
+
+        let api_key_count = api_keys.len();
+        let mut policies = Vec::with_capacity(api_key_count);
+        for (entry, team) in api_keys.into_iter().zip(team_limits) {
+            let limits = KeyLimits::new(&entry, team).map(Arc::new);
+            let policy = Arc::new(entry);
+            for issued in &policy.digests {
+                keys.insert(
+                    issued.digest,
+                    KeyGrant { policy: policy.clone(), limits: limits.clone(), valid_until: issued.valid_until },
+                );
+            }
+            policies.push(policy);
+        }
+
         Ok(Self {
             generation: snapshot.generation,
             content_digest: snapshot.content_digest.clone(),
@@ -266,10 +277,10 @@ impl RuntimeSnapshot {
             keys,
             exact_models,
             glob_models,
-            kill_switches: content.kill_switches.clone(),
+            kill_switches: std::mem::take(&mut snapshot.content.kill_switches),
             policies,
-            api_key_count: content.api_keys.len(),
-            upstream_count: content.credentials.len(),
+            api_key_count,
+            upstream_count: snapshot.content.credentials.len(),
         })
     }
 
@@ -362,7 +373,7 @@ mod tests {
     /// Keys `a` and `b` in team `red` declaring different team limits, `c` without any limits.
     fn opened(pepper: &Pepper) -> RuntimeSnapshot {
         let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
-        RuntimeSnapshot::open(&teams_snapshot(pepper, &keyring), &keyring, pepper).expect("open")
+        RuntimeSnapshot::open(&mut teams_snapshot(pepper, &keyring), &keyring, pepper).expect("open")
     }
 
     /// The snapshot [`opened`] opens, its digests and pepper id made under `pepper`.
@@ -400,19 +411,26 @@ mod tests {
         let keyring = MasterKeyring::generate(KeyId::new("k1").expect("id")).expect("keyring");
         let ours = Pepper::generate().expect("pepper");
         let theirs = Pepper::generate().expect("pepper");
-        let snapshot = teams_snapshot(&theirs, &keyring);
-        match RuntimeSnapshot::open(&snapshot, &keyring, &ours) {
+        let mut snapshot = teams_snapshot(&theirs, &keyring);
+        let written = snapshot.clone();
+        match RuntimeSnapshot::open(&mut snapshot, &keyring, &ours) {
             Err(OpenError::PepperMismatch { snapshot, held }) => {
                 assert_eq!((snapshot, held), (theirs.id(), ours.id()));
             }
             other => panic!("expected a pepper mismatch, got {other:?}"),
         }
-        assert!(RuntimeSnapshot::open(&snapshot, &keyring, &theirs).is_ok());
+        // Refused, it is left as it was; opened, its keys have moved into the opened snapshot.
+        assert_eq!(snapshot, written);
+        let opened = RuntimeSnapshot::open(&mut snapshot, &keyring, &theirs).expect("opens");
+        assert!(opened.lookup_key(KEYS[0].as_bytes()).is_some());
+        assert_eq!(opened.policies.len(), 3);
+        assert!(opened.policies.iter().map(|p| &p.key).eq(written.content.api_keys.iter().map(|k| &k.key)));
+        assert!(snapshot.content.api_keys.is_empty());
         // Written before the id existed: opened as before (its keys simply do not match).
-        let mut content = snapshot.content.clone();
+        let mut content = written.content.clone();
         content.pepper_id = None;
-        let untagged_id = GatewaySnapshot::new(content, None).tag(&keyring).expect("tag");
-        let opened = RuntimeSnapshot::open(&untagged_id, &keyring, &ours).expect("opens");
+        let mut untagged_id = GatewaySnapshot::new(content, None).tag(&keyring).expect("tag");
+        let opened = RuntimeSnapshot::open(&mut untagged_id, &keyring, &ours).expect("opens");
         assert!(opened.lookup_key(KEYS[0].as_bytes()).is_none());
     }
 

@@ -122,8 +122,12 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
         drop(inputs);
         let snapshot_live = HEAP.current_usage() - base;
         let before_open = HEAP.current_usage();
-        let runtime = RuntimeSnapshot::open(&compiled.snapshot, &keyring, &pepper)?;
+        // Opening takes the snapshot's keys: a copy is opened, made outside the timed part.
+        let mut opening = compiled.snapshot.clone();
+        let t2b = Instant::now();
+        let runtime = RuntimeSnapshot::open(&mut opening, &keyring, &pepper)?;
         let t3 = Instant::now();
+        drop(opening);
         let runtime_live = HEAP.current_usage() - before_open;
         let peak = HEAP.peak_usage() - base;
         // The cluster path: the snapshot arrives gzipped in a Secret, is inflated and verified,
@@ -131,11 +135,11 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
         let json = compiled.snapshot.to_json();
         let gzipped = compiled.snapshot.to_secret_data();
         let t4 = Instant::now();
-        let decoded = portcullis_crds::snapshot::GatewaySnapshot::from_secret_data(|key| {
+        let mut decoded = portcullis_crds::snapshot::GatewaySnapshot::from_secret_data(|key| {
             (key == portcullis_crds::snapshot::SNAPSHOT_SECRET_GZIP_KEY).then_some(gzipped.as_slice())
         })?;
         let t5 = Instant::now();
-        let reopened = RuntimeSnapshot::open(&decoded, &keyring, &pepper)?;
+        let reopened = RuntimeSnapshot::open(&mut decoded, &keyring, &pepper)?;
         let t6 = Instant::now();
         summary = format!("api_keys={} providers={}", runtime.api_key_count, runtime.upstream_count);
         if round == 0 {
@@ -153,8 +157,8 @@ fn time(dir: &Path, rounds: usize) -> anyhow::Result<()> {
         }
         read.push(ms(t1 - t0));
         compile.push(ms(t2 - t1));
-        open.push(ms(t3 - t2));
-        total.push(ms(t3 - t0));
+        open.push(ms(t3 - t2b));
+        total.push(ms((t2 - t0) + (t3 - t2b)));
         decode.push(ms(t5 - t4));
         cluster.push(ms(t6 - t4));
         drop((runtime, reopened, decoded, compiled));
