@@ -22,6 +22,7 @@ connection holder on CPU 0.
 import http.client
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -333,7 +334,7 @@ def main():
         order = list(gateways) if r % 2 == 0 else list(reversed(gateways))
         for name in order:
             proc, port, key = gateways[name]
-            h.log(f"auth cost: round {r + 1}, the {'10k' if name == 'big' else '1'}-key gateway")
+            h.log(f"auth cost: round {r + 1}, the {KEYS if name == 'big' else 1}-key gateway")
             for conns in (32, 1):
                 before = h.cpu_ticks([proc.pid])
                 res = wrk_key(key, conns, AUTH_SECONDS, port=port)
@@ -342,22 +343,19 @@ def main():
     h.stop(p)
     h.stop(p1)
 
-    def med(values):
-        return sorted(values)[len(values) // 2]
-
     def ratios(conns, what):
         return [b[what] / o[what] for b, o in zip(runs[("big", conns)], runs[("one", conns)])
                 if o[what]]
 
     def ratio_cell(conns, what):
         rs = ratios(conns, what)
-        return f"**{med(rs):.2f}** ({min(rs):.2f}–{max(rs):.2f})" if rs else "—"
+        return f"**{statistics.median_low(rs):.2f}** ({min(rs):.2f}–{max(rs):.2f})" if rs else "—"
 
     def row(name, label):
-        r32, r1 = runs[(name, 32)], runs[(name, 1)]
-        return (f"| {label} | {med([r['rps'] for r in r32]):,.0f} | {med([r['cpu_us'] for r in r32]):.1f} | "
-                f"{med([r['rps'] for r in r1]):,.0f} | {med([r['p50'] for r in r1])} | "
-                f"{med([r['p99'] for r in r1])} |")
+        mid = {(conns, what): statistics.median_low([r[what] for r in runs[(name, conns)]])
+               for conns in (32, 1) for what in ("rps", "cpu_us", "p50", "p99")}
+        return (f"| {label} | {mid[(32, 'rps')]:,.0f} | {mid[(32, 'cpu_us')]:.1f} | "
+                f"{mid[(1, 'rps')]:,.0f} | {mid[(1, 'p50')]} | {mid[(1, 'p99')]} |")
 
     lines += ["", f"## Auth cost (both gateways up at once; {AUTH_ROUNDS} rounds of {AUTH_SECONDS} s wrk "
               "runs each, in turn, order alternating; plain; medians)", "",
@@ -365,7 +363,7 @@ def main():
               "|---|---|---|---|---|---|",
               row("big", f"{KEYS} keys, {PROVIDERS} providers"),
               row("one", "1 key, 1 provider"),
-              f"| 10k / 1, per-round median (range) | {ratio_cell(32, 'rps')} | {ratio_cell(32, 'cpu_us')} | "
+              f"| {KEYS} keys / 1, per-round median (range) | {ratio_cell(32, 'rps')} | {ratio_cell(32, 'cpu_us')} | "
               f"{ratio_cell(1, 'rps')} | | |"]
 
     # 4. per connection / per stream, each on a fresh gateway

@@ -348,6 +348,10 @@ mod tests {
         let second_runtime = Arc::downgrade(&handle.load().unwrap());
         assert!(applier.apply(third));
         assert!(second_runtime.upgrade().is_none() && !applier.holds_retired());
+        // What the applier keeps of the applied snapshot holds no kill switches (nor keys): they
+        // moved into the serving snapshot, which is not copied for it.
+        assert!(applier.last_applied().is_some_and(|kept| kept.content.kill_switches.is_empty()));
+        assert_eq!(handle.load().map(|s| s.kill_switches.len()), Some(1));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use portcullis_crds::digest::Pepper;
 use portcullis_crds::sealing::MasterKeyring;
-use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent};
+use portcullis_crds::snapshot::GatewaySnapshot;
 use portcullis_operator::{manifests, Tenancy};
 use tokio::sync::watch;
 
@@ -29,8 +29,8 @@ pub struct SnapshotApplier {
     /// still holds it, or its new snapshot has not arrived yet) opens under it.
     previous_pepper: Option<Pepper>,
     /// What the next compile and apply need of the last snapshot: generation, content digest
-    /// and sealed credentials. Keys and kill switches are dropped (with 10k keys they are most
-    /// of the snapshot) since the serving `RuntimeSnapshot` has its own copy.
+    /// and sealed credentials. Its keys and kill switches (with 10k keys, most of the snapshot)
+    /// moved into the serving `RuntimeSnapshot` when it was opened.
     last_applied: Option<GatewaySnapshot>,
     /// Snapshots swapped out while requests still held them. Whoever drops the last reference
     /// frees a snapshot, and freeing 10k keys' maps takes milliseconds: kept here, they are
@@ -131,9 +131,8 @@ impl SnapshotApplier {
                     self.retired.push(previous);
                 }
                 self.reap();
-                let GatewaySnapshot { schema_version, generation, content_digest, tag, content } = snapshot;
-                let content = SnapshotContent { credentials: content.credentials, ..SnapshotContent::default() };
-                self.last_applied = Some(GatewaySnapshot { schema_version, generation, content_digest, tag, content });
+                // Its keys and kill switches have moved into the serving snapshot.
+                self.last_applied = Some(snapshot);
                 true
             }
             Err(e) => {
