@@ -77,9 +77,11 @@ fn busy_poll_window(args: &DataplaneArgs) -> anyhow::Result<Option<Duration>> {
 
 /// The bytes of request bodies held at once: the flag, or half the container's memory.
 fn body_budget_limit(args: &DataplaneArgs) -> anyhow::Result<usize> {
+    let least = crate::pipeline::body_budget::least_limit(args.max_request_body_bytes);
     match args.max_buffered_body_bytes {
-        Some(limit) if limit < args.max_request_body_bytes => bail!(
-            "--max-buffered-body-bytes ({limit}) must hold at least one largest body (--max-request-body-bytes {})",
+        Some(limit) if limit < least => bail!(
+            "--max-buffered-body-bytes ({limit}) must hold at least {least}: one largest body (--max-request-body-bytes {}) \
+             and the copy a rewrite for the provider makes",
             args.max_request_body_bytes
         ),
         Some(limit) => Ok(limit),

@@ -356,3 +356,38 @@ async fn request_bodies_held_at_once_are_bounded() {
     assert_eq!(metrics.get("portcullis_request_body_bytes_held", &[]), Some(0.0));
     assert_eq!(metrics.sum("portcullis_requests_total", &[("outcome", "gateway_overloaded")]), 2.0);
 }
+
+/// A body the gateway rewrites for the provider (here: usage asked for on a stream the client
+/// did not ask it for) is a second copy, held beside the client's until the request is written,
+/// and takes its share of the budget too. With a ~3 KiB body held, a ~3 KiB stream fits the
+/// 8 KiB budget as it arrives but not with its copy, and is refused with a 503; the same body
+/// not streamed (sent as it came) is served; once the held body is gone the stream is too.
+#[tokio::test]
+async fn a_rewritten_body_takes_its_share_of_the_budget() {
+    let options = FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"]);
+    let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
+    let prompt = "x".repeat(3000);
+    let (streamed, plain) = (chat_body("gpt-4o-mini", &prompt, true), chat_body("gpt-4o-mini", &prompt, false));
+    let held = || async { fx.gateway.metrics().await.ok().map(|m| m.sum("portcullis_request_body_bytes_held", &[])) };
+
+    let raw = plain.to_string();
+    let nearly = raw.len() - 64;
+    let (mut waiting, rest) = partly_sent(&fx, &raw, nearly).await;
+    eventually(Duration::from_secs(10), "the partly sent body held", || async {
+        held().await.filter(|bytes| *bytes == nearly as f64)
+    })
+    .await
+    .expect("held as it arrived");
+
+    let refused = fx.chat_with(ALICE_KEY, &streamed, &[]).await.unwrap();
+    assert::openai_error(&refused, 503, "gateway_overloaded");
+    let served = fx.chat_with(ALICE_KEY, &plain, &[]).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.describe());
+
+    let first = finish_sending(&mut waiting, &rest).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let stream = fx.chat_with(ALICE_KEY, &streamed, &[]).await.unwrap();
+    assert_eq!(stream.status, 200, "{}", stream.describe());
+    assert_eq!(fx.openai.last_request().unwrap().json()["stream_options"]["include_usage"], true);
+    assert_eq!(held().await, Some(0.0), "both copies let go");
+}

@@ -95,15 +95,22 @@ impl Drop for BodyShare<'_> {
     }
 }
 
+/// The least budget that serves every body: one largest body, and the copy of it the gateway
+/// writes when it rewrites the body for the provider (the model renamed, usage asked for),
+/// which takes its share too while both are held.
+pub fn least_limit(max_body: usize) -> usize {
+    max_body.saturating_mul(2)
+}
+
 /// The budget when none is configured: half the container's memory limit (cgroup v2, then
-/// v1) when there is one, else 1 GiB; never less than one largest body.
+/// v1) when there is one, else 1 GiB; never less than [`least_limit`].
 pub fn default_limit(max_body: usize) -> usize {
     const FALLBACK: u64 = 1 << 30;
     let limit = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
         .iter()
         .find_map(|path| std::fs::read_to_string(path).ok().and_then(|text| cgroup_memory_limit(&text)))
         .map_or(FALLBACK, |bytes| bytes / 2);
-    usize::try_from(limit).unwrap_or(usize::MAX).max(max_body)
+    usize::try_from(limit).unwrap_or(usize::MAX).max(least_limit(max_body))
 }
 
 /// A cgroup memory limit file's value; `None` for "max" or v1's "no limit" (a huge number).
@@ -143,6 +150,6 @@ mod tests {
         assert_eq!(cgroup_memory_limit("max\n"), None);
         assert_eq!(cgroup_memory_limit("9223372036854771712\n"), None, "cgroup v1's no limit");
         assert_eq!(cgroup_memory_limit("garbage"), None);
-        assert!(default_limit(1 << 40) >= 1 << 40, "never below the largest body");
+        assert!(default_limit(1 << 40) >= 2 << 40, "never below the largest body and its rewritten copy");
     }
 }

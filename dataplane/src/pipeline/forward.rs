@@ -148,6 +148,11 @@ impl Outbound {
         self.rewritten.is_some()
     }
 
+    /// The length of the rewritten body, a second copy held beside the client's.
+    pub fn rewritten_len(&self) -> Option<usize> {
+        self.rewritten.as_ref().map(Bytes::len)
+    }
+
     /// The body to send, given the client's.
     pub fn body<'b>(&'b self, client: &'b Bytes) -> &'b Bytes {
         self.rewritten.as_ref().unwrap_or(client)
@@ -168,25 +173,10 @@ fn upstream_body(
     if chosen.upstream_model.is_none() && !wants_usage_injection {
         return Ok((None, false));
     }
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+    let changes =
+        super::rewrite::Changes { model: chosen.upstream_model.as_deref(), include_usage: wants_usage_injection };
+    let bytes = super::rewrite::rewrite(body, changes)
         .map_err(|_| GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned()))?;
-    if let Some(upstream_model) = &chosen.upstream_model {
-        object.insert("model".to_owned(), serde_json::Value::String(upstream_model.to_string()));
-    }
-    if wants_usage_injection {
-        // `null` (or anything else that is not an object, which the provider would not read
-        // usage from either) is replaced: without the option the provider sends no usage, and
-        // the request would be metered on estimates.
-        let options = object.entry("stream_options").or_insert(serde_json::Value::Null);
-        if !options.is_object() {
-            *options = serde_json::Value::Object(serde_json::Map::new());
-        }
-        if let Some(options) = options.as_object_mut() {
-            options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
-        }
-    }
-    let bytes = serde_json::to_vec(&object)
-        .map_err(|_| GatewayError::InvalidRequest("The request body could not be re-encoded.".to_owned()))?;
     Ok((Some(Bytes::from(bytes)), wants_usage_injection))
 }
 

@@ -15,6 +15,7 @@ pub mod kill_switch;
 pub mod limit;
 pub mod meter;
 pub mod models;
+pub mod rewrite;
 pub mod route;
 pub mod usage;
 
@@ -301,7 +302,7 @@ impl Gateway {
         }
 
         // The body and its share of the budget are held until the request is written.
-        let (body, share, waited) = self.read_body(body).await.map_err(fail)?;
+        let (body, mut share, waited) = self.read_body(body).await.map_err(fail)?;
         // A body that took its time to arrive is checked and admitted at the time it is
         // complete: a kill switch set meanwhile applies.
         let (now, now_ms) = if waited {
@@ -356,6 +357,10 @@ impl Gateway {
 
         let outbound =
             forward::build(route, (&uri, &headers), &body, &head, model, chosen, &record.request_id).map_err(fail)?;
+        // A rewritten body is a second copy, held as long as the client's: it takes its share.
+        if outbound.rewritten_len().is_some_and(|len| !share.grow(len)) {
+            return Err(fail(GatewayError::Overloaded));
+        }
         let strip_usage_chunk = outbound.strip_usage_chunk;
         // The response deadline counts from the latest clock reading unless something since
         // may have taken time: the shared limiter's round trip, or rewriting the body (a slow
