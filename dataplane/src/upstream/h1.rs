@@ -242,20 +242,40 @@ pub(super) async fn write_request<S: AsyncRead + AsyncWrite + Unpin>(
 /// Whether what a provider sent while its request was still being written is its answer.
 /// Complete interim (1xx) heads are dropped on the way: a server may send `100 Continue` unasked,
 /// and then wants the rest of the body. A final status, or anything that is not a response head,
-/// is the answer (reading it says which).
+/// is the answer, left in `buf` whole for the reader (which says which).
 fn answering(buf: &mut BytesMut) -> bool {
     const STATUS_DIGIT: usize = b"HTTP/1.1 ".len();
     loop {
-        match buf.get(STATUS_DIGIT) {
-            None => return false,
-            Some(b'1') => {}
-            Some(_) => return true,
+        // Empty lines before a head are dropped, as the head's parser skips them; the status
+        // digit is then where a head that is interim has it.
+        let blank = empty_lines(buf);
+        buf.advance(blank);
+        if buf.len() <= STATUS_DIGIT {
+            return false;
+        }
+        // Only a head with a 1xx status is parsed here (parsing a final one would take it out
+        // of `buf`); this is its exact shape (one space after the version, as the parser wants).
+        if !(buf.starts_with(b"HTTP/1.") && buf[STATUS_DIGIT - 1] == b' ' && buf[STATUS_DIGIT] == b'1') {
+            return true;
         }
         match parse_head(buf, false) {
             Ok(Parsed::Interim) => {}
             Ok(Parsed::Partial) => return false,
-            // A 101, or a malformed head: reading the response says so.
+            // A 101, or a malformed head: reading the response says so. (A status starting
+            // with 1 is never final.)
             Ok(Parsed::Final(_)) | Err(_) => return true,
+        }
+    }
+}
+
+/// The length of the empty lines (CRLF or LF) at the front of `buf`.
+fn empty_lines(buf: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        match buf[at..] {
+            [b'\r', b'\n', ..] => at += 2,
+            [b'\n', ..] => at += 1,
+            _ => return at,
         }
     }
 }
@@ -512,6 +532,37 @@ mod tests {
         }
         assert!(buf.is_empty());
         assert!(matches!(parse("HTTP/1.1 101 Switching Protocols\r\n\r\n"), Err(H1Error::SwitchingProtocols)));
+    }
+
+    /// An answer that comes while the request is still being written is left whole for the
+    /// reader, empty lines before it or not; interim heads before it are dropped, and too little
+    /// to tell waits for more.
+    #[test]
+    fn an_answer_during_the_write_is_left_whole_after_empty_lines_and_interim_heads() {
+        let final_head = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        for before in
+            ["", "\r\n", "\n", "\r\n\r\n", "HTTP/1.1 100 Continue\r\n\r\n\r\n", "\r\nHTTP/1.1 100 Continue\r\n\r\n"]
+        {
+            let mut buf = BytesMut::from(format!("{before}{final_head}").as_bytes());
+            assert!(answering(&mut buf), "{before:?}");
+            match parse_head(&mut buf, false) {
+                Ok(Parsed::Final(head)) => assert_eq!(head.status, 413, "{before:?}"),
+                other => panic!("{before:?}: {other:?}"),
+            }
+        }
+        for waiting in ["\r\n", "\r\nHTTP/1.1", "HTTP/1.1 100 Continue\r\n", "\nHTTP/1.1 100 Continue\r\n\r\n"] {
+            let mut buf = BytesMut::from(waiting.as_bytes());
+            assert!(!answering(&mut buf), "{waiting:?}");
+        }
+        let mut buf = BytesMut::from(&b"\r\nHTTP/1.1 100 Continue\r\n\r\n"[..]);
+        assert!(!answering(&mut buf));
+        assert!(buf.is_empty(), "the interim head and the empty line before it are dropped");
+        for other in ["garbage that is no head", "HTTP/1.1 101 Switching Protocols\r\n\r\n", "HTTP/1.1  100 X\r\n\r\n"]
+        {
+            let mut buf = BytesMut::from(other.as_bytes());
+            assert!(answering(&mut buf), "{other:?}");
+            assert_eq!(&buf[..], other.as_bytes(), "left for the reader: {other:?}");
+        }
     }
 
     #[test]
