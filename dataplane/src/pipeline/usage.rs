@@ -210,27 +210,41 @@ impl JsonTail {
         }
     }
 
+    /// Keeps the last [`JSON_TAIL_BYTES`] of the body, and up to as many more before them: the
+    /// older bytes are dropped (the rest moved down) only once twice that has built up, so each
+    /// byte is moved at most once however small a provider cuts its chunks. (Dropping them with
+    /// every chunk moved the whole tail per chunk: 32 KiB for a 1-byte chunk of 6 wire bytes.)
     fn append(&mut self, chunk: &[u8]) {
         if chunk.len() >= JSON_TAIL_BYTES {
             self.tail.clear();
             self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
-        } else {
-            let overflow = (self.tail.len() + chunk.len()).saturating_sub(JSON_TAIL_BYTES);
-            self.tail.drain(..overflow);
-            self.tail.extend_from_slice(chunk);
+            return;
         }
+        if self.tail.len() + chunk.len() > 2 * JSON_TAIL_BYTES {
+            // Less than the tail: the chunk is shorter than JSON_TAIL_BYTES.
+            let dropped = self.tail.len() + chunk.len() - JSON_TAIL_BYTES;
+            self.tail.drain(..dropped);
+        }
+        self.tail.extend_from_slice(chunk);
+    }
+
+    /// The last [`JSON_TAIL_BYTES`] kept, whatever more is kept before them: what is read does
+    /// not depend on how the body was cut.
+    fn kept(&self) -> &[u8] {
+        &self.tail[self.tail.len().saturating_sub(JSON_TAIL_BYTES)..]
     }
 
     pub fn usage(&self) -> Option<Usage> {
         if let Some(read) = self.read {
             return read;
         }
+        let kept = self.kept();
         match &self.last {
-            None => find_usage(&self.tail),
-            Some(last) if self.tail.is_empty() || last.len() >= JSON_TAIL_BYTES => find_usage(last),
+            None => find_usage(kept),
+            Some(last) if kept.is_empty() || last.len() >= JSON_TAIL_BYTES => find_usage(last),
             Some(last) => {
-                let mut joined = Vec::with_capacity(self.tail.len() + last.len());
-                joined.extend_from_slice(&self.tail);
+                let mut joined = Vec::with_capacity(kept.len() + last.len());
+                joined.extend_from_slice(kept);
                 joined.extend_from_slice(last);
                 find_usage(&joined)
             }
@@ -824,6 +838,32 @@ mod tests {
         let mut scanner = SseScanner::new(false);
         assert_eq!(scanner.push(Bytes::from(event.clone())).as_deref(), Some(event.as_bytes()));
         assert_eq!(scanner.usage, Usage::default());
+    }
+
+    /// A body cut into the smallest chunks reads as the same body in one piece, and the tail
+    /// stays within twice its size.
+    #[test]
+    fn json_tail_reads_a_body_in_tiny_chunks_as_in_one() {
+        let mut body = format!("{{\"data\":[\"{}\"],", "x".repeat(3 * JSON_TAIL_BYTES)).into_bytes();
+        body.extend_from_slice(br#""usage":{"prompt_tokens":3,"completion_tokens":9}}"#);
+        for cut in [1, 7, 1000, JSON_TAIL_BYTES - 1] {
+            let mut tail = JsonTail::default();
+            for piece in body.chunks(cut) {
+                tail.push(Bytes::copy_from_slice(piece));
+                assert!(tail.tail.len() <= 2 * JSON_TAIL_BYTES, "{cut}: {}", tail.tail.len());
+            }
+            assert_eq!(tail.usage(), Some(Usage { input: Some(3), output: Some(9) }), "{cut}");
+        }
+        // What lies beyond the last JSON_TAIL_BYTES is not read, however the body was cut.
+        let far = [&br#"{"usage":{"prompt_tokens":1},"x":""#[..], &vec![b'y'; JSON_TAIL_BYTES][..], b"\"}"].concat();
+        for cut in [1, 64, far.len()] {
+            let mut tail = JsonTail::default();
+            for piece in far.chunks(cut) {
+                tail.push(Bytes::copy_from_slice(piece));
+            }
+            tail.push(Bytes::new());
+            assert_eq!(tail.usage(), None, "{cut}");
+        }
     }
 
     #[test]
