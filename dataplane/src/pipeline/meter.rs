@@ -571,7 +571,13 @@ impl Body for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         if self.record.is_some() {
-            self.finish("client_closed");
+            if self.inner.is_end_stream() {
+                // Nothing was left to send: a 204 or 304 (whose body a server never polls)
+                // ended as it should.
+                self.end_with(None, None);
+            } else {
+                self.finish("client_closed");
+            }
         }
     }
 }
@@ -714,6 +720,44 @@ mod tests {
         let closed: Vec<_> = text.lines().filter(|l| l.contains("client_closed") && !l.starts_with('#')).collect();
         assert_eq!(closed.len(), 1, "{closed:?}");
         assert!(closed[0].ends_with(" 1"), "{closed:?}");
+    }
+
+    /// A response with no body to send (a 204 or 304: the server writes its head and drops the
+    /// body unpolled) is finished with its own outcome; one dropped with body left to send was
+    /// cut off by its client.
+    #[test]
+    fn a_body_dropped_with_nothing_left_to_send_is_not_client_closed() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let outcomes = |metrics: &Metrics| {
+            let text = String::from_utf8(metrics.render()).expect("utf-8");
+            let mut found: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("portcullis_requests_total{") && !l.ends_with(" 0"))
+                .filter_map(|l| l.split("outcome=\"").nth(1)?.split('"').next().map(str::to_owned))
+                .collect();
+            found.sort();
+            found
+        };
+        for (inner, outcome) in [
+            (ProviderBody::Right(http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()), "ok"),
+            (ProviderBody::Right(trickle(1, Duration::from_secs(60))), "client_closed"),
+        ] {
+            let mut record =
+                AccessRecord::new(metrics.clone(), Instant::now(), http::HeaderValue::from_static("req-1"));
+            record.status = 204;
+            let body = MeteredBody::new(
+                inner,
+                UsageReader::Json(JsonTail::default()),
+                record,
+                "ok",
+                Duration::from_secs(5),
+                None,
+                None,
+            );
+            drop(body);
+            assert!(outcomes(&metrics).contains(&outcome.to_owned()), "{outcome}: {:?}", outcomes(&metrics));
+        }
+        assert_eq!(outcomes(&metrics), ["client_closed", "ok"]);
     }
 
     /// Sends `frames` frames `gap` apart, then stalls forever.
