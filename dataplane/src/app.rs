@@ -80,9 +80,10 @@ fn body_budget_limit(args: &DataplaneArgs) -> anyhow::Result<usize> {
     let least = crate::pipeline::body_budget::least_limit(args.max_request_body_bytes);
     match args.max_buffered_body_bytes {
         Some(limit) if limit < least => bail!(
-            "--max-buffered-body-bytes ({limit}) must hold at least {least}: one largest body (--max-request-body-bytes {}) \
-             and the copy a rewrite for the provider makes",
-            args.max_request_body_bytes
+            "--max-buffered-body-bytes ({limit}) must hold at least {least} bytes: a largest body \
+             (--max-request-body-bytes {}) and the copy a rewrite for the provider makes of it, up to {} bytes longer",
+            args.max_request_body_bytes,
+            crate::pipeline::rewrite::MAX_GROWTH
         ),
         Some(limit) => Ok(limit),
         None => Ok(crate::pipeline::body_budget::default_limit(args.max_request_body_bytes)),
@@ -274,4 +275,30 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// The body budget the flags give, with bodies of at most 4096 bytes.
+    fn budget(flag: Option<usize>) -> anyhow::Result<usize> {
+        let flag = flag.map(|bytes| bytes.to_string());
+        let mut argv = vec!["portcullis-dataplane", "--manifests", "x", "--max-request-body-bytes", "4096"];
+        argv.extend(flag.iter().flat_map(|bytes| ["--max-buffered-body-bytes", bytes]));
+        body_budget_limit(&DataplaneArgs::try_parse_from(argv)?)
+    }
+
+    /// The budget must hold a largest body and the copy a rewrite makes of it; unset, it is
+    /// never less than that either.
+    #[test]
+    fn the_body_budget_holds_a_largest_body_and_its_rewritten_copy() {
+        let least = 2 * 4096 + crate::pipeline::rewrite::MAX_GROWTH;
+        assert_eq!(budget(Some(least)).unwrap(), least);
+        let refused = budget(Some(least - 1)).unwrap_err().to_string();
+        assert!(refused.contains(&least.to_string()), "{refused}");
+        assert!(budget(None).unwrap() >= least);
+    }
 }

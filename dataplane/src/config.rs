@@ -103,7 +103,8 @@ pub struct DataplaneArgs {
     /// Request bodies held in memory at once, across every connection and stream, in bytes. A
     /// body that does not fit is refused with a 503 and `Retry-After`. Default: half the
     /// container's memory limit (cgroup), else 1 GiB; never less than twice `--max-request-body-bytes`
-    /// (a body, and the copy the gateway writes when it renames the model or asks for usage).
+    /// and 2 KiB (a body, and the copy the gateway writes when it renames the model or asks for
+    /// usage, which may be up to 2 KiB longer).
     #[arg(long, env = "PORTCULLIS_MAX_BUFFERED_BODY_BYTES")]
     pub max_buffered_body_bytes: Option<usize>,
 

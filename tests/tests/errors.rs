@@ -292,8 +292,8 @@ async fn finish_sending(stream: &mut tokio::net::TcpStream, rest: &str) -> Strin
 
 /// `--max-buffered-body-bytes` bounds the request bodies held at once, counted as they arrive:
 /// a client that declares a body and sends nothing of it holds nothing. While two clients are
-/// still sending ~3 KiB bodies, ~2.9 KiB of each received, a third body that does not fit the
-/// 8 KiB budget is refused at once, unread, with a 503 in the API's format and `Retry-After`. A
+/// still sending ~4 KiB bodies, ~3.9 KiB of each received, a third body that does not fit the
+/// 10 KiB budget is refused at once, unread, with a 503 in the API's format and `Retry-After`. A
 /// body is let go once written to the provider: while the two wait for a provider that takes
 /// 3 s, they hold nothing, and the same body fits again. The metrics give the budget and the
 /// refusals.
@@ -301,10 +301,10 @@ async fn finish_sending(stream: &mut tokio::net::TcpStream, rest: &str) -> Strin
 async fn request_bodies_held_at_once_are_bounded() {
     let options = FixtureOptions {
         upstream: UpstreamOptions { response_delay: Duration::from_secs(3), ..Default::default() },
-        ..FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"])
+        ..FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "10240"])
     };
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
-    let prompt = "x".repeat(3000);
+    let prompt = "x".repeat(3950);
     let big_chat = chat_body("gpt-4o-mini", &prompt, false);
     let held = || async { fx.gateway.metrics().await.ok().map(|m| m.sum("portcullis_request_body_bytes_held", &[])) };
 
@@ -352,21 +352,24 @@ async fn request_bodies_held_at_once_are_bounded() {
     assert_eq!(third.status, 200, "{}", third.describe());
 
     let metrics = fx.gateway.metrics().await.expect("metrics");
-    assert_eq!(metrics.get("portcullis_request_body_budget_bytes", &[]), Some(8192.0));
+    assert_eq!(metrics.get("portcullis_request_body_budget_bytes", &[]), Some(10240.0));
     assert_eq!(metrics.get("portcullis_request_body_bytes_held", &[]), Some(0.0));
     assert_eq!(metrics.sum("portcullis_requests_total", &[("outcome", "gateway_overloaded")]), 2.0);
 }
 
 /// A body the gateway rewrites for the provider (here: usage asked for on a stream the client
 /// did not ask it for) is a second copy, held beside the client's until the request is written,
-/// and takes its share of the budget too. With a ~3 KiB body held, a ~3 KiB stream fits the
-/// 8 KiB budget as it arrives but not with its copy, and is refused with a 503; the same body
-/// not streamed (sent as it came) is served; once the held body is gone the stream is too.
+/// and takes its share of the budget too, before it is admitted (a refusal spends none of the
+/// key's limits). With a ~4 KiB body held, a ~4 KiB stream fits the 10 KiB budget as it
+/// arrives but not with its copy, and is refused with a 503; the same body not streamed (sent
+/// as it came) is served; once the held body is gone the largest stream fits with its copy at
+/// the least budget the flags allow.
 #[tokio::test]
 async fn a_rewritten_body_takes_its_share_of_the_budget() {
-    let options = FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "8192"]);
+    let options =
+        FixtureOptions::with_args(&["--max-request-body-bytes", "4096", "--max-buffered-body-bytes", "10240"]);
     let fx = Fixture::start_with(options, |_| {}).await.expect("fixture");
-    let prompt = "x".repeat(3000);
+    let prompt = "x".repeat(3950);
     let (streamed, plain) = (chat_body("gpt-4o-mini", &prompt, true), chat_body("gpt-4o-mini", &prompt, false));
     let held = || async { fx.gateway.metrics().await.ok().map(|m| m.sum("portcullis_request_body_bytes_held", &[])) };
 
@@ -389,5 +392,22 @@ async fn a_rewritten_body_takes_its_share_of_the_budget() {
     let stream = fx.chat_with(ALICE_KEY, &streamed, &[]).await.unwrap();
     assert_eq!(stream.status, 200, "{}", stream.describe());
     assert_eq!(fx.openai.last_request().unwrap().json()["stream_options"]["include_usage"], true);
+    // The largest body a client may send, streamed, at the least budget (2 × 4096 + 2048).
+    let largest = chat_body("gpt-4o-mini", "", true).to_string();
+    let largest =
+        largest.replacen(r#""content":"""#, &format!(r#""content":"{}""#, "y".repeat(4096 - largest.len())), 1);
+    assert_eq!(largest.len(), 4096);
+    let stream = fx
+        .client
+        .post_raw(
+            &fx.url("/v1/chat/completions"),
+            &[("authorization", &format!("Bearer {ALICE_KEY}")), ("content-type", "application/json")],
+            largest,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stream.status, 200, "{}", stream.describe());
     assert_eq!(held().await, Some(0.0), "both copies let go");
+    let metrics = fx.gateway.metrics().await.expect("metrics");
+    assert_eq!(metrics.sum("portcullis_requests_total", &[("outcome", "gateway_overloaded")]), 1.0);
 }

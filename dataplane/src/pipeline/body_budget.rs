@@ -97,9 +97,9 @@ impl Drop for BodyShare<'_> {
 
 /// The least budget that serves every body: one largest body, and the copy of it the gateway
 /// writes when it rewrites the body for the provider (the model renamed, usage asked for),
-/// which takes its share too while both are held.
+/// which takes its share too while both are held, as much as a rewrite can come to.
 pub fn least_limit(max_body: usize) -> usize {
-    max_body.saturating_mul(2)
+    max_body.saturating_mul(2).saturating_add(super::rewrite::MAX_GROWTH)
 }
 
 /// The budget when none is configured: half the container's memory limit (cgroup v2, then

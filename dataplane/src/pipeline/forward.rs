@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use portcullis_crds::v1alpha1::ProviderKind;
 use smallvec::SmallVec;
 
+use super::rewrite::Changes;
 use crate::api::{ApiRoute, RequestHead};
 use crate::error::GatewayError;
 use crate::fields::{FieldValue, HeaderFields, ResponseFields};
@@ -148,36 +149,37 @@ impl Outbound {
         self.rewritten.is_some()
     }
 
-    /// The length of the rewritten body, a second copy held beside the client's.
-    pub fn rewritten_len(&self) -> Option<usize> {
-        self.rewritten.as_ref().map(Bytes::len)
-    }
-
     /// The body to send, given the client's.
     pub fn body<'b>(&'b self, client: &'b Bytes) -> &'b Bytes {
         self.rewritten.as_ref().unwrap_or(client)
     }
 }
 
-/// The body to send when it is not the client's: the model renamed or usage requested.
+/// What the body sent to `chosen` changes from the client's, if anything: the model renamed,
+/// or usage asked for on a stream the client did not ask it for (so the stream is metered on
+/// the provider's counts).
+pub fn body_changes<'c>(route: ApiRoute, head: &RequestHead<'_>, chosen: &'c ModelRoute) -> Option<Changes<'c>> {
+    let include_usage = matches!(route, ApiRoute::ChatCompletions | ApiRoute::Completions)
+        && chosen.upstream.kind != ProviderKind::Anthropic
+        && head.streaming()
+        && !head.client_wants_usage();
+    let model = chosen.upstream_model.as_deref();
+    (model.is_some() || include_usage).then_some(Changes { model, include_usage })
+}
+
+/// The body to send when it is not the client's, and whether usage was asked for.
 fn upstream_body(
     body: &Bytes,
     route: ApiRoute,
     head: &RequestHead<'_>,
     chosen: &ModelRoute,
 ) -> Result<(Option<Bytes>, bool), GatewayError> {
-    let wants_usage_injection = matches!(route, ApiRoute::ChatCompletions | ApiRoute::Completions)
-        && chosen.upstream.kind != ProviderKind::Anthropic
-        && head.streaming()
-        && !head.client_wants_usage();
-    if chosen.upstream_model.is_none() && !wants_usage_injection {
+    let Some(changes) = body_changes(route, head, chosen) else {
         return Ok((None, false));
-    }
-    let changes =
-        super::rewrite::Changes { model: chosen.upstream_model.as_deref(), include_usage: wants_usage_injection };
+    };
     let bytes = super::rewrite::rewrite(body, changes)
         .map_err(|_| GatewayError::InvalidRequest("The request body must be a JSON object.".to_owned()))?;
-    Ok((Some(Bytes::from(bytes)), wants_usage_injection))
+    Ok((Some(Bytes::from(bytes)), changes.include_usage))
 }
 
 /// `name` if it can be an Azure deployment: one path segment of letters, digits, `-`, `_` and

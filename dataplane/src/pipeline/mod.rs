@@ -329,6 +329,12 @@ impl Gateway {
             }
         }
 
+        // A body rewritten for the provider is a second copy, held beside the client's until the
+        // request is written: it takes its share now, as much as the rewrite can come to, so
+        // that a refusal comes before anything is spent.
+        if forward::body_changes(route, &head, chosen).is_some() && !share.grow(body.len() + rewrite::MAX_GROWTH) {
+            return Err(fail(GatewayError::Overloaded));
+        }
         let (input_estimate, reserve) =
             limit::estimate_tokens(body.len(), &head, self.limiter.settings().default_output_tokens);
         let ticket = match limit::admit_in_process(&self.limiter, grant, reserve, now_ms) {
@@ -357,10 +363,6 @@ impl Gateway {
 
         let outbound =
             forward::build(route, (&uri, &headers), &body, &head, model, chosen, &record.request_id).map_err(fail)?;
-        // A rewritten body is a second copy, held as long as the client's: it takes its share.
-        if outbound.rewritten_len().is_some_and(|len| !share.grow(len)) {
-            return Err(fail(GatewayError::Overloaded));
-        }
         let strip_usage_chunk = outbound.strip_usage_chunk;
         // The response deadline counts from the latest clock reading unless something since
         // may have taken time: the shared limiter's round trip, or rewriting the body (a slow

@@ -5,20 +5,38 @@
 //! The body is streamed through serde_json member by member and written out as it is read:
 //! the members the gateway changes are written anew, every other one is copied byte for byte in
 //! its place (a [`RawValue`] borrows the input; nothing inside it is parsed into values). So a
-//! rewrite holds one copy of the body and nothing more, whatever the body is made of: building
-//! a `serde_json::Value` instead costs 32 bytes or more per element (a 4 MiB body of `0,` runs
-//! to well over 64 MiB), none of it counted against the body budget, and sorts the members. A
-//! client's order and formatting reach the provider unchanged.
+//! rewrite holds one copy of the body, at most [`MAX_GROWTH`] longer (which the body budget
+//! counts), and while reading it serde_json's own skipping stack, a byte per level of nesting,
+//! as when the request head is read. Building a `serde_json::Value` instead cost 32 bytes or
+//! more per element (a 4 MiB body of `0,` ran to 72 MiB), none of it counted, and sorted the
+//! members. A client's order and formatting reach the provider unchanged.
 //!
 //! Member names are compared as serde_json reads them (escapes decoded), as the request head
 //! is read ([`crate::api::RequestHead`]); a repeated member is changed wherever it appears, so
-//! whichever one a provider's parser keeps carries the change.
+//! whichever one a provider's parser keeps carries the change. (The request head refuses a
+//! repeated `model`, `stream` or `stream_options`; another repeated member is passed on
+//! repeated, as the body would be without a rewrite.) What serde_json passes over without
+//! building it is passed on as it came, as without a rewrite: a lone surrogate escape, a number
+//! beyond `f64`, nesting deeper than its recursion limit.
 
 use std::borrow::Cow;
 use std::fmt;
 
+use portcullis_crds::v1alpha1::bounds;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+/// The most a rewrite adds to a body: the provider's model name (at most
+/// [`bounds::MODEL_NAME_LEN`] bytes, six each once escaped, as a member of its own when the body
+/// had none), and `,"stream_options":{"include_usage":true}`. Member names are never longer
+/// encoded again (what JSON makes a client escape is escaped as briefly or more), and whitespace
+/// between members is dropped.
+pub const MAX_GROWTH: usize = 2048;
+
+const _: () = assert!(
+    MAX_GROWTH
+        >= r#","model":"#.len() + 2 + 6 * bounds::MODEL_NAME_LEN + r#","stream_options":{"include_usage":true}"#.len()
+);
 
 /// What the gateway changes in a body.
 #[derive(Debug, Clone, Copy)]
@@ -227,6 +245,18 @@ mod tests {
                 format!(r#"{{"stream_options":{expected},"model":"m","stream":true}}"#),
                 "{options}"
             );
+        }
+    }
+
+    /// The longest provider model name, every byte a control character, added to a body that
+    /// named none, with usage asked for: the most a rewrite adds, within [`MAX_GROWTH`].
+    #[test]
+    fn a_rewrite_grows_a_body_by_at_most_its_bound() {
+        let model = "\u{1}".repeat(bounds::MODEL_NAME_LEN);
+        for body in [r#"{"stream":true}"#, r#"{"model":"x","stream":true}"#, r#"{"stream_options":null}"#] {
+            let out = rewrite(body.as_bytes(), Changes { model: Some(&model), include_usage: true }).unwrap();
+            assert!(out.len() <= body.len() + MAX_GROWTH, "{body}: {} more", out.len() - body.len());
+            assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["model"], model.as_str());
         }
     }
 
