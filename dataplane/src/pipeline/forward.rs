@@ -167,14 +167,9 @@ pub fn body_changes<'c>(route: ApiRoute, head: &RequestHead<'_>, chosen: &'c Mod
     (model.is_some() || include_usage).then_some(Changes { model, include_usage })
 }
 
-/// The body to send when it is not the client's, and whether usage was asked for.
-fn upstream_body(
-    body: &Bytes,
-    route: ApiRoute,
-    head: &RequestHead<'_>,
-    chosen: &ModelRoute,
-) -> Result<(Option<Bytes>, bool), GatewayError> {
-    let Some(changes) = body_changes(route, head, chosen) else {
+/// The body to send when it is not the client's ([`body_changes`]), and whether usage was asked for.
+fn upstream_body(body: &Bytes, changes: Option<Changes<'_>>) -> Result<(Option<Bytes>, bool), GatewayError> {
+    let Some(changes) = changes else {
         return Ok((None, false));
     };
     let bytes = super::rewrite::rewrite(body, changes)
@@ -215,18 +210,18 @@ fn upstream_path(route: ApiRoute, client_uri: &Uri, model: &str, chosen: &ModelR
     path.map(Uri::from).ok_or(GatewayError::UpstreamUnavailable)
 }
 
-/// Builds the request for `chosen` from the client's request parts and body, encoded straight
-/// into its wire form: the client's headers minus the stripped ones, then the gateway's own.
+/// Builds the request for `chosen` from the client's request parts and body (with `changes`, what
+/// [`body_changes`] said), encoded straight into its wire form: the client's headers minus the
+/// stripped ones, then the gateway's own.
 pub fn build(
     route: ApiRoute,
     (uri, client): (&Uri, &impl HeaderFields),
-    body: &Bytes,
-    head: &RequestHead<'_>,
+    (body, changes): (&Bytes, Option<Changes<'_>>),
     model: &str,
     chosen: &ModelRoute,
     request_id: &HeaderValue,
 ) -> Result<Outbound, GatewayError> {
-    let (rewritten, strip_usage_chunk) = upstream_body(body, route, head, chosen)?;
+    let (rewritten, strip_usage_chunk) = upstream_body(body, changes)?;
     let body_len = rewritten.as_ref().unwrap_or(body).len();
     let upstream = &chosen.upstream;
     let Some(endpoint) = upstream.endpoint.as_ref().filter(|_| upstream.kind != ProviderKind::Mock) else {

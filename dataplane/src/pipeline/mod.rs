@@ -332,7 +332,8 @@ impl Gateway {
         // A body rewritten for the provider is a second copy, held beside the client's until the
         // request is written: it takes its share now, as much as the rewrite can come to, so
         // that a refusal comes before anything is spent.
-        if forward::body_changes(route, &head, chosen).is_some() && !share.grow(body.len() + rewrite::MAX_GROWTH) {
+        let body_changes = forward::body_changes(route, &head, chosen);
+        if body_changes.is_some() && !share.grow(body.len() + rewrite::MAX_GROWTH) {
             return Err(fail(GatewayError::Overloaded));
         }
         let (input_estimate, reserve) =
@@ -362,7 +363,8 @@ impl Gateway {
         }
 
         let outbound =
-            forward::build(route, (&uri, &headers), &body, &head, model, chosen, &record.request_id).map_err(fail)?;
+            forward::build(route, (&uri, &headers), (&body, body_changes), model, chosen, &record.request_id)
+                .map_err(fail)?;
         let strip_usage_chunk = outbound.strip_usage_chunk;
         // The response deadline counts from the latest clock reading unless something since
         // may have taken time: the shared limiter's round trip, or rewriting the body (a slow
