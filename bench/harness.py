@@ -23,7 +23,8 @@ share from the proxy's own speed. The `× nginx` column and the targets stay aga
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,
 envoy),
-BENCH_MODES (plain,sse), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
+BENCH_MODES (plain,sse; also sse-sdk: a stream without usage asked for, as the OpenAI SDK sends
+by default, which Portcullis rewrites), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
 binary for the `portcullis-baseline` target), BENCH_BIN_DIR (where the built binaries are;
 target/release, also for bench/scale.sh).
@@ -85,7 +86,14 @@ BODY = {
     "plain": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}',
     "sse": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}],'
            '"stream":true,"stream_options":{"include_usage":true}}',
+    # The OpenAI SDK's default stream: no usage asked for. Portcullis rewrites the body to ask
+    # for it (it meters on the provider's counts) and drops the usage-only chunk on the way
+    # back; nginx passes the request as it is, so the upstream sends 17 events to both clients
+    # (Portcullis's carry `"usage":null`, 12 bytes each, as OpenAI sends them once asked).
+    "sse-sdk": '{"model":"bench-model","messages":[{"role":"user","content":"hi"}],"stream":true}',
 }
+# Events each streaming mode's client receives, `[DONE]` included.
+STREAM_EVENTS = {"sse": 18, "sse-sdk": 17}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STAMP = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 OUT = os.path.join(ROOT, "bench", "out")
@@ -587,14 +595,22 @@ def start_redis():
 
 
 def verify(name, port):
-    """One plain and one SSE request through the target, checked before it is measured."""
+    """One plain request and one of each streaming mode measured through the target, checked
+    before it is measured. Returns the SSE body's length and each mode's response head size."""
     st, body = request(port, "plain")
     assert st == 200 and b'"usage"' in body, f"{name} plain: {st} {body[:200]!r}"
-    st, body = request(port, "sse")
-    events = body.count(b"data: ")
-    assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == 18, \
-        f"{name} sse: {st} events={events} {body[-200:]!r}"
-    return len(body), {mode: response_head_bytes(port, mode) for mode in BODY}
+    sse_len = None
+    for mode, expected in STREAM_EVENTS.items():
+        if mode != "sse" and mode not in MODES:
+            continue
+        st, body = request(port, mode)
+        events = body.count(b"data: ")
+        assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == expected, \
+            f"{name} {mode}: {st} events={events} {body[-200:]!r}"
+        # No usage chunk reaches a client that did not ask for one.
+        assert mode == "sse" or b'"prompt_tokens"' not in body, f"{name} {mode}: usage chunk passed"
+        sse_len = len(body) if mode == "sse" else sse_len
+    return sse_len, {mode: response_head_bytes(port, mode) for mode in BODY}
 
 
 def run_scenario(name, port, pids, mode, conns, upstream_pid):
@@ -884,7 +900,7 @@ def main():
                     for name, (p, pids) in order:
                         r = run_scenario(name, LISTEN[name], pids, mode, conns, up.pid)
                         raw.setdefault((name, mode, conns), []).append(r)
-                        log(f"  [{rnd + 1}/{ROUNDS}] {name:10} {mode:5} c={conns:<3} "
+                        log(f"  [{rnd + 1}/{ROUNDS}] {name:10} {mode:7} c={conns:<3} "
                             f"{r['rps']:>9,.0f} req/s  p50 {r['p50']} µs  p99 {r['p99']} µs  "
                             f"cpu {fmt(r['cpu_us_per_req'], '.1f')} µs/req  "
                             f"errors {r['errors']}  load {r['load']}")
@@ -927,7 +943,9 @@ def main():
           "(targets interleaved per scenario, in reverse order every other round; with several "
           "rounds each row is the median run); wrk -t1 and the loopback upstream pinned to CPU 0, the proxy alone on CPU 1, one worker each. "
           "Bodies: ~420-byte chat completion JSON; SSE stream of 18 events "
-          "(stream_options.include_usage, each event its own write). "
+          "(stream_options.include_usage, each event its own write); sse-sdk, when run: the same stream "
+          "without usage asked for (the OpenAI SDK's default), which Portcullis asks for in a rewritten "
+          "body and drops before the client, 17 events. "
           "Portcullis: auth + routing + metering + SSE usage parsing, log level warn, "
           + ("`--worker-threads 1` (single-threaded runtime). " if one_worker_args()
              else "TOKIO_WORKER_THREADS=1 (one-worker multi-thread runtime). ") +
