@@ -11,73 +11,95 @@
 
 use portcullis_crds::v1alpha1::{bounds, ApiKeySpec, KillSwitchSpec, ProviderCredentialSpec};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::audit::ActorHints;
 use crate::inputs::Tenancy;
 use crate::ledger::{Actor, ActorSource};
 use crate::validate;
 
-#[derive(Debug, Deserialize, Serialize)]
+/// The AdmissionReview the webhook answers with.
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionReview {
     pub api_version: String,
     pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<AdmissionRequest>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response: Option<AdmissionResponse>,
+    pub response: AdmissionResponse,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// The AdmissionReview the API server sends, read without building a tree of it: the objects
+/// stay raw text borrowed from the body until the one `spec` of a kind this webhook knows is
+/// read into its typed struct. A caller who can reach the webhook picks every byte of this, so
+/// what a review costs is about its size, not many times it (`serde_json::Value` spends 32
+/// bytes or more per element).
+#[derive(Debug, Deserialize)]
+struct ReviewIn<'a> {
+    #[serde(default, borrow)]
+    request: Option<AdmissionRequest<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AdmissionRequest {
-    pub uid: String,
-    pub kind: GroupVersionKind,
+struct AdmissionRequest<'a> {
+    uid: String,
+    kind: GroupVersionKind,
     #[serde(default)]
-    pub name: String,
+    name: String,
     #[serde(default)]
-    pub namespace: String,
-    pub operation: String,
+    namespace: String,
+    operation: String,
     #[serde(default)]
-    pub user_info: UserInfo,
-    #[serde(default)]
-    pub object: Option<Value>,
+    user_info: UserInfo,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
     /// The object before an UPDATE or DELETE.
-    #[serde(default)]
-    pub old_object: Option<Value>,
+    #[serde(default, borrow)]
+    old_object: Option<&'a RawValue>,
     /// A dry run persists nothing, so it leaves no hint.
     #[serde(default)]
-    pub dry_run: bool,
+    dry_run: bool,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-pub struct GroupVersionKind {
+#[derive(Debug, Deserialize)]
+struct GroupVersionKind {
     #[serde(default)]
-    pub group: String,
-    #[serde(default)]
-    pub version: String,
-    pub kind: String,
+    group: String,
+    kind: String,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
-pub struct UserInfo {
+#[derive(Debug, Default, Deserialize)]
+struct UserInfo {
     #[serde(default)]
-    pub username: String,
+    username: String,
     #[serde(default)]
-    pub groups: Vec<String>,
+    groups: Vec<String>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// What the webhook reads of an object: its name and its spec, still raw.
+#[derive(Debug, Default, Deserialize)]
+struct ObjectIn<'a> {
+    #[serde(default)]
+    metadata: MetadataIn,
+    #[serde(default, borrow)]
+    spec: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MetadataIn {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionResponse {
     pub uid: String,
     pub allowed: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<ResponseStatus>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct ResponseStatus {
     pub code: u16,
     pub message: String,
@@ -88,12 +110,36 @@ pub struct ResponseStatus {
 #[error("not an admission.k8s.io/v1 AdmissionReview: {0}")]
 pub struct NotAReview(String);
 
-/// Problems with a spec, each naming its field and what to do.
-pub fn validate_object(kind: &str, namespace: &str, object: &Value, tenancy: &Tenancy) -> Vec<String> {
-    let spec = object.get("spec").cloned().unwrap_or(Value::Null);
+/// The API group of the kinds this webhook decides.
+const GROUP: &str = "portcullis.dev";
+/// The kinds it decides; a review of anything else is allowed and leaves no hint.
+const KINDS: [&str; 3] = ["ApiKey", "ProviderCredential", "KillSwitch"];
+/// The longest request uid taken: the API server's are UUIDs (36 characters). It is echoed in
+/// the answer and logged, so a caller cannot make either long or put line breaks in the log.
+const UID_LEN: usize = 128;
+
+fn plausible_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= UID_LEN && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The name and raw spec of an object in a review (an absent one has neither).
+fn object(raw: Option<&RawValue>) -> Result<ObjectIn<'_>, NotAReview> {
+    let Some(raw) = raw else { return Ok(ObjectIn::default()) };
+    serde_json::from_str(raw.get()).map_err(|e| NotAReview(format!("object: {e}")))
+}
+
+/// `spec` read as `T`, or why it cannot be.
+fn typed<'a, T: Deserialize<'a>>(spec: Option<&'a RawValue>) -> Result<T, String> {
+    let spec = spec.ok_or_else(|| "spec: required".to_owned())?;
+    serde_json::from_str(spec.get()).map_err(|e| format!("spec: {e}"))
+}
+
+/// Problems with a spec (raw JSON, `None` when the object has none), each naming its field and
+/// what to do.
+pub fn validate_object(kind: &str, namespace: &str, spec: Option<&RawValue>, tenancy: &Tenancy) -> Vec<String> {
     let mut problems = Vec::new();
     match kind {
-        "KillSwitch" => match serde_json::from_value::<KillSwitchSpec>(spec) {
+        "KillSwitch" => match typed::<KillSwitchSpec>(spec) {
             Ok(spec) => {
                 if let Err(why) = spec.scope.target() {
                     problems.push(format!("spec.scope {why}; e.g. `scope: {{model: \"gpt-4o*\"}}`"));
@@ -112,9 +158,9 @@ pub fn validate_object(kind: &str, namespace: &str, object: &Value, tenancy: &Te
                     }
                 }
             }
-            Err(e) => problems.push(format!("spec: {e}")),
+            Err(why) => problems.push(why),
         },
-        "ApiKey" => match serde_json::from_value::<ApiKeySpec>(spec) {
+        "ApiKey" => match typed::<ApiKeySpec>(spec) {
             Ok(spec) => {
                 for (field, list) in
                     [("allowedModels", &spec.allowed_models), ("allowedProviders", &spec.allowed_providers)]
@@ -128,10 +174,13 @@ pub fn validate_object(kind: &str, namespace: &str, object: &Value, tenancy: &Te
                         "spec.rotation applies to generated keys; rotate a secretRef key by changing its Secret".into(),
                     );
                 }
+                if let Err(why) = validate::rotation(&spec) {
+                    problems.push(format!("spec.rotation: {why}"));
+                }
             }
-            Err(e) => problems.push(format!("spec: {e}")),
+            Err(why) => problems.push(why),
         },
-        "ProviderCredential" => match serde_json::from_value::<ProviderCredentialSpec>(spec) {
+        "ProviderCredential" => match typed::<ProviderCredentialSpec>(spec) {
             Ok(spec) => {
                 if let Some(url) = &spec.base_url {
                     if let Err(why) = validate::base_url(url) {
@@ -150,7 +199,7 @@ pub fn validate_object(kind: &str, namespace: &str, object: &Value, tenancy: &Te
                     }
                 }
             }
-            Err(e) => problems.push(format!("spec: {e}")),
+            Err(why) => problems.push(why),
         },
         _ => {}
     }
@@ -184,23 +233,29 @@ fn hint_actor(user: &UserInfo) -> Actor {
     Actor { username: clipped(&user.username), groups, source: ActorSource::AdmissionWebhook }
 }
 
-/// Answers one AdmissionReview. Allowed changes leave the requester as an actor hint.
+/// Answers one AdmissionReview. Allowed changes to the kinds this webhook decides leave the
+/// requester as an actor hint.
 pub fn review(body: &[u8], hints: &ActorHints, tenancy: &Tenancy) -> Result<AdmissionReview, NotAReview> {
-    let review: AdmissionReview = serde_json::from_slice(body).map_err(|e| NotAReview(e.to_string()))?;
+    let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(|e| NotAReview(e.to_string()))?;
     let request = review.request.ok_or_else(|| NotAReview("no request".into()))?;
-    let kind = request.kind.kind.as_str();
-    let problems = match (&request.object, request.operation.as_str()) {
-        (Some(object), "CREATE" | "UPDATE") => validate_object(kind, &request.namespace, object, tenancy),
+    if !plausible_uid(&request.uid) {
+        return Err(NotAReview(format!("request.uid must be 1 to {UID_LEN} letters, digits and '-'")));
+    }
+    let ours = request.kind.group == GROUP && KINDS.contains(&request.kind.kind.as_str());
+    let kind = if ours { request.kind.kind.as_str() } else { "" };
+    let (new, old) = if ours { (object(request.object)?, object(request.old_object)?) } else { Default::default() };
+    let problems = match request.operation.as_str() {
+        "CREATE" | "UPDATE" if request.object.is_some() => validate_object(kind, &request.namespace, new.spec, tenancy),
         _ => Vec::new(),
     };
     let allowed = problems.is_empty();
     // Metadata-only updates (the operator's own finalizer, labels, annotations) are no admin
-    // action: a hint from them would outlive the object and misname the next requester.
-    let spec = |o: &Option<Value>| o.as_ref().and_then(|o| o.get("spec")).cloned();
-    let changes_spec = request.operation != "UPDATE" || spec(&request.object) != spec(&request.old_object);
-    if allowed && !request.dry_run && changes_spec {
-        let name = match request.object.as_ref().and_then(|o| o.pointer("/metadata/name")).and_then(Value::as_str) {
-            Some(n) if request.name.is_empty() => n.to_owned(),
+    // action: a hint from them would outlive the object and misname the next requester. The API
+    // server encodes the old and the new object alike, so equal specs are equal text.
+    let changes_spec = request.operation != "UPDATE" || new.spec.map(RawValue::get) != old.spec.map(RawValue::get);
+    if ours && allowed && !request.dry_run && changes_spec {
+        let name = match new.metadata.name {
+            Some(n) if request.name.is_empty() => n,
             _ => request.name.clone(),
         };
         // Names the API server would refuse cannot be objects it asks about: no hint for them.
@@ -215,8 +270,7 @@ pub fn review(body: &[u8], hints: &ActorHints, tenancy: &Tenancy) -> Result<Admi
     Ok(AdmissionReview {
         api_version: "admission.k8s.io/v1".into(),
         kind: "AdmissionReview".into(),
-        request: None,
-        response: Some(AdmissionResponse { uid: request.uid, allowed, status }),
+        response: AdmissionResponse { uid: request.uid, allowed, status },
     })
 }
 
@@ -224,7 +278,7 @@ pub fn review(body: &[u8], hints: &ActorHints, tenancy: &Tenancy) -> Result<Admi
 mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn request(kind: &str, operation: &str, spec: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -248,7 +302,7 @@ mod tests {
 
     /// The answer to `body`, every namespace trusted (tenancy is covered by `webhook_tls`).
     fn answer(body: &[u8], hints: &ActorHints) -> AdmissionResponse {
-        review(body, hints, &Tenancy::Shared).unwrap().response.unwrap()
+        review(body, hints, &Tenancy::Shared).unwrap().response
     }
 
     fn allowed(body: &Value, hints: &ActorHints) -> bool {
@@ -294,6 +348,57 @@ mod tests {
             assert!(allowed(&body, &hints));
             assert!(hints.is_empty(), "no hint for {namespace}/{name}");
         }
+    }
+
+    /// Only the kinds this webhook decides leave a hint: a caller cannot fill the hints with
+    /// kinds of its own making (one of several MiB each).
+    #[test]
+    fn other_kinds_and_groups_are_allowed_and_leave_no_hint() {
+        let hints = ActorHints::default();
+        let mut body: Value = serde_json::from_slice(&request("KillSwitch", "DELETE", Value::Null)).unwrap();
+        body["request"]["kind"]["kind"] = json!("k".repeat(1 << 20));
+        assert!(allowed(&body, &hints));
+        body["request"]["kind"] = json!({"group": "other.example", "version": "v1", "kind": "KillSwitch"});
+        assert!(allowed(&body, &hints));
+        assert!(hints.is_empty());
+        body["request"]["kind"]["group"] = json!("portcullis.dev");
+        assert!(allowed(&body, &hints));
+        assert_eq!(hints.len(), 1);
+    }
+
+    /// The uid is echoed and logged: a long one, or one that could break a log line, is no review.
+    #[test]
+    fn a_uid_that_is_not_short_and_plain_is_refused() {
+        let hints = ActorHints::default();
+        let mut body: Value = serde_json::from_slice(&request("ApiKey", "DELETE", Value::Null)).unwrap();
+        for uid in [String::new(), "u".repeat(UID_LEN + 1), "u-1\nlevel=ERROR forged".into(), "u 1".into()] {
+            body["request"]["uid"] = json!(uid);
+            let refused = review(&serde_json::to_vec(&body).unwrap(), &hints, &Tenancy::Shared);
+            assert!(refused.is_err(), "{uid:?}");
+        }
+        body["request"]["uid"] = json!("u".repeat(UID_LEN));
+        assert!(allowed(&body, &hints));
+    }
+
+    /// Specs are read straight into their types: what is not one is refused with the reason,
+    /// an object without a spec too, and an unknown member is ignored as the API server prunes it.
+    #[test]
+    fn specs_are_read_into_their_types() {
+        let hints = ActorHints::default();
+        let numbers = format!("[{}0]", "0,".repeat(1 << 20));
+        let body = request("ApiKey", "CREATE", serde_json::from_str(&numbers).unwrap());
+        let message = answer(&body, &hints).status.unwrap().message;
+        assert!(message.contains("spec: invalid type"), "{message}");
+        let mut body: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
+        body["request"]["object"].as_object_mut().unwrap().remove("spec");
+        let message = answer(&serde_json::to_vec(&body).unwrap(), &hints).status.unwrap().message;
+        assert!(message.contains("spec: required"), "{message}");
+        let body = request("KillSwitch", "CREATE", json!({"scope": {"global": true}, "unknown": [1, 2]}));
+        assert!(answer(&body, &hints).allowed);
+        let long = json!({"rotation": "r".repeat(254)});
+        let message = answer(&request("ApiKey", "CREATE", long), &hints).status.unwrap().message;
+        assert!(message.contains("spec.rotation: must be at most 253 characters"), "{message}");
+        assert!(answer(&request("ApiKey", "CREATE", json!({"rotation": "é".repeat(253)})), &hints).allowed);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use portcullis_crds::secret::SecretBytes;
 use portcullis_crds::snapshot::{GatewaySnapshot, SnapshotContent, SNAPSHOT_SECRET_GZIP_KEY};
 use portcullis_crds::v1alpha1::{ApiKey, ObjectRef};
 
+use crate::enforcement::MAX_GENERATION_FOLLOWED;
 use crate::inputs::SecretStore;
 use crate::issuance::{
     RevealView, CONSUMED_ANNOTATION, MANAGED_BY_LABEL, MANAGER, REVEAL_KEY_FIELD, ROTATION_ANNOTATION,
@@ -94,7 +95,18 @@ pub fn data_bytes(secret: &Secret) -> usize {
 
 /// The snapshot stored in the snapshot Secret, as `compile`'s `previous`. When it cannot be read,
 /// a stand-in carrying only the annotated generation keeps generations growing.
+///
+/// Its generation is taken before any tag is checked (a snapshot under a lost keyring must still
+/// be followed by a higher one), so whoever can write the Secret picks it: it is taken no higher
+/// than [`MAX_GENERATION_FOLLOWED`]. Without the cap, a generation of `u64::MAX` would have every
+/// later snapshot keep that number, and replicas refuse a generation they have applied.
 pub fn previous_snapshot(secret: &Secret) -> Option<GatewaySnapshot> {
+    let mut previous = read_previous(secret)?;
+    previous.generation = previous.generation.min(MAX_GENERATION_FOLLOWED);
+    Some(previous)
+}
+
+fn read_previous(secret: &Secret) -> Option<GatewaySnapshot> {
     let parsed =
         GatewaySnapshot::from_secret_data(|key| secret_data(secret).find(|(k, _)| *k == key).map(|(_, v)| v)).ok();
     parsed.or_else(|| {
@@ -200,5 +212,21 @@ mod tests {
         assert_eq!(stand_in.generation, snap.generation);
         let next = GatewaySnapshot::new(SnapshotContent::default(), Some(&stand_in));
         assert_eq!(next.generation, snap.generation + 1);
+    }
+
+    /// Whoever can write the snapshot Secret picks its generation annotation: the largest one
+    /// is taken as the most the operator follows, so snapshots after it still grow.
+    #[test]
+    fn a_previous_generation_is_taken_no_higher_than_the_followed_maximum() {
+        let mut snap = GatewaySnapshot::new(SnapshotContent::default(), None);
+        snap.generation = u64::MAX;
+        let mut secret = snapshot_secret("ns", "snap", &snap);
+        assert_eq!(previous_snapshot(&secret).unwrap().generation, MAX_GENERATION_FOLLOWED);
+        secret.data = Some(BTreeMap::from([(SNAPSHOT_SECRET_KEY.to_owned(), ByteString(b"garbage".to_vec()))]));
+        let stand_in = previous_snapshot(&secret).unwrap();
+        assert_eq!(stand_in.generation, MAX_GENERATION_FOLLOWED);
+        let content = SnapshotContent { pepper_id: Some("changed".into()), ..Default::default() };
+        let next = GatewaySnapshot::new(content, Some(&stand_in));
+        assert_eq!(next.generation, MAX_GENERATION_FOLLOWED + 1);
     }
 }

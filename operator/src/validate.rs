@@ -32,6 +32,17 @@ pub fn text(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An ApiKey's `rotation`: at most [`bounds::ROTATION_LEN`] characters, as the CRD says.
+pub fn rotation(spec: &portcullis_crds::v1alpha1::ApiKeySpec) -> Result<(), String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &spec.rotation {
+        Some(IntOrString::String(s)) if s.chars().count() > bounds::ROTATION_LEN => {
+            Err(format!("must be at most {} characters", bounds::ROTATION_LEN))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Model names travel in URLs (Azure deployments) and metric labels: keep them plain.
 pub fn model_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_MODEL_NAME_LEN {

@@ -9,6 +9,11 @@
 //!                                                         certificate from it (client_auth)
 //! ```
 //!
+//! Whoever reaches the port (without client authentication, anyone) is held to a bounded share:
+//! bodies count against [`MAX_BODIES_BYTES`] across every caller as they arrive (503 past it),
+//! [`DECIDING`] reviews are parsed at once, reading only the `spec` of the three kinds into their
+//! types, at most [`MAX_CONNECTIONS`] are open, and each lives at most [`CONNECTION_AGE`].
+//!
 //! Answers and logs never carry object content: logs name the request uid and the decision.
 //! The certificate is reloaded when the mounted files change, so a cert-manager renewal needs
 //! no restart; files that fail to parse are ignored (the last good pair keeps serving).
@@ -19,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -45,6 +50,81 @@ pub const PATH: &str = "/validate";
 /// Largest AdmissionReview accepted. The API server sends the old and the new object; ours are
 /// small, but the cap leaves room for big annotations and managedFields.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Review bodies held at once, being read or decided, across every caller: past it a review is
+/// answered 503 at once. Each body is counted as it arrives, so a caller that sends slowly holds
+/// only what it has sent. The API server's reviews of these objects are a few KiB each.
+pub const MAX_BODIES_BYTES: usize = 32 * 1024 * 1024;
+/// Reviews decided at once (parsing is CPU work and costs about the body's size again).
+const DECIDING: usize = 2;
+/// Open connections at once; past it new ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// A connection's longest life: then it is asked to close (HTTP/2 GOAWAY, HTTP/1 after the
+/// answer in progress) and given `read_timeout` to do so. The API server opens a new one when
+/// it needs one; a caller that opened one and sends nothing holds it no longer than this.
+const CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// What the webhook holds at once, whoever calls it (see [`MAX_BODIES_BYTES`]).
+#[derive(Debug)]
+pub struct Capacity {
+    /// KiB of review bodies held.
+    body_kib: tokio::sync::Semaphore,
+    deciding: tokio::sync::Semaphore,
+}
+
+impl Capacity {
+    pub fn new(bodies_bytes: usize) -> Self {
+        Self {
+            body_kib: tokio::sync::Semaphore::new(bodies_bytes.div_ceil(1024)),
+            deciding: tokio::sync::Semaphore::new(DECIDING),
+        }
+    }
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self::new(MAX_BODIES_BYTES)
+    }
+}
+
+/// Why a body was not read.
+enum Unread {
+    TooLarge,
+    Busy,
+    Broken,
+}
+
+/// The body, each frame counted against `capacity` as it arrives; the permit holds its share
+/// until dropped.
+async fn read_counted<B>(
+    body: B,
+    declared: Option<u64>,
+    capacity: &Capacity,
+) -> Result<(Bytes, Option<tokio::sync::SemaphorePermit<'_>>), Unread>
+where
+    B: hyper::body::Body,
+{
+    let mut body = std::pin::pin!(body);
+    let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
+    let mut buffer = bytes::BytesMut::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    while let Some(frame) = body.frame().await {
+        let Ok(mut data) = frame.map_err(|_| Unread::Broken)?.into_data() else { continue };
+        let total = buffer.len() + data.remaining();
+        if total > MAX_BODY_BYTES {
+            return Err(Unread::TooLarge);
+        }
+        let needed = total.div_ceil(1024) - held.as_ref().map_or(0, |p| p.num_permits());
+        if needed > 0 {
+            // Fits in u32: the body is at most MAX_BODY_BYTES.
+            let more = capacity.body_kib.try_acquire_many(needed as u32).map_err(|_| Unread::Busy)?;
+            match held.as_mut() {
+                Some(permit) => permit.merge(more),
+                None => held = Some(more),
+            }
+        }
+        buffer.put(&mut data);
+    }
+    Ok((buffer.freeze(), held))
+}
 
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
@@ -239,13 +319,12 @@ fn plain(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
 /// One request. Never panics; every refusal says why in a sentence.
 pub async fn handle<B>(
     request: Request<B>,
-    hints: &ActorHints,
+    (hints, capacity): (&ActorHints, &Capacity),
     tenancy: &Tenancy,
     read_timeout: Duration,
 ) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if request.uri().path() != PATH {
         return plain(StatusCode::NOT_FOUND, format!("not found: the admission webhook is at POST {PATH}"));
@@ -260,11 +339,18 @@ where
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return too_large();
     }
-    let body =
-        match tokio::time::timeout(read_timeout, Limited::new(request.into_body(), MAX_BODY_BYTES).collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-            Ok(Err(_)) => return plain(StatusCode::BAD_REQUEST, "the request body could not be read"),
+    let (body, _held) =
+        match tokio::time::timeout(read_timeout, read_counted(request.into_body(), declared, capacity)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(Unread::TooLarge)) => return too_large(),
+            Ok(Err(Unread::Busy)) => {
+                tracing::warn!(held_mib = MAX_BODIES_BYTES >> 20, "admission webhook busy: review refused");
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the webhook is holding {} MiB of reviews; retry", MAX_BODIES_BYTES >> 20),
+                );
+            }
+            Ok(Err(Unread::Broken)) => return plain(StatusCode::BAD_REQUEST, "the request body could not be read"),
             Err(_) => {
                 return plain(
                     StatusCode::REQUEST_TIMEOUT,
@@ -272,12 +358,14 @@ where
                 )
             }
         };
+    // The semaphore is never closed.
+    let Ok(_deciding) = capacity.deciding.acquire().await else {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "the webhook is stopping");
+    };
     match admission::review(&body, hints, tenancy) {
         Ok(answer) => {
-            if let Some(response) = &answer.response {
-                // uid and decision only: no names from the object, no content.
-                tracing::info!(uid = %response.uid, allowed = response.allowed, "admission review answered");
-            }
+            // uid (checked to be short and plain) and decision only: no names from the object, no content.
+            tracing::info!(uid = %answer.response.uid, allowed = answer.response.allowed, "admission review answered");
             match serde_json::to_vec(&answer) {
                 Ok(json) => {
                     let mut response = Response::new(Full::new(Bytes::from(json)));
@@ -345,7 +433,11 @@ impl WebhookServer {
         let callers = if settings.client_auth.is_some() { "client certificate required" } else { "any caller" };
         tracing::info!(addr = %settings.listen, path = PATH, callers, "admission webhook listening");
         let tenancy = Arc::new(settings.tenancy.clone());
+        let capacity = Arc::new(Capacity::default());
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // Never closed: the error arm cannot happen.
+            let Ok(open) = connections.clone().acquire_owned().await else { return };
             let (stream, peer) = match listener.accept().await {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -356,9 +448,10 @@ impl WebhookServer {
             };
             let acceptor = acceptor.clone();
             let builder = builder.clone();
-            let (hints, tenancy) = (hints.clone(), tenancy.clone());
+            let (hints, tenancy, capacity) = (hints.clone(), tenancy.clone(), capacity.clone());
             let read_timeout = settings.read_timeout;
             tokio::spawn(async move {
+                let _open = open;
                 let tls = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     // A refused client certificate is worth seeing: it is the API server's own
@@ -370,10 +463,19 @@ impl WebhookServer {
                     Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
                 };
                 let service = service_fn(move |request| {
-                    let (hints, tenancy) = (hints.clone(), tenancy.clone());
-                    async move { Ok::<_, Infallible>(handle(request, &hints, &tenancy, read_timeout).await) }
+                    let (hints, tenancy, capacity) = (hints.clone(), tenancy.clone(), capacity.clone());
+                    async move { Ok::<_, Infallible>(handle(request, (&hints, &capacity), &tenancy, read_timeout).await) }
                 });
-                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                let connection = builder.serve_connection(TokioIo::new(tls), service);
+                let mut connection = std::pin::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => Some(ended),
+                    () = tokio::time::sleep(CONNECTION_AGE) => {
+                        connection.as_mut().graceful_shutdown();
+                        tokio::time::timeout(read_timeout, connection.as_mut()).await.ok()
+                    }
+                };
+                if let Some(Err(error)) = ended {
                     tracing::debug!(%error, "webhook connection ended with an error");
                 }
             });

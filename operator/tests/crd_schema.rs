@@ -333,6 +333,10 @@ fn cel_rules_admit_good_objects_and_refuse_bad_ones() {
         ("ApiKey", "/properties/spec", json!({"secretRef": secret}), true),
         ("ApiKey", "/properties/spec", json!({"rotation": "2", "secretRef": secret}), false),
         ("ApiKey", "/properties/spec", json!({"rotationGracePeriodSeconds": 60, "secretRef": secret}), false),
+        // A rotation is at most 253 characters; a number is its digits.
+        ("ApiKey", "/properties/spec", json!({"rotation": "r".repeat(253)}), true),
+        ("ApiKey", "/properties/spec", json!({"rotation": 9_223_372_036_854_775_807_i64}), true),
+        ("ApiKey", "/properties/spec", json!({"rotation": "r".repeat(254)}), false),
     ];
     for (kind, pointer, object, expected) in &cases {
         assert_eq!(admitted(&rules, kind, pointer, object), *expected, "{kind}{pointer}: {object}");

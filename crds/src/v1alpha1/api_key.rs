@@ -38,6 +38,11 @@ use super::common::{bounds, EnforcementStatus, SecretKeyRef};
     {
         "rule": "!has(self.rotationGracePeriodSeconds) || !has(self.secretRef)",
         "message": "rotationGracePeriodSeconds applies to generated keys only"
+    },
+    {
+        // An int-or-string is `dyn` to CEL: `string()` of an int is its digits, of a string itself.
+        "rule": "!has(self.rotation) || string(self.rotation).size() <= 253",
+        "message": "rotation is at most 253 characters"
     }
 ]))]
 pub struct ApiKeySpec {
@@ -73,8 +78,8 @@ pub struct ApiKeySpec {
     /// Use the key held in this Secret instead of having the operator generate one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
-    /// Any string or number. Changing it makes the operator issue a new generated key; the
-    /// previous key keeps working for `rotationGracePeriodSeconds`.
+    /// Any string (at most 253 characters) or number. Changing it makes the operator issue a new
+    /// generated key; the previous key keeps working for `rotationGracePeriodSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<IntOrString>,
     /// Seconds the previous key stays valid after a rotation. Defaults to 3600; 0 refuses the
@@ -88,10 +93,17 @@ pub struct ApiKeySpec {
 pub const DEFAULT_ROTATION_GRACE_SECONDS: u32 = 3600;
 
 impl ApiKeySpec {
-    /// The rotation token as text (`2` and `"2"` are the same rotation); empty when unset.
+    /// The rotation token as text (`2` and `"2"` are the same rotation); empty when unset. The
+    /// token is kept in the key's status, an annotation and the audit ledger, so one longer than
+    /// [`bounds::ROTATION_LEN`] (stored before the schema bounded it, or where no API server
+    /// checked) stands as `sha256:` and its digest: still a new token for every new value.
     pub fn rotation_token(&self) -> String {
         match &self.rotation {
             Some(IntOrString::Int(n)) => n.to_string(),
+            Some(IntOrString::String(s)) if s.len() > bounds::ROTATION_LEN => {
+                use sha2::Digest as _;
+                format!("sha256:{}", hex::encode(sha2::Sha256::digest(s.as_bytes())))
+            }
             Some(IntOrString::String(s)) => s.clone(),
             None => String::new(),
         }
@@ -218,4 +230,27 @@ pub struct IssuedKeyDigest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{16}$"))]
     pub pepper_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_rotation(rotation: Option<IntOrString>) -> ApiKeySpec {
+        ApiKeySpec { rotation, ..Default::default() }
+    }
+
+    #[test]
+    fn a_rotation_token_is_bounded_and_still_tells_values_apart() {
+        assert_eq!(with_rotation(None).rotation_token(), "");
+        assert_eq!(with_rotation(Some(IntOrString::Int(2))).rotation_token(), "2");
+        assert_eq!(with_rotation(Some(IntOrString::String("2".into()))).rotation_token(), "2");
+        let longest = "r".repeat(bounds::ROTATION_LEN);
+        assert_eq!(with_rotation(Some(IntOrString::String(longest.clone()))).rotation_token(), longest);
+        let long = |c: &str| with_rotation(Some(IntOrString::String(c.repeat(1 << 20)))).rotation_token();
+        let (a, b) = (long("a"), long("b"));
+        assert!(a.starts_with("sha256:") && a.len() == 7 + 64, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, long("a"));
+    }
 }

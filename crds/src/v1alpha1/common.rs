@@ -28,6 +28,8 @@ pub mod bounds {
     pub const NAME_LEN: usize = 253;
     /// Azure's `api-version`.
     pub const API_VERSION_LEN: usize = 64;
+    /// An ApiKey's `rotation` as text (an annotation value and a ledger fact carry it).
+    pub const ROTATION_LEN: usize = 253;
 }
 
 /// Selects one key of a Secret in the same namespace as the object that names it.

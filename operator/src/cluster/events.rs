@@ -79,11 +79,26 @@ impl Transition {
         Event {
             type_,
             reason: reason.to_owned(),
-            note: Some(note.chars().take(1024).collect()),
+            note: Some(clip_note(note)),
             action: action.to_owned(),
             secondary: None,
         }
     }
+}
+
+/// The API server takes an Event note of at most 1 KiB, counted in bytes: a longer one is cut at
+/// a character boundary (a note can quote names with characters of several bytes).
+const NOTE_BYTES: usize = 1024;
+
+fn clip_note(mut note: String) -> String {
+    if note.len() > NOTE_BYTES {
+        let mut end = NOTE_BYTES;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
 }
 
 /// Publishes `transition` about `regarding`. Failing to publish an Event never fails a
@@ -100,5 +115,22 @@ pub async fn report(recorder: Option<&Recorder>, regarding: &ObjectReference, tr
         if let Err(error) = recorder.publish(&transition.event(), regarding).await {
             tracing::warn!(%error, "could not publish an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_is_cut_to_the_api_servers_bytes_at_a_character_boundary() {
+        assert_eq!(clip_note("short".into()), "short");
+        let exact = "a".repeat(NOTE_BYTES);
+        assert_eq!(clip_note(exact.clone()), exact);
+        // 1,023 bytes of ASCII, then two-byte characters: the one across the limit is left out.
+        let clipped = clip_note(format!("{}{}", "a".repeat(NOTE_BYTES - 1), "é".repeat(600)));
+        assert_eq!(clipped.len(), NOTE_BYTES - 1);
+        let clipped = clip_note("é".repeat(1000));
+        assert_eq!((clipped.len(), clipped.chars().count()), (NOTE_BYTES, NOTE_BYTES / 2));
     }
 }

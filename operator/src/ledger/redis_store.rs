@@ -142,6 +142,15 @@ fn parse(position: usize, value: &Value) -> (Option<String>, Result<LedgerEntry,
     (Some(id), entry)
 }
 
+/// Whether stream ID `id` (`ms-seq`) comes after `before`; IDs that do not parse come after nothing.
+fn stream_id_after(id: &str, before: &str) -> bool {
+    let parts = |id: &str| -> Option<(u64, u64)> {
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    };
+    matches!((parts(id), parts(before)), (Some(a), Some(b)) if a > b)
+}
+
 /// Every entry of the stream, oldest first, in pages. Positions (for "line" in errors) count
 /// from 1.
 pub async fn read_stream(
@@ -150,6 +159,7 @@ pub async fn read_stream(
 ) -> Result<Vec<Result<LedgerEntry, usize>>, LedgerError> {
     let mut out = Vec::new();
     let mut start = "-".to_owned();
+    let mut seen: Option<String> = None;
     loop {
         let page: Vec<Value> = redis::cmd("XRANGE")
             .arg(stream_key)
@@ -167,8 +177,21 @@ pub async fn read_stream(
             last_id = id.or(last_id);
         }
         match last_id {
-            // Exclusive start (Redis 6.2+): the page after the last ID seen.
-            Some(id) if page.len() == PAGE => start = format!("({id}"),
+            // Exclusive start (Redis 6.2+): the page after the last ID seen. A Redis that
+            // answers a page again, or one that goes back, would have this read forever.
+            Some(id) if page.len() == PAGE => {
+                if seen.as_ref().is_some_and(|before| !stream_id_after(&id, before)) {
+                    return Err(LedgerError::Redis {
+                        what: "reading the ledger stream",
+                        detail: format!(
+                            "Redis answered a page ending at {id} after one ending at {}",
+                            seen.as_deref().unwrap_or_default()
+                        ),
+                    });
+                }
+                start = format!("({id}");
+                seen = Some(id);
+            }
             _ => return Ok(out),
         }
     }
@@ -297,6 +320,66 @@ impl RedisLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    #[test]
+    fn stream_ids_compare_by_time_then_sequence() {
+        assert!(stream_id_after("2-0", "1-0"));
+        assert!(stream_id_after("1-10", "1-9"));
+        assert!(!stream_id_after("1-0", "1-0"));
+        assert!(!stream_id_after("1-0", "2-0"));
+        assert!(!stream_id_after("garbage", "1-0"));
+        assert!(!stream_id_after("2-0", "garbage"));
+    }
+
+    /// A stand-in Redis that answers every XRANGE with the same full page (one that ignores the
+    /// exclusive start would): the read stops with an error instead of growing without end.
+    #[tokio::test]
+    async fn a_redis_that_answers_the_same_page_again_is_an_error_not_an_endless_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let page: String = {
+            let item = |i: usize| format!("*2\r\n$5\r\n{i}-0\r\n*2\r\n$5\r\nentry\r\n$2\r\n{{}}\r\n");
+            format!("*{PAGE}\r\n{}", (100..100 + PAGE).map(item).collect::<String>())
+        };
+        let xranges = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = xranges.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (page, counted) = (page.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    // Each command: `*N`, then `$len` and the argument N times.
+                    while let Ok(Some(header)) = lines.next_line().await {
+                        let n: usize = header.trim_start_matches('*').parse().unwrap_or(0);
+                        let mut args = Vec::new();
+                        for _ in 0..n {
+                            let _len = lines.next_line().await;
+                            args.push(lines.next_line().await.ok().flatten().unwrap_or_default());
+                        }
+                        let answer = if args.first().is_some_and(|a| a.eq_ignore_ascii_case("XRANGE")) {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            page.clone()
+                        } else {
+                            "+OK\r\n".to_owned()
+                        };
+                        if write.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let settings = RedisLedgerSettings::new(format!("redis://{addr}/0"), "k");
+        let mut connection = connect(&settings).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(20), read_stream(&mut connection, "k")).await;
+        let error = read.expect("the read ends").expect_err("a repeated page is an error").to_string();
+        assert!(error.contains("Redis answered a page ending at 599-0 after one ending at 599-0"), "{error}");
+        assert_eq!(xranges.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 
     #[tokio::test]
     async fn the_url_and_its_password_never_reach_debug_output_or_errors() {

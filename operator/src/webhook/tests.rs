@@ -34,23 +34,32 @@ async fn text(response: Response<Full<Bytes>>) -> (StatusCode, String) {
 #[tokio::test]
 async fn answers_reviews_and_refuses_everything_else_with_a_reason() {
     let hints = ActorHints::default();
-    let (status, body) =
-        text(handle(post(PATH, review_body("ApiKey", json!({}))), &hints, &Tenancy::Shared, T).await).await;
+    let (status, body) = text(
+        handle(post(PATH, review_body("ApiKey", json!({}))), (&hints, &Capacity::default()), &Tenancy::Shared, T).await,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert_eq!(answer["response"]["uid"], "u-1");
     assert_eq!(hints.len(), 1);
 
-    let (status, body) = text(handle(post("/other", vec![]), &hints, &Tenancy::Shared, T).await).await;
+    let (status, body) =
+        text(handle(post("/other", vec![]), (&hints, &Capacity::default()), &Tenancy::Shared, T).await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("POST /validate"), "{body}");
 
     let get = Request::get(PATH).body(Full::new(Bytes::new())).unwrap();
-    assert_eq!(handle(get, &hints, &Tenancy::Shared, T).await.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        handle(get, (&hints, &Capacity::default()), &Tenancy::Shared, T).await.status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
 
-    let (status, body) =
-        text(handle(post(PATH, b"{\"secret-looking\": ".to_vec()), &hints, &Tenancy::Shared, T).await).await;
+    let (status, body) = text(
+        handle(post(PATH, b"{\"secret-looking\": ".to_vec()), (&hints, &Capacity::default()), &Tenancy::Shared, T)
+            .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("not an admission.k8s.io/v1 AdmissionReview"), "{body}");
 }
@@ -59,14 +68,59 @@ async fn answers_reviews_and_refuses_everything_else_with_a_reason() {
 async fn bodies_over_the_cap_are_refused_whether_declared_or_streamed() {
     let hints = ActorHints::default();
     let big = vec![b' '; MAX_BODY_BYTES + 1];
-    assert_eq!(handle(post(PATH, big), &hints, &Tenancy::Shared, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        handle(post(PATH, big), (&hints, &Capacity::default()), &Tenancy::Shared, T).await.status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
 
     // No Content-Length: the limit applies while reading.
     let chunks =
         (0..4).map(|_| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![b' '; MAX_BODY_BYTES / 2]))));
     let streamed = Request::post(PATH).body(StreamBody::new(futures_util::stream::iter(chunks))).unwrap();
-    assert_eq!(handle(streamed, &hints, &Tenancy::Shared, T).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        handle(streamed, (&hints, &Capacity::default()), &Tenancy::Shared, T).await.status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
     assert!(hints.is_empty());
+}
+
+/// Bodies are counted against the webhook's capacity as they arrive: past it a review is
+/// answered 503 at once, and a finished review gives its share back.
+#[tokio::test]
+async fn reviews_past_the_capacity_are_refused_and_their_share_returns() {
+    let hints = ActorHints::default();
+    let capacity = Capacity::new(8 * 1024);
+    let padded = |bytes: usize| {
+        let mut body = review_body("ApiKey", json!({}));
+        body.resize(bytes, b' ');
+        body
+    };
+    let one = |body| handle(post(PATH, body), (&hints, &capacity), &Tenancy::Shared, T);
+    assert_eq!(one(padded(8 * 1024)).await.status(), StatusCode::OK);
+    let (status, body) = text(one(padded(8 * 1024 + 1)).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("retry"), "{body}");
+
+    // A slow sender holds what it has sent: while it holds 6 KiB, a 4 KiB review is refused and
+    // a 2 KiB one decided; once it has timed out, the whole capacity is free again.
+    let sent =
+        futures_util::stream::iter([Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![b' '; 6 * 1024])))]);
+    let stalled = StreamBody::new(futures_util::StreamExt::chain(sent, futures_util::stream::pending()));
+    let stalled = handle(
+        Request::post(PATH).body(stalled).unwrap(),
+        (&hints, &capacity),
+        &Tenancy::Shared,
+        Duration::from_millis(300),
+    );
+    let mut stalled = std::pin::pin!(stalled);
+    tokio::select! {
+        _ = stalled.as_mut() => panic!("a body that never ends was answered"),
+        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+    }
+    assert_eq!(one(padded(4 * 1024)).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(one(padded(2 * 1024)).await.status(), StatusCode::OK);
+    assert_eq!(stalled.await.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(one(padded(8 * 1024)).await.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -74,7 +128,7 @@ async fn a_body_that_never_finishes_times_out() {
     let hints = ActorHints::default();
     let slow = futures_util::stream::pending::<Result<hyper::body::Frame<Bytes>, Infallible>>();
     let request = Request::post(PATH).body(StreamBody::new(slow)).unwrap();
-    let response = handle(request, &hints, &Tenancy::Shared, Duration::from_millis(100)).await;
+    let response = handle(request, (&hints, &Capacity::default()), &Tenancy::Shared, Duration::from_millis(100)).await;
     assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
 }
 
@@ -103,18 +157,31 @@ async fn logs_name_the_decision_never_the_object() {
     let hints = ActorHints::default();
     for spec in [json!({"owner": canary}), json!({"allowedModels": [format!("{canary} bad")]})] {
         assert_eq!(
-            handle(post(PATH, review_body("ApiKey", spec)), &hints, &Tenancy::Shared, T).await.status(),
+            handle(post(PATH, review_body("ApiKey", spec)), (&hints, &Capacity::default()), &Tenancy::Shared, T)
+                .await
+                .status(),
             StatusCode::OK
         );
     }
     let garbage = format!("{{\"apiVersion\": \"{canary}\"").into_bytes();
-    assert_eq!(handle(post(PATH, garbage), &hints, &Tenancy::Shared, T).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        handle(post(PATH, garbage), (&hints, &Capacity::default()), &Tenancy::Shared, T).await.status(),
+        StatusCode::BAD_REQUEST
+    );
     // A malformed review whose parse error quotes the sender's value: the caller is told, the
     // log is not (this fails if the error were ever logged).
     let mut wrong_type: serde_json::Value = serde_json::from_slice(&review_body("ApiKey", json!({}))).unwrap();
     wrong_type["request"]["dryRun"] = json!(canary);
-    let (status, answer) =
-        text(handle(post(PATH, serde_json::to_vec(&wrong_type).unwrap()), &hints, &Tenancy::Shared, T).await).await;
+    let (status, answer) = text(
+        handle(
+            post(PATH, serde_json::to_vec(&wrong_type).unwrap()),
+            (&hints, &Capacity::default()),
+            &Tenancy::Shared,
+            T,
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(answer.contains(canary), "the reason goes back to the caller: {answer}");
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
