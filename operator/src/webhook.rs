@@ -11,8 +11,8 @@
 //!
 //! Whoever reaches the port (without client authentication, anyone) is held to a bounded share:
 //! bodies count against [`MAX_BODIES_BYTES`] across every caller as they arrive (503 past it),
-//! [`DECIDING`] reviews are parsed at once, reading only the `spec` of the three kinds into their
-//! types, at most [`MAX_CONNECTIONS`] are open, and each lives at most [`CONNECTION_AGE`].
+//! two reviews are parsed at once, reading only the `spec` of the three kinds into their types,
+//! at most 1,024 connections are open, and each lives at most 60 s.
 //!
 //! Answers and logs never carry object content: logs name the request uid and the decision.
 //! The certificate is reloaded when the mounted files change, so a cert-manager renewal needs
