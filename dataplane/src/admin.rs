@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::body::{full, GatewayBody};
@@ -112,12 +112,20 @@ fn respond_sync<B>(state: &AdminState, request: &Request<B>) -> Response<Gateway
 /// descriptors the traffic listener needs (they are within its reserve, `server::connection_limit`).
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// An admin connection's longest life: then it is closed after the answer in progress, given
+/// `header_read_timeout` more to finish it. hyper has no write timeout, so without this a client
+/// that asks for `/metrics` and never reads the answer would hold its slot for ever. Scrapers and
+/// probes reconnect.
+pub const CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 /// Serves until the process exits: health and metrics stay visible while the gateway drains.
-/// `header_read_timeout` (`--header-read-timeout`, as on the traffic port) closes a connection
-/// that sends no complete request head for that long, idle keep-alive connections included.
+/// HTTP/1.1 only (probes and scrapers speak it), so every connection is read by a parser with
+/// `header_read_timeout` (`--header-read-timeout`, as on the traffic port) from its first byte:
+/// one that sends no complete request head for that long is closed, silent ones and idle
+/// keep-alive ones included. A connection lives at most [`CONNECTION_AGE`].
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_timeout: Duration) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     let mut listener = crate::server::BoundedListener::new(listener, MAX_CONNECTIONS, "admin", None);
     while let Some((slot, stream, _)) = listener.accept().await {
         let state = state.clone();
@@ -128,7 +136,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_ti
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(&state, &request).await) }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = tokio::time::sleep(CONNECTION_AGE) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(header_read_timeout, connection.as_mut()).await;
+                }
+            }
         });
     }
 }

@@ -8,6 +8,9 @@ use http::{HeaderValue, Method};
 use serde::Deserialize;
 
 use crate::error::GatewayError;
+
+/// The longest model name a request may ask for: the longest the CRDs let a model be named.
+pub const MODEL_LEN: usize = portcullis_crds::v1alpha1::bounds::MODEL_NAME_LEN;
 use crate::fields::HeaderFields;
 use crate::json_scan::{plain_name, Scanner};
 
@@ -238,8 +241,15 @@ impl<'a> RequestHead<'a> {
         scanner.at_end().then_some(head)
     }
 
+    /// The model asked for, at most [`MODEL_LEN`] bytes. Every model pattern in the snapshot
+    /// (routes, kill switches, the key's `allowedModels`) is matched against it before any limit
+    /// is spent, each in time proportional to the name's length: a name as long as the body
+    /// would cost seconds.
     pub fn model(&self) -> Result<&str, GatewayError> {
         match self.model.as_deref() {
+            Some(m) if m.len() > MODEL_LEN => Err(GatewayError::InvalidRequest(format!(
+                "The `model` field must be at most {MODEL_LEN} bytes; no model has a longer name."
+            ))),
             Some(m) if !m.is_empty() => Ok(m),
             _ => Err(GatewayError::InvalidRequest("The `model` field is required.".to_owned())),
         }
@@ -421,6 +431,20 @@ mod tests {
         let err = RequestHead::parse(br#"{"messages": "CANARY-unterminated"#).expect_err("eof");
         assert!(!err.message().contains("CANARY"), "{}", err.message());
         assert!(RequestHead::parse(b"{}").expect("parse").model().is_err());
+    }
+
+    /// A model name longer than any model can have is refused before a pattern sees it.
+    #[test]
+    fn a_model_name_is_at_most_the_longest_a_model_can_have() {
+        let longest = "m".repeat(MODEL_LEN);
+        let body = format!(r#"{{"model":"{longest}"}}"#);
+        assert_eq!(RequestHead::parse(body.as_bytes()).expect("parse").model().expect("fits"), longest);
+        let body = format!(r#"{{"model":"{longest}x"}}"#);
+        let err = RequestHead::parse(body.as_bytes()).expect("parse").model().expect_err("too long");
+        assert_eq!(
+            err.message(),
+            format!("The `model` field must be at most {MODEL_LEN} bytes; no model has a longer name.")
+        );
     }
 
     #[test]

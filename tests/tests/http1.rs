@@ -701,7 +701,7 @@ async fn at_the_connection_limit_an_idle_http2_connection_is_closed_to_make_room
 }
 
 /// The admin port is bounded like the traffic port: a connection that sends no complete request
-/// head within `--header-read-timeout` is closed, and at most 64 connections are served at once,
+/// head within `--header-read-timeout` is closed (one that sends nothing too; HTTP/2's opening at once), and at most 64 connections are served at once,
 /// the rest waiting in the backlog; so a flood there cannot hold descriptors for ever.
 #[tokio::test]
 async fn the_admin_port_closes_silent_connections_and_serves_a_bounded_number() {
@@ -710,11 +710,20 @@ async fn the_admin_port_closes_silent_connections_and_serves_a_bounded_number() 
     let admin = fx.gateway.admin_addr();
     let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
 
-    // 64 connections that send a partial head and then nothing.
+    // HTTP/2's opening is no HTTP/1.1 head: closed at once, not held until the timeout (a
+    // protocol-sniffing server would then wait for HTTP/2 frames for ever).
+    let mut h2 = TcpStream::connect(admin).await.expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
+    let (_, _, closed) = read_to_close(&mut h2, Duration::from_secs(2)).await;
+    assert!(closed, "an HTTP/2 opening held an admin connection");
+
+    // 64 connections that send a partial head, or nothing at all, and then nothing more.
     let mut silent = Vec::new();
-    for _ in 0..64 {
+    for i in 0..64 {
         let mut stream = TcpStream::connect(admin).await.expect("connect");
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: adm").await.expect("write");
+        if i % 2 == 0 {
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: adm").await.expect("write");
+        }
         silent.push(stream);
     }
     // Another is connected by the kernel but not served while they hold every slot.

@@ -82,6 +82,21 @@ async fn unknown_model_is_404_and_disallowed_model_is_403() {
     assert_eq!(fx.anthropic.request_count(), 0);
 }
 
+/// A model name longer than any model can be named is refused in the API's own format, before
+/// any model pattern runs against it, and reaches no provider.
+#[tokio::test]
+async fn a_model_name_longer_than_any_is_refused_before_routing() {
+    let fx = Fixture::start().await.expect("fixture");
+    let longest = "m".repeat(256);
+    assert::openai_error(&fx.chat(ALICE_KEY, &longest).await.unwrap(), 404, "model_not_found");
+    let long = fx.chat(ALICE_KEY, &format!("gpt-4o-{}", "m".repeat(250))).await.unwrap();
+    assert::openai_error(&long, 400, "invalid_request");
+    assert!(long.json()["error"]["message"].as_str().unwrap().contains("at most 256 bytes"), "{}", long.text());
+    let long = fx.messages(ALICE_KEY, &messages_body(&"c".repeat(300), "hi", false), &[]).await.unwrap();
+    assert::anthropic_error(&long, 400, "invalid_request", Some("invalid_request_error"));
+    assert_eq!(fx.openai.request_count() + fx.anthropic.request_count(), 0);
+}
+
 fn model_ids(body: &Value) -> Vec<String> {
     let mut ids: Vec<String> = body["data"]
         .as_array()

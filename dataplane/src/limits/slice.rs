@@ -161,7 +161,7 @@ impl<L: Clone + Eq + Hash> Slices<L> {
         if tokens.is_some() {
             slice.tokens_left -= cost;
         }
-        state.taken = (state.taken.0 + 1, state.taken.1 + cost);
+        state.taken = (state.taken.0.saturating_add(1), state.taken.1.saturating_add(cost));
         state.touched = now;
         let f = &slice.figures;
         let elapsed = now.saturating_duration_since(slice.fetched).as_millis() as u64;
@@ -192,17 +192,18 @@ impl<L: Clone + Eq + Hash> Slices<L> {
         let live = state.and_then(|s| s.slice.as_ref()).filter(|s| now < s.until);
         let (held_requests, held_tokens) = live.map_or((0, 0), |s| (s.requests_left, s.tokens_left));
         let asked = costs.len() as u64;
-        let asked_tokens: u64 = costs.iter().sum();
+        let asked_tokens = costs.iter().fold(0u64, |sum, &cost| sum.saturating_add(cost));
         let typical = asked_tokens.div_ceil(asked.max(1)).max(1);
+        let grown = |last: u64, taken: u64| last.saturating_add(last / 4).max(taken.saturating_mul(2));
         let requests = request_cap.map_or(0, |cap| {
-            let demand = (last.0 + last.0 / 4).max(2 * taken.0).max(MIN_SLICE_REQUESTS);
-            demand.min(cap.saturating_sub(held_requests + asked))
+            let demand = grown(last.0, taken.0).max(MIN_SLICE_REQUESTS);
+            demand.min(cap.saturating_sub(held_requests.saturating_add(asked)))
         });
         // Whole requests' worth of tokens: a remainder smaller than a request would only be
         // given back unspent.
         let tokens = token_cap.map_or(0, |cap| {
-            let demand = (last.1 + last.1 / 4).max(2 * taken.1).max(MIN_SLICE_REQUESTS * typical);
-            let tokens = demand.min(cap.saturating_sub(held_tokens + asked_tokens));
+            let demand = grown(last.1, taken.1).max(MIN_SLICE_REQUESTS.saturating_mul(typical));
+            let tokens = demand.min(cap.saturating_sub(held_tokens.saturating_add(asked_tokens)));
             tokens - tokens % typical
         });
         (requests, tokens)
@@ -220,6 +221,16 @@ impl<L: Clone + Eq + Hash> Slices<L> {
         decided: (u64, u64),
         sent: Instant,
     ) -> Option<Refund> {
+        // Redis's figures are believed no further than they can be true: a slice is at most the
+        // cap and lasts at most one granule (a faulty or hostile Redis must not hand out a
+        // slice for centuries, or counts that wrap).
+        let (request_cap, token_cap) = caps(limits);
+        let grant = Grant {
+            requests: grant.requests.min(request_cap.unwrap_or(0)),
+            tokens: grant.tokens.min(token_cap.unwrap_or(0)),
+            ms_left: grant.ms_left.min(super::window::GRANULE_MS),
+            ..grant
+        };
         let mut lanes = self.lock();
         let state = lanes.entry(lane.clone()).or_insert_with(|| LaneState::new(sent));
         let mut refund = None;
@@ -231,15 +242,16 @@ impl<L: Clone + Eq + Hash> Slices<L> {
             state.taken = (0, 0);
             state.taken_in = grant.granule;
         }
-        state.taken = (state.taken.0 + decided.0, state.taken.1 + decided.1);
+        state.taken = (state.taken.0.saturating_add(decided.0), state.taken.1.saturating_add(decided.1));
         state.touched = sent;
         // Redis reads its clock in whole milliseconds: up to one of the reported milliseconds
         // may already have passed when the script ran.
         let until = sent + Duration::from_millis(grant.ms_left.saturating_sub(1));
         match &mut state.slice {
             Some(slice) => {
-                slice.requests_left += grant.requests;
-                slice.tokens_left += grant.tokens;
+                // Not cut to the cap: calls sent at once each sized theirs by what was held before.
+                slice.requests_left = slice.requests_left.saturating_add(grant.requests);
+                slice.tokens_left = slice.tokens_left.saturating_add(grant.tokens);
                 // Both are safe (never past the granule's end): keep the later.
                 slice.until = slice.until.max(until);
                 slice.fetched = sent;
@@ -289,6 +301,7 @@ impl<L: Clone + Eq + Hash> Slices<L> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::window;
     use super::*;
 
     const RPM: LaneLimits = [10_000, 0, 0, 0];
@@ -318,6 +331,27 @@ mod tests {
         assert!(sliceable(&[0, 100_000, 0, 0], 250));
         assert!(!sliceable(&[0, 100_000_000, 50_000, 0], 250), "the day budget is the tightest cap");
         assert!(sliceable(&[1_000_000, 100_000_000, 0, 10_000_000], 250));
+    }
+
+    /// A faulty or hostile Redis's grant is believed only as far as it can be true: each no more
+    /// than the cap (here 50 requests), for no longer than one granule, and counts never wrap.
+    #[test]
+    fn a_grant_beyond_the_cap_or_the_granule_is_cut_to_them() {
+        let slices = Slices::default();
+        let t0 = Instant::now();
+        let huge = grant(u64::MAX, u64::MAX, 7, u64::MAX);
+        assert_eq!(slices.deposit(&"k", &RPM, huge, (1, 1), t0), None);
+        assert_eq!(slices.deposit(&"k", &RPM, huge, (u64::MAX, u64::MAX), t0), None);
+        let mut admitted = 0;
+        while slices.take(&"k", &RPM, 1, t0 + Duration::from_millis(10)).is_some() {
+            admitted += 1;
+            assert!(admitted <= 100, "more than two grants of the cap admitted");
+        }
+        assert_eq!(admitted, 100, "each grant is cut to the cap; two calls at once may each hold one");
+        assert_eq!(slices.deposit(&"k", &RPM, huge, (1, 1), t0), None);
+        let after_the_granule = t0 + Duration::from_millis(window::GRANULE_MS);
+        assert_eq!(slices.take(&"k", &RPM, 1, after_the_granule), None, "the slice outlived its granule");
+        assert_eq!(slices.want(&"k", &RPM, &[u64::MAX, u64::MAX], t0), (0, 0));
     }
 
     #[test]
