@@ -428,6 +428,13 @@ mod tests {
         let response = answer(&request("ApiKey", "DELETE", Value::Null), &hints);
         assert!(response.allowed);
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "stop-gpt".into())).is_some());
+        // As the API server sends a DELETE: no object, the old one beside it.
+        let mut delete: Value = serde_json::from_slice(&request("ApiKey", "DELETE", Value::Null)).unwrap();
+        delete["request"]["oldObject"] = delete["request"]["object"].take();
+        delete["request"]["name"] = "gone".into();
+        assert!(delete["request"]["object"].is_null());
+        assert!(allowed(&delete, &hints));
+        assert!(hints.peek(&("ApiKey".into(), "ops".into(), "gone".into())).is_some());
         let mut dry: Value = serde_json::from_slice(&request("ApiKey", "CREATE", json!({}))).unwrap();
         dry["request"]["dryRun"] = true.into();
         dry["request"]["name"] = "dry".into();
