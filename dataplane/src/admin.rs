@@ -120,8 +120,8 @@ pub const CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// Serves until the process exits: health and metrics stay visible while the gateway drains.
 /// HTTP/1.1 only (probes and scrapers speak it), so every connection is read by a parser with
-/// `header_read_timeout` (`--header-read-timeout`, as on the traffic port) from its first byte:
-/// one that sends no complete request head for that long is closed, silent ones and idle
+/// `header_read_timeout` (`--header-read-timeout`, as on the traffic port) from the moment it
+/// is read: one that sends no complete request head for that long is closed, silent ones and idle
 /// keep-alive ones included. A connection lives at most [`CONNECTION_AGE`].
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, header_read_timeout: Duration) {
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -244,15 +244,19 @@ pub fn review(body: &[u8], hints: &ActorHints, tenancy: &Tenancy) -> Result<Admi
     let ours = request.kind.group == GROUP && KINDS.contains(&request.kind.kind.as_str());
     let kind = if ours { request.kind.kind.as_str() } else { "" };
     let (new, old) = if ours { (object(request.object)?, object(request.old_object)?) } else { Default::default() };
-    let problems = match request.operation.as_str() {
-        "CREATE" | "UPDATE" if request.object.is_some() => validate_object(kind, &request.namespace, new.spec, tenancy),
-        _ => Vec::new(),
-    };
-    let allowed = problems.is_empty();
     // Metadata-only updates (the operator's own finalizer, labels, annotations) are no admin
     // action: a hint from them would outlive the object and misname the next requester. The API
     // server encodes the old and the new object alike, so equal specs are equal text.
     let changes_spec = request.operation != "UPDATE" || new.spec.map(RawValue::get) != old.spec.map(RawValue::get);
+    // A spec left as it was is not checked again: an object stored before a check existed (a
+    // longer `rotation`, say) must still take its finalizer's removal and be deleted.
+    let problems = match request.operation.as_str() {
+        "CREATE" | "UPDATE" if request.object.is_some() && changes_spec => {
+            validate_object(kind, &request.namespace, new.spec, tenancy)
+        }
+        _ => Vec::new(),
+    };
+    let allowed = problems.is_empty();
     if ours && allowed && !request.dry_run && changes_spec {
         let name = match new.metadata.name {
             Some(n) if request.name.is_empty() => n,
@@ -447,6 +451,16 @@ mod tests {
         finalizer["request"]["object"]["metadata"]["finalizers"] = json!(["portcullis.dev/audit-ledger"]);
         assert!(allowed(&finalizer, &hints));
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_none());
+        // Nor is such an update refused when the spec it leaves alone fails a check added since
+        // it was stored: the operator must still be able to remove its finalizer.
+        let mut stored = finalizer.clone();
+        stored["request"]["name"] = "stored".into();
+        for object in ["object", "oldObject"] {
+            stored["request"][object]["spec"]["rotation"] = json!("r".repeat(300));
+        }
+        assert!(allowed(&stored, &hints));
+        stored["request"]["object"]["spec"]["owner"] = json!("b");
+        assert!(!allowed(&stored, &hints), "a changed spec is checked whole");
         finalizer["request"]["object"]["spec"]["revoked"] = true.into();
         assert!(allowed(&finalizer, &hints));
         assert!(hints.peek(&("ApiKey".into(), "ops".into(), "fin".into())).is_some());

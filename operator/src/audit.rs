@@ -221,7 +221,9 @@ pub fn decide(recorded: Option<&Recorded>, observed: &Observed) -> Vec<Draft> {
             if changed("revoked") && fact(facts, "revoked") == "true" {
                 out.push(draft(Action::ApiKeyRevoked, fields()));
             }
-            if changed("rotation") {
+            // A value kept raw before long ones stood as their digest is the same rotation.
+            let raw_rotation = observed.spec.get("rotation").and_then(Value::as_str);
+            if changed("rotation") && raw_rotation != Some(fact(&before.facts, "rotation")) {
                 out.push(draft(Action::ApiKeyRotated, fields()));
             }
             if changed("expired") && fact(facts, "expired") == "true" {

@@ -108,7 +108,7 @@ pub fn decide(
     let recorded_token = status.rotation.clone().unwrap_or_default();
     let needs_key = match current {
         None => !api_key.spec.revoked,
-        Some(_) => recorded_token != token,
+        Some(_) => !api_key.spec.rotation_is(&recorded_token),
     };
 
     let mut issued_at = status.issued_at;
@@ -128,7 +128,7 @@ pub fn decide(
                 digests.remove(i);
             }
         }
-        let adoptable = reveal.filter(|r| r.rotation == token).and_then(|r| {
+        let adoptable = reveal.filter(|r| api_key.spec.rotation_is(&r.rotation)).and_then(|r| {
             let key = r.key.as_ref()?;
             let digest = key.digest(pepper).to_hex();
             // A key already recorded (e.g. the one being retired) is not a new issuance.
@@ -165,7 +165,7 @@ pub fn decide(
         key_prefix = Some(prefix);
     } else if let Some(r) = reveal {
         let expired = reveal_expires_at.or_else(|| r.created_at.map(|c| c + reveal_ttl)).is_none_or(|at| at <= now);
-        if r.consumed || expired || r.rotation != token {
+        if r.consumed || expired || !api_key.spec.rotation_is(&r.rotation) {
             action = RevealAction::Delete;
             reveal_present = false;
         }

@@ -12,7 +12,7 @@
 //! Whoever reaches the port (without client authentication, anyone) is held to a bounded share:
 //! bodies count against [`MAX_BODIES_BYTES`] across every caller as they arrive (503 past it),
 //! two reviews are parsed at once, reading only the `spec` of the three kinds into their types,
-//! at most 1,024 connections are open, and each lives at most 60 s.
+//! at most 1,024 connections are open, and each is asked to close after about 60 s.
 //!
 //! Answers and logs never carry object content: logs name the request uid and the decision.
 //! The certificate is reloaded when the mounted files change, so a cert-manager renewal needs
@@ -51,16 +51,18 @@ pub const PATH: &str = "/validate";
 /// small, but the cap leaves room for big annotations and managedFields.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// Review bodies held at once, being read or decided, across every caller: past it a review is
-/// answered 503 at once. Each body is counted as it arrives, so a caller that sends slowly holds
-/// only what it has sent. The API server's reviews of these objects are a few KiB each.
+/// answered 503 at once. A declared length is counted before anything is read; otherwise each
+/// body is counted as it arrives, so a caller that sends slowly holds only what it has sent.
+/// The API server's reviews of these objects are a few KiB each.
 pub const MAX_BODIES_BYTES: usize = 32 * 1024 * 1024;
 /// Reviews decided at once (parsing is CPU work and costs about the body's size again).
 const DECIDING: usize = 2;
 /// Open connections at once; past it new ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
-/// A connection's longest life: then it is asked to close (HTTP/2 GOAWAY, HTTP/1 after the
-/// answer in progress) and given `read_timeout` to do so. The API server opens a new one when
-/// it needs one; a caller that opened one and sends nothing holds it no longer than this.
+/// A connection's life after its handshake: then it is asked to close (HTTP/2 GOAWAY, HTTP/1
+/// after the answer in progress) and given twice `read_timeout` to finish what it is answering.
+/// The API server opens a new one when it needs one; a caller that opened one and sends
+/// nothing holds it no longer than that.
 const CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// What the webhook holds at once, whoever calls it (see [`MAX_BODIES_BYTES`]).
@@ -86,6 +88,21 @@ impl Default for Capacity {
     }
 }
 
+/// Says whether this is the first call in the current window of a given length, so a flood of
+/// refusals logs one line per window, not one per refusal.
+struct Once(std::sync::atomic::AtomicU64);
+
+static BUSY_LOGGED: Once = Once(std::sync::atomic::AtomicU64::new(0));
+
+impl Once {
+    fn first_in(&self, window: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let current = now.as_secs() / window.as_secs().max(1) + 1;
+        self.0.swap(current, Ordering::Relaxed) != current
+    }
+}
+
 /// Why a body was not read.
 enum Unread {
     TooLarge,
@@ -104,15 +121,22 @@ where
     B: hyper::body::Body,
 {
     let mut body = std::pin::pin!(body);
-    let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
-    let mut buffer = bytes::BytesMut::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    // A declared length is taken at once (the buffer is sized by it): past the capacity, the
+    // review is refused before anything is read or allocated.
+    let declared = declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize);
+    let mut held = match declared.div_ceil(1024) {
+        0 => None,
+        // Fits in u32: at most MAX_BODY_BYTES.
+        kib => Some(capacity.body_kib.try_acquire_many(kib as u32).map_err(|_| Unread::Busy)?),
+    };
+    let mut buffer = bytes::BytesMut::with_capacity(declared);
     while let Some(frame) = body.frame().await {
         let Ok(mut data) = frame.map_err(|_| Unread::Broken)?.into_data() else { continue };
         let total = buffer.len() + data.remaining();
         if total > MAX_BODY_BYTES {
             return Err(Unread::TooLarge);
         }
-        let needed = total.div_ceil(1024) - held.as_ref().map_or(0, |p| p.num_permits());
+        let needed = total.div_ceil(1024).saturating_sub(held.as_ref().map_or(0, |p| p.num_permits()));
         if needed > 0 {
             // Fits in u32: the body is at most MAX_BODY_BYTES.
             let more = capacity.body_kib.try_acquire_many(needed as u32).map_err(|_| Unread::Busy)?;
@@ -344,7 +368,9 @@ where
             Ok(Ok(read)) => read,
             Ok(Err(Unread::TooLarge)) => return too_large(),
             Ok(Err(Unread::Busy)) => {
-                tracing::warn!(held_mib = MAX_BODIES_BYTES >> 20, "admission webhook busy: review refused");
+                if BUSY_LOGGED.first_in(Duration::from_secs(10)) {
+                    tracing::warn!(held_mib = MAX_BODIES_BYTES >> 20, "admission webhook busy: reviews refused");
+                }
                 return plain(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("the webhook is holding {} MiB of reviews; retry", MAX_BODIES_BYTES >> 20),
@@ -471,8 +497,10 @@ impl WebhookServer {
                 let ended = tokio::select! {
                     ended = connection.as_mut() => Some(ended),
                     () = tokio::time::sleep(CONNECTION_AGE) => {
+                        // Reviews in progress may still need to read their body and wait their
+                        // turn to be decided: twice the read timeout.
                         connection.as_mut().graceful_shutdown();
-                        tokio::time::timeout(read_timeout, connection.as_mut()).await.ok()
+                        tokio::time::timeout(2 * read_timeout, connection.as_mut()).await.ok()
                     }
                 };
                 if let Some(Err(error)) = ended {

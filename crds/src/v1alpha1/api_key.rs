@@ -95,18 +95,26 @@ pub const DEFAULT_ROTATION_GRACE_SECONDS: u32 = 3600;
 impl ApiKeySpec {
     /// The rotation token as text (`2` and `"2"` are the same rotation); empty when unset. The
     /// token is kept in the key's status, an annotation and the audit ledger, so one longer than
-    /// [`bounds::ROTATION_LEN`] (stored before the schema bounded it, or where no API server
-    /// checked) stands as `sha256:` and its digest: still a new token for every new value.
+    /// [`bounds::ROTATION_LEN`] characters (stored before the schema bounded it, or where no API
+    /// server checked) stands as `sha256:` and its digest: still a new token for every new value.
+    /// Compare a recorded token with [`ApiKeySpec::rotation_is`].
     pub fn rotation_token(&self) -> String {
         match &self.rotation {
             Some(IntOrString::Int(n)) => n.to_string(),
-            Some(IntOrString::String(s)) if s.len() > bounds::ROTATION_LEN => {
+            Some(IntOrString::String(s)) if s.chars().count() > bounds::ROTATION_LEN => {
                 use sha2::Digest as _;
                 format!("sha256:{}", hex::encode(sha2::Sha256::digest(s.as_bytes())))
             }
             Some(IntOrString::String(s)) => s.clone(),
             None => String::new(),
         }
+    }
+
+    /// Whether `recorded` (a token kept in a status or an annotation) is this spec's rotation:
+    /// its token, or the value itself as kept before long values stood as their digest (so an
+    /// upgrade rotates no key nobody asked to rotate).
+    pub fn rotation_is(&self, recorded: &str) -> bool {
+        recorded == self.rotation_token() || matches!(&self.rotation, Some(IntOrString::String(s)) if s == recorded)
     }
 
     /// The declared grace period for the previous key after a rotation.
@@ -252,5 +260,15 @@ mod tests {
         assert!(a.starts_with("sha256:") && a.len() == 7 + 64, "{a}");
         assert_ne!(a, b);
         assert_eq!(a, long("a"));
+        // Counted in characters, as the schema does: 253 two-byte characters are kept as they are.
+        let wide = "é".repeat(bounds::ROTATION_LEN);
+        assert_eq!(with_rotation(Some(IntOrString::String(wide.clone()))).rotation_token(), wide);
+        // A token recorded before the digest (the raw value) is still this rotation; another is not.
+        let spec = with_rotation(Some(IntOrString::String("a".repeat(1 << 20))));
+        assert!(spec.rotation_is(&"a".repeat(1 << 20)));
+        assert!(spec.rotation_is(&a));
+        assert!(!spec.rotation_is(&b));
+        assert!(!spec.rotation_is("2"));
+        assert!(with_rotation(Some(IntOrString::Int(2))).rotation_is("2"));
     }
 }

@@ -76,6 +76,24 @@ fn api_key_lifecycle_is_one_entry_per_action_and_never_repeats() {
     assert_eq!(run.see(&observe_api_key(&api_key(revoked, 3, true), now)), []);
 }
 
+/// A long rotation recorded raw (before such values stood as their digest) is not a rotation
+/// when the same value is seen as its digest; another value is.
+#[test]
+fn a_long_rotation_recorded_raw_is_not_rotated_again_by_its_digest() {
+    let now = at("2026-01-01T00:00:00Z");
+    let mut run = Run::new(vec![]);
+    let long = "r".repeat(300);
+    let key = api_key(json!({"rotation": long}), 1, false);
+    assert_eq!(run.see(&observe_api_key(&key, now)), [Action::ApiKeyCreated]);
+    let recorded = run.recorded.get_mut(&key_of(&observe_api_key(&key, now).object)).unwrap();
+    assert!(fact(&recorded.facts, "rotation").starts_with("sha256:"));
+    recorded.facts.insert("rotation".into(), long.clone());
+    let edited = api_key(json!({"rotation": long, "owner": "b"}), 2, false);
+    assert_eq!(run.see(&observe_api_key(&edited, now)), []);
+    let rotated = api_key(json!({"rotation": "s".repeat(300), "owner": "b"}), 3, false);
+    assert_eq!(run.see(&observe_api_key(&rotated, now)), [Action::ApiKeyRotated]);
+}
+
 #[test]
 fn expiry_is_recorded_once_by_the_operator() {
     let mut run = Run::new(vec![]);

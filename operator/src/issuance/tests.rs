@@ -174,6 +174,33 @@ fn zero_grace_drops_the_old_key_at_once() {
     assert_eq!(rotated.digests.len(), 1);
 }
 
+/// A rotation longer than the bound now stands as its digest; a key issued when the status kept
+/// the value itself is the same rotation, so an upgrade issues nothing new and retires nothing.
+#[test]
+fn a_long_rotation_recorded_raw_before_the_digest_is_not_a_new_rotation() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut key = api_key(FRESH);
+    let long = "r".repeat(300);
+    key.spec.rotation = Some(IntOrString::String(long.clone()));
+    key.spec.rotation_grace_period_seconds = Some(0);
+    let (first, issued) = issue(&key, None, now());
+    let issued = issued.expect("a first key");
+    record(&mut key, &first);
+    assert!(first.rotation.as_deref().is_some_and(|t| t.starts_with("sha256:")));
+    // As a status written before the digest holds it, with its reveal Secret annotated so.
+    key.status.as_mut().unwrap().rotation = Some(long.clone());
+    let (again, none) = issue(&key, Some(&reveal_of(&issued, &long)), now());
+    assert!(none.is_none(), "no key issued");
+    assert_eq!(again.digests.len(), 1);
+    assert_eq!(again.digests[0].digest, issued.digest(&pepper()).to_hex());
+    assert!(matches!(again.reveal, RevealAction::Keep), "{:?}", again.reveal);
+    // A different value is a rotation.
+    key.spec.rotation = Some(IntOrString::String("s".repeat(300)));
+    let (rotated, new) = issue(&key, None, now());
+    assert!(new.is_some());
+    assert_eq!(rotated.event, Some(IssuanceEvent::Rotated));
+}
+
 #[test]
 fn brought_keys_and_revoked_keys_issue_nothing() {
     let brought = api_key(

@@ -100,6 +100,12 @@ async fn reviews_past_the_capacity_are_refused_and_their_share_returns() {
     let (status, body) = text(one(padded(8 * 1024 + 1)).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("retry"), "{body}");
+    // A declared length past the capacity is refused before anything is read.
+    let never_sent = futures_util::stream::pending::<Result<hyper::body::Frame<Bytes>, Infallible>>();
+    let declared =
+        Request::post(PATH).header(header::CONTENT_LENGTH, 8 * 1024 + 1).body(StreamBody::new(never_sent)).unwrap();
+    let answered = tokio::time::timeout(T, handle(declared, (&hints, &capacity), &Tenancy::Shared, T * 10)).await;
+    assert_eq!(answered.expect("answered before the body").status(), StatusCode::SERVICE_UNAVAILABLE);
 
     // A slow sender holds what it has sent: while it holds 6 KiB, a 4 KiB review is refused and
     // a 2 KiB one decided; once it has timed out, the whole capacity is free again.
