@@ -217,11 +217,7 @@ fn clipped(text: &str) -> String {
     if text.len() <= HINT_TEXT_LEN {
         return text.to_owned();
     }
-    let mut end = HINT_TEXT_LEN;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    format!("{}…", &text[..text.floor_char_boundary(HINT_TEXT_LEN)])
 }
 
 /// The requester as a hint: bounded, and saying when something was left out.

@@ -34,13 +34,10 @@ pub fn text(value: &str) -> Result<(), String> {
 
 /// An ApiKey's `rotation`: at most [`bounds::ROTATION_LEN`] characters, as the CRD says.
 pub fn rotation(spec: &portcullis_crds::v1alpha1::ApiKeySpec) -> Result<(), String> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    match &spec.rotation {
-        Some(IntOrString::String(s)) if s.chars().count() > bounds::ROTATION_LEN => {
-            Err(format!("must be at most {} characters", bounds::ROTATION_LEN))
-        }
-        _ => Ok(()),
+    if spec.rotation_too_long() {
+        return Err(format!("must be at most {} characters", bounds::ROTATION_LEN));
     }
+    Ok(())
 }
 
 /// Model names travel in URLs (Azure deployments) and metric labels: keep them plain.

@@ -101,13 +101,19 @@ impl ApiKeySpec {
     pub fn rotation_token(&self) -> String {
         match &self.rotation {
             Some(IntOrString::Int(n)) => n.to_string(),
-            Some(IntOrString::String(s)) if s.chars().count() > bounds::ROTATION_LEN => {
+            Some(IntOrString::String(s)) if self.rotation_too_long() => {
                 use sha2::Digest as _;
                 format!("sha256:{}", hex::encode(sha2::Sha256::digest(s.as_bytes())))
             }
             Some(IntOrString::String(s)) => s.clone(),
             None => String::new(),
         }
+    }
+
+    /// Whether `rotation` is a string longer than [`bounds::ROTATION_LEN`] characters (as the
+    /// schema counts them).
+    pub fn rotation_too_long(&self) -> bool {
+        matches!(&self.rotation, Some(IntOrString::String(s)) if s.chars().count() > bounds::ROTATION_LEN)
     }
 
     /// Whether `recorded` (a token kept in a status or an annotation) is this spec's rotation:

@@ -91,13 +91,7 @@ impl Transition {
 const NOTE_BYTES: usize = 1024;
 
 fn clip_note(mut note: String) -> String {
-    if note.len() > NOTE_BYTES {
-        let mut end = NOTE_BYTES;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-    }
+    note.truncate(note.floor_char_boundary(NOTE_BYTES));
     note
 }
 
