@@ -58,7 +58,12 @@ impl KeyId {
         if ok {
             Ok(Self(id))
         } else {
-            Err(SealingError::InvalidKeyring(format!("key id {id:?} must be 1-32 characters of [a-z0-9-]")))
+            // Not the value: it is what a keyring's `active` field holds, where key material
+            // pasted by mistake would then reach the logs of the operator and every replica.
+            Err(SealingError::InvalidKeyring(format!(
+                "a key id ({} bytes) must be 1-32 characters of [a-z0-9-]",
+                id.len()
+            )))
         }
     }
 
@@ -360,5 +365,17 @@ mod tests {
         assert!(MasterKeyring::from_secret_data([("active", &b"k1"[..])]).is_err());
         assert!(MasterKeyring::from_secret_data([("active", &b"k1"[..]), ("key.k1", &[0u8; 31][..])]).is_err());
         assert!(!format!("{ring:?}").contains("key.k1") || format!("{ring:?}").contains("redacted"));
+    }
+
+    /// Key material pasted into `active` by mistake is not repeated in the error (which the
+    /// operator and every replica log).
+    #[test]
+    fn a_refused_key_id_is_not_repeated_in_the_error() {
+        let pasted = "c2stQ0FOQVJZLW1hc3Rlci1rZXktbWF0ZXJpYWw=";
+        let error = MasterKeyring::from_secret_data([("active", pasted.as_bytes()), ("key.k1", &[0u8; 32][..])])
+            .expect_err("refused");
+        let message = error.to_string();
+        assert!(!message.contains(pasted), "{message}");
+        assert!(message.contains("40 bytes"), "{message}");
     }
 }

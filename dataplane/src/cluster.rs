@@ -13,7 +13,7 @@ use std::pin::pin;
 use anyhow::{bail, Context as _};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client};
 use portcullis_crds::digest::{Pepper, PEPPER_SECRET_KEY};
 use portcullis_crds::sealing::MasterKeyring;
@@ -158,7 +158,9 @@ impl ClusterSource {
             Keyring(Option<Secret>),
             Pepper(Option<Secret>),
         }
-        let watch = |secret: &ObjectRef| watcher::watch_object(self.api(secret), &secret.name);
+        // Each watch waits out its own backoff after an error (0.8 s doubling to 30 s, with
+        // jitter), so replicas do not relist twice a second through an API server outage.
+        let watch = |secret: &ObjectRef| watcher::watch_object(self.api(secret), &secret.name).default_backoff();
         let snapshots = watch(&self.snapshot).map(|r| r.map(Change::Snapshot));
         let keyrings = watch(&self.keyring).map(|r| r.map(Change::Keyring));
         let peppers = watch(&self.pepper).map(|r| r.map(Change::Pepper));
@@ -187,10 +189,7 @@ impl ClusterSource {
             };
             match change {
                 None => return,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "watch error; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
+                Some(Err(error)) => tracing::warn!(%error, "watch error; retrying after a backoff"),
                 Some(Ok(Change::Snapshot(Some(secret)))) => {
                     let Some((next, secret)) = offer_off_workers(applier, secret).await else {
                         return;
@@ -291,6 +290,46 @@ mod tests {
 
     fn secret(key: &str, value: &[u8]) -> Secret {
         Secret { data: Some(BTreeMap::from([(key.to_owned(), ByteString(value.to_vec()))])), ..Default::default() }
+    }
+
+    /// An API server that fails every call: each watch backs off (0.8 s doubling to 30 s), so
+    /// the three watches make a few calls a minute, not two a second for as long as it lasts.
+    #[tokio::test(start_paused = true)]
+    async fn watches_back_off_while_the_api_server_fails() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            while let Some((_, send)) = handle.next_request().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let status =
+                    br#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":500,"message":"etcd down"}"#;
+                send.send_response(
+                    Response::builder()
+                        .status(500)
+                        .header("content-type", "application/json")
+                        .body(Body::from(status.to_vec()))
+                        .unwrap(),
+                );
+            }
+        });
+        let source = ClusterSource {
+            client: Client::new(service, "default"),
+            snapshot: ObjectRef::new("portcullis", "portcullis-snapshot"),
+            keyring: ObjectRef::new("portcullis", "portcullis-master-keyring"),
+            pepper: ObjectRef::new("portcullis", "portcullis-pepper"),
+        };
+        let (_, _, _, applier) = applier_under(Pepper::generate().unwrap());
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let task = tokio::spawn(source.run(applier, shutdown, watch::channel(None).0));
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        shutdown_tx.send_replace(true);
+        task.await.unwrap();
+        let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+        // Each watch: its first call and about six retries in a minute (a fixed 0.5 s made 120).
+        assert!((6..=30).contains(&calls), "{calls} calls in a minute");
     }
 
     #[test]

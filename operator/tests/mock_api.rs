@@ -481,6 +481,73 @@ async fn only_referenced_secret_values_are_read_and_held() {
     assert!(w.ctx.secret_values.is_empty());
 }
 
+/// Promise 4 (revocation within a second): an ApiKey or ProviderCredential being deleted (the
+/// ledger's finalizer holds it in the API server until its deletion is appended) leaves the
+/// snapshot at once; a KillSwitch being deleted stays engaged until it is gone.
+#[tokio::test]
+async fn objects_being_deleted_leave_the_snapshot_at_once_but_a_kill_switch_stays_until_gone() {
+    let (key, _, _) = issued().await;
+    let mut w = world(echo(), None);
+    w.put_api_key(&key);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    let engaged: portcullis_crds::v1alpha1::KillSwitch = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap();
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(engaged.clone()))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let first = snapshot_in(&w.take_calls()[1]);
+    assert_eq!((first.content.api_keys.len(), first.content.credentials.len()), (1, 1));
+    assert_eq!(first.content.kill_switches.len(), 1);
+
+    let deleting = |meta: &mut kube::api::ObjectMeta| {
+        meta.deletion_timestamp = Some(serde_json::from_value(json!("2025-03-01T12:00:00Z")).unwrap());
+        meta.finalizers = Some(vec![portcullis_operator::audit::FINALIZER.into()]);
+    };
+    let (mut key, mut credential, mut switch) = (key, credential(), engaged);
+    deleting(&mut key.metadata);
+    deleting(&mut credential.metadata);
+    deleting(&mut switch.metadata);
+    w.put_api_key(&key);
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential))));
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(switch))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
+    let second = snapshot_in(&w.take_calls()[0]);
+    assert!(second.content.api_keys.is_empty(), "a key being deleted still authenticates");
+    assert!(second.content.credentials.is_empty(), "a credential being deleted still forwards");
+    assert!(second.content.kill_switches[0].active, "a kill switch being deleted let traffic through");
+}
+
+/// A referenced Secret's new value wakes the snapshot writer itself: a brought key replaced in
+/// its Secret changes nothing in its object's status, so its reconcile would not. An unrelated
+/// Secret wakes nothing.
+#[tokio::test]
+async fn a_referenced_secret_changing_wakes_the_snapshot_writer() {
+    use futures_util::FutureExt as _;
+    let mut w = world(echo(), None);
+    let woken = |w: &World| w.ctx.snapshot_trigger.notified().now_or_never().is_some();
+    let brought = api_key(json!({"secretRef": {"name": "alice-key", "key": "key"}}), None);
+    w.put_api_key(&brought);
+    let mut unrelated = provider_secret("unrelated-value-0123456789");
+    unrelated.metadata.name = Some("database".into());
+    w.put_secret(unrelated);
+    assert!(!woken(&w), "an unrelated Secret woke the writer");
+    let mut value = provider_secret("pcl_brought_key_value_0123456789abcdef");
+    value.metadata.namespace = Some("team-a".into());
+    value.metadata.name = Some("alice-key".into());
+    w.put_secret(value.clone());
+    assert!(woken(&w), "a brought key's Secret changed and the writer slept");
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    assert!(woken(&w), "a credential's Secret changed and the writer slept");
+    // A relist of the Secrets (some may have gone while the watch was down) wakes it too.
+    assert!(!woken(&w));
+    w.watch_sees(watcher::Event::InitDone);
+    assert!(woken(&w));
+}
+
 /// Echoes writes, 404s reads, and answers reads of the provider Secret with a 503 (etcd down).
 fn provider_secret_unreadable() -> Responder {
     Arc::new(|call: &Call| match (call.method.as_str(), call.path.as_str()) {

@@ -57,6 +57,8 @@ fn stripped_request_header(name: &[u8]) -> bool {
             | b"x-request-id"
             // Metering reads the body, so it must come back uncompressed.
             | b"accept-encoding"
+            // The gateway has read the whole body already and sends it with the head.
+            | b"expect"
         )
 }
 
@@ -271,8 +273,19 @@ mod tests {
             .collect()
     }
 
-    /// The outbound request's head holds the provider credential and its body the client's
-    /// content: Debug shows neither.
+    /// What the gateway answers or sets itself never reaches the provider: credentials, the
+    /// client's addresses, framing, and `Expect: 100-continue` (the body was read in whole, and
+    /// goes with the head: a provider's `100 Continue` would only be read and thrown away).
+    #[test]
+    fn the_clients_own_fields_are_not_passed_on() {
+        for name in ["authorization", "x-api-key", "cookie", "x-forwarded-for", "content-length", "expect", "te"] {
+            assert!(stripped_request_header(name.as_bytes()), "{name}");
+        }
+        for name in ["content-type", "anthropic-version", "openai-beta", "user-agent"] {
+            assert!(!stripped_request_header(name.as_bytes()), "{name}");
+        }
+    }
+
     #[test]
     fn an_azure_deployment_is_one_plain_path_segment() {
         for good in ["gpt-4o", "gpt-4o-mini_2024.08", "o1", "a.b", "...x", "DEPLOY-1"] {
@@ -295,6 +308,8 @@ mod tests {
         }
     }
 
+    /// The outbound request's head holds the provider credential and its body the client's
+    /// content: Debug shows neither.
     #[test]
     fn outbound_debug_shows_sizes_only() {
         let outbound = Outbound {

@@ -13,9 +13,13 @@ use crate::json_scan::{plain_name, Scanner};
 
 /// Bytes of a JSON body kept to find its `usage`.
 const JSON_TAIL_BYTES: usize = 32 * 1024;
-/// Largest partial SSE event held while waiting for its end; a longer one is passed through
-/// unparsed rather than buffered without bound.
+/// Largest partial SSE event held while waiting for its end; a longer one is passed through as
+/// it comes rather than buffered without bound, and metered on its first and last bytes
+/// ([`Oversized`]).
 const MAX_PENDING_EVENT: usize = 1024 * 1024;
+/// Bytes of an event passed through that are kept from its start, to tell whether it ends the
+/// stream ([`ends_stream`] reads its `event:` or first `data:` line).
+const OVERSIZED_HEAD_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -215,23 +219,13 @@ impl JsonTail {
     /// byte is moved at most once however small a provider cuts its chunks. (Dropping them with
     /// every chunk moved the whole tail per chunk: 32 KiB for a 1-byte chunk of 6 wire bytes.)
     fn append(&mut self, chunk: &[u8]) {
-        if chunk.len() >= JSON_TAIL_BYTES {
-            self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
-            return;
-        }
-        if self.tail.len() + chunk.len() > 2 * JSON_TAIL_BYTES {
-            // Less than the tail: the chunk is shorter than JSON_TAIL_BYTES.
-            let dropped = self.tail.len() + chunk.len() - JSON_TAIL_BYTES;
-            self.tail.drain(..dropped);
-        }
-        self.tail.extend_from_slice(chunk);
+        append_to_tail(&mut self.tail, chunk);
     }
 
     /// The last [`JSON_TAIL_BYTES`] kept, whatever more is kept before them: what is read does
     /// not depend on how the body was cut.
     fn kept(&self) -> &[u8] {
-        &self.tail[self.tail.len().saturating_sub(JSON_TAIL_BYTES)..]
+        kept_tail(&self.tail)
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -252,11 +246,45 @@ impl JsonTail {
     }
 }
 
+/// Appends `chunk` to a tail that keeps the last [`JSON_TAIL_BYTES`] and up to as many more
+/// before them (see [`JsonTail::append`]).
+fn append_to_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    if chunk.len() >= JSON_TAIL_BYTES {
+        tail.clear();
+        tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
+        return;
+    }
+    if tail.len() + chunk.len() > 2 * JSON_TAIL_BYTES {
+        // Less than the tail: the chunk is shorter than JSON_TAIL_BYTES.
+        let dropped = tail.len() + chunk.len() - JSON_TAIL_BYTES;
+        tail.drain(..dropped);
+    }
+    tail.extend_from_slice(chunk);
+}
+
+/// The last [`JSON_TAIL_BYTES`] of a tail [`append_to_tail`] keeps.
+fn kept_tail(tail: &[u8]) -> &[u8] {
+    &tail[tail.len().saturating_sub(JSON_TAIL_BYTES)..]
+}
+
+/// An event longer than [`MAX_PENDING_EVENT`], forwarded as it comes: its first bytes (whether
+/// it ends the stream) and its last (its `usage`, which providers put at the end: the Responses
+/// API's `response.completed` repeats the request's instructions and tools and the whole output
+/// before it) are kept until its end, where it is metered like any other event. Passed through
+/// unread, a client could have its usage go uncounted by sending over a megabyte of instructions.
+#[derive(Default)]
+struct Oversized {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
 /// Splits an SSE stream into events, meters usage, and optionally drops OpenAI's usage-only chunk
 /// (the one the gateway asked for on the client's behalf).
 #[derive(Default)]
 pub struct SseScanner {
     pending: BytesMut,
+    /// The event being passed through because it outgrew [`MAX_PENDING_EVENT`].
+    oversized: Option<Oversized>,
     strip_usage_only_chunk: bool,
     /// Whether the stream ends its lines in a lone CR, once its first line end is seen.
     lone_cr: Option<bool>,
@@ -273,6 +301,7 @@ impl std::fmt::Debug for SseScanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseScanner")
             .field("pending_len", &self.pending.len())
+            .field("passing_oversized_event", &self.oversized.is_some())
             .field("strip_usage_only_chunk", &self.strip_usage_only_chunk)
             .field("usage", &self.usage)
             .field("events", &self.events)
@@ -446,6 +475,9 @@ impl SseScanner {
     /// Takes the next chunk from upstream; returns what to forward now.
     pub fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
         self.learn_line_ends(&chunk);
+        if self.oversized.is_some() {
+            return self.push_oversized(chunk);
+        }
         if self.pending.is_empty() {
             // Fast path: whole events, nothing dropped → forward the buffer as it came.
             let events_before = self.events;
@@ -496,7 +528,10 @@ impl SseScanner {
         }
         let rest = &buf[offset..];
         if rest.len() > MAX_PENDING_EVENT {
-            // Not SSE as we know it: stop holding bytes back.
+            // Too long to hold back: passed through from here, metered at its end.
+            let mut long = Oversized { head: rest[..OVERSIZED_HEAD_BYTES].to_vec(), tail: Vec::new() };
+            append_to_tail(&mut long.tail, rest);
+            self.oversized = Some(long);
             out.extend_from_slice(rest);
         } else {
             self.pending.extend_from_slice(rest);
@@ -504,8 +539,60 @@ impl SseScanner {
         (!out.is_empty()).then(|| out.freeze())
     }
 
+    /// The next bytes of an event passed through ([`Oversized`]): forwarded at once; at its end
+    /// it is metered, and what follows it is scanned as usual.
+    fn push_oversized(&mut self, chunk: Bytes) -> Option<Bytes> {
+        let long = self.oversized.as_mut()?;
+        if chunk.is_empty() {
+            return None;
+        }
+        // The last bytes held and the chunk: a blank line across the seam is found as in `push`.
+        let carry = long.tail.len().min(2);
+        let mut probe = Vec::with_capacity(carry + chunk.len());
+        probe.extend_from_slice(&long.tail[long.tail.len() - carry..]);
+        probe.extend_from_slice(&chunk);
+        let Some(len) = self.event_end(&probe) else {
+            append_to_tail(&mut self.oversized.as_mut()?.tail, &chunk);
+            return Some(chunk);
+        };
+        // The bytes held had no end: it is in the chunk, or just after the held bytes.
+        let in_chunk = len.saturating_sub(carry);
+        let mut long = self.oversized.take()?;
+        append_to_tail(&mut long.tail, &chunk[..in_chunk]);
+        self.meter_oversized(&long.head, &long.tail);
+        let done = chunk.slice(..in_chunk);
+        let rest = chunk.slice(in_chunk..);
+        if rest.is_empty() {
+            return Some(done);
+        }
+        match self.push(rest) {
+            None => (!done.is_empty()).then_some(done),
+            Some(after) if done.is_empty() => Some(after),
+            Some(after) => {
+                let mut out = BytesMut::with_capacity(done.len() + after.len());
+                out.extend_from_slice(&done);
+                out.extend_from_slice(&after);
+                Some(out.freeze())
+            }
+        }
+    }
+
+    /// Meters an event passed through by its first and last bytes; never dropped (the usage-only
+    /// chunk the gateway strips is small).
+    fn meter_oversized(&mut self, head: &[u8], tail: &[u8]) {
+        self.events += 1;
+        self.finished = ends_stream(head);
+        if let Some(usage) = find_usage(kept_tail(tail)) {
+            self.usage.merge(usage);
+        }
+    }
+
     /// Whatever is left when the stream ends (an unterminated last event) is forwarded as is.
     pub fn finish(&mut self) -> Option<Bytes> {
+        if let Some(long) = self.oversized.take() {
+            self.meter_oversized(&long.head, &long.tail);
+            return None;
+        }
         if self.pending.is_empty() {
             return None;
         }
@@ -749,6 +836,51 @@ mod tests {
             find_usage(&[br#"{"id":"x","usage":"#, &openai[..]].concat()),
             Some(Usage { input: Some(19), output: Some(10) })
         );
+    }
+
+    /// An event over [`MAX_PENDING_EVENT`] (the Responses API's `response.completed` repeats
+    /// the request's instructions: a client's 1.5 MB of them) is passed through as it comes, and
+    /// still metered at its end, with whatever follows it scanned as usual, however it is cut.
+    #[test]
+    fn an_event_too_long_to_hold_is_passed_through_and_still_metered() {
+        let instructions = "x".repeat(1_500_000);
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"instructions\":\"{instructions}\",\"usage\":{{\"input_tokens\":500000,\"output_tokens\":90000}},\"metadata\":{{}}}}}}\n\n"
+        );
+        let created =
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n";
+        for (after, events, finished) in [("", 2, true), ("data: [DONE]\n\n", 3, true), (": note\n\ndata: x", 4, false)]
+        {
+            let stream = format!("{created}{completed}{after}");
+            for split in [16 * 1024, 16 * 1024 + 1, 64 * 1024, 1 << 20, stream.len()] {
+                let mut scanner = SseScanner::new(true);
+                let out = run(&mut scanner, &stream, split);
+                assert!(out == stream, "split {split}: the stream changed");
+                assert_eq!(scanner.usage, Usage { input: Some(500_000), output: Some(90_000) }, "split {split}");
+                assert_eq!((scanner.events, scanner.finished), (events, finished), "split {split} after {after:?}");
+                assert!(scanner.oversized.is_none() && scanner.pending.is_empty());
+            }
+        }
+        // Cut anywhere near its end: the blank line across two chunks, or right after the held bytes.
+        let stream = format!("{completed}data: [DONE]\n\n");
+        let end = completed.len();
+        for cut in end - 4..=end + 1 {
+            let bytes = Bytes::from(stream.clone());
+            let mut scanner = SseScanner::new(false);
+            let mut out = Vec::new();
+            for part in [bytes.slice(..1_200_000), bytes.slice(1_200_000..cut), bytes.slice(cut..)] {
+                out.extend_from_slice(&scanner.push(part).unwrap_or_default());
+            }
+            assert!(scanner.finish().is_none());
+            assert!(out == stream.as_bytes(), "cut {cut}");
+            assert_eq!(scanner.usage.output, Some(90_000), "cut {cut}");
+            assert_eq!((scanner.events, scanner.finished), (2, true), "cut {cut}");
+        }
+        // Unterminated when the stream stops: metered as its last event.
+        let mut scanner = SseScanner::new(false);
+        let cut_short = &completed[..completed.len() - 2];
+        assert!(run(&mut scanner, cut_short, 64 * 1024) == cut_short);
+        assert_eq!((scanner.usage.input, scanner.events, scanner.finished), (Some(500_000), 1, true));
     }
 
     /// The readers' Debug output never holds response bytes.

@@ -132,20 +132,29 @@ impl Listings {
 /// The objects a cache-filling stream (a `reflector`) applies, flagging `cache` in `listings`
 /// when its first full listing is in: the reflector has swapped it into the cache by the time
 /// its `InitDone` passes here.
+///
+/// What leaves the cache wakes `snapshot_trigger`, since no reconcile runs for it: a deletion,
+/// and every listing's end (a relist drops what was deleted while the watch was down). Without
+/// this, a deleted ApiKey or ProviderCredential stayed in the snapshot until the next resync.
 pub fn applied_and_listed<K, S>(
     events: S,
     listings: Arc<Listings>,
     cache: Cache,
+    snapshot_trigger: Arc<Notify>,
 ) -> impl futures_util::Stream<Item = Result<K, kube::runtime::watcher::Error>>
 where
     S: futures_util::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>,
 {
     use futures_util::StreamExt as _;
+    use kube::runtime::watcher::Event;
     use kube::runtime::WatchStreamExt as _;
     events
         .inspect(move |event| {
             if let Ok(event) = event {
                 listings.saw(event, cache);
+                if matches!(event, Event::Delete(_) | Event::InitDone) {
+                    snapshot_trigger.notify_one();
+                }
             }
         })
         .applied_objects()
@@ -234,7 +243,8 @@ pub struct Context {
     pub clock: Clock,
     pub leading: Arc<AtomicBool>,
     pub snapshot: tokio::sync::Mutex<SnapshotState>,
-    pub snapshot_trigger: Notify,
+    /// Wakes the snapshot writer; shared with the caches' streams (see [`applied_and_listed`]).
+    pub snapshot_trigger: Arc<Notify>,
     pub retrigger: Retrigger,
     pub backoff: Backoff,
     /// The audit ledger, when `--ledger-file` is given.
@@ -327,7 +337,9 @@ mod tests {
             Ok(Event::InitDone),
             Ok(Event::Apply(named("c"))),
         ]);
-        let objects = applied_and_listed(reflector(writer, events), listings.clone(), Cache::KillSwitches);
+        let trigger = Arc::new(Notify::new());
+        let objects =
+            applied_and_listed(reflector(writer, events), listings.clone(), Cache::KillSwitches, trigger.clone());
         let mut objects = std::pin::pin!(objects);
         for name in ["a", "b"] {
             assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some(name));
@@ -338,6 +350,46 @@ mod tests {
         assert!(listings.is_listed(Cache::KillSwitches));
         assert!(!listings.is_listed(Cache::ApiKeys));
         assert_eq!(store.len(), 3);
+    }
+
+    /// No reconcile runs for what leaves a cache: a deletion and a listing's end (a relist
+    /// drops what went while the watch was down) wake the snapshot writer themselves.
+    #[tokio::test]
+    async fn what_leaves_a_cache_wakes_the_snapshot_writer() {
+        use futures_util::FutureExt as _;
+        let (_store, writer) = reflector::store::<ConfigMap>();
+        let trigger = Arc::new(Notify::new());
+        let events = futures_util::stream::iter([
+            Ok(Event::Init),
+            Ok(Event::InitApply(named("a"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(named("b"))),
+            Ok(Event::Delete(named("a"))),
+            Ok(Event::Apply(named("c"))),
+            Ok(Event::Init),
+            Ok(Event::InitApply(named("c"))),
+            Ok(Event::InitDone),
+        ]);
+        let objects = applied_and_listed(
+            reflector(writer, events),
+            Arc::new(Listings::default()),
+            Cache::ApiKeys,
+            trigger.clone(),
+        );
+        let mut objects = std::pin::pin!(objects);
+        let woken = || trigger.notified().now_or_never().is_some();
+        // The first listing's end: what came in before it passes before it.
+        assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some("a"));
+        assert!(!woken());
+        assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some("b"));
+        assert!(woken(), "a listing's end");
+        assert!(!woken(), "an applied object wakes nothing here (its reconcile does)");
+        // `c` comes after the deletion of `a`.
+        assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some("c"));
+        assert!(woken(), "a deletion");
+        assert_eq!(objects.next().await.unwrap().unwrap().metadata.name.as_deref(), Some("c"));
+        assert!(objects.next().await.is_none());
+        assert!(woken(), "a relist's end");
     }
 
     #[tokio::test]

@@ -66,7 +66,10 @@ fn channel_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Str
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
-/// The objects that reference `secret` (by secretRef, or as the owner of a reveal Secret).
+/// The objects that reference `secret` (by secretRef, or as the owner of a reveal Secret) are
+/// reconciled again, and the snapshot writer woken: a brought key's or a credential's new value
+/// changes the snapshot even when it changes nothing in the object's status (a leaked brought
+/// key replaced in its Secret stopped working only at the next resync).
 fn referencing(ctx: &Context, secret: &ObjectMeta) {
     let namespace = secret.namespace.clone().unwrap_or_default();
     let name = secret.name.clone().unwrap_or_default();
@@ -84,6 +87,9 @@ fn referencing(ctx: &Context, secret: &ObjectMeta) {
         if by_ref || owned {
             ctx.retrigger.object(&("ApiKey", portcullis_crds::v1alpha1::ObjectRef::new(&namespace, key.name_any())));
         }
+        if by_ref {
+            ctx.snapshot_trigger.notify_one();
+        }
     }
     for guarded in ctx.stores.credentials.state() {
         let Ok(credential) = &guarded.0 else { continue };
@@ -94,6 +100,7 @@ fn referencing(ctx: &Context, secret: &ObjectMeta) {
                 "ProviderCredential",
                 portcullis_crds::v1alpha1::ObjectRef::new(&namespace, credential.name_any()),
             ));
+            ctx.snapshot_trigger.notify_one();
         }
     }
 }
@@ -113,6 +120,7 @@ pub fn secret_event(ctx: &Context, event: &watcher::Event<PartialObjectMeta<Secr
         // A relist replaced the store: Secrets deleted while the watch was down are gone from it.
         watcher::Event::InitDone => {
             ctx.secret_values.retain(|namespace, name| ctx.secret_meta(namespace, name).is_some());
+            ctx.snapshot_trigger.notify_one();
         }
         watcher::Event::Init => {}
     }
@@ -197,9 +205,10 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
 
     // What Controller::new builds, with the caches' first listings flagged for the snapshot writer.
     let listings = Arc::new(Listings::default());
-    let api_keys = controller::<ApiKey>(&client, &listings, Cache::ApiKeys);
-    let credentials = controller::<ProviderCredential>(&client, &listings, Cache::Credentials);
-    let kill_switches = controller::<KillSwitch>(&client, &listings, Cache::KillSwitches);
+    let snapshot_trigger = Arc::new(Notify::new());
+    let api_keys = controller::<ApiKey>(&client, &listings, Cache::ApiKeys, &snapshot_trigger);
+    let credentials = controller::<ProviderCredential>(&client, &listings, Cache::Credentials, &snapshot_trigger);
+    let kill_switches = controller::<KillSwitch>(&client, &listings, Cache::KillSwitches, &snapshot_trigger);
     let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let (ak_tx, ak_rx) = mpsc::unbounded_channel();
     let (pc_tx, pc_rx) = mpsc::unbounded_channel();
@@ -225,7 +234,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         clock: Arc::new(chrono::Utc::now),
         leading: leading.clone(),
         snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
-        snapshot_trigger: Notify::new(),
+        snapshot_trigger,
         retrigger: Retrigger { api_keys: Some(ak_tx), credentials: Some(pc_tx), kill_switches: Some(ks_tx) },
         backoff: Backoff::default(),
         audit,
@@ -362,15 +371,20 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
 }
 
 /// A controller of every `K` in the cluster, whose cache flags `cache` in `listings` once its
-/// first full listing is in.
-fn controller<K>(client: &Client, listings: &Arc<Listings>, cache: Cache) -> Controller<Guarded<K>>
+/// first full listing is in, and wakes the snapshot writer when objects leave it.
+fn controller<K>(
+    client: &Client,
+    listings: &Arc<Listings>,
+    cache: Cache,
+    snapshot_trigger: &Arc<Notify>,
+) -> Controller<Guarded<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store::<Guarded<K>>();
     let events =
         reflector(writer, watcher(Api::<Guarded<K>>::all(client.clone()), watcher::Config::default().any_semantic()));
-    Controller::for_stream(applied_and_listed(events, listings.clone(), cache), store)
+    Controller::for_stream(applied_and_listed(events, listings.clone(), cache, snapshot_trigger.clone()), store)
 }
 
 /// SIGTERM (how Kubernetes stops a pod) or Ctrl-C. Shared with the data plane.

@@ -96,7 +96,8 @@ async fn refresh_keyring(ctx: &Context) -> Result<MasterKeyring, Error> {
 
 /// Everything in the caches, as compile inputs, reading the referenced Secrets' values that are
 /// not held yet. Generated keys without a recorded digest (still being issued) are left out
-/// rather than reported. Values nothing references any more are dropped.
+/// rather than reported, and so are ApiKeys and ProviderCredentials being deleted. Values
+/// nothing references any more are dropped.
 pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     let now = ctx.now();
     let pepper_id = ctx.pepper.id();
@@ -107,6 +108,11 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     also_held.insert(ObjectRef::new(&ctx.settings.namespace, &ctx.settings.keyring_secret));
     for guarded in ctx.stores.api_keys.state() {
         let Ok(key) = &guarded.0 else { continue };
+        // Being deleted (held by the ledger's finalizer until its deletion is appended): it
+        // stops working now, not once the API server lets it go.
+        if key.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
         let object = crate::readiness::object_ref(&key.metadata);
         match &key.spec.secret_ref {
             Some(r) => {
@@ -134,11 +140,16 @@ pub async fn gather_inputs(ctx: &Context) -> Result<CompileInputs, Error> {
     }
     for guarded in ctx.stores.credentials.state() {
         let Ok(credential) = &guarded.0 else { continue };
+        if credential.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
         if let Some(r) = &credential.spec.secret_ref {
             wanted.insert(ObjectRef::new(credential.namespace().unwrap_or_default(), r.name.clone()));
         }
         inputs.credentials.push(credential.clone());
     }
+    // A KillSwitch being deleted stays as it is until it is gone: releasing traffic waits for
+    // its deletion to be in the ledger, never the other way round.
     for guarded in ctx.stores.kill_switches.state() {
         match &guarded.0 {
             Ok(switch) => inputs.kill_switches.push(switch.clone()),

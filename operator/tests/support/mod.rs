@@ -158,7 +158,7 @@ pub fn context(
         clock: Arc::new(now),
         leading: Arc::new(AtomicBool::new(true)),
         snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
-        snapshot_trigger: tokio::sync::Notify::new(),
+        snapshot_trigger: Arc::new(tokio::sync::Notify::new()),
         retrigger: Retrigger::default(),
         backoff: Backoff::default(),
         audit,
