@@ -568,6 +568,7 @@ async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
     w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
     w.put_secret(provider_secret(PROVIDER_KEY));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    assert!(!w.ctx.secret_values.take_stale_served());
     let first = snapshot_in(&w.take_calls()[1]);
     // The Secret changes; the API server now fails reads of it.
     w.served.by_path.lock().unwrap().remove(PROVIDER_SECRET_PATH);
@@ -588,6 +589,9 @@ async fn a_changed_secret_that_cannot_be_read_now_serves_on_its_last_value() {
     assert_eq!(second.content.kill_switches.len(), 1);
     assert_eq!(second.content.credentials.len(), 1, "the credential is kept");
     assert_eq!(second.content.credentials[0].sealed_key, first.content.credentials[0].sealed_key, "on its last value");
+    // The writer is told, to read it again soon (not at the next resync); told once.
+    assert!(w.ctx.secret_values.take_stale_served());
+    assert!(!w.ctx.secret_values.take_stale_served());
 }
 
 /// A Secret that cannot be read right now, and was never read, fails the sync (retried with

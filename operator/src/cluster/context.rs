@@ -299,7 +299,9 @@ impl Context {
         self.secret_values
             .read(namespace, name, seen, || async {
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-                api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))
+                crate::error::answered(api.get_opt(name))
+                    .await
+                    .map_err(Error::read(format!("Secret {namespace}/{name}")))
             })
             .await
     }

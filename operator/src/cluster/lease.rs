@@ -166,23 +166,35 @@ fn released(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Option<
 }
 
 /// Renews the lease until it is lost; then clears `leading` and returns.
+///
+/// Leadership is dropped once the lease has gone unrenewed for its term less one renewal period,
+/// before another replica may take it. A renewal the API server does not answer counts as a
+/// failed one at that moment: the client has no read timeout, and waiting on it kept this
+/// replica writing beside the next leader.
 pub async fn hold(api: Api<Lease>, settings: LeaseSettings, leading: Arc<AtomicBool>) {
+    // When the last renewal was sent: the renewTime it wrote is no later than that.
     let mut last_renewed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(settings.renew_every).await;
-        match try_acquire_or_renew(&api, &settings).await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => {
+        let stop_by = last_renewed + settings.lease_duration.saturating_sub(settings.renew_every);
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout_at(stop_by, try_acquire_or_renew(&api, &settings)).await {
+            Ok(Ok(true)) => last_renewed = sent,
+            Ok(Ok(false)) => {
                 tracing::error!(lease = %settings.name, "leadership lost to another replica");
                 break;
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "could not renew the leader lease");
                 // Stop writing before anyone else may have taken over.
-                if last_renewed.elapsed() + settings.renew_every >= settings.lease_duration {
+                if tokio::time::Instant::now() >= stop_by {
                     tracing::error!(lease = %settings.name, "leadership lost: lease not renewed in time");
                     break;
                 }
+            }
+            Err(_) => {
+                tracing::error!(lease = %settings.name, "leadership lost: the lease renewal was not answered in time");
+                break;
             }
         }
     }
@@ -192,6 +204,36 @@ pub async fn hold(api: Api<Lease>, settings: LeaseSettings, leading: Arc<AtomicB
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renewal the API server never answers: leadership goes before the lease's term is out
+    /// (15 s here, renewed every 5 s), not never.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_renewal_gives_up_leadership_in_time() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let unanswered = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(call) = handle.next_request().await {
+                held.push(call);
+            }
+        });
+        let api: Api<Lease> = Api::namespaced(kube::Client::new(service, "default"), "portcullis");
+        let settings = LeaseSettings {
+            name: "portcullis-operator".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        };
+        let leading = Arc::new(AtomicBool::new(true));
+        let holding = tokio::spawn(hold(api, settings, leading.clone()));
+        tokio::time::sleep(Duration::from_millis(9_900)).await;
+        assert!(leading.load(Ordering::SeqCst), "gave up before a renewal could be late");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!leading.load(Ordering::SeqCst), "still leading 10 s after the last renewal");
+        assert!(holding.is_finished());
+        unanswered.abort();
+    }
 
     #[test]
     fn expiry_and_transitions() {

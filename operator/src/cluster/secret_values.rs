@@ -93,11 +93,18 @@ pub struct SecretValues {
     /// One read at a time per Secret: who waits finds the value the first read brought.
     pending: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     reads: tokio::sync::Semaphore,
+    /// A read failed and the value read before was used instead (see [`SecretValues::read`]).
+    stale_served: std::sync::atomic::AtomicBool,
 }
 
 impl Default for SecretValues {
     fn default() -> Self {
-        Self { held: Mutex::default(), pending: Mutex::default(), reads: tokio::sync::Semaphore::new(CONCURRENT_READS) }
+        Self {
+            held: Mutex::default(),
+            pending: Mutex::default(),
+            reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
+            stale_served: Default::default(),
+        }
     }
 }
 
@@ -150,6 +157,7 @@ impl SecretValues {
                     let same = |held: &Arc<HeldSecret>| held.metadata.uid.as_deref() == uid;
                     let Some(held) = self.held(namespace, name).filter(same) else { return Err(error) };
                     tracing::warn!(namespace, name, %error, "reading a Secret failed; its last value read is used");
+                    self.stale_served.store(true, std::sync::atomic::Ordering::SeqCst);
                     return Ok(Some(held));
                 }
             };
@@ -172,6 +180,13 @@ impl SecretValues {
             pending.remove(&entry_key);
         }
         result
+    }
+
+    /// Whether a value read before was used for a newer version since the last call: the
+    /// snapshot writer then tries again soon instead of at the next resync, or a brought key
+    /// replaced in its Secret while reads fail would keep working for as long as that.
+    pub fn take_stale_served(&self) -> bool {
+        self.stale_served.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The value held for a Secret the watch shows at `version`, if it was read at that version.

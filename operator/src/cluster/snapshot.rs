@@ -15,7 +15,7 @@ use super::context::Context;
 use super::reconcile::apply_params;
 use super::secret_values::HeldSecret;
 use crate::assemble::compile_valid;
-use crate::error::{status_code, Error};
+use crate::error::{answered, status_code, Error};
 use crate::inputs::CompileInputs;
 use crate::{issuance, secrets};
 
@@ -237,7 +237,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
         let secret = secrets::snapshot_secret(&settings.namespace, &settings.snapshot_secret, &snapshot);
         check_size(&secret, &snapshot)?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
-        api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
+        answered(api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret)))
             .await
             .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))?;
         ctx.metrics.snapshot_writes.inc();
