@@ -734,6 +734,25 @@ async fn ledger_records_actions_with_actors_and_releases_the_finalizer_after_app
     assert!(!text.contains(&plaintext[4..]));
 }
 
+/// An operator run without the ledger after one with it: an object being deleted that still
+/// carries the ledger's finalizer has it released (nothing else would; it would never go).
+#[tokio::test]
+async fn without_a_ledger_a_finalizer_left_from_one_is_released() {
+    let (mut key, _, _) = issued().await;
+    key.metadata.deletion_timestamp = Some(serde_json::from_value(json!("2025-03-01T12:00:00Z")).unwrap());
+    key.metadata.finalizers = Some(vec![portcullis_operator::audit::FINALIZER.into()]);
+    let mut w = world(echo(), None);
+    w.put_api_key(&key);
+    w.reconcile_key(&key).await.expect("reconcile");
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {KEY_PATH}")]);
+    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([]));
+    // Released (the API server now deletes it): nothing more to do for it.
+    key.metadata.finalizers = Some(vec!["example.com/someone-elses".into()]);
+    w.reconcile_key(&key).await.expect("reconcile");
+    assert!(w.take_calls().iter().all(|c| c.path != KEY_PATH || c.body["metadata"]["finalizers"].is_null()));
+}
+
 /// Promise 4 (never fail open): an engaged KillSwitch that no longer reads (its stored object
 /// does not deserialize, which the admission webhook would have refused had it been up) keeps
 /// the entry it had, and its status says so. Only deleting or fixing it lets traffic through.

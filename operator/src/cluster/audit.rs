@@ -182,6 +182,32 @@ where
     Ok(())
 }
 
+/// Without a ledger: releases the ledger's finalizer an object being deleted still carries
+/// from a run with the ledger on (nothing else would, and the object would never go). True
+/// when it did.
+pub async fn release_leftover_finalizer<K>(ctx: &Context, object: &K) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let meta = object.meta();
+    let held = meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER));
+    if ctx.audit.is_some() || meta.deletion_timestamp.is_none() || !held {
+        return Ok(false);
+    }
+    let (namespace, name) = (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+    set_finalizer::<K>(ctx, namespace, name, false).await?;
+    tracing::warn!(
+        kind = %K::kind(&()),
+        namespace,
+        name,
+        "released the ledger's finalizer of a deleted object; no ledger is configured, so its deletion is not recorded"
+    );
+    Ok(true)
+}
+
 /// Adds or removes only the operator's finalizer: finalizers are a set under server-side apply,
 /// and this field manager owns nothing else.
 async fn set_finalizer<K>(ctx: &Context, namespace: &str, name: &str, present: bool) -> Result<(), Error>

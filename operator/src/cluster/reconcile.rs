@@ -347,7 +347,8 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
 }
 
 /// A deleted object, when the ledger is on: append its deletion, then release the finalizer.
-/// Without a ledger there is no finalizer and deletion needs nothing from the reconciler here.
+/// Without a ledger there is no finalizer (but one left from a run with the ledger on, which is
+/// released) and deletion needs nothing from the reconciler here.
 async fn deleted<K>(ctx: &Context, object: &K, observed: audit::Observed) -> Result<Option<Action>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -355,8 +356,11 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    if ctx.audit.is_none() || !observed.deleting {
+    if !observed.deleting {
         return Ok(None);
+    }
+    if ctx.audit.is_none() {
+        return Ok(super::audit::release_leftover_finalizer(ctx, object).await?.then(Action::await_change));
     }
     audit_object(ctx, object, observed).await?;
     ctx.snapshot_trigger.notify_one();
