@@ -14,12 +14,9 @@ use crate::json_scan::{plain_name, Scanner};
 /// Bytes of a JSON body kept to find its `usage`.
 const JSON_TAIL_BYTES: usize = 32 * 1024;
 /// Largest partial SSE event held while waiting for its end; a longer one is passed through as
-/// it comes rather than buffered without bound, and metered on its first and last bytes
+/// it comes rather than buffered without bound, and metered on its start and last bytes
 /// ([`Oversized`]).
 const MAX_PENDING_EVENT: usize = 1024 * 1024;
-/// Bytes of an event passed through that are kept from its start, to tell whether it ends the
-/// stream ([`ends_stream`] reads its `event:` or first `data:` line).
-const OVERSIZED_HEAD_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -267,14 +264,14 @@ fn kept_tail(tail: &[u8]) -> &[u8] {
     &tail[tail.len().saturating_sub(JSON_TAIL_BYTES)..]
 }
 
-/// An event longer than [`MAX_PENDING_EVENT`], forwarded as it comes: its first bytes (whether
-/// it ends the stream) and its last (its `usage`, which providers put at the end: the Responses
-/// API's `response.completed` repeats the request's instructions and tools and the whole output
-/// before it) are kept until its end, where it is metered like any other event. Passed through
-/// unread, a client could have its usage go uncounted by sending over a megabyte of instructions.
-#[derive(Default)]
+/// An event longer than [`MAX_PENDING_EVENT`], forwarded as it comes: whether it ends the
+/// stream (read from its start) and its last bytes (its `usage`, which providers put at the end:
+/// the Responses API's `response.completed` repeats the request's instructions and tools and the
+/// whole output before it) are kept until its end, where it is metered like any other event.
+/// Passed through unread, a client could have its usage go uncounted by sending over a megabyte
+/// of instructions.
 struct Oversized {
-    head: Vec<u8>,
+    ends_stream: bool,
     tail: Vec<u8>,
 }
 
@@ -529,7 +526,7 @@ impl SseScanner {
         let rest = &buf[offset..];
         if rest.len() > MAX_PENDING_EVENT {
             // Too long to hold back: passed through from here, metered at its end.
-            let mut long = Oversized { head: rest[..OVERSIZED_HEAD_BYTES].to_vec(), tail: Vec::new() };
+            let mut long = Oversized { ends_stream: ends_stream(rest), tail: Vec::new() };
             append_to_tail(&mut long.tail, rest);
             self.oversized = Some(long);
             out.extend_from_slice(rest);
@@ -559,7 +556,7 @@ impl SseScanner {
         let in_chunk = len.saturating_sub(carry);
         let mut long = self.oversized.take()?;
         append_to_tail(&mut long.tail, &chunk[..in_chunk]);
-        self.meter_oversized(&long.head, &long.tail);
+        self.meter_oversized(&long);
         let done = chunk.slice(..in_chunk);
         let rest = chunk.slice(in_chunk..);
         if rest.is_empty() {
@@ -577,12 +574,12 @@ impl SseScanner {
         }
     }
 
-    /// Meters an event passed through by its first and last bytes; never dropped (the usage-only
-    /// chunk the gateway strips is small).
-    fn meter_oversized(&mut self, head: &[u8], tail: &[u8]) {
+    /// Meters an event passed through; never dropped (the usage-only chunk the gateway strips is
+    /// small).
+    fn meter_oversized(&mut self, long: &Oversized) {
         self.events += 1;
-        self.finished = ends_stream(head);
-        if let Some(usage) = find_usage(kept_tail(tail)) {
+        self.finished = long.ends_stream;
+        if let Some(usage) = find_usage(kept_tail(&long.tail)) {
             self.usage.merge(usage);
         }
     }
@@ -590,7 +587,7 @@ impl SseScanner {
     /// Whatever is left when the stream ends (an unterminated last event) is forwarded as is.
     pub fn finish(&mut self) -> Option<Bytes> {
         if let Some(long) = self.oversized.take() {
-            self.meter_oversized(&long.head, &long.tail);
+            self.meter_oversized(&long);
             return None;
         }
         if self.pending.is_empty() {

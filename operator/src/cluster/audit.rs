@@ -174,9 +174,8 @@ where
     if !appended.is_empty() {
         ctx.checkpoint_trigger.notify_one();
     }
-    let has_finalizer = meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER));
     let wanted = !observed.deleting;
-    if has_finalizer != wanted {
+    if holds_ledger_finalizer(meta) != wanted {
         set_finalizer::<K>(ctx, &observed.object.namespace, &observed.object.name, wanted).await?;
     }
     Ok(())
@@ -193,8 +192,7 @@ where
         + std::fmt::Debug,
 {
     let meta = object.meta();
-    let held = meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER));
-    if ctx.audit.is_some() || meta.deletion_timestamp.is_none() || !held {
+    if ctx.audit.is_some() || meta.deletion_timestamp.is_none() || !holds_ledger_finalizer(meta) {
         return Ok(false);
     }
     let (namespace, name) = (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
@@ -206,6 +204,10 @@ where
         "released the ledger's finalizer of a deleted object; no ledger is configured, so its deletion is not recorded"
     );
     Ok(true)
+}
+
+fn holds_ledger_finalizer(meta: &kube::api::ObjectMeta) -> bool {
+    meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER))
 }
 
 /// Adds or removes only the operator's finalizer: finalizers are a set under server-side apply,

@@ -218,12 +218,17 @@ impl Backoff {
     pub const BASE: Duration = Duration::from_millis(500);
     pub const MAX: Duration = Duration::from_secs(60);
 
+    /// [`Self::BASE`] doubled `n` times, at most [`Self::MAX`].
+    pub fn delay(n: u32) -> Duration {
+        Self::BASE.saturating_mul(1u32 << n.min(7)).min(Self::MAX)
+    }
+
     pub fn next(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_owned()).or_insert(0);
-        let delay = Self::BASE.saturating_mul(1u32 << (*n).min(7));
+        let delay = Self::delay(*n);
         *n = n.saturating_add(1);
-        delay.min(Self::MAX)
+        delay
     }
 
     pub fn reset(&self, key: &str) {

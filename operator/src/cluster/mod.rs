@@ -283,39 +283,32 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
     let writer_ctx = ctx.clone();
     let writer_task = tokio::spawn(async move {
         let mut failures = 0u32;
-        let backoff = |failures: u32| Backoff::BASE.saturating_mul(1 << failures.min(7)).min(Backoff::MAX);
         loop {
-            match snapshot::sync_snapshot(&writer_ctx).await {
+            let retry = match snapshot::sync_snapshot(&writer_ctx).await {
                 Ok(_) => {
                     if let Err(error) = audit::audit_keyring(&writer_ctx).await {
                         tracing::warn!(%error, "recording the master keyring in the ledger failed");
                     }
-                    if writer_ctx.secret_values.take_stale_served() {
-                        // Written on a changed Secret's last value: read it again soon.
-                        failures = failures.saturating_add(1);
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff(failures)) => {}
-                            _ = writer_ctx.snapshot_trigger.notified() => {}
-                        }
-                        continue;
-                    }
-                    failures = 0;
+                    // Written on a changed Secret's last value (its read failed): read it again soon.
+                    writer_ctx.secret_values.take_stale_served()
                 }
                 Err(error) => {
                     writer_ctx.metrics.error("Snapshot", error.category());
                     tracing::warn!(%error, "snapshot sync failed");
-                    failures = failures.saturating_add(1);
-                    // A change (a kill switch flipped, say) does not wait out the backoff.
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff(failures)) => {}
-                        _ = writer_ctx.snapshot_trigger.notified() => {}
-                    }
-                    continue;
+                    true
                 }
-            }
+            };
+            let wait = if retry {
+                failures = failures.saturating_add(1);
+                Backoff::delay(failures)
+            } else {
+                failures = 0;
+                writer_ctx.settings.resync
+            };
+            // A change (a kill switch flipped, say) does not wait out the backoff.
             tokio::select! {
                 _ = writer_ctx.snapshot_trigger.notified() => {}
-                _ = tokio::time::sleep(writer_ctx.settings.resync) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     });
