@@ -79,6 +79,17 @@ fn metadata_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v
     }
 }
 
+/// An object whose spec does not read (malformed): its metadata only. What the ledger decides
+/// on its deletion needs nothing more (see [`decide`]).
+pub fn observe_unreadable(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Observed {
+    Observed {
+        object: metadata_ref(kind, meta),
+        deleting: meta.deletion_timestamp.is_some(),
+        spec: Value::Null,
+        facts: BTreeMap::new(),
+    }
+}
+
 pub fn observe_api_key(key: &ApiKey, now: DateTime<Utc>) -> Observed {
     let facts = BTreeMap::from([
         ("revoked".to_owned(), flag(key.spec.revoked)),

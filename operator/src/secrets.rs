@@ -88,6 +88,13 @@ pub fn snapshot_secret(namespace: &str, name: &str, snapshot: &GatewaySnapshot) 
     opaque(meta, data)
 }
 
+/// Whether a snapshot Secret's metadata names `snapshot` (its generation and content digest).
+pub fn names_snapshot(meta: &ObjectMeta, snapshot: &GatewaySnapshot) -> bool {
+    let Some(annotations) = meta.annotations.as_ref() else { return false };
+    annotations.get(GENERATION_ANNOTATION).is_some_and(|g| g.parse() == Ok(snapshot.generation))
+        && annotations.get(CONTENT_DIGEST_ANNOTATION).is_some_and(|d| *d == snapshot.content_digest)
+}
+
 /// The size of a snapshot Secret's data, to check against what the API server takes.
 pub fn data_bytes(secret: &Secret) -> usize {
     secret_data(secret).map(|(k, v)| k.len() + v.len()).sum()

@@ -404,6 +404,45 @@ async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotatio
     assert_eq!(third.content.credentials[0].key_version, 2, "same key, new master key");
 }
 
+/// A credential's or a KillSwitch's reconcile wakes the snapshot writer when its status moves
+/// (a new spec, a flip), not at a resync of an unchanged object: that would cut the writer's
+/// backoff short after a failure.
+#[tokio::test]
+async fn only_a_reconcile_that_moves_the_status_wakes_the_snapshot_writer() {
+    use futures_util::FutureExt as _;
+    let mut w = world(echo(), None);
+    let woken = |w: &World| w.ctx.snapshot_trigger.notified().now_or_never().is_some();
+    w.credentials.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(credential()))));
+    w.put_secret(provider_secret(PROVIDER_KEY));
+    snapshot::sync_snapshot(&w.ctx).await.unwrap();
+    let _ = woken(&w);
+    let mut current = credential();
+    reconcile::reconcile_credential(Arc::new(DeserializeGuard(Ok(current.clone()))), w.ctx.clone()).await.unwrap();
+    assert!(woken(&w), "a first status did not wake the writer");
+    let status = w.take_calls().into_iter().rfind(|c| c.path.ends_with("/status")).expect("status written");
+    current.status = Some(serde_json::from_value(status.body["status"].clone()).unwrap());
+    reconcile::reconcile_credential(Arc::new(DeserializeGuard(Ok(current.clone()))), w.ctx.clone()).await.unwrap();
+    assert!(w.take_calls().is_empty(), "an unchanged credential wrote something");
+    assert!(!woken(&w), "a resync of an unchanged credential woke the writer");
+
+    let mut switch: portcullis_crds::v1alpha1::KillSwitch = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap();
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Ok(switch.clone()))), w.ctx.clone()).await.unwrap();
+    assert!(woken(&w));
+    let status = w.take_calls().into_iter().rfind(|c| c.path.ends_with("/status")).expect("status written");
+    switch.status = Some(serde_json::from_value(status.body["status"].clone()).unwrap());
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Ok(switch.clone()))), w.ctx.clone()).await.unwrap();
+    assert!(!woken(&w), "a resync of an unchanged switch woke the writer");
+    // Flipped off: a new generation.
+    switch.spec.active = false;
+    switch.metadata.generation = Some(2);
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Ok(switch))), w.ctx.clone()).await.unwrap();
+    assert!(woken(&w), "a flipped switch did not wake the writer");
+}
+
 #[tokio::test]
 async fn conflicts_and_errors_back_off() {
     let key = api_key(json!({}), None);
@@ -546,6 +585,67 @@ async fn a_referenced_secret_changing_wakes_the_snapshot_writer() {
     assert!(!woken(&w));
     w.watch_sees(watcher::Event::InitDone);
     assert!(woken(&w));
+}
+
+/// The snapshot Secret deleted, or replaced by an older copy, is written again at once with what
+/// the writer holds; the writer's own write coming back through the watch wakes nothing; a repair
+/// whose write fails is still owed at the retry.
+#[tokio::test]
+async fn a_snapshot_secret_deleted_or_rolled_back_is_written_again() {
+    use futures_util::FutureExt as _;
+    use std::sync::atomic::AtomicBool;
+    let refuse = Arc::new(AtomicBool::new(false));
+    let refusing = refuse.clone();
+    let respond: Responder = Arc::new(move |call: &Call| match call.method.as_str() {
+        "GET" => not_found(),
+        "PATCH" if refusing.load(Ordering::SeqCst) => (
+            503,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd down"}),
+        ),
+        _ => (200, call.body.clone()),
+    });
+    let mut w = world(respond, None);
+    let woken = |w: &World| w.ctx.snapshot_trigger.notified().now_or_never().is_some();
+    w.put_api_key(&api_key(json!({"secretRef": {"name": "alice-key", "key": "key"}}), None));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let calls = w.take_calls();
+    let write = calls.iter().find(|c| c.method == "PATCH" && c.path == SNAPSHOT_PATH).expect("written");
+    let first = snapshot_in(write);
+    let written: Secret = serde_json::from_value(write.body.clone()).unwrap();
+    let meta_of = |s: &Secret| PartialObjectMeta { metadata: s.metadata.clone(), ..Default::default() };
+
+    // Its own write, back through the watch.
+    w.put_secret(written.clone());
+    assert!(!woken(&w), "the writer's own write woke it");
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None);
+    assert!(w.take_calls().iter().all(|c| c.path != SNAPSHOT_PATH));
+
+    // Deleted: written again, the same generation and content.
+    w.watch_sees(watcher::Event::Delete(meta_of(&written)));
+    assert!(woken(&w), "the snapshot Secret went and the writer slept");
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    let calls = w.take_calls();
+    let again = snapshot_in(calls.iter().find(|c| c.method == "PATCH" && c.path == SNAPSHOT_PATH).expect("rewritten"));
+    assert_eq!((again.generation, &again.content_digest), (first.generation, &first.content_digest));
+    w.put_secret(written.clone());
+    assert!(!woken(&w));
+
+    // Rolled back to an older copy, while the API server refuses writes: the repair waits for
+    // the retry instead of being forgotten.
+    let mut older = written.clone();
+    let annotations = older.metadata.annotations.as_mut().unwrap();
+    annotations.insert("portcullis.dev/generation".into(), "0".into());
+    annotations.insert("portcullis.dev/content-digest".into(), "sha256:older".into());
+    refuse.store(true, Ordering::SeqCst);
+    w.put_secret(older);
+    assert!(woken(&w), "the snapshot Secret was rolled back and the writer slept");
+    assert!(snapshot::sync_snapshot(&w.ctx).await.is_err());
+    refuse.store(false, Ordering::SeqCst);
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1), "the repair was forgotten");
+    w.take_calls();
+    w.put_secret(written);
+    assert!(!woken(&w));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None, "nothing left to repair");
 }
 
 /// Echoes writes, 404s reads, and answers reads of the provider Secret with a 503 (etcd down).
@@ -795,6 +895,50 @@ async fn an_engaged_kill_switch_that_no_longer_reads_stays_engaged() {
     .unwrap()))));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(2));
     assert!(snapshot_in(&w.take_calls()[0]).content.kill_switches.is_empty());
+}
+
+/// A malformed object being deleted (its stored spec does not read) still goes: its deletion
+/// is appended from its metadata, then the ledger's finalizer released; without a ledger, a
+/// finalizer left from a run with one is released.
+#[tokio::test]
+async fn a_malformed_object_being_deleted_is_recorded_and_released() {
+    use portcullis_operator::audit::{ActorHints, FINALIZER};
+    use portcullis_operator::cluster::audit::Audit;
+    use portcullis_operator::ledger::{self, Action};
+    const STOP_PATH: &str = "/apis/portcullis.dev/v1alpha1/namespaces/ai/killswitches/stop";
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let audit = Arc::new(Audit::open(&path, Arc::new(ActorHints::default())).unwrap());
+    let w = world_with(echo(), None, Some(audit));
+    let engaged: portcullis_crds::v1alpha1::KillSwitch = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap();
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Ok(engaged))), w.ctx.clone()).await.unwrap();
+    w.take_calls();
+
+    let mut metadata: kube::api::ObjectMeta = serde_json::from_value(metadata_of_stop()).unwrap();
+    metadata.deletion_timestamp = Some(serde_json::from_value(json!("2025-03-01T12:00:00Z")).unwrap());
+    metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let unreadable = kube::core::error_boundary::InvalidObject {
+        error: "spec.active: invalid type: string \"no\", expected a boolean".into(),
+        metadata,
+    };
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Err(unreadable.clone()))), w.ctx.clone()).await.unwrap();
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {STOP_PATH}")], "only the finalizer, released");
+    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([]));
+    let actions: Vec<_> = ledger::read_lines(&path).unwrap().into_iter().map(|e| e.unwrap().action).collect();
+    assert_eq!(actions, [Action::KillSwitchActivated, Action::KillSwitchDeactivated]);
+
+    // No ledger now, the finalizer still on it from the run with one.
+    let w = world(echo(), None);
+    reconcile::reconcile_kill_switch(Arc::new(DeserializeGuard(Err(unreadable))), w.ctx.clone()).await.unwrap();
+    let calls = w.take_calls();
+    assert_eq!(lines(&calls), vec![format!("PATCH {STOP_PATH}")]);
+    assert_eq!(calls[0].body["metadata"]["finalizers"], json!([]));
 }
 
 fn metadata_of_stop() -> Value {

@@ -160,8 +160,9 @@ pub fn checkpoint_text(head: &Checkpoint) -> String {
 }
 
 /// Records `observed` and keeps the finalizer right: on a live object it is added, on a
-/// deleted one it is removed only once the deletion is in the ledger.
-pub async fn audit_object<K>(ctx: &Context, object: &K, observed: Observed) -> Result<(), Error>
+/// deleted one it is removed only once the deletion is in the ledger. `meta` is the object's
+/// metadata as the cache holds it (a malformed object has nothing else).
+pub async fn audit_object<K>(ctx: &Context, meta: &ObjectMeta, observed: Observed) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -169,7 +170,6 @@ where
         + std::fmt::Debug,
 {
     let Some(audit) = &ctx.audit else { return Ok(()) };
-    let meta = object.meta();
     let appended = audit.record(&observed, meta.managed_fields.as_deref().unwrap_or_default(), ctx.now()).await?;
     if !appended.is_empty() {
         ctx.checkpoint_trigger.notify_one();
@@ -184,14 +184,13 @@ where
 /// Without a ledger: releases the ledger's finalizer an object being deleted still carries
 /// from a run with the ledger on (nothing else would, and the object would never go). True
 /// when it did.
-pub async fn release_leftover_finalizer<K>(ctx: &Context, object: &K) -> Result<bool, Error>
+pub async fn release_leftover_finalizer<K>(ctx: &Context, meta: &ObjectMeta) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    let meta = object.meta();
     if ctx.audit.is_some() || meta.deletion_timestamp.is_none() || !holds_ledger_finalizer(meta) {
         return Ok(false);
     }
@@ -206,7 +205,7 @@ where
     Ok(true)
 }
 
-fn holds_ledger_finalizer(meta: &kube::api::ObjectMeta) -> bool {
+fn holds_ledger_finalizer(meta: &ObjectMeta) -> bool {
     meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == audit::FINALIZER))
 }
 

@@ -250,6 +250,9 @@ pub struct Context {
     pub snapshot: tokio::sync::Mutex<SnapshotState>,
     /// Wakes the snapshot writer; shared with the caches' streams (see [`applied_and_listed`]).
     pub snapshot_trigger: Arc<Notify>,
+    /// Set by the Secret watch when the snapshot Secret it shows is not the one last written
+    /// (deleted, rolled back, edited): the writer's next run writes it again.
+    pub snapshot_check: AtomicBool,
     pub retrigger: Retrigger,
     pub backoff: Backoff,
     /// The audit ledger, when `--ledger-file` is given.

@@ -77,6 +77,9 @@ fn referencing(ctx: &Context, secret: &ObjectMeta) {
     if namespace == settings.namespace && name == settings.keyring_secret {
         ctx.snapshot_trigger.notify_one();
     }
+    if namespace == settings.namespace && name == settings.snapshot_secret {
+        snapshot::stored_snapshot_seen(ctx);
+    }
     for guarded in ctx.stores.api_keys.state() {
         let Ok(key) = &guarded.0 else { continue };
         if key.namespace().as_deref() != Some(namespace.as_str()) {
@@ -235,6 +238,7 @@ pub async fn run(client: Client, run: RunSettings) -> anyhow::Result<()> {
         leading: leading.clone(),
         snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
         snapshot_trigger,
+        snapshot_check: AtomicBool::new(false),
         retrigger: Retrigger { api_keys: Some(ak_tx), credentials: Some(pc_tx), kill_switches: Some(ks_tx) },
         backoff: Backoff::default(),
         audit,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
@@ -81,6 +82,12 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
+    // Being deleted: its deletion is recorded from its metadata (what the ledger needs for it)
+    // and the finalizer released, or it would never go.
+    let observed = audit::observe_unreadable(&K::kind(&()), &invalid.metadata);
+    if let Some(done) = deleted::<K>(ctx, &invalid.metadata, observed).await? {
+        return Ok(done);
+    }
     let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
     let name = invalid.metadata.name.clone().unwrap_or_default();
     let message = match note {
@@ -158,7 +165,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         Err(invalid) => return malformed::<ApiKey>(invalid, None, &ctx).await,
     };
     let now = ctx.now();
-    if let Some(done) = deleted(&ctx, cached, audit::observe_api_key(cached, now)).await? {
+    if let Some(done) = deleted::<ApiKey>(&ctx, &cached.metadata, audit::observe_api_key(cached, now)).await? {
         return Ok(done);
     }
     let namespace = cached.namespace().unwrap_or_default();
@@ -242,6 +249,11 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         conditions,
     };
     apply_status(&api, &name, &current, &desired).await?;
+    // Woken at once: a step that fails after this (an Event, the ledger) is retried on a status
+    // that no longer differs.
+    if current.issued_digests != desired.issued_digests || current.conditions != desired.conditions {
+        ctx.snapshot_trigger.notify_one();
+    }
 
     if let Some(event) = issuance.event {
         let prefix = issuance.key_prefix.clone().unwrap_or_default();
@@ -253,10 +265,7 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         report(ctx.recorder.as_ref(), &regarding, transition).await;
     }
     report_ready(&ctx, &regarding, &current.conditions, &readiness).await;
-    audit_object(&ctx, &key, audit::observe_api_key(&key, now)).await?;
-    if current.issued_digests != desired.issued_digests || current.conditions != desired.conditions {
-        ctx.snapshot_trigger.notify_one();
-    }
+    audit_object::<ApiKey>(&ctx, &key.metadata, audit::observe_api_key(&key, now)).await?;
     ctx.backoff.reset(&format!("ApiKey/{namespace}/{name}"));
     Ok(requeue_after(&ctx, now, issuance.requeue_at.into_iter().chain(key.spec.expires_at)))
 }
@@ -272,7 +281,10 @@ pub async fn reconcile_credential(
         Err(invalid) => return malformed::<ProviderCredential>(invalid, None, &ctx).await,
     };
     let key_version = credential.status.as_ref().and_then(|s| s.key_version);
-    if let Some(done) = deleted(&ctx, credential, audit::observe_credential(credential, key_version)).await? {
+    if let Some(done) =
+        deleted::<ProviderCredential>(&ctx, &credential.metadata, audit::observe_credential(credential, key_version))
+            .await?
+    {
         return Ok(done);
     }
     let namespace = credential.namespace().unwrap_or_default();
@@ -300,10 +312,19 @@ pub async fn reconcile_credential(
         conditions: with_ready(&current.conditions, &readiness, credential.metadata.generation, now),
     };
     let api: Api<ProviderCredential> = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_status(&api, &name, &current, &desired).await?;
+    // Only a status that moved (a new spec, readiness, a reseal) wakes the writer: a resync of
+    // an unchanged credential would cut short the writer's backoff after a failure. A changed
+    // Secret value wakes it from the Secret watch.
+    if apply_status(&api, &name, &current, &desired).await? {
+        ctx.snapshot_trigger.notify_one();
+    }
     report_ready(&ctx, &reference(credential), &current.conditions, &readiness).await;
-    audit_object(&ctx, credential, audit::observe_credential(credential, desired.key_version)).await?;
-    ctx.snapshot_trigger.notify_one();
+    audit_object::<ProviderCredential>(
+        &ctx,
+        &credential.metadata,
+        audit::observe_credential(credential, desired.key_version),
+    )
+    .await?;
     ctx.backoff.reset(&format!("ProviderCredential/{namespace}/{name}"));
     Ok(Action::requeue(ctx.settings.resync))
 }
@@ -321,7 +342,7 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
         }
     };
     let now = ctx.now();
-    if let Some(done) = deleted(&ctx, switch, audit::observe_kill_switch(switch, now)).await? {
+    if let Some(done) = deleted::<KillSwitch>(&ctx, &switch.metadata, audit::observe_kill_switch(switch, now)).await? {
         return Ok(done);
     }
     let namespace = switch.namespace().unwrap_or_default();
@@ -338,10 +359,12 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
     );
     let desired = KillSwitchStatus { observed_generation: switch.metadata.generation, enforcement, conditions };
     let api: Api<KillSwitch> = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_status(&api, &name, &current, &desired).await?;
+    // As for credentials: a flip or an expiry moves the status (observedGeneration, Ready).
+    if apply_status(&api, &name, &current, &desired).await? {
+        ctx.snapshot_trigger.notify_one();
+    }
     report_ready(&ctx, &reference(switch), &current.conditions, &readiness).await;
-    audit_object(&ctx, switch, audit::observe_kill_switch(switch, now)).await?;
-    ctx.snapshot_trigger.notify_one();
+    audit_object::<KillSwitch>(&ctx, &switch.metadata, audit::observe_kill_switch(switch, now)).await?;
     ctx.backoff.reset(&format!("KillSwitch/{namespace}/{name}"));
     Ok(requeue_after(&ctx, now, switch.spec.expires_at))
 }
@@ -349,7 +372,7 @@ pub async fn reconcile_kill_switch(object: Arc<Guarded<KillSwitch>>, ctx: Arc<Co
 /// A deleted object, when the ledger is on: append its deletion, then release the finalizer.
 /// Without a ledger there is no finalizer (but one left from a run with the ledger on, which is
 /// released) and deletion needs nothing from the reconciler here.
-async fn deleted<K>(ctx: &Context, object: &K, observed: audit::Observed) -> Result<Option<Action>, Error>
+async fn deleted<K>(ctx: &Context, meta: &ObjectMeta, observed: audit::Observed) -> Result<Option<Action>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -360,9 +383,9 @@ where
         return Ok(None);
     }
     if ctx.audit.is_none() {
-        return Ok(super::audit::release_leftover_finalizer(ctx, object).await?.then(Action::await_change));
+        return Ok(super::audit::release_leftover_finalizer::<K>(ctx, meta).await?.then(Action::await_change));
     }
-    audit_object(ctx, object, observed).await?;
+    audit_object::<K>(ctx, meta, observed).await?;
     ctx.snapshot_trigger.notify_one();
     Ok(Some(Action::await_change()))
 }

@@ -1,6 +1,7 @@
 //! The snapshot writer and the operator's own Secrets (keyring, pepper) on first start.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -230,16 +231,34 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     } else {
         false
     };
-    let changed = raised || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
+    // Deleted or replaced since it was written: written again, even with nothing changed.
+    let repair = ctx.snapshot_check.swap(false, Ordering::SeqCst) && stored_elsewise(ctx, state.previous.as_ref());
+    if repair {
+        tracing::warn!(
+            generation = snapshot.generation,
+            "the snapshot Secret was deleted or is not the one last written; writing it again"
+        );
+    }
+    let changed =
+        raised || repair || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
     let mut written = None;
     if changed {
         let settings = &ctx.settings;
         let secret = secrets::snapshot_secret(&settings.namespace, &settings.snapshot_secret, &snapshot);
-        check_size(&secret, &snapshot)?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
-        answered(api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret)))
-            .await
-            .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))?;
+        let write = async {
+            check_size(&secret, &snapshot)?;
+            answered(api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret)))
+                .await
+                .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))
+        };
+        if let Err(error) = write.await {
+            // The repair is still owed when the writer retries.
+            if repair {
+                ctx.snapshot_check.store(true, Ordering::SeqCst);
+            }
+            return Err(error);
+        }
         ctx.metrics.snapshot_writes.inc();
         ctx.metrics.snapshot_generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
         tracing::info!(
@@ -275,6 +294,29 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     }
     state.excluded = assembled.excluded;
     Ok(written)
+}
+
+/// Whether the snapshot Secret the Secret watch shows is not `previous`, the one last written
+/// (or read at start): deleted, rolled back, edited by hand.
+fn stored_elsewise(ctx: &Context, previous: Option<&GatewaySnapshot>) -> bool {
+    let Some(previous) = previous else { return false };
+    let settings = &ctx.settings;
+    ctx.secret_meta(&settings.namespace, &settings.snapshot_secret)
+        .is_none_or(|stored| !secrets::names_snapshot(&stored.metadata, previous))
+}
+
+/// The Secret watch saw the snapshot Secret change or go (the cache already shows it): the
+/// writer is woken to write it again unless it shows what was last written. The writer's own
+/// write comes back this way too; while the writer runs, the check is left to its next run.
+pub fn stored_snapshot_seen(ctx: &Context) {
+    let elsewise = match ctx.snapshot.try_lock() {
+        Ok(state) => stored_elsewise(ctx, state.previous.as_ref()),
+        Err(_) => true,
+    };
+    if elsewise {
+        ctx.snapshot_check.store(true, Ordering::SeqCst);
+        ctx.snapshot_trigger.notify_one();
+    }
 }
 
 /// Records which generation holds each object's current state (after a successful write, or

@@ -159,6 +159,7 @@ pub fn context(
         leading: Arc::new(AtomicBool::new(true)),
         snapshot: tokio::sync::Mutex::new(SnapshotState { previous, excluded: Default::default() }),
         snapshot_trigger: Arc::new(tokio::sync::Notify::new()),
+        snapshot_check: Default::default(),
         retrigger: Retrigger::default(),
         backoff: Backoff::default(),
         audit,
