@@ -83,7 +83,7 @@ impl ClusterSource {
         };
         let snapshot = parse_secret_ref(snapshot)?;
         let relative = |text: &str| ObjectRef::parse_relative(text, &snapshot.namespace);
-        let client = Client::try_default()
+        let client = portcullis_apiclient::client()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
         Ok(Some(Self {

@@ -95,34 +95,9 @@ pub fn status_code(error: &kube::Error) -> Option<u16> {
     }
 }
 
-/// How long the snapshot writer waits on one API call.
-pub const API_CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// `call`'s answer, or an error once it has gone unanswered for [`API_CALL_DEADLINE`]. The
-/// client has no read timeout (kube's default, kept for the watches, which have their own), so
-/// one call hung on a half-open connection stopped every snapshot after it: the writer waits
-/// for it under the snapshot lock, and a kill switch flipped meanwhile was never published.
-pub async fn answered<T>(call: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, kube::Error> {
-    match tokio::time::timeout(API_CALL_DEADLINE, call).await {
-        Ok(answer) => answer,
-        Err(_) => Err(kube::Error::Service(format!("no answer in {} s", API_CALL_DEADLINE.as_secs()).into())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_call_never_answered_is_an_error_after_the_deadline() {
-        let started = tokio::time::Instant::now();
-        let error = answered(std::future::pending::<Result<(), kube::Error>>()).await.unwrap_err();
-        assert_eq!(started.elapsed(), API_CALL_DEADLINE);
-        let error = Error::write("Secret portcullis/portcullis-snapshot")(error);
-        assert_eq!(error.category(), Category::Write);
-        assert!(error.to_string().contains("no answer in 30 s"), "{error}");
-        assert_eq!(answered(async { Ok::<_, kube::Error>(7) }).await.unwrap(), 7);
-    }
 
     #[test]
     fn conflicts_have_their_own_category() {

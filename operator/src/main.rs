@@ -157,7 +157,7 @@ fn run_cluster(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default().await?;
+        let client = portcullis_apiclient::client().await?;
         portcullis_operator::cluster::run(client, settings).await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -88,11 +88,11 @@ pub fn snapshot_secret(namespace: &str, name: &str, snapshot: &GatewaySnapshot) 
     opaque(meta, data)
 }
 
-/// Whether a snapshot Secret's metadata names `snapshot` (its generation and content digest).
-pub fn names_snapshot(meta: &ObjectMeta, snapshot: &GatewaySnapshot) -> bool {
-    let Some(annotations) = meta.annotations.as_ref() else { return false };
-    annotations.get(GENERATION_ANNOTATION).is_some_and(|g| g.parse() == Ok(snapshot.generation))
-        && annotations.get(CONTENT_DIGEST_ANNOTATION).is_some_and(|d| *d == snapshot.content_digest)
+/// The generation and content digest a snapshot Secret's annotations name, if both are there.
+pub fn named_snapshot(meta: &ObjectMeta) -> Option<(u64, String)> {
+    let annotations = meta.annotations.as_ref()?;
+    let generation = annotations.get(GENERATION_ANNOTATION)?.parse().ok()?;
+    Some((generation, annotations.get(CONTENT_DIGEST_ANNOTATION)?.clone()))
 }
 
 /// The size of a snapshot Secret's data, to check against what the API server takes.

@@ -588,8 +588,9 @@ async fn a_referenced_secret_changing_wakes_the_snapshot_writer() {
 }
 
 /// The snapshot Secret deleted, or replaced by an older copy, is written again at once with what
-/// the writer holds; the writer's own write coming back through the watch wakes nothing; a repair
-/// whose write fails is still owed at the retry.
+/// the writer holds (past the generation it carries, when that is later); the writer's own write
+/// coming back through the watch wakes nothing; a repair whose write fails is still owed at the
+/// retry.
 #[tokio::test]
 async fn a_snapshot_secret_deleted_or_rolled_back_is_written_again() {
     use futures_util::FutureExt as _;
@@ -643,9 +644,22 @@ async fn a_snapshot_secret_deleted_or_rolled_back_is_written_again() {
     refuse.store(false, Ordering::SeqCst);
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1), "the repair was forgotten");
     w.take_calls();
-    w.put_secret(written);
+    w.put_secret(written.clone());
     assert!(!woken(&w));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None, "nothing left to repair");
+
+    // Overwritten with a later generation of other content (a deposed leader): replicas that took
+    // it refuse anything not later, so ours goes past it.
+    let mut later = written.clone();
+    let annotations = later.metadata.annotations.as_mut().unwrap();
+    annotations.insert("portcullis.dev/generation".into(), "7".into());
+    annotations.insert("portcullis.dev/content-digest".into(), "sha256:other".into());
+    w.put_secret(later);
+    assert!(woken(&w));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(8));
+    let calls = w.take_calls();
+    let past = snapshot_in(calls.iter().find(|c| c.method == "PATCH" && c.path == SNAPSHOT_PATH).expect("written"));
+    assert_eq!((past.generation, &past.content_digest), (8, &first.content_digest));
 }
 
 /// Echoes writes, 404s reads, and answers reads of the provider Secret with a 503 (etcd down).

@@ -307,9 +307,7 @@ impl Context {
         self.secret_values
             .read(namespace, name, seen, || async {
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-                crate::error::answered(api.get_opt(name))
-                    .await
-                    .map_err(Error::read(format!("Secret {namespace}/{name}")))
+                api.get_opt(name).await.map_err(Error::read(format!("Secret {namespace}/{name}")))
             })
             .await
     }

@@ -169,8 +169,8 @@ fn released(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Option<
 ///
 /// Leadership is dropped once the lease has gone unrenewed for its term less one renewal period,
 /// before another replica may take it. A renewal the API server does not answer counts as a
-/// failed one at that moment: the client has no read timeout, and waiting on it kept this
-/// replica writing beside the next leader.
+/// failed one at that moment: the client's call deadline (`portcullis_apiclient`) is longer than
+/// a term, and waiting on it kept this replica writing beside the next leader.
 pub async fn hold(api: Api<Lease>, settings: LeaseSettings, leading: Arc<AtomicBool>) {
     // When the last renewal was sent: the renewTime it wrote is no later than that.
     let mut last_renewed = tokio::time::Instant::now();

@@ -16,7 +16,7 @@ use super::context::Context;
 use super::reconcile::apply_params;
 use super::secret_values::HeldSecret;
 use crate::assemble::compile_valid;
-use crate::error::{answered, status_code, Error};
+use crate::error::{status_code, Error};
 use crate::inputs::CompileInputs;
 use crate::{issuance, secrets};
 
@@ -215,15 +215,36 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
             "a data-plane replica's Lease reports a generation no operator can have written; not following it"
         );
     }
+    // Deleted or replaced since it was written: written again, even with nothing changed, and
+    // past the generation it now carries (a deposed leader's later one would have replicas
+    // refuse ours).
+    let repair = if ctx.snapshot_check.swap(false, Ordering::SeqCst) {
+        stored_elsewise(ctx, state.previous.as_ref())
+    } else {
+        None
+    };
+    let stored_ahead = repair.clone().flatten().and_then(|(generation, digest)| {
+        let followed = generation <= crate::enforcement::MAX_GENERATION_FOLLOWED;
+        let ahead = generation > snapshot.generation
+            || (generation == snapshot.generation && digest != snapshot.content_digest);
+        (followed && ahead).then_some(generation)
+    });
+    if let Some(stored) = &repair {
+        tracing::warn!(
+            generation = snapshot.generation,
+            stored = ?stored.as_ref().map(|(generation, _)| generation),
+            "the snapshot Secret was deleted or is not the one last written; writing it again"
+        );
+    }
     let floor =
         crate::enforcement::generation_floor(&replicas, snapshot.generation, &snapshot.content_digest, ctx.now());
     // At most `MAX_GENERATION_FOLLOWED`, so one more never overflows.
-    let raised = if let Some(served) = floor {
+    let raised = if let Some(served) = floor.max(stored_ahead) {
         tracing::warn!(
             generation = snapshot.generation,
             served,
-            "data-plane replicas serve a later generation than the snapshot Secret held (it was deleted or \
-             reset); continuing past theirs"
+            "data-plane replicas serve, or the snapshot Secret holds, a later generation than the one \
+             written last (it was deleted, reset or overwritten); continuing past it"
         );
         snapshot.generation = served + 1;
         snapshot = snapshot.tag(&keyring).map_err(|e| Error::KeyMaterial(e.to_string()))?;
@@ -231,14 +252,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     } else {
         false
     };
-    // Deleted or replaced since it was written: written again, even with nothing changed.
-    let repair = ctx.snapshot_check.swap(false, Ordering::SeqCst) && stored_elsewise(ctx, state.previous.as_ref());
-    if repair {
-        tracing::warn!(
-            generation = snapshot.generation,
-            "the snapshot Secret was deleted or is not the one last written; writing it again"
-        );
-    }
+    let repair = repair.is_some();
     let changed =
         raised || repair || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
     let mut written = None;
@@ -248,7 +262,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
         let write = async {
             check_size(&secret, &snapshot)?;
-            answered(api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret)))
+            api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
                 .await
                 .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))
         };
@@ -296,13 +310,23 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     Ok(written)
 }
 
-/// Whether the snapshot Secret the Secret watch shows is not `previous`, the one last written
-/// (or read at start): deleted, rolled back, edited by hand.
-fn stored_elsewise(ctx: &Context, previous: Option<&GatewaySnapshot>) -> bool {
-    let Some(previous) = previous else { return false };
+/// The generation and content digest a snapshot Secret's annotations name, when they do.
+type Named = Option<(u64, String)>;
+
+/// `Some` when the snapshot Secret the Secret watch shows is not `previous`, the one last written
+/// (or read at start): deleted (`Some(None)`), rolled back, overwritten, edited by hand (what its
+/// annotations name, if they name one).
+fn stored_elsewise(ctx: &Context, previous: Option<&GatewaySnapshot>) -> Option<Named> {
+    let previous = previous?;
     let settings = &ctx.settings;
-    ctx.secret_meta(&settings.namespace, &settings.snapshot_secret)
-        .is_none_or(|stored| !secrets::names_snapshot(&stored.metadata, previous))
+    let Some(stored) = ctx.secret_meta(&settings.namespace, &settings.snapshot_secret) else {
+        return Some(None);
+    };
+    let named = secrets::named_snapshot(&stored.metadata);
+    let as_written = named
+        .as_ref()
+        .is_some_and(|(generation, digest)| *generation == previous.generation && *digest == previous.content_digest);
+    (!as_written).then_some(named)
 }
 
 /// The Secret watch saw the snapshot Secret change or go (the cache already shows it): the
@@ -310,7 +334,7 @@ fn stored_elsewise(ctx: &Context, previous: Option<&GatewaySnapshot>) -> bool {
 /// write comes back this way too; while the writer runs, the check is left to its next run.
 pub fn stored_snapshot_seen(ctx: &Context) {
     let elsewise = match ctx.snapshot.try_lock() {
-        Ok(state) => stored_elsewise(ctx, state.previous.as_ref()),
+        Ok(state) => stored_elsewise(ctx, state.previous.as_ref()).is_some(),
         Err(_) => true,
     };
     if elsewise {
