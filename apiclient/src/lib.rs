@@ -1,5 +1,7 @@
 //! A deadline on every Kubernetes API call but a watch, as a layer of the client's stack: the
-//! head and the whole body of the answer arrive within it, or the call fails.
+//! answer's head arrives within it, and then each piece of its body within it of the last, or
+//! the call fails. (Not the whole body: a list an API server answers from its watch cache comes
+//! in one answer, whatever page size was asked, and can take longer on a large cluster.)
 //!
 //! kube's client has no read timeout by default (it would cut the watches, which wait quietly
 //! for events and have their own timeouts). Without one, a call on a half-open connection waits
@@ -18,11 +20,10 @@ use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the operator and the data plane give one call. Long enough for a page of a large list
-/// (the watchers list 500 objects a page) on a busy API server.
+/// What the operator and the data plane give an answer's head, and each piece of its body.
 pub const API_CALL_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The error of a call that ran out of time, in the head or in the body.
+/// The error of a call that ran out of time, in the head or between two pieces of the body.
 #[derive(Debug, thiserror::Error)]
 #[error("the API server did not answer in {} s", .0.as_secs())]
 pub struct NoAnswer(pub Duration);
@@ -39,7 +40,7 @@ pub fn is_watch(uri: &Uri) -> bool {
     uri.query().is_some_and(|query| query.split('&').any(|pair| matches!(pair, "watch=true" | "watch=1")))
 }
 
-/// Gives every call but a watch `deadline` for its whole answer.
+/// Gives every call but a watch `deadline` for its answer's head, then for each piece of its body.
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
     deadline: Duration,
@@ -102,7 +103,7 @@ where
     }
 }
 
-/// An answer's body that fails once the call's deadline has passed (none for a watch).
+/// An answer's body that fails when no piece of it has come for the deadline (never for a watch).
 #[derive(Debug)]
 pub struct DeadlineBody<B> {
     inner: B,
@@ -120,6 +121,11 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            // A body that keeps coming (a large list in one answer) is not cut: the next piece
+            // has its own deadline.
+            if let (Some(Ok(_)), Some((sleep, deadline))) = (&frame, &mut this.until) {
+                sleep.as_mut().reset(Instant::now() + *deadline);
+            }
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
         let Some((sleep, deadline)) = &mut this.until else { return Poll::Pending };
@@ -143,38 +149,61 @@ mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
     use super::*;
     use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::BodyExt;
     use tower_layer::Layer;
     use tower_service::Service;
 
-    /// A body whose end never comes.
+    /// A body of `pieces` pieces (`{}` each), one every `every`, then its end, or, when it
+    /// `stalls`, nothing more.
     #[derive(Debug)]
-    struct Stalled;
+    struct Trickle {
+        pieces: u32,
+        every: Duration,
+        stalls: bool,
+        next: Pin<Box<Sleep>>,
+    }
 
-    impl Body for Stalled {
+    impl Trickle {
+        fn new(pieces: u32, every: Duration, stalls: bool) -> Self {
+            Self { pieces, every, stalls, next: Box::pin(tokio::time::sleep(every)) }
+        }
+    }
+
+    impl Body for Trickle {
         type Data = Bytes;
         type Error = std::convert::Infallible;
-        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Pending
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let this = &mut *self;
+            if this.pieces == 0 {
+                return if this.stalls { Poll::Pending } else { Poll::Ready(None) };
+            }
+            if this.next.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.pieces -= 1;
+            let every = this.every;
+            this.next.as_mut().reset(Instant::now() + every);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from("{}")))))
         }
     }
 
     #[derive(Debug, Clone, Copy)]
     enum ApiServer {
-        /// Answers `{}` at once.
-        Answers,
         /// Never sends a head.
         Silent,
-        /// Sends a head, then a body that never ends.
-        StallsInTheBody,
+        /// Sends a head at once, then `pieces` pieces of body, one every `every` seconds; then
+        /// the end, or, when it `stalls`, nothing.
+        Sends { pieces: u32, every: u64, stalls: bool },
     }
 
-    type Answer = Response<http_body_util::Either<Full<Bytes>, Stalled>>;
-
     impl Service<Request<()>> for ApiServer {
-        type Response = Answer;
+        type Response = Response<Trickle>;
         type Error = std::convert::Infallible;
-        type Future = Pin<Box<dyn Future<Output = Result<Answer, Self::Error>> + Send>>;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<Trickle>, Self::Error>> + Send>>;
 
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             Poll::Ready(Ok(()))
@@ -184,20 +213,27 @@ mod tests {
             let behaviour = *self;
             Box::pin(async move {
                 match behaviour {
-                    ApiServer::Answers => Ok(Response::new(http_body_util::Either::Left(Full::new(Bytes::from("{}"))))),
                     ApiServer::Silent => std::future::pending().await,
-                    ApiServer::StallsInTheBody => Ok(Response::new(http_body_util::Either::Right(Stalled))),
+                    ApiServer::Sends { pieces, every, stalls } => {
+                        Ok(Response::new(Trickle::new(pieces, Duration::from_secs(every), stalls)))
+                    }
                 }
             })
         }
     }
 
     const DEADLINE: Duration = Duration::from_secs(30);
+    const PATH: &str = "/api/v1/namespaces/portcullis/secrets/portcullis-snapshot";
 
-    fn call(server: ApiServer, uri: &str) -> impl Future<Output = Result<Bytes, BoxError>> {
+    /// The call's body, or its error, and when it ended, from its start; `None` when it had not
+    /// ended after `DEADLINE * 20`.
+    async fn call(server: ApiServer, uri: &str) -> Option<(Result<Bytes, BoxError>, Duration)> {
+        let started = Instant::now();
         let mut service = DeadlineLayer::new(DEADLINE).layer(server);
         let answer = service.call(Request::get(uri).body(()).unwrap());
-        async move { Ok(answer.await?.into_body().collect().await?.to_bytes()) }
+        let read = async move { Ok(answer.await?.into_body().collect().await?.to_bytes()) };
+        let read = tokio::time::timeout(DEADLINE * 20, read).await.ok()?;
+        Some((read, started.elapsed()))
     }
 
     #[test]
@@ -211,24 +247,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_call_unanswered_in_its_head_or_its_body_fails_at_the_deadline() {
-        let path = "/api/v1/namespaces/portcullis/secrets/portcullis-snapshot";
-        assert_eq!(call(ApiServer::Answers, path).await.unwrap(), Bytes::from("{}"));
-        for server in [ApiServer::Silent, ApiServer::StallsInTheBody] {
-            let started = Instant::now();
-            let answer = tokio::time::timeout(DEADLINE * 2, call(server, path)).await;
-            let error = answer.expect("no deadline: the call still waits").unwrap_err();
-            assert_eq!(started.elapsed(), DEADLINE, "{server:?}");
-            assert_eq!(error.to_string(), "the API server did not answer in 30 s", "{server:?}");
-        }
+    async fn a_call_fails_when_its_head_or_the_next_piece_of_its_body_is_late() {
+        let error = |read: Option<(Result<Bytes, BoxError>, Duration)>| {
+            let (read, took) = read.expect("no deadline: the call still waits");
+            (read.expect_err("answered").to_string(), took)
+        };
+        let no_answer = "the API server did not answer in 30 s".to_owned();
+        let (body, took) = call(ApiServer::Sends { pieces: 1, every: 0, stalls: false }, PATH).await.unwrap();
+        assert_eq!((body.unwrap(), took), (Bytes::from("{}"), Duration::ZERO));
+        assert_eq!(error(call(ApiServer::Silent, PATH).await), (no_answer.clone(), DEADLINE));
+        let stalled = ApiServer::Sends { pieces: 0, every: 0, stalls: true };
+        assert_eq!(error(call(stalled, PATH).await), (no_answer.clone(), DEADLINE));
+        // A long answer that keeps coming is read whole; one that stops fails a deadline after
+        // its last piece.
+        let (body, took) = call(ApiServer::Sends { pieces: 5, every: 20, stalls: false }, PATH).await.unwrap();
+        assert_eq!((body.unwrap().len(), took), (10, Duration::from_secs(100)));
+        let stops = ApiServer::Sends { pieces: 2, every: 20, stalls: true };
+        assert_eq!(error(call(stops, PATH).await), (no_answer, Duration::from_secs(40) + DEADLINE));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_watch_is_left_to_its_own_timeouts() {
-        for server in [ApiServer::Silent, ApiServer::StallsInTheBody] {
-            let watch = call(server, "/api/v1/secrets?&watch=true&timeoutSeconds=290");
-            let waited = tokio::time::timeout(DEADLINE * 20, watch).await;
-            assert!(waited.is_err(), "{server:?}: a quiet watch was cut");
-        }
+        let watch = "/api/v1/secrets?&watch=true&timeoutSeconds=290";
+        assert!(call(ApiServer::Silent, watch).await.is_none(), "a watch waiting for its head was cut");
+        let quiet = ApiServer::Sends { pieces: 1, every: 0, stalls: true };
+        assert!(call(quiet, watch).await.is_none(), "a quiet watch was cut");
     }
 }

@@ -587,10 +587,10 @@ async fn a_referenced_secret_changing_wakes_the_snapshot_writer() {
     assert!(woken(&w));
 }
 
-/// The snapshot Secret deleted, or replaced by an older copy, is written again at once with what
-/// the writer holds (past the generation it carries, when that is later); the writer's own write
-/// coming back through the watch wakes nothing; a repair whose write fails is still owed at the
-/// retry.
+/// The snapshot Secret deleted (seen by the watch or at a relist's end), or replaced by an older
+/// copy, is written again at once with what the writer holds, past the generation it carries
+/// when that is later; the writer's own write coming back through the watch wakes nothing; a
+/// repair whose write fails is still owed at the retry.
 #[tokio::test]
 async fn a_snapshot_secret_deleted_or_rolled_back_is_written_again() {
     use futures_util::FutureExt as _;
@@ -658,8 +658,26 @@ async fn a_snapshot_secret_deleted_or_rolled_back_is_written_again() {
     assert!(woken(&w));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(8));
     let calls = w.take_calls();
-    let past = snapshot_in(calls.iter().find(|c| c.method == "PATCH" && c.path == SNAPSHOT_PATH).expect("written"));
+    let write = calls.iter().find(|c| c.method == "PATCH" && c.path == SNAPSHOT_PATH).expect("written");
+    let past = snapshot_in(write);
     assert_eq!((past.generation, &past.content_digest), (8, &first.content_digest));
+    w.put_secret(serde_json::from_value(write.body.clone()).unwrap());
+    assert!(!woken(&w));
+
+    // Deleted while the watch was down: the relist's end shows it gone.
+    w.watch_sees(watcher::Event::Init);
+    w.watch_sees(watcher::Event::InitDone);
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(8), "a relist without it repaired nothing");
+
+    // Another writer's, there before this writer's first (none was there at its start): the
+    // first goes past it too.
+    let mut w = world(echo(), None);
+    let mut theirs = written.clone();
+    let annotations = theirs.metadata.annotations.as_mut().unwrap();
+    annotations.insert("portcullis.dev/generation".into(), "7".into());
+    annotations.insert("portcullis.dev/content-digest".into(), "sha256:other".into());
+    w.put_secret(theirs);
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(8));
 }
 
 /// Echoes writes, 404s reads, and answers reads of the provider Secret with a 503 (etcd down).

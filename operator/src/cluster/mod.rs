@@ -77,6 +77,7 @@ fn referencing(ctx: &Context, secret: &ObjectMeta) {
     if namespace == settings.namespace && name == settings.keyring_secret {
         ctx.snapshot_trigger.notify_one();
     }
+    // During a relist (`InitApply`) the cache still shows the old listing: checked at `InitDone`.
     if namespace == settings.namespace && name == settings.snapshot_secret {
         snapshot::stored_snapshot_seen(ctx);
     }
@@ -124,6 +125,8 @@ pub fn secret_event(ctx: &Context, event: &watcher::Event<PartialObjectMeta<Secr
         watcher::Event::InitDone => {
             ctx.secret_values.retain(|namespace, name| ctx.secret_meta(namespace, name).is_some());
             ctx.snapshot_trigger.notify_one();
+            // The snapshot Secret may have gone or changed while the watch was down.
+            snapshot::stored_snapshot_seen(ctx);
         }
         watcher::Event::Init => {}
     }

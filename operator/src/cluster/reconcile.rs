@@ -1,7 +1,7 @@
 //! The three reconcilers. Each one: fetch what the object references (from the caches) →
 //! decide (pure: `issuance`, `readiness`, `conditions`) → apply (server-side apply, one field
-//! manager) → status (skipped when unchanged) → Events for transitions → ask the snapshot writer
-//! to catch up.
+//! manager) → status (skipped when unchanged; when it moved, the snapshot writer is woken, before
+//! anything that may fail after it) → Events for transitions → the ledger.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

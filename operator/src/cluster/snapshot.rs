@@ -215,27 +215,26 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
             "a data-plane replica's Lease reports a generation no operator can have written; not following it"
         );
     }
-    // Deleted or replaced since it was written: written again, even with nothing changed, and
-    // past the generation it now carries (a deposed leader's later one would have replicas
-    // refuse ours).
-    let repair = if ctx.snapshot_check.swap(false, Ordering::SeqCst) {
-        stored_elsewise(ctx, state.previous.as_ref())
-    } else {
-        None
-    };
-    let stored_ahead = repair.clone().flatten().and_then(|(generation, digest)| {
+    // Deleted or replaced since it was written (the Secret watch raised the check): written
+    // again, even with nothing changed. The check stays owed until a run gets through.
+    let stored = stored_snapshot(ctx);
+    let mut check = CheckOwed { flag: &ctx.snapshot_check, owed: ctx.snapshot_check.swap(false, Ordering::SeqCst) };
+    let repair = check.owed && !as_written(stored.as_ref(), state.previous.as_ref());
+    if repair {
+        tracing::warn!(
+            generation = snapshot.generation,
+            stored = ?stored.as_ref().map(|named| named.as_ref().map(|(generation, _)| generation)),
+            "the snapshot Secret was deleted or is not the one last written; writing it again"
+        );
+    }
+    // Whatever the check: a later generation there (a deposed leader's, or one written before
+    // this writer's first) would have replicas that took it refuse ours, so ours goes past it.
+    let stored_ahead = stored.flatten().and_then(|(generation, digest)| {
         let followed = generation <= crate::enforcement::MAX_GENERATION_FOLLOWED;
         let ahead = generation > snapshot.generation
             || (generation == snapshot.generation && digest != snapshot.content_digest);
         (followed && ahead).then_some(generation)
     });
-    if let Some(stored) = &repair {
-        tracing::warn!(
-            generation = snapshot.generation,
-            stored = ?stored.as_ref().map(|(generation, _)| generation),
-            "the snapshot Secret was deleted or is not the one last written; writing it again"
-        );
-    }
     let floor =
         crate::enforcement::generation_floor(&replicas, snapshot.generation, &snapshot.content_digest, ctx.now());
     // At most `MAX_GENERATION_FOLLOWED`, so one more never overflows.
@@ -252,7 +251,6 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     } else {
         false
     };
-    let repair = repair.is_some();
     let changed =
         raised || repair || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
     let mut written = None;
@@ -266,13 +264,7 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
                 .await
                 .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))
         };
-        if let Err(error) = write.await {
-            // The repair is still owed when the writer retries.
-            if repair {
-                ctx.snapshot_check.store(true, Ordering::SeqCst);
-            }
-            return Err(error);
-        }
+        write.await?;
         ctx.metrics.snapshot_writes.inc();
         ctx.metrics.snapshot_generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
         tracing::info!(
@@ -307,34 +299,55 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
         ctx.retrigger.object(key);
     }
     state.excluded = assembled.excluded;
+    check.owed = false;
     Ok(written)
 }
 
 /// The generation and content digest a snapshot Secret's annotations name, when they do.
 type Named = Option<(u64, String)>;
 
-/// `Some` when the snapshot Secret the Secret watch shows is not `previous`, the one last written
-/// (or read at start): deleted (`Some(None)`), rolled back, overwritten, edited by hand (what its
-/// annotations name, if they name one).
-fn stored_elsewise(ctx: &Context, previous: Option<&GatewaySnapshot>) -> Option<Named> {
-    let previous = previous?;
+/// The snapshot Secret as the Secret watch shows it: `None` when it shows none, else what its
+/// annotations name.
+fn stored_snapshot(ctx: &Context) -> Option<Named> {
     let settings = &ctx.settings;
-    let Some(stored) = ctx.secret_meta(&settings.namespace, &settings.snapshot_secret) else {
-        return Some(None);
-    };
-    let named = secrets::named_snapshot(&stored.metadata);
-    let as_written = named
-        .as_ref()
-        .is_some_and(|(generation, digest)| *generation == previous.generation && *digest == previous.content_digest);
-    (!as_written).then_some(named)
+    let stored = ctx.secret_meta(&settings.namespace, &settings.snapshot_secret)?;
+    Some(secrets::named_snapshot(&stored.metadata))
 }
 
-/// The Secret watch saw the snapshot Secret change or go (the cache already shows it): the
-/// writer is woken to write it again unless it shows what was last written. The writer's own
-/// write comes back this way too; while the writer runs, the check is left to its next run.
+/// Whether `stored` is `previous`, the snapshot last written (or read at start). With none
+/// yet there is nothing to repair: the first run writes anyway.
+fn as_written(stored: Option<&Named>, previous: Option<&GatewaySnapshot>) -> bool {
+    match (stored, previous) {
+        (_, None) => true,
+        (Some(Some((generation, digest))), Some(previous)) => {
+            *generation == previous.generation && *digest == previous.content_digest
+        }
+        _ => false,
+    }
+}
+
+/// The snapshot Secret's check, put back for the writer's next run unless this one got through
+/// (a failed write, a refused tag, anything that returns early).
+struct CheckOwed<'a> {
+    flag: &'a std::sync::atomic::AtomicBool,
+    owed: bool,
+}
+
+impl Drop for CheckOwed<'_> {
+    fn drop(&mut self) {
+        if self.owed {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The Secret watch saw the snapshot Secret change or go, or finished a relist (its cache shows
+/// the result): the writer is woken to write it again unless the cache shows what was last
+/// written. The writer's own write comes back this way too; while the writer runs, the check is
+/// left to its next run.
 pub fn stored_snapshot_seen(ctx: &Context) {
     let elsewise = match ctx.snapshot.try_lock() {
-        Ok(state) => stored_elsewise(ctx, state.previous.as_ref()).is_some(),
+        Ok(state) => !as_written(stored_snapshot(ctx).as_ref(), state.previous.as_ref()),
         Err(_) => true,
     };
     if elsewise {
