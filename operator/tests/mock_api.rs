@@ -337,6 +337,21 @@ fn provider_secret(value: &str) -> Secret {
     .unwrap()
 }
 
+/// The operator's keyring Secret holding `keyring`.
+fn keyring_secret(keyring: &portcullis_crds::sealing::MasterKeyring) -> Secret {
+    let data: serde_json::Map<String, Value> = keyring
+        .to_secret_data()
+        .into_iter()
+        .map(|(k, v)| (k, json!(base64::engine::general_purpose::STANDARD.encode(v.expose()))))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "portcullis-master-keyring", "namespace": "portcullis"},
+        "data": data,
+    }))
+    .unwrap()
+}
+
 fn credential() -> ProviderCredential {
     serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "ProviderCredential",
@@ -376,19 +391,7 @@ async fn secret_change_reseals_nothing_changed_writes_nothing_master_key_rotatio
     // Master-key rotation: the keyring Secret gains k2 and makes it active.
     let mut rotated = keyring();
     rotated.rotate_to(KeyId::new("k2").unwrap(), MasterKey::from_bytes(&[2u8; 32]).unwrap());
-    let data: serde_json::Map<String, Value> = rotated
-        .to_secret_data()
-        .into_iter()
-        .map(|(k, v)| (k, json!(base64::engine::general_purpose::STANDARD.encode(v.expose()))))
-        .collect();
-    w.put_secret(
-        serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "portcullis-master-keyring", "namespace": "portcullis"},
-            "data": data,
-        }))
-        .unwrap(),
-    );
+    w.put_secret(keyring_secret(&rotated));
     assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(3));
     let calls = w.take_calls();
     assert_eq!(
@@ -971,6 +974,45 @@ async fn a_malformed_object_being_deleted_is_recorded_and_released() {
     let calls = w.take_calls();
     assert_eq!(lines(&calls), vec![format!("PATCH {STOP_PATH}")]);
     assert_eq!(calls[0].body["metadata"]["finalizers"], json!([]));
+}
+
+/// A new active master key re-tags an unchanged snapshot (same generation), so that once the
+/// old key is dropped, the stored snapshot still verifies and an engaged KillSwitch that no
+/// longer reads keeps its entry.
+#[tokio::test]
+async fn a_new_master_key_tags_the_snapshot_again_and_an_unreadable_switch_survives_the_old_one() {
+    let mut w = world(echo(), None);
+    let engaged: portcullis_crds::v1alpha1::KillSwitch = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "KillSwitch", "metadata": metadata_of_stop(),
+        "spec": {"scope": {"global": true}, "active": true, "reason": "incident"},
+    }))
+    .unwrap();
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(engaged))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1));
+    w.take_calls();
+
+    let k2 = || (KeyId::new("k2").unwrap(), MasterKey::from_bytes(&[2u8; 32]).unwrap());
+    let mut rotated = keyring();
+    rotated.rotate_to(k2().0, k2().1);
+    w.put_secret(keyring_secret(&rotated));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), Some(1), "the new key did not tag it");
+    let calls = w.take_calls();
+    let retagged = snapshot_in(calls.iter().find(|c| c.path == SNAPSHOT_PATH).expect("written"));
+    assert_eq!(retagged.tag.as_ref().unwrap().key_id.as_str(), "k2");
+    assert!(retagged.verify_tag(&rotated).is_ok());
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None, "tagged once");
+
+    // k1 dropped, and the switch no longer reads: its entry stays (the content is unchanged).
+    let only_k2 = portcullis_crds::sealing::MasterKeyring::new(k2().0, [k2()].into()).unwrap();
+    w.put_secret(keyring_secret(&only_k2));
+    let unreadable = kube::core::error_boundary::InvalidObject {
+        error: "spec.active: invalid type: string \"no\", expected a boolean".into(),
+        metadata: serde_json::from_value(metadata_of_stop()).unwrap(),
+    };
+    w.kill_switches.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Err(unreadable))));
+    assert_eq!(snapshot::sync_snapshot(&w.ctx).await.unwrap(), None, "the engaged switch was dropped");
+    let state = w.ctx.snapshot.lock().await;
+    assert!(state.previous.as_ref().unwrap().content.kill_switches[0].active);
 }
 
 fn metadata_of_stop() -> Value {

@@ -251,8 +251,16 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     } else {
         false
     };
-    let changed =
-        raised || repair || state.previous.as_ref().is_none_or(|p| p.content_digest != snapshot.content_digest);
+    // A new active master key tags the snapshot again even when nothing else moved: once the
+    // old key leaves the keyring, a replica starting could not verify the stored snapshot, and
+    // the writer itself would no longer trust it to keep an unreadable KillSwitch engaged.
+    let tag_key = |s: &GatewaySnapshot| s.tag.as_ref().map(|t| t.key_id.clone());
+    let changed = raised
+        || repair
+        || state
+            .previous
+            .as_ref()
+            .is_none_or(|p| p.content_digest != snapshot.content_digest || tag_key(p) != tag_key(&snapshot));
     let mut written = None;
     if changed {
         let settings = &ctx.settings;
