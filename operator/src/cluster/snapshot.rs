@@ -266,13 +266,10 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
         let settings = &ctx.settings;
         let secret = secrets::snapshot_secret(&settings.namespace, &settings.snapshot_secret, &snapshot);
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
-        let write = async {
-            check_size(&secret, &snapshot)?;
-            api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
-                .await
-                .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))
-        };
-        write.await?;
+        check_size(&secret, &snapshot)?;
+        api.patch(&settings.snapshot_secret, &apply_params(), &Patch::Apply(&secret))
+            .await
+            .map_err(Error::write(format!("Secret {}", settings.snapshot_secret)))?;
         ctx.metrics.snapshot_writes.inc();
         ctx.metrics.snapshot_generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
         tracing::info!(
