@@ -90,9 +90,12 @@ pub fn snapshot_secret(namespace: &str, name: &str, snapshot: &GatewaySnapshot) 
 
 /// The generation and content digest a snapshot Secret's annotations name, if both are there.
 pub fn named_snapshot(meta: &ObjectMeta) -> Option<(u64, String)> {
-    let annotations = meta.annotations.as_ref()?;
-    let generation = annotations.get(GENERATION_ANNOTATION)?.parse().ok()?;
-    Some((generation, annotations.get(CONTENT_DIGEST_ANNOTATION)?.clone()))
+    let digest = meta.annotations.as_ref()?.get(CONTENT_DIGEST_ANNOTATION)?;
+    Some((annotated_generation(meta)?, digest.clone()))
+}
+
+fn annotated_generation(meta: &ObjectMeta) -> Option<u64> {
+    meta.annotations.as_ref()?.get(GENERATION_ANNOTATION)?.parse().ok()
 }
 
 /// The size of a snapshot Secret's data, to check against what the API server takes.
@@ -117,7 +120,7 @@ fn read_previous(secret: &Secret) -> Option<GatewaySnapshot> {
     let parsed =
         GatewaySnapshot::from_secret_data(|key| secret_data(secret).find(|(k, _)| *k == key).map(|(_, v)| v)).ok();
     parsed.or_else(|| {
-        let generation = secret.metadata.annotations.as_ref()?.get(GENERATION_ANNOTATION)?.parse().ok()?;
+        let generation = annotated_generation(&secret.metadata)?;
         Some(GatewaySnapshot {
             schema_version: portcullis_crds::snapshot::SCHEMA_VERSION,
             generation,

@@ -248,10 +248,9 @@ pub async fn reconcile_api_key(object: Arc<Guarded<ApiKey>>, ctx: Arc<Context>) 
         enforcement,
         conditions,
     };
-    apply_status(&api, &name, &current, &desired).await?;
-    // Woken at once: a step that fails after this (an Event, the ledger) is retried on a status
-    // that no longer differs.
-    if current.issued_digests != desired.issued_digests || current.conditions != desired.conditions {
+    // A status that moved (digests issued, Ready) wakes the writer, at once: a step that fails
+    // after this (an Event, the ledger) is retried on a status that no longer differs.
+    if apply_status(&api, &name, &current, &desired).await? {
         ctx.snapshot_trigger.notify_one();
     }
 
