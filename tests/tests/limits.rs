@@ -247,8 +247,19 @@ async fn an_absurd_max_tokens_leaves_the_shared_store_in_charge() {
     let errors = metric(&gw, "portcullis_limiter_store_errors_total").await.unwrap_or(0.0);
     assert_eq!(errors, 0.0, "the shared store refused a call");
     assert_eq!(metric(&gw, "portcullis_limiter_mode{mode=\"shared\"}").await, Some(1.0));
-    // Reserved as the largest count, then settled to what the mock provider used.
-    let limits = client.get(&gw.admin_url("/limits?key=default/a"), &[]).await.expect("limits").json();
+    // Reserved as the largest count, then settled to what the mock provider used: the
+    // settlement follows the response's last byte, so the client may ask before it is in.
+    let read_limits =
+        || async { client.get(&gw.admin_url("/limits?key=default/a"), &[]).await.expect("limits").json() };
+    let settled = portcullis_e2e::eventually(Duration::from_secs(5), "the settlement", || async {
+        let limits = read_limits().await;
+        (limits["keys"][0]["tokensPerDay"]["used"].as_u64() < Some(1000)).then_some(limits)
+    })
+    .await;
+    let limits = match settled {
+        Ok(limits) => limits,
+        Err(_) => read_limits().await,
+    };
     let used = limits["keys"][0]["tokensPerDay"]["used"].as_u64().expect("used");
     assert!(used < 1000, "settled to the real usage: {limits}");
     assert_eq!(limits["keys"][0]["source"], "shared", "{limits}");
