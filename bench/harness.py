@@ -96,7 +96,9 @@ BODY = {
 STREAM_EVENTS = {"sse": 18, "sse-sdk": 17}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STAMP = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-OUT = os.path.join(ROOT, "bench", "out")
+# Results and work directories (BENCH_OUT: elsewhere, e.g. a training run that is not a result);
+# the Envoy venv stays in bench/out wherever they go.
+OUT = os.environ.get("BENCH_OUT") or os.path.join(ROOT, "bench", "out")
 WORK = os.path.join(OUT, "run-" + STAMP)
 
 procs = []
@@ -487,7 +489,7 @@ def envoy_bin():
     b = os.environ.get("ENVOY_BIN")
     if b and os.path.exists(b):
         return b
-    venv = os.path.join(OUT, ".envoy-venv")
+    venv = os.path.join(ROOT, "bench", "out", ".envoy-venv")
     found = subprocess.run(
         [os.path.join(venv, "bin", "python"), "-c",
          "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"],

