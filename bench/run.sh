@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command: build (release), install what is missing, run the side-by-side proxy benchmark
 # (direct, nginx, Portcullis — no limiter, in-memory, Redis — and Envoy × plain/SSE × concurrency 1/32) and print one table.
-# Results also go to bench/out/latest.md (and a timestamped copy).
+# Results also go to bench/out/latest.md (and a timestamped copy; BENCH_OUT=dir: there instead).
 #
 #   bench/run.sh                      # 10 s per scenario, ~5 minutes in all
 #   BENCH_SECONDS=15 bench/run.sh     # the method (15 s runs)
