@@ -64,6 +64,14 @@ find_profdata() {
     printf '%s\n' /usr/lib/llvm-19/bin/llvm-profdata
 }
 
+# A directory the bench scripts take as BENCH_BIN_DIR: the release bench tools, linked.
+link_bench_tools() {
+    local tool
+    for tool in bench-upstream bench-conns bench-compile; do
+        ln -sfn "$ROOT/target/release/$tool" "$1/$tool"
+    done
+}
+
 PROFDATA=$(find_profdata) || {
     say "no llvm-profdata found, and llvm-19 could not be installed; set LLVM_PROFDATA"
     exit 1
@@ -95,9 +103,7 @@ TRAIN_MODES=plain,sse,sse-sdk
 TRAIN_CONNS=1,32
 rm -rf "$TRAIN_BIN"
 mkdir -p "$TRAIN_BIN"
-for tool in bench-upstream bench-conns bench-compile; do
-    ln -s "$ROOT/target/release/$tool" "$TRAIN_BIN/$tool"
-done
+link_bench_tools "$TRAIN_BIN"
 ln -s "$WORK/generate/$HOST/release/portcullis-dataplane" "$TRAIN_BIN/portcullis-dataplane"
 rm -rf "$WORK/train"
 BENCH_SKIP_BUILD=1 BENCH_BIN_DIR="$TRAIN_BIN" BENCH_OUT="$WORK/train" \
@@ -140,7 +146,5 @@ say "4/4 the data plane built with the profile"
 RUSTFLAGS="$BASE_FLAGS -Cprofile-use=$PROFILE" \
     cargo build --release -q -p portcullis-dataplane --target "$HOST" --target-dir "$WORK/use"
 install -m 0755 "$WORK/use/$HOST/release/portcullis-dataplane" "$WORK/bin/portcullis-dataplane"
-for tool in bench-upstream bench-conns bench-compile; do
-    ln -sfn "$ROOT/target/release/$tool" "$WORK/bin/$tool"
-done
+link_bench_tools "$WORK/bin"
 say "done: $WORK/bin/portcullis-dataplane (profile: $PROFILE)"

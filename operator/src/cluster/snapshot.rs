@@ -254,7 +254,9 @@ pub async fn sync_snapshot(ctx: &Context) -> Result<Option<u64>, Error> {
     // A new active master key tags the snapshot again even when nothing else moved: once the
     // old key leaves the keyring, a replica starting could not verify the stored snapshot, and
     // the writer itself would no longer trust it to keep an unreadable KillSwitch engaged.
-    let tag_key = |s: &GatewaySnapshot| s.tag.as_ref().map(|t| t.key_id.clone());
+    fn tag_key(s: &GatewaySnapshot) -> Option<&str> {
+        s.tag.as_ref().map(|t| t.key_id.as_str())
+    }
     let changed = raised
         || repair
         || state
