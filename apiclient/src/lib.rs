@@ -32,7 +32,12 @@ pub struct NoAnswer(pub Duration);
 /// [`API_CALL_DEADLINE`].
 pub async fn client() -> Result<kube::Client, kube::Error> {
     let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
-    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&DeadlineLayer::new(API_CALL_DEADLINE)).build())
+    client_for(config, API_CALL_DEADLINE)
+}
+
+/// kube's client for `config`, every call but a watch under `deadline`.
+pub fn client_for(config: kube::Config, deadline: Duration) -> Result<kube::Client, kube::Error> {
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&DeadlineLayer::new(deadline)).build())
 }
 
 /// Whether `uri` asks for a watch (`watch=true`, as kube's watcher sends it, or `watch=1`).
