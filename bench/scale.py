@@ -9,8 +9,11 @@
 3. Auth cost: wrk plain c=32 (and c=1) against the 10k-key gateway and the 1-key gateway, both up
    at once and measured in turn (SCALE_AUTH_ROUNDS rounds, order alternating, after a warm-up of
    each): req/s and the gateway's CPU per request, as per-round ratios.
-4. Memory per idle keep-alive connection and per open SSE stream (upstream holds streams open):
-   RSS delta / N on a fresh gateway.
+4. Memory per connection and per open SSE stream (upstream holds streams open): RSS delta / N on
+   a fresh gateway, for connections opened and sending nothing, idle keep-alive connections (one
+   request each) measured a second after, and a second batch of those opened once the first
+   batch has idled 2.5 s (its buffers given back to the allocator, which RSS does not show until
+   they are used again).
 5. New connections at the connection limit: SCALE_AT_LIMIT (500) connections, one request each,
    against a gateway whose `--max-connections` slots are all held by idle keep-alive
    connections (which it closes to make room), beside the same against free slots.
@@ -185,11 +188,12 @@ def tail_latency(key, seconds, reloads=None):
     return r
 
 
-def hold(mode, n, key, pid):
-    """Opens n connections (or streams), returns (RSS delta MB, ok, failed)."""
-    before = settle(pid, 0.5)
+def hold(mode, n, key, pid, wait=0.5, hold_secs=8):
+    """After `wait` s, opens n connections (or streams) held `hold_secs` s: (RSS delta MB a second
+    after all are open, RSS before, after, ok, failed, error)."""
+    before = settle(pid, wait)
     p = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
-                          str(n), mode, key, "8"], stdout=subprocess.PIPE,
+                          str(n), mode, key, str(hold_secs)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline().split()
     time.sleep(1.0)
@@ -198,6 +202,20 @@ def hold(mode, n, key, pid):
     err = p.stderr.read().strip()
     ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
     return after - before, before, after, ok, failed, err
+
+
+def hold_second_batch(n, key, pid):
+    """n idle keep-alive connections held 2.5 s, then n more: (RSS delta MB of the second batch,
+    RSS before it, after it, ok, failed, error)."""
+    first = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
+                              str(n), "idle", key, "9"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    first_ok = first.stdout.readline().split()
+    delta, before, after, ok, failed, err = hold("idle", n, key, pid, wait=2.5, hold_secs=4)
+    first.wait()
+    if len(first_ok) != 3 or int(first_ok[2]) != 0:
+        err = f"first batch: {' '.join(first_ok)} {first.stderr.read().strip()} {err}".strip()
+    return delta, before, after, ok, failed, err
 
 
 def new_connections(n, key):
@@ -371,14 +389,20 @@ def main():
               "snapshot-loading memory is not reused and hidden)", "",
               "| what | N | RSS before MB | RSS with N open MB | per item KB | failed |",
               "|---|---|---|---|---|---|"]
-    for mode, n in (("idle", IDLE_CONNS), ("stream", STREAMS)):
+    for mode, n in (("open", IDLE_CONNS), ("idle", IDLE_CONNS), ("idle-second", IDLE_CONNS),
+                    ("stream", STREAMS)):
         p, _ = start_gateway(small, f"gw-{mode}")
         for _ in range(20):
             key_request(key_one, "plain")
             key_request(key_one, "sse")
-        delta, before, after, ok, failed, err = hold(mode, n, key_one, p.pid)
-        what = ("idle keep-alive connection (after one request)" if mode == "idle"
-                else "open SSE stream (client conn + upstream conn, one event sent)")
+        if mode == "idle-second":
+            delta, before, after, ok, failed, err = hold_second_batch(n, key_one, p.pid)
+        else:
+            delta, before, after, ok, failed, err = hold(mode, n, key_one, p.pid)
+        what = {"open": "connection opened, no request sent yet",
+                "idle": "idle keep-alive connection (after one request)",
+                "idle-second": f"idle keep-alive connection, a second batch (the first {n} idle 2.5 s)",
+                "stream": "open SSE stream (client conn + upstream conn, one event sent)"}[mode]
         lines.append(f"| {what} | {ok} | {before:.1f} | {after:.1f} | "
                      f"{delta * 1024 / max(ok, 1):.1f} | {failed} |")
         if err:

@@ -191,25 +191,22 @@ pub async fn serve(
             http2: http2.clone(),
             shutdown: shutdown.clone(),
         };
-        let metrics = metrics.clone();
-        let tls = tls.clone();
-        let handshake_timeout = settings.tls_handshake_timeout;
-        connections.spawn(async move {
-            let _slot = slot;
-            metrics.open_connections.inc();
-            match tls {
-                None => connection.serve(stream, true).await,
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                        connection.serve_http2(tls_stream).await
-                    }
-                    Ok(Ok(tls_stream)) => connection.serve(tls_stream, false).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                },
+        let open = Open::new(slot, metrics.clone());
+        // One task body for each: a task is as large as its future's largest state, and a
+        // plain connection's then holds no TLS handshake.
+        match &tls {
+            None => connections.spawn(async move {
+                let _open = open;
+                connection.serve(stream, true).await;
+            }),
+            Some(acceptor) => {
+                let (acceptor, handshake_timeout) = (acceptor.clone(), settings.tls_handshake_timeout);
+                connections.spawn(async move {
+                    let _open = open;
+                    connection.serve_tls(stream, acceptor, handshake_timeout).await;
+                })
             }
-            metrics.open_connections.dec();
-        });
+        };
     }
     drop(listener);
     connections.close();
@@ -217,6 +214,26 @@ pub async fn serve(
     tokio::select! {
         () = connections.wait() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    }
+}
+
+/// A connection's slot and its count in `portcullis_open_connections`, both given back when its
+/// task ends or is dropped.
+struct Open {
+    _slot: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Open {
+    fn new(slot: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.open_connections.inc();
+        Self { _slot: slot, metrics }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.open_connections.dec();
     }
 }
 
@@ -237,7 +254,24 @@ impl Connection {
     {
         let ended = http1::serve(io, self.peer, &self.gateway, &self.http1, self.shutdown.clone(), detect_h2).await;
         if let http1::Ended::Http2(io) = ended {
-            self.serve_http2(io).await;
+            // Boxed: hyper's HTTP/2 connection would otherwise make every HTTP/1.1
+            // connection's task as large as its own.
+            Box::pin(self.serve_http2(io)).await;
+        }
+    }
+
+    /// The TLS handshake within `handshake_timeout`, then HTTP/2 when ALPN chose it, else
+    /// HTTP/1.1.
+    async fn serve_tls(self, stream: TcpStream, acceptor: TlsAcceptor, handshake_timeout: Duration) {
+        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                Box::pin(self.serve_http2(tls_stream)).await
+            }
+            // Boxed: a TLS stream (1.2 KB) moved by value is held in each of the futures it
+            // passes through.
+            Ok(Ok(tls_stream)) => self.serve(Box::new(tls_stream), false).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
         }
     }
 

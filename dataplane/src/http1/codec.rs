@@ -26,6 +26,8 @@ const MAX_TRAILERS: usize = 64 * 1024;
 const MIN_READ_SPACE: usize = 4 * 1024;
 /// ... topped up by this much when less is left.
 const READ_RESERVE: usize = 16 * 1024;
+/// How much of a message that comes to a connection without a buffer is read through the stack.
+pub(super) const FIRST_READ: usize = 4 * 1024;
 
 /// What went wrong in an HTTP/1.1 exchange. Metadata only: never a byte of content.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,37 @@ pub fn poll_fill<R: AsyncRead + Unpin>(
         buf.reserve(READ_RESERVE);
     }
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// [`poll_fill`] for a connection waiting for its next message, which may have given its buffer
+/// back ([`BytesMut::new`], no room): that read goes through the stack, so a connection polled
+/// while nothing comes holds no buffer, and takes one when the first bytes come (one copy of at
+/// most `FIRST_READ` bytes). A buffer with room is read into as `poll_fill` does.
+pub fn poll_fill_waiting<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() != 0 {
+        return poll_fill(io, cx, buf);
+    }
+    poll_first_fill(io, cx, buf)
+}
+
+fn poll_first_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [0u8; FIRST_READ];
+    let mut read = tokio::io::ReadBuf::new(&mut stack);
+    std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    let bytes = read.filled();
+    if !bytes.is_empty() {
+        buf.reserve(READ_RESERVE);
+        buf.extend_from_slice(bytes);
+    }
+    Poll::Ready(Ok(bytes.len()))
 }
 
 /// How much of the body is left, and how it is delimited.
@@ -589,5 +622,42 @@ mod tests {
         fill(&mut reader, &mut buf);
         assert_eq!(buf.as_ptr(), before);
         assert_eq!(&buf[..], b"third! and more");
+    }
+
+    /// A connection waiting without a buffer takes none while nothing comes, one with the first
+    /// bytes (all of them, even past the stack's share), and reads into a buffer with room as
+    /// `poll_fill` does.
+    #[tokio::test]
+    async fn a_waiting_connection_takes_a_buffer_only_when_bytes_come() {
+        let (mut near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut buf = BytesMut::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(poll_fill_waiting(&mut near, &mut cx, &mut buf).is_pending());
+        assert_eq!(buf.capacity(), 0, "a buffer taken while nothing came");
+
+        let message: Vec<u8> = (0..FIRST_READ + 100).map(|i| b'a' + (i % 26) as u8).collect();
+        tokio::io::AsyncWriteExt::write_all(&mut far, &message).await.expect("write");
+        let mut read = 0;
+        while read < message.len() {
+            match poll_fill_waiting(&mut near, &mut cx, &mut buf) {
+                Poll::Ready(Ok(n)) if n > 0 => read += n,
+                other => panic!("the message was not read whole: {other:?}"),
+            }
+            assert!(buf.capacity() >= READ_RESERVE, "capacity {}", buf.capacity());
+        }
+        assert_eq!(&buf[..], &message[..]);
+        let first = buf.as_ptr();
+
+        // Room again: read in place (after the bytes the buffer holds), no copy.
+        tokio::io::AsyncWriteExt::write_all(&mut far, b"next").await.expect("write");
+        assert!(matches!(poll_fill_waiting(&mut near, &mut cx, &mut buf), Poll::Ready(Ok(4))));
+        assert_eq!(buf.as_ptr(), first);
+        assert!(buf.ends_with(b"next"));
+
+        // The end of the stream is an end, without a buffer as with one.
+        drop(far);
+        let mut buf = BytesMut::new();
+        assert!(matches!(poll_fill_waiting(&mut near, &mut cx, &mut buf), Poll::Ready(Ok(0))));
+        assert_eq!(buf.capacity(), 0);
     }
 }

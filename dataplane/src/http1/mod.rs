@@ -49,7 +49,7 @@ use crate::error::GatewayError;
 use crate::pipeline::forward::PassedFields;
 use crate::pipeline::limit::RateHeaders;
 use crate::pipeline::{ClientRequest, Gateway, Reply};
-use codec::{poll_fill, push_decimal, worth_parsing, Chunked, Decoder, H1Error};
+use codec::{poll_fill, poll_fill_waiting, push_decimal, worth_parsing, Chunked, Decoder, H1Error};
 pub use head::{Framing, Http1Error};
 pub use idle::Reclaim;
 pub(crate) use idle::Reclaimable;
@@ -57,8 +57,14 @@ use idle::{Deadline, Drain};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Initial read buffer.
-const READ_SIZE: usize = 16 * 1024;
+/// Room the response head is encoded into (a connection's write buffer starts with it).
+const OUT_SIZE: usize = 4096;
+/// How long a keep-alive connection waits for its next request before it gives back its read
+/// and write buffers (20 KiB, more after a large answer): the next request, if any, takes new
+/// ones. A connection that is busy keeps them; an idle one (a client pool's spare connection)
+/// holds only its task until it is used again or times out. nginx frees them at once; waiting
+/// a second keeps the allocations off the path of a busy connection's every request.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// Body bytes merged into one write before it is sent.
 const WRITE_MERGE: usize = 64 * 1024;
 /// A frame at least this large is written as it is instead of being copied into the buffer.
@@ -103,7 +109,8 @@ struct Conn<IO> {
     body: Decoder,
     /// The body could not be read (bad framing, early end): the connection cannot be reused.
     broken: bool,
-    /// When the next request head must have arrived.
+    /// When the connection gives back its buffers while idle, then when the next request head
+    /// must have arrived.
     head_deadline: Deadline,
     /// See [`Settings::response_write_timeout`].
     write_timeout: Duration,
@@ -111,6 +118,18 @@ struct Conn<IO> {
     /// timeout while the client took none of it): sent ahead of the response, which would
     /// otherwise follow a partial status line.
     interim_owed: &'static [u8],
+}
+
+impl<IO> Conn<IO> {
+    /// Gives back the read and write buffers of a connection waiting for a request, when no byte
+    /// of one has come. `poll_fill_waiting` reads the next request through the stack and takes a
+    /// read buffer with its first bytes; `write_response` takes a write buffer for its head.
+    fn release_buffers(&mut self) {
+        if self.buf.is_empty() && self.out.is_empty() {
+            self.buf = BytesMut::new();
+            self.out = Vec::new();
+        }
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
@@ -282,7 +301,12 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     first: bool,
 ) -> Next {
     let idle_since = Instant::now();
-    conn.head_deadline.set(idle_since + settings.header_read_timeout);
+    let close_at = idle_since + settings.header_read_timeout;
+    // First the buffers go, then the connection. One timer for both: a busy connection's is
+    // moved later with every request without touching the wheel (see `Deadline`).
+    let release_at = idle_since + IDLE_RELEASE;
+    let mut releasing = release_at < close_at;
+    conn.head_deadline.set(if releasing { release_at } else { close_at });
     // How much of the buffer has been looked at for a line end since the last parse.
     let mut looked = 0;
     loop {
@@ -311,7 +335,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
             // A request may have come since the last read (a new connection's usually has been
             // sent while it waited in the backlog): a connection with one is not idle.
             let Conn { io, buf, .. } = &mut *conn;
-            match std::future::poll_fn(|cx| Poll::Ready(poll_fill(io, cx, buf))).await {
+            match std::future::poll_fn(|cx| Poll::Ready(poll_fill_waiting(io, cx, buf))).await {
                 Poll::Ready(Ok(0) | Err(_)) => return Next::Close,
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) => return Next::Close,
@@ -322,11 +346,18 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             // The socket first: a waiting connection's usual wake-up is its next request.
             biased;
-            read = std::future::poll_fn(|cx| poll_fill(io, cx, buf)) => match read {
+            read = std::future::poll_fn(|cx| poll_fill_waiting(io, cx, buf)) => match read {
                 Ok(0) | Err(_) => return Next::Close,
                 Ok(_) => {}
             },
             () = std::future::poll_fn(|cx| head_deadline.poll_passed(cx)) => {
+                if releasing {
+                    // Idle this long (or a head still coming, which keeps its buffer).
+                    releasing = false;
+                    conn.release_buffers();
+                    conn.head_deadline.set(close_at);
+                    continue;
+                }
                 return if conn.buf.is_empty() {
                     Next::Close
                 } else {
@@ -356,8 +387,9 @@ where
 {
     let mut conn = Conn {
         io,
-        buf: BytesMut::with_capacity(READ_SIZE),
-        out: Vec::with_capacity(4096),
+        // Taken with the first request's bytes: a connection that only sits open holds none.
+        buf: BytesMut::new(),
+        out: Vec::new(),
         body: Decoder::Done,
         broken: false,
         head_deadline: Deadline::new(),
@@ -570,6 +602,8 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
         delimit = Delimit::None;
     }
     conn.out.clear();
+    // Only the first response after the buffers were given back allocates.
+    conn.out.reserve(OUT_SIZE);
     conn.out.extend_from_slice(std::mem::take(&mut conn.interim_owed));
     encode_head(&mut conn.out, &parts, passed.as_ref(), rate.as_ref(), delimit, version, keep_alive);
     drop(passed);
@@ -849,6 +883,110 @@ mod tests {
         let text = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("read").expect("reader");
         assert!(text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 408 Request Timeout\r\n"), "{text:?}");
         assert!(conn.interim_owed.is_empty());
+    }
+
+    /// A client's socket that records how much room each read that brought bytes offered.
+    struct RoomSeen {
+        io: tokio::io::DuplexStream,
+        rooms: Vec<usize>,
+    }
+
+    impl AsyncRead for RoomSeen {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let (room, before) = (buf.remaining(), buf.filled().len());
+            let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+            if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                self.rooms.push(room);
+            }
+            polled
+        }
+    }
+
+    impl AsyncWrite for RoomSeen {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A keep-alive connection idle for less than `IDLE_RELEASE` keeps its buffers; one idle
+    /// longer gives them back and serves its next request with new ones; a new connection takes
+    /// none before its first bytes. The header timeout is what it was.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_gives_its_buffers_back_and_serves_the_next_request() {
+        const REQUEST: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n\r\n";
+        let settings = Settings {
+            header_read_timeout: Duration::from_secs(10),
+            response_write_timeout: Duration::from_secs(5),
+            busy_poll: None,
+            reclaim: None,
+        };
+        let (_draining, signal) = watch::channel(false);
+        let mut drain = Drain::new(signal);
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut conn = Conn {
+            io: RoomSeen { io: near, rooms: Vec::new() },
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            body: Decoder::Done,
+            broken: false,
+            head_deadline: Deadline::new(),
+            write_timeout: Duration::from_secs(5),
+            interim_owed: &[],
+        };
+        let mut answered = 0;
+        // One request after `idle`, answered: whether it was read whole, the room of its read,
+        // and the write buffer's capacity when it had been read.
+        let mut exchange = async |conn: &mut Conn<RoomSeen>, idle: Duration| {
+            let client = async {
+                tokio::time::sleep(idle).await;
+                far.write_all(REQUEST).await.expect("send");
+            };
+            let mut reclaim = None;
+            let (next, ()) = tokio::join!(read_head(conn, &settings, &mut drain, &mut reclaim, false), client);
+            let head = matches!(next, Next::Head(_));
+            let room = conn.io.rooms.pop().expect("a read brought the request");
+            let out = conn.out.capacity();
+            let response = http::Response::new(crate::body::full("{}"));
+            assert!(write_response(conn, Reply::plain(response), Version::HTTP_11, false, true)
+                .await
+                .expect("answered"));
+            let mut seen = vec![0u8; 4096];
+            let n = far.read(&mut seen).await.expect("read");
+            assert!(seen[..n].starts_with(b"HTTP/1.1 200 OK\r\n") && seen[..n].ends_with(b"\r\n\r\n{}"));
+            answered += 1;
+            (head, room, out)
+        };
+        // New: read through the stack, no buffer before.
+        assert_eq!(exchange(&mut conn, Duration::from_millis(500)).await, (true, codec::FIRST_READ, 0));
+        assert!(conn.buf.capacity() > 0 && conn.out.capacity() >= OUT_SIZE);
+        // Kept alive, idle half a second: read into the buffers it holds.
+        let (head, room, out) = exchange(&mut conn, IDLE_RELEASE / 2).await;
+        assert!(head && room > codec::FIRST_READ && out >= OUT_SIZE, "room {room}, out {out}");
+        // Idle past `IDLE_RELEASE`: both given back, the request read through the stack.
+        let (head, room, out) = exchange(&mut conn, IDLE_RELEASE + Duration::from_millis(500)).await;
+        assert_eq!((head, room, out), (true, codec::FIRST_READ, 0), "a buffer was kept");
+        // And the one after is served as usual.
+        let (head, room, out) = exchange(&mut conn, Duration::ZERO).await;
+        assert!(head && room > codec::FIRST_READ && out >= OUT_SIZE, "room {room}, out {out}");
+        assert_eq!(answered, 4);
+
+        // Past the buffers' release, the header timeout still closes the connection, counted
+        // from when it began to wait, and a head begun keeps its buffer until it times out.
+        let mut reclaim = None;
+        let started = Instant::now();
+        let next = read_head(&mut conn, &settings, &mut drain, &mut reclaim, false).await;
+        assert!(matches!(next, Next::Close) && started.elapsed() == settings.header_read_timeout);
+        far.write_all(b"GET /v1/models HTTP/1.1\r\n").await.expect("send");
+        let started = Instant::now();
+        let next = read_head(&mut conn, &settings, &mut drain, &mut reclaim, false).await;
+        assert!(matches!(next, Next::Refuse(_)) && started.elapsed() == settings.header_read_timeout);
+        assert!(conn.buf.capacity() > 0);
     }
 
     #[tokio::test]

@@ -6,6 +6,8 @@
 //! - MODE `stream`: each connection sends one streaming request with `x-bench-hold: 1`; the
 //!   upstream sends one event and keeps the stream open; the connection reads that event and
 //!   holds.
+//! - MODE `open`: each connection is opened and sends nothing (a client pool's spare
+//!   connection before its first request).
 //!
 //! Prints `READY <ok> <failed>` once every connection is in place, holds for HOLD_SECS, exits.
 
@@ -40,9 +42,20 @@ fn done(buf: &[u8], stream: bool) -> bool {
     find(body, b"0\r\n\r\n").is_some()
 }
 
-async fn one(addr: String, stream: bool, key: String) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Idle,
+    Stream,
+    Open,
+}
+
+async fn one(addr: String, mode: Mode, key: String) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut socket = TcpStream::connect(&addr).await?;
     socket.set_nodelay(true)?;
+    if mode == Mode::Open {
+        return Ok((socket, Vec::new()));
+    }
+    let stream = mode == Mode::Stream;
     let body = if stream { STREAM } else { PLAIN };
     let hold = if stream { "x-bench-hold: 1\r\n" } else { "" };
     let request = format!(
@@ -67,10 +80,15 @@ async fn one(addr: String, stream: bool, key: String) -> anyhow::Result<(TcpStre
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bench-conns ADDR N idle|stream KEY HOLD_SECS";
+    let usage = "usage: bench-conns ADDR N idle|stream|open KEY HOLD_SECS";
     let addr = args.get(1).context(usage)?.clone();
     let n: usize = args.get(2).context(usage)?.parse()?;
-    let stream = args.get(3).context(usage)? == "stream";
+    let mode = match args.get(3).context(usage)?.as_str() {
+        "idle" => Mode::Idle,
+        "stream" => Mode::Stream,
+        "open" => Mode::Open,
+        other => anyhow::bail!("unknown mode {other}; {usage}"),
+    };
     let key = args.get(4).context(usage)?.clone();
     let hold: u64 = args.get(5).context(usage)?.parse()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -80,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         let mut first_error = None;
         // Open in batches so the listener's backlog is never the limit.
         for batch in (0..n).collect::<Vec<_>>().chunks(200) {
-            let tasks: Vec<_> = batch.iter().map(|_| tokio::spawn(one(addr.clone(), stream, key.clone()))).collect();
+            let tasks: Vec<_> = batch.iter().map(|_| tokio::spawn(one(addr.clone(), mode, key.clone()))).collect();
             for task in tasks {
                 match task.await {
                     Ok(Ok(pair)) => held.push(pair),
