@@ -263,15 +263,18 @@ impl Connection {
     /// The TLS handshake within `handshake_timeout`, then HTTP/2 when ALPN chose it, else
     /// HTTP/1.1.
     async fn serve_tls(self, stream: TcpStream, acceptor: TlsAcceptor, handshake_timeout: Duration) {
-        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                Box::pin(self.serve_http2(tls_stream)).await
-            }
-            // Boxed: a TLS stream (1.2 KB) moved by value is held in each of the futures it
-            // passes through.
-            Ok(Ok(tls_stream)) => self.serve(Box::new(tls_stream), false).await,
-            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!("TLS handshake timed out"),
+        // Boxed in a statement of its own: a TLS stream (1.2 KB) held by value, or the handshake's
+        // result a `match` on it keeps until its end, would stay in this future's state and in
+        // each future the stream passes through.
+        let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => Box::new(tls_stream),
+            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => return tracing::debug!("TLS handshake timed out"),
+        };
+        if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Box::pin(self.serve_http2(tls_stream)).await
+        } else {
+            self.serve(tls_stream, false).await
         }
     }
 

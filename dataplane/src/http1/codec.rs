@@ -648,11 +648,14 @@ mod tests {
         assert_eq!(&buf[..], &message[..]);
         let first = buf.as_ptr();
 
-        // Room again: read in place (after the bytes the buffer holds), no copy.
-        tokio::io::AsyncWriteExt::write_all(&mut far, b"next").await.expect("write");
-        assert!(matches!(poll_fill_waiting(&mut near, &mut cx, &mut buf), Poll::Ready(Ok(4))));
+        // Room again: read in place, after the bytes the buffer holds, and more at once than
+        // the stack would take.
+        let next = vec![b'n'; FIRST_READ + 1000];
+        tokio::io::AsyncWriteExt::write_all(&mut far, &next).await.expect("write");
+        let read = poll_fill_waiting(&mut near, &mut cx, &mut buf);
+        assert!(matches!(read, Poll::Ready(Ok(n)) if n == next.len()), "{read:?}");
         assert_eq!(buf.as_ptr(), first);
-        assert!(buf.ends_with(b"next"));
+        assert!(buf.ends_with(&next));
 
         // The end of the stream is an end, without a buffer as with one.
         drop(far);
