@@ -74,8 +74,17 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn assert_cut_by_the_deadline(error: &kube::Error, took: Duration) {
-    let text = chain(error);
+/// Runs `call`, which must fail, and asserts the deadline cut it, on time.
+async fn assert_cut_by_the_deadline<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    what: &str,
+) {
+    let started = Instant::now();
+    let error = tokio::time::timeout(WATCHED * 4, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what} still waits: no deadline"))
+        .expect_err("answered though the server sent nothing");
+    let (text, took) = (chain(&error), started.elapsed());
     assert!(text.contains("the API server did not answer"), "another error: {text}");
     assert!(took >= DEADLINE && took < DEADLINE * 4, "cut after {took:?}, the deadline is {DEADLINE:?}");
 }
@@ -83,24 +92,14 @@ fn assert_cut_by_the_deadline(error: &kube::Error, took: Duration) {
 #[tokio::test]
 async fn a_get_with_no_answer_fails_at_the_deadline() {
     let api = secrets(Server::Silent).await;
-    let started = Instant::now();
-    let error = tokio::time::timeout(WATCHED * 4, api.get("portcullis-snapshot"))
-        .await
-        .expect("the get still waits: no deadline")
-        .expect_err("a silent server answered");
-    assert_cut_by_the_deadline(&error, started.elapsed());
+    assert_cut_by_the_deadline(api.get("portcullis-snapshot"), "the get").await;
 }
 
 #[tokio::test]
 async fn a_list_whose_body_stops_fails_at_the_deadline() {
     let api = secrets(Server::HeadOnly).await;
-    let started = Instant::now();
-    let error =
-        tokio::time::timeout(WATCHED * 4, api.list(&ListParams::default().labels("portcullis.dev/part=snapshot")))
-            .await
-            .expect("the list still waits: no deadline on its body")
-            .expect_err("a body that never came was read");
-    assert_cut_by_the_deadline(&error, started.elapsed());
+    let params = ListParams::default().labels("portcullis.dev/part=snapshot");
+    assert_cut_by_the_deadline(api.list(&params), "the list, whose body never comes,").await;
 }
 
 #[tokio::test]

@@ -129,14 +129,6 @@ pub fn poll_fill_waiting<R: AsyncRead + Unpin>(
     if buf.capacity() != 0 {
         return poll_fill(io, cx, buf);
     }
-    poll_first_fill(io, cx, buf)
-}
-
-fn poll_first_fill<R: AsyncRead + Unpin>(
-    io: &mut R,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
     let mut stack = [0u8; FIRST_READ];
     let mut read = tokio::io::ReadBuf::new(&mut stack);
     std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
