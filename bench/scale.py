@@ -13,7 +13,8 @@
    a fresh gateway, for connections opened and sending nothing, idle keep-alive connections (one
    request each) measured a second after, and a second batch of those opened once the first
    batch has idled 2.5 s (its buffers given back to the allocator, which RSS does not show until
-   they are used again).
+   they are used again). The same again over TLS (ALPN http/1.1; a certificate made by
+   `bench-conns cert`), handshakes done.
 5. New connections at the connection limit: SCALE_AT_LIMIT (500) connections, one request each,
    against a gateway whose `--max-connections` slots are all held by idle keep-alive
    connections (which it closes to make room), beside the same against free slots.
@@ -25,6 +26,7 @@ connection holder on CPU 0.
 import http.client
 import os
 import re
+import ssl
 import statistics
 import subprocess
 import sys
@@ -138,8 +140,12 @@ def reloads(p, big):
     return reload_ms, settle(p.pid), rss_mb(p.pid, "VmHWM")
 
 
-def key_request(key, mode="plain"):
-    c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis"], timeout=5)
+def key_request(key, mode="plain", ca=None):
+    if ca:
+        tls = ssl.create_default_context(cafile=ca)
+        c = http.client.HTTPSConnection("localhost", h.PORT["portcullis"], timeout=5, context=tls)
+    else:
+        c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis"], timeout=5)
     c.request("POST", "/v1/chat/completions", body=h.BODY[mode],
               headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
     r = c.getresponse()
@@ -188,12 +194,13 @@ def tail_latency(key, seconds, reloads=None):
     return r
 
 
-def hold(mode, n, key, pid, wait=0.5, hold_secs=8):
-    """After `wait` s, opens n connections (or streams) held `hold_secs` s: (RSS delta MB a second
-    after all are open, RSS before, after, ok, failed, error)."""
+def hold(mode, n, key, pid, wait=0.5, hold_secs=8, ca=None):
+    """After `wait` s, opens n connections (or streams; over TLS trusting `ca` when given) held
+    `hold_secs` s: (RSS delta MB a second after all are open, RSS before, after, ok, failed,
+    error)."""
     before = settle(pid, wait)
     p = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
-                          str(n), mode, key, str(hold_secs)], stdout=subprocess.PIPE,
+                          str(n), mode, key, str(hold_secs)] + ([ca] if ca else []), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline().split()
     time.sleep(1.0)
@@ -204,18 +211,40 @@ def hold(mode, n, key, pid, wait=0.5, hold_secs=8):
     return after - before, before, after, ok, failed, err
 
 
-def hold_second_batch(n, key, pid):
+def hold_second_batch(n, key, pid, ca=None):
     """n idle keep-alive connections held 2.5 s, then n more: (RSS delta MB of the second batch,
     RSS before it, after it, ok, failed, error)."""
     first = subprocess.Popen(["taskset", "-c", "0", CONNS, f"127.0.0.1:{h.PORT['portcullis']}",
-                              str(n), "idle", key, "9"], stdout=subprocess.PIPE,
+                              str(n), "idle", key, "9"] + ([ca] if ca else []), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     first_ok = first.stdout.readline().split()
-    delta, before, after, ok, failed, err = hold("idle", n, key, pid, wait=2.5, hold_secs=4)
+    delta, before, after, ok, failed, err = hold("idle", n, key, pid, wait=2.5, hold_secs=4, ca=ca)
     first.wait()
     if len(first_ok) != 3 or int(first_ok[2]) != 0:
         err = f"first batch: {' '.join(first_ok)} {first.stderr.read().strip()} {err}".strip()
     return delta, before, after, ok, failed, err
+
+
+def section_four_row(small, key, mode, n, ca, tls_args):
+    """One row of section 4 on a fresh gateway (TLS when `ca` is given): its table line, and a
+    line for the holder's first error, if any."""
+    p, _ = start_gateway(small, f"gw-{mode}{'-tls' if ca else ''}", tls_args if ca else ())
+    for _ in range(20):
+        key_request(key, "plain", ca)
+        key_request(key, "sse", ca)
+    if mode == "idle-second":
+        delta, before, after, ok, failed, err = hold_second_batch(n, key, p.pid, ca)
+    else:
+        delta, before, after, ok, failed, err = hold(mode, n, key, p.pid, ca=ca)
+    h.stop(p)
+    what = {"open": "connection opened, no request sent yet",
+            "idle": "idle keep-alive connection (after one request)",
+            "idle-second": f"idle keep-alive connection, a second batch (the first {n} idle 2.5 s)",
+            "stream": "open SSE stream (client conn + upstream conn, one event sent)"}[mode]
+    if ca:
+        what = "TLS: " + what.replace("opened,", "opened, handshake done,")
+    row = f"| {what} | {ok} | {before:.1f} | {after:.1f} | {delta * 1024 / max(ok, 1):.1f} | {failed} |"
+    return row + (f"\n\n(bench-conns: {err})\n" if err else "")
 
 
 def new_connections(n, key):
@@ -389,25 +418,14 @@ def main():
               "snapshot-loading memory is not reused and hidden)", "",
               "| what | N | RSS before MB | RSS with N open MB | per item KB | failed |",
               "|---|---|---|---|---|---|"]
-    for mode, n in (("open", IDLE_CONNS), ("idle", IDLE_CONNS), ("idle-second", IDLE_CONNS),
-                    ("stream", STREAMS)):
-        p, _ = start_gateway(small, f"gw-{mode}")
-        for _ in range(20):
-            key_request(key_one, "plain")
-            key_request(key_one, "sse")
-        if mode == "idle-second":
-            delta, before, after, ok, failed, err = hold_second_batch(n, key_one, p.pid)
-        else:
-            delta, before, after, ok, failed, err = hold(mode, n, key_one, p.pid)
-        what = {"open": "connection opened, no request sent yet",
-                "idle": "idle keep-alive connection (after one request)",
-                "idle-second": f"idle keep-alive connection, a second batch (the first {n} idle 2.5 s)",
-                "stream": "open SSE stream (client conn + upstream conn, one event sent)"}[mode]
-        lines.append(f"| {what} | {ok} | {before:.1f} | {after:.1f} | "
-                     f"{delta * 1024 / max(ok, 1):.1f} | {failed} |")
-        if err:
-            lines.append(f"\n(bench-conns: {err})\n")
-        h.stop(p)
+    certs = os.path.join(WORK, "certs")
+    subprocess.run([CONNS, "cert", certs], check=True)
+    ca = os.path.join(certs, "ca.pem")
+    tls_args = ("--tls-cert", os.path.join(certs, "server.pem"), "--tls-key", os.path.join(certs, "server-key.pem"))
+    for tls in (False, True):
+        for mode, n in (("open", IDLE_CONNS), ("idle", IDLE_CONNS), ("idle-second", IDLE_CONNS),
+                        ("stream", STREAMS)):
+            lines.append(section_four_row(small, key_one, mode, n, ca if tls else None, tls_args))
     lines += at_the_limit(small, key_one)
     h.stop(up)
     lines += ["", "## Host", "",
