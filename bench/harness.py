@@ -840,6 +840,20 @@ def baseline_ratios(raw):
     return "\n".join(out)
 
 
+def build_kind():
+    """Which build of the data plane BIN holds, as far as its place says."""
+    if os.path.realpath(BIN) == os.path.realpath(os.path.join(ROOT, "target", "shipped", "bin")):
+        try:
+            with open(os.path.join(ROOT, "pgo", "trained-at")) as f:
+                trained = f.read().strip()
+        except OSError:
+            trained = "?"
+        return f"the shipped build: the committed profile, trained at {trained}"
+    if os.path.realpath(BIN) == os.path.realpath(os.path.join(ROOT, "target", "release")):
+        return "the plain release build"
+    return "a build from BENCH_BIN_DIR"
+
+
 def wait_quiet():
     """Waits (bounded) for other engineers' compiles to finish: they share both cores."""
     limit = float(os.environ.get("BENCH_WAIT_QUIET", "90"))
@@ -948,7 +962,8 @@ def main():
           "(stream_options.include_usage, each event its own write); sse-sdk, when run: the same stream "
           "without usage asked for (the OpenAI SDK's default), which Portcullis asks for in a rewritten "
           "body and drops before the client, 17 events. "
-          "Portcullis: auth + routing + metering + SSE usage parsing, log level warn, "
+          f"Portcullis: `{os.path.relpath(os.path.join(BIN, 'portcullis-dataplane'), ROOT)}` ({build_kind()}); "
+          "auth + routing + metering + SSE usage parsing, log level warn, "
           + ("`--worker-threads 1` (single-threaded runtime). " if one_worker_args()
              else "TOKIO_WORKER_THREADS=1 (one-worker multi-thread runtime). ") +
           "nginx: proxy_pass, upstream keepalive, proxy_buffering off, access_log off. "

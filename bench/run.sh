@@ -6,7 +6,8 @@
 #   bench/run.sh                      # 10 s per scenario, ~5 minutes in all
 #   BENCH_SECONDS=15 bench/run.sh     # the method (15 s runs)
 #   BENCH_TARGETS=nginx,portcullis BENCH_MODES=sse BENCH_CONNS=32 bench/run.sh
-#   BENCH_SKIP_BUILD=1 bench/run.sh   # reuse target/release
+#   BENCH_SKIP_BUILD=1 bench/run.sh   # reuse the builds (target/shipped/bin when it is there)
+#   BENCH_BIN_DIR=target/release bench/run.sh   # the plain release build, without the profile
 #
 # Needs root (or sudo) only to install nginx/wrk from Debian when they are missing.
 set -euo pipefail
@@ -45,10 +46,24 @@ if [[ ",${BENCH_TARGETS:-envoy}," == *,envoy,* ]] && [ -z "${ENVOY_BIN:-}" ] && 
     fi
 fi
 
+# The data plane measured is the one that ships (scripts/release-dataplane.sh: the release build
+# with the committed profile, as the Dockerfile builds it), in target/shipped/bin beside links to
+# the bench tools; BENCH_BIN_DIR=target/release measures the plain release build instead.
+SHIPPED="$ROOT/target/shipped/bin"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     say "building (release): portcullis-dataplane, portcullis-bench"
     # One invocation for both, so shared dependencies are built once with one feature set.
     cargo build --release -q -p portcullis-dataplane -p portcullis-bench
+    if [ -z "${BENCH_BIN_DIR:-}" ]; then
+        say "building the data plane as it ships (scripts/release-dataplane.sh)"
+        scripts/release-dataplane.sh "$SHIPPED/portcullis-dataplane"
+    fi
+fi
+if [ -z "${BENCH_BIN_DIR:-}" ] && [ -x "$SHIPPED/portcullis-dataplane" ]; then
+    for tool in bench-upstream bench-conns bench-compile; do
+        ln -sfn "$ROOT/target/release/$tool" "$SHIPPED/$tool"
+    done
+    export BENCH_BIN_DIR="$SHIPPED"
 fi
 
 ulimit -n 65536 2>/dev/null || true

@@ -10,6 +10,10 @@
 #
 #   scripts/pgo-build.sh          # ~25 min on two cores; the binary: target/pgo/bin/portcullis-dataplane
 #
+# The merged profile goes to pgo/portcullis-dataplane.profdata (and the commit it was trained at
+# to pgo/trained-at): committed, it is what the shipped build uses (scripts/release-dataplane.sh,
+# the Dockerfile).
+#
 # target/pgo/bin also holds links to the release bench tools, so the build can be benchmarked
 # against the plain release build side by side:
 #
@@ -27,7 +31,9 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK="$ROOT/target/pgo"
 RAW="$WORK/raw"
-PROFILE="$WORK/portcullis-dataplane.profdata"
+# The profile the shipped build uses (scripts/release-dataplane.sh, the Dockerfile): this script
+# writes it over the committed one; commit it, with pgo/trained-at, to ship it.
+PROFILE="$ROOT/pgo/portcullis-dataplane.profdata"
 
 say() { printf 'pgo-build: %s\n' "$*" >&2; }
 
@@ -136,15 +142,20 @@ if [ ${#raw_files[@]} -eq 0 ]; then
 fi
 
 say "3/4 merging ${#raw_files[@]} raw profile(s)"
-"$PROFDATA" merge -o "$PROFILE" "${raw_files[@]}" || {
+# Sparse: functions that never ran are left out (a tenth of the size, ~1 MB); they are optimised
+# as without a profile instead of for size.
+mkdir -p "$(dirname "$PROFILE")"
+"$PROFDATA" merge --sparse -o "$PROFILE" "${raw_files[@]}" || {
     say "$PROFDATA could not merge them: an llvm-profdata older than rustc's LLVM ($(rustc -vV | sed -n 's/^LLVM version: //p')) may not read its raw profiles; set LLVM_PROFDATA"
     exit 1
 }
 "$PROFDATA" show "$PROFILE" | grep -E 'Total functions|Maximum function count' >&2 || true
+# The commit the counts belong to; `+` when the data plane's sources differed from it.
+dirty=$(git status --porcelain -- dataplane crds operator apiclient Cargo.lock 2>/dev/null | head -1)
+printf '%s%s %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "${dirty:++}" \
+    "$(date -u +%Y-%m-%d)" >"$ROOT/pgo/trained-at"
 
-say "4/4 the data plane built with the profile"
-RUSTFLAGS="$BASE_FLAGS -Cprofile-use=$PROFILE" \
-    cargo build --release -q -p portcullis-dataplane --target "$HOST" --target-dir "$WORK/use"
-install -m 0755 "$WORK/use/$HOST/release/portcullis-dataplane" "$WORK/bin/portcullis-dataplane"
+say "4/4 the data plane built with the profile (as it ships: scripts/release-dataplane.sh)"
+scripts/release-dataplane.sh "$WORK/bin/portcullis-dataplane"
 link_bench_tools "$WORK/bin"
 say "done: $WORK/bin/portcullis-dataplane (profile: $PROFILE)"

@@ -102,6 +102,25 @@ fn the_images_the_chart_runs_are_built_by_the_dockerfile_as_it_expects() {
     for path in ["target", ".venv", ".git"] {
         assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore must leave out {path}");
     }
+    // The data plane ships as the benchmark measures it: built with the committed profile.
+    assert!(build.contains(&"RUN scripts/release-dataplane.sh /out/portcullis-dataplane"), "{build:?}");
+    assert!(!ignored.lines().any(|l| l.trim().trim_matches('/') == "pgo"), ".dockerignore must keep pgo/");
+}
+
+/// The profile the shipped build uses is there, an indexed LLVM profile (what `-Cprofile-use`
+/// reads; a raw `.profraw` committed by mistake would fail the image's build), with the commit it
+/// was trained at beside it.
+#[test]
+fn the_shipped_builds_profile_is_committed_and_indexed() {
+    let profile =
+        std::fs::read(root().join("pgo/portcullis-dataplane.profdata")).expect("pgo/portcullis-dataplane.profdata");
+    const INDEXED_MAGIC: [u8; 8] = [0xff, b'l', b'p', b'r', b'o', b'f', b'i', 0x81];
+    assert!(profile.starts_with(&INDEXED_MAGIC), "not an indexed profile (llvm-profdata merge writes one)");
+    let trained_at = read(&root().join("pgo/trained-at"));
+    let commit = trained_at.split_whitespace().next().unwrap_or_default();
+    assert!(commit.len() >= 7 && commit.trim_end_matches('+').bytes().all(|b| b.is_ascii_hexdigit()), "{trained_at:?}");
+    let script = read(&root().join("scripts/release-dataplane.sh"));
+    assert!(script.contains("-Cprofile-use=$PROFILE") && script.contains("pgo/portcullis-dataplane.profdata"));
 }
 
 #[test]
