@@ -8,7 +8,7 @@
 # roots, no shell, run as a numeric non-root user (the chart's `runAsNonRoot` can only verify a
 # numeric one).
 
-FROM docker.io/library/rust:1.95-bookworm AS build
+FROM docker.io/library/rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p portcullis-operator \

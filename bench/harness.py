@@ -27,6 +27,7 @@ BENCH_MODES (plain,sse; also sse-sdk: a stream without usage asked for, as the O
 by default, which Portcullis rewrites), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
 binary for the `portcullis-baseline` target), BENCH_BIN_DIR (where the built binaries are;
+bench/run.sh sets it to target/shipped/bin, the shipped build, when it is there; else
 target/release, also for bench/scale.sh).
 """
 
@@ -841,14 +842,13 @@ def baseline_ratios(raw):
 
 
 def build_kind():
-    """Which build of the data plane BIN holds, as far as its place says."""
-    if os.path.realpath(BIN) == os.path.realpath(os.path.join(ROOT, "target", "shipped", "bin")):
-        try:
-            with open(os.path.join(ROOT, "pgo", "trained-at")) as f:
-                trained = f.read().strip()
-        except OSError:
-            trained = "?"
-        return f"the shipped build: the committed profile, trained at {trained}"
+    """Which build of the data plane BIN holds: the line scripts/release-dataplane.sh wrote beside
+    it when it built it, else what its place says."""
+    try:
+        with open(os.path.join(BIN, "portcullis-dataplane.build")) as f:
+            return f.read().strip()
+    except OSError:
+        pass
     if os.path.realpath(BIN) == os.path.realpath(os.path.join(ROOT, "target", "release")):
         return "the plain release build"
     return "a build from BENCH_BIN_DIR"

@@ -143,7 +143,7 @@ def reloads(p, big):
 def key_request(key, mode="plain", ca=None):
     if ca:
         tls = ssl.create_default_context(cafile=ca)
-        c = http.client.HTTPSConnection("localhost", h.PORT["portcullis"], timeout=5, context=tls)
+        c = http.client.HTTPSConnection("127.0.0.1", h.PORT["portcullis"], timeout=5, context=tls)
     else:
         c = http.client.HTTPConnection("127.0.0.1", h.PORT["portcullis"], timeout=5)
     c.request("POST", "/v1/chat/completions", body=h.BODY[mode],

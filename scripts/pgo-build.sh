@@ -10,9 +10,9 @@
 #
 #   scripts/pgo-build.sh          # ~25 min on two cores; the binary: target/pgo/bin/portcullis-dataplane
 #
-# The merged profile goes to pgo/portcullis-dataplane.profdata (and the commit it was trained at
-# to pgo/trained-at): committed, it is what the shipped build uses (scripts/release-dataplane.sh,
-# the Dockerfile).
+# The merged profile goes to pgo/portcullis-dataplane.profdata, and the commit, rustc and data
+# plane dependencies it was trained with to pgo/trained-at: commit both to ship it (the
+# Dockerfile builds with them, through scripts/release-dataplane.sh).
 #
 # target/pgo/bin also holds links to the release bench tools, so the build can be benchmarked
 # against the plain release build side by side:
@@ -24,16 +24,16 @@
 # Knobs: LLVM_PROFDATA (an llvm-profdata whose LLVM is at least 19; found or installed if not
 # given), PGO_SECONDS (5: seconds per training scenario).
 #
-# The profile belongs to the commit it was made on: built from other sources, functions that
-# changed lose their counts (rustc warns) and are optimised without them.
+# What a profile matches, and what the shipped build refuses: scripts/release-dataplane.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK="$ROOT/target/pgo"
 RAW="$WORK/raw"
-# The profile the shipped build uses (scripts/release-dataplane.sh, the Dockerfile): this script
-# writes it over the committed one; commit it, with pgo/trained-at, to ship it.
-PROFILE="$ROOT/pgo/portcullis-dataplane.profdata"
+PROFILE="$WORK/portcullis-dataplane.profdata"
+# Where the shipped build finds it (scripts/release-dataplane.sh), with what it was trained with.
+SHIPPED_PROFILE="$ROOT/pgo/portcullis-dataplane.profdata"
+TRAINED="$ROOT/pgo/trained-at"
 
 say() { printf 'pgo-build: %s\n' "$*" >&2; }
 
@@ -88,9 +88,10 @@ if ! "$PROFDATA" --version >/dev/null 2>&1; then
 fi
 say "llvm-profdata: $PROFDATA ($("$PROFDATA" --version | grep -o 'version [0-9.]*' | head -1))"
 
-# The same flags for every crate, so dependencies are built once per step; each step has its own
-# target directory, so target/release (the plain build) is left as it is. `--target` keeps the
-# flags off build scripts and proc macros: instrumented, they would write profiles of the build.
+# The same flags for every crate, so dependencies are built once per step; the instrumented build
+# has a target directory of its own, so target/release (the plain build) is left as it is.
+# `--target` keeps the flags off build scripts and proc macros: instrumented, they would write
+# profiles of the build.
 BASE_FLAGS="${RUSTFLAGS:-}"
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 
@@ -144,18 +145,24 @@ fi
 say "3/4 merging ${#raw_files[@]} raw profile(s)"
 # Sparse: functions that never ran are left out (a tenth of the size, ~1 MB); they are optimised
 # as without a profile instead of for size.
-mkdir -p "$(dirname "$PROFILE")"
 "$PROFDATA" merge --sparse -o "$PROFILE" "${raw_files[@]}" || {
     say "$PROFDATA could not merge them: an llvm-profdata older than rustc's LLVM ($(rustc -vV | sed -n 's/^LLVM version: //p')) may not read its raw profiles; set LLVM_PROFDATA"
     exit 1
 }
 "$PROFDATA" show "$PROFILE" | grep -E 'Total functions|Maximum function count' >&2 || true
-# The commit the counts belong to; `+` when the data plane's sources differed from it.
-dirty=$(git status --porcelain -- dataplane crds operator apiclient Cargo.lock 2>/dev/null | head -1)
-printf '%s%s %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "${dirty:++}" \
-    "$(date -u +%Y-%m-%d)" >"$ROOT/pgo/trained-at"
+mkdir -p "$(dirname "$SHIPPED_PROFILE")"
+cp "$PROFILE" "$SHIPPED_PROFILE"
+# The commit the counts belong to (`+` when the data plane's sources differed from it), then what
+# the symbols they name were built with (the compiler, the dependencies), which the shipped build
+# checks.
+dirty=$(git status --porcelain -- dataplane crds operator apiclient Cargo.toml Cargo.lock 2>/dev/null | head -1)
+{
+    printf '%s%s %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "${dirty:++}" "$(date -u +%Y-%m-%d)"
+    scripts/release-dataplane.sh --fingerprint
+} >"$TRAINED.new"
+mv "$TRAINED.new" "$TRAINED"
 
 say "4/4 the data plane built with the profile (as it ships: scripts/release-dataplane.sh)"
 scripts/release-dataplane.sh "$WORK/bin/portcullis-dataplane"
 link_bench_tools "$WORK/bin"
-say "done: $WORK/bin/portcullis-dataplane (profile: $PROFILE)"
+say "done: $WORK/bin/portcullis-dataplane (profile: $SHIPPED_PROFILE, $(head -1 "$TRAINED"))"

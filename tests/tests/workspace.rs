@@ -108,19 +108,61 @@ fn the_images_the_chart_runs_are_built_by_the_dockerfile_as_it_expects() {
 }
 
 /// The profile the shipped build uses is there, an indexed LLVM profile (what `-Cprofile-use`
-/// reads; a raw `.profraw` committed by mistake would fail the image's build), with the commit it
-/// was trained at beside it.
+/// reads; a raw `.profraw` committed by mistake would fail the image's build), trained with the
+/// rustc the image builds with and with the data plane's present dependencies: its functions are
+/// named by symbols whose hashes both decide, so with either changed it would match almost
+/// nothing, silently (`scripts/release-dataplane.sh` refuses such a build; this says so before an
+/// image is built).
 #[test]
-fn the_shipped_builds_profile_is_committed_and_indexed() {
+fn the_shipped_builds_profile_is_committed_indexed_and_current() {
     let profile =
         std::fs::read(root().join("pgo/portcullis-dataplane.profdata")).expect("pgo/portcullis-dataplane.profdata");
     const INDEXED_MAGIC: [u8; 8] = [0xff, b'l', b'p', b'r', b'o', b'f', b'i', 0x81];
     assert!(profile.starts_with(&INDEXED_MAGIC), "not an indexed profile (llvm-profdata merge writes one)");
+    let checked = std::process::Command::new("bash")
+        .arg(root().join("scripts/release-dataplane.sh"))
+        .arg("--check")
+        .output()
+        .expect("run the script");
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
     let trained_at = read(&root().join("pgo/trained-at"));
-    let commit = trained_at.split_whitespace().next().unwrap_or_default();
-    assert!(commit.len() >= 7 && commit.trim_end_matches('+').bytes().all(|b| b.is_ascii_hexdigit()), "{trained_at:?}");
-    let script = read(&root().join("scripts/release-dataplane.sh"));
-    assert!(script.contains("-Cprofile-use=$PROFILE") && script.contains("pgo/portcullis-dataplane.profdata"));
+    let rustc = trained_at.lines().find_map(|l| l.strip_prefix("rustc: ")).expect("pgo/trained-at names its rustc");
+    let version = rustc.split_whitespace().nth(1).expect("rustc X.Y.Z (…)");
+    let dockerfile = read(&root().join("Dockerfile"));
+    let from = dockerfile.lines().map(str::trim).find(|l| l.starts_with("FROM ") && l.ends_with(" AS build"));
+    let image = format!("FROM docker.io/library/rust:{version}-bookworm AS build");
+    assert_eq!(from, Some(image.as_str()), "the image must build with the profile's rustc ({rustc})");
+}
+
+/// The shipped build refuses a profile trained with another rustc, before it builds anything;
+/// `PORTCULLIS_PGO=0` is the way to build without it. (A stand-in `rustc` first on `PATH`
+/// reports another version to `rustc -V` and hands everything else to the real one; the refusal
+/// comes before cargo builds.)
+#[test]
+fn the_shipped_build_refuses_a_profile_trained_with_another_rustc() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = std::process::Command::new("bash").args(["-c", "command -v rustc"]).output().expect("find rustc");
+    let real = String::from_utf8(real.stdout).expect("utf-8").trim().to_owned();
+    assert!(!real.is_empty(), "no rustc on PATH");
+    let bin = tempfile::tempdir().expect("tempdir");
+    let fake = bin.path().join("rustc");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\nif [ \"$1\" = -V ]; then echo 'rustc 0.0.1 (stand-in)'; else exec '{real}' \"$@\"; fi\n"),
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new("bash")
+        .arg(root().join("scripts/release-dataplane.sh"))
+        .arg(bin.path().join("never-built"))
+        .env("PATH", path)
+        .output()
+        .expect("run the script");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("rustc 0.0.1 (stand-in)") && said.contains("PORTCULLIS_PGO=0"), "{said}");
+    assert!(!bin.path().join("never-built").exists());
 }
 
 #[test]
