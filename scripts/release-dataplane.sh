@@ -60,6 +60,7 @@ check() {
 case "$ARG" in
     --fingerprint) fingerprint; exit ;;
     --check) check; exit ;;
+    --*) say "unknown option $ARG (--check, --fingerprint, or an output path)"; exit 2 ;;
 esac
 OUT="${ARG:-$ROOT/target/shipped/bin/portcullis-dataplane}"
 FLAGS="${RUSTFLAGS:-}"
