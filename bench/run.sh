@@ -54,7 +54,7 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     say "building (release): portcullis-dataplane, portcullis-bench"
     # One invocation for both, so shared dependencies are built once with one feature set.
     cargo build --release -q -p portcullis-dataplane -p portcullis-bench
-    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll)?, ]]; then
+    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll|-tls)?, ]]; then
         say "building the data plane as it ships (scripts/release-dataplane.sh)"
         scripts/release-dataplane.sh "$SHIPPED/portcullis-dataplane"
     fi
@@ -67,4 +67,5 @@ if [ -z "${BENCH_BIN_DIR:-}" ] && [ -x "$SHIPPED/portcullis-dataplane" ]; then
 fi
 
 ulimit -n 65536 2>/dev/null || true
-exec timeout --signal=INT 900 python3 "$ROOT/bench/harness.py"
+# A bound on the whole run: 15 minutes a round (the default round takes about 9).
+exec timeout --signal=INT $((900 * ${BENCH_ROUNDS:-1})) python3 "$ROOT/bench/harness.py"

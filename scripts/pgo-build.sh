@@ -4,7 +4,8 @@
 #   1. builds it instrumented (`-Cprofile-generate`),
 #   2. runs it under the benchmark's loads (bench/run.sh: a chat completion, a stream with usage
 #      asked for, the OpenAI SDK's default stream; one and 32 connections; in-memory and Redis
-#      limits), which writes how often each branch and call ran,
+#      limits; the client leg over plain HTTP/1.1 and over TLS 1.3), which writes how often each
+#      branch and call ran,
 #   3. merges those counts with `llvm-profdata`,
 #   4. builds it again with `-Cprofile-use`: hot paths laid out and inlined as they ran.
 #
@@ -105,7 +106,8 @@ RUSTFLAGS="$BASE_FLAGS -Cprofile-generate=$RAW" \
 
 say "2/4 training under the benchmark's loads"
 TRAIN_BIN="$WORK/train-bin"
-TRAIN_TARGETS=portcullis,portcullis-redis
+# portcullis-tls: the same gateway serving HTTPS, so rustls's record layer has counts too.
+TRAIN_TARGETS=portcullis,portcullis-redis,portcullis-tls
 TRAIN_MODES=plain,sse,sse-sdk
 TRAIN_CONNS=1,32
 rm -rf "$TRAIN_BIN"
