@@ -774,6 +774,13 @@ def round_ratios(raw, a, b, mode, conns):
     return sorted(x["rps"] / y["rps"] for x, y in zip(xs, ys) if y["rps"])
 
 
+def round_cpu_ratios(raw, a, b, mode, conns):
+    """Per-round proxy CPU-per-request ratios a/b, sorted (rounds where either has none left out)."""
+    return sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"]
+                  for x, y in zip(raw.get((a, mode, conns), []), raw.get((b, mode, conns), []))
+                  if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+
+
 def throughput_status(ratio, basis):
     """MET or MISSED for a throughput ratio, saying which figure was judged."""
     if ratio >= 1.0:
@@ -806,9 +813,7 @@ def verdict(results, raw):
                        + throughput_status(judged, basis) + spread(rounds))
             # The proxy's own CPU per request does not depend on how busy CPU 0 is: it is what
             # the throughput would follow if the proxy's core were the only ceiling.
-            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"]
-                         for x, y in zip(raw.get(("portcullis", mode, 32), []), raw.get(("nginx", mode, 32), []))
-                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+            cpu = round_cpu_ratios(raw, "portcullis", "nginx", mode, 32)
             if p.get("cpu_us_per_req") and n.get("cpu_us_per_req"):
                 out.append(f"  - proxy CPU per request: {p['cpu_us_per_req']:.1f} µs against nginx's "
                            f"{n['cpu_us_per_req']:.1f} ({p['cpu_us_per_req'] / n['cpu_us_per_req']:.3f}×; "
@@ -823,9 +828,7 @@ def verdict(results, raw):
         t, nt = idx.get(("portcullis-tls", mode, 32)), idx.get(("nginx-tls", mode, 32))
         if t and nt:
             rounds = round_ratios(raw, "portcullis-tls", "nginx-tls", mode, 32)
-            cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"]
-                         for x, y in zip(raw.get(("portcullis-tls", mode, 32), []), raw.get(("nginx-tls", mode, 32), []))
-                         if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+            cpu = round_cpu_ratios(raw, "portcullis-tls", "nginx-tls", mode, 32)
             line = (f"- over TLS {mode} c=32 (the client leg HTTPS for both; no target set): "
                     f"{t['rps'] / nt['rps']:.3f}× nginx-tls" + spread(rounds))
             if cpu:
@@ -897,11 +900,10 @@ def baseline_ratios(raw):
 def baseline_line(raw, this, base, mode, conns):
     """One scenario of `baseline_ratios`, or None if the pair did not both run it."""
     pairs = list(zip(raw.get((this, mode, conns), []), raw.get((base, mode, conns), [])))
-    rps = sorted(x["rps"] / y["rps"] for x, y in pairs if y.get("rps"))
+    rps = round_ratios(raw, this, base, mode, conns)
     if not rps:
         return None
-    cpu = sorted(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in pairs
-                 if x.get("cpu_us_per_req") and y.get("cpu_us_per_req"))
+    cpu = round_cpu_ratios(raw, this, base, mode, conns)
     line = (f"{mode} c={conns}: req/s {statistics.median(rps):.3f}× the baseline "
             f"({rps[0]:.2f}–{rps[-1]:.2f} over {len(rps)} round(s))")
     if cpu:
