@@ -418,10 +418,8 @@ def main():
               "snapshot-loading memory is not reused and hidden)", "",
               "| what | N | RSS before MB | RSS with N open MB | per item KB | failed |",
               "|---|---|---|---|---|---|"]
-    certs = os.path.join(WORK, "certs")
-    subprocess.run([CONNS, "cert", certs], check=True)
-    ca = os.path.join(certs, "ca.pem")
-    tls_args = ("--tls-cert", os.path.join(certs, "server.pem"), "--tls-key", os.path.join(certs, "server-key.pem"))
+    ca, cert, cert_key = h.tls_files()  # made in WORK (h.WORK), as the proxy bench makes them
+    tls_args = ("--tls-cert", cert, "--tls-key", cert_key)
     for tls in (False, True):
         for mode, n in (("open", IDLE_CONNS), ("idle", IDLE_CONNS), ("idle-second", IDLE_CONNS),
                         ("stream", STREAMS)):
