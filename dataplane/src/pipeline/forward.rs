@@ -75,6 +75,18 @@ fn stripped_response_field(name: &[u8]) -> bool {
         )
 }
 
+/// Response fields whose value changes from one response to the next: request ids (the
+/// gateway's, a provider's own, Cloudflare's ray), a provider's processing time, and what is left
+/// of a rate limit and when it resets (OpenAI's `x-ratelimit-remaining-*` and `-reset-*`,
+/// Anthropic's `anthropic-ratelimit-*-remaining` and `-reset`). HTTP/2 sends them never indexed
+/// (`super::never_index_varying`).
+pub fn varies_per_response(name: &[u8]) -> bool {
+    matches!(name, b"x-request-id" | b"x-upstream-request-id" | b"request-id" | b"cf-ray" | b"openai-processing-ms")
+        || name.starts_with(b"x-ratelimit-remaining-")
+        || name.starts_with(b"x-ratelimit-reset-")
+        || (name.starts_with(b"anthropic-ratelimit-") && (name.ends_with(b"-remaining") || name.ends_with(b"-reset")))
+}
+
 /// The field names a `Connection` header lists (hop-by-hop for this message only).
 fn connection_listed(fields: &impl HeaderFields) -> SmallVec<[&[u8]; 4]> {
     fields.tokens("connection").collect()

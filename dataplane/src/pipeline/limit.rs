@@ -310,6 +310,11 @@ impl RateHeaders {
         });
     }
 
+    /// How many headers these are: three per window carried.
+    pub fn count(&self) -> usize {
+        3 * (usize::from(self.requests.is_some()) + usize::from(self.tokens.is_some()))
+    }
+
     /// Sets these headers in `headers`, replacing any of the same names.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         let mut text = Vec::with_capacity(24);
@@ -477,5 +482,19 @@ mod tests {
                 assert_eq!(format!("{:.3}s", ms as f64 / 1000.0), text);
             }
         }
+    }
+
+    /// Over HTTP/2 the limit is indexed (it repeats), what is left and when it resets are not.
+    #[test]
+    fn only_the_limits_themselves_are_indexed() {
+        for names in [&OPENAI, &ANTHROPIC] {
+            for [limit, remaining, reset] in [&names.requests, &names.tokens] {
+                assert!(!super::super::forward::varies_per_response(limit.as_str().as_bytes()), "{limit}");
+                assert!(super::super::forward::varies_per_response(remaining.as_str().as_bytes()), "{remaining}");
+                assert!(super::super::forward::varies_per_response(reset.as_str().as_bytes()), "{reset}");
+            }
+        }
+        let both = RateHeaders { tokens: window(5, 4, 9), ..RateHeaders::requests(1, 0, 2) };
+        assert_eq!((both.count(), RateHeaders::requests(1, 0, 2).count()), (6, 3));
     }
 }

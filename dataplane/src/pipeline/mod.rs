@@ -170,16 +170,37 @@ impl Reply {
 
     /// The response with everything in its header map, for a server that does not encode the
     /// fields beside it itself (HTTP/2): the passed fields first, then rate limits replacing
-    /// any of the provider's.
+    /// any of the provider's; the map grown once, to hold them all. Values that change from one
+    /// response to the next are marked to be sent never indexed ([`never_index_varying`]).
     pub fn into_response(self) -> Response<GatewayBody> {
         let mut response = self.response;
+        let headers = response.headers_mut();
+        let passed_count = self.passed.as_ref().map_or(0, |passed| passed.each().count());
+        headers.reserve(passed_count + self.rate.map_or(0, |rate| rate.count()));
         if let Some(passed) = self.passed {
-            passed.append_to(response.headers_mut());
+            passed.append_to(headers);
         }
         if let Some(rate) = self.rate {
-            rate.insert_into(response.headers_mut());
+            rate.insert_into(headers);
         }
+        never_index_varying(headers);
         response
+    }
+}
+
+/// Marks the values of fields that change with every response (request ids, timings, what is
+/// left of a rate limit and when it resets: [`forward::varies_per_response`]) sensitive, which
+/// HPACK (HTTP/2's header compression) sends as literals never indexed. Entering a value no
+/// later response repeats in the connection's dynamic table only churns it: each one evicts
+/// entries later responses could reuse, and h2's encoder first compares it with every earlier
+/// value of the same name still there (with the insertions, 7 % of the HTTP/2 server's CPU at
+/// c=32 in the bench, `bench/PROFILE.md`). nginx indexes no response field at all. Fields whose
+/// value repeats (`content-type`, the limits themselves) stay indexable.
+fn never_index_varying(headers: &mut HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if forward::varies_per_response(name.as_str().as_bytes()) {
+            value.set_sensitive(true);
+        }
     }
 }
 
@@ -631,5 +652,48 @@ mod tests {
         let (whole, _held) =
             read_bounded(frames(&[b"0123456789", b"0123456789", b"0123456789"]), 64, &budget).await.expect("fits now");
         assert_eq!((whole.len(), budget.held()), (30, 30));
+    }
+
+    /// What HTTP/2 sends: everything in the map, and the values that change with every
+    /// response (request ids, a provider's timing, what is left of a limit and when it resets)
+    /// marked never to be indexed; the values that repeat stay indexable.
+    #[test]
+    fn http2_gets_every_field_and_indexes_only_those_that_repeat() {
+        let provider = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: up-1\r\n\
+            OpenAI-Processing-Ms: 12\r\nOpenAI-Version: 2020-10-01\r\nCF-Ray: 8f1e2d3c4b5a6978-AMS\r\n\
+            X-RateLimit-Remaining-Requests: 7\r\nContent-Length: 5\r\n\r\n";
+        let fields = ResponseFields::Raw(crate::fields::tests::response_fields(provider));
+        let reply = Reply {
+            response: Response::new(crate::body::full(Bytes::new())),
+            passed: Some(forward::PassedFields::new(fields, http::HeaderValue::from_static("req_ours"))),
+            rate: Some(limit::RateHeaders::requests(50, 49, 1500)),
+        };
+        let response = reply.into_response();
+        let mut seen: Vec<(String, String, bool)> = response
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_str().expect("ascii").to_owned(), value.is_sensitive()))
+            .collect();
+        seen.sort();
+        let expected = [
+            ("cf-ray", "8f1e2d3c4b5a6978-AMS", true),
+            ("content-type", "application/json", false),
+            ("openai-processing-ms", "12", true),
+            ("openai-version", "2020-10-01", false),
+            ("x-ratelimit-limit-requests", "50", false),
+            // Ours replaces the provider's.
+            ("x-ratelimit-remaining-requests", "49", true),
+            ("x-ratelimit-reset-requests", "1.500s", true),
+            ("x-request-id", "req_ours", true),
+            ("x-upstream-request-id", "up-1", true),
+        ]
+        .map(|(name, value, never)| (name.to_owned(), value.to_owned(), never));
+        assert_eq!(seen, expected);
+
+        // A response the gateway made itself (an error) goes the same way.
+        let mut made = Response::new(crate::body::full(Bytes::new()));
+        made.headers_mut().insert(REQUEST_ID_HEADER, http::HeaderValue::from_static("req_made"));
+        let made = Reply::plain(made).into_response();
+        assert!(made.headers()[REQUEST_ID_HEADER].is_sensitive());
     }
 }
