@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::http1::{self, Reclaim, Reclaimable};
 use crate::pipeline::Gateway;
@@ -38,7 +40,7 @@ pub async fn serve<IO>(
     // for a client that stops taking one (see `stall`).
     let watchdog = Watchdog::new(settings.response_write_timeout);
     let _sweeper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watchdog.clone().run()));
-    let streams = Arc::new(OpenStreams(watch::Sender::new(0)));
+    let streams = Arc::new(OpenStreams::new());
     let counted = streams.clone();
     let service = service_fn(move |request| {
         if let Some(busy) = &busy_poll {
@@ -90,34 +92,58 @@ pub async fn serve<IO>(
 /// the listener asked for a slot (and one of its closes was left) while it had had none for
 /// [`Reclaim::MIN_IDLE`]. The listener asks again while it waits, so a connection busy or young
 /// at one ask can go at the next.
+///
+/// Streams do not wake it: it looks when its timer fires or an ask comes. While streams are open
+/// the timer is a whole timeout away, so a busy connection is looked at once per timeout; if its
+/// last stream closed by then, it waits out the rest of the timeout from that close. (Woken by
+/// each stream's open and close instead, the connection's task, and hyper's connection with it,
+/// was polled twice more per request.)
 async fn idle_out(streams: &OpenStreams, reclaim: &mut Option<Reclaimable>, idle_timeout: Duration) {
-    let mut open = streams.0.subscribe();
     loop {
-        // The sender lives in `streams`, as long as this future: never an error.
-        let _ = open.wait_for(|open| *open == 0).await;
-        let idle_since = tokio::time::Instant::now();
-        loop {
-            if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) {
-                return;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(idle_since + idle_timeout) => return,
-                _ = open.wait_for(|open| *open > 0) => break,
-                // Looked at by the next turn, if the connection is still idle then.
-                () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))) => {}
-            }
+        let idle = streams.idle_since();
+        // Busy: as if idle from now, too young for an ask (which is seen, and let go).
+        let idle_since = idle.unwrap_or_else(Instant::now);
+        if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) {
+            return;
+        }
+        let deadline = idle_since + idle_timeout;
+        if idle.is_some() && Instant::now() >= deadline {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {}
+            // Looked at by the next turn.
+            () = std::future::poll_fn(|cx| reclaim.as_mut().map_or(Poll::Pending, |r| r.poll_ask(cx))) => {}
         }
     }
 }
 
-/// How many streams of one connection are open.
+/// How many streams of one connection are open, and since when none has been: counters, not a
+/// channel, so opening and closing a stream wakes nothing.
 #[derive(Debug)]
-struct OpenStreams(watch::Sender<usize>);
+struct OpenStreams {
+    open: AtomicUsize,
+    /// Milliseconds from `epoch` to the last close (0 before any stream: idle since `epoch`).
+    last_close_ms: AtomicU64,
+    epoch: Instant,
+}
 
 impl OpenStreams {
+    fn new() -> Self {
+        Self { open: AtomicUsize::new(0), last_close_ms: AtomicU64::new(0), epoch: Instant::now() }
+    }
+
     fn open(self: &Arc<Self>) -> OpenStream {
-        self.0.send_modify(|open| *open += 1);
+        self.open.fetch_add(1, Ordering::AcqRel);
         OpenStream(self.clone())
+    }
+
+    /// Since when no stream has been open; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.open.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        Some(self.epoch + Duration::from_millis(self.last_close_ms.load(Ordering::Acquire)))
     }
 }
 
@@ -127,7 +153,11 @@ struct OpenStream(Arc<OpenStreams>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0 .0.send_modify(|open| *open = open.saturating_sub(1));
+        let streams = &self.0;
+        // The time first: whoever sees the count reach zero sees this close's time with it.
+        let since_epoch = u64::try_from(streams.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        streams.last_close_ms.fetch_max(since_epoch, Ordering::AcqRel);
+        streams.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -146,7 +176,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_idles_out_only_with_no_stream_open_for_the_whole_timeout() {
-        let streams = Arc::new(OpenStreams(watch::Sender::new(0)));
+        let streams = Arc::new(OpenStreams::new());
         let timeout = Duration::from_secs(10);
         let started = tokio::time::Instant::now();
         let stream = streams.open();
@@ -161,6 +191,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(40));
 
         // A stream opened during the idle wait starts the count again when it ends.
+        let streams = Arc::new(OpenStreams::new());
         let started = tokio::time::Instant::now();
         let mut none = None;
         let idling = idle_out(&streams, &mut none, timeout);
@@ -171,5 +202,32 @@ mod tests {
         drop(stream);
         idling.await;
         assert_eq!(started.elapsed(), Duration::from_secs(20));
+    }
+
+    /// Streams come and go without waking the connection's task (which polls hyper's
+    /// connection whenever it wakes).
+    #[tokio::test(start_paused = true)]
+    async fn streams_opening_and_closing_wake_nothing() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl futures_util::task::ArcWake for Count {
+            fn wake_by_ref(count: &Arc<Self>) {
+                count.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let streams = Arc::new(OpenStreams::new());
+        let mut none = None;
+        let idling = idle_out(&streams, &mut none, Duration::from_secs(10));
+        tokio::pin!(idling);
+        assert!(std::future::Future::poll(idling.as_mut(), &mut cx).is_pending());
+        let held = streams.open();
+        for _ in 0..100 {
+            drop(streams.open());
+        }
+        drop(held);
+        assert!(std::future::Future::poll(idling.as_mut(), &mut cx).is_pending());
+        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
     }
 }
