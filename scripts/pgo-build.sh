@@ -106,8 +106,9 @@ RUSTFLAGS="$BASE_FLAGS -Cprofile-generate=$RAW" \
 
 say "2/4 training under the benchmark's loads"
 TRAIN_BIN="$WORK/train-bin"
-# portcullis-tls: the same gateway serving HTTPS, so rustls's record layer has counts too.
-TRAIN_TARGETS=portcullis,portcullis-redis,portcullis-tls
+# portcullis-tls: the same gateway serving HTTPS, so rustls's record layer has counts too;
+# portcullis-h2: HTTP/2 (h2c, loaded by h2load), so hyper's and h2's server paths do.
+TRAIN_TARGETS=portcullis,portcullis-redis,portcullis-tls,portcullis-h2
 TRAIN_MODES=plain,sse,sse-sdk
 TRAIN_CONNS=1,32
 rm -rf "$TRAIN_BIN"
