@@ -4,7 +4,7 @@
 #   1. builds it instrumented (`-Cprofile-generate`),
 #   2. runs it under the benchmark's loads (bench/run.sh: a chat completion, a stream with usage
 #      asked for, the OpenAI SDK's default stream; one and 32 connections; in-memory and Redis
-#      limits; the client leg over plain HTTP/1.1 and over TLS 1.3), which writes how often each
+#      limits; the client leg over plain HTTP/1.1, over TLS 1.3 and over HTTP/2), which writes how often each
 #      branch and call ran,
 #   3. merges those counts with `llvm-profdata`,
 #   4. builds it again with `-Cprofile-use`: hot paths laid out and inlined as they ran.
