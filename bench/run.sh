@@ -4,7 +4,7 @@
 # and over HTTP/2 (h2load), and Envoy × plain/SSE × concurrency 1/32) and print one table.
 # Results also go to bench/out/latest.md (and a timestamped copy; BENCH_OUT=dir: there instead).
 #
-#   bench/run.sh                      # 10 s per scenario, ~9 minutes in all
+#   bench/run.sh                      # 10 s per scenario, ~11 minutes in all
 #   BENCH_SECONDS=15 bench/run.sh     # the method (15 s runs)
 #   BENCH_TARGETS=nginx,portcullis BENCH_MODES=sse BENCH_CONNS=32 bench/run.sh
 #   BENCH_SKIP_BUILD=1 bench/run.sh   # reuse the builds (target/shipped/bin when it is there)
@@ -71,7 +71,7 @@ fi
 
 ulimit -n 65536 2>/dev/null || true
 # A bound on the whole run: 15 minutes a round of 10 s scenarios with 2 s warm-ups (the default
-# round takes about 9), longer scenarios in proportion. Numbers read as the harness reads them
+# round takes about 11), longer scenarios in proportion. Numbers read as the harness reads them
 # (decimal; at least one round).
 rounds=$((10#${BENCH_ROUNDS:-1})); [ "$rounds" -ge 1 ] || rounds=1
 per_round=$((900 * (10#${BENCH_SECONDS:-10} + 10#${BENCH_WARMUP:-2}) / 12)); [ "$per_round" -ge 900 ] || per_round=900
