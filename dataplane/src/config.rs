@@ -23,8 +23,15 @@ fn failure_policy(text: &str) -> Result<portcullis_crds::v1alpha1::FailurePolicy
     }
 }
 
+/// The longest any of the flags in seconds may be: a day. Every one is added to the clock, which
+/// a value near `Duration::MAX` would overflow (a panic at the first request, not at start).
+const MAX_SECONDS: f64 = 86_400.0;
+
 fn seconds(text: &str) -> Result<Duration, String> {
     let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if secs > MAX_SECONDS {
+        return Err(format!("{text} is more than a day ({MAX_SECONDS} seconds)"));
+    }
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
@@ -263,6 +270,21 @@ impl DataplaneArgs {
             Tenancy::Shared
         } else {
             Tenancy::platform(self.platform_namespace.iter().cloned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_are_a_number_from_zero_to_a_day() {
+        assert_eq!(seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(seconds("86400"), Ok(Duration::from_secs(86_400)));
+        for refused in ["86400.5", "1e300", "-1", "NaN", "inf", "ten", ""] {
+            assert!(seconds(refused).is_err(), "{refused:?}");
         }
     }
 }

@@ -62,7 +62,7 @@ pub async fn serve<IO>(
         tokio::select! {
             // A dropped sender means the server is gone: drain as well.
             _ = shutdown.wait_for(|draining| *draining) => {}
-            () = idle_out(&streams, &mut reclaim, settings.header_read_timeout) => {}
+            () = idle_out(&streams, &mut reclaim, settings.header_read_timeout, streams.epoch) => {}
         }
     };
     let ended = tokio::select! {
@@ -71,12 +71,14 @@ pub async fn serve<IO>(
             connection.as_mut().graceful_shutdown();
             // hyper closes once its streams are done, but it waits for ever for a client that
             // never sent its preface (the GOAWAY waits for it), or for window to send a
-            // stream's last bytes. Once no stream has been open for the idle timeout, the
-            // connection is dropped instead.
+            // stream's last bytes. Once no stream has been open for the idle timeout, counted
+            // from now at the earliest (so the GOAWAY goes out first), the connection is
+            // dropped instead.
             let mut no_reclaim = None;
+            let told_at = Instant::now();
             tokio::select! {
                 ended = connection.as_mut() => ended,
-                () = idle_out(&streams, &mut no_reclaim, settings.header_read_timeout) => {
+                () = idle_out(&streams, &mut no_reclaim, settings.header_read_timeout, told_at) => {
                     tracing::debug!("an HTTP/2 connection told to close did not; dropped");
                     Ok(())
                 }
@@ -88,26 +90,38 @@ pub async fn serve<IO>(
     }
 }
 
-/// Ready when the connection should go away: it has had no open stream for `idle_timeout`, or
-/// the listener asked for a slot (and one of its closes was left) while it had had none for
-/// [`Reclaim::MIN_IDLE`]. The listener asks again while it waits, so a connection busy or young
-/// at one ask can go at the next.
+/// Ready when the connection should go away: it has had no open stream for `idle_timeout` (and
+/// not since before `not_before`), or the listener asked for a slot (and one of its closes was
+/// left) while it had had none for [`Reclaim::MIN_IDLE`]. The listener asks again while it
+/// waits, so a connection busy or young at one ask can go at the next.
 ///
 /// Streams do not wake it: it looks when its timer fires or an ask comes. While streams are open
-/// the timer is a whole timeout away, so a busy connection is looked at once per timeout; if its
-/// last stream closed by then, it waits out the rest of the timeout from that close. (Woken by
-/// each stream's open and close instead, the connection's task, and hyper's connection with it,
-/// was polled twice more per request.)
-async fn idle_out(streams: &OpenStreams, reclaim: &mut Option<Reclaimable>, idle_timeout: Duration) {
+/// the timer is a whole timeout away (a second at least), so a busy connection is looked at once
+/// per timeout; if its last stream closed by then, it waits out the rest of the timeout from
+/// that close. (Woken by each stream's open and close instead, the connection's task, and
+/// hyper's connection with it, was polled twice more per request.)
+async fn idle_out(
+    streams: &OpenStreams,
+    reclaim: &mut Option<Reclaimable>,
+    idle_timeout: Duration,
+    not_before: Instant,
+) {
     loop {
-        let idle = streams.idle_since();
-        // Busy: as if idle from now, too young for an ask (which is seen, and let go).
-        let idle_since = idle.unwrap_or_else(Instant::now);
+        let (idle_since, deadline) = match streams.idle_since() {
+            Some(since) => {
+                let since = since.max(not_before);
+                (since, since + idle_timeout)
+            }
+            // Busy: as if idle from now, too young for an ask (which is seen, and let go).
+            None => {
+                let now = Instant::now();
+                (now, now + idle_timeout.max(Duration::from_secs(1)))
+            }
+        };
         if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) {
             return;
         }
-        let deadline = idle_since + idle_timeout;
-        if idle.is_some() && Instant::now() >= deadline {
+        if streams.idle_since().is_some() && Instant::now() >= deadline {
             return;
         }
         tokio::select! {
@@ -181,7 +195,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let stream = streams.open();
         let mut none = None;
-        let idling = idle_out(&streams, &mut none, timeout);
+        let idling = idle_out(&streams, &mut none, timeout, streams.epoch);
         tokio::pin!(idling);
         // Open for 30 s: not idle meanwhile.
         still_waiting(&mut idling, 30, "idled out with a stream open").await;
@@ -190,11 +204,20 @@ mod tests {
         idling.await;
         assert_eq!(started.elapsed(), Duration::from_secs(40));
 
+        // Told to close when it already had no stream for the timeout: the wait for its close
+        // is a whole timeout again, from then.
+        let told = tokio::time::Instant::now();
+        let mut none = None;
+        let idling = idle_out(&streams, &mut none, timeout, told);
+        tokio::pin!(idling);
+        still_waiting(&mut idling, 9, "dropped before its GOAWAY could close it").await;
+        idling.await;
+        assert_eq!(told.elapsed(), timeout);
+
         // A stream opened during the idle wait starts the count again when it ends.
-        let streams = Arc::new(OpenStreams::new());
         let started = tokio::time::Instant::now();
         let mut none = None;
-        let idling = idle_out(&streams, &mut none, timeout);
+        let idling = idle_out(&streams, &mut none, timeout, started);
         tokio::pin!(idling);
         still_waiting(&mut idling, 5, "idled out early").await;
         let stream = streams.open();
@@ -219,7 +242,7 @@ mod tests {
         let mut cx = std::task::Context::from_waker(&waker);
         let streams = Arc::new(OpenStreams::new());
         let mut none = None;
-        let idling = idle_out(&streams, &mut none, Duration::from_secs(10));
+        let idling = idle_out(&streams, &mut none, Duration::from_secs(10), streams.epoch);
         tokio::pin!(idling);
         assert!(std::future::Future::poll(idling.as_mut(), &mut cx).is_pending());
         let held = streams.open();

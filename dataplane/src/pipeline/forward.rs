@@ -76,13 +76,22 @@ fn stripped_response_field(name: &[u8]) -> bool {
 }
 
 /// Response fields whose value changes from one response to the next: request ids (the
-/// gateway's, a provider's own, Cloudflare's ray), a provider's processing time, and what is left
-/// of a rate limit and when it resets (OpenAI's `x-ratelimit-remaining-*` and `-reset-*`,
-/// Anthropic's `anthropic-ratelimit-*-remaining` and `-reset`). HTTP/2 sends them never indexed
-/// (`super::never_index_varying`).
+/// gateway's, a provider's own, Cloudflare's ray), a provider's processing times, when to retry,
+/// and what is left of a rate limit and when it resets (OpenAI's `x-ratelimit-remaining-*` and
+/// `-reset-*`, Anthropic's `anthropic-ratelimit-*-remaining` and `-reset`). HTTP/2 sends them
+/// never indexed (`super::never_index_varying`).
 pub fn varies_per_response(name: &[u8]) -> bool {
-    matches!(name, b"x-request-id" | b"x-upstream-request-id" | b"request-id" | b"cf-ray" | b"openai-processing-ms")
-        || name.starts_with(b"x-ratelimit-remaining-")
+    matches!(
+        name,
+        b"x-request-id"
+            | b"x-upstream-request-id"
+            | b"request-id"
+            | b"cf-ray"
+            | b"openai-processing-ms"
+            | b"x-envoy-upstream-service-time"
+            | b"retry-after"
+            | b"retry-after-ms"
+    ) || name.starts_with(b"x-ratelimit-remaining-")
         || name.starts_with(b"x-ratelimit-reset-")
         || (name.starts_with(b"anthropic-ratelimit-") && (name.ends_with(b"-remaining") || name.ends_with(b"-reset")))
 }
@@ -332,6 +341,37 @@ mod tests {
         let shown = format!("{outbound:?}");
         assert!(!shown.contains("CANARY"), "{shown}");
         assert!(shown.contains("head_len"), "{shown}");
+    }
+
+    #[test]
+    fn the_fields_that_change_every_response_are_named() {
+        for name in [
+            "x-request-id",
+            "x-upstream-request-id",
+            "request-id",
+            "cf-ray",
+            "openai-processing-ms",
+            "x-envoy-upstream-service-time",
+            "retry-after",
+            "retry-after-ms",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-tokens",
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ] {
+            assert!(varies_per_response(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "content-type",
+            "openai-version",
+            "openai-organization",
+            "x-ratelimit-limit-requests",
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-requests-remaining-x",
+            "x-ratelimit",
+        ] {
+            assert!(!varies_per_response(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]
