@@ -14,6 +14,8 @@
 #   PROFILE_TOOLS=perf PROFILE_SECONDS=5 bench/profile.sh
 #   PROFILE_TOOLS=vs-nginx PROFILE_MODES=plain PROFILE_ROUNDS=3 bench/profile.sh   # ~1.5 minutes
 #   PROFILE_BIN_DIR=/other/target/release BENCH_SKIP_BUILD=1 bench/profile.sh   # another build
+#   PROFILE_CLIENT=h2 bench/profile.sh  # the client leg over HTTP/2 (h2c, h2load -c32 -m1), and
+#                                       # vs-nginx against nginx's `listen … http2`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -24,6 +26,8 @@ SECONDS_RUN=${PROFILE_SECONDS:-10}
 TOOLS=${PROFILE_TOOLS:-perf,callgrind}
 MODES=${PROFILE_MODES:-plain,sse}
 ROUNDS=${PROFILE_ROUNDS:-2}
+CLIENT=${PROFILE_CLIENT:-http1}
+case $CLIENT in http1 | h2) ;; *) echo "PROFILE_CLIENT is http1 or h2, not $CLIENT" >&2; exit 2 ;; esac
 BASE=${BENCH_PORT_BASE:-28100}
 UP=$((BASE + 1)); GW=$((BASE + 3)); ADMIN=$((BASE + 4))
 KEY=pcl_bench_client_key_0123456789_abcdefghijklmnop
@@ -36,23 +40,27 @@ need=()
 command -v perf >/dev/null || need+=(linux-perf)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v wrk >/dev/null || need+=(wrk)
+if [ "$CLIENT" = h2 ]; then command -v h2load >/dev/null || need+=(nghttp2-client); fi
 if [[ $TOOLS == *vs-nginx* ]]; then command -v nginx >/dev/null || need+=(nginx); fi
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 # Manifests and wrk scripts: the same as the proxy bench.
-python3 - "$OUT" <<'EOF'
+# nginx: the HTTP/1.1 one, or with PROFILE_CLIENT=h2 `nginx-h2` (h2c), written as nginx/nginx.conf.
+python3 - "$OUT" "$CLIENT" <<'EOF'
 import os, sys
 sys.path.insert(0, "bench")
 import harness as h
 h.require_free_ports(h.PORT)
 h.WORK = sys.argv[1]
 h.write_manifests(os.path.join(sys.argv[1], "manifests"))
-h.nginx_conf(os.path.join(sys.argv[1], "nginx"))
+h.nginx_conf(os.path.join(sys.argv[1], "nginx"), "nginx-h2" if sys.argv[2] == "h2" else "nginx")
 for mode in ("plain", "sse"):
     with open(os.path.join(sys.argv[1], f"wrk-{mode}.lua"), "w") as f:
         f.write(h.LUA % {"key": h.CLIENT_KEY, "body": h.BODY[mode]})
+    with open(os.path.join(sys.argv[1], f"body-{mode}.json"), "w") as f:
+        f.write(h.BODY[mode])
 EOF
 
 pids=()
@@ -69,7 +77,14 @@ wait_ready() {
     done
     echo "gateway did not become ready" >&2; return 1
 }
-load() { # mode seconds [port]
+load() { # mode seconds [port]: a BENCHRESULT line whose second field is the requests done
+    if [ "$CLIENT" = h2 ]; then
+        taskset -c 0 h2load -t1 -c32 -m1 -D "$2" -N 10 -d "$OUT/body-$1.json" \
+            -H "authorization: Bearer $KEY" -H 'content-type: application/json' \
+            "http://127.0.0.1:${3:-$GW}/v1/chat/completions" \
+            | awk '$1 == "requests:" { print "BENCHRESULT", $6, "(h2load: " $0 ")" }'
+        return
+    fi
     taskset -c 0 wrk -t1 -c32 -d"$2"s --timeout 10s -s "$OUT/wrk-$1.lua" \
         "http://127.0.0.1:${3:-$GW}/v1/chat/completions" | grep BENCHRESULT
 }
@@ -92,7 +107,8 @@ if "$BIN/portcullis-dataplane" --help 2>/dev/null | grep -q -- --worker-threads;
 fi
 
 if [[ $TOOLS == *vs-nginx* ]]; then
-    NGINX_PORT=$(python3 -c 'import sys; sys.path.insert(0, "bench"); import harness as h; print(h.PORT["nginx"])')
+    NGINX_PORT=$(python3 -c 'import sys; sys.path.insert(0, "bench"); import harness as h; print(h.PORT[sys.argv[1]])' \
+        "$([ "$CLIENT" = h2 ] && echo nginx-h2 || echo nginx)")
     TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/portcullis-dataplane" "${gw_args[@]}" >"$OUT/gw-vs.log" 2>&1 &
     gw=$!; pids+=($gw)
     taskset -c 1 nginx -c "$OUT/nginx/nginx.conf" >"$OUT/nginx.log" 2>&1 &
@@ -101,7 +117,8 @@ if [[ $TOOLS == *vs-nginx* ]]; then
     worker=""
     for _ in $(seq 1 100); do
         worker=$(pgrep -P "$ng" | head -1 || true)   # worker_processes 1
-        [ -n "$worker" ] && curl -fs -o /dev/null -X POST -H "Authorization: Bearer $KEY" \
+        [ -n "$worker" ] && curl -fs -o /dev/null $([ "$CLIENT" = h2 ] && echo --http2-prior-knowledge) \
+            -X POST -H "Authorization: Bearer $KEY" \
             -H 'Content-Type: application/json' --data '{"model":"bench-model","messages":[]}' \
             "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" && break
         sleep 0.1
