@@ -197,6 +197,14 @@ impl fmt::Debug for ResponseFields {
 }
 
 impl ResponseFields {
+    /// How many fields there are.
+    pub fn count(&self) -> usize {
+        match self {
+            ResponseFields::Raw(raw) => raw.lines.len(),
+            ResponseFields::Map(map) => map.len(),
+        }
+    }
+
     /// Every field as (name, value), the value able to become a `HeaderValue` that shares the
     /// head's bytes (HTTP/2 responses need those; HTTP/1.1 writes the bytes).
     pub fn each_value(&self) -> impl Iterator<Item = (&[u8], FieldValue<'_>)> {

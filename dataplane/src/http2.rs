@@ -107,21 +107,21 @@ async fn idle_out(
     not_before: Instant,
 ) {
     loop {
-        let (idle_since, deadline) = match streams.idle_since() {
+        let (idle_since, deadline, idle) = match streams.idle_since() {
             Some(since) => {
                 let since = since.max(not_before);
-                (since, since + idle_timeout)
+                (since, since + idle_timeout, true)
             }
             // Busy: as if idle from now, too young for an ask (which is seen, and let go).
             None => {
                 let now = Instant::now();
-                (now, now + idle_timeout.max(Duration::from_secs(1)))
+                (now, now + idle_timeout.max(Duration::from_secs(1)), false)
             }
         };
         if reclaim.as_mut().is_some_and(|r| r.asked(idle_since)) {
             return;
         }
-        if streams.idle_since().is_some() && Instant::now() >= deadline {
+        if idle && Instant::now() >= deadline {
             return;
         }
         tokio::select! {

@@ -133,6 +133,12 @@ impl PassedFields {
         provider.chain(std::iter::once((&b"x-request-id"[..], FieldValue::Map(&self.request_id))))
     }
 
+    /// At least as many fields as [`Self::each`] passes on, counted without walking them: the
+    /// provider's, and the gateway's `x-request-id`.
+    pub fn max_len(&self) -> usize {
+        self.fields.count() + 1
+    }
+
     /// Appends the fields passed on to `headers` (for a server that writes a map: HTTP/2).
     pub fn append_to(&self, headers: &mut HeaderMap) {
         for (name, value) in self.each() {

@@ -175,8 +175,8 @@ impl Reply {
     pub fn into_response(self) -> Response<GatewayBody> {
         let mut response = self.response;
         let headers = response.headers_mut();
-        let passed_count = self.passed.as_ref().map_or(0, |passed| passed.each().count());
-        headers.reserve(passed_count + self.rate.map_or(0, |rate| rate.count()));
+        let passed = self.passed.as_ref().map_or(0, forward::PassedFields::max_len);
+        headers.reserve(passed + self.rate.map_or(0, |rate| rate.count()));
         if let Some(passed) = self.passed {
             passed.append_to(headers);
         }
