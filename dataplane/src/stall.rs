@@ -11,11 +11,12 @@
 //! polls it, that is when the client grants window again, or when the connection closes: until
 //! then it keeps one of the connection's stream slots and the chunk h2 holds for it.
 //!
-//! Data is handed to hyper in pieces of at most [`PIECE`] bytes, so "came back for more" means
-//! "took another 16 KiB", as close to HTTP/1.1's "any progress" as hyper lets a body see. A body
-//! hyper has not polled at all counts from when it was handed over with its response head (hyper
-//! waits for window before the first poll, so a client that grants none would otherwise hold
-//! the stream for ever). A body waiting on its provider (its last poll returned `Pending`) is not
+//! Data is handed to hyper in pieces of at most [`PIECE`] bytes (small frames that are ready
+//! together gathered into one, see [`gather`]), so "came back for more" means "took another
+//! 16 KiB", as close to HTTP/1.1's "any progress" as hyper lets a body see. A body hyper has
+//! not polled at all counts from when it was handed over with its response head (hyper waits
+//! for window before the first poll, so a client that grants none would otherwise hold the
+//! stream for ever). A body waiting on its provider (its last poll returned `Pending`) is not
 //! stalled: the provider idle timeout covers that. A body that has handed over its last piece
 //! is still watched until hyper drops it: hyper holds the piece until the stream has window.
 //!
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -41,8 +42,12 @@ pub const PIECE: usize = 16 * 1024;
 /// One stream's body, shared between the stream and the watchdog.
 struct Slot {
     body: Option<GatewayBody>,
-    /// What is left of a frame larger than [`PIECE`].
+    /// What is left of a frame larger than [`PIECE`], or a frame that did not fit in the piece
+    /// it was read for.
     rest: Bytes,
+    /// What the body returned after the data of the last piece was gathered: trailers, an
+    /// error, or (`Some(None)`) its end. Handed to hyper next.
+    held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
     /// When the body last handed hyper data (or was handed over unpolled), while hyper has not
     /// asked for more since.
     handed_at: Option<Instant>,
@@ -53,7 +58,11 @@ struct Slot {
 impl Slot {
     /// Whether everything has been handed over.
     fn ended(&self) -> bool {
-        self.rest.is_empty() && self.body.as_ref().is_some_and(Body::is_end_stream)
+        self.rest.is_empty()
+            && match &self.held {
+                Some(held) => held.is_none(),
+                None => self.body.as_ref().is_some_and(Body::is_end_stream),
+            }
     }
 }
 
@@ -92,7 +101,7 @@ impl Watchdog {
     /// `body`, watched from now, holding `ticket` until the body is dropped or taken.
     pub fn guard(&self, body: GatewayBody, ticket: impl Send + 'static) -> GuardedBody {
         let handed_at = (!body.is_end_stream()).then(Instant::now);
-        let slot = Slot { body: Some(body), rest: Bytes::new(), handed_at, ticket: Some(Box::new(ticket)) };
+        let slot = Slot { body: Some(body), rest: Bytes::new(), held: None, handed_at, ticket: Some(Box::new(ticket)) };
         let slot = Arc::new(Mutex::new(slot));
         let mut slots = lock(&self.slots);
         if slots.is_empty() {
@@ -121,6 +130,7 @@ impl Watchdog {
                     stalled.extend(slot.body.take());
                     tickets.extend(slot.ticket.take());
                     slot.rest = Bytes::new();
+                    slot.held = None;
                     slot.handed_at = None;
                 }
                 slot.body.is_some()
@@ -167,6 +177,52 @@ impl std::fmt::Debug for GuardedBody {
     }
 }
 
+/// `first`, followed by the data the body has ready now, up to [`PIECE`] bytes in all: a
+/// provider's SSE events that one read brought go to hyper as one piece, so out as one `DATA`
+/// frame, instead of one frame (and one pass through h2's send queue and the connection's task)
+/// each. nginx sends what one read brought the same way. Nothing waits: gathering stops at the
+/// first `Pending`. Data that would not fit waits in `rest`; whatever the body returns after
+/// the data (trailers, an error, its end) waits in `held`.
+fn gather(slot: &mut Slot, cx: &mut Context<'_>, first: Bytes) -> Bytes {
+    let Some(body) = slot.body.as_mut() else { return first };
+    let mut gathered: Option<BytesMut> = None;
+    loop {
+        let len = gathered.as_ref().map_or(first.len(), BytesMut::len);
+        if len >= PIECE || body.is_end_stream() {
+            break;
+        }
+        let more = match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => break,
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(more) => more,
+                Err(trailers) => {
+                    slot.held = Some(Some(Ok(trailers)));
+                    break;
+                }
+            },
+            Poll::Ready(Some(Err(error))) => {
+                slot.held = Some(Some(Err(error)));
+                break;
+            }
+            Poll::Ready(None) => {
+                slot.held = Some(None);
+                break;
+            }
+        };
+        if len + more.len() > PIECE {
+            slot.rest = more;
+            break;
+        }
+        let gathered = gathered.get_or_insert_with(|| {
+            let mut joined = BytesMut::with_capacity((4 * (first.len() + more.len())).min(PIECE));
+            joined.extend_from_slice(&first);
+            joined
+        });
+        gathered.extend_from_slice(&more);
+    }
+    gathered.map_or(first, BytesMut::freeze)
+}
+
 impl Body for GuardedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -177,7 +233,15 @@ impl Body for GuardedBody {
         let Some(body) = slot.body.as_mut() else {
             return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
         };
-        let mut data = if slot.rest.is_empty() {
+        let mut data = if !slot.rest.is_empty() {
+            mem::take(&mut slot.rest)
+        } else if let Some(held) = slot.held.take() {
+            slot.handed_at = None;
+            if held.is_none() {
+                slot.body = None;
+            }
+            return Poll::Ready(held);
+        } else {
             match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => data,
@@ -197,11 +261,11 @@ impl Body for GuardedBody {
                     return other;
                 }
             }
-        } else {
-            mem::take(&mut slot.rest)
         };
         if data.len() > PIECE {
             slot.rest = data.split_off(PIECE);
+        } else {
+            data = gather(slot, cx, data);
         }
         // Until hyper comes back for more, or drops the body having sent its last piece (it
         // holds a piece until the stream has window).
@@ -372,5 +436,109 @@ mod tests {
         assert_eq!(watchdog.sweep(Instant::now() + Duration::from_millis(500)), 0, "not yet");
         assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 1);
         assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// One step of a [`Script`]ed body.
+    enum Step {
+        Data(Vec<u8>),
+        /// `Pending` once (the body wakes itself, as a socket with more to read would).
+        Wait,
+        Trailers,
+        Fail,
+    }
+
+    /// A body that returns its steps in order, then ends; `knows_end` makes it say it has ended
+    /// as soon as its steps run out (as the metering body does) rather than only when polled.
+    struct Script {
+        steps: std::collections::VecDeque<Step>,
+        knows_end: bool,
+    }
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(match self.steps.pop_front() {
+                None => None,
+                Some(Step::Data(data)) => Some(Ok(Frame::data(Bytes::from(data)))),
+                Some(Step::Wait) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(Step::Trailers) => Some(Ok(Frame::trailers(http::HeaderMap::new()))),
+                Some(Step::Fail) => Some(Err("the provider broke off".into())),
+            })
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.knows_end && self.steps.is_empty()
+        }
+    }
+
+    /// What a scripted body comes out as through a guard: data pieces as text (`'x'` runs
+    /// shortened to their length), "trailers", "error"; and whether the guard said it had ended
+    /// once the last piece was out (hyper then sends the end with it, and polls no more).
+    async fn pieces(steps: Vec<Step>, knows_end: bool) -> (Vec<String>, bool) {
+        let watchdog = Watchdog::new(Duration::from_secs(60));
+        let script = Script { steps: steps.into(), knows_end };
+        let mut guarded = watchdog.guard(script.boxed_unsync(), ());
+        let mut out = Vec::new();
+        let mut ended_with_data = false;
+        while let Some(frame) = guarded.frame().await {
+            match frame {
+                Ok(frame) if frame.is_trailers() => out.push("trailers".to_owned()),
+                Ok(frame) => {
+                    let data = frame.into_data().expect("data");
+                    let text = String::from_utf8(data.to_vec()).expect("text");
+                    let runs = text.trim_matches('x').len() != text.len();
+                    out.push(if runs {
+                        format!("{}x{}", text.matches('x').count(), text.replace('x', ""))
+                    } else {
+                        text
+                    });
+                    ended_with_data = guarded.is_end_stream();
+                    if ended_with_data {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    out.push("error".to_owned());
+                    break;
+                }
+            }
+        }
+        (out, ended_with_data)
+    }
+
+    fn data(text: &str) -> Step {
+        Step::Data(text.as_bytes().to_vec())
+    }
+
+    /// Frames a provider sent together (one read's SSE events) go to hyper as one piece; a
+    /// frame that comes after a wait is not held back for company; nothing crosses `PIECE`,
+    /// and what follows the data (trailers, an error, the end) comes after it, in order.
+    #[tokio::test]
+    async fn frames_ready_together_go_as_one_piece_and_nothing_waits_for_company() {
+        let (out, ended) = pieces(vec![data("a"), data("b"), data("c"), Step::Wait, data("d"), data("e")], true).await;
+        assert_eq!(out, ["abc", "de"]);
+        assert!(ended, "the last piece carries the end");
+        // The end found while gathering, by a body that only tells when polled.
+        let (out, ended) = pieces(vec![data("a"), data("b")], false).await;
+        assert_eq!(out, ["ab"]);
+        assert!(ended, "the end was found while gathering and goes with the data");
+
+        // A frame that would take the piece past PIECE waits for the next one.
+        let near = Step::Data(vec![b'x'; PIECE - 10]);
+        let (out, _) = pieces(vec![near, data("yy"), Step::Data(vec![b'x'; 9]), data("z")], true).await;
+        assert_eq!(out, [format!("{}xyy", PIECE - 10), "9xz".to_owned()]);
+        // A frame larger than PIECE is still cut, and the rest gathers what follows.
+        let (out, _) = pieces(vec![Step::Data(vec![b'x'; PIECE + 3]), data("a"), data("b")], true).await;
+        assert_eq!(out, [format!("{PIECE}x"), "3xab".to_owned()]);
+
+        let (out, _) = pieces(vec![data("a"), data("b"), Step::Trailers], false).await;
+        assert_eq!(out, ["ab", "trailers"]);
+        let (out, _) = pieces(vec![data("a"), data("b"), Step::Fail, data("never")], false).await;
+        assert_eq!(out, ["ab", "error"], "the data read before the error goes first");
     }
 }
