@@ -39,6 +39,9 @@ use crate::body::{BoxError, GatewayBody};
 /// Largest piece of data handed to hyper at once.
 pub const PIECE: usize = 16 * 1024;
 
+/// Most frames gathered into one piece (a bound however small the frames, even empty).
+const GATHERED_FRAMES: usize = 256;
+
 /// One stream's body, shared between the stream and the watchdog.
 struct Slot {
     body: Option<GatewayBody>,
@@ -46,7 +49,8 @@ struct Slot {
     /// it was read for.
     rest: Bytes,
     /// What the body returned after the data of the last piece was gathered: trailers, an
-    /// error, or (`Some(None)`) its end. Handed to hyper next.
+    /// error, or (`Some(None)`) its end. Handed to hyper next; the end stays, so a body that
+    /// ended keeps answering `None`.
     held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
     /// When the body last handed hyper data (or was handed over unpolled), while hyper has not
     /// asked for more since.
@@ -186,7 +190,7 @@ impl std::fmt::Debug for GuardedBody {
 fn gather(slot: &mut Slot, cx: &mut Context<'_>, first: Bytes) -> Bytes {
     let Some(body) = slot.body.as_mut() else { return first };
     let mut gathered: Option<BytesMut> = None;
-    loop {
+    for _ in 0..GATHERED_FRAMES {
         let len = gathered.as_ref().map_or(first.len(), BytesMut::len);
         if len >= PIECE || body.is_end_stream() {
             break;
@@ -238,7 +242,7 @@ impl Body for GuardedBody {
         } else if let Some(held) = slot.held.take() {
             slot.handed_at = None;
             if held.is_none() {
-                slot.body = None;
+                slot.held = Some(None);
             }
             return Poll::Ready(held);
         } else {
@@ -252,7 +256,7 @@ impl Body for GuardedBody {
                     }
                 },
                 Poll::Ready(None) => {
-                    slot.body = None;
+                    slot.held = Some(None);
                     slot.handed_at = None;
                     return Poll::Ready(None);
                 }
@@ -540,5 +544,52 @@ mod tests {
         assert_eq!(out, ["ab", "trailers"]);
         let (out, _) = pieces(vec![data("a"), data("b"), Step::Fail, data("never")], false).await;
         assert_eq!(out, ["ab", "error"], "the data read before the error goes first");
+        // Empty frames do not keep the gathering going for ever.
+        let mut steps: Vec<Step> = (0..10_000).map(|_| data("")).collect();
+        steps.push(data("z"));
+        let (out, _) = pieces(steps, true).await;
+        assert_eq!(out.concat(), "z");
+        assert!(out.len() > 1, "gathered in bounded steps: {}", out.len());
+    }
+
+    /// The gathering stops at the body's first `Pending`, which leaves the stream's waker with
+    /// the provider's socket: what arrives later wakes the stream and goes out.
+    #[tokio::test]
+    async fn data_arriving_after_the_gathering_stopped_wakes_the_stream() {
+        let watchdog = Watchdog::new(Duration::from_secs(60));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, BoxError>>();
+        let body = StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).boxed_unsync();
+        let mut guarded = watchdog.guard(body, ());
+        for event in ["data: 1\n\n", "data: 2\n\n"] {
+            tx.send(Ok(Frame::data(Bytes::from_static(event.as_bytes())))).expect("sent");
+        }
+        let first = guarded.frame().await.expect("a piece").expect("data").into_data().expect("data");
+        assert_eq!(first, "data: 1\n\ndata: 2\n\n");
+        let later = tokio::spawn(async move {
+            let next = guarded.frame().await.expect("a piece").expect("data").into_data().expect("data");
+            (next, guarded.frame().await.is_none())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"data: 3\n\n")))).expect("sent");
+        drop(tx);
+        let (next, ended) = tokio::time::timeout(Duration::from_secs(5), later).await.expect("woken").expect("ran");
+        assert_eq!(next, "data: 3\n\n");
+        assert!(ended);
+    }
+
+    /// A stream that stalls with trailers held after its last piece loses them with its body,
+    /// releases its ticket, and ends with the write-timeout error.
+    #[tokio::test]
+    async fn a_stall_takes_what_was_held_too() {
+        let watchdog = Watchdog::new(Duration::from_secs(1));
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let script = Script { steps: vec![data("a"), data("b"), Step::Trailers].into(), knows_end: false };
+        let mut guarded = watchdog.guard(script.boxed_unsync(), Ticket(released.clone()));
+        let piece = guarded.frame().await.expect("a piece").expect("data").into_data().expect("data");
+        assert_eq!(piece, "ab");
+        assert!(!guarded.is_end_stream(), "trailers are still to come");
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(5)), 1);
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(matches!(guarded.frame().await, Some(Err(_))));
     }
 }
