@@ -14,7 +14,9 @@
    request each) measured a second after, and a second batch of those opened once the first
    batch has idled 2.5 s (its buffers given back to the allocator, which RSS does not show until
    they are used again). The same again over TLS (ALPN http/1.1; a certificate made by
-   `bench-conns cert`), handshakes done.
+   `bench-conns cert`), handshakes done. Over HTTP/2 (h2c, prior knowledge): an idle connection
+   after one request, a connection holding one SSE stream, and SSE streams 100 to a connection
+   (what a stream costs on a shared connection).
 5. New connections at the connection limit: SCALE_AT_LIMIT (500) connections, one request each,
    against a gateway whose `--max-connections` slots are all held by idle keep-alive
    connections (which it closes to make room), beside the same against free slots.
@@ -240,7 +242,10 @@ def section_four_row(small, key, mode, n, ca, tls_args):
     what = {"open": "connection opened, no request sent yet",
             "idle": "idle keep-alive connection (after one request)",
             "idle-second": f"idle keep-alive connection, a second batch (the first {n} idle 2.5 s)",
-            "stream": "open SSE stream (client conn + upstream conn, one event sent)"}[mode]
+            "stream": "open SSE stream (client conn + upstream conn, one event sent)",
+            "h2-idle": "HTTP/2: idle connection (after one request)",
+            "h2-stream": "HTTP/2: connection with one open SSE stream (+ its upstream conn)",
+            "h2-streams": "HTTP/2: open SSE stream, 100 to a connection (+ its upstream conn)"}[mode]
     if ca:
         what = "TLS: " + what.replace("opened,", "opened, handshake done,")
     row = f"| {what} | {ok} | {before:.1f} | {after:.1f} | {delta * 1024 / max(ok, 1):.1f} | {failed} |"
@@ -424,6 +429,8 @@ def main():
         for mode, n in (("open", IDLE_CONNS), ("idle", IDLE_CONNS), ("idle-second", IDLE_CONNS),
                         ("stream", STREAMS)):
             lines.append(section_four_row(small, key_one, mode, n, ca if tls else None, tls_args))
+    for mode, n in (("h2-idle", IDLE_CONNS), ("h2-stream", STREAMS), ("h2-streams", STREAMS)):
+        lines.append(section_four_row(small, key_one, mode, n, None, tls_args))
     lines += at_the_limit(small, key_one)
     h.stop(up)
     lines += ["", "## Host", "",

@@ -8,11 +8,17 @@
 //!   holds.
 //! - MODE `open`: each connection is opened and sends nothing (a client pool's spare
 //!   connection before its first request).
+//! - MODE `h2-idle`, `h2-stream`: as `idle` and `stream`, over HTTP/2 with prior knowledge
+//!   (h2c), one stream per connection.
+//! - MODE `h2-streams`: N held streams as in `h2-stream`, [`STREAMS_PER_CONNECTION`] to a
+//!   connection (the memory of a stream on a shared connection).
 //!
-//! Prints `READY <ok> <failed>` once every connection is in place, holds for HOLD_SECS, exits.
+//! Prints `READY <ok> <failed>` once every connection (in `h2-streams`, every stream) is in
+//! place, holds for HOLD_SECS, exits.
 //!
 //! With a sixth argument, `CA_PEM`, every connection is TLS (ALPN `http/1.1`, server name
 //! `localhost`), trusting that CA alone; in `open` mode the handshake is done before it holds.
+//! The HTTP/2 modes are clear text only.
 //!
 //! `bench-conns cert DIR` writes a CA (`ca.pem`) and a server certificate for `localhost` and
 //! `127.0.0.1` signed by it (`server.pem`, `server-key.pem`) into DIR, for the gateway's
@@ -23,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -57,18 +65,22 @@ enum Mode {
     Idle,
     Stream,
     Open,
+    H2Idle,
+    H2Stream,
+    H2Streams,
 }
+
+/// Streams to a connection in `h2-streams` (the gateway allows 512).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// What a task holds open until the hold ends.
+type Held = Box<dyn std::any::Any + Send>;
 
 /// A held connection: plain TCP, or TLS over it.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-async fn one(
-    addr: String,
-    mode: Mode,
-    key: String,
-    tls: Option<TlsConnector>,
-) -> anyhow::Result<(Box<dyn Io>, Vec<u8>)> {
+async fn one(addr: String, mode: Mode, key: String, tls: Option<TlsConnector>) -> anyhow::Result<Held> {
     let tcp = TcpStream::connect(&addr).await?;
     tcp.set_nodelay(true)?;
     let mut socket: Box<dyn Io> = match tls {
@@ -80,7 +92,7 @@ async fn one(
         None => Box::new(tcp),
     };
     if mode == Mode::Open {
-        return Ok((socket, Vec::new()));
+        return Ok(Box::new(socket));
     }
     let stream = mode == Mode::Stream;
     let body = if stream { STREAM } else { PLAIN };
@@ -102,7 +114,55 @@ async fn one(
         "status line: {}",
         String::from_utf8_lossy(&buf[..buf.len().min(40)])
     );
-    Ok((socket, buf))
+    Ok(Box::new(socket))
+}
+
+/// An HTTP/2 connection (prior knowledge) with `streams` requests on it: plain ones read to the
+/// end (`stream` false), or held streams read up to their first event. Holds the connection,
+/// its driver and the streams' bodies.
+async fn one_h2(addr: String, stream: bool, streams: usize, key: String) -> anyhow::Result<Held> {
+    let tcp = TcpStream::connect(&addr).await?;
+    tcp.set_nodelay(true)?;
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let (mut send, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+    let driver = AbortOnDrop(tokio::spawn(connection));
+    let body = if stream { STREAM } else { PLAIN };
+    let mut bodies = Vec::with_capacity(streams);
+    // One after another: each stream is open (its first event read) before the next starts.
+    for _ in 0..streams {
+        let mut request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json");
+        if stream {
+            request = request.header("x-bench-hold", "1");
+        }
+        let request = request.body(Full::new(Bytes::from_static(body.as_bytes())))?;
+        send.ready().await?;
+        let response = send.send_request(request).await?;
+        anyhow::ensure!(response.status() == 200, "status {}", response.status());
+        let mut body = response.into_body();
+        let mut seen = Vec::new();
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame()).await? {
+            if let Some(data) = frame?.data_ref() {
+                seen.extend_from_slice(data);
+            }
+            if stream && find(&seen, b"\n\n").is_some() {
+                break;
+            }
+        }
+        bodies.push(body);
+    }
+    Ok(Box::new((send, bodies, driver)))
+}
+
+/// A spawned task aborted when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A client config trusting only the CA in `ca_pem`, offering HTTP/1.1 alone.
@@ -147,42 +207,65 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("cert") {
         return write_certificates(Path::new(args.get(2).context("usage: bench-conns cert DIR")?));
     }
-    let usage = "usage: bench-conns ADDR N idle|stream|open KEY HOLD_SECS [CA_PEM] | bench-conns cert DIR";
+    let usage = "usage: bench-conns ADDR N idle|stream|open|h2-idle|h2-stream|h2-streams KEY HOLD_SECS [CA_PEM] \
+                 | bench-conns cert DIR";
     let addr = args.get(1).context(usage)?.clone();
     let n: usize = args.get(2).context(usage)?.parse()?;
     let mode = match args.get(3).context(usage)?.as_str() {
         "idle" => Mode::Idle,
         "stream" => Mode::Stream,
         "open" => Mode::Open,
+        "h2-idle" => Mode::H2Idle,
+        "h2-stream" => Mode::H2Stream,
+        "h2-streams" => Mode::H2Streams,
         other => anyhow::bail!("unknown mode {other}; {usage}"),
     };
     let key = args.get(4).context(usage)?.clone();
     let hold: u64 = args.get(5).context(usage)?.parse()?;
     let tls = args.get(6).map(|ca| connector(Path::new(ca))).transpose()?;
+    let h2 = matches!(mode, Mode::H2Idle | Mode::H2Stream | Mode::H2Streams);
+    anyhow::ensure!(!(h2 && tls.is_some()), "the HTTP/2 modes are clear text only");
+    // What each task opens: a connection, or in `h2-streams` a connection of several streams.
+    let per_task = if mode == Mode::H2Streams { STREAMS_PER_CONNECTION } else { 1 };
+    let sizes: Vec<usize> =
+        (0..n.div_ceil(per_task)).map(|i| per_task.min(n - i * per_task)).collect();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let mut held = Vec::with_capacity(n);
-        let mut failed = 0usize;
+        let mut held = Vec::with_capacity(sizes.len());
+        let (mut ok, mut failed) = (0usize, 0usize);
         let mut first_error = None;
         // Open in batches so the listener's backlog is never the limit.
-        for batch in (0..n).collect::<Vec<_>>().chunks(200) {
-            let tasks: Vec<_> =
-                batch.iter().map(|_| tokio::spawn(one(addr.clone(), mode, key.clone(), tls.clone()))).collect();
-            for task in tasks {
+        for batch in sizes.chunks(200) {
+            let tasks: Vec<_> = batch
+                .iter()
+                .map(|&size| {
+                    let (addr, key) = (addr.clone(), key.clone());
+                    let task = match mode {
+                        Mode::H2Idle => tokio::spawn(one_h2(addr, false, 1, key)),
+                        Mode::H2Stream | Mode::H2Streams => tokio::spawn(one_h2(addr, true, size, key)),
+                        _ => tokio::spawn(one(addr, mode, key, tls.clone())),
+                    };
+                    (size, task)
+                })
+                .collect();
+            for (size, task) in tasks {
                 match task.await {
-                    Ok(Ok(pair)) => held.push(pair),
+                    Ok(Ok(one)) => {
+                        held.push(one);
+                        ok += size;
+                    }
                     Ok(Err(e)) => {
-                        failed += 1;
+                        failed += size;
                         first_error.get_or_insert(e.to_string());
                     }
                     Err(e) => {
-                        failed += 1;
+                        failed += size;
                         first_error.get_or_insert(e.to_string());
                     }
                 }
             }
         }
-        println!("READY {} {}", held.len(), failed);
+        println!("READY {ok} {failed}");
         if let Some(e) = first_error {
             eprintln!("first error: {e}");
         }
