@@ -227,8 +227,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!(h2 && tls.is_some()), "the HTTP/2 modes are clear text only");
     // What each task opens: a connection, or in `h2-streams` a connection of several streams.
     let per_task = if mode == Mode::H2Streams { STREAMS_PER_CONNECTION } else { 1 };
-    let sizes: Vec<usize> =
-        (0..n.div_ceil(per_task)).map(|i| per_task.min(n - i * per_task)).collect();
+    let sizes: Vec<usize> = (0..n.div_ceil(per_task)).map(|i| per_task.min(n - i * per_task)).collect();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut held = Vec::with_capacity(sizes.len());
