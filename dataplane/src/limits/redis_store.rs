@@ -1304,14 +1304,19 @@ mod tests {
         }
     }
 
-    /// Threads of this process named as the store's thread is (nextest runs each test in a
-    /// process of its own).
-    fn store_threads() -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .expect("/proc/self/task")
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .filter(|name| name.trim() == "limits-redis")
-            .count()
+    /// The store's own thread, as `/proc/self/task/<tid>` (asked from inside it), or `None`
+    /// when it has none. A path of its own, so other tests' stores in the same process (under
+    /// `cargo test`) do not count.
+    async fn store_thread(store: &RedisStore) -> Option<std::path::PathBuf> {
+        let io = store.shared.io.clone()?;
+        let tid = io
+            .spawn(async {
+                let own = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+                own.file_name().expect("a thread id").to_owned()
+            })
+            .await
+            .expect("ran on the store's thread");
+        Some(std::path::Path::new("/proc/self/task").join(tid))
     }
 
     /// A busy-polling data plane keeps the connection on its one serving thread; otherwise it
@@ -1320,13 +1325,15 @@ mod tests {
     async fn the_connection_lives_where_it_is_told() {
         let (url, _) = answering_store();
         let serving = healthy_store_on(&url, Duration::from_millis(200), StoreThread::Serving).await;
-        assert_eq!(store_threads(), 0, "no thread of its own on the serving runtime");
+        assert_eq!(store_thread(&serving).await, None, "no thread of its own on the serving runtime");
         drop(serving);
         let own = healthy_store_on(&url, Duration::from_millis(200), StoreThread::Own).await;
-        assert_eq!(store_threads(), 1);
+        let thread = store_thread(&own).await.expect("a thread of its own");
+        let named = std::fs::read_to_string(thread.join("comm")).expect("the thread is alive");
+        assert_eq!(named.trim(), "limits-redis");
         drop(own);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store_threads() > 0 {
+        while thread.exists() {
             assert!(Instant::now() < deadline, "the store's thread outlived the store");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
