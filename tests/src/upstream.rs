@@ -37,6 +37,10 @@ pub struct UpstreamOptions {
     pub chunks: usize,
     /// Pause between SSE events.
     pub event_delay: Duration,
+    /// Queue a stream's events all at once (each its own chunk, written together as far as
+    /// the server's buffer goes), as they reach a gateway that reads later than the provider
+    /// writes. No delay, hold gate or timings.
+    pub burst: bool,
     /// Pause before the response head is sent.
     pub response_delay: Duration,
     /// Usage reported for the prompt.
@@ -55,6 +59,7 @@ impl Default for UpstreamOptions {
             response_text: "Hello from the loopback upstream.".to_string(),
             chunks: 4,
             event_delay: Duration::from_millis(0),
+            burst: false,
             response_delay: Duration::from_millis(0),
             input_tokens: 17,
             output_tokens: 9,
@@ -327,14 +332,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Respo
     } else if path.ends_with("/chat/completions") {
         if stream {
             let events = sse::openai_chat_events(&model, &options, include_usage);
-            start_stream(state, events, options.event_delay)
+            start_stream(state, events, &options)
         } else {
             json_response(StatusCode::OK, &sse::openai_chat_json(&model, &options))
         }
     } else if path.ends_with("/completions") {
         if stream {
             let events = sse::openai_completion_events(&model, &options, include_usage);
-            start_stream(state, events, options.event_delay)
+            start_stream(state, events, &options)
         } else {
             json_response(StatusCode::OK, &sse::openai_completion_json(&model, &options))
         }
@@ -345,7 +350,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Respo
     } else if path.ends_with("/messages") {
         if stream {
             let events = sse::anthropic_events(&model, &options);
-            start_stream(state, events, options.event_delay)
+            start_stream(state, events, &options)
         } else {
             json_response(StatusCode::OK, &sse::anthropic_json(&model, &options))
         }
@@ -361,10 +366,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<http::Respo
     Ok(resp)
 }
 
-/// Streams `events` (already SSE-framed) with `delay` between them, honouring the hold gate
-/// before the last one.
-fn start_stream(state: Arc<State>, events: Vec<String>, delay: Duration) -> http::Response<RespBody> {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
+/// Streams `events` (already SSE-framed) with the options' delay between them, honouring the
+/// hold gate before the last one; or queues them all at once (`burst`).
+fn start_stream(state: Arc<State>, events: Vec<String>, options: &UpstreamOptions) -> http::Response<RespBody> {
+    let delay = options.event_delay;
+    let (tx, rx) = mpsc::channel::<Bytes>(if options.burst { events.len().max(1) } else { 4 });
+    if options.burst {
+        for event in events {
+            let _ = tx.try_send(Bytes::from(event));
+        }
+        return event_stream(rx);
+    }
     tokio::spawn(async move {
         let total = events.len();
         let mut timing_index = None;
@@ -396,6 +408,10 @@ fn start_stream(state: Arc<State>, events: Vec<String>, delay: Duration) -> http
             }
         }
     });
+    event_stream(rx)
+}
+
+fn event_stream(rx: mpsc::Receiver<Bytes>) -> http::Response<RespBody> {
     let mut resp = http::Response::new(ChannelBody(rx).boxed());
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
     resp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));

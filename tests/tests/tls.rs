@@ -58,6 +58,37 @@ async fn https_listener_serves_h2_and_http1_through_https_upstreams() {
     assert_eq!(fx.anthropic.request_count(), 1);
 }
 
+/// A provider whose events reach the gateway together (here: all in one write): over HTTP/2
+/// the gateway hands hyper what is ready together as one piece of at most 16 KiB
+/// (`stall::gather`), over several reads when they come at once. Every event still arrives
+/// whole and in order, the last one included, and the stream ends: with many small events and
+/// with big ones (a piece full before the next).
+#[tokio::test]
+async fn a_burst_of_events_over_h2_arrives_whole_and_in_order() {
+    let opts = FixtureOptions { listener_tls: true, ..Default::default() };
+    let fx = Fixture::start_with(opts, |_| {}).await.expect("fixture");
+    let small: String = (0..500).map(|i| format!("w{i:03} ")).collect();
+    let big: String = (0..30).map(|i| format!("{i:02}").repeat(2_500)).collect();
+    for (text, deltas) in [(small, 500), (big, 30)] {
+        fx.openai.set(|o| {
+            o.response_text = text.clone();
+            o.chunks = deltas;
+            o.burst = true;
+        });
+        let mut stream = fx.chat_stream(ALICE_KEY, "gpt-4o-mini").await.unwrap();
+        assert_eq!(stream.status, 200);
+        assert_eq!(stream.version, http::Version::HTTP_2);
+        let events = stream.collect_events(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+        let said: String = events
+            .iter()
+            .filter_map(|e| e.json()["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect();
+        assert!(said == text, "every delta, in order ({} of {} bytes)", said.len(), text.len());
+        assert!(events.len() > deltas, "{} events", events.len());
+    }
+}
+
 #[tokio::test]
 async fn listener_accepts_tls12_and_tls13_and_presents_the_test_certificate() {
     let opts = FixtureOptions { listener_tls: true, ..Default::default() };
