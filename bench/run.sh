@@ -57,7 +57,7 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     say "building (release): portcullis-dataplane, portcullis-bench"
     # One invocation for both, so shared dependencies are built once with one feature set.
     cargo build --release -q -p portcullis-dataplane -p portcullis-bench
-    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll|-tls|-h2)?, ]]; then
+    if [ -z "${BENCH_BIN_DIR:-}" ] && [[ ",${BENCH_TARGETS:-portcullis}," =~ ,portcullis(-nolimit|-redis|-busypoll|-tls|-h2|-h2-tls)?, ]]; then
         say "building the data plane as it ships (scripts/release-dataplane.sh)"
         scripts/release-dataplane.sh "$SHIPPED/portcullis-dataplane"
     fi

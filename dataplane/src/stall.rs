@@ -49,8 +49,9 @@ struct Slot {
     /// it was read for.
     rest: Bytes,
     /// What the body returned after the data of the last piece was gathered: trailers, an
-    /// error, or (`Some(None)`) its end. Handed to hyper next; the end stays, so a body that
-    /// ended keeps answering `None`.
+    /// error, or (`Some(None)`) its end, handed to hyper next. The end stays once the body is
+    /// dropped (at once: its provider connection goes back to the pool), so a body that ended
+    /// keeps answering `None`.
     held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
     /// When the body last handed hyper data (or was handed over unpolled), while hyper has not
     /// asked for more since.
@@ -190,7 +191,8 @@ impl std::fmt::Debug for GuardedBody {
 fn gather(slot: &mut Slot, cx: &mut Context<'_>, first: Bytes) -> Bytes {
     let Some(body) = slot.body.as_mut() else { return first };
     let mut gathered: Option<BytesMut> = None;
-    for _ in 0..GATHERED_FRAMES {
+    // The first frame is in hand.
+    for _ in 1..GATHERED_FRAMES {
         let len = gathered.as_ref().map_or(first.len(), BytesMut::len);
         if len >= PIECE || body.is_end_stream() {
             break;
@@ -210,6 +212,7 @@ fn gather(slot: &mut Slot, cx: &mut Context<'_>, first: Bytes) -> Bytes {
             }
             Poll::Ready(None) => {
                 slot.held = Some(None);
+                slot.body = None;
                 break;
             }
         };
@@ -234,9 +237,6 @@ impl Body for GuardedBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut slot = lock(&self.slot);
         let slot = &mut *slot;
-        let Some(body) = slot.body.as_mut() else {
-            return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
-        };
         let mut data = if !slot.rest.is_empty() {
             mem::take(&mut slot.rest)
         } else if let Some(held) = slot.held.take() {
@@ -246,6 +246,10 @@ impl Body for GuardedBody {
             }
             return Poll::Ready(held);
         } else {
+            // Gone with nothing held: the watchdog took it.
+            let Some(body) = slot.body.as_mut() else {
+                return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
+            };
             match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => data,
@@ -257,6 +261,7 @@ impl Body for GuardedBody {
                 },
                 Poll::Ready(None) => {
                     slot.held = Some(None);
+                    slot.body = None;
                     slot.handed_at = None;
                     return Poll::Ready(None);
                 }
@@ -283,7 +288,14 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         let slot = lock(&self.slot);
-        let Some(body) = slot.body.as_ref() else { return SizeHint::default() };
+        let Some(body) = slot.body.as_ref() else {
+            // Ended: nothing more than what is left of the last frame.
+            return if matches!(slot.held, Some(None)) {
+                SizeHint::with_exact(slot.rest.len() as u64)
+            } else {
+                SizeHint::default()
+            };
+        };
         let inner = body.size_hint();
         let rest = slot.rest.len() as u64;
         let mut hint = SizeHint::new();
@@ -550,6 +562,37 @@ mod tests {
         let (out, _) = pieces(steps, true).await;
         assert_eq!(out.concat(), "z");
         assert!(out.len() > 1, "gathered in bounded steps: {}", out.len());
+    }
+
+    /// A body whose end is found while gathering is let go at once (its provider connection
+    /// goes back to the pool then, not when hyper drops the stream), and the guard keeps
+    /// answering that it ended.
+    #[tokio::test]
+    async fn a_body_that_ended_is_let_go_and_stays_ended() {
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Flag(dropped.clone());
+        let frames = ["a", "b"].map(|d| Ok::<_, BoxError>(Frame::data(Bytes::from_static(d.as_bytes()))));
+        let end = futures_util::stream::poll_fn(move |_| {
+            let _ = &flag;
+            Poll::Ready(None)
+        });
+        let body = StreamBody::new(futures_util::StreamExt::chain(futures_util::stream::iter(frames), end));
+        let watchdog = Watchdog::new(Duration::from_secs(60));
+        let mut guarded = watchdog.guard(body.boxed_unsync(), ());
+        let piece = guarded.frame().await.expect("a piece").expect("data").into_data().expect("data");
+        assert_eq!(piece, "ab");
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the body went with its end");
+        assert!(guarded.is_end_stream());
+        assert_eq!(guarded.size_hint().exact(), Some(0));
+        assert!(guarded.frame().await.is_none());
+        assert!(guarded.frame().await.is_none(), "and stays ended");
+        assert_eq!(watchdog.sweep(Instant::now() + Duration::from_secs(120)), 0, "nothing to take");
     }
 
     /// The gathering stops at the body's first `Pending`, which leaves the stream's waker with

@@ -58,7 +58,7 @@ async fn https_listener_serves_h2_and_http1_through_https_upstreams() {
     assert_eq!(fx.anthropic.request_count(), 1);
 }
 
-/// A provider whose events reach the gateway together (here: all in one write): over HTTP/2
+/// A provider whose events reach the gateway together (here: queued at once): over HTTP/2
 /// the gateway hands hyper what is ready together as one piece of at most 16 KiB
 /// (`stall::gather`), over several reads when they come at once. Every event still arrives
 /// whole and in order, the last one included, and the stream ends: with many small events and

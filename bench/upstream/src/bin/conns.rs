@@ -138,8 +138,8 @@ async fn one_h2(addr: String, stream: bool, streams: usize, key: String) -> anyh
             request = request.header("x-bench-hold", "1");
         }
         let request = request.body(Full::new(Bytes::from_static(body.as_bytes())))?;
-        send.ready().await?;
-        let response = send.send_request(request).await?;
+        tokio::time::timeout(Duration::from_secs(10), send.ready()).await??;
+        let response = tokio::time::timeout(Duration::from_secs(10), send.send_request(request)).await??;
         anyhow::ensure!(response.status() == 200, "status {}", response.status());
         let mut body = response.into_body();
         let mut seen = Vec::new();
@@ -151,6 +151,7 @@ async fn one_h2(addr: String, stream: bool, streams: usize, key: String) -> anyh
                 break;
             }
         }
+        anyhow::ensure!(!stream || find(&seen, b"\n\n").is_some(), "the stream ended before its first event");
         bodies.push(body);
     }
     Ok(Box::new((send, bodies, driver)))
