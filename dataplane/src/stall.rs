@@ -69,6 +69,27 @@ impl Slot {
                 None => self.body.as_ref().is_some_and(Body::is_end_stream),
             }
     }
+
+    /// Keeps what the body returned after its data (trailers, an error, its end) for hyper's
+    /// next poll. At the end the body is let go at once: its provider connection goes back to
+    /// the pool then, not when hyper drops the stream.
+    fn hold(&mut self, next: Option<Result<Frame<Bytes>, BoxError>>) {
+        if next.is_none() {
+            self.body = None;
+        }
+        self.held = Some(next);
+    }
+
+    /// Hands hyper what was held (nothing more to watch until it polls again); the end stays,
+    /// so a body that ended keeps answering `None`.
+    fn hand_held(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.handed_at = None;
+        let held = self.held.take().unwrap_or(None);
+        if held.is_none() {
+            self.held = Some(None);
+        }
+        Poll::Ready(held)
+    }
 }
 
 /// The stalled-stream watchdog of one HTTP/2 connection.
@@ -202,17 +223,12 @@ fn gather(slot: &mut Slot, cx: &mut Context<'_>, first: Bytes) -> Bytes {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(more) => more,
                 Err(trailers) => {
-                    slot.held = Some(Some(Ok(trailers)));
+                    slot.hold(Some(Ok(trailers)));
                     break;
                 }
             },
-            Poll::Ready(Some(Err(error))) => {
-                slot.held = Some(Some(Err(error)));
-                break;
-            }
-            Poll::Ready(None) => {
-                slot.held = Some(None);
-                slot.body = None;
+            Poll::Ready(next) => {
+                slot.hold(next);
                 break;
             }
         };
@@ -239,35 +255,29 @@ impl Body for GuardedBody {
         let slot = &mut *slot;
         let mut data = if !slot.rest.is_empty() {
             mem::take(&mut slot.rest)
-        } else if let Some(held) = slot.held.take() {
-            slot.handed_at = None;
-            if held.is_none() {
-                slot.held = Some(None);
-            }
-            return Poll::Ready(held);
+        } else if slot.held.is_some() {
+            return slot.hand_held();
         } else {
             // Gone with nothing held: the watchdog took it.
             let Some(body) = slot.body.as_mut() else {
                 return Poll::Ready(Some(Err("the client took none of the response within the write timeout".into())));
             };
             match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => {
+                    slot.handed_at = None;
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => data,
                     // Trailers: the end.
-                    Err(frame) => {
-                        slot.handed_at = None;
-                        return Poll::Ready(Some(Ok(frame)));
+                    Err(trailers) => {
+                        slot.hold(Some(Ok(trailers)));
+                        return slot.hand_held();
                     }
                 },
-                Poll::Ready(None) => {
-                    slot.held = Some(None);
-                    slot.body = None;
-                    slot.handed_at = None;
-                    return Poll::Ready(None);
-                }
-                other => {
-                    slot.handed_at = None;
-                    return other;
+                Poll::Ready(next) => {
+                    slot.hold(next);
+                    return slot.hand_held();
                 }
             }
         };

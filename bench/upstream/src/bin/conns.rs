@@ -126,7 +126,7 @@ async fn one_h2(addr: String, stream: bool, streams: usize, key: String) -> anyh
     let io = hyper_util::rt::TokioIo::new(tcp);
     let (mut send, connection) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
-    let driver = AbortOnDrop(tokio::spawn(connection));
+    let driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
     let body = if stream { STREAM } else { PLAIN };
     let mut bodies = Vec::with_capacity(streams);
     // One after another: each stream is open (its first event read) before the next starts.
@@ -155,15 +155,6 @@ async fn one_h2(addr: String, stream: bool, streams: usize, key: String) -> anyh
         bodies.push(body);
     }
     Ok(Box::new((send, bodies, driver)))
-}
-
-/// A spawned task aborted when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A client config trusting only the CA in `ca_pem`, offering HTTP/1.1 alone.
